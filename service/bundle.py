@@ -1,0 +1,314 @@
+"""The model bundle contract: ``bundle.json`` plus the ONNX files it names.
+
+A bundle is a directory::
+
+    bundle.json        the manifest (schema below, ``FORMAT`` = 1)
+    head.onnx          head-box detector (optional)
+    pose_main.onnx     pose model trained on visible + occluded points (optional)
+    pose_visible.onnx  pose model trained on visible points only (optional)
+
+``bundle.json``::
+
+    {"format": 1, "id": "20261124T233000-1a2b3c4d", "created": "2026-11-24T23:30:00Z",
+     "models": {"head": {"file": "head.onnx", "sha256": "...", "imgsz": [320, 320],
+                         "task": "detect", "names": ["head"]},
+                "pose_main": {..., "task": "pose", "names": ["person"], "kpt_shape": [19, 3]},
+                "pose_visible": {...}},
+     "keypoints": {"names": [...], "flip_idx": [...], "skeleton": [[0, 1], ...], "sigmas": [...]},
+     "thresholds": {"det_conf": 0.25, "person_conf": 0.25, "nms_iou": 0.7, "match_iou": 0.5,
+                    "main": 0.6 | [per key point], "visible": 0.6 | [per key point],
+                    "method": "how they were chosen"},
+     "visibility_mode": "two_model" | "main_only",
+     "head_from_face": false,
+     "judgement": {"score_threshold": 0.5, "audit_fraction": 0.02},
+     "metrics": {...}, "lineage": {...}}
+
+Loading verifies every checksum and that each ONNX file's inputs and outputs have the layout
+that its entry declares; a bundle that fails is refused with ``BundleError`` naming the problem.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import secrets
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import BundleError
+from .keypoints import KeypointSchema
+
+FORMAT = 1
+MODEL_ROLES = ("head", "pose_main", "pose_visible")
+VISIBILITY_MODES = ("two_model", "main_only")
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def new_bundle_id(seed_text: str = "") -> str:
+    """Time plus a short hash: sortable, unique, e.g. ``20261124T233000-1a2b3c4d``."""
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    tail = hashlib.sha256((seed_text + secrets.token_hex(8)).encode()).hexdigest()[:8]
+    return f"{now}-{tail}"
+
+
+def _per_point(value: Any, count: int, key: str) -> tuple[float, ...]:
+    if isinstance(value, (int, float)):
+        return tuple([float(value)] * count)
+    if isinstance(value, (list, tuple)) and len(value) == count:
+        return tuple(float(v) for v in value)
+    raise BundleError(f"thresholds.{key}: expected a number or a list of {count} numbers, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One ONNX model of a bundle. ``imgsz`` is (height, width) of the network input."""
+
+    role: str
+    file: str
+    sha256: str
+    imgsz: tuple[int, int]
+    task: str  # "detect" | "pose"
+    names: tuple[str, ...]
+    kpt_shape: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.role not in MODEL_ROLES:
+            raise BundleError(f"models: unknown role {self.role!r}; expected one of {MODEL_ROLES}")
+        if self.task not in ("detect", "pose"):
+            raise BundleError(f"models.{self.role}.task: expected 'detect' or 'pose', got {self.task!r}")
+        if self.task == "pose" and self.kpt_shape is None:
+            raise BundleError(f"models.{self.role}: a pose model needs kpt_shape")
+        if Path(self.file).name != self.file:
+            raise BundleError(f"models.{self.role}.file: must be a plain file name, got {self.file!r}")
+
+    @property
+    def output_channels(self) -> int:
+        """Rows of the raw ultralytics output: 4 box + classes (+ 3 per key point)."""
+        n = 4 + len(self.names)
+        if self.kpt_shape is not None:
+            n += self.kpt_shape[0] * self.kpt_shape[1]
+        return n
+
+    def to_json(self) -> dict:
+        d: dict[str, Any] = {
+            "file": self.file, "sha256": self.sha256, "imgsz": list(self.imgsz),
+            "task": self.task, "names": list(self.names),
+        }
+        if self.kpt_shape is not None:
+            d["kpt_shape"] = list(self.kpt_shape)
+        return d
+
+    @classmethod
+    def from_json(cls, role: str, d: Mapping[str, Any]) -> "ModelEntry":
+        try:
+            imgsz = d["imgsz"]
+            if isinstance(imgsz, int):
+                imgsz = [imgsz, imgsz]
+            return cls(
+                role=role, file=str(d["file"]), sha256=str(d["sha256"]),
+                imgsz=(int(imgsz[0]), int(imgsz[1])), task=str(d["task"]),
+                names=tuple(d["names"]),
+                kpt_shape=tuple(d["kpt_shape"]) if d.get("kpt_shape") else None,  # type: ignore[arg-type]
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise BundleError(f"models.{role}: malformed entry ({exc!r}); got {dict(d)!r}") from exc
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Decision thresholds. ``main``/``visible`` hold one value per key point."""
+
+    det_conf: float
+    person_conf: float
+    nms_iou: float
+    match_iou: float
+    main: tuple[float, ...]
+    visible: tuple[float, ...]
+    method: str = ""
+
+    def to_json(self) -> dict:
+        def compact(v: tuple[float, ...]) -> float | list[float]:
+            return v[0] if len(set(v)) == 1 else [round(x, 4) for x in v]
+
+        return {
+            "det_conf": self.det_conf, "person_conf": self.person_conf, "nms_iou": self.nms_iou,
+            "match_iou": self.match_iou, "main": compact(self.main), "visible": compact(self.visible),
+            "method": self.method,
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], kpt_count: int) -> "Thresholds":
+        return cls(
+            det_conf=float(d.get("det_conf", 0.25)),
+            person_conf=float(d.get("person_conf", d.get("det_conf", 0.25))),
+            nms_iou=float(d.get("nms_iou", 0.7)),
+            match_iou=float(d.get("match_iou", 0.5)),
+            main=_per_point(d.get("main", 0.6), kpt_count, "main"),
+            visible=_per_point(d.get("visible", 0.6), kpt_count, "visible"),
+            method=str(d.get("method", "")),
+        )
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A loaded, verified bundle. ``path`` is its directory."""
+
+    path: Path
+    id: str
+    created: str
+    models: Mapping[str, ModelEntry]
+    keypoints: KeypointSchema
+    thresholds: Thresholds
+    visibility_mode: str = "two_model"
+    head_from_face: bool = False
+    judgement: Mapping[str, Any] = field(default_factory=dict)
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    lineage: Mapping[str, Any] = field(default_factory=dict)
+
+    def model_path(self, role: str) -> Path:
+        return self.path / self.models[role].file
+
+    def to_json(self) -> dict:
+        return {
+            "format": FORMAT, "id": self.id, "created": self.created,
+            "models": {r: m.to_json() for r, m in self.models.items()},
+            "keypoints": self.keypoints.to_json(),
+            "thresholds": self.thresholds.to_json(),
+            "visibility_mode": self.visibility_mode,
+            "head_from_face": self.head_from_face,
+            "judgement": dict(self.judgement),
+            "metrics": dict(self.metrics),
+            "lineage": dict(self.lineage),
+        }
+
+
+def parse_manifest(path: Path, data: Mapping[str, Any]) -> Bundle:
+    """Build a ``Bundle`` from parsed ``bundle.json`` data (no file checks)."""
+    if data.get("format") != FORMAT:
+        raise BundleError(f"{path}: bundle format {data.get('format')!r} is not supported; expected {FORMAT}")
+    for key in ("id", "models", "keypoints"):
+        if key not in data:
+            raise BundleError(f"{path}: bundle.json has no {key!r}")
+    try:
+        schema = KeypointSchema.from_json(data["keypoints"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"{path}: keypoints: {exc}") from exc
+    models = {}
+    for role, entry in dict(data["models"]).items():
+        if entry is None:
+            continue
+        m = ModelEntry.from_json(role, entry)
+        if m.task == "pose" and m.kpt_shape and m.kpt_shape[0] != schema.count:
+            raise BundleError(
+                f"models.{role}.kpt_shape: {m.kpt_shape[0]} points but keypoints.names has {schema.count}"
+            )
+        models[role] = m
+    if not models:
+        raise BundleError(f"{path}: bundle names no model")
+    mode = str(data.get("visibility_mode", "two_model"))
+    if mode not in VISIBILITY_MODES:
+        raise BundleError(f"visibility_mode: expected one of {VISIBILITY_MODES}, got {mode!r}")
+    if mode == "two_model" and "pose_main" in models and "pose_visible" not in models:
+        raise BundleError("visibility_mode is 'two_model' but the bundle has no pose_visible model")
+    return Bundle(
+        path=path, id=str(data["id"]), created=str(data.get("created", "")), models=models,
+        keypoints=schema, thresholds=Thresholds.from_json(data.get("thresholds", {}), schema.count),
+        visibility_mode=mode, head_from_face=bool(data.get("head_from_face", False)),
+        judgement=dict(data.get("judgement", {})), metrics=dict(data.get("metrics", {})),
+        lineage=dict(data.get("lineage", {})),
+    )
+
+
+def verify_onnx_layout(entry: ModelEntry, model_path: Path) -> None:
+    """Check the ONNX file's input and output shapes against the entry, without running it."""
+    import onnxruntime as ort  # runtime dependency; imported here to keep `bundle` light
+
+    try:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        sess = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises several unrelated types for a bad file
+        raise BundleError(f"models.{entry.role}: {model_path.name} is not a loadable ONNX model: {exc}") from exc
+    inputs, outputs = sess.get_inputs(), sess.get_outputs()
+    if len(inputs) != 1 or len(inputs[0].shape) != 4:
+        raise BundleError(f"models.{entry.role}: expected one NCHW input, got {[(i.name, i.shape) for i in inputs]}")
+    _, c, h, w = inputs[0].shape
+    if c != 3 or (isinstance(h, int) and h != entry.imgsz[0]) or (isinstance(w, int) and w != entry.imgsz[1]):
+        raise BundleError(
+            f"models.{entry.role}: input shape {inputs[0].shape} does not match declared imgsz {list(entry.imgsz)}"
+        )
+    shape = outputs[0].shape
+    if len(shape) != 3 or (isinstance(shape[1], int) and shape[1] != entry.output_channels):
+        raise BundleError(
+            f"models.{entry.role}: output shape {shape} does not match the declared layout "
+            f"[N, {entry.output_channels}, A] (4 box + {len(entry.names)} classes"
+            + (f" + {entry.kpt_shape[0]}x{entry.kpt_shape[1]} key point values)" if entry.kpt_shape else ")")
+        )
+
+
+def load_bundle(path: str | os.PathLike[str], verify: bool = True) -> Bundle:
+    """Read ``bundle.json`` from a bundle directory and verify checksums and ONNX layouts."""
+    root = Path(path)
+    manifest = root / "bundle.json"
+    if not manifest.is_file():
+        raise BundleError(f"{root}: no bundle.json (is this a bundle directory?)")
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{manifest}: cannot be read as JSON: {exc}") from exc
+    bundle = parse_manifest(root, data)
+    if verify:
+        for role, entry in bundle.models.items():
+            mp = root / entry.file
+            if not mp.is_file():
+                raise BundleError(f"models.{role}: file {entry.file} is missing from {root}")
+            actual = sha256_file(mp)
+            if actual != entry.sha256:
+                raise BundleError(
+                    f"models.{role}: checksum mismatch for {entry.file}: bundle.json says {entry.sha256[:12]}..., "
+                    f"file has {actual[:12]}... (corrupt or tampered)"
+                )
+            verify_onnx_layout(entry, mp)
+    return bundle
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temporary file in the same folder, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_bundle(bundle: Bundle) -> Path:
+    """Write ``bundle.json`` for a bundle whose ONNX files already sit in ``bundle.path``.
+
+    Checksums in the entries are recomputed from the files so they cannot drift.
+    """
+    models = {}
+    for role, entry in bundle.models.items():
+        mp = bundle.path / entry.file
+        if not mp.is_file():
+            raise BundleError(f"models.{role}: {mp} does not exist")
+        models[role] = ModelEntry(**{**entry.__dict__, "sha256": sha256_file(mp)})
+    fixed = Bundle(**{**bundle.__dict__, "models": models})
+    write_json_atomic(bundle.path / "bundle.json", fixed.to_json())
+    return bundle.path / "bundle.json"
