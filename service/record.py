@@ -23,7 +23,12 @@ def _check_box(box: tuple[float, float, float, float], what: str) -> None:
 
 @dataclass(frozen=True)
 class Keypoint:
-    """One body point. ``outside`` points claim no location: x = y = 0."""
+    """One body point, in original-image pixels.
+
+    ``x, y`` always hold the main model's location estimate, also for ``outside`` points, so
+    that localisation (OKS) and visibility can be measured apart. An ``outside`` point claims
+    no location: exports (COCO, YOLO, review tasks) write it as 0, 0 with flag 0.
+    """
 
     x: float
     y: float
