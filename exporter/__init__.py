@@ -1,0 +1,1 @@
+"""Training, export and evaluation; heavy imports (torch, ultralytics) only inside functions."""

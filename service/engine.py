@@ -1,0 +1,203 @@
+"""The inference engine: a bundle's ONNX models run with onnxruntime, one fixed pipeline.
+
+    decode (service.imageio) -> letterbox once per input size (service.geometry)
+    -> session.run per model, in batches -> decode outputs (service.postprocess)
+    -> match persons + visibility rule (service.visibility) -> ``Prediction`` records
+
+One ``InferenceSession`` per model, created at construction and shared: ``Engine.predict`` keeps
+no per-call state on the object, so one engine may serve several threads (onnxruntime's
+``run`` is thread-safe). Every coordinate in the result is in original-image pixels after
+EXIF orientation.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from .bundle import Bundle
+from .errors import BundleError
+from .geometry import Letterbox, letterbox, to_tensor
+from .imageio import DecodedImage
+from .keypoints import FLAG_VISIBILITY
+from .postprocess import Detections, decode_detections, decode_poses
+from .record import Head, Keypoint, Person, Prediction
+from .visibility import decide_visibility, decide_visibility_main_only, match_persons
+
+log = logging.getLogger(__name__)
+
+PROVIDER_PRIORITY = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+FACE_POINTS = ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "mouth")
+# Head-from-face heuristic: the head box is a square of side FACE_TO_HEAD x the larger span of
+# the confident face points (at least MIN_FACE_POINTS of them), centred on their mean and moved
+# up by HEAD_SHIFT_UP x side, since eyes and nose sit below the middle of the head (forehead and
+# hair above, only the chin below). Rough, but it puts a box where the head is.
+MIN_FACE_POINTS = 3
+FACE_TO_HEAD = 1.8
+HEAD_SHIFT_UP = 0.1
+
+
+def select_providers(requested: Sequence[str] | None = None) -> list[str]:
+    """Requested providers (or the priority list) filtered by what onnxruntime offers here."""
+    available = set(ort.get_available_providers())
+    wanted = list(requested) if requested is not None else list(PROVIDER_PRIORITY)
+    chosen = [p for p in wanted if p in available]
+    if not chosen:
+        raise BundleError(f"none of the execution providers {wanted} is available; onnxruntime has {sorted(available)}")
+    return chosen
+
+
+@dataclass(frozen=True)
+class _Model:
+    """One loaded model: its session and what was read from the ONNX file."""
+
+    role: str
+    session: ort.InferenceSession
+    input_name: str
+    size: tuple[int, int]  # network input (height, width)
+    fixed_batch: int | None  # None when the batch axis is dynamic
+    task: str
+    num_classes: int
+    kpt_shape: tuple[int, int] | None
+
+
+class Engine:
+    """Runs a verified ``Bundle`` on images. See the module docstring for the pipeline."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        providers: Sequence[str] | None = None,
+        intra_op_threads: int = 0,
+        batch_size: int = 8,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+        self.bundle = bundle
+        self.batch_size = batch_size
+        self.providers = select_providers(providers)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = int(intra_op_threads)
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # The sessions share the cores: idle ones must not spin (2x measured, ENVIRONMENT.md).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.models: dict[str, _Model] = {}
+        for role, entry in bundle.models.items():
+            path = bundle.model_path(role)
+            try:
+                session = ort.InferenceSession(str(path), opts, providers=self.providers)
+            except Exception as exc:  # onnxruntime raises several unrelated types
+                raise BundleError(f"models.{role}: cannot load {path}: {exc}") from exc
+            inp = session.get_inputs()[0]
+            n, _, h, w = inp.shape
+            size = (h if isinstance(h, int) else entry.imgsz[0], w if isinstance(w, int) else entry.imgsz[1])
+            self.models[role] = _Model(
+                role, session, inp.name, (int(size[0]), int(size[1])), n if isinstance(n, int) else None,
+                entry.task, len(entry.names), entry.kpt_shape,
+            )
+        if "pose_visible" in self.models and "pose_main" not in self.models:
+            log.warning("bundle %s has a pose_visible model but no pose_main: no persons will be reported", bundle.id)
+        log.info("engine for bundle %s: models %s, providers %s", bundle.id, sorted(self.models), self.providers)
+
+    # -- pipeline -------------------------------------------------------------------------
+
+    def predict_arrays(self, images: Sequence[np.ndarray]) -> list[Prediction]:
+        """``predict`` for in-memory HxW / HxWx1 / HxWx3 / HxWx4 arrays (BGR, uint8 or 16 bit)."""
+        return self.predict([DecodedImage.from_array(im) for im in images])
+
+    def predict(self, images: Sequence[DecodedImage]) -> list[Prediction]:
+        """One ``Prediction`` per image, in order; coordinates in original pixels."""
+        if not images:
+            return []
+        boxed: dict[tuple[int, int], tuple[list[np.ndarray], list[Letterbox]]] = {}
+        for m in self.models.values():  # letterbox each image once per distinct input size
+            if m.size not in boxed:
+                pairs = [letterbox(im.pixels, m.size) for im in images]
+                boxed[m.size] = ([p[0] for p in pairs], [p[1] for p in pairs])
+        found: dict[str, list[Detections]] = {}
+        for role, m in self.models.items():
+            arrays, lbs = boxed[m.size]
+            outputs = self._run(m, arrays)
+            found[role] = [self._decode(m, out, lb, im) for out, lb, im in zip(outputs, lbs, images)]
+        return [self._assemble(i, im, found) for i, im in enumerate(images)]
+
+    def _run(self, m: _Model, arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """Run one model over letterboxed images; returns one [R, A] output per image."""
+        step = m.fixed_batch if m.fixed_batch is not None else self.batch_size
+        outs: list[np.ndarray] = []
+        for start in range(0, len(arrays), step):
+            chunk = arrays[start:start + step]
+            tensor = to_tensor(chunk)
+            if m.fixed_batch is not None and len(chunk) < m.fixed_batch:  # pad a fixed batch
+                pad = np.zeros((m.fixed_batch - len(chunk), *tensor.shape[1:]), np.float32)
+                tensor = np.concatenate([tensor, pad])
+            result = m.session.run(None, {m.input_name: tensor})[0]
+            outs.extend(result[: len(chunk)])
+        return outs
+
+    def _decode(self, m: _Model, out: np.ndarray, lb: Letterbox, im: DecodedImage) -> Detections:
+        t = self.bundle.thresholds
+        if m.task == "pose":
+            assert m.kpt_shape is not None
+            return decode_poses(out, m.kpt_shape, lb, im.scale_xy, im.width, im.height,
+                                conf=t.person_conf, iou=t.nms_iou, num_classes=m.num_classes)
+        return decode_detections(out, lb, im.scale_xy, im.width, im.height, m.num_classes,
+                                 conf=t.det_conf, iou=t.nms_iou)
+
+    def _assemble(self, i: int, im: DecodedImage, found: dict[str, list[Detections]]) -> Prediction:
+        persons = self._persons(found["pose_main"][i], found["pose_visible"][i] if "pose_visible" in found else None) \
+            if "pose_main" in found else ()
+        if "head" in found:
+            d = found["head"][i]
+            heads = tuple(Head(tuple(map(float, b)), float(s)) for b, s in zip(d.boxes, d.scores))  # type: ignore[arg-type]
+        elif self.bundle.head_from_face:
+            heads = tuple(h for p in persons if (h := self.head_from_face(p, im.width, im.height)) is not None)
+        else:
+            heads = ()
+        return Prediction(width=im.width, height=im.height, heads=heads, persons=tuple(persons))
+
+    def _persons(self, main: Detections, visible: Detections | None) -> tuple[Person, ...]:
+        """Apply the visibility rule to the main model's persons."""
+        t = self.bundle.thresholds
+        assert main.keypoints is not None
+        main_conf = main.keypoints[..., 2]
+        match_conf = np.zeros(len(main), np.float32)
+        if self.bundle.visibility_mode == "main_only" or visible is None:
+            vis_conf = main_conf.copy()
+            flags = decide_visibility_main_only(main_conf, t.main)
+        else:
+            assert visible.keypoints is not None
+            vis_conf = np.zeros_like(main_conf)
+            for p, j in enumerate(match_persons(main.boxes, visible.boxes, t.match_iou, main.scores)):
+                if j is not None:
+                    vis_conf[p] = visible.keypoints[j, :, 2]
+                    match_conf[p] = visible.scores[j]
+            flags = decide_visibility(main_conf, vis_conf, t.main, t.visible)
+        persons = []
+        for p in range(len(main)):
+            kpts = []
+            for k in range(main_conf.shape[1]):
+                # x, y keep the main model's estimate even for outside points (record.Keypoint).
+                x, y = float(main.keypoints[p, k, 0]), float(main.keypoints[p, k, 1])
+                kpts.append(Keypoint(x, y, float(main_conf[p, k]), float(vis_conf[p, k]), FLAG_VISIBILITY[int(flags[p, k])]))
+            persons.append(Person(tuple(map(float, main.boxes[p])), float(main.scores[p]), tuple(kpts),  # type: ignore[arg-type]
+                                  float(match_conf[p])))
+        return tuple(persons)
+
+    def head_from_face(self, person: Person, width: int, height: int) -> Head | None:
+        """A head box derived from a person's confident face points (heuristic above), or None."""
+        names = self.bundle.keypoints.names
+        pts = [kp for n, kp in zip(names, person.keypoints) if n in FACE_POINTS and kp.visibility != "outside"]
+        if len(pts) < MIN_FACE_POINTS:
+            return None
+        xy = np.array([(kp.x, kp.y) for kp in pts], dtype=np.float32)
+        span = float(max(np.ptp(xy[:, 0]), np.ptp(xy[:, 1])))
+        side = max(FACE_TO_HEAD * span, 2.0)
+        cx, cy = float(xy[:, 0].mean()), float(xy[:, 1].mean()) - HEAD_SHIFT_UP * side
+        x1, y1 = min(max(cx - side / 2, 0.0), width), min(max(cy - side / 2, 0.0), height)
+        x2, y2 = min(max(cx + side / 2, 0.0), width), min(max(cy + side / 2, 0.0), height)
+        conf = person.conf * float(np.mean([kp.main_conf for kp in pts]))
+        return Head((x1, y1, x2, y2), conf)

@@ -1,0 +1,225 @@
+"""Image decoding: bytes -> HxWx3 uint8 BGR pixels plus the original size after EXIF orientation.
+
+Pure functions over bytes (``read_image`` only reads the file). What they guarantee:
+
+- EXIF orientation is applied (OpenCV does so for ``IMREAD_COLOR`` and the reduced modes);
+  ``width``/``height`` are the size after orientation.
+- Grayscale / IR (1 channel) is replicated to 3 channels; alpha (RGBA, gray + alpha) is dropped.
+- 16-bit PNG/TIFF are brought to 8 bit by the image's actual bit depth: the shift is
+  ``bit_length(max value) - 8``, so a 12-bit sensor stored in 16 bits (max < 4096) is shifted by
+  4, a full 16-bit image by 8, and a dark image is not stretched. Float TIFFs in 0..1 are
+  multiplied by 255, other float images are divided by their maximum.
+- Decompression bombs are refused before decoding: for JPEG, PNG and BMP the size is read from
+  the header; other formats (TIFF, WebP, ...) are checked after decoding (OpenCV's own
+  ``OPENCV_IO_MAX_IMAGE_PIXELS`` limit, 2^30 by default, still applies to them).
+- Truncated JPEGs (no end-of-image marker after the scan) and PNGs (no IEND chunk) are refused,
+  although OpenCV would return a partly grey image for them.
+- ``max_side_hint``: when a JPEG is at least 2x larger than needed, it is decoded at 1/2, 1/4
+  or 1/8 size (``IMREAD_REDUCED_COLOR_*``, much faster); ``width``/``height`` stay those of the
+  original and ``scale`` = pixels.shape[1] / width.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from .errors import ImageError
+
+log = logging.getLogger(__name__)
+
+MAX_PIXELS = 50_000_000
+_REDUCED = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """Decoded pixels and the original geometry.
+
+    pixels: HxWx3 uint8 BGR, possibly decoded at reduced size; width/height: the ORIGINAL
+    size after EXIF orientation; scale: pixels.shape[1] / width (1.0 for a full decode).
+    """
+
+    pixels: np.ndarray
+    width: int
+    height: int
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.pixels.ndim != 3 or self.pixels.shape[2] != 3 or self.pixels.dtype != np.uint8:
+            raise ValueError(f"DecodedImage.pixels: expected HxWx3 uint8, got {self.pixels.shape} {self.pixels.dtype}")
+        if self.width <= 0 or self.height <= 0:
+            raise ValueError(f"DecodedImage: size must be positive, got {self.width}x{self.height}")
+
+    @property
+    def scale_xy(self) -> tuple[float, float]:
+        """Per-axis decoded / original ratios (reduced JPEG decodes round each side up)."""
+        return self.pixels.shape[1] / self.width, self.pixels.shape[0] / self.height
+
+    @classmethod
+    def from_array(cls, image: np.ndarray) -> "DecodedImage":
+        """Wrap an in-memory HxW / HxWx1 / HxWx3 / HxWx4 uint8 array (full size, no EXIF)."""
+        from .geometry import as_bgr
+
+        if image.dtype != np.uint8:
+            image = to_uint8(image)
+        pixels = as_bgr(image)
+        return cls(pixels, int(pixels.shape[1]), int(pixels.shape[0]), 1.0)
+
+
+def _jpeg_info(data: bytes) -> tuple[int, int, int, int]:
+    """(width, height, EXIF orientation, offset of the first scan) from JPEG markers."""
+    i, n = 2, len(data)
+    width = height = sos = 0
+    orientation = 1
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            raise ImageError(f"corrupt JPEG: expected a marker at byte {i}")
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01,) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        seg_len = struct.unpack(">H", data[i + 2:i + 4])[0]
+        seg = data[i + 4:i + 2 + seg_len]
+        if marker == 0xE1 and seg[:6] == b"Exif\x00\x00":
+            orientation = _exif_orientation(seg[6:])
+        elif 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and len(seg) >= 5:
+            height, width = struct.unpack(">HH", seg[1:5])
+        elif marker == 0xDA:
+            sos = i
+            break
+        i += 2 + seg_len
+    if not width or not height:
+        raise ImageError("corrupt or truncated JPEG: no frame header with the image size")
+    return width, height, orientation, sos
+
+
+def _exif_orientation(tiff: bytes) -> int:
+    """The Orientation tag (0x0112) of IFD0 in a TIFF-structured EXIF block; 1 if absent."""
+    try:
+        endian = {b"II": "<", b"MM": ">"}[tiff[:2]]
+        ifd = struct.unpack(endian + "I", tiff[4:8])[0]
+        count = struct.unpack(endian + "H", tiff[ifd:ifd + 2])[0]
+        for e in range(count):
+            off = ifd + 2 + 12 * e
+            tag, typ = struct.unpack(endian + "HH", tiff[off:off + 4])
+            if tag == 0x0112 and typ == 3:
+                value = struct.unpack(endian + "H", tiff[off + 8:off + 10])[0]
+                return value if 1 <= value <= 8 else 1
+    except (KeyError, struct.error, IndexError):
+        log.debug("unreadable EXIF block; orientation taken as 1")
+    return 1
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) as stored (before EXIF orientation) for JPEG, PNG and BMP; else None."""
+    if data[:2] == b"\xff\xd8":
+        w, h, _, _ = _jpeg_info(data)
+        return w, h
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        if len(data) < 24 or data[12:16] != b"IHDR":
+            raise ImageError("corrupt PNG: no IHDR header")
+        return struct.unpack(">II", data[16:24])
+    if data[:2] == b"BM" and len(data) >= 26:
+        w, h = struct.unpack("<ii", data[18:26])
+        return abs(w), abs(h)
+    return None
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """16-bit or float image -> uint8 by its actual range (see the module docstring)."""
+    if image.dtype == np.uint8:
+        return image
+    if image.dtype in (np.uint16, np.int16, np.uint32, np.int32):
+        top = int(image.max()) if image.size else 0
+        shift = max(int(top).bit_length() - 8, 0)
+        return (image.clip(min=0) >> shift).astype(np.uint8)
+    if np.issubdtype(image.dtype, np.floating):
+        img = np.nan_to_num(image.astype(np.float32))
+        top = float(img.max()) if img.size else 0.0
+        factor = 255.0 if top <= 1.0 else 255.0 / top
+        return (img * factor).clip(0, 255).round().astype(np.uint8)
+    raise ImageError(f"unsupported pixel type {image.dtype}")
+
+
+def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, max_side_hint: int | None = None) -> DecodedImage:
+    """Decode image bytes (JPEG, PNG, BMP, TIFF, WebP, ...) into a ``DecodedImage``.
+
+    Raises ``ImageError`` for empty, truncated, corrupt or unrecognised data and for images
+    with more than ``max_pixels`` pixels (checked from the header before decoding where the
+    format allows).
+    """
+    if not data:
+        raise ImageError("empty image data (0 bytes)")
+    is_jpeg = data[:2] == b"\xff\xd8"
+    orientation, reduce_by = 1, 1
+    size = header_size(data)
+    if size is not None:
+        w, h = size
+        if w <= 0 or h <= 0:
+            raise ImageError(f"corrupt image header: size {w}x{h}")
+        if w * h > max_pixels:
+            raise ImageError(f"image has {w}x{h} = {w * h} pixels, more than the limit of {max_pixels}")
+    if is_jpeg:
+        w, h, orientation, sos = _jpeg_info(data)
+        if sos == 0 or data.rfind(b"\xff\xd9") < sos:
+            raise ImageError("truncated JPEG: no end-of-image marker after the image data")
+        if max_side_hint:
+            for factor, _ in _REDUCED:
+                if max(w, h) >= factor * max_side_hint:
+                    reduce_by = factor
+                    break
+    elif data[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in data[-32:]:
+        raise ImageError("truncated PNG: no IEND chunk at the end")
+
+    buf = np.frombuffer(data, dtype=np.uint8)
+    if reduce_by > 1:
+        flags = dict(_REDUCED)[reduce_by]
+    elif is_jpeg:
+        flags = cv2.IMREAD_COLOR
+    else:  # keep depth and channel count so 16-bit and gray+alpha are handled here, not by OpenCV
+        flags = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
+    try:
+        img = cv2.imdecode(buf, flags)
+    except cv2.error as exc:
+        raise ImageError(f"cannot decode image: {exc}") from exc
+    if img is None or img.size == 0:
+        raise ImageError(f"not a decodable image ({len(data)} bytes, starting {data[:8]!r})")
+    if img.ndim == 3 and img.shape[2] == 2:  # gray + alpha
+        img = img[..., 0]
+    pixels = _to_bgr8(img)
+    if reduce_by == 1:
+        height, width = pixels.shape[:2]
+    else:  # the original size after orientation, from the header
+        width, height = (h, w) if orientation >= 5 else (w, h)
+    if width * height > max_pixels:
+        raise ImageError(f"image has {width}x{height} = {width * height} pixels, more than the limit of {max_pixels}")
+    return DecodedImage(np.ascontiguousarray(pixels), int(width), int(height), pixels.shape[1] / width)
+
+
+def _to_bgr8(img: np.ndarray) -> np.ndarray:
+    from .geometry import as_bgr
+
+    return as_bgr(to_uint8(img))
+
+
+def read_image(
+    path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS, max_side_hint: int | None = None
+) -> DecodedImage:
+    """Read a file and ``decode_image`` it; an unreadable file is an ``ImageError``."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise ImageError(f"cannot read image file {path}: {exc}") from exc
+    try:
+        return decode_image(data, max_pixels=max_pixels, max_side_hint=max_side_hint)
+    except ImageError as exc:
+        raise ImageError(f"{path}: {exc}") from exc

