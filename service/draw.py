@@ -81,10 +81,10 @@ def draw_prediction(
     if draw_boxes:
         for head in prediction.heads:
             x1, y1, x2, y2 = head.box
-            cv2.rectangle(out, pt(x1, y1), pt(x2, y2), HEAD_COLOUR, thick, cv2.LINE_AA)
+            cv2.rectangle(out, pt(x1, y1), pt(x2, y2), HEAD_COLOUR, thick, cv2.LINE_8)
         for person in prediction.persons:
             x1, y1, x2, y2 = person.box
-            cv2.rectangle(out, pt(x1, y1), pt(x2, y2), PERSON_COLOUR, thick, cv2.LINE_AA)
+            cv2.rectangle(out, pt(x1, y1), pt(x2, y2), PERSON_COLOUR, thick, cv2.LINE_8)
             if show_conf:
                 org = pt(x1, y1)
                 cv2.putText(out, f"{person.conf:.2f}", (org[0], max(org[1] - 3, 10)),
@@ -106,8 +106,9 @@ def draw_prediction(
             if kp.visibility == OUTSIDE:
                 continue
             filled = kp.visibility != OCCLUDED
-            # Hollow rings are drawn 1 px wide so the centre stays visibly empty.
-            cv2.circle(out, pt(kp.x, kp.y), radius, side_colour(name), -1 if filled else 1, cv2.LINE_AA)
+            # Hollow rings are 1 px wide so the centre stays visibly empty; no anti-aliasing on
+            # marks, so their colour is exact (the legend and the tests rely on it).
+            cv2.circle(out, pt(kp.x, kp.y), radius, side_colour(name), -1 if filled else 1, cv2.LINE_8)
     return out
 
 
