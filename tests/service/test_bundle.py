@@ -1,0 +1,77 @@
+"""Bundle loading refuses tampered, mismatched, incomplete and unknown-format bundles."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from service.bundle import load_bundle
+from service.errors import BundleError
+from service.keypoints import CABIN19
+
+
+@pytest.fixture
+def bundle_copy(coco17_bundle, tmp_path: Path) -> Path:
+    target = tmp_path / "bundle"
+    shutil.copytree(coco17_bundle.path, target)
+    return target
+
+
+def _edit_manifest(path: Path, change) -> None:
+    manifest = path / "bundle.json"
+    data = json.loads(manifest.read_text())
+    change(data)
+    manifest.write_text(json.dumps(data))
+
+
+def test_good_bundle_loads(bundle_copy: Path) -> None:
+    b = load_bundle(bundle_copy)
+    assert set(b.models) == {"pose_main"} and b.visibility_mode == "main_only"
+    assert b.models["pose_main"].kpt_shape == (17, 3) and b.keypoints.count == 17
+
+
+def test_tampered_onnx_is_refused(bundle_copy: Path) -> None:
+    onnx = bundle_copy / "pose_main.onnx"
+    data = bytearray(onnx.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    onnx.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="checksum mismatch for pose_main.onnx"):
+        load_bundle(bundle_copy)
+
+
+def test_output_layout_mismatch_is_refused(bundle_copy: Path) -> None:
+    # Declare 19 key points (cabin schema) for a 17-point network: checksums still match.
+    def to_19(d: dict) -> None:
+        d["models"]["pose_main"]["kpt_shape"] = [19, 3]
+        d["keypoints"] = CABIN19.to_json()
+
+    _edit_manifest(bundle_copy, to_19)
+    with pytest.raises(BundleError, match=r"output shape .* does not match the declared layout \[N, 62, A\]"):
+        load_bundle(bundle_copy)
+
+
+def test_task_mismatch_is_refused(bundle_copy: Path) -> None:
+    # A pose network declared as a one-class detector: [N, 5, A] expected, [N, 56, A] found.
+    _edit_manifest(bundle_copy, lambda d: d["models"]["pose_main"].update(task="detect", kpt_shape=None))
+    with pytest.raises(BundleError, match=r"does not match the declared layout \[N, 5, A\]"):
+        load_bundle(bundle_copy)
+
+
+def test_missing_file_is_refused(bundle_copy: Path) -> None:
+    (bundle_copy / "pose_main.onnx").unlink()
+    with pytest.raises(BundleError, match="pose_main.onnx is missing"):
+        load_bundle(bundle_copy)
+
+
+@pytest.mark.parametrize("fmt", [0, 2, "1", None])
+def test_unknown_format_is_refused(bundle_copy: Path, fmt) -> None:
+    _edit_manifest(bundle_copy, lambda d: d.update(format=fmt))
+    with pytest.raises(BundleError, match="format .* is not supported"):
+        load_bundle(bundle_copy)
+
+
+def test_not_a_bundle(tmp_path: Path) -> None:
+    with pytest.raises(BundleError, match="no bundle.json"):
+        load_bundle(tmp_path)

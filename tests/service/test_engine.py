@@ -1,0 +1,158 @@
+"""The engine on a real ONNX pose model and real photos, checked against ultralytics itself."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from service.engine import Engine, select_providers
+from service.errors import BundleError
+from service.geometry import box_iou
+from service.imageio import decode_image, read_image
+from service.record import Prediction
+
+
+@pytest.fixture(scope="module")
+def engine(coco17_bundle) -> Engine:
+    return Engine(coco17_bundle, batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def photo_predictions(engine, coco_people_photos) -> list[Prediction]:
+    return engine.predict([read_image(p) for p in coco_people_photos])
+
+
+def _boxes(pred: Prediction) -> np.ndarray:
+    return np.array([p.box for p in pred.persons], np.float32).reshape(-1, 4)
+
+
+def _xy(pred: Prediction) -> np.ndarray:
+    return np.array([[(k.x, k.y) for k in p.keypoints] for p in pred.persons], np.float32)
+
+
+def test_agrees_with_ultralytics_within_one_pixel(coco17_bundle, coco_people_photos, photo_predictions) -> None:
+    from ultralytics import YOLO
+
+    model = YOLO(str(coco17_bundle.model_path("pose_main")), task="pose")
+    thr = coco17_bundle.thresholds
+    total = 0
+    for path, ours in zip(coco_people_photos, photo_predictions):
+        image = cv2.imread(str(path))
+        ref = model.predict(image, imgsz=320, conf=thr.person_conf, iou=thr.nms_iou, rect=False,
+                            device="cpu", verbose=False)[0]
+        ref_boxes = ref.boxes.xyxy.numpy()
+        ref_kpts = ref.keypoints.data.numpy()  # P, K, 3
+        assert len(ours.persons) == len(ref_boxes), path.name
+        if len(ref_boxes) == 0:
+            continue
+        match = box_iou(ref_boxes, _boxes(ours)).argmax(axis=1)
+        assert sorted(match.tolist()) == list(range(len(ref_boxes))), f"{path.name}: not one-to-one"
+        np.testing.assert_allclose(_boxes(ours)[match], ref_boxes, atol=1.0, err_msg=path.name)
+        np.testing.assert_allclose(_xy(ours)[match], ref_kpts[..., :2], atol=1.0, err_msg=path.name)
+        main_conf = np.array([[k.main_conf for k in p.keypoints] for p in ours.persons])[match]
+        np.testing.assert_allclose(main_conf, ref_kpts[..., 2], atol=1e-3, err_msg=path.name)
+        np.testing.assert_allclose([ours.persons[j].conf for j in match], ref.boxes.conf.numpy(), atol=1e-3)
+        total += len(ref_boxes)
+    assert total >= 3, "the photos should show several people"
+
+
+def test_main_only_bundle_flags_and_heads(coco17_bundle, photo_predictions) -> None:
+    thr = coco17_bundle.thresholds.main
+    for pred in photo_predictions:
+        for person in pred.persons:
+            for k, kp in enumerate(person.keypoints):
+                assert kp.visibility == ("visible" if kp.main_conf > thr[k] else "outside")
+                assert kp.visible_conf == kp.main_conf
+        # head_from_face: heads lie inside the image, at most one per person
+        assert len(pred.heads) <= len(pred.persons)
+        for h in pred.heads:
+            assert 0 <= h.box[0] < h.box[2] <= pred.width and 0 <= h.box[1] < h.box[3] <= pred.height
+    assert sum(len(p.heads) for p in photo_predictions) >= 2
+
+
+def test_two_model_bundle_visibility(coco17_two_model_bundle, coco_people_photos) -> None:
+    # pose_visible is the same network, so every person matches itself: a point is visible
+    # when its confidence > 0.9, occluded when in (0.5, 0.9], outside when <= 0.5.
+    engine = Engine(coco17_two_model_bundle)
+    preds = engine.predict([read_image(p) for p in coco_people_photos[:3]])
+    states = set()
+    for pred in preds:
+        for person in pred.persons:
+            assert person.visible_match_conf == pytest.approx(person.conf)
+            for kp in person.keypoints:
+                assert kp.visible_conf == pytest.approx(kp.main_conf)
+                expected = "visible" if kp.main_conf > 0.9 else "occluded" if kp.main_conf > 0.5 else "outside"
+                assert kp.visibility == expected
+                states.add(kp.visibility)
+    assert states == {"visible", "occluded", "outside"}
+    assert all(p.heads == () for p in preds)  # no head model, head_from_face off
+
+
+def test_batching_does_not_change_results(engine, coco_people_photos, photo_predictions) -> None:
+    one_by_one = [engine.predict([read_image(p)])[0] for p in coco_people_photos[:3]]
+    for a, b in zip(one_by_one, photo_predictions[:3]):
+        assert len(a.persons) == len(b.persons)
+        np.testing.assert_allclose(_boxes(a), _boxes(b), atol=0.05)
+
+
+def test_empty_inputs(engine) -> None:
+    assert engine.predict([]) == []
+    blank = engine.predict_arrays([np.full((200, 300, 3), 114, np.uint8)])[0]
+    assert (blank.width, blank.height, blank.persons, blank.heads) == (300, 200, (), ())
+
+
+def _best_person_box(pred: Prediction) -> np.ndarray:
+    return np.array(max(pred.persons, key=lambda p: p.conf).box)
+
+
+def test_exif_orientation_gives_original_coordinates(engine, coco_people_photos, jpeg_with_orientation) -> None:
+    upright = cv2.imread(str(coco_people_photos[1]))
+    ref = engine.predict_arrays([upright])[0]
+    stored = cv2.rotate(upright, cv2.ROTATE_90_COUNTERCLOCKWISE)  # orientation 6 displays it upright
+    data = jpeg_with_orientation(cv2.imencode(".jpg", stored, [cv2.IMWRITE_JPEG_QUALITY, 97])[1].tobytes(), 6)
+    pred = engine.predict([decode_image(data)])[0]
+    assert (pred.width, pred.height) == (upright.shape[1], upright.shape[0])
+    assert len(pred.persons) >= 1
+    np.testing.assert_allclose(_best_person_box(pred), _best_person_box(ref), atol=4.0)
+
+
+def test_grayscale_and_sixteen_bit_inputs(engine, coco_people_photos) -> None:
+    color = cv2.imread(str(coco_people_photos[1]))
+    gray = cv2.cvtColor(color, cv2.COLOR_BGR2GRAY)
+    as_gray_array = engine.predict_arrays([gray])[0]
+    from_png = engine.predict([decode_image(cv2.imencode(".png", gray)[1].tobytes())])[0]
+    from_png16 = engine.predict([decode_image(cv2.imencode(".png", gray.astype(np.uint16) << 8)[1].tobytes())])[0]
+    assert (from_png16.width, from_png16.height) == (color.shape[1], color.shape[0])
+    assert len(as_gray_array.persons) >= 1
+    for other in (from_png, from_png16):
+        assert len(other.persons) == len(as_gray_array.persons)
+        np.testing.assert_allclose(_boxes(other), _boxes(as_gray_array), atol=1e-3)
+    # a gray image of the scene finds the same main person as the color one
+    ref = engine.predict_arrays([color])[0]
+    iou = box_iou(_best_person_box(as_gray_array)[None], _best_person_box(ref)[None])[0, 0]
+    assert iou > 0.8
+
+
+def test_reduced_decode_maps_back_to_original_pixels(engine, coco_people_photos) -> None:
+    photo = cv2.imread(str(coco_people_photos[1]))
+    big = cv2.resize(photo, (photo.shape[1] * 4, photo.shape[0] * 4), interpolation=cv2.INTER_CUBIC)
+    decoded = decode_image(cv2.imencode(".jpg", big, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes(), max_side_hint=320)
+    assert decoded.scale < 0.3 and (decoded.width, decoded.height) == (big.shape[1], big.shape[0])
+    pred = engine.predict([decoded])[0]
+    ref = engine.predict_arrays([photo])[0]
+    iou = box_iou(_best_person_box(pred)[None], 4 * _best_person_box(ref)[None])[0, 0]
+    assert iou > 0.85
+
+
+def test_provider_selection() -> None:
+    assert select_providers()[-1] == "CPUExecutionProvider"
+    assert select_providers(["NoSuchProvider", "CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    with pytest.raises(BundleError, match="none of the execution providers"):
+        select_providers(["NoSuchProvider"])
+
+
+def test_session_options(engine) -> None:
+    for m in engine.models.values():
+        assert m.session.get_providers()[-1] == "CPUExecutionProvider"
+    assert engine.models["pose_main"].size == (320, 320)
+    assert engine.models["pose_main"].fixed_batch is None  # exported with a dynamic batch axis
