@@ -113,11 +113,11 @@ def predict_dataset(
     step = max(1, len(infos) // 10)
     for start in range(0, len(infos), engine.batch_size):
         chunk = infos[start:start + engine.batch_size]
-        decoded, ok = [], []
-        for info in chunk:
+        decoded, ok = [], []  # ok: (position in the evaluated list, image info)
+        for pos, info in enumerate(chunk, start):
             try:
                 decoded.append(read_image(images_dir / info["file_name"], max_side_hint=max_side_hint))
-                ok.append(info)
+                ok.append((pos, info))
             except ImageError as exc:
                 log.warning("evaluation: skipping %s: %s", info["file_name"], exc)
                 out.failed_images.append(str(info["file_name"]))
@@ -129,10 +129,10 @@ def predict_dataset(
         out.total_seconds = time.perf_counter() - t_start
         ops = engine_op.predict(decoded) if engine_op is not None else [
             operating_from_ap(p, bundle, engine) for p in preds]
-        for j, (info, im, pred, op) in enumerate(zip(ok, decoded, preds, ops)):
+        for (pos, info), im, pred, op in zip(ok, decoded, preds, ops):
             image_id = int(info["id"])
             out.ap_view[image_id], out.operating_view[image_id] = pred, op
-            if start + chunk.index(info) in pick:
+            if pos in pick:
                 out.sheet_images.append(draw_prediction(im.pixels, op, bundle.keypoints))
                 out.sheet_captions.append(f"{info['file_name']}  {len(op.persons)}p {len(op.heads)}h")
         done = start + len(chunk)

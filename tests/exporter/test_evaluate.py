@@ -171,3 +171,19 @@ def test_evaluation_modules_import_no_torch() -> None:
     code = ("import sys, exporter.evaluate, exporter.calibrate, service.draw; "
             "bad = [m for m in ('torch', 'ultralytics') if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.slow
+@pytest.mark.train
+def test_unreadable_image_is_listed_and_counts_as_empty(coco17_bundle_640: Path, tmp_path: Path) -> None:
+    from exporter.evaluate import evaluate
+
+    data = json.loads((COCO_PEOPLE / "annotations.json").read_text())
+    keep = {im["id"] for im in sorted(data["images"], key=lambda im: im["id"])[:2]}
+    data["images"] = [im for im in data["images"] if im["id"] in keep] + [
+        {"id": 1, "file_name": "missing.jpg", "width": 640, "height": 480}]
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] in keep]
+    (tmp_path / "annotations.json").write_text(json.dumps(data))
+    metrics = evaluate(coco17_bundle_640, tmp_path / "annotations.json", COCO_PEOPLE / "images", tmp_path / "out",
+                       progress=False)
+    assert metrics["dataset"]["images"] == 3 and metrics["dataset"]["failed_images"] == ["missing.jpg"]
