@@ -46,7 +46,7 @@ def write_confusion_png(path: Path, confusion: Sequence[Sequence[int]], labels: 
 
     cm = np.asarray(confusion, dtype=np.float64)
     norm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    fig = Figure(figsize=(4.6, 4.0), dpi=100)
+    fig = Figure(figsize=(5.0, 4.2), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     im = ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
@@ -54,13 +54,13 @@ def write_confusion_png(path: Path, confusion: Sequence[Sequence[int]], labels: 
     ax.set_yticks(range(len(labels)), labels=list(labels))
     ax.set_xlabel("predicted")
     ax.set_ylabel("ground truth")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     for i in range(cm.shape[0]):
         for j in range(cm.shape[1]):
             ax.text(j, i, f"{int(cm[i, j])}\n{norm[i, j]:.0%}", ha="center", va="center",
                     color="white" if norm[i, j] > 0.5 else "black", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.22, right=0.92, bottom=0.14, top=0.92)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     write_bytes_atomic(path, buf.getvalue())
