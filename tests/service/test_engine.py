@@ -156,3 +156,13 @@ def test_session_options(engine) -> None:
         assert m.session.get_providers()[-1] == "CPUExecutionProvider"
     assert engine.models["pose_main"].size == (320, 320)
     assert engine.models["pose_main"].fixed_batch is None  # exported with a dynamic batch axis
+
+
+def test_one_engine_serves_several_threads(engine, coco_people_photos, photo_predictions) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = [read_image(p) for p in coco_people_photos[:2]]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda im: engine.predict([im])[0], images * 2))
+    for i, pred in enumerate(results):
+        np.testing.assert_allclose(_boxes(pred), _boxes(photo_predictions[i % 2]), atol=0.05)
