@@ -1,0 +1,123 @@
+"""Derive the three ultralytics label sets from one COCO key-points dataset.
+
+- ``pose_main``: every labelled point (visible and occluded) is a target; outside points are
+  unlabelled (ultralytics flag 0, so the point's confidence is trained towards 0 there).
+- ``pose_visible``: only visible points are targets; occluded and outside are unlabelled, so
+  this model's point confidence learns "can be seen".
+- ``head``: head boxes as a one-class detection set.
+
+Each set is a folder ``<role>/{images,labels}/{train,val}`` with ``data.yaml``; images are
+symbolic links to the originals (ultralytics finds labels by swapping ``images`` for
+``labels`` in the path).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.keypoints import KeypointSchema
+
+ROLES = ("head", "pose_main", "pose_visible")
+
+
+@dataclass(frozen=True)
+class LabelSets:
+    root: Path
+    data_yaml: dict[str, Path]
+    schema: KeypointSchema
+    train_images: int
+    val_images: int
+
+
+def load_coco(annotations: Path) -> dict[str, Any]:
+    with open(annotations, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def coco_schema(coco: dict[str, Any]) -> tuple[KeypointSchema, int, int | None]:
+    """Key-point schema, person category id and head category id (None when absent)."""
+    person = next((c for c in coco["categories"] if c.get("keypoints")), None)
+    if person is None:
+        raise ValueError("dataset: no category with 'keypoints'; expected a COCO key-points dataset")
+    head = next((c["id"] for c in coco["categories"] if c.get("name") == "head"), None)
+    return KeypointSchema.for_names(person["keypoints"]), int(person["id"]), head
+
+
+def split_ids(image_ids: list[int], val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Deterministic train/val split of image ids."""
+    rng = np.random.default_rng(seed)
+    ids = sorted(image_ids)
+    order = rng.permutation(len(ids))
+    n_val = max(1, int(round(len(ids) * val_fraction))) if len(ids) > 1 else 0
+    val = sorted(ids[i] for i in order[:n_val])
+    train = sorted(ids[i] for i in order[n_val:])
+    return train, val
+
+
+def _yolo_line(cls: int, box: list[float], w: int, h: int, kpts: np.ndarray | None) -> str:
+    x, y, bw, bh = box
+    vals = [(x + bw / 2) / w, (y + bh / 2) / h, bw / w, bh / h]
+    parts = [str(cls)] + [f"{min(max(v, 0.0), 1.0):.6f}" for v in vals]
+    if kpts is not None:
+        for px, py, v in kpts:
+            if v > 0:
+                parts += [f"{min(max(px / w, 0.0), 1.0):.6f}", f"{min(max(py / h, 0.0), 1.0):.6f}", "2"]
+            else:
+                parts += ["0", "0", "0"]
+    return " ".join(parts)
+
+
+def derive_label_sets(
+    annotations: Path, images_dir: Path, out_root: Path, val_fraction: float = 0.1, seed: int = 0,
+    auto_weight_ids: set[int] | None = None,
+) -> LabelSets:
+    """Write the three label sets for ``annotations`` (COCO) under ``out_root``."""
+    coco = load_coco(annotations)
+    schema, person_cat, head_cat = coco_schema(coco)
+    by_image: dict[int, list[dict]] = {}
+    for a in coco["annotations"]:
+        by_image.setdefault(a["image_id"], []).append(a)
+    images = {im["id"]: im for im in coco["images"]}
+    train, val = split_ids(list(images), val_fraction, seed)
+    roles = ROLES if head_cat is not None else ROLES[1:]
+    yamls: dict[str, Path] = {}
+    for role in roles:
+        for split, ids in (("train", train), ("val", val)):
+            img_dir = out_root / role / "images" / split
+            lbl_dir = out_root / role / "labels" / split
+            img_dir.mkdir(parents=True, exist_ok=True)
+            lbl_dir.mkdir(parents=True, exist_ok=True)
+            for iid in ids:
+                im = images[iid]
+                src = (images_dir / im["file_name"]).resolve()
+                link = img_dir / Path(im["file_name"]).name
+                if not link.exists():
+                    os.symlink(src, link)
+                lines = []
+                for a in by_image.get(iid, []):
+                    if a.get("iscrowd", 0):
+                        continue
+                    if role == "head" and a["category_id"] == head_cat:
+                        lines.append(_yolo_line(0, a["bbox"], im["width"], im["height"], None))
+                    elif role != "head" and a["category_id"] == person_cat:
+                        k = np.array(a["keypoints"], float).reshape(-1, 3)
+                        if role == "pose_visible":
+                            k[:, 2] = np.where(k[:, 2] == 2, 2, 0)
+                        if (k[:, 2] > 0).sum() == 0 and role == "pose_visible":
+                            # A person with no visible point is still a person: keep the box, no points.
+                            pass
+                        lines.append(_yolo_line(0, a["bbox"], im["width"], im["height"], k))
+                (lbl_dir / (Path(im["file_name"]).stem + ".txt")).write_text("\n".join(lines) + ("\n" if lines else ""))
+        y = out_root / role / "data.yaml"
+        names = "  0: head\n" if role == "head" else "  0: person\n"
+        text = f"path: {(out_root / role).resolve()}\ntrain: images/train\nval: images/val\nnames:\n{names}"
+        if role != "head":
+            text += f"kpt_shape: [{schema.count}, 3]\nflip_idx: {schema.flip_idx}\n"
+        y.write_text(text)
+        yamls[role] = y
+    return LabelSets(out_root, yamls, schema, len(train), len(val))

