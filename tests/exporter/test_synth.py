@@ -1,0 +1,112 @@
+"""Synthetic cabin scenes: determinism, ground-truth semantics, knobs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from exporter.synth import HEAD_CATEGORY, PERSON_CATEGORY, generate
+from exporter.synth.people import IDX, OWNER_PARTS, P_FARM_L, P_HEAD, P_TORSO, make_occupant
+from exporter.synth.render import Knobs
+from exporter.synth.scene import CANVAS_H, CANVAS_W, OBJ_SEAT, canvas_visibility
+from service.keypoints import CABIN19
+
+
+def _load(d: Path) -> dict:
+    return json.loads((d / "annotations.json").read_text())
+
+
+def test_same_seed_same_images_and_labels(tmp_path: Path) -> None:
+    a, b = generate(tmp_path / "a", 6, seed=7), generate(tmp_path / "b", 6, seed=7)
+    assert _load(a)["annotations"] == _load(b)["annotations"]
+    for im in _load(a)["images"]:
+        assert (a / "images" / im["file_name"]).read_bytes() == (b / "images" / im["file_name"]).read_bytes()
+    c = generate(tmp_path / "c", 6, seed=8)
+    assert _load(c)["annotations"] != _load(a)["annotations"]
+
+
+def test_subset_is_reproducible_by_index(tmp_path: Path) -> None:
+    whole = _load(generate(tmp_path / "w", 5, seed=3))
+    tail = _load(generate(tmp_path / "t", 2, seed=3, start=3))
+    strip = lambda anns: [{k: v for k, v in a.items() if k not in ("id", "image_id")} for a in anns]  # noqa: E731
+    assert strip([a for a in whole["annotations"] if a["image_id"] in (4, 5)]) == strip(tail["annotations"])
+
+
+def test_coco_structure_and_visibility_flags(tmp_path: Path) -> None:
+    d = generate(tmp_path / "d", 20, seed=11)
+    coco = _load(d)
+    cats = {c["id"]: c for c in coco["categories"]}
+    assert cats[PERSON_CATEGORY]["keypoints"] == list(CABIN19.names)
+    assert cats[HEAD_CATEGORY]["name"] == "head"
+    flags = []
+    for a in coco["annotations"]:
+        if a["category_id"] != PERSON_CATEGORY:
+            continue
+        kp = np.array(a["keypoints"], float).reshape(-1, 3)
+        assert kp.shape == (19, 3)
+        assert set(np.unique(kp[:, 2])) <= {0, 1, 2}
+        out = kp[kp[:, 2] == 0]
+        assert np.all(out[:, :2] == 0), "outside points must be written as 0, 0"
+        inside = kp[kp[:, 2] > 0]
+        assert np.all((inside[:, 0] >= 0) & (inside[:, 0] < 640) & (inside[:, 1] >= 0) & (inside[:, 1] < 480))
+        assert a["num_keypoints"] == int((kp[:, 2] > 0).sum())
+        flags.extend(kp[:, 2].tolist())
+    counts = np.bincount(np.array(flags, int), minlength=3)
+    # All three states occur in a modest sample: occlusion and leaving the frame are common in cabins.
+    assert counts.min() > 20, counts
+    pytest.importorskip("pycocotools")
+    from pycocotools.coco import COCO
+
+    api = COCO(str(d / "annotations.json"))
+    assert len(api.getImgIds()) == 20
+
+
+def test_visibility_comes_from_the_id_buffer() -> None:
+    rng = np.random.default_rng(0)
+    o = make_occupant(rng, "driver", (360.0, 200.0), 1.0, False, None, False)
+    o.self_occluded = set()
+    ids = np.full((CANVAS_H, CANVAS_W), OBJ_SEAT, np.int32)
+    sid = 1
+    owners = {k: OWNER_PARTS[n][0] for k, n in enumerate(CABIN19.names)}
+    for k, (x, y) in enumerate(o.points):
+        xi, yi = int(round(x)), int(round(y))
+        if 1 <= xi < CANVAS_W - 1 and 1 <= yi < CANVAS_H - 1:
+            ids[yi - 1:yi + 2, xi - 1:xi + 2] = sid * 32 + owners[k]
+    nose = IDX["nose"]
+    wrist = IDX["left_wrist"]
+    # Cover the left wrist with the torso (own body) and the nose with a seat.
+    x, y = np.round(o.points[wrist]).astype(int)
+    ids[y - 1:y + 2, x - 1:x + 2] = sid * 32 + P_TORSO
+    x, y = np.round(o.points[nose]).astype(int)
+    ids[y - 1:y + 2, x - 1:x + 2] = OBJ_SEAT
+    o.self_occluded = {IDX["right_ear"]}
+    flags = canvas_visibility(ids, o, sid)
+    assert flags[wrist] == 1 and flags[nose] == 1 and flags[IDX["right_ear"]] == 1
+    assert flags[IDX["left_eye"]] == 2
+    assert P_HEAD in OWNER_PARTS["left_eye"] and P_FARM_L in OWNER_PARTS["left_wrist"]
+
+
+@pytest.mark.parametrize("knobs,check", [
+    (Knobs(ir=1.0), "ir"),
+    (Knobs(crowded=1.0, ir=0.0), "crowded"),
+    (Knobs(cameras=(("overhead", 1.0),)), "overhead"),
+])
+def test_knobs_shift_the_population(tmp_path: Path, knobs: Knobs, check: str) -> None:
+    d = generate(tmp_path / check, 6, seed=5, knobs=knobs)
+    coco = _load(d)
+    for im in coco["images"]:
+        tags = im["tags"]
+        if check == "ir":
+            assert tags["ir"]
+            img = cv2.imread(str(d / "images" / im["file_name"]), cv2.IMREAD_UNCHANGED)
+            assert img.ndim == 2, "IR images are single-channel"
+        elif check == "crowded":
+            assert tags["crowded"]
+        else:
+            assert tags["camera"] == "overhead"
+    if check == "crowded":
+        slots = [a["attributes"]["slot"] for a in coco["annotations"] if a["category_id"] == PERSON_CATEGORY]
+        assert sum(s.startswith("rear") for s in slots) >= 3 * len(coco["images"]) - 3

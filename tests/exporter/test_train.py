@@ -1,0 +1,36 @@
+"""A real (tiny) training run: three models, ONNX export, calibration, bundle, resume."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from exporter.synth import generate
+from service.bundle import load_bundle
+
+
+@pytest.mark.slow
+def test_train_bundle_end_to_end_and_resume(tmp_path: Path, ultralytics_offline: None) -> None:
+    pytest.importorskip("ultralytics")
+    from exporter.train import TrainConfig, train_bundle
+
+    d = generate(tmp_path / "data", 16, seed=4)
+    cfg = TrainConfig(annotations=d / "annotations.json", images=d / "images", out=tmp_path / "bundle",
+                      work=tmp_path / "work", epochs=1, imgsz=96, batch=8, workers=0, val_fraction=0.25)
+    b = train_bundle(cfg)
+    assert set(b.models) == {"head", "pose_main", "pose_visible"}
+    assert b.visibility_mode == "two_model"
+    assert b.lineage["dataset"]["version"].startswith("sha256:")
+    assert b.lineage["training"]["epochs"] == 1
+    assert len(b.thresholds.main) == 19 and "calibrated" in b.thresholds.method
+    cal = b.metrics["calibration"]
+    assert "reference_accuracy" in cal["global"] and len(cal["per_keypoint"]) == 19
+    assert all((cfg.out / "weights" / f"{r}.pt").is_file() for r in b.models)
+    # Re-running with the same work folder resumes: finished roles are not trained again.
+    marker = [(cfg.work / "runs" / r / "DONE").stat().st_mtime for r in b.models]
+    b2 = train_bundle(cfg)
+    assert [(cfg.work / "runs" / r / "DONE").stat().st_mtime for r in b.models] == marker
+    assert load_bundle(cfg.out).id == b2.id
+    manifest = json.loads((cfg.out / "bundle.json").read_text())
+    assert manifest["format"] == 1 and manifest["models"]["pose_main"]["kpt_shape"] == [19, 3]
