@@ -83,6 +83,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_curve(args: argparse.Namespace) -> int:
+    from exporter.curve import CurveConfig, run_curve, table_markdown
+
+    cfg = CurveConfig(root=Path(args.root), sizes=tuple(int(x) for x in args.sizes.split(",")), epochs=args.epochs,
+                      imgsz=args.imgsz, test_count=args.test_count)
+    rows = run_curve(cfg)
+    print(table_markdown(rows))
+    print(f"curve.json, curve.md and curve.png written to {cfg.root}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -129,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--roles", default="head,pose_main,pose_visible")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("learning-curve", help="train on growing synthetic sets, evaluate on a held-out seed")
+    s.add_argument("root", help="working folder; finished sizes are kept and skipped on a re-run")
+    s.add_argument("--sizes", default="100,300,1000,2000")
+    s.add_argument("--epochs", type=int, default=12)
+    s.add_argument("--imgsz", type=int, default=320)
+    s.add_argument("--test-count", type=int, default=300)
+    s.set_defaults(func=cmd_curve)
 
     s = sub.add_parser("bundle", help="build a bundle from existing ultralytics checkpoints (.pt) or ONNX files")
     s.add_argument("out")
