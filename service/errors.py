@@ -16,3 +16,19 @@ class ImageError(AnnotatorError):
 
 class ConfigError(AnnotatorError):
     """A configuration value is missing or invalid; the message names the key."""
+
+
+class StoreError(AnnotatorError):
+    """The durable store cannot do what was asked (unknown image, newer schema, bad state)."""
+
+
+class StoreFull(StoreError):
+    """Free disk space is below the configured floor; ingest is paused until space is freed."""
+
+
+class LeaseLost(StoreError):
+    """A worker tried to finish an image whose lease it no longer holds; nothing was changed."""
+
+
+class ImageNotFound(StoreError):
+    """No image with this id is in the store (or the id is not a sha256 hex digest)."""

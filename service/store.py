@@ -1,0 +1,454 @@
+"""The durable store: SQLite (WAL) for the image life cycle, content-addressed files for the bytes.
+
+Layout under ``root``::
+
+    store.sqlite3                 the database (WAL mode, plus -wal / -shm files)
+    images/<id[:2]>/<id>          the image bytes; id = sha256 hex digest of the bytes
+
+Life cycle (``images.state``)::
+
+    received -> annotated -> auto_accepted | review_pending -> uploaded -> reviewed
+    (any state) -> failed, with a reason
+
+Every transition is one committed ``BEGIN IMMEDIATE`` transaction and is also appended to the
+``transitions`` table. Work is claimed with a lease (owner + expiry, both in the database, so
+several threads and processes may share one store) and acknowledged by ``complete`` or
+``fail``. An expired lease is claimable again, so a crashed worker never loses an image. A
+completion is accepted while the lease still names the worker (even past its expiry, since
+nobody else can have claimed it in between); once another worker has claimed the image, the
+first worker's completion raises ``LeaseLost`` and changes nothing, so the same bytes are never
+annotated twice. An image claimed ``max_attempts`` times without finishing (a crash loop) is
+failed instead of being handed out again.
+
+Times are seconds since the epoch from the injected ``clock``.
+"""
+from __future__ import annotations
+
+import builtins
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import sqlite3
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from .errors import ImageNotFound, LeaseLost, StoreError, StoreFull
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+RECEIVED, ANNOTATED, AUTO_ACCEPTED, REVIEW_PENDING = "received", "annotated", "auto_accepted", "review_pending"
+UPLOADED, REVIEWED, FAILED = "uploaded", "reviewed", "failed"
+STATES = (RECEIVED, ANNOTATED, AUTO_ACCEPTED, REVIEW_PENDING, UPLOADED, REVIEWED, FAILED)
+DECISIONS = {"auto_accepted": AUTO_ACCEPTED, "review": REVIEW_PENDING}
+_ID = re.compile(r"^[0-9a-f]{64}$")
+# Columns that set_state may change, and how their Python values are stored.
+_FIELDS: dict[str, Callable[[Any], Any]] = {
+    "record": lambda v: None if v is None else json.dumps(v), "decision": lambda v: v,
+    "score": lambda v: None if v is None else float(v), "reasons": lambda v: json.dumps(list(v)),
+    "audit": lambda v: int(bool(v)), "bundle_id": lambda v: v, "error": lambda v: v,
+    "width": lambda v: v, "height": lambda v: v, "meta": lambda v: json.dumps(dict(v)),
+}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS images (
+    image_id TEXT PRIMARY KEY, state TEXT NOT NULL, source TEXT NOT NULL,
+    meta TEXT NOT NULL DEFAULT '{}', camera TEXT, width INTEGER, height INTEGER,
+    record TEXT, decision TEXT, score REAL, reasons TEXT NOT NULL DEFAULT '[]',
+    audit INTEGER NOT NULL DEFAULT 0, bundle_id TEXT, error TEXT,
+    lease_owner TEXT, lease_expires REAL, attempts INTEGER NOT NULL DEFAULT 0,
+    received_at REAL NOT NULL, updated_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS images_by_state ON images (state, received_at, image_id);
+CREATE INDEX IF NOT EXISTS images_by_time ON images (received_at, image_id);
+CREATE TABLE IF NOT EXISTS transitions (
+    seq INTEGER PRIMARY KEY, image_id TEXT NOT NULL, from_state TEXT, to_state TEXT NOT NULL,
+    at REAL NOT NULL, owner TEXT, note TEXT);
+CREATE INDEX IF NOT EXISTS transitions_by_image ON transitions (image_id, seq);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    """One image as stored. Times are epoch seconds; width/height are pixels (None before annotation)."""
+
+    image_id: str
+    state: str
+    source: str
+    meta: dict
+    width: int | None
+    height: int | None
+    record: dict | None
+    decision: str | None
+    score: float | None
+    reasons: tuple[str, ...]
+    audit: bool
+    bundle_id: str | None
+    error: str | None
+    received_at: float
+    updated_at: float
+    camera: str | None
+    lease_owner: str | None = None
+    lease_expires: float | None = None
+    attempts: int = 0
+
+    @classmethod
+    def from_sql(cls, r: sqlite3.Row) -> "ImageRow":
+        return cls(
+            image_id=r["image_id"], state=r["state"], source=r["source"], meta=json.loads(r["meta"]),
+            width=r["width"], height=r["height"], record=None if r["record"] is None else json.loads(r["record"]),
+            decision=r["decision"], score=r["score"], reasons=tuple(json.loads(r["reasons"])),
+            audit=bool(r["audit"]), bundle_id=r["bundle_id"], error=r["error"], received_at=r["received_at"],
+            updated_at=r["updated_at"], camera=r["camera"], lease_owner=r["lease_owner"],
+            lease_expires=r["lease_expires"], attempts=r["attempts"],
+        )
+
+
+def image_id_of(data: bytes) -> str:
+    """The content address of image bytes: sha256 hex digest."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Temporary file in the same folder, fsync, rename, fsync the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:16]}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+class Store:
+    """Images, their life cycle, leases and persistent counters. Thread- and process-safe.
+
+    Each thread gets its own SQLite connection; cross-process safety comes from SQLite's
+    locking (``BEGIN IMMEDIATE`` + ``busy_timeout``) and from leases kept in the database.
+    ``lease_seconds``: how long a claim is exclusive. ``min_free_bytes``: ingest refuses with
+    ``StoreFull`` below this much free space on the store's file system.
+    """
+
+    def __init__(self, root: Path, lease_seconds: float = 60.0, min_free_bytes: int = 0,
+                 clock: Callable[[], float] = time.time, *, max_attempts: int = 5,
+                 busy_timeout_ms: int = 30_000) -> None:
+        if lease_seconds <= 0:
+            raise ValueError(f"lease_seconds: expected > 0, got {lease_seconds}")
+        self.root = Path(root)
+        self.lease_seconds = float(lease_seconds)
+        self.min_free_bytes = int(min_free_bytes)
+        self.clock = clock
+        self.max_attempts = max_attempts
+        self._busy_ms = busy_timeout_ms
+        self._local = threading.local()
+        self._conns: builtins.list[sqlite3.Connection] = []
+        self._conns_lock = threading.Lock()
+        self._closed = False
+        (self.root / "images").mkdir(parents=True, exist_ok=True)
+        self.db_path = self.root / "store.sqlite3"
+        with self.transaction() as db:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            row = db.execute("SELECT max(version) FROM schema_version").fetchone()
+            if row[0] is None:
+                db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            elif row[0] > SCHEMA_VERSION:
+                raise StoreError(f"{self.db_path}: schema version {row[0]} is newer than this "
+                                 f"program's {SCHEMA_VERSION}; upgrade the program")
+
+    # -- connections and transactions ------------------------------------------------------
+    def _conn(self) -> sqlite3.Connection:
+        if self._closed:
+            raise StoreError(f"{self.db_path}: the store is closed")
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False,
+                                   timeout=self._busy_ms / 1000)
+            conn.row_factory = sqlite3.Row
+            conn.execute(f"PRAGMA busy_timeout={int(self._busy_ms)}")
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")  # a committed transition survives power loss
+            self._local.conn = conn
+            with self._conns_lock:
+                self._conns.append(conn)
+        return conn
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on any exception). Not re-entrant."""
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close every thread's connection. The store is unusable afterwards."""
+        self._closed = True
+        with self._conns_lock:
+            for conn in self._conns:
+                conn.close()
+            self._conns.clear()
+
+    @staticmethod
+    def _log(db: sqlite3.Connection, image_id: str, old: str | None, new: str, at: float,
+             owner: str | None = None, note: str | None = None) -> None:
+        db.execute("INSERT INTO transitions (image_id, from_state, to_state, at, owner, note) VALUES (?,?,?,?,?,?)",
+                   (image_id, old, new, at, owner, note))
+
+    # -- files ---------------------------------------------------------------------------
+    def image_path(self, image_id: str) -> Path:
+        """Where the bytes of ``image_id`` live (whether or not they exist)."""
+        if not _ID.match(image_id):
+            raise ImageNotFound(f"image id must be 64 lower-case hex digits (sha256), got {image_id!r}")
+        return self.root / "images" / image_id[:2] / image_id
+
+    def image_bytes(self, image_id: str) -> bytes:
+        try:
+            return self.image_path(image_id).read_bytes()
+        except FileNotFoundError as exc:
+            raise ImageNotFound(f"no image {image_id} in {self.root}") from exc
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def paused_reason(self) -> str | None:
+        """Why ingest is refused right now, or None when it is accepted."""
+        free = self.free_bytes()
+        if free < self.min_free_bytes:
+            return (f"free disk space {free / 1e6:.0f} MB below the floor of "
+                    f"{self.min_free_bytes / 1e6:.0f} MB on {self.root}")
+        return None
+
+    # -- life cycle ----------------------------------------------------------------------
+    def ingest(self, data: bytes, source: str, meta: dict | None = None) -> tuple[str, bool]:
+        """Keep the bytes and a ``received`` row. Returns (image_id, created).
+
+        Duplicate bytes return (id, False) and change nothing. ``meta["camera"]``, when present,
+        is stored as the camera name. Raises ``StoreFull`` below the disk floor.
+        """
+        if not data:
+            raise StoreError("ingest: empty image bytes")
+        image_id = image_id_of(data)
+        if self.get(image_id) is not None:
+            return image_id, False
+        reason = self.paused_reason()
+        if reason is not None:
+            raise StoreFull(f"ingest refused: {reason}")
+        path = self.image_path(image_id)
+        if not path.exists():
+            _write_atomic(path, data)
+        meta = dict(meta or {})
+        camera = meta.get("camera")
+        now = self.clock()
+        with self.transaction() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO images (image_id, state, source, meta, camera, received_at, updated_at) "
+                "VALUES (?,?,?,?,?,?,?)",
+                (image_id, RECEIVED, source, json.dumps(meta), None if camera is None else str(camera), now, now))
+            created = cur.rowcount == 1
+            if created:
+                self._log(db, image_id, None, RECEIVED, now, note=source)
+        if created:
+            log.debug("received %s from %s", image_id[:12], source)
+        return image_id, created
+
+    def claim(self, owner: str, limit: int = 8) -> builtins.list[ImageRow]:
+        """Lease up to ``limit`` received images (unleased or lease expired) to ``owner``, oldest first."""
+        now = self.clock()
+        with self.transaction() as db:
+            rows = db.execute(
+                "SELECT * FROM images WHERE state = ? AND (lease_owner IS NULL OR lease_expires <= ?) "
+                "ORDER BY received_at, image_id LIMIT ?", (RECEIVED, now, limit)).fetchall()
+            out = []
+            for r in rows:
+                if r["attempts"] >= self.max_attempts:
+                    reason = f"claimed {r['attempts']} times without finishing (worker crash loop?)"
+                    db.execute("UPDATE images SET state=?, error=?, lease_owner=NULL, lease_expires=NULL, "
+                               "updated_at=? WHERE image_id=?", (FAILED, reason, now, r["image_id"]))
+                    self._log(db, r["image_id"], RECEIVED, FAILED, now, owner, reason)
+                    log.warning("image %s failed: %s", r["image_id"][:12], reason)
+                    continue
+                if r["lease_owner"] is not None:
+                    log.info("lease of %s held by %s expired; %s takes it over",
+                             r["image_id"][:12], r["lease_owner"], owner)
+                db.execute("UPDATE images SET lease_owner=?, lease_expires=?, attempts=attempts+1 WHERE image_id=?",
+                           (owner, now + self.lease_seconds, r["image_id"]))
+                out.append(r["image_id"])
+            fresh = [db.execute("SELECT * FROM images WHERE image_id=?", (i,)).fetchone() for i in out]
+        return [ImageRow.from_sql(r) for r in fresh]
+
+    def renew(self, owner: str, image_ids: Sequence[str]) -> int:
+        """Extend ``owner``'s leases on these images by ``lease_seconds`` from now; returns how many."""
+        now = self.clock()
+        with self.transaction() as db:
+            n = 0
+            for i in image_ids:
+                n += db.execute("UPDATE images SET lease_expires=? WHERE image_id=? AND lease_owner=? AND state=?",
+                                (now + self.lease_seconds, i, owner, RECEIVED)).rowcount
+        return n
+
+    def _held(self, db: sqlite3.Connection, image_id: str, owner: str) -> sqlite3.Row:
+        r = db.execute("SELECT * FROM images WHERE image_id=?", (image_id,)).fetchone()
+        if r is None:
+            raise ImageNotFound(f"no image {image_id} in the store")
+        if r["state"] != RECEIVED or r["lease_owner"] != owner:
+            raise LeaseLost(f"{owner} no longer holds the lease on {image_id[:12]} "
+                            f"(state {r['state']}, lease owner {r['lease_owner']})")
+        return r
+
+    def complete(self, image_id: str, owner: str, record: dict, bundle_id: str, decision: str,
+                 score: float, reasons: Sequence[str], audit: bool) -> None:
+        """received -> annotated -> auto_accepted | review_pending, in one transaction; releases the lease.
+
+        ``decision`` is "auto_accepted" or "review". Raises ``LeaseLost`` (changing nothing)
+        when ``owner`` does not hold the lease any more.
+        """
+        if decision not in DECISIONS:
+            raise ValueError(f"decision: expected one of {sorted(DECISIONS)}, got {decision!r}")
+        target = DECISIONS[decision]
+        now = self.clock()
+        with self.transaction() as db:
+            self._held(db, image_id, owner)
+            db.execute(
+                "UPDATE images SET state=?, record=?, bundle_id=?, decision=?, score=?, reasons=?, audit=?, "
+                "width=?, height=?, error=NULL, lease_owner=NULL, lease_expires=NULL, updated_at=? WHERE image_id=?",
+                (target, json.dumps(record), bundle_id, decision, float(score), json.dumps(list(reasons)),
+                 int(bool(audit)), record.get("width"), record.get("height"), now, image_id))
+            self._log(db, image_id, RECEIVED, ANNOTATED, now, owner, bundle_id)
+            self._log(db, image_id, ANNOTATED, target, now, owner, ",".join(reasons) or None)
+
+    def fail(self, image_id: str, owner: str | None, reason: str) -> None:
+        """-> failed with ``reason``. With an owner, that owner must hold the lease (else ``LeaseLost``)."""
+        now = self.clock()
+        with self.transaction() as db:
+            if owner is not None:
+                old = self._held(db, image_id, owner)["state"]
+            else:
+                r = db.execute("SELECT state FROM images WHERE image_id=?", (image_id,)).fetchone()
+                if r is None:
+                    raise ImageNotFound(f"no image {image_id} in the store")
+                old = r["state"]
+            db.execute("UPDATE images SET state=?, error=?, lease_owner=NULL, lease_expires=NULL, updated_at=? "
+                       "WHERE image_id=?", (FAILED, reason, now, image_id))
+            self._log(db, image_id, old, FAILED, now, owner, reason)
+        log.warning("image %s failed: %s", image_id[:12], reason)
+
+    def release(self, owner: str) -> int:
+        """Give back every lease ``owner`` holds (at shutdown); returns how many."""
+        with self.transaction() as db:
+            return db.execute("UPDATE images SET lease_owner=NULL, lease_expires=NULL, attempts=max(attempts-1, 0) "
+                              "WHERE lease_owner=? AND state=?", (owner, RECEIVED)).rowcount
+
+    def set_state(self, image_id: str, from_states: Sequence[str], to_state: str, **fields: Any) -> bool:
+        """Move an image from one of ``from_states`` to ``to_state``, setting ``fields``.
+
+        Returns False (changing nothing) when the image is in another state. Fields: record,
+        decision, score, reasons, audit, bundle_id, error, width, height, meta.
+        """
+        for s in (*from_states, to_state):
+            if s not in STATES:
+                raise ValueError(f"unknown state {s!r}; expected one of {STATES}")
+        unknown = set(fields) - set(_FIELDS)
+        if unknown:
+            raise ValueError(f"set_state: unknown fields {sorted(unknown)}; allowed {sorted(_FIELDS)}")
+        now = self.clock()
+        cols = "".join(f", {k}=?" for k in fields)
+        values = [_FIELDS[k](v) for k, v in fields.items()]
+        with self.transaction() as db:
+            r = db.execute("SELECT state FROM images WHERE image_id=?", (image_id,)).fetchone()
+            if r is None or r["state"] not in from_states:
+                return False
+            db.execute(f"UPDATE images SET state=?, updated_at=?, lease_owner=NULL, lease_expires=NULL{cols} "
+                       "WHERE image_id=?", (to_state, now, *values, image_id))
+            self._log(db, image_id, r["state"], to_state, now, None, fields.get("error"))
+        return True
+
+    # -- queries -------------------------------------------------------------------------
+    def get(self, image_id: str) -> ImageRow | None:
+        r = self._conn().execute("SELECT * FROM images WHERE image_id=?", (image_id,)).fetchone()
+        return None if r is None else ImageRow.from_sql(r)
+
+    def history(self, image_id: str) -> builtins.list[tuple[str | None, str, float, str | None]]:
+        """The image's transitions, oldest first: (from_state, to_state, at, note)."""
+        rows = self._conn().execute("SELECT from_state, to_state, at, note FROM transitions WHERE image_id=? "
+                                    "ORDER BY seq", (image_id,)).fetchall()
+        return [tuple(r) for r in rows]  # type: ignore[misc]
+
+    def list(self, state: str | None = None, decision: str | None = None, since: float | None = None,
+             until: float | None = None, limit: int = 100, after: str | None = None) -> tuple[builtins.list[ImageRow], str | None]:
+        """Images ordered by (received_at, image_id); ``since <= received_at < until``.
+
+        Keyset paging: pass the returned cursor as ``after`` for the next page; None = last page.
+        """
+        where: builtins.list[str] = []
+        args: builtins.list[Any] = []
+        for col, val in (("state", state), ("decision", decision)):
+            if val is not None:
+                where.append(f"{col} = ?")
+                args.append(val)
+        if since is not None:
+            where.append("received_at >= ?")
+            args.append(since)
+        if until is not None:
+            where.append("received_at < ?")
+            args.append(until)
+        if after:
+            try:
+                at, _, last_id = after.partition("|")
+                args.extend([float(at), float(at), last_id])
+            except ValueError as exc:
+                raise StoreError(f"list: malformed cursor {after!r}") from exc
+            where.append("(received_at > ? OR (received_at = ? AND image_id > ?))")
+        sql = "SELECT * FROM images" + (" WHERE " + " AND ".join(where) if where else "")
+        rows = self._conn().execute(sql + " ORDER BY received_at, image_id LIMIT ?", (*args, limit + 1)).fetchall()
+        page = [ImageRow.from_sql(r) for r in rows[:limit]]
+        cursor = f"{page[-1].received_at!r}|{page[-1].image_id}" if len(rows) > limit and page else None
+        return page, cursor
+
+    def counts(self) -> dict[str, int]:
+        """Number of images per state; every state is present."""
+        out = dict.fromkeys(STATES, 0)
+        for state, n in self._conn().execute("SELECT state, count(*) FROM images GROUP BY state"):
+            out[state] = n
+        return out
+
+    # -- counters ------------------------------------------------------------------------
+    def counter(self, name: str, delta: int = 0) -> int:
+        """Add ``delta`` to a persistent counter (created at 0) and return its new value."""
+        with self.transaction() as db:
+            db.execute("INSERT INTO counters (name, value) VALUES (?, ?) "
+                       "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value", (name, int(delta)))
+            return int(db.execute("SELECT value FROM counters WHERE name=?", (name,)).fetchone()[0])
+
+    def take(self, name: str, limit: int) -> bool:
+        """Atomically add 1 to counter ``name`` if it is below ``limit``; True when taken."""
+        with self.transaction() as db:
+            r = db.execute("SELECT value FROM counters WHERE name=?", (name,)).fetchone()
+            if r is not None and r[0] >= limit:
+                return False
+            db.execute("INSERT INTO counters (name, value) VALUES (?, 1) "
+                       "ON CONFLICT(name) DO UPDATE SET value = value + 1", (name,))
+            return True

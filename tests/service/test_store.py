@@ -1,0 +1,218 @@
+"""The durable store on real SQLite files: life cycle, duplicates, leases, restarts, paging."""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from service.errors import ImageNotFound, LeaseLost, StoreFull
+from service.store import STATES, Store, image_id_of
+
+
+class FakeClock:
+    """A clock the test moves by hand (seconds since the epoch)."""
+
+    def __init__(self, t: float = 1_000_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _img(n: int) -> bytes:
+    return b"\xff\xd8 fake image %d" % n
+
+
+@pytest.fixture()
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture()
+def store(tmp_path: Path, clock: FakeClock):
+    s = Store(tmp_path / "store", lease_seconds=10, clock=clock)
+    yield s
+    s.close()
+
+
+def test_life_cycle(store: Store, clock: FakeClock) -> None:
+    iid, created = store.ingest(_img(1), "drop:/in/a.jpg", {"camera": "cam1"})
+    assert created and iid == image_id_of(_img(1))
+    assert store.image_bytes(iid) == _img(1)
+    row = store.get(iid)
+    assert row is not None and row.state == "received" and row.camera == "cam1" and row.source == "drop:/in/a.jpg"
+    [claimed] = store.claim("w1")
+    assert claimed.image_id == iid and claimed.lease_owner == "w1"
+    assert store.claim("w2") == []  # leased
+    clock.t += 1
+    record = {"width": 640, "height": 480, "heads": [], "persons": []}
+    store.complete(iid, "w1", record, "b1", "review", 0.2, ["low_head_conf"], audit=False)
+    row = store.get(iid)
+    assert row is not None
+    assert (row.state, row.decision, row.score, row.reasons, row.width, row.bundle_id) == (
+        "review_pending", "review", 0.2, ("low_head_conf",), 640, "b1")
+    assert row.record == record and row.lease_owner is None
+    assert [h[:2] for h in store.history(iid)] == [
+        (None, "received"), ("received", "annotated"), ("annotated", "review_pending")]
+    assert store.set_state(iid, ["review_pending"], "uploaded", error=None)
+    assert not store.set_state(iid, ["review_pending"], "uploaded")  # already moved
+    assert store.set_state(iid, ["uploaded"], "reviewed", record={"width": 640, "height": 480, "fixed": True})
+    assert store.get(iid).record["fixed"]  # type: ignore[union-attr]
+    counts = store.counts()
+    assert set(counts) == set(STATES) and counts["reviewed"] == 1 and sum(counts.values()) == 1
+
+
+def test_duplicate_bytes_change_nothing(store: Store, clock: FakeClock) -> None:
+    iid, _ = store.ingest(_img(1), "a", {"camera": "c"})
+    clock.t += 5
+    assert store.ingest(_img(1), "b", {"camera": "other"}) == (iid, False)
+    row = store.get(iid)
+    assert row is not None and row.source == "a" and row.received_at == 1_000_000.0
+    assert store.counts()["received"] == 1
+
+
+def test_fail_and_auto_accept(store: Store) -> None:
+    a, _ = store.ingest(_img(1), "s")
+    b, _ = store.ingest(_img(2), "s")
+    store.claim("w")
+    store.fail(a, "w", "decode: truncated JPEG")
+    store.complete(b, "w", {"width": 1, "height": 1}, "b1", "auto_accepted", 0.9, [], audit=False)
+    assert store.get(a).state == "failed" and store.get(a).error == "decode: truncated JPEG"  # type: ignore[union-attr]
+    assert store.get(b).state == "auto_accepted"  # type: ignore[union-attr]
+    with pytest.raises(ValueError):
+        store.complete(b, "w", {}, "b1", "maybe", 0.5, [], audit=False)
+    with pytest.raises(ImageNotFound):
+        store.image_bytes("../../etc/passwd")
+
+
+def test_lease_expiry_takeover_and_lease_lost(store: Store, clock: FakeClock) -> None:
+    iid, _ = store.ingest(_img(1), "s")
+    assert len(store.claim("w1")) == 1
+    clock.t += 9.9
+    assert store.claim("w2") == []
+    clock.t += 0.2  # w1's lease has expired
+    [row] = store.claim("w2")
+    assert row.lease_owner == "w2" and row.attempts == 2
+    with pytest.raises(LeaseLost):
+        store.complete(iid, "w1", {"width": 1, "height": 1}, "b", "auto_accepted", 1.0, [], audit=False)
+    with pytest.raises(LeaseLost):
+        store.fail(iid, "w1", "late")
+    assert store.get(iid).state == "received"  # type: ignore[union-attr]
+    store.complete(iid, "w2", {"width": 1, "height": 1}, "b", "auto_accepted", 1.0, [], audit=False)
+    with pytest.raises(LeaseLost):  # a second completion never annotates twice
+        store.complete(iid, "w2", {"width": 1, "height": 1}, "b", "review", 0.0, [], audit=False)
+    assert store.get(iid).decision == "auto_accepted"  # type: ignore[union-attr]
+
+
+def test_expired_but_untaken_lease_may_still_complete(store: Store, clock: FakeClock) -> None:
+    iid, _ = store.ingest(_img(1), "s")
+    store.claim("w1")
+    clock.t += 60
+    store.complete(iid, "w1", {"width": 1, "height": 1}, "b", "auto_accepted", 1.0, [], audit=False)
+    assert store.get(iid).state == "auto_accepted"  # type: ignore[union-attr]
+
+
+def test_renew_and_release(store: Store, clock: FakeClock) -> None:
+    iid, _ = store.ingest(_img(1), "s")
+    store.claim("w1")
+    clock.t += 8
+    assert store.renew("w1", [iid]) == 1
+    clock.t += 8
+    assert store.claim("w2") == []
+    assert store.release("w1") == 1
+    assert [r.image_id for r in store.claim("w2")] == [iid]
+
+
+def test_crash_loop_gives_up(tmp_path: Path, clock: FakeClock) -> None:
+    s = Store(tmp_path / "s", lease_seconds=1, clock=clock, max_attempts=2)
+    iid, _ = s.ingest(_img(1), "s")
+    for _ in range(2):
+        assert len(s.claim("w")) == 1
+        clock.t += 2
+    assert s.claim("w") == []
+    row = s.get(iid)
+    assert row is not None and row.state == "failed" and "2 times" in (row.error or "")
+    s.close()
+
+
+def test_restart_resumes_unfinished_work(tmp_path: Path, clock: FakeClock) -> None:
+    first = Store(tmp_path / "s", lease_seconds=10, clock=clock)
+    ids = [first.ingest(_img(i), "s")[0] for i in range(3)]
+    first.claim("daemon-1", limit=2)  # then the process dies without releasing
+    first.close()
+    clock.t += 11
+    second = Store(tmp_path / "s", lease_seconds=10, clock=clock)
+    assert sorted(r.image_id for r in second.claim("daemon-2", limit=10)) == sorted(ids)
+    second.close()
+
+
+def test_two_stores_in_two_threads_never_double_claim(tmp_path: Path) -> None:
+    root = tmp_path / "s"
+    seed = Store(root)
+    for i in range(60):
+        seed.ingest(_img(i), "s")
+    seed.close()
+    got: dict[str, list[str]] = {"a": [], "b": []}
+
+    def work(owner: str) -> None:
+        s = Store(root, lease_seconds=300)
+        while batch := s.claim(owner, limit=3):
+            for row in batch:
+                got[owner].append(row.image_id)
+                s.complete(row.image_id, owner, {"width": 1, "height": 1}, "b", "auto_accepted", 1.0, [], False)
+        s.close()
+
+    threads = [threading.Thread(target=work, args=(o,)) for o in got]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got["a"]) + len(got["b"]) == 60
+    assert len(set(got["a"]) | set(got["b"])) == 60
+
+
+def test_disk_floor(tmp_path: Path) -> None:
+    s = Store(tmp_path / "s", min_free_bytes=1 << 62)
+    reason = s.paused_reason()
+    assert reason is not None and "below the floor" in reason
+    with pytest.raises(StoreFull):
+        s.ingest(_img(1), "s")
+    assert s.counts()["received"] == 0
+    s.close()
+    s = Store(tmp_path / "s", min_free_bytes=0)
+    assert s.paused_reason() is None
+    s.close()
+
+
+def test_paging_and_filters(store: Store, clock: FakeClock) -> None:
+    ids = []
+    for i in range(7):
+        clock.t += 1
+        ids.append(store.ingest(_img(i), "s")[0])
+    seen, cursor, pages = [], None, 0
+    while True:
+        page, cursor = store.list(limit=3, after=cursor)
+        seen += [r.image_id for r in page]
+        pages += 1
+        if cursor is None:
+            break
+    assert seen == ids and pages == 3
+    page, cursor = store.list(since=1_000_003.0, until=1_000_005.0)
+    assert [r.image_id for r in page] == ids[2:4] and cursor is None
+    store.claim("w", limit=1)
+    store.complete(ids[0], "w", {"width": 1, "height": 1}, "b", "review", 0.1, [], audit=True)
+    assert [r.image_id for r in store.list(state="review_pending")[0]] == [ids[0]]
+    assert [r.image_id for r in store.list(decision="review")[0]] == [ids[0]]
+    assert store.list(state="reviewed") == ([], None)
+
+
+def test_counters_persist(tmp_path: Path) -> None:
+    s = Store(tmp_path / "s")
+    assert s.counter("review:hour") == 0
+    assert s.counter("review:hour", 2) == 2
+    assert s.take("review:hour", 3) and not s.take("review:hour", 3)
+    s.close()
+    s = Store(tmp_path / "s")
+    assert s.counter("review:hour") == 3
+    s.close()
