@@ -67,6 +67,15 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compact(args: argparse.Namespace) -> int:
+    from exporter.compact import compact_bundle
+
+    b = compact_bundle(Path(args.src), Path(args.dst))
+    size = sum(f.stat().st_size for f in Path(args.dst).iterdir()) / 1e6
+    print(f"bundle {b.id} with float16-stored weights written to {args.dst} ({size:.1f} MB)")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from exporter.evaluate import evaluate
     from exporter.report import print_metrics_table
@@ -157,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--imgsz", type=int, default=640)
     s.add_argument("--head-from-face", action="store_true", help="derive head boxes from face key points")
     s.set_defaults(func=cmd_bundle)
+
+    s = sub.add_parser("compact", help="copy a bundle with float16-stored weights (half the size, same maths)")
+    s.add_argument("src")
+    s.add_argument("dst")
+    s.set_defaults(func=cmd_compact)
 
     s = sub.add_parser("evaluate", help="evaluate a bundle on a COCO key-points dataset")
     s.add_argument("bundle")
