@@ -1,0 +1,230 @@
+"""Judgement: score a prediction, then decide auto-accept or review (with audits, budgets, dedup).
+
+A scoring function (``ScoreFn``) maps ``(Prediction, Bundle)`` to ``(score, reasons)``: a
+confidence-like score in [0, 1] (low = doubtful) and reason codes. ``Judge`` turns the score
+into a decision:
+
+1. ``score < threshold`` -> review;
+2. otherwise a seeded audit pick: ``sha256(f"{seed}:{image_id}")`` read as a number in [0, 1)
+   below ``audit_fraction`` -> review with ``audit=True`` (same seed and id, same pick);
+3. a review is dropped to auto_accepted with reason ``near_duplicate`` when the frame looks like
+   the last frame of the same camera that was sent to review (``NearDuplicate``), and with
+   reason ``over_budget`` when the hourly or daily review budget (UTC windows, counted in the
+   store, so they survive restarts) is spent.
+
+The default scoring formula lives in ``service.scoring``.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+
+from .bundle import Bundle, Thresholds
+from .errors import ConfigError
+from .keypoints import COCO17
+from .record import Prediction
+from .scoring import default_score
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+ScoreFn = Callable[[Prediction, Bundle], "tuple[float, list[str]]"]
+DECISIONS = ("auto_accepted", "review")
+
+__all__ = ["DECISIONS", "Judge", "Judgement", "NearDuplicate", "ScoreFn", "default_score", "load_score_fn"]
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """The verdict on one image. ``decision`` is "auto_accepted" or "review"."""
+
+    score: float
+    reasons: tuple[str, ...]
+    decision: str
+    audit: bool
+
+    def __post_init__(self) -> None:
+        if self.decision not in DECISIONS:
+            raise ValueError(f"Judgement.decision: expected one of {DECISIONS}, got {self.decision!r}")
+        if not (0.0 <= self.score <= 1.0):
+            raise ValueError(f"Judgement.score: expected a number in [0, 1], got {self.score!r}")
+
+    def to_json(self) -> dict:
+        return {"score": round(self.score, 4), "reasons": list(self.reasons), "decision": self.decision,
+                "audit": self.audit}
+
+
+def dhash(pixels: np.ndarray) -> int:
+    """64-bit difference hash: 9x8 grayscale thumbnail, one bit per left-vs-right neighbour pair.
+
+    ``pixels``: HxW gray or HxWx3 BGR, any dtype OpenCV can resize (uint8 typically).
+    """
+    gray = pixels if pixels.ndim == 2 else cv2.cvtColor(np.ascontiguousarray(pixels[..., :3]), cv2.COLOR_BGR2GRAY)
+    small = cv2.resize(gray, (9, 8), interpolation=cv2.INTER_AREA).astype(np.int32)
+    bits = (small[:, 1:] > small[:, :-1]).reshape(-1)
+    return int(sum(1 << i for i, b in enumerate(bits) if b))
+
+
+class NearDuplicate:
+    """Remembers, per camera, the dHash of the last frame sent to review.
+
+    A frame whose dHash is within ``max_distance`` bits (Hamming, out of 64) of it is a near
+    duplicate. Kept in memory only: after a restart the first frame of each camera is new.
+    Thread-safe.
+    """
+
+    def __init__(self, max_distance: int = 6) -> None:
+        if not 0 <= max_distance <= 64:
+            raise ValueError(f"max_distance: expected 0..64 bits, got {max_distance}")
+        self.max_distance = max_distance
+        self._last: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def distance(self, camera: str, pixels: np.ndarray) -> int | None:
+        """Hamming distance to the camera's last reviewed frame (None when there is none)."""
+        with self._lock:
+            last = self._last.get(camera)
+        return None if last is None else bin(last ^ dhash(pixels)).count("1")
+
+    def is_duplicate(self, camera: str, pixels: np.ndarray) -> bool:
+        d = self.distance(camera, pixels)
+        return d is not None and d <= self.max_distance
+
+    def remember(self, camera: str, pixels: np.ndarray) -> None:
+        h = dhash(pixels)
+        with self._lock:
+            self._last[camera] = h
+
+
+def audit_draw(seed: int, image_id: str) -> float:
+    """A reproducible number in [0, 1) for this seed and image: the audit lottery."""
+    digest = hashlib.sha256(f"{seed}:{image_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+class Judge:
+    """Score, then decide; see the module docstring for the order of the rules.
+
+    ``hourly_budget``/``daily_budget``: most reviews per UTC hour / day (None = unlimited),
+    counted in ``store`` counters ``review:hour:YYYYmmddHH`` and ``review:day:YYYYmmdd``.
+    ``clock`` defaults to the store's clock (epoch seconds).
+    """
+
+    def __init__(self, score_fn: ScoreFn, threshold: float, audit_fraction: float, seed: int, store: Store,
+                 hourly_budget: int | None = None, daily_budget: int | None = None,
+                 dedup: NearDuplicate | None = None, clock: Callable[[], float] | None = None) -> None:
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold: expected a number in [0, 1], got {threshold}")
+        if not 0.0 <= audit_fraction <= 1.0:
+            raise ValueError(f"audit_fraction: expected a number in [0, 1], got {audit_fraction}")
+        self.score_fn = score_fn
+        self.threshold = threshold
+        self.audit_fraction = audit_fraction
+        self.seed = seed
+        self.store = store
+        self.hourly_budget = hourly_budget
+        self.daily_budget = daily_budget
+        self.dedup = dedup
+        self.clock = clock if clock is not None else store.clock
+
+    def score(self, prediction: Prediction, bundle: Bundle) -> tuple[float, list[str]]:
+        """The scoring function's answer, made safe: NaN -> 0 ("bad_score"), clipped to [0, 1]."""
+        score, reasons = self.score_fn(prediction, bundle)
+        reasons = [str(r) for r in reasons]
+        score = float(score)
+        if not math.isfinite(score):
+            log.warning("scoring function returned %r; treating it as 0", score)
+            return 0.0, [*reasons, "bad_score"]
+        return min(max(score, 0.0), 1.0), reasons
+
+    def _take_budget(self) -> bool:
+        now = time.gmtime(self.clock())
+        hour_key, day_key = time.strftime("review:hour:%Y%m%d%H", now), time.strftime("review:day:%Y%m%d", now)
+        if self.hourly_budget is not None and not self.store.take(hour_key, self.hourly_budget):
+            return False
+        if self.daily_budget is not None and not self.store.take(day_key, self.daily_budget):
+            if self.hourly_budget is not None:
+                self.store.counter(hour_key, -1)  # give the hour's slot back
+            return False
+        return True
+
+    def judge(self, image_id: str, prediction: Prediction, bundle: Bundle, camera: str | None = None,
+              pixels: np.ndarray | None = None) -> Judgement:
+        """Decide for one image. ``pixels`` (HxWx3 BGR, any size) feeds near-duplicate checks."""
+        score, reasons = self.score(prediction, bundle)
+        audit = False
+        if score >= self.threshold:
+            if audit_draw(self.seed, image_id) >= self.audit_fraction:
+                return Judgement(score, tuple(reasons), "auto_accepted", False)
+            audit = True
+            reasons.append("audit")
+        elif not reasons:
+            reasons.append("low_score")
+        use_dedup = self.dedup is not None and camera is not None and pixels is not None
+        if use_dedup and self.dedup.is_duplicate(camera, pixels):  # type: ignore[union-attr, arg-type]
+            return Judgement(score, (*reasons, "near_duplicate"), "auto_accepted", audit)
+        if not self._take_budget():
+            return Judgement(score, (*reasons, "over_budget"), "auto_accepted", audit)
+        if use_dedup:
+            self.dedup.remember(camera, pixels)  # type: ignore[union-attr, arg-type]
+        return Judgement(score, tuple(reasons), "review", audit)
+
+
+def _dry_run_bundle() -> Bundle:
+    return Bundle(path=Path("."), id="dry-run", created="", models={}, keypoints=COCO17,
+                  thresholds=Thresholds.from_json({}, COCO17.count))
+
+
+def load_score_fn(spec: str, bundle: Bundle | None = None) -> ScoreFn:
+    """Import ``"package.module:function"`` (or ``"default"``) and check it before use.
+
+    Checks: importable, callable, accepts two positional arguments, and a dry run on an empty
+    ``Prediction`` (with ``bundle``, or a COCO-17 stand-in) returns (float in [0, 1], list of
+    str). Raises ``ConfigError`` naming ``judge.score_fn`` and what is wrong.
+    """
+    if spec in ("", "default"):
+        return default_score
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"judge.score_fn: expected 'package.module:function' or 'default', got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError(f"judge.score_fn: cannot import module {module_name!r}: {exc}") from exc
+    fn = module
+    for part in attr.split("."):
+        if not hasattr(fn, part):
+            raise ConfigError(f"judge.score_fn: module {module_name!r} has no attribute {attr!r}")
+        fn = getattr(fn, part)
+    if not callable(fn):
+        raise ConfigError(f"judge.score_fn: {spec!r} is not callable (it is a {type(fn).__name__})")
+    try:
+        inspect.signature(fn).bind(None, None)
+    except TypeError as exc:
+        raise ConfigError(f"judge.score_fn: {spec!r} must accept (prediction, bundle): {exc}") from exc
+    except ValueError:
+        pass  # no signature available (some builtins); the dry run decides
+    try:
+        result = fn(Prediction(width=1, height=1), bundle or _dry_run_bundle())
+    except Exception as exc:  # any failure of user code is a configuration problem here
+        raise ConfigError(f"judge.score_fn: {spec!r} failed on an empty prediction: {exc!r}") from exc
+    ok = isinstance(result, (tuple, list)) and len(result) == 2
+    score, reasons = result if ok else (None, None)
+    if not ok or isinstance(score, bool) or not isinstance(score, (int, float, np.floating)) \
+            or not 0.0 <= float(score) <= 1.0:
+        raise ConfigError(f"judge.score_fn: {spec!r} must return (score in [0, 1], list of str), "
+                          f"got {result!r} for an empty prediction")
+    if not isinstance(reasons, (list, tuple)) or not all(isinstance(r, str) for r in reasons):
+        raise ConfigError(f"judge.score_fn: {spec!r} must return reasons as a list of str, got {reasons!r}")
+    return fn  # type: ignore[return-value]

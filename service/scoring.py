@@ -1,0 +1,128 @@
+"""The default scoring function: how sure is the engine about one image's prediction?
+
+``default_score(prediction, bundle) -> (score, reasons)``. Every check below yields a
+component in [0, 1] (1 = no doubt); **the score is the smallest component** (the weakest part
+of the prediction decides) and the reasons are the codes of the components below
+``REASON_LEVEL`` (0.6), weakest first. With ``ramp(c, lo, hi) = clip((c - lo) / (hi - lo), 0, 1)``
+and the bundle's thresholds (``det_conf``, ``person_conf``, per-point ``main``/``visible``):
+
+- ``empty``: no heads and no persons -> the score is ``EMPTY_SCORE`` (0.3), nothing else runs.
+- ``low_head_conf``: min over heads of ``ramp(conf, det_conf, SURE)``, SURE = 0.7.
+- ``low_person_conf``: min over persons of ``ramp(conf, person_conf, SURE)``.
+- ``kpt_near_threshold``: per point the certainty ``u = min(1, |c - t| / NEAR_MARGIN)``
+  (NEAR_MARGIN = 0.15) for the main confidence against its threshold and, for points the main
+  model claims in two-model bundles, the visible confidence against its threshold (the lower of
+  the two). Per person ``1 - sum(1 - u) / KPT_DOUBT_BUDGET`` (4: four points sitting exactly on
+  their thresholds make a person doubtful), min over persons.
+- ``model_disagreement`` (two-model bundles only), min over persons of: ``UNMATCHED_SCORE``
+  (0.3) for a person the visible-only model did not find at all; else
+  ``1 - ramp(|conf - visible_match_conf|, 0.2, 0.6)`` (person confidences far apart) and
+  ``1 - n / 3`` for n points the visible-only model sees (visible conf > its threshold) but the
+  main model does not claim (main conf <= its threshold); visible points are a subset of all
+  points, so each such point is a contradiction.
+- ``head_without_person`` / ``person_without_head`` (bundles with a head model and a pose
+  model): a head box that contains none of any person's claimed face points (box grown by 25 %),
+  and a person with at least 2 claimed face points, fewer than half of them inside any head box.
+  Each case multiplies its component by ``INCONSISTENT_SCORE`` (0.4).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+from .bundle import Bundle
+from .record import Head, Person, Prediction
+
+log = logging.getLogger(__name__)
+
+REASON_LEVEL = 0.6
+EMPTY_SCORE = 0.3
+SURE = 0.7
+NEAR_MARGIN = 0.15
+KPT_DOUBT_BUDGET = 4.0
+UNMATCHED_SCORE = 0.3
+CONTRADICTIONS_MAX = 3.0
+INCONSISTENT_SCORE = 0.4
+HEAD_GROW = 0.25
+FACE_POINTS = ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "mouth")
+
+
+def ramp(c: float, lo: float, hi: float) -> float:
+    """0 at or below ``lo``, 1 at or above ``hi``, linear between."""
+    if hi <= lo:
+        return 1.0 if c >= hi else 0.0
+    return min(max((c - lo) / (hi - lo), 0.0), 1.0)
+
+
+def _per_point(values: Sequence[float], k: int) -> Sequence[float]:
+    return values if len(values) == k else [values[0]] * k
+
+
+def _keypoint_certainty(person: Person, main_thr: Sequence[float], vis_thr: Sequence[float], two_model: bool) -> float:
+    doubt = 0.0
+    for kp, tm, tv in zip(person.keypoints, main_thr, vis_thr):
+        u = min(1.0, abs(kp.main_conf - tm) / NEAR_MARGIN)
+        if two_model and kp.main_conf > tm:
+            u = min(u, abs(kp.visible_conf - tv) / NEAR_MARGIN)
+        doubt += 1.0 - u
+    return max(0.0, 1.0 - doubt / KPT_DOUBT_BUDGET)
+
+
+def _agreement(person: Person, main_thr: Sequence[float], vis_thr: Sequence[float]) -> float:
+    if person.visible_match_conf <= 0.0:
+        return UNMATCHED_SCORE
+    apart = 1.0 - ramp(abs(person.conf - person.visible_match_conf), 0.2, 0.6)
+    contradictions = sum(1 for kp, tm, tv in zip(person.keypoints, main_thr, vis_thr)
+                         if kp.visible_conf > tv and kp.main_conf <= tm)
+    return min(apart, max(0.0, 1.0 - contradictions / CONTRADICTIONS_MAX))
+
+
+def _inside(x: float, y: float, head: Head) -> bool:
+    x1, y1, x2, y2 = head.box
+    gx, gy = HEAD_GROW * (x2 - x1), HEAD_GROW * (y2 - y1)
+    return x1 - gx <= x <= x2 + gx and y1 - gy <= y <= y2 + gy
+
+
+def _face_points(person: Person, names: Sequence[str]) -> list[tuple[float, float]]:
+    return [(kp.x, kp.y) for n, kp in zip(names, person.keypoints) if n in FACE_POINTS and kp.visibility != "outside"]
+
+
+def _consistency(prediction: Prediction, names: Sequence[str]) -> tuple[float, float]:
+    """(head_without_person, person_without_head) components."""
+    faces = [_face_points(p, names) for p in prediction.persons]
+    lonely_heads = sum(1 for h in prediction.heads if not any(_inside(x, y, h) for f in faces for x, y in f))
+    headless = 0
+    for f in faces:
+        if len(f) >= 2 and 2 * sum(1 for x, y in f if any(_inside(x, y, h) for h in prediction.heads)) < len(f):
+            headless += 1
+    return INCONSISTENT_SCORE ** lonely_heads, INCONSISTENT_SCORE ** headless
+
+
+def score_components(prediction: Prediction, bundle: Bundle) -> dict[str, float]:
+    """Every component (reason code -> value in [0, 1]) that applies to this prediction."""
+    if not prediction.heads and not prediction.persons:
+        return {"empty": EMPTY_SCORE}
+    t = bundle.thresholds
+    out: dict[str, float] = {}
+    if prediction.heads:
+        out["low_head_conf"] = min(ramp(h.conf, t.det_conf, SURE) for h in prediction.heads)
+    if prediction.persons:
+        k = len(prediction.persons[0].keypoints)
+        main_thr, vis_thr = _per_point(t.main, k), _per_point(t.visible, k)
+        two_model = bundle.visibility_mode == "two_model" and "pose_visible" in bundle.models
+        out["low_person_conf"] = min(ramp(p.conf, t.person_conf, SURE) for p in prediction.persons)
+        out["kpt_near_threshold"] = min(_keypoint_certainty(p, main_thr, vis_thr, two_model)
+                                        for p in prediction.persons)
+        if two_model:
+            out["model_disagreement"] = min(_agreement(p, main_thr, vis_thr) for p in prediction.persons)
+    if "head" in bundle.models and "pose_main" in bundle.models:
+        out["head_without_person"], out["person_without_head"] = _consistency(prediction, bundle.keypoints.names)
+    return out
+
+
+def default_score(prediction: Prediction, bundle: Bundle) -> tuple[float, list[str]]:
+    """(score in [0, 1], reason codes weakest first); the formula is in the module docstring."""
+    parts = score_components(prediction, bundle)
+    score = min(parts.values(), default=1.0)
+    reasons = [name for name, v in sorted(parts.items(), key=lambda kv: kv[1]) if v < REASON_LEVEL]
+    return score, reasons

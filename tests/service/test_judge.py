@@ -1,0 +1,186 @@
+"""Judgement: known-score tables, audit reproducibility, persistent budgets, near duplicates, loading."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.bundle import Bundle, parse_manifest
+from service.errors import ConfigError
+from service.judge import Judge, Judgement, NearDuplicate, audit_draw, default_score, load_score_fn
+from service.keypoints import COCO17
+from service.record import Head, Keypoint, Person, Prediction
+from service.store import Store
+
+K = COCO17.count
+
+
+def make_bundle(roles: tuple[str, ...] = ("head", "pose_main", "pose_visible"), mode: str = "two_model") -> Bundle:
+    entry = {"file": "x.onnx", "sha256": "0", "imgsz": 320, "task": "pose", "names": ["person"], "kpt_shape": [K, 3]}
+    models = {r: ({**entry, "task": "detect", "names": ["head"], "kpt_shape": None} if r == "head" else entry)
+              for r in roles}
+    return parse_manifest(Path("."), {
+        "format": 1, "id": "b-test", "models": models, "keypoints": COCO17.to_json(), "visibility_mode": mode,
+        "thresholds": {"det_conf": 0.25, "person_conf": 0.25, "main": 0.6, "visible": 0.6}})
+
+
+def person(conf: float = 0.9, main: float = 0.95, vis: float = 0.95, match: float = 0.9,
+           near: int = 0, near_vis: float | None = None, contra: int = 0) -> Person:
+    """A person whose face points (0-4) sit inside HEAD; ``near`` body points have main conf
+    0.675 (and visible conf ``near_vis``), ``contra`` body points main 0.1 but visible 0.95."""
+    kps = []
+    for i in range(K):
+        x, y = (50 + i, 50) if i < 5 else (100 + i, 200)
+        m, v = main, vis
+        if K - near <= i:
+            m, v = 0.675, vis if near_vis is None else near_vis
+        if 5 <= i < 5 + contra:
+            m, v = 0.1, 0.95
+        visibility = "outside" if m <= 0.6 else ("visible" if v > 0.6 else "occluded")
+        kps.append(Keypoint(x, y, m, v, visibility))
+    return Person((0, 0, 300, 400), conf, tuple(kps), match)
+
+
+HEAD = Head((30, 30, 80, 80), 0.9)
+BUNDLE = make_bundle()
+
+
+@pytest.mark.parametrize("pred, bundle, score, reasons", [
+    (Prediction(640, 480), BUNDLE, 0.3, ["empty"]),
+    (Prediction(640, 480), make_bundle(("pose_main",), "main_only"), 0.3, ["empty"]),
+    (Prediction(640, 480, (HEAD,), (person(),)), BUNDLE, 1.0, []),
+    (Prediction(640, 480, (Head((30, 30, 80, 80), 0.475),), (person(),)), BUNDLE, 0.5, ["low_head_conf"]),
+    (Prediction(640, 480, (HEAD,), (person(conf=0.3, match=0.3),)), BUNDLE, 0.05 / 0.45, ["low_person_conf"]),
+    # persons' confidences 0.6 apart: the models disagree (weakest reason first)
+    (Prediction(640, 480, (HEAD,), (person(conf=0.3),)), BUNDLE, 0.0, ["model_disagreement", "low_person_conf"]),
+    # all 17 points right on the main threshold: certainty 0 for each point; no face point is
+    # claimed, so the head has no person either
+    (Prediction(640, 480, (HEAD,), (person(main=0.6, vis=0.0),)), BUNDLE, 0.0,
+     ["kpt_near_threshold", "head_without_person"]),
+    # 6 body points 0.075 above the main threshold: doubt 6 x 0.5 = 3 of a budget of 4
+    (Prediction(640, 480, (HEAD,), (person(near=6),)), BUNDLE, 0.25, ["kpt_near_threshold"]),
+    # the same points with the visible confidence 0.03 from its threshold: 6 x 0.8 = 4.8 > 4
+    (Prediction(640, 480, (HEAD,), (person(near=6, near_vis=0.63),)), BUNDLE, 0.0, ["kpt_near_threshold"]),
+    # a point seen by the visible-only model but not claimed by the main model: contradiction
+    (Prediction(640, 480, (HEAD,), (person(contra=1),)), BUNDLE, 2 / 3, []),
+    (Prediction(640, 480, (HEAD,), (person(match=0.0),)), BUNDLE, 0.3, ["model_disagreement"]),
+    (Prediction(640, 480, (HEAD,), (person(match=0.0),)), make_bundle(("head", "pose_main"), "main_only"), 1.0, []),
+    (Prediction(640, 480, (HEAD, Head((400, 30, 450, 80), 0.9)), (person(),)), BUNDLE, 0.4, ["head_without_person"]),
+    (Prediction(640, 480, (), (person(),)), BUNDLE, 0.4, ["person_without_head"]),
+    (Prediction(640, 480, (), (person(),)), make_bundle(("pose_main", "pose_visible")), 1.0, []),
+])
+def test_default_score_table(pred: Prediction, bundle: Bundle, score: float, reasons: list[str]) -> None:
+    got_score, got_reasons = default_score(pred, bundle)
+    assert got_score == pytest.approx(score, abs=1e-6)
+    assert got_reasons == reasons
+
+
+def constant(score: float, reasons: list[str] | None = None):
+    return lambda prediction, bundle: (score, list(reasons or []))
+
+
+@pytest.fixture()
+def store(tmp_path: Path):
+    s = Store(tmp_path / "s", clock=lambda: 1_800_000_000.0)
+    yield s
+    s.close()
+
+
+EMPTY = Prediction(8, 8)
+
+
+def test_threshold_and_audit_reproducible(store: Store) -> None:
+    low = Judge(constant(0.2), threshold=0.5, audit_fraction=0.0, seed=1, store=store)
+    assert low.judge("a" * 64, EMPTY, BUNDLE) == Judgement(0.2, ("low_score",), "review", False)
+    ids = [f"{i:064x}" for i in range(400)]
+    picks = [Judge(constant(0.9), 0.5, 0.1, seed, store).judge(i, EMPTY, BUNDLE) for seed in (7, 7, 8) for i in ids]
+    a, b, c = picks[:400], picks[400:800], picks[800:]
+    assert a == b and a != c
+    audited = [j for j in a if j.audit]
+    assert 20 <= len(audited) <= 60
+    assert all(j.decision == "review" and "audit" in j.reasons for j in audited)
+    assert all(j.decision == "auto_accepted" for j in a if not j.audit)
+    assert [i for i, j in zip(ids, a) if j.audit] == [i for i in ids if audit_draw(7, i) < 0.1]
+
+
+def test_budgets_survive_restart(tmp_path: Path) -> None:
+    t = [1_800_000_000.0]
+    s = Store(tmp_path / "s", clock=lambda: t[0])
+    judge = Judge(constant(0.1, ["empty"]), 0.5, 0.0, 0, s, hourly_budget=2, daily_budget=3)
+    assert [judge.judge(f"{i:064x}", EMPTY, BUNDLE).decision for i in range(3)] == ["review", "review", "auto_accepted"]
+    over = judge.judge("f" * 64, EMPTY, BUNDLE)
+    assert over.reasons == ("empty", "over_budget") and over.score == 0.1
+    s.close()
+    t[0] += 3600  # next hour, same day, new Store and Judge on the same database
+    s = Store(tmp_path / "s", clock=lambda: t[0])
+    judge = Judge(constant(0.1), 0.5, 0.0, 0, s, hourly_budget=2, daily_budget=3)
+    assert [judge.judge(f"{i:064x}", EMPTY, BUNDLE).decision for i in range(3)] == ["review", "auto_accepted",
+                                                                                     "auto_accepted"]
+    assert s.counter("review:hour:" + time.strftime("%Y%m%d%H", time.gmtime(t[0]))) == 1
+    s.close()
+
+
+def test_near_duplicates_are_not_all_sent(store: Store) -> None:
+    rng = np.random.default_rng(0)
+    scene = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    scene = np.kron(scene[::8, ::8], np.ones((8, 8, 1), dtype=np.uint8))  # blocky: robust dHash
+    noisy = np.clip(scene.astype(int) + rng.integers(-3, 4, scene.shape), 0, 255).astype(np.uint8)
+    other = 255 - scene
+    judge = Judge(constant(0.1), 0.5, 0.0, 0, store, dedup=NearDuplicate(max_distance=6))
+    first = judge.judge("1" * 64, EMPTY, BUNDLE, camera="cam1", pixels=scene)
+    again = judge.judge("2" * 64, EMPTY, BUNDLE, camera="cam1", pixels=noisy)
+    other_cam = judge.judge("3" * 64, EMPTY, BUNDLE, camera="cam2", pixels=noisy)
+    changed = judge.judge("4" * 64, EMPTY, BUNDLE, camera="cam1", pixels=other)
+    no_camera = judge.judge("5" * 64, EMPTY, BUNDLE, camera=None, pixels=scene)
+    assert [j.decision for j in (first, again, other_cam, changed, no_camera)] == [
+        "review", "auto_accepted", "review", "review", "review"]
+    assert "near_duplicate" in again.reasons
+
+
+def test_bad_score_values_are_made_safe(store: Store) -> None:
+    judge = Judge(constant(float("nan")), 0.5, 0.0, 0, store)
+    assert judge.judge("a" * 64, EMPTY, BUNDLE) == Judgement(0.0, ("bad_score",), "review", False)
+    assert Judge(constant(7.0), 0.5, 0.0, 0, store).judge("a" * 64, EMPTY, BUNDLE).score == 1.0
+
+
+def good_fn(prediction: Prediction, bundle: Bundle) -> tuple[float, list[str]]:
+    return (0.5 if prediction.persons else 0.9), []
+
+
+def one_arg(prediction: Prediction) -> tuple[float, list[str]]:
+    return 1.0, []
+
+
+def out_of_range(prediction: Prediction, bundle: Bundle) -> tuple[float, list[str]]:
+    return 2.0, []
+
+
+def raises(prediction: Prediction, bundle: Bundle) -> tuple[float, list[str]]:
+    raise RuntimeError("boom")
+
+
+NOT_CALLABLE = 3
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("no_colon_here", "expected 'package.module:function'"),
+    ("no_such_module_xyz:fn", "cannot import module"),
+    (f"{__name__}:missing", "has no attribute"),
+    (f"{__name__}:NOT_CALLABLE", "is not callable"),
+    (f"{__name__}:one_arg", "must accept (prediction, bundle)"),
+    (f"{__name__}:out_of_range", "must return (score in [0, 1]"),
+    (f"{__name__}:raises", "failed on an empty prediction"),
+])
+def test_load_score_fn_errors(spec: str, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_score_fn(spec)
+    assert "judge.score_fn" in str(info.value) and message in str(info.value)
+
+
+def test_load_score_fn_good() -> None:
+    assert sys.modules[__name__] is not None
+    assert load_score_fn(f"{__name__}:good_fn") is good_fn
+    assert load_score_fn("default") is default_score
