@@ -1,0 +1,268 @@
+"""Outputs: a JSON sidecar per image, COCO key-point and YOLO pose/head exports from the store.
+
+Coordinates everywhere are pixels of the original image after EXIF orientation, except YOLO
+labels, which are normalised to [0, 1] by the image width/height. Visibility flags follow
+COCO: visible = 2, occluded = 1, outside = 0, and an ``outside`` point is written as 0, 0, 0
+(the record keeps the model's location estimate; exports claim no location for it).
+
+The stored record (``ImageRow.record``) is ``Prediction.to_json()`` plus, from the daemon,
+``keypoint_names`` (the bundle's names, in order). Where the names are missing they are guessed
+from the point count (COCO-17, cabin-19, else ``kp0``, ``kp1``, ...).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+from .bundle import write_json_atomic
+from .keypoints import CABIN19, COCO17, FLAG_VISIBILITY, VISIBILITY_FLAG, KeypointSchema
+from .store import ImageRow, Store
+
+log = logging.getLogger(__name__)
+
+EXPORT_STATES = ("auto_accepted", "review_pending", "uploaded", "reviewed")
+PERSON_CATEGORY, HEAD_CATEGORY = 1, 2
+_MAGIC = ((b"\xff\xd8\xff", ".jpg"), (b"\x89PNG\r\n\x1a\n", ".png"), (b"BM", ".bmp"),
+          (b"II*\x00", ".tif"), (b"MM\x00*", ".tif"), (b"RIFF", ".webp"))
+
+
+def _iso(t: float | None) -> str | None:
+    return None if t is None else _dt.datetime.fromtimestamp(t, _dt.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def sidecar_record(row: ImageRow) -> dict[str, Any]:
+    """The annotation record of a stored image, as written to its sidecar.
+
+    Keys: image_id, source, camera, width, height, state, keypoint_names, heads (box xyxy,
+    conf), persons (box, conf, visible_match_conf, keypoints with x, y, main_conf,
+    visible_conf, visibility), judgement (score, reasons, decision, audit), bundle_id, error,
+    received_at / updated_at (ISO 8601 UTC).
+    """
+    rec = row.record or {}
+    return {
+        "image_id": row.image_id, "source": row.source, "camera": row.camera,
+        "width": row.width or rec.get("width"), "height": row.height or rec.get("height"), "state": row.state,
+        "keypoint_names": rec.get("keypoint_names"), "heads": rec.get("heads", []), "persons": rec.get("persons", []),
+        "judgement": {"score": row.score, "reasons": list(row.reasons), "decision": row.decision, "audit": row.audit},
+        "bundle_id": row.bundle_id, "error": row.error,
+        "received_at": _iso(row.received_at), "updated_at": _iso(row.updated_at),
+    }
+
+
+def write_sidecar(out_dir: Path, row_or_record: ImageRow | Mapping[str, Any]) -> Path:
+    """Write ``<out_dir>/<image_id>.json`` atomically (tmp file, fsync, rename); returns the path.
+
+    Accepts a store row (converted with ``sidecar_record``) or a ready record dict with an
+    ``image_id``. A reader never sees a half-written sidecar; a failed write leaves the old one.
+    """
+    record = sidecar_record(row_or_record) if isinstance(row_or_record, ImageRow) else dict(row_or_record)
+    image_id = str(record.get("image_id") or "")
+    if not image_id or Path(image_id).name != image_id or image_id.startswith("."):
+        raise ValueError(f"write_sidecar: the record needs a plain image_id, got {image_id!r}")
+    path = Path(out_dir) / f"{image_id}.json"
+    write_json_atomic(path, record)
+    return path
+
+
+def schema_for(record: Mapping[str, Any]) -> KeypointSchema:
+    """The key-point schema of a record: its ``keypoint_names`` or a guess from the point count."""
+    names = record.get("keypoint_names")
+    if names:
+        return KeypointSchema.for_names(tuple(names))
+    persons = record.get("persons") or []
+    k = len(persons[0]["keypoints"]) if persons else 0
+    for schema in (COCO17, CABIN19):
+        if schema.count == k:
+            return schema
+    return KeypointSchema.for_names(tuple(f"kp{i}" for i in range(k)))
+
+
+def image_suffix(data: bytes) -> str:
+    """File suffix from the image's magic bytes (".bin" when unknown)."""
+    for magic, suffix in _MAGIC:
+        if data.startswith(magic):
+            return suffix
+    return ".bin"
+
+
+def _place(src: Path, dst: Path, link: bool) -> None:
+    """Hard-link (cheap, same file system) or copy ``src`` to ``dst``; leaves an existing ``dst``."""
+    if dst.exists():
+        return
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if link:
+        try:
+            os.link(src, dst)
+            return
+        except OSError:  # another file system, or links not allowed: copy instead
+            pass
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def iter_rows(store: Store, states: Sequence[str] = EXPORT_STATES, page: int = 500) -> Iterator[ImageRow]:
+    """Every annotated row in ``states``, oldest first within each state."""
+    for state in states:
+        cursor: str | None = None
+        while True:
+            rows, cursor = store.list(state=state, limit=page, after=cursor)
+            yield from (r for r in rows if r.record is not None)
+            if cursor is None:
+                break
+
+
+def _flat_keypoints(person: Mapping[str, Any]) -> list[float]:
+    out: list[float] = []
+    for kp in person["keypoints"]:
+        v = VISIBILITY_FLAG[kp["visibility"]]
+        out += [round(float(kp["x"]), 2), round(float(kp["y"]), 2), v] if v else [0, 0, 0]
+    return out
+
+
+def _xywh(box: Sequence[float]) -> list[float]:
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)]
+
+
+def export_coco(store: Store, out_path: Path, states: Sequence[str] = EXPORT_STATES, link: bool = True) -> Path:
+    """Write a COCO key-points dataset to ``out_path`` and the images to ``out_path.parent/images``.
+
+    Categories: 1 "person" (key-point names and 1-based skeleton of the records' schema), 2
+    "head" (boxes only). Each image entry also carries ``sha256``, ``state``, ``bundle_id`` and
+    ``provenance`` ("human" for reviewed images, else "auto"). Persons carry ``score``.
+    """
+    out_path = Path(out_path)
+    image_dir = out_path.parent / "images"
+    images, annotations = [], []
+    schema: KeypointSchema | None = None
+    for n, row in enumerate(iter_rows(store, states), start=1):
+        rec = row.record or {}
+        schema = schema or (schema_for(rec) if rec.get("persons") or rec.get("keypoint_names") else None)
+        src = store.image_path(row.image_id)
+        with open(src, "rb") as f:
+            name = row.image_id + image_suffix(f.read(16))
+        _place(src, image_dir / name, link)
+        images.append({"id": n, "file_name": name, "width": row.width or rec["width"],
+                       "height": row.height or rec["height"], "sha256": row.image_id, "state": row.state,
+                       "bundle_id": row.bundle_id, "provenance": "human" if row.state == "reviewed" else "auto"})
+        for p in rec.get("persons", []):
+            kps = _flat_keypoints(p)
+            bbox = _xywh(p["box"])
+            annotations.append({"id": len(annotations) + 1, "image_id": n, "category_id": PERSON_CATEGORY,
+                                "bbox": bbox, "area": round(bbox[2] * bbox[3], 2), "iscrowd": 0,
+                                "keypoints": kps, "num_keypoints": sum(1 for v in kps[2::3] if v),
+                                "score": float(p.get("conf", 1.0))})
+        for h in rec.get("heads", []):
+            bbox = _xywh(h["box"])
+            annotations.append({"id": len(annotations) + 1, "image_id": n, "category_id": HEAD_CATEGORY,
+                                "bbox": bbox, "area": round(bbox[2] * bbox[3], 2), "iscrowd": 0,
+                                "score": float(h.get("conf", 1.0))})
+    schema = schema or COCO17
+    categories = [
+        {"id": PERSON_CATEGORY, "name": "person", "supercategory": "person", "keypoints": list(schema.names),
+         "skeleton": [[a + 1, b + 1] for a, b in schema.skeleton]},
+        {"id": HEAD_CATEGORY, "name": "head", "supercategory": "person"},
+    ]
+    info = {"description": "edge-annotator export", "date_created": _iso(store.clock()), "states": list(states)}
+    write_json_atomic(out_path, {"info": info, "images": images, "annotations": annotations, "categories": categories})
+    log.info("COCO export: %d images, %d annotations -> %s", len(images), len(annotations), out_path)
+    return out_path
+
+
+def _yolo_box(box: Sequence[float], w: int, h: int) -> list[float]:
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return [(x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h]
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def export_yolo(store: Store, out_dir: Path, states: Sequence[str] = EXPORT_STATES, link: bool = True) -> Path:
+    """Write two YOLO datasets under ``out_dir``: ``pose/`` (person, key points) and ``head/``.
+
+    Each has ``images/``, ``labels/`` (one ``<image_id>.txt`` per image, values normalised to
+    [0, 1]) and ``data.yaml`` (written as JSON, which YAML parsers read). Pose lines:
+    ``0 cx cy w h`` then ``x y v`` per point, v = 2/1/0, outside as ``0 0 0``; head lines:
+    ``0 cx cy w h``.
+    """
+    out_dir = Path(out_dir)
+    schema: KeypointSchema | None = None
+    count = 0
+    for task in ("pose", "head"):
+        (out_dir / task / "labels").mkdir(parents=True, exist_ok=True)
+    for row in iter_rows(store, states):
+        rec = row.record or {}
+        schema = schema or (schema_for(rec) if rec.get("persons") or rec.get("keypoint_names") else None)
+        w, h = int(row.width or rec["width"]), int(row.height or rec["height"])
+        src = store.image_path(row.image_id)
+        with open(src, "rb") as f:
+            name = row.image_id + image_suffix(f.read(16))
+        pose_lines = []
+        for p in rec.get("persons", []):
+            values = _yolo_box(p["box"], w, h)
+            for kp in p["keypoints"]:
+                v = VISIBILITY_FLAG[kp["visibility"]]
+                values += [float(kp["x"]) / w, float(kp["y"]) / h, v] if v else [0.0, 0.0, 0]
+            pose_lines.append("0 " + " ".join(f"{x:.6f}" if isinstance(x, float) else str(x) for x in values))
+        head_lines = ["0 " + " ".join(f"{x:.6f}" for x in _yolo_box(hd["box"], w, h)) for hd in rec.get("heads", [])]
+        for task, lines in (("pose", pose_lines), ("head", head_lines)):
+            _place(src, out_dir / task / "images" / name, link)
+            _write_text(out_dir / task / "labels" / f"{row.image_id}.txt", "".join(line + "\n" for line in lines))
+        count += 1
+    schema = schema or COCO17
+    write_json_atomic(out_dir / "pose" / "data.yaml", {
+        "path": str((out_dir / "pose").resolve()), "train": "images", "val": "images", "names": {"0": "person"},
+        "kpt_shape": [schema.count, 3], "flip_idx": schema.flip_idx, "kpt_names": {"0": list(schema.names)}})
+    write_json_atomic(out_dir / "head" / "data.yaml", {
+        "path": str((out_dir / "head").resolve()), "train": "images", "val": "images", "names": {"0": "head"}})
+    log.info("YOLO export: %d images -> %s", count, out_dir)
+    return out_dir
+
+
+@dataclass(frozen=True)
+class LabelledPerson:
+    """A person read back from an export: box xyxy and (x, y, flag) per point, in pixels."""
+
+    box: tuple[float, float, float, float]
+    keypoints: tuple[tuple[float, float, int], ...]
+
+    def visibilities(self) -> tuple[str, ...]:
+        return tuple(FLAG_VISIBILITY[v] for _, _, v in self.keypoints)
+
+
+def import_coco(path: Path) -> dict[str, tuple[list[LabelledPerson], list[tuple[float, ...]]]]:
+    """Read an ``export_coco`` file: image sha256 -> (persons, head boxes xyxy)."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    by_id = {im["id"]: im.get("sha256") or Path(im["file_name"]).stem for im in data["images"]}
+    out: dict[str, tuple[list[LabelledPerson], list[tuple[float, ...]]]] = {k: ([], []) for k in by_id.values()}
+    for a in data["annotations"]:
+        x, y, w, h = a["bbox"]
+        box = (x, y, x + w, y + h)
+        persons, heads = out[by_id[a["image_id"]]]
+        if a["category_id"] == HEAD_CATEGORY:
+            heads.append(box)
+        else:
+            k = a["keypoints"]
+            persons.append(LabelledPerson(box, tuple((k[i], k[i + 1], int(k[i + 2])) for i in range(0, len(k), 3))))
+    return out
+
+
+def read_yolo(label_path: Path, width: int, height: int) -> list[LabelledPerson]:
+    """Read a YOLO pose (or detection) label file back into pixels of a ``width`` x ``height`` image."""
+    people = []
+    for line in Path(label_path).read_text(encoding="utf-8").splitlines():
+        v = [float(t) for t in line.split()[1:]]
+        cx, cy, w, h = v[0] * width, v[1] * height, v[2] * width, v[3] * height
+        kps = tuple((v[i] * width, v[i + 1] * height, int(v[i + 2])) for i in range(4, len(v), 3))
+        people.append(LabelledPerson((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), kps))
+    return people
