@@ -1,0 +1,309 @@
+"""The drop folder: images written into a directory are ingested, then moved out of the way.
+
+Writers should use the **rename-into-place convention**: write to a temporary name in the same
+folder (``.name.jpg``, ``name.jpg.tmp``, ``name.jpg.part`` or ``~name.jpg``, all ignored),
+then rename to the final name, which is atomic on one file system. Writers that cannot rename
+are handled by a stability check: a file is taken only when its size and mtime have not
+changed for ``stable_seconds`` (or its mtime is already that old).
+
+Layout under the folder ``root``::
+
+    <anything>/<name>.jpg          taken (nested folders too; the first folder of a nested
+                                   path is recorded as the camera name)
+    processed/<same relative path> the original after ingestion (``processed_mode="move"``)
+    quarantine/<relative path>     files that cannot be used, each with ``<name>.reason.txt``
+
+``processed/`` and ``quarantine/`` are never ingested. Files that arrived while the daemon
+was down are found by the start-up scan; a periodic rescan covers missed watchdog events.
+Order of work per file: validate (size, readable, decodable, pixel limit), ingest the bytes
+into the store, then move/keep/delete the original. A crash between ingest and the move is
+harmless: on restart the file is ingested again and the store de-duplicates it by content.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import stat
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from .errors import AnnotatorError, ImageError, StoreFull
+from .imageio import DecodedImage, decode_image
+
+log = logging.getLogger(__name__)
+
+PROCESSED, QUARANTINE = "processed", "quarantine"
+PROCESSED_MODES = ("move", "keep", "delete")
+TEMP_SUFFIXES = (".tmp", ".part", ".reason.txt")
+RESCAN_SECONDS = 30.0
+
+# sink(data, source, meta, decoded) ingests the bytes; raises StoreFull when ingest is paused.
+Sink = Callable[[bytes, str, dict, DecodedImage], object]
+
+
+def is_temporary(rel: Path) -> bool:
+    """True for names a writer is still working on (any component hidden, ``~`` or .tmp/.part)."""
+    return any(p.startswith((".", "~")) or p.endswith(TEMP_SUFFIXES) for p in rel.parts)
+
+
+def unique_path(path: Path) -> Path:
+    """``path``, or ``name-1.ext``, ``name-2.ext``... when it exists already."""
+    if not os.path.lexists(path):
+        return path
+    n = 1
+    while os.path.lexists(candidate := path.with_name(f"{path.stem}-{n}{path.suffix}")):
+        n += 1
+    return candidate
+
+
+def write_quarantine(qdir: Path, rel: Path, reason: str, source: Path | None = None, data: bytes | None = None) -> Path:
+    """Move ``source`` (or write ``data``) to ``qdir/rel`` and write ``<name>.reason.txt`` beside it."""
+    dest = unique_path(qdir / rel)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if source is not None:
+        os.replace(source, dest) if _same_fs(source, dest.parent) else shutil.move(str(source), dest)
+    elif data is not None:
+        dest.write_bytes(data)
+    reason_file = dest.with_name(dest.name + ".reason.txt")
+    reason_file.write_text(reason.rstrip() + "\n", encoding="utf-8")
+    log.warning("quarantined %s: %s", rel, reason)
+    return dest
+
+
+def _same_fs(a: Path, b: Path) -> bool:
+    try:
+        return os.lstat(a).st_dev == os.stat(b).st_dev
+    except OSError:
+        return False
+
+
+@dataclass
+class _Seen:
+    size: int
+    mtime_ns: int
+    since: float  # monotonic time when this size/mtime was first seen
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, folder: "DropFolder") -> None:
+        self.folder = folder
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.is_directory and event.event_type != "moved":
+            return
+        for p in (event.src_path, getattr(event, "dest_path", "")):
+            if p:
+                self.folder.notify(Path(os.fsdecode(p)))
+
+
+class DropFolder:
+    """Watches ``root`` and feeds stable image files to ``sink``; see the module docstring."""
+
+    def __init__(self, root: Path, sink: Sink, processed_mode: str = "move", stable_seconds: float = 2.0,
+                 max_bytes: int = 50_000_000, max_pixels: int = 50_000_000, poll_interval: float = 0.5,
+                 max_side_hint: int | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        if processed_mode not in PROCESSED_MODES:
+            raise ValueError(f"drop.processed_mode: expected one of {PROCESSED_MODES}, got {processed_mode!r}")
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.real_root = Path(os.path.realpath(self.root))
+        self.sink = sink
+        self.processed_mode = processed_mode
+        self.stable_seconds = float(stable_seconds)
+        self.max_bytes, self.max_pixels = int(max_bytes), int(max_pixels)
+        self.poll_interval = float(poll_interval)
+        self.max_side_hint = max_side_hint
+        self.clock = clock
+        self._seen: dict[Path, _Seen] = {}
+        self._kept: dict[Path, tuple[int, int]] = {}  # processed_mode="keep": taken already
+        self._dirty: set[Path] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._observer: Observer | None = None  # type: ignore[valid-type]
+        self.taken = self.quarantined = 0
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        """Start watching, then scan what is already there (in the worker thread)."""
+        observer = Observer()
+        observer.schedule(_Handler(self), str(self.root), recursive=True)
+        observer.daemon = True
+        observer.start()
+        self._observer = observer
+        self._thread = threading.Thread(target=self._run, name="dropfolder", daemon=True)
+        self._thread.start()
+        log.info("watching drop folder %s (processed: %s, stable after %.1f s)",
+                 self.root, self.processed_mode, self.stable_seconds)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the watcher and the worker thread (the file in hand is finished first)."""
+        self._stop.set()
+        self._wake.set()
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def notify(self, path: Path) -> None:
+        """A file changed (from watchdog, or a test): look at it soon."""
+        with self._lock:
+            self._dirty.add(path)
+        self._wake.set()
+
+    def _run(self) -> None:
+        last_scan = -RESCAN_SECONDS
+        while not self._stop.is_set():
+            full = self.clock() - last_scan >= RESCAN_SECONDS
+            if full:
+                last_scan = self.clock()
+            try:
+                self.scan_once(full=full)
+            except Exception:  # keep watching whatever one file did; logged with its traceback
+                log.exception("drop folder scan failed; retrying")
+            self._wake.wait(self.poll_interval)
+            self._wake.clear()
+
+    # -- scanning ------------------------------------------------------------------------
+    def _walk(self) -> list[Path]:
+        out = []
+        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=False):
+            here = Path(dirpath)
+            if here == self.root:
+                dirnames[:] = [d for d in dirnames if d not in (PROCESSED, QUARANTINE)]
+            dirnames[:] = [d for d in dirnames if not d.startswith((".", "~"))]
+            out.extend(here / f for f in filenames)
+            out.extend(here / d for d in os.listdir(here) if (here / d).is_symlink() and (here / d).is_dir())
+        return out
+
+    def scan_once(self, full: bool = True) -> int:
+        """Look at changed files (every file when ``full``); take the stable ones. Returns how many."""
+        with self._lock:
+            candidates = set(self._dirty) | set(self._seen)
+            self._dirty.clear()
+        if full:
+            candidates.update(self._walk())
+        taken = 0
+        for path in sorted(candidates):
+            if self._stop.is_set():
+                break
+            taken += self._consider(path)
+        return taken
+
+    def _relative(self, path: Path) -> Path | None:
+        try:
+            rel = path.relative_to(self.root)
+        except ValueError:
+            return None
+        if not rel.parts or rel.parts[0] in (PROCESSED, QUARANTINE) or is_temporary(rel):
+            return None
+        return rel
+
+    def _consider(self, path: Path) -> int:
+        rel = self._relative(path)
+        if rel is None:
+            self._seen.pop(path, None)
+            return 0
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            self._seen.pop(path, None)
+            self._kept.pop(path, None)
+            return 0
+        if stat.S_ISDIR(st.st_mode):
+            return 0
+        if self._kept.get(path) == (st.st_size, st.st_mtime_ns):
+            return 0
+        now = self.clock()
+        seen = self._seen.get(path)
+        if seen is None or (seen.size, seen.mtime_ns) != (st.st_size, st.st_mtime_ns):
+            self._seen[path] = seen = _Seen(st.st_size, st.st_mtime_ns, now)
+        age = time.time() - st.st_mtime_ns / 1e9
+        if now - seen.since < self.stable_seconds and age < self.stable_seconds:
+            return 0  # still being written, look again later
+        self._seen.pop(path, None)
+        try:
+            return self._take(path, rel, st)
+        except StoreFull as exc:
+            log.warning("drop folder paused: %s", exc)
+            self._seen[path] = _Seen(st.st_size, st.st_mtime_ns, now)
+            return 0
+        except OSError as exc:
+            log.error("cannot move %s out of the drop folder (%s); it will be retried", rel, exc)
+            return 0
+
+    def _problem(self, path: Path, st: os.stat_result) -> str | None:
+        """Why this file cannot be used as it is, or None."""
+        if stat.S_ISLNK(st.st_mode):
+            target = Path(os.path.realpath(path))
+            if target != self.real_root and self.real_root not in target.parents:
+                return f"symbolic link to {target}, outside the drop folder; copy or move the file in instead"
+            if target.is_dir():
+                return None  # a linked folder inside the drop folder: walked where it really is
+            if not target.exists():
+                return f"symbolic link to {target}, which does not exist"
+            st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            return "not a regular file (device, socket or pipe)"
+        if st.st_size == 0:
+            return "empty file (0 bytes)"
+        if st.st_size > self.max_bytes:
+            return f"file is {st.st_size} bytes, more than the limit of {self.max_bytes} (drop.max_bytes)"
+        return None
+
+    def _take(self, path: Path, rel: Path, st: os.stat_result) -> int:
+        reason = self._problem(path, st)
+        if reason is None and stat.S_ISLNK(st.st_mode) and path.is_dir():
+            return 0
+        data = b""
+        if reason is None:
+            try:
+                with open(path, "rb") as f:
+                    data = f.read(self.max_bytes + 1)
+            except OSError as exc:
+                reason = f"cannot read the file: {exc.strerror or exc}"
+        decoded: DecodedImage | None = None
+        if reason is None:
+            try:
+                decoded = decode_image(data, max_pixels=self.max_pixels, max_side_hint=self.max_side_hint)
+            except ImageError as exc:
+                reason = str(exc)
+        if reason is not None:
+            self.quarantined += 1
+            write_quarantine(self.root / QUARANTINE, rel, reason, source=path)
+            return 0
+        assert decoded is not None
+        meta = {"path": rel.as_posix(), "size": st.st_size, "mtime": st.st_mtime_ns / 1e9}
+        if len(rel.parts) > 1:
+            meta["camera"] = rel.parts[0]
+        try:
+            self.sink(data, f"drop:{rel.as_posix()}", meta, decoded)
+        except StoreFull:
+            raise
+        except AnnotatorError as exc:
+            self.quarantined += 1
+            write_quarantine(self.root / QUARANTINE, rel, str(exc), source=path)
+            return 0
+        self._dispose(path, rel, st)
+        self.taken += 1
+        return 1
+
+    def _dispose(self, path: Path, rel: Path, st: os.stat_result) -> None:
+        if self.processed_mode == "keep":
+            self._kept[path] = (st.st_size, st.st_mtime_ns)
+        elif self.processed_mode == "delete":
+            path.unlink(missing_ok=True)
+        else:
+            dest = unique_path(self.root / PROCESSED / rel)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, dest)
+        log.debug("took %s (%s)", rel, self.processed_mode)
