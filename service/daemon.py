@@ -1,0 +1,346 @@
+"""The daemon: Store + Engine + Judge + outputs, fed by gRPC and the drop folder.
+
+Work flows through the store, never around it::
+
+    submit(bytes) -> validate (decode) -> store.ingest -> "received"
+    worker: store.claim (lease) -> decode (cached from submit) -> engine.predict (batched)
+            -> judge -> sidecar (atomic) -> store.complete -> resolve waiting futures
+
+A worker holds a lease on what it claimed; a crash leaves the rows "received" and the lease
+expires, so another worker (or the restarted daemon) finishes them. ``store.complete`` only
+succeeds for the lease holder, so an image is completed once. The sidecar is written *before*
+``complete``: a crash between the two re-annotates the image and rewrites the same sidecar,
+whereas the other order could leave a completed image without one.
+
+The engine is swapped atomically by ``reload``: the new bundle is loaded, verified and run once
+on a blank image first; a batch in flight finishes with the engine it started with.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
+
+from .bundle import Bundle, Thresholds, load_bundle
+from .dropfolder import QUARANTINE, DropFolder, write_quarantine
+from .engine import Engine
+from .errors import AnnotatorError, BundleError, ImageError, ImageNotFound, LeaseLost
+from .imageio import DecodedImage, decode_image
+from .judge import Judge, Judgement, load_score_fn
+from .record import Prediction
+from .store import FAILED, RECEIVED, ImageRow, Store, image_id_of
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .interceptors import LatencyStats
+
+log = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+DECODED_CACHE = 64  # decoded images kept between submit and the worker (memory bound)
+IDLE_POLL_SECONDS = 0.5
+
+
+class ImageTooLarge(ImageError):
+    """The image has more bytes or pixels than the configured limits."""
+
+
+class ShuttingDown(AnnotatorError):
+    """The daemon is stopping and takes no new images."""
+
+
+@dataclass(frozen=True)
+class DaemonStatus:
+    """A snapshot for ``GetStatus``: bundle, thresholds, queue depths per state, counters."""
+
+    bundle_id: str
+    bundle_path: str
+    thresholds: Thresholds
+    judgement: Mapping[str, Any]
+    queue_depths: Mapping[str, int]
+    counters: Mapping[str, int]
+    uptime_seconds: float
+    paused_reason: str | None
+    version: str = VERSION
+
+
+def record_for(image_id: str, source: str, prediction: Prediction, judgement: Judgement, bundle: Bundle) -> dict:
+    """The annotation record kept in the store and written as the sidecar (see ``service.convert``)."""
+    return {"image_id": image_id, "source": source, **prediction.to_json(),
+            "keypoint_names": list(bundle.keypoints.names), "bundle_id": bundle.id,
+            "judgement": judgement.to_json(), "annotated_at": time.time()}
+
+
+def _decode(data: bytes, max_bytes: int, max_pixels: int, max_side_hint: int | None) -> DecodedImage:
+    """``decode_image`` with the byte limit; "too large" failures become ``ImageTooLarge``."""
+    if len(data) > max_bytes:
+        raise ImageTooLarge(f"image is {len(data)} bytes, more than the limit of {max_bytes}")
+    try:
+        return decode_image(data, max_pixels=max_pixels, max_side_hint=max_side_hint)
+    except ImageError as exc:
+        if "pixels, more than the limit" in str(exc):  # imageio's wording for the pixel limit
+            raise ImageTooLarge(str(exc)) from exc
+        raise
+
+
+class Daemon:
+    """The appliance's core; ``service.server`` puts gRPC in front of it. See the module docstring."""
+
+    def __init__(self, config: "Config", workers: int = 1) -> None:
+        self.config = config
+        self.store = Store(Path(config.store.root), lease_seconds=float(config.store.lease_seconds),
+                           min_free_bytes=int(config.store.min_free_mb) * 1_000_000)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._bundle_path = str(config.engine.bundle)
+        self._engine, self._judge = self._load(self._bundle_path)
+        d = config.drop
+        self.max_bytes, self.max_pixels = int(d.max_bytes), int(d.max_pixels)
+        sidecar_dir = getattr(config.outputs, "sidecar_dir", None)
+        self.sidecar_dir = Path(sidecar_dir) if sidecar_dir else None
+        self.quarantine_dir = Path(d.folder) / QUARANTINE if d.folder else Path(config.store.root) / QUARANTINE
+        self.drop = DropFolder(Path(d.folder), self.submit_decoded, d.processed_mode, float(d.stable_seconds),
+                               self.max_bytes, self.max_pixels, float(d.poll_interval),
+                               self.max_side_hint) if d.folder else None
+        self.latency: "LatencyStats | None" = None
+        self.started = time.monotonic()
+        self._lock = threading.Lock()
+        self._reload_lock = threading.Lock()
+        self._futures: dict[str, list[Future[ImageRow]]] = {}
+        self._decoded: collections.OrderedDict[str, DecodedImage] = collections.OrderedDict()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._intake_closed = False
+        self._workers = [threading.Thread(target=self._work, args=(f"{self.owner}/w{i}",), name=f"worker-{i}",
+                                          daemon=True) for i in range(max(1, workers))]
+
+    # -- engine and judge ----------------------------------------------------------------
+    def _load(self, path: str) -> tuple[Engine, Judge]:
+        """Load, verify and smoke-test a bundle; raises ``BundleError`` and changes nothing."""
+        e = self.config.engine
+        bundle = load_bundle(path)
+        engine = Engine(bundle, providers=list(e.providers) if e.providers else None,
+                        intra_op_threads=int(e.threads), batch_size=int(e.batch_size))
+        try:
+            engine.predict_arrays([np.zeros((64, 64, 3), np.uint8)])
+        except Exception as exc:  # onnxruntime errors are of several unrelated types
+            raise BundleError(f"bundle {bundle.id} at {path} fails on a blank image: {exc}") from exc
+        return engine, self._make_judge(bundle)
+
+    def _make_judge(self, bundle: Bundle) -> Judge:
+        j = self.config.judge
+        defaults = dict(bundle.judgement)
+
+        def pick(name: str, fallback: Any) -> Any:
+            value = getattr(j, name, None)
+            return fallback if value is None else value
+
+        return Judge(load_score_fn(str(pick("score_fn", "default")), bundle),
+                     threshold=float(pick("score_threshold", defaults.get("score_threshold", 0.5))),
+                     audit_fraction=float(pick("audit_fraction", defaults.get("audit_fraction", 0.02))),
+                     seed=int(pick("seed", 0)), store=self.store,
+                     hourly_budget=getattr(j, "hourly_budget", None), daily_budget=getattr(j, "daily_budget", None))
+
+    @property
+    def bundle(self) -> Bundle:
+        return self._engine.bundle
+
+    @property
+    def max_side_hint(self) -> int:
+        """The largest network input side: JPEGs twice as large are decoded at reduced size."""
+        return max(max(m.size) for m in self._engine.models.values())
+
+    def reload(self, bundle_path: str | None = None) -> Bundle:
+        """Swap in the bundle at ``bundle_path`` (default: the current one, re-read).
+
+        Raises ``BundleError`` when the new bundle fails to load or verify; the old one stays.
+        """
+        with self._reload_lock:
+            path = str(bundle_path or self._bundle_path)
+            engine, judge = self._load(path)
+            old = self._engine.bundle.id
+            self._engine, self._judge, self._bundle_path = engine, judge, path
+        self.store.counter("reloads", 1)
+        log.info("reloaded models: bundle %s -> %s (%s)", old, engine.bundle.id, path)
+        return engine.bundle
+
+    # -- intake --------------------------------------------------------------------------
+    def submit(self, data: bytes, source: str, meta: dict | None = None) -> "Future[ImageRow]":
+        """Validate and ingest ``data``; the future resolves to the stored row once annotated.
+
+        Raises ``ImageError``/``ImageTooLarge`` (nothing stored), ``StoreFull``, ``ShuttingDown``.
+        The same bytes again resolve to the stored row without annotating twice.
+        """
+        if self._intake_closed:
+            raise ShuttingDown("the annotator is shutting down; retry against another instance or later")
+        row = self.store.get(image_id_of(data)) if data else None
+        if row is not None and row.state != RECEIVED:
+            return self._settled(row)
+        decoded = _decode(data, self.max_bytes, self.max_pixels, self.max_side_hint)
+        return self.submit_decoded(data, source, meta or {}, decoded)
+
+    def submit_decoded(self, data: bytes, source: str, meta: dict, decoded: DecodedImage) -> "Future[ImageRow]":
+        """``submit`` for bytes already decoded (the drop folder validates before calling)."""
+        image_id, created = self.store.ingest(data, source, meta)
+        fut: Future[ImageRow] = Future()
+        with self._lock:
+            self._futures.setdefault(image_id, []).append(fut)
+            if created:
+                self._decoded[image_id] = decoded
+                while len(self._decoded) > DECODED_CACHE:
+                    self._decoded.popitem(last=False)
+        self._wake.set()
+        row = self.store.get(image_id)
+        if row is not None and row.state != RECEIVED:  # finished before we registered
+            self._resolve(image_id, row)
+        return fut
+
+    @staticmethod
+    def _settled(row: ImageRow) -> "Future[ImageRow]":
+        fut: Future[ImageRow] = Future()
+        if row.state == FAILED:
+            fut.set_exception(ImageError(row.error or "image failed earlier"))
+        else:
+            fut.set_result(row)
+        return fut
+
+    def annotate_now(self, data: bytes, source: str, meta: dict | None = None, timeout: float = 60.0) -> ImageRow:
+        """Submit and wait for the annotation; ``TimeoutError`` after ``timeout`` seconds."""
+        fut = self.submit(data, source, meta)
+        try:
+            return fut.result(timeout=timeout)
+        except TimeoutError as exc:  # concurrent.futures.TimeoutError is TimeoutError (3.11)
+            raise TimeoutError(f"image {image_id_of(data)[:12]} is queued but not annotated after {timeout:.1f} s") from exc
+
+    def _resolve(self, image_id: str, row: ImageRow | None = None, error: BaseException | None = None) -> None:
+        with self._lock:
+            waiting = self._futures.pop(image_id, [])
+        if not waiting:
+            return
+        if row is None and error is None:
+            row = self.store.get(image_id)
+        for fut in waiting:
+            if fut.done():
+                continue
+            if error is not None:
+                fut.set_exception(error)
+            elif row is not None and row.state == FAILED:
+                fut.set_exception(ImageError(row.error or "image failed"))
+            else:
+                fut.set_result(row)  # type: ignore[arg-type]
+
+    # -- workers -------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the workers and the drop folder watcher."""
+        for t in self._workers:
+            t.start()
+        if self.drop is not None:
+            self.drop.start()
+        log.info("daemon %s started with bundle %s", self.owner, self.bundle.id)
+
+    def _work(self, owner: str) -> None:
+        while not self._stop.is_set():
+            try:
+                rows = self.store.claim(owner, limit=self._engine.batch_size)
+                if rows:
+                    self._process(owner, rows)
+                    continue
+            except Exception:  # a worker must survive; the lease brings the rows back later
+                log.exception("worker %s: batch failed; its images return to the queue when the lease expires", owner)
+                time.sleep(IDLE_POLL_SECONDS)
+            self._wake.wait(IDLE_POLL_SECONDS)
+            self._wake.clear()
+
+    def _process(self, owner: str, rows: list[ImageRow]) -> None:
+        engine, judge = self._engine, self._judge  # one consistent pair for the whole batch
+        batch: list[tuple[ImageRow, DecodedImage]] = []
+        for row in rows:
+            with self._lock:
+                decoded = self._decoded.pop(row.image_id, None)
+            if decoded is None:
+                data: bytes | None = None
+                try:
+                    data = self.store.image_bytes(row.image_id)
+                    decoded = _decode(data, self.max_bytes, self.max_pixels, self.max_side_hint)
+                except ImageNotFound as exc:
+                    self._fail(owner, row, f"image bytes are missing from the store: {exc}", None)
+                    continue
+                except ImageError as exc:
+                    self._fail(owner, row, str(exc), data)
+                    continue
+            batch.append((row, decoded))
+        if not batch:
+            return
+        predictions = engine.predict([d for _, d in batch])
+        for (row, decoded), prediction in zip(batch, predictions):
+            verdict = judge.judge(row.image_id, prediction, engine.bundle, row.camera, decoded.pixels)
+            record = record_for(row.image_id, row.source, prediction, verdict, engine.bundle)
+            if self.sidecar_dir is not None:
+                from .outputs import write_sidecar
+                write_sidecar(self.sidecar_dir, record)
+            try:
+                self.store.complete(row.image_id, owner, record, engine.bundle.id, verdict.decision,
+                                    verdict.score, verdict.reasons, verdict.audit)
+            except LeaseLost as exc:
+                log.warning("%s; another worker finished it", exc)
+                continue
+            self.store.counter("annotated", 1)
+            self._resolve(row.image_id)
+
+    def _fail(self, owner: str, row: ImageRow, reason: str, data: bytes | None) -> None:
+        """A stored image that cannot be decoded: failed in the store, a copy in quarantine."""
+        try:
+            self.store.fail(row.image_id, owner, reason)
+        except LeaseLost as exc:
+            log.warning("%s", exc)
+            return
+        self.store.counter("failed", 1)
+        if data is not None:
+            write_quarantine(self.quarantine_dir, Path(row.image_id), reason, data=data)
+        self._resolve(row.image_id, error=ImageError(reason))
+
+    # -- status and shutdown -------------------------------------------------------------
+    def status(self) -> DaemonStatus:
+        counters = {name: self.store.counter(name) for name in ("annotated", "failed", "reloads")}
+        if self.drop is not None:
+            counters.update(drop_taken=self.drop.taken, drop_quarantined=self.drop.quarantined)
+        if self.latency is not None:
+            p50, p99 = self.latency.percentiles("/annotator.v1.Annotator/Annotate")
+            counters.update(annotate_p50_us=int(p50 * 1000), annotate_p99_us=int(p99 * 1000))
+        bundle = self.bundle
+        return DaemonStatus(
+            bundle_id=bundle.id, bundle_path=self._bundle_path, thresholds=bundle.thresholds,
+            judgement={"score_threshold": self._judge.threshold, "audit_fraction": self._judge.audit_fraction},
+            queue_depths=self.store.counts(), counters=counters,
+            uptime_seconds=time.monotonic() - self.started, paused_reason=self.store.paused_reason())
+
+    def stop_intake(self) -> None:
+        """Stop taking images: the drop folder watcher stops, ``submit`` raises ``ShuttingDown``."""
+        self._intake_closed = True
+        if self.drop is not None:
+            self.drop.stop()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop intake, let workers finish their batch, release leases, fail waiters, close the store."""
+        self.stop_intake()
+        self._stop.set()
+        self._wake.set()
+        for t in self._workers:
+            if t.is_alive():
+                t.join(timeout)
+        released = sum(self.store.release(f"{self.owner}/w{i}") for i in range(len(self._workers)))
+        with self._lock:
+            pending = list(self._futures)
+        for image_id in pending:
+            self._resolve(image_id, error=ShuttingDown("the annotator stopped before this image was annotated"))
+        self.store.close()
+        log.info("daemon stopped (%d leases released)", released)

@@ -1,0 +1,298 @@
+"""The gRPC edge of the daemon: servicer, error mapping, ``create_server`` and ``serve``.
+
+Protobuf types live only here (and in ``service.client``); the servicer turns requests into
+calls on a ``service.daemon.Daemon`` and store rows back into ``annotator.v1.Annotation``.
+Errors are mapped to status codes by ``status_for`` and sent with ``context.abort(code,
+message)``; tracebacks stay in the server log.
+
+``create_server(config, daemon) -> (server, port)`` builds and starts nothing but the server
+(health checking, reflection, the access-log interceptor, message size limits, TLS when
+configured); ``serve(config)`` runs the whole appliance in the foreground until SIGTERM/SIGINT.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import threading
+from concurrent import futures
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from protos.annotator.v1 import annotator_pb2 as pb
+from protos.annotator.v1 import annotator_pb2_grpc as pb_grpc
+
+from .convert import annotation_to_proto, status_to_proto, timestamp_to_epoch
+from .errors import AnnotatorError, BundleError, ConfigError, ImageError
+from .interceptors import AccessLogInterceptor, LatencyStats, TokenInterceptor
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .daemon import Daemon
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Annotator"].full_name
+STREAM_IN_FLIGHT = 16  # images of one stream submitted but not yet answered
+MAX_PAGE_SIZE = 1000
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status code and message for an exception raised while serving a call."""
+    from .daemon import ImageTooLarge, ShuttingDown
+    from .errors import ImageNotFound, StoreFull
+
+    table: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+        (ImageTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (ImageError, grpc.StatusCode.INVALID_ARGUMENT),
+        (StoreFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (ImageNotFound, grpc.StatusCode.NOT_FOUND),
+        (BundleError, grpc.StatusCode.FAILED_PRECONDITION),
+        (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
+        (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
+        (ConfigError, grpc.StatusCode.INVALID_ARGUMENT),
+        (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
+        (AnnotatorError, grpc.StatusCode.INTERNAL),
+    )
+    for kind, code in table:
+        if isinstance(exc, kind):
+            text = str(exc) or kind.__name__
+            if isinstance(exc, TimeoutError):
+                text = f"not annotated within the deadline: {text}"
+            return code, text
+    return grpc.StatusCode.INTERNAL, "internal error (details are in the server log)"
+
+
+def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
+    code, message = status_for(exc)
+    if code == grpc.StatusCode.INTERNAL:
+        log.error("internal error while serving a call", exc_info=exc)
+    context.abort(code, message)
+
+
+def _client_meta(request: pb.AnnotateRequest, context: grpc.ServicerContext) -> tuple[str, dict[str, Any]]:
+    """(source, meta) for the store from the request's client metadata."""
+    m = request.metadata
+    meta: dict[str, Any] = {"peer": context.peer()}
+    if m.camera_id:
+        meta["camera"] = m.camera_id
+    if m.HasField("capture_time"):
+        meta["capture_time"] = timestamp_to_epoch(m.capture_time)
+    if m.session:
+        meta["session"] = m.session
+    if m.request_id:
+        meta["request_id"] = m.request_id
+    if m.labels:
+        meta["labels"] = dict(m.labels)
+    return f"grpc:{m.camera_id or 'unknown'}", meta
+
+
+class AnnotatorServicer(pb_grpc.AnnotatorServicer):
+    """``annotator.v1.Annotator`` on top of a ``Daemon``."""
+
+    def __init__(self, daemon: "Daemon", stats: LatencyStats | None = None, default_timeout: float = 60.0) -> None:
+        self.daemon = daemon
+        self.stats = stats
+        self.default_timeout = default_timeout
+
+    def _timeout(self, context: grpc.ServicerContext) -> float:
+        remaining = context.time_remaining()
+        return self.default_timeout if remaining is None else max(0.0, min(remaining, self.default_timeout))
+
+    def Annotate(self, request: pb.AnnotateRequest, context: grpc.ServicerContext) -> pb.Annotation:
+        source, meta = _client_meta(request, context)
+        try:
+            row = self.daemon.annotate_now(request.image, source, meta, timeout=self._timeout(context))
+        except Exception as exc:  # every failure becomes a status, never a traceback
+            _abort(context, exc)
+            raise AssertionError("unreachable: context.abort raises") from exc
+        return annotation_to_proto(row)
+
+    def AnnotateStream(self, request_iterator: Iterator[pb.AnnotateRequest],
+                       context: grpc.ServicerContext) -> Iterator[pb.AnnotateStreamResponse]:
+        """Submit requests as they arrive, at most ``STREAM_IN_FLIGHT`` unanswered at a time.
+
+        A reader thread takes the next request only when a slot is free, so a fast client is
+        held back by gRPC flow control instead of filling the server's memory.
+        """
+        slots = threading.Semaphore(STREAM_IN_FLIGHT)
+        results: queue.Queue[Any] = queue.Queue()
+        read = [0]
+        done_reading = object()
+
+        def reader() -> None:
+            try:
+                for req in request_iterator:
+                    while not slots.acquire(timeout=0.5):
+                        if not context.is_active():
+                            return
+                    read[0] += 1
+                    rid = req.metadata.request_id
+                    try:
+                        source, meta = _client_meta(req, context)
+                        fut = self.daemon.submit(req.image, source, meta)
+                    except Exception as exc:  # reported per image; the stream goes on
+                        results.put((rid, None, exc))
+                        continue
+                    fut.add_done_callback(lambda f, rid=rid: results.put((rid, f, None)))
+            except grpc.RpcError:
+                log.debug("stream request iterator ended by the client")
+            finally:
+                results.put(done_reading)
+
+        threading.Thread(target=reader, name="stream-reader", daemon=True).start()
+        total: int | None = None
+        answered = 0
+        while total is None or answered < total:
+            try:
+                item = results.get(timeout=0.5)
+            except queue.Empty:
+                if not context.is_active():
+                    return
+                continue
+            if item is done_reading:
+                total = read[0]
+                continue
+            rid, fut, exc = item
+            slots.release()
+            answered += 1
+            yield self._stream_response(rid, fut, exc)
+
+    @staticmethod
+    def _stream_response(rid: str, fut: futures.Future[Any] | None, exc: BaseException | None) -> pb.AnnotateStreamResponse:
+        if fut is not None:
+            exc = fut.exception()
+        if exc is not None:
+            code, message = status_for(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.error("internal error in a stream", exc_info=exc)
+            return pb.AnnotateStreamResponse(request_id=rid, error=pb.Error(code=code.value[0], message=message))
+        assert fut is not None
+        return pb.AnnotateStreamResponse(request_id=rid, annotation=annotation_to_proto(fut.result()))
+
+    def GetAnnotation(self, request: pb.GetAnnotationRequest, context: grpc.ServicerContext) -> pb.Annotation:
+        row = None
+        try:
+            row = self.daemon.store.get(request.image_id)
+        except Exception as exc:  # every failure becomes a status
+            _abort(context, exc)
+        if row is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no image with id {request.image_id!r}")
+        return annotation_to_proto(row)
+
+    def ListAnnotations(self, request: pb.ListAnnotationsRequest,
+                        context: grpc.ServicerContext) -> pb.ListAnnotationsResponse:
+        if not 0 <= request.page_size <= MAX_PAGE_SIZE:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"page_size: expected 0..{MAX_PAGE_SIZE}, got {request.page_size}")
+        try:
+            rows, token = self.daemon.store.list(
+                state=request.state or None, decision=request.decision or None,
+                since=timestamp_to_epoch(request.since) if request.HasField("since") else None,
+                until=timestamp_to_epoch(request.until) if request.HasField("until") else None,
+                limit=request.page_size or 100, after=request.page_token or None)
+        except Exception as exc:  # every failure becomes a status
+            _abort(context, exc)
+            raise AssertionError("unreachable: context.abort raises") from exc
+        return pb.ListAnnotationsResponse(annotations=[annotation_to_proto(r) for r in rows],
+                                          next_page_token=token or "")
+
+    def GetStatus(self, request: pb.GetStatusRequest, context: grpc.ServicerContext) -> pb.Status:
+        try:
+            return status_to_proto(self.daemon.status())
+        except Exception as exc:  # every failure becomes a status
+            _abort(context, exc)
+            raise AssertionError("unreachable: context.abort raises") from exc
+
+    def ReloadModels(self, request: pb.ReloadModelsRequest, context: grpc.ServicerContext) -> pb.Status:
+        try:
+            self.daemon.reload(request.bundle_path or None)
+            return status_to_proto(self.daemon.status())
+        except Exception as exc:  # every failure becomes a status
+            _abort(context, exc)
+            raise AssertionError("unreachable: context.abort raises") from exc
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"server.{what}: cannot read {path}: {exc}") from exc
+
+
+def create_server(config: "Config", daemon: "Daemon",
+                  health_servicer: health.HealthServicer | None = None) -> tuple[grpc.Server, int]:
+    """Build and start the gRPC server; returns (server, bound port).
+
+    Pass ``health_servicer`` to keep a handle for turning health NOT_SERVING at shutdown. Listens on ``config.server.listen`` (``127.0.0.1:0`` picks a free port); TLS when
+    ``tls_cert``/``tls_key`` are set, client certificates required when ``tls_client_ca`` is.
+    """
+    s = config.server
+    stats = LatencyStats()
+    interceptors: list[grpc.ServerInterceptor] = [AccessLogInterceptor(stats)]
+    if s.token:
+        interceptors.append(TokenInterceptor(s.token))
+    options = [("grpc.max_receive_message_length", int(s.max_message_bytes)),
+               ("grpc.max_send_message_length", int(s.max_message_bytes)),
+               ("grpc.max_concurrent_streams", int(s.max_concurrent_streams)),
+               ("grpc.so_reuseport", 0)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max(8, int(s.max_concurrent_streams) * 2),
+                                                    thread_name_prefix="grpc"),
+                         interceptors=interceptors, options=options)
+    pb_grpc.add_AnnotatorServicer_to_server(AnnotatorServicer(daemon, stats), server)
+    health_servicer = health_servicer or health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    if s.tls_cert or s.tls_key:
+        if not (s.tls_cert and s.tls_key):
+            raise ConfigError("server.tls_cert and server.tls_key must be given together")
+        ca = _read(s.tls_client_ca, "tls_client_ca") if s.tls_client_ca else None
+        creds = grpc.ssl_server_credentials([(_read(s.tls_key, "tls_key"), _read(s.tls_cert, "tls_cert"))],
+                                            root_certificates=ca, require_client_auth=ca is not None)
+        port = server.add_secure_port(s.listen, creds)
+    else:
+        port = server.add_insecure_port(s.listen)
+    if not port:
+        raise ConfigError(f"server.listen: cannot bind {s.listen!r}")
+    server.start()
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    daemon.latency = stats
+    log.info("gRPC server listening on %s (port %d, tls=%s)", s.listen, port, bool(s.tls_cert))
+    return server, port
+
+
+def serve(config: "Config", ready: threading.Event | None = None, stop: threading.Event | None = None) -> int:
+    """Run the appliance in the foreground until SIGTERM/SIGINT (or ``stop`` is set).
+
+    Shutdown order: the signal only sets an Event; then the drop folder watcher stops, health
+    turns NOT_SERVING, ``server.stop(grace)``, workers finish their batch, leases are released
+    and the store is closed (``Daemon.close``).
+    """
+    from .daemon import Daemon
+
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: stop.set())
+    daemon = Daemon(config)
+    daemon.start()
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    server, port = create_server(config, daemon, health_servicer)
+    log.info("annotator serving on port %d with bundle %s", port, daemon.status().bundle_id)
+    if ready is not None:
+        ready.set()
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        log.info("shutting down")
+        daemon.stop_intake()
+        for name in ("", SERVICE_NAME):
+            health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        server.stop(grace=5.0).wait(10.0)
+        daemon.close()
+    return 0
