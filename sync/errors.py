@@ -1,0 +1,40 @@
+"""The sync package's exception tree.
+
+Third-party errors (botocore, HTTP clients) are wrapped at the boundary, ``raise ... from exc``,
+and sorted into two kinds that the callers treat differently:
+
+- ``RetryableError``: the same request may succeed later (connection refused or reset,
+  timeouts, HTTP 5xx, throttling). Callers retry with backoff and never give up on the work.
+- ``PermanentError``: retrying cannot help until a person changes something (credentials
+  rejected, bucket missing, access denied, a malformed request). Callers stop with a one-line
+  message that says what to fix, and nothing is marked as done.
+
+Messages never contain credentials.
+"""
+from __future__ import annotations
+
+from service.errors import AnnotatorError
+
+
+class SyncError(AnnotatorError):
+    """Base of every error the sync agent raises on purpose."""
+
+
+class RetryableError(SyncError):
+    """A transient failure: the same call may succeed if repeated later."""
+
+
+class PermanentError(SyncError):
+    """A failure that repeats until configuration or permissions are fixed."""
+
+
+class ObjectNotFound(PermanentError):
+    """``get`` of a key that does not exist in the object store."""
+
+
+class ConflictError(PermanentError):
+    """An object that must be written once already exists with different content."""
+
+
+class SyncConfigError(SyncError):
+    """The ``[sync]`` configuration is missing a value or holds an invalid one; the message names the key."""
