@@ -1,0 +1,285 @@
+"""The appliance's configuration: one immutable ``Config`` from one TOML file, the environment
+and the command line.
+
+Precedence, highest first: ``overrides`` (command line, dotted keys like ``"server.listen"``) >
+environment (``ANNOTATOR_<SECTION>__<KEY>``, e.g. ``ANNOTATOR_SERVER__LISTEN``) > the TOML file
+> the defaults below. ``ANNOTATOR_CONFIG`` names the file when no path is given. Nothing is
+read at import time; ``load_config`` reads only what it is handed.
+
+Every value is checked: a wrong type, a value out of range or an unknown key raises
+``ConfigError`` whose message starts with the dotted key and says where the value came from,
+e.g. ``judge.threshold: expected a number in [0, 1], got 1.5 (from /etc/annotator.toml)``.
+Relative paths in the file are taken relative to the file's folder; relative paths from the
+environment or the command line relative to the working directory.
+``deploy/annotator.example.toml`` documents every key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from .errors import ConfigError
+
+ENV_PREFIX = "ANNOTATOR_"
+MiB = 1 << 20
+_NONE_WORDS = ("", "none", "null")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = "127.0.0.1:50051"  # host:port; port 0 picks a free one
+    max_message_bytes: int = 32 * MiB
+    max_concurrent_streams: int | None = 16
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # set: clients must present a certificate it signed
+    token: str | None = None  # set: clients must send "authorization: Bearer <token>"
+    allow_insecure: bool = False  # allow a non-loopback address without TLS or token
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    root: Path = Path("annotator-data")
+    lease_seconds: float = 60.0
+    min_free_mb: int = 500  # megabytes (10^6 bytes) of free disk below which ingest pauses
+
+
+@dataclass(frozen=True)
+class DropConfig:
+    folder: Path | None = None
+    processed_mode: str = "move"  # "move" (to processed/), "keep" or "delete"
+    stable_seconds: float = 2.0  # a file must be unchanged this long before it is taken
+    max_bytes: int = 64 * MiB
+    max_pixels: int = 50_000_000
+    poll_interval: float = 1.0  # seconds
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    bundle: Path | None = None
+    providers: tuple[str, ...] = ()  # empty: every available provider in priority order
+    batch_size: int = 8
+    threads: int = 0  # onnxruntime intra-op threads; 0 = onnxruntime's default
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    score_fn: str = "default"  # "default" or "package.module:function"
+    threshold: float | None = None  # None: the bundle's judgement.score_threshold
+    audit_fraction: float | None = None  # None: the bundle's judgement.audit_fraction
+    seed: int = 0
+    hourly_budget: int | None = None  # most reviews per UTC hour; None = no limit
+    daily_budget: int | None = None
+    near_duplicate: bool = True
+    near_duplicate_distance: int = 6  # dHash bits (of 64)
+
+    @property
+    def score_threshold(self) -> float | None:
+        """Alias of ``threshold`` (the name the bundle manifest uses)."""
+        return self.threshold
+
+
+@dataclass(frozen=True)
+class OutputsConfig:
+    sidecar_dir: Path | None = None  # set: a JSON sidecar per annotated image
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    drop: DropConfig = field(default_factory=DropConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    outputs: OutputsConfig = field(default_factory=OutputsConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain values by section (paths as strings, tuples as lists), e.g. to show the config."""
+        def plain(v: Any) -> Any:
+            return str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+        return {s: {k: plain(v) for k, v in dataclasses.asdict(getattr(self, s)).items()} for s in SECTIONS}
+
+    def require(self, *keys: str) -> None:
+        """Raise ``ConfigError`` for the first dotted key that is not set (None)."""
+        for key in keys:
+            section, _, name = key.partition(".")
+            if getattr(getattr(self, section), name) is None:
+                raise ConfigError(f"{key}: required here but not set (file, {env_name(key)} or --set {key}=...)")
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+KEYS: dict[str, Any] = {f"{s}.{k}": t for s, cls in SECTIONS.items() for k, t in typing.get_type_hints(cls).items()}
+
+
+def env_name(key: str) -> str:
+    """``server.listen`` -> ``ANNOTATOR_SERVER__LISTEN``."""
+    return ENV_PREFIX + key.upper().replace(".", "__")
+
+
+def _unknown(key: str, source: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(KEYS) + list(SECTIONS), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(sorted(KEYS))}"
+    return ConfigError(f"{key}: unknown key ({source}){hint}")
+
+
+def _convert(key: str, value: Any, source: str, from_text: bool) -> Any:
+    """Bring ``value`` to the key's declared type; text (environment, command line) is parsed."""
+    kind = KEYS[key]
+    optional = type(None) in typing.get_args(kind)
+    base = next((a for a in typing.get_args(kind) if a is not type(None)), kind) if optional else kind
+
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"{key}: expected {expected}, got {value!r} ({source})")
+
+    if value is None or (from_text and optional and isinstance(value, str) and value.strip().lower() in _NONE_WORDS):
+        if optional:
+            return None
+        raise bad(f"a value ({base.__name__ if isinstance(base, type) else base})")
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if from_text and isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+            return value.strip().lower() in _TRUE
+        raise bad("true or false")
+    if base in (int, float):
+        if isinstance(value, str) and from_text:
+            try:
+                value = int(value) if base is int else float(value)
+            except ValueError:
+                raise bad("an integer" if base is int else "a number") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (base is int and not isinstance(value, int)):
+            raise bad("an integer" if base is int else "a number")
+        return base(value)
+    if base is str:
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if base is Path:
+        if not isinstance(value, (str, Path)) or not str(value):
+            raise bad("a path")
+        return Path(value)
+    if typing.get_origin(base) is tuple:
+        if isinstance(value, str) and from_text:
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise bad("a list of strings")
+        return tuple(value)
+    raise AssertionError(f"{key}: no converter for {kind}")  # a new field type needs a branch here
+
+
+def _in(lo: float, hi: float | None = None) -> Callable[[Any], bool]:
+    return lambda v: v is None or (v >= lo and (hi is None or v <= hi))
+
+
+def _listen_ok(v: str) -> bool:
+    host, sep, port = v.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 <= int(port) <= 65535)
+
+
+# Range checks: key -> (test, what is expected).
+CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "server.listen": (_listen_ok, "host:port with a port in 0..65535, e.g. '127.0.0.1:50051'"),
+    "server.max_message_bytes": (_in(1024, 2**31 - 1), "an integer of bytes in [1024, 2^31 - 1]"),
+    "server.max_concurrent_streams": (_in(1), "an integer >= 1 (or unset)"),
+    "store.lease_seconds": (lambda v: v > 0, "a number of seconds > 0"),
+    "store.min_free_mb": (_in(0), "an integer of megabytes >= 0"),
+    "drop.processed_mode": (lambda v: v in ("move", "keep", "delete"), "one of 'move', 'keep', 'delete'"),
+    "drop.stable_seconds": (_in(0), "a number of seconds >= 0"),
+    "drop.max_bytes": (_in(1), "an integer of bytes >= 1"),
+    "drop.max_pixels": (_in(1), "an integer of pixels >= 1"),
+    "drop.poll_interval": (lambda v: v > 0, "a number of seconds > 0"),
+    "engine.batch_size": (_in(1, 1024), "an integer in [1, 1024]"),
+    "engine.threads": (_in(0, 1024), "an integer in [0, 1024]"),
+    "judge.score_fn": (lambda v: v == "default" or (":" in v and all(v.partition(":")[::2])),
+                       "'default' or 'package.module:function'"),
+    "judge.threshold": (_in(0, 1), "a number in [0, 1]"),
+    "judge.audit_fraction": (_in(0, 1), "a number in [0, 1]"),
+    "judge.hourly_budget": (_in(0), "an integer >= 0 (or unset for no limit)"),
+    "judge.daily_budget": (_in(0), "an integer >= 0 (or unset for no limit)"),
+    "judge.near_duplicate_distance": (_in(0, 64), "an integer number of bits in [0, 64]"),
+}
+
+
+def _is_loopback(listen: str) -> bool:
+    host = listen.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _cross_checks(cfg: Config) -> None:
+    s = cfg.server
+    if (s.tls_cert is None) != (s.tls_key is None):
+        raise ConfigError("server.tls_cert: tls_cert and tls_key must be set together")
+    if s.tls_client_ca is not None and s.tls_cert is None:
+        raise ConfigError("server.tls_client_ca: client certificates need server TLS (tls_cert and tls_key)")
+    if not _is_loopback(s.listen) and s.tls_cert is None and not s.token and not s.allow_insecure:
+        raise ConfigError(f"server.listen: {s.listen} is reachable from other machines but neither TLS "
+                          "(server.tls_cert/tls_key) nor server.token is set; set one, or server.allow_insecure = true")
+
+
+def _read_file(path: Path) -> dict[str, tuple[Any, str]]:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path} does not exist") from exc
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read as TOML: {exc}") from exc
+    out: dict[str, tuple[Any, str]] = {}
+    source = f"from {path}"
+    for section, body in data.items():
+        if section not in SECTIONS:
+            raise _unknown(section, source)
+        if not isinstance(body, dict):
+            raise ConfigError(f"{section}: expected a [{section}] table, got {body!r} ({source})")
+        for name, value in body.items():
+            key = f"{section}.{name}"
+            if key not in KEYS:
+                raise _unknown(key, source)
+            value = _convert(key, value, source, from_text=False)
+            if isinstance(value, Path) and not value.is_absolute():
+                value = path.parent / value
+            out[key] = (value, source)
+    return out
+
+
+def load_config(path: Path | None = None, env: Mapping[str, str] = os.environ,
+                overrides: Mapping[str, Any] = {}) -> Config:
+    """Build and validate the ``Config`` (precedence in the module docstring)."""
+    if path is None and env.get(ENV_PREFIX + "CONFIG"):
+        path = Path(env[ENV_PREFIX + "CONFIG"])
+    values: dict[str, tuple[Any, str]] = _read_file(Path(path)) if path is not None else {}
+    for name, text in env.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        key = name[len(ENV_PREFIX):].lower().replace("__", ".", 1)
+        source = f"from environment {name}"
+        if key not in KEYS:
+            raise _unknown(key, source)
+        values[key] = (_convert(key, text, source, from_text=True), source)
+    for key, value in overrides.items():
+        source = "from the command line"
+        if key not in KEYS:
+            raise _unknown(key, source)
+        values[key] = (_convert(key, value, source, from_text=isinstance(value, str)), source)
+    for key, (value, source) in values.items():
+        test, expected = CHECKS.get(key, (lambda v: True, ""))
+        if value is not None and not test(value):
+            raise ConfigError(f"{key}: expected {expected}, got {value!r} ({source})")
+    sections = {s: cls(**{k.partition(".")[2]: v for k, (v, _) in values.items() if k.partition(".")[0] == s})
+                for s, cls in SECTIONS.items()}
+    cfg = Config(**sections)
+    _cross_checks(cfg)
+    return cfg

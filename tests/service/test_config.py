@@ -1,0 +1,112 @@
+"""Configuration: precedence, validation errors that name the key, unknown-key suggestions."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.config import KEYS, Config, load_config
+from service.errors import ConfigError
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "annotator.example.toml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "annotator.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults_are_safe() -> None:
+    cfg = load_config(None, env={})
+    assert cfg == Config()
+    assert cfg.server.listen == "127.0.0.1:50051"
+    assert cfg.server.max_message_bytes == 32 * 1024 * 1024
+    assert cfg.drop.max_pixels == 50_000_000
+    assert cfg.judge.threshold is None and cfg.judge.score_threshold is None
+
+
+def test_precedence_command_line_over_env_over_file(tmp_path: Path) -> None:
+    path = write(tmp_path, '[server]\nlisten = "127.0.0.1:1"\nmax_message_bytes = 2048\n'
+                           '[judge]\nthreshold = 0.2\nseed = 3\n[store]\nroot = "data"\n')
+    env = {"ANNOTATOR_SERVER__LISTEN": "127.0.0.1:2", "ANNOTATOR_JUDGE__THRESHOLD": "0.3",
+           "ANNOTATOR_ENGINE__PROVIDERS": "CUDAExecutionProvider, CPUExecutionProvider",
+           "ANNOTATOR_JUDGE__HOURLY_BUDGET": "none", "ANNOTATOR_JUDGE__NEAR_DUPLICATE": "off",
+           "ANNOTATOR_UNRELATED": "ignored", "HOME": "/root"}
+    cfg = load_config(path, env=env, overrides={"server.listen": "127.0.0.1:3", "drop.max_bytes": "4096"})
+    assert cfg.server.listen == "127.0.0.1:3"  # command line
+    assert cfg.judge.threshold == 0.3  # environment over file
+    assert cfg.server.max_message_bytes == 2048 and cfg.judge.seed == 3  # file over default
+    assert cfg.drop.max_bytes == 4096 and cfg.drop.stable_seconds == 2.0
+    assert cfg.engine.providers == ("CUDAExecutionProvider", "CPUExecutionProvider")
+    assert cfg.judge.hourly_budget is None and cfg.judge.near_duplicate is False
+    assert cfg.store.root == tmp_path / "data"  # relative to the file's folder
+    assert load_config(None, env={"ANNOTATOR_CONFIG": str(path)}).judge.seed == 3
+
+
+@pytest.mark.parametrize("text, env, overrides, message", [
+    ("[judge]\nthreshold = 1.5\n", {}, {}, "judge.threshold: expected a number in [0, 1], got 1.5"),
+    ("[judge]\nthreshold = 'high'\n", {}, {}, "judge.threshold: expected a number, got 'high'"),
+    ("", {"ANNOTATOR_ENGINE__BATCH_SIZE": "eight"}, {}, "engine.batch_size: expected an integer, got 'eight'"),
+    ("", {}, {"drop.processed_mode": "copy"}, "drop.processed_mode: expected one of 'move', 'keep', 'delete'"),
+    ("[server]\nlisten = 'localhost'\n", {}, {}, "server.listen: expected host:port"),
+    ("[server]\ntls_cert = 'a.pem'\n", {}, {}, "server.tls_cert: tls_cert and tls_key must be set together"),
+    ("[server]\nlisten = '0.0.0.0:50051'\n", {}, {}, "server.listen: 0.0.0.0:50051 is reachable"),
+    ("[store]\nlease_seconds = 0\n", {}, {}, "store.lease_seconds: expected a number of seconds > 0"),
+    ("[judge]\nnear_duplicate = 1\n", {}, {}, "judge.near_duplicate: expected true or false"),
+    ("[judge]\nscore_fn = 'mymodule'\n", {}, {}, "judge.score_fn: expected 'default' or 'package.module:function'"),
+    ("[store]\nroot = 5\n", {}, {}, "store.root: expected a path"),
+    ("judge = 3\n", {}, {}, "judge: expected a [judge] table"),
+    ("[judge\n", {}, {}, "cannot be read as TOML"),
+])
+def test_errors_name_the_key(tmp_path: Path, text: str, env: dict, overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), env=env, overrides=overrides)
+    assert message in str(info.value)
+
+
+def test_error_says_where_the_value_came_from(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"from environment ANNOTATOR_JUDGE__AUDIT_FRACTION"):
+        load_config(None, env={"ANNOTATOR_JUDGE__AUDIT_FRACTION": "2"})
+
+
+@pytest.mark.parametrize("text, env, overrides, message", [
+    ("[server]\nlistne = '127.0.0.1:1'\n", {}, {}, "server.listne: unknown key (from"),
+    ("[server]\nlistne = '127.0.0.1:1'\n", {}, {}, "did you mean 'server.listen'?"),
+    ("[sever]\nlisten = '127.0.0.1:1'\n", {}, {}, "did you mean 'server'?"),
+    ("", {"ANNOTATOR_JUDGE__TRESHOLD": "0.5"}, {}, "did you mean 'judge.threshold'?"),
+    ("", {}, {"store.lease_second": "5"}, "did you mean 'store.lease_seconds'?"),
+])
+def test_unknown_keys_get_a_suggestion(tmp_path: Path, text: str, env: dict, overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), env=env, overrides=overrides)
+    assert message in str(info.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml", env={})
+
+
+def test_tls_and_token_open_non_loopback(tmp_path: Path) -> None:
+    cfg = load_config(None, env={"ANNOTATOR_SERVER__TOKEN": "s3cret"}, overrides={"server.listen": "0.0.0.0:50051"})
+    assert cfg.server.token == "s3cret"
+    cfg = load_config(write(tmp_path, "[server]\nlisten = '[::1]:9'\n"), env={})
+    assert cfg.server.listen == "[::1]:9"
+
+
+def test_require() -> None:
+    with pytest.raises(ConfigError, match="engine.bundle: required"):
+        load_config(None, env={}).require("engine.bundle")
+    load_config(None, env={}, overrides={"engine.bundle": "/b"}).require("engine.bundle")
+
+
+def test_example_file_documents_every_key_and_loads() -> None:
+    text = EXAMPLE.read_text(encoding="utf-8")
+    for key in KEYS:
+        section, _, name = key.partition(".")
+        body = text.split(f"[{section}]\n", 1)[1].split("\n[", 1)[0]
+        assert f"\n{name} =" in "\n" + body or f"\n# {name} =" in "\n" + body, key
+    cfg = load_config(EXAMPLE, env={})
+    assert cfg.to_dict()["server"] == Config().to_dict()["server"]
+    assert cfg.judge == Config().judge and cfg.drop == Config().drop and cfg.engine == Config().engine
