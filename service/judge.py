@@ -227,4 +227,4 @@ def load_score_fn(spec: str, bundle: Bundle | None = None) -> ScoreFn:
                           f"got {result!r} for an empty prediction")
     if not isinstance(reasons, (list, tuple)) or not all(isinstance(r, str) for r in reasons):
         raise ConfigError(f"judge.score_fn: {spec!r} must return reasons as a list of str, got {reasons!r}")
-    return fn  # type: ignore[return-value]
+    return fn

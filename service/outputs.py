@@ -140,7 +140,8 @@ def export_coco(store: Store, out_path: Path, states: Sequence[str] = EXPORT_STA
     """
     out_path = Path(out_path)
     image_dir = out_path.parent / "images"
-    images, annotations = [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     schema: KeypointSchema | None = None
     for n, row in enumerate(iter_rows(store, states), start=1):
         rec = row.record or {}

@@ -395,7 +395,7 @@ class Store:
         """The image's transitions, oldest first: (from_state, to_state, at, note)."""
         rows = self._conn().execute("SELECT from_state, to_state, at, note FROM transitions WHERE image_id=? "
                                     "ORDER BY seq", (image_id,)).fetchall()
-        return [tuple(r) for r in rows]  # type: ignore[misc]
+        return [tuple(r) for r in rows]
 
     def list(self, state: str | None = None, decision: str | None = None, since: float | None = None,
              until: float | None = None, limit: int = 100, after: str | None = None) -> tuple[builtins.list[ImageRow], str | None]:
