@@ -179,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="output folder (default: eval-BUNDLENAME)")
     s.add_argument("--limit", type=int)
     s.set_defaults(func=cmd_evaluate)
+
+    from .cli_daemon import add_daemon_commands
+
+    add_daemon_commands(sub)
     return p
 
 

@@ -36,7 +36,7 @@ from .dropfolder import QUARANTINE, DropFolder, write_quarantine
 from .engine import Engine
 from .errors import AnnotatorError, BundleError, ImageError, ImageNotFound, LeaseLost
 from .imageio import DecodedImage, decode_image
-from .judge import Judge, Judgement, load_score_fn
+from .judge import Judge, Judgement, NearDuplicate, load_score_fn
 from .record import Prediction
 from .store import FAILED, RECEIVED, ImageRow, Store, image_id_of
 
@@ -97,6 +97,7 @@ class Daemon:
     """The appliance's core; ``service.server`` puts gRPC in front of it. See the module docstring."""
 
     def __init__(self, config: "Config", workers: int = 1) -> None:
+        config.require("engine.bundle", "store.root")
         self.config = config
         self.store = Store(Path(config.store.root), lease_seconds=float(config.store.lease_seconds),
                            min_free_bytes=int(config.store.min_free_mb) * 1_000_000)
@@ -144,11 +145,12 @@ class Daemon:
             value = getattr(j, name, None)
             return fallback if value is None else value
 
-        return Judge(load_score_fn(str(pick("score_fn", "default")), bundle),
-                     threshold=float(pick("score_threshold", defaults.get("score_threshold", 0.5))),
+        dedup = NearDuplicate(int(j.near_duplicate_distance)) if j.near_duplicate else None
+        return Judge(load_score_fn(str(j.score_fn), bundle),
+                     threshold=float(pick("threshold", defaults.get("score_threshold", 0.5))),
                      audit_fraction=float(pick("audit_fraction", defaults.get("audit_fraction", 0.02))),
-                     seed=int(pick("seed", 0)), store=self.store,
-                     hourly_budget=getattr(j, "hourly_budget", None), daily_budget=getattr(j, "daily_budget", None))
+                     seed=int(j.seed), store=self.store, hourly_budget=j.hourly_budget,
+                     daily_budget=j.daily_budget, dedup=dedup)
 
     @property
     def bundle(self) -> Bundle:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import signal
 import threading
 from concurrent import futures
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Annotator"].full_name
 STREAM_IN_FLIGHT = 16  # images of one stream submitted but not yet answered
 MAX_PAGE_SIZE = 1000
+_PAGE_TOKEN = re.compile(r"^[0-9.eE+-]+\|[0-9a-f]{64}$")  # service.store.Store.list's cursor
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -186,6 +188,9 @@ class AnnotatorServicer(pb_grpc.AnnotatorServicer):
 
     def ListAnnotations(self, request: pb.ListAnnotationsRequest,
                         context: grpc.ServicerContext) -> pb.ListAnnotationsResponse:
+        if request.page_token and not _PAGE_TOKEN.match(request.page_token):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          "page_token: not a token from a previous ListAnnotations answer (malformed cursor)")
         if not 0 <= request.page_size <= MAX_PAGE_SIZE:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"page_size: expected 0..{MAX_PAGE_SIZE}, got {request.page_size}")
         try:
@@ -216,7 +221,7 @@ class AnnotatorServicer(pb_grpc.AnnotatorServicer):
             raise AssertionError("unreachable: context.abort raises") from exc
 
 
-def _read(path: str, what: str) -> bytes:
+def _read(path: "str | Path", what: str) -> bytes:
     try:
         return Path(path).read_bytes()
     except OSError as exc:
@@ -235,12 +240,14 @@ def create_server(config: "Config", daemon: "Daemon",
     interceptors: list[grpc.ServerInterceptor] = [AccessLogInterceptor(stats)]
     if s.token:
         interceptors.append(TokenInterceptor(s.token))
+    streams = int(s.max_concurrent_streams or 16)
     options = [("grpc.max_receive_message_length", int(s.max_message_bytes)),
                ("grpc.max_send_message_length", int(s.max_message_bytes)),
-               ("grpc.max_concurrent_streams", int(s.max_concurrent_streams)),
                ("grpc.so_reuseport", 0)]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max(8, int(s.max_concurrent_streams) * 2),
-                                                    thread_name_prefix="grpc"),
+    if s.max_concurrent_streams:
+        options.append(("grpc.max_concurrent_streams", streams))
+    # A stream holds a pool thread for its whole life: enough threads for every stream + unary calls.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max(8, streams * 2), thread_name_prefix="grpc"),
                          interceptors=interceptors, options=options)
     pb_grpc.add_AnnotatorServicer_to_server(AnnotatorServicer(daemon, stats), server)
     health_servicer = health_servicer or health.HealthServicer(experimental_non_blocking=True)

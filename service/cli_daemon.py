@@ -1,0 +1,182 @@
+"""The daemon's subcommands of ``annotator``: serve, annotate, submit, export, bench.
+
+``service.cli`` registers them with ``add_daemon_commands``. Output for people goes to stdout;
+errors the user can fix raise ``AnnotatorError`` (exit code 2, one line).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import AnnotatorError, ConfigError, ImageError
+
+log = logging.getLogger(__name__)
+DEMO_BUNDLE = Path(__file__).resolve().parent / "assets" / "demo_bundle"
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def parse_sets(items: list[str] | None) -> dict[str, str]:
+    """``["server.listen=0.0.0.0:1", ...]`` -> ``{"server.listen": "0.0.0.0:1"}``."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set server.listen=127.0.0.1:50051")
+        out[key.strip()] = value
+    return out
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from .config import load_config
+
+    return load_config(Path(args.config) if args.config else None, os.environ, parse_sets(getattr(args, "set", None)))
+
+
+def expand_files(items: list[str]) -> Iterator[Path]:
+    """Files as given, and image files inside given folders (recursively, sorted)."""
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            yield from sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            yield p
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    return serve(_config(args))
+
+
+def cmd_annotate(args: argparse.Namespace) -> int:
+    """Label files once with a bundle, without a store or server; one sidecar per image."""
+    from .bundle import load_bundle
+    from .daemon import record_for
+    from .engine import Engine
+    from .imageio import read_image
+    from .judge import Judgement, load_score_fn
+    from .outputs import write_sidecar
+    from .store import image_id_of
+
+    bundle = load_bundle(args.bundle)
+    engine = Engine(bundle, batch_size=args.batch_size)
+    score_fn = load_score_fn(args.score_fn, bundle)
+    threshold = float(bundle.judgement.get("score_threshold", 0.5))
+    out = Path(args.out)
+    side = max(max(m.size) for m in engine.models.values())
+    failures = done = 0
+    for path in expand_files(args.files):
+        try:
+            data = path.read_bytes()
+            image = read_image(path, max_side_hint=side)
+        except (OSError, ImageError) as exc:
+            print(f"{path}: skipped: {exc}", file=sys.stderr)
+            failures += 1
+            continue
+        prediction = engine.predict([image])[0]
+        score, reasons = score_fn(prediction, bundle)
+        verdict = Judgement(float(score), tuple(reasons), "review" if score < threshold else "auto_accepted", False)
+        record = record_for(image_id_of(data), str(path), prediction, verdict, bundle)
+        sidecar = write_sidecar(out, record)
+        done += 1
+        print(f"{path}: {len(prediction.persons)} persons, {len(prediction.heads)} heads, "
+              f"{verdict.decision} (score {verdict.score:.2f}) -> {sidecar}")
+    print(f"annotated {done} images with bundle {bundle.id}; {failures} skipped")
+    return 1 if failures and not done else 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    import grpc
+
+    from .client import AnnotatorClient
+
+    failures = 0
+    with AnnotatorClient(args.server, timeout=args.timeout, token=args.token or os.environ.get("ANNOTATOR_TOKEN")) as c:
+        for path in expand_files(args.files):
+            try:
+                ann = c.annotate(path.read_bytes(), camera_id=args.camera, request_id=path.name)
+            except OSError as exc:
+                print(f"{path}: cannot read: {exc}", file=sys.stderr)
+                failures += 1
+                continue
+            except grpc.RpcError as exc:
+                print(f"{path}: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+                failures += 1
+                continue
+            print(f"{path}: {ann.image_id[:12]} {ann.state} persons={len(ann.persons)} "
+                  f"score={ann.judgement.score:.2f} {ann.judgement.decision}")
+    return 1 if failures else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .outputs import export_coco, export_yolo
+    from .store import Store
+
+    cfg = _config(args)
+    if not args.coco and not args.yolo:
+        raise ConfigError("export: give --coco OUT.json or --yolo DIR")
+    store = Store(Path(cfg.store.root), lease_seconds=float(cfg.store.lease_seconds))
+    try:
+        if args.coco:
+            print(f"COCO key points written to {export_coco(store, Path(args.coco))}")
+        if args.yolo:
+            print(f"YOLO labels written to {export_yolo(store, Path(args.yolo))}")
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    files = list(expand_files(args.images))
+    if not files:
+        raise AnnotatorError(f"bench: no images found in {args.images}")
+    report = run_bench(Path(args.bundle), files[: args.count], repeat=args.repeat, skip_ultralytics=args.no_ultralytics)
+    print(report.text())
+    return 0
+
+
+def add_daemon_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """Register serve, annotate, submit, export and bench."""
+    samples = Path(__file__).resolve().parent / "assets" / "samples"
+
+    s = sub.add_parser("serve", help="run the daemon in the foreground (gRPC + drop folder)")
+    s.add_argument("--config", help="TOML file (default: $ANNOTATOR_CONFIG; see deploy/annotator.example.toml)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key, e.g. server.listen=127.0.0.1:0")
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("annotate", help="label image files once without a server; writes JSON sidecars")
+    s.add_argument("files", nargs="+", help="image files or folders")
+    s.add_argument("--bundle", default=str(DEMO_BUNDLE))
+    s.add_argument("--out", default="annotations", help="sidecar folder (default: annotations)")
+    s.add_argument("--score-fn", default="default", help="'default' or package.module:function")
+    s.add_argument("--batch-size", type=int, default=8)
+    s.set_defaults(func=cmd_annotate)
+
+    s = sub.add_parser("submit", help="send image files to a running daemon over gRPC")
+    s.add_argument("files", nargs="+", help="image files or folders")
+    s.add_argument("--server", required=True, help="HOST:PORT")
+    s.add_argument("--camera", default="", help="camera id sent with every image")
+    s.add_argument("--token", help="bearer token (default: $ANNOTATOR_TOKEN)")
+    s.add_argument("--timeout", type=float, default=60.0)
+    s.set_defaults(func=cmd_submit)
+
+    s = sub.add_parser("export", help="export annotated images from the store as COCO key points or YOLO")
+    s.add_argument("--config", help="TOML file (default: $ANNOTATOR_CONFIG)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE")
+    s.add_argument("--coco", metavar="OUT.json")
+    s.add_argument("--yolo", metavar="DIR")
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("bench", help="images/s: raw ONNX vs the daemon (drop folder, gRPC) vs ultralytics")
+    s.add_argument("images", nargs="*", default=[str(samples)], help="images or folders (default: shipped samples)")
+    s.add_argument("--bundle", default=str(DEMO_BUNDLE))
+    s.add_argument("--count", type=int, default=24, help="images to use")
+    s.add_argument("--repeat", type=int, default=1, help="passes over the images for the raw timings")
+    s.add_argument("--no-ultralytics", action="store_true", help="skip the ultralytics comparison")
+    s.set_defaults(func=cmd_bench)

@@ -1,0 +1,149 @@
+"""A real gRPC server on 127.0.0.1 with a real bundle: answers, clear errors, health, reflection."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import cv2
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from protos.annotator.v1 import annotator_pb2 as pb
+from protos.annotator.v1 import annotator_pb2_grpc as pb_grpc
+from service.daemon import ImageTooLarge, ShuttingDown
+from service.errors import BundleError, ImageError, ImageNotFound, StoreFull
+from service.server import status_for
+
+C = grpc.StatusCode
+
+
+@pytest.fixture
+def stub(served: tuple[Any, int]) -> Any:
+    with grpc.insecure_channel(f"127.0.0.1:{served[1]}",
+                               options=[("grpc.max_send_message_length", 16_000_000)]) as channel:
+        yield pb_grpc.AnnotatorStub(channel)
+
+
+def _req(data: bytes, rid: str = "", camera: str = "cam-a") -> pb.AnnotateRequest:
+    return pb.AnnotateRequest(image=data, metadata=pb.ClientMetadata(camera_id=camera, request_id=rid,
+                                                                     labels={"seat": "driver"}))
+
+
+@pytest.mark.parametrize("exc,code", [
+    (ImageError("empty image data (0 bytes)"), C.INVALID_ARGUMENT),
+    (ImageTooLarge("too many pixels"), C.RESOURCE_EXHAUSTED),
+    (StoreFull("disk below floor"), C.RESOURCE_EXHAUSTED),
+    (ImageNotFound("no image"), C.NOT_FOUND),
+    (BundleError("checksum mismatch"), C.FAILED_PRECONDITION),
+    (ShuttingDown("stopping"), C.UNAVAILABLE),
+    (TimeoutError("slow"), C.DEADLINE_EXCEEDED),
+    (ValueError("bad cursor"), C.INVALID_ARGUMENT),
+    (RuntimeError("secret internals"), C.INTERNAL),
+])
+def test_status_for(exc: Exception, code: grpc.StatusCode) -> None:
+    got, message = status_for(exc)
+    assert got == code and message
+    if code == C.INTERNAL:
+        assert "secret" not in message  # no internals leak to clients
+
+
+def test_annotate_real_photo_then_same_bytes_once(served: tuple[Any, int], stub: Any,
+                                                   photo_variants: Callable[..., list[bytes]]) -> None:
+    daemon, _ = served
+    data = photo_variants(1)[0]
+    first = stub.Annotate(_req(data), timeout=60)
+    assert first.state in ("auto_accepted", "review_pending")
+    assert first.persons and first.width > 0 and first.camera_id == "cam-a"
+    kp = first.persons[0].keypoints
+    assert kp[0].name == "nose" and kp[0].visibility != pb.VISIBILITY_UNSPECIFIED
+    assert first.judgement.decision in ("auto_accepted", "review") and first.bundle_id == daemon.bundle.id
+    again = stub.Annotate(_req(data), timeout=60)
+    assert again == first
+    assert [h[1] for h in daemon.store.history(first.image_id)].count("annotated") == 1
+    assert daemon.store.counter("annotated") == 1
+    assert stub.GetAnnotation(pb.GetAnnotationRequest(image_id=first.image_id)) == first
+
+
+def test_bad_inputs_get_clear_errors_and_others_are_unaffected(served: tuple[Any, int], stub: Any,
+                                                                small_jpeg: Callable[[int], bytes]) -> None:
+    daemon, _ = served
+    good = small_jpeg(1)
+    bomb = cv2.imencode(".png", np.zeros((2100, 2000, 3), np.uint8))[1].tobytes()  # 4.2 MP > 4 MP limit
+    cases = [
+        (b"", C.INVALID_ARGUMENT, "empty"),
+        (good[: len(good) // 2], C.INVALID_ARGUMENT, "truncated"),
+        (b"GIF89a not really", C.INVALID_ARGUMENT, "not a decodable image"),
+        (bomb, C.RESOURCE_EXHAUSTED, "more than the limit"),
+        (b"\xff\xd8" + bytes(5_000_000), C.RESOURCE_EXHAUSTED, ""),  # over server.max_message_bytes
+    ]
+    for data, code, words in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Annotate(_req(data), timeout=30)
+        assert err.value.code() == code, (words, err.value.details())
+        assert words in err.value.details() and "Traceback" not in err.value.details()
+    assert stub.Annotate(_req(good), timeout=60).state in ("auto_accepted", "review_pending")
+    assert daemon.store.counts()["failed"] == 0  # refused before anything was stored
+
+    daemon.store.min_free_bytes = 1 << 62  # the disk floor: ingest pauses
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Annotate(_req(small_jpeg(2)), timeout=30)
+    assert err.value.code() == C.RESOURCE_EXHAUSTED and "floor" in err.value.details()
+    assert "floor" in stub.GetStatus(pb.GetStatusRequest()).paused_reason
+
+
+def test_stream_returns_request_ids_and_per_image_errors(served: tuple[Any, int], stub: Any,
+                                                         small_jpeg: Callable[[int], bytes]) -> None:
+    daemon, _ = served
+    images = {f"r{i}": small_jpeg(100 + i) for i in range(20)}  # more than the in-flight bound
+    images["bad"] = b"junk"
+    images["dup"] = images["r0"]
+    answers = {r.request_id: r for r in stub.AnnotateStream(iter(_req(d, rid) for rid, d in images.items()), timeout=120)}
+    assert set(answers) == set(images)
+    assert answers["bad"].WhichOneof("result") == "error"
+    assert answers["bad"].error.code == C.INVALID_ARGUMENT.value[0] and "not a decodable" in answers["bad"].error.message
+    assert answers["dup"].annotation.image_id == answers["r0"].annotation.image_id
+    assert all(answers[f"r{i}"].annotation.state in ("auto_accepted", "review_pending") for i in range(20))
+    assert daemon.store.counter("annotated") == 20
+
+
+def test_list_get_status_reload(served: tuple[Any, int], stub: Any, small_jpeg: Callable[[int], bytes]) -> None:
+    daemon, _ = served
+    ids = {stub.Annotate(_req(small_jpeg(200 + i)), timeout=60).image_id for i in range(5)}
+    seen: set[str] = set()
+    token = ""
+    while True:
+        page = stub.ListAnnotations(pb.ListAnnotationsRequest(page_size=2, page_token=token))
+        assert len(page.annotations) <= 2
+        seen.update(a.image_id for a in page.annotations)
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == ids
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetAnnotation(pb.GetAnnotationRequest(image_id="0" * 64))
+    assert err.value.code() == C.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ListAnnotations(pb.ListAnnotationsRequest(page_token="garbage"))
+    assert err.value.code() == C.INVALID_ARGUMENT and "cursor" in err.value.details()
+
+    status = stub.GetStatus(pb.GetStatusRequest())
+    assert status.bundle_id == daemon.bundle.id and status.queue_depths["received"] == 0
+    assert sum(status.queue_depths.values()) == 5 and len(status.thresholds.main) == 17
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ReloadModels(pb.ReloadModelsRequest(bundle_path="/nonexistent/bundle"))
+    assert err.value.code() == C.FAILED_PRECONDITION and "bundle.json" in err.value.details()
+    assert stub.ReloadModels(pb.ReloadModelsRequest()).bundle_id == daemon.bundle.id  # old one kept / re-read
+
+
+def test_health_and_reflection(served: tuple[Any, int]) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{served[1]}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "annotator.v1.Annotator"):
+            assert health.Check(health_pb2.HealthCheckRequest(service=service)).status == \
+                health_pb2.HealthCheckResponse.SERVING
+        refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+        answer = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+        names = {s.name for s in answer.list_services_response.service}
+        assert {"annotator.v1.Annotator", "grpc.health.v1.Health"} <= names
