@@ -1,0 +1,238 @@
+"""Merge reviewed labels into the dataset, and auto-accepted labels beside them.
+
+``Merger.merge(labels)`` takes ``sync.review.ReviewedLabel``-shaped objects (image_id, heads,
+persons with key points x, y, visibility in original pixels, backend, job or project id,
+reviewer id, reviewed_at, adjusted) and for each one:
+
+1. reads the image's row from the daemon's store; only ``uploaded`` images (or ``reviewed``
+   ones, for a repeated or newer review) are merged, anything else is reported as skipped;
+2. converts both the auto label (the stored record) and the reviewed label into the dataset's
+   canonical form, mapping key points by name to the dataset's schema;
+3. computes the image's mistakenness (``sync.mistakenness``) and stores the reviewed label in
+   place of the auto one, with provenance (backend, job, reviewer, time, the bundle that
+   pre-labelled it, adjusted);
+4. marks the image ``reviewed`` in the store (``uploaded -> reviewed``).
+
+The dataset is written before the store, so a crash in between is healed by the next run (the
+dataset write is idempotent). ``add_auto_accepted`` pages through the store's auto-accepted
+images from a cursor kept in the dataset. Each call that changed the dataset records a new
+dataset version.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from service.keypoints import FLAG_VISIBILITY, VISIBILITY_FLAG
+from service.store import AUTO_ACCEPTED, REVIEWED, UPLOADED, ImageRow, Store
+
+from .dataset import Dataset, DatasetVersion, canonical_label
+from .mistakenness import mistakenness
+
+log = logging.getLogger(__name__)
+
+MERGEABLE_STATES = (UPLOADED, REVIEWED)
+
+
+def _get(obj: Any, name: str, default: Any = None) -> Any:
+    """Attribute or mapping key ``name`` of ``obj`` (review backends hand either)."""
+    if isinstance(obj, Mapping):
+        return obj.get(name, default)
+    return getattr(obj, name, default)
+
+
+def _first(obj: Any, names: Sequence[str]) -> Any:
+    for n in names:
+        v = _get(obj, n)
+        if v not in (None, ""):
+            return v
+    return None
+
+
+def _box(b: Any) -> list[float]:
+    box = _get(b, "box", b) if not isinstance(b, (list, tuple)) else b
+    return [float(v) for v in box]
+
+
+def _flag(kp: Any) -> tuple[float, float, int]:
+    """(x, y, flag) of a key point given as an object, a dict or an (x, y, v) sequence;
+    ``v`` is a visibility name or a COCO flag."""
+    if isinstance(kp, (list, tuple)):
+        x, y, v = kp[0], kp[1], kp[2]
+    else:
+        x, y, v = _get(kp, "x"), _get(kp, "y"), _first(kp, ("visibility", "flag", "v"))
+    if isinstance(v, str):
+        if v not in VISIBILITY_FLAG:
+            raise ValueError(f"key point visibility: expected one of {sorted(VISIBILITY_FLAG)}, got {v!r}")
+        f = VISIBILITY_FLAG[v]
+    else:
+        f = int(v)
+        if f not in FLAG_VISIBILITY:
+            raise ValueError(f"key point flag: expected 0, 1 or 2, got {v!r}")
+    return float(x or 0.0), float(y or 0.0), f
+
+
+def _remap(points: Sequence[tuple[float, float, int]], names: Sequence[str] | None,
+           target: Sequence[str]) -> list[tuple[float, float, int]]:
+    """Points in ``names`` order -> ``target`` order; target points the source lacks are outside."""
+    if names is None:
+        if len(points) != len(target):
+            raise ValueError(f"{len(points)} key points without names; expected {len(target)} (the dataset's schema)")
+        return list(points)
+    if len(names) != len(points):
+        raise ValueError(f"{len(points)} key points but {len(names)} key-point names")
+    by_name = dict(zip(names, points))
+    return [by_name.get(n, (0.0, 0.0, 0)) for n in target]
+
+
+def auto_label(record: Mapping[str, Any], target: Sequence[str]) -> dict[str, Any]:
+    """The canonical label of a stored annotation record (``service.daemon.record_for``)."""
+    names = record.get("keypoint_names") or None
+    persons = []
+    for p in record.get("persons", []):
+        pts = [_flag(k) for k in p.get("keypoints", [])]
+        persons.append((_box(p["box"]), _remap(pts, names, target)))
+    return canonical_label(record["width"], record["height"], [_box(h) for h in record.get("heads", [])], persons)
+
+
+def reviewed_label(label: Any, target: Sequence[str], names: Sequence[str] | None,
+                   auto: Mapping[str, Any]) -> dict[str, Any]:
+    """The canonical label of a reviewed label; its key points are in ``names`` order (the
+    label's own ``keypoint_names`` when it has them). A label whose ``parts`` leave out
+    ``heads`` or ``persons`` (e.g. a built-in bounding-box job) keeps that part of ``auto``
+    (the canonical auto label); the image size is the auto label's."""
+    names = _get(label, "keypoint_names") or names
+    parts = tuple(_get(label, "parts") or ("heads", "persons"))
+    persons = []
+    for p in _get(label, "persons") or ():
+        pts = [_flag(k) for k in (_get(p, "keypoints") or ())]
+        persons.append((_box(_get(p, "box")), _remap(pts, names, target)))
+    heads = [_box(h) for h in (_get(label, "heads") or ())]
+    if "heads" not in parts:
+        heads = [list(h) for h in auto["heads"]]
+    if "persons" not in parts:
+        persons = [(p["box"], [tuple(k) for k in p["keypoints"]]) for p in auto["persons"]]
+    return canonical_label(auto["width"], auto["height"], heads, persons)
+
+
+def _iso(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, (int, float)):
+        return _dt.datetime.fromtimestamp(float(value), _dt.timezone.utc).isoformat()
+    if isinstance(value, _dt.datetime):
+        return value.isoformat()
+    return str(value)
+
+
+def review_provenance(label: Any, row: ImageRow) -> dict[str, Any]:
+    """Who reviewed what, where, when, and which bundle pre-labelled it."""
+    adjusted = _get(label, "adjusted")
+    return {"origin": "human", "backend": _get(label, "backend"),
+            "job": _first(label, ("job_id", "job", "project_id", "project", "job_or_project")),
+            "reviewer": _first(label, ("reviewer_id", "reviewer", "worker_id")),
+            "reviewed_at": _iso(_get(label, "reviewed_at")),
+            "adjusted": None if adjusted is None else bool(adjusted),
+            "parts": list(_get(label, "parts") or ("heads", "persons")),
+            "bundle_id": row.bundle_id, "score": row.score, "audit": row.audit}
+
+
+def auto_provenance(row: ImageRow) -> dict[str, Any]:
+    return {"origin": "auto", "bundle_id": row.bundle_id, "score": row.score,
+            "reasons": list(row.reasons), "annotated_at": _iso((row.record or {}).get("annotated_at"))}
+
+
+@dataclass
+class MergeReport:
+    """What one ``merge`` call did: merged image ids, skipped ones with the reason, the version."""
+
+    merged: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    auto_added: int = 0
+    version: DatasetVersion | None = None
+
+
+class Merger:
+    """Brings reviewed and auto-accepted labels from the store into the dataset."""
+
+    def __init__(self, store: Store, dataset: Dataset) -> None:
+        self.store = store
+        self.dataset = dataset
+
+    def merge(self, labels: Iterable[Any]) -> MergeReport:
+        """Merge reviewed labels (see module doc); records a dataset version when anything changed."""
+        report = MergeReport()
+        target = self.dataset.schema.names
+        for label in labels:
+            image_id = str(_get(label, "image_id"))
+            row = self.store.get(image_id)
+            if row is None or row.record is None:
+                report.skipped[image_id] = "not in the store (or never annotated)"
+                continue
+            if row.state not in MERGEABLE_STATES:
+                report.skipped[image_id] = f"state is {row.state}; only {'/'.join(MERGEABLE_STATES)} images merge"
+                continue
+            try:
+                auto = auto_label(row.record, target)
+                rev = reviewed_label(label, target, row.record.get("keypoint_names"), auto)
+                mist = mistakenness(auto, rev, self.dataset.schema.sigmas)
+            except (ValueError, KeyError, TypeError) as exc:
+                report.skipped[image_id] = f"malformed label: {exc}"
+                log.warning("image %s: reviewed label refused: %s", image_id[:12], exc)
+                continue
+            prov = review_provenance(label, row)
+            if prov["adjusted"] is None:
+                prov["adjusted"] = mist.score > 0
+            changed = self.dataset.put_reviewed(image_id, rev, prov, auto, mist.to_json(), row.decision, row.audit)
+            self.store.set_state(image_id, (UPLOADED,), REVIEWED)
+            (report.merged if changed else report.unchanged).append(image_id)
+            log.info("image %s: reviewed label merged (%s job %s, mistakenness %.3f)",
+                     image_id[:12], prov["backend"], prov["job"], mist.score)
+        report.auto_added = self.add_auto_accepted()
+        if report.merged or report.auto_added:
+            report.version = self.dataset.record_version(
+                f"merge: {len(report.merged)} reviewed, {report.auto_added} auto-accepted")
+        for image_id, why in report.skipped.items():
+            log.warning("image %s: not merged: %s", image_id[:12], why)
+        return report
+
+    def add_auto_accepted(self, page: int = 500) -> int:
+        """Add auto-accepted images that are not in the dataset yet; returns how many were added."""
+        cursor = self.dataset.meta("auto_cursor")
+        added = 0
+        while True:
+            rows, nxt = self.store.list(state=AUTO_ACCEPTED, limit=page, after=cursor or None)
+            target = self.dataset.schema.names
+            for row in rows:
+                if row.record is None:
+                    continue
+                try:
+                    label = auto_label(row.record, target)
+                except (ValueError, KeyError, TypeError) as exc:
+                    log.warning("image %s: auto label left out of the dataset: %s", row.image_id[:12], exc)
+                    continue
+                added += self.dataset.put_auto(row.image_id, label, auto_provenance(row), row.decision)
+            if rows:
+                cursor = f"{rows[-1].received_at!r}|{rows[-1].image_id}"
+                self.dataset.meta("auto_cursor", cursor)
+            if nxt is None:
+                return added
+
+
+class MergeTask:
+    """A sync-agent task: ``run_once`` fetches reviewed labels and merges them.
+
+    ``fetch`` returns the labels collected from the review backend since the last call (e.g.
+    ``ReviewBackend.collect``); returns True when the dataset changed.
+    """
+
+    def __init__(self, merger: Merger, fetch: Callable[[], Iterable[Any]]) -> None:
+        self.merger = merger
+        self.fetch = fetch
+
+    def run_once(self) -> bool:
+        report = self.merger.merge(list(self.fetch()))
+        return bool(report.merged or report.auto_added)

@@ -1,0 +1,196 @@
+"""Merge of reviewed labels into the dataset: provenance, store state, versions, mistakenness, export."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from service.keypoints import CABIN19, COCO17, COCO17_NAMES
+from service.store import REVIEWED, REVIEW_PENDING, UPLOADED, Store
+from sync.coco_export import export_dataset
+from sync.dataset import Dataset
+from sync.merge import Merger, auto_label
+from sync.mistakenness import mistakenness
+from sync.review import ReviewedKeypoint, ReviewedLabel, ReviewedPerson
+
+BOX = [100.0, 50.0, 300.0, 450.0]
+
+
+def _points(n: int = 17) -> list[dict]:
+    return [{"x": 110.0 + 10 * i, "y": 60.0 + 20 * i, "main_conf": 0.9, "visible_conf": 0.8,
+             "visibility": "visible" if i % 3 else "occluded"} for i in range(n)]
+
+
+def _record(image_id: str) -> dict:
+    return {"image_id": image_id, "width": 640, "height": 480, "keypoint_names": list(COCO17_NAMES),
+            "heads": [{"box": [150.0, 50.0, 220.0, 120.0], "conf": 0.8}],
+            "persons": [{"box": BOX, "conf": 0.9, "keypoints": _points()}], "bundle_id": "b-1"}
+
+
+def _annotated(store: Store, data: bytes, decision: str, audit: bool = False) -> str:
+    image_id, _ = store.ingest(data, "test")
+    store.claim("w")
+    store.complete(image_id, "w", _record(image_id), "b-1", decision, 0.3, ["low_conf"], audit)
+    return image_id
+
+
+def _reviewed(image_id: str, move: float = 0.0, flip: int = 0, reviewer: str | None = "ann") -> ReviewedLabel:
+    pts = []
+    for i, k in enumerate(_points()):
+        vis = k["visibility"]
+        if i < flip:
+            vis = "occluded" if vis == "visible" else "visible"
+        pts.append(ReviewedKeypoint(k["x"] + move, k["y"], vis))
+    return ReviewedLabel(image_id, 640, 480, ((150.0, 50.0, 220.0, 120.0),), (ReviewedPerson(tuple(BOX), tuple(pts)),),
+                         "labelstudio", "project-7", 1_790_000_000.0, reviewer, None, tuple(COCO17_NAMES))
+
+
+@pytest.fixture
+def world(tmp_path: Path):
+    store = Store(tmp_path / "store")
+    dataset = Dataset(tmp_path / "dataset")
+    yield store, dataset, Merger(store, dataset)
+    dataset.close()
+    store.close()
+
+
+def test_merge_keeps_provenance_marks_reviewed_and_bumps_version(world) -> None:
+    store, dataset, merger = world
+    auto_id = _annotated(store, b"auto image", "auto_accepted")
+    rid = _annotated(store, b"review image", "review", audit=True)
+    pending = _annotated(store, b"still pending", "review")
+    assert store.set_state(rid, (REVIEW_PENDING,), UPLOADED)
+
+    report = merger.merge([_reviewed(rid, move=5.0), _reviewed(pending)])
+    assert report.merged == [rid] and pending in report.skipped and report.auto_added == 1
+    assert store.get(rid).state == REVIEWED and store.get(pending).state == REVIEW_PENDING
+    entry = dataset.get(rid)
+    assert entry.origin == "reviewed" and entry.audit
+    assert {k: entry.provenance[k] for k in ("origin", "backend", "job", "reviewer", "bundle_id", "adjusted")} == {
+        "origin": "human", "backend": "labelstudio", "job": "project-7", "reviewer": "ann",
+        "bundle_id": "b-1", "adjusted": True}
+    assert entry.provenance["reviewed_at"].startswith("2026-")
+    assert len(entry.label["persons"][0]["keypoints"]) == CABIN19.count  # mapped by name to 19 points
+    assert entry.label["persons"][0]["keypoints"][17] == [0.0, 0.0, 0]  # mouth: not in the COCO-17 review
+    assert entry.label["persons"][0]["keypoints"][0][0] == pytest.approx(115.0)
+    assert dataset.get(auto_id).origin == "auto" and dataset.get(auto_id).provenance["bundle_id"] == "b-1"
+    v1 = dataset.versions()
+    assert len(v1) == 1 and v1[0].reviewed == 1 and v1[0].auto == 1 and v1[0].version == dataset.version()
+
+    # The same review again changes nothing: no new version.
+    again = merger.merge([_reviewed(rid, move=5.0)])
+    assert again.unchanged == [rid] and again.version is None and len(dataset.versions()) == 1
+    # A newer review replaces it and records a new version.
+    newer = ReviewedLabel(**{**_reviewed(rid, move=9.0).__dict__, "reviewed_at": 1_790_000_100.0})
+    assert merger.merge([newer]).merged == [rid]
+    assert len(dataset.versions()) == 2 and dataset.versions()[1].version != v1[0].version
+
+
+def test_reviewed_label_replaces_auto_and_auto_never_replaces_reviewed(world) -> None:
+    store, dataset, merger = world
+    rid = _annotated(store, b"img", "review")
+    store.set_state(rid, (REVIEW_PENDING,), UPLOADED)
+    label = auto_label(_record(rid), dataset.schema.names)
+    assert dataset.put_auto(rid, label, {"origin": "auto"})
+    merger.merge([_reviewed(rid, flip=2)])
+    assert dataset.get(rid).origin == "reviewed"
+    assert not dataset.put_auto(rid, label, {"origin": "auto"})
+    assert dataset.get(rid).origin == "reviewed"
+
+
+def test_heads_only_review_keeps_auto_persons(world) -> None:
+    store, dataset, merger = world
+    rid = _annotated(store, b"heads only", "review")
+    store.set_state(rid, (REVIEW_PENDING,), UPLOADED)
+    lab = ReviewedLabel(rid, 640, 480, ((10.0, 10.0, 60.0, 60.0),), (), "groundtruth", "job-1", 1.0,
+                        parts=("heads",))
+    merger.merge([lab])
+    entry = dataset.get(rid)
+    assert entry.label["heads"] == [[10.0, 10.0, 60.0, 60.0]]
+    assert len(entry.label["persons"]) == 1 and entry.provenance["parts"] == ["heads"]
+
+
+SIG = COCO17.sigmas
+
+
+def _canon(move: float = 0.0, flip: int = 0, box_shift: float = 0.0, persons: int = 1) -> dict:
+    rid = "0" * 64
+    label = _reviewed(rid, move, flip)
+    rec = {"width": 640, "height": 480, "keypoint_names": list(COCO17_NAMES),
+           "heads": [{"box": [150.0 + box_shift, 50.0, 220.0 + box_shift, 120.0]}],
+           "persons": [{"box": BOX, "keypoints": [{"x": k.x, "y": k.y, "visibility": k.visibility}
+                                                   for k in label.persons[0].keypoints]}] * persons}
+    return auto_label(rec, COCO17_NAMES)
+
+
+@pytest.mark.parametrize("changes, expect", [
+    ({}, {"score": 0.0, "boxes": 0.0, "points": 0.0, "visibility": 0.0}),
+    ({"flip": 17}, {"visibility": 1.0, "points": 0.0}),
+    ({"flip": 4}, {"visibility": 4 / 17}),
+    ({"box_shift": 35.0}, {"boxes": 1 / 3, "points": 0.0}),  # head IoU 1/3; the person box is unchanged
+    ({"box_shift": 70.0}, {"boxes": 2 / 3}),  # heads no longer overlap: two unmatched slots of three
+    ({"persons": 0}, {"visibility": 1.0, "points": 1.0}),
+])
+def test_mistakenness_table(changes: dict, expect: dict) -> None:
+    auto = _canon()
+    reviewed = _canon(**changes)
+    m = mistakenness(auto, reviewed, SIG)
+    for key, value in expect.items():
+        assert getattr(m, key) == pytest.approx(value), (key, m)
+
+
+def test_mistakenness_grows_with_moved_points_and_empty_labels() -> None:
+    auto = _canon()
+    scores = [mistakenness(auto, _canon(move=d), SIG).points for d in (0.0, 2.0, 8.0, 32.0, 128.0)]
+    assert scores[0] == 0.0 and all(a < b for a, b in zip(scores, scores[1:])) and scores[-1] <= 1.0
+    empty = {"width": 1, "height": 1, "heads": [], "persons": []}
+    assert mistakenness(empty, empty, SIG).score == 0.0
+    assert mistakenness(empty, auto, SIG).score == pytest.approx(1.0)
+
+
+def test_summary_separates_audit_and_judge_picks(world) -> None:
+    store, dataset, merger = world
+    labels = []
+    for n, (audit, move) in enumerate([(True, 0.0), (True, 0.0), (False, 20.0), (False, 40.0)]):
+        rid = _annotated(store, f"pick {n}".encode(), "review", audit=audit)
+        store.set_state(rid, (REVIEW_PENDING,), UPLOADED)
+        labels.append(_reviewed(rid, move=move, flip=2 if not audit else 0))
+    merger.merge(labels)
+    s = dataset.mistakenness_summary()
+    assert s["all"]["count"] == 4 and s["audit_picks"]["mean"] == 0.0 and s["audit_picks"]["adjusted"] == 0
+    assert s["judge_picks"]["mean"] > 0.1 and s["judge_picks"]["adjusted"] == 2
+    assert s["judge_picks"]["median"] == pytest.approx(sorted(
+        e.mistakes["score"] for e in dataset.entries() if not e.audit)[0] / 2
+        + sorted(e.mistakes["score"] for e in dataset.entries() if not e.audit)[1] / 2)
+
+
+def test_export_writes_coco_with_provenance_and_leaves_out_holdout(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    dataset = Dataset(tmp_path / "dataset", holdout_fraction=0.5)
+    merger = Merger(store, dataset)
+    ids = []
+    for n in range(8):
+        rid = _annotated(store, b"\xff\xd8" + f"jpeg {n}".encode(), "review")
+        store.set_state(rid, (REVIEW_PENDING,), UPLOADED)
+        ids.append(rid)
+    auto_id = _annotated(store, b"\x89PNG auto", "auto_accepted")
+    merger.merge([_reviewed(i) for i in ids])
+    held = {e.image_id for e in dataset.holdout()}
+    assert 0 < len(held) < 8 and held == {i for i in ids if dataset.is_holdout(i)}
+
+    res = export_dataset(dataset, store.image_path, tmp_path / "out")
+    coco = json.loads(res.annotations.read_text())
+    names = {im["sha256"]: im["file_name"] for im in coco["images"]}
+    assert set(names) == (set(ids) - held) | {auto_id} and names[auto_id].endswith(".png")
+    assert all((tmp_path / "out" / "images" / f).is_file() for f in names.values())
+    person, head = coco["categories"]
+    assert person["keypoints"] == list(CABIN19.names) and head["name"] == "head"
+    anns = [a for a in coco["annotations"] if a["category_id"] == 1]
+    assert {a["provenance"]["origin"] for a in anns} == {"human", "auto"}
+    assert all(len(a["keypoints"]) == 19 * 3 and set(a["keypoints"][2::3]) <= {0, 1, 2} for a in anns)
+    assert coco["info"]["dataset_version"] == dataset.version() and res.holdout_left_out == len(held)
+    full = export_dataset(dataset, store.image_path, tmp_path / "all", include_holdout=True)
+    assert full.images == 9
+    store.close()
+    dataset.close()
