@@ -1,0 +1,63 @@
+"""The typed client: backoff maths, retries against a closed port, calls against a real server."""
+from __future__ import annotations
+
+import random
+import socket
+from typing import Any, Callable
+
+import grpc
+import pytest
+
+from service.client import AnnotatorClient, ImageMeta, annotate_request, compute_backoff
+
+
+@pytest.mark.parametrize("attempt,base,cap,ceiling", [
+    (0, 0.1, 5.0, 0.1), (1, 0.1, 5.0, 0.2), (3, 0.1, 5.0, 0.8), (10, 0.1, 5.0, 5.0), (500, 0.1, 5.0, 5.0),
+    (0, 0.0, 5.0, 0.0),
+])
+def test_compute_backoff_bounds(attempt: int, base: float, cap: float, ceiling: float) -> None:
+    rng = random.Random(7)
+    values = [compute_backoff(attempt, base, cap, rng) for _ in range(200)]
+    assert all(0.0 <= v <= ceiling for v in values)
+    if ceiling:
+        assert max(values) > ceiling / 2  # full jitter spreads over the range
+    assert compute_backoff(attempt, base, cap, random.Random(1)) == compute_backoff(attempt, base, cap, random.Random(1))
+
+
+def test_compute_backoff_refuses_negative_attempts() -> None:
+    with pytest.raises(ValueError):
+        compute_backoff(-1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_retries_unavailable_then_gives_up() -> None:
+    slept: list[float] = []
+    with AnnotatorClient(f"127.0.0.1:{_free_port()}", timeout=2.0, retries=2, rng=random.Random(0),
+                         sleep=slept.append) as client:
+        with pytest.raises(grpc.RpcError) as err:
+            client.status()
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert len(slept) == 2 and all(0 <= s <= 0.2 for s in slept)
+
+
+def test_client_against_a_real_server(served: tuple[Any, int], small_jpeg: Callable[[int], bytes]) -> None:
+    daemon, port = served
+    with AnnotatorClient(f"127.0.0.1:{port}", timeout=60) as client:
+        ann = client.annotate(small_jpeg(1), camera_id="cam-9", capture_time=1_800_000_000.5, session="s1",
+                              request_id="x", labels={"k": "v"})
+        assert client.get(ann.image_id) == ann
+        assert daemon.store.get(ann.image_id).meta["labels"] == {"k": "v"}
+        assert daemon.store.get(ann.image_id).meta["capture_time"] == pytest.approx(1_800_000_000.5)
+        answers = list(client.annotate_stream(annotate_request(small_jpeg(i), ImageMeta(request_id=f"id{i}"))
+                                              for i in range(2, 6)))
+        assert sorted(a.request_id for a in answers) == ["id2", "id3", "id4", "id5"]
+        assert len(list(client.list_all(page_size=2))) == 5
+        assert client.status().counters["annotated"] == 5
+        with pytest.raises(grpc.RpcError) as err:
+            client.annotate(b"not an image")
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -1,0 +1,116 @@
+"""The daemon without gRPC: workers, failures, quarantine, reload under load, drop folder, shutdown."""
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from service.daemon import Daemon, ShuttingDown
+from service.dropfolder import PROCESSED, QUARANTINE
+from service.errors import BundleError, ImageError
+
+
+def _wait(cond: Callable[[], bool], seconds: float = 60.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not cond():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)
+
+
+def test_stored_image_that_fails_to_decode_is_failed_and_quarantined(make_config: Callable[..., Any],
+                                                                     small_jpeg: Callable[[int], bytes]) -> None:
+    daemon = Daemon(make_config())
+    bad = small_jpeg(1)[:-40]  # no end-of-image marker: bypasses submit's check via the store
+    image_id, _ = daemon.store.ingest(bad, "test:direct")
+    daemon.start()
+    try:
+        _wait(lambda: daemon.store.get(image_id).state == "failed")
+        assert "truncated" in daemon.store.get(image_id).error
+        reason = daemon.quarantine_dir / f"{image_id}.reason.txt"
+        assert "truncated" in reason.read_text() and (daemon.quarantine_dir / image_id).read_bytes() == bad
+        with pytest.raises(ImageError, match="truncated"):
+            daemon.submit(bad, "test:again").result(5)  # a failed image answers with its reason
+        row = daemon.annotate_now(small_jpeg(2), "test:good", {"camera": "c1"}, timeout=60)
+        assert row.state in ("auto_accepted", "review_pending") and row.camera == "c1"
+        assert json.loads((daemon.sidecar_dir / f"{row.image_id}.json").read_text())["image_id"] == row.image_id
+    finally:
+        daemon.close()
+
+
+def test_reload_swaps_the_engine_without_failing_work_in_flight(make_config: Callable[..., Any], coco17_bundle: Any,
+                                                                 tmp_path: Path,
+                                                                 small_jpeg: Callable[[int], bytes]) -> None:
+    daemon = Daemon(make_config())
+    daemon.start()
+    try:
+        broken = tmp_path / "broken-bundle"
+        shutil.copytree(coco17_bundle.path, broken)
+        onnx = next(broken.glob("*.onnx"))
+        onnx.write_bytes(onnx.read_bytes()[:-10])  # checksum mismatch
+        futures = [daemon.submit(small_jpeg(10 + i), f"test:{i}") for i in range(12)]
+        reloads: list[object] = []
+
+        def reload_loop() -> None:
+            for _ in range(2):
+                reloads.append(daemon.reload().id)
+                try:
+                    daemon.reload(str(broken))
+                except BundleError as exc:
+                    reloads.append(str(exc))
+
+        t = threading.Thread(target=reload_loop)
+        t.start()
+        rows = [f.result(120) for f in futures]
+        t.join(120)
+        assert all(r.state in ("auto_accepted", "review_pending") for r in rows)
+        assert reloads.count(coco17_bundle.id) == 2
+        assert all("checksum mismatch" in r for r in reloads if r != coco17_bundle.id)
+        assert daemon.bundle.id == coco17_bundle.id and daemon.status().bundle_path == str(coco17_bundle.path)
+    finally:
+        daemon.close()
+
+
+def test_drop_folder_feeds_the_daemon(make_config: Callable[..., Any], tmp_path: Path,
+                                      photo_variants: Callable[..., list[bytes]]) -> None:
+    drop = tmp_path / "drop"
+    daemon = Daemon(make_config(drop__folder=str(drop), drop__stable_seconds=0.1, drop__poll_interval=0.1))
+    (drop / "cam 1").mkdir(parents=True)
+    images = photo_variants(3)
+    (drop / "cam 1" / "früh.jpg").write_bytes(images[0])  # there before start: start-up scan
+    daemon.start()
+    try:
+        for i, data in enumerate(images[1:]):
+            (drop / f".tmp{i}").write_bytes(data)
+            (drop / f".tmp{i}").rename(drop / f"img {i}.jpg")
+        (drop / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+        _wait(lambda: daemon.store.counter("annotated") == 3 and (drop / QUARANTINE / "broken.jpg.reason.txt").exists())
+        assert sorted(p.name for p in (drop / PROCESSED).rglob("*.jpg")) == ["früh.jpg", "img 0.jpg", "img 1.jpg"]
+        rows, _ = daemon.store.list()
+        assert {r.camera for r in rows} == {"cam 1", None}
+        assert len(list(daemon.sidecar_dir.glob("*.json"))) == 3
+    finally:
+        daemon.close()
+
+
+def test_close_releases_leases_and_answers_waiters(make_config: Callable[..., Any],
+                                                   small_jpeg: Callable[[int], bytes]) -> None:
+    cfg = make_config()
+    daemon = Daemon(cfg)  # never started: nothing is annotated
+    fut = daemon.submit(small_jpeg(30), "test:waiting")
+    claimed = daemon.store.claim(f"{daemon.owner}/w0", 8)
+    assert len(claimed) == 1
+    daemon.close()
+    with pytest.raises(ShuttingDown):
+        fut.result(1)
+    again = Daemon(cfg)
+    try:
+        assert again.store.get(claimed[0].image_id).lease_owner is None  # released, not left to expire
+        with pytest.raises(ShuttingDown):
+            again.stop_intake() or again.submit(small_jpeg(31), "late")
+    finally:
+        again.close()
