@@ -1,0 +1,199 @@
+"""Object stores: where uploads go. A small Protocol and two implementations.
+
+- ``LocalFolderStore(root)``: the embedded default, a local folder laid out exactly like the
+  bucket (``<root>/<prefix>/<key>``); writes are atomic (temporary file, fsync, rename).
+- ``S3Store(bucket, prefix, ...)`` (``sync.s3store``): any S3-compatible server through boto3.
+
+Keys are relative to the store's prefix, ``/``-separated, e.g. ``images/<sha256>.jpg``.
+Every object carries the sha256 hex digest of its bytes (S3: the ``sha256`` user metadata;
+local folder: computed from the file on ``head``), so that a re-run after a crash can tell
+"already there with the right content" from "missing or different" without sending it again.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Iterator, Protocol, runtime_checkable
+
+from .errors import ObjectNotFound, PermanentError
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What ``head`` says about one object: its size in bytes and the sha256 of its bytes.
+
+    ``sha256`` is None for an object written by someone else without the metadata.
+    """
+
+    key: str
+    size: int
+    sha256: str | None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class ObjectStore(Protocol):
+    """A flat key -> bytes store under one prefix. Every method may raise ``SyncError``s."""
+
+    def put(self, key: str, data: bytes | Path, content_type: str = "application/octet-stream",
+            sha256: str | None = None, metadata: dict[str, str] | None = None) -> None:
+        """Write ``data`` (bytes, or a file to stream) under ``key``, replacing any object there."""
+
+    def head(self, key: str) -> ObjectInfo | None:
+        """Size and checksum of ``key``, or None when there is no such object."""
+
+    def get(self, key: str) -> bytes:
+        """The bytes of ``key``; ``ObjectNotFound`` when missing."""
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        """Keys starting with ``prefix``, in lexical order."""
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; removing a missing key is not an error."""
+
+    def check(self) -> None:
+        """Raise ``PermanentError`` when the target cannot be used at all (missing bucket, bad credentials)."""
+
+    def uri(self, key: str) -> str:
+        """An absolute address of ``key`` for manifests (``s3://bucket/prefix/key`` or ``file:///...``)."""
+
+
+def check_key(key: str) -> str:
+    """Refuse keys that could escape the prefix or mean different things to different stores."""
+    parts = key.split("/")
+    if not key or key.startswith("/") or "\\" in key or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"object key: expected a relative '/'-separated path without '.', '..' or "
+                         f"empty parts, got {key!r}")
+    return key
+
+
+def sha256_of(data: bytes | Path) -> str:
+    """sha256 hex digest of bytes, or of a file's contents (streamed)."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return hashlib.sha256(data).hexdigest()
+    h = hashlib.sha256()
+    with open(data, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def open_source(data: bytes | Path) -> BinaryIO:
+    """A readable binary file object over bytes or a file path (the caller closes it)."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return io.BytesIO(bytes(data))
+    return open(data, "rb")
+
+
+def join_prefix(prefix: str, key: str) -> str:
+    """``prefix/key`` with exactly one separator; an empty prefix gives ``key``."""
+    prefix = prefix.strip("/")
+    return f"{prefix}/{key}" if prefix else key
+
+
+class LocalFolderStore:
+    """A folder laid out like the bucket: the object ``key`` is the file ``<root>/<prefix>/<key>``.
+
+    Writes go to a hidden temporary file in the target folder, are fsynced and renamed into
+    place (then the folder is fsynced), so a reader never sees half an object. User metadata is
+    not kept (a plain folder has nowhere to put it); ``head`` computes the sha256 from the file.
+    """
+
+    def __init__(self, root: Path | str, prefix: str = "") -> None:
+        self.root = Path(root)
+        self.prefix = prefix.strip("/")
+        self.base = self.root / self.prefix if self.prefix else self.root
+
+    def __repr__(self) -> str:
+        return f"LocalFolderStore({str(self.base)!r})"
+
+    def _path(self, key: str) -> Path:
+        return self.base / check_key(key)
+
+    def put(self, key: str, data: bytes | Path, content_type: str = "application/octet-stream",
+            sha256: str | None = None, metadata: dict[str, str] | None = None) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:24]}.", suffix=".tmp", dir=path.parent)
+        digest = hashlib.sha256()
+        try:
+            with os.fdopen(fd, "wb") as out, open_source(data) as src:
+                for chunk in iter(lambda: src.read(_CHUNK), b""):
+                    digest.update(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            if sha256 is not None and digest.hexdigest() != sha256:
+                raise ValueError(f"put {key}: data has sha256 {digest.hexdigest()}, caller said {sha256}")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        log.debug("wrote %s (%s)", path, content_type)
+
+    def head(self, key: str) -> ObjectInfo | None:
+        path = self._path(key)
+        try:
+            size = path.stat().st_size
+            digest = sha256_of(path)
+        except FileNotFoundError:
+            return None
+        return ObjectInfo(key, size, digest, {"sha256": digest})
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError as exc:
+            raise ObjectNotFound(f"no object {key} in {self.base}") from exc
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        if not self.base.is_dir():
+            return iter(())
+        keys = []
+        for dirpath, dirnames, filenames in os.walk(self.base):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            rel = Path(dirpath).relative_to(self.base).as_posix()
+            for name in filenames:
+                if name.startswith(".") and name.endswith(".tmp"):
+                    continue  # a write in progress (or left by a crash): not an object
+                key = name if rel == "." else f"{rel}/{name}"
+                if key.startswith(prefix):
+                    keys.append(key)
+        return iter(sorted(keys))
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def check(self) -> None:
+        try:
+            self.base.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise PermanentError(f"target folder {self.base} cannot be created: {exc}") from exc
+        if not os.access(self.base, os.W_OK):
+            raise PermanentError(f"target folder {self.base} is not writable by this user")
+
+    def uri(self, key: str) -> str:
+        return self._path(key).resolve().as_uri()
+
+
+def __getattr__(name: str) -> object:
+    """``S3Store`` lives in ``sync.s3store`` (boto3 is imported only when it is asked for)."""
+    if name == "S3Store":
+        from .s3store import S3Store
+
+        return S3Store
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,176 @@
+"""``S3Store``: the ``ObjectStore`` on any S3-compatible server, through boto3.
+
+Credentials come from boto3's standard chain (environment, shared files, instance role) and
+are never logged. Large files go up in parts (``TransferConfig``); the sha256 of the whole
+object travels as user metadata (``x-amz-meta-sha256``) because a multipart ETag is not a
+checksum of the bytes. botocore's errors are wrapped here into ``RetryableError`` (connection
+problems, 5xx, throttling) or ``PermanentError`` (credentials rejected, bucket missing, ...).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Iterator
+
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import (BotoCoreError, ClientError, ConnectionError as BotoConnectionError,
+                                 HTTPClientError, NoCredentialsError, ParamValidationError,
+                                 PartialCredentialsError)
+
+from .errors import ObjectNotFound, PermanentError, RetryableError, SyncError
+from .objectstore import ObjectInfo, check_key, join_prefix, open_source, sha256_of
+
+log = logging.getLogger(__name__)
+
+SSE_MODES = ("AES256", "aws:kms")
+_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
+                     "TokenRefreshRequired", "AuthorizationHeaderMalformed", "InvalidClientTokenId"}
+_RETRY_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "RequestTimeout",
+                "InternalError", "ServiceUnavailable", "TooManyRequestsException", "RequestThrottled"}
+
+
+def wrap_boto_error(exc: Exception, bucket: str, what: str) -> SyncError:
+    """Sort a botocore/boto3 error into ``RetryableError`` or ``PermanentError`` with a clear message.
+
+    ``what`` names the operation and key (e.g. "put images/ab.jpg"); no credentials are quoted.
+    """
+    if isinstance(exc, ClientError):
+        err = exc.response.get("Error", {})
+        code = str(err.get("Code", ""))
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        message = err.get("Message") or code
+        if code in _CREDENTIAL_CODES:
+            return PermanentError(f"credentials rejected: {code} on {what} in bucket {bucket}; check "
+                                  "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the profile in use")
+        if code == "AccessDenied" or status == 403:
+            return PermanentError(f"credentials rejected: access denied on {what} in bucket {bucket} "
+                                  "(wrong keys, or the identity lacks permission)")
+        if code == "NoSuchBucket":
+            return PermanentError(f"bucket {bucket} does not exist (on {what}); create it or fix "
+                                  "[sync.target] bucket")
+        if code in _RETRY_CODES or status >= 500 or status == 429:
+            return RetryableError(f"{what}: server said {code or status}: {message}")
+        return PermanentError(f"{what} in bucket {bucket}: {code or status}: {message}")
+    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+        return PermanentError(f"no usable AWS credentials for bucket {bucket}: {exc.__class__.__name__}; "
+                              "set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile or an instance role")
+    if isinstance(exc, ParamValidationError):
+        return PermanentError(f"{what}: invalid request: {exc}")
+    if isinstance(exc, (BotoConnectionError, HTTPClientError)):
+        return RetryableError(f"{what}: cannot reach the S3 endpoint: {exc}")
+    if isinstance(exc, BotoCoreError):
+        return RetryableError(f"{what}: {exc}")
+    return RetryableError(f"{what}: {exc.__class__.__name__}: {exc}")
+
+
+class S3Store:
+    """Objects under ``s3://<bucket>/<prefix>/``.
+
+    ``endpoint_url``: an S3-compatible server (path-style addressing is used then);
+    ``sse``: "AES256" (SSE-S3), "aws:kms" (SSE-KMS, with ``kms_key_id`` or the bucket's key) or
+    None; ``multipart_threshold``/``multipart_chunksize`` in bytes (at least 5 MiB for S3);
+    ``client``: an existing boto3 S3 client (tests), else one is built from the standard chain.
+    """
+
+    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None,
+                 region: str | None = None, sse: str | None = None, kms_key_id: str | None = None,
+                 multipart_threshold: int = 16 * 1024 * 1024, multipart_chunksize: int | None = None,
+                 max_concurrency: int = 4, connect_timeout: float = 5.0, read_timeout: float = 30.0,
+                 client: Any = None) -> None:
+        if sse not in (None, *SSE_MODES):
+            raise ValueError(f"sse: expected one of {SSE_MODES} or None, got {sse!r}")
+        if kms_key_id and sse != "aws:kms":
+            raise ValueError("kms_key_id is only meaningful with sse = 'aws:kms'")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.sse, self.kms_key_id = sse, kms_key_id
+        self.transfer = TransferConfig(multipart_threshold=multipart_threshold,
+                                       multipart_chunksize=multipart_chunksize or max(multipart_threshold, 8 << 20),
+                                       max_concurrency=max_concurrency, use_threads=max_concurrency > 1)
+        if client is None:
+            config = Config(retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=connect_timeout,
+                            read_timeout=read_timeout,
+                            s3={"addressing_style": "path"} if endpoint_url else None)
+            client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region,
+                                                     config=config)
+        self.client = client
+
+    def __repr__(self) -> str:
+        return f"S3Store(s3://{self.bucket}/{self.prefix})"
+
+    def _key(self, key: str) -> str:
+        return join_prefix(self.prefix, check_key(key))
+
+    def _call(self, what: str, fn: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(**kwargs)
+        except (ClientError, BotoCoreError) as exc:
+            raise wrap_boto_error(exc, self.bucket, what) from exc
+
+    def put(self, key: str, data: bytes | Path, content_type: str = "application/octet-stream",
+            sha256: str | None = None, metadata: dict[str, str] | None = None) -> None:
+        meta = dict(metadata or {})
+        meta["sha256"] = sha256 or sha256_of(data)
+        extra: dict[str, Any] = {"ContentType": content_type, "Metadata": meta}
+        if self.sse:
+            extra["ServerSideEncryption"] = self.sse
+            if self.kms_key_id:
+                extra["SSEKMSKeyId"] = self.kms_key_id
+        with open_source(data) as src:
+            self._call(f"put {key}", self.client.upload_fileobj, Fileobj=src, Bucket=self.bucket,
+                       Key=self._key(key), ExtraArgs=extra, Config=self.transfer)
+        log.debug("put s3://%s/%s", self.bucket, self._key(key))
+
+    def head(self, key: str) -> ObjectInfo | None:
+        try:
+            r = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise wrap_boto_error(exc, self.bucket, f"head {key}") from exc
+        except BotoCoreError as exc:
+            raise wrap_boto_error(exc, self.bucket, f"head {key}") from exc
+        meta = {str(k).lower(): str(v) for k, v in (r.get("Metadata") or {}).items()}
+        return ObjectInfo(key, int(r.get("ContentLength", 0)), meta.get("sha256"), meta)
+
+    def get(self, key: str) -> bytes:
+        try:
+            r = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return r["Body"].read()
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise ObjectNotFound(f"no object {key} in s3://{self.bucket}/{self.prefix}") from exc
+            raise wrap_boto_error(exc, self.bucket, f"get {key}") from exc
+        except BotoCoreError as exc:
+            raise wrap_boto_error(exc, self.bucket, f"get {key}") from exc
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        full = join_prefix(self.prefix, prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full)
+        try:
+            keys = [obj["Key"][strip:] for page in pages for obj in page.get("Contents", [])]
+        except (ClientError, BotoCoreError) as exc:
+            raise wrap_boto_error(exc, self.bucket, f"list {prefix or '/'}") from exc
+        return iter(sorted(keys))
+
+    def delete(self, key: str) -> None:
+        self._call(f"delete {key}", self.client.delete_object, Bucket=self.bucket, Key=self._key(key))
+
+    def check(self) -> None:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                raise PermanentError(f"bucket {self.bucket} does not exist; create it or fix "
+                                     "[sync.target] bucket") from exc
+            raise wrap_boto_error(exc, self.bucket, "head bucket") from exc
+        except BotoCoreError as exc:
+            raise wrap_boto_error(exc, self.bucket, "head bucket") from exc
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
