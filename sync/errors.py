@@ -38,3 +38,7 @@ class ConflictError(PermanentError):
 
 class SyncConfigError(SyncError):
     """The ``[sync]`` configuration is missing a value or holds an invalid one; the message names the key."""
+
+
+class Stopped(SyncError):
+    """The agent was asked to stop while a task waited to retry; the work stays for the next run."""

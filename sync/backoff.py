@@ -1,0 +1,65 @@
+"""Retries with exponential backoff and full jitter.
+
+``compute_backoff`` is pure (the random source is passed in), so its bounds are testable;
+``retry_call`` repeats a call on ``RetryableError`` and sleeps on a stop ``Event``, so a
+shutdown request ends the wait at once instead of after the backoff.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, TypeVar
+
+from .errors import RetryableError, Stopped
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def compute_backoff(attempt: int, base: float, cap: float, rng: random.Random) -> float:
+    """Seconds to wait before retry number ``attempt`` (0-based): uniform in [0, min(cap, base * 2**attempt)].
+
+    "Full jitter" (AWS architecture blog, 2015): spreads the retries of many appliances that
+    lost the same server at the same moment.
+    """
+    if attempt < 0 or base < 0 or cap < 0:
+        raise ValueError(f"compute_backoff: expected attempt, base, cap >= 0, got {attempt}, {base}, {cap}")
+    ceiling = min(cap, base * (2.0 ** min(attempt, 62)))
+    return rng.uniform(0.0, ceiling)
+
+
+@dataclass
+class RetryPolicy:
+    """How ``retry_call`` retries: ``attempts`` tries in all (None: until stopped), backoff in seconds."""
+
+    base: float = 0.5
+    cap: float = 60.0
+    attempts: int | None = 8
+    rng: random.Random = field(default_factory=random.Random)
+
+    def __post_init__(self) -> None:
+        if self.attempts is not None and self.attempts < 1:
+            raise ValueError(f"RetryPolicy.attempts: expected >= 1 or None, got {self.attempts}")
+
+
+def retry_call(fn: Callable[[], T], what: str, policy: RetryPolicy, stop: threading.Event) -> T:
+    """``fn()``, repeated after ``RetryableError`` with backoff; the last error is re-raised.
+
+    ``PermanentError`` and anything else propagate at once. Raises ``Stopped`` when ``stop`` is
+    set while waiting.
+    """
+    attempt = 0
+    while True:
+        try:
+            return fn()
+        except RetryableError as exc:
+            attempt += 1
+            if policy.attempts is not None and attempt >= policy.attempts:
+                log.warning("%s: giving up for now after %d attempts: %s", what, attempt, exc)
+                raise
+            delay = compute_backoff(attempt - 1, policy.base, policy.cap, policy.rng)
+            log.warning("%s failed (attempt %d), retrying in %.2f s: %s", what, attempt, delay, exc)
+            if stop.wait(delay):
+                raise Stopped(f"{what}: stopped while waiting to retry") from exc

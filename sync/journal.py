@@ -1,0 +1,165 @@
+"""The sync journal: which image is in which upload batch, and how far each got.
+
+Its own SQLite database (WAL) next to the daemon's store (``<store root>/sync.sqlite3``), so
+the daemon's schema stays the daemon's. It is what makes uploads exactly-once across crashes:
+
+- ``batches``: ``open`` (objects going up) -> ``manifest`` (manifest written) -> ``done``
+  (every image marked ``uploaded`` in the store). At most one batch is open at a time.
+- ``items``: one row per image ever batched: ``pending`` -> ``sent`` (its image and
+  pre-annotation objects exist; its manifest line is frozen here) -> ``marked``; or
+  ``dropped`` (it left ``review_pending`` before anything was sent, so it never leaves the box).
+- ``objects``: per-object status (``sent``, or ``present``: found already there with the
+  right checksum), for inspection and counting.
+
+The manifest of a batch is built from its ``sent`` items' frozen lines in position order, so
+it is the same bytes however often it is rebuilt.
+"""
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS batches (
+    batch_id TEXT PRIMARY KEY, seq INTEGER NOT NULL UNIQUE, state TEXT NOT NULL,
+    created_at REAL NOT NULL, manifest_key TEXT, manifest_sha256 TEXT, finished_at REAL);
+CREATE TABLE IF NOT EXISTS items (
+    image_id TEXT PRIMARY KEY, batch_id TEXT NOT NULL REFERENCES batches(batch_id),
+    position INTEGER NOT NULL, state TEXT NOT NULL DEFAULT 'pending',
+    image_key TEXT, pre_key TEXT, line TEXT, note TEXT);
+CREATE INDEX IF NOT EXISTS items_by_batch ON items (batch_id, position);
+CREATE TABLE IF NOT EXISTS objects (
+    key TEXT PRIMARY KEY, sha256 TEXT NOT NULL, size INTEGER NOT NULL, status TEXT NOT NULL,
+    batch_id TEXT, at REAL NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class Batch:
+    batch_id: str
+    seq: int
+    state: str
+    manifest_key: str | None
+    manifest_sha256: str | None
+
+
+@dataclass(frozen=True)
+class Item:
+    image_id: str
+    batch_id: str
+    position: int
+    state: str
+    image_key: str | None
+    pre_key: str | None
+    line: str | None
+
+
+class Journal:
+    """The journal database at ``path``; one connection per thread, ``BEGIN IMMEDIATE`` writes."""
+
+    def __init__(self, path: Path, clock: Callable[[], float]) -> None:
+        self.path = Path(path)
+        self.clock = clock
+        self._local = threading.local()
+        self._conns: list[sqlite3.Connection] = []
+        with self.transaction() as db:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA busy_timeout=30000")
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            self._local.conn = conn
+            self._conns.append(conn)
+        return conn
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def close(self) -> None:
+        for conn in self._conns:
+            conn.close()
+        self._conns.clear()
+
+    # -- batches ------------------------------------------------------------------------
+    def unfinished_batch(self) -> Batch | None:
+        """The oldest batch that is not ``done`` (there is at most one in normal operation)."""
+        r = self._conn().execute("SELECT * FROM batches WHERE state != 'done' ORDER BY seq LIMIT 1").fetchone()
+        return None if r is None else _batch(r)
+
+    def known(self, image_ids: Sequence[str]) -> set[str]:
+        """Which of these images are already in some batch."""
+        marks = ",".join("?" * len(image_ids))
+        rows = self._conn().execute(f"SELECT image_id FROM items WHERE image_id IN ({marks})", tuple(image_ids))
+        return {r[0] for r in rows}
+
+    def create_batch(self, image_ids: Sequence[str], name: Callable[[int], str]) -> Batch:
+        """A new open batch holding ``image_ids`` in this order; ``name(seq)`` gives its id."""
+        now = self.clock()
+        with self.transaction() as db:
+            seq = int(db.execute("SELECT coalesce(max(seq), 0) + 1 FROM batches").fetchone()[0])
+            batch_id = name(seq)
+            db.execute("INSERT INTO batches (batch_id, seq, state, created_at) VALUES (?,?,?,?)",
+                       (batch_id, seq, "open", now))
+            db.executemany("INSERT INTO items (image_id, batch_id, position) VALUES (?,?,?)",
+                           [(i, batch_id, n) for n, i in enumerate(image_ids)])
+        return Batch(batch_id, seq, "open", None, None)
+
+    def set_manifest(self, batch_id: str, key: str, sha256: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE batches SET manifest_key=?, manifest_sha256=? WHERE batch_id=?", (key, sha256, batch_id))
+
+    def set_batch_state(self, batch_id: str, state: str) -> None:
+        finished = self.clock() if state == "done" else None
+        with self.transaction() as db:
+            db.execute("UPDATE batches SET state=?, finished_at=? WHERE batch_id=?", (state, finished, batch_id))
+
+    def batches(self) -> list[Batch]:
+        return [_batch(r) for r in self._conn().execute("SELECT * FROM batches ORDER BY seq")]
+
+    # -- items and objects --------------------------------------------------------------
+    def items(self, batch_id: str, state: str | None = None) -> list[Item]:
+        sql = "SELECT * FROM items WHERE batch_id=?" + (" AND state=?" if state else "") + " ORDER BY position"
+        rows = self._conn().execute(sql, (batch_id, state) if state else (batch_id,))
+        return [Item(r["image_id"], r["batch_id"], r["position"], r["state"], r["image_key"], r["pre_key"], r["line"])
+                for r in rows]
+
+    def item_sent(self, image_id: str, image_key: str, pre_key: str, line: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE items SET state='sent', image_key=?, pre_key=?, line=? WHERE image_id=? AND state='pending'",
+                       (image_key, pre_key, line, image_id))
+
+    def item_state(self, image_id: str, state: str, note: str | None = None) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE items SET state=?, note=coalesce(?, note) WHERE image_id=?", (state, note, image_id))
+
+    def object_done(self, key: str, sha256: str, size: int, status: str, batch_id: str) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO objects (key, sha256, size, status, batch_id, at) VALUES (?,?,?,?,?,?)",
+                       (key, sha256, size, status, batch_id, self.clock()))
+
+    def object_counts(self) -> dict[str, int]:
+        """Objects by status: ``sent`` (this appliance put them) and ``present`` (found there)."""
+        return {r[0]: r[1] for r in self._conn().execute("SELECT status, count(*) FROM objects GROUP BY status")}
+
+
+def _batch(r: sqlite3.Row) -> Batch:
+    return Batch(r["batch_id"], r["seq"], r["state"], r["manifest_key"], r["manifest_sha256"])

@@ -1,0 +1,240 @@
+"""Store-and-forward upload of review-pending images, exactly once, from the daemon's store.
+
+Layout in the target (keys relative to the target's prefix)::
+
+    images/<sha256>.<ext>                              the image as uploaded (content address,
+                                                       shared by every appliance: de-duplicated)
+    preannotations/<appliance_id>/<sha256>.json        its pre-annotation record (+ provenance)
+    manifests/<appliance_id>/<batch_id>.manifest       Ground Truth input manifest, JSON Lines
+
+One ``run_once`` call works on one batch (see ``sync.journal`` for the states):
+
+1. resume the unfinished batch, or form a new one from ``review_pending`` images that are in no
+   batch yet (work always comes from the database; nothing waits in memory);
+2. per image: re-check it is still ``review_pending`` (only those leave the box), prepare the
+   upload (optional downscale, record rescaled per axis), then for the image and its
+   pre-annotation: ``head`` the key; when it is there with the right sha256 it is not sent
+   again, else ``put``; freeze its manifest line in the journal;
+3. build the manifest from the frozen lines (same bytes on every rebuild) and write it once
+   (``head`` + checksum: equal -> nothing to do, different -> ``ConflictError``);
+4. only then mark each image ``uploaded`` in the store, and the batch done.
+
+A crash anywhere repeats at most the step in progress, and repeating a step changes nothing.
+Transient failures are retried with backoff (``sync.backoff``); ``PermanentError`` (credentials
+rejected, bucket missing) propagates with nothing marked uploaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from service.errors import ImageError, ImageNotFound
+from service.store import REVIEW_PENDING, UPLOADED, ImageRow, Store
+
+from .backoff import RetryPolicy, retry_call
+from .errors import ConflictError, Stopped
+from .groundtruth import ManifestError, manifest_line
+from .journal import Batch, Item, Journal
+from .objectstore import ObjectStore
+from .reencode import prepare_upload
+
+log = logging.getLogger(__name__)
+
+_APPLIANCE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+JOURNAL_NAME = "sync.sqlite3"
+
+
+@dataclass(frozen=True)
+class UploadSettings:
+    """``appliance_id``: names this box in keys and manifests; ``batch_size``: images per manifest;
+    ``max_side``: downscale larger images to this longer side (None: upload originals)."""
+
+    appliance_id: str
+    batch_size: int = 50
+    max_side: int | None = None
+    jpeg_quality: int = 90
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+    def __post_init__(self) -> None:
+        if not _APPLIANCE_ID.match(self.appliance_id):
+            raise ValueError(f"appliance_id: expected 1-64 of A-Z a-z 0-9 . _ - (starting alphanumeric), "
+                             f"got {self.appliance_id!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: expected >= 1, got {self.batch_size}")
+        if self.max_side is not None and self.max_side < 16:
+            raise ValueError(f"max_side: expected >= 16 or None, got {self.max_side}")
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class Uploader:
+    """The upload ``Task``: ``run_once()`` advances one batch and says whether there was work."""
+
+    name = "upload"
+
+    def __init__(self, store: Store, target: ObjectStore, settings: UploadSettings,
+                 journal: Journal | None = None, stop: threading.Event | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store, self.target, self.settings = store, target, settings
+        self.journal = journal or Journal(Path(store.root) / JOURNAL_NAME, clock)
+        self.stop = stop or threading.Event()
+        self.clock = clock
+        self._checked = False
+
+    # -- keys ---------------------------------------------------------------------------
+    def image_key(self, sha256: str, suffix: str) -> str:
+        return f"images/{sha256}{suffix}"
+
+    def pre_key(self, sha256: str) -> str:
+        return f"preannotations/{self.settings.appliance_id}/{sha256}.json"
+
+    def manifest_key(self, batch_id: str) -> str:
+        return f"manifests/{self.settings.appliance_id}/{batch_id}.manifest"
+
+    # -- the task -----------------------------------------------------------------------
+    def run_once(self) -> bool:
+        """Advance one batch as far as it goes; False when there was nothing to upload."""
+        if not self._checked:
+            retry_call(self.target.check, f"check {self.target!r}", self.settings.retry, self.stop)
+            self._checked = True
+        batch = self.journal.unfinished_batch() or self._new_batch()
+        if batch is None:
+            return False
+        try:
+            self._advance(batch)
+        except Stopped:
+            log.info("stopping in batch %s; it resumes on the next run", batch.batch_id)
+        return True
+
+    def close(self) -> None:
+        self.journal.close()
+
+    def _new_batch(self) -> Batch | None:
+        chosen: list[str] = []
+        after: str | None = None
+        while len(chosen) < self.settings.batch_size:
+            rows, after = self.store.list(state=REVIEW_PENDING, limit=max(self.settings.batch_size, 100), after=after)
+            if rows:
+                known = self.journal.known([r.image_id for r in rows])
+                chosen += [r.image_id for r in rows if r.image_id not in known]
+            if after is None:
+                break
+        chosen = chosen[: self.settings.batch_size]
+        if not chosen:
+            return None
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self.clock()))
+        batch = self.journal.create_batch(chosen, lambda seq: f"{stamp}-{seq:06d}")
+        log.info("batch %s: %d images to upload", batch.batch_id, len(chosen))
+        return batch
+
+    def _advance(self, batch: Batch) -> None:
+        if batch.state == "open":
+            for item in self.journal.items(batch.batch_id, "pending"):
+                if self.stop.is_set():
+                    raise Stopped("stop requested between objects")
+                self._send_item(batch, item)
+            self._write_manifest(batch)
+            self.journal.set_batch_state(batch.batch_id, "manifest")
+        self._mark_uploaded(batch)
+        self.journal.set_batch_state(batch.batch_id, "done")
+        log.info("batch %s done", batch.batch_id)
+
+    def _send_item(self, batch: Batch, item: Item) -> None:
+        row = self.store.get(item.image_id)
+        if row is None or row.state != REVIEW_PENDING:
+            # Privacy: only images that are review-pending right now leave the box.
+            self.journal.item_state(item.image_id, "dropped", f"state {row.state if row else 'missing'}")
+            log.info("image %s left review_pending before upload; skipped", item.image_id[:12])
+            return
+        try:
+            data = self.store.image_bytes(item.image_id)
+            upload = prepare_upload(data, row.record or {}, self.settings.max_side, self.settings.jpeg_quality)
+        except (ImageNotFound, ImageError, ValueError, KeyError) as exc:
+            self.journal.item_state(item.image_id, "dropped", f"cannot prepare: {exc}")
+            log.error("image %s cannot be uploaded, left review_pending: %s", item.image_id[:12], exc)
+            return
+        sha = hashlib.sha256(upload.data).hexdigest()
+        image_key, pre_key = self.image_key(sha, upload.suffix), self.pre_key(sha)
+        line = self._line(row, image_key, upload.record)
+        if line is None:
+            self.journal.item_state(item.image_id, "dropped", "manifest line too large")
+            return
+        pre = _dumps({"image-id": row.image_id, "image-key": image_key, "appliance": self.settings.appliance_id,
+                      "bundle_id": row.bundle_id, "score": row.score, "reasons": list(row.reasons),
+                      "audit": row.audit, "record": upload.record})
+        self._ensure(image_key, upload.data, upload.content_type, batch.batch_id)
+        self._ensure(pre_key, pre, "application/json", batch.batch_id)
+        self.journal.item_sent(item.image_id, image_key, pre_key, line)
+
+    def _line(self, row: ImageRow, image_key: str, record: dict[str, Any]) -> str | None:
+        """The manifest line; persons with the lowest confidence are left out while it is too
+        long for Ground Truth (the full record is in the pre-annotation object)."""
+        record = dict(record)
+        while True:
+            try:
+                return manifest_line(self.target.uri(image_key), row.image_id, record, row.bundle_id or "",
+                                     row.score, row.reasons, row.audit, self.settings.appliance_id)
+            except ManifestError as exc:
+                persons = sorted(record.get("persons", []), key=lambda p: p.get("conf", 0.0))
+                if not persons:
+                    log.error("image %s: %s", row.image_id[:12], exc)
+                    return None
+                record["persons"] = [p for p in record["persons"] if p is not persons[0]]
+                log.warning("image %s: manifest line too long, left out a person (conf %.2f)",
+                            row.image_id[:12], persons[0].get("conf", 0.0))
+
+    def _ensure(self, key: str, data: bytes, content_type: str, batch_id: str, once: bool = False) -> None:
+        """Make ``key`` hold ``data``: nothing is sent when it is already there with this sha256.
+
+        ``once``: an object there with another checksum is a ``ConflictError`` (manifests),
+        instead of being replaced (an image key without or with a wrong checksum).
+        """
+        sha = hashlib.sha256(data).hexdigest()
+
+        def attempt() -> str:
+            info = self.target.head(key)
+            if info is not None and info.sha256 == sha:
+                return "present"
+            if info is not None and once:
+                raise ConflictError(f"{key} exists with sha256 {info.sha256}, expected {sha}; "
+                                    "refusing to overwrite a manifest")
+            self.target.put(key, data, content_type, sha256=sha)
+            return "sent"
+
+        status = retry_call(attempt, f"upload {key}", self.settings.retry, self.stop)
+        self.journal.object_done(key, sha, len(data), status, batch_id)
+        log.debug("%s %s (%d bytes)", status, key, len(data))
+
+    def _write_manifest(self, batch: Batch) -> None:
+        lines = [i.line for i in self.journal.items(batch.batch_id, "sent") if i.line]
+        if not lines:
+            return
+        data = ("\n".join(lines) + "\n").encode("utf-8")
+        key, sha = self.manifest_key(batch.batch_id), hashlib.sha256(data).hexdigest()
+        if batch.manifest_sha256 not in (None, sha):
+            raise ConflictError(f"batch {batch.batch_id}: manifest rebuilt with other content")
+        self.journal.set_manifest(batch.batch_id, key, sha)
+        self._ensure(key, data, "application/jsonlines", batch.batch_id, once=True)
+        log.info("manifest %s: %d lines", key, len(lines))
+
+    def _mark_uploaded(self, batch: Batch) -> None:
+        manifest = self.target.uri(self.manifest_key(batch.batch_id))
+        for item in self.journal.items(batch.batch_id, "sent"):
+            row = self.store.get(item.image_id)
+            meta = dict(row.meta) if row else {}
+            meta["upload"] = {"appliance": self.settings.appliance_id, "batch": batch.batch_id,
+                              "image": self.target.uri(item.image_key or ""), "manifest": manifest}
+            if not self.store.set_state(item.image_id, [REVIEW_PENDING], UPLOADED, meta=meta):
+                state = row.state if row else "missing"
+                if state != UPLOADED:
+                    log.warning("image %s is %s, not review_pending; not marked uploaded", item.image_id[:12], state)
+            self.journal.item_state(item.image_id, "marked")
