@@ -1,0 +1,276 @@
+"""Model pull: newer bundles from the registry, verified, gated, switched in atomically.
+
+Local layout under ``root`` (``<data root>/models`` by default)::
+
+    staging/<id>/              a candidate being downloaded and checked
+    bundles/<id>/              installed (verified, accepted) bundles
+    current  -> bundles/<id>   symlink: the bundle in use (point the daemon's engine.bundle here)
+    previous -> bundles/<id>   symlink: the one before, for ``rollback``
+    refused/<id>.reason.txt    a refused candidate and why; it is never tried again
+
+``ModelPuller.pull_once`` takes the registry's bundles newer than the one in use (order:
+``created``, then ``id``), newest first, and for each: download into ``staging/``; verify the
+ed25519 signature over ``bundle.json``'s bytes when a public key is configured; verify
+checksums and ONNX layouts (``load_bundle``); run the validation gate (``sync.gate``); then
+move it to ``bundles/``, switch the pointers (``os.replace`` of a fresh symlink, so a reader
+sees the old or the new target, never neither) and call ``reload_fn(path)`` (the agent passes
+one that calls the daemon's ReloadModels RPC, which swaps engines without failing requests in
+flight). A candidate failing any step is refused with its reason; the pointers and the
+daemon are not touched. If the daemon refuses the reload, the pointers are switched back.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from service.bundle import Bundle, load_bundle
+from service.errors import BundleError
+
+from .errors import PermanentError, RetryableError, SyncError
+from .gate import GateResult, ValidationGate
+from .registry import MANIFEST, SIGNATURE, BundleRegistry, RegistryEntry
+from .signing import SignatureError, load_public_key, verify_manifest
+
+log = logging.getLogger(__name__)
+
+ReloadFn = Callable[[str], Any]
+CURRENT, PREVIOUS = "current", "previous"
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _point(link: Path, target: Path | None) -> None:
+    """Make ``link`` a symlink to ``target`` (relative) atomically; None removes it."""
+    if target is None:
+        link.unlink(missing_ok=True)
+        return
+    tmp = link.with_name(f".{link.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    os.symlink(os.path.relpath(target, link.parent), tmp)
+    os.replace(tmp, link)
+
+
+class ModelSlots:
+    """The local folders and pointers (see module doc). Single writer: the sync agent or the CLI."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        for sub in ("staging", "bundles", "refused"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    def _target(self, name: str) -> Path | None:
+        link = self.root / name
+        return link.resolve() if link.is_symlink() and link.resolve().is_dir() else None
+
+    def current_path(self) -> Path | None:
+        return self._target(CURRENT)
+
+    def previous_path(self) -> Path | None:
+        return self._target(PREVIOUS)
+
+    def current(self, verify: bool = False) -> Bundle | None:
+        path = self.current_path()
+        return None if path is None else load_bundle(path, verify=verify)
+
+    def installed(self) -> list[str]:
+        return sorted(p.name for p in (self.root / "bundles").iterdir() if p.is_dir())
+
+    def refused(self) -> dict[str, str]:
+        """Refused bundle id -> reason text."""
+        return {p.name[: -len(".reason.txt")]: p.read_text(encoding="utf-8").strip()
+                for p in sorted((self.root / "refused").glob("*.reason.txt"))}
+
+    def refuse(self, bundle_id: str, reason: str) -> None:
+        path = self.root / "refused" / f"{bundle_id}.reason.txt"
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(f"{_now()} {reason}\n", encoding="utf-8")
+        os.replace(tmp, path)
+        shutil.rmtree(self.root / "staging" / bundle_id, ignore_errors=True)
+        log.warning("bundle %s refused: %s", bundle_id, reason)
+
+    def install(self, staged: Path, bundle_id: str) -> Path:
+        """Move a checked bundle from staging into ``bundles/<id>``."""
+        dest = self.root / "bundles" / bundle_id
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(staged, dest)
+        return dest
+
+    def switch(self, path: Path) -> tuple[Path | None, Path | None]:
+        """current -> ``path``, previous -> the old current; returns the old (current, previous)."""
+        old = (self.current_path(), self.previous_path())
+        if old[0] is not None and old[0] != Path(path).resolve():
+            _point(self.root / PREVIOUS, old[0])
+        _point(self.root / CURRENT, Path(path))
+        return old
+
+    def restore(self, old: tuple[Path | None, Path | None]) -> None:
+        _point(self.root / CURRENT, old[0])
+        _point(self.root / PREVIOUS, old[1])
+
+
+@dataclass
+class PullResult:
+    """What ``pull_once`` did: the bundle switched to (None: none), refusals, gate results."""
+
+    switched_to: str | None = None
+    refused: dict[str, str] = field(default_factory=dict)
+    gate: dict[str, GateResult] = field(default_factory=dict)
+    newer: list[str] = field(default_factory=list)
+
+
+class ModelPuller:
+    """Pulls, checks and switches bundles. ``public_key``: path of the ed25519 key; when set,
+    every candidate must carry a valid ``bundle.sig``. ``reload_fn(path)`` asks the daemon to
+    load the bundle at ``path`` and raises when it cannot."""
+
+    def __init__(self, slots: ModelSlots, registry: BundleRegistry, gate: ValidationGate,
+                 reload_fn: ReloadFn, public_key: Path | None = None) -> None:
+        self.slots = slots
+        self.registry = registry
+        self.gate = gate
+        self.reload_fn = reload_fn
+        self.public_key = load_public_key(public_key) if public_key is not None else None
+
+    def candidates(self) -> list[RegistryEntry]:
+        """Registry bundles newer than the one in use and never refused, newest first."""
+        current = self.slots.current()
+        refused = self.slots.refused()
+        order = (current.created, current.id) if current is not None else None
+        return [e for e in reversed(self.registry.entries())
+                if e.bundle_id not in refused and (order is None or e.order > order)]
+
+    def pull_once(self) -> PullResult:
+        """One pass over the newer bundles (see module doc). Store outages (``RetryableError``)
+        propagate and refuse nothing; the next pass tries again."""
+        result = PullResult()
+        entries = self.candidates()
+        result.newer = [e.bundle_id for e in entries]
+        for entry in entries:
+            reason = self._try(entry, result)
+            if reason is None:
+                result.switched_to = entry.bundle_id
+                break
+            self.slots.refuse(entry.bundle_id, reason)
+            result.refused[entry.bundle_id] = reason
+        return result
+
+    def _try(self, entry: RegistryEntry, result: PullResult) -> str | None:
+        """Check and switch to one candidate; returns the refusal reason, or None on success."""
+        bid = entry.bundle_id
+        if entry.problem:
+            return entry.problem
+        try:
+            staged = self.registry.download(bid, self.slots.root / "staging" / bid)
+        except PermanentError as exc:
+            return str(exc)
+        if self.public_key is not None:
+            sig = staged / SIGNATURE
+            try:
+                verify_manifest((staged / MANIFEST).read_bytes(), sig.read_bytes() if sig.is_file() else None,
+                                self.public_key)
+            except SignatureError as exc:
+                return f"signature: {exc}"
+        try:
+            candidate = load_bundle(staged)
+        except BundleError as exc:
+            return f"verification: {exc}"
+        if candidate.id != bid:
+            return f"bundle.json says id {candidate.id!r} but it is published as {bid!r}"
+        current = self.slots.current()
+        gate = self.gate.check(current, candidate)
+        result.gate[bid] = gate
+        if not gate.passed:
+            return f"validation gate: {gate.reason}"
+        log.info("bundle %s passed the gate: %s", bid, gate.reason)
+        path = self.slots.install(staged, bid)
+        try:
+            self._switch(path)
+        except BundleError as exc:
+            shutil.rmtree(path, ignore_errors=True)
+            return f"the daemon refused to load it: {exc}"
+        return None
+
+    def _switch(self, path: Path) -> None:
+        """Point ``current`` at ``path`` and reload the daemon. When the reload fails the
+        pointers are restored; ``BundleError`` (the daemon refuses this bundle) is re-raised,
+        anything else (daemon unreachable) becomes ``RetryableError``."""
+        old = self.slots.switch(path)
+        try:
+            self.reload_fn(str(path))
+        except BundleError:
+            self.slots.restore(old)
+            raise
+        except Exception as exc:  # the reload callable may raise gRPC or OS errors
+            self.slots.restore(old)
+            log.error("reloading %s failed (%s); the previous bundle stays in use", path, exc)
+            raise RetryableError(f"the daemon could not be asked to load {path}: {exc}") from exc
+        log.info("switched to bundle %s (previous: %s)", path.name, old[0].name if old[0] else None)
+
+    def rollback(self) -> str:
+        """Switch back to ``previous``; the bundle rolled back from is refused for good. Returns
+        the id now in use. ``SyncError`` when there is no previous bundle."""
+        cur, prev = self.slots.current_path(), self.slots.previous_path()
+        if prev is None:
+            raise SyncError(f"no previous bundle under {self.slots.root} to roll back to")
+        old = (cur, prev)
+        _point(self.slots.root / CURRENT, prev)
+        _point(self.slots.root / PREVIOUS, None)
+        try:
+            self.reload_fn(str(prev))
+        except Exception as exc:  # the reload callable may raise gRPC or bundle errors
+            self.slots.restore(old)
+            raise SyncError(f"rollback: the daemon could not load {prev}: {exc}") from exc
+        if cur is not None:
+            self.slots.refuse(cur.name, "rolled back by the operator")
+        log.info("rolled back from %s to %s", cur.name if cur else None, prev.name)
+        return prev.name
+
+    def adopt(self, bundle_dir: Path) -> str:
+        """Install a local, verified bundle as ``current`` without reloading (first start)."""
+        bundle = load_bundle(bundle_dir)
+        staged = self.slots.root / "staging" / bundle.id
+        shutil.rmtree(staged, ignore_errors=True)
+        shutil.copytree(bundle_dir, staged)
+        self.slots.switch(self.slots.install(staged, bundle.id))
+        return bundle.id
+
+
+class ModelPullTask:
+    """A sync-agent task: ``run_once`` pulls once; True when the bundle in use changed."""
+
+    def __init__(self, puller: ModelPuller) -> None:
+        self.puller = puller
+
+    def run_once(self) -> bool:
+        return self.puller.pull_once().switched_to is not None
+
+
+def grpc_reload_fn(target: str, timeout: float = 120.0, **client_options: Any) -> ReloadFn:
+    """A ``reload_fn`` that calls the daemon's ReloadModels RPC at ``target`` (host:port).
+
+    FAILED_PRECONDITION (the daemon's answer to a bundle it cannot load) becomes
+    ``BundleError``; any other failure ``RetryableError``."""
+    def reload(path: str) -> Any:
+        import grpc
+
+        from service.client import AnnotatorClient
+
+        try:
+            with AnnotatorClient(target, **client_options) as client:
+                return client.reload(path, timeout=timeout)
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            detail = exc.details() if hasattr(exc, "details") else str(exc)
+            if code == grpc.StatusCode.FAILED_PRECONDITION:
+                raise BundleError(f"daemon at {target}: {detail}") from exc
+            raise RetryableError(f"daemon at {target}: ReloadModels failed with {code}: {detail}") from exc
+
+    return reload

@@ -1,0 +1,120 @@
+"""The model registry: bundles published under one prefix of an object store (or a folder).
+
+Layout (the same in a folder, ``LocalFolderStore(root)``, and in a bucket, ``S3Store``)::
+
+    bundles/<bundle_id>/bundle.json     the manifest (``service.bundle``)
+    bundles/<bundle_id>/<model>.onnx    the files it names
+    bundles/<bundle_id>/bundle.sig      optional: ed25519 signature over bundle.json's bytes
+
+``BundleRegistry`` lists the published bundles, orders them (``created``, then ``id``) and
+downloads one into a local folder: only ``bundle.json``, ``bundle.sig`` and the files the
+manifest names travel; the folder is filled under a temporary name and renamed into place, so
+a half-downloaded bundle is never looked at. Checksums, layouts and the signature are checked
+by the caller (``sync.models``), not here.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ObjectNotFound, PermanentError
+from .objectstore import ObjectStore
+
+log = logging.getLogger(__name__)
+
+BUNDLES = "bundles/"
+MANIFEST, SIGNATURE = "bundle.json", "bundle.sig"
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    """A published bundle as the registry lists it. ``manifest`` is bundle.json's parsed data
+    (None when unreadable; ``problem`` then says why)."""
+
+    bundle_id: str
+    created: str
+    manifest: dict[str, Any] | None
+    problem: str | None = None
+
+    @property
+    def order(self) -> tuple[str, str]:
+        """Sort key: newer bundles sort later."""
+        return (self.created, self.bundle_id)
+
+
+class BundleRegistry:
+    """Read-only view of ``bundles/`` in ``store``."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+
+    def __repr__(self) -> str:
+        return f"BundleRegistry({self.store!r})"
+
+    def bundle_ids(self) -> list[str]:
+        """Ids of every folder under ``bundles/`` that holds a ``bundle.json``."""
+        ids = set()
+        for key in self.store.list(BUNDLES):
+            parts = key[len(BUNDLES):].split("/")
+            if len(parts) == 2 and parts[1] == MANIFEST:
+                ids.add(parts[0])
+        return sorted(ids)
+
+    def entries(self) -> list[RegistryEntry]:
+        """Every published bundle, oldest first. An unreadable manifest is listed with its problem
+        (``created`` taken as the id, so it still has a place in the order)."""
+        out = []
+        for bid in self.bundle_ids():
+            try:
+                data = json.loads(self.manifest_bytes(bid))
+                if not isinstance(data, dict):
+                    raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+                out.append(RegistryEntry(bid, str(data.get("created", "")), data))
+            except (ValueError, UnicodeDecodeError) as exc:
+                out.append(RegistryEntry(bid, "", None, f"bundle.json is not valid JSON: {exc}"))
+        return sorted(out, key=lambda e: e.order)
+
+    def manifest_bytes(self, bundle_id: str) -> bytes:
+        return self.store.get(f"{BUNDLES}{bundle_id}/{MANIFEST}")
+
+    def download(self, bundle_id: str, dest: Path) -> Path:
+        """Copy the bundle into the folder ``dest`` (replaced if present) and return it.
+
+        Raises ``PermanentError`` when the manifest names a file the registry lacks or a file
+        name that is not a plain name; store errors (``RetryableError``) pass through.
+        """
+        dest = Path(dest)
+        tmp = dest.with_name(f".{dest.name}.partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            manifest = self.manifest_bytes(bundle_id)
+            (tmp / MANIFEST).write_bytes(manifest)
+            try:
+                data = json.loads(manifest)
+                files = sorted({str(m["file"]) for m in dict(data.get("models") or {}).values() if m})
+            except (ValueError, TypeError, KeyError, AttributeError) as exc:
+                raise PermanentError(f"bundle {bundle_id}: bundle.json is malformed: {exc}") from exc
+            for name in files:
+                if Path(name).name != name or name in (MANIFEST, SIGNATURE, "", ".", ".."):
+                    raise PermanentError(f"bundle {bundle_id}: model file name {name!r} is not a plain file name")
+                try:
+                    (tmp / name).write_bytes(self.store.get(f"{BUNDLES}{bundle_id}/{name}"))
+                except ObjectNotFound as exc:
+                    raise PermanentError(f"bundle {bundle_id}: {name} is named in bundle.json but missing "
+                                         "from the registry") from exc
+            try:
+                (tmp / SIGNATURE).write_bytes(self.store.get(f"{BUNDLES}{bundle_id}/{SIGNATURE}"))
+            except ObjectNotFound:
+                pass
+            shutil.rmtree(dest, ignore_errors=True)
+            tmp.rename(dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        log.info("downloaded bundle %s from %r to %s", bundle_id, self.store, dest)
+        return dest
