@@ -61,3 +61,26 @@ def test_client_against_a_real_server(served: tuple[Any, int], small_jpeg: Calla
         with pytest.raises(grpc.RpcError) as err:
             client.annotate(b"not an image")
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_token_is_required_when_configured(make_config: Callable[..., Any], small_jpeg: Callable[[int], bytes]) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from service.daemon import Daemon
+    from service.server import create_server
+
+    daemon = Daemon(make_config(server__token="s3cret"))
+    daemon.start()
+    server, port = create_server(daemon.config, daemon)
+    try:
+        with AnnotatorClient(f"127.0.0.1:{port}", timeout=30, retries=0) as anonymous:
+            with pytest.raises(grpc.RpcError) as err:
+                anonymous.status()
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "token" in err.value.details()
+            health = health_pb2_grpc.HealthStub(anonymous.channel)  # probes need no secret
+            assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+        with AnnotatorClient(f"127.0.0.1:{port}", timeout=30, token="s3cret") as client:
+            assert client.annotate(small_jpeg(50)).state in ("auto_accepted", "review_pending")
+    finally:
+        server.stop(grace=1.0).wait(5)
+        daemon.close()

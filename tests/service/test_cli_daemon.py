@@ -1,0 +1,44 @@
+"""``annotator annotate`` (no server) and ``--set`` parsing."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.cli import main
+from service.cli_daemon import parse_sets
+from service.errors import ConfigError
+
+
+def test_annotate_files_writes_sidecars(tmp_path: Path, coco17_bundle: Any, coco_people_photos: list[Path],
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 nothing")
+    out = tmp_path / "out"
+    rc = main(["annotate", str(coco_people_photos[0]), str(bad), "--bundle", str(coco17_bundle.path), "--out", str(out)])
+    assert rc == 0
+    (sidecar,) = out.glob("*.json")
+    record = json.loads(sidecar.read_text())
+    assert record["persons"] and record["keypoint_names"][0] == "nose" and record["judgement"]["decision"]
+    captured = capsys.readouterr()
+    assert "broken.jpg: skipped" in captured.err and "1 skipped" in captured.out
+
+
+@pytest.mark.parametrize("items,expected", [
+    (None, {}), ([], {}), (["server.listen=127.0.0.1:0"], {"server.listen": "127.0.0.1:0"}),
+    (["a.b=x=y"], {"a.b": "x=y"}),
+])
+def test_parse_sets(items: list[str] | None, expected: dict[str, str]) -> None:
+    assert parse_sets(items) == expected
+
+
+def test_parse_sets_refuses_missing_equals() -> None:
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_sets(["server.listen"])
+
+
+def test_serve_with_a_bad_key_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--set", "server.lisen=1"]) == 2
+    assert "did you mean" in capsys.readouterr().err
