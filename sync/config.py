@@ -1,0 +1,166 @@
+"""The sync agent's configuration: the ``[sync]`` table of the daemon's TOML file.
+
+::
+
+    [store]
+    root = "annotator-data"          # the daemon's store; the agent reads the same one
+
+    [sync]
+    appliance_id = "cabin-lab-01"    # names this box in keys and manifests (default: host name)
+    batch_size = 50                  # images per upload batch / manifest
+    max_side = 1280                  # downscale larger images for upload (absent: originals)
+    jpeg_quality = 90
+    poll_interval = 10.0             # seconds between passes when there is nothing to do
+    retry_base = 0.5                 # backoff: first ceiling, seconds (doubles per attempt) ...
+    retry_cap = 60.0                 # ... up to this
+    retry_attempts = 8               # tries per object in one pass before the pass gives up
+    # store_root = "..."             # only to override [store] root
+
+    [sync.target]
+    kind = "s3"                      # "local" (default: a folder laid out like the bucket) or "s3"
+    root = "outbox"                  # local: the folder (default <store root>/outbox)
+    bucket = "edge-review"           # s3
+    prefix = "edge"                  # both: key prefix
+    endpoint_url = "http://127.0.0.1:8333"   # s3-compatible servers; absent: AWS
+    region = "eu-central-1"
+    sse = "aws:kms"                  # "AES256", "aws:kms" or absent
+    kms_key_id = "alias/edge"
+    multipart_threshold_mb = 16
+
+Other ``[sync.*]`` subtables (review backend, model pull) are kept in ``SyncConfig.tables`` for
+their tasks. Relative paths are taken relative to the file's folder. Credentials are not
+configured here: boto3's standard chain finds them. ``ANNOTATOR_CONFIG`` names the file when
+no ``--config`` is given.
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import SyncConfigError
+from .objectstore import LocalFolderStore, ObjectStore
+
+_SYNC_KEYS = {"appliance_id": str, "batch_size": int, "max_side": int, "jpeg_quality": int,
+              "poll_interval": (int, float), "retry_base": (int, float), "retry_cap": (int, float),
+              "retry_attempts": int, "store_root": str}
+_TARGET_KEYS = {"kind": str, "root": str, "bucket": str, "prefix": str, "endpoint_url": str, "region": str,
+                "sse": str, "kms_key_id": str, "multipart_threshold_mb": int}
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    kind: str = "local"
+    root: Path | None = None
+    bucket: str | None = None
+    prefix: str = ""
+    endpoint_url: str | None = None
+    region: str | None = None
+    sse: str | None = None
+    kms_key_id: str | None = None
+    multipart_threshold_mb: int = 16
+
+
+@dataclass(frozen=True)
+class SyncConfig:
+    store_root: Path
+    appliance_id: str
+    target: TargetConfig = field(default_factory=TargetConfig)
+    batch_size: int = 50
+    max_side: int | None = None
+    jpeg_quality: int = 90
+    poll_interval: float = 10.0
+    retry_base: float = 0.5
+    retry_cap: float = 60.0
+    retry_attempts: int = 8
+    tables: Mapping[str, Any] = field(default_factory=dict)
+
+
+def default_appliance_id() -> str:
+    """The host name, reduced to the characters allowed in an appliance id."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()).strip("-._")
+    return (name or "appliance")[:64]
+
+
+def _check(table: Mapping[str, Any], allowed: Mapping[str, Any], where: str, source: str) -> dict[str, Any]:
+    out = {}
+    for key, value in table.items():
+        if isinstance(value, dict) and where == "sync":
+            continue  # a subtable for another task
+        if key not in allowed:
+            raise SyncConfigError(f"{where}.{key}: unknown key ({source}); known: {', '.join(sorted(allowed))}")
+        if isinstance(value, bool) or not isinstance(value, allowed[key]):
+            raise SyncConfigError(f"{where}.{key}: expected {allowed[key]}, got {value!r} ({source})")
+        out[key] = value
+    return out
+
+
+def sync_config_from_dict(doc: Mapping[str, Any], base: Path, source: str = "config") -> SyncConfig:
+    """Build and validate a ``SyncConfig`` from a parsed TOML document; ``base`` resolves relative paths."""
+    sync_table = doc.get("sync", {})
+    if not isinstance(sync_table, dict):
+        raise SyncConfigError(f"sync: expected a [sync] table ({source})")
+    values = _check(sync_table, _SYNC_KEYS, "sync", source)
+    target_table = sync_table.get("target", {})
+    target = _check(target_table, _TARGET_KEYS, "sync.target", source)
+    store_root = values.pop("store_root", None) or doc.get("store", {}).get("root", "annotator-data")
+    store_root = base / Path(store_root)
+    kind = target.get("kind", "local")
+    if kind not in ("local", "s3"):
+        raise SyncConfigError(f"sync.target.kind: expected 'local' or 's3', got {kind!r} ({source})")
+    if kind == "s3" and not target.get("bucket"):
+        raise SyncConfigError(f"sync.target.bucket: required when kind = 's3' ({source})")
+    if target.get("sse") not in (None, "AES256", "aws:kms"):
+        raise SyncConfigError(f"sync.target.sse: expected 'AES256' or 'aws:kms', got {target['sse']!r} ({source})")
+    if target.get("kms_key_id") and target.get("sse") != "aws:kms":
+        raise SyncConfigError(f"sync.target.kms_key_id: needs sse = 'aws:kms' ({source})")
+    if target.get("multipart_threshold_mb", 16) < 5:
+        raise SyncConfigError(f"sync.target.multipart_threshold_mb: expected >= 5 (S3's part minimum) ({source})")
+    root = base / target["root"] if "root" in target else store_root / "outbox"
+    tcfg = TargetConfig(**{**target, "root": root})
+    for key, low in (("batch_size", 1), ("max_side", 16), ("jpeg_quality", 1), ("retry_attempts", 1)):
+        if key in values and values[key] < low:
+            raise SyncConfigError(f"sync.{key}: expected >= {low}, got {values[key]} ({source})")
+    for key in ("poll_interval", "retry_base", "retry_cap"):
+        if key in values and values[key] < 0:
+            raise SyncConfigError(f"sync.{key}: expected >= 0, got {values[key]} ({source})")
+    if values.get("jpeg_quality", 90) > 100:
+        raise SyncConfigError(f"sync.jpeg_quality: expected <= 100, got {values['jpeg_quality']} ({source})")
+    values.setdefault("appliance_id", default_appliance_id())
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", values["appliance_id"]):
+        raise SyncConfigError(f"sync.appliance_id: expected 1-64 of A-Z a-z 0-9 . _ -, got "
+                              f"{values['appliance_id']!r} ({source})")
+    tables = {k: v for k, v in sync_table.items() if isinstance(v, dict) and k != "target"}
+    return SyncConfig(store_root=store_root, target=tcfg, tables=tables,
+                      **{k: float(v) if k in ("poll_interval", "retry_base", "retry_cap") else v
+                         for k, v in values.items()})
+
+
+def load_sync_config(path: Path | None = None, env: Mapping[str, str] = os.environ) -> SyncConfig:
+    """Read ``path`` (or ``$ANNOTATOR_CONFIG``; neither: all defaults) and build the ``SyncConfig``."""
+    if path is None and env.get("ANNOTATOR_CONFIG"):
+        path = Path(env["ANNOTATOR_CONFIG"])
+    if path is None:
+        return sync_config_from_dict({}, Path.cwd(), "defaults")
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except FileNotFoundError as exc:
+        raise SyncConfigError(f"config file {path} does not exist") from exc
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise SyncConfigError(f"config file {path} cannot be read as TOML: {exc}") from exc
+    return sync_config_from_dict(doc, Path(path).resolve().parent, f"from {path}")
+
+
+def open_target(cfg: TargetConfig) -> ObjectStore:
+    """The configured object store (boto3 is imported only for ``kind = "s3"``)."""
+    if cfg.kind == "local":
+        return LocalFolderStore(cfg.root or Path("outbox"), cfg.prefix)
+    from .s3store import S3Store
+
+    return S3Store(cfg.bucket or "", cfg.prefix, endpoint_url=cfg.endpoint_url, region=cfg.region, sse=cfg.sse,
+                   kms_key_id=cfg.kms_key_id, multipart_threshold=cfg.multipart_threshold_mb << 20)
