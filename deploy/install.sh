@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Install the edge annotator as systemd services on a Debian/Ubuntu-like machine.
+#
+#   sudo deploy/install.sh [--dry-run] [--gpu] [--with-sync] [--no-enable] [--python PYTHON]
+#
+# What it does (every step is idempotent; re-run it to upgrade):
+#   1. a system user and group "annotator" (no login shell, home /var/lib/annotator);
+#   2. a virtual environment in /opt/annotator with this checkout installed (onnxruntime-gpu
+#      instead of onnxruntime with --gpu);
+#   3. /etc/annotator/annotator.toml from deploy/annotator.toml when none exists yet (an existing
+#      one is never overwritten), /var/lib/annotator, /srv/annotator/{drop,sidecars};
+#   4. the units into /etc/systemd/system (plus a GPU drop-in with --gpu), daemon-reload,
+#      enable annotator.service (and annotator-sync.service with --with-sync).
+# Nothing is started: check with `annotator doctor`, then `systemctl start annotator`.
+# --dry-run prints the commands instead of running them (needs no root, changes nothing).
+set -euo pipefail
+
+PREFIX=/opt/annotator
+CONF_DIR=/etc/annotator
+STATE_DIR=/var/lib/annotator
+DATA_DIR=/srv/annotator
+UNIT_DIR=/etc/systemd/system
+USER_NAME=annotator
+SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+DRY_RUN=0 GPU=0 WITH_SYNC=0 ENABLE=1 PYTHON=python3
+
+usage() { sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --dry-run) DRY_RUN=1 ;;
+        --gpu) GPU=1 ;;
+        --with-sync) WITH_SYNC=1 ;;
+        --no-enable) ENABLE=0 ;;
+        --python) PYTHON="${2:?--python needs a value}"; shift ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "install.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+# run CMD...: run it, or print it (shell-quoted) with --dry-run.
+run() {
+    if [[ $DRY_RUN -eq 1 ]]; then
+        printf '+'; printf ' %q' "$@"; printf '\n'
+    else
+        "$@"
+    fi
+}
+
+if [[ $DRY_RUN -eq 0 && $EUID -ne 0 ]]; then
+    echo "install.sh: run as root (sudo), or with --dry-run to see the steps" >&2
+    exit 1
+fi
+[[ -f "$SRC/pyproject.toml" ]] || { echo "install.sh: $SRC is not the annotator checkout" >&2; exit 1; }
+
+echo "== user and group $USER_NAME"
+if ! getent group "$USER_NAME" >/dev/null; then
+    run groupadd --system "$USER_NAME"
+fi
+if ! getent passwd "$USER_NAME" >/dev/null; then
+    run useradd --system --gid "$USER_NAME" --home-dir "$STATE_DIR" --no-create-home \
+        --shell /usr/sbin/nologin --comment "edge annotator" "$USER_NAME"
+fi
+
+echo "== virtual environment $PREFIX"
+run "$PYTHON" -m venv "$PREFIX"
+run "$PREFIX/bin/pip" install --quiet --disable-pip-version-check --upgrade "$SRC"
+if [[ $GPU -eq 1 ]]; then
+    # onnxruntime and onnxruntime-gpu share the module name: exactly one of them.
+    run "$PREFIX/bin/pip" uninstall --quiet --yes onnxruntime
+    run "$PREFIX/bin/pip" install --quiet --disable-pip-version-check "onnxruntime-gpu>=1.20"
+fi
+
+echo "== folders and configuration"
+run install -d -m 0750 -o root -g "$USER_NAME" "$CONF_DIR"
+run install -d -m 0750 -o "$USER_NAME" -g "$USER_NAME" "$STATE_DIR" "$STATE_DIR/bundles"
+# setgid: files copied in by members of the group stay in the group.
+run install -d -m 2770 -o "$USER_NAME" -g "$USER_NAME" "$DATA_DIR" "$DATA_DIR/drop" "$DATA_DIR/sidecars"
+if [[ -e "$CONF_DIR/annotator.toml" ]]; then
+    echo "keeping the existing $CONF_DIR/annotator.toml"
+else
+    run install -m 0640 -o root -g "$USER_NAME" "$SRC/deploy/annotator.toml" "$CONF_DIR/annotator.toml"
+fi
+
+echo "== systemd units"
+run install -m 0644 "$SRC/deploy/systemd/annotator.service" "$UNIT_DIR/annotator.service"
+run install -m 0644 "$SRC/deploy/systemd/annotator-sync.service" "$UNIT_DIR/annotator-sync.service"
+if [[ $GPU -eq 1 ]]; then
+    run install -d -m 0755 "$UNIT_DIR/annotator.service.d"
+    if [[ $DRY_RUN -eq 1 ]]; then
+        echo "+ write $UNIT_DIR/annotator.service.d/gpu.conf ([Service] PrivateDevices=no)"
+    else
+        printf '# CUDA needs /dev/nvidia*; written by install.sh --gpu\n[Service]\nPrivateDevices=no\n' \
+            > "$UNIT_DIR/annotator.service.d/gpu.conf"
+    fi
+fi
+run systemctl daemon-reload
+if [[ $ENABLE -eq 1 ]]; then
+    run systemctl enable annotator.service
+    if [[ $WITH_SYNC -eq 1 ]]; then
+        run systemctl enable annotator-sync.service
+    fi
+fi
+
+cat <<MSG
+== done
+Next: put a bundle in $STATE_DIR/bundles/current, review $CONF_DIR/annotator.toml, then
+  sudo -u $USER_NAME $PREFIX/bin/annotator doctor --config $CONF_DIR/annotator.toml
+  sudo systemctl start annotator
+  $PREFIX/bin/annotator status
+MSG
