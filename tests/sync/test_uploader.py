@@ -1,0 +1,218 @@
+"""The uploader: exactly once through crashes and outages, privacy, de-duplication, downscale."""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import threading
+from collections import Counter
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+import pytest
+
+from service.store import Store
+from sync.backoff import RetryPolicy, compute_backoff
+from sync.errors import PermanentError
+from sync.objectstore import LocalFolderStore, ObjectInfo, ObjectStore, S3Store
+from sync.uploader import Uploader, UploadSettings
+
+from reviewdata import fill_store
+from s3servers import S3Server
+
+FAST = RetryPolicy(base=0.02, cap=0.3, attempts=None, rng=random.Random(7))
+
+
+class Crash(BaseException):
+    """Stands for the process dying: nothing after it runs, nothing catches it."""
+
+
+class Recording:
+    """An ObjectStore wrapper that counts successful puts per key; runs ``hook(n)`` before put
+    number n and ``after(n)`` once it succeeded."""
+
+    def __init__(self, inner: ObjectStore, hook: Callable[[int], None] | None = None,
+                 after: Callable[[int], None] | None = None) -> None:
+        self.inner, self.hook, self.after, self.puts, self.calls = inner, hook, after, Counter(), 0
+
+    def put(self, key: str, data, content_type: str = "application/octet-stream", sha256=None, metadata=None) -> None:
+        self.calls += 1
+        if self.hook:
+            self.hook(self.calls)
+        self.inner.put(key, data, content_type, sha256, metadata)
+        self.puts[key] += 1
+        if self.after:
+            self.after(self.calls)
+
+    def head(self, key: str) -> ObjectInfo | None:
+        return self.inner.head(key)
+
+    def get(self, key: str) -> bytes:
+        return self.inner.get(key)
+
+    def list(self, prefix: str = ""):
+        return self.inner.list(prefix)
+
+    def delete(self, key: str) -> None:
+        self.inner.delete(key)
+
+    def check(self) -> None:
+        self.inner.check()
+
+    def uri(self, key: str) -> str:
+        return self.inner.uri(key)
+
+
+def drain(uploader: Uploader) -> None:
+    for _ in range(100):
+        if not uploader.run_once():
+            return
+    raise AssertionError("the uploader never ran out of work")
+
+
+def manifest_lines(target: ObjectStore) -> list[dict]:
+    return [json.loads(t) for k in target.list("manifests/") for t in target.get(k).decode().splitlines()]
+
+
+def assert_exactly_once(target: ObjectStore, store: Store, review_ids: list[str], appliance: str = "box-1") -> None:
+    lines = manifest_lines(target)
+    assert sorted(line["image-id"] for line in lines) == sorted(review_ids)  # each once, nothing else
+    assert len(list(target.list("images/"))) == len(review_ids)
+    assert len(list(target.list(f"preannotations/{appliance}/"))) == len(review_ids)
+    for line in lines:
+        key = line["source-ref"].split("/edge/", 1)[1]
+        assert target.head(key).sha256 == key.split("/")[1].split(".")[0]
+    assert all(store.get(i).state == "uploaded" for i in review_ids)
+
+
+@pytest.mark.parametrize("attempt, base, cap, ceiling", [(0, 0.5, 60, 0.5), (3, 0.5, 60, 4.0), (40, 0.5, 60, 60.0),
+                                                         (2, 0.0, 60, 0.0)])
+def test_compute_backoff_full_jitter(attempt: int, base: float, cap: float, ceiling: float) -> None:
+    rng = random.Random(1)
+    values = [compute_backoff(attempt, base, cap, rng) for _ in range(200)]
+    assert all(0 <= v <= ceiling for v in values)
+    assert ceiling == 0 or max(values) > 0.8 * ceiling  # spread over the whole range
+
+
+@pytest.fixture(params=["local", "moto"])
+def target(request: pytest.FixtureRequest, tmp_path: Path, s3_env: None) -> ObjectStore:
+    if request.param == "local":
+        return LocalFolderStore(tmp_path / "bucket", "edge")
+    server: S3Server = request.getfixturevalue("moto_server")
+    return S3Store(server.new_bucket(), "edge", endpoint_url=server.endpoint_url, region="us-east-1")
+
+
+def test_only_review_pending_images_go_up_exactly_once(target: ObjectStore, tmp_path: Path) -> None:
+    store, review, auto = fill_store(tmp_path / "store", review=5, auto=2)
+    rec = Recording(target)
+    drain(Uploader(store, rec, UploadSettings("box-1", batch_size=2, retry=FAST)))
+    assert_exactly_once(target, store, review)
+    assert max(rec.puts.values()) == 1 and len(rec.puts) == 5 + 5 + 3  # images, pre-annotations, 3 manifests
+    assert all(store.get(i).state == "auto_accepted" for i in auto)
+    line = manifest_lines(target)[0]
+    assert {"source-ref", "image-id", "edge-bundle", "edge-score", "edge-reasons", "edge-audit", "auto-head",
+            "auto-kpts"} <= set(line)
+    assert store.get(line["image-id"]).meta["upload"]["batch"]
+    # A second run finds nothing to do and sends nothing.
+    assert not Uploader(store, rec, UploadSettings("box-1", batch_size=2, retry=FAST)).run_once()
+    assert max(rec.puts.values()) == 1
+
+
+@pytest.mark.parametrize("crash_at", [1, 2, 5, 7])  # after put n: image, pre-annotation, next image, manifest (7)
+def test_crash_after_a_put_is_repaired_without_sending_again(tmp_path: Path, crash_at: int) -> None:
+    store, review, _ = fill_store(tmp_path / "store", review=3)
+    target = LocalFolderStore(tmp_path / "bucket", "edge")
+
+    def crash_after(n: int) -> None:
+        if n == crash_at:
+            raise Crash()
+
+    first = Recording(target, after=crash_after)
+    with pytest.raises(Crash):
+        drain(Uploader(store, first, UploadSettings("box-1", batch_size=3, retry=FAST)))
+    assert all(store.get(i).state == "review_pending" for i in review)  # nothing marked before its manifest
+    second = Recording(target)
+    drain(Uploader(Store(tmp_path / "store"), second, UploadSettings("box-1", batch_size=3, retry=FAST)))
+    assert not set(first.puts) & set(second.puts)  # what arrived before the crash was not sent again
+    assert_exactly_once(target, store, review)
+
+
+def test_appliances_share_a_bucket_and_images_are_deduplicated(tmp_path: Path) -> None:
+    target = LocalFolderStore(tmp_path / "bucket", "edge")
+    store_a, ids_a, _ = fill_store(tmp_path / "a", review=3)
+    store_b, ids_b, _ = fill_store(tmp_path / "b", review=4)  # the same three images and one more
+    drain(Uploader(store_a, target, UploadSettings("box-a", retry=FAST)))
+    rec = Recording(target)
+    drain(Uploader(store_b, rec, UploadSettings("box-b", retry=FAST)))
+    assert len(list(target.list("images/"))) == 4
+    assert sum(k.startswith("images/") for k in rec.puts) == 1  # only the new image went up
+    assert len(list(target.list("preannotations/box-a/"))) == 3 and len(list(target.list("preannotations/box-b/"))) == 4
+    assert [k.split("/")[1] for k in target.list("manifests/")] == ["box-a", "box-b"]
+    assert all(line["edge-appliance"] in ("box-a", "box-b") for line in manifest_lines(target))
+
+
+def test_downscale_rescales_boxes_and_points_per_axis(tmp_path: Path) -> None:
+    store, (image_id,), _ = fill_store(tmp_path / "store", review=1, width=203, height=151)
+    target = LocalFolderStore(tmp_path / "bucket", "edge")
+    drain(Uploader(store, target, UploadSettings("box-1", max_side=64, jpeg_quality=80, retry=FAST)))
+    (key,) = target.list("images/")
+    pixels = cv2.imdecode(np.frombuffer(target.get(key), np.uint8), cv2.IMREAD_COLOR)
+    assert pixels.shape[:2] == (48, 64)  # 151 * 64 / 203 = 47.6 -> 48
+    sx, sy = 64 / 203, 48 / 151
+    pre = json.loads(target.get(f"preannotations/box-1/{hashlib.sha256(target.get(key)).hexdigest()}.json"))
+    original = store.get(image_id).record
+    assert pre["record"]["heads"][0]["box"] == pytest.approx(
+        [v * s for v, s in zip(original["heads"][0]["box"], (sx, sy, sx, sy))])
+    for got, was in zip(pre["record"]["persons"][0]["keypoints"], original["persons"][0]["keypoints"]):
+        assert (got["x"], got["y"]) == pytest.approx((was["x"] * sx, was["y"] * sy))
+    (line,) = manifest_lines(target)
+    assert line["auto-head"]["image_size"] == [{"width": 64, "height": 48, "depth": 3}]
+
+
+def test_an_image_that_leaves_review_pending_is_not_uploaded(tmp_path: Path) -> None:
+    store, review, _ = fill_store(tmp_path / "store", review=3)
+    target = LocalFolderStore(tmp_path / "bucket", "edge")
+    rec = Recording(target, lambda n: n == 1 and store.set_state(review[2], ["review_pending"], "failed", error="x"))
+    drain(Uploader(store, rec, UploadSettings("box-1", retry=FAST)))
+    assert sorted(line["image-id"] for line in manifest_lines(target)) == sorted(review[:2])
+    assert store.get(review[2]).state == "failed" and len(list(target.list("images/"))) == 2
+
+
+def test_s3_server_stops_mid_batch_and_comes_back(moto_server, tmp_path: Path, s3_env: None) -> None:
+    store, review, _ = fill_store(tmp_path / "store", review=6)
+    target = S3Store(moto_server.new_bucket(), "edge", endpoint_url=moto_server.endpoint_url, region="us-east-1",
+                     connect_timeout=1, read_timeout=5)
+    restarted = threading.Event()
+
+    def outage(n: int) -> None:
+        if n == 4:  # in the middle of the first batch: down for a second
+            moto_server.stop()
+            threading.Timer(1.0, lambda: (moto_server.start(), restarted.set())).start()
+
+    rec = Recording(target, outage)
+    drain(Uploader(store, rec, UploadSettings("box-1", batch_size=4, retry=FAST)))
+    assert restarted.is_set()
+    assert_exactly_once(target, store, review)
+    assert max(rec.puts.values()) == 1
+
+
+def test_wrong_credentials_stop_with_a_clear_error(seaweed: S3Server, tmp_path: Path, s3_env: None,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    store, review, _ = fill_store(tmp_path / "store", review=2)
+    bucket = seaweed.new_bucket()
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    target = S3Store(bucket, "edge", endpoint_url=seaweed.endpoint_url, region="us-east-1")
+    with pytest.raises(PermanentError, match="credentials rejected"):
+        Uploader(store, target, UploadSettings("box-1", retry=FAST)).run_once()
+    assert store.counts()["review_pending"] == 2 and store.counts()["uploaded"] == 0
+    assert seaweed.client().list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
+
+
+def test_missing_bucket_stops_with_a_clear_error(moto_server, tmp_path: Path, s3_env: None) -> None:
+    store, _, _ = fill_store(tmp_path / "store", review=2)
+    target = S3Store("edge-missing-bucket", "edge", endpoint_url=moto_server.endpoint_url, region="us-east-1")
+    with pytest.raises(PermanentError, match="bucket edge-missing-bucket does not exist"):
+        Uploader(store, target, UploadSettings("box-1", retry=FAST)).run_once()
+    assert store.counts()["uploaded"] == 0
