@@ -194,3 +194,28 @@ def test_export_writes_coco_with_provenance_and_leaves_out_holdout(tmp_path: Pat
     assert full.images == 9
     store.close()
     dataset.close()
+
+
+def test_dataset_cli_status_and_export(world, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from sync.dataset_cli import register
+
+    store, dataset, merger = world
+    rid = _annotated(store, b"cli review", "review", audit=True)
+    store.set_state(rid, (REVIEW_PENDING,), UPLOADED)
+    merger.merge([_reviewed(rid, flip=3)])
+    _annotated(store, b"cli auto", "auto_accepted")  # added by the CLI's refresh
+    parser = argparse.ArgumentParser(prog="annotator")
+    register(parser.add_subparsers(dest="command", required=True))
+    common = ["--store-root", str(tmp_path / "store"), "--dataset-root", str(tmp_path / "dataset")]
+
+    args = parser.parse_args(["dataset", "status", "--json", *common])
+    assert args.func(args) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["reviewed"] == 1 and status["auto"] == 1 and status["recorded_versions"] == 2
+    assert status["mistakenness"]["audit_picks"]["count"] == 1
+    args = parser.parse_args(["dataset", "export", str(tmp_path / "out"), "--include-holdout", *common])
+    assert args.func(args) == 0
+    assert "2 images (1 reviewed, 1 auto)" in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "out" / "annotations.json").read_text())["images"]) == 2

@@ -176,3 +176,31 @@ def test_checksums_only_gate_engine_swap_and_daemon_refusal(tmp_path: Path, coco
     assert slots.current_path().name == "b-new" and slots.previous_path().name == coco17_bundle.id
     assert serving["engine"].bundle.id == "b-new"
     dataset.close()
+
+
+def test_models_cli_adopt_pull_list_rollback(tmp_path: Path, coco17_bundle: Bundle,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from service.store import Store
+    from sync.models_cli import register
+
+    parser = argparse.ArgumentParser(prog="annotator")
+    register(parser.add_subparsers(dest="command", required=True))
+
+    def run(*argv: str) -> str:
+        args = parser.parse_args([*argv[:2], "--store-root", str(tmp_path / "store"),
+                                  "--registry", str(tmp_path / "registry"), *argv[2:]])
+        assert args.func(args) == 0
+        return capsys.readouterr().out
+
+    Store(tmp_path / "store").close()
+    run("models", "adopt", str(coco17_bundle.path))
+    publish(tmp_path / "registry", coco17_bundle, "b-cli", "2030-01-01T00:00:00Z", None)
+    assert "[newer]" in run("models", "list")
+    out = run("models", "pull", "--once")
+    assert "switched to b-cli" in out and "checksums only" in out
+    listing = run("models", "list")
+    assert "current   b-cli" in listing and f"previous  {coco17_bundle.id}" in listing
+    assert f"rolled back to {coco17_bundle.id}" in run("models", "rollback")
+    assert "refused   b-cli: " in run("models", "list")

@@ -1,0 +1,114 @@
+"""``annotator dataset status`` and ``annotator dataset export OUT``.
+
+``register(subparsers)`` adds the ``dataset`` command to the ``annotator`` parser. Both
+subcommands first bring the auto-accepted images of the store into the dataset (recording a
+new version when that changed it). Errors the user can fix raise ``SyncError`` or
+``SyncConfigError`` (the ``annotator`` main turns them into exit code 2 and one line).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from .pull_settings import PullSettings, settings_from
+
+log = logging.getLogger(__name__)
+
+
+def add_common_options(p: argparse.ArgumentParser) -> None:
+    """``--config``, ``--store-root``, ``--dataset-root`` (shared with ``annotator models``)."""
+    p.add_argument("--config", type=Path, default=None, help="the appliance's TOML file (default: $ANNOTATOR_CONFIG)")
+    p.add_argument("--store-root", type=Path, default=None, help="the daemon's store folder (overrides [store] root)")
+    p.add_argument("--dataset-root", type=Path, default=None, help="the dataset folder (default <store root>/dataset)")
+
+
+def settings(args: argparse.Namespace, **overrides: Any) -> PullSettings:
+    """``PullSettings`` from the config file and the command line."""
+    from .config import load_sync_config
+
+    cfg = load_sync_config(args.config)
+    base = Path(args.config).resolve().parent if args.config else Path.cwd()
+    return settings_from(cfg.store_root, cfg.tables, base, {
+        "store_root": args.store_root, "dataset_root": getattr(args, "dataset_root", None), **overrides})
+
+
+def _open(s: PullSettings) -> tuple[Any, Any]:
+    from service.store import Store
+
+    from .dataset import Dataset
+
+    if not (s.store_root / "store.sqlite3").is_file():
+        from .errors import SyncConfigError
+
+        raise SyncConfigError(f"store root {s.store_root} holds no store.sqlite3; give --store-root or [store] root")
+    return Store(s.store_root), Dataset(s.dataset_root, holdout_fraction=s.holdout_fraction)
+
+
+def _refresh(store: Any, dataset: Any) -> None:
+    from .merge import Merger
+
+    added = Merger(store, dataset).add_auto_accepted()
+    if added:
+        dataset.record_version(f"{added} auto-accepted images added")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    store, dataset = _open(settings(args))
+    try:
+        _refresh(store, dataset)
+        st = dataset.status()
+    finally:
+        dataset.close()
+        store.close()
+    if args.json:
+        sys.stdout.write(json.dumps(st, indent=2) + "\n")
+        return 0
+    lines = [f"dataset {st['version'][:16]}  ({st['path']})",
+             f"images {st['images']}: reviewed {st['reviewed']}, auto-accepted {st['auto']}, "
+             f"hold-out {st['holdout']} (fraction {st['holdout_fraction']})",
+             f"recorded versions {st['recorded_versions']}"]
+    for name, group in st["mistakenness"].items():
+        if group["count"]:
+            lines.append(f"mistakenness {name:12s} n={group['count']:<5d} mean={group['mean']:.3f} "
+                         f"median={group['median']:.3f} p90={group['p90']:.3f} adjusted={group['adjusted']}")
+        else:
+            lines.append(f"mistakenness {name:12s} n=0")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .coco_export import export_dataset
+
+    store, dataset = _open(settings(args))
+    try:
+        _refresh(store, dataset)
+        res = export_dataset(dataset, store.image_path, Path(args.out), include_holdout=args.include_holdout)
+    finally:
+        dataset.close()
+        store.close()
+    sys.stdout.write(f"dataset {res.version[:16]}: {res.images} images ({res.reviewed} reviewed, {res.auto} auto) "
+                     f"written to {res.annotations}; {res.holdout_left_out} hold-out images left out"
+                     + (f"; {len(res.missing_images)} images missing from the store" if res.missing_images else "")
+                     + "\n")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add ``dataset status`` and ``dataset export`` to an argparse subparsers object."""
+    p = subparsers.add_parser("dataset", help="the training dataset: reviewed + auto-accepted labels")
+    sub = p.add_subparsers(dest="dataset_command", required=True)
+    s = sub.add_parser("status", help="version, counts, and mistakenness of reviewed images (audit vs. judge picks)")
+    add_common_options(s)
+    s.add_argument("--json", action="store_true", help="print JSON")
+    s.set_defaults(func=cmd_status)
+    s = sub.add_parser("export", help="write the dataset as COCO key points (annotations.json + images/) for training")
+    add_common_options(s)
+    s.add_argument("out", help="output folder")
+    s.add_argument("--include-holdout", action="store_true",
+                   help="also write the reviewed hold-out images (the gate's validation set)")
+    s.set_defaults(func=cmd_export)

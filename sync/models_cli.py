@@ -1,0 +1,168 @@
+"""``annotator models list | pull [--once] | rollback | adopt BUNDLE_DIR``.
+
+``register(subparsers)`` adds the ``models`` command to the ``annotator`` parser. The daemon
+is asked to reload through its ReloadModels RPC when ``--daemon`` / ``[sync.models] daemon``
+names it; otherwise only the ``current`` pointer moves and the daemon picks it up at its next
+start (its ``engine.bundle`` should be ``<models root>/current``).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from .dataset_cli import add_common_options, settings
+from .errors import RetryableError, SyncConfigError
+from .pull_settings import PullSettings
+
+log = logging.getLogger(__name__)
+
+
+def _settings(args: argparse.Namespace) -> PullSettings:
+    return settings(args, models_root=args.models_root, registry=getattr(args, "registry", None),
+                    public_key=getattr(args, "public_key", None), daemon=getattr(args, "daemon", None),
+                    margin=getattr(args, "margin", None), min_holdout=getattr(args, "min_holdout", None))
+
+
+def _no_daemon(path: str) -> None:
+    log.info("no daemon configured: %s becomes active at the daemon's next start", path)
+
+
+def build_puller(s: PullSettings, with_gate: bool = True) -> tuple[Any, list[Any]]:
+    """A ``ModelPuller`` for these settings, and the objects to close afterwards. The gate
+    (which opens the daemon's store and the dataset) only ``with_gate``."""
+    from .config import open_target
+    from .models import ModelPuller, ModelSlots, grpc_reload_fn
+    from .objectstore import LocalFolderStore
+    from .registry import BundleRegistry
+
+    registry = BundleRegistry(open_target(s.registry) if s.registry else LocalFolderStore(s.models_root / "none"))
+    slots = ModelSlots(s.models_root)
+    reload_fn = grpc_reload_fn(s.daemon) if s.daemon else _no_daemon
+    gate, closing = None, []
+    if with_gate:
+        from service.store import Store
+
+        from .dataset import Dataset
+        from .gate import GateConfig, ValidationGate
+
+        if not (s.store_root / "store.sqlite3").is_file():
+            raise SyncConfigError(f"store root {s.store_root} holds no store.sqlite3; give --store-root or [store] root")
+        store = Store(s.store_root)
+        dataset = Dataset(s.dataset_root, holdout_fraction=s.holdout_fraction)
+        gate = ValidationGate(dataset, store.image_path, GateConfig(margin=s.margin, min_images=s.min_holdout),
+                              s.models_root / "work")
+        closing = [dataset, store]
+    return ModelPuller(slots, registry, gate, reload_fn, public_key=s.public_key), closing
+
+
+def _close(things: list[Any]) -> None:
+    for t in things:
+        t.close()
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .models import ModelSlots
+    from .registry import BundleRegistry
+
+    s = _settings(args)
+    slots = ModelSlots(s.models_root)
+    cur, prev = slots.current_path(), slots.previous_path()
+    out = [f"current   {cur.name if cur else '-'}", f"previous  {prev.name if prev else '-'}",
+           f"installed {', '.join(slots.installed()) or '-'}"]
+    refused = slots.refused()
+    for bid, reason in refused.items():
+        out.append(f"refused   {bid}: {reason}")
+    if s.registry is not None:
+        from .config import open_target
+
+        current = slots.current()
+        order = (current.created, current.id) if current else None
+        for e in BundleRegistry(open_target(s.registry)).entries():
+            mark = "refused" if e.bundle_id in refused else "in use" if current and e.bundle_id == current.id \
+                else "newer" if order is None or e.order > order else "older"
+            out.append(f"registry  {e.bundle_id}  created {e.created or '?'}  [{mark}]"
+                       + (f"  ({e.problem})" if e.problem else ""))
+    sys.stdout.write("\n".join(out) + "\n")
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    s = _settings(args)
+    if s.registry is None:
+        raise SyncConfigError("no model registry: give --registry DIR or [sync.models.registry]")
+    puller, closing = build_puller(s)
+    stop = threading.Event()
+    try:
+        while True:
+            try:
+                result = puller.pull_once()
+            except RetryableError as exc:
+                if args.once:
+                    raise
+                log.warning("model pull: %s; trying again in %.0f s", exc, s.poll_interval)
+            else:
+                for bid, reason in result.refused.items():
+                    sys.stdout.write(f"refused {bid}: {reason}\n")
+                for bid, gate in result.gate.items():
+                    if gate.passed:
+                        sys.stdout.write(f"gate {bid}: {gate.reason}\n")
+                sys.stdout.write(f"switched to {result.switched_to}\n" if result.switched_to
+                                 else "no newer bundle accepted; the bundle in use stays\n")
+            if args.once or stop.wait(s.poll_interval):
+                return 0
+    finally:
+        _close(closing)
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    puller, closing = build_puller(_settings(args), with_gate=False)
+    try:
+        bid = puller.rollback()
+    finally:
+        _close(closing)
+    sys.stdout.write(f"rolled back to {bid}\n")
+    return 0
+
+
+def cmd_adopt(args: argparse.Namespace) -> int:
+    puller, closing = build_puller(_settings(args), with_gate=False)
+    try:
+        bid = puller.adopt(Path(args.bundle))
+    finally:
+        _close(closing)
+    sys.stdout.write(f"bundle {bid} installed as current under {puller.slots.root}\n")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add ``models list|pull|rollback|adopt`` to an argparse subparsers object."""
+    p = subparsers.add_parser("models", help="model bundles: list, pull from the registry, roll back")
+    sub = p.add_subparsers(dest="models_command", required=True)
+
+    def common(s: argparse.ArgumentParser) -> None:
+        add_common_options(s)
+        s.add_argument("--models-root", type=Path, default=None, help="default <store root>/models")
+        s.add_argument("--registry", type=Path, default=None, help="a registry folder (overrides the config)")
+        s.add_argument("--daemon", default=None, help="host:port of the daemon to send ReloadModels to")
+
+    s = sub.add_parser("list", help="the bundle in use, the previous one, refusals, the registry's bundles")
+    common(s)
+    s.set_defaults(func=cmd_list)
+    s = sub.add_parser("pull", help="verify, gate and switch to newer bundles from the registry")
+    common(s)
+    s.add_argument("--once", action="store_true", help="one pass, then exit (default: keep polling)")
+    s.add_argument("--public-key", type=Path, default=None, help="ed25519 public key; bundles must be signed")
+    s.add_argument("--margin", type=float, default=None, help="how much worse a candidate may score")
+    s.add_argument("--min-holdout", type=int, default=None, help="fewest hold-out images for a quality check")
+    s.set_defaults(func=cmd_pull)
+    s = sub.add_parser("rollback", help="switch back to the previous bundle (the current one is refused for good)")
+    common(s)
+    s.set_defaults(func=cmd_rollback)
+    s = sub.add_parser("adopt", help="install a local bundle as the current one (first start)")
+    common(s)
+    s.add_argument("bundle", help="bundle directory")
+    s.set_defaults(func=cmd_adopt)

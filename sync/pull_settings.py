@@ -1,0 +1,114 @@
+"""Settings of the dataset and model-pull tasks: the ``[sync.dataset]`` and ``[sync.models]``
+tables of the daemon's TOML file (kept in ``SyncConfig.tables`` by ``sync.config``).
+
+::
+
+    [sync.dataset]
+    root = "dataset"                 # default <store root>/dataset
+    holdout_fraction = 0.2           # reviewed images set aside for the gate (fixed at creation)
+
+    [sync.models]
+    root = "models"                  # default <store root>/models; point engine.bundle at <root>/current
+    public_key = "registry.pub"      # ed25519 key; set: every bundle must carry a valid bundle.sig
+    margin = 0.02                    # the gate: how much worse a candidate may score (absolute)
+    min_holdout = 20                 # fewer reviewed hold-out images: checksums only
+    daemon = "127.0.0.1:50051"       # where to send ReloadModels (absent: no reload call)
+    poll_interval = 300.0            # seconds between pulls of the long-running loop
+
+    [sync.models.registry]           # the same keys as [sync.target]
+    kind = "local"                   # "local" (a folder) or "s3"
+    root = "/srv/model-registry"
+    # bucket, prefix, endpoint_url, region for "s3"
+
+Relative paths are taken relative to ``base`` (the config file's folder). Command-line options
+override these values (``settings_from``'s ``overrides``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from .config import TargetConfig
+from .errors import SyncConfigError
+
+_DATASET_KEYS = {"root": str, "holdout_fraction": (int, float)}
+_MODELS_KEYS = {"root": str, "public_key": str, "margin": (int, float), "min_holdout": int, "daemon": str,
+                "poll_interval": (int, float), "registry": dict}
+_REGISTRY_KEYS = {f.name for f in dataclasses.fields(TargetConfig)}
+
+
+@dataclass(frozen=True)
+class PullSettings:
+    """Paths and knobs of the dataset and model-pull tasks, validated."""
+
+    store_root: Path
+    dataset_root: Path
+    holdout_fraction: float
+    models_root: Path
+    registry: TargetConfig | None
+    public_key: Path | None
+    margin: float
+    min_holdout: int
+    daemon: str | None
+    poll_interval: float
+
+
+def _checked(table: Any, allowed: Mapping[str, Any], where: str) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise SyncConfigError(f"{where}: expected a table, got {table!r}")
+    for key, value in table.items():
+        if key not in allowed:
+            raise SyncConfigError(f"{where}.{key}: unknown key; known: {', '.join(sorted(allowed))}")
+        if isinstance(value, bool) or not isinstance(value, allowed[key]):
+            raise SyncConfigError(f"{where}.{key}: expected {allowed[key]}, got {value!r}")
+    return dict(table)
+
+
+def settings_from(store_root: Path, tables: Mapping[str, Any], base: Path,
+                  overrides: Mapping[str, Any] | None = None) -> PullSettings:
+    """Build ``PullSettings``; ``overrides`` (command line) use the same keys as the tables,
+    ``registry`` given as a folder path. None values in ``overrides`` are ignored."""
+    ds = _checked(tables.get("dataset", {}), _DATASET_KEYS, "sync.dataset")
+    md = _checked(tables.get("models", {}), _MODELS_KEYS, "sync.models")
+    over = {k: v for k, v in (overrides or {}).items() if v is not None}
+    store_root = Path(over.get("store_root", store_root))
+
+    def path(value: Any, default: Path) -> Path:
+        return default if value is None else (base / Path(value))
+
+    registry: TargetConfig | None = None
+    if "registry" in over:
+        registry = TargetConfig(kind="local", root=Path(over["registry"]))
+    elif "registry" in md:
+        reg = _checked(md["registry"], {k: object for k in _REGISTRY_KEYS}, "sync.models.registry")
+        kind = reg.get("kind", "local")
+        if kind not in ("local", "s3"):
+            raise SyncConfigError(f"sync.models.registry.kind: expected 'local' or 's3', got {kind!r}")
+        if kind == "local" and not reg.get("root"):
+            raise SyncConfigError("sync.models.registry.root: required for a local registry folder")
+        if kind == "s3" and not reg.get("bucket"):
+            raise SyncConfigError("sync.models.registry.bucket: required when kind = 's3'")
+        registry = TargetConfig(**{**reg, "root": path(reg.get("root"), Path("registry"))})
+    fraction = float(over.get("holdout_fraction", ds.get("holdout_fraction", 0.2)))
+    margin = float(over.get("margin", md.get("margin", 0.02)))
+    min_holdout = int(over.get("min_holdout", md.get("min_holdout", 20)))
+    poll = float(over.get("poll_interval", md.get("poll_interval", 300.0)))
+    if not 0.0 <= fraction <= 1.0:
+        raise SyncConfigError(f"sync.dataset.holdout_fraction: expected 0..1, got {fraction}")
+    if not 0.0 <= margin <= 1.0:
+        raise SyncConfigError(f"sync.models.margin: expected 0..1, got {margin}")
+    if min_holdout < 1:
+        raise SyncConfigError(f"sync.models.min_holdout: expected >= 1, got {min_holdout}")
+    if poll < 0:
+        raise SyncConfigError(f"sync.models.poll_interval: expected >= 0, got {poll}")
+    key = Path(over["public_key"]) if "public_key" in over else path(md.get("public_key"), Path()) \
+        if md.get("public_key") else None
+    return PullSettings(
+        store_root=store_root,
+        dataset_root=Path(over["dataset_root"]) if "dataset_root" in over else path(ds.get("root"), store_root / "dataset"),
+        holdout_fraction=fraction,
+        models_root=Path(over["models_root"]) if "models_root" in over else path(md.get("root"), store_root / "models"),
+        registry=registry, public_key=key,
+        margin=margin, min_holdout=min_holdout, daemon=over.get("daemon", md.get("daemon")), poll_interval=poll)
