@@ -235,7 +235,8 @@ class Dataset:
 
     def entries(self, origin: str | None = None, holdout: bool | None = None) -> list[DatasetEntry]:
         """Entries sorted by image id, optionally only one origin and/or hold-out state."""
-        where, args = [], []
+        where: list[str] = []
+        args: list[Any] = []
         if origin is not None:
             where.append("origin = ?")
             args.append(origin)

@@ -87,6 +87,17 @@ def test_merge_keeps_provenance_marks_reviewed_and_bumps_version(world) -> None:
     assert len(dataset.versions()) == 2 and dataset.versions()[1].version != v1[0].version
 
 
+def test_crash_between_dataset_and_store_is_healed_by_the_next_merge(world) -> None:
+    store, dataset, merger = world
+    rid = _annotated(store, b"crash", "review")
+    store.set_state(rid, (REVIEW_PENDING,), UPLOADED)
+    merger.merge([_reviewed(rid, move=3.0)])
+    assert store.set_state(rid, (REVIEWED,), UPLOADED)  # as if the store's commit had been lost
+    report = merger.merge([_reviewed(rid, move=3.0)])
+    assert report.unchanged == [rid] and report.version is None
+    assert store.get(rid).state == REVIEWED and len(dataset.versions()) == 1
+
+
 def test_reviewed_label_replaces_auto_and_auto_never_replaces_reviewed(world) -> None:
     store, dataset, merger = world
     rid = _annotated(store, b"img", "review")
