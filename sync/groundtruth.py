@@ -1,0 +1,337 @@
+"""SageMaker Ground Truth over S3 as a review backend.
+
+Flow: ``submit`` writes a per-batch input manifest (one ``manifest_line`` per image, with the
+pre-annotations and provenance) to ``<manifests>/<batch>.manifest`` in the object store and,
+when a labeling-job spec and a SageMaker client are given, starts a custom labeling job
+(``create_labeling_job``; otherwise the job is left to the cloud side). ``collect`` polls the
+store for ``<output>/<job name>/manifests/output/output.manifest`` and parses each line, in
+either the built-in bounding-box format or the custom key-point format written by the
+consolidation Lambda (``sync.groundtruth_lambdas``), into ``ReviewedLabel`` objects.
+
+Manifest keys: ``source-ref``, ``image-id``, ``edge-bundle``, ``edge-score``, ``edge-reasons``,
+``edge-audit``, ``edge-appliance`` (when given), ``auto-head`` (+ ``auto-head-metadata``: the
+built-in bounding-box label format, so a built-in adjustment job can start from it) and
+``auto-kpts`` (the custom format of ``groundtruth_lambdas``, outside points at 0, 0).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, Sequence
+
+from service.keypoints import CABIN19_NAMES, OUTSIDE
+
+from .errors import ConflictError, PermanentError, RetryableError
+from .groundtruth_lambdas import consolidate, post_annotation_handler, pre_annotation_handler, task_input
+from .objectstore import ObjectStore
+from .review import HEADS, PERSONS, ReviewedKeypoint, ReviewedLabel, ReviewedPerson, ReviewItem, labels_differ
+
+__all__ = ["GroundTruthBackend", "LabelingJobSpec", "ManifestError", "OUTPUT_MANIFEST", "consolidate",
+           "create_labeling_job", "job_name_for", "label_category_config", "manifest_line",
+           "parse_output_line", "post_annotation_handler", "pre_annotation_handler", "task_input"]
+
+log = logging.getLogger(__name__)
+
+BACKEND = "groundtruth"
+OUTPUT_MANIFEST = "manifests/output/output.manifest"
+MAX_LINE, MAX_ATTRIBUTE = 100_000, 20_000
+_JOB_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
+
+
+class ManifestError(PermanentError):
+    """A manifest line breaks Ground Truth's limits or an output line cannot be read."""
+
+
+def _round(v: float) -> float:
+    return round(float(v), 1)
+
+
+def manifest_line(source_ref: str, image_id: str, record: Mapping[str, Any], bundle_id: str,
+                  score: float | None = None, reasons: Sequence[str] = (), audit: bool = False,
+                  appliance_id: str | None = None) -> str:
+    """One input-manifest line (compact JSON, no newline) for an image and its pre-annotation.
+
+    ``record`` is the stored annotation record (``Prediction.to_json()`` plus optional
+    ``keypoint_names`` and ``annotated_at``) in pixels of the uploaded image; a record rescaled
+    for a downscaled upload (``sync.reencode``) carries ``original_size``, which goes into the
+    line as ``edge-original-size`` so that reviewed labels come back in original pixels. Raises
+    ``ManifestError`` when a limit (100,000 characters a line, 20,000 an attribute) is broken.
+    """
+    width, height = int(record["width"]), int(record["height"])
+    names = list(record.get("keypoint_names") or CABIN19_NAMES)
+    heads = record.get("heads", [])
+    auto_head = {"image_size": [{"width": width, "height": height, "depth": 3}],
+                 "annotations": [{"class_id": 0, "left": round(h["box"][0]), "top": round(h["box"][1]),
+                                  "width": round(h["box"][2] - h["box"][0]),
+                                  "height": round(h["box"][3] - h["box"][1])} for h in heads]}
+    meta: dict[str, Any] = {"objects": [{"confidence": round(float(h.get("conf", 0.0)), 3)} for h in heads],
+                            "class-map": {"0": "head"}, "type": "groundtruth/object-detection",
+                            "human-annotated": "no", "job-name": f"labeling-job/edge-{bundle_id}"}
+    if record.get("annotated_at") is not None:
+        meta["creation-date"] = _dt.datetime.fromtimestamp(float(record["annotated_at"]), _dt.timezone.utc
+                                                           ).strftime("%Y-%m-%dT%H:%M:%S.%f")
+    persons = []
+    for p in record.get("persons", []):
+        kps = []
+        for name, k in zip(names, p["keypoints"]):
+            outside = k["visibility"] == OUTSIDE
+            kps.append({"label": name, "x": 0.0 if outside else _round(k["x"]), "y": 0.0 if outside else _round(k["y"]),
+                        "visibility": k["visibility"]})
+        persons.append({"box": [_round(v) for v in p["box"]], "keypoints": kps})
+    auto_kpts = {"image_size": {"width": width, "height": height}, "keypoint_names": names, "persons": persons}
+    line: dict[str, Any] = {"source-ref": source_ref, "image-id": image_id, "edge-bundle": bundle_id,
+                            "edge-score": None if score is None else round(float(score), 4),
+                            "edge-reasons": list(reasons), "edge-audit": bool(audit)}
+    if appliance_id is not None:
+        line["edge-appliance"] = appliance_id
+    if record.get("original_size") and list(record["original_size"]) != [width, height]:
+        line["edge-original-size"] = [int(v) for v in record["original_size"]]  # uploaded downscaled
+    line.update({"auto-head": auto_head, "auto-head-metadata": meta, "auto-kpts": auto_kpts})
+    for key, value in line.items():
+        size = len(json.dumps(value, separators=(",", ":")))
+        if size > MAX_ATTRIBUTE:
+            raise ManifestError(f"manifest line for {image_id}: attribute {key!r} is {size} characters, "
+                                f"Ground Truth allows {MAX_ATTRIBUTE} (too many persons?)")
+    text = json.dumps(line, separators=(",", ":"), ensure_ascii=False)
+    if len(text) > MAX_LINE:
+        raise ManifestError(f"manifest line for {image_id} is {len(text)} characters, at most {MAX_LINE} allowed")
+    return text
+
+
+def label_category_config(names: Sequence[str] = CABIN19_NAMES) -> dict[str, Any]:
+    """The label category config file (``LabelCategoryConfigS3Uri``): head, person, point names."""
+    return {"document-version": "2018-11-28",
+            "labels": [{"label": "head"}, {"label": "person"}] + [{"label": n} for n in names]}
+
+
+def job_name_for(prefix: str, batch_id: str) -> str:
+    """A valid labeling-job name (letters, digits, hyphens, at most 63) for a batch."""
+    raw = re.sub(r"[^a-zA-Z0-9]+", "-", f"{prefix}-{batch_id}").strip("-")
+    name = re.sub(r"-+", "-", raw)[:63].strip("-")
+    if not _JOB_NAME.match(name):
+        raise ValueError(f"labeling job name: cannot make a valid name from {prefix!r} and {batch_id!r}")
+    return name
+
+
+@dataclass(frozen=True)
+class LabelingJobSpec:
+    """Everything CreateLabelingJob needs besides the job name and manifest (ARNs, S3 URIs)."""
+
+    role_arn: str
+    workteam_arn: str
+    ui_template_s3_uri: str
+    output_s3_path: str
+    pre_lambda_arn: str | None = None
+    consolidation_lambda_arn: str | None = None
+    label_category_config_s3_uri: str | None = None
+    label_attribute_name: str = "reviewed"
+    task_title: str = "Check head boxes and body key points"
+    task_description: str = "Correct head boxes, person boxes, key points and each point's visibility"
+    workers_per_object: int = 1
+    task_time_limit_s: int = 900
+    job_prefix: str = "edge-review"
+    kms_key_id: str | None = None
+
+
+def create_labeling_job(sagemaker_client: Any, job_name: str, manifest_s3_uri: str, spec: LabelingJobSpec
+                        ) -> str | None:
+    """Start a custom labeling job; returns its ARN, or None when a job of that name exists.
+
+    botocore errors are wrapped: throttling and connection trouble -> ``RetryableError``;
+    a request the service model refuses, and any other service error -> ``PermanentError``.
+    """
+    from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
+
+    human: dict[str, Any] = {
+        "WorkteamArn": spec.workteam_arn, "UiConfig": {"UiTemplateS3Uri": spec.ui_template_s3_uri},
+        "TaskTitle": spec.task_title, "TaskDescription": spec.task_description,
+        "NumberOfHumanWorkersPerDataObject": spec.workers_per_object,
+        "TaskTimeLimitInSeconds": spec.task_time_limit_s}
+    if spec.pre_lambda_arn:
+        human["PreHumanTaskLambdaArn"] = spec.pre_lambda_arn
+    if spec.consolidation_lambda_arn:
+        human["AnnotationConsolidationConfig"] = {"AnnotationConsolidationLambdaArn": spec.consolidation_lambda_arn}
+    request: dict[str, Any] = {
+        "LabelingJobName": job_name, "LabelAttributeName": spec.label_attribute_name,
+        "InputConfig": {"DataSource": {"S3DataSource": {"ManifestS3Uri": manifest_s3_uri}}},
+        "OutputConfig": {"S3OutputPath": spec.output_s3_path}, "RoleArn": spec.role_arn,
+        "HumanTaskConfig": human}
+    if spec.kms_key_id:
+        request["OutputConfig"]["KmsKeyId"] = spec.kms_key_id
+    if spec.label_category_config_s3_uri:
+        request["LabelCategoryConfigS3Uri"] = spec.label_category_config_s3_uri
+    try:
+        arn = sagemaker_client.create_labeling_job(**request)["LabelingJobArn"]
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code == "ResourceInUse":
+            log.info("labeling job %s exists already", job_name)
+            return None
+        kind = RetryableError if code in ("ThrottlingException", "ServiceUnavailable") else PermanentError
+        raise kind(f"CreateLabelingJob {job_name}: {code}: {exc.response.get('Error', {}).get('Message', '')}") from exc
+    except ParamValidationError as exc:  # the service model refuses the request: fix the spec
+        raise PermanentError(f"CreateLabelingJob {job_name}: {exc}") from exc
+    except BotoCoreError as exc:  # connection trouble
+        raise RetryableError(f"CreateLabelingJob {job_name}: {exc}") from exc
+    log.info("started labeling job %s", job_name)
+    return str(arn)
+
+
+def _epoch(text: str | None) -> float:
+    """Seconds since the epoch of Ground Truth's ISO dates (no zone means UTC); 0 when missing."""
+    if not text:
+        return 0.0
+    when = _dt.datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=_dt.timezone.utc)
+    return when.timestamp()
+
+
+def _label_attribute(line: Mapping[str, Any]) -> str | None:
+    """The newest human-annotated label attribute of an output line (None when there is none)."""
+    found = []
+    for key, meta in line.items():
+        if key.endswith("-metadata") and isinstance(meta, Mapping) and key[:-9] in line:
+            if str(meta.get("human-annotated", "yes")).lower() == "yes":
+                found.append((str(meta.get("creation-date") or meta.get("creation_date") or ""), key[:-9]))
+    return max(found)[1] if found else None
+
+
+def _persons(persons: Sequence[Mapping[str, Any]], names: Sequence[str]) -> tuple[ReviewedPerson, ...]:
+    """Persons of the custom format (points by label) in ``names`` order; missing points outside."""
+    out = []
+    for p in persons:
+        given = {k["label"]: k for k in p.get("keypoints", [])}
+        kps = tuple(ReviewedKeypoint(float(given[n]["x"]), float(given[n]["y"]), str(given[n]["visibility"]))
+                    if n in given else ReviewedKeypoint(0.0, 0.0, OUTSIDE) for n in names)
+        out.append(ReviewedPerson(tuple(p["box"]), kps))  # type: ignore[arg-type]
+    return tuple(out)
+
+
+def _auto_label(line: Mapping[str, Any], names: Sequence[str]) -> tuple[tuple[Any, ...], tuple[ReviewedPerson, ...]] | None:
+    """The pre-annotation an output line carries (``auto-head``, ``auto-kpts``), as review types."""
+    kpts, head = line.get("auto-kpts"), line.get("auto-head")
+    if kpts is None or head is None:
+        return None
+    heads = tuple((a["left"], a["top"], a["left"] + a["width"], a["top"] + a["height"])
+                  for a in head.get("annotations", []))
+    return heads, _persons(kpts.get("persons", []), names)
+
+
+def parse_output_line(line: Mapping[str, Any], names: Sequence[str] = CABIN19_NAMES) -> ReviewedLabel | None:
+    """A ``ReviewedLabel`` from one output-manifest line, or None when it holds no human label.
+
+    Accepts the built-in bounding-box format (``groundtruth/object-detection``; heads only) and
+    the custom format (``groundTruth/custom``), with ``job-name``/``creation-date`` or
+    ``job_name``/``creation_date``; ``adjustment-status`` sets ``adjusted``.
+    """
+    attribute = _label_attribute(line)
+    if attribute is None:
+        return None
+    value, meta = line[attribute], line[attribute + "-metadata"]
+    job = str(meta.get("job-name") or meta.get("job_name") or "").removeprefix("labeling-job/")
+    when = _epoch(meta.get("creation-date") or meta.get("creation_date"))
+    status = meta.get("adjustment-status")
+    adjusted = None if status is None else status == "adjusted"
+    image_id = str(line.get("image-id") or str(line["source-ref"]).rsplit("/", 1)[-1].split(".", 1)[0])
+    kind = str(meta.get("type", "")).lower()
+    if kind == "groundtruth/object-detection":
+        size = value["image_size"][0]
+        class_map = meta.get("class-map", {})
+        heads = tuple((a["left"], a["top"], a["left"] + a["width"], a["top"] + a["height"])
+                      for a in value.get("annotations", []) if class_map.get(str(a["class_id"]), "head") == "head")
+        return _to_original(ReviewedLabel(image_id, int(size["width"]), int(size["height"]), heads, (), BACKEND,
+                                          job, when, None, adjusted, tuple(names), (HEADS,)),
+                            line.get("edge-original-size"))
+    if kind != "groundtruth/custom":
+        raise ManifestError(f"output line for {image_id}: unknown label type {meta.get('type')!r}")
+    for problem in value.get("problems", []):
+        log.warning("review of %s in %s: %s", image_id, job, problem)
+    persons = _persons(value.get("persons", []), names)
+    heads = tuple(tuple(h) for h in value.get("heads", []))
+    size = value.get("image_size") or {}
+    auto_size = (line.get("auto-kpts") or {}).get("image_size") or {}
+    width = int(size.get("width") or auto_size.get("width"))
+    height = int(size.get("height") or auto_size.get("height"))
+    if adjusted is None:
+        auto = _auto_label(line, names)
+        # Head boxes travel as whole pixels in the manifest: allow the rounding.
+        adjusted = None if auto is None else labels_differ(heads, persons, auto[0], auto[1], 1.0)  # type: ignore[arg-type]
+    label = ReviewedLabel(image_id, width, height, heads, persons, BACKEND, job, when,  # type: ignore[arg-type]
+                          value.get("workerId"), adjusted, tuple(names), (HEADS, PERSONS))
+    return _to_original(label, line.get("edge-original-size"))
+
+
+def _to_original(label: ReviewedLabel, original: Sequence[int] | None) -> ReviewedLabel:
+    """``label`` rescaled per axis from the uploaded image's pixels to the original's."""
+    if not original or (int(original[0]), int(original[1])) == (label.width, label.height):
+        return label
+    sx, sy = int(original[0]) / label.width, int(original[1]) / label.height
+
+    def box(b: Sequence[float]) -> tuple[float, float, float, float]:
+        return (b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy)
+
+    persons = tuple(ReviewedPerson(box(p.box), tuple(ReviewedKeypoint(k.x * sx, k.y * sy, k.visibility)
+                                                     for k in p.keypoints)) for p in label.persons)
+    return dataclasses.replace(label, width=int(original[0]), height=int(original[1]),
+                               heads=tuple(box(h) for h in label.heads), persons=persons)
+
+
+class GroundTruthBackend:
+    """``ReviewBackend`` over an object store laid out like the S3 bucket (see the module docstring)."""
+
+    name = BACKEND
+
+    def __init__(self, store: ObjectStore, manifests_prefix: str = "groundtruth/manifests",
+                 output_prefix: str = "groundtruth/output", job: LabelingJobSpec | None = None,
+                 sagemaker_client: Any = None, names: Sequence[str] = CABIN19_NAMES,
+                 appliance_id: str | None = None) -> None:
+        self.store, self.job, self.client = store, job, sagemaker_client
+        self.manifests_prefix, self.output_prefix = manifests_prefix.strip("/"), output_prefix.strip("/")
+        self.names, self.appliance_id = tuple(names), appliance_id
+        self.rejected: dict[str, str] = {}
+
+    def manifest_key(self, batch_id: str) -> str:
+        return f"{self.manifests_prefix}/{batch_id}.manifest"
+
+    def submit(self, batch_id: str, items: Sequence[ReviewItem]) -> None:
+        """Write the batch's manifest once (same content again is a no-op, different content a
+        ``ConflictError``); then start the labeling job when configured."""
+        if not items:
+            return
+        lines = []
+        for item in items:
+            if not item.image_uri:
+                raise ValueError(f"Ground Truth needs an image URI for {item.image_id}; got only {item.local_path}")
+            lines.append(manifest_line(item.image_uri, item.image_id, item.record, item.bundle_id, item.score,
+                                       item.reasons, item.audit, self.appliance_id))
+        data = ("\n".join(lines) + "\n").encode()
+        key = self.manifest_key(batch_id)
+        if self.store.head(key) is None:
+            self.store.put(key, data, content_type="application/jsonlines")
+            log.info("wrote manifest %s (%d images)", key, len(lines))
+        elif self.store.get(key) != data:
+            raise ConflictError(f"manifest {key} exists with other lines; a batch id must not be reused")
+        if self.job is not None and self.client is not None:
+            create_labeling_job(self.client, job_name_for(self.job.job_prefix, batch_id), self.store.uri(key), self.job)
+
+    def collect(self) -> Iterator[ReviewedLabel]:
+        """Parse every output manifest under the output prefix; bad lines go to ``rejected``."""
+        for key in self.store.list(self.output_prefix + "/"):
+            if not key.endswith("/" + OUTPUT_MANIFEST):
+                continue
+            for number, text in enumerate(self.store.get(key).decode("utf-8").splitlines(), start=1):
+                if not text.strip():
+                    continue
+                try:
+                    label = parse_output_line(json.loads(text), self.names)
+                except (ManifestError, ValueError, KeyError, TypeError) as exc:
+                    log.warning("%s line %d refused: %s", key, number, exc)
+                    self.rejected[f"{key}:{number}"] = str(exc)
+                    continue
+                if label is not None:
+                    yield label

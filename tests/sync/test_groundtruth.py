@@ -1,0 +1,309 @@
+"""Ground Truth: manifests, the task template, the Lambdas, CreateLabelingJob, output parsing.
+
+The simulated worker goes through the real chain: input manifest in the store -> pre-annotation
+Lambda -> the template rendered (jinja2 stands in for Liquid) -> a crowd-form answer -> the
+consolidation Lambda -> an output manifest in the store -> ``collect``.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any, Sequence
+
+import pytest
+
+from review_contract import WIDTH, HEIGHT, ReviewBackendContract, assert_label, expected, image_id, record
+from service.keypoints import CABIN19_NAMES, COCO17_NAMES
+from sync.groundtruth import (OUTPUT_MANIFEST, GroundTruthBackend, LabelingJobSpec, ManifestError,
+                              create_labeling_job, job_name_for, label_category_config, manifest_line,
+                              parse_output_line, post_annotation_handler, pre_annotation_handler)
+from sync.errors import ConflictError, PermanentError, RetryableError
+from sync.objectstore import LocalFolderStore
+from sync.review import ReviewedPerson, ReviewItem
+
+jinja2 = pytest.importorskip("jinja2", reason="the template test renders Liquid with jinja2 (test extra)")
+TEMPLATE = Path(__file__).resolve().parents[2] / "sync" / "templates" / "keypoints.liquid.html"
+ATTRIBUTE = "reviewed"
+
+
+def render(task_input: dict[str, Any]) -> str:
+    """The template rendered like Ground Truth does (the Liquid filters it uses, in jinja2)."""
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)
+    env.filters["to_json"] = lambda v: json.dumps(v)
+    env.filters["grant_read_access"] = lambda uri: "https://signed.example/" + uri.removeprefix("s3://")
+    env.filters["escape"] = lambda v: jinja2.utils.markupsafe.escape(str(v))
+    return env.from_string(TEMPLATE.read_text()).render(task={"input": task_input})
+
+
+class Page(HTMLParser):
+    """The crowd elements of a rendered page: attributes by tag, radio buttons in order."""
+
+    def __init__(self, html: str) -> None:
+        super().__init__()
+        self.elements: dict[str, list[dict[str, str | None]]] = {}
+        self.feed(html)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag.startswith("crowd-"):
+            self.elements.setdefault(tag, []).append(dict(attrs))
+
+
+def answer_from_page(page: Page) -> dict[str, Any]:
+    """A worker who submits the page as shown: initial boxes and points, checked radios."""
+    box = page.elements["crowd-bounding-box"][0]
+    kp = page.elements["crowd-keypoint"][0]
+    content: dict[str, Any] = {
+        "boxes": {"boundingBoxes": json.loads(box["initial-value"] or "[]"),
+                  "inputImageProperties": {"width": WIDTH, "height": HEIGHT}},
+        "points": {"keypoints": json.loads(kp["initial-value"] or "[]"),
+                   "inputImageProperties": {"width": WIDTH, "height": HEIGHT}}}
+    for radio in page.elements["crowd-radio-button"]:
+        content[str(radio["name"])] = {"on": "checked" in radio}
+    return content
+
+
+def answer(heads: Sequence[Sequence[float]], persons: Sequence[ReviewedPerson], names: Sequence[str]) -> dict[str, Any]:
+    """A worker's crowd-form answer that draws exactly these heads and persons."""
+    boxes = [{"label": "head", "left": h[0], "top": h[1], "width": h[2] - h[0], "height": h[3] - h[1]} for h in heads]
+    points, content = [], {}
+    for n, p in enumerate(persons, start=1):
+        boxes.append({"label": f"person {n}", "left": p.box[0], "top": p.box[1],
+                      "width": p.box[2] - p.box[0], "height": p.box[3] - p.box[1]})
+        for name, k in zip(names, p.keypoints):
+            if k.visibility != "outside":
+                points.append({"label": f"{n} {name}", "x": k.x, "y": k.y})
+            for state in ("visible", "occluded", "outside"):
+                content[f"vis-{n}-{name}-{state}"] = {"on": state == k.visibility}
+    size = {"width": WIDTH, "height": HEIGHT}
+    return {**content, "boxes": {"boundingBoxes": boxes, "inputImageProperties": size},
+            "points": {"keypoints": points, "inputImageProperties": size}}
+
+
+class GroundTruthHarness:
+    """A Ground Truth job run by hand: the store plays the bucket, this class the cloud side."""
+
+    reviewer_id = "worker-42"
+    tolerance = 0.5  # boxes travel as whole pixels, points to 0.1 px
+
+    def __init__(self, root: Path) -> None:
+        self.store = LocalFolderStore(root, "edge")
+        self.backend = GroundTruthBackend(self.store, appliance_id="box-1")
+
+    def item(self, n: int, rec: dict[str, Any]) -> ReviewItem:
+        return ReviewItem(image_id(n), rec["width"], rec["height"], rec, rec["bundle_id"],
+                          image_uri=f"s3://bkt/edge/images/{image_id(n)}.jpg", score=0.4, reasons=("kpt_near_threshold",),
+                          audit=n % 2 == 0)
+
+    def _line(self, item: ReviewItem) -> tuple[str, dict[str, Any]]:
+        for key in self.store.list("groundtruth/manifests/"):
+            for text in self.store.get(key).decode().splitlines():
+                line = json.loads(text)
+                if line["image-id"] == item.image_id:
+                    return key.rsplit("/", 1)[1].removesuffix(".manifest"), line
+        raise AssertionError(f"{item.image_id} is in no manifest")
+
+    def _finish(self, batch: str, line: dict[str, Any], content: dict[str, Any]) -> None:
+        payload = [{"datasetObjectId": "0", "dataObject": {"s3Uri": line["source-ref"]},
+                    "annotations": [{"workerId": self.reviewer_id,
+                                     "annotationData": {"content": json.dumps(content)}}]}]
+        event = {"version": "2018-10-16", "labelingJobArn": "arn:aws:sagemaker:eu-west-1:1:labeling-job/x",
+                 "labelCategories": ["head"], "labelAttributeName": ATTRIBUTE, "roleArn": "arn:aws:iam::1:role/r",
+                 "payload": {"s3Uri": "s3://bkt/annotations/consolidation-request/iteration-1/x.json"}}
+        (consolidated,) = post_annotation_handler(event, None, lambda uri: json.dumps(payload).encode())
+        job = job_name_for("edge-review", batch)
+        out = {**line, **consolidated["consolidatedAnnotation"]["content"],
+               f"{ATTRIBUTE}-metadata": {"job_name": f"labeling-job/{job}", "type": "groundTruth/custom",
+                                         "human-annotated": "yes",
+                                         "creation_date": dt.datetime.utcnow().isoformat()}}
+        key = f"groundtruth/output/{job}/{OUTPUT_MANIFEST}"
+        old = self.store.get(key).decode() if self.store.head(key) else ""
+        self.store.put(key, (old + json.dumps(out) + "\n").encode())
+
+    def review(self, item: ReviewItem, heads: Sequence[Sequence[float]], persons: Sequence[ReviewedPerson]) -> None:
+        batch, line = self._line(item)
+        self._finish(batch, line, answer(heads, persons, CABIN19_NAMES))
+
+    def accept(self, item: ReviewItem) -> None:
+        batch, line = self._line(item)
+        task = pre_annotation_handler({"version": "2018-10-16", "labelingJobArn": "arn", "dataObject": line})
+        self._finish(batch, line, answer_from_page(Page(render(task["taskInput"]))))
+
+
+class TestGroundTruthBackend(ReviewBackendContract):
+    @pytest.fixture
+    def harness(self, tmp_path: Path) -> GroundTruthHarness:
+        return GroundTruthHarness(tmp_path)
+
+
+def test_manifest_line_carries_pre_annotations_and_provenance() -> None:
+    rec = record(persons=1, names=COCO17_NAMES)
+    line = json.loads(manifest_line("s3://bkt/a.jpg", "abc", rec, "bundle-7", 0.41, ["kpt_near_threshold"], True, "box-1"))
+    assert line["source-ref"] == "s3://bkt/a.jpg" and line["image-id"] == "abc"
+    assert (line["edge-bundle"], line["edge-score"], line["edge-reasons"], line["edge-audit"], line["edge-appliance"]) == (
+        "bundle-7", 0.41, ["kpt_near_threshold"], True, "box-1")
+    assert line["auto-head"]["annotations"] == [{"class_id": 0, "left": 40, "top": 12, "width": 50, "height": 48}]
+    assert line["auto-head-metadata"]["human-annotated"] == "no"
+    kps = line["auto-kpts"]["persons"][0]["keypoints"]
+    assert [k["label"] for k in kps] == list(COCO17_NAMES)
+    assert kps[2] == {"label": "right_eye", "x": 0.0, "y": 0.0, "visibility": "outside"}  # claims no location
+    assert not any(k.startswith("$") for k in line)
+    with pytest.raises(ManifestError, match="auto-kpts"):
+        manifest_line("s3://bkt/a.jpg", "abc", record(persons=40), "b")
+
+
+def test_template_renders_pre_annotations_labels_and_visibility_controls() -> None:
+    rec = record(persons=2, heads=1)
+    line = json.loads(manifest_line("s3://bkt/edge/a.jpg", "abc", rec, "bundle-7", 0.4, ["r"], False))
+    task = pre_annotation_handler({"version": "2018-10-16", "labelingJobArn": "arn", "dataObject": line})
+    assert task["isHumanAnnotationRequired"] is True
+    page = Page(render(task["taskInput"]))
+    (box,), (kp,) = page.elements["crowd-bounding-box"], page.elements["crowd-keypoint"]
+    assert box["src"] == kp["src"] == "https://signed.example/bkt/edge/a.jpg"
+    assert json.loads(box["labels"] or "") == ["head", "person 1", "person 2", "person 3"]  # one spare person
+    boxes = json.loads(box["initial-value"] or "")
+    assert [b["label"] for b in boxes] == ["head", "person 1", "person 2"]
+    labels = json.loads(kp["labels"] or "")
+    assert len(labels) == 3 * 19 and "1 nose" in labels and "3 neck" in labels
+    placed = {p["label"]: (p["x"], p["y"]) for p in json.loads(kp["initial-value"] or "")}
+    vis = {k["label"]: k for k in line["auto-kpts"]["persons"][0]["keypoints"]}
+    assert placed["1 nose"] == (vis["nose"]["x"], vis["nose"]["y"])
+    assert "1 right_eye" not in placed  # outside: not placed
+    radios = page.elements["crowd-radio-button"]
+    assert len(radios) == 3 * 19 * 3
+    checked = {r["name"] for r in radios if "checked" in r}
+    assert len(checked) == 3 * 19  # exactly one state per point
+    assert {"vis-1-nose-visible", "vis-1-left_eye-occluded", "vis-1-right_eye-outside", "vis-3-nose-outside"} <= checked
+
+
+def test_consolidation_keeps_first_worker_and_reports_problems() -> None:
+    content = {"boxes": {"boundingBoxes": [{"label": "car", "left": 1, "top": 1, "width": 2, "height": 2}]},
+               "points": {"keypoints": [{"label": "2 nose", "x": 10, "y": 12}, {"label": "2 nose", "x": 1, "y": 1}]},
+               "vis-2-nose": "occluded", "vis-2-neck-visible": {"on": True}}
+    payload = [{"datasetObjectId": "7", "annotations": [
+        {"workerId": "w1", "annotationData": {"content": json.dumps(content)}},
+        {"workerId": "w2", "annotationData": {"content": json.dumps({})}}]},
+               {"datasetObjectId": "8", "annotations": []}]
+    event = {"labelAttributeName": "rev", "payload": {"s3Uri": "s3://b/p.json"}}
+    seen = []
+    out = post_annotation_handler(event, None, lambda uri: seen.append(uri) or json.dumps(payload))
+    assert seen == ["s3://b/p.json"]
+    assert [o["datasetObjectId"] for o in out] == ["7"]
+    got = out[0]["consolidatedAnnotation"]["content"]["rev"]
+    assert got["workerId"] == "w1" and got["workerCount"] == 2
+    (person,) = got["persons"]
+    assert person["keypoints"] == [{"label": "nose", "x": 10.0, "y": 12.0, "visibility": "occluded"}]
+    assert person["box"] == [10.0, 12.0, 10.0, 12.0]
+    assert len(got["problems"]) == 4  # unknown box label, point twice, neck not placed, no person box
+
+
+BUILTIN = {"source-ref": "s3://bucket/img.png", "head-box": {"image_size": [{"width": 500, "height": 400, "depth": 3}],
+           "annotations": [{"class_id": 0, "left": 111, "top": 134, "width": 61, "height": 128}]},
+           "head-box-metadata": {"objects": [{"confidence": 0.8}], "class-map": {"0": "head"},
+                                 "type": "groundtruth/object-detection", "human-annotated": "yes",
+                                 "creation-date": "2018-10-18T22:18:13.527256", "job-name": "identify-heads"}}
+
+
+def test_builtin_bounding_box_output_and_adjustment_status() -> None:
+    label = parse_output_line(BUILTIN)
+    assert label is not None
+    assert (label.image_id, label.width, label.height, label.job) == ("img", 500, 400, "identify-heads")
+    assert label.heads == ((111, 134, 172, 262),) and label.persons == () and label.parts == ("heads",)
+    assert label.adjusted is None and label.reviewer is None
+    assert label.reviewed_at == dt.datetime(2018, 10, 18, 22, 18, 13, 527256, tzinfo=dt.timezone.utc).timestamp()
+    adjusted = {**BUILTIN, "head-box-2": {**BUILTIN["head-box"], "annotations": []},
+                "head-box-2-metadata": {**BUILTIN["head-box-metadata"], "creation-date": "2018-10-19T00:00:00",
+                                        "job-name": "labeling-job/adjust-heads", "adjustment-status": "adjusted"}}
+    label = parse_output_line(adjusted)
+    assert label is not None and (label.job, label.heads, label.adjusted) == ("adjust-heads", (), True)
+    assert parse_output_line({"source-ref": "s3://b/x.jpg"}) is None
+
+
+def test_output_in_downscaled_pixels_comes_back_in_original_pixels(tmp_path: Path) -> None:
+    rec = {**record(persons=1), "original_size": [WIDTH * 2, HEIGHT * 2]}
+    line = json.loads(manifest_line("s3://b/x.jpg", "x", rec, "b"))
+    heads, persons = expected(rec)
+    line.update({"rev": {"image_size": {"width": WIDTH, "height": HEIGHT}, "heads": [list(heads[0])],
+                         "persons": [{"box": list(persons[0].box), "keypoints": [{"label": "nose", "x": 10, "y": 20,
+                                                                                  "visibility": "visible"}]}]},
+                 "rev-metadata": {"job-name": "j", "type": "groundTruth/custom", "human-annotated": "yes",
+                                  "creation-date": "2026-11-24T10:00:00Z"}})
+    label = parse_output_line(line)
+    assert label is not None and (label.width, label.height) == (WIDTH * 2, HEIGHT * 2)
+    assert label.heads[0] == pytest.approx(tuple(2 * v for v in heads[0]))
+    assert (label.persons[0].keypoints[0].x, label.persons[0].keypoints[0].y) == (20.0, 40.0)
+
+
+SPEC = LabelingJobSpec(role_arn="arn:aws:iam::123456789012:role/gt", workteam_arn=(
+    "arn:aws:sagemaker:eu-west-1:123456789012:workteam/private-crowd/edge"),
+    ui_template_s3_uri="s3://bkt/edge/groundtruth/keypoints.liquid.html", output_s3_path="s3://bkt/edge/groundtruth/output",
+    pre_lambda_arn="arn:aws:lambda:eu-west-1:123456789012:function:edge-pre",
+    consolidation_lambda_arn="arn:aws:lambda:eu-west-1:123456789012:function:edge-post",
+    label_category_config_s3_uri="s3://bkt/edge/groundtruth/labels.json")
+
+
+def sagemaker() -> Any:
+    boto3 = pytest.importorskip("boto3")
+    return boto3.client("sagemaker", region_name="eu-west-1", aws_access_key_id="test", aws_secret_access_key="test")
+
+
+def test_create_labeling_job_request_matches_the_service_model(tmp_path: Path) -> None:
+    from botocore.stub import Stubber
+
+    client = sagemaker()
+    arn = "arn:aws:sagemaker:eu-west-1:123456789012:labeling-job/edge-review-b7"
+    store = LocalFolderStore(tmp_path, "edge")
+    backend = GroundTruthBackend(store, job=SPEC, sagemaker_client=client)
+    item = GroundTruthHarness(tmp_path).item(1, record())
+    expected_request = {
+        "LabelingJobName": "edge-review-b7", "LabelAttributeName": "reviewed",
+        "InputConfig": {"DataSource": {"S3DataSource": {"ManifestS3Uri": store.uri("groundtruth/manifests/b7.manifest")}}},
+        "OutputConfig": {"S3OutputPath": SPEC.output_s3_path}, "RoleArn": SPEC.role_arn,
+        "LabelCategoryConfigS3Uri": SPEC.label_category_config_s3_uri,
+        "HumanTaskConfig": {"WorkteamArn": SPEC.workteam_arn, "UiConfig": {"UiTemplateS3Uri": SPEC.ui_template_s3_uri},
+                            "PreHumanTaskLambdaArn": SPEC.pre_lambda_arn, "TaskTitle": SPEC.task_title,
+                            "TaskDescription": SPEC.task_description, "NumberOfHumanWorkersPerDataObject": 1,
+                            "TaskTimeLimitInSeconds": 900, "AnnotationConsolidationConfig": {
+                                "AnnotationConsolidationLambdaArn": SPEC.consolidation_lambda_arn}}}
+    with Stubber(client) as stub:
+        stub.add_response("create_labeling_job", {"LabelingJobArn": arn}, expected_request)
+        stub.add_client_error("create_labeling_job", "ResourceInUse", "exists")
+        stub.add_client_error("create_labeling_job", "ThrottlingException", "slow down")
+        stub.add_client_error("create_labeling_job", "AccessDeniedException", "no")
+        backend.submit("b7", [item])
+        assert create_labeling_job(client, "edge-review-b7", "s3://b/m", SPEC) is None
+        with pytest.raises(RetryableError, match="Throttling"):
+            create_labeling_job(client, "edge-review-b7", "s3://b/m", SPEC)
+        with pytest.raises(PermanentError, match="AccessDenied"):
+            create_labeling_job(client, "edge-review-b7", "s3://b/m", SPEC)
+        stub.assert_no_pending_responses()
+    # the real service model refuses a bad request before anything is sent
+    with pytest.raises(PermanentError, match="NumberOfHumanWorkersPerDataObject"):
+        create_labeling_job(client, "j", "s3://b/m", LabelingJobSpec(**{**SPEC.__dict__, "workers_per_object": 0}))
+
+
+def test_manifest_is_written_once_and_names_are_valid(tmp_path: Path) -> None:
+    harness = GroundTruthHarness(tmp_path)
+    item = harness.item(1, record())
+    harness.backend.submit("b1", [item])
+    with pytest.raises(ConflictError):
+        harness.backend.submit("b1", [harness.item(2, record())])
+    assert len(harness.store.get("groundtruth/manifests/b1.manifest").splitlines()) == 1
+    with pytest.raises(ValueError, match="image URI"):
+        harness.backend.submit("b2", [ReviewItem("x", 4, 4, record(), "b", local_path=Path("/x.jpg"))])
+    assert job_name_for("edge review", "2026-11-24T10:00:00_x" * 4).startswith("edge-review-2026-11-24T10-00-00-x")
+    assert len(job_name_for("p", "x" * 200)) == 63
+    config = label_category_config()
+    assert config["document-version"] == "2018-11-28"
+    assert [c["label"] for c in config["labels"]][:3] == ["head", "person", "nose"]
+
+
+def test_bad_output_lines_are_refused_not_fatal(tmp_path: Path) -> None:
+    harness = GroundTruthHarness(tmp_path)
+    good = dict(BUILTIN, **{"image-id": "good"})
+    bad = {"source-ref": "s3://b/x.jpg", "r": {}, "r-metadata": {"type": "groundtruth/semantic-segmentation",
+                                                                   "human-annotated": "yes"}}
+    harness.store.put(f"groundtruth/output/j/{OUTPUT_MANIFEST}", f"{json.dumps(bad)}\n\n{json.dumps(good)}\n".encode())
+    assert [label.image_id for label in harness.backend.collect()] == ["good"]
+    assert list(harness.backend.rejected) == [f"groundtruth/output/j/{OUTPUT_MANIFEST}:1"]
