@@ -4,9 +4,10 @@
 PYTHON ?= python3
 RUN_VENV := .venv-run
 DEV_VENV := .venv
+LS_VENV := .venv-ls
 PIP_FLAGS ?= -q --disable-pip-version-check
 
-.PHONY: demo test env env-run clean
+.PHONY: demo test env env-run ls-env clean
 
 demo: $(RUN_VENV)/.installed
 	$(RUN_VENV)/bin/annotator demo
@@ -31,8 +32,16 @@ $(DEV_VENV)/.installed: pyproject.toml
 	$(DEV_VENV)/bin/python -c "import cv2, onnxruntime, ultralytics, torchvision; print('env ok: cv2', cv2.__version__)"
 	touch $@
 
-test: $(DEV_VENV)/.installed
+# Label Studio (the self-hosted review server the sync tests start on loopback) pins
+# numpy<2.3 through its SDK, so it gets its own environment and is only spoken to over HTTP.
+ls-env: $(LS_VENV)/.installed
+$(LS_VENV)/.installed:
+	$(PYTHON) -m venv $(LS_VENV)
+	$(LS_VENV)/bin/pip install $(PIP_FLAGS) label-studio==1.23.2
+	touch $@
+
+test: $(DEV_VENV)/.installed $(LS_VENV)/.installed
 	$(DEV_VENV)/bin/python -m pytest -q
 
 clean:
-	rm -rf $(RUN_VENV) $(DEV_VENV) demo-out
+	rm -rf $(RUN_VENV) $(DEV_VENV) $(LS_VENV) demo-out
