@@ -135,9 +135,11 @@ def sync_config_from_dict(doc: Mapping[str, Any], base: Path, source: str = "con
         raise SyncConfigError(f"sync.appliance_id: expected 1-64 of A-Z a-z 0-9 . _ -, got "
                               f"{values['appliance_id']!r} ({source})")
     tables = {k: v for k, v in sync_table.items() if isinstance(v, dict) and k != "target"}
-    return SyncConfig(store_root=store_root, target=tcfg, tables=tables,
-                      **{k: float(v) if k in ("poll_interval", "retry_base", "retry_cap") else v
-                         for k, v in values.items()})
+    for key in ("poll_interval", "retry_base", "retry_cap"):
+        if key in values:
+            values[key] = float(values[key])
+    fields: dict[str, Any] = values
+    return SyncConfig(store_root=store_root, target=tcfg, tables=tables, **fields)
 
 
 def load_sync_config(path: Path | None = None, env: Mapping[str, str] = os.environ) -> SyncConfig:
