@@ -229,6 +229,8 @@ class MergeTask:
     ``ReviewBackend.collect``); returns True when the dataset changed.
     """
 
+    name = "merge"
+
     def __init__(self, merger: Merger, fetch: Callable[[], Iterable[Any]]) -> None:
         self.merger = merger
         self.fetch = fetch

@@ -24,6 +24,7 @@ import datetime as _dt
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -246,12 +247,23 @@ class ModelPuller:
 
 
 class ModelPullTask:
-    """A sync-agent task: ``run_once`` pulls once; True when the bundle in use changed."""
+    """A sync-agent task: ``run_once`` pulls at most once per ``interval`` seconds (the agent
+    calls it every pass); True when the bundle in use changed."""
 
-    def __init__(self, puller: ModelPuller) -> None:
+    name = "models"
+
+    def __init__(self, puller: ModelPuller, interval: float = 300.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.puller = puller
+        self.interval = float(interval)
+        self.clock = clock
+        self._next = 0.0
 
     def run_once(self) -> bool:
+        now = self.clock()
+        if now < self._next:
+            return False
+        self._next = now + self.interval
         return self.puller.pull_once().switched_to is not None
 
 

@@ -230,3 +230,26 @@ def test_dataset_cli_status_and_export(world, tmp_path: Path, capsys: pytest.Cap
     assert args.func(args) == 0
     assert "2 images (1 reviewed, 1 auto)" in capsys.readouterr().out
     assert len(json.loads((tmp_path / "out" / "annotations.json").read_text())["images"]) == 2
+
+
+def test_merge_task_with_the_in_memory_review_backend(world) -> None:
+    from sync.merge import MergeTask
+    from sync.review import InMemoryReviewBackend, ReviewItem, persons_from_record
+
+    store, dataset, merger = world
+    rid, _ = store.ingest(b"task image", "test")
+    store.claim("w")
+    record = {**_record(rid), "keypoint_names": list(CABIN19.names)}
+    record["persons"] = [{**record["persons"][0], "keypoints": _points(19)}]
+    store.complete(rid, "w", record, "b-1", "review", 0.3, [], False)
+    store.set_state(rid, (REVIEW_PENDING,), UPLOADED)
+    backend = InMemoryReviewBackend()
+    backend.submit("batch-1", [ReviewItem(rid, 640, 480, record, "b-1", image_uri="file:///x")])
+    task = MergeTask(merger, backend.collect)
+    assert task.name == "merge" and task.run_once() is False  # nothing reviewed yet
+    heads, persons = persons_from_record(record)
+    backend.review(rid, heads, persons, reviewer="r-9", at=1_790_000_000.0)
+    assert task.run_once() is True and task.run_once() is False
+    entry = dataset.get(rid)
+    assert entry.provenance["job"] == "batch-1" and entry.provenance["reviewer"] == "r-9"
+    assert entry.provenance["adjusted"] is False and entry.mistakes["score"] == 0.0
