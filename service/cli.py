@@ -183,7 +183,27 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_daemon import add_daemon_commands
 
     add_daemon_commands(sub)
+    _register_optional(sub)
     return p
+
+
+# Subcommands of the other parts (sync agent, operations). The CLI is the composition root:
+# these imports are the only place where ``service`` reaches into ``sync``, and they are
+# light (the sync modules import boto3 and friends inside their commands).
+_OPTIONAL_COMMANDS = ("sync.cli", "sync.dataset_cli", "sync.models_cli", "service.doctor")
+
+
+def _register_optional(sub: argparse._SubParsersAction) -> None:
+    import importlib
+
+    for name in _OPTIONAL_COMMANDS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.register(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
