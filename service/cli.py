@@ -203,7 +203,9 @@ def _register_optional(sub: argparse._SubParsersAction) -> None:
             if exc.name != name:
                 raise
             continue
-        module.register(sub)
+        register = getattr(module, "register", None)
+        if register is not None:
+            register(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
