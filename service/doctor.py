@@ -1,0 +1,309 @@
+"""``annotator doctor``: check that this machine can run the appliance, with advice per problem.
+
+Each check returns a ``Check`` (name, level OK/WARN/FAIL/SKIP, what was found, one line of
+advice when it is not OK). ``run_checks(path, env)`` runs them in order:
+
+    config     the TOML file loads and validates (service.config)
+    folders    drop folder, store root, sidecar folder exist (or can be created) and are writable
+    disk       free space on the store's file system against store.min_free_mb
+    bundle     engine.bundle loads and verifies (checksums, ONNX layouts)
+    providers  onnxruntime version, execution providers available / requested, CUDA / TensorRT
+    s3         [sync.target] kind = "s3": HeadBucket with a short timeout (boto3's credential chain)
+    review     [sync.review] kind = "labelstudio": GET <url>/health
+    clock      the system year is plausible; a fresh file's mtime agrees with the system clock
+
+``SKIP`` (nothing configured to check) counts as passing; ``exit_code`` is 1 when any check
+FAILs, else 0. Nothing here changes the machine beyond a temporary file per folder.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import tomllib
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+log = logging.getLogger(__name__)
+
+OK, WARN, FAIL, SKIP = "OK", "WARN", "FAIL", "SKIP"
+NETWORK_TIMEOUT = 3.0  # seconds per network probe
+CLOCK_TOLERANCE = 5.0  # seconds between a file's mtime and the system clock
+MIN_YEAR = 2024
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the report; ``advice`` is set when ``level`` is WARN or FAIL."""
+
+    name: str
+    level: str
+    detail: str
+    advice: str = ""
+
+
+def _existing_ancestor(path: Path) -> Path:
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _writable(folder: Path) -> str | None:
+    """None when a file can be created (and removed) in ``folder``, else the error text."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".annotator-doctor-", dir=folder)
+        os.close(fd)
+        os.unlink(name)
+        return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
+
+
+# -- config ---------------------------------------------------------------------------------
+def load_for_doctor(path: Path | None, env: Mapping[str, str]) -> tuple[Any, dict[str, Any], Check]:
+    """(Config or None, the raw ``[sync]`` table, the config check)."""
+    from .config import ENV_PREFIX, KEYS, SECTIONS, env_name, load_config
+    from .errors import ConfigError
+
+    if path is None and env.get(ENV_PREFIX + "CONFIG"):
+        path = Path(env[ENV_PREFIX + "CONFIG"])
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            return None, {}, Check("config", FAIL, f"config file {path} cannot be read as TOML: {exc}",
+                                   "give --config the appliance's TOML file (see deploy/annotator.example.toml)")
+    sync: dict[str, Any] = raw["sync"] if isinstance(raw.get("sync"), dict) else {}
+    where = str(path) if path else "defaults and environment"
+    try:
+        if "sync" in raw and "sync" not in SECTIONS:
+            # service.config does not know [sync] (the sync agent reads it itself): validate the
+            # rest as if given on the command line, file values under the environment's.
+            base = Path(path).absolute().parent if path else Path.cwd()
+            values = {}
+            for section, body in raw.items():
+                for name, value in (body.items() if section != "sync" and isinstance(body, dict) else ()):
+                    key = f"{section}.{name}"
+                    if KEYS.get(key) in (Path, Path | None) and isinstance(value, str) and not Path(value).is_absolute():
+                        value = base / value
+                    if env_name(key) not in env:
+                        values[key] = value
+            cfg = load_config(None, env, values)
+            return cfg, sync, Check("config", WARN, f"{where}: valid, but service.config does not accept [sync]",
+                                    "`annotator serve` refuses this file until service/config.py accepts [sync]")
+        cfg = load_config(path, env)
+    except ConfigError as exc:
+        return None, sync, Check("config", FAIL, str(exc), "fix that key in the file (or its ANNOTATOR_* variable)")
+    return cfg, sync, Check("config", OK, f"{where}: valid")
+
+
+# -- file system ----------------------------------------------------------------------------
+def check_folders(cfg: Any) -> list[Check]:
+    """The drop folder must exist (capture tools write there); store and sidecars may be created."""
+    out = []
+    folders: list[tuple[str, Path | None, bool]] = [
+        ("drop.folder", cfg.drop.folder, True), ("store.root", cfg.store.root, False),
+        ("outputs.sidecar_dir", cfg.outputs.sidecar_dir, False)]
+    for key, folder, must_exist in folders:
+        name = f"folder {key}"
+        if folder is None:
+            out.append(Check(name, SKIP, "not set"))
+            continue
+        folder = Path(folder)
+        if folder.is_dir():
+            err = _writable(folder)
+            out.append(Check(name, OK, f"{folder} writable") if err is None else
+                       Check(name, FAIL, f"{folder}: cannot write: {err}",
+                             f"give the service user write access: chown -R annotator: {folder}"))
+            continue
+        if folder.exists():
+            out.append(Check(name, FAIL, f"{folder} is not a folder", f"remove or rename {folder}, or change {key}"))
+            continue
+        parent = _existing_ancestor(folder)
+        if must_exist:
+            out.append(Check(name, FAIL, f"{folder} does not exist",
+                             f"create it: install -d -m 2770 -o annotator -g annotator {folder}"))
+        elif parent.is_dir() and _writable(parent) is None:
+            out.append(Check(name, WARN, f"{folder} does not exist; will be created in {parent}",
+                             f"create it now to be sure of its owner: install -d -o annotator {folder}"))
+        else:
+            out.append(Check(name, FAIL, f"{folder} does not exist and {parent} is not writable",
+                             f"create it: install -d -o annotator {folder}, or point {key} elsewhere"))
+    return out
+
+
+def check_disk(cfg: Any) -> Check:
+    where = _existing_ancestor(Path(cfg.store.root))
+    free = shutil.disk_usage(where).free
+    floor = int(cfg.store.min_free_mb) * 1_000_000
+    detail = f"{free / 1e9:.1f} GB free on {where}, floor {floor / 1e6:.0f} MB"
+    if free < floor:
+        return Check("disk", FAIL, detail, "free disk space, or lower store.min_free_mb: ingest is paused below it")
+    if free < 2 * floor:
+        return Check("disk", WARN, detail, "less than twice the floor left: free space soon")
+    return Check("disk", OK, detail)
+
+
+def check_clock(folder: Path, now: Callable[[], float] = time.time) -> Check:
+    """The year is plausible, and a file written now carries (about) the system time."""
+    t = now()
+    year = dt.datetime.fromtimestamp(t, dt.timezone.utc).year
+    if year < MIN_YEAR:
+        return Check("clock", FAIL, f"system time is {dt.datetime.fromtimestamp(t, dt.timezone.utc):%Y-%m-%d}",
+                     "set the clock: timedatectl set-ntp true (time stamps, TLS and S3 signatures depend on it)")
+    where = _existing_ancestor(folder)
+    try:
+        with tempfile.NamedTemporaryFile(prefix=".annotator-clock-", dir=where) as f:
+            f.write(b"x")
+            f.flush()
+            skew = os.fstat(f.fileno()).st_mtime - t
+    except OSError:
+        with tempfile.NamedTemporaryFile(prefix=".annotator-clock-") as f:
+            skew = os.fstat(f.fileno()).st_mtime - t
+    detail = f"{dt.datetime.fromtimestamp(t, dt.timezone.utc):%Y-%m-%d %H:%M:%S} UTC, file clock {skew:+.1f} s"
+    if abs(skew) > CLOCK_TOLERANCE:
+        return Check("clock", WARN, detail, f"file times on {where} differ from the system clock "
+                                            "(network file system?): sync both to NTP")
+    return Check("clock", OK, detail)
+
+
+# -- models ---------------------------------------------------------------------------------
+def check_bundle(cfg: Any) -> Check:
+    from .bundle import load_bundle
+    from .errors import BundleError
+
+    if cfg.engine.bundle is None:
+        return Check("bundle", FAIL, "engine.bundle is not set", "set engine.bundle to a bundle directory")
+    try:
+        b = load_bundle(cfg.engine.bundle, verify=True)
+    except BundleError as exc:
+        advice = ("the model file changed after the bundle was made: copy the bundle again from its source"
+                  if "checksum" in str(exc) else
+                  "point engine.bundle at a complete bundle directory (bundle.json + the ONNX files it names)")
+        return Check("bundle", FAIL, str(exc), advice)
+    return Check("bundle", OK, f"{b.id}: {', '.join(sorted(b.models))} verified")
+
+
+def check_providers(cfg: Any) -> Check:
+    import onnxruntime as ort
+
+    from .engine import select_providers
+    from .errors import BundleError
+
+    available = ort.get_available_providers()
+    gpu = [name for name, p in (("CUDA", "CUDAExecutionProvider"), ("TensorRT", "TensorrtExecutionProvider"))
+           if p in available]
+    requested = list(cfg.engine.providers) or None
+    detail = f"onnxruntime {ort.__version__}; GPU: {', '.join(gpu) or 'none (CPU only)'}"
+    try:
+        chosen = select_providers(requested)
+    except BundleError as exc:
+        return Check("providers", FAIL, f"{detail}; {exc}",
+                     "clear engine.providers, or install onnxruntime-gpu (pip install 'edge-annotator[gpu]')")
+    missing = [p for p in requested or () if p not in available]
+    if missing:
+        return Check("providers", WARN, f"{detail}; using {', '.join(chosen)}",
+                     f"{', '.join(missing)} not available: install onnxruntime-gpu and the CUDA libraries, "
+                     "or remove them from engine.providers")
+    return Check("providers", OK, f"{detail}; using {', '.join(chosen)}")
+
+
+# -- remote services ------------------------------------------------------------------------
+def check_s3(sync: Mapping[str, Any], timeout: float = NETWORK_TIMEOUT) -> Check:
+    """HeadBucket on ``[sync.target]`` when its kind is "s3"; credentials from boto3's chain."""
+    target: Mapping[str, Any] = sync["target"] if isinstance(sync.get("target"), dict) else {}
+    if target.get("kind") != "s3":
+        return Check("s3", SKIP, "no [sync.target] of kind \"s3\"")
+    import boto3
+    from botocore.config import Config as BotoConfig
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
+
+    bucket = str(target.get("bucket") or "")
+    endpoint = target.get("endpoint_url")
+    where = f"s3://{bucket}" + (f" at {endpoint}" if endpoint else "")
+    if not bucket:
+        return Check("s3", FAIL, "sync.target.bucket is not set", "set sync.target.bucket")
+    config = BotoConfig(connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": 1},
+                        s3={"addressing_style": "path"} if endpoint else None)
+    try:
+        client = boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=target.get("region"),
+                                                config=config)
+        client.head_bucket(Bucket=bucket)
+    except (NoCredentialsError, PartialCredentialsError):
+        return Check("s3", FAIL, f"{where}: no AWS credentials",
+                     "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (e.g. in /etc/annotator/annotator.env) or a profile")
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        if code in ("404", "NoSuchBucket", "NotFound"):
+            return Check("s3", FAIL, f"{where}: bucket does not exist", "create the bucket or fix sync.target.bucket")
+        if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return Check("s3", FAIL, f"{where}: access denied ({code})",
+                         "check the AWS keys and that they may read and write this bucket")
+        return Check("s3", FAIL, f"{where}: {code or exc}", "check sync.target and the S3 server's logs")
+    except BotoCoreError as exc:
+        return Check("s3", FAIL, f"{where}: unreachable: {exc}",
+                     "check sync.target.endpoint_url / region and the network path to S3")
+    return Check("s3", OK, f"{where} reachable")
+
+
+def check_review(sync: Mapping[str, Any], timeout: float = NETWORK_TIMEOUT) -> Check:
+    """``GET <url>/health`` of a Label Studio ``[sync.review]``; Ground Truth rides on the S3 check."""
+    review: Mapping[str, Any] = sync["review"] if isinstance(sync.get("review"), dict) else {}
+    kind = review.get("kind")
+    if kind is None:
+        return Check("review", SKIP, "no [sync.review] backend configured")
+    if kind != "labelstudio":
+        return Check("review", SKIP, f"{kind}: reached through the S3 target")
+    url = str(review.get("url") or "").rstrip("/")
+    if not url:
+        return Check("review", FAIL, "sync.review.url is not set", "set sync.review.url to the Label Studio server")
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as resp:  # noqa: S310 (configured URL)
+            body = json.loads(resp.read(4096) or b"{}")
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return Check("review", FAIL, f"Label Studio at {url}: {reason}",
+                     "start Label Studio (label-studio start) or fix sync.review.url")
+    if body.get("status") != "UP":
+        return Check("review", WARN, f"Label Studio at {url} answered {body}", "Label Studio is not healthy yet")
+    return Check("review", OK, f"Label Studio at {url} is up")
+
+
+# -- the report -----------------------------------------------------------------------------
+def run_checks(path: Path | None, env: Mapping[str, str] = os.environ) -> list[Check]:
+    """Every check in order; checks that need a valid config are left out when it is invalid."""
+    cfg, sync, config_check = load_for_doctor(path, env)
+    checks = [config_check]
+    if cfg is not None:
+        checks += check_folders(cfg)
+        checks += [check_disk(cfg), check_bundle(cfg), check_providers(cfg)]
+    checks += [check_s3(sync), check_review(sync)]
+    checks.append(check_clock(Path(cfg.store.root) if cfg is not None else Path(tempfile.gettempdir())))
+    return checks
+
+
+def exit_code(checks: Sequence[Check]) -> int:
+    return 1 if any(c.level == FAIL for c in checks) else 0
+
+
+def format_report(checks: Sequence[Check]) -> str:
+    """A table (check, result, detail) with one advice line under each WARN or FAIL."""
+    width = max(len(c.name) for c in checks)
+    lines = [f"{'check':<{width}}  {'result':<6}  detail", f"{'-' * width}  ------  {'-' * 40}"]
+    for c in checks:
+        lines.append(f"{c.name:<{width}}  {c.level:<6}  {c.detail}")
+        if c.advice and c.level in (WARN, FAIL):
+            lines.append(f"{'':<{width}}  {'':<6}  -> {c.advice}")
+    fails, warns = sum(c.level == FAIL for c in checks), sum(c.level == WARN for c in checks)
+    lines.append(f"{fails} failed, {warns} warnings" if fails or warns else "all checks passed")
+    return "\n".join(lines)

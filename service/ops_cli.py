@@ -1,0 +1,105 @@
+"""Operator subcommands of ``annotator``: ``doctor``, ``status`` and ``healthcheck``.
+
+``service.cli.build_parser`` adds them with one line, ``ops_cli.register(sub)``. Exit codes:
+doctor 0 when nothing FAILs (warnings allowed), 1 otherwise; status 0, or 1 with one line when
+the daemon cannot be reached; healthcheck 0 when SERVING, else 1 (the container HEALTHCHECK).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .client import TlsOptions
+
+log = logging.getLogger(__name__)
+DEFAULT_SERVER = "127.0.0.1:50051"
+
+
+def _tls(args: argparse.Namespace) -> "TlsOptions | None":
+    """``TlsOptions`` from --ca/--cert/--key, or None for a plain connection."""
+    from .client import TlsOptions
+
+    if not (args.ca or args.cert or args.key):
+        return None
+    if bool(args.cert) != bool(args.key):
+        raise ConfigError("--cert and --key go together (a client certificate and its key)")
+
+    def read(p: str | None) -> bytes | None:
+        try:
+            return Path(p).read_bytes() if p else None
+        except OSError as exc:
+            raise ConfigError(f"cannot read {p}: {exc.strerror}") from exc
+
+    return TlsOptions(root_certificates=read(args.ca), client_cert=read(args.cert), client_key=read(args.key),
+                      server_name=args.server_name)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import exit_code, format_report, run_checks
+
+    checks = run_checks(Path(args.config) if args.config else None, os.environ)
+    print(format_report(checks))
+    return exit_code(checks)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import grpc
+
+    from .client import AnnotatorClient
+    from .status_view import format_status
+
+    token = args.token or os.environ.get("ANNOTATOR_TOKEN")
+    with AnnotatorClient(args.server, timeout=args.timeout, retries=0, tls=_tls(args), token=token) as client:
+        try:
+            status = client.status()
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            details = exc.details() if hasattr(exc, "details") else str(exc)
+            hint = {"UNAVAILABLE": "is the daemon running? (systemctl status annotator)",
+                    "UNAUTHENTICATED": "give --token or set ANNOTATOR_TOKEN"}.get(getattr(code, "name", ""), "")
+            print(f"annotator status: {args.server}: {getattr(code, 'name', code)}: {details}"
+                  + (f"; {hint}" if hint else ""), file=sys.stderr)
+            return 1
+    print(format_status(status, args.server))
+    return 0
+
+
+def cmd_healthcheck(args: argparse.Namespace) -> int:
+    from .status_view import health_check
+
+    ok, line = health_check(args.server, args.service, args.timeout, tls=_tls(args))
+    print(line, file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
+
+
+def _connection_args(s: argparse.ArgumentParser, timeout: float) -> None:
+    s.add_argument("--server", default=DEFAULT_SERVER, help=f"HOST:PORT of the daemon (default {DEFAULT_SERVER})")
+    s.add_argument("--timeout", type=float, default=timeout, help=f"seconds (default {timeout:g})")
+    s.add_argument("--ca", help="PEM of the CA that signed the server certificate (TLS)")
+    s.add_argument("--cert", help="client certificate PEM (mutual TLS)")
+    s.add_argument("--key", help="client key PEM (mutual TLS)")
+    s.add_argument("--server-name", help="expected TLS host name when it differs from HOST")
+
+
+def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """Add doctor, status and healthcheck to the ``annotator`` subparsers."""
+    s = sub.add_parser("doctor", help="check config, folders, disk, bundle, providers, S3, review backend, clock")
+    s.add_argument("--config", help="TOML file (default: $ANNOTATOR_CONFIG)")
+    s.set_defaults(func=cmd_doctor)
+
+    s = sub.add_parser("status", help="show a running daemon's bundle, queues, counters and uptime")
+    _connection_args(s, 5.0)
+    s.add_argument("--token", help="bearer token (default: $ANNOTATOR_TOKEN)")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("healthcheck", help="exit 0 when the daemon's gRPC health says SERVING, else 1")
+    _connection_args(s, 3.0)
+    s.add_argument("--service", default="", help="service name to ask about (default: the whole server)")
+    s.set_defaults(func=cmd_healthcheck)
