@@ -1,6 +1,12 @@
-# Runtime image of the annotation daemon: onnxruntime on CPU by default, no training stack.
+# Runtime image of the annotation daemon: onnxruntime on CPU by default, no training stack
+# (torch/ultralytics are the `train` extra, never installed here).
 #   docker build -t edge-annotator .
 #   docker build --build-arg VARIANT=gpu -t edge-annotator:gpu .   (onnxruntime-gpu on a CUDA base)
+#   docker run -p 50051:50051 -e ANNOTATOR_SERVER__TOKEN=... \
+#       -v annotator-data:/var/lib/annotator -v /srv/annotator:/srv/annotator edge-annotator
+#   docker run --rm edge-annotator demo --out /tmp/demo-out   (the shipped demo, no set-up)
+# The container runs `annotator serve` with deploy/container.toml as /etc/annotator/annotator.toml
+# (it needs a bundle in /var/lib/annotator/bundles/current); HEALTHCHECK asks gRPC health.
 ARG VARIANT=cpu
 ARG CPU_BASE=python:3.11-slim-bookworm
 ARG GPU_BASE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
@@ -18,19 +24,38 @@ FROM ${CPU_BASE} AS runtime-cpu
 ENV EXTRA=""
 
 FROM ${GPU_BASE} AS runtime-gpu
+# The CUDA base image moves its Ubuntu package versions with every rebuild; pinning them here
+# would break the build rather than make it reproducible (pin the base image's tag instead).
+# hadolint ignore=DL3008
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-pip python3-venv \
     && rm -rf /var/lib/apt/lists/* && ln -sf /usr/bin/python3 /usr/local/bin/python
 ENV EXTRA="[gpu]"
 
+# runtime-${VARIANT} is one of the stages above, not an image from a registry.
+# hadolint ignore=DL3006
 FROM runtime-${VARIANT} AS runtime
-RUN useradd --system --create-home --uid 10001 annotator
+RUN groupadd --system --gid 10001 annotator \
+    && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/annotator --no-create-home \
+        --shell /usr/sbin/nologin annotator \
+    && install -d -m 0750 -o 10001 -g 10001 /var/lib/annotator /var/lib/annotator/bundles \
+    && install -d -m 2770 -o 10001 -g 10001 /srv/annotator /srv/annotator/drop /srv/annotator/sidecars
 COPY --from=build /wheels /wheels
+# onnxruntime and onnxruntime-gpu share a module name: the GPU variant swaps one for the other.
 RUN python -m venv /opt/annotator \
     && /opt/annotator/bin/pip install --no-cache-dir /wheels/*.whl \
     && if [ -n "$EXTRA" ]; then /opt/annotator/bin/pip uninstall -y onnxruntime \
-         && /opt/annotator/bin/pip install --no-cache-dir onnxruntime-gpu; fi \
+         && /opt/annotator/bin/pip install --no-cache-dir "onnxruntime-gpu>=1.20"; fi \
     && rm -rf /wheels
-ENV PATH=/opt/annotator/bin:$PATH PYTHONUNBUFFERED=1
-USER annotator
-WORKDIR /home/annotator
-CMD ["annotator", "demo", "--out", "/home/annotator/demo-out"]
+COPY --chmod=0644 deploy/container.toml /etc/annotator/annotator.toml
+ENV PATH=/opt/annotator/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
+    ANNOTATOR_CONFIG=/etc/annotator/annotator.toml
+# A numeric user: Kubernetes' runAsNonRoot can check it without resolving names.
+USER 10001:10001
+WORKDIR /var/lib/annotator
+VOLUME ["/var/lib/annotator", "/srv/annotator"]
+EXPOSE 50051
+# Bundle loading takes a while on first start; health is exempt from the bearer token.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["annotator", "healthcheck", "--server", "127.0.0.1:50051", "--timeout", "3"]
+ENTRYPOINT ["annotator"]
+CMD ["serve", "--config", "/etc/annotator/annotator.toml"]
