@@ -307,3 +307,10 @@ def format_report(checks: Sequence[Check]) -> str:
     fails, warns = sum(c.level == FAIL for c in checks), sum(c.level == WARN for c in checks)
     lines.append(f"{fails} failed, {warns} warnings" if fails or warns else "all checks passed")
     return "\n".join(lines)
+
+
+def register(sub: Any) -> None:
+    """Add ``doctor``, ``status`` and ``healthcheck`` to the ``annotator`` subparsers (see ``service.ops_cli``)."""
+    from .ops_cli import register as register_ops
+
+    register_ops(sub)
