@@ -1,0 +1,336 @@
+"""A self-hosted Label Studio server as a review backend (plain HTTP, see ``labelstudio_client``).
+
+Project: one labelling config with head and person boxes (``RectangleLabels`` ``box``), the
+key points (``KeyPointLabels`` ``kp``, one label per schema name) and a per-point visibility
+(``Choices`` ``visibility``, ``perRegion``), as measured in ``shared/LABEL_STUDIO.md``.
+
+Tasks: an image under the server's local-files document root (a local-files storage is
+registered for its folder), ``data`` with the image id and provenance, and one prediction
+(``model_version`` = bundle id, ``score`` = judge score) whose regions are in percent of the
+image. Region ids carry the grouping: ``h<i>`` a head, ``p<i>`` person i's box, ``p<i>k<j>``
+its point j; the visibility ``choices`` item shares its key point's id. Outside points are
+not placed (they claim no location); a reviewer adds a point that is in view.
+
+Collecting: the full JSON export is polled (the webhook only wakes the collector early); the
+latest submitted, not cancelled annotation of each task is validated and converted back to
+pixels. A key point with a new id joins the person whose box contains it (the smallest such
+box), else the nearest box; without a visibility choice it is ``visible``.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+from xml.sax.saxutils import quoteattr
+
+from service.keypoints import CABIN19_NAMES, OUTSIDE, VISIBLE
+from service.record import VISIBILITIES
+
+from .errors import PermanentError
+from .labelstudio_client import LabelStudioClient
+from .review import Box, ReviewedKeypoint, ReviewedLabel, ReviewedPerson, ReviewItem, labels_differ
+
+log = logging.getLogger(__name__)
+
+BACKEND = "labelstudio"
+IMAGE, BOX, KP, VIS = "img", "box", "kp", "visibility"
+HEAD, PERSON = "head", "person"
+POINT_SIZE = 0.6  # marker size, percent of the image width
+_KP_ID, _PERSON_ID = re.compile(r"^p(\d+)k(\d+)$"), re.compile(r"^p(\d+)$")
+
+
+class InvalidAnnotation(PermanentError):
+    """An annotation that our checks refuse (unknown label, coordinates off the image, ...)."""
+
+
+def label_config(names: Sequence[str] = CABIN19_NAMES) -> str:
+    """The project's labelling config (XML) for these key-point names."""
+    labels = "".join(f"<Label value={quoteattr(n)}/>" for n in names)
+    choices = "".join(f'<Choice value="{v}"/>' for v in VISIBILITIES)
+    return (f'<View>\n  <Image name="{IMAGE}" value="$image" zoom="true"/>\n'
+            f'  <RectangleLabels name="{BOX}" toName="{IMAGE}"><Label value="{HEAD}"/><Label value="{PERSON}"/>'
+            f'</RectangleLabels>\n'
+            f'  <KeyPointLabels name="{KP}" toName="{IMAGE}">{labels}</KeyPointLabels>\n'
+            f'  <View visibleWhen="region-selected" whenTagName="{KP}">\n'
+            f'    <Choices name="{VIS}" toName="{IMAGE}" perRegion="true" choice="single" showInline="true">'
+            f'{choices}</Choices>\n  </View>\n</View>')
+
+
+def _rect(rid: str, label: str, box: Sequence[float], w: int, h: int) -> dict[str, Any]:
+    x1, y1, x2, y2 = box
+    return {"id": rid, "from_name": BOX, "to_name": IMAGE, "type": "rectanglelabels",
+            "original_width": w, "original_height": h, "image_rotation": 0,
+            "value": {"x": 100 * x1 / w, "y": 100 * y1 / h, "width": 100 * (x2 - x1) / w,
+                      "height": 100 * (y2 - y1) / h, "rotation": 0, "rectanglelabels": [label]}}
+
+
+def prediction_result(record: Mapping[str, Any], names: Sequence[str] = CABIN19_NAMES) -> list[dict[str, Any]]:
+    """Label Studio result items (percent) for a pre-annotation record (pixels).
+
+    Points are matched by name (``record["keypoint_names"]``, else ``names`` order); names the
+    project does not know and ``outside`` points are left out.
+    """
+    w, h = int(record["width"]), int(record["height"])
+    rec_names = list(record.get("keypoint_names") or names)
+    index = {n: j for j, n in enumerate(names)}
+    out = [_rect(f"h{i}", HEAD, hd["box"], w, h) for i, hd in enumerate(record.get("heads", []))]
+    for i, p in enumerate(record.get("persons", [])):
+        out.append(_rect(f"p{i}", PERSON, p["box"], w, h))
+        for name, k in zip(rec_names, p["keypoints"]):
+            if name not in index or k["visibility"] == OUTSIDE:
+                continue
+            rid = f"p{i}k{index[name]}"
+            where = {"x": 100 * float(k["x"]) / w, "y": 100 * float(k["y"]) / h, "width": POINT_SIZE}
+            common = {"id": rid, "to_name": IMAGE, "original_width": w, "original_height": h, "image_rotation": 0}
+            out.append({**common, "from_name": KP, "type": "keypointlabels", "value": {**where, "keypointlabels": [name]}})
+            out.append({**common, "from_name": VIS, "type": "choices", "value": {**where, "choices": [k["visibility"]]}})
+    return out
+
+
+def _single(value: Mapping[str, Any], key: str, allowed: Sequence[str], rid: str) -> str:
+    got = value.get(key)
+    if not isinstance(got, list) or len(got) != 1 or got[0] not in allowed:
+        raise InvalidAnnotation(f"region {rid}: expected one of {list(allowed)} in {key}, got {got!r}")
+    return str(got[0])
+
+
+def _percent(value: Mapping[str, Any], keys: Sequence[str], rid: str) -> list[float]:
+    nums = []
+    for k in keys:
+        v = value.get(k)
+        if not isinstance(v, (int, float)) or not math.isfinite(v) or not -0.01 <= v <= 100.01:
+            raise InvalidAnnotation(f"region {rid}: expected {k} in 0..100 (percent), got {v!r}")
+        nums.append(float(v))
+    return nums
+
+
+def parse_result(result: Sequence[Mapping[str, Any]], width: int, height: int,
+                 names: Sequence[str] = CABIN19_NAMES) -> tuple[tuple[Box, ...], tuple[ReviewedPerson, ...]]:
+    """Heads and persons (pixels, points in ``names`` order) of an annotation's or prediction's
+    result; raises ``InvalidAnnotation`` on anything our labelling config cannot produce."""
+    heads: list[Box] = []
+    boxes: dict[str, Box] = {}
+    points: dict[str, tuple[str, float, float]] = {}
+    states: dict[str, str] = {}
+    for item in result:
+        rid, kind, value = str(item.get("id", "")), item.get("type"), item.get("value") or {}
+        if item.get("to_name") != IMAGE:
+            raise InvalidAnnotation(f"region {rid}: expected to_name {IMAGE!r}, got {item.get('to_name')!r}")
+        if kind == "rectanglelabels" and item.get("from_name") == BOX:
+            x, y, bw, bh = _percent(value, ("x", "y", "width", "height"), rid)
+            if abs(float(value.get("rotation") or 0.0)) > 1e-6 or x + bw > 100.01 or y + bh > 100.01:
+                raise InvalidAnnotation(f"region {rid}: box must be unrotated and inside the image, got {value!r}")
+            box = (x * width / 100, y * height / 100, (x + bw) * width / 100, (y + bh) * height / 100)
+            if _single(value, "rectanglelabels", (HEAD, PERSON), rid) == HEAD:
+                heads.append(box)
+            else:
+                boxes[rid] = box
+        elif kind == "keypointlabels" and item.get("from_name") == KP:
+            x, y = _percent(value, ("x", "y"), rid)
+            points[rid] = (_single(value, "keypointlabels", names, rid), x * width / 100, y * height / 100)
+        elif kind == "choices" and item.get("from_name") == VIS:
+            states[rid] = _single(value, "choices", VISIBILITIES, rid)
+        else:
+            raise InvalidAnnotation(f"region {rid}: unexpected {kind!r} from {item.get('from_name')!r}")
+    for rid in set(states) - set(points):
+        log.warning("visibility choice on region %s, which is not a key point: ignored", rid)
+    return tuple(heads), _group(boxes, points, states, names)
+
+
+def _group(boxes: Mapping[str, Box], points: Mapping[str, tuple[str, float, float]],
+           states: Mapping[str, str], names: Sequence[str]) -> tuple[ReviewedPerson, ...]:
+    """Key points -> persons: by region id (``p<i>k<j>`` -> box ``p<i>``), else by box geometry."""
+    person_box: dict[str, Box] = dict(boxes)
+    members: dict[str, dict[str, ReviewedKeypoint]] = {rid: {} for rid in person_box}
+    orphans = []
+    for rid, (name, x, y) in sorted(points.items()):
+        kp = ReviewedKeypoint(x, y, states.get(rid, VISIBLE))
+        m = _KP_ID.match(rid)
+        owner = f"p{m.group(1)}" if m and f"p{m.group(1)}" in person_box else None
+        if owner is None:
+            orphans.append((rid, name, kp))
+            continue
+        _add(members[owner], name, kp, owner)
+    for rid, name, kp in orphans:
+        if not person_box:
+            person_box["p-new"] = (kp.x, kp.y, kp.x, kp.y)
+            members["p-new"] = {}
+        inside = [(b[2] - b[0]) * (b[3] - b[1]) for b in person_box.values()]
+        keys = list(person_box)
+        containing = [k for k, b in zip(keys, person_box.values()) if b[0] <= kp.x <= b[2] and b[1] <= kp.y <= b[3]]
+        if containing:
+            owner = min(containing, key=lambda k: inside[keys.index(k)])
+        else:
+            owner = min(keys, key=lambda k: math.dist(((person_box[k][0] + person_box[k][2]) / 2,
+                                                       (person_box[k][1] + person_box[k][3]) / 2), (kp.x, kp.y)))
+        _add(members[owner], name, kp, owner)
+    if "p-new" in members:  # no person boxes at all: the extent of the points
+        located = [(k.x, k.y) for k in members["p-new"].values()]
+        xs, ys = [p[0] for p in located], [p[1] for p in located]
+        person_box["p-new"] = (min(xs), min(ys), max(xs), max(ys))
+
+    def order(rid: str) -> tuple[int, str]:
+        m = _PERSON_ID.match(rid)
+        return (int(m.group(1)), "") if m else (1 << 30, rid)
+
+    return tuple(ReviewedPerson(person_box[rid], tuple(members[rid].get(n, ReviewedKeypoint(0.0, 0.0, OUTSIDE))
+                                                      for n in names)) for rid in sorted(person_box, key=order))
+
+
+def _add(points: dict[str, ReviewedKeypoint], name: str, kp: ReviewedKeypoint, owner: str) -> None:
+    if name in points:
+        raise InvalidAnnotation(f"person {owner}: two {name!r} points; delete one")
+    points[name] = kp
+
+
+def _epoch(text: str | None) -> float:
+    if not text:
+        return 0.0
+    return _dt.datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
+
+
+class LabelStudioBackend:
+    """``ReviewBackend`` on a Label Studio server; see the module docstring.
+
+    ``document_root`` is the server's ``LOCAL_FILES_DOCUMENT_ROOT``: every image to review
+    must lie under it (``ReviewItem.local_path``). ``webhook_url``, when given, is registered
+    for annotation events (e.g. a ``WebhookReceiver``'s url).
+    """
+
+    name = BACKEND
+
+    def __init__(self, client: LabelStudioClient, project_title: str, document_root: Path | str,
+                 names: Sequence[str] = CABIN19_NAMES, webhook_url: str | None = None,
+                 import_chunk: int = 200) -> None:
+        if len(project_title) < 3:
+            raise ValueError(f"Label Studio project title: expected at least 3 characters, got {project_title!r}")
+        self.client, self.title = client, project_title
+        self.document_root = Path(document_root).resolve()
+        self.names, self.webhook_url, self.import_chunk = tuple(names), webhook_url, import_chunk
+        self.project_id: int | None = None
+        self.rejected: dict[str, str] = {}
+        self._users: dict[int, str] = {}
+
+    @property
+    def job(self) -> str:
+        return f"{self.client.base_url}/projects/{self.project_id}"
+
+    def ensure_project(self) -> int:
+        """Create the project, or bring an existing one's labelling config up to date; its id."""
+        if self.project_id is not None:
+            return self.project_id
+        config = label_config(self.names)
+        found = [p for p in self.client.pages("/api/projects/", "results", title=self.title)
+                 if p.get("title") == self.title]
+        if found:
+            project = found[0]
+            if str(project.get("label_config", "")).strip() != config:
+                self.client.patch(f"/api/projects/{project['id']}/", {"label_config": config})
+                log.info("updated the labelling config of project %s", project["id"])
+        else:
+            project = self.client.post("/api/projects/", {"title": self.title, "label_config": config})
+            log.info("created Label Studio project %s (%r)", project["id"], self.title)
+        self.project_id = int(project["id"])
+        if self.webhook_url:
+            hooks = self.client.get("/api/webhooks/", project=self.project_id) or []
+            if not any(h.get("url") == self.webhook_url for h in hooks):
+                self.client.post("/api/webhooks/", {
+                    "project": self.project_id, "url": self.webhook_url, "send_payload": True,
+                    "send_for_all_actions": False, "actions": ["ANNOTATION_CREATED", "ANNOTATION_UPDATED"]})
+        return self.project_id
+
+    def _relative(self, item: ReviewItem) -> str:
+        if item.local_path is None:
+            raise ValueError(f"Label Studio needs a local file for {item.image_id}; got only {item.image_uri}")
+        path = Path(item.local_path).resolve()
+        if not path.is_relative_to(self.document_root):
+            raise ValueError(f"{path} is not under the Label Studio document root {self.document_root}")
+        return path.relative_to(self.document_root).as_posix()
+
+    def _ensure_storages(self, folders: set[Path]) -> None:
+        known = {Path(s["path"]) for s in self.client.get("/api/storages/localfiles/", project=self.project_id) or []}
+        for folder in sorted(folders - known):
+            self.client.post("/api/storages/localfiles/", {"project": self.project_id, "path": str(folder),
+                                                           "use_blob_urls": True, "title": folder.name})
+            log.info("registered local storage %s for project %s", folder, self.project_id)
+
+    def task(self, batch_id: str, item: ReviewItem) -> dict[str, Any]:
+        """The task (data + prediction) imported for one item."""
+        data = {"image": f"/data/local-files/?d={self._relative(item)}", "image_id": item.image_id,
+                "width": item.width, "height": item.height, "batch": batch_id, "bundle_id": item.bundle_id,
+                "score": item.score, "reasons": list(item.reasons), "audit": item.audit}
+        prediction = {"model_version": item.bundle_id, "result": prediction_result(item.record, self.names)}
+        if item.score is not None:
+            prediction["score"] = float(item.score)
+        return {"data": data, "predictions": [prediction]}
+
+    def submit(self, batch_id: str, items: Sequence[ReviewItem]) -> None:
+        """Import the items not yet in the project as tasks with their predictions."""
+        if not items:
+            return
+        tasks = [self.task(batch_id, item) for item in items]  # validates paths before any request
+        pid = self.ensure_project()
+        present = {t.get("data", {}).get("image_id") for t in self.client.pages("/api/tasks/", "tasks", project=pid)}
+        new = [t for t in tasks if t["data"]["image_id"] not in present]
+        new = list({t["data"]["image_id"]: t for t in new}.values())
+        if not new:
+            return
+        self._ensure_storages({(self.document_root / t["data"]["image"].split("?d=", 1)[1]).parent for t in new})
+        for start in range(0, len(new), self.import_chunk):
+            self.client.post(f"/api/projects/{pid}/import", new[start:start + self.import_chunk])
+        log.info("imported %d tasks into project %s (batch %s)", len(new), pid, batch_id)
+
+    def _reviewer(self, completed_by: Any) -> str | None:
+        if isinstance(completed_by, Mapping):
+            return str(completed_by.get("email") or completed_by.get("id"))
+        if completed_by is None:
+            return None
+        uid = int(completed_by)
+        if uid not in self._users:
+            try:
+                self._users[uid] = str(self.client.get(f"/api/users/{uid}/").get("email") or uid)
+            except PermanentError:
+                self._users[uid] = str(uid)
+        return self._users[uid]
+
+    def label(self, task: Mapping[str, Any]) -> ReviewedLabel | None:
+        """The ReviewedLabel of one exported task (None when nothing was submitted)."""
+        done = [a for a in task.get("annotations", []) if not a.get("was_cancelled")]
+        if not done:
+            return None
+        ann = max(done, key=lambda a: (a.get("updated_at") or "", a.get("id", 0)))
+        data = task["data"]
+        width, height = int(data["width"]), int(data["height"])
+        heads, persons = parse_result(ann.get("result", []), width, height, self.names)
+        # The export names the annotation's parent prediction in full under "prediction"
+        # (the task's "predictions" are only ids there).
+        ref = ann.get("prediction") if isinstance(ann.get("prediction"), Mapping) else None
+        if ref is None:
+            ref = next((p for p in task.get("predictions", []) if isinstance(p, Mapping)), None)
+        adjusted = None
+        if ref is not None:
+            ref_heads, ref_persons = parse_result(ref.get("result", []), width, height, self.names)
+            adjusted = labels_differ(heads, persons, ref_heads, ref_persons, tolerance_px=0.5)
+        return ReviewedLabel(str(data["image_id"]), width, height, heads, persons, BACKEND, self.job,
+                             _epoch(ann.get("updated_at") or ann.get("created_at")),
+                             self._reviewer(ann.get("completed_by")), adjusted, self.names)
+
+    def collect(self) -> Iterator[ReviewedLabel]:
+        """Every submitted review in the project (from the JSON export); refused ones in ``rejected``."""
+        pid = self.ensure_project()
+        for task in self.client.get(f"/api/projects/{pid}/export", exportType="JSON") or []:
+            image_id = str(task.get("data", {}).get("image_id"))
+            try:
+                label = self.label(task)
+            except (InvalidAnnotation, ValueError, KeyError, TypeError) as exc:
+                if self.rejected.get(image_id) != str(exc):
+                    log.warning("review of %s (task %s) refused: %s", image_id, task.get("id"), exc)
+                self.rejected[image_id] = str(exc)
+                continue
+            if label is not None:
+                self.rejected.pop(image_id, None)
+                yield label
+

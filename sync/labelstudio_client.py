@@ -1,0 +1,170 @@
+"""Plain HTTP for a Label Studio server (no SDK): a small JSON client and a webhook receiver.
+
+Label Studio runs as its own process (its own virtual environment: it pins an older numpy),
+so the appliance only speaks HTTP to it. ``LabelStudioClient`` sends ``Authorization: Token``
+requests and wraps failures: connection trouble, timeouts and HTTP 5xx/429 become
+``RetryableError``; other HTTP errors ``PermanentError`` with the server's detail. The token
+never appears in messages or logs.
+
+``WebhookReceiver`` is a tiny HTTP server on loopback that Label Studio posts
+``ANNOTATION_CREATED``/``ANNOTATION_UPDATED`` events to. Label Studio delivers webhooks once,
+with a one-second timeout and no retry, so a webhook only wakes the collector early; polling
+the export stays the source of truth.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from .errors import PermanentError, RetryableError
+
+log = logging.getLogger(__name__)
+
+
+class LabelStudioClient:
+    """JSON over HTTP to one Label Studio server (``base_url`` like ``http://127.0.0.1:8080``)."""
+
+    def __init__(self, base_url: str, token: str, timeout: float = 30.0) -> None:
+        if not token:
+            raise ValueError("Label Studio: expected an API token, got an empty one")
+        self.base_url = base_url.rstrip("/")
+        self._token = token
+        self.timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"LabelStudioClient({self.base_url!r})"
+
+    def request(self, method: str, path: str, body: Any = None, query: dict[str, Any] | None = None) -> Any:
+        """``method path`` with an optional JSON body; returns the decoded JSON answer (None if empty)."""
+        url = self.base_url + path + ("?" + urllib.parse.urlencode(query) if query else "")
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(url, data=data, method=method, headers={
+            "Authorization": f"Token {self._token}", "Content-Type": "application/json",
+            "Accept": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                text = resp.read()
+        except urllib.error.HTTPError as exc:
+            detail = exc.read()[:500].decode("utf-8", "replace")
+            what = f"Label Studio {method} {path}: HTTP {exc.code}: {detail}"
+            if exc.code >= 500 or exc.code == 429:
+                raise RetryableError(what) from exc
+            if exc.code == 401:
+                what += " (check the API token; legacy tokens need LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN=true)"
+            raise PermanentError(what) from exc
+        except (urllib.error.URLError, OSError) as exc:  # refused, reset, timeout
+            raise RetryableError(f"Label Studio {method} {path}: {exc}") from exc
+        return json.loads(text) if text else None
+
+    def get(self, path: str, **query: Any) -> Any:
+        return self.request("GET", path, query=query or None)
+
+    def post(self, path: str, body: Any) -> Any:
+        return self.request("POST", path, body)
+
+    def patch(self, path: str, body: Any) -> Any:
+        return self.request("PATCH", path, body)
+
+    def pages(self, path: str, key: str, page_size: int = 500, **query: Any) -> list[Any]:
+        """All items of a paginated list (``page``/``page_size``; items under ``key`` or ``results``)."""
+        items: list[Any] = []
+        page = 1
+        while True:
+            try:
+                answer = self.get(path, page=page, page_size=page_size, **query)
+            except PermanentError as exc:
+                if "HTTP 404" in str(exc) and page > 1:  # past the last page
+                    break
+                raise
+            chunk = answer.get(key, answer.get("results", [])) if isinstance(answer, dict) else answer
+            items.extend(chunk)
+            if len(chunk) < page_size:
+                break
+            page += 1
+        return items
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: "_Server"
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            event = json.loads(self.rfile.read(length) or b"{}")
+        except ValueError:
+            self.send_response(400)
+            self.end_headers()
+            return
+        self.server.owner.record(event)
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (signature of the base)
+        log.debug("webhook: " + format, *args)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    owner: "WebhookReceiver"
+
+
+class WebhookReceiver:
+    """Receives Label Studio webhooks on ``host:port`` (0 = any free port) in a thread.
+
+    ``url`` is what to register in Label Studio; ``wait(timeout)`` returns True when an
+    annotation event arrived since the last call; ``task_ids`` holds the tasks they named.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, path: str = "/label-studio") -> None:
+        self.path = path
+        self._server = _Server((host, port), _Handler)
+        self._server.owner = self
+        self._event = threading.Event()
+        self._lock = threading.Lock()
+        self.task_ids: set[int] = set()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host if isinstance(host, str) else socket.gethostname()}:{port}{self.path}"
+
+    def start(self) -> "WebhookReceiver":
+        self._thread = threading.Thread(target=self._server.serve_forever, name="ls-webhook", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def record(self, event: dict[str, Any]) -> None:
+        action = event.get("action")
+        task = event.get("task") or {}
+        log.debug("webhook %s for task %s", action, task.get("id"))
+        if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED"):
+            with self._lock:
+                if isinstance(task, dict) and task.get("id") is not None:
+                    self.task_ids.add(int(task["id"]))
+            self._event.set()
+
+    def wait(self, timeout: float) -> bool:
+        """True when an annotation event arrived (and clears it); False after ``timeout`` seconds."""
+        got = self._event.wait(timeout)
+        self._event.clear()
+        return got
+
+    def __enter__(self) -> "WebhookReceiver":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
