@@ -12,6 +12,11 @@ e.g. ``judge.threshold: expected a number in [0, 1], got 1.5 (from /etc/annotato
 Relative paths in the file are taken relative to the file's folder; relative paths from the
 environment or the command line relative to the working directory.
 ``deploy/annotator.example.toml`` documents every key.
+
+Tables owned by other programs that read the same file (``PASSTHROUGH``: ``[sync]`` and its
+subtables, read by ``sync.config``) are not validated here; they are kept raw, as parsed, in
+``Config.extra`` (e.g. ``cfg.extra["sync"]["target"]["bucket"]``). Every other unknown table
+is still refused with a did-you-mean hint.
 """
 from __future__ import annotations
 
@@ -19,7 +24,9 @@ import dataclasses
 import difflib
 import ipaddress
 import os
+import copy
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +38,7 @@ ENV_PREFIX = "ANNOTATOR_"
 MiB = 1 << 20
 _NONE_WORDS = ("", "none", "null")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+PASSTHROUGH = ("sync",)  # top-level tables another program validates (sync.config)
 
 
 @dataclass(frozen=True)
@@ -100,6 +108,8 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     outputs: OutputsConfig = field(default_factory=OutputsConfig)
+    # PASSTHROUGH tables as parsed from the file (read-only at the top level), e.g. extra["sync"].
+    extra: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}), compare=False)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain values by section (paths as strings, tuples as lists), e.g. to show the config."""
@@ -115,7 +125,8 @@ class Config:
                 raise ConfigError(f"{key}: required here but not set (file, {env_name(key)} or --set {key}=...)")
 
 
-SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # type: ignore[misc]
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)  # type: ignore[misc]
+                             if f.name != "extra"}
 KEYS: dict[str, Any] = {f"{s}.{k}": t for s, cls in SECTIONS.items() for k, t in typing.get_type_hints(cls).items()}
 
 
@@ -125,7 +136,7 @@ def env_name(key: str) -> str:
 
 
 def _unknown(key: str, source: str) -> ConfigError:
-    close = difflib.get_close_matches(key, list(KEYS) + list(SECTIONS), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(key, list(KEYS) + list(SECTIONS) + list(PASSTHROUGH), n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(sorted(KEYS))}"
     return ConfigError(f"{key}: unknown key ({source}){hint}")
 
@@ -229,7 +240,8 @@ def _cross_checks(cfg: Config) -> None:
                           "(server.tls_cert/tls_key) nor server.token is set; set one, or server.allow_insecure = true")
 
 
-def _read_file(path: Path) -> dict[str, tuple[Any, str]]:
+def _read_file(path: Path) -> tuple[dict[str, tuple[Any, str]], dict[str, Any]]:
+    """(validated values by dotted key with their source, raw PASSTHROUGH tables)."""
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -238,8 +250,12 @@ def _read_file(path: Path) -> dict[str, tuple[Any, str]]:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(f"config file {path} cannot be read as TOML: {exc}") from exc
     out: dict[str, tuple[Any, str]] = {}
+    extra: dict[str, Any] = {}
     source = f"from {path}"
     for section, body in data.items():
+        if section in PASSTHROUGH:
+            extra[section] = copy.deepcopy(body)
+            continue
         if section not in SECTIONS:
             raise _unknown(section, source)
         if not isinstance(body, dict):
@@ -252,7 +268,7 @@ def _read_file(path: Path) -> dict[str, tuple[Any, str]]:
             if isinstance(value, Path) and not value.is_absolute():
                 value = path.parent / value
             out[key] = (value, source)
-    return out
+    return out, extra
 
 
 def load_config(path: Path | None = None, env: Mapping[str, str] = os.environ,
@@ -260,7 +276,7 @@ def load_config(path: Path | None = None, env: Mapping[str, str] = os.environ,
     """Build and validate the ``Config`` (precedence in the module docstring)."""
     if path is None and env.get(ENV_PREFIX + "CONFIG"):
         path = Path(env[ENV_PREFIX + "CONFIG"])
-    values: dict[str, tuple[Any, str]] = _read_file(Path(path)) if path is not None else {}
+    values, extra = _read_file(Path(path)) if path is not None else ({}, {})
     for name, text in env.items():
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
@@ -280,6 +296,6 @@ def load_config(path: Path | None = None, env: Mapping[str, str] = os.environ,
             raise ConfigError(f"{key}: expected {expected}, got {value!r} ({source})")
     sections = {s: cls(**{k.partition(".")[2]: v for k, (v, _) in values.items() if k.partition(".")[0] == s})
                 for s, cls in SECTIONS.items()}
-    cfg = Config(**sections)
+    cfg = Config(**sections, extra=types.MappingProxyType(extra))
     _cross_checks(cfg)
     return cfg

@@ -34,7 +34,7 @@ import numpy as np
 from .bundle import Bundle, Thresholds, load_bundle
 from .dropfolder import QUARANTINE, DropFolder, write_quarantine
 from .engine import Engine
-from .errors import AnnotatorError, BundleError, ImageError, ImageNotFound, LeaseLost
+from .errors import BundleError, ImageError, ImageNotFound, LeaseLost, ShuttingDown
 from .imageio import DecodedImage, decode_image
 from .judge import Judge, Judgement, NearDuplicate, load_score_fn
 from .record import Prediction
@@ -49,14 +49,6 @@ log = logging.getLogger(__name__)
 VERSION = "0.1.0"
 DECODED_CACHE = 64  # decoded images kept between submit and the worker (memory bound)
 IDLE_POLL_SECONDS = 0.5
-
-
-class ImageTooLarge(ImageError):
-    """The image has more bytes or pixels than the configured limits."""
-
-
-class ShuttingDown(AnnotatorError):
-    """The daemon is stopping and takes no new images."""
 
 
 @dataclass(frozen=True)
@@ -82,15 +74,8 @@ def record_for(image_id: str, source: str, prediction: Prediction, judgement: Ju
 
 
 def _decode(data: bytes, max_bytes: int, max_pixels: int, max_side_hint: int | None) -> DecodedImage:
-    """``decode_image`` with the byte limit; "too large" failures become ``ImageTooLarge``."""
-    if len(data) > max_bytes:
-        raise ImageTooLarge(f"image is {len(data)} bytes, more than the limit of {max_bytes}")
-    try:
-        return decode_image(data, max_pixels=max_pixels, max_side_hint=max_side_hint)
-    except ImageError as exc:
-        if "pixels, more than the limit" in str(exc):  # imageio's wording for the pixel limit
-            raise ImageTooLarge(str(exc)) from exc
-        raise
+    """``decode_image`` with both limits (``ImageTooLarge`` for either, ``ImageError`` otherwise)."""
+    return decode_image(data, max_pixels=max_pixels, max_side_hint=max_side_hint, max_bytes=max_bytes)
 
 
 class Daemon:

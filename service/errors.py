@@ -32,3 +32,11 @@ class LeaseLost(StoreError):
 
 class ImageNotFound(StoreError):
     """No image with this id is in the store (or the id is not a sha256 hex digest)."""
+
+
+class ImageTooLarge(ImageError):
+    """The image has more bytes or pixels than the configured limits (gRPC RESOURCE_EXHAUSTED)."""
+
+
+class ShuttingDown(AnnotatorError):
+    """The daemon is stopping and takes no new images (gRPC UNAVAILABLE: retry elsewhere or later)."""

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .errors import ImageError
+from .errors import ImageError, ImageTooLarge
 
 log = logging.getLogger(__name__)
 
@@ -149,15 +149,19 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     raise ImageError(f"unsupported pixel type {image.dtype}")
 
 
-def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, max_side_hint: int | None = None) -> DecodedImage:
+def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, max_side_hint: int | None = None,
+                 max_bytes: int | None = None) -> DecodedImage:
     """Decode image bytes (JPEG, PNG, BMP, TIFF, WebP, ...) into a ``DecodedImage``.
 
-    Raises ``ImageError`` for empty, truncated, corrupt or unrecognised data and for images
-    with more than ``max_pixels`` pixels (checked from the header before decoding where the
-    format allows).
+    Raises ``ImageTooLarge`` (an ``ImageError``) for more than ``max_bytes`` bytes (None: no
+    byte limit) or more than ``max_pixels`` pixels (checked from the header before decoding
+    where the format allows), and ``ImageError`` for empty, truncated, corrupt or
+    unrecognised data.
     """
     if not data:
         raise ImageError("empty image data (0 bytes)")
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ImageTooLarge(f"image is {len(data)} bytes, more than the limit of {max_bytes}")
     is_jpeg = data[:2] == b"\xff\xd8"
     orientation, reduce_by = 1, 1
     size = header_size(data)
@@ -166,7 +170,7 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, max_side_hint: int |
         if w <= 0 or h <= 0:
             raise ImageError(f"corrupt image header: size {w}x{h}")
         if w * h > max_pixels:
-            raise ImageError(f"image has {w}x{h} = {w * h} pixels, more than the limit of {max_pixels}")
+            raise ImageTooLarge(f"image has {w}x{h} = {w * h} pixels, more than the limit of {max_pixels}")
     if is_jpeg:
         w, h, orientation, sos = _jpeg_info(data)
         if sos == 0 or data.rfind(b"\xff\xd9") < sos:
@@ -200,7 +204,8 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, max_side_hint: int |
     else:  # the original size after orientation, from the header
         width, height = (h, w) if orientation >= 5 else (w, h)
     if width * height > max_pixels:
-        raise ImageError(f"image has {width}x{height} = {width * height} pixels, more than the limit of {max_pixels}")
+        raise ImageTooLarge(f"image has {width}x{height} = {width * height} pixels, "
+                            f"more than the limit of {max_pixels}")
     return DecodedImage(np.ascontiguousarray(pixels), int(width), int(height), pixels.shape[1] / width)
 
 
@@ -222,4 +227,4 @@ def read_image(
     try:
         return decode_image(data, max_pixels=max_pixels, max_side_hint=max_side_hint)
     except ImageError as exc:
-        raise ImageError(f"{path}: {exc}") from exc
+        raise type(exc)(f"{path}: {exc}") from exc

@@ -28,7 +28,8 @@ from protos.annotator.v1 import annotator_pb2 as pb
 from protos.annotator.v1 import annotator_pb2_grpc as pb_grpc
 
 from .convert import annotation_to_proto, status_to_proto, timestamp_to_epoch
-from .errors import AnnotatorError, BundleError, ConfigError, ImageError
+from .errors import (AnnotatorError, BundleError, ConfigError, ImageError, ImageNotFound, ImageTooLarge, ShuttingDown,
+                     StoreFull)
 from .interceptors import AccessLogInterceptor, LatencyStats, TokenInterceptor
 
 if TYPE_CHECKING:
@@ -44,10 +45,11 @@ _PAGE_TOKEN = re.compile(r"^[0-9.eE+-]+\|[0-9a-f]{64}$")  # service.store.Store.
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status code and message for an exception raised while serving a call."""
-    from .daemon import ImageTooLarge, ShuttingDown
-    from .errors import ImageNotFound, StoreFull
+    """The gRPC status code and message for an exception raised while serving a call.
 
+    Mapped by type only (first match in the table wins, so subclasses come before their bases):
+    the wording of a message never decides its code.
+    """
     table: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
         (ImageTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
         (ImageError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -281,6 +283,7 @@ def serve(config: "Config", ready: threading.Event | None = None, stop: threadin
     """
     from .daemon import Daemon
 
+    config.require("engine.bundle", "store.root")  # before any signal handler, thread or port
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -42,3 +42,11 @@ def test_parse_sets_refuses_missing_equals() -> None:
 def test_serve_with_a_bad_key_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--set", "server.lisen=1"]) == 2
     assert "did you mean" in capsys.readouterr().err
+
+
+def test_serve_without_a_bundle_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["serve", "--set", f"store.root={tmp_path / 'store'}", "--set", "server.listen=127.0.0.1:0"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "engine.bundle: required here but not set" in err and "None" not in err
+    assert not (tmp_path / "store").exists()  # refused before anything was opened

@@ -76,11 +76,28 @@ def test_error_says_where_the_value_came_from(tmp_path: Path) -> None:
     ("[sever]\nlisten = '127.0.0.1:1'\n", {}, {}, "did you mean 'server'?"),
     ("", {"ANNOTATOR_JUDGE__TRESHOLD": "0.5"}, {}, "did you mean 'judge.threshold'?"),
     ("", {}, {"store.lease_second": "5"}, "did you mean 'store.lease_seconds'?"),
+    ("[synk]\nbatch_size = 5\n", {}, {}, "did you mean 'sync'?"),
+    ("[sync]\nbatch_size = 5\n[exporter]\nx = 1\n", {}, {}, "exporter: unknown key"),
 ])
 def test_unknown_keys_get_a_suggestion(tmp_path: Path, text: str, env: dict, overrides: dict, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, text), env=env, overrides=overrides)
     assert message in str(info.value)
+
+
+def test_sync_table_is_passed_through_raw(tmp_path: Path) -> None:
+    text = ("[store]\nroot = 'data'\n[sync]\nappliance_id = 'lab-1'\nunknown_to_service = [1, 2]\n"
+            "[sync.target]\nkind = 's3'\nbucket = 'edge'\n[sync.review]\nbackend = 'labelstudio'\n"
+            "[sync.registry]\nroot = 'models'\n")
+    cfg = load_config(write(tmp_path, text), env={})
+    assert cfg.store.root == tmp_path / "data"
+    assert cfg.extra["sync"] == {"appliance_id": "lab-1", "unknown_to_service": [1, 2],
+                                 "target": {"kind": "s3", "bucket": "edge"}, "review": {"backend": "labelstudio"},
+                                 "registry": {"root": "models"}}  # raw: not validated, paths untouched
+    assert "sync" not in cfg.to_dict()
+    with pytest.raises(TypeError):
+        cfg.extra["sync"] = {}  # type: ignore[index]
+    assert dict(load_config(None, env={}).extra) == {}
 
 
 def test_missing_file(tmp_path: Path) -> None:

@@ -10,9 +10,9 @@ from typing import Any, Callable
 
 import pytest
 
-from service.daemon import Daemon, ShuttingDown
+from service.daemon import Daemon
 from service.dropfolder import PROCESSED, QUARANTINE
-from service.errors import BundleError, ImageError
+from service.errors import BundleError, ImageError, ShuttingDown
 
 
 def _wait(cond: Callable[[], bool], seconds: float = 60.0) -> None:

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from service.errors import ImageError
+from service.errors import ImageError, ImageTooLarge
 from service.imageio import DecodedImage, decode_image, read_image, to_uint8
 
 
@@ -130,14 +130,22 @@ def _png_header_only(width: int, height: int) -> bytes:
 
 def test_decompression_bomb_refused_from_header() -> None:
     # Only the header exists: decoding would fail differently, so the size check came first.
-    with pytest.raises(ImageError, match="100000x100000 = 10000000000 pixels, more than the limit"):
+    with pytest.raises(ImageTooLarge, match="100000x100000 = 10000000000 pixels, more than the limit"):
         decode_image(_png_header_only(100_000, 100_000))
-    with pytest.raises(ImageError, match="more than the limit of 1000"):
+    with pytest.raises(ImageTooLarge, match="more than the limit of 1000"):
         decode_image(_jpeg(_photo()), max_pixels=1000)
-    with pytest.raises(ImageError, match="more than the limit"):
+    with pytest.raises(ImageTooLarge, match="more than the limit"):
         decode_image(cv2.imencode(".bmp", _photo())[1].tobytes(), max_pixels=1000)
-    with pytest.raises(ImageError, match="more than the limit"):  # TIFF: checked after decoding
+    with pytest.raises(ImageTooLarge, match="more than the limit"):  # TIFF: checked after decoding
         decode_image(cv2.imencode(".tiff", _photo())[1].tobytes(), max_pixels=1000)
+
+
+def test_byte_limit_is_image_too_large() -> None:
+    data = _jpeg(_photo())
+    with pytest.raises(ImageTooLarge, match=f"image is {len(data)} bytes, more than the limit of 100"):
+        decode_image(data, max_bytes=100)
+    assert decode_image(data, max_bytes=len(data)).width > 0
+    assert not isinstance(ImageError("corrupt"), ImageTooLarge) and issubclass(ImageTooLarge, ImageError)
 
 
 def test_read_image(tmp_path) -> None:

@@ -12,8 +12,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from protos.annotator.v1 import annotator_pb2 as pb
 from protos.annotator.v1 import annotator_pb2_grpc as pb_grpc
-from service.daemon import ImageTooLarge, ShuttingDown
-from service.errors import BundleError, ImageError, ImageNotFound, StoreFull
+from service.errors import BundleError, ImageError, ImageNotFound, ImageTooLarge, ShuttingDown, StoreFull
 from service.server import status_for
 
 C = grpc.StatusCode
