@@ -255,13 +255,14 @@ def parse_output_line(line: Mapping[str, Any], names: Sequence[str] = CABIN19_NA
     heads = tuple(tuple(h) for h in value.get("heads", []))
     size = value.get("image_size") or {}
     auto_size = (line.get("auto-kpts") or {}).get("image_size") or {}
-    width = int(size.get("width") or auto_size.get("width"))
-    height = int(size.get("height") or auto_size.get("height"))
+    width, height = size.get("width") or auto_size.get("width"), size.get("height") or auto_size.get("height")
+    if not width or not height:
+        raise ManifestError(f"output line for {image_id}: no image size in the label or the pre-annotation")
     if adjusted is None:
         auto = _auto_label(line, names)
         # Head boxes travel as whole pixels in the manifest: allow the rounding.
         adjusted = None if auto is None else labels_differ(heads, persons, auto[0], auto[1], 1.0)  # type: ignore[arg-type]
-    label = ReviewedLabel(image_id, width, height, heads, persons, BACKEND, job, when,  # type: ignore[arg-type]
+    label = ReviewedLabel(image_id, int(width), int(height), heads, persons, BACKEND, job, when,  # type: ignore[arg-type]
                           value.get("workerId"), adjusted, tuple(names), (HEADS, PERSONS))
     return _to_original(label, line.get("edge-original-size"))
 
@@ -286,12 +287,15 @@ class GroundTruthBackend:
 
     name = BACKEND
 
-    def __init__(self, store: ObjectStore, manifests_prefix: str = "groundtruth/manifests",
+    def __init__(self, store: ObjectStore, manifests_prefix: str | None = None,
                  output_prefix: str = "groundtruth/output", job: LabelingJobSpec | None = None,
                  sagemaker_client: Any = None, names: Sequence[str] = CABIN19_NAMES,
                  appliance_id: str | None = None) -> None:
         self.store, self.job, self.client = store, job, sagemaker_client
-        self.manifests_prefix, self.output_prefix = manifests_prefix.strip("/"), output_prefix.strip("/")
+        # The uploader (sync.uploader) writes manifests/<appliance>/<batch>.manifest: same place.
+        default = f"manifests/{appliance_id}" if appliance_id else "manifests"
+        self.manifests_prefix = (manifests_prefix or default).strip("/")
+        self.output_prefix = output_prefix.strip("/")
         self.names, self.appliance_id = tuple(names), appliance_id
         self.rejected: dict[str, str] = {}
 
@@ -299,23 +303,27 @@ class GroundTruthBackend:
         return f"{self.manifests_prefix}/{batch_id}.manifest"
 
     def submit(self, batch_id: str, items: Sequence[ReviewItem]) -> None:
-        """Write the batch's manifest once (same content again is a no-op, different content a
-        ``ConflictError``); then start the labeling job when configured."""
+        """Write the batch's manifest unless it exists (the uploader may have written it) and
+        holds every item (else ``ConflictError``: a batch id must not be reused); then start
+        the labeling job when configured (a job that exists already is left alone)."""
         if not items:
             return
-        lines = []
-        for item in items:
-            if not item.image_uri:
-                raise ValueError(f"Ground Truth needs an image URI for {item.image_id}; got only {item.local_path}")
-            lines.append(manifest_line(item.image_uri, item.image_id, item.record, item.bundle_id, item.score,
-                                       item.reasons, item.audit, self.appliance_id))
-        data = ("\n".join(lines) + "\n").encode()
         key = self.manifest_key(batch_id)
         if self.store.head(key) is None:
-            self.store.put(key, data, content_type="application/jsonlines")
+            lines = []
+            for item in items:
+                if not item.image_uri:
+                    raise ValueError(f"Ground Truth needs an image URI for {item.image_id}; got only {item.local_path}")
+                lines.append(manifest_line(item.image_uri, item.image_id, item.record, item.bundle_id, item.score,
+                                           item.reasons, item.audit, self.appliance_id))
+            self.store.put(key, ("\n".join(lines) + "\n").encode(), content_type="application/jsonlines")
             log.info("wrote manifest %s (%d images)", key, len(lines))
-        elif self.store.get(key) != data:
-            raise ConflictError(f"manifest {key} exists with other lines; a batch id must not be reused")
+        else:
+            present = {json.loads(t)["image-id"] for t in self.store.get(key).decode().splitlines() if t.strip()}
+            missing = [i.image_id for i in items if i.image_id not in present]
+            if missing:
+                raise ConflictError(f"manifest {key} exists without {len(missing)} of these images "
+                                    f"(first {missing[0][:12]}); a batch id must not be reused")
         if self.job is not None and self.client is not None:
             create_labeling_job(self.client, job_name_for(self.job.job_prefix, batch_id), self.store.uri(key), self.job)
 

@@ -59,7 +59,8 @@ def task_input(line: Mapping[str, Any], spare_persons: int = SPARE_PERSONS) -> d
                 names.append(k["label"])
     boxes = [{"label": "head", "left": a["left"], "top": a["top"], "width": a["width"], "height": a["height"]}
              for a in head.get("annotations", [])]
-    points, persons = [], []
+    points: list[dict[str, Any]] = []
+    persons: list[dict[str, Any]] = []
     for number, p in enumerate(persons_in, start=1):
         x1, y1, x2, y2 = p["box"]
         boxes.append({"label": _person_label(number), "left": round(x1), "top": round(y1),
@@ -121,36 +122,37 @@ def consolidate(content: Mapping[str, Any]) -> dict[str, Any]:
     box_out = content.get(BOX_FIELD) or {}
     pt_out = content.get(POINT_FIELD) or {}
     size = box_out.get("inputImageProperties") or pt_out.get("inputImageProperties") or {}
-    heads, person_boxes = [], {}
+    heads: list[list[float]] = []
+    person_boxes: dict[int, list[float]] = {}
     for b in box_out.get("boundingBoxes", []):
-        box = [float(b["left"]), float(b["top"]), float(b["left"]) + float(b["width"]),
-               float(b["top"]) + float(b["height"])]
+        drawn = [float(b["left"]), float(b["top"]), float(b["left"]) + float(b["width"]),
+                 float(b["top"]) + float(b["height"])]
         label = str(b.get("label", ""))
         if label == "head":
-            heads.append(box)
+            heads.append(drawn)
         elif label.startswith("person ") and label[7:].isdigit():
             if int(label[7:]) in person_boxes:
                 problems.append(f"two boxes labelled {label!r}; the first is kept")
                 continue
-            person_boxes[int(label[7:])] = box
+            person_boxes[int(label[7:])] = drawn
         else:
             problems.append(f"box with unknown label {label!r} ignored")
     placed: dict[tuple[int, str], tuple[float, float]] = {}
     for k in pt_out.get("keypoints", []):
-        number, _, name = str(k.get("label", "")).partition(" ")
-        if not number.isdigit() or not name:
+        prefix, _, name = str(k.get("label", "")).partition(" ")
+        if not prefix.isdigit() or not name:
             problems.append(f"point with unknown label {k.get('label')!r} ignored")
             continue
-        if (int(number), name) in placed:
+        if (int(prefix), name) in placed:
             problems.append(f"point {k['label']!r} placed twice; the first is kept")
             continue
-        placed[(int(number), name)] = (float(k["x"]), float(k["y"]))
+        placed[(int(prefix), name)] = (float(k["x"]), float(k["y"]))
     states = _visibility_choices(content)
     numbers = sorted({n for n, _ in placed} | {n for (n, _), s in states.items() if s != "outside"}
                      | set(person_boxes))
-    persons = []
+    persons: list[dict[str, Any]] = []
     for number in numbers:
-        keypoints = []
+        keypoints: list[dict[str, Any]] = []
         names = sorted({nm for n, nm in placed if n == number} | {nm for (n, nm) in states if n == number})
         for name in names:
             state = states.get((number, name))
@@ -160,9 +162,9 @@ def consolidate(content: Mapping[str, Any]) -> dict[str, Any]:
                     problems.append(f"person {number} {name} marked {state} but not placed; taken as outside")
                 continue
             keypoints.append({"label": name, "x": xy[0], "y": xy[1], "visibility": state or "visible"})
-        box = person_boxes.get(number)
+        box: list[float] | None = person_boxes.get(number)
         if box is None:
-            located = [(k["x"], k["y"]) for k in keypoints if k["visibility"] != "outside"]
+            located = [(float(k["x"]), float(k["y"])) for k in keypoints if k["visibility"] != "outside"]
             if not located:
                 continue
             xs, ys = [p[0] for p in located], [p[1] for p in located]

@@ -262,7 +262,7 @@ class LabelStudioBackend:
         data = {"image": f"/data/local-files/?d={self._relative(item)}", "image_id": item.image_id,
                 "width": item.width, "height": item.height, "batch": batch_id, "bundle_id": item.bundle_id,
                 "score": item.score, "reasons": list(item.reasons), "audit": item.audit}
-        prediction = {"model_version": item.bundle_id, "result": prediction_result(item.record, self.names)}
+        prediction: dict[str, Any] = {"model_version": item.bundle_id, "result": prediction_result(item.record, self.names)}
         if item.score is not None:
             prediction["score"] = float(item.score)
         return {"data": data, "predictions": [prediction]}

@@ -83,7 +83,7 @@ class LabelStudioClient:
                 if "HTTP 404" in str(exc) and page > 1:  # past the last page
                     break
                 raise
-            chunk = answer.get(key, answer.get("results", [])) if isinstance(answer, dict) else answer
+            chunk = (answer.get(key, answer.get("results", [])) if isinstance(answer, dict) else answer) or []
             items.extend(chunk)
             if len(chunk) < page_size:
                 break

@@ -97,7 +97,7 @@ class GroundTruthHarness:
                           audit=n % 2 == 0)
 
     def _line(self, item: ReviewItem) -> tuple[str, dict[str, Any]]:
-        for key in self.store.list("groundtruth/manifests/"):
+        for key in self.store.list(self.backend.manifests_prefix + "/"):
             for text in self.store.get(key).decode().splitlines():
                 line = json.loads(text)
                 if line["image-id"] == item.image_id:
@@ -258,7 +258,7 @@ def test_create_labeling_job_request_matches_the_service_model(tmp_path: Path) -
     item = GroundTruthHarness(tmp_path).item(1, record())
     expected_request = {
         "LabelingJobName": "edge-review-b7", "LabelAttributeName": "reviewed",
-        "InputConfig": {"DataSource": {"S3DataSource": {"ManifestS3Uri": store.uri("groundtruth/manifests/b7.manifest")}}},
+        "InputConfig": {"DataSource": {"S3DataSource": {"ManifestS3Uri": store.uri("manifests/b7.manifest")}}},
         "OutputConfig": {"S3OutputPath": SPEC.output_s3_path}, "RoleArn": SPEC.role_arn,
         "LabelCategoryConfigS3Uri": SPEC.label_category_config_s3_uri,
         "HumanTaskConfig": {"WorkteamArn": SPEC.workteam_arn, "UiConfig": {"UiTemplateS3Uri": SPEC.ui_template_s3_uri},
@@ -289,7 +289,12 @@ def test_manifest_is_written_once_and_names_are_valid(tmp_path: Path) -> None:
     harness.backend.submit("b1", [item])
     with pytest.raises(ConflictError):
         harness.backend.submit("b1", [harness.item(2, record())])
-    assert len(harness.store.get("groundtruth/manifests/b1.manifest").splitlines()) == 1
+    assert len(harness.store.get("manifests/box-1/b1.manifest").splitlines()) == 1
+    # a manifest the uploader wrote first (its own bytes) is used as it is
+    uploaded = manifest_line("s3://bkt/edge/images/x.jpg", item.image_id, record(persons=0), "b") + "\n"
+    harness.store.put("manifests/box-1/b9.manifest", uploaded.encode())
+    harness.backend.submit("b9", [item])
+    assert harness.store.get("manifests/box-1/b9.manifest").decode() == uploaded
     with pytest.raises(ValueError, match="image URI"):
         harness.backend.submit("b2", [ReviewItem("x", 4, 4, record(), "b", local_path=Path("/x.jpg"))])
     assert job_name_for("edge review", "2026-11-24T10:00:00_x" * 4).startswith("edge-review-2026-11-24T10-00-00-x")
