@@ -19,6 +19,7 @@ from sync.review import (InMemoryReviewBackend, ReviewedKeypoint, ReviewedLabel,
 
 class MemoryHarness:
     reviewer_id = "alice"
+    tolerance = 0.02
 
     def __init__(self) -> None:
         self.backend = InMemoryReviewBackend()
