@@ -3,8 +3,13 @@
 Work flows through the store, never around it::
 
     submit(bytes) -> validate (decode) -> store.ingest -> "received"
-    worker: store.claim (lease) -> decode (cached from submit) -> engine.predict (batched)
-            -> judge -> sidecar (atomic) -> store.complete -> resolve waiting futures
+    worker:   store.claim (lease, a batch) -> decode (cached from submit) -> engine.predict (batched)
+    finisher: judge -> sidecars (atomic, one directory fsync per batch)
+              -> store.complete_many (ONE transaction per batch) -> resolve waiting futures
+
+The worker hands each predicted batch to the finisher thread (a queue of one batch), so the
+file and database syncs of batch N overlap the inference of batch N+1 instead of leaving the
+cores idle; per image the daemon does no fsync-bound work on the inference path.
 
 A worker holds a lease on what it claimed; a crash leaves the rows "received" and the lease
 expires, so another worker (or the restarted daemon) finishes them. ``store.complete`` only
@@ -20,6 +25,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+import queue
 import socket
 import threading
 import time
@@ -37,8 +43,9 @@ from .engine import Engine
 from .errors import BundleError, ImageError, ImageNotFound, LeaseLost, ShuttingDown
 from .imageio import DecodedImage, decode_image
 from .judge import Judge, Judgement, NearDuplicate, load_score_fn
+from .outputs import write_sidecars
 from .record import Prediction
-from .store import FAILED, RECEIVED, ImageRow, Store, image_id_of
+from .store import FAILED, RECEIVED, Completion, ImageRow, Store, image_id_of
 
 if TYPE_CHECKING:
     from .config import Config
@@ -47,8 +54,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
-DECODED_CACHE = 64  # decoded images kept between submit and the worker (memory bound)
+DECODED_CACHE_BYTES = 64 << 20  # decoded pixels kept between submit and the worker (memory bound)
 IDLE_POLL_SECONDS = 0.5
+FINISH_QUEUE = 1  # predicted batches waiting for the finisher (back-pressure on the workers)
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,18 @@ def _decode(data: bytes, max_bytes: int, max_pixels: int, max_side_hint: int | N
     return decode_image(data, max_pixels=max_pixels, max_side_hint=max_side_hint, max_bytes=max_bytes)
 
 
+@dataclass(frozen=True)
+class _Predicted:
+    """A batch between the worker and the finisher: rows, their pixels and predictions, in order."""
+
+    owner: str
+    bundle: Bundle
+    judge: Judge
+    rows: list[ImageRow]
+    decoded: list[DecodedImage]
+    predictions: list[Prediction]
+
+
 class Daemon:
     """The appliance's core; ``service.server`` puts gRPC in front of it. See the module docstring."""
 
@@ -103,6 +123,9 @@ class Daemon:
         self._reload_lock = threading.Lock()
         self._futures: dict[str, list[Future[ImageRow]]] = {}
         self._decoded: collections.OrderedDict[str, DecodedImage] = collections.OrderedDict()
+        self._decoded_bytes = 0
+        self._finish_q: queue.Queue[_Predicted | None] = queue.Queue(maxsize=FINISH_QUEUE)
+        self._finisher = threading.Thread(target=self._finish_loop, name="finisher", daemon=True)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._intake_closed = False
@@ -181,10 +204,11 @@ class Daemon:
         fut: Future[ImageRow] = Future()
         with self._lock:
             self._futures.setdefault(image_id, []).append(fut)
-            if created:
+            if created and image_id not in self._decoded:
                 self._decoded[image_id] = decoded
-                while len(self._decoded) > DECODED_CACHE:
-                    self._decoded.popitem(last=False)
+                self._decoded_bytes += decoded.pixels.nbytes
+                while self._decoded_bytes > DECODED_CACHE_BYTES and len(self._decoded) > 1:
+                    self._decoded_bytes -= self._decoded.popitem(last=False)[1].pixels.nbytes
         self._wake.set()
         row = self.store.get(image_id)
         if row is not None and row.state != RECEIVED:  # finished before we registered
@@ -225,9 +249,10 @@ class Daemon:
             else:
                 fut.set_result(row)  # type: ignore[arg-type]
 
-    # -- workers -------------------------------------------------------------------------
+    # -- workers ------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the workers and the drop folder watcher."""
+        """Start the finisher, the workers and the drop folder watcher."""
+        self._finisher.start()
         for t in self._workers:
             t.start()
         if self.drop is not None:
@@ -239,7 +264,9 @@ class Daemon:
             try:
                 rows = self.store.claim(owner, limit=self._engine.batch_size)
                 if rows:
-                    self._process(owner, rows)
+                    predicted = self._predict(owner, rows)
+                    if predicted is not None:
+                        self._finish_q.put(predicted)
                     continue
             except Exception:  # a worker must survive; the lease brings the rows back later
                 log.exception("worker %s: batch failed; its images return to the queue when the lease expires", owner)
@@ -247,12 +274,19 @@ class Daemon:
             self._wake.wait(IDLE_POLL_SECONDS)
             self._wake.clear()
 
-    def _process(self, owner: str, rows: list[ImageRow]) -> None:
+    def _cached(self, image_id: str) -> DecodedImage | None:
+        with self._lock:
+            decoded = self._decoded.pop(image_id, None)
+            if decoded is not None:
+                self._decoded_bytes -= decoded.pixels.nbytes
+        return decoded
+
+    def _predict(self, owner: str, rows: list[ImageRow]) -> "_Predicted | None":
+        """Decode what the cache lacks (restarts, evictions) and run the engine on the batch."""
         engine, judge = self._engine, self._judge  # one consistent pair for the whole batch
         batch: list[tuple[ImageRow, DecodedImage]] = []
         for row in rows:
-            with self._lock:
-                decoded = self._decoded.pop(row.image_id, None)
+            decoded = self._cached(row.image_id)
             if decoded is None:
                 data: bytes | None = None
                 try:
@@ -266,21 +300,42 @@ class Daemon:
                     continue
             batch.append((row, decoded))
         if not batch:
-            return
+            return None
         predictions = engine.predict([d for _, d in batch])
-        for (row, decoded), prediction in zip(batch, predictions):
-            verdict = judge.judge(row.image_id, prediction, engine.bundle, row.camera, decoded.pixels)
-            record = record_for(row.image_id, row.source, prediction, verdict, engine.bundle)
-            if self.sidecar_dir is not None:
-                from .outputs import write_sidecar
-                write_sidecar(self.sidecar_dir, record)
+        return _Predicted(owner, engine.bundle, judge, [r for r, _ in batch], [d for _, d in batch], predictions)
+
+    def _finish_loop(self) -> None:
+        """The finisher thread: finish predicted batches in order until ``None`` arrives."""
+        while True:
+            item = self._finish_q.get()
+            if item is None:
+                return
             try:
-                self.store.complete(row.image_id, owner, record, engine.bundle.id, verdict.decision,
-                                    verdict.score, verdict.reasons, verdict.audit)
-            except LeaseLost as exc:
-                log.warning("%s; another worker finished it", exc)
-                continue
-            self.store.counter("annotated", 1)
+                self._finish(item)
+            except Exception:  # the lease brings the rows back later; the finisher must survive
+                log.exception("finishing a batch of %d failed; its images return to the queue when the lease "
+                              "expires", len(item.rows))
+
+    def _finish(self, p: "_Predicted") -> None:
+        """Judge, write the sidecars, complete the whole batch in one transaction, resolve waiters."""
+        verdicts: list[Judgement] = []
+        try:
+            records = []
+            for row, decoded, prediction in zip(p.rows, p.decoded, p.predictions):
+                verdict = p.judge.judge(row.image_id, prediction, p.bundle, row.camera, decoded.pixels)
+                verdicts.append(verdict)
+                records.append(record_for(row.image_id, row.source, prediction, verdict, p.bundle))
+            if self.sidecar_dir is not None:  # before completion: a crash re-annotates, never loses one
+                write_sidecars(self.sidecar_dir, records)
+            lost = self.store.complete_many(p.owner, [
+                Completion(row.image_id, record, p.bundle.id, v.decision, v.score, v.reasons, v.audit, v.counters)
+                for row, record, v in zip(p.rows, records, verdicts)])
+        finally:
+            for verdict in verdicts:
+                p.judge.settle(verdict)
+        for exc in lost:
+            log.warning("%s; another worker finished it", exc)
+        for row in p.rows:
             self._resolve(row.image_id)
 
     def _fail(self, owner: str, row: ImageRow, reason: str, data: bytes | None) -> None:
@@ -297,7 +352,7 @@ class Daemon:
 
     # -- status and shutdown -------------------------------------------------------------
     def status(self) -> DaemonStatus:
-        counters = {name: self.store.counter(name) for name in ("annotated", "failed", "reloads")}
+        counters = {name: self.store.counter(name) for name in ("annotated", "failed", "reloads")}  # reads only
         if self.drop is not None:
             counters.update(drop_taken=self.drop.taken, drop_quarantined=self.drop.quarantined)
         if self.latency is not None:
@@ -324,6 +379,9 @@ class Daemon:
         for t in self._workers:
             if t.is_alive():
                 t.join(timeout)
+        if self._finisher.is_alive():  # finish what the workers predicted before releasing leases
+            self._finish_q.put(None)
+            self._finisher.join(timeout)
         released = sum(self.store.release(f"{self.owner}/w{i}") for i in range(len(self._workers)))
         with self._lock:
             pending = list(self._futures)

@@ -12,6 +12,15 @@ into a decision:
    reason ``over_budget`` when the hourly or daily review budget (UTC windows, counted in the
    store, so they survive restarts) is spent.
 
+Budgets are consumed atomically with completion: a review verdict carries the names of the
+budget counters (``Judgement.counters``) and ``Store.complete``/``complete_many`` adds one to
+each in the very transaction that stores the decision, so a crash between judging and
+completing spends nothing. Until then the judge holds an in-memory reservation, so verdicts of
+one process never overspend a budget; ``Judge.settle`` drops the reservation once the
+completion committed (or failed). Several processes judging against one store could each admit
+one review over a nearly spent budget at the same moment (the check is not in the completing
+transaction); one daemon per store is the supported set-up.
+
 The default scoring formula lives in ``service.scoring``.
 """
 from __future__ import annotations
@@ -53,6 +62,7 @@ class Judgement:
     reasons: tuple[str, ...]
     decision: str
     audit: bool
+    counters: tuple[str, ...] = ()  # budget counters the completion must add one to (not in to_json)
 
     def __post_init__(self) -> None:
         if self.decision not in DECISIONS:
@@ -137,6 +147,8 @@ class Judge:
         self.daily_budget = daily_budget
         self.dedup = dedup
         self.clock = clock if clock is not None else store.clock
+        self._pending: dict[str, int] = {}  # budget counter -> reviews judged but not yet completed
+        self._lock = threading.Lock()
 
     def score(self, prediction: Prediction, bundle: Bundle) -> tuple[float, list[str]]:
         """The scoring function's answer, made safe: NaN -> 0 ("bad_score"), clipped to [0, 1]."""
@@ -148,20 +160,42 @@ class Judge:
             return 0.0, [*reasons, "bad_score"]
         return min(max(score, 0.0), 1.0), reasons
 
-    def _take_budget(self) -> bool:
+    def _reserve_budget(self) -> tuple[str, ...] | None:
+        """Reserve one review in each budget window; the counter names, or None when one is spent."""
         now = time.gmtime(self.clock())
-        hour_key, day_key = time.strftime("review:hour:%Y%m%d%H", now), time.strftime("review:day:%Y%m%d", now)
-        if self.hourly_budget is not None and not self.store.take(hour_key, self.hourly_budget):
-            return False
-        if self.daily_budget is not None and not self.store.take(day_key, self.daily_budget):
-            if self.hourly_budget is not None:
-                self.store.counter(hour_key, -1)  # give the hour's slot back
-            return False
-        return True
+        windows = ((time.strftime("review:hour:%Y%m%d%H", now), self.hourly_budget),
+                   (time.strftime("review:day:%Y%m%d", now), self.daily_budget))
+        with self._lock:
+            keys = []
+            for key, limit in windows:
+                if limit is None:
+                    continue
+                if self.store.counter(key) + self._pending.get(key, 0) >= limit:
+                    return None
+                keys.append(key)
+            for key in keys:
+                self._pending[key] = self._pending.get(key, 0) + 1
+        return tuple(keys)
+
+    def settle(self, judgement: Judgement) -> None:
+        """Drop the reservation of ``judgement`` once its completion committed (or will not)."""
+        if not judgement.counters:
+            return
+        with self._lock:
+            for key in judgement.counters:
+                left = self._pending.get(key, 0) - 1
+                if left > 0:
+                    self._pending[key] = left
+                else:
+                    self._pending.pop(key, None)
 
     def judge(self, image_id: str, prediction: Prediction, bundle: Bundle, camera: str | None = None,
               pixels: np.ndarray | None = None) -> Judgement:
-        """Decide for one image. ``pixels`` (HxWx3 BGR, any size) feeds near-duplicate checks."""
+        """Decide for one image. ``pixels`` (HxWx3 BGR, any size) feeds near-duplicate checks.
+
+        A review verdict within budgets reserves them: pass ``verdict.counters`` to
+        ``Store.complete`` and call ``settle(verdict)`` afterwards.
+        """
         score, reasons = self.score(prediction, bundle)
         audit = False
         if score >= self.threshold:
@@ -174,11 +208,12 @@ class Judge:
         use_dedup = self.dedup is not None and camera is not None and pixels is not None
         if use_dedup and self.dedup.is_duplicate(camera, pixels):  # type: ignore[union-attr, arg-type]
             return Judgement(score, (*reasons, "near_duplicate"), "auto_accepted", audit)
-        if not self._take_budget():
+        counters = self._reserve_budget()
+        if counters is None:
             return Judgement(score, (*reasons, "over_budget"), "auto_accepted", audit)
         if use_dedup:
             self.dedup.remember(camera, pixels)  # type: ignore[union-attr, arg-type]
-        return Judgement(score, tuple(reasons), "review", audit)
+        return Judgement(score, tuple(reasons), "review", audit, counters)
 
 
 def _dry_run_bundle() -> Bundle:

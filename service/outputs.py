@@ -70,6 +70,44 @@ def write_sidecar(out_dir: Path, row_or_record: ImageRow | Mapping[str, Any]) ->
     return path
 
 
+def write_sidecars(out_dir: Path, records: Sequence[Mapping[str, Any]]) -> list[Path]:
+    """Write one ``<out_dir>/<image_id>.json`` per record with group durability; returns the paths.
+
+    Each record goes to its own temporary file, which is fsynced and renamed into place; the
+    folder is fsynced once for the whole batch at the end (one directory sync instead of one
+    per file). A reader never sees a half-written sidecar, and when this returns every sidecar
+    survives a power loss. A failure removes the batch's temporary files; sidecars already
+    renamed stay (they are complete).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    for record in records:
+        image_id = str(record.get("image_id") or "")
+        if not image_id or Path(image_id).name != image_id or image_id.startswith("."):
+            raise ValueError(f"write_sidecars: each record needs a plain image_id, got {image_id!r}")
+        path = out_dir / f"{image_id}.json"
+        tmp = out_dir / f".{image_id}.json.{os.getpid()}.tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(dict(record), f, indent=2)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        paths.append(path)
+    if paths:
+        fd = os.open(out_dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return paths
+
+
 def schema_for(record: Mapping[str, Any]) -> KeypointSchema:
     """The key-point schema of a record: its ``keypoint_names`` or a guess from the point count."""
     names = record.get("keypoint_names")

@@ -113,6 +113,24 @@ class ImageRow:
         )
 
 
+@dataclass(frozen=True)
+class Completion:
+    """One image's result for ``Store.complete_many``.
+
+    ``decision``: "auto_accepted" or "review"; ``counters``: extra counter names to add one to
+    in the completing transaction (the judge's review-budget windows); "annotated" always is.
+    """
+
+    image_id: str
+    record: dict
+    bundle_id: str
+    decision: str
+    score: float
+    reasons: tuple[str, ...] = ()
+    audit: bool = False
+    counters: tuple[str, ...] = ()
+
+
 def image_id_of(data: bytes) -> str:
     """The content address of image bytes: sha256 hex digest."""
     return hashlib.sha256(data).hexdigest()
@@ -320,25 +338,52 @@ class Store:
         return r
 
     def complete(self, image_id: str, owner: str, record: dict, bundle_id: str, decision: str,
-                 score: float, reasons: Sequence[str], audit: bool) -> None:
+                 score: float, reasons: Sequence[str], audit: bool, counters: Sequence[str] = ()) -> None:
         """received -> annotated -> auto_accepted | review_pending, in one transaction; releases the lease.
 
-        ``decision`` is "auto_accepted" or "review". Raises ``LeaseLost`` (changing nothing)
-        when ``owner`` does not hold the lease any more.
+        ``decision`` is "auto_accepted" or "review". The counter "annotated" and each name in
+        ``counters`` (e.g. the review budget's) go up by one in the same transaction. Raises
+        ``LeaseLost`` (changing nothing) when ``owner`` does not hold the lease any more.
         """
-        if decision not in DECISIONS:
-            raise ValueError(f"decision: expected one of {sorted(DECISIONS)}, got {decision!r}")
-        target = DECISIONS[decision]
+        lost = self.complete_many(owner, [Completion(image_id, record, bundle_id, decision, score,
+                                                     tuple(reasons), audit, tuple(counters))])
+        if lost:
+            raise lost[0]
+
+    def complete_many(self, owner: str, completions: Sequence["Completion"]) -> builtins.list[LeaseLost]:
+        """``complete`` for a whole batch in ONE transaction (one commit, one fsync).
+
+        Images whose lease ``owner`` lost are skipped (nothing changes for them) and returned
+        as ``LeaseLost`` errors; the others are completed. ``ImageNotFound`` or a bad decision
+        rolls the whole batch back.
+        """
+        for c in completions:
+            if c.decision not in DECISIONS:
+                raise ValueError(f"decision: expected one of {sorted(DECISIONS)}, got {c.decision!r}")
+        lost: builtins.list[LeaseLost] = []
+        bumps: dict[str, int] = {}
         now = self.clock()
         with self.transaction() as db:
-            self._held(db, image_id, owner)
-            db.execute(
-                "UPDATE images SET state=?, record=?, bundle_id=?, decision=?, score=?, reasons=?, audit=?, "
-                "width=?, height=?, error=NULL, lease_owner=NULL, lease_expires=NULL, updated_at=? WHERE image_id=?",
-                (target, json.dumps(record), bundle_id, decision, float(score), json.dumps(list(reasons)),
-                 int(bool(audit)), record.get("width"), record.get("height"), now, image_id))
-            self._log(db, image_id, RECEIVED, ANNOTATED, now, owner, bundle_id)
-            self._log(db, image_id, ANNOTATED, target, now, owner, ",".join(reasons) or None)
+            for c in completions:
+                try:
+                    self._held(db, c.image_id, owner)
+                except LeaseLost as exc:
+                    lost.append(exc)
+                    continue
+                target = DECISIONS[c.decision]
+                db.execute(
+                    "UPDATE images SET state=?, record=?, bundle_id=?, decision=?, score=?, reasons=?, audit=?, "
+                    "width=?, height=?, error=NULL, lease_owner=NULL, lease_expires=NULL, updated_at=? "
+                    "WHERE image_id=?",
+                    (target, json.dumps(c.record), c.bundle_id, c.decision, float(c.score), json.dumps(list(c.reasons)),
+                     int(bool(c.audit)), c.record.get("width"), c.record.get("height"), now, c.image_id))
+                self._log(db, c.image_id, RECEIVED, ANNOTATED, now, owner, c.bundle_id)
+                self._log(db, c.image_id, ANNOTATED, target, now, owner, ",".join(c.reasons) or None)
+                for name in ("annotated", *c.counters):
+                    bumps[name] = bumps.get(name, 0) + 1
+            for name, delta in bumps.items():
+                self._bump(db, name, delta)
+        return lost
 
     def fail(self, image_id: str, owner: str | None, reason: str) -> None:
         """-> failed with ``reason``. With an owner, that owner must hold the lease (else ``LeaseLost``)."""
@@ -436,11 +481,21 @@ class Store:
         return out
 
     # -- counters ------------------------------------------------------------------------
+    @staticmethod
+    def _bump(db: sqlite3.Connection, name: str, delta: int) -> None:
+        db.execute("INSERT INTO counters (name, value) VALUES (?, ?) "
+                   "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value", (name, int(delta)))
+
     def counter(self, name: str, delta: int = 0) -> int:
-        """Add ``delta`` to a persistent counter (created at 0) and return its new value."""
+        """Add ``delta`` to a persistent counter (created at 0) and return its new value.
+
+        ``delta == 0`` only reads (no write transaction, no fsync); a missing counter reads 0.
+        """
+        if delta == 0:
+            r = self._conn().execute("SELECT value FROM counters WHERE name=?", (name,)).fetchone()
+            return 0 if r is None else int(r[0])
         with self.transaction() as db:
-            db.execute("INSERT INTO counters (name, value) VALUES (?, ?) "
-                       "ON CONFLICT(name) DO UPDATE SET value = value + excluded.value", (name, int(delta)))
+            self._bump(db, name, delta)
             return int(db.execute("SELECT value FROM counters WHERE name=?", (name,)).fetchone()[0])
 
     def take(self, name: str, limit: int) -> bool:

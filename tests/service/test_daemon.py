@@ -114,3 +114,32 @@ def test_close_releases_leases_and_answers_waiters(make_config: Callable[..., An
             again.stop_intake() or again.submit(small_jpeg(31), "late")
     finally:
         again.close()
+
+
+@pytest.mark.parametrize("near_duplicate", [True, False])
+def test_near_duplicates_and_budgets_through_the_daemon(make_config: Callable[..., Any],
+                                                        photo_variants: Callable[..., list[bytes]],
+                                                        near_duplicate: bool) -> None:
+    # audit_fraction 1: every image would go to review, so only dedup and the budget decide.
+    daemon = Daemon(make_config(judge__audit_fraction=1.0, judge__near_duplicate=near_duplicate,
+                                judge__hourly_budget=2))
+    first, other = photo_variants(2)  # two different photos
+    near = photo_variants(1, salt=1)[0]  # the first photo re-encoded: other bytes, same look
+    daemon.start()
+    try:
+        a = daemon.annotate_now(first, "t:a", {"camera": "cam1"}, timeout=60)
+        b = daemon.annotate_now(near, "t:b", {"camera": "cam1"}, timeout=60)
+        c = daemon.annotate_now(other, "t:c", {"camera": "cam1"}, timeout=60)
+        assert a.decision == "review"
+        if near_duplicate:
+            assert b.decision == "auto_accepted" and "near_duplicate" in b.reasons
+            assert c.decision == "review"  # a different scene is sent
+        else:
+            assert b.decision == "review" and "near_duplicate" not in b.reasons
+            assert c.decision == "auto_accepted" and "over_budget" in c.reasons  # hourly budget of 2 spent
+        # budgets and "annotated" are counted by the completing transactions
+        assert daemon.store.counter("review:hour:" + time.strftime("%Y%m%d%H", time.gmtime(a.updated_at))) == 2
+        assert daemon.store.counter("annotated") == 3
+        assert daemon._judge.dedup is not None if near_duplicate else daemon._judge.dedup is None
+    finally:
+        daemon.close()

@@ -106,20 +106,50 @@ def test_threshold_and_audit_reproducible(store: Store) -> None:
     assert [i for i, j in zip(ids, a) if j.audit] == [i for i in ids if audit_draw(7, i) < 0.1]
 
 
+def _judge_and_complete(judge: Judge, store: Store, n: int, salt: str) -> list[str]:
+    """Judge n fresh images and complete each in the store (budgets are spent on completion)."""
+    decisions = []
+    for i in range(n):
+        image_id, _ = store.ingest(f"{salt}-{i}".encode(), "test")
+        store.claim("w", limit=1)
+        verdict = judge.judge(image_id, EMPTY, BUNDLE)
+        try:
+            store.complete(image_id, "w", {"width": 1, "height": 1}, "b", verdict.decision, verdict.score,
+                           verdict.reasons, verdict.audit, counters=verdict.counters)
+        finally:
+            judge.settle(verdict)
+        decisions.append(verdict.decision)
+    return decisions
+
+
 def test_budgets_survive_restart(tmp_path: Path) -> None:
     t = [1_800_000_000.0]
     s = Store(tmp_path / "s", clock=lambda: t[0])
     judge = Judge(constant(0.1, ["empty"]), 0.5, 0.0, 0, s, hourly_budget=2, daily_budget=3)
-    assert [judge.judge(f"{i:064x}", EMPTY, BUNDLE).decision for i in range(3)] == ["review", "review", "auto_accepted"]
+    assert _judge_and_complete(judge, s, 3, "a") == ["review", "review", "auto_accepted"]
     over = judge.judge("f" * 64, EMPTY, BUNDLE)
-    assert over.reasons == ("empty", "over_budget") and over.score == 0.1
+    assert over.reasons == ("empty", "over_budget") and over.score == 0.1 and over.counters == ()
     s.close()
     t[0] += 3600  # next hour, same day, new Store and Judge on the same database
     s = Store(tmp_path / "s", clock=lambda: t[0])
     judge = Judge(constant(0.1), 0.5, 0.0, 0, s, hourly_budget=2, daily_budget=3)
-    assert [judge.judge(f"{i:064x}", EMPTY, BUNDLE).decision for i in range(3)] == ["review", "auto_accepted",
-                                                                                     "auto_accepted"]
+    assert _judge_and_complete(judge, s, 3, "b") == ["review", "auto_accepted", "auto_accepted"]
     assert s.counter("review:hour:" + time.strftime("%Y%m%d%H", time.gmtime(t[0]))) == 1
+    assert s.counter("review:day:" + time.strftime("%Y%m%d", time.gmtime(t[0]))) == 3
+    assert s.counter("annotated") == 6
+    s.close()
+
+
+def test_budget_is_reserved_until_settled_and_spent_only_by_completion(tmp_path: Path) -> None:
+    s = Store(tmp_path / "s", clock=lambda: 1_800_000_000.0)
+    judge = Judge(constant(0.1), 0.5, 0.0, 0, s, hourly_budget=1)
+    first = judge.judge("1" * 64, EMPTY, BUNDLE)
+    assert first.decision == "review" and len(first.counters) == 1
+    assert judge.judge("2" * 64, EMPTY, BUNDLE).decision == "auto_accepted"  # reserved, not yet spent
+    assert s.counter(first.counters[0]) == 0
+    judge.settle(first)  # the completion never happened (crash, lease lost): nothing was spent
+    again = judge.judge("3" * 64, EMPTY, BUNDLE)
+    assert again.decision == "review" and again.counters == first.counters
     s.close()
 
 
