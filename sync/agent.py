@@ -1,8 +1,11 @@
 """The sync agent: one long-running process that runs its tasks in turn until asked to stop.
 
 A task is anything with ``name`` and ``run_once() -> bool`` (True: it did some work, so it is
-asked again at once; False: nothing to do now). The uploader is one; the review poller and the
-model puller plug in the same way. ``RetryableError`` from a task is logged and the agent
+asked again at once; False: nothing to do now). ``build_agent`` assembles them from the config,
+in this order: ``upload`` (``sync.uploader``), ``review-submit`` (``sync.submit``: each finished
+batch to the review backend, once), ``merge`` (collect finished reviews and merge them into the
+dataset, every ``[sync.review] collect_interval``) and ``models`` (pull, verify, gate, switch,
+reload; only with a ``[sync.models] registry``). ``RetryableError`` from a task is logged and the agent
 carries on (the work stays in the database for the next pass); ``PermanentError`` ends the run
 so that the command can say what to fix.
 
@@ -11,15 +14,20 @@ object in flight is finished, then the agent closes what it opened.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import signal
 import threading
+import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
 from .errors import RetryableError
 
 if TYPE_CHECKING:
+    from service.metrics import MetricsRecorder
+
     from .config import SyncConfig
 
 log = logging.getLogger(__name__)
@@ -33,15 +41,40 @@ class Task(Protocol):
     def run_once(self) -> bool: ...
 
 
+class Every:
+    """A task run at most once per ``interval`` seconds (the agent calls every task each pass;
+    collecting reviews from a server at that pace would be wasteful)."""
+
+    def __init__(self, task: Task, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.task, self.interval, self.clock = task, float(interval), clock
+        self.name = task.name
+        self._next = 0.0
+
+    def run_once(self) -> bool:
+        now = self.clock()
+        if now < self._next:
+            return False
+        self._next = now + self.interval
+        return self.task.run_once()
+
+
 @dataclass
 class Agent:
-    """Runs ``tasks`` round-robin; sleeps ``poll_interval`` seconds when none had work."""
+    """Runs ``tasks`` round-robin; sleeps ``poll_interval`` seconds when none had work.
+
+    ``heartbeat`` (monotonic seconds) moves at every task call; ``healthy()`` says whether it
+    moved within ``stall_limit`` seconds, for the systemd watchdog. ``on_pass(did_work)`` is
+    called after each pass (e.g. to update the systemd status line).
+    """
 
     tasks: Sequence[Task]
     poll_interval: float = 10.0
     stop: threading.Event = field(default_factory=threading.Event)
     closers: list[Callable[[], Any]] = field(default_factory=list)
     last_error: RetryableError | None = None
+    stall_limit: float = 900.0
+    on_pass: Callable[[bool], None] | None = None
+    heartbeat: float = field(default_factory=time.monotonic)
 
     def install_signal_handlers(self) -> None:
         """SIGTERM and SIGINT set the stop event (main thread only)."""
@@ -52,6 +85,10 @@ class Agent:
         signal.signal(signal.SIGTERM, handle)
         signal.signal(signal.SIGINT, handle)
 
+    def healthy(self) -> bool:
+        """True while the loop is alive: a task was called within ``stall_limit`` seconds."""
+        return time.monotonic() - self.heartbeat < max(self.stall_limit, 3 * self.poll_interval)
+
     def run_pass(self) -> bool:
         """Each task once; True when any had work."""
         did = False
@@ -59,11 +96,15 @@ class Agent:
         for task in self.tasks:
             if self.stop.is_set():
                 break
+            self.heartbeat = time.monotonic()
             try:
                 did = task.run_once() or did
             except RetryableError as exc:
                 log.warning("%s: %s; the work waits for the next pass", task.name, exc)
                 self.last_error = exc
+        self.heartbeat = time.monotonic()
+        if self.on_pass is not None:
+            self.on_pass(did)
         return did
 
     def run(self, once: bool = False) -> None:
@@ -84,19 +125,77 @@ class Agent:
         self.closers.clear()
 
 
-def build_agent(cfg: SyncConfig, extra_tasks: Sequence[Task] = ()) -> Agent:
-    """The agent for a ``SyncConfig``: the uploader first, then ``extra_tasks``."""
+def build_agent(cfg: SyncConfig, extra_tasks: Sequence[Task] = (), env: Mapping[str, str] = os.environ,
+                metrics: MetricsRecorder | None = None) -> Agent:
+    """The agent for a ``SyncConfig``: upload, review-submit, merge, models (see the module
+    doc), then ``extra_tasks``. Every setting is validated before anything is opened."""
     from service.store import Store
 
     from .backoff import RetryPolicy
     from .config import open_target
+    from .pull_settings import settings_from
+    from .review_settings import open_review_backend, review_settings_from
     from .uploader import Uploader, UploadSettings
 
-    stop = threading.Event()
-    store = Store(cfg.store_root)
+    review = review_settings_from(cfg, env)
+    pull = settings_from(cfg.store_root, cfg.tables, cfg.base)
+    if pull.daemon is None:
+        pull = dataclasses.replace(pull, daemon=cfg.daemon_address)
     settings = UploadSettings(cfg.appliance_id, cfg.batch_size, cfg.max_side, cfg.jpeg_quality,
                               RetryPolicy(cfg.retry_base, cfg.retry_cap, cfg.retry_attempts))
-    uploader = Uploader(store, open_target(cfg.target), settings, stop=stop)
-    agent = Agent([uploader, *extra_tasks], cfg.poll_interval, stop)
-    agent.closers += [store.close, uploader.close]
+
+    stop = threading.Event()
+    agent = Agent([], cfg.poll_interval, stop)
+    try:
+        store = Store(cfg.store_root)
+        agent.closers.append(store.close)
+        if metrics is not None:
+            metrics.watch_store(store)
+        target = open_target(cfg.target)
+        uploader = Uploader(store, target, settings, stop=stop, metrics=metrics)
+        agent.closers.append(uploader.close)
+        tasks: list[Task] = [uploader]
+        backend = open_review_backend(review, target, cfg)
+        if backend is not None:
+            tasks += [_submit_task(uploader, store, target, backend),
+                      Every(_merge_task(store, pull, backend, metrics, agent), review.collect_interval)]
+        if "models" in cfg.tables:
+            tasks += _model_tasks(pull, cfg, agent)
+        agent.tasks = [*tasks, *extra_tasks]
+    except BaseException:
+        agent.close()
+        raise
+    log.info("sync tasks: %s", ", ".join(t.name for t in agent.tasks))
     return agent
+
+
+def _submit_task(uploader: Any, store: Any, target: Any, backend: Any) -> Task:
+    from .submit import ReviewSubmitTask
+
+    return ReviewSubmitTask(uploader.journal, store, target, backend)
+
+
+def _merge_task(store: Any, pull: Any, backend: Any, metrics: MetricsRecorder | None, agent: Agent) -> Task:
+    from .dataset import Dataset
+    from .merge import Merger, MergeTask
+
+    dataset = Dataset(pull.dataset_root, holdout_fraction=pull.holdout_fraction)
+    agent.closers.append(dataset.close)
+    return MergeTask(Merger(store, dataset), backend.collect, metrics.review_merged if metrics is not None else None)
+
+
+def _model_tasks(pull: Any, cfg: SyncConfig, agent: Agent) -> list[Task]:
+    """The model-pull task, when ``[sync.models]`` names a registry; reloads via the daemon's gRPC."""
+    from .models import ModelPullTask, grpc_reload_fn
+    from .models_cli import build_puller
+
+    if pull.registry is None:
+        log.info("[sync.models] has no registry table: no model pull")
+        return []
+    puller, closing = build_puller(pull)
+    agent.closers += [c.close for c in closing]
+    if pull.daemon:
+        puller.reload_fn = grpc_reload_fn(pull.daemon, token=cfg.daemon_token)
+        log.info("model pull from %s every %.0f s; reload via the daemon at %s", pull.registry.kind,
+                 pull.poll_interval, pull.daemon)
+    return [ModelPullTask(puller, pull.poll_interval)]

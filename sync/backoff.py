@@ -44,8 +44,11 @@ class RetryPolicy:
             raise ValueError(f"RetryPolicy.attempts: expected >= 1 or None, got {self.attempts}")
 
 
-def retry_call(fn: Callable[[], T], what: str, policy: RetryPolicy, stop: threading.Event) -> T:
+def retry_call(fn: Callable[[], T], what: str, policy: RetryPolicy, stop: threading.Event,
+               on_retry: Callable[[], None] | None = None) -> T:
     """``fn()``, repeated after ``RetryableError`` with backoff; the last error is re-raised.
+
+    ``on_retry`` is called before each wait (e.g. a metrics counter).
 
     ``PermanentError`` and anything else propagate at once. Raises ``Stopped`` when ``stop`` is
     set while waiting.
@@ -61,5 +64,7 @@ def retry_call(fn: Callable[[], T], what: str, policy: RetryPolicy, stop: thread
                 raise
             delay = compute_backoff(attempt - 1, policy.base, policy.cap, policy.rng)
             log.warning("%s failed (attempt %d), retrying in %.2f s: %s", what, attempt, delay, exc)
+            if on_retry is not None:
+                on_retry()
             if stop.wait(delay):
                 raise Stopped(f"{what}: stopped while waiting to retry") from exc

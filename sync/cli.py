@@ -4,30 +4,65 @@
 in); ``python -m sync.cli sync ...`` runs it on its own. Exit codes: 0 done or stopped, 1 ``--once`` left work
 behind after transient failures (the next run resumes it), 2 a
 problem the user must fix (configuration, credentials, missing bucket), printed as one line.
+
+Under systemd (``Type=notify``, ``deploy/systemd/annotator-sync.service``) the agent sends
+``READY=1`` once its tasks are built (store open, settings valid), a ``STATUS=`` line after
+each pass that did work, ``WATCHDOG=1`` while its loop is alive, and ``STOPPING=1`` at exit.
+With ``[sync] metrics_listen`` it serves Prometheus metrics (uploads, retries, merged reviews,
+images per state) at ``http://host:port/metrics``.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from .errors import PermanentError, SyncConfigError
+
+if TYPE_CHECKING:
+    from service.systemd import Notifier
+
+    from .agent import Agent
 
 log = logging.getLogger("annotator.sync")
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
     """Run the agent until SIGTERM (or, with ``--once``, until there is no work left)."""
+    from service.systemd import Notifier, Watchdog
+
     from .agent import build_agent
     from .config import load_sync_config
 
+    notifier = Notifier.from_environ(os.environ)
+    watchdog: Watchdog | None = None
     try:
         cfg = load_sync_config(Path(args.config) if args.config else None)
-        agent = build_agent(cfg)
+        metrics = None
+        if cfg.metrics_listen is not None:
+            from service.metrics import MetricsRecorder
+
+            metrics = MetricsRecorder()
+        agent = build_agent(cfg, metrics=metrics)
+        if metrics is not None and cfg.metrics_listen is not None:
+            from service.metrics import start_metrics_server
+
+            try:
+                start_metrics_server(metrics, *cfg.metrics_listen)
+            except OSError as exc:
+                agent.close()
+                raise SyncConfigError(f"sync.metrics_listen: cannot listen on {cfg.metrics_listen[0]}:"
+                                      f"{cfg.metrics_listen[1]}: {exc}") from exc
         agent.install_signal_handlers()
+        agent.on_pass = _status_reporter(notifier, agent)
+        watchdog = Watchdog.from_environ(os.environ, healthy=agent.healthy, notifier=notifier)
         log.info("sync agent for %s: store %s, target %s", cfg.appliance_id, cfg.store_root, cfg.target.kind)
+        notifier.ready()
+        notifier.status(f"running: {', '.join(t.name for t in agent.tasks)}")
+        watchdog.start()
         agent.run(once=args.once)
         if args.once and agent.last_error is not None:
             sys.stderr.write(f"annotator sync: work left for later: {agent.last_error}\n")
@@ -35,7 +70,24 @@ def cmd_sync(args: argparse.Namespace) -> int:
     except (SyncConfigError, PermanentError) as exc:
         sys.stderr.write(f"annotator sync: {exc}\n")
         return 2
+    finally:
+        notifier.stopping()
+        if watchdog is not None:
+            watchdog.stop()
     return 0
+
+
+def _status_reporter(notifier: "Notifier", agent: "Agent") -> "Callable[[bool], None]":
+    """``on_pass`` for the agent: a systemd STATUS line after passes that did work or failed."""
+    def report(did: bool) -> None:
+        if agent.last_error is not None:
+            notifier.status(f"waiting to retry: {agent.last_error}"[:200])
+        elif did:
+            notifier.status("working")
+        else:
+            notifier.status(f"idle; next pass in {agent.poll_interval:.0f} s")
+
+    return report
 
 
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> argparse.ArgumentParser:

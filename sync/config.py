@@ -14,6 +14,7 @@
     retry_base = 0.5                 # backoff: first ceiling, seconds (doubles per attempt) ...
     retry_cap = 60.0                 # ... up to this
     retry_attempts = 8               # tries per object in one pass before the pass gives up
+    metrics_listen = "127.0.0.1:9465"   # Prometheus metrics of the agent (absent: none served)
     # store_root = "..."             # only to override [store] root
 
     [sync.target]
@@ -27,17 +28,21 @@
     kms_key_id = "alias/edge"
     multipart_threshold_mb = 16
 
-Other ``[sync.*]`` subtables (review backend, model pull) are kept in ``SyncConfig.tables`` for
-their tasks. Relative paths are taken relative to the file's folder. Credentials are not
-configured here: boto3's standard chain finds them. ``ANNOTATOR_CONFIG`` names the file when
-no ``--config`` is given.
+Other ``[sync.*]`` subtables (``review``: ``sync.review_settings``; ``dataset``, ``models``:
+``sync.pull_settings``) are kept in ``SyncConfig.tables`` for their tasks. Relative paths are
+taken relative to the file's folder. Credentials are not configured here: boto3's standard
+chain finds them. ``ANNOTATOR_CONFIG`` names the file when no ``--config`` is given.
+
+One file serves ``annotator serve`` and ``annotator sync``: ``load_sync_config`` reads it
+through ``service.config.load_config`` (which validates the daemon's tables and passes
+``[sync]`` through), so the agent sees the same ``[store] root`` as the daemon, environment
+overrides (``ANNOTATOR_STORE__ROOT``) included, and finds the daemon at ``[server] listen``.
 """
 from __future__ import annotations
 
 import os
 import re
 import socket
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -47,7 +52,7 @@ from .objectstore import LocalFolderStore, ObjectStore
 
 _SYNC_KEYS = {"appliance_id": str, "batch_size": int, "max_side": int, "jpeg_quality": int,
               "poll_interval": (int, float), "retry_base": (int, float), "retry_cap": (int, float),
-              "retry_attempts": int, "store_root": str}
+              "retry_attempts": int, "store_root": str, "metrics_listen": str}
 _TARGET_KEYS = {"kind": str, "root": str, "bucket": str, "prefix": str, "endpoint_url": str, "region": str,
                 "sse": str, "kms_key_id": str, "multipart_threshold_mb": int}
 
@@ -78,6 +83,21 @@ class SyncConfig:
     retry_cap: float = 60.0
     retry_attempts: int = 8
     tables: Mapping[str, Any] = field(default_factory=dict)
+    base: Path = field(default_factory=Path.cwd)  # the config file's folder (relative paths)
+    metrics_listen: tuple[str, int] | None = None  # (host, port) of the agent's /metrics
+    daemon_listen: str = "127.0.0.1:50051"  # the daemon's [server] listen (ReloadModels)
+    daemon_token: str | None = field(default=None, repr=False)  # its [server] token; never logged
+
+    @property
+    def daemon_address(self) -> str | None:
+        """Where to reach the daemon from this host: ``listen`` with a wildcard host replaced by
+        loopback; None when the daemon picks its port at start (port 0)."""
+        host, _, port = self.daemon_listen.rpartition(":")
+        if port in ("", "0"):
+            return None
+        if host in ("0.0.0.0", "", "[::]", "::"):
+            host = "127.0.0.1"
+        return f"{host}:{port}"
 
 
 def default_appliance_id() -> str:
@@ -134,28 +154,46 @@ def sync_config_from_dict(doc: Mapping[str, Any], base: Path, source: str = "con
     if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", values["appliance_id"]):
         raise SyncConfigError(f"sync.appliance_id: expected 1-64 of A-Z a-z 0-9 . _ -, got "
                               f"{values['appliance_id']!r} ({source})")
+    metrics = values.pop("metrics_listen", None)
+    metrics_listen = None
+    if metrics is not None:
+        host, _, port = metrics.rpartition(":")
+        if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise SyncConfigError(f"sync.metrics_listen: expected host:port, got {metrics!r} ({source})")
+        metrics_listen = (host.strip("[]"), int(port))
+    server = doc.get("server", {}) if isinstance(doc.get("server", {}), dict) else {}
     tables = {k: v for k, v in sync_table.items() if isinstance(v, dict) and k != "target"}
     for key in ("poll_interval", "retry_base", "retry_cap"):
         if key in values:
             values[key] = float(values[key])
     fields: dict[str, Any] = values
-    return SyncConfig(store_root=store_root, target=tcfg, tables=tables, **fields)
+    return SyncConfig(store_root=store_root, target=tcfg, tables=tables, base=base, metrics_listen=metrics_listen,
+                      daemon_listen=str(server.get("listen", "127.0.0.1:50051")),
+                      daemon_token=server.get("token"), **fields)
 
 
 def load_sync_config(path: Path | None = None, env: Mapping[str, str] = os.environ) -> SyncConfig:
-    """Read ``path`` (or ``$ANNOTATOR_CONFIG``; neither: all defaults) and build the ``SyncConfig``."""
+    """Read ``path`` (or ``$ANNOTATOR_CONFIG``; neither: all defaults) and build the ``SyncConfig``.
+
+    The file is the daemon's too: its tables are validated by ``service.config.load_config``
+    (same errors, same environment overrides), then ``[sync]`` is validated here.
+    """
+    from service.config import load_config
+    from service.errors import ConfigError
+
     if path is None and env.get("ANNOTATOR_CONFIG"):
         path = Path(env["ANNOTATOR_CONFIG"])
-    if path is None:
-        return sync_config_from_dict({}, Path.cwd(), "defaults")
+    if path is not None:
+        path = Path(path).resolve()  # relative paths in it: relative to its folder, from anywhere
     try:
-        with open(path, "rb") as f:
-            doc = tomllib.load(f)
-    except FileNotFoundError as exc:
-        raise SyncConfigError(f"config file {path} does not exist") from exc
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise SyncConfigError(f"config file {path} cannot be read as TOML: {exc}") from exc
-    return sync_config_from_dict(doc, Path(path).resolve().parent, f"from {path}")
+        shared = load_config(path, env=env)
+    except ConfigError as exc:
+        raise SyncConfigError(str(exc)) from exc
+    doc = {"sync": dict(shared.extra.get("sync", {})), "store": {"root": str(shared.store.root)},
+           "server": {"listen": shared.server.listen, "token": shared.server.token}}
+    if path is None:
+        return sync_config_from_dict(doc, Path.cwd(), "defaults")
+    return sync_config_from_dict(doc, path.parent, f"from {path}")
 
 
 def open_target(cfg: TargetConfig) -> ObjectStore:

@@ -10,6 +10,9 @@ the daemon's schema stays the daemon's. It is what makes uploads exactly-once ac
   ``dropped`` (it left ``review_pending`` before anything was sent, so it never leaves the box).
 - ``objects``: per-object status (``sent``, or ``present``: found already there with the
   right checksum), for inspection and counting.
+- ``submissions``: which ``done`` batch was handed to which review backend, and when (written
+  after the backend accepted it, so each batch is submitted once per backend; a crash in
+  between repeats a submit, which backends treat as a no-op per image).
 
 The manifest of a batch is built from its ``sent`` items' frozen lines in position order, so
 it is the same bytes however often it is rebuilt.
@@ -35,6 +38,9 @@ CREATE INDEX IF NOT EXISTS items_by_batch ON items (batch_id, position);
 CREATE TABLE IF NOT EXISTS objects (
     key TEXT PRIMARY KEY, sha256 TEXT NOT NULL, size INTEGER NOT NULL, status TEXT NOT NULL,
     batch_id TEXT, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS submissions (
+    batch_id TEXT NOT NULL REFERENCES batches(batch_id), backend TEXT NOT NULL, at REAL NOT NULL,
+    items INTEGER NOT NULL, PRIMARY KEY (batch_id, backend));
 """
 
 
@@ -155,6 +161,26 @@ class Journal:
         with self.transaction() as db:
             db.execute("INSERT OR REPLACE INTO objects (key, sha256, size, status, batch_id, at) VALUES (?,?,?,?,?,?)",
                        (key, sha256, size, status, batch_id, self.clock()))
+
+    # -- review submissions ---------------------------------------------------------------
+    def unsubmitted_batches(self, backend: str) -> list[Batch]:
+        """``done`` batches not yet handed to ``backend``, oldest first."""
+        rows = self._conn().execute(
+            "SELECT * FROM batches WHERE state = 'done' AND batch_id NOT IN "
+            "(SELECT batch_id FROM submissions WHERE backend = ?) ORDER BY seq", (backend,))
+        return [_batch(r) for r in rows]
+
+    def mark_submitted(self, batch_id: str, backend: str, items: int) -> None:
+        """Record that ``backend`` accepted ``batch_id`` (``items`` images); repeating it is a no-op."""
+        with self.transaction() as db:
+            db.execute("INSERT OR IGNORE INTO submissions (batch_id, backend, at, items) VALUES (?,?,?,?)",
+                       (batch_id, backend, self.clock(), items))
+
+    def submissions(self, backend: str | None = None) -> list[tuple[str, str, int]]:
+        """(batch id, backend, items) of every recorded submission, oldest batch first."""
+        sql = ("SELECT s.batch_id, s.backend, s.items FROM submissions s JOIN batches b USING (batch_id)"
+               + (" WHERE s.backend = ?" if backend else "") + " ORDER BY b.seq")
+        return [(r[0], r[1], r[2]) for r in self._conn().execute(sql, (backend,) if backend else ())]
 
     def object_counts(self) -> dict[str, int]:
         """Objects by status: ``sent`` (this appliance put them) and ``present`` (found there)."""

@@ -226,15 +226,20 @@ class MergeTask:
     """A sync-agent task: ``run_once`` fetches reviewed labels and merges them.
 
     ``fetch`` returns the labels collected from the review backend since the last call (e.g.
-    ``ReviewBackend.collect``); returns True when the dataset changed.
+    ``ReviewBackend.collect``); returns True when the dataset changed. ``on_merged(n)`` is
+    told how many reviewed labels each call merged (e.g. a metrics counter).
     """
 
     name = "merge"
 
-    def __init__(self, merger: Merger, fetch: Callable[[], Iterable[Any]]) -> None:
+    def __init__(self, merger: Merger, fetch: Callable[[], Iterable[Any]],
+                 on_merged: Callable[[int], None] | None = None) -> None:
         self.merger = merger
         self.fetch = fetch
+        self.on_merged = on_merged
 
     def run_once(self) -> bool:
         report = self.merger.merge(list(self.fetch()))
+        if self.on_merged is not None and report.merged:
+            self.on_merged(len(report.merged))
         return bool(report.merged or report.auto_added)

@@ -33,17 +33,20 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from service.errors import ImageError, ImageNotFound
 from service.store import REVIEW_PENDING, UPLOADED, ImageRow, Store
 
 from .backoff import RetryPolicy, retry_call
-from .errors import ConflictError, Stopped
+from .errors import ConflictError, RetryableError, Stopped
 from .groundtruth import ManifestError, manifest_line
 from .journal import Batch, Item, Journal
 from .objectstore import ObjectStore
 from .reencode import prepare_upload
+
+if TYPE_CHECKING:
+    from service.metrics import MetricsRecorder
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +86,9 @@ class Uploader:
 
     def __init__(self, store: Store, target: ObjectStore, settings: UploadSettings,
                  journal: Journal | None = None, stop: threading.Event | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, metrics: MetricsRecorder | None = None) -> None:
         self.store, self.target, self.settings = store, target, settings
+        self.metrics = metrics  # uploads (sent objects, or failed for now) and retries
         self.journal = journal or Journal(Path(store.root) / JOURNAL_NAME, clock)
         self.stop = stop or threading.Event()
         self.clock = clock
@@ -210,7 +214,15 @@ class Uploader:
             self.target.put(key, data, content_type, sha256=sha)
             return "sent"
 
-        status = retry_call(attempt, f"upload {key}", self.settings.retry, self.stop)
+        on_retry = self.metrics.retry if self.metrics is not None else None
+        try:
+            status = retry_call(attempt, f"upload {key}", self.settings.retry, self.stop, on_retry)
+        except RetryableError:
+            if self.metrics is not None:
+                self.metrics.upload(False)
+            raise
+        if status == "sent" and self.metrics is not None:
+            self.metrics.upload(True)
         self.journal.object_done(key, sha, len(data), status, batch_id)
         log.debug("%s %s (%d bytes)", status, key, len(data))
 

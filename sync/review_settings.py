@@ -1,0 +1,161 @@
+"""Settings of the review backend: the ``[sync.review]`` tables, and opening the backend.
+
+::
+
+    [sync.review]
+    kind = "groundtruth"             # "groundtruth", "labelstudio" or "none" (default: no review)
+    collect_interval = 60.0          # seconds between collections of finished reviews
+
+    [sync.review.groundtruth]        # reads and writes the [sync.target] store (an S3 bucket)
+    output_prefix = "groundtruth/output/<appliance_id>"   # where jobs write their output
+    region = "eu-central-1"          # SageMaker's region (default: [sync.target] region)
+
+    [sync.review.groundtruth.job]    # optional: start one labeling job per batch
+    role_arn = "arn:aws:iam::123456789012:role/GroundTruth"
+    workteam_arn = "arn:aws:sagemaker:eu-central-1:123456789012:workteam/private-crowd/cabin"
+    ui_template_s3_uri = "s3://edge-review/templates/keypoints.liquid.html"
+    # output_s3_path, pre_lambda_arn, consolidation_lambda_arn, label_category_config_s3_uri,
+    # label_attribute_name, task_title, task_description, workers_per_object,
+    # task_time_limit_s, job_prefix, kms_key_id: see sync.groundtruth.LabelingJobSpec
+
+    [sync.review.labelstudio]
+    url = "http://127.0.0.1:8080"
+    token = "..."                    # prefer ANNOTATOR_LABEL_STUDIO_TOKEN (wins over the file)
+    project_title = "edge review <appliance_id>"
+    document_root = "/var/lib/annotator/store"   # the server's LOCAL_FILES_DOCUMENT_ROOT
+    timeout = 30.0
+
+Validation happens in ``review_settings_from`` before anything is opened; errors name the key.
+The Label Studio token is kept out of ``repr`` and never logged.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+from .config import SyncConfig
+from .errors import SyncConfigError
+from .groundtruth import LabelingJobSpec
+
+if TYPE_CHECKING:
+    from .objectstore import ObjectStore
+    from .review import ReviewBackend
+
+log = logging.getLogger(__name__)
+
+TOKEN_ENV = "ANNOTATOR_LABEL_STUDIO_TOKEN"
+KINDS = ("groundtruth", "labelstudio", "none")
+_REVIEW_KEYS = {"kind": str, "collect_interval": (int, float), "groundtruth": dict, "labelstudio": dict}
+_GT_KEYS = {"output_prefix": str, "region": str, "job": dict}
+_LS_KEYS = {"url": str, "token": str, "project_title": str, "document_root": str, "timeout": (int, float)}
+_JOB_INTS = ("workers_per_object", "task_time_limit_s")
+_JOB_TYPES = {f.name: int if f.name in _JOB_INTS else str for f in dataclasses.fields(LabelingJobSpec)}
+_JOB_REQUIRED = ("role_arn", "workteam_arn", "ui_template_s3_uri")
+
+
+@dataclass(frozen=True)
+class GroundTruthSettings:
+    output_prefix: str
+    region: str | None = None
+    job: Mapping[str, Any] | None = None  # LabelingJobSpec fields; output_s3_path filled in at open
+
+
+@dataclass(frozen=True)
+class LabelStudioSettings:
+    url: str
+    token: str = field(repr=False)
+    project_title: str
+    document_root: Path
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class ReviewSettings:
+    kind: str = "none"
+    collect_interval: float = 60.0
+    groundtruth: GroundTruthSettings | None = None
+    labelstudio: LabelStudioSettings | None = None
+
+
+def _checked(table: Any, allowed: Mapping[str, Any], where: str) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise SyncConfigError(f"{where}: expected a table, got {table!r}")
+    for key, value in table.items():
+        if key not in allowed:
+            raise SyncConfigError(f"{where}.{key}: unknown key; known: {', '.join(sorted(allowed))}")
+        if isinstance(value, bool) or not isinstance(value, allowed[key]):
+            raise SyncConfigError(f"{where}.{key}: expected {allowed[key]}, got {value!r}")
+    return dict(table)
+
+
+def review_settings_from(cfg: SyncConfig, env: Mapping[str, str]) -> ReviewSettings:
+    """Validate ``[sync.review]`` of ``cfg``; the Label Studio token comes from ``env`` first."""
+    table = _checked(cfg.tables.get("review", {}), _REVIEW_KEYS, "sync.review")
+    kind = table.get("kind", "none")
+    if kind not in KINDS:
+        raise SyncConfigError(f"sync.review.kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+    interval = float(table.get("collect_interval", 60.0))
+    if interval < 0:
+        raise SyncConfigError(f"sync.review.collect_interval: expected >= 0, got {interval}")
+    gt = ls = None
+    if kind == "groundtruth":
+        t = _checked(table.get("groundtruth", {}), _GT_KEYS, "sync.review.groundtruth")
+        job = None
+        if "job" in t:
+            job = _checked(t["job"], _JOB_TYPES, "sync.review.groundtruth.job")
+            missing = [k for k in _JOB_REQUIRED if not job.get(k)]
+            if missing:
+                raise SyncConfigError(f"sync.review.groundtruth.job.{missing[0]}: required to start labeling jobs "
+                                      "(or leave out [sync.review.groundtruth.job] and start jobs on the cloud side)")
+            if cfg.target.kind != "s3":
+                raise SyncConfigError("sync.review.groundtruth.job: labeling jobs read S3; needs [sync.target] kind = 's3'")
+        output = t.get("output_prefix", f"groundtruth/output/{cfg.appliance_id}").strip("/")
+        if not output:
+            raise SyncConfigError("sync.review.groundtruth.output_prefix: expected a key prefix, got ''")
+        gt = GroundTruthSettings(output, t.get("region") or cfg.target.region, job)
+    elif kind == "labelstudio":
+        t = _checked(table.get("labelstudio", {}), _LS_KEYS, "sync.review.labelstudio")
+        if not t.get("url", "").startswith(("http://", "https://")):
+            raise SyncConfigError(f"sync.review.labelstudio.url: expected http(s)://host:port, got {t.get('url')!r}")
+        token = env.get(TOKEN_ENV) or t.get("token") or ""
+        if len(token) < 6:
+            raise SyncConfigError(f"sync.review.labelstudio.token: required (set {TOKEN_ENV} in the environment, "
+                                  "or token in the file)")
+        root = (cfg.base / t["document_root"]).resolve() if "document_root" in t else cfg.store_root.resolve()
+        if not cfg.store_root.resolve().is_relative_to(root):
+            raise SyncConfigError(f"sync.review.labelstudio.document_root: the store {cfg.store_root} must lie under "
+                                  f"it (Label Studio serves the images from there), got {root}")
+        ls = LabelStudioSettings(t["url"], token, t.get("project_title", f"edge review {cfg.appliance_id}"), root,
+                                 float(t.get("timeout", 30.0)))
+    return ReviewSettings(kind, interval, gt, ls)
+
+
+def open_review_backend(settings: ReviewSettings, target: ObjectStore, cfg: SyncConfig) -> ReviewBackend | None:
+    """The configured backend (None for ``kind = "none"``); boto3 only for a labeling-job spec."""
+    if settings.groundtruth is not None:
+        from .groundtruth import GroundTruthBackend
+
+        gt, spec, client = settings.groundtruth, None, None
+        if gt.job is not None:
+            import boto3
+
+            values = dict(gt.job)
+            values.setdefault("output_s3_path", target.uri(gt.output_prefix))
+            values.setdefault("job_prefix", f"er-{cfg.appliance_id[:30]}")
+            spec = LabelingJobSpec(**values)
+            client = boto3.session.Session().client("sagemaker", region_name=gt.region)
+        log.info("review backend: Ground Truth, output %s, %s", gt.output_prefix,
+                 "starting labeling jobs" if spec else "jobs started on the cloud side")
+        return GroundTruthBackend(target, output_prefix=gt.output_prefix, job=spec, sagemaker_client=client,
+                                  appliance_id=cfg.appliance_id)
+    if settings.labelstudio is not None:
+        from .labelstudio import LabelStudioBackend
+        from .labelstudio_client import LabelStudioClient
+
+        ls = settings.labelstudio
+        log.info("review backend: Label Studio at %s, project %r", ls.url, ls.project_title)
+        return LabelStudioBackend(LabelStudioClient(ls.url, ls.token, ls.timeout), ls.project_title, ls.document_root)
+    return None
