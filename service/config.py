@@ -74,8 +74,10 @@ class DropConfig:
 class EngineConfig:
     bundle: Path | None = None
     providers: tuple[str, ...] = ()  # empty: every available provider in priority order
-    batch_size: int = 8
-    threads: int = 0  # onnxruntime intra-op threads; 0 = onnxruntime's default
+    batch_size: int = 8  # images claimed, finished and committed together (one transaction per batch)
+    run_batch: int = 1  # images per session.run (1: as fast per image on CPU, a third of the arena memory)
+    workers: int = 2  # inference threads sharing the sessions
+    threads: int = 0  # onnxruntime intra-op threads per session; 0 = CPU cores / workers (at least 1)
 
 
 @dataclass(frozen=True)
@@ -209,6 +211,8 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "drop.poll_interval": (lambda v: v > 0, "a number of seconds > 0"),
     "engine.batch_size": (_in(1, 1024), "an integer in [1, 1024]"),
     "engine.threads": (_in(0, 1024), "an integer in [0, 1024]"),
+    "engine.run_batch": (_in(1, 1024), "an integer in [1, 1024]"),
+    "engine.workers": (_in(1, 64), "an integer in [1, 64]"),
     "judge.score_fn": (lambda v: v == "default" or (":" in v and all(v.partition(":")[::2])),
                        "'default' or 'package.module:function'"),
     "judge.threshold": (_in(0, 1), "a number in [0, 1]"),

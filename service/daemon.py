@@ -101,7 +101,7 @@ class _Predicted:
 class Daemon:
     """The appliance's core; ``service.server`` puts gRPC in front of it. See the module docstring."""
 
-    def __init__(self, config: "Config", workers: int = 1) -> None:
+    def __init__(self, config: "Config", workers: int | None = None) -> None:
         config.require("engine.bundle", "store.root")
         self.config = config
         self.store = Store(Path(config.store.root), lease_seconds=float(config.store.lease_seconds),
@@ -111,6 +111,7 @@ class Daemon:
         self._engine, self._judge = self._load(self._bundle_path)
         d = config.drop
         self.max_bytes, self.max_pixels = int(d.max_bytes), int(d.max_pixels)
+        self.batch_size = int(config.engine.batch_size)
         sidecar_dir = getattr(config.outputs, "sidecar_dir", None)
         self.sidecar_dir = Path(sidecar_dir) if sidecar_dir else None
         self.quarantine_dir = Path(d.folder) / QUARANTINE if d.folder else Path(config.store.root) / QUARANTINE
@@ -129,16 +130,18 @@ class Daemon:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._intake_closed = False
+        n = int(config.engine.workers) if workers is None else workers
         self._workers = [threading.Thread(target=self._work, args=(f"{self.owner}/w{i}",), name=f"worker-{i}",
-                                          daemon=True) for i in range(max(1, workers))]
+                                          daemon=True) for i in range(max(1, n))]
 
     # -- engine and judge ----------------------------------------------------------------
     def _load(self, path: str) -> tuple[Engine, Judge]:
         """Load, verify and smoke-test a bundle; raises ``BundleError`` and changes nothing."""
         e = self.config.engine
         bundle = load_bundle(path)
+        threads = int(e.threads) or max(1, (os.cpu_count() or 1) // max(1, int(e.workers)))
         engine = Engine(bundle, providers=list(e.providers) if e.providers else None,
-                        intra_op_threads=int(e.threads), batch_size=int(e.batch_size))
+                        intra_op_threads=threads, batch_size=int(e.run_batch))
         try:
             engine.predict_arrays([np.zeros((64, 64, 3), np.uint8)])
         except Exception as exc:  # onnxruntime errors are of several unrelated types
@@ -262,7 +265,7 @@ class Daemon:
     def _work(self, owner: str) -> None:
         while not self._stop.is_set():
             try:
-                rows = self.store.claim(owner, limit=self._engine.batch_size)
+                rows = self.store.claim(owner, limit=self.batch_size)
                 if rows:
                     predicted = self._predict(owner, rows)
                     if predicted is not None:

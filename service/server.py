@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Annotator"].full_name
-STREAM_IN_FLIGHT = 16  # images of one stream submitted but not yet answered
+STREAM_IN_FLIGHT = 32  # images of one stream submitted but not yet answered (a few claim batches)
 MAX_PAGE_SIZE = 1000
 _PAGE_TOKEN = re.compile(r"^[0-9.eE+-]+\|[0-9a-f]{64}$")  # service.store.Store.list's cursor
 
