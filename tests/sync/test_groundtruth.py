@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import pytest
 
+from gtworker import answer
 from review_contract import WIDTH, HEIGHT, ReviewBackendContract, assert_label, expected, image_id, record
 from service.keypoints import CABIN19_NAMES, COCO17_NAMES
 from sync.groundtruth import (OUTPUT_MANIFEST, GroundTruthBackend, LabelingJobSpec, ManifestError,
@@ -62,23 +63,6 @@ def answer_from_page(page: Page) -> dict[str, Any]:
     for radio in page.elements["crowd-radio-button"]:
         content[str(radio["name"])] = {"on": "checked" in radio}
     return content
-
-
-def answer(heads: Sequence[Sequence[float]], persons: Sequence[ReviewedPerson], names: Sequence[str]) -> dict[str, Any]:
-    """A worker's crowd-form answer that draws exactly these heads and persons."""
-    boxes = [{"label": "head", "left": h[0], "top": h[1], "width": h[2] - h[0], "height": h[3] - h[1]} for h in heads]
-    points, content = [], {}
-    for n, p in enumerate(persons, start=1):
-        boxes.append({"label": f"person {n}", "left": p.box[0], "top": p.box[1],
-                      "width": p.box[2] - p.box[0], "height": p.box[3] - p.box[1]})
-        for name, k in zip(names, p.keypoints):
-            if k.visibility != "outside":
-                points.append({"label": f"{n} {name}", "x": k.x, "y": k.y})
-            for state in ("visible", "occluded", "outside"):
-                content[f"vis-{n}-{name}-{state}"] = {"on": state == k.visibility}
-    size = {"width": WIDTH, "height": HEIGHT}
-    return {**content, "boxes": {"boundingBoxes": boxes, "inputImageProperties": size},
-            "points": {"keypoints": points, "inputImageProperties": size}}
 
 
 class GroundTruthHarness:

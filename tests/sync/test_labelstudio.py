@@ -9,7 +9,7 @@ import itertools
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import pytest
 
@@ -25,18 +25,6 @@ from sync.labelstudio_client import LabelStudioClient, WebhookReceiver
 from sync.review import ReviewedKeypoint, ReviewedPerson, ReviewItem
 
 _counter = itertools.count(100)
-
-
-@pytest.fixture(scope="session")
-def ls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[lsserver.LabelStudioServer]:
-    if not lsserver.LS_BIN.exists():
-        pytest.skip(f"Label Studio is not installed at {lsserver.LS_BIN} (run `make ls-env`)")
-    try:
-        server = lsserver.start(tmp_path_factory.mktemp("label-studio"))
-    except RuntimeError as exc:
-        pytest.fail(str(exc))
-    yield server
-    server.stop()
 
 
 class LabelStudioHarness:
