@@ -100,24 +100,25 @@ def review_settings_from(cfg: SyncConfig, env: Mapping[str, str]) -> ReviewSetti
     interval = float(table.get("collect_interval", 60.0))
     if interval < 0:
         raise SyncConfigError(f"sync.review.collect_interval: expected >= 0, got {interval}")
+    # Both backends' tables are checked for unknown keys and types, whichever is chosen.
+    gt_table = _checked(table.get("groundtruth", {}), _GT_KEYS, "sync.review.groundtruth")
+    job = _checked(gt_table["job"], _JOB_TYPES, "sync.review.groundtruth.job") if "job" in gt_table else None
+    ls_table = _checked(table.get("labelstudio", {}), _LS_KEYS, "sync.review.labelstudio")
     gt = ls = None
     if kind == "groundtruth":
-        t = _checked(table.get("groundtruth", {}), _GT_KEYS, "sync.review.groundtruth")
-        job = None
-        if "job" in t:
-            job = _checked(t["job"], _JOB_TYPES, "sync.review.groundtruth.job")
+        if job is not None:
             missing = [k for k in _JOB_REQUIRED if not job.get(k)]
             if missing:
                 raise SyncConfigError(f"sync.review.groundtruth.job.{missing[0]}: required to start labeling jobs "
                                       "(or leave out [sync.review.groundtruth.job] and start jobs on the cloud side)")
             if cfg.target.kind != "s3":
                 raise SyncConfigError("sync.review.groundtruth.job: labeling jobs read S3; needs [sync.target] kind = 's3'")
-        output = t.get("output_prefix", f"groundtruth/output/{cfg.appliance_id}").strip("/")
+        output = gt_table.get("output_prefix", f"groundtruth/output/{cfg.appliance_id}").strip("/")
         if not output:
             raise SyncConfigError("sync.review.groundtruth.output_prefix: expected a key prefix, got ''")
-        gt = GroundTruthSettings(output, t.get("region") or cfg.target.region, job)
+        gt = GroundTruthSettings(output, gt_table.get("region") or cfg.target.region, job)
     elif kind == "labelstudio":
-        t = _checked(table.get("labelstudio", {}), _LS_KEYS, "sync.review.labelstudio")
+        t = ls_table
         if not t.get("url", "").startswith(("http://", "https://")):
             raise SyncConfigError(f"sync.review.labelstudio.url: expected http(s)://host:port, got {t.get('url')!r}")
         token = env.get(TOKEN_ENV) or t.get("token") or ""

@@ -1,0 +1,139 @@
+"""``build_agent`` from one shared TOML file: the example's [sync] part, review settings, the
+submit task's exactly-once record, metrics, and the daemon's tables read the daemon's way."""
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from reviewdata import fill_store
+from service.metrics import MetricsRecorder
+from sync.agent import Every, build_agent
+from sync.config import _SYNC_KEYS, _TARGET_KEYS, load_sync_config
+from sync.errors import SyncConfigError
+from sync.journal import Journal
+from sync.pull_settings import _DATASET_KEYS, _MODELS_KEYS, _REGISTRY_KEYS
+from sync.review import InMemoryReviewBackend
+from sync.review_settings import _GT_KEYS, _JOB_TYPES, _LS_KEYS, _REVIEW_KEYS, TOKEN_ENV, review_settings_from
+from sync.submit import ReviewSubmitTask
+from sync.uploader import Uploader, UploadSettings
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "annotator.example.toml"
+TABLES = {"sync": _SYNC_KEYS, "sync.target": _TARGET_KEYS, "sync.review": _REVIEW_KEYS,
+          "sync.review.groundtruth": _GT_KEYS, "sync.review.groundtruth.job": _JOB_TYPES,
+          "sync.review.labelstudio": _LS_KEYS, "sync.dataset": _DATASET_KEYS, "sync.models": _MODELS_KEYS,
+          "sync.models.registry": _REGISTRY_KEYS}
+
+
+def _table(text: str, name: str) -> str:
+    """The body of ``[name]`` (or ``# [name]``) up to the next table header."""
+    match = re.search(rf"^(# )?\[{re.escape(name)}\]\n(.*?)(?=^(# )?\[|\Z)", text, re.M | re.S)
+    assert match, f"[{name}] is not in {EXAMPLE.name}"
+    return match.group(2)
+
+
+def test_example_documents_every_sync_key_and_builds(tmp_path: Path) -> None:
+    text = EXAMPLE.read_text(encoding="utf-8")
+    for table, keys in TABLES.items():
+        body = _table(text, table)
+        for key in keys:
+            if key in TABLES.get(f"{table}.{key}", {}) or f"{table}.{key}" in TABLES:
+                continue  # a subtable, documented as its own table
+            assert re.search(rf"^(# )?{key} =", body, re.M), f"{table}.{key} is not documented"
+    config = tmp_path / "annotator.toml"
+    shutil.copy(EXAMPLE, config)
+    cfg = load_sync_config(config, env={})
+    assert cfg.store_root == tmp_path / "annotator-data" and cfg.daemon_address == "127.0.0.1:50051"
+    agent = build_agent(cfg, env={})
+    assert [t.name for t in agent.tasks] == ["upload"]  # kind = "none", no registry
+    agent.close()
+    config.write_text(text.replace('kind = "none"', 'kind = "groundtruth"'))
+    agent = build_agent(load_sync_config(config, env={}), env={})
+    assert [t.name for t in agent.tasks] == ["upload", "review-submit", "merge"]
+    agent.close()
+
+
+def test_the_daemons_tables_are_read_the_daemons_way(tmp_path: Path) -> None:
+    config = tmp_path / "annotator.toml"
+    config.write_text('[server]\nlisten = "0.0.0.0:6000"\ntoken = "s3cret-token"\n[store]\nroot = "data"\n'
+                      '[sync]\nmetrics_listen = "127.0.0.1:0"\n')
+    cfg = load_sync_config(config, env={"ANNOTATOR_STORE__ROOT": str(tmp_path / "elsewhere")})
+    assert cfg.store_root == tmp_path / "elsewhere"  # environment over file, as for `annotator serve`
+    assert cfg.daemon_address == "127.0.0.1:6000" and cfg.metrics_listen == ("127.0.0.1", 0)
+    assert "s3cret" not in repr(cfg)
+    config.write_text("[store]\nroot = 5\n")
+    with pytest.raises(SyncConfigError, match="store.root: expected a path"):
+        load_sync_config(config, env={})
+
+
+@pytest.mark.parametrize("review, words", [
+    ({"kind": "mturk"}, "sync.review.kind: expected one of"),
+    ({"kind": "labelstudio", "labelstudio": {"url": "http://127.0.0.1:1"}}, "sync.review.labelstudio.token"),
+    ({"kind": "labelstudio", "labelstudio": {"url": "127.0.0.1:1", "token": "abcdefg"}}, "labelstudio.url"),
+    ({"kind": "labelstudio", "labelstudio": {"url": "http://h:1", "token": "abcdefg", "document_root": "/nowhere"}},
+     "must lie under"),
+    ({"kind": "groundtruth", "groundtruth": {"job": {"role_arn": "arn"}}}, "job.workteam_arn: required"),
+    ({"kind": "none", "groundtruth": {"outputprefix": "x"}}, "sync.review.groundtruth.outputprefix: unknown"),
+])
+def test_review_settings_errors_name_the_key(tmp_path: Path, review: dict, words: str) -> None:
+    config = tmp_path / "annotator.toml"
+    config.write_text("")
+    cfg = load_sync_config(config, env={})
+    cfg = type(cfg)(**{**cfg.__dict__, "tables": {"review": review}})
+    with pytest.raises(SyncConfigError, match=words):
+        review_settings_from(cfg, env={})
+
+
+def test_label_studio_token_from_the_environment_wins_and_is_not_shown(tmp_path: Path) -> None:
+    config = tmp_path / "annotator.toml"
+    config.write_text('[sync.review]\nkind = "labelstudio"\n[sync.review.labelstudio]\n'
+                      'url = "http://127.0.0.1:1"\ntoken = "from-the-file"\n')
+    settings = review_settings_from(load_sync_config(config, env={}), env={TOKEN_ENV: "from-the-env"})
+    assert settings.labelstudio is not None and settings.labelstudio.token == "from-the-env"
+    assert "from-the" not in repr(settings)
+
+
+def test_each_finished_batch_is_submitted_once_and_recorded(tmp_path: Path) -> None:
+    from sync.objectstore import LocalFolderStore
+
+    store, review, _ = fill_store(tmp_path / "store", review=5)
+    target = LocalFolderStore(tmp_path / "outbox")
+    metrics = MetricsRecorder()
+    uploader = Uploader(store, target, UploadSettings("box-1", batch_size=3), metrics=metrics)
+    backend = InMemoryReviewBackend()
+    submit = ReviewSubmitTask(uploader.journal, store, target, backend)
+    calls: list[str] = []
+    original = backend.submit
+    backend.submit = lambda batch_id, items: (calls.append(batch_id), original(batch_id, items))[1]  # type: ignore[method-assign]
+    while uploader.run_once() | submit.run_once():
+        pass
+    assert sorted(backend.items) == sorted(review) and len(calls) == 2  # two batches, each once
+    assert not submit.run_once()
+    item = backend.items[review[0]]
+    assert item.image_uri and item.image_uri.startswith("file://") and item.local_path == store.image_path(review[0])
+    journal = Journal(tmp_path / "store" / "sync.sqlite3", clock=lambda: 0.0)
+    assert [(b, n) for b, _, n in journal.submissions("memory")] == [(calls[0], 3), (calls[1], 2)]
+    journal.close()
+    sent = metrics.registry.get_sample_value("annotator_uploads_total", {"result": "ok"})
+    assert sent == 12  # 5 images, 5 pre-annotations, 2 manifests
+    uploader.close()
+    store.close()
+
+
+def test_every_runs_a_task_at_most_once_per_interval() -> None:
+    now = [0.0]
+
+    class Count:
+        name, calls = "count", 0
+
+        def run_once(self) -> bool:
+            self.calls += 1
+            return True
+
+    task = Count()
+    every = Every(task, 10.0, clock=lambda: now[0])
+    assert every.run_once() and not every.run_once() and task.calls == 1
+    now[0] = 10.0
+    assert every.run_once() and task.calls == 2
