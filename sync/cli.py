@@ -85,7 +85,7 @@ def _status_reporter(notifier: "Notifier", agent: "Agent") -> "Callable[[bool], 
         elif did:
             notifier.status("working")
         else:
-            notifier.status(f"idle; next pass in {agent.poll_interval:.0f} s")
+            notifier.status(f"idle; next pass in {agent.poll_interval:g} s")
 
     return report
 

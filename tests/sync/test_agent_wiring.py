@@ -137,3 +137,73 @@ def test_every_runs_a_task_at_most_once_per_interval() -> None:
     assert every.run_once() and not every.run_once() and task.calls == 1
     now[0] = 10.0
     assert every.run_once() and task.calls == 2
+
+
+def test_the_process_notifies_systemd_and_serves_metrics(tmp_path: Path) -> None:
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import time
+    import urllib.request
+
+    from s3servers import free_port
+
+    store, _, _ = fill_store(tmp_path / "store", review=2)
+    store.close()
+    port = free_port()
+    config = tmp_path / "annotator.toml"
+    config.write_text(f'[store]\nroot = "store"\n[sync]\nappliance_id = "box-1"\npoll_interval = 0.2\n'
+                      f'metrics_listen = "127.0.0.1:{port}"\n')
+    with tempfile.TemporaryDirectory(dir="/tmp") as short:  # AF_UNIX paths are short
+        path = os.path.join(short, "notify")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(path)
+        sock.settimeout(0.2)
+        env = dict(os.environ, NOTIFY_SOCKET=path, PYTHONPATH=str(Path(__file__).resolve().parents[2]))
+        env.pop("ANNOTATOR_CONFIG", None)
+        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "sync", "--config", str(config)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        messages: list[str] = []
+        scraped = ""
+        deadline = time.monotonic() + 30
+        try:
+            while time.monotonic() < deadline and 'annotator_uploads_total{result="ok"} 5.0' not in scraped:
+                try:
+                    messages.append(sock.recv(4096).decode())
+                except TimeoutError:
+                    pass
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as resp:
+                        scraped = resp.read().decode()
+                except OSError:
+                    pass
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=20)
+        while True:
+            try:
+                messages.append(sock.recv(4096).decode())
+            except TimeoutError:
+                break
+        sock.close()
+    assert proc.returncode == 0, err
+    assert 'annotator_uploads_total{result="ok"} 5.0' in scraped  # 2 images, 2 pre-annotations, 1 manifest
+    assert messages[0].startswith("READY=1") and messages[-1] == "STOPPING=1"
+    assert any(m.startswith("STATUS=") for m in messages)
+
+
+def test_model_pull_runs_only_with_a_registry_and_reloads_the_daemon_at_server_listen(tmp_path: Path) -> None:
+    config = tmp_path / "annotator.toml"
+    config.write_text('[server]\nlisten = "127.0.0.1:6001"\n[store]\nroot = "store"\n'
+                      '[sync.models]\npoll_interval = 60\n[sync.models.registry]\nkind = "local"\nroot = "registry"\n')
+    agent = build_agent(load_sync_config(config, env={}), env={})
+    try:
+        assert [t.name for t in agent.tasks] == ["upload", "models"]
+        puller = agent.tasks[-1].puller  # type: ignore[attr-defined]
+        assert puller.reload_fn.__qualname__.startswith("grpc_reload_fn")
+        assert not agent.tasks[-1].run_once()  # an empty registry: nothing to switch to
+    finally:
+        agent.close()
