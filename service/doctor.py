@@ -260,20 +260,23 @@ def check_review(sync: Mapping[str, Any], timeout: float = NETWORK_TIMEOUT) -> C
     """``GET <url>/health`` of a Label Studio ``[sync.review]``; Ground Truth rides on the S3 check."""
     review: Mapping[str, Any] = sync["review"] if isinstance(sync.get("review"), dict) else {}
     kind = review.get("kind")
-    if kind is None:
+    if kind in (None, "none"):
         return Check("review", SKIP, "no [sync.review] backend configured")
     if kind != "labelstudio":
         return Check("review", SKIP, f"{kind}: reached through the S3 target")
-    url = str(review.get("url") or "").rstrip("/")
+    # sync.review_settings reads [sync.review.labelstudio] url; a flat [sync.review] url is accepted too.
+    nested = review.get("labelstudio") if isinstance(review.get("labelstudio"), dict) else {}
+    url = str(nested.get("url") or review.get("url") or "").rstrip("/")
     if not url:
-        return Check("review", FAIL, "sync.review.url is not set", "set sync.review.url to the Label Studio server")
+        return Check("review", FAIL, "sync.review.labelstudio.url is not set",
+                     "set sync.review.labelstudio.url to the Label Studio server")
     try:
         with urllib.request.urlopen(f"{url}/health", timeout=timeout) as resp:  # noqa: S310 (configured URL)
             body = json.loads(resp.read(4096) or b"{}")
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         return Check("review", FAIL, f"Label Studio at {url}: {reason}",
-                     "start Label Studio (label-studio start) or fix sync.review.url")
+                     "start Label Studio (label-studio start) or fix sync.review.labelstudio.url")
     if body.get("status") != "UP":
         return Check("review", WARN, f"Label Studio at {url} answered {body}", "Label Studio is not healthy yet")
     return Check("review", OK, f"Label Studio at {url} is up")

@@ -162,13 +162,14 @@ def test_label_studio_probe() -> None:
     url = f"http://127.0.0.1:{server.server_port}"
     try:
         assert check_review({"review": {"kind": "labelstudio", "url": url + "/"}}).level == OK
+        assert check_review({"review": {"kind": "labelstudio", "labelstudio": {"url": url}}}).level == OK
         wrong = check_review({"review": {"kind": "labelstudio", "url": url + "/sub"}})
         assert wrong.level == FAIL and wrong.advice
     finally:
         server.shutdown()
         server.server_close()
     assert check_review({"review": {"kind": "labelstudio", "url": url}}, timeout=1.0).level == FAIL
-    assert check_review({}).level == SKIP
+    assert check_review({}).level == SKIP and check_review({"review": {"kind": "none"}}).level == SKIP
 
 
 def test_clock(tmp_path: Path) -> None:
