@@ -39,6 +39,7 @@ MiB = 1 << 20
 _NONE_WORDS = ("", "none", "null")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 PASSTHROUGH = ("sync",)  # top-level tables another program validates (sync.config)
+SECRET_KEYS = frozenset({"server.token"})  # never echoed in errors, repr or to_dict
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,8 @@ class ServerConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # set: clients must present a certificate it signed
-    token: str | None = None  # set: clients must send "authorization: Bearer <token>"
+    # set: clients must send "authorization: Bearer <token>"; a secret: kept out of repr and errors
+    token: str | None = field(default=None, repr=False)
     allow_insecure: bool = False  # allow a non-loopback address without TLS or token
 
 
@@ -73,6 +75,7 @@ class DropConfig:
 @dataclass(frozen=True)
 class EngineConfig:
     bundle: Path | None = None
+    bundle_public_key: Path | None = None  # set: every bundle loaded needs a valid bundle.sig (ed25519)
     providers: tuple[str, ...] = ()  # empty: every available provider in priority order
     batch_size: int = 8  # images claimed, finished and committed together (one transaction per batch)
     run_batch: int = 1  # images per session.run (1: as fast per image on CPU, a third of the arena memory)
@@ -103,6 +106,12 @@ class OutputsConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = ""  # host:port of the Prometheus endpoint; empty: no metrics server
+    allow_remote: bool = False  # allow a non-loopback `listen` (metrics have no TLS or token)
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
@@ -110,6 +119,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     outputs: OutputsConfig = field(default_factory=OutputsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     # PASSTHROUGH tables as parsed from the file (read-only at the top level), e.g. extra["sync"].
     extra: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}), compare=False)
 
@@ -117,7 +127,9 @@ class Config:
         """Plain values by section (paths as strings, tuples as lists), e.g. to show the config."""
         def plain(v: Any) -> Any:
             return str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
-        return {s: {k: plain(v) for k, v in dataclasses.asdict(getattr(self, s)).items()} for s in SECTIONS}
+        def shown(key: str, v: Any) -> Any:
+            return "<set>" if key in SECRET_KEYS and v else plain(v)
+        return {s: {k: shown(f"{s}.{k}", v) for k, v in dataclasses.asdict(getattr(self, s)).items()} for s in SECTIONS}
 
     def require(self, *keys: str) -> None:
         """Raise ``ConfigError`` for the first dotted key that is not set (None)."""
@@ -150,7 +162,8 @@ def _convert(key: str, value: Any, source: str, from_text: bool) -> Any:
     base = next((a for a in typing.get_args(kind) if a is not type(None)), kind) if optional else kind
 
     def bad(expected: str) -> ConfigError:
-        return ConfigError(f"{key}: expected {expected}, got {value!r} ({source})")
+        got = "a value of another type" if key in SECRET_KEYS else repr(value)
+        return ConfigError(f"{key}: expected {expected}, got {got} ({source})")
 
     if value is None or (from_text and optional and isinstance(value, str) and value.strip().lower() in _NONE_WORDS):
         if optional:
@@ -220,6 +233,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "judge.hourly_budget": (_in(0), "an integer >= 0 (or unset for no limit)"),
     "judge.daily_budget": (_in(0), "an integer >= 0 (or unset for no limit)"),
     "judge.near_duplicate_distance": (_in(0, 64), "an integer number of bits in [0, 64]"),
+    "metrics.listen": (lambda v: v == "" or _listen_ok(v), "empty (off) or host:port, e.g. '127.0.0.1:9464'"),
 }
 
 
@@ -242,6 +256,10 @@ def _cross_checks(cfg: Config) -> None:
     if not _is_loopback(s.listen) and s.tls_cert is None and not s.token and not s.allow_insecure:
         raise ConfigError(f"server.listen: {s.listen} is reachable from other machines but neither TLS "
                           "(server.tls_cert/tls_key) nor server.token is set; set one, or server.allow_insecure = true")
+    m = cfg.metrics
+    if m.listen and not _is_loopback(m.listen) and not m.allow_remote:
+        raise ConfigError(f"metrics.listen: {m.listen} is reachable from other machines and the metrics endpoint has "
+                          "no TLS or token; use a loopback address, or set metrics.allow_remote = true")
 
 
 def _read_file(path: Path) -> tuple[dict[str, tuple[Any, str]], dict[str, Any]]:

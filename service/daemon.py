@@ -27,6 +27,7 @@ import logging
 import os
 import queue
 import socket
+import sqlite3
 import threading
 import time
 import uuid
@@ -40,16 +41,19 @@ import numpy as np
 from .bundle import Bundle, Thresholds, load_bundle
 from .dropfolder import QUARANTINE, DropFolder, write_quarantine
 from .engine import Engine
-from .errors import BundleError, ImageError, ImageNotFound, LeaseLost, ShuttingDown
+from .errors import (AnnotatorError, BundleError, ImageError, ImageNotFound, ImageTooLarge, LeaseLost, ShuttingDown,
+                     StoreFull)
 from .imageio import DecodedImage, decode_image
 from .judge import Judge, Judgement, NearDuplicate, load_score_fn
 from .outputs import write_sidecars
 from .record import Prediction
+from .signing import load_public_key, verify_bundle_dir
 from .store import FAILED, RECEIVED, Completion, ImageRow, Store, image_id_of
 
 if TYPE_CHECKING:
     from .config import Config
     from .interceptors import LatencyStats
+    from .metrics import MetricsRecorder
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +85,15 @@ def record_for(image_id: str, source: str, prediction: Prediction, judgement: Ju
             "judgement": judgement.to_json(), "annotated_at": time.time()}
 
 
+def rejection_reason(exc: BaseException) -> str:
+    """The ``reason`` label of an image refused at intake (subclasses before their bases)."""
+    for kind, reason in ((ImageTooLarge, "too_large"), (ImageError, "invalid"), (StoreFull, "store_full"),
+                         (ShuttingDown, "shutting_down")):
+        if isinstance(exc, kind):
+            return reason
+    return "other"
+
+
 def _decode(data: bytes, max_bytes: int, max_pixels: int, max_side_hint: int | None) -> DecodedImage:
     """``decode_image`` with both limits (``ImageTooLarge`` for either, ``ImageError`` otherwise)."""
     return decode_image(data, max_pixels=max_pixels, max_side_hint=max_side_hint, max_bytes=max_bytes)
@@ -101,9 +114,14 @@ class _Predicted:
 class Daemon:
     """The appliance's core; ``service.server`` puts gRPC in front of it. See the module docstring."""
 
-    def __init__(self, config: "Config", workers: int | None = None) -> None:
+    def __init__(self, config: "Config", workers: int | None = None, metrics: "MetricsRecorder | None" = None) -> None:
+        """``metrics``: a recorder for inference latency, intake refusals, the bundle id and the
+        store's state counts (``service.metrics``); None records nothing."""
         config.require("engine.bundle", "store.root")
         self.config = config
+        self.metrics = metrics
+        key_path = config.engine.bundle_public_key
+        self._public_key = load_public_key(Path(key_path)) if key_path is not None else None
         self.store = Store(Path(config.store.root), lease_seconds=float(config.store.lease_seconds),
                            min_free_bytes=int(config.store.min_free_mb) * 1_000_000)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -118,6 +136,11 @@ class Daemon:
         self.drop = DropFolder(Path(d.folder), self.submit_decoded, d.processed_mode, float(d.stable_seconds),
                                self.max_bytes, self.max_pixels, float(d.poll_interval),
                                self.max_side_hint) if d.folder else None
+        if metrics is not None:
+            metrics.bundle(self._engine.bundle.id)
+            metrics.watch_store(self.store)
+            if self.drop is not None:
+                self.drop.on_quarantine = lambda: metrics.rejected("quarantined")
         self.latency: "LatencyStats | None" = None
         self.started = time.monotonic()
         self._lock = threading.Lock()
@@ -136,12 +159,18 @@ class Daemon:
 
     # -- engine and judge ----------------------------------------------------------------
     def _load(self, path: str) -> tuple[Engine, Judge]:
-        """Load, verify and smoke-test a bundle; raises ``BundleError`` and changes nothing."""
+        """Load, verify (signature when a public key is configured) and smoke-test a bundle.
+
+        Raises ``BundleError`` and changes nothing.
+        """
         e = self.config.engine
+        signed = verify_bundle_dir(Path(path), self._public_key) if self._public_key is not None else None
         bundle = load_bundle(path)
+        if signed is not None and (Path(path) / "bundle.json").read_bytes() != signed:
+            raise BundleError(f"{path}: bundle.json changed while it was being loaded; its signature no longer applies")
         threads = int(e.threads) or max(1, (os.cpu_count() or 1) // max(1, int(e.workers)))
         engine = Engine(bundle, providers=list(e.providers) if e.providers else None,
-                        intra_op_threads=threads, batch_size=int(e.run_batch))
+                        intra_op_threads=threads, batch_size=int(e.run_batch), metrics=self.metrics)
         try:
             engine.predict_arrays([np.zeros((64, 64, 3), np.uint8)])
         except Exception as exc:  # onnxruntime errors are of several unrelated types
@@ -183,6 +212,8 @@ class Daemon:
             old = self._engine.bundle.id
             self._engine, self._judge, self._bundle_path = engine, judge, path
         self.store.counter("reloads", 1)
+        if self.metrics is not None:
+            self.metrics.bundle(engine.bundle.id)
         log.info("reloaded models: bundle %s -> %s (%s)", old, engine.bundle.id, path)
         return engine.bundle
 
@@ -193,13 +224,18 @@ class Daemon:
         Raises ``ImageError``/``ImageTooLarge`` (nothing stored), ``StoreFull``, ``ShuttingDown``.
         The same bytes again resolve to the stored row without annotating twice.
         """
-        if self._intake_closed:
-            raise ShuttingDown("the annotator is shutting down; retry against another instance or later")
-        row = self.store.get(image_id_of(data)) if data else None
-        if row is not None and row.state != RECEIVED:
-            return self._settled(row)
-        decoded = _decode(data, self.max_bytes, self.max_pixels, self.max_side_hint)
-        return self.submit_decoded(data, source, meta or {}, decoded)
+        try:
+            if self._intake_closed:
+                raise ShuttingDown("the annotator is shutting down; retry against another instance or later")
+            row = self.store.get(image_id_of(data)) if data else None
+            if row is not None and row.state != RECEIVED:
+                return self._settled(row)
+            decoded = _decode(data, self.max_bytes, self.max_pixels, self.max_side_hint)
+            return self.submit_decoded(data, source, meta or {}, decoded)
+        except AnnotatorError as exc:  # counted, then raised to the caller unchanged
+            if self.metrics is not None:
+                self.metrics.rejected(rejection_reason(exc))
+            raise
 
     def submit_decoded(self, data: bytes, source: str, meta: dict, decoded: DecodedImage) -> "Future[ImageRow]":
         """``submit`` for bytes already decoded (the drop folder validates before calling)."""
@@ -354,6 +390,22 @@ class Daemon:
         self._resolve(row.image_id, error=ImageError(reason))
 
     # -- status and shutdown -------------------------------------------------------------
+    def healthy(self) -> bool:
+        """True while every worker and the finisher run and the store answers a cheap read.
+
+        The systemd watchdog pings only while this holds, so a dead thread or a wedged database
+        gets the unit restarted.
+        """
+        threads = [*self._workers, self._finisher]
+        if self._stop.is_set() or not all(t.is_alive() for t in threads):
+            return False
+        try:
+            self.store.counter("annotated")  # one indexed SELECT; no write, no fsync
+        except (sqlite3.Error, AnnotatorError) as exc:
+            log.warning("health check: the store does not answer: %s", exc)
+            return False
+        return True
+
     def status(self) -> DaemonStatus:
         counters = {name: self.store.counter(name) for name in ("annotated", "failed", "reloads")}  # reads only
         if self.drop is not None:

@@ -70,7 +70,7 @@ def _writable(folder: Path) -> str | None:
 # -- config ---------------------------------------------------------------------------------
 def load_for_doctor(path: Path | None, env: Mapping[str, str]) -> tuple[Any, dict[str, Any], Check]:
     """(Config or None, the raw ``[sync]`` table, the config check)."""
-    from .config import ENV_PREFIX, KEYS, SECTIONS, env_name, load_config
+    from .config import ENV_PREFIX, load_config
     from .errors import ConfigError
 
     if path is None and env.get(ENV_PREFIX + "CONFIG"):
@@ -86,21 +86,7 @@ def load_for_doctor(path: Path | None, env: Mapping[str, str]) -> tuple[Any, dic
     sync: dict[str, Any] = raw["sync"] if isinstance(raw.get("sync"), dict) else {}
     where = str(path) if path else "defaults and environment"
     try:
-        if "sync" in raw and "sync" not in SECTIONS:
-            # service.config does not know [sync] (the sync agent reads it itself): validate the
-            # rest as if given on the command line, file values under the environment's.
-            base = Path(path).absolute().parent if path else Path.cwd()
-            values = {}
-            for section, body in raw.items():
-                for name, value in (body.items() if section != "sync" and isinstance(body, dict) else ()):
-                    key = f"{section}.{name}"
-                    if KEYS.get(key) in (Path, Path | None) and isinstance(value, str) and not Path(value).is_absolute():
-                        value = base / value
-                    if env_name(key) not in env:
-                        values[key] = value
-            cfg = load_config(None, env, values)
-            return cfg, sync, Check("config", WARN, f"{where}: valid, but service.config does not accept [sync]",
-                                    "`annotator serve` refuses this file until service/config.py accepts [sync]")
+        # [sync] is one of config.PASSTHROUGH: kept raw for the sync agent, the rest validated.
         cfg = load_config(path, env)
     except ConfigError as exc:
         return None, sync, Check("config", FAIL, str(exc), "fix that key in the file (or its ANNOTATOR_* variable)")
@@ -182,16 +168,28 @@ def check_bundle(cfg: Any) -> Check:
     from .bundle import load_bundle
     from .errors import BundleError
 
+    from .errors import ConfigError
+    from .signing import load_public_key, verify_bundle_dir
+
     if cfg.engine.bundle is None:
         return Check("bundle", FAIL, "engine.bundle is not set", "set engine.bundle to a bundle directory")
+    key_path = cfg.engine.bundle_public_key
     try:
+        if key_path is not None:
+            verify_bundle_dir(Path(cfg.engine.bundle), load_public_key(Path(key_path)))
         b = load_bundle(cfg.engine.bundle, verify=True)
+    except ConfigError as exc:
+        return Check("bundle", FAIL, str(exc), "point engine.bundle_public_key at the registry's ed25519 public key")
     except BundleError as exc:
+        if "bundle.sig" in str(exc):
+            return Check("bundle", FAIL, str(exc), "take the bundle and its bundle.sig from the registry that "
+                         "engine.bundle_public_key belongs to")
         advice = ("the model file changed after the bundle was made: copy the bundle again from its source"
                   if "checksum" in str(exc) else
                   "point engine.bundle at a complete bundle directory (bundle.json + the ONNX files it names)")
         return Check("bundle", FAIL, str(exc), advice)
-    return Check("bundle", OK, f"{b.id}: {', '.join(sorted(b.models))} verified")
+    signed = " (signature valid)" if key_path is not None else ""
+    return Check("bundle", OK, f"{b.id}: {', '.join(sorted(b.models))} verified{signed}")
 
 
 def check_providers(cfg: Any) -> Check:

@@ -130,6 +130,7 @@ class DropFolder:
         self._thread: threading.Thread | None = None
         self._observer: Observer | None = None  # type: ignore[valid-type]
         self.taken = self.quarantined = 0
+        self.on_quarantine: Callable[[], None] | None = None  # e.g. a metrics counter
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -278,8 +279,7 @@ class DropFolder:
             except ImageError as exc:
                 reason = str(exc)
         if reason is not None:
-            self.quarantined += 1
-            write_quarantine(self.root / QUARANTINE, rel, reason, source=path)
+            self._quarantine(path, rel, reason)
             return 0
         assert decoded is not None
         meta = {"path": rel.as_posix(), "size": st.st_size, "mtime": st.st_mtime_ns / 1e9}
@@ -290,12 +290,17 @@ class DropFolder:
         except StoreFull:
             raise
         except AnnotatorError as exc:
-            self.quarantined += 1
-            write_quarantine(self.root / QUARANTINE, rel, str(exc), source=path)
+            self._quarantine(path, rel, str(exc))
             return 0
         self._dispose(path, rel, st)
         self.taken += 1
         return 1
+
+    def _quarantine(self, path: Path, rel: Path, reason: str) -> None:
+        self.quarantined += 1
+        write_quarantine(self.root / QUARANTINE, rel, reason, source=path)
+        if self.on_quarantine is not None:
+            self.on_quarantine()
 
     def _dispose(self, path: Path, rel: Path, st: os.stat_result) -> None:
         if self.processed_mode == "keep":

@@ -11,9 +11,10 @@ EXIF orientation.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Sequence
+from typing import ContextManager, Protocol, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -38,6 +39,12 @@ FACE_POINTS = ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "mouth"
 MIN_FACE_POINTS = 3
 FACE_TO_HEAD = 1.8
 HEAD_SHIFT_UP = 0.1
+
+
+class InferenceTimer(Protocol):
+    """What the engine needs of a metrics recorder (``service.metrics.MetricsRecorder`` fits)."""
+
+    def time_inference(self, role: str) -> ContextManager[None]: ...
 
 
 def select_providers(requested: Sequence[str] | None = None) -> list[str]:
@@ -73,11 +80,13 @@ class Engine:
         providers: Sequence[str] | None = None,
         intra_op_threads: int = 0,
         batch_size: int = 8,
+        metrics: InferenceTimer | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
         self.bundle = bundle
         self.batch_size = batch_size
+        self.metrics = metrics  # duck-typed: the engine imports no metrics library
         self.providers = select_providers(providers)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = int(intra_op_threads)
@@ -134,7 +143,9 @@ class Engine:
             if m.fixed_batch is not None and len(chunk) < m.fixed_batch:  # pad a fixed batch
                 pad = np.zeros((m.fixed_batch - len(chunk), *tensor.shape[1:]), np.float32)
                 tensor = np.concatenate([tensor, pad])
-            result = m.session.run(None, {m.input_name: tensor})[0]
+            timed = self.metrics.time_inference(m.role) if self.metrics is not None else contextlib.nullcontext()
+            with timed:
+                result = m.session.run(None, {m.input_name: tensor})[0]
             outs.extend(result[: len(chunk)])
         return outs
 

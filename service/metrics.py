@@ -19,7 +19,10 @@ Exposed series (all prefixed ``annotator_``):
 - ``paused``: 1 while ingest is paused (disk below the floor), else 0;
 - ``inference_seconds{role}``: histogram of one ``session.run`` per model role;
 - ``uploads_total{result}`` (ok | failed), ``upload_retries_total``, ``reviews_merged_total``;
-- ``bundle_info{bundle_id}``: the bundle in use (an Info metric; value 1).
+- ``bundle_info{bundle_id}``: the bundle in use (an Info metric; value 1);
+- ``intake_rejected_total{reason}``: images refused at intake (invalid, too_large, store_full,
+  shutting_down, other);
+- ``streams_total`` and ``streams_active``: ``AnnotateStream`` calls opened, and open now.
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -104,6 +107,9 @@ class MetricsRecorder:
                                 registry=r)
         self._merged = Counter(f"{PREFIX}_reviews_merged", "Reviewed labels merged into the dataset", registry=r)
         self._bundle = Info(f"{PREFIX}_bundle", "The model bundle in use", registry=r)
+        self._rejected = Counter(f"{PREFIX}_intake_rejected", "Images refused at intake", ["reason"], registry=r)
+        self._streams = Counter(f"{PREFIX}_streams", "AnnotateStream calls opened", registry=r)
+        self._streams_active = Gauge(f"{PREFIX}_streams_active", "AnnotateStream calls open now", registry=r)
         for result in ("ok", "failed"):  # present at 0 from the start, so rate() works at once
             self._uploads.labels(result=result)
 
@@ -138,6 +144,20 @@ class MetricsRecorder:
     def bundle(self, bundle_id: str) -> None:
         """The bundle now in use (call again after a reload; the old id disappears)."""
         self._bundle.info({"bundle_id": str(bundle_id)})
+
+    def rejected(self, reason: str) -> None:
+        """An image was refused at intake (``reason``: invalid, too_large, store_full, shutting_down...)."""
+        self._rejected.labels(reason=str(reason)).inc()
+
+    @contextlib.contextmanager
+    def stream(self) -> Iterator[None]:
+        """``with metrics.stream(): ...`` around one ``AnnotateStream`` call."""
+        self._streams.inc()
+        self._streams_active.inc()
+        try:
+            yield
+        finally:
+            self._streams_active.dec()
 
     def watch_store(self, store: "Store") -> None:
         """Refresh images per state, queue depths and ``paused`` from ``store`` at every scrape."""

@@ -7,11 +7,19 @@ message)``; tracebacks stay in the server log.
 
 ``create_server(config, daemon) -> (server, port)`` builds and starts nothing but the server
 (health checking, reflection, the access-log interceptor, message size limits, TLS when
-configured); ``serve(config)`` runs the whole appliance in the foreground until SIGTERM/SIGINT.
+configured); ``serve(config)`` runs the whole appliance in the foreground until SIGTERM/SIGINT,
+with the Prometheus endpoint (``[metrics] listen``) and systemd's notify protocol
+(READY/STATUS/WATCHDOG/STOPPING when ``$NOTIFY_SOCKET`` is set; ``service.systemd``).
+
+``max_concurrent_streams`` is HTTP/2's SETTINGS_MAX_CONCURRENT_STREAMS, per connection: a
+client's call beyond the limit is not refused but waits in the client until one of its open
+calls on that connection ends (or its deadline passes: DEADLINE_EXCEEDED).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import queue
 import re
 import signal
@@ -123,6 +131,12 @@ class AnnotatorServicer(pb_grpc.AnnotatorServicer):
         A reader thread takes the next request only when a slot is free, so a fast client is
         held back by gRPC flow control instead of filling the server's memory.
         """
+        metrics = self.daemon.metrics
+        with metrics.stream() if metrics is not None else contextlib.nullcontext():
+            yield from self._stream(request_iterator, context)
+
+    def _stream(self, request_iterator: Iterator[pb.AnnotateRequest],
+                context: grpc.ServicerContext) -> Iterator[pb.AnnotateStreamResponse]:
         slots = threading.Semaphore(STREAM_IN_FLIGHT)
         results: queue.Queue[Any] = queue.Queue()
         read = [0]
@@ -274,35 +288,79 @@ def create_server(config: "Config", daemon: "Daemon",
     return server, port
 
 
+def _split_listen(listen: str) -> tuple[str, int]:
+    """``"127.0.0.1:9464"`` -> ``("127.0.0.1", 9464)``; brackets of an IPv6 host removed."""
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _start_metrics(config: "Config") -> "tuple[Any, int | None]":
+    """(recorder, bound port) when ``metrics.listen`` is set, else (None, None)."""
+    if not config.metrics.listen:
+        return None, None
+    from .metrics import MetricsRecorder, start_metrics_server  # prometheus_client only when used
+
+    recorder = MetricsRecorder()
+    host, port = _split_listen(config.metrics.listen)
+    try:
+        return recorder, start_metrics_server(recorder, host, port)
+    except OSError as exc:
+        raise ConfigError(f"metrics.listen: cannot serve metrics on {config.metrics.listen!r}: {exc}") from exc
+
+
 def serve(config: "Config", ready: threading.Event | None = None, stop: threading.Event | None = None) -> int:
     """Run the appliance in the foreground until SIGTERM/SIGINT (or ``stop`` is set).
 
-    Shutdown order: the signal only sets an Event; then the drop folder watcher stops, health
-    turns NOT_SERVING, ``server.stop(grace)``, workers finish their batch, leases are released
-    and the store is closed (``Daemon.close``).
+    Start-up: daemon (bundle loaded and smoke-tested), gRPC server listening, metrics endpoint;
+    only then READY=1 and a STATUS line (port, bundle) go to systemd, and the watchdog pings
+    while ``Daemon.healthy()``. A reload that changes the bundle sends a new STATUS.
+    Shutdown order: the signal only sets an Event; STOPPING=1, the watchdog stops, the drop
+    folder watcher stops, health turns NOT_SERVING, ``server.stop(grace)``, workers finish their
+    batch, leases are released and the store is closed (``Daemon.close``).
     """
     from .daemon import Daemon
+    from .systemd import Notifier, Watchdog
 
     config.require("engine.bundle", "store.root")  # before any signal handler, thread or port
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, frame: stop.set())
-    daemon = Daemon(config)
+    notifier = Notifier.from_environ(os.environ)
+    metrics, metrics_port = _start_metrics(config)
+    daemon = Daemon(config, metrics=metrics)
     daemon.start()
+    server: grpc.Server | None = None
+    watchdog: Watchdog | None = None
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    server, port = create_server(config, daemon, health_servicer)
-    log.info("annotator serving on port %d with bundle %s", port, daemon.status().bundle_id)
-    if ready is not None:
-        ready.set()
     try:
+        server, port = create_server(config, daemon, health_servicer)
+        bundle_id = daemon.bundle.id
+
+        def status_line() -> str:
+            extra = f", metrics on port {metrics_port}" if metrics_port is not None else ""
+            return f"serving gRPC on port {port} with bundle {bundle_id}{extra}"
+
+        log.info("annotator %s", status_line())
+        notifier.ready()
+        notifier.status(status_line())
+        watchdog = Watchdog.from_environ(os.environ, healthy=daemon.healthy, notifier=notifier)
+        watchdog.start()
+        if ready is not None:
+            ready.set()
         while not stop.wait(1.0):
-            pass
+            if daemon.bundle.id != bundle_id:  # reloaded through ReloadModels
+                bundle_id = daemon.bundle.id
+                notifier.status(status_line())
     finally:
         log.info("shutting down")
+        notifier.stopping()
+        if watchdog is not None:
+            watchdog.stop()
         daemon.stop_intake()
         for name in ("", SERVICE_NAME):
             health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        server.stop(grace=5.0).wait(10.0)
+        if server is not None:
+            server.stop(grace=5.0).wait(10.0)
         daemon.close()
     return 0

@@ -106,7 +106,7 @@ def test_sync_table_is_read_and_the_rest_validated(tmp_path: Path) -> None:
     path.write_text(path.read_text() + '[sync.review]\nkind = "groundtruth"\n')
     checks = by_name(run_checks(path, env={}))
     config = checks["config"]
-    assert config.level in (OK, WARN)  # WARN while service.config does not accept [sync]
+    assert config.level == OK, config  # [sync] is passed through to the sync agent
     assert checks["s3"].level == SKIP and checks["review"].level == SKIP
 
 
