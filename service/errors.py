@@ -40,3 +40,7 @@ class ImageTooLarge(ImageError):
 
 class ShuttingDown(AnnotatorError):
     """The daemon is stopping and takes no new images (gRPC UNAVAILABLE: retry elsewhere or later)."""
+
+
+class PathNotAllowed(AnnotatorError):
+    """A path sent by a client lies outside the folder it is allowed to name (``..``, symlinks, absolute)."""

@@ -36,8 +36,8 @@ from protos.annotator.v1 import annotator_pb2 as pb
 from protos.annotator.v1 import annotator_pb2_grpc as pb_grpc
 
 from .convert import annotation_to_proto, status_to_proto, timestamp_to_epoch
-from .errors import (AnnotatorError, BundleError, ConfigError, ImageError, ImageNotFound, ImageTooLarge, ShuttingDown,
-                     StoreFull)
+from .errors import (AnnotatorError, BundleError, ConfigError, ImageError, ImageNotFound, ImageTooLarge, PathNotAllowed,
+                     ShuttingDown, StoreFull)
 from .interceptors import AccessLogInterceptor, LatencyStats, TokenInterceptor
 
 if TYPE_CHECKING:
@@ -63,6 +63,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         (ImageError, grpc.StatusCode.INVALID_ARGUMENT),
         (StoreFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
         (ImageNotFound, grpc.StatusCode.NOT_FOUND),
+        (PathNotAllowed, grpc.StatusCode.PERMISSION_DENIED),
         (BundleError, grpc.StatusCode.FAILED_PRECONDITION),
         (ShuttingDown, grpc.StatusCode.UNAVAILABLE),
         (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
@@ -84,6 +85,24 @@ def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
     if code == grpc.StatusCode.INTERNAL:
         log.error("internal error while serving a call", exc_info=exc)
     context.abort(code, message)
+
+
+def allowed_bundle_path(requested: str, configured: "str | Path") -> Path:
+    """The bundle folder a client names in ``ReloadModels``, if it lies in the bundles folder.
+
+    The bundles folder is the parent of the configured ``engine.bundle`` (e.g. the sync agent's
+    models root, holding ``current``, ``previous`` and ``bundles/<id>``). A relative name is
+    taken inside it; ``..``, an absolute path elsewhere or a symlink pointing out of it raise
+    ``PathNotAllowed``, so a client can never make the daemon read another folder.
+    """
+    base = Path(configured).absolute().parent
+    path = Path(requested)
+    path = path if path.is_absolute() else base / path
+    lexical = Path(os.path.normpath(path))
+    if not lexical.is_relative_to(base) or not path.resolve().is_relative_to(base.resolve()):
+        raise PathNotAllowed(f"bundle_path: {requested!r} is outside the bundles folder {base} "
+                             "(the folder of engine.bundle); name a bundle inside it")
+    return lexical
 
 
 def _client_meta(request: pb.AnnotateRequest, context: grpc.ServicerContext) -> tuple[str, dict[str, Any]]:
@@ -230,7 +249,9 @@ class AnnotatorServicer(pb_grpc.AnnotatorServicer):
 
     def ReloadModels(self, request: pb.ReloadModelsRequest, context: grpc.ServicerContext) -> pb.Status:
         try:
-            self.daemon.reload(request.bundle_path or None)
+            path = allowed_bundle_path(request.bundle_path, self.daemon.config.engine.bundle) \
+                if request.bundle_path else None
+            self.daemon.reload(str(path) if path is not None else None)
             return status_to_proto(self.daemon.status())
         except Exception as exc:  # every failure becomes a status
             _abort(context, exc)
