@@ -127,3 +127,29 @@ def test_example_file_documents_every_key_and_loads() -> None:
     cfg = load_config(EXAMPLE, env={})
     assert cfg.to_dict()["server"] == Config().to_dict()["server"]
     assert cfg.judge == Config().judge and cfg.drop == Config().drop and cfg.engine == Config().engine
+
+
+@pytest.mark.parametrize("env, listen, error", [
+    ({}, "", None),  # off by default
+    ({"ANNOTATOR_METRICS__LISTEN": "127.0.0.1:9464"}, "127.0.0.1:9464", None),
+    ({"ANNOTATOR_METRICS__LISTEN": "[::1]:0"}, "[::1]:0", None),
+    ({"ANNOTATOR_METRICS__LISTEN": "0.0.0.0:9464"}, None, "metrics.listen: 0.0.0.0:9464 is reachable"),
+    ({"ANNOTATOR_METRICS__LISTEN": "0.0.0.0:9464", "ANNOTATOR_METRICS__ALLOW_REMOTE": "true"}, "0.0.0.0:9464", None),
+    ({"ANNOTATOR_METRICS__LISTEN": "9464"}, None, "metrics.listen: expected empty (off) or host:port"),
+])
+def test_metrics_listen_is_off_or_loopback_unless_allowed(env: dict[str, str], listen: str | None,
+                                                          error: str | None) -> None:
+    if error is not None:
+        with pytest.raises(ConfigError, match=error.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+            load_config(None, env=env)
+    else:
+        assert load_config(None, env=env).metrics.listen == listen
+
+
+def test_the_token_is_kept_out_of_repr_to_dict_and_errors() -> None:
+    cfg = load_config(None, env={"ANNOTATOR_SERVER__TOKEN": "s3cret-value"})
+    assert cfg.server.token == "s3cret-value"
+    assert "s3cret-value" not in repr(cfg) and cfg.to_dict()["server"]["token"] == "<set>"
+    with pytest.raises(ConfigError) as err:
+        load_config(None, env={}, overrides={"server.token": 987654})
+    assert "987654" not in str(err.value) and str(err.value).startswith("server.token: expected a string")
