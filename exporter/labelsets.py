@@ -16,7 +16,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -74,16 +74,25 @@ def _yolo_line(cls: int, box: list[float], w: int, h: int, kpts: np.ndarray | No
 
 def derive_label_sets(
     annotations: Path, images_dir: Path, out_root: Path, val_fraction: float = 0.1, seed: int = 0,
-    auto_weight_ids: set[int] | None = None,
+    repeats: Mapping[int, int] | None = None,
 ) -> LabelSets:
-    """Write the three label sets for ``annotations`` (COCO) under ``out_root``."""
+    """Write the three label sets for ``annotations`` (COCO) under ``out_root``.
+
+    ``repeats`` (image id -> count, ``exporter.mix.training_repeats``): images with count 0 are
+    left out; the others are split into train/val once, then each training image appears
+    ``count`` times (copies ``<stem>__r<k>``). None: every image once.
+    """
     coco = load_coco(annotations)
     schema, person_cat, head_cat = coco_schema(coco)
     by_image: dict[int, list[dict]] = {}
     for a in coco["annotations"]:
         by_image.setdefault(a["image_id"], []).append(a)
-    images = {im["id"]: im for im in coco["images"]}
+    images = {im["id"]: im for im in coco["images"] if repeats is None or repeats.get(im["id"], 1) > 0}
+    if not images:
+        raise ValueError(f"dataset: {annotations} has no image left to train on (reviewed only, or auto weight 0, "
+                         "with no reviewed images?)")
     train, val = split_ids(list(images), val_fraction, seed)
+    train = [iid for iid in train for _ in range(max(1, (repeats or {}).get(iid, 1)))]
     roles = ROLES if head_cat is not None else ROLES[1:]
     yamls: dict[str, Path] = {}
     for role in roles:
@@ -92,11 +101,15 @@ def derive_label_sets(
             lbl_dir = out_root / role / "labels" / split
             img_dir.mkdir(parents=True, exist_ok=True)
             lbl_dir.mkdir(parents=True, exist_ok=True)
+            seen: dict[int, int] = {}
             for iid in ids:
                 im = images[iid]
+                copy = seen[iid] = seen.get(iid, -1) + 1
+                name = Path(im["file_name"])
+                stem = name.stem if copy == 0 else f"{name.stem}__r{copy}"
                 src = (images_dir / im["file_name"]).resolve()
-                link = img_dir / Path(im["file_name"]).name
-                if not link.exists():
+                link = img_dir / (stem + name.suffix)
+                if not link.is_symlink():
                     os.symlink(src, link)
                 lines = []
                 for a in by_image.get(iid, []):
@@ -112,7 +125,7 @@ def derive_label_sets(
                             # A person with no visible point is still a person: keep the box, no points.
                             pass
                         lines.append(_yolo_line(0, a["bbox"], im["width"], im["height"], k))
-                (lbl_dir / (Path(im["file_name"]).stem + ".txt")).write_text("\n".join(lines) + ("\n" if lines else ""))
+                (lbl_dir / (stem + ".txt")).write_text("\n".join(lines) + ("\n" if lines else ""))
         y = out_root / role / "data.yaml"
         names = "  0: head\n" if role == "head" else "  0: person\n"
         text = f"path: {(out_root / role).resolve()}\ntrain: images/train\nval: images/val\nnames:\n{names}"

@@ -21,6 +21,7 @@ from typing import Any
 from service.bundle import Bundle, load_bundle, write_bundle, Thresholds
 
 from .labelsets import ROLES, LabelSets, derive_label_sets, load_coco
+from .mix import TrainingMix, dataset_version_of, training_repeats
 from .onnx_export import ultralytics_env
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class TrainConfig:
     roles: tuple[str, ...] = ROLES
     seed: int = 0
     calibrate: bool = True
+    mix: TrainingMix = field(default_factory=TrainingMix)  # reviewed vs auto labels (``exporter.mix``)
     extra: dict[str, Any] = field(default_factory=dict)  # more ultralytics train arguments
 
     def __post_init__(self) -> None:
@@ -173,12 +175,28 @@ def calibrate_bundle(bundle: Bundle, coco_val: dict[str, Any], images_dir: Path)
     return load_bundle(bundle.path)
 
 
+def _record_weights(bundle: Bundle, weights_dir: Path) -> Bundle:
+    """Name the ultralytics checkpoints in ``lineage.weights`` (file, sha256): the registry
+    carries them with the bundle (a signature over bundle.json covers them), so a later
+    ``annotator train --init`` can continue from this bundle's weights."""
+    from service.bundle import sha256_file
+
+    weights = {p.stem: {"file": f"weights/{p.name}", "sha256": sha256_file(p)} for p in sorted(weights_dir.glob("*.pt"))}
+    out = dataclasses.replace(bundle, lineage={**bundle.lineage, "weights": weights})
+    write_bundle(out)
+    return load_bundle(bundle.path)
+
+
 def train_bundle(cfg: TrainConfig) -> Bundle:
     """Run the whole pipeline of this module and return the verified bundle."""
     from .bundle_build import build_bundle
 
     cfg.work.mkdir(parents=True, exist_ok=True)
-    sets = derive_label_sets(cfg.annotations, cfg.images, cfg.work / "labelsets", cfg.val_fraction, cfg.seed)
+    coco = load_coco(cfg.annotations)
+    repeats, mix_summary = training_repeats(coco, cfg.mix, cfg.seed)
+    shutil.rmtree(cfg.work / "labelsets", ignore_errors=True)  # cheap to rebuild; no stale copies
+    sets = derive_label_sets(cfg.annotations, cfg.images, cfg.work / "labelsets", cfg.val_fraction, cfg.seed,
+                             repeats=repeats)
     log.info("label sets: %d train / %d val images in %s", sets.train_images, sets.val_images, sets.root)
     ckpts: dict[str, Path] = {}
     for role in cfg.roles:
@@ -188,8 +206,9 @@ def train_bundle(cfg: TrainConfig) -> Bundle:
     if cfg.init not in ("pretrained", "scratch") and (Path(cfg.init) / "bundle.json").is_file():
         parent = json.loads((Path(cfg.init) / "bundle.json").read_text()).get("id")
     lineage = {
-        "dataset": {"version": dataset_version(cfg.annotations), "annotations": str(cfg.annotations),
-                    "train_images": sets.train_images, "val_images": sets.val_images},
+        "dataset": {"version": dataset_version_of(coco, dataset_version(cfg.annotations)),
+                    "file_sha256": dataset_version(cfg.annotations), "annotations": str(cfg.annotations),
+                    "train_images": sets.train_images, "val_images": sets.val_images, "mix": mix_summary},
         "parent_bundle": parent,
         "init": cfg.init,
         "training": {"epochs": cfg.epochs, "imgsz": cfg.imgsz, "batch": cfg.batch, "device": cfg.device,
@@ -206,6 +225,7 @@ def train_bundle(cfg: TrainConfig) -> Bundle:
     weights_dir.mkdir(exist_ok=True)
     for role, ck in ckpts.items():
         shutil.copyfile(ck, weights_dir / f"{role}.pt")
+    bundle = _record_weights(bundle, weights_dir)
     if cfg.calibrate and "pose_main" in bundle.models:
         coco_val, _ = _val_subset(load_coco(cfg.annotations), sets, cfg.images)
         bundle = calibrate_bundle(bundle, coco_val, cfg.images)
@@ -215,4 +235,4 @@ def train_bundle(cfg: TrainConfig) -> Bundle:
     return load_bundle(cfg.out)
 
 
-__all__ = ["TrainConfig", "train_bundle", "train_role", "calibrate_bundle", "dataset_version", "Thresholds"]
+__all__ = ["TrainConfig", "TrainingMix", "train_bundle", "train_role", "calibrate_bundle", "dataset_version", "Thresholds"]

@@ -43,19 +43,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from exporter.train import TrainConfig, train_bundle
+    from exporter.train_cli import cmd_train as run
 
-    ann = Path(args.dataset) / "annotations.json" if Path(args.dataset).is_dir() else Path(args.dataset)
-    images = Path(args.images) if args.images else ann.parent / "images"
-    if not ann.is_file():
-        raise AnnotatorError(f"dataset: {ann} does not exist; give a COCO key-points json or a folder holding annotations.json")
-    cfg = TrainConfig(annotations=ann, images=images, out=Path(args.out), work=Path(args.work or f"{args.out}.work"),
-                      epochs=args.epochs, imgsz=args.imgsz, batch=args.batch, device=args.device, init=args.init,
-                      val_fraction=args.val_fraction, roles=tuple(args.roles.split(",")), seed=args.seed)
-    bundle = train_bundle(cfg)
-    print(f"bundle {bundle.id} written to {cfg.out}")
-    print(f"thresholds: {bundle.thresholds.method}")
-    return 0
+    return run(args)
 
 
 def cmd_bundle(args: argparse.Namespace) -> int:
@@ -134,20 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=1)
     s.set_defaults(func=cmd_synth)
 
-    s = sub.add_parser("train", help="train head, main-pose and visible-pose models and write a bundle")
-    s.add_argument("dataset", help="COCO key-points json, or a folder with annotations.json and images/")
-    s.add_argument("out", help="bundle directory to write")
-    s.add_argument("--images", help="images folder (default: images/ beside the json)")
-    s.add_argument("--work", help="working folder for label sets and runs (default: OUT.work); re-run to resume")
-    s.add_argument("--epochs", type=int, default=30)
-    s.add_argument("--imgsz", type=int, default=320)
-    s.add_argument("--batch", type=int, default=16)
-    s.add_argument("--device", default="cpu", help="cpu, 0 (first GPU), ...")
-    s.add_argument("--init", default="pretrained",
-                   help="pretrained (COCO YOLO11n-pose), scratch, or a bundle directory to continue from")
-    s.add_argument("--val-fraction", type=float, default=0.1)
-    s.add_argument("--roles", default="head,pose_main,pose_visible")
-    s.add_argument("--seed", type=int, default=0)
+    s = sub.add_parser("train", help="train head, main-pose and visible-pose models, write (and publish) a bundle")
+    from exporter.train_cli import add_train_arguments  # argparse only: light
+
+    add_train_arguments(s)
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("learning-curve", help="train on growing synthetic sets, evaluate on a held-out seed")
@@ -190,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Subcommands of the other parts (sync agent, operations). The CLI is the composition root:
 # these imports are the only place where ``service`` reaches into ``sync``, and they are
 # light (the sync modules import boto3 and friends inside their commands).
-_OPTIONAL_COMMANDS = ("sync.cli", "sync.dataset_cli", "sync.models_cli", "service.doctor")
+_OPTIONAL_COMMANDS = ("sync.cli", "sync.dataset_cli", "sync.models_cli", "service.doctor", "exporter.simulate")
 
 
 def _register_optional(sub: argparse._SubParsersAction) -> None:

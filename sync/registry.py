@@ -5,6 +5,7 @@ Layout (the same in a folder, ``LocalFolderStore(root)``, and in a bucket, ``S3S
     bundles/<bundle_id>/bundle.json     the manifest (``service.bundle``)
     bundles/<bundle_id>/<model>.onnx    the files it names
     bundles/<bundle_id>/bundle.sig      optional: ed25519 signature over bundle.json's bytes
+    bundles/<bundle_id>/weights/<role>.pt   optional: training checkpoints (``lineage.weights``)
 
 ``BundleRegistry`` lists the published bundles, orders them (``created``, then ``id``) and
 downloads one into a local folder: only ``bundle.json``, ``bundle.sig`` and the files the
@@ -14,6 +15,7 @@ by the caller (``sync.models``), not here.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -81,6 +83,28 @@ class BundleRegistry:
     def manifest_bytes(self, bundle_id: str) -> bytes:
         return self.store.get(f"{BUNDLES}{bundle_id}/{MANIFEST}")
 
+    def _download_weights(self, bundle_id: str, manifest: Any, dest: Path) -> None:
+        """The training checkpoints named in ``lineage.weights`` (``weights/<role>.pt``), when
+        published: a bundle pulled onto the box can be trained on again. Optional: a missing or
+        mismatching checkpoint is skipped with a warning (the daemon needs only the ONNX files)."""
+        weights = (manifest.get("lineage") or {}).get("weights") if isinstance(manifest, dict) else None
+        for role, entry in sorted(dict(weights or {}).items()) if isinstance(weights, dict) else ():
+            rel = str(entry.get("file", "")) if isinstance(entry, dict) else ""
+            name = rel[len("weights/"):]
+            if not rel.startswith("weights/") or not name or Path(name).name != name or name in (".", ".."):
+                log.warning("bundle %s: weights of %s at %r is not weights/<file>; skipped", bundle_id, role, rel)
+                continue
+            try:
+                data = self.store.get(f"{BUNDLES}{bundle_id}/{rel}")
+            except ObjectNotFound:
+                log.info("bundle %s: %s not published; pulled without it", bundle_id, rel)
+                continue
+            if entry.get("sha256") and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+                log.warning("bundle %s: %s does not match its sha256 in lineage.weights; skipped", bundle_id, rel)
+                continue
+            (dest / "weights").mkdir(exist_ok=True)
+            (dest / rel).write_bytes(data)
+
     def download(self, bundle_id: str, dest: Path) -> Path:
         """Copy the bundle into the folder ``dest`` (replaced if present) and return it.
 
@@ -111,6 +135,7 @@ class BundleRegistry:
                 (tmp / SIGNATURE).write_bytes(self.store.get(f"{BUNDLES}{bundle_id}/{SIGNATURE}"))
             except ObjectNotFound:
                 pass
+            self._download_weights(bundle_id, data, tmp)
             shutil.rmtree(dest, ignore_errors=True)
             tmp.rename(dest)
         except BaseException:

@@ -1,0 +1,121 @@
+"""Publish a bundle to the model registry, where the sync agent's model pull finds it.
+
+The registry layout is ``sync.registry``'s: ``bundles/<id>/bundle.json`` + the ONNX files it
+names (+ ``bundle.sig``), in a folder or under an S3 prefix. Publishing also carries the
+ultralytics checkpoints named in ``lineage.weights`` (``weights/<role>.pt``), so a bundle
+pulled onto a box can be trained on again (``annotator train --init current``).
+
+Order matters because a bundle is listed as soon as its ``bundle.json`` exists: the model
+files, the checkpoints and ``bundle.sig`` go up first, ``bundle.json`` last. A reader never
+sees a manifest whose files are not there yet.
+
+``open_registry("/srv/registry")`` or ``open_registry("s3://bucket/prefix")`` gives the
+object store; S3 credentials come from boto3's standard chain, the endpoint from
+``endpoint_url`` or boto3's own ``AWS_ENDPOINT_URL``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from service.bundle import load_bundle
+
+from .errors import PermanentError, SyncConfigError
+from .objectstore import LocalFolderStore, ObjectStore, sha256_of
+from .registry import BUNDLES, MANIFEST, SIGNATURE
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    """What was published: the bundle id, the keys written (manifest last) and the store."""
+
+    bundle_id: str
+    keys: tuple[str, ...]
+    signed: bool
+    registry: str
+
+
+def open_registry(spec: str | Path, endpoint_url: str | None = None, region: str | None = None) -> ObjectStore:
+    """The registry's object store for a folder path or an ``s3://bucket[/prefix]`` address."""
+    text = str(spec)
+    if text.startswith("s3://"):
+        bucket, _, prefix = text[len("s3://"):].partition("/")
+        if not bucket:
+            raise SyncConfigError(f"registry: expected s3://bucket[/prefix], got {text!r}")
+        from .s3store import S3Store
+
+        return S3Store(bucket, prefix.strip("/"), endpoint_url=endpoint_url, region=region)
+    if "://" in text:
+        raise SyncConfigError(f"registry: expected a folder or s3://bucket/prefix, got {text!r}")
+    return LocalFolderStore(Path(text))
+
+
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    """An ed25519 private key from a PEM file (unencrypted); ``SyncConfigError`` when unusable."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    try:
+        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise SyncConfigError(f"sign key {path}: cannot read an unencrypted PEM private key: {exc}") from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise SyncConfigError(f"sign key {path}: a {type(key).__name__}, expected an ed25519 key")
+    return key
+
+
+def bundle_files(bundle_dir: Path) -> list[str]:
+    """Relative paths to publish besides bundle.json and bundle.sig: the model files, then the
+    checkpoints of ``lineage.weights`` that exist (each checked against its sha256)."""
+    bundle = load_bundle(bundle_dir)  # verifies checksums and ONNX layouts: never publish a broken bundle
+    files = sorted(m.file for m in bundle.models.values())
+    for role, entry in sorted(dict(bundle.lineage.get("weights") or {}).items()):
+        rel = str(entry.get("file", ""))
+        path = Path(bundle_dir) / rel
+        if not rel.startswith("weights/") or "/" in rel[len("weights/"):] or not path.is_file():
+            log.warning("bundle %s: weights of %s (%r) missing; published without them", bundle.id, role, rel)
+            continue
+        if entry.get("sha256") and sha256_of(path) != entry["sha256"]:
+            raise PermanentError(f"bundle {bundle.id}: {rel} does not match the sha256 in lineage.weights")
+        files.append(rel)
+    return files
+
+
+def publish_bundle(bundle_dir: Path, store: ObjectStore, sign_key: Path | None = None) -> PublishResult:
+    """Copy the bundle at ``bundle_dir`` to ``bundles/<id>/`` in ``store`` (module doc for the order).
+
+    With ``sign_key`` (ed25519 private key, PEM) the signature over bundle.json's bytes is
+    written to ``bundle.sig`` in the folder and in the registry. Re-publishing the same bundle
+    rewrites the same objects.
+    """
+    from .signing import sign_manifest
+
+    bundle_dir = Path(bundle_dir)
+    manifest = (bundle_dir / MANIFEST).read_bytes()
+    bundle_id = str(json.loads(manifest)["id"])
+    files = bundle_files(bundle_dir)
+    prefix = f"{BUNDLES}{bundle_id}/"
+    keys = []
+    for rel in files:
+        store.put(prefix + rel, bundle_dir / rel, sha256=sha256_of(bundle_dir / rel))
+        keys.append(prefix + rel)
+    signed = sign_key is not None
+    if sign_key is not None:
+        signature = sign_manifest(manifest, load_private_key(sign_key))
+        (bundle_dir / SIGNATURE).write_bytes(signature)
+        store.put(prefix + SIGNATURE, signature)
+        keys.append(prefix + SIGNATURE)
+    elif store.head(prefix + SIGNATURE) is not None:
+        store.delete(prefix + SIGNATURE)  # a stale signature of an earlier publication would be refused
+    store.put(prefix + MANIFEST, manifest, content_type="application/json")
+    keys.append(prefix + MANIFEST)
+    log.info("published bundle %s to %r (%d objects%s)", bundle_id, store, len(keys), ", signed" if signed else "")
+    return PublishResult(bundle_id, tuple(keys), signed, repr(store))

@@ -1,0 +1,90 @@
+"""The training mix: origins, deterministic repeat counts, and their effect on the label sets."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from exporter.labelsets import derive_label_sets
+from exporter.mix import TrainingMix, dataset_version_of, image_origins, repeat_count, training_repeats
+
+
+def coco(n_reviewed: int, n_auto: int) -> dict[str, Any]:
+    """A COCO dict shaped like ``annotator dataset export``'s: image origin + annotation provenance."""
+    kpt_names = [f"p{i}" for i in range(17)]
+    images, anns = [], []
+    for i in range(n_reviewed + n_auto):
+        origin = "reviewed" if i < n_reviewed else "auto"
+        images.append({"id": i + 1, "file_name": f"img{i:03d}.jpg", "width": 64, "height": 48,
+                       "sha256": f"{i:064x}", "origin": origin})
+        anns.append({"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [4, 4, 20, 30], "iscrowd": 0,
+                     "keypoints": [10, 10, 2] * 17, "num_keypoints": 17,
+                     "provenance": {"origin": "human" if origin == "reviewed" else "auto"}})
+    return {"info": {"dataset_version": "abc123"}, "images": images, "annotations": anns,
+            "categories": [{"id": 1, "name": "person", "keypoints": kpt_names, "skeleton": []},
+                           {"id": 2, "name": "head"}]}
+
+
+@pytest.mark.parametrize("weight, expected", [(0.0, 0), (1.0, 1), (2.0, 2), (3.0, 3)])
+def test_whole_weights_repeat_exactly(weight: float, expected: int) -> None:
+    assert all(repeat_count(weight, f"img{i}") == expected for i in range(50))
+
+
+@pytest.mark.parametrize("weight", [0.25, 0.5, 1.5])
+def test_fractional_weights_are_unbiased_and_deterministic(weight: float) -> None:
+    counts = [repeat_count(weight, f"img{i}", seed=3) for i in range(4000)]
+    assert sum(counts) / len(counts) == pytest.approx(weight, abs=0.03)
+    assert counts == [repeat_count(weight, f"img{i}", seed=3) for i in range(4000)]
+    assert counts != [repeat_count(weight, f"img{i}", seed=4) for i in range(4000)]
+
+
+def test_origins_from_image_field_provenance_or_default() -> None:
+    data = coco(2, 2)
+    assert list(image_origins(data).values()) == ["reviewed", "reviewed", "auto", "auto"]
+    for im in data["images"]:
+        del im["origin"]  # fall back to the annotations' provenance
+    assert list(image_origins(data).values()) == ["reviewed", "reviewed", "auto", "auto"]
+    plain = {"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": []}  # e.g. annotator synth
+    assert image_origins(plain) == {1: "reviewed"}
+    assert image_origins({"images": [], "annotations": []}) == {}
+
+
+def test_training_repeats_summary_and_reviewed_only() -> None:
+    data = coco(3, 5)
+    repeats, summary = training_repeats(data, TrainingMix(reviewed_only=True))
+    assert [repeats[i] for i in range(1, 9)] == [1, 1, 1, 0, 0, 0, 0, 0]
+    assert summary["images"] == {"reviewed": 3, "auto": 5} and summary["auto_weight"] == 0.0
+    repeats, summary = training_repeats(data, TrainingMix(auto_weight=2.0))
+    assert summary["training_copies_before_split"] == {"reviewed": 3, "auto": 10}
+    with pytest.raises(ValueError, match="auto_weight"):
+        TrainingMix(auto_weight=-0.5)
+    assert dataset_version_of(data, "sha256:x") == "abc123"
+    assert dataset_version_of({"images": []}, "sha256:x") == "sha256:x"
+
+
+def test_label_sets_repeat_training_images_only(tmp_path: Path) -> None:
+    data = coco(4, 6)
+    images = tmp_path / "images"
+    images.mkdir()
+    for im in data["images"]:
+        (images / im["file_name"]).write_bytes(b"\xff\xd8fake")
+    ann = tmp_path / "annotations.json"
+    ann.write_text(json.dumps(data))
+    repeats, _ = training_repeats(data, TrainingMix(auto_weight=2.0))
+    sets = derive_label_sets(ann, images, tmp_path / "sets", val_fraction=0.2, seed=0, repeats=repeats)
+    train = sorted(p.name for p in (sets.root / "pose_main" / "images" / "train").iterdir())
+    val = sorted(p.name for p in (sets.root / "pose_main" / "images" / "val").iterdir())
+    assert len(val) == 2 and not any("__r" in v for v in val)
+    stems = {v.rsplit(".", 1)[0] for v in val}
+    assert not any(t.split("__r")[0].rsplit(".", 1)[0] in stems for t in train)  # no copy of a val image
+    assert sets.train_images == len(train) == sum(repeats[i] for i in range(1, 11)) - sum(
+        repeats[int(s[3:]) + 1] for s in stems)
+    labels = sets.root / "pose_main" / "labels" / "train"
+    assert sorted(p.stem for p in labels.iterdir()) == sorted(t.rsplit(".", 1)[0] for t in train)
+    only = derive_label_sets(ann, images, tmp_path / "only", 0.25, 0,
+                             repeats=training_repeats(data, TrainingMix(reviewed_only=True))[0])
+    assert only.train_images + only.val_images == 4
+    with pytest.raises(ValueError, match="no image left"):
+        derive_label_sets(ann, images, tmp_path / "none", 0.25, 0, repeats={i: 0 for i in range(1, 11)})
