@@ -1,0 +1,279 @@
+"""``annotator simulate``: the active-learning benchmark of the review loop.
+
+Per seed: a pool of synthetic cabin images with rare sub-populations and a domain shift
+(``POOL_KNOBS``: IR 25 %, crowded rear seats 15 %, children, and the ``overhead`` camera as a
+15 % minority) and one fixed held-out test set from the same mixture (its own seed, shared by
+all seeds, so every curve is measured on the same images).
+
+Round 0 (shared by all strategies of a seed, trained once): ``initial`` random images are
+reviewed and a bundle is trained from the COCO-pretrained checkpoint. Then per strategy and
+round: the previous round's bundle scores the unlabelled pool (cached per bundle), the strategy
+picks ``per_round`` images (``exporter.simulate_select``), the oracle reviews them (their
+ground-truth labels join the labelled set), a new bundle is trained on all labelled images,
+warm-started from the previous round's weights, and evaluated on the test set through the
+daemon's engine (head mAP50, OKS AP50, visibility accuracy).
+
+Warm start, not pretrained-per-round: it is what the product does (``annotator train`` starts
+from the current bundle), and it lets every round train only ``epochs`` epochs on the
+cumulative set instead of re-learning from COCO weights, which is what fits the CPU budget.
+The labelled set is cumulative, so a round never forgets earlier reviews.
+
+Every finished unit (seed, strategy, round) leaves ``state.json`` and is skipped on a re-run;
+an interrupted training resumes through ``train_bundle``'s own resumable work folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .simulate_select import STRATEGIES, score_pool, select
+
+log = logging.getLogger(__name__)
+
+POOL_CAMERAS = (("mirror", 0.45), ("a_pillar", 0.25), ("dashboard", 0.15), ("overhead", 0.15))
+TEST_SEED = 9000
+POOL_SEED = 1000
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Benchmark settings; ``quick()`` gives the test-sized variant."""
+
+    out: Path
+    seeds: int = 3
+    rounds: int = 3
+    per_round: int = 40
+    initial: int = 40
+    pool: int = 600
+    test: int = 200
+    epochs: int = 4
+    initial_epochs: int = 8
+    imgsz: int = 256
+    batch: int = 16
+    strategies: tuple[str, ...] = STRATEGIES
+    audit_fraction: float = 0.1
+    ir: float = 0.25
+    crowded: float = 0.15
+    child: float = 0.3
+
+    def __post_init__(self) -> None:
+        bad = [s for s in self.strategies if s not in STRATEGIES]
+        if bad:
+            raise ValueError(f"--strategies: unknown {bad}; expected some of {', '.join(STRATEGIES)}")
+        if "random" not in self.strategies:
+            raise ValueError("--strategies: 'random' is needed, it sets the target of the label saving")
+        if min(self.seeds, self.rounds, self.per_round, self.initial, self.test, self.epochs) < 1:
+            raise ValueError("seeds, rounds, per-round, initial, test and epochs must all be >= 1")
+        if self.initial + self.rounds * self.per_round > self.pool:
+            raise ValueError(f"--pool {self.pool} is too small for --initial {self.initial} + "
+                             f"{self.rounds} rounds x {self.per_round}")
+        if not 0.0 <= self.audit_fraction < 1.0:
+            raise ValueError(f"--audit-fraction: expected 0 <= f < 1, got {self.audit_fraction}")
+
+    def quick(self) -> "SimConfig":
+        """A smoke-test run of a few minutes: tiny pool, one seed, one round, one epoch, 96 px."""
+        return replace(self, seeds=1, rounds=1, per_round=6, initial=10, pool=40, test=8, epochs=1,
+                       initial_epochs=1, imgsz=96, batch=8)
+
+
+def prepare_data(cfg: SimConfig) -> tuple[Path, dict[int, Path]]:
+    """Render (once) the test set and one pool per seed; returns (test dir, seed -> pool dir)."""
+    from .synth import generate
+    from .synth.render import Knobs
+
+    knobs = Knobs(ir=cfg.ir, crowded=cfg.crowded, child=cfg.child, cameras=POOL_CAMERAS)
+    data = cfg.out / "data"
+
+    def make(name: str, count: int, seed: int) -> Path:
+        d = data / name
+        ann = d / "annotations.json"
+        if ann.is_file() and len(json.loads(ann.read_text())["images"]) == count:
+            return d
+        log.info("rendering %s: %d images (seed %d)", name, count, seed)
+        return generate(d, count, seed, knobs=knobs, workers=2)
+
+    test = make(f"test_{cfg.test}", cfg.test, TEST_SEED)
+    pools = {s: make(f"pool_s{s}_{cfg.pool}", cfg.pool, POOL_SEED + s) for s in range(cfg.seeds)}
+    return test, pools
+
+
+def subset(coco: dict[str, Any], names: set[str]) -> dict[str, Any]:
+    """The COCO dict restricted to images with these file names (the oracle's answers)."""
+    images = [im for im in coco["images"] if im["file_name"] in names]
+    ids = {im["id"] for im in images}
+    return {**coco, "images": images, "annotations": [a for a in coco["annotations"] if a["image_id"] in ids]}
+
+
+def headline(metrics: dict[str, Any]) -> dict[str, float]:
+    """The three accuracies of the benchmark out of ``exporter.evaluate``'s metrics."""
+    head = metrics.get("head") or {}
+    return {"head_map50": float(head.get("map50") or 0.0),
+            "oks_ap50": float(metrics["keypoints"].get("oks_ap50") or 0.0),
+            "visibility_acc": float(metrics["visibility"].get("accuracy") or 0.0)}
+
+
+def composition(coco: dict[str, Any], names: list[str]) -> dict[str, int]:
+    """How many of ``names`` belong to each rare sub-population (for the report's 'why')."""
+    tags = {im["file_name"]: im.get("tags", {}) for im in coco["images"]}
+    picked = [tags[n] for n in names]
+    return {"overhead": sum(t.get("camera") == "overhead" for t in picked), "ir": sum(bool(t.get("ir")) for t in picked),
+            "crowded": sum(bool(t.get("crowded")) for t in picked),
+            "children": sum(int(t.get("children", 0)) > 0 for t in picked)}
+
+
+def train_and_evaluate(cfg: SimConfig, unit: Path, coco: dict[str, Any], labelled: list[str], pool_dir: Path,
+                       test_dir: Path, init: str, epochs: int, seed: int) -> dict[str, float]:
+    """Train a bundle on the labelled images into ``unit/bundle``, evaluate it on the test set."""
+    from .evaluate import evaluate
+    from .train import TrainConfig, train_bundle
+
+    unit.mkdir(parents=True, exist_ok=True)
+    ann = unit / "labelled.json"
+    ann.write_text(json.dumps(subset(coco, set(labelled))))
+    extra: dict[str, Any] = {"plots": False}
+    if init not in ("pretrained", "scratch"):
+        extra["warmup_epochs"] = 0  # continuing a trained model: no learning-rate warm-up
+    tcfg = TrainConfig(annotations=ann, images=pool_dir / "images", out=unit / "bundle", work=unit / "work",
+                       epochs=epochs, imgsz=cfg.imgsz, batch=cfg.batch, init=init, val_fraction=0.1,
+                       workers=0, seed=seed, extra=extra)
+    train_bundle(tcfg)
+    shutil.rmtree(unit / "work", ignore_errors=True)
+    metrics = evaluate(unit / "bundle", test_dir / "annotations.json", test_dir / "images", unit / "eval",
+                       progress=False)
+    return headline(metrics)
+
+
+def _write_state(unit: Path, state: dict[str, Any]) -> None:
+    tmp = unit / "state.json.tmp"
+    tmp.write_text(json.dumps(state, indent=1))
+    tmp.replace(unit / "state.json")
+
+
+class Progress:
+    """Counts finished training units and logs an estimate of the time left."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.ran, self.t0 = total, 0, 0, time.monotonic()
+
+    def step(self, what: str, skipped: bool) -> None:
+        self.done += 1
+        self.ran += 0 if skipped else 1
+        spent = time.monotonic() - self.t0
+        eta = spent / self.ran * (self.total - self.done) if self.ran else float("nan")
+        log.info("[%d/%d] %s %s (%.0f s so far, about %.0f min left)", self.done, self.total, what,
+                 "already done" if skipped else "done", spent, eta / 60)
+
+
+def run_seed(cfg: SimConfig, seed: int, pool_dir: Path, test_dir: Path, progress: Progress) -> list[dict[str, Any]]:
+    """All rounds of all strategies for one seed; returns their states (round 0 included)."""
+    coco = json.loads((pool_dir / "annotations.json").read_text())
+    names = [im["file_name"] for im in coco["images"]]
+    root = cfg.out / "runs" / f"seed{seed}"
+    init_unit = root / "initial"
+    if (init_unit / "state.json").is_file():
+        initial_state = json.loads((init_unit / "state.json").read_text())
+        progress.step(f"seed {seed} initial", True)
+    else:
+        rng = np.random.default_rng([seed, 0])
+        picks = [names[i] for i in rng.permutation(len(names))[:cfg.initial]]
+        t0 = time.monotonic()
+        m = train_and_evaluate(cfg, init_unit, coco, picks, pool_dir, test_dir, "pretrained", cfg.initial_epochs, seed)
+        initial_state = {"seed": seed, "strategy": "initial", "round": 0, "selected": picks, "labelled": picks,
+                         "n_reviewed": 0, "n_labelled": len(picks), "metrics": m,
+                         "composition": composition(coco, picks), "seconds": round(time.monotonic() - t0, 1)}
+        _write_state(init_unit, initial_state)
+        progress.step(f"seed {seed} initial", False)
+    states = [initial_state]
+    prev: dict[str, tuple[Path, list[str]]] = {s: (init_unit, initial_state["labelled"]) for s in cfg.strategies}
+    for r in range(1, cfg.rounds + 1):
+        for strategy in cfg.strategies:
+            unit = root / strategy / f"round{r}"
+            prev_unit, labelled = prev[strategy]
+            what = f"seed {seed} {strategy} round {r}/{cfg.rounds}"
+            if (unit / "state.json").is_file():
+                state = json.loads((unit / "state.json").read_text())
+                progress.step(what, True)
+            else:
+                t0 = time.monotonic()
+                candidates = [n for n in names if n not in set(labelled)]
+                scores = None
+                if strategy != "random":
+                    scores = score_pool(prev_unit / "bundle", coco, pool_dir / "images", prev_unit / "pool_scores.json")
+                picks = select(strategy, candidates, scores, cfg.per_round, np.random.default_rng([seed, r, 7]),
+                               seed, cfg.audit_fraction)
+                log.info("%s: picked %s", what, composition(coco, picks))
+                new_labelled = [*labelled, *picks]
+                m = train_and_evaluate(cfg, unit, coco, new_labelled, pool_dir, test_dir,
+                                       str(prev_unit / "bundle"), cfg.epochs, seed)
+                state = {"seed": seed, "strategy": strategy, "round": r, "selected": picks,
+                         "labelled": new_labelled, "n_reviewed": r * cfg.per_round, "n_labelled": len(new_labelled),
+                         "metrics": m, "composition": composition(coco, picks),
+                         "pick_scores": [scores[p].score for p in picks] if scores else None,
+                         "seconds": round(time.monotonic() - t0, 1)}
+                _write_state(unit, state)
+                progress.step(what, False)
+            log.info("%s: %s", what, {k: round(v, 4) for k, v in state["metrics"].items()})
+            states.append(state)
+            prev[strategy] = (unit, state["labelled"])
+    return states
+
+
+def run(cfg: SimConfig) -> dict[str, Any]:
+    """The whole benchmark; writes results.{json,md} and accuracy.png into ``cfg.out``."""
+    from .simulate_report import write_results
+
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    (cfg.out / "config.json").write_text(json.dumps({k: (str(v) if isinstance(v, Path) else v)
+                                                     for k, v in asdict(cfg).items()}, indent=1))
+    t0 = time.monotonic()
+    test_dir, pools = prepare_data(cfg)
+    progress = Progress(cfg.seeds * (1 + cfg.rounds * len(cfg.strategies)))
+    states: list[dict[str, Any]] = []
+    for seed in range(cfg.seeds):
+        states += run_seed(cfg, seed, pools[seed], test_dir, progress)
+    return write_results(cfg, states, time.monotonic() - t0)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """``annotator simulate``: run (or resume) the benchmark and print its table."""
+    from .simulate_report import print_table
+
+    cfg = SimConfig(out=Path(args.out), seeds=args.seeds, rounds=args.rounds, per_round=args.per_round,
+                    initial=args.initial, pool=args.pool, test=args.test, epochs=args.epochs,
+                    initial_epochs=args.initial_epochs, imgsz=args.imgsz, audit_fraction=args.audit_fraction,
+                    strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()))
+    if args.quick:
+        cfg = cfg.quick()
+    results = run(cfg)
+    print_table(results)
+    print(f"results: {cfg.out / 'results.md'}, {cfg.out / 'results.json'}, {cfg.out / 'accuracy.png'}")
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add ``simulate`` to the ``annotator`` subparsers."""
+    d = SimConfig(out=Path("."))
+    s = sub.add_parser("simulate", help="active-learning benchmark: judge vs uncertainty vs random selection")
+    s.add_argument("--out", default="simulate-out", help="working and results folder; re-run to resume")
+    s.add_argument("--seeds", type=int, default=d.seeds)
+    s.add_argument("--rounds", type=int, default=d.rounds, help="selection rounds after the initial one")
+    s.add_argument("--per-round", type=int, default=d.per_round, help="images reviewed per round")
+    s.add_argument("--initial", type=int, default=d.initial, help="random images reviewed for the first bundle")
+    s.add_argument("--pool", type=int, default=d.pool, help="unlabelled pool size per seed")
+    s.add_argument("--test", type=int, default=d.test, help="held-out test images")
+    s.add_argument("--epochs", type=int, default=d.epochs, help="epochs per round (warm start)")
+    s.add_argument("--initial-epochs", type=int, default=d.initial_epochs, help="epochs of the first bundle")
+    s.add_argument("--imgsz", type=int, default=d.imgsz)
+    s.add_argument("--audit-fraction", type=float, default=d.audit_fraction,
+                   help="share of each round judge_audit gives to seeded random audit picks")
+    s.add_argument("--strategies", default=",".join(STRATEGIES))
+    s.add_argument("--quick", action="store_true", help="a few-minute smoke run (tiny pool, 1 round, 1 epoch, 96 px)")
+    s.set_defaults(func=cmd_simulate)

@@ -1,0 +1,177 @@
+"""Results of ``annotator simulate``: curves, label saving, table, results.{json,md}, accuracy.png.
+
+Curves: per strategy and metric, the mean and standard deviation over seeds of the test
+accuracy after each round, against the number of images the strategy sent to review (round 0,
+the shared random initial set, is x = 0 for every strategy; its size is reported apart).
+
+Label saving: the target of a metric is what ``random`` reaches with its full budget (mean over
+seeds); a strategy's need is the first point where its mean curve reaches the target, linearly
+interpolated between the round below the target and the round that reaches it, as a fraction
+of random's budget (None: not reached). ``mean3`` is the mean of the three accuracies and is
+what the bar is read on; the per-metric fractions are reported next to it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+METRICS = ("head_map50", "oks_ap50", "visibility_acc")
+LABELS = {"head_map50": "head mAP50", "oks_ap50": "OKS AP50", "visibility_acc": "visibility accuracy",
+          "mean3": "mean of the three"}
+BAR = 0.5
+
+
+def curves(states: Sequence[dict[str, Any]], strategies: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """strategy -> {"x": [...], metric -> {"mean": [...], "std": [...], "n": [...]}} (round 0 shared)."""
+    out: dict[str, dict[str, Any]] = {}
+    initial = [s for s in states if s["strategy"] == "initial"]
+    for strategy in strategies:
+        mine = initial + [s for s in states if s["strategy"] == strategy]
+        rounds = sorted({s["round"] for s in mine})
+        entry: dict[str, Any] = {"x": [], "rounds": rounds}
+        for m in (*METRICS, "mean3"):
+            entry[m] = {"mean": [], "std": [], "n": []}
+        for r in rounds:
+            at = [s for s in mine if s["round"] == r]
+            entry["x"].append(at[0]["n_reviewed"])
+            for m in (*METRICS, "mean3"):
+                vals = np.array([float(np.mean([s["metrics"][k] for k in METRICS])) if m == "mean3"
+                                 else s["metrics"][m] for s in at])
+                entry[m]["mean"].append(float(vals.mean()))
+                entry[m]["std"].append(float(vals.std()))
+                entry[m]["n"].append(int(len(vals)))
+        out[strategy] = entry
+    return out
+
+
+def needed(x: Sequence[float], y: Sequence[float], target: float) -> float | None:
+    """First x where the curve reaches ``target``, interpolated linearly; None if it never does."""
+    for i, (xi, yi) in enumerate(zip(x, y)):
+        if yi >= target - 1e-12:
+            if i == 0:
+                return float(xi)
+            x0, y0 = x[i - 1], y[i - 1]
+            return float(x0 + (target - y0) / (yi - y0) * (xi - x0)) if yi > y0 else float(xi)
+    return None
+
+
+def label_saving(cur: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Targets (random at its full budget) and each strategy's need, as reviewed images and fraction."""
+    rnd = cur["random"]
+    budget = rnd["x"][-1]
+    targets = {m: rnd[m]["mean"][-1] for m in (*METRICS, "mean3")}
+    out: dict[str, Any] = {"budget": budget, "targets": targets, "strategies": {}}
+    for strategy, c in cur.items():
+        row = {}
+        for m in (*METRICS, "mean3"):
+            n = needed(c["x"], c[m]["mean"], targets[m]) if c["x"][-1] == budget else None
+            row[m] = {"reviewed": n, "fraction": (n / budget if n is not None and budget else None)}
+        out["strategies"][strategy] = row
+    return out
+
+
+def _fmt(v: float | None, pct: bool = False) -> str:
+    if v is None:
+        return "not reached"
+    return f"{100 * v:.0f} %" if pct else f"{v:.3f}"
+
+
+def table_lines(results: dict[str, Any]) -> list[str]:
+    """Markdown tables: accuracy per round (mean ± sd over seeds), label saving, picks' make-up."""
+    cur, sav = results["curves"], results["label_saving"]
+    lines = ["| strategy | reviewed | " + " | ".join(LABELS[m] for m in (*METRICS, "mean3")) + " |",
+             "|---|---:|" + "---:|" * (len(METRICS) + 1)]
+    for strategy, c in cur.items():
+        for i, x in enumerate(c["x"]):
+            cells = [f"{c[m]['mean'][i]:.3f} ± {c[m]['std'][i]:.3f}" for m in (*METRICS, "mean3")]
+            lines.append(f"| {strategy if i else strategy + ' (initial)'} | {x} | " + " | ".join(cells) + " |")
+    lines += ["", f"Label saving: reviewed images needed to reach what random reaches with its full budget "
+                  f"({sav['budget']} images), as a fraction of that budget (bar: judge <= {BAR:.0%} on the mean).", "",
+              "| strategy | " + " | ".join(LABELS[m] for m in (*METRICS, "mean3")) + " |",
+              "|---|" + "---:|" * (len(METRICS) + 1),
+              "| target (random, full budget) | " + " | ".join(f"{sav['targets'][m]:.3f}" for m in (*METRICS, "mean3")) + " |"]
+    for strategy, row in sav["strategies"].items():
+        cells = [("not reached" if row[m]["reviewed"] is None else
+                  f"{row[m]['reviewed']:.0f} ({_fmt(row[m]['fraction'], True)})") for m in (*METRICS, "mean3")]
+        lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
+    comp = results.get("composition", {})
+    if comp:
+        lines += ["", "Make-up of the reviewed picks (share of all picks over seeds and rounds; the pool has "
+                      "about 15 % overhead, 25 % IR, 15 % crowded):", "",
+                  "| strategy | picks | overhead | IR | crowded | with children |", "|---|---:|---:|---:|---:|---:|"]
+        for strategy, c in comp.items():
+            n = max(c["picks"], 1)
+            lines.append(f"| {strategy} | {c['picks']} | {c['overhead'] / n:.0%} | {c['ir'] / n:.0%} | "
+                         f"{c['crowded'] / n:.0%} | {c['children'] / n:.0%} |")
+    return lines
+
+
+def write_png(path: Path, cur: dict[str, dict[str, Any]], targets: dict[str, float], title: str) -> None:
+    """Three panels (head mAP50, OKS AP50, visibility accuracy) vs reviewed images, mean ± sd."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, m in zip(axes, METRICS):
+        for strategy, c in cur.items():
+            x, mu, sd = np.array(c["x"]), np.array(c[m]["mean"]), np.array(c[m]["std"])
+            line, = ax.plot(x, mu, marker="o", label=strategy)
+            ax.fill_between(x, mu - sd, mu + sd, alpha=0.15, color=line.get_color())
+        ax.axhline(targets[m], ls="--", color="grey", lw=1, label="target (random, full budget)")
+        ax.set_title(LABELS[m])
+        ax.set_xlabel("images reviewed after the initial set")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def write_results(cfg: Any, states: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+    """Aggregate the states, write results.json, results.md and accuracy.png; return the results."""
+    cur = curves(states, cfg.strategies)
+    sav = label_saving(cur)
+    comp: dict[str, dict[str, int]] = {}
+    for s in states:
+        if s["strategy"] != "initial":
+            c = comp.setdefault(s["strategy"], {"picks": 0, "overhead": 0, "ir": 0, "crowded": 0, "children": 0})
+            c["picks"] += len(s["selected"])
+            for k in ("overhead", "ir", "crowded", "children"):
+                c[k] += s["composition"][k]
+    judge = sav["strategies"].get("judge", {}).get("mean3", {}).get("fraction")
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()} if hasattr(cfg, "__dict__") \
+        else {}
+    results = {"settings": settings, "curves": cur, "label_saving": sav, "composition": comp,
+               "bar": {"judge_fraction_mean3": judge, "limit": BAR, "met": judge is not None and judge <= BAR},
+               "seconds": round(seconds, 1),
+               "units": [{k: s[k] for k in ("seed", "strategy", "round", "n_reviewed", "metrics", "composition",
+                                            "seconds")} for s in states]}
+    out = Path(cfg.out)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    title = (f"{cfg.seeds} seeds, pool {cfg.pool}, initial {cfg.initial}, {cfg.rounds} x {cfg.per_round} reviewed, "
+             f"{cfg.epochs} epochs/round, {cfg.imgsz} px, test {cfg.test}")
+    write_png(out / "accuracy.png", cur, sav["targets"], title)
+    md = ["# Active-learning benchmark (`annotator simulate`)", "", f"Settings: {title}; "
+          f"audit fraction {cfg.audit_fraction}. Mean ± standard deviation over seeds. Run time {seconds / 60:.0f} min.",
+          "", *table_lines(results), "",
+          f"Bar (judge reaches random's full-budget mean accuracy with <= {BAR:.0%} of the reviews): "
+          f"{'met' if results['bar']['met'] else 'NOT met'} ({_fmt(judge, True)}).", "", "![accuracy](accuracy.png)", ""]
+    (out / "results.md").write_text("\n".join(md))
+    return results
+
+
+def print_table(results: dict[str, Any]) -> None:
+    """The results table on the terminal (the same Markdown as results.md)."""
+    print("\n".join(table_lines(results)))
+    bar = results["bar"]
+    print(f"\nbar (judge <= {bar['limit']:.0%} of random's budget on the mean of the three): "
+          f"{'met' if bar['met'] else 'NOT met'} ({_fmt(bar['judge_fraction_mean3'], True)})")

@@ -1,0 +1,168 @@
+"""Selection strategies of the active-learning benchmark (``annotator simulate``).
+
+A bundle scores the unlabelled pool once (``score_pool``, cached on disk per bundle id); each
+strategy then picks ``n`` images from the candidates:
+
+- ``judge``: the product's judgement. Images in order of ``service.scoring.default_score``
+  (lowest = most doubtful first; ties broken by the total doubt over all score components, so
+  that of two images scored 0 the one with more things wrong comes first), with the daemon's
+  near-duplicate suppression (dHash within ``NearDuplicate``'s distance of a frame of the same
+  camera already picked in this round is skipped) and a per-round diversity cap: no camera
+  takes more than ``CAMERA_SHARE`` of a round's picks while other cameras have doubtful images
+  left (a review batch that is all one camera teaches the models one viewpoint).
+- ``uncertainty``: the classic baseline, no diversity: the mean distance of the main key-point
+  confidences to their thresholds over all predicted points (smallest first; an image with no
+  person predicted counts as distance 0).
+- ``random``: a seeded random sample.
+- ``judge_audit``: the judge plus the product's random audit: the candidates whose seeded audit
+  lottery (``service.judge.audit_draw(seed, image_id)``) is lowest fill ``audit_fraction`` of the
+  round (exactly the images the daemon would audit first), the judge's ranking the rest.
+
+Image ids are the sha256 of the file bytes, as in the daemon's store.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("judge", "uncertainty", "random", "judge_audit")
+CAMERA_SHARE = 0.5
+DEDUP_DISTANCE = 6  # bits, the daemon's NearDuplicate default
+
+
+@dataclass(frozen=True)
+class PoolScore:
+    """What one bundle says about one pool image (all a strategy needs)."""
+
+    file_name: str
+    image_id: str  # sha256 of the file bytes
+    camera: str
+    score: float  # default_score, 0..1, low = doubtful
+    doubt: float  # sum over score components of (1 - component)
+    uncertainty: float  # mean |main conf - main threshold| over predicted points (0 without persons)
+    dhash: int
+    reasons: tuple[str, ...]
+
+
+def file_id(path: Path) -> str:
+    """The daemon's image id: sha256 of the bytes."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def score_pool(bundle_dir: Path, pool: dict[str, Any], images_dir: Path, cache: Path,
+               batch: int = 8) -> dict[str, PoolScore]:
+    """Score every pool image with the bundle (operating thresholds); cached in ``cache`` (json).
+
+    ``pool`` is the pool's COCO dict (``images`` with ``file_name`` and ``tags``). Returns
+    file name -> ``PoolScore``.
+    """
+    from service.bundle import load_bundle
+    from service.engine import Engine
+    from service.imageio import read_image
+    from service.judge import dhash
+    from service.scoring import default_score, score_components
+
+    bundle = load_bundle(bundle_dir)
+    if cache.is_file():
+        data = json.loads(cache.read_text())
+        if data.get("bundle_id") == bundle.id:
+            return {d["file_name"]: PoolScore(**{**d, "reasons": tuple(d["reasons"])}) for d in data["scores"]}
+    engine = Engine(bundle, batch_size=batch)
+    main_thr = bundle.thresholds.main
+    infos = pool["images"]
+    out: dict[str, PoolScore] = {}
+    for start in range(0, len(infos), batch):
+        chunk = infos[start:start + batch]
+        decoded = [read_image(images_dir / im["file_name"]) for im in chunk]
+        for im, dec, pred in zip(chunk, decoded, engine.predict(decoded)):
+            score, reasons = default_score(pred, bundle)
+            parts = score_components(pred, bundle)
+            dists = [abs(kp.main_conf - main_thr[min(i, len(main_thr) - 1)])
+                     for p in pred.persons for i, kp in enumerate(p.keypoints)]
+            out[im["file_name"]] = PoolScore(
+                file_name=im["file_name"], image_id=file_id(images_dir / im["file_name"]),
+                camera=str(im.get("tags", {}).get("camera", "unknown")), score=float(score),
+                doubt=float(sum(1.0 - v for v in parts.values())),
+                uncertainty=float(np.mean(dists)) if dists else 0.0, dhash=dhash(dec.pixels),
+                reasons=tuple(reasons))
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"bundle_id": bundle.id, "scores": [asdict(s) for s in out.values()]}))
+    tmp.replace(cache)
+    log.info("scored %d pool images with bundle %s", len(out), bundle.id)
+    return out
+
+
+def judge_order(scores: Sequence[PoolScore]) -> list[PoolScore]:
+    """The judge's ranking: score ascending, then more total doubt first, then file name."""
+    return sorted(scores, key=lambda s: (round(s.score, 6), -s.doubt, s.file_name))
+
+
+def diverse_take(ranked: Sequence[PoolScore], n: int, camera_share: float = CAMERA_SHARE,
+                 dedup_distance: int = DEDUP_DISTANCE) -> list[PoolScore]:
+    """Walk ``ranked`` and take ``n``: near-duplicates of a same-camera pick skipped, cameras capped.
+
+    The cap (``camera_share`` of ``n``) is lifted once every camera is capped or exhausted, and
+    skipped near-duplicates come back last, so ``n`` images are returned when ``ranked`` has them.
+    """
+    cap = max(1, int(np.ceil(camera_share * n)))
+    picked: list[PoolScore] = []
+    per_camera: dict[str, int] = {}
+    deferred: list[PoolScore] = []
+    for s in ranked:
+        if len(picked) >= n:
+            break
+        if any(p.camera == s.camera and bin(p.dhash ^ s.dhash).count("1") <= dedup_distance for p in picked):
+            deferred.append(s)
+            continue
+        if per_camera.get(s.camera, 0) >= cap:
+            deferred.append(s)
+            continue
+        picked.append(s)
+        per_camera[s.camera] = per_camera.get(s.camera, 0) + 1
+    chosen = {p.file_name for p in picked}
+    for s in [*deferred, *ranked]:  # capped / duplicate images, in rank order, when nothing else is left
+        if len(picked) >= n:
+            break
+        if s.file_name not in chosen:
+            picked.append(s)
+            chosen.add(s.file_name)
+    return picked
+
+
+def audit_picks(scores: Sequence[PoolScore], n: int, seed: int) -> list[PoolScore]:
+    """The ``n`` candidates with the lowest seeded audit lottery draw (the daemon's audit order)."""
+    from service.judge import audit_draw
+
+    return sorted(scores, key=lambda s: audit_draw(seed, s.image_id))[:n]
+
+
+def select(strategy: str, candidates: Sequence[str], scores: dict[str, PoolScore] | None, n: int,
+           rng: np.random.Generator, seed: int, audit_fraction: float) -> list[str]:
+    """File names of the ``n`` images ``strategy`` sends to review out of ``candidates``."""
+    n = min(n, len(candidates))
+    if strategy == "random":
+        return [candidates[i] for i in rng.permutation(len(candidates))[:n]]
+    if scores is None:
+        raise ValueError(f"strategy {strategy!r} needs pool scores")
+    pool = [scores[c] for c in candidates]
+    if strategy == "uncertainty":
+        return [s.file_name for s in sorted(pool, key=lambda s: (s.uncertainty, s.file_name))[:n]]
+    if strategy == "judge":
+        return [s.file_name for s in diverse_take(judge_order(pool), n)]
+    if strategy == "judge_audit":
+        n_audit = min(n, max(1, int(round(audit_fraction * n)))) if audit_fraction > 0 else 0
+        audit = audit_picks(pool, n_audit, seed)
+        taken = {s.file_name for s in audit}
+        rest = diverse_take(judge_order([s for s in pool if s.file_name not in taken]), n - n_audit)
+        return [s.file_name for s in audit] + [s.file_name for s in rest]
+    raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
+
+

@@ -1,0 +1,92 @@
+"""``annotator simulate --quick``: the benchmark's outputs and the strategies' selections."""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from exporter.simulate_report import needed
+from exporter.simulate_select import PoolScore, audit_picks, diverse_take, select
+
+
+def _score(name: str, camera: str, score: float, dh: int) -> PoolScore:
+    return PoolScore(name, name * 4, camera, score, 1 - score, score, dh, ())
+
+
+@pytest.mark.parametrize("x,y,target,want", [
+    ([0, 10, 20], [0.1, 0.3, 0.5], 0.5, 20.0),
+    ([0, 10, 20], [0.1, 0.3, 0.5], 0.2, 5.0),
+    ([0, 10, 20], [0.1, 0.3, 0.5], 0.05, 0.0),
+    ([0, 10, 20], [0.1, 0.3, 0.5], 0.6, None),
+    ([], [], 0.5, None),
+])
+def test_needed_interpolates(x: list[float], y: list[float], target: float, want: float | None) -> None:
+    assert needed(x, y, target) == (want if want is None else pytest.approx(want))
+
+
+def test_diverse_take_caps_cameras_and_skips_near_duplicates() -> None:
+    ranked = [_score("a", "mirror", 0.0, 0), _score("b", "mirror", 0.0, 1), _score("c", "mirror", 0.1, 2**40 - 1),
+              _score("d", "overhead", 0.2, 5), _score("e", "mirror", 0.3, 2**63 - 1)]
+    got = [s.file_name for s in diverse_take(ranked, 2)]
+    assert got == ["a", "d"]  # b is a's near duplicate; c is over the mirror cap of 1
+    assert [s.file_name for s in diverse_take(ranked, 5)] == ["a", "c", "d", "e", "b"]
+    assert diverse_take([], 3) == []
+
+
+def test_select_strategies_on_fixed_scores() -> None:
+    scores = {f"im{i}": _score(f"im{i}", ("mirror", "overhead")[i % 2], i / 20, i * 2**20) for i in range(20)}
+    names = sorted(scores)
+    rng = np.random.default_rng(0)
+    judge = select("judge", names, scores, 4, rng, 0, 0.1)
+    assert judge == ["im0", "im1", "im2", "im3"]
+    audit = select("judge_audit", names, scores, 10, rng, 3, 0.2)
+    assert set(s.file_name for s in audit_picks(list(scores.values()), 2, 3)) <= set(audit)
+    assert len(audit) == len(set(audit)) == 10
+    with pytest.raises(ValueError):
+        select("judge", names, None, 4, rng, 0, 0.1)
+
+
+@pytest.mark.slow
+def test_quick_benchmark(tmp_path: Path, ultralytics_offline: Path) -> None:
+    pytest.importorskip("ultralytics")
+    from exporter.simulate import SimConfig, run
+    from exporter.simulate_select import STRATEGIES
+
+    cfg = SimConfig(out=tmp_path / "sim").quick()
+    results = run(cfg)
+    out = cfg.out
+    for name in ("results.json", "results.md", "accuracy.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0
+    saved = json.loads((out / "results.json").read_text())
+    assert set(saved["curves"]) == set(STRATEGIES) and saved["bar"]["limit"] == 0.5
+    for c in saved["curves"].values():
+        assert c["x"] == [0, cfg.per_round]
+        for m in ("head_map50", "oks_ap50", "visibility_acc"):
+            assert len(c[m]["mean"]) == 2 and all(0.0 <= v <= 1.0 for v in c[m]["mean"])
+    assert set(saved["label_saving"]["strategies"]) == set(STRATEGIES)
+    assert "| judge |" in (out / "results.md").read_text()
+    assert results["bar"] == saved["bar"]
+
+    root = out / "runs" / "seed0"
+    picks = {s: json.loads((root / s / "round1" / "state.json").read_text())["selected"] for s in STRATEGIES}
+    initial = json.loads((root / "initial" / "state.json").read_text())["labelled"]
+    assert all(len(p) == cfg.per_round and not set(p) & set(initial) for p in picks.values())
+    assert picks["random"] != picks["judge"]
+    pool = {d["file_name"]: d for d in json.loads((root / "initial" / "pool_scores.json").read_text())["scores"]}
+    candidates = [n for n in pool if n not in set(initial)]
+    median = statistics.median(pool[n]["score"] for n in candidates)
+    assert statistics.median(pool[n]["score"] for n in picks["judge"]) <= median
+    ps = {n: PoolScore(**{**pool[n], "reasons": tuple(pool[n]["reasons"])}) for n in candidates}
+    assert select("judge", candidates, ps, cfg.per_round, np.random.default_rng(0), 0, cfg.audit_fraction) \
+        == picks["judge"]  # the picks follow the cached scores, reproducibly
+    # The audit strategy holds the seeded audit picks: the candidates with the lowest audit draw.
+    as_scores = list(ps.values())
+    n_audit = max(1, round(cfg.audit_fraction * cfg.per_round))
+    assert {s.file_name for s in audit_picks(as_scores, n_audit, 0)} <= set(picks["judge_audit"])
+    # A re-run resumes: every unit is already done, nothing is trained again.
+    stamp = (root / "judge" / "round1" / "state.json").stat().st_mtime
+    run(cfg)
+    assert (root / "judge" / "round1" / "state.json").stat().st_mtime == stamp
