@@ -362,7 +362,7 @@ def serve(config: "Config", ready: threading.Event | None = None, stop: threadin
             extra = f", metrics on port {metrics_port}" if metrics_port is not None else ""
             return f"serving gRPC on port {port} with bundle {bundle_id}{extra}"
 
-        log.info("annotator %s", status_line())
+        log.info("annotator serving on port %d with bundle %s", port, bundle_id)  # tests and scripts read this line
         notifier.ready()
         notifier.status(status_line())
         watchdog = Watchdog.from_environ(os.environ, healthy=daemon.healthy, notifier=notifier)
