@@ -37,6 +37,7 @@ def add_train_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--imgsz", type=int, default=320)
     s.add_argument("--batch", type=int, default=16)
     s.add_argument("--device", default="cpu", help="cpu, 0 (first GPU), ...")
+    s.add_argument("--workers", type=int, default=2, help="data-loader worker processes (0: in the main process)")
     s.add_argument("--init", default="pretrained",
                    help="pretrained (COCO YOLO11n-pose), scratch, current (the bundle in use on this box), "
                         "or a bundle directory whose weights/ to continue from")
@@ -117,6 +118,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         publish_to = open_registry(args.publish, endpoint_url=args.registry_endpoint)
     cfg = TrainConfig(annotations=ann, images=images, out=Path(args.out), work=Path(args.work or f"{args.out}.work"),
                       epochs=args.epochs, imgsz=args.imgsz, batch=args.batch, device=args.device, init=init,
+                      workers=args.workers,
                       val_fraction=args.val_fraction, roles=tuple(args.roles.split(",")), seed=args.seed,
                       mix=TrainingMix(reviewed_only=args.reviewed_only, auto_weight=args.auto_weight))
     bundle = train_bundle(cfg)
