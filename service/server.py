@@ -249,8 +249,9 @@ class AnnotatorServicer(pb_grpc.AnnotatorServicer):
 
     def ReloadModels(self, request: pb.ReloadModelsRequest, context: grpc.ServicerContext) -> pb.Status:
         try:
-            path = allowed_bundle_path(request.bundle_path, self.daemon.config.engine.bundle) \
-                if request.bundle_path else None
+            configured = self.daemon.config.engine.bundle
+            assert configured is not None  # Daemon requires engine.bundle
+            path = allowed_bundle_path(request.bundle_path, configured) if request.bundle_path else None
             self.daemon.reload(str(path) if path is not None else None)
             return status_to_proto(self.daemon.status())
         except Exception as exc:  # every failure becomes a status

@@ -124,7 +124,7 @@ def test_daemon_health_and_metrics_in_process(make_config: Callable[..., Any],
             assert answers[0].WhichOneof("result") == "annotation"
         assert value("annotator_intake_rejected_total", {"reason": "invalid"}) == 2
         assert value("annotator_streams_total") == 1 and value("annotator_streams_active") == 0
-        assert value("annotator_inference_seconds_count", {"role": "pose_main"}) >= 2
+        assert (value("annotator_inference_seconds_count", {"role": "pose_main"}) or 0) >= 2
         assert value("annotator_images", {"state": "failed"}) == 0  # read from the store at collect
     finally:
         server.stop(grace=0.5).wait(5)
