@@ -5,7 +5,8 @@ asked again at once; False: nothing to do now). ``build_agent`` assembles them f
 in this order: ``upload`` (``sync.uploader``), ``review-submit`` (``sync.submit``: each finished
 batch to the review backend, once), ``merge`` (collect finished reviews and merge them into the
 dataset, every ``[sync.review] collect_interval``) and ``models`` (pull, verify, gate, switch,
-reload; only with a ``[sync.models] registry``). ``RetryableError`` from a task is logged and the agent
+reload; only with a ``[sync.models] registry``), preceded by ``training`` (a SageMaker training job
+whose bundle is published to that registry; only with ``[sync.training]``, ``sync.training_job``). ``RetryableError`` from a task is logged and the agent
 carries on (the work stays in the database for the next pass); ``PermanentError`` ends the run
 so that the command can say what to fix.
 
@@ -139,6 +140,7 @@ def build_agent(cfg: SyncConfig, extra_tasks: Sequence[Task] = (), env: Mapping[
 
     review = review_settings_from(cfg, env)
     pull = settings_from(cfg.store_root, cfg.tables, cfg.base)
+    training = _training_settings(cfg, pull)
     if pull.daemon is None:
         pull = dataclasses.replace(pull, daemon=cfg.daemon_address)
     settings = UploadSettings(cfg.appliance_id, cfg.batch_size, cfg.max_side, cfg.jpeg_quality,
@@ -159,6 +161,8 @@ def build_agent(cfg: SyncConfig, extra_tasks: Sequence[Task] = (), env: Mapping[
         if backend is not None:
             tasks += [_submit_task(uploader, store, target, backend),
                       Every(_merge_task(store, pull, backend, metrics, agent), review.collect_interval)]
+        if training is not None:  # before the model pull: a bundle published in a pass is pulled in it
+            tasks.append(_training_task(training, store, pull, agent))
         if "models" in cfg.tables:
             tasks += _model_tasks(pull, cfg, agent)
         agent.tasks = [*tasks, *extra_tasks]
@@ -182,6 +186,31 @@ def _merge_task(store: Any, pull: Any, backend: Any, metrics: MetricsRecorder | 
     dataset = Dataset(pull.dataset_root, holdout_fraction=pull.holdout_fraction)
     agent.closers.append(dataset.close)
     return MergeTask(Merger(store, dataset), backend.collect, metrics.review_merged if metrics is not None else None)
+
+
+def _training_settings(cfg: SyncConfig, pull: Any) -> Any:
+    """``[sync.training]`` validated (None when absent); it publishes to ``[sync.models.registry]``."""
+    if "training" not in cfg.tables:
+        return None
+    from .errors import SyncConfigError
+    from .training_settings import training_settings_from
+
+    settings = training_settings_from(cfg.tables["training"], cfg.appliance_id, cfg.base)
+    if pull.registry is None:
+        raise SyncConfigError("sync.training: needs [sync.models.registry] to publish the bundles it trains")
+    return settings
+
+
+def _training_task(settings: Any, store: Any, pull: Any, agent: Agent) -> Task:
+    """The cloud training-job task (``sync.training_job``)."""
+    from .config import open_target
+    from .dataset import Dataset
+    from .training_job import build_training_task, dataset_exporter
+
+    dataset = Dataset(pull.dataset_root, holdout_fraction=pull.holdout_fraction)
+    agent.closers.append(dataset.close)
+    return build_training_task(settings, open_target(pull.registry), pull.store_root,
+                               dataset_exporter(store, dataset))
 
 
 def _model_tasks(pull: Any, cfg: SyncConfig, agent: Agent) -> list[Task]:

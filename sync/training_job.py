@@ -1,0 +1,237 @@
+"""Retraining as a SageMaker training job, started and followed by the sync agent.
+
+::
+
+    [sync.training]
+    role_arn = "arn:aws:iam::123456789012:role/annotator-training"
+    image_uri = "123456789012.dkr.ecr.eu-central-1.amazonaws.com/annotator:train"
+    instance_type = "ml.g4dn.xlarge"
+    input_s3 = "s3://edge-training/datasets"       # <input_s3>/<job name>/ receives the export
+    output_s3 = "s3://edge-training/jobs"           # SageMaker writes <output_s3>/<job>/output/model.tar.gz
+    min_new_reviewed = 200                          # start a job after this many newly reviewed images
+    poll_interval = 300.0                           # seconds between describe_training_job calls
+    max_runtime_s = 86400
+    volume_gb = 30
+    region = "eu-central-1"
+    endpoint_url = "http://..."                     # optional: one endpoint for S3 and SageMaker (tests)
+    [sync.training.hyperparameters]                 # passed as strings (exporter.sagemaker_entry)
+    epochs = 30
+    auto_weight = 0.5
+
+``TrainingJobTask.run_once`` (a sync-agent task): with a job in flight it polls
+``describe_training_job`` (at most every ``poll_interval``); ``Completed``: it downloads the
+model artifact (``ModelArtifacts.S3ModelArtifacts``), unpacks it safely, verifies the bundle
+(``load_bundle``) and publishes it to the ``[sync.models.registry]`` (``sync.publish``), where
+the model pull picks it up; ``Failed``/``Stopped``: it logs SageMaker's ``FailureReason`` and
+forgets the job. With no job in flight and enough newly reviewed images it exports the dataset
+(``sync.coco_export``, hold-out left out), uploads it and calls ``create_training_job``. The
+job in flight lives in ``<store root>/training-job.json`` (written atomically), so a restart
+resumes following it. Errors: boto3 failures become ``RetryableError`` / ``PermanentError``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from service.bundle import load_bundle, write_json_atomic
+
+from .errors import PermanentError, RetryableError, SyncConfigError
+from .objectstore import ObjectStore
+from .s3store import wrap_boto_error
+from .training_settings import TrainingSettings, split_s3
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "training-job.json"
+
+
+class CloudTrainer:
+    """create / describe / fetch for one configured SageMaker setup. ``sagemaker`` and ``s3``
+    are boto3 clients; ``open_store(uri)`` opens an ``ObjectStore`` for an ``s3://`` prefix."""
+
+    def __init__(self, settings: TrainingSettings, sagemaker: Any, s3: Any,
+                 open_store: Callable[[str], ObjectStore]) -> None:
+        self.settings = settings
+        self.sagemaker = sagemaker
+        self.s3 = s3
+        self.open_store = open_store
+
+    def upload_dataset(self, dataset_dir: Path, job_name: str) -> str:
+        """Copy an exported dataset folder to ``<input_s3>/<job name>/``; returns that address."""
+        uri = f"{self.settings.input_s3.rstrip('/')}/{job_name}"
+        store = self.open_store(uri)
+        files = sorted(p for p in Path(dataset_dir).rglob("*") if p.is_file())
+        for path in files:
+            store.put(path.relative_to(dataset_dir).as_posix(), path)
+        log.info("uploaded %d dataset files to %s", len(files), uri)
+        return uri + "/"
+
+    def start(self, job_name: str, input_uri: str) -> str:
+        """``create_training_job`` with the ``training`` channel at ``input_uri``; returns the ARN."""
+        s = self.settings
+        request = {
+            "TrainingJobName": job_name,
+            "AlgorithmSpecification": {"TrainingImage": s.image_uri, "TrainingInputMode": "File"},
+            "RoleArn": s.role_arn,
+            "HyperParameters": {k: str(v) for k, v in s.hyperparameters.items()},
+            "InputDataConfig": [{"ChannelName": "training", "DataSource": {"S3DataSource": {
+                "S3DataType": "S3Prefix", "S3Uri": input_uri, "S3DataDistributionType": "FullyReplicated"}}}],
+            "OutputDataConfig": {"S3OutputPath": s.output_s3},
+            "ResourceConfig": {"InstanceType": s.instance_type, "InstanceCount": 1, "VolumeSizeInGB": s.volume_gb},
+            "StoppingCondition": {"MaxRuntimeInSeconds": s.max_runtime_s},
+            "Tags": [{"Key": "annotator:appliance", "Value": s.appliance_id}],
+        }
+        try:
+            arn = self.sagemaker.create_training_job(**request)["TrainingJobArn"]
+        except Exception as exc:  # botocore errors, sorted by wrap_boto_error
+            raise wrap_boto_error(exc, "sagemaker", f"create_training_job {job_name}") from exc
+        log.info("started training job %s (%s)", job_name, arn)
+        return str(arn)
+
+    def describe(self, job_name: str) -> dict[str, Any]:
+        try:
+            return dict(self.sagemaker.describe_training_job(TrainingJobName=job_name))
+        except Exception as exc:  # botocore errors
+            raise wrap_boto_error(exc, "sagemaker", f"describe_training_job {job_name}") from exc
+
+    def fetch_bundle(self, artifact_uri: str, dest: Path) -> Path:
+        """Download and unpack ``model.tar.gz`` into ``dest``; returns the verified bundle folder."""
+        bucket, key = split_s3(artifact_uri)
+        dest.mkdir(parents=True, exist_ok=True)
+        tar_path = dest / "model.tar.gz"
+        try:
+            self.s3.download_file(bucket, key, str(tar_path))
+        except Exception as exc:  # botocore errors; a missing artifact is worth another try
+            err = wrap_boto_error(exc, bucket, f"get {key}")
+            if "404" in str(exc) or "NoSuchKey" in str(exc) or "Not Found" in str(exc):
+                raise RetryableError(f"model artifact {artifact_uri} is not there (yet)") from exc
+            raise err from exc
+        unpacked = dest / "bundle"
+        try:
+            with tarfile.open(tar_path) as t:
+                t.extractall(unpacked, filter="data")
+        except (tarfile.TarError, OSError) as exc:
+            raise PermanentError(f"model artifact {artifact_uri} is not a readable tar.gz: {exc}") from exc
+        for cand in (unpacked, *sorted(p for p in unpacked.iterdir() if p.is_dir())):
+            if (cand / "bundle.json").is_file():
+                load_bundle(cand)  # BundleError when checksums or layouts are wrong
+                return cand
+        raise PermanentError(f"model artifact {artifact_uri} holds no bundle.json")
+
+
+class TrainingJobTask:
+    """The agent task (module doc). ``export_dataset(folder) -> (version, reviewed count)``
+    writes the current dataset; ``registry`` is where finished bundles are published."""
+
+    name = "training"
+
+    def __init__(self, trainer: CloudTrainer, registry: ObjectStore, state_dir: Path,
+                 export_dataset: Callable[[Path], tuple[str, int]], sign_key: Path | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.trainer = trainer
+        self.registry = registry
+        self.state_path = Path(state_dir) / STATE_FILE
+        self.export_dataset = export_dataset
+        self.sign_key = sign_key
+        self.clock = clock
+        self._next_poll = 0.0
+
+    def state(self) -> dict[str, Any]:
+        try:
+            return dict(json.loads(self.state_path.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            return {}
+
+    def _save(self, state: dict[str, Any]) -> None:
+        write_json_atomic(self.state_path, state)
+
+    def run_once(self) -> bool:
+        state = self.state()
+        if state.get("job") and state.get("status") == "InProgress":
+            return self.follow(state)
+        return self.maybe_start(state)
+
+    def maybe_start(self, state: dict[str, Any]) -> bool:
+        """Export, upload and start a job when enough new reviewed images arrived."""
+        s = self.trainer.settings
+        with tempfile.TemporaryDirectory(prefix="training-export-", dir=self.state_path.parent) as tmp:
+            version, reviewed = self.export_dataset(Path(tmp) / "dataset")
+            new = reviewed - int(state.get("reviewed_at_start", 0))
+            if new < s.min_new_reviewed or version == state.get("dataset_version"):
+                return False
+            job = f"{s.job_prefix}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(self.clock()))}"[:63]
+            input_uri = self.trainer.upload_dataset(Path(tmp) / "dataset", job)
+        arn = self.trainer.start(job, input_uri)
+        self._save({"job": job, "arn": arn, "status": "InProgress", "dataset_version": version,
+                    "reviewed_at_start": reviewed, "started": self.clock(), "input": input_uri})
+        self._next_poll = 0.0
+        return True
+
+    def follow(self, state: dict[str, Any]) -> bool:
+        """Poll the job in flight; publish its bundle when it completed."""
+        now = self.clock()
+        if now < self._next_poll:
+            return False
+        self._next_poll = now + self.trainer.settings.poll_interval
+        desc = self.trainer.describe(state["job"])
+        status = str(desc.get("TrainingJobStatus"))
+        if status in ("InProgress", "Stopping"):
+            return False
+        if status != "Completed":
+            log.error("training job %s ended %s: %s", state["job"], status, desc.get("FailureReason", "no reason given"))
+            self._save({**state, "status": status, "failure": str(desc.get("FailureReason", ""))})
+            return True
+        artifact = str(desc.get("ModelArtifacts", {}).get("S3ModelArtifacts", ""))
+        from .publish import publish_bundle
+
+        with tempfile.TemporaryDirectory(prefix="training-artifact-", dir=self.state_path.parent) as tmp:
+            bundle_dir = self.trainer.fetch_bundle(artifact, Path(tmp))
+            result = publish_bundle(bundle_dir, self.registry, sign_key=self.sign_key)
+        self._save({**state, "status": "Completed", "artifact": artifact, "bundle_id": result.bundle_id})
+        log.info("training job %s: bundle %s published to %r", state["job"], result.bundle_id, self.registry)
+        return True
+
+
+def build_training_task(settings: TrainingSettings, registry: ObjectStore, state_dir: Path,
+                        export_dataset: Callable[[Path], tuple[str, int]]) -> TrainingJobTask:
+    """The task with boto3 clients for ``settings`` (credentials from boto3's chain)."""
+    import boto3
+
+    from .publish import open_registry
+
+    if not settings.role_arn or not settings.image_uri:
+        raise SyncConfigError("sync.training: role_arn and image_uri are required")
+    from botocore.config import Config
+
+    session = boto3.session.Session(region_name=settings.region)
+    sagemaker = session.client("sagemaker", endpoint_url=settings.endpoint_url)
+    s3 = session.client("s3", endpoint_url=settings.endpoint_url,
+                        config=Config(s3={"addressing_style": "path"}) if settings.endpoint_url else None)
+
+    def open_store(uri: str) -> ObjectStore:
+        return open_registry(uri, endpoint_url=settings.endpoint_url, region=settings.region)
+
+    trainer = CloudTrainer(settings, sagemaker, s3, open_store)
+    return TrainingJobTask(trainer, registry, state_dir, export_dataset, sign_key=settings.sign_key)
+
+
+def dataset_exporter(store: Any, dataset: Any) -> Callable[[Path], tuple[str, int]]:
+    """``export_dataset`` for the task: auto-accepted images merged, then ``export_dataset``."""
+    from .coco_export import export_dataset
+    from .merge import Merger
+
+    def export(out: Path) -> tuple[str, int]:
+        if Merger(store, dataset).add_auto_accepted():
+            dataset.record_version("auto-accepted images added before a training job")
+        res = export_dataset(dataset, store.image_path, out)
+        return res.version, res.reviewed
+
+    return export
+
+
+__all__ = ["CloudTrainer", "TrainingJobTask", "build_training_task", "dataset_exporter"]

@@ -1,0 +1,83 @@
+"""Settings of the cloud training job: the ``[sync.training]`` table (``sync.training_job``).
+
+Validated before anything is opened; errors name the key (``SyncConfigError``). Every
+hyperparameter is passed to SageMaker as a string (the training-job API's rule); the entry
+point (``exporter.sagemaker_entry``) parses them back.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import SyncConfigError
+
+_KEYS: dict[str, Any] = {
+    "role_arn": str, "image_uri": str, "instance_type": str, "input_s3": str, "output_s3": str,
+    "min_new_reviewed": int, "poll_interval": (int, float), "max_runtime_s": int, "volume_gb": int,
+    "region": str, "endpoint_url": str, "job_prefix": str, "sign_key": str, "hyperparameters": dict,
+}
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/key`` -> (bucket, key); ``ValueError`` for anything else."""
+    if not uri.startswith("s3://") or not uri[5:].partition("/")[0]:
+        raise ValueError(f"expected s3://bucket/key, got {uri!r}")
+    bucket, _, key = uri[5:].partition("/")
+    return bucket, key
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """One SageMaker training setup (see ``sync.training_job`` for the meaning of each key)."""
+
+    role_arn: str
+    image_uri: str
+    input_s3: str
+    output_s3: str
+    appliance_id: str = "appliance"
+    instance_type: str = "ml.g4dn.xlarge"
+    min_new_reviewed: int = 200
+    poll_interval: float = 300.0
+    max_runtime_s: int = 86400
+    volume_gb: int = 30
+    region: str | None = None
+    endpoint_url: str | None = None
+    job_prefix: str = "annotator"
+    sign_key: Path | None = None
+    hyperparameters: Mapping[str, str] = field(default_factory=dict)
+
+
+def training_settings_from(table: Mapping[str, Any], appliance_id: str, base: Path) -> TrainingSettings:
+    """Build ``TrainingSettings`` from ``[sync.training]``; relative ``sign_key`` from ``base``."""
+    if not isinstance(table, dict):
+        raise SyncConfigError(f"sync.training: expected a table, got {table!r}")
+    for key, value in table.items():
+        if key not in _KEYS:
+            raise SyncConfigError(f"sync.training.{key}: unknown key; known: {', '.join(sorted(_KEYS))}")
+        if isinstance(value, bool) or not isinstance(value, _KEYS[key]):
+            raise SyncConfigError(f"sync.training.{key}: expected {_KEYS[key]}, got {value!r}")
+    for key in ("role_arn", "image_uri", "input_s3", "output_s3"):
+        if not table.get(key):
+            raise SyncConfigError(f"sync.training.{key}: required")
+    for key in ("input_s3", "output_s3"):
+        try:
+            split_s3(table[key])
+        except ValueError as exc:
+            raise SyncConfigError(f"sync.training.{key}: {exc}") from exc
+    for key, low in (("min_new_reviewed", 1), ("max_runtime_s", 60), ("volume_gb", 1)):
+        if key in table and table[key] < low:
+            raise SyncConfigError(f"sync.training.{key}: expected >= {low}, got {table[key]}")
+    if table.get("poll_interval", 0) < 0:
+        raise SyncConfigError(f"sync.training.poll_interval: expected >= 0, got {table['poll_interval']}")
+    hp = {}
+    for k, v in dict(table.get("hyperparameters", {})).items():
+        if isinstance(v, dict) or isinstance(v, list):
+            raise SyncConfigError(f"sync.training.hyperparameters.{k}: expected a plain value, got {v!r}")
+        hp[k] = ("true" if v else "false") if isinstance(v, bool) else str(v)
+    values = {k: v for k, v in table.items() if k not in ("hyperparameters", "sign_key")}
+    if "poll_interval" in values:
+        values["poll_interval"] = float(values["poll_interval"])
+    values.setdefault("job_prefix", f"annotator-{appliance_id}"[:40])
+    return TrainingSettings(appliance_id=appliance_id, hyperparameters=hp,
+                            sign_key=base / table["sign_key"] if table.get("sign_key") else None, **values)
