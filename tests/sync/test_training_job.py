@@ -119,3 +119,23 @@ def test_agent_starts_a_training_job_and_publishes_its_bundle(
     assert pulled.lineage["dataset"]["mix"]["auto_weight"] == 0.5
     assert (tmp_path / "pulled" / "weights" / "pose_main.pt").is_file()
     assert task.run_once() is False  # same dataset version: no second job
+
+
+def test_agent_wires_the_training_task_before_the_model_pull(tmp_path: Path) -> None:
+    from sync.agent import build_agent
+    from sync.config import load_sync_config
+
+    config = tmp_path / "annotator.toml"
+    training = ('[sync.training]\nrole_arn = "arn:aws:iam::1:role/r"\nimage_uri = "img"\n'
+                'input_s3 = "s3://b/in"\noutput_s3 = "s3://b/out"\nregion = "us-east-1"\n')
+    config.write_text('[store]\nroot = "store"\n[sync]\nappliance_id = "box-1"\n' + training)
+    with pytest.raises(SyncConfigError, match="sync.models.registry"):
+        build_agent(load_sync_config(config, env={}), env={})
+    config.write_text('[store]\nroot = "store"\n[sync]\nappliance_id = "box-1"\n' + training
+                      + '[sync.models]\n[sync.models.registry]\nkind = "local"\nroot = "registry"\n')
+    agent = build_agent(load_sync_config(config, env={}), env={})
+    try:
+        names = [t.name for t in agent.tasks]
+        assert names.index("training") == names.index("models") - 1
+    finally:
+        agent.close()
