@@ -3,7 +3,8 @@
 Image ``i`` of a seed depends only on ``(seed, i)``, so the training sets are nested (the
 first 100 images are inside the first 300, ...). Every size trains with the same settings;
 each finished size is kept in ``root/size-N`` and skipped on a re-run, so the command can be
-stopped and resumed. Results: ``root/curve.json``, ``root/curve.md`` (a table) and
+stopped and resumed. Sizes train in the order given (put the one you need first first); the
+table is sorted by size. Results: ``root/curve.json``, ``root/curve.md`` (a table) and
 ``root/curve.png``.
 """
 from __future__ import annotations
@@ -95,6 +96,7 @@ def run_curve(cfg: CurveConfig) -> list[dict[str, Any]]:
             evaluate(bundle, test / "annotations.json", test / "images", d / "eval", progress=False)
         rows.append(_row(n, json.loads(metrics_file.read_text())))
         log.info("learning curve: %d images -> %s", n, rows[-1])
+    rows.sort(key=lambda r: r["train_images"])
     write_json_atomic(cfg.root / "curve.json", {"config": {k: str(v) for k, v in cfg.__dict__.items()}, "rows": rows})
     (cfg.root / "curve.md").write_text(table_markdown(rows))
     plot_curve(rows, cfg.root / "curve.png")

@@ -48,6 +48,7 @@ class Occupant:
     points: np.ndarray
     head_center: tuple[float, float]
     head_axes: tuple[float, float]
+    face_center: tuple[float, float]  # centre of the skin-coloured face region (drawn over hair)
     head_roll: float
     yaw: float
     eyes_closed: bool
@@ -143,6 +144,9 @@ def make_occupant(
     pts[IDX["right_eye"]] = face(-eye_dx * math.cos(yaw * 1.2) + 0.35 * yaw, -0.06)
     pts[IDX["left_ear"]] = face(0.5 * math.cos(yaw * 1.4) + 0.05 * yaw, 0.02)
     pts[IDX["right_ear"]] = face(-0.5 * math.cos(yaw * 1.4) + 0.05 * yaw, 0.02)
+    # The face region: skin drawn over any hair, holding eyes, nose and mouth; its top edge sits
+    # 0.23 head heights above the head centre, above the eyes (-0.06), so hair never hides them.
+    face_c = face(0.22 * yaw, 0.14)
     self_occ: set[int] = set()
     # Turned head: the far ear, then the far eye, hide behind the head itself.
     if yaw > 0.3:
@@ -215,7 +219,7 @@ def make_occupant(
     hat = tuple(int(v) for v in rng.integers(0, 255, size=3)) if rng.random() < 0.15 else None
     return Occupant(
         slot=slot, scale=s, points=pts, head_center=(float(head_c[0]), float(head_c[1] + pitch * 0.3)),
-        head_axes=(head_w / 2, head_h / 2), head_roll=roll, yaw=yaw, eyes_closed=pose_sleep,
+        head_axes=(head_w / 2, head_h / 2), face_center=(float(face_c[0]), float(face_c[1])), head_roll=roll, yaw=yaw, eyes_closed=pose_sleep,
         skin=skin, hair=hair, shirt=shirt, trousers=trousers, hair_style=int(rng.integers(0, 4)),
         hat=hat, arm_behind_seat=behind_seat, arm_behind_torso=behind_torso,
         self_occluded=self_occ, pose="sleep" if pose_sleep else pose, child=child,

@@ -169,6 +169,9 @@ def _draw_person(pt: Painter, o: Occupant, slot_id: int, layer: str) -> None:
     elif o.hair_style == 1:
         pt.ellipse(o.head_center, (o.head_axes[0] * 1.02, o.head_axes[1] * 1.02), o.head_roll, o.hair,
                    base + P_HAIR, 200, 340)
+    # The face is skin over the hair: eyes, nose and mouth are never under hair.
+    pt.ellipse(o.face_center, (o.head_axes[0] * 0.78, o.head_axes[1] * 0.74), o.head_roll, o.skin,
+               base + P_HEAD)
     if o.hat is not None:
         c = np.array(o.head_center)
         up = np.array([math.sin(math.radians(o.head_roll)), -math.cos(math.radians(o.head_roll))])
