@@ -205,12 +205,14 @@ def _training_task(settings: Any, store: Any, pull: Any, agent: Agent) -> Task:
     """The cloud training-job task (``sync.training_job``)."""
     from .config import open_target
     from .dataset import Dataset
+    from .models import ModelSlots
     from .training_job import build_training_task, dataset_exporter
 
     dataset = Dataset(pull.dataset_root, holdout_fraction=pull.holdout_fraction)
     agent.closers.append(dataset.close)
+    slots = ModelSlots(pull.models_root)
     return build_training_task(settings, open_target(pull.registry), pull.store_root,
-                               dataset_exporter(store, dataset))
+                               dataset_exporter(store, dataset), current_bundle=slots.current_path)
 
 
 def _model_tasks(pull: Any, cfg: SyncConfig, agent: Agent) -> list[Task]:

@@ -24,7 +24,8 @@ model artifact (``ModelArtifacts.S3ModelArtifacts``), unpacks it safely, verifie
 (``load_bundle``) and publishes it to the ``[sync.models.registry]`` (``sync.publish``), where
 the model pull picks it up; ``Failed``/``Stopped``: it logs SageMaker's ``FailureReason`` and
 forgets the job. With no job in flight and enough newly reviewed images it exports the dataset
-(``sync.coco_export``, hold-out left out), uploads it and calls ``create_training_job``. The
+(``sync.coco_export``, hold-out left out), uploads it (and the bundle in use, with its
+``weights/``, as the ``init`` channel) and calls ``create_training_job``. The
 job in flight lives in ``<store root>/training-job.json`` (written atomically), so a restart
 resumes following it. Errors: boto3 failures become ``RetryableError`` / ``PermanentError``.
 """
@@ -61,26 +62,29 @@ class CloudTrainer:
         self.s3 = s3
         self.open_store = open_store
 
-    def upload_dataset(self, dataset_dir: Path, job_name: str) -> str:
-        """Copy an exported dataset folder to ``<input_s3>/<job name>/``; returns that address."""
-        uri = f"{self.settings.input_s3.rstrip('/')}/{job_name}"
+    def upload_folder(self, folder: Path, name: str) -> str:
+        """Copy a folder (an exported dataset, a bundle) to ``<input_s3>/<name>/``; returns that address."""
+        uri = f"{self.settings.input_s3.rstrip('/')}/{name}"
         store = self.open_store(uri)
-        files = sorted(p for p in Path(dataset_dir).rglob("*") if p.is_file())
+        files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
         for path in files:
-            store.put(path.relative_to(dataset_dir).as_posix(), path)
-        log.info("uploaded %d dataset files to %s", len(files), uri)
+            store.put(path.relative_to(folder).as_posix(), path)
+        log.info("uploaded %d files of %s to %s", len(files), folder, uri)
         return uri + "/"
 
-    def start(self, job_name: str, input_uri: str) -> str:
-        """``create_training_job`` with the ``training`` channel at ``input_uri``; returns the ARN."""
+    def start(self, job_name: str, input_uri: str, init_uri: str | None = None) -> str:
+        """``create_training_job`` with the ``training`` channel at ``input_uri`` (and the ``init``
+        channel, the bundle to continue from, at ``init_uri``); returns the job's ARN."""
         s = self.settings
+        channels = [("training", input_uri)] + ([("init", init_uri)] if init_uri else [])
         request = {
             "TrainingJobName": job_name,
             "AlgorithmSpecification": {"TrainingImage": s.image_uri, "TrainingInputMode": "File"},
             "RoleArn": s.role_arn,
             "HyperParameters": {k: str(v) for k, v in s.hyperparameters.items()},
-            "InputDataConfig": [{"ChannelName": "training", "DataSource": {"S3DataSource": {
-                "S3DataType": "S3Prefix", "S3Uri": input_uri, "S3DataDistributionType": "FullyReplicated"}}}],
+            "InputDataConfig": [{"ChannelName": name, "DataSource": {"S3DataSource": {
+                "S3DataType": "S3Prefix", "S3Uri": uri, "S3DataDistributionType": "FullyReplicated"}}}
+                for name, uri in channels],
             "OutputDataConfig": {"S3OutputPath": s.output_s3},
             "ResourceConfig": {"InstanceType": s.instance_type, "InstanceCount": 1, "VolumeSizeInGB": s.volume_gb},
             "StoppingCondition": {"MaxRuntimeInSeconds": s.max_runtime_s},
@@ -107,10 +111,10 @@ class CloudTrainer:
         try:
             self.s3.download_file(bucket, key, str(tar_path))
         except Exception as exc:  # botocore errors; a missing artifact is worth another try
-            err = wrap_boto_error(exc, bucket, f"get {key}")
-            if "404" in str(exc) or "NoSuchKey" in str(exc) or "Not Found" in str(exc):
+            code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
+            if code in ("404", "NoSuchKey", "NotFound"):
                 raise RetryableError(f"model artifact {artifact_uri} is not there (yet)") from exc
-            raise err from exc
+            raise wrap_boto_error(exc, bucket, f"get {key}") from exc
         unpacked = dest / "bundle"
         try:
             with tarfile.open(tar_path) as t:
@@ -126,18 +130,22 @@ class CloudTrainer:
 
 class TrainingJobTask:
     """The agent task (module doc). ``export_dataset(folder) -> (version, reviewed count)``
-    writes the current dataset; ``registry`` is where finished bundles are published."""
+    writes the current dataset; ``registry`` is where finished bundles are published;
+    ``current_bundle()`` is the bundle in use (sent as the ``init`` channel, so the job
+    continues from its weights), or None. Runs at most once per ``poll_interval``."""
 
     name = "training"
 
     def __init__(self, trainer: CloudTrainer, registry: ObjectStore, state_dir: Path,
                  export_dataset: Callable[[Path], tuple[str, int]], sign_key: Path | None = None,
+                 current_bundle: Callable[[], Path | None] = lambda: None,
                  clock: Callable[[], float] = time.time) -> None:
         self.trainer = trainer
         self.registry = registry
         self.state_path = Path(state_dir) / STATE_FILE
         self.export_dataset = export_dataset
         self.sign_key = sign_key
+        self.current_bundle = current_bundle
         self.clock = clock
         self._next_poll = 0.0
 
@@ -151,33 +159,37 @@ class TrainingJobTask:
         write_json_atomic(self.state_path, state)
 
     def run_once(self) -> bool:
+        now = self.clock()
+        if now < self._next_poll:
+            return False
+        self._next_poll = now + self.trainer.settings.poll_interval
         state = self.state()
         if state.get("job") and state.get("status") == "InProgress":
             return self.follow(state)
         return self.maybe_start(state)
 
     def maybe_start(self, state: dict[str, Any]) -> bool:
-        """Export, upload and start a job when enough new reviewed images arrived."""
+        """Export, upload and start a job when enough new reviewed images arrived since the last
+        completed job (a failed job's dataset version is not tried again)."""
         s = self.trainer.settings
+        base = int(state.get("reviewed_base", 0))
         with tempfile.TemporaryDirectory(prefix="training-export-", dir=self.state_path.parent) as tmp:
             version, reviewed = self.export_dataset(Path(tmp) / "dataset")
-            new = reviewed - int(state.get("reviewed_at_start", 0))
-            if new < s.min_new_reviewed or version == state.get("dataset_version"):
+            if reviewed - base < s.min_new_reviewed or version == state.get("dataset_version"):
                 return False
             job = f"{s.job_prefix}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime(self.clock()))}"[:63]
-            input_uri = self.trainer.upload_dataset(Path(tmp) / "dataset", job)
-        arn = self.trainer.start(job, input_uri)
+            input_uri = self.trainer.upload_folder(Path(tmp) / "dataset", job)
+        current = self.current_bundle()
+        init_uri = self.trainer.upload_folder(current, f"{job}-init") if current is not None else None
+        arn = self.trainer.start(job, input_uri, init_uri)
         self._save({"job": job, "arn": arn, "status": "InProgress", "dataset_version": version,
-                    "reviewed_at_start": reviewed, "started": self.clock(), "input": input_uri})
+                    "reviewed_at_start": reviewed, "reviewed_base": base, "started": self.clock(),
+                    "input": input_uri, "init": init_uri})
         self._next_poll = 0.0
         return True
 
     def follow(self, state: dict[str, Any]) -> bool:
         """Poll the job in flight; publish its bundle when it completed."""
-        now = self.clock()
-        if now < self._next_poll:
-            return False
-        self._next_poll = now + self.trainer.settings.poll_interval
         desc = self.trainer.describe(state["job"])
         status = str(desc.get("TrainingJobStatus"))
         if status in ("InProgress", "Stopping"):
@@ -192,13 +204,15 @@ class TrainingJobTask:
         with tempfile.TemporaryDirectory(prefix="training-artifact-", dir=self.state_path.parent) as tmp:
             bundle_dir = self.trainer.fetch_bundle(artifact, Path(tmp))
             result = publish_bundle(bundle_dir, self.registry, sign_key=self.sign_key)
-        self._save({**state, "status": "Completed", "artifact": artifact, "bundle_id": result.bundle_id})
+        self._save({**state, "status": "Completed", "artifact": artifact, "bundle_id": result.bundle_id,
+                    "reviewed_base": state.get("reviewed_at_start", 0)})
         log.info("training job %s: bundle %s published to %r", state["job"], result.bundle_id, self.registry)
         return True
 
 
 def build_training_task(settings: TrainingSettings, registry: ObjectStore, state_dir: Path,
-                        export_dataset: Callable[[Path], tuple[str, int]]) -> TrainingJobTask:
+                        export_dataset: Callable[[Path], tuple[str, int]],
+                        current_bundle: Callable[[], Path | None] = lambda: None) -> TrainingJobTask:
     """The task with boto3 clients for ``settings`` (credentials from boto3's chain)."""
     import boto3
 
@@ -217,7 +231,8 @@ def build_training_task(settings: TrainingSettings, registry: ObjectStore, state
         return open_registry(uri, endpoint_url=settings.endpoint_url, region=settings.region)
 
     trainer = CloudTrainer(settings, sagemaker, s3, open_store)
-    return TrainingJobTask(trainer, registry, state_dir, export_dataset, sign_key=settings.sign_key)
+    return TrainingJobTask(trainer, registry, state_dir, export_dataset, sign_key=settings.sign_key,
+                           current_bundle=current_bundle)
 
 
 def dataset_exporter(store: Any, dataset: Any) -> Callable[[Path], tuple[str, int]]:

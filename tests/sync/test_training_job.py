@@ -43,14 +43,14 @@ def test_settings_are_validated(tmp_path: Path) -> None:
 
 def play_the_container(s3: object, job: dict, ml: Path) -> Path:
     """Do what SageMaker does with the job's image; returns the model.tar.gz."""
-    channel = job["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"]
-    bucket, _, prefix = channel[5:].partition("/")
-    dest = ml / "input" / "data" / job["InputDataConfig"][0]["ChannelName"]
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):  # type: ignore[attr-defined]
-        for obj in page.get("Contents", []):
-            target = dest / obj["Key"][len(prefix):].lstrip("/")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            s3.download_file(bucket, obj["Key"], str(target))  # type: ignore[attr-defined]
+    for channel in job["InputDataConfig"]:
+        bucket, _, prefix = channel["DataSource"]["S3DataSource"]["S3Uri"][5:].partition("/")
+        dest = ml / "input" / "data" / channel["ChannelName"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):  # type: ignore[attr-defined]
+            for obj in page.get("Contents", []):
+                target = dest / obj["Key"][len(prefix):].lstrip("/")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                s3.download_file(bucket, obj["Key"], str(target))  # type: ignore[attr-defined]
     (ml / "input" / "config").mkdir(parents=True)
     (ml / "input" / "config" / "hyperparameters.json").write_text(json.dumps(job["HyperParameters"]))
     (ml / "checkpoints").mkdir()
@@ -91,7 +91,10 @@ def test_agent_starts_a_training_job_and_publishes_its_bundle(
         hyperparameters={"epochs": "1", "imgsz": "96", "batch": "8", "workers": "0", "val_fraction": "0.25",
                          "auto_weight": "0.5"})
     registry = LocalFolderStore(tmp_path / "registry")
-    task = build_training_task(settings, registry, tmp_path, export)
+    parent = tmp_path / "current"  # the bundle in use (no weights/: the job falls back to pretrained)
+    parent.mkdir()
+    (parent / "bundle.json").write_text(json.dumps({"id": "parent-bundle-1"}))
+    task = build_training_task(settings, registry, tmp_path, export, current_bundle=lambda: parent)
 
     assert task.run_once() is True  # export, upload, create_training_job
     state = task.state()
@@ -99,6 +102,7 @@ def test_agent_starts_a_training_job_and_publishes_its_bundle(
     job = task.trainer.describe(state["job"])
     assert job["HyperParameters"]["auto_weight"] == "0.5"
     assert job["AlgorithmSpecification"]["TrainingImage"] == settings.image_uri
+    assert [c["ChannelName"] for c in job["InputDataConfig"]] == ["training", "init"]
     s3 = moto_server.client()
     assert s3.head_object(Bucket=bucket, Key=f"datasets/{state['job']}/annotations.json")
 
@@ -117,6 +121,7 @@ def test_agent_starts_a_training_job_and_publishes_its_bundle(
     pulled = load_bundle(BundleRegistry(registry).download(bundle_id, tmp_path / "pulled"))
     assert pulled.lineage["dataset"]["version"] == "v-test-1"
     assert pulled.lineage["dataset"]["mix"]["auto_weight"] == 0.5
+    assert pulled.lineage["parent_bundle"] == "parent-bundle-1"  # continued from the init channel
     assert (tmp_path / "pulled" / "weights" / "pose_main.pt").is_file()
     assert task.run_once() is False  # same dataset version: no second job
 
