@@ -240,7 +240,8 @@ def test_closed_loop_retrains_on_reviewed_ground_truth_and_hot_swaps(
         assert (tmp_path / "registry" / "bundles" / new_id / "weights" / "pose_main.pt").is_file()
 
         pulled = annotator("sync", "--config", str(config), "--once")  # pull, gate, ReloadModels
-        assert f"bundle {new_id} passed the gate" in pulled.stderr
+        gate = next(line for line in pulled.stderr.splitlines() if f"bundle {new_id} passed the gate" in line)
+        assert "reviewed hold-out images" in gate and "checksums only" not in gate, gate  # quality compared
         assert (tmp_path / "store" / "models" / "current").resolve().name == new_id
         assert (tmp_path / "store" / "models" / "current" / "weights" / "head.pt").is_file()
         port = int(config.read_text().split('listen = "127.0.0.1:')[1].split('"')[0])
