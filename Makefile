@@ -1,5 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   runtime-only environment (.venv-run), then annotate the shipped sample images
+#   make demo   runtime-only environment (.venv-run), then the main job end to end (daemon, judge,
+#               sync agent into demo-out/bucket) on the shipped sample images
 #   make test   full environment (.venv: runtime + train + test extras), then the test suite
 PYTHON ?= python3
 RUN_VENV := .venv-run

@@ -15,7 +15,6 @@ from typing import Callable, Sequence
 from .errors import AnnotatorError
 
 log = logging.getLogger("annotator")
-DEMO_BUNDLE = Path(__file__).resolve().parent / "assets" / "demo_bundle"
 
 
 def _progress(label: str) -> Callable[[int, int], None]:
@@ -93,23 +92,10 @@ def cmd_curve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
-    return run_demo(Path(args.out), bundle=Path(args.bundle), count=args.count, seed=args.seed)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="annotator", description="Edge annotation appliance for in-cabin images.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
-
-    s = sub.add_parser("demo", help="annotate sample cabin images with the demo bundle (no set-up needed)")
-    s.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
-    s.add_argument("--bundle", default=str(DEMO_BUNDLE), help="bundle directory (default: the shipped demo bundle)")
-    s.add_argument("--count", type=int, default=12, help="sample images to render and annotate")
-    s.add_argument("--seed", type=int, default=2026)
-    s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("synth", help="render synthetic in-cabin scenes as a COCO key-points dataset")
     s.add_argument("out")
@@ -167,10 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# Subcommands of the other parts (sync agent, operations). The CLI is the composition root:
-# these imports are the only place where ``service`` reaches into ``sync``, and they are
-# light (the sync modules import boto3 and friends inside their commands).
-_OPTIONAL_COMMANDS = ("sync.cli", "sync.dataset_cli", "sync.models_cli", "service.doctor", "exporter.simulate")
+# Subcommands of the other parts (sync agent, operations, the end-to-end demo). The CLI is the
+# composition root: these imports are the only place where ``service`` reaches into ``sync``,
+# and they are light (the sync modules import boto3 and friends inside their commands).
+_OPTIONAL_COMMANDS = ("sync.demo", "sync.cli", "sync.dataset_cli", "sync.models_cli", "service.doctor", "exporter.simulate")
 
 
 def _register_optional(sub: argparse._SubParsersAction) -> None:
