@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from service.bundle import write_json_atomic
+from service.durable import write_json_atomic
 
 log = logging.getLogger(__name__)
 

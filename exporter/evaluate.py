@@ -36,7 +36,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from service.bundle import Bundle, load_bundle, write_json_atomic
+from service.bundle import Bundle, load_bundle
+from service.durable import write_json_atomic
 from service.draw import contact_sheet, draw_prediction
 from service.errors import ImageError
 from service.record import Prediction

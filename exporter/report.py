@@ -5,29 +5,14 @@ Plots use matplotlib's object API with the Agg canvas (no pyplot, no display, no
 from __future__ import annotations
 
 import io
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence, TextIO
 
 import cv2
 import numpy as np
 
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from service.durable import write_bytes_atomic
 
 
 def write_png(path: Path, image_bgr: np.ndarray) -> None:

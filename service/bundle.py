@@ -33,11 +33,11 @@ import hashlib
 import json
 import os
 import secrets
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from .durable import write_json_atomic  # also importable from here, as before
 from .errors import BundleError
 from .keypoints import KeypointSchema
 
@@ -280,22 +280,6 @@ def load_bundle(path: str | os.PathLike[str], verify: bool = True) -> Bundle:
                 )
             verify_onnx_layout(entry, mp)
     return bundle
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file in the same folder, fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_bundle(bundle: Bundle) -> Path:

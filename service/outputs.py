@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from .bundle import write_json_atomic
+from .durable import fsync_dir, write_json_atomic
 from .keypoints import CABIN19, COCO17, FLAG_VISIBILITY, VISIBILITY_FLAG, KeypointSchema
 from .store import ImageRow, Store
 
@@ -87,24 +87,10 @@ def write_sidecars(out_dir: Path, records: Sequence[Mapping[str, Any]]) -> list[
         if not image_id or Path(image_id).name != image_id or image_id.startswith("."):
             raise ValueError(f"write_sidecars: each record needs a plain image_id, got {image_id!r}")
         path = out_dir / f"{image_id}.json"
-        tmp = out_dir / f".{image_id}.json.{os.getpid()}.tmp"
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(dict(record), f, indent=2)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_json_atomic(path, dict(record))
         paths.append(path)
     if paths:
-        fd = os.open(out_dir, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(out_dir)
     return paths
 
 

@@ -33,13 +33,13 @@ import os
 import re
 import shutil
 import sqlite3
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from .durable import write_bytes_atomic
 from .errors import ImageNotFound, LeaseLost, StoreError, StoreFull
 
 log = logging.getLogger(__name__)
@@ -134,26 +134,6 @@ class Completion:
 def image_id_of(data: bytes) -> str:
     """The content address of image bytes: sha256 hex digest."""
     return hashlib.sha256(data).hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Temporary file in the same folder, fsync, rename, fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:16]}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 class Store:
@@ -277,7 +257,7 @@ class Store:
             raise StoreFull(f"ingest refused: {reason}")
         path = self.image_path(image_id)
         if not path.exists():
-            _write_atomic(path, data)
+            write_bytes_atomic(path, data, sync_dir=True)
         meta = dict(meta or {})
         camera = meta.get("camera")
         now = self.clock()

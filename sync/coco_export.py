@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from service.bundle import write_json_atomic
+from service.durable import write_json_atomic
 from service.keypoints import KeypointSchema
 
 from .dataset import Dataset, DatasetEntry

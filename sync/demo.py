@@ -107,6 +107,7 @@ def sample_files(samples: Path) -> list[Path]:
 def prepare_folder(opts: DemoOptions) -> Path:
     """Create ``out`` (or clear an earlier demo's files with ``fresh``) and write the config."""
     from service.bundle import load_bundle
+    from service.durable import write_bytes_atomic
     from service.errors import ConfigError
 
     if not (opts.bundle / "bundle.json").is_file():
@@ -128,9 +129,7 @@ def prepare_folder(opts: DemoOptions) -> Path:
                 path.unlink()
         print(f"--fresh: removed the earlier demo's files from {out}")
     out.mkdir(parents=True, exist_ok=True)
-    tmp = config.with_name(f".{CONFIG_NAME}.tmp")
-    tmp.write_text(config_text(out, opts.bundle.resolve()), encoding="utf-8")
-    tmp.replace(config)
+    write_bytes_atomic(config, config_text(out, opts.bundle.resolve()).encode("utf-8"))
     return config
 
 

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
+
+from service.durable import write_bytes_atomic
 
 if TYPE_CHECKING:
     from service.store import ImageRow, Store
@@ -97,12 +98,7 @@ def _write_png(path: Path, image: np.ndarray) -> None:
     ok, buf = cv2.imencode(".png", image)
     if not ok:
         raise OSError(f"cannot encode {path} as PNG")
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(buf.tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    write_bytes_atomic(path, buf.tobytes())
 
 
 def write_pictures(out: Path, store: "Store", ids: Mapping[str, Path], bundle: Path,

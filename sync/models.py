@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from service.bundle import Bundle, load_bundle
+from service.durable import write_bytes_atomic
 from service.errors import BundleError
 
 from .errors import PermanentError, RetryableError, SyncError
@@ -90,9 +91,7 @@ class ModelSlots:
 
     def refuse(self, bundle_id: str, reason: str) -> None:
         path = self.root / "refused" / f"{bundle_id}.reason.txt"
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(f"{_now()} {reason}\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_bytes_atomic(path, f"{_now()} {reason}\n".encode("utf-8"))
         shutil.rmtree(self.root / "staging" / bundle_id, ignore_errors=True)
         log.warning("bundle %s refused: %s", bundle_id, reason)
 

@@ -15,10 +15,11 @@ import hashlib
 import io
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Iterator, Protocol, runtime_checkable
+
+from service.durable import atomic_file
 
 from .errors import ObjectNotFound, PermanentError
 
@@ -122,27 +123,13 @@ class LocalFolderStore:
     def put(self, key: str, data: bytes | Path, content_type: str = "application/octet-stream",
             sha256: str | None = None, metadata: dict[str, str] | None = None) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:24]}.", suffix=".tmp", dir=path.parent)
         digest = hashlib.sha256()
-        try:
-            with os.fdopen(fd, "wb") as out, open_source(data) as src:
-                for chunk in iter(lambda: src.read(_CHUNK), b""):
-                    digest.update(chunk)
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
+        with atomic_file(path, sync_dir=True) as out, open_source(data) as src:
+            for chunk in iter(lambda: src.read(_CHUNK), b""):
+                digest.update(chunk)
+                out.write(chunk)
             if sha256 is not None and digest.hexdigest() != sha256:
                 raise ValueError(f"put {key}: data has sha256 {digest.hexdigest()}, caller said {sha256}")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
         log.debug("wrote %s (%s)", path, content_type)
 
     def head(self, key: str) -> ObjectInfo | None:

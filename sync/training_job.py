@@ -39,7 +39,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from service.bundle import load_bundle, write_json_atomic
+from service.bundle import load_bundle
+from service.durable import write_json_atomic
 
 from .errors import PermanentError, RetryableError, SyncConfigError
 from .objectstore import ObjectStore

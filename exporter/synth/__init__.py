@@ -16,7 +16,7 @@ from typing import Any, Callable
 import cv2
 import numpy as np
 
-from service.bundle import write_json_atomic
+from service.durable import write_json_atomic
 from service.keypoints import CABIN19
 
 from .render import OUT_H, OUT_W, Knobs, render_image, sample_spec

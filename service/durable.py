@@ -1,0 +1,70 @@
+"""Durable file writes: a temporary file in the target folder, fsync, rename (DESIGN: practices).
+
+A reader never sees a half-written file: the data goes to a hidden ``.<name>.<random>.tmp``
+next to the target (same file system, so the rename is atomic), is flushed and fsynced, and
+only then renamed over the target. On any error the temporary file is removed and the old
+target, if any, stays as it was. The rename itself survives a power loss only once the folder
+is fsynced too: pass ``sync_dir=True``, or call ``fsync_dir`` once after a batch of writes
+(one directory sync instead of one per file).
+
+Temporary names start with ``.`` and end with ``.tmp``, which the drop folder and the local
+object store skip as work in progress.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+__all__ = ["atomic_file", "fsync_dir", "write_bytes_atomic", "write_json_atomic"]
+
+# Temporary names keep only the start of the target's name: a long name plus the random part
+# and the suffix must stay under the file system's limit on name length.
+_NAME_KEPT = 24
+
+
+def fsync_dir(folder: Path | str) -> None:
+    """fsync a folder, so that the renames and creations inside it survive a power loss."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path | str, *, sync_dir: bool = False) -> Iterator[IO[bytes]]:
+    """A binary file object whose content replaces ``path`` when the block ends without error.
+
+    The parent folder is created when missing. An exception inside the block (e.g. a checksum
+    that does not match what was streamed) removes the temporary file and leaves ``path`` alone.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:_NAME_KEPT]}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if sync_dir:
+        fsync_dir(path.parent)
+
+
+def write_bytes_atomic(path: Path | str, data: bytes, *, sync_dir: bool = False) -> None:
+    """Write ``data`` to ``path`` durably (temporary file, fsync, rename; see the module doc)."""
+    with atomic_file(path, sync_dir=sync_dir) as f:
+        f.write(data)
+
+
+def write_json_atomic(path: Path | str, data: Any, *, sync_dir: bool = False) -> None:
+    """Write ``data`` as JSON (indent 2, keys in the given order, a final newline) durably."""
+    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
+    write_bytes_atomic(path, text.encode("utf-8"), sync_dir=sync_dir)
