@@ -33,7 +33,6 @@ import os
 import re
 import shutil
 import sqlite3
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 from .durable import write_bytes_atomic
 from .errors import ImageNotFound, LeaseLost, StoreError, StoreFull
+from .sqlite import ThreadConnections, apply_schema
+from .sqlite import transaction as sqlite_transaction
 
 log = logging.getLogger(__name__)
 
@@ -155,17 +156,12 @@ class Store:
         self.min_free_bytes = int(min_free_bytes)
         self.clock = clock
         self.max_attempts = max_attempts
-        self._busy_ms = busy_timeout_ms
-        self._local = threading.local()
-        self._conns: builtins.list[sqlite3.Connection] = []
-        self._conns_lock = threading.Lock()
         self._closed = False
         (self.root / "images").mkdir(parents=True, exist_ok=True)
         self.db_path = self.root / "store.sqlite3"
+        self._conns = ThreadConnections(self.db_path, busy_timeout_ms)
         with self.transaction() as db:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
+            apply_schema(db, _SCHEMA)
             row = db.execute("SELECT max(version) FROM schema_version").fetchone()
             if row[0] is None:
                 db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
@@ -177,38 +173,18 @@ class Store:
     def _conn(self) -> sqlite3.Connection:
         if self._closed:
             raise StoreError(f"{self.db_path}: the store is closed")
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False,
-                                   timeout=self._busy_ms / 1000)
-            conn.row_factory = sqlite3.Row
-            conn.execute(f"PRAGMA busy_timeout={int(self._busy_ms)}")
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")  # a committed transition survives power loss
-            self._local.conn = conn
-            with self._conns_lock:
-                self._conns.append(conn)
-        return conn
+        return self._conns.get()
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on any exception). Not re-entrant."""
-        db = self._conn()
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with sqlite_transaction(self._conn()) as db:
             yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
 
     def close(self) -> None:
         """Close every thread's connection. The store is unusable afterwards."""
         self._closed = True
-        with self._conns_lock:
-            for conn in self._conns:
-                conn.close()
-            self._conns.clear()
+        self._conns.close()
 
     @staticmethod
     def _log(db: sqlite3.Connection, image_id: str, old: str | None, new: str, at: float,

@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from service.keypoints import CABIN19, KeypointSchema
+from service.sqlite import apply_schema, connect
+from service.sqlite import transaction as sqlite_transaction
 
 from .mistakenness import summarise
 
@@ -136,15 +138,9 @@ class Dataset:
         self.path = self.root / "dataset.sqlite3"
         self.clock = clock
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA busy_timeout=30000")
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = connect(self.path)
         with self.transaction() as db:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
+            apply_schema(db, _SCHEMA)
             meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
             if "schema" not in meta:
                 db.execute("INSERT INTO meta VALUES ('schema', ?)", (json.dumps((schema or CABIN19).to_json()),))
@@ -159,14 +155,8 @@ class Dataset:
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on any exception)."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        with self._lock, sqlite_transaction(self._db) as db:
+            yield db
 
     def close(self) -> None:
         self._db.close()

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
+
+from service.sqlite import ThreadConnections, apply_schema
+from service.sqlite import transaction as sqlite_transaction
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
@@ -70,40 +72,20 @@ class Journal:
     def __init__(self, path: Path, clock: Callable[[], float]) -> None:
         self.path = Path(path)
         self.clock = clock
-        self._local = threading.local()
-        self._conns: list[sqlite3.Connection] = []
+        self._conns = ThreadConnections(self.path)
         with self.transaction() as db:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
+            apply_schema(db, _SCHEMA)
 
     def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA busy_timeout=30000")
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            self._local.conn = conn
-            self._conns.append(conn)
-        return conn
+        return self._conns.get()
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        db = self._conn()
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with sqlite_transaction(self._conn()) as db:
             yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
 
     def close(self) -> None:
-        for conn in self._conns:
-            conn.close()
-        self._conns.clear()
+        self._conns.close()
 
     # -- batches ------------------------------------------------------------------------
     def unfinished_batch(self) -> Batch | None:

@@ -1,0 +1,78 @@
+"""SQLite the way every database of the appliance uses it (store, sync journal, dataset).
+
+- ``connect``: autocommit mode (transactions are explicit), rows as ``sqlite3.Row``, a busy
+  timeout so that a second process waits for the write lock instead of failing, WAL (readers
+  never block the writer) and ``synchronous=FULL`` (a committed transaction survives a power
+  loss).
+- ``transaction``: ``BEGIN IMMEDIATE`` ... ``COMMIT``, ``ROLLBACK`` on any exception. Taking
+  the write lock at ``BEGIN`` means a transaction never fails half-way on a lock upgrade.
+- ``ThreadConnections``: one connection per thread (a connection is not shared between
+  threads), all closed together.
+- ``apply_schema``: run an idempotent ``CREATE ... IF NOT EXISTS`` script statement by statement.
+"""
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Iterator
+
+DEFAULT_BUSY_TIMEOUT_MS = 30_000
+
+
+def connect(path: Path | str, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS) -> sqlite3.Connection:
+    """Open ``path`` in autocommit mode with WAL, ``synchronous=FULL`` and a busy timeout (ms)."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_ms / 1000)
+    conn.row_factory = sqlite3.Row
+    conn.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")  # a committed transaction survives power loss
+    return conn
+
+
+@contextlib.contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on any exception). Not re-entrant."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def apply_schema(db: sqlite3.Connection, schema: str) -> None:
+    """Execute each ``;``-separated statement of ``schema`` (idempotent ``IF NOT EXISTS`` DDL)."""
+    for statement in schema.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
+class ThreadConnections:
+    """One ``connect``-ed connection per calling thread to the database at ``path``."""
+
+    def __init__(self, path: Path | str, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS) -> None:
+        self.path = path
+        self.busy_timeout_ms = busy_timeout_ms
+        self._local = threading.local()
+        self._conns: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+
+    def get(self) -> sqlite3.Connection:
+        """This thread's connection, opened on first use."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = connect(self.path, self.busy_timeout_ms)
+            self._local.conn = conn
+            with self._lock:
+                self._conns.append(conn)
+        return conn
+
+    def close(self) -> None:
+        """Close every thread's connection (a thread that asks again afterwards gets a closed one)."""
+        with self._lock:
+            for conn in self._conns:
+                conn.close()
+            self._conns.clear()
