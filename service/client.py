@@ -27,20 +27,13 @@ import grpc
 from protos.annotator.v1 import annotator_pb2 as pb
 from protos.annotator.v1 import annotator_pb2_grpc as pb_grpc
 
+from .backoff import compute_backoff
 from .convert import epoch_to_timestamp
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
-
-
-def compute_backoff(attempt: int, base: float = 0.1, cap: float = 5.0, rng: random.Random | None = None) -> float:
-    """Seconds to wait before retry ``attempt`` (0-based): full jitter in [0, min(cap, base * 2**attempt)]."""
-    if attempt < 0:
-        raise ValueError(f"attempt: expected >= 0, got {attempt}")
-    ceiling = min(cap, base * (2.0 ** min(attempt, 62)))
-    return (rng or random).uniform(0.0, ceiling)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """Retries with exponential backoff and full jitter.
 
-``compute_backoff`` is pure (the random source is passed in), so its bounds are testable;
-``retry_call`` repeats a call on ``RetryableError`` and sleeps on a stop ``Event``, so a
-shutdown request ends the wait at once instead of after the backoff.
+``compute_backoff`` (from ``service.backoff``, importable from here too) is pure (the random
+source is passed in), so its bounds are testable; ``retry_call`` repeats a call on
+``RetryableError`` and sleeps on a stop ``Event``, so a shutdown request ends the wait at once
+instead of after the backoff.
 """
 from __future__ import annotations
 
@@ -12,22 +13,12 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, TypeVar
 
+from service.backoff import compute_backoff
+
 from .errors import RetryableError, Stopped
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-def compute_backoff(attempt: int, base: float, cap: float, rng: random.Random) -> float:
-    """Seconds to wait before retry number ``attempt`` (0-based): uniform in [0, min(cap, base * 2**attempt)].
-
-    "Full jitter" (AWS architecture blog, 2015): spreads the retries of many appliances that
-    lost the same server at the same moment.
-    """
-    if attempt < 0 or base < 0 or cap < 0:
-        raise ValueError(f"compute_backoff: expected attempt, base, cap >= 0, got {attempt}, {base}, {cap}")
-    ceiling = min(cap, base * (2.0 ** min(attempt, 62)))
-    return rng.uniform(0.0, ceiling)
 
 
 @dataclass
