@@ -12,6 +12,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from service import signing as service_signing
+from service.errors import ConfigError
 # The pure functions live in service.signing (the daemon verifies bundles too); re-exported here.
 from service.signing import SignatureError, parse_public_key, public_key_pem, sign_manifest, verify_manifest  # noqa: F401
 
@@ -23,10 +25,6 @@ log = logging.getLogger(__name__)
 def load_public_key(path: Path) -> Ed25519PublicKey:
     """Read an ed25519 public key (PEM, raw 32 bytes, base64 or hex); ``SyncConfigError`` when unusable."""
     try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise SyncConfigError(f"models.public_key: cannot read {path}: {exc}") from exc
-    try:
-        return parse_public_key(data)
-    except ValueError as exc:
-        raise SyncConfigError(f"models.public_key: {path}: {exc}") from exc
+        return service_signing.load_public_key(path, key_name="models.public_key")
+    except ConfigError as exc:
+        raise SyncConfigError(str(exc)) from exc
