@@ -78,7 +78,7 @@ def _init_weights(cfg: TrainConfig, role: str, kpt_count: int | None = None) -> 
     """(model argument, pretrained argument) for ultralytics for this role.
 
     ``kpt_count``: points of the pose label set. For the cabin-19 schema the COCO checkpoint's
-    key-point head is mapped onto the 19 points (``exporter.simulate_init``) instead of being
+    key-point head is mapped onto the 19 points (``exporter.cabin_init``) instead of being
     re-initialised by ultralytics: with a fresh head the pose models need many more epochs.
     """
     arch = "yolo11n.yaml" if role == "head" else "yolo11n-pose.yaml"
@@ -96,7 +96,7 @@ def _init_weights(cfg: TrainConfig, role: str, kpt_count: int | None = None) -> 
     if role == "head":  # the head detector takes the COCO model's backbone and neck
         return arch, str(pre)
     if kpt_count == 19:
-        from .simulate_init import write_cabin_init
+        from .cabin_init import write_cabin_init
 
         mapped = write_cabin_init(cfg.work / "cabin-init")
         if mapped is not None:
