@@ -31,7 +31,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent / "sync"))  # the sync tests' helpers
 
 from gtworker import answer, output_line  # noqa: E402
-from s3servers import ACCESS_KEY, SECRET_KEY, MotoControl, free_port  # noqa: E402
+from procs import command_env, free_port, start_serve, wait_for  # noqa: E402
+from s3servers import ACCESS_KEY, SECRET_KEY, MotoControl  # noqa: E402
 from service.client import AnnotatorClient  # noqa: E402
 from service.store import Store  # noqa: E402
 from sync.groundtruth import OUTPUT_MANIFEST, job_name_for  # noqa: E402
@@ -44,11 +45,7 @@ FLAGS = {2: "visible", 1: "occluded", 0: "outside"}
 
 
 def env() -> dict[str, str]:
-    base = dict(os.environ, AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY,
-                AWS_DEFAULT_REGION="us-east-1", AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull,
-                AWS_EC2_METADATA_DISABLED="true", PYTHONPATH=str(REPO))
-    base.pop("ANNOTATOR_CONFIG", None)
-    return base
+    return command_env(ACCESS_KEY, SECRET_KEY)
 
 
 def annotator(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
@@ -57,14 +54,6 @@ def annotator(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[s
     assert proc.returncode == 0, f"annotator {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
     return proc
 
-
-def wait(cond: Callable[[], bool], proc: subprocess.Popen[bytes], log: Path, seconds: float = 90.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not cond():
-        if proc.poll() is not None:
-            raise AssertionError(f"annotator serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        assert time.monotonic() < deadline, f"timed out; serve log:\n{log.read_text()[-3000:]}"
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -189,14 +178,12 @@ def test_closed_loop_retrains_on_reviewed_ground_truth_and_hot_swaps(
     t_setup = time.monotonic() - t0
 
     log = tmp_path / "serve.log"
-    with open(log, "ab") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--config", str(config)],
-                                stdout=f, stderr=subprocess.STDOUT, cwd=tmp_path, env=env())
+    proc = start_serve(config, log, cwd=tmp_path, env=env())
     store = Store(tmp_path / "store")
     try:
-        wait(lambda: re.search(r"serving\b.*\bon port \d+", log.read_text()) is not None, proc, log)
+        wait_for(lambda: re.search(r"serving\b.*\bon port \d+", log.read_text()) is not None, proc, log)
         ids = drop_images(tmp_path / "drop", sorted((batch / "images").glob("*.jpg")), "batch")
-        wait(lambda: sum(store.counts()[s] for s in DONE) == len(ids), proc, log)
+        wait_for(lambda: sum(store.counts()[s] for s in DONE) == len(ids), proc, log)
         review = [i for i in ids if store.get(i).state == "review_pending"]  # type: ignore[union-attr]
         assert len(review) == 8, "the judge should send 8 images (the hourly budget) to review"
         assert all(store.get(i).record["bundle_id"] == first.id for i in ids)  # type: ignore[union-attr]
@@ -249,7 +236,7 @@ def test_closed_loop_retrains_on_reviewed_ground_truth_and_hot_swaps(
             assert client.status().bundle_id == new_id
 
         next_ids = drop_images(tmp_path / "drop", sorted((later / "images").glob("*.jpg")), "later")
-        wait(lambda: all(store.get(i) is not None and store.get(i).state in DONE for i in next_ids),  # type: ignore[union-attr]
+        wait_for(lambda: all(store.get(i) is not None and store.get(i).state in DONE for i in next_ids),  # type: ignore[union-attr]
              proc, log)
         assert [store.get(i).record["bundle_id"] for i in next_ids] == [new_id] * len(next_ids)  # type: ignore[union-attr]
         print(f"closed loop: setup {t_setup:.0f} s, retrain {t_train:.0f} s, total {time.monotonic() - t0:.0f} s; "

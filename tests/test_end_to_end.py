@@ -5,14 +5,13 @@ import os
 import re
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any, Callable
 
 import cv2
 import pytest
 
+from procs import start_serve, wait_for
 from service.client import AnnotatorClient
 from service.store import Store
 
@@ -33,18 +32,11 @@ def _images(photos: list[Path], n: int) -> list[bytes]:
 
 
 def _start(config: Path, log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as f:
-        return subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--config", str(config)],
-                                stdout=f, stderr=subprocess.STDOUT, cwd=config.parent)
+    return start_serve(config, log, cwd=config.parent)
 
 
 def _wait(cond: Callable[[], bool], proc: subprocess.Popen[bytes], log: Path, seconds: float = 90.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not cond():
-        if proc.poll() is not None:
-            raise AssertionError(f"annotator serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        assert time.monotonic() < deadline, f"timed out; log:\n{log.read_text()[-3000:]}"
-        time.sleep(0.02)
+    wait_for(cond, proc, log, seconds, poll=0.02)
 
 
 def _annotated(store: Store) -> int:

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import random
-import socket
 from typing import Any, Callable
 
 import grpc
 import pytest
 
+from procs import free_port
 from service.client import AnnotatorClient, ImageMeta, annotate_request, compute_backoff
 
 
@@ -29,15 +29,9 @@ def test_compute_backoff_refuses_negative_attempts() -> None:
         compute_backoff(-1)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_retries_unavailable_then_gives_up() -> None:
     slept: list[float] = []
-    with AnnotatorClient(f"127.0.0.1:{_free_port()}", timeout=2.0, retries=2, rng=random.Random(0),
+    with AnnotatorClient(f"127.0.0.1:{free_port()}", timeout=2.0, retries=2, rng=random.Random(0),
                          sleep=slept.append) as client:
         with pytest.raises(grpc.RpcError) as err:
             client.status()

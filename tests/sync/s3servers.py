@@ -1,17 +1,12 @@
 """Helpers for the sync tests: S3 endpoints on loopback (imported by conftest and the tests)."""
 from __future__ import annotations
 
-import socket
 import uuid
 from dataclasses import dataclass
 
+from procs import free_port  # noqa: F401  (the sync tests import it from here)
+
 ACCESS_KEY, SECRET_KEY = "AKIAEDGETEST0001", "edge-test-secret-0001"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

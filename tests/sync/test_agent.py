@@ -16,6 +16,7 @@ from sync.agent import Agent
 from sync.config import load_sync_config, sync_config_from_dict
 from sync.errors import PermanentError, RetryableError, SyncConfigError
 
+from procs import command_env
 from reviewdata import fill_store
 from s3servers import ACCESS_KEY, SECRET_KEY, S3Server
 
@@ -125,9 +126,7 @@ region = "us-east-1"
 
 
 def _start(config: Path, *extra: str, env_secret: str = SECRET_KEY) -> subprocess.Popen:
-    env = dict(os.environ, AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=env_secret,
-               AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull, AWS_EC2_METADATA_DISABLED="true",
-               PYTHONPATH=str(REPO))
+    env = command_env(ACCESS_KEY, env_secret)
     return subprocess.Popen([sys.executable, "-m", "sync.cli", "sync", "--config", str(config), *extra],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -15,7 +15,6 @@ A daemon store holds review-pending and auto-accepted images (``reviewdata.fill_
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import uuid
@@ -26,6 +25,7 @@ import pytest
 
 import lsserver
 from gtworker import answer, output_line
+from procs import command_env
 from reviewdata import fill_store
 from s3servers import ACCESS_KEY, SECRET_KEY, S3Server
 from service.store import Store
@@ -42,11 +42,8 @@ SHIFT = 3.0  # pixels the reviewer moves the first image's head box to the right
 
 def annotator(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """``annotator ARGS`` (the console script's ``service.cli:main``) as a subprocess."""
-    base = dict(os.environ, AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY,
-                AWS_DEFAULT_REGION="us-east-1", AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull,
-                AWS_EC2_METADATA_DISABLED="true", PYTHONPATH=str(REPO))
-    base.pop("ANNOTATOR_CONFIG", None)
-    proc = subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=REPO, env={**base, **(env or {})},
+    proc = subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=REPO,
+                          env=command_env(ACCESS_KEY, SECRET_KEY, env),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"annotator {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
     return proc
