@@ -106,6 +106,18 @@ def default_appliance_id() -> str:
     return (name or "appliance")[:64]
 
 
+def checked_table(table: Any, allowed: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``table`` as a dict when it is a table of known keys with values of the allowed types."""
+    if not isinstance(table, dict):
+        raise SyncConfigError(f"{where}: expected a table, got {table!r}")
+    for key, value in table.items():
+        if key not in allowed:
+            raise SyncConfigError(f"{where}.{key}: unknown key; known: {', '.join(sorted(allowed))}")
+        if isinstance(value, bool) or not isinstance(value, allowed[key]):
+            raise SyncConfigError(f"{where}.{key}: expected {allowed[key]}, got {value!r}")
+    return dict(table)
+
+
 def _check(table: Mapping[str, Any], allowed: Mapping[str, Any], where: str, source: str) -> dict[str, Any]:
     out = {}
     for key, value in table.items():

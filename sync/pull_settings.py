@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .config import TargetConfig
+from .config import checked_table as _checked
 from .errors import SyncConfigError
 
 _DATASET_KEYS = {"root": str, "holdout_fraction": (int, float)}
@@ -53,17 +54,6 @@ class PullSettings:
     min_holdout: int
     daemon: str | None
     poll_interval: float
-
-
-def _checked(table: Any, allowed: Mapping[str, Any], where: str) -> dict[str, Any]:
-    if not isinstance(table, dict):
-        raise SyncConfigError(f"{where}: expected a table, got {table!r}")
-    for key, value in table.items():
-        if key not in allowed:
-            raise SyncConfigError(f"{where}.{key}: unknown key; known: {', '.join(sorted(allowed))}")
-        if isinstance(value, bool) or not isinstance(value, allowed[key]):
-            raise SyncConfigError(f"{where}.{key}: expected {allowed[key]}, got {value!r}")
-    return dict(table)
 
 
 def settings_from(store_root: Path, tables: Mapping[str, Any], base: Path,

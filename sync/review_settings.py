@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from .config import SyncConfig
+from .config import checked_table as _checked
 from .errors import SyncConfigError
 from .groundtruth import LabelingJobSpec
 
@@ -78,17 +79,6 @@ class ReviewSettings:
     collect_interval: float = 60.0
     groundtruth: GroundTruthSettings | None = None
     labelstudio: LabelStudioSettings | None = None
-
-
-def _checked(table: Any, allowed: Mapping[str, Any], where: str) -> dict[str, Any]:
-    if not isinstance(table, dict):
-        raise SyncConfigError(f"{where}: expected a table, got {table!r}")
-    for key, value in table.items():
-        if key not in allowed:
-            raise SyncConfigError(f"{where}.{key}: unknown key; known: {', '.join(sorted(allowed))}")
-        if isinstance(value, bool) or not isinstance(value, allowed[key]):
-            raise SyncConfigError(f"{where}.{key}: expected {allowed[key]}, got {value!r}")
-    return dict(table)
 
 
 def review_settings_from(cfg: SyncConfig, env: Mapping[str, str]) -> ReviewSettings:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from .config import checked_table
 from .errors import SyncConfigError
 
 _KEYS: dict[str, Any] = {
@@ -50,13 +51,7 @@ class TrainingSettings:
 
 def training_settings_from(table: Mapping[str, Any], appliance_id: str, base: Path) -> TrainingSettings:
     """Build ``TrainingSettings`` from ``[sync.training]``; relative ``sign_key`` from ``base``."""
-    if not isinstance(table, dict):
-        raise SyncConfigError(f"sync.training: expected a table, got {table!r}")
-    for key, value in table.items():
-        if key not in _KEYS:
-            raise SyncConfigError(f"sync.training.{key}: unknown key; known: {', '.join(sorted(_KEYS))}")
-        if isinstance(value, bool) or not isinstance(value, _KEYS[key]):
-            raise SyncConfigError(f"sync.training.{key}: expected {_KEYS[key]}, got {value!r}")
+    checked_table(table, _KEYS, "sync.training")
     for key in ("role_arn", "image_uri", "input_s3", "output_s3"):
         if not table.get(key):
             raise SyncConfigError(f"sync.training.{key}: required")
