@@ -14,7 +14,7 @@ warm-started from the previous round's weights, and evaluated on the test set th
 daemon's engine (head mAP50, OKS AP50, visibility accuracy).
 
 The first bundle starts from the COCO pose checkpoint with its key-point head mapped to the
-cabin points (``exporter.simulate_init``): with the head re-initialised, as a plain
+cabin points (``exporter.cabin_init``): with the head re-initialised, as a plain
 "pretrained" start does, no pose model learns anything on this budget (OKS AP50 0.0 after 8
 epochs on 40 images; 0.64 with the mapped head, measured).
 
@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from .simulate_init import write_cabin_init
+from .cabin_init import write_cabin_init
 from .simulate_select import STRATEGIES, score_pool, select
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,8 @@ class SimConfig:
     initial_epochs: int = 8
     imgsz: int = 256
     batch: int = 8
-    lr0: float = 0.0005
+    lr0: float = 0.0005  # first bundle: AdamW from the mapped COCO start
+    finetune_lr0: float = 0.002  # later rounds: SGD from the previous round's weights
     strategies: tuple[str, ...] = STRATEGIES
     audit_fraction: float = 0.1
     ir: float = 0.25
@@ -88,7 +89,7 @@ class SimConfig:
     def quick(self) -> "SimConfig":
         """A smoke-test run of a few minutes: tiny pool, one seed, one round, one epoch, 96 px."""
         return replace(self, seeds=1, rounds=1, per_round=6, initial=10, pool=40, test=8, epochs=1,
-                       initial_epochs=1, imgsz=96, batch=8, lr0=0.001)
+                       initial_epochs=1, imgsz=96, batch=8, lr0=0.001, finetune_lr0=0.005)
 
 
 def prepare_data(cfg: SimConfig) -> tuple[Path, dict[int, Path]]:
@@ -137,19 +138,26 @@ def composition(coco: dict[str, Any], names: list[str]) -> dict[str, int]:
 
 
 def train_and_evaluate(cfg: SimConfig, unit: Path, coco: dict[str, Any], labelled: list[str], pool_dir: Path,
-                       test_dir: Path, init: str, epochs: int, seed: int) -> dict[str, float]:
-    """Train a bundle on the labelled images into ``unit/bundle``, evaluate it on the test set."""
+                       test_dir: Path, init: str, epochs: int, seed: int, first: bool) -> dict[str, float]:
+    """Train a bundle on the labelled images into ``unit/bundle``, evaluate it on the test set.
+
+    ``first``: the first bundle (from the COCO start) rather than a round continuing a bundle.
+    """
     from .evaluate import evaluate
     from .train import TrainConfig, train_bundle
 
     unit.mkdir(parents=True, exist_ok=True)
     ann = unit / "labelled.json"
     ann.write_text(json.dumps(subset(coco, set(labelled))))
-    # Fine-tuning trained weights for a few dozen iterations: a fixed small AdamW rate and no
-    # warm-up. ultralytics' "auto" rate (0.002 here) without warm-up wrecks the pretrained weights
-    # in the first epoch (box mAP50 0.69 -> 0.005, measured), and its warm-up lasts at least 100
-    # iterations, longer than a whole round, so the rate would never leave the ramp.
-    extra: dict[str, Any] = {"plots": False, "warmup_epochs": 0, "optimizer": "AdamW", "lr0": cfg.lr0}
+    # Fine-tuning trained weights for a few dozen iterations, no warm-up: ultralytics' warm-up
+    # lasts at least 100 iterations, longer than a whole round, so the rate would never leave
+    # the ramp. First bundle: AdamW at a small fixed rate (the "auto" rate, 0.002, wrecks the
+    # COCO weights in the first epoch: box mAP50 0.69 -> 0.005, measured). Later rounds: SGD,
+    # whose steps shrink with the gradients of an already trained model; AdamW's first steps
+    # are about lr0 per weight whatever the gradient and undid the previous round (OKS AP50
+    # 0.68 -> 0.07 after a 3-epoch round, vs 0.74 with SGD at 0.002, measured).
+    extra: dict[str, Any] = {"plots": False, "warmup_epochs": 0, "optimizer": "AdamW" if first else "SGD",
+                             "lr0": cfg.lr0 if first else cfg.finetune_lr0}
     tcfg = TrainConfig(annotations=ann, images=pool_dir / "images", out=unit / "bundle", work=unit / "work",
                        epochs=epochs, imgsz=cfg.imgsz, batch=cfg.batch, init=init, val_fraction=0.1,
                        workers=0, seed=seed, extra=extra)
@@ -196,7 +204,7 @@ def run_seed(cfg: SimConfig, seed: int, pool_dir: Path, test_dir: Path, progress
         t0 = time.monotonic()
         start = write_cabin_init(cfg.out / "init")
         m = train_and_evaluate(cfg, init_unit, coco, picks, pool_dir, test_dir, str(start or "pretrained"),
-                               cfg.initial_epochs, seed)
+                               cfg.initial_epochs, seed, first=True)
         initial_state = {"seed": seed, "strategy": "initial", "round": 0, "selected": picks, "labelled": picks,
                          "n_reviewed": 0, "n_labelled": len(picks), "metrics": m,
                          "composition": composition(coco, picks), "seconds": round(time.monotonic() - t0, 1)}
@@ -223,7 +231,7 @@ def run_seed(cfg: SimConfig, seed: int, pool_dir: Path, test_dir: Path, progress
                 log.info("%s: picked %s", what, composition(coco, picks))
                 new_labelled = [*labelled, *picks]
                 m = train_and_evaluate(cfg, unit, coco, new_labelled, pool_dir, test_dir,
-                                       str(prev_unit / "bundle"), cfg.epochs, seed)
+                                       str(prev_unit / "bundle"), cfg.epochs, seed, first=False)
                 state = {"seed": seed, "strategy": strategy, "round": r, "selected": picks,
                          "labelled": new_labelled, "n_reviewed": r * cfg.per_round, "n_labelled": len(new_labelled),
                          "metrics": m, "composition": composition(coco, picks),
