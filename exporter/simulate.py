@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from .cabin_init import write_cabin_init
-from .simulate_select import STRATEGIES, score_pool, select
+from .simulate_select import EXTRA_STRATEGIES, STRATEGIES, score_pool, select
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class SimConfig:
     child: float = 0.3
 
     def __post_init__(self) -> None:
-        bad = [s for s in self.strategies if s not in STRATEGIES]
+        bad = [s for s in self.strategies if s not in STRATEGIES + EXTRA_STRATEGIES]
         if bad:
             raise ValueError(f"--strategies: unknown {bad}; expected some of {', '.join(STRATEGIES)}")
         if "random" not in self.strategies:

@@ -34,7 +34,10 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("judge", "uncertainty", "random", "judge_audit")
+# Not run by default: the judge ordering its review picks by ``service.scoring.review_priority``.
+EXTRA_STRATEGIES = ("judge_priority",)
 CAMERA_SHARE = 0.5
+CACHE_VERSION = 2
 DEDUP_DISTANCE = 6  # bits, the daemon's NearDuplicate default
 
 
@@ -50,6 +53,7 @@ class PoolScore:
     uncertainty: float  # mean |main conf - main threshold| over predicted points (0 without persons)
     dhash: int
     reasons: tuple[str, ...]
+    priority: float = 0.0  # service.scoring.review_priority
 
 
 def file_id(path: Path) -> str:
@@ -68,12 +72,12 @@ def score_pool(bundle_dir: Path, pool: dict[str, Any], images_dir: Path, cache: 
     from service.engine import Engine
     from service.imageio import read_image
     from service.judge import dhash
-    from service.scoring import default_score, score_components
+    from service.scoring import default_score, review_priority, score_components
 
     bundle = load_bundle(bundle_dir)
     if cache.is_file():
         data = json.loads(cache.read_text())
-        if data.get("bundle_id") == bundle.id:
+        if data.get("bundle_id") == bundle.id and data.get("version") == CACHE_VERSION:
             return {d["file_name"]: PoolScore(**{**d, "reasons": tuple(d["reasons"])}) for d in data["scores"]}
     engine = Engine(bundle, batch_size=batch)
     main_thr = bundle.thresholds.main
@@ -92,9 +96,9 @@ def score_pool(bundle_dir: Path, pool: dict[str, Any], images_dir: Path, cache: 
                 camera=str(im.get("tags", {}).get("camera", "unknown")), score=float(score),
                 doubt=float(sum(1.0 - v for v in parts.values())),
                 uncertainty=float(np.mean(dists)) if dists else 0.0, dhash=dhash(dec.pixels),
-                reasons=tuple(reasons))
+                reasons=tuple(reasons), priority=review_priority(pred, bundle))
     tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"bundle_id": bundle.id, "scores": [asdict(s) for s in out.values()]}))
+    tmp.write_text(json.dumps({"bundle_id": bundle.id, "version": CACHE_VERSION, "scores": [asdict(s) for s in out.values()]}))
     tmp.replace(cache)
     log.info("scored %d pool images with bundle %s", len(out), bundle.id)
     return out
@@ -157,6 +161,9 @@ def select(strategy: str, candidates: Sequence[str], scores: dict[str, PoolScore
         return [s.file_name for s in sorted(pool, key=lambda s: (s.uncertainty, s.file_name))[:n]]
     if strategy == "judge":
         return [s.file_name for s in diverse_take(judge_order(pool), n)]
+    if strategy == "judge_priority":
+        ranked = sorted(pool, key=lambda s: (-s.priority, s.score, s.file_name))
+        return [s.file_name for s in diverse_take(ranked, n)]
     if strategy == "judge_audit":
         n_audit = min(n, max(1, int(round(audit_fraction * n)))) if audit_fraction > 0 else 0
         audit = audit_picks(pool, n_audit, seed)

@@ -24,6 +24,13 @@ and the bundle's thresholds (``det_conf``, ``person_conf``, per-point ``main``/`
   model): a head box that contains none of any person's claimed face points (box grown by 25 %),
   and a person with at least 2 claimed face points, fewer than half of them inside any head box.
   Each case multiplies its component by ``INCONSISTENT_SCORE`` (0.4).
+
+``review_priority(prediction, bundle)`` orders images that go to review when not all of them
+can (a review budget, a batch of fixed size): the expected amount of correction, i.e. the doubt
+summed over the whole image instead of the weakest part: per person the key-point doubt
+``sum(1 - u)`` plus ``1 - ramp(conf)`` plus, in two-model bundles, ``1 - agreement``; per head
+``1 - ramp(conf)``; an empty image ``1 - EMPTY_SCORE``. An image with four doubtful people
+outranks one with a single doubtful person although both score 0.
 """
 from __future__ import annotations
 
@@ -59,13 +66,7 @@ def _per_point(values: Sequence[float], k: int) -> Sequence[float]:
 
 
 def _keypoint_certainty(person: Person, main_thr: Sequence[float], vis_thr: Sequence[float], two_model: bool) -> float:
-    doubt = 0.0
-    for kp, tm, tv in zip(person.keypoints, main_thr, vis_thr):
-        u = min(1.0, abs(kp.main_conf - tm) / NEAR_MARGIN)
-        if two_model and kp.main_conf > tm:
-            u = min(u, abs(kp.visible_conf - tv) / NEAR_MARGIN)
-        doubt += 1.0 - u
-    return max(0.0, 1.0 - doubt / KPT_DOUBT_BUDGET)
+    return max(0.0, _keypoint_certainty_raw(person, main_thr, vis_thr, two_model))
 
 
 def _agreement(person: Person, main_thr: Sequence[float], vis_thr: Sequence[float]) -> float:
@@ -117,6 +118,41 @@ def score_components(prediction: Prediction, bundle: Bundle) -> dict[str, float]
             out["model_disagreement"] = min(_agreement(p, main_thr, vis_thr) for p in prediction.persons)
     if "head" in bundle.models and "pose_main" in bundle.models:
         out["head_without_person"], out["person_without_head"] = _consistency(prediction, bundle.keypoints.names)
+    return out
+
+
+def review_priority(prediction: Prediction, bundle: Bundle) -> float:
+    """Expected amount of correction in the image (>= 0, higher = review first); see the module docstring."""
+    if not prediction.heads and not prediction.persons:
+        return 1.0 - EMPTY_SCORE
+    t = bundle.thresholds
+    total = sum(1.0 - ramp(h.conf, t.det_conf, SURE) for h in prediction.heads)
+    if prediction.persons:
+        k = len(prediction.persons[0].keypoints)
+        main_thr, vis_thr = _per_point(t.main, k), _per_point(t.visible, k)
+        two_model = bundle.visibility_mode == "two_model" and "pose_visible" in bundle.models
+        for p in prediction.persons:
+            total += KPT_DOUBT_BUDGET * (1.0 - _keypoint_certainty_raw(p, main_thr, vis_thr, two_model))
+            total += 1.0 - ramp(p.conf, t.person_conf, SURE)
+            if two_model:
+                total += 1.0 - _agreement(p, main_thr, vis_thr)
+    return float(total)
+
+
+def _keypoint_certainty_raw(person: Person, main_thr: Sequence[float], vis_thr: Sequence[float],
+                            two_model: bool) -> float:
+    """``1 - doubt / KPT_DOUBT_BUDGET`` without the clip at 0 (so doubt keeps adding up)."""
+    return 1.0 - sum(1.0 - u for u in _point_certainties(person, main_thr, vis_thr, two_model)) / KPT_DOUBT_BUDGET
+
+
+def _point_certainties(person: Person, main_thr: Sequence[float], vis_thr: Sequence[float],
+                       two_model: bool) -> list[float]:
+    out = []
+    for kp, tm, tv in zip(person.keypoints, main_thr, vis_thr):
+        u = min(1.0, abs(kp.main_conf - tm) / NEAR_MARGIN)
+        if two_model and kp.main_conf > tm:
+            u = min(u, abs(kp.visible_conf - tv) / NEAR_MARGIN)
+        out.append(u)
     return out
 
 

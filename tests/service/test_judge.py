@@ -78,6 +78,22 @@ def test_default_score_table(pred: Prediction, bundle: Bundle, score: float, rea
     assert got_reasons == reasons
 
 
+@pytest.mark.parametrize("pred, priority", [
+    (Prediction(640, 480), 0.7),
+    (Prediction(640, 480, (HEAD,), (person(),)), 0.0),
+    # 6 points half a margin from the threshold: doubt 3 (not capped by the budget of 4)
+    (Prediction(640, 480, (HEAD,), (person(near=6),)), 3.0),
+    (Prediction(640, 480, (HEAD,), (person(near=6, near_vis=0.63),)), 4.8),
+    # two doubtful people need more correction than one, although both score 0
+    (Prediction(640, 480, (HEAD,), (person(near=6, near_vis=0.63), person(near=6, near_vis=0.63))), 9.6),
+    (Prediction(640, 480, (Head((30, 30, 80, 80), 0.475),), (person(),)), 0.5),
+])
+def test_review_priority_adds_up_the_doubt(pred: Prediction, priority: float) -> None:
+    from service.scoring import review_priority
+
+    assert review_priority(pred, BUNDLE) == pytest.approx(priority, abs=1e-6)
+
+
 def constant(score: float, reasons: list[str] | None = None):
     return lambda prediction, bundle: (score, list(reasons or []))
 
