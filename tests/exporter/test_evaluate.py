@@ -17,6 +17,12 @@ from service.record import Head, Keypoint, Person, Prediction
 COCO_PEOPLE = Path(__file__).resolve().parents[3] / "shared" / "eval" / "coco-val-people"
 
 
+def _need_coco_people() -> None:
+    """The COCO photos live in ../shared beside the checkout (never copied into the repository)."""
+    if not (COCO_PEOPLE / "annotations.json").is_file():
+        pytest.skip(f"{COCO_PEOPLE} is not present")
+
+
 def _dataset() -> dict:
     """One image, one person with 6 visible, 6 occluded, 5 outside points, one head."""
     flags = [2] * 6 + [1] * 6 + [0] * 5
@@ -116,8 +122,7 @@ def _ultralytics_reference(pt: Path, images: list[dict]) -> list[dict]:
 @pytest.mark.train
 def test_oks_ap_matches_ultralytics(coco17_bundle_640: Path, yolo11n_pose_pt: Path, tmp_path: Path) -> None:
     pytest.importorskip("ultralytics")
-    if not (COCO_PEOPLE / "annotations.json").is_file():
-        pytest.skip(f"{COCO_PEOPLE} is not present")
+    _need_coco_people()
     from pycocotools.cocoeval import COCOeval
 
     from exporter.evaluate import evaluate
@@ -150,6 +155,7 @@ def test_oks_ap_matches_ultralytics(coco17_bundle_640: Path, yolo11n_pose_pt: Pa
 def test_two_model_bundle_runs_second_pass_and_cli(coco17_bundle_640: Path, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     """Same ONNX file as main and visible model: the operating view comes from a second pass."""
+    _need_coco_people()
     from exporter.bundle_build import build_bundle
     from exporter.evaluate import main
 
@@ -176,6 +182,7 @@ def test_evaluation_modules_import_no_torch() -> None:
 @pytest.mark.slow
 @pytest.mark.train
 def test_unreadable_image_is_listed_and_counts_as_empty(coco17_bundle_640: Path, tmp_path: Path) -> None:
+    _need_coco_people()
     from exporter.evaluate import evaluate
 
     data = json.loads((COCO_PEOPLE / "annotations.json").read_text())
