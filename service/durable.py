@@ -26,6 +26,12 @@ __all__ = ["atomic_file", "fsync_dir", "write_bytes_atomic", "write_json_atomic"
 _NAME_KEPT = 24
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def fsync_dir(folder: Path | str) -> None:
     """fsync a folder, so that the renames and creations inside it survive a power loss."""
     fd = os.open(folder, os.O_RDONLY)
@@ -46,6 +52,9 @@ def atomic_file(path: Path | str, *, sync_dir: bool = False) -> Iterator[IO[byte
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:_NAME_KEPT]}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates 0600; the finished file gets the usual mode (0666 less the umask),
+        # so that sidecars, bundles and exports can be read by the group that shares them.
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
