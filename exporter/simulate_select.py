@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 
 STRATEGIES = ("judge", "uncertainty", "random", "judge_audit")
 # Not run by default: the judge ordering its review picks by ``service.scoring.review_priority``.
-EXTRA_STRATEGIES = ("judge_priority",)
+# ``judge_plain``: the judge's ranking without its diversity measures (ablation).
+EXTRA_STRATEGIES = ("judge_priority", "judge_plain")
 CAMERA_SHARE = 0.5
 CACHE_VERSION = 2
 DEDUP_DISTANCE = 6  # bits, the daemon's NearDuplicate default
@@ -161,6 +162,8 @@ def select(strategy: str, candidates: Sequence[str], scores: dict[str, PoolScore
         return [s.file_name for s in sorted(pool, key=lambda s: (s.uncertainty, s.file_name))[:n]]
     if strategy == "judge":
         return [s.file_name for s in diverse_take(judge_order(pool), n)]
+    if strategy == "judge_plain":
+        return [s.file_name for s in judge_order(pool)[:n]]
     if strategy == "judge_priority":
         ranked = sorted(pool, key=lambda s: (-s.priority, s.score, s.file_name))
         return [s.file_name for s in diverse_take(ranked, n)]
