@@ -1,7 +1,7 @@
 """Cabin-19 starting weights: the COCO pose checkpoint with its key-point head mapped to the cabin points.
 
 Used by training (``exporter.train``, ``--init pretrained`` with the cabin schema) and by the
-benchmark (``exporter.simulate``, through ``exporter.simulate_init``).
+benchmark (``exporter.simulate``).
 
 ultralytics re-initialises the last layer of the key-point head when the data set has a
 different number of points (COCO 17 -> cabin 19), so a "pretrained" start knows where people

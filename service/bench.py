@@ -24,9 +24,7 @@ import gc
 import logging
 import os
 import resource
-import shutil
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

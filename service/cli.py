@@ -169,9 +169,7 @@ def _register_optional(sub: argparse._SubParsersAction) -> None:
             if exc.name != name:
                 raise
             continue
-        register = getattr(module, "register", None)
-        if register is not None:
-            register(sub)
+        module.register(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

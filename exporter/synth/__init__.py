@@ -5,7 +5,6 @@ depends only on ``(s, i)``, so any subset can be re-made and runs are reproducib
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from concurrent.futures import ProcessPoolExecutor
