@@ -50,6 +50,25 @@ def test_select_strategies_on_fixed_scores() -> None:
 
 
 @pytest.mark.slow
+def test_initial_picks_source_domain_and_validation(tmp_path: Path) -> None:
+    from exporter.simulate import SimConfig, initial_picks
+
+    tags = [{"camera": c, "ir": ir} for c in ("mirror", "overhead", "a_pillar", "dashboard") for ir in (False, True)]
+    coco = {"images": [{"file_name": f"im{i}.jpg", "tags": t} for i, t in enumerate(tags * 3)]}
+    cfg = SimConfig(out=tmp_path, initial=6, pool=24, rounds=1, per_round=4)
+    picks = initial_picks(cfg, coco, seed=0)
+    by_name = {im["file_name"]: im["tags"] for im in coco["images"]}
+    assert len(picks) == 6 and all(not by_name[n]["ir"] and by_name[n]["camera"] != "overhead" for n in picks)
+    assert picks == initial_picks(cfg, coco, seed=0) != initial_picks(cfg, coco, seed=1)
+    mixed = initial_picks(SimConfig(out=tmp_path, initial=20, pool=24, rounds=1, per_round=4, initial_domain="pool"),
+                          coco, seed=0)
+    assert len(mixed) == 20 and any(by_name[n]["ir"] for n in mixed)
+    with pytest.raises(ValueError, match="only 9 source-domain images"):
+        initial_picks(SimConfig(out=tmp_path, initial=10, pool=24, rounds=1, per_round=4), coco, seed=0)
+    with pytest.raises(ValueError, match="--initial-domain"):
+        SimConfig(out=tmp_path, initial_domain="night")
+
+
 def test_quick_benchmark(tmp_path: Path, ultralytics_offline: Path) -> None:
     pytest.importorskip("ultralytics")
     from exporter.simulate import SimConfig, run
@@ -74,6 +93,9 @@ def test_quick_benchmark(tmp_path: Path, ultralytics_offline: Path) -> None:
     picks = {s: json.loads((root / s / "round1" / "state.json").read_text())["selected"] for s in STRATEGIES}
     initial = json.loads((root / "initial" / "state.json").read_text())["labelled"]
     assert all(len(p) == cfg.per_round and not set(p) & set(initial) for p in picks.values())
+    tags = {im["file_name"]: im["tags"] for im in json.loads(
+        (out / "data" / f"pool_s0_{cfg.pool}" / "annotations.json").read_text())["images"]}
+    assert all(not tags[n]["ir"] and tags[n]["camera"] != "overhead" for n in initial)  # the default shift
     assert picks["random"] != picks["judge"]
     pool = {d["file_name"]: d for d in json.loads((root / "initial" / "pool_scores.json").read_text())["scores"]}
     candidates = [n for n in pool if n not in set(initial)]
