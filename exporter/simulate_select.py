@@ -36,9 +36,11 @@ log = logging.getLogger(__name__)
 STRATEGIES = ("judge", "uncertainty", "random", "judge_audit")
 # Not run by default: the judge ordering its review picks by ``service.scoring.review_priority``.
 # ``judge_plain``: the judge's ranking without its diversity measures (ablation).
-EXTRA_STRATEGIES = ("judge_priority", "judge_plain")
+# ``judge_image``: images by ``service.scoring.image_doubt`` (most doubt first) with the judge's
+# near-duplicate suppression and camera cap.
+EXTRA_STRATEGIES = ("judge_priority", "judge_plain", "judge_image")
 CAMERA_SHARE = 0.5
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 DEDUP_DISTANCE = 6  # bits, the daemon's NearDuplicate default
 
 
@@ -55,6 +57,7 @@ class PoolScore:
     dhash: int
     reasons: tuple[str, ...]
     priority: float = 0.0  # service.scoring.review_priority
+    image_doubt: float = 0.0  # service.scoring.image_doubt
 
 
 def file_id(path: Path) -> str:
@@ -73,7 +76,7 @@ def score_pool(bundle_dir: Path, pool: dict[str, Any], images_dir: Path, cache: 
     from service.engine import Engine
     from service.imageio import read_image
     from service.judge import dhash
-    from service.scoring import default_score, review_priority, score_components
+    from service.scoring import default_score, image_doubt, review_priority, score_components
 
     bundle = load_bundle(bundle_dir)
     if cache.is_file():
@@ -97,7 +100,8 @@ def score_pool(bundle_dir: Path, pool: dict[str, Any], images_dir: Path, cache: 
                 camera=str(im.get("tags", {}).get("camera", "unknown")), score=float(score),
                 doubt=float(sum(1.0 - v for v in parts.values())),
                 uncertainty=float(np.mean(dists)) if dists else 0.0, dhash=dhash(dec.pixels),
-                reasons=tuple(reasons), priority=review_priority(pred, bundle))
+                reasons=tuple(reasons), priority=review_priority(pred, bundle),
+                image_doubt=image_doubt(pred, bundle))
     tmp = cache.with_suffix(".tmp")
     tmp.write_text(json.dumps({"bundle_id": bundle.id, "version": CACHE_VERSION, "scores": [asdict(s) for s in out.values()]}))
     tmp.replace(cache)
@@ -166,6 +170,9 @@ def select(strategy: str, candidates: Sequence[str], scores: dict[str, PoolScore
         return [s.file_name for s in judge_order(pool)[:n]]
     if strategy == "judge_priority":
         ranked = sorted(pool, key=lambda s: (-s.priority, s.score, s.file_name))
+        return [s.file_name for s in diverse_take(ranked, n)]
+    if strategy == "judge_image":
+        ranked = sorted(pool, key=lambda s: (-s.image_doubt, s.score, s.file_name))
         return [s.file_name for s in diverse_take(ranked, n)]
     if strategy == "judge_audit":
         n_audit = min(n, max(1, int(round(audit_fraction * n)))) if audit_fraction > 0 else 0

@@ -46,6 +46,7 @@ REASON_LEVEL = 0.6
 EMPTY_SCORE = 0.3
 SURE = 0.7
 NEAR_MARGIN = 0.15
+RANK_MARGIN = 0.5  # image_doubt: a graded distance to the threshold, not a near/far cut
 KPT_DOUBT_BUDGET = 4.0
 UNMATCHED_SCORE = 0.3
 CONTRADICTIONS_MAX = 3.0
@@ -139,6 +140,34 @@ def review_priority(prediction: Prediction, bundle: Bundle) -> float:
     return float(total)
 
 
+def image_doubt(prediction: Prediction, bundle: Bundle) -> float:
+    """How unsure the engine is about the image as a whole, in [0, 1] (higher = more doubt).
+
+    The mean over every decision in the image (each head and person confidence,
+    ``1 - ramp(conf, threshold, SURE)``; each key point, ``1 - min(1, |c - t| / RANK_MARGIN)``
+    for the main confidence and, for points the main model claims in two-model bundles, the
+    larger of that and the visible-only doubt; each person's ``1 - agreement`` in two-model
+    bundles). An empty image counts ``1 - EMPTY_SCORE``. Unlike ``default_score`` (the weakest
+    part decides, right for *whether* an image needs a look) this grows when the models are
+    unsure everywhere, as on a camera or lighting they were not trained for, and does not grow
+    with the number of people, so it ranks the images a review round learns most from.
+    """
+    if not prediction.heads and not prediction.persons:
+        return 1.0 - EMPTY_SCORE
+    t = bundle.thresholds
+    items = [1.0 - ramp(h.conf, t.det_conf, SURE) for h in prediction.heads]
+    if prediction.persons:
+        k = len(prediction.persons[0].keypoints)
+        main_thr, vis_thr = _per_point(t.main, k), _per_point(t.visible, k)
+        two_model = bundle.visibility_mode == "two_model" and "pose_visible" in bundle.models
+        for p in prediction.persons:
+            items.append(1.0 - ramp(p.conf, t.person_conf, SURE))
+            items += _point_certainties(p, main_thr, vis_thr, two_model, margin=RANK_MARGIN, doubt=True)
+            if two_model:
+                items.append(1.0 - _agreement(p, main_thr, vis_thr))
+    return float(sum(items) / len(items))
+
+
 def _keypoint_certainty_raw(person: Person, main_thr: Sequence[float], vis_thr: Sequence[float],
                             two_model: bool) -> float:
     """``1 - doubt / KPT_DOUBT_BUDGET`` without the clip at 0 (so doubt keeps adding up)."""
@@ -146,13 +175,15 @@ def _keypoint_certainty_raw(person: Person, main_thr: Sequence[float], vis_thr: 
 
 
 def _point_certainties(person: Person, main_thr: Sequence[float], vis_thr: Sequence[float],
-                       two_model: bool) -> list[float]:
+                       two_model: bool, margin: float = NEAR_MARGIN, doubt: bool = False) -> list[float]:
+    """Per point ``u = min(1, |c - t| / margin)`` (the lower of main and visible for claimed
+    points of two-model bundles); ``doubt=True`` returns ``1 - u`` instead."""
     out = []
     for kp, tm, tv in zip(person.keypoints, main_thr, vis_thr):
-        u = min(1.0, abs(kp.main_conf - tm) / NEAR_MARGIN)
+        u = min(1.0, abs(kp.main_conf - tm) / margin)
         if two_model and kp.main_conf > tm:
-            u = min(u, abs(kp.visible_conf - tv) / NEAR_MARGIN)
-        out.append(u)
+            u = min(u, abs(kp.visible_conf - tv) / margin)
+        out.append(1.0 - u if doubt else u)
     return out
 
 

@@ -94,6 +94,29 @@ def test_review_priority_adds_up_the_doubt(pred: Prediction, priority: float) ->
     assert review_priority(pred, BUNDLE) == pytest.approx(priority, abs=1e-6)
 
 
+@pytest.mark.parametrize("pred, doubt", [
+    (Prediction(640, 480), 0.7),
+    # 1 head + 1 person conf + 17 points (0.35 from both thresholds: doubt 1 - 0.35/0.5 = 0.3) + 1 agreement
+    (Prediction(640, 480, (HEAD,), (person(),)), 17 * 0.3 / 20),
+    # every point on the main threshold: doubt 1 per point (none claimed, so no visible term)
+    (Prediction(640, 480, (HEAD,), (person(main=0.6, vis=0.0),)), 17 / 20),
+    (Prediction(640, 480, (Head((30, 30, 80, 80), 0.475),), (person(),)), (0.5 + 17 * 0.3) / 20),
+])
+def test_image_doubt_is_the_mean_doubt(pred: Prediction, doubt: float) -> None:
+    from service.scoring import image_doubt
+
+    assert image_doubt(pred, BUNDLE) == pytest.approx(doubt, abs=1e-6)
+
+
+def test_image_doubt_ranks_unsure_images_not_crowded_ones() -> None:
+    from service.scoring import image_doubt, review_priority
+
+    crowded = Prediction(640, 480, (HEAD,), tuple(person(near=6) for _ in range(4)))
+    unsure = Prediction(640, 480, (HEAD,), (person(main=0.7, vis=0.65),))
+    assert review_priority(crowded, BUNDLE) > review_priority(unsure, BUNDLE)  # the sum grows with people
+    assert image_doubt(unsure, BUNDLE) > image_doubt(crowded, BUNDLE)  # the mean does not
+
+
 def constant(score: float, reasons: list[str] | None = None):
     return lambda prediction, bundle: (score, list(reasons or []))
 
