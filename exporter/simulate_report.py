@@ -158,10 +158,14 @@ def write_results(cfg: Any, states: list[dict[str, Any]], seconds: float) -> dic
     out = Path(cfg.out)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     title = (f"{cfg.seeds} seeds, pool {cfg.pool}, initial {cfg.initial}, {cfg.rounds} x {cfg.per_round} reviewed, "
-             f"{cfg.epochs} epochs/round, {cfg.imgsz} px, test {cfg.test}")
+             f"{cfg.epochs} epochs/round, {cfg.imgsz} px, test {cfg.test}, "
+             f"initial images from {'the source domain (no IR, no overhead camera)' if getattr(cfg, 'initial_domain', 'pool') == 'source' else 'the whole pool'}")
+    unit_minutes = sum(float(s.get("seconds", 0.0)) for s in states) / 60
     write_png(out / "accuracy.png", cur, sav["targets"], title)
     md = ["# Active-learning benchmark (`annotator simulate`)", "", f"Settings: {title}; "
-          f"audit fraction {cfg.audit_fraction}. Mean ± standard deviation over seeds. Run time {seconds / 60:.0f} min.",
+          f"audit fraction {cfg.audit_fraction}. Mean ± standard deviation over seeds. Time: {unit_minutes:.0f} min "
+          f"for all units (training, scoring, evaluation), {seconds / 60:.0f} min for this invocation (finished units "
+          f"of earlier invocations are reused).",
           "", *table_lines(results), "",
           f"Bar (judge reaches random's full-budget mean accuracy with <= {BAR:.0%} of the reviews): "
           f"{'met' if results['bar']['met'] else 'NOT met'} ({_fmt(judge, True)}).", "", "![accuracy](accuracy.png)", ""]
