@@ -72,6 +72,9 @@ def format_metrics_table(metrics: Mapping[str, Any]) -> str:
     rows += [("key point OKS AP", _fmt(kp.get("oks_ap"))), ("key point OKS AP50", _fmt(kp.get("oks_ap50")))]
     vis = metrics.get("visibility", {})
     rows.append(("visibility accuracy", _fmt(vis.get("accuracy"))))
+    if vis.get("points"):
+        rows.append(("  over matched people", f"{_fmt(vis.get('accuracy_matched'))} "
+                     f"({vis.get('matched_points', 0)} of {vis['points']} points)"))
     for lab, rec in vis.get("recall", {}).items():
         rows.append((f"  recall {lab}", _fmt(rec)))
     speed = metrics.get("speed", {})

@@ -55,7 +55,7 @@ def test_visibility_confusion_on_hand_made_predictions() -> None:
     rep = visibility_report(collect_visibility_samples({7: _prediction(vis)}, _dataset()), COCO17_NAMES)
     assert rep["labels"] == ["visible", "occluded", "outside"]
     assert rep["confusion"] == [[4, 1, 1], [1, 3, 2], [1, 1, 3]]
-    assert rep["accuracy"] == pytest.approx(10 / 17)
+    assert rep["accuracy"] == pytest.approx(10 / 17) == pytest.approx(rep["accuracy_matched"])
     assert rep["recall"] == pytest.approx({"visible": 4 / 6, "occluded": 3 / 6, "outside": 3 / 5})
     assert rep["per_keypoint_accuracy"]["nose"] == 1.0 and rep["per_keypoint_accuracy"]["right_ankle"] == 0.0
 
@@ -65,6 +65,7 @@ def test_unmatched_ground_truth_counts_as_predicted_outside() -> None:
         Keypoint(550.0, 350.0, 0.9, 0.9, "visible") for _ in range(17))),))
     rep = visibility_report(collect_visibility_samples({7: far}, _dataset()), COCO17_NAMES)
     assert rep["confusion"] == [[0, 0, 6], [0, 0, 6], [0, 0, 5]] and rep["matched_points"] == 0
+    assert rep["accuracy"] == pytest.approx(5 / 17) and rep["accuracy_matched"] is None
 
 
 @pytest.mark.parametrize("gt, pred, expected", [
