@@ -136,6 +136,9 @@ def write_png(path: Path, cur: dict[str, dict[str, Any]], targets: dict[str, flo
     plt.close(fig)
 
 
+INITIAL_DOMAIN_TEXT = {"source": "the source domain (no IR, no overhead camera)", "pool": "the whole pool"}
+
+
 def write_results(cfg: Any, states: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
     """Aggregate the states, write results.json, results.md and accuracy.png; return the results."""
     cur = curves(states, cfg.strategies)
@@ -159,7 +162,7 @@ def write_results(cfg: Any, states: list[dict[str, Any]], seconds: float) -> dic
     (out / "results.json").write_text(json.dumps(results, indent=1))
     title = (f"{cfg.seeds} seeds, pool {cfg.pool}, initial {cfg.initial}, {cfg.rounds} x {cfg.per_round} reviewed, "
              f"{cfg.epochs} epochs/round, {cfg.imgsz} px, test {cfg.test}, "
-             f"initial images from {'the source domain (no IR, no overhead camera)' if getattr(cfg, 'initial_domain', 'pool') == 'source' else 'the whole pool'}")
+             f"initial images from {INITIAL_DOMAIN_TEXT[cfg.initial_domain]}")
     unit_minutes = sum(float(s.get("seconds", 0.0)) for s in states) / 60
     write_png(out / "accuracy.png", cur, sav["targets"], title)
     md = ["# Active-learning benchmark (`annotator simulate`)", "", f"Settings: {title}; "

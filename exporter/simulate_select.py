@@ -39,6 +39,8 @@ STRATEGIES = ("judge", "uncertainty", "random", "judge_audit")
 # ``judge_image``: images by ``service.scoring.image_doubt`` (most doubt first) with the judge's
 # near-duplicate suppression and camera cap.
 EXTRA_STRATEGIES = ("judge_priority", "judge_plain", "judge_image")
+# Extra strategies that rank by a PoolScore field, most doubt first.
+DOUBT_RANKED = {"judge_priority": "priority", "judge_image": "image_doubt"}
 CAMERA_SHARE = 0.5
 CACHE_VERSION = 3
 DEDUP_DISTANCE = 6  # bits, the daemon's NearDuplicate default
@@ -168,11 +170,9 @@ def select(strategy: str, candidates: Sequence[str], scores: dict[str, PoolScore
         return [s.file_name for s in diverse_take(judge_order(pool), n)]
     if strategy == "judge_plain":
         return [s.file_name for s in judge_order(pool)[:n]]
-    if strategy == "judge_priority":
-        ranked = sorted(pool, key=lambda s: (-s.priority, s.score, s.file_name))
-        return [s.file_name for s in diverse_take(ranked, n)]
-    if strategy == "judge_image":
-        ranked = sorted(pool, key=lambda s: (-s.image_doubt, s.score, s.file_name))
+    if strategy in DOUBT_RANKED:  # most doubt first, with the judge's diversity measures
+        attr = DOUBT_RANKED[strategy]
+        ranked = sorted(pool, key=lambda s: (-getattr(s, attr), s.score, s.file_name))
         return [s.file_name for s in diverse_take(ranked, n)]
     if strategy == "judge_audit":
         n_audit = min(n, max(1, int(round(audit_fraction * n)))) if audit_fraction > 0 else 0

@@ -67,7 +67,16 @@ def _per_point(values: Sequence[float], k: int) -> Sequence[float]:
 
 
 def _keypoint_certainty(person: Person, main_thr: Sequence[float], vis_thr: Sequence[float], two_model: bool) -> float:
-    return max(0.0, _keypoint_certainty_raw(person, main_thr, vis_thr, two_model))
+    doubt = sum(1.0 - u for u in _point_certainties(person, main_thr, vis_thr, two_model, NEAR_MARGIN))
+    return max(0.0, 1.0 - doubt / KPT_DOUBT_BUDGET)
+
+
+def _point_thresholds(prediction: Prediction, bundle: Bundle) -> tuple[Sequence[float], Sequence[float], bool]:
+    """(per-point main thresholds, per-point visible thresholds, two-model bundle?) for the persons."""
+    t = bundle.thresholds
+    k = len(prediction.persons[0].keypoints)
+    two_model = bundle.visibility_mode == "two_model" and "pose_visible" in bundle.models
+    return _per_point(t.main, k), _per_point(t.visible, k), two_model
 
 
 def _agreement(person: Person, main_thr: Sequence[float], vis_thr: Sequence[float]) -> float:
@@ -109,9 +118,7 @@ def score_components(prediction: Prediction, bundle: Bundle) -> dict[str, float]
     if prediction.heads:
         out["low_head_conf"] = min(ramp(h.conf, t.det_conf, SURE) for h in prediction.heads)
     if prediction.persons:
-        k = len(prediction.persons[0].keypoints)
-        main_thr, vis_thr = _per_point(t.main, k), _per_point(t.visible, k)
-        two_model = bundle.visibility_mode == "two_model" and "pose_visible" in bundle.models
+        main_thr, vis_thr, two_model = _point_thresholds(prediction, bundle)
         out["low_person_conf"] = min(ramp(p.conf, t.person_conf, SURE) for p in prediction.persons)
         out["kpt_near_threshold"] = min(_keypoint_certainty(p, main_thr, vis_thr, two_model)
                                         for p in prediction.persons)
@@ -122,22 +129,27 @@ def score_components(prediction: Prediction, bundle: Bundle) -> dict[str, float]
     return out
 
 
+def _doubt_items(prediction: Prediction, bundle: Bundle, margin: float) -> list[float]:
+    """The doubt of every decision in a non-empty image: per head ``1 - ramp(conf)``; per person
+    ``1 - ramp(conf)``, each key point's ``1 - u`` (``u`` at ``margin``) and, in two-model
+    bundles, ``1 - agreement``."""
+    t = bundle.thresholds
+    items = [1.0 - ramp(h.conf, t.det_conf, SURE) for h in prediction.heads]
+    if prediction.persons:
+        main_thr, vis_thr, two_model = _point_thresholds(prediction, bundle)
+        for p in prediction.persons:
+            items.append(1.0 - ramp(p.conf, t.person_conf, SURE))
+            items += [1.0 - u for u in _point_certainties(p, main_thr, vis_thr, two_model, margin)]
+            if two_model:
+                items.append(1.0 - _agreement(p, main_thr, vis_thr))
+    return items
+
+
 def review_priority(prediction: Prediction, bundle: Bundle) -> float:
     """Expected amount of correction in the image (>= 0, higher = review first); see the module docstring."""
     if not prediction.heads and not prediction.persons:
         return 1.0 - EMPTY_SCORE
-    t = bundle.thresholds
-    total = sum(1.0 - ramp(h.conf, t.det_conf, SURE) for h in prediction.heads)
-    if prediction.persons:
-        k = len(prediction.persons[0].keypoints)
-        main_thr, vis_thr = _per_point(t.main, k), _per_point(t.visible, k)
-        two_model = bundle.visibility_mode == "two_model" and "pose_visible" in bundle.models
-        for p in prediction.persons:
-            total += KPT_DOUBT_BUDGET * (1.0 - _keypoint_certainty_raw(p, main_thr, vis_thr, two_model))
-            total += 1.0 - ramp(p.conf, t.person_conf, SURE)
-            if two_model:
-                total += 1.0 - _agreement(p, main_thr, vis_thr)
-    return float(total)
+    return float(sum(_doubt_items(prediction, bundle, NEAR_MARGIN)))
 
 
 def image_doubt(prediction: Prediction, bundle: Bundle) -> float:
@@ -154,36 +166,20 @@ def image_doubt(prediction: Prediction, bundle: Bundle) -> float:
     """
     if not prediction.heads and not prediction.persons:
         return 1.0 - EMPTY_SCORE
-    t = bundle.thresholds
-    items = [1.0 - ramp(h.conf, t.det_conf, SURE) for h in prediction.heads]
-    if prediction.persons:
-        k = len(prediction.persons[0].keypoints)
-        main_thr, vis_thr = _per_point(t.main, k), _per_point(t.visible, k)
-        two_model = bundle.visibility_mode == "two_model" and "pose_visible" in bundle.models
-        for p in prediction.persons:
-            items.append(1.0 - ramp(p.conf, t.person_conf, SURE))
-            items += _point_certainties(p, main_thr, vis_thr, two_model, margin=RANK_MARGIN, doubt=True)
-            if two_model:
-                items.append(1.0 - _agreement(p, main_thr, vis_thr))
+    items = _doubt_items(prediction, bundle, RANK_MARGIN)
     return float(sum(items) / len(items))
 
 
-def _keypoint_certainty_raw(person: Person, main_thr: Sequence[float], vis_thr: Sequence[float],
-                            two_model: bool) -> float:
-    """``1 - doubt / KPT_DOUBT_BUDGET`` without the clip at 0 (so doubt keeps adding up)."""
-    return 1.0 - sum(1.0 - u for u in _point_certainties(person, main_thr, vis_thr, two_model)) / KPT_DOUBT_BUDGET
-
-
 def _point_certainties(person: Person, main_thr: Sequence[float], vis_thr: Sequence[float],
-                       two_model: bool, margin: float = NEAR_MARGIN, doubt: bool = False) -> list[float]:
+                       two_model: bool, margin: float) -> list[float]:
     """Per point ``u = min(1, |c - t| / margin)`` (the lower of main and visible for claimed
-    points of two-model bundles); ``doubt=True`` returns ``1 - u`` instead."""
+    points of two-model bundles)."""
     out = []
     for kp, tm, tv in zip(person.keypoints, main_thr, vis_thr):
         u = min(1.0, abs(kp.main_conf - tm) / margin)
         if two_model and kp.main_conf > tm:
             u = min(u, abs(kp.visible_conf - tv) / margin)
-        out.append(1.0 - u if doubt else u)
+        out.append(u)
     return out
 
 
