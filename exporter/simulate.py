@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from .cabin_init import write_cabin_init
-from .simulate_select import EXTRA_STRATEGIES, STRATEGIES, score_pool, select
+from .simulate_select import EXTRA_STRATEGIES, STRATEGIES, pool_errors, score_pool, select
 
 log = logging.getLogger(__name__)
 
@@ -251,8 +251,13 @@ def run_seed(cfg: SimConfig, seed: int, pool_dir: Path, test_dir: Path, progress
                 scores = None
                 if strategy != "random":
                     scores = score_pool(prev_unit / "bundle", coco, pool_dir / "images", prev_unit / "pool_scores.json")
+                oracle = None
+                if strategy == "oracle_error":
+                    oracle = pool_errors(prev_unit / "bundle", coco, pool_dir / "images", prev_unit / "pool_errors.json")
+                elif strategy == "oracle_shift":
+                    oracle = {im["file_name"]: float(not in_source_domain(im.get("tags", {}))) for im in coco["images"]}
                 picks = select(strategy, candidates, scores, cfg.per_round, np.random.default_rng([seed, r, 7]),
-                               seed, cfg.audit_fraction)
+                               seed, cfg.audit_fraction, oracle=oracle)
                 log.info("%s: picked %s", what, composition(coco, picks))
                 new_labelled = [*labelled, *picks]
                 m = train_and_evaluate(cfg, unit, coco, new_labelled, pool_dir, test_dir,

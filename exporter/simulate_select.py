@@ -18,6 +18,17 @@ strategy then picks ``n`` images from the candidates:
   lottery (``service.judge.audit_draw(seed, image_id)``) is lowest fill ``audit_fraction`` of the
   round (exactly the images the daemon would audit first), the judge's ranking the rest.
 
+Reference lines (``ORACLES``, not run by default): rules no product can run, because they read
+the pool's ground truth. They bound what any scoring function could gain on the benchmark:
+
+- ``oracle_error``: the images where the previous bundle is most wrong: the share of each image's
+  ground-truth key points whose visibility class it gets wrong at its operating thresholds (a
+  point of a person no prediction matches at OKS >= 0.5 counts wrong, so it also measures missed
+  and misplaced people), most wrong first, with the judge's diversity measures.
+- ``oracle_shift``: the images of the shift (IR or the ``overhead`` camera, from the pool's
+  tags) first, in seeded random order, with the judge's diversity measures: a perfect
+  novelty detector.
+
 Image ids are the sha256 of the file bytes, as in the daemon's store.
 """
 from __future__ import annotations
@@ -38,7 +49,9 @@ STRATEGIES = ("judge", "uncertainty", "random", "judge_audit")
 # ``judge_plain``: the judge's ranking without its diversity measures (ablation).
 # ``judge_image``: images by ``service.scoring.image_doubt`` (most doubt first) with the judge's
 # near-duplicate suppression and camera cap.
-EXTRA_STRATEGIES = ("judge_priority", "judge_plain", "judge_image")
+# ``ORACLES``: the reference lines above (they need the pool's ground truth).
+ORACLES = ("oracle_error", "oracle_shift")
+EXTRA_STRATEGIES = ("judge_priority", "judge_plain", "judge_image", *ORACLES)
 # Extra strategies that rank by a PoolScore field, most doubt first.
 DOUBT_RANKED = {"judge_priority": "priority", "judge_image": "image_doubt"}
 CAMERA_SHARE = 0.5
@@ -111,6 +124,36 @@ def score_pool(bundle_dir: Path, pool: dict[str, Any], images_dir: Path, cache: 
     return out
 
 
+def pool_errors(bundle_dir: Path, pool: dict[str, Any], images_dir: Path, cache: Path) -> dict[str, float]:
+    """``oracle_error``'s key: per pool image, the share of its ground-truth key points whose
+    visibility class the bundle gets wrong at its operating thresholds (unmatched persons' points
+    count wrong; an image without labelled persons counts 0). Cached in ``cache`` per bundle id.
+    """
+    from service.bundle import load_bundle
+
+    from .calibrate import collect_visibility_samples, person_category
+    from .evaluate import keypoint_mapping, predict_dataset
+
+    bundle = load_bundle(bundle_dir)
+    if cache.is_file():
+        data = json.loads(cache.read_text())
+        if data.get("bundle_id") == bundle.id:
+            return {k: float(v) for k, v in data["errors"].items()}
+    cat = person_category(pool)
+    kpt_map = keypoint_mapping(bundle, cat["keypoints"])
+    sigmas = [bundle.keypoints.sigmas[i] for i in kpt_map]
+    preds = predict_dataset(bundle, pool, images_dir, progress=False, sheet_images=0)
+    errors: dict[str, float] = {}
+    for im in pool["images"]:
+        s = collect_visibility_samples({im["id"]: preds.operating_view[int(im["id"])]}, pool, sigmas=sigmas,
+                                       kpt_map=kpt_map)
+        errors[im["file_name"]] = float(np.mean(s.pred_flag != s.gt_flag)) if len(s.gt_flag) else 0.0
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"bundle_id": bundle.id, "errors": errors}))
+    tmp.replace(cache)
+    return errors
+
+
 def judge_order(scores: Sequence[PoolScore]) -> list[PoolScore]:
     """The judge's ranking: score ascending, then more total doubt first, then file name."""
     return sorted(scores, key=lambda s: (round(s.score, 6), -s.doubt, s.file_name))
@@ -156,14 +199,27 @@ def audit_picks(scores: Sequence[PoolScore], n: int, seed: int) -> list[PoolScor
 
 
 def select(strategy: str, candidates: Sequence[str], scores: dict[str, PoolScore] | None, n: int,
-           rng: np.random.Generator, seed: int, audit_fraction: float) -> list[str]:
-    """File names of the ``n`` images ``strategy`` sends to review out of ``candidates``."""
+           rng: np.random.Generator, seed: int, audit_fraction: float,
+           oracle: dict[str, float] | None = None) -> list[str]:
+    """File names of the ``n`` images ``strategy`` sends to review out of ``candidates``.
+
+    ``oracle``: file name -> key (higher = picked first) for the ``ORACLES`` strategies.
+    """
     n = min(n, len(candidates))
     if strategy == "random":
         return [candidates[i] for i in rng.permutation(len(candidates))[:n]]
     if scores is None:
         raise ValueError(f"strategy {strategy!r} needs pool scores")
     pool = [scores[c] for c in candidates]
+    if strategy in ORACLES:
+        if oracle is None:
+            raise ValueError(f"strategy {strategy!r} needs the oracle's key per pool image")
+        # Ties: oracle_shift's (every shifted image has key 1) in seeded random order, oracle_error's
+        # by file name.
+        base = [pool[i] for i in rng.permutation(len(pool))] if strategy == "oracle_shift" \
+            else sorted(pool, key=lambda s: s.file_name)
+        ranked = sorted(base, key=lambda s: -oracle[s.file_name])
+        return [s.file_name for s in diverse_take(ranked, n)]
     if strategy == "uncertainty":
         return [s.file_name for s in sorted(pool, key=lambda s: (s.uncertainty, s.file_name))[:n]]
     if strategy == "judge":

@@ -49,6 +49,20 @@ def test_select_strategies_on_fixed_scores() -> None:
         select("judge", names, None, 4, rng, 0, 0.1)
 
 
+def test_oracle_strategies_follow_their_key() -> None:
+    scores = {f"im{i}": _score(f"im{i}", f"camera{i}", i / 20, i * 2**20) for i in range(20)}  # no cap binds
+    names = sorted(scores)
+    errors = {n: (0.9 if n in ("im5", "im11", "im17") else 0.1 + i / 100) for i, n in enumerate(names)}
+    got = select("oracle_error", names, scores, 4, np.random.default_rng(0), 0, 0.1, oracle=errors)
+    assert got[:3] == ["im11", "im17", "im5"] and got[3] == names[-1]  # ties by file name, then the next worst
+    shifted = {n: float(n in ("im2", "im4", "im6", "im8")) for n in names}
+    picks = [select("oracle_shift", names, scores, 4, np.random.default_rng(s), 0, 0.1, oracle=shifted) for s in range(6)]
+    assert all(set(p) == {"im2", "im4", "im6", "im8"} for p in picks)  # all four, though one camera
+    assert len({tuple(p) for p in picks}) > 1  # in seeded random order
+    with pytest.raises(ValueError, match="oracle"):
+        select("oracle_error", names, scores, 4, np.random.default_rng(0), 0, 0.1)
+
+
 @pytest.mark.slow
 def test_initial_picks_source_domain_and_validation(tmp_path: Path) -> None:
     from exporter.simulate import SimConfig, initial_picks
@@ -108,6 +122,28 @@ def test_quick_benchmark(tmp_path: Path, ultralytics_offline: Path) -> None:
     as_scores = list(ps.values())
     n_audit = max(1, round(cfg.audit_fraction * cfg.per_round))
     assert {s.file_name for s in audit_picks(as_scores, n_audit, 0)} <= set(picks["judge_audit"])
+    # oracle_error's key agrees with the evaluation: the point-weighted mean of the per-image
+    # error shares is one minus the visibility accuracy `annotator evaluate` reports on the pool.
+    from exporter.evaluate import evaluate
+    from exporter.simulate_select import pool_errors
+
+    pool_dir = out / "data" / f"pool_s0_{cfg.pool}"
+    coco = json.loads((pool_dir / "annotations.json").read_text())
+    errors = pool_errors(root / "initial" / "bundle", coco, pool_dir / "images", tmp_path / "errors.json")
+    assert set(errors) == set(tags) and all(0.0 <= e <= 1.0 for e in errors.values())
+    person = next(c for c in coco["categories"] if c["name"] == "person")
+    k = len(person["keypoints"])
+    points = {im["id"]: 0 for im in coco["images"]}
+    for a in coco["annotations"]:
+        if a["category_id"] == person["id"] and a.get("num_keypoints", 0) > 0 and not a.get("iscrowd", 0):
+            points[a["image_id"]] += k
+    by_name = {im["file_name"]: points[im["id"]] for im in coco["images"]}
+    metrics = evaluate(root / "initial" / "bundle", pool_dir / "annotations.json", pool_dir / "images",
+                       tmp_path / "pool-eval", progress=False)
+    wrong = sum(errors[n] * by_name[n] for n in by_name) / sum(by_name.values())
+    assert wrong == pytest.approx(1.0 - metrics["visibility"]["accuracy"], abs=1e-9)
+    assert pool_errors(root / "initial" / "bundle", coco, pool_dir / "images", tmp_path / "errors.json") == errors
+
     # A re-run resumes: every unit is already done, nothing is trained again.
     stamp = (root / "judge" / "round1" / "state.json").stat().st_mtime
     run(cfg)
