@@ -76,6 +76,31 @@ def label_saving(cur: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def paired_gains(states: Sequence[dict[str, Any]], strategies: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+    """strategy -> per round: the mean of the three accuracies minus random's, seed by seed.
+
+    Paired by seed (same pool, same first bundle), so the spread between seeds, which is mostly
+    the first bundle's, cancels out: ``{"round", "reviewed", "per_seed": [...], "mean"}``.
+    """
+    def mean3(s: dict[str, Any]) -> float:
+        return float(np.mean([s["metrics"][k] for k in METRICS]))
+
+    rnd = {(s["seed"], s["round"]): mean3(s) for s in states if s["strategy"] == "random"}
+    out: dict[str, list[dict[str, Any]]] = {}
+    for strategy in strategies:
+        if strategy == "random":
+            continue
+        mine = sorted((s for s in states if s["strategy"] == strategy), key=lambda s: (s["round"], s["seed"]))
+        for r in sorted({s["round"] for s in mine}):
+            at = [s for s in mine if s["round"] == r and (s["seed"], r) in rnd]
+            if not at:
+                continue
+            diffs = [round(mean3(s) - rnd[(s["seed"], r)], 4) for s in at]
+            out.setdefault(strategy, []).append({"round": r, "reviewed": at[0]["n_reviewed"], "per_seed": diffs,
+                                                 "mean": round(float(np.mean(diffs)), 4)})
+    return out
+
+
 def _fmt(v: float | None, pct: bool = False) -> str:
     if v is None:
         return "not reached"
@@ -100,6 +125,18 @@ def table_lines(results: dict[str, Any]) -> list[str]:
         cells = [("not reached" if row[m]["reviewed"] is None else
                   f"{row[m]['reviewed']:.0f} ({_fmt(row[m]['fraction'], True)})") for m in (*METRICS, "mean3")]
         lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
+    gains = results.get("paired_gains", {})
+    if gains:
+        rounds = sorted({g["reviewed"] for rows in gains.values() for g in rows})
+        lines += ["", "Gain over random, paired by seed: mean of the three accuracies minus random's at the same "
+                      "number of reviews (seed by seed in brackets; the seeds' own spread cancels out):", "",
+                  "| strategy | " + " | ".join(f"{x} reviewed" for x in rounds) + " |",
+                  "|---|" + "---:|" * len(rounds)]
+        for strategy, rows in gains.items():
+            by_x = {g["reviewed"]: g for g in rows}
+            cells = [(f"{by_x[x]['mean']:+.3f} ({', '.join(f'{d:+.3f}' for d in by_x[x]['per_seed'])})"
+                      if x in by_x else "") for x in rounds]
+            lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
     comp = results.get("composition", {})
     if comp:
         lines += ["", "Make-up of the reviewed picks (share of all picks over seeds and rounds; the pool has "
@@ -154,6 +191,7 @@ def write_results(cfg: Any, states: list[dict[str, Any]], seconds: float) -> dic
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()} if hasattr(cfg, "__dict__") \
         else {}
     results = {"settings": settings, "curves": cur, "label_saving": sav, "composition": comp,
+               "paired_gains": paired_gains(states, cfg.strategies),
                "bar": {"judge_fraction_mean3": judge, "limit": BAR, "met": judge is not None and judge <= BAR},
                "seconds": round(seconds, 1),
                "units": [{k: s[k] for k in ("seed", "strategy", "round", "n_reviewed", "metrics", "composition",

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exporter.simulate_report import needed
+from exporter.simulate_report import needed, paired_gains
 from exporter.simulate_select import PoolScore, audit_picks, diverse_take, select
 
 
@@ -25,6 +25,18 @@ def _score(name: str, camera: str, score: float, dh: int) -> PoolScore:
 ])
 def test_needed_interpolates(x: list[float], y: list[float], target: float, want: float | None) -> None:
     assert needed(x, y, target) == (want if want is None else pytest.approx(want))
+
+
+def test_paired_gains_cancel_the_seeds_spread() -> None:
+    def st(seed: int, strategy: str, r: int, v: float) -> dict:
+        return {"seed": seed, "strategy": strategy, "round": r, "n_reviewed": 40 * r,
+                "metrics": {"head_map50": v, "oks_ap50": v, "visibility_acc": v}}
+    states = [st(0, "random", 1, 0.5), st(1, "random", 1, 0.8), st(0, "judge", 1, 0.52), st(1, "judge", 1, 0.79),
+              st(0, "random", 2, 0.6), st(0, "judge", 2, 0.7)]
+    got = paired_gains(states, ["judge", "random"])
+    assert list(got) == ["judge"]
+    assert got["judge"][0] == {"round": 1, "reviewed": 40, "per_seed": [0.02, -0.01], "mean": 0.005}
+    assert got["judge"][1]["per_seed"] == [0.1] and got["judge"][1]["reviewed"] == 80
 
 
 def test_diverse_take_caps_cameras_and_skips_near_duplicates() -> None:
