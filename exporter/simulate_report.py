@@ -149,24 +149,38 @@ def table_lines(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_png(path: Path, cur: dict[str, dict[str, Any]], targets: dict[str, float], title: str) -> None:
-    """Three panels (head mAP50, OKS AP50, visibility accuracy) vs reviewed images, mean ± sd."""
+def write_png(path: Path, cur: dict[str, dict[str, Any]], targets: dict[str, float], title: str,
+              gains: dict[str, list[dict[str, Any]]] | None = None) -> None:
+    """Three panels (head mAP50, OKS AP50, visibility accuracy) vs reviewed images, mean ± sd,
+    and a fourth with the gain over random paired by seed (mean of the three; dots: seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
+    colors: dict[str, Any] = {}
     for ax, m in zip(axes, METRICS):
         for strategy, c in cur.items():
             x, mu, sd = np.array(c["x"]), np.array(c[m]["mean"]), np.array(c[m]["std"])
             line, = ax.plot(x, mu, marker="o", label=strategy)
+            colors[strategy] = line.get_color()
             ax.fill_between(x, mu - sd, mu + sd, alpha=0.15, color=line.get_color())
         ax.axhline(targets[m], ls="--", color="grey", lw=1, label="target (random, full budget)")
         ax.set_title(LABELS[m])
         ax.set_xlabel("images reviewed after the initial set")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
+    ax = axes[3]
+    ax.axhline(0.0, color=colors.get("random", "grey"), lw=1.5, label="random")
+    for strategy, rows in (gains or {}).items():
+        x = [0] + [g["reviewed"] for g in rows]
+        ax.plot(x, [0.0] + [g["mean"] for g in rows], marker="o", color=colors.get(strategy), label=strategy)
+        for g in rows:
+            ax.scatter([g["reviewed"]] * len(g["per_seed"]), g["per_seed"], s=10, color=colors.get(strategy), alpha=0.5)
+    ax.set_title("gain over random, paired by seed (mean of the three)")
+    ax.set_xlabel("images reviewed after the initial set")
+    ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -202,7 +216,7 @@ def write_results(cfg: Any, states: list[dict[str, Any]], seconds: float) -> dic
              f"{cfg.epochs} epochs/round, {cfg.imgsz} px, test {cfg.test}, "
              f"initial images from {INITIAL_DOMAIN_TEXT[cfg.initial_domain]}")
     unit_minutes = sum(float(s.get("seconds", 0.0)) for s in states) / 60
-    write_png(out / "accuracy.png", cur, sav["targets"], title)
+    write_png(out / "accuracy.png", cur, sav["targets"], title, results["paired_gains"])
     md = ["# Active-learning benchmark (`annotator simulate`)", "", f"Settings: {title}; "
           f"audit fraction {cfg.audit_fraction}. Mean ± standard deviation over seeds. Time: {unit_minutes:.0f} min "
           f"for all units (training, scoring, evaluation), {seconds / 60:.0f} min for this invocation (finished units "
