@@ -34,3 +34,29 @@ def test_train_bundle_end_to_end_and_resume(tmp_path: Path, ultralytics_offline:
     assert load_bundle(cfg.out).id == b2.id
     manifest = json.loads((cfg.out / "bundle.json").read_text())
     assert manifest["format"] == 1 and manifest["models"]["pose_main"]["kpt_shape"] == [19, 3]
+
+
+def test_continuing_a_bundle_fine_tunes(tmp_path: Path) -> None:
+    from exporter.train import FINETUNE_ARGS, TrainConfig, train_args
+
+    bundle = tmp_path / "bundle"
+    (bundle / "weights").mkdir(parents=True)
+    (bundle / "weights" / "pose_main.pt").write_bytes(b"weights")
+    data_yaml = tmp_path / "data.yaml"
+    data_yaml.write_text("path: .\ntrain: images\nkpt_shape: [19, 3]\nnames: {0: person}\n")
+
+    def cfg(init: str, **extra: object) -> TrainConfig:
+        return TrainConfig(annotations=tmp_path / "a.json", images=tmp_path, out=tmp_path / "out",
+                           work=tmp_path / "work", epochs=5, init=init, extra=dict(extra))
+
+    model, args = train_args(cfg(str(bundle)), "pose_main", data_yaml)
+    assert model == str(bundle / "weights" / "pose_main.pt")
+    assert {k: args[k] for k in FINETUNE_ARGS} == FINETUNE_ARGS == {"optimizer": "SGD", "lr0": 0.002, "warmup_epochs": 0}
+    assert args["epochs"] == 5 and args["data"] == str(data_yaml)
+    _, args = train_args(cfg(str(bundle), lr0=0.01, optimizer="AdamW"), "pose_main", data_yaml)
+    assert (args["optimizer"], args["lr0"], args["warmup_epochs"]) == ("AdamW", 0.01, 0)  # extra has the last word
+    # A role the bundle has no weights for starts afresh, with ultralytics' own schedule.
+    model, args = train_args(cfg(str(bundle)), "pose_visible", data_yaml)
+    assert model != str(bundle / "weights" / "pose_visible.pt") and "optimizer" not in args
+    _, args = train_args(cfg("scratch"), "pose_main", data_yaml)
+    assert "optimizer" not in args and "warmup_epochs" not in args
