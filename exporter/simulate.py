@@ -170,7 +170,7 @@ def train_and_evaluate(cfg: SimConfig, unit: Path, coco: dict[str, Any], labelle
     ``first``: the first bundle (from the COCO start) rather than a round continuing a bundle.
     """
     from .evaluate import evaluate
-    from .train import TrainConfig, train_bundle
+    from .train import FINETUNE_ARGS, TrainConfig, train_bundle
 
     unit.mkdir(parents=True, exist_ok=True)
     ann = unit / "labelled.json"
@@ -182,8 +182,8 @@ def train_and_evaluate(cfg: SimConfig, unit: Path, coco: dict[str, Any], labelle
     # whose steps shrink with the gradients of an already trained model; AdamW's first steps
     # are about lr0 per weight whatever the gradient and undid the previous round (OKS AP50
     # 0.68 -> 0.07 after a 3-epoch round, vs 0.74 with SGD at 0.002, measured).
-    extra: dict[str, Any] = {"plots": False, "warmup_epochs": 0, "optimizer": "AdamW" if first else "SGD",
-                             "lr0": cfg.lr0 if first else cfg.finetune_lr0}
+    extra: dict[str, Any] = {"plots": False, **({"optimizer": "AdamW", "lr0": cfg.lr0, "warmup_epochs": 0} if first
+                                                else {**FINETUNE_ARGS, "lr0": cfg.finetune_lr0})}
     tcfg = TrainConfig(annotations=ann, images=pool_dir / "images", out=unit / "bundle", work=unit / "work",
                        epochs=epochs, imgsz=cfg.imgsz, batch=cfg.batch, init=init, val_fraction=0.1,
                        workers=0, seed=seed, extra=extra)

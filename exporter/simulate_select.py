@@ -143,9 +143,13 @@ def pool_errors(bundle_dir: Path, pool: dict[str, Any], images_dir: Path, cache:
     kpt_map = keypoint_mapping(bundle, cat["keypoints"])
     sigmas = [bundle.keypoints.sigmas[i] for i in kpt_map]
     preds = predict_dataset(bundle, pool, images_dir, progress=False, sheet_images=0)
+    anns: dict[int, list[dict[str, Any]]] = {}
+    for a in pool["annotations"]:
+        anns.setdefault(int(a["image_id"]), []).append(a)
     errors: dict[str, float] = {}
-    for im in pool["images"]:
-        s = collect_visibility_samples({im["id"]: preds.operating_view[int(im["id"])]}, pool, sigmas=sigmas,
+    for im in pool["images"]:  # one image's ground truth at a time (not the whole pool per image)
+        one = {**pool, "images": [im], "annotations": anns.get(int(im["id"]), [])}
+        s = collect_visibility_samples({im["id"]: preds.operating_view[int(im["id"])]}, one, sigmas=sigmas,
                                        kpt_map=kpt_map)
         errors[im["file_name"]] = float(np.mean(s.pred_flag != s.gt_flag)) if len(s.gt_flag) else 0.0
     tmp = cache.with_suffix(".tmp")
