@@ -70,6 +70,9 @@ def format_metrics_table(metrics: Mapping[str, Any]) -> str:
         rows.append(("head box mAP", "- (no heads in dataset or bundle)"))
     kp = metrics.get("keypoints", {})
     rows += [("key point OKS AP", _fmt(kp.get("oks_ap"))), ("key point OKS AP50", _fmt(kp.get("oks_ap50")))]
+    if kp.get("visible_area"):
+        modal = kp["visible_area"]
+        rows.append(("  with the visible area", f"AP {_fmt(modal.get('oks_ap'))}, AP50 {_fmt(modal.get('oks_ap50'))}"))
     vis = metrics.get("visibility", {})
     rows.append(("visibility accuracy", _fmt(vis.get("accuracy"))))
     if vis.get("points"):

@@ -60,7 +60,8 @@ def _render_one(args: tuple[int, int, Knobs, str, int]) -> dict[str, Any]:
                      "area": max(p.area, 1.0), "iscrowd": 0,
                      "keypoints": [round(float(v), 2) if i % 3 < 2 else int(v) for i, v in enumerate(kp.ravel())],
                      "num_keypoints": int(labelled.sum()),
-                     "attributes": {"slot": p.slot, "pose": p.pose, "child": p.child}})
+                     "attributes": {"slot": p.slot, "pose": p.pose, "child": p.child,
+                                    "visible_area": round(p.visible_area, 1)}})
         if p.head_box is not None and p.head_visible_fraction >= MIN_HEAD_VISIBLE:
             hx1, hy1, hx2, hy2 = p.head_box
             anns.append({"category_id": HEAD_CATEGORY, "bbox": [hx1, hy1, hx2 - hx1, hy2 - hy1],

@@ -10,6 +10,7 @@ import numpy as np
 from .people import K
 from .scene import (
     CANVAS_H, CANVAS_W, SLOTS, RenderedPerson, SceneSpec, canvas_visibility, head_mask, render_canvas,
+    silhouette_ids,
 )
 
 OUT_W, OUT_H = 640, 480
@@ -118,7 +119,6 @@ def render_image(rng: np.random.Generator, spec: SceneSpec) -> tuple[np.ndarray,
     h = camera_homography(rng, spec.camera)
     img = cv2.warpPerspective(color, h, (OUT_W, OUT_H), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
     ids_out = cv2.warpPerspective(ids, h, (OUT_W, OUT_H), flags=cv2.INTER_NEAREST, borderValue=-1)
-    # Pixel area scale of the warp, to turn canvas areas into image areas.
     persons: list[RenderedPerson] = []
     slot_ids = {n: i + 1 for i, n in enumerate(SLOTS)}
     for o in occupants:
@@ -140,10 +140,14 @@ def render_image(rng: np.random.Generator, spec: SceneSpec) -> tuple[np.ndarray,
         vis_head = float(head_mask(ids, sid).sum()) / max(full_area, 1.0)
         head_box = (float(x1), float(y1), float(x2), float(y2)) if (x2 - x1 > 2 and y2 - y1 > 2) else None
         base = sid * 32
-        area = float(((ids_out >= base) & (ids_out < base + 32)).sum())
         if (flags > 0).sum() == 0 and head_box is None:
             continue
-        persons.append(RenderedPerson(kp, head_box, min(vis_head, 1.0), area, o.slot, o.pose, o.child))
+        visible_area = float(((ids_out >= base) & (ids_out < base + 32)).sum())
+        alone = cv2.warpPerspective(silhouette_ids(o, sid), h, (OUT_W, OUT_H), flags=cv2.INTER_NEAREST,
+                                    borderValue=-1)
+        area = max(float(((alone >= base) & (alone < base + 32)).sum()), visible_area)
+        persons.append(RenderedPerson(kp, head_box, min(vis_head, 1.0), area, visible_area, o.slot, o.pose,
+                                      o.child))
     img = _photometric(rng, img, spec.ir)
     blur = rng.uniform(0, 1.6)
     if blur > 0.5:

@@ -52,7 +52,8 @@ class RenderedPerson:
     keypoints: np.ndarray  # (K, 3): x, y, v (2 visible, 1 occluded, 0 outside; outside -> 0, 0)
     head_box: tuple[float, float, float, float] | None  # x1, y1, x2, y2 in image pixels
     head_visible_fraction: float
-    area: float  # visible pixels of the person in the image
+    area: float  # amodal area: pixels the person would cover in the image with nothing in front
+    visible_area: float  # pixels of the person actually in front (the modal segment)
     slot: str
     pose: str
     child: bool
@@ -301,6 +302,16 @@ def canvas_visibility(ids: np.ndarray, o: Occupant, sid: int) -> np.ndarray:
         if sum(int(v) in owners for v in patch) >= 5:
             flags[k] = 2
     return flags
+
+
+def silhouette_ids(o: Occupant, sid: int) -> np.ndarray:
+    """Id buffer of one occupant drawn alone on the canvas (every part, nothing in front):
+    the amodal silhouette, in the same ids as ``render_canvas``'s buffer."""
+    ids = np.full((CANVAS_H, CANVAS_W), OBJ_BG, np.int32)
+    pt = Painter(np.zeros((CANVAS_H, CANVAS_W, 3), np.uint8), ids)
+    _draw_person(pt, o, sid, "behind_seat")
+    _draw_person(pt, o, sid, "body")
+    return ids
 
 
 def head_mask(ids: np.ndarray, sid: int) -> np.ndarray:

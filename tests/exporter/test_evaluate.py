@@ -195,3 +195,17 @@ def test_unreadable_image_is_listed_and_counts_as_empty(coco17_bundle_640: Path,
     metrics = evaluate(coco17_bundle_640, tmp_path / "annotations.json", COCO_PEOPLE / "images", tmp_path / "out",
                        progress=False)
     assert metrics["dataset"]["images"] == 3 and metrics["dataset"]["failed_images"] == ["missing.jpg"]
+
+
+def test_visible_area_variant_replaces_only_person_areas() -> None:
+    from exporter.evaluate import with_visible_area
+
+    data = {"annotations": [
+        {"id": 1, "category_id": 1, "area": 900.0, "attributes": {"visible_area": 100.0}},
+        {"id": 2, "category_id": 1, "area": 400.0, "attributes": {"visible_area": 0.0}},
+        {"id": 3, "category_id": 2, "area": 50.0, "attributes": {"visible_area": 5.0}},
+    ], "images": [], "categories": []}
+    out = with_visible_area(data, 1)
+    assert [a["area"] for a in out["annotations"]] == [100.0, 1.0, 50.0]
+    assert data["annotations"][0]["area"] == 900.0  # the input is not changed
+    assert with_visible_area({"annotations": [{"id": 1, "category_id": 1, "area": 9.0}]}, 1) is None

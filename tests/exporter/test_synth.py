@@ -110,3 +110,18 @@ def test_knobs_shift_the_population(tmp_path: Path, knobs: Knobs, check: str) ->
     if check == "crowded":
         slots = [a["attributes"]["slot"] for a in coco["annotations"] if a["category_id"] == PERSON_CATEGORY]
         assert sum(s.startswith("rear") for s in slots) >= 3 * len(coco["images"]) - 3
+
+
+def test_person_area_is_amodal_and_the_visible_area_is_kept(tmp_path: Path) -> None:
+    """``area`` (the OKS scale) is what the person would cover with nothing in front; the modal
+    segment is kept as ``attributes.visible_area``; a hidden rear passenger's differ most."""
+    coco = _load(generate(tmp_path / "d", 30, seed=5, knobs=Knobs(crowded=1.0)))
+    persons = [a for a in coco["annotations"] if a["category_id"] == PERSON_CATEGORY]
+    ratios = {}
+    for a in persons:
+        va = a["attributes"]["visible_area"]
+        assert 0 <= va <= a["area"] + 1e-6
+        ratios.setdefault(a["attributes"]["slot"].split("_")[0], []).append(a["area"] / max(va, 1.0))
+    # Rear occupants sit behind the front seats and each other; the front row is mostly in view.
+    assert np.median(ratios["rear"]) > 1.5 * np.median(ratios["driver"] + ratios["passenger"])
+    assert max(ratios["rear"]) > 3.0
