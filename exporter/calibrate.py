@@ -24,6 +24,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from service.confcal import feature_count, person_features
 from service.keypoints import KeypointSchema
 from service.record import Prediction
 
@@ -50,6 +51,12 @@ class VisibilitySamples:
     kpt_index: np.ndarray
     matched: np.ndarray
     pred_flag: np.ndarray
+    # With ``collect_visibility_samples(..., features=True)``: ``service.confcal.point_features``
+    # of each row's matched point ``[N, F]`` (zeros when unmatched), whether the predicted person
+    # had a visible-only match ``[N]``, and the image id ``[N]``.
+    features: np.ndarray | None = None
+    vis_matched: np.ndarray | None = None
+    image_id: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.gt_flag.shape[0])
@@ -74,6 +81,7 @@ def collect_visibility_samples(
     sigmas: Sequence[float] | None = None,
     kpt_map: Sequence[int] | None = None,
     match_threshold: float = 0.5,
+    features: bool = False,
 ) -> VisibilitySamples:
     """Pair ground truth with predictions, image by image, and return per-point samples.
 
@@ -81,7 +89,9 @@ def collect_visibility_samples(
     pycocotools ``COCO`` or the parsed ``annotations.json``. ``sigmas``: OKS sigmas in dataset
     order (default: the known schema for the dataset's names). ``kpt_map[j]``: index in the
     prediction of dataset point ``j`` (default identity). Crowd regions and persons with no
-    labelled point (``num_keypoints == 0``, COCO's unlabelled people) are left out.
+    labelled point (``num_keypoints == 0``, COCO's unlabelled people) are left out. With
+    ``features`` the rows also carry what ``exporter.confcal_fit`` fits on (see
+    ``VisibilitySamples``).
     """
     data = _gt_as_dict(coco_gt)
     cat = person_category(data)
@@ -94,7 +104,8 @@ def collect_visibility_samples(
         if ann.get("category_id") == cat["id"] and not ann.get("iscrowd", 0) and _labelled(ann):
             by_image.setdefault(int(ann["image_id"]), []).append(ann)
 
-    cols: dict[str, list[np.ndarray]] = {n: [] for n in ("gt", "m", "v", "k", "matched", "pred")}
+    cols: dict[str, list[np.ndarray]] = {n: [] for n in ("gt", "m", "v", "k", "matched", "pred", "f", "vm", "img")}
+    nfeat = feature_count(k)
     flag_of = {"visible": 2, "occluded": 1, "outside": 0}
     for image_id, pred in predictions.items():
         anns = by_image.get(int(image_id), [])
@@ -108,6 +119,7 @@ def collect_visibility_samples(
                            dtype=np.float64).reshape(len(persons), k, 2)
         pr_boxes = np.array([p.box for p in persons], dtype=np.float64).reshape(len(persons), 4)
         pairs = match_persons(gt_kpts, gt_boxes, gt_areas, pr_kpts, pr_boxes, sig, match_threshold)
+        feats = person_features(persons, pred.width, pred.height, kmap) if features else None
         for g in range(len(anns)):
             m = np.zeros(k, np.float32)
             v = np.zeros(k, np.float32)
@@ -124,6 +136,10 @@ def collect_visibility_samples(
             cols["k"].append(np.arange(k, dtype=np.int32))
             cols["matched"].append(np.full(k, p_idx is not None))
             cols["pred"].append(pf)
+            if feats is not None:
+                cols["f"].append(feats[p_idx] if p_idx is not None else np.zeros((k, nfeat)))
+                cols["vm"].append(np.full(k, p_idx is not None and persons[p_idx].visible_match_conf > 0))
+                cols["img"].append(np.full(k, int(image_id), np.int64))
 
     def cat_or_empty(key: str, dtype: Any) -> np.ndarray:
         return np.concatenate(cols[key]).astype(dtype) if cols[key] else np.zeros(0, dtype)
@@ -132,6 +148,9 @@ def collect_visibility_samples(
         gt_flag=cat_or_empty("gt", np.int8), main_conf=cat_or_empty("m", np.float32),
         visible_conf=cat_or_empty("v", np.float32), kpt_index=cat_or_empty("k", np.int32),
         matched=cat_or_empty("matched", bool), pred_flag=cat_or_empty("pred", np.int8),
+        features=(np.concatenate(cols["f"]) if cols["f"] else np.zeros((0, nfeat))) if features else None,
+        vis_matched=cat_or_empty("vm", bool) if features else None,
+        image_id=cat_or_empty("img", np.int64) if features else None,
     )
 
 

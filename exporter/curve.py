@@ -30,6 +30,11 @@ class CurveConfig:
     epochs: int = 12
     imgsz: int = 320
     batch: int = 16
+    # > 0: render this many images of ``calibration_seed`` once and recalibrate every size's
+    # bundle on them (``annotator calibrate``) before the evaluation: more points for the
+    # visibility calibration than the 10 % validation split holds.
+    calibration_count: int = 0
+    calibration_seed: int = 9100
 
 
 def _row(n: int, m: dict[str, Any]) -> dict[str, Any]:
@@ -81,10 +86,14 @@ def run_curve(cfg: CurveConfig) -> list[dict[str, Any]]:
     test = cfg.root / f"test-{cfg.test_seed}-{cfg.test_count}"
     if not (test / "annotations.json").is_file():
         generate(test, cfg.test_count, cfg.test_seed)
+    cal = cfg.root / f"cal-{cfg.calibration_seed}-{cfg.calibration_count}"
+    if cfg.calibration_count > 0 and not (cal / "annotations.json").is_file():
+        generate(cal, cfg.calibration_count, cfg.calibration_seed)
+    suffix = f"-cal{cfg.calibration_count}" if cfg.calibration_count > 0 else ""
     rows = []
     for n in cfg.sizes:
         d = cfg.root / f"size-{n}"
-        metrics_file = d / "eval" / "metrics.json"
+        metrics_file = d / f"eval{suffix}" / "metrics.json"
         if not metrics_file.is_file():
             if not (d / "data" / "annotations.json").is_file():
                 generate(d / "data", n, cfg.seed)
@@ -93,7 +102,13 @@ def run_curve(cfg: CurveConfig) -> list[dict[str, Any]]:
                 train_bundle(TrainConfig(annotations=d / "data" / "annotations.json", images=d / "data" / "images",
                                          out=bundle, work=d / "work", epochs=cfg.epochs, imgsz=cfg.imgsz,
                                          batch=cfg.batch))
-            evaluate(bundle, test / "annotations.json", test / "images", d / "eval", progress=False)
+            if cfg.calibration_count > 0:
+                from .calibrate_bundle import recalibrated_copy
+
+                if not (d / f"bundle{suffix}" / "bundle.json").is_file():
+                    recalibrated_copy(bundle, cal / "annotations.json", cal / "images", d / f"bundle{suffix}")
+                bundle = d / f"bundle{suffix}"
+            evaluate(bundle, test / "annotations.json", test / "images", d / f"eval{suffix}", progress=False)
         rows.append(_row(n, json.loads(metrics_file.read_text())))
         log.info("learning curve: %d images -> %s", n, rows[-1])
     rows.sort(key=lambda r: r["train_images"])

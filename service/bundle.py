@@ -19,6 +19,7 @@ A bundle is a directory::
                     "main": 0.6 | [per key point], "visible": 0.6 | [per key point],
                     "method": "how they were chosen"},
      "visibility_mode": "two_model" | "main_only",
+     "confidence_calibration": {...} (optional; ``service.confcal``),
      "head_from_face": false,
      "judgement": {"score_threshold": 0.5, "audit_fraction": 0.02},
      "metrics": {...}, "lineage": {...}}
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from .confcal import ConfidenceCalibration
 from .durable import write_json_atomic  # also importable from here, as before
 from .errors import BundleError
 from .keypoints import KeypointSchema
@@ -174,6 +176,7 @@ class Bundle:
     judgement: Mapping[str, Any] = field(default_factory=dict)
     metrics: Mapping[str, Any] = field(default_factory=dict)
     lineage: Mapping[str, Any] = field(default_factory=dict)
+    confidence_calibration: ConfidenceCalibration | None = None
 
     def model_path(self, role: str) -> Path:
         return self.path / self.models[role].file
@@ -185,6 +188,8 @@ class Bundle:
             "keypoints": self.keypoints.to_json(),
             "thresholds": self.thresholds.to_json(),
             "visibility_mode": self.visibility_mode,
+            **({"confidence_calibration": self.confidence_calibration.to_json()}
+               if self.confidence_calibration is not None else {}),
             "head_from_face": self.head_from_face,
             "judgement": dict(self.judgement),
             "metrics": dict(self.metrics),
@@ -220,12 +225,18 @@ def parse_manifest(path: Path, data: Mapping[str, Any]) -> Bundle:
         raise BundleError(f"visibility_mode: expected one of {VISIBILITY_MODES}, got {mode!r}")
     if mode == "two_model" and "pose_main" in models and "pose_visible" not in models:
         raise BundleError("visibility_mode is 'two_model' but the bundle has no pose_visible model")
+    cal = None
+    if data.get("confidence_calibration") is not None:
+        if mode != "two_model":
+            raise BundleError("confidence_calibration needs visibility_mode 'two_model' (it re-estimates both pose "
+                              "confidences)")
+        cal = ConfidenceCalibration.from_json(data["confidence_calibration"], schema.count)
     return Bundle(
         path=path, id=str(data["id"]), created=str(data.get("created", "")), models=models,
         keypoints=schema, thresholds=Thresholds.from_json(data.get("thresholds", {}), schema.count),
         visibility_mode=mode, head_from_face=bool(data.get("head_from_face", False)),
         judgement=dict(data.get("judgement", {})), metrics=dict(data.get("metrics", {})),
-        lineage=dict(data.get("lineage", {})),
+        lineage=dict(data.get("lineage", {})), confidence_calibration=cal,
     )
 
 

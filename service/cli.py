@@ -85,7 +85,7 @@ def cmd_curve(args: argparse.Namespace) -> int:
     from exporter.curve import CurveConfig, run_curve, table_markdown
 
     cfg = CurveConfig(root=Path(args.root), sizes=tuple(int(x) for x in args.sizes.split(",")), epochs=args.epochs,
-                      imgsz=args.imgsz, test_count=args.test_count)
+                      imgsz=args.imgsz, test_count=args.test_count, calibration_count=args.calibration_count)
     rows = run_curve(cfg)
     print(table_markdown(rows))
     print(f"curve.json, curve.md and curve.png written to {cfg.root}")
@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--epochs", type=int, default=12)
     s.add_argument("--imgsz", type=int, default=320)
     s.add_argument("--test-count", type=int, default=300)
+    s.add_argument("--calibration-count", type=int, default=0,
+                   help="recalibrate each bundle on this many fresh synthetic images (seed 9100) before evaluating")
     s.set_defaults(func=cmd_curve)
 
     s = sub.add_parser("bundle", help="build a bundle from existing ultralytics checkpoints (.pt) or ONNX files")
@@ -156,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
 # Subcommands of the other parts (sync agent, operations, the end-to-end demo). The CLI is the
 # composition root: these imports are the only place where ``service`` reaches into ``sync``,
 # and they are light (the sync modules import boto3 and friends inside their commands).
-_OPTIONAL_COMMANDS = ("sync.demo", "sync.cli", "sync.dataset_cli", "sync.models_cli", "service.doctor", "exporter.simulate")
+_OPTIONAL_COMMANDS = ("sync.demo", "sync.cli", "sync.dataset_cli", "sync.models_cli", "service.doctor", "exporter.simulate",
+                     "exporter.calibrate_bundle")
 
 
 def _register_optional(sub: argparse._SubParsersAction) -> None:

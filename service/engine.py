@@ -20,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .bundle import Bundle
+from .confcal import calibrate_persons
 from .errors import BundleError
 from .geometry import Letterbox, letterbox, to_tensor
 from .imageio import DecodedImage
@@ -159,8 +160,8 @@ class Engine:
                                  conf=t.det_conf, iou=t.nms_iou)
 
     def _assemble(self, i: int, im: DecodedImage, found: dict[str, list[Detections]]) -> Prediction:
-        persons = self._persons(found["pose_main"][i], found["pose_visible"][i] if "pose_visible" in found else None) \
-            if "pose_main" in found else ()
+        persons = self._persons(found["pose_main"][i], found["pose_visible"][i] if "pose_visible" in found else None,
+                                im.width, im.height) if "pose_main" in found else ()
         if "head" in found:
             d = found["head"][i]
             heads = tuple(Head(tuple(map(float, b)), float(s)) for b, s in zip(d.boxes, d.scores))  # type: ignore[arg-type]
@@ -170,8 +171,9 @@ class Engine:
             heads = ()
         return Prediction(width=im.width, height=im.height, heads=heads, persons=tuple(persons))
 
-    def _persons(self, main: Detections, visible: Detections | None) -> tuple[Person, ...]:
-        """Apply the visibility rule to the main model's persons."""
+    def _persons(self, main: Detections, visible: Detections | None, width: int, height: int) -> tuple[Person, ...]:
+        """Apply the visibility rule to the main model's persons (after the bundle's confidence
+        calibration, when it has one: ``service.confcal``)."""
         t = self.bundle.thresholds
         assert main.keypoints is not None
         main_conf = main.keypoints[..., 2]
@@ -186,6 +188,10 @@ class Engine:
                 if j is not None:
                     vis_conf[p] = visible.keypoints[j, :, 2]
                     match_conf[p] = visible.scores[j]
+            cal = self.bundle.confidence_calibration
+            if cal is not None and len(main):
+                main_conf, vis_conf = calibrate_persons(cal, main_conf, vis_conf, match_conf > 0,
+                                                        main.keypoints[..., :2], main.boxes, main.scores, width, height)
             flags = decide_visibility(main_conf, vis_conf, t.main, t.visible)
         persons = []
         for p in range(len(main)):

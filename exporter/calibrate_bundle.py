@@ -1,0 +1,148 @@
+"""Calibrate a bundle's visibility decision on labelled images through the daemon's engine.
+
+``calibrate_bundle`` runs the bundle *without* its confidence calibration over labelled images
+(the validation split in ``annotator train``, or any COCO key-points dataset with
+``annotator calibrate``), pairs predictions with the ground truth (``exporter.calibrate``),
+then
+
+1. fits the confidence calibration (``exporter.confcal_fit``; two-model bundles only, and only
+   with enough matched points), and keeps it when it raises the accuracy on these images;
+2. chooses the per-key-point ``main``/``visible`` thresholds for the confidences the engine will
+   then produce (calibrated or raw) by grid search (``calibrate_thresholds``).
+
+``annotator calibrate SRC DATASET DST`` writes the result as a new bundle (new id; the lineage
+names SRC as parent): the way to adapt a bundle to a new camera or car from reviewed images
+without retraining, and how ``annotator learning-curve --calibration-count N`` calibrates on a
+fresh synthetic set.
+
+Runtime + numpy only: no torch.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from service.bundle import Bundle, load_bundle, new_bundle_id, write_bundle
+
+from .calibrate import VisibilitySamples, apply_rule, calibrate_thresholds, collect_visibility_samples
+from .confcal_fit import calibrated_samples, fit_confidence_calibration
+
+log = logging.getLogger(__name__)
+
+
+def _accuracy(s: VisibilitySamples, cal: Mapping[str, Any]) -> float:
+    k = s.kpt_index
+    flags = apply_rule(s.main_conf, s.visible_conf, np.asarray(cal["main"])[k], np.asarray(cal["visible"])[k])
+    return float(np.mean(flags == s.gt_flag)) if len(s) else float("nan")
+
+
+def predict_images(bundle: Bundle, coco: Mapping[str, Any], images_dir: Path) -> dict[int, Any]:
+    """Image id -> ``Prediction`` of the bundle's engine (unreadable images are skipped)."""
+    from service.engine import Engine
+    from service.errors import ImageError
+    from service.imageio import read_image
+
+    engine = Engine(bundle)
+    preds = {}
+    for im in coco["images"]:
+        try:
+            preds[im["id"]] = engine.predict([read_image(images_dir / im["file_name"])])[0]
+        except ImageError as exc:
+            log.warning("calibration: skipping %s: %s", im["file_name"], exc)
+    return preds
+
+
+def calibrate_bundle(bundle: Bundle, coco: Mapping[str, Any], images_dir: Path, fit_confidences: bool = True,
+                     source: str = "validation") -> Bundle:
+    """Calibrate ``bundle`` in place (its ``bundle.json`` is rewritten) on ``coco`` images; see the
+    module docstring. ``source`` names the images in the bundle's ``thresholds.method``."""
+    from .coco_metrics import load_coco as to_cocoapi
+
+    raw = dataclasses.replace(bundle, confidence_calibration=None)
+    two_model = bundle.visibility_mode == "two_model" and "pose_visible" in bundle.models
+    preds = predict_images(raw, coco, images_dir)
+    samples = collect_visibility_samples(preds, to_cocoapi(coco), sigmas=bundle.keypoints.sigmas,
+                                         features=two_model and fit_confidences)
+    k = bundle.keypoints.count
+    thr = calibrate_thresholds(samples, k)
+    cal, report = None, {"skipped": "not a two-model bundle" if not two_model else "not asked"}
+    if two_model and fit_confidences:
+        cal, report = fit_confidence_calibration(samples)
+    if cal is not None:
+        cs = calibrated_samples(samples, cal)
+        thr_c = calibrate_thresholds(cs, k)
+        report = {**report, "accuracy_raw": _accuracy(samples, thr), "accuracy_calibrated": _accuracy(cs, thr_c)}
+        if report["accuracy_calibrated"] > report["accuracy_raw"]:
+            thr = thr_c
+        else:
+            report["skipped"] = "no gain on these images"
+            cal = None
+    g = thr["global"]
+    method = (f"calibrated on {len(coco['images'])} {source} images ({g['points']} points): "
+              f"per-key-point grid search maximising 3-class visibility accuracy")
+    if cal is not None:
+        method += (f" over the calibrated confidences (confidence_calibration: {report['accuracy_raw']:.4f} -> "
+                   f"{report['accuracy_calibrated']:.4f} on these images)")
+    else:
+        method += (f"; global pair main={g['main']:.2f} visible={g['visible']:.2f} accuracy {g['accuracy']:.4f} vs "
+                   f"{g['reference_accuracy']:.4f} at the reference 0.6/0.6")
+    t = dataclasses.replace(bundle.thresholds, main=tuple(thr["main"]), visible=tuple(thr["visible"]), method=method)
+    metrics = {**bundle.metrics, "calibration": thr, "confidence_calibration": report}
+    out = dataclasses.replace(bundle, thresholds=t, metrics=metrics, confidence_calibration=cal)
+    write_bundle(out)
+    return load_bundle(bundle.path)
+
+
+def recalibrated_copy(src: Path, annotations: Path, images_dir: Path, dst: Path, fit_confidences: bool = True) -> Bundle:
+    """``annotator calibrate``: copy ``src`` to ``dst`` under a new id (parent: ``src``'s id) and
+    calibrate the copy on the dataset. ``dst`` must not exist (bundles are immutable)."""
+    bundle = load_bundle(src)
+    if dst.exists():
+        raise FileExistsError(f"{dst} exists; give a new folder (a bundle is never changed in place)")
+    coco = json.loads(annotations.read_text(encoding="utf-8"))
+    tmp = dst.with_name(dst.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("bundle.sig"))
+    lineage = {**bundle.lineage, "parent_bundle": bundle.id,
+               "recalibrated_on": {"annotations": str(annotations), "images": len(coco.get("images", []))}}
+    copy = dataclasses.replace(load_bundle(tmp), id=new_bundle_id(bundle.id), lineage=lineage)
+    write_bundle(copy)
+    calibrate_bundle(load_bundle(tmp), coco, images_dir, fit_confidences, source=annotations.parent.name)
+    tmp.rename(dst)
+    return load_bundle(dst)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from service.errors import AnnotatorError
+
+    ds = Path(args.dataset)
+    ann = ds / "annotations.json" if ds.is_dir() else ds
+    images = Path(args.images) if args.images else ann.parent / "images"
+    if not ann.is_file():
+        raise AnnotatorError(f"dataset: {ann} does not exist; give a COCO key-points json or its folder")
+    try:
+        b = recalibrated_copy(Path(args.src), ann, images, Path(args.dst), fit_confidences=not args.thresholds_only)
+    except FileExistsError as exc:
+        raise AnnotatorError(str(exc)) from exc
+    print(f"bundle {b.id} (parent {b.lineage.get('parent_bundle')}) written to {args.dst}")
+    print(f"thresholds: {b.thresholds.method}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("calibrate", help="a copy of a bundle with its visibility decision calibrated on labelled images")
+    s.add_argument("src", help="bundle directory")
+    s.add_argument("dataset", help="COCO key-points json or a folder with annotations.json and images/")
+    s.add_argument("dst", help="new bundle directory (must not exist)")
+    s.add_argument("--images", help="images folder (default: images/ beside the json)")
+    s.add_argument("--thresholds-only", action="store_true",
+                   help="only the per-key-point thresholds, no confidence calibration")
+    s.set_defaults(func=cmd_calibrate)

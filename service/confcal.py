@@ -1,0 +1,224 @@
+"""Confidence calibration: the two pose confidences of each key point re-estimated from context.
+
+The visibility rule (``service.visibility``) compares the main and the visible-only confidence
+of a point with per-point thresholds. The raw confidences of small pose models are noisy and
+blind to where the point sits: a hip low in a rear passenger's box is nearly always behind the
+front seat, a point in the lower third of the driver's box behind the wheel. A bundle may carry
+a ``confidence_calibration``: two small multilayer perceptrons fitted on labelled validation
+images (``exporter.confcal_fit``) that map, per point,
+
+    features = [logit(main conf), logit(visible conf), one-hot key point index,
+                point x, y relative to the person box (0..1), box x1, y1, w, h relative to
+                the image, point x, y relative to the image, person confidence]
+
+to ``P(in view)`` (replaces the main confidence) and ``P(visible | in view)`` (replaces the
+visible confidence). The threshold rule is then applied unchanged, to the calibrated values,
+with thresholds chosen for them; the judge's distances to the thresholds keep their meaning.
+A person the visible-only model did not find keeps visible confidence 0 (never visible).
+
+Pure numpy: ``point_features`` and ``Mlp.__call__`` run in the daemon and in the fitting code,
+so both see exactly the same features.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .errors import BundleError
+from .record import Person
+
+FEATURES = "cabin-v1"  # name of the feature layout below; a bundle names the one it was fitted with
+_EPS = 1e-4
+
+
+def logit(p: np.ndarray) -> np.ndarray:
+    """log(p / (1 - p)) with p clipped to [1e-4, 1 - 1e-4] (finite for 0 and 1)."""
+    q = np.clip(np.asarray(p, dtype=np.float64), _EPS, 1.0 - _EPS)
+    return np.log(q / (1.0 - q))
+
+
+def feature_count(kpt_count: int) -> int:
+    """Length of one point's feature vector for ``kpt_count`` key points."""
+    return kpt_count + 11
+
+
+def point_features(
+    main_conf: np.ndarray,
+    vis_conf: np.ndarray,
+    kpt_xy: np.ndarray,
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    width: int,
+    height: int,
+) -> np.ndarray:
+    """Features ``float64 [P, K, K + 11]`` of every point of ``P`` persons (layout: module doc).
+
+    ``main_conf``/``vis_conf`` ``[P, K]`` in 0..1; ``kpt_xy`` ``[P, K, 2]`` and ``boxes``
+    ``[P, 4]`` (x1, y1, x2, y2) in image pixels; ``scores`` ``[P]``; image ``width``/``height``.
+    """
+    main_conf = np.asarray(main_conf, dtype=np.float64)
+    p, k = main_conf.shape
+    out = np.zeros((p, k, feature_count(k)), dtype=np.float64)
+    if p == 0:
+        return out
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(p, 4)
+    xy = np.asarray(kpt_xy, dtype=np.float64).reshape(p, k, 2)
+    w, h = float(max(width, 1)), float(max(height, 1))
+    bw = np.maximum(boxes[:, 2] - boxes[:, 0], 1.0)
+    bh = np.maximum(boxes[:, 3] - boxes[:, 1], 1.0)
+    out[..., 0] = logit(main_conf)
+    out[..., 1] = logit(np.asarray(vis_conf, dtype=np.float64).reshape(p, k))
+    out[..., 2:2 + k] = np.eye(k)[None, :, :]
+    c = 2 + k
+    out[..., c] = (xy[..., 0] - boxes[:, None, 0]) / bw[:, None]
+    out[..., c + 1] = (xy[..., 1] - boxes[:, None, 1]) / bh[:, None]
+    out[..., c + 2] = (boxes[:, 0] / w)[:, None]
+    out[..., c + 3] = (boxes[:, 1] / h)[:, None]
+    out[..., c + 4] = (bw / w)[:, None]
+    out[..., c + 5] = (bh / h)[:, None]
+    out[..., c + 6] = xy[..., 0] / w
+    out[..., c + 7] = xy[..., 1] / h
+    out[..., c + 8] = np.asarray(scores, dtype=np.float64).reshape(p)[:, None]
+    return out
+
+
+def _matrix(value: Any, what: str) -> np.ndarray:
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise BundleError(f"confidence_calibration.{what}: expected numbers, got {value!r:.80}") from exc
+    if not np.all(np.isfinite(arr)):
+        raise BundleError(f"confidence_calibration.{what}: contains NaN or infinite values")
+    return arr
+
+
+@dataclass(frozen=True)
+class Mlp:
+    """Standardise, then dense layers with ReLU between them, then a sigmoid: ``[N, F] -> [N]``."""
+
+    mean: np.ndarray  # [F]
+    scale: np.ndarray  # [F], > 0
+    weights: tuple[np.ndarray, ...]  # [F, H1], [H1, H2], ..., [Hn, 1]
+    biases: tuple[np.ndarray, ...]
+
+    def __post_init__(self) -> None:
+        f = self.mean.shape[0]
+        if self.scale.shape != (f,) or np.any(self.scale <= 0):
+            raise BundleError(f"confidence_calibration: scale: expected {f} positive values, got shape {self.scale.shape}")
+        if not self.weights or len(self.weights) != len(self.biases):
+            raise BundleError("confidence_calibration: expected as many weight matrices as bias vectors (at least one)")
+        rows = f
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            if w.ndim != 2 or w.shape[0] != rows or b.shape != (w.shape[1],):
+                raise BundleError(f"confidence_calibration: layer {i}: expected weights [{rows}, H] and bias [H], "
+                                  f"got {list(w.shape)} and {list(b.shape)}")
+            rows = w.shape[1]
+        if rows != 1:
+            raise BundleError(f"confidence_calibration: the last layer must have 1 output, got {rows}")
+
+    @property
+    def inputs(self) -> int:
+        return int(self.mean.shape[0])
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        h = (np.asarray(x, dtype=np.float64) - self.mean) / self.scale
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            h = h @ w + b
+            if i < len(self.weights) - 1:
+                h = np.maximum(h, 0.0)
+        return h[..., 0]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """Probabilities ``[...]`` for features ``[..., F]``."""
+        return 1.0 / (1.0 + np.exp(-np.clip(self.logits(x), -60, 60)))
+
+    def to_json(self) -> dict[str, Any]:
+        r = lambda a: np.round(a, 6).tolist()  # noqa: E731
+        return {"mean": r(self.mean), "scale": r(self.scale), "weights": [r(w) for w in self.weights],
+                "biases": [r(b) for b in self.biases]}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], what: str) -> "Mlp":
+        try:
+            return cls(_matrix(d["mean"], f"{what}.mean").reshape(-1), _matrix(d["scale"], f"{what}.scale").reshape(-1),
+                       tuple(_matrix(w, f"{what}.weights") for w in d["weights"]),
+                       tuple(_matrix(b, f"{what}.biases").reshape(-1) for b in d["biases"]))
+        except (KeyError, TypeError) as exc:
+            raise BundleError(f"confidence_calibration.{what}: expected mean, scale, weights, biases ({exc!r})") from exc
+
+
+@dataclass(frozen=True)
+class ConfidenceCalibration:
+    """The two calibrators of a bundle (``in_view``: main confidence; ``visible``: visible
+    confidence given in view) and how they were fitted."""
+
+    in_view: Mlp
+    visible: Mlp
+    features: str = FEATURES
+    method: str = ""
+
+    def check(self, kpt_count: int) -> None:
+        """Raise ``BundleError`` unless both calibrators take this schema's feature layout."""
+        if self.features != FEATURES:
+            raise BundleError(f"confidence_calibration.features: {self.features!r} is not supported; expected {FEATURES!r}")
+        want = feature_count(kpt_count)
+        for name, m in (("in_view", self.in_view), ("visible", self.visible)):
+            if m.inputs != want:
+                raise BundleError(f"confidence_calibration.{name}: takes {m.inputs} features, expected {want} "
+                                  f"for {kpt_count} key points")
+
+    def apply(self, features: np.ndarray, vis_matched: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Calibrated (main, visible) confidences ``float32 [P, K]`` from ``point_features``;
+        persons with ``vis_matched[p]`` False keep visible confidence 0."""
+        main = self.in_view(features).astype(np.float32)
+        vis = self.visible(features).astype(np.float32)
+        vis[~np.asarray(vis_matched, dtype=bool)] = 0.0
+        return main, vis
+
+    def to_json(self) -> dict[str, Any]:
+        return {"features": self.features, "method": self.method, "in_view": self.in_view.to_json(),
+                "visible": self.visible.to_json()}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], kpt_count: int) -> "ConfidenceCalibration":
+        if not isinstance(d, Mapping) or "in_view" not in d or "visible" not in d:
+            raise BundleError("confidence_calibration: expected an object with 'in_view' and 'visible'")
+        cal = cls(Mlp.from_json(d["in_view"], "in_view"), Mlp.from_json(d["visible"], "visible"),
+                  str(d.get("features", FEATURES)), str(d.get("method", "")))
+        cal.check(kpt_count)
+        return cal
+
+
+def calibrate_persons(
+    cal: ConfidenceCalibration,
+    main_conf: np.ndarray,
+    vis_conf: np.ndarray,
+    vis_matched: Sequence[bool] | np.ndarray,
+    kpt_xy: np.ndarray,
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    width: int,
+    height: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``cal.apply(point_features(...))``: calibrated (main, visible) confidences ``[P, K]``."""
+    feats = point_features(main_conf, vis_conf, kpt_xy, boxes, scores, width, height)
+    return cal.apply(feats, np.asarray(vis_matched, dtype=bool).reshape(-1))
+
+
+def person_features(persons: Sequence[Person], width: int, height: int,
+                    kpt_map: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+    """``point_features`` of annotation records' persons ``[P, K, F]``, from the confidences
+    they carry (uncalibrated when the engine ran without a calibration). ``kpt_map`` picks
+    and orders the key points (default: all, in order); the one-hot part follows that order."""
+    if not persons:
+        k = len(kpt_map) if kpt_map is not None else 0
+        return np.zeros((0, k, feature_count(k)))
+    idx = np.asarray(kpt_map if kpt_map is not None else range(len(persons[0].keypoints)), dtype=np.int64)
+    kps = [[p.keypoints[i] for i in idx] for p in persons]
+    return point_features(
+        np.array([[kp.main_conf for kp in row] for row in kps]),
+        np.array([[kp.visible_conf for kp in row] for row in kps]),
+        np.array([[(kp.x, kp.y) for kp in row] for row in kps]),
+        np.array([p.box for p in persons]), np.array([p.conf for p in persons]), width, height)

@@ -1,0 +1,86 @@
+"""Fitting the confidence calibration (numpy) and ``annotator calibrate``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from exporter.calibrate import VisibilitySamples
+from exporter.confcal_fit import FitSettings, calibrated_samples, fit_confidence_calibration, fit_mlp
+from service.cli_daemon import DEMO_BUNDLE
+from service.confcal import feature_count
+
+
+def test_fit_mlp_learns_a_nonlinear_rule() -> None:
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(3000, 3))
+    y = ((x[:, 0] > 0) ^ (x[:, 1] > 0)).astype(float)  # XOR: no linear model gets this
+    mlp, report = fit_mlp(x, y, np.arange(3000) // 10, FitSettings(max_steps=1500))
+    xt = rng.normal(size=(1000, 3))
+    acc = np.mean((mlp(xt) > 0.5) == ((xt[:, 0] > 0) ^ (xt[:, 1] > 0)))
+    assert acc > 0.9, report
+    assert report["held_out_points"] == 600 and report["best_step"] > 0
+
+
+def _samples(n_persons: int, k: int = 3, seed: int = 0) -> VisibilitySamples:
+    """Rows of ``n_persons`` matched persons whose visibility is decided by the point's height
+    in its box (top: visible, middle: occluded, bottom: outside); the raw confidences are noise."""
+    rng = np.random.default_rng(seed)
+    n = n_persons * k
+    f = np.zeros((n, feature_count(k)))
+    f[:, 0], f[:, 1] = rng.normal(size=n), rng.normal(size=n)
+    f[np.arange(n), 2 + np.tile(np.arange(k), n_persons)] = 1
+    y_in_box = rng.uniform(0, 1, n)
+    f[:, 2 + k + 1] = y_in_box
+    gt = np.where(y_in_box < 0.4, 2, np.where(y_in_box < 0.8, 1, 0)).astype(np.int8)
+    m = rng.uniform(0, 1, n).astype(np.float32)
+    return VisibilitySamples(gt, m, rng.uniform(0, 1, n).astype(np.float32), np.tile(np.arange(k), n_persons),
+                             np.ones(n, bool), np.zeros(n, np.int8), f, np.ones(n, bool),
+                             np.repeat(np.arange(n_persons) // 2, k))
+
+
+def test_calibration_recovers_what_the_raw_confidences_miss() -> None:
+    s = _samples(1500)
+    cal, report = fit_confidence_calibration(s, FitSettings(max_steps=800))
+    assert cal is not None, report
+    c = calibrated_samples(s, cal)
+    flags = np.where(c.main_conf > 0.5, np.where(c.visible_conf > 0.5, 2, 1), 0)
+    assert np.mean(flags == s.gt_flag) > 0.9
+    # unmatched rows keep 0 (predicted outside, as in the evaluation)
+    s2 = VisibilitySamples(*(getattr(s, a) for a in ("gt_flag", "main_conf", "visible_conf", "kpt_index")),
+                           np.arange(len(s)) % 2 == 0, s.pred_flag, s.features, s.vis_matched, s.image_id)
+    s2.main_conf[1::2] = 0
+    c2 = calibrated_samples(s2, cal)
+    assert np.all(c2.main_conf[1::2] == 0) and np.all(c2.main_conf[::2] == c.main_conf[::2])
+
+
+def test_too_few_points_skip_the_calibration() -> None:
+    cal, report = fit_confidence_calibration(_samples(10))
+    assert cal is None and "fewer than" in report["skipped"]
+    with pytest.raises(ValueError, match="features=True"):
+        fit_confidence_calibration(VisibilitySamples(*[np.zeros(0)] * 6))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (DEMO_BUNDLE / "bundle.json").is_file(), reason="no demo bundle shipped")
+def test_annotator_calibrate_writes_a_new_bundle(tmp_path: Path) -> None:
+    from exporter.synth import generate
+    from service.bundle import load_bundle
+    from service.cli import main
+
+    data = generate(tmp_path / "cal", 50, seed=77)
+    src = load_bundle(DEMO_BUNDLE)
+    dst = tmp_path / "recal"
+    assert main(["calibrate", str(DEMO_BUNDLE), str(data), str(dst)]) == 0
+    b = load_bundle(dst)
+    assert b.id != src.id and b.lineage["parent_bundle"] == src.id
+    assert b.lineage["recalibrated_on"]["images"] == 50
+    report = b.metrics["confidence_calibration"]
+    assert report["accuracy_raw"] > 0.5
+    if b.confidence_calibration is not None:  # kept only when it helped on these images
+        assert report["accuracy_calibrated"] > report["accuracy_raw"]
+        assert "confidence_calibration" in b.thresholds.method
+    assert json.loads((DEMO_BUNDLE / "bundle.json").read_text())["id"] == src.id  # source untouched
+    assert main(["calibrate", str(DEMO_BUNDLE), str(data), str(dst)]) == 2  # never over an existing bundle
