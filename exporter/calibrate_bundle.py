@@ -121,13 +121,10 @@ def recalibrated_copy(src: Path, annotations: Path, images_dir: Path, dst: Path,
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    from service.cli import dataset_paths
     from service.errors import AnnotatorError
 
-    ds = Path(args.dataset)
-    ann = ds / "annotations.json" if ds.is_dir() else ds
-    images = Path(args.images) if args.images else ann.parent / "images"
-    if not ann.is_file():
-        raise AnnotatorError(f"dataset: {ann} does not exist; give a COCO key-points json or its folder")
+    ann, images = dataset_paths(args.dataset, args.images)
     try:
         b = recalibrated_copy(Path(args.src), ann, images, Path(args.dst), fit_confidences=not args.thresholds_only)
     except FileExistsError as exc:

@@ -124,7 +124,7 @@ def fit_confidence_calibration(samples: VisibilitySamples, settings: FitSettings
     visible, rep_vis = fit_mlp(x[lab], (gt[lab] == 2).astype(float), img[lab], settings)
     images = len(np.unique(img))
     method = (f"two ReLU perceptrons {list(settings.hidden)} fitted with numpy on {n} matched points of {images} "
-              f"validation images (early stopping on {settings.holdout:.0%} of the images)")
+              f"labelled images (early stopping on {settings.holdout:.0%} of the images)")
     log.info("confidence calibration: %s", method)
     return (ConfidenceCalibration(in_view, visible, FEATURES, method),
             {"in_view": rep_in, "visible": rep_vis, "images": images})

@@ -65,15 +65,21 @@ def cmd_compact(args: argparse.Namespace) -> int:
     return 0
 
 
+def dataset_paths(dataset: str, images: str | None = None) -> tuple[Path, Path]:
+    """(annotations json, images folder) of a DATASET argument: a COCO key-points json or a
+    folder holding annotations.json; images default to images/ beside the json."""
+    ds = Path(dataset)
+    ann = ds / "annotations.json" if ds.is_dir() else ds
+    if not ann.is_file():
+        raise AnnotatorError(f"dataset: {ann} does not exist; give a COCO key-points json or its folder")
+    return ann, Path(images) if images else ann.parent / "images"
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from exporter.evaluate import evaluate
     from exporter.report import print_metrics_table
 
-    ds = Path(args.dataset)
-    ann = ds / "annotations.json" if ds.is_dir() else ds
-    images = Path(args.images) if args.images else ann.parent / "images"
-    if not ann.is_file():
-        raise AnnotatorError(f"dataset: {ann} does not exist; give a COCO key-points json or its folder")
+    ann, images = dataset_paths(args.dataset, args.images)
     out = Path(args.out or f"eval-{Path(args.bundle).name}")
     metrics = evaluate(args.bundle, ann, images, out, limit=args.limit)
     print_metrics_table(metrics)

@@ -11,10 +11,13 @@ images (``exporter.confcal_fit``) that map, per point,
                 point x, y relative to the person box (0..1), box x1, y1, w, h relative to
                 the image, point x, y relative to the image, person confidence]
 
-to ``P(in view)`` (replaces the main confidence) and ``P(visible | in view)`` (replaces the
-visible confidence). The threshold rule is then applied unchanged, to the calibrated values,
-with thresholds chosen for them; the judge's distances to the thresholds keep their meaning.
-A person the visible-only model did not find keeps visible confidence 0 (never visible).
+to ``P(in view)`` and ``P(visible | in view)``. The main confidence becomes ``P(in view)``, the
+visible confidence ``P(visible) = P(in view) * P(visible | in view)``: the same meanings as the
+raw pair (the visible-only model answers "visible?", never more sure than "in view?"), so the
+threshold rule applies unchanged, with thresholds chosen for the calibrated values, and the
+judge's distances to the thresholds and its check that the visible-only model does not see
+what the main model does not claim keep their meaning. A person the visible-only model did not
+find keeps visible confidence 0 (never visible).
 
 Pure numpy: ``point_features`` and ``Mlp.__call__`` run in the daemon and in the fitting code,
 so both see exactly the same features.
@@ -170,10 +173,11 @@ class ConfidenceCalibration:
                                   f"for {kpt_count} key points")
 
     def apply(self, features: np.ndarray, vis_matched: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Calibrated (main, visible) confidences ``float32 [P, K]`` from ``point_features``;
-        persons with ``vis_matched[p]`` False keep visible confidence 0."""
-        main = self.in_view(features).astype(np.float32)
-        vis = self.visible(features).astype(np.float32)
+        """Calibrated (main, visible) = (P(in view), P(visible)) ``float32 [P, K]`` from
+        ``point_features``; persons with ``vis_matched[p]`` False keep visible confidence 0."""
+        main = self.in_view(features)
+        vis = (main * self.visible(features)).astype(np.float32)
+        main = main.astype(np.float32)
         vis[~np.asarray(vis_matched, dtype=bool)] = 0.0
         return main, vis
 

@@ -79,7 +79,7 @@ def test_apply_keeps_unmatched_persons_never_visible() -> None:
     main, vis = calibrate_persons(cal, np.full((2, 3), 0.3), np.full((2, 3), 0.3), [True, False],
                                   np.zeros((2, 3, 2)), np.array([[0, 0, 10, 10]] * 2, float), np.ones(2), 20, 20)
     np.testing.assert_allclose(main, 1 / (1 + np.exp(-2.0)), rtol=1e-6)
-    np.testing.assert_allclose(vis[0], 1 / (1 + np.exp(-1.0)), rtol=1e-6)
+    np.testing.assert_allclose(vis[0], 1 / (1 + np.exp(-2.0)) / (1 + np.exp(-1.0)), rtol=1e-6)  # P(in view) P(vis | in view)
     np.testing.assert_array_equal(vis[1], 0.0)
 
 
