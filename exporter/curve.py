@@ -41,16 +41,20 @@ def _row(n: int, m: dict[str, Any]) -> dict[str, Any]:
     head = m.get("head") or {}
     return {"train_images": n, "head_map50": head.get("map50"), "head_map50_95": head.get("map50_95"),
             "oks_ap": m["keypoints"]["oks_ap"], "oks_ap50": m["keypoints"]["oks_ap50"],
-            "visibility_accuracy": m["visibility"]["accuracy"], "bundle_id": m["bundle_id"]}
+            "oks_ap50_visible_area": (m["keypoints"].get("visible_area") or {}).get("oks_ap50"),
+            "visibility_accuracy": m["visibility"]["accuracy"],
+            "visibility_matched": m["visibility"].get("accuracy_matched"), "bundle_id": m["bundle_id"]}
 
 
 def table_markdown(rows: Sequence[dict[str, Any]]) -> str:
-    lines = ["| training images | head mAP50 | head mAP50-95 | OKS AP | OKS AP50 | visibility accuracy |",
-             "|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| training images | head mAP50 | head mAP50-95 | OKS AP | OKS AP50 | OKS AP50 with visible area "
+             "| visibility accuracy | over matched people |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     for r in rows:
-        lines.append(f"| {r['train_images']} | {f(r['head_map50'])} | {f(r['head_map50_95'])} | {f(r['oks_ap'])} | "
-                     f"{f(r['oks_ap50'])} | {f(r['visibility_accuracy'])} |")
+        lines.append(f"| {r['train_images']:,} | {f(r['head_map50'])} | {f(r['head_map50_95'])} | {f(r['oks_ap'])} | "
+                     f"{f(r['oks_ap50'])} | {f(r.get('oks_ap50_visible_area'))} | {f(r['visibility_accuracy'])} | "
+                     f"{f(r.get('visibility_matched'))} |")
     return "\n".join(lines) + "\n"
 
 

@@ -26,6 +26,8 @@ def test_train_bundle_end_to_end_and_resume(tmp_path: Path, ultralytics_offline:
     assert len(b.thresholds.main) == 19 and "calibrated" in b.thresholds.method
     cal = b.metrics["calibration"]
     assert "reference_accuracy" in cal["global"] and len(cal["per_keypoint"]) == 19
+    # 4 validation images hold far fewer than 2,000 matched points: thresholds only
+    assert b.confidence_calibration is None and "fewer than" in b.metrics["confidence_calibration"]["skipped"]
     assert all((cfg.out / "weights" / f"{r}.pt").is_file() for r in b.models)
     # Re-running with the same work folder resumes: finished roles are not trained again.
     marker = [(cfg.work / "runs" / r / "DONE").stat().st_mtime for r in b.models]
@@ -60,3 +62,21 @@ def test_continuing_a_bundle_fine_tunes(tmp_path: Path) -> None:
     assert model != str(bundle / "weights" / "pose_visible.pt") and "optimizer" not in args
     _, args = train_args(cfg("scratch"), "pose_main", data_yaml)
     assert "optimizer" not in args and "warmup_epochs" not in args
+
+
+def test_training_uses_every_core_unless_told(ultralytics_offline: None) -> None:
+    """ultralytics sets torch to cpu_count - 1 threads when it picks the CPU; the model's
+    callback at the start of training sets the number the run asked for."""
+    pytest.importorskip("ultralytics")
+    import torch
+
+    from exporter.train import _yolo, training_threads
+
+    assert training_threads(3) == 3 and training_threads() >= 1
+    model = _yolo("yolo11n.yaml", 3)
+    before = torch.get_num_threads()
+    try:
+        model.callbacks["on_pretrain_routine_start"][-1](None)  # ours is the last one added
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
