@@ -31,7 +31,9 @@ import numpy as np
 
 from service.bundle import Bundle, load_bundle, new_bundle_id, write_bundle
 
-from .calibrate import VisibilitySamples, apply_rule, calibrate_thresholds, collect_visibility_samples
+from .calibrate import (
+    VisibilitySamples, apply_rule, calibrate_thresholds, collect_visibility_samples, person_category,
+)
 from .confcal_fit import calibrated_samples, fit_confidence_calibration
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,14 @@ def _accuracy(s: VisibilitySamples, cal: Mapping[str, Any]) -> float:
     k = s.kpt_index
     flags = apply_rule(s.main_conf, s.visible_conf, np.asarray(cal["main"])[k], np.asarray(cal["visible"])[k])
     return float(np.mean(flags == s.gt_flag)) if len(s) else float("nan")
+
+
+def check_schema(bundle: Bundle, coco: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` unless the dataset's key points are the bundle's, in its order."""
+    names = list(person_category(coco)["keypoints"])
+    if names != list(bundle.keypoints.names):
+        raise ValueError(f"the dataset's key points {names} are not the bundle's {list(bundle.keypoints.names)} "
+                         f"in the same order; calibrate on a dataset with the bundle's schema")
 
 
 def predict_images(bundle: Bundle, coco: Mapping[str, Any], images_dir: Path) -> dict[int, Any]:
@@ -65,6 +75,7 @@ def calibrate_bundle(bundle: Bundle, coco: Mapping[str, Any], images_dir: Path, 
     module docstring. ``source`` names the images in the bundle's ``thresholds.method``."""
     from .coco_metrics import load_coco as to_cocoapi
 
+    check_schema(bundle, coco)
     raw = dataclasses.replace(bundle, confidence_calibration=None)
     two_model = bundle.visibility_mode == "two_model" and "pose_visible" in bundle.models
     preds = predict_images(raw, coco, images_dir)
@@ -107,6 +118,7 @@ def recalibrated_copy(src: Path, annotations: Path, images_dir: Path, dst: Path,
     if dst.exists():
         raise FileExistsError(f"{dst} exists; give a new folder (a bundle is never changed in place)")
     coco = json.loads(annotations.read_text(encoding="utf-8"))
+    check_schema(bundle, coco)
     tmp = dst.with_name(dst.name + ".partial")
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -84,3 +84,15 @@ def test_annotator_calibrate_writes_a_new_bundle(tmp_path: Path) -> None:
         assert "confidence_calibration" in b.thresholds.method
     assert json.loads((DEMO_BUNDLE / "bundle.json").read_text())["id"] == src.id  # source untouched
     assert main(["calibrate", str(DEMO_BUNDLE), str(data), str(dst)]) == 2  # never over an existing bundle
+
+
+@pytest.mark.skipif(not (DEMO_BUNDLE / "bundle.json").is_file(), reason="no demo bundle shipped")
+def test_calibrate_refuses_a_dataset_with_another_schema(tmp_path: Path) -> None:
+    from service.cli import main
+
+    coco = {"images": [], "annotations": [], "categories": [
+        {"id": 1, "name": "person", "keypoints": ["nose", "left_eye"], "skeleton": []}]}
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "annotations.json").write_text(json.dumps(coco))
+    assert main(["calibrate", str(DEMO_BUNDLE), str(tmp_path / "d"), str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
