@@ -125,9 +125,10 @@ def recalibrated_copy(src: Path, annotations: Path, images_dir: Path, dst: Path,
     shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("bundle.sig"))
     lineage = {**bundle.lineage, "parent_bundle": bundle.id,
                "recalibrated_on": {"annotations": str(annotations), "images": len(coco.get("images", []))}}
-    copy = dataclasses.replace(load_bundle(tmp), id=new_bundle_id(bundle.id), lineage=lineage)
+    # The copy's files are the verified source's; write_bundle recomputes the checksums anyway.
+    copy = dataclasses.replace(bundle, path=tmp, id=new_bundle_id(bundle.id), lineage=lineage)
     write_bundle(copy)
-    calibrate_bundle(load_bundle(tmp), coco, images_dir, fit_confidences, source=annotations.parent.name)
+    calibrate_bundle(copy, coco, images_dir, fit_confidences, source=annotations.parent.name)
     tmp.rename(dst)
     return load_bundle(dst)
 
