@@ -61,11 +61,20 @@ def predict_images(bundle: Bundle, coco: Mapping[str, Any], images_dir: Path) ->
 
     engine = Engine(bundle)
     preds = {}
-    for im in coco["images"]:
-        try:
-            preds[im["id"]] = engine.predict([read_image(images_dir / im["file_name"])])[0]
-        except ImageError as exc:
-            log.warning("calibration: skipping %s: %s", im["file_name"], exc)
+    infos = list(coco["images"])
+    step = max(1, len(infos) // 10)
+    for start in range(0, len(infos), engine.batch_size):  # the engine's batches, as in evaluation
+        ids, decoded = [], []
+        for im in infos[start:start + engine.batch_size]:
+            try:
+                decoded.append(read_image(images_dir / im["file_name"]))
+                ids.append(im["id"])
+            except ImageError as exc:
+                log.warning("calibration: skipping %s: %s", im["file_name"], exc)
+        preds.update(zip(ids, engine.predict(decoded) if decoded else []))
+        done = min(start + engine.batch_size, len(infos))
+        if done // step != start // step or done == len(infos):
+            log.info("calibration: predicted %d/%d images", done, len(infos))
     return preds
 
 

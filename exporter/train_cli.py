@@ -99,15 +99,13 @@ def resolve_init(init: str, config: Path | None, models_root: Path | None) -> st
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train (and publish) a bundle; prints its id and where it went."""
+    from service.cli import dataset_paths
     from service.errors import AnnotatorError
 
     from .mix import TrainingMix
     from .train import TrainConfig, train_bundle
 
-    ann = Path(args.dataset) / "annotations.json" if Path(args.dataset).is_dir() else Path(args.dataset)
-    images = Path(args.images) if args.images else ann.parent / "images"
-    if not ann.is_file():
-        raise AnnotatorError(f"dataset: {ann} does not exist; give a COCO key-points json or a folder holding annotations.json")
+    ann, images = dataset_paths(args.dataset, args.images)
     if args.sign_key is not None and not args.publish:
         raise AnnotatorError("--sign-key: only with --publish REGISTRY")
     init = resolve_init(args.init, args.config, args.models_root)

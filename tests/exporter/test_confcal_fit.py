@@ -96,3 +96,27 @@ def test_calibrate_refuses_a_dataset_with_another_schema(tmp_path: Path) -> None
     (tmp_path / "d" / "annotations.json").write_text(json.dumps(coco))
     assert main(["calibrate", str(DEMO_BUNDLE), str(tmp_path / "d"), str(tmp_path / "out")]) == 2
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_calibration_predicts_in_batches_and_skips_unreadable_images(tmp_path: Path) -> None:
+    from exporter.calibrate_bundle import predict_images
+    from exporter.synth import generate
+    from service.bundle import load_bundle
+    from service.engine import Engine
+    from service.imageio import read_image
+
+    data = generate(tmp_path / "cal", 10, seed=78)  # more than one engine batch (8)
+    coco = json.loads((data / "annotations.json").read_text())
+    bad = coco["images"][3]
+    (data / "images" / bad["file_name"]).write_bytes(b"not an image")
+    bundle = load_bundle(DEMO_BUNDLE)
+    preds = predict_images(bundle, coco, data / "images")
+    assert sorted(preds) == sorted(im["id"] for im in coco["images"] if im["id"] != bad["id"])
+    engine = Engine(bundle)
+    for im in coco["images"][8:]:  # the second batch, against one image per call
+        alone = engine.predict([read_image(data / "images" / im["file_name"])])[0]
+        got = preds[im["id"]]
+        assert len(got.persons) == len(alone.persons)
+        for a, b in zip(got.persons, alone.persons):
+            assert np.allclose(a.box, b.box, atol=1e-2)
+            assert np.allclose([k.visible_conf for k in a.keypoints], [k.visible_conf for k in b.keypoints], atol=1e-3)
