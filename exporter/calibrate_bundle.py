@@ -56,25 +56,13 @@ def check_schema(bundle: Bundle, coco: Mapping[str, Any]) -> None:
 def predict_images(bundle: Bundle, coco: Mapping[str, Any], images_dir: Path) -> dict[int, Any]:
     """Image id -> ``Prediction`` of the bundle's engine (unreadable images are skipped)."""
     from service.engine import Engine
-    from service.errors import ImageError
-    from service.imageio import read_image
+
+    from .evaluate import decoded_batches
 
     engine = Engine(bundle)
     preds = {}
-    infos = list(coco["images"])
-    step = max(1, len(infos) // 10)
-    for start in range(0, len(infos), engine.batch_size):  # the engine's batches, as in evaluation
-        ids, decoded = [], []
-        for im in infos[start:start + engine.batch_size]:
-            try:
-                decoded.append(read_image(images_dir / im["file_name"]))
-                ids.append(im["id"])
-            except ImageError as exc:
-                log.warning("calibration: skipping %s: %s", im["file_name"], exc)
-        preds.update(zip(ids, engine.predict(decoded) if decoded else []))
-        done = min(start + engine.batch_size, len(infos))
-        if done // step != start // step or done == len(infos):
-            log.info("calibration: predicted %d/%d images", done, len(infos))
+    for ok, _failed, decoded in decoded_batches(list(coco["images"]), images_dir, engine.batch_size, "calibration"):
+        preds.update(zip((info["id"] for _, info in ok), engine.predict(decoded) if decoded else []))
     return preds
 
 

@@ -32,7 +32,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -102,7 +102,6 @@ def predict_dataset(
     ``read_image`` (None: full decode, as ultralytics does).
     """
     from service.engine import Engine
-    from service.imageio import read_image
 
     infos = sorted(dataset["images"], key=lambda im: int(im["id"]))[: limit if limit is not None else None]
     engine = Engine(ap_bundle(bundle))
@@ -111,19 +110,12 @@ def predict_dataset(
     pick = set(np.linspace(0, len(infos) - 1, min(sheet_images, len(infos))).astype(int).tolist()) if infos else set()
     out = DatasetPredictions({}, {}, 0.0, 0.0, [], [], two_pass, [])
     t_start = time.perf_counter()
-    step = max(1, len(infos) // 10)
-    for start in range(0, len(infos), engine.batch_size):
-        chunk = infos[start:start + engine.batch_size]
-        decoded, ok = [], []  # ok: (position in the evaluated list, image info)
-        for pos, info in enumerate(chunk, start):
-            try:
-                decoded.append(read_image(images_dir / info["file_name"], max_side_hint=max_side_hint))
-                ok.append((pos, info))
-            except ImageError as exc:
-                log.warning("evaluation: skipping %s: %s", info["file_name"], exc)
-                out.failed_images.append(str(info["file_name"]))
-                empty = Prediction(int(info["width"]), int(info["height"]))
-                out.ap_view[int(info["id"])] = out.operating_view[int(info["id"])] = empty
+    for ok, failed, decoded in decoded_batches(infos, images_dir, engine.batch_size, "evaluation", progress,
+                                               max_side_hint):
+        for info in failed:
+            out.failed_images.append(str(info["file_name"]))
+            empty = Prediction(int(info["width"]), int(info["height"]))
+            out.ap_view[int(info["id"])] = out.operating_view[int(info["id"])] = empty
         t0 = time.perf_counter()
         preds = engine.predict(decoded)
         out.engine_seconds += time.perf_counter() - t0
@@ -136,10 +128,35 @@ def predict_dataset(
             if pos in pick:
                 out.sheet_images.append(draw_prediction(im.pixels, op, bundle.keypoints))
                 out.sheet_captions.append(f"{info['file_name']}  {len(op.persons)}p {len(op.heads)}h")
+    return out
+
+
+def decoded_batches(infos: Sequence[Mapping[str, Any]], images_dir: Path, batch_size: int, what: str,
+                    progress: bool = True, max_side_hint: int | None = None,
+                    ) -> Iterator[tuple[list[tuple[int, Mapping[str, Any]]], list[Mapping[str, Any]], list[Any]]]:
+    """The images of ``infos`` (COCO image entries) decoded ``batch_size`` at a time: yields
+    ``(ok, failed, decoded)`` per batch, ``ok`` the ``(position in infos, info)`` of each decoded
+    image in order, ``failed`` the infos whose image could not be read (logged as ``what``).
+    With ``progress`` logs ``what: n/N images`` about every tenth of the way."""
+    from service.imageio import read_image
+
+    step = max(1, len(infos) // 10)
+    for start in range(0, len(infos), batch_size):
+        chunk = infos[start:start + batch_size]
+        ok: list[tuple[int, Mapping[str, Any]]] = []
+        failed: list[Mapping[str, Any]] = []
+        decoded: list[Any] = []
+        for pos, info in enumerate(chunk, start):
+            try:
+                decoded.append(read_image(images_dir / info["file_name"], max_side_hint=max_side_hint))
+                ok.append((pos, info))
+            except ImageError as exc:
+                log.warning("%s: skipping %s: %s", what, info["file_name"], exc)
+                failed.append(info)
+        yield ok, failed, decoded
         done = start + len(chunk)
         if progress and (done // step != start // step or done == len(infos)):
-            log.info("evaluation: %d/%d images", done, len(infos))
-    return out
+            log.info("%s: %d/%d images", what, done, len(infos))
 
 
 def with_visible_area(data: Mapping[str, Any], category_id: int) -> dict[str, Any] | None:
