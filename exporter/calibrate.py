@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from service.confcal import feature_count, person_features
+from service.confcal import FEATURES, feature_count, person_features
 from service.keypoints import KeypointSchema
 from service.record import Prediction
 
@@ -57,6 +57,7 @@ class VisibilitySamples:
     features: np.ndarray | None = None
     vis_matched: np.ndarray | None = None
     image_id: np.ndarray | None = None
+    layout: str = FEATURES  # ``service.confcal`` feature layout of ``features``
 
     def __len__(self) -> int:
         return int(self.gt_flag.shape[0])
@@ -81,7 +82,7 @@ def collect_visibility_samples(
     sigmas: Sequence[float] | None = None,
     kpt_map: Sequence[int] | None = None,
     match_threshold: float = 0.5,
-    features: bool = False,
+    features: bool | str = False,
 ) -> VisibilitySamples:
     """Pair ground truth with predictions, image by image, and return per-point samples.
 
@@ -90,8 +91,8 @@ def collect_visibility_samples(
     order (default: the known schema for the dataset's names). ``kpt_map[j]``: index in the
     prediction of dataset point ``j`` (default identity). Crowd regions and persons with no
     labelled point (``num_keypoints == 0``, COCO's unlabelled people) are left out. With
-    ``features`` the rows also carry what ``exporter.confcal_fit`` fits on (see
-    ``VisibilitySamples``).
+    ``features`` (True: the current layout, or a ``service.confcal`` layout name) the rows also
+    carry what ``exporter.confcal_fit`` fits on (see ``VisibilitySamples``).
     """
     data = _gt_as_dict(coco_gt)
     cat = person_category(data)
@@ -105,7 +106,8 @@ def collect_visibility_samples(
             by_image.setdefault(int(ann["image_id"]), []).append(ann)
 
     cols: dict[str, list[np.ndarray]] = {n: [] for n in ("gt", "m", "v", "k", "matched", "pred", "f", "vm", "img")}
-    nfeat = feature_count(k)
+    layout = features if isinstance(features, str) else FEATURES
+    nfeat = feature_count(k, layout)
     flag_of = {"visible": 2, "occluded": 1, "outside": 0}
     for image_id, pred in predictions.items():
         anns = by_image.get(int(image_id), [])
@@ -119,7 +121,7 @@ def collect_visibility_samples(
                            dtype=np.float64).reshape(len(persons), k, 2)
         pr_boxes = np.array([p.box for p in persons], dtype=np.float64).reshape(len(persons), 4)
         pairs = match_persons(gt_kpts, gt_boxes, gt_areas, pr_kpts, pr_boxes, sig, match_threshold)
-        feats = person_features(persons, pred.width, pred.height, kmap) if features else None
+        feats = person_features(persons, pred.width, pred.height, kmap, layout) if features else None
         for g in range(len(anns)):
             m = np.zeros(k, np.float32)
             v = np.zeros(k, np.float32)
@@ -151,6 +153,7 @@ def collect_visibility_samples(
         features=(np.concatenate(cols["f"]) if cols["f"] else np.zeros((0, nfeat))) if features else None,
         vis_matched=cat_or_empty("vm", bool) if features else None,
         image_id=cat_or_empty("img", np.int64) if features else None,
+        layout=layout,
     )
 
 

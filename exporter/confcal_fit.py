@@ -1,28 +1,37 @@
 """Fit a bundle's confidence calibration (``service.confcal``) on labelled validation images.
 
-Two small ReLU perceptrons are fitted with numpy alone (Adam, full batch, L2, early stopping on
-a fifth of the images held out): ``in_view`` on every point of a matched ground-truth person
+Two small ReLU perceptrons are fitted with numpy alone (Adam on mini-batches, L2, early stopping
+on a fifth of the images held out): ``in_view`` on every point of a matched ground-truth person
 (target: labelled, i.e. visible or occluded), ``visible`` on the labelled points of persons the
 visible-only model also found (target: visible). Inputs are ``service.confcal.point_features``
 of the *uncalibrated* engine output, so the daemon computes exactly the same thing.
+
+Each calibrator is the average (in logit) of three perceptrons fitted from different seeds and
+held-out images, stored as one wider perceptron (``Mlp.average``): on the demo models, +0.002
+visibility accuracy over one, for three times the (small) fitting and daemon cost.
+
+Mini-batches (2,048 points) instead of the full batch: the same held-out loss in a fraction of
+the time, so calibrating on thousands of images (190,000 points for 4,000) takes seconds per
+perceptron, not tens of minutes.
 
 Runtime + numpy only: no torch.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from service.confcal import FEATURES, ConfidenceCalibration, Mlp
+from service.confcal import ConfidenceCalibration, Mlp
 
 from .calibrate import VisibilitySamples
 
 log = logging.getLogger(__name__)
 
-HIDDEN = (32, 32)
+HIDDEN = (64, 64)
 MIN_POINTS = 2000  # fewer matched points than this: no calibration (the thresholds alone)
 
 
@@ -31,11 +40,13 @@ class FitSettings:
     hidden: tuple[int, ...] = HIDDEN
     l2: float = 1e-4
     lr: float = 3e-3
-    max_steps: int = 3000
-    check_every: int = 25
-    patience: int = 12  # checks without improvement of the held-out loss
+    batch: int = 2048  # points per step (all of them when fewer)
+    max_steps: int = 4000
+    check_every: int = 100  # steps between held-out losses
+    patience: int = 6  # checks without improvement of the held-out loss
     holdout: float = 0.2  # share of images for early stopping
     seed: int = 0
+    members: int = 3  # perceptrons per calibrator (seeds seed, seed + 1, ...), averaged in logit
 
 
 def _bce(logits: np.ndarray, y: np.ndarray) -> float:
@@ -75,12 +86,20 @@ def fit_mlp(x: np.ndarray, y: np.ndarray, groups: np.ndarray, settings: FitSetti
         return h[:, 0], acts
 
     zt, yt = z[tr], y[tr]
+    ev = hold if hold.any() else tr
+    batch = min(settings.batch, len(yt))
+    order = rng.permutation(len(yt))
+    at = 0
     best = (np.inf, [p.copy() for p in params], 0)
     since = 0
     step = 0
     for step in range(1, settings.max_steps + 1):
-        out, acts = forward(zt)
-        grad = (1.0 / (1.0 + np.exp(-np.clip(out, -60, 60))) - yt)[:, None] / len(yt)
+        if at + batch > len(order):  # a new epoch: a new order
+            order, at = rng.permutation(len(yt)), 0
+        idx = order[at:at + batch]
+        at += batch
+        out, acts = forward(zt[idx])
+        grad = (1.0 / (1.0 + np.exp(-np.clip(out, -60, 60))) - yt[idx])[:, None] / len(idx)
         gws, gbs = [None] * len(ws), [None] * len(bs)
         for i in range(len(ws) - 1, -1, -1):
             gws[i] = acts[i].T @ grad + settings.l2 * ws[i]
@@ -92,7 +111,6 @@ def fit_mlp(x: np.ndarray, y: np.ndarray, groups: np.ndarray, settings: FitSetti
             m2[j] = 0.999 * m2[j] + 0.001 * g * g
             p -= settings.lr * (m1[j] / (1 - 0.9 ** step)) / (np.sqrt(m2[j] / (1 - 0.999 ** step)) + 1e-8)
         if step % settings.check_every == 0:
-            ev = hold if hold.any() else tr
             loss = _bce(forward(z[ev])[0], y[ev])
             if loss < best[0] - 1e-5:
                 best, since = (loss, [p.copy() for p in params], step), 0
@@ -108,6 +126,16 @@ def fit_mlp(x: np.ndarray, y: np.ndarray, groups: np.ndarray, settings: FitSetti
     return mlp, report
 
 
+def fit_ensemble(x: np.ndarray, y: np.ndarray, groups: np.ndarray,
+                 settings: FitSettings = FitSettings()) -> tuple[Mlp, dict[str, Any]]:
+    """``settings.members`` perceptrons (``fit_mlp`` with seeds ``seed``, ``seed + 1``, ...) as
+    one ``Mlp.average``; the report is the first member's with every member's held-out loss."""
+    fits = [fit_mlp(x, y, groups, dataclasses.replace(settings, seed=settings.seed + i))
+            for i in range(max(1, settings.members))]
+    report = {**fits[0][1], "members": len(fits), "held_out_losses": [r["held_out_loss"] for _, r in fits]}
+    return Mlp.average([m for m, _ in fits]), report
+
+
 def fit_confidence_calibration(samples: VisibilitySamples, settings: FitSettings = FitSettings(),
                                min_points: int = MIN_POINTS) -> tuple[ConfidenceCalibration | None, dict[str, Any]]:
     """Fit both calibrators on ``samples`` (collected with ``features=True`` from an
@@ -119,14 +147,16 @@ def fit_confidence_calibration(samples: VisibilitySamples, settings: FitSettings
     if n < min_points:
         return None, {"skipped": f"{n} matched points, fewer than {min_points}"}
     x, gt, img = samples.features[sel], samples.gt_flag[sel], samples.image_id[sel]
-    in_view, rep_in = fit_mlp(x, (gt > 0).astype(float), img, settings)
+    in_view, rep_in = fit_ensemble(x, (gt > 0).astype(float), img, settings)
     lab = (gt > 0) & samples.vis_matched[sel]
-    visible, rep_vis = fit_mlp(x[lab], (gt[lab] == 2).astype(float), img[lab], settings)
+    visible, rep_vis = fit_ensemble(x[lab], (gt[lab] == 2).astype(float), img[lab], settings)
     images = len(np.unique(img))
-    method = (f"two ReLU perceptrons {list(settings.hidden)} fitted with numpy on {n} matched points of {images} "
-              f"labelled images (early stopping on {settings.holdout:.0%} of the images)")
+    each = f"the mean logit of {settings.members} " if settings.members > 1 else ""
+    method = (f"two calibrators, each {each}ReLU perceptron(s) {list(settings.hidden)} on {samples.layout} features, "
+              f"fitted with numpy on "
+              f"{n} matched points of {images} labelled images (early stopping on {settings.holdout:.0%} of the images)")
     log.info("confidence calibration: %s", method)
-    return (ConfidenceCalibration(in_view, visible, FEATURES, method),
+    return (ConfidenceCalibration(in_view, visible, samples.layout, method),
             {"in_view": rep_in, "visible": rep_vis, "images": images})
 
 
@@ -140,4 +170,4 @@ def calibrated_samples(samples: VisibilitySamples, cal: ConfidenceCalibration) -
         cm, cv = cal.apply(samples.features[sel][:, None, :], samples.vis_matched[sel])
         m[sel], v[sel] = cm[:, 0], cv[:, 0]
     return VisibilitySamples(samples.gt_flag, m, v, samples.kpt_index, samples.matched, samples.pred_flag,
-                             samples.features, samples.vis_matched, samples.image_id)
+                             samples.features, samples.vis_matched, samples.image_id, samples.layout)

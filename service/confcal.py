@@ -7,9 +7,11 @@ front seat, a point in the lower third of the driver's box behind the wheel. A b
 a ``confidence_calibration``: two small multilayer perceptrons fitted on labelled validation
 images (``exporter.confcal_fit``) that map, per point,
 
-    features = [logit(main conf), logit(visible conf), one-hot key point index,
+    features ("cabin-v1") = [logit(main conf), logit(visible conf), one-hot key point index,
                 point x, y relative to the person box (0..1), box x1, y1, w, h relative to
                 the image, point x, y relative to the image, person confidence]
+    features ("cabin-v2") = cabin-v1 + the whole person as context: every key point's
+                logit(main conf), logit(visible conf), x and y relative to the box (4 K more)
 
 to ``P(in view)`` and ``P(visible | in view)``. The main confidence becomes ``P(in view)``, the
 visible confidence ``P(visible) = P(in view) * P(visible | in view)``: the same meanings as the
@@ -21,6 +23,12 @@ find keeps visible confidence 0 (never visible).
 
 Pure numpy: ``point_features`` and ``Mlp.__call__`` run in the daemon and in the fitting code,
 so both see exactly the same features.
+
+Why the context (v2): whether a point is hidden depends on the rest of the body, not only on the
+point. A person turned to the side hides the far arm behind the torso; a wrist is occluded when
+its elbow is; a rear passenger's low points share the seat back. Given the person's other
+points, the perceptrons lift visibility accuracy on the synthetic test set by about one point
+(docs/training.md, "Confidence calibration"). Bundles fitted with cabin-v1 still load and run.
 """
 from __future__ import annotations
 
@@ -32,7 +40,9 @@ import numpy as np
 from .errors import BundleError
 from .record import Person
 
-FEATURES = "cabin-v1"  # name of the feature layout below; a bundle names the one it was fitted with
+FEATURES_V1 = "cabin-v1"  # per point only (bundles fitted before v2)
+FEATURES = "cabin-v2"  # per point + whole-person context: what new fits use
+LAYOUTS = (FEATURES_V1, FEATURES)  # a bundle names the layout it was fitted with
 _EPS = 1e-4
 
 
@@ -42,9 +52,11 @@ def logit(p: np.ndarray) -> np.ndarray:
     return np.log(q / (1.0 - q))
 
 
-def feature_count(kpt_count: int) -> int:
-    """Length of one point's feature vector for ``kpt_count`` key points."""
-    return kpt_count + 11
+def feature_count(kpt_count: int, layout: str = FEATURES) -> int:
+    """Length of one point's feature vector for ``kpt_count`` key points in ``layout``."""
+    if layout not in LAYOUTS:
+        raise BundleError(f"confidence_calibration.features: {layout!r} is not supported; expected one of {LAYOUTS}")
+    return kpt_count + 11 + (4 * kpt_count if layout == FEATURES else 0)
 
 
 def point_features(
@@ -55,15 +67,17 @@ def point_features(
     scores: np.ndarray,
     width: int,
     height: int,
+    layout: str = FEATURES,
 ) -> np.ndarray:
-    """Features ``float64 [P, K, K + 11]`` of every point of ``P`` persons (layout: module doc).
+    """Features ``float64 [P, K, feature_count(K, layout)]`` of every point of ``P`` persons
+    (layouts: module doc).
 
     ``main_conf``/``vis_conf`` ``[P, K]`` in 0..1; ``kpt_xy`` ``[P, K, 2]`` and ``boxes``
     ``[P, 4]`` (x1, y1, x2, y2) in image pixels; ``scores`` ``[P]``; image ``width``/``height``.
     """
     main_conf = np.asarray(main_conf, dtype=np.float64)
     p, k = main_conf.shape
-    out = np.zeros((p, k, feature_count(k)), dtype=np.float64)
+    out = np.zeros((p, k, feature_count(k, layout)), dtype=np.float64)
     if p == 0:
         return out
     boxes = np.asarray(boxes, dtype=np.float64).reshape(p, 4)
@@ -84,6 +98,9 @@ def point_features(
     out[..., c + 6] = xy[..., 0] / w
     out[..., c + 7] = xy[..., 1] / h
     out[..., c + 8] = np.asarray(scores, dtype=np.float64).reshape(p)[:, None]
+    if layout == FEATURES:  # the person's every point, the same for each of its points
+        person = np.concatenate([out[..., 0], out[..., 1], out[..., c], out[..., c + 1]], axis=1)  # [P, 4K]
+        out[..., c + 9:] = person[:, None, :]
     return out
 
 
@@ -151,6 +168,37 @@ class Mlp:
         except (KeyError, TypeError) as exc:
             raise BundleError(f"confidence_calibration.{what}: expected mean, scale, weights, biases ({exc!r})") from exc
 
+    @classmethod
+    def average(cls, members: Sequence["Mlp"]) -> "Mlp":
+        """One perceptron whose logit is the mean of the ``members``' logits (same inputs, same
+        depth): their hidden layers side by side, block-diagonal after the first. An ensemble
+        this way is still a plain ``Mlp`` in the bundle and one matrix product per layer."""
+        if len(members) == 1:
+            return members[0]
+        first = members[0]
+        if any(m.inputs != first.inputs or len(m.weights) != len(first.weights) for m in members):
+            raise ValueError("average: members need the same inputs and depth")
+        # Undo each member's standardisation inside its first layer; standardise once with the first's.
+        w0 = [m.weights[0] * (first.scale / m.scale)[:, None] for m in members]
+        b0 = [m.biases[0] + ((first.mean - m.mean) / m.scale) @ m.weights[0] for m in members]
+        weights, biases = [np.concatenate(w0, axis=1)], [np.concatenate(b0)]
+        n = len(members)
+        for layer in range(1, len(first.weights)):
+            last = layer == len(first.weights) - 1
+            ws = [m.weights[layer] / (n if last else 1) for m in members]
+            rows = sum(w.shape[0] for w in ws)
+            cols = 1 if last else sum(w.shape[1] for w in ws)
+            w = np.zeros((rows, cols))
+            r = c = 0
+            for wi in ws:
+                w[r:r + wi.shape[0], 0 if last else c:(0 if last else c) + wi.shape[1]] = wi
+                r += wi.shape[0]
+                c += 0 if last else wi.shape[1]
+            weights.append(w)
+            biases.append(sum(m.biases[layer] for m in members) / n if last
+                          else np.concatenate([m.biases[layer] for m in members]))
+        return cls(first.mean, first.scale, tuple(weights), tuple(biases))
+
 
 @dataclass(frozen=True)
 class ConfidenceCalibration:
@@ -164,9 +212,7 @@ class ConfidenceCalibration:
 
     def check(self, kpt_count: int) -> None:
         """Raise ``BundleError`` unless both calibrators take this schema's feature layout."""
-        if self.features != FEATURES:
-            raise BundleError(f"confidence_calibration.features: {self.features!r} is not supported; expected {FEATURES!r}")
-        want = feature_count(kpt_count)
+        want = feature_count(kpt_count, self.features)
         for name, m in (("in_view", self.in_view), ("visible", self.visible)):
             if m.inputs != want:
                 raise BundleError(f"confidence_calibration.{name}: takes {m.inputs} features, expected {want} "
@@ -190,7 +236,7 @@ class ConfidenceCalibration:
         if not isinstance(d, Mapping) or "in_view" not in d or "visible" not in d:
             raise BundleError("confidence_calibration: expected an object with 'in_view' and 'visible'")
         cal = cls(Mlp.from_json(d["in_view"], "in_view"), Mlp.from_json(d["visible"], "visible"),
-                  str(d.get("features", FEATURES)), str(d.get("method", "")))
+                  str(d.get("features", FEATURES_V1)), str(d.get("method", "")))
         cal.check(kpt_count)
         return cal
 
@@ -207,22 +253,22 @@ def calibrate_persons(
     height: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``cal.apply(point_features(...))``: calibrated (main, visible) confidences ``[P, K]``."""
-    feats = point_features(main_conf, vis_conf, kpt_xy, boxes, scores, width, height)
+    feats = point_features(main_conf, vis_conf, kpt_xy, boxes, scores, width, height, cal.features)
     return cal.apply(feats, np.asarray(vis_matched, dtype=bool).reshape(-1))
 
 
 def person_features(persons: Sequence[Person], width: int, height: int,
-                    kpt_map: Sequence[int] | np.ndarray | None = None) -> np.ndarray:
+                    kpt_map: Sequence[int] | np.ndarray | None = None, layout: str = FEATURES) -> np.ndarray:
     """``point_features`` of annotation records' persons ``[P, K, F]``, from the confidences
     they carry (uncalibrated when the engine ran without a calibration). ``kpt_map`` picks
     and orders the key points (default: all, in order); the one-hot part follows that order."""
     if not persons:
         k = len(kpt_map) if kpt_map is not None else 0
-        return np.zeros((0, k, feature_count(k)))
+        return np.zeros((0, k, feature_count(k, layout)))
     idx = np.asarray(kpt_map if kpt_map is not None else range(len(persons[0].keypoints)), dtype=np.int64)
     kps = [[p.keypoints[i] for i in idx] for p in persons]
     return point_features(
         np.array([[kp.main_conf for kp in row] for row in kps]),
         np.array([[kp.visible_conf for kp in row] for row in kps]),
         np.array([[(kp.x, kp.y) for kp in row] for row in kps]),
-        np.array([p.box for p in persons]), np.array([p.conf for p in persons]), width, height)
+        np.array([p.box for p in persons]), np.array([p.conf for p in persons]), width, height, layout)

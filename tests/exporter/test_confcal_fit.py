@@ -45,6 +45,9 @@ def test_calibration_recovers_what_the_raw_confidences_miss() -> None:
     s = _samples(1500)
     cal, report = fit_confidence_calibration(s, FitSettings(max_steps=800))
     assert cal is not None, report
+    # each calibrator: three perceptrons side by side in one (their mean logit)
+    assert report["in_view"]["members"] == 3 and len(report["in_view"]["held_out_losses"]) == 3
+    assert cal.in_view.weights[0].shape[1] == 3 * 64 and cal.features == s.layout
     c = calibrated_samples(s, cal)
     flags = np.where(c.main_conf > 0.5, np.where(c.visible_conf > 0.5, 2, 1), 0)
     assert np.mean(flags == s.gt_flag) > 0.9

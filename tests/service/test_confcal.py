@@ -13,7 +13,7 @@ import pytest
 from service.bundle import load_bundle, write_bundle
 from service.cli_daemon import DEMO_BUNDLE
 from service.confcal import (
-    FEATURES, ConfidenceCalibration, Mlp, calibrate_persons, feature_count, logit, point_features,
+    FEATURES, FEATURES_V1, ConfidenceCalibration, Mlp, calibrate_persons, feature_count, logit, point_features,
 )
 from service.errors import BundleError
 
@@ -27,8 +27,8 @@ def _constant(logit_value: float, inputs: int) -> Mlp:
 def test_point_features_known_geometry() -> None:
     # one person, box (100, 50)-(300, 450) in a 400 x 500 image; K = 2 points
     f = point_features(np.array([[0.5, 0.9]]), np.array([[0.1, 0.0]]), np.array([[[200.0, 250.0], [100.0, 450.0]]]),
-                       np.array([[100.0, 50.0, 300.0, 450.0]]), np.array([0.8]), 400, 500)
-    assert f.shape == (1, 2, feature_count(2)) == (1, 2, 13)
+                       np.array([[100.0, 50.0, 300.0, 450.0]]), np.array([0.8]), 400, 500, FEATURES_V1)
+    assert f.shape == (1, 2, feature_count(2, FEATURES_V1)) == (1, 2, 13)
     np.testing.assert_allclose(f[0, :, 0], [0.0, np.log(9.0)], atol=1e-9)  # logit(main)
     np.testing.assert_allclose(f[0, 1, 1], logit(np.array(0.0)))  # clipped, finite
     np.testing.assert_array_equal(f[0, :, 2:4], np.eye(2))  # one-hot index
@@ -38,7 +38,42 @@ def test_point_features_known_geometry() -> None:
     np.testing.assert_allclose(f[0, 1, 10:12], [0.25, 0.9])  # point in the image
     np.testing.assert_allclose(f[0, :, 12], 0.8)  # person confidence
     assert point_features(np.zeros((0, 2)), np.zeros((0, 2)), np.zeros((0, 2, 2)), np.zeros((0, 4)),
-                          np.zeros(0), 10, 10).shape == (0, 2, 13)
+                          np.zeros(0), 10, 10, FEATURES_V1).shape == (0, 2, 13)
+
+
+def test_person_context_features_known_geometry() -> None:
+    # two persons, K = 2: every point of a person carries the person's four values per point
+    main = np.array([[0.5, 0.9], [0.2, 0.8]])
+    vis = np.array([[0.1, 0.5], [0.5, 0.5]])
+    xy = np.array([[[200.0, 250.0], [100.0, 450.0]], [[10.0, 10.0], [20.0, 30.0]]])
+    boxes = np.array([[100.0, 50.0, 300.0, 450.0], [0.0, 0.0, 40.0, 40.0]])
+    f = point_features(main, vis, xy, boxes, np.array([0.8, 0.6]), 400, 500)
+    assert f.shape == (2, 2, feature_count(2)) == (2, 2, 21)
+    np.testing.assert_array_equal(f[..., :13], point_features(main, vis, xy, boxes, np.array([0.8, 0.6]), 400, 500,
+                                                              FEATURES_V1))
+    for point in range(2):
+        np.testing.assert_allclose(f[0, point, 13:], [0.0, np.log(9.0), logit(np.array(0.1)), 0.0,  # main, visible
+                                                      0.5, 0.0, 0.5, 1.0])  # x, y in the box of both points
+        np.testing.assert_allclose(f[1, point, 13:], [logit(np.array(0.2)), logit(np.array(0.8)), 0.0, 0.0,
+                                                      0.25, 0.5, 0.25, 0.75])
+
+
+def test_average_of_perceptrons_is_the_mean_logit() -> None:
+    rng = np.random.default_rng(3)
+
+    def member(depth: int) -> Mlp:
+        sizes = [4, *([5] * depth), 1]
+        return Mlp(rng.normal(size=4), rng.uniform(0.5, 2, 4),
+                   tuple(rng.normal(size=(a, b)) for a, b in zip(sizes[:-1], sizes[1:])),
+                   tuple(rng.normal(size=b) for b in sizes[1:]))
+
+    x = rng.normal(size=(9, 4))
+    for depth in (1, 2):
+        members = [member(depth) for _ in range(3)]
+        avg = Mlp.average(members)
+        np.testing.assert_allclose(avg.logits(x), np.mean([m.logits(x) for m in members], axis=0), rtol=1e-10)
+    with pytest.raises(ValueError, match="same inputs and depth"):
+        Mlp.average([member(1), member(2)])
 
 
 def test_mlp_forward_and_json_round_trip() -> None:
@@ -61,17 +96,22 @@ def test_mlp_forward_and_json_round_trip() -> None:
     (lambda d: d.pop("visible"), "'in_view' and 'visible'"),
 ])
 def test_bad_calibration_is_refused_with_a_message(change, message: str) -> None:
-    k = 10  # feature_count(10) == 21
-    d = ConfidenceCalibration(_constant(0.0, 21), _constant(0.0, 21)).to_json()
+    k = 10  # feature_count(10, FEATURES_V1) == 21
+    d = ConfidenceCalibration(_constant(0.0, 21), _constant(0.0, 21), FEATURES_V1).to_json()
     change(d)
     with pytest.raises(BundleError, match=message.replace("expected 4 x 1", "layer 0")):
         ConfidenceCalibration.from_json(d, k)
 
 
 def test_wrong_feature_count_for_the_schema() -> None:
-    d = ConfidenceCalibration(_constant(0.0, 21), _constant(0.0, 21)).to_json()
+    d = ConfidenceCalibration(_constant(0.0, 21), _constant(0.0, 21), FEATURES_V1).to_json()
     with pytest.raises(BundleError, match="takes 21 features, expected 30 for 19 key points"):
         ConfidenceCalibration.from_json(d, 19)
+    d["features"] = FEATURES  # the same perceptrons under the context layout: 19 + 11 + 4 x 19 inputs
+    with pytest.raises(BundleError, match="takes 21 features, expected 106 for 19 key points"):
+        ConfidenceCalibration.from_json(d, 19)
+    del d["features"]  # written before layouts were named: the per-point layout
+    assert ConfidenceCalibration.from_json(d, 10).features == FEATURES_V1
 
 
 def test_apply_keeps_unmatched_persons_never_visible() -> None:
