@@ -10,7 +10,7 @@ import pytest
 from exporter.calibrate import VisibilitySamples
 from exporter.confcal_fit import FitSettings, calibrated_samples, fit_confidence_calibration, fit_mlp
 from service.cli_daemon import DEMO_BUNDLE
-from service.confcal import feature_count
+from service.confcal import FEATURES, FEATURES_V1, feature_count
 
 
 def test_fit_mlp_learns_a_nonlinear_rule() -> None:
@@ -47,7 +47,9 @@ def test_calibration_recovers_what_the_raw_confidences_miss() -> None:
     assert cal is not None, report
     # each calibrator: three perceptrons side by side in one (their mean logit)
     assert report["in_view"]["members"] == 3 and len(report["in_view"]["held_out_losses"]) == 3
-    assert cal.in_view.weights[0].shape[1] == 3 * 64 and cal.features == s.layout
+    assert cal.in_view.weights[0].shape[1] == 3 * 64
+    # 4,500 points: too few for the person context; the per-point layout, v2's first columns
+    assert cal.features == FEATURES_V1 and cal.in_view.inputs == feature_count(3, FEATURES_V1) == 14
     c = calibrated_samples(s, cal)
     flags = np.where(c.main_conf > 0.5, np.where(c.visible_conf > 0.5, 2, 1), 0)
     assert np.mean(flags == s.gt_flag) > 0.9
@@ -57,6 +59,19 @@ def test_calibration_recovers_what_the_raw_confidences_miss() -> None:
     s2.main_conf[1::2] = 0
     c2 = calibrated_samples(s2, cal)
     assert np.all(c2.main_conf[1::2] == 0) and np.all(c2.main_conf[::2] == c.main_conf[::2])
+
+
+def test_enough_points_fit_the_person_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    import exporter.confcal_fit as fit
+
+    monkeypatch.setattr(fit, "CONTEXT_MIN_POINTS", 3000)
+    s = _samples(1500)
+    cal, report = fit_confidence_calibration(s, FitSettings(max_steps=300, members=1))
+    assert cal is not None and cal.features == FEATURES == report["features"]
+    assert cal.in_view.inputs == feature_count(3) == 3 + 11 + 4 * 3
+    assert cal.in_view.weights[0].shape[1] == 64  # one member: a plain perceptron
+    c = calibrated_samples(s, cal)
+    assert np.mean(np.where(c.main_conf > 0.5, np.where(c.visible_conf > 0.5, 2, 1), 0) == s.gt_flag) > 0.85
 
 
 def test_too_few_points_skip_the_calibration() -> None:
