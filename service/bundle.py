@@ -305,5 +305,5 @@ def write_bundle(bundle: Bundle) -> Path:
             raise BundleError(f"models.{role}: {mp} does not exist")
         models[role] = ModelEntry(**{**entry.__dict__, "sha256": sha256_file(mp)})
     fixed = Bundle(**{**bundle.__dict__, "models": models})
-    write_json_atomic(bundle.path / "bundle.json", fixed.to_json())
+    write_json_atomic(bundle.path / "bundle.json", fixed.to_json(), flat_number_lists=True)
     return bundle.path / "bundle.json"

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator
@@ -73,7 +74,21 @@ def write_bytes_atomic(path: Path | str, data: bytes, *, sync_dir: bool = False)
         f.write(data)
 
 
-def write_json_atomic(path: Path | str, data: Any, *, sync_dir: bool = False) -> None:
-    """Write ``data`` as JSON (indent 2, keys in the given order, a final newline) durably."""
-    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
-    write_bytes_atomic(path, text.encode("utf-8"), sync_dir=sync_dir)
+# An indented JSON array holding numbers only (JSON strings never hold a raw newline, so this
+# cannot match inside one).
+_NUMBER_ARRAY = re.compile(r"\[\n\s*(-?[0-9][0-9.eE+-]*(?:,\n\s*-?[0-9][0-9.eE+-]*)*)\n\s*\]")
+
+
+def json_text(data: Any, *, flat_number_lists: bool = False) -> str:
+    """``data`` as JSON (indent 2, keys in the given order, a final newline). With
+    ``flat_number_lists`` every array of plain numbers sits on one line (a matrix: one row per
+    line): a bundle's calibration weights take 1,400 lines instead of 120,000."""
+    text = json.dumps(data, indent=2, sort_keys=False)
+    if flat_number_lists:
+        text = _NUMBER_ARRAY.sub(lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text)
+    return text + "\n"
+
+
+def write_json_atomic(path: Path | str, data: Any, *, sync_dir: bool = False, flat_number_lists: bool = False) -> None:
+    """Write ``json_text(data)`` durably."""
+    write_bytes_atomic(path, json_text(data, flat_number_lists=flat_number_lists).encode("utf-8"), sync_dir=sync_dir)

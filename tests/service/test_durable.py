@@ -28,3 +28,16 @@ def test_failed_write_leaves_the_old_file(tmp_path: Path) -> None:
         write_bytes_atomic(target, "not bytes")  # type: ignore[arg-type]
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["x.bin"]
+
+
+def test_json_text_puts_number_arrays_on_one_line() -> None:
+    import json
+
+    from service.durable import json_text
+
+    data = {"m": [[1.5, -2e-05, 0], [3, 4, 5]], "s": ["a\nb", "[1,\n2]"], "mixed": [1, "x"], "empty": [], "n": 7}
+    text = json_text(data, flat_number_lists=True)
+    assert json.loads(text) == data
+    assert '    [1.5, -2e-05, 0],\n    [3, 4, 5]\n' in text  # a matrix: one row per line
+    assert '"mixed": [\n    1,\n    "x"\n  ]' in text  # arrays holding anything else stay as they were
+    assert json_text(data) == json.dumps(data, indent=2) + "\n"
