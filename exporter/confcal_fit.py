@@ -153,7 +153,7 @@ def fit_confidence_calibration(samples: VisibilitySamples, settings: FitSettings
     x, gt, img = samples.features[sel], samples.gt_flag[sel], samples.image_id[sel]
     layout = samples.layout
     if layout == FEATURES and n < CONTEXT_MIN_POINTS:  # v1's columns are v2's first ones
-        k = (x.shape[1] - 11) // 5
+        k = int(samples.kpt_index.max()) + 1
         layout, x = FEATURES_V1, x[:, :feature_count(k, FEATURES_V1)]
         log.info("confidence calibration: %d matched points (< %d): per-point features (%s) only", n,
                  CONTEXT_MIN_POINTS, layout)

@@ -114,6 +114,15 @@ def _matrix(value: Any, what: str) -> np.ndarray:
     return arr
 
 
+def _block_diagonal(blocks: Sequence[np.ndarray]) -> np.ndarray:
+    out = np.zeros((sum(b.shape[0] for b in blocks), sum(b.shape[1] for b in blocks)))
+    r = c = 0
+    for b in blocks:
+        out[r:r + b.shape[0], c:c + b.shape[1]] = b
+        r, c = r + b.shape[0], c + b.shape[1]
+    return out
+
+
 @dataclass(frozen=True)
 class Mlp:
     """Standardise, then dense layers with ReLU between them, then a sigmoid: ``[N, F] -> [N]``."""
@@ -179,24 +188,18 @@ class Mlp:
         if any(m.inputs != first.inputs or len(m.weights) != len(first.weights) for m in members):
             raise ValueError("average: members need the same inputs and depth")
         # Undo each member's standardisation inside its first layer; standardise once with the first's.
-        w0 = [m.weights[0] * (first.scale / m.scale)[:, None] for m in members]
-        b0 = [m.biases[0] + ((first.mean - m.mean) / m.scale) @ m.weights[0] for m in members]
-        weights, biases = [np.concatenate(w0, axis=1)], [np.concatenate(b0)]
-        n = len(members)
-        for layer in range(1, len(first.weights)):
-            last = layer == len(first.weights) - 1
-            ws = [m.weights[layer] / (n if last else 1) for m in members]
-            rows = sum(w.shape[0] for w in ws)
-            cols = 1 if last else sum(w.shape[1] for w in ws)
-            w = np.zeros((rows, cols))
-            r = c = 0
-            for wi in ws:
-                w[r:r + wi.shape[0], 0 if last else c:(0 if last else c) + wi.shape[1]] = wi
-                r += wi.shape[0]
-                c += 0 if last else wi.shape[1]
-            weights.append(w)
-            biases.append(sum(m.biases[layer] for m in members) / n if last
-                          else np.concatenate([m.biases[layer] for m in members]))
+        layers = [[(m.weights[0] * (first.scale / m.scale)[:, None],
+                    m.biases[0] + ((first.mean - m.mean) / m.scale) @ m.weights[0])] + list(zip(m.weights[1:], m.biases[1:]))
+                  for m in members]
+        weights, biases = [], []
+        for i, per_member in enumerate(zip(*layers)):
+            ws, bs = [w for w, _ in per_member], [b for _, b in per_member]
+            if i == len(first.weights) - 1:  # the output: the mean of the members' logits
+                weights.append(np.concatenate(ws, axis=0) / len(members) if i else np.mean(ws, axis=0))
+                biases.append(np.mean(bs, axis=0))
+            else:  # hidden units side by side: the first layer's columns, block-diagonal after it
+                weights.append(np.concatenate(ws, axis=1) if i == 0 else _block_diagonal(ws))
+                biases.append(np.concatenate(bs))
         return cls(first.mean, first.scale, tuple(weights), tuple(biases))
 
 
