@@ -65,7 +65,7 @@ class SimConfig:
     rounds: int = 2
     per_round: int = 40
     initial: int = 40
-    pool: int = 400
+    pool: int = 800
     test: int = 150
     epochs: int = 3
     initial_epochs: int = 8
@@ -79,6 +79,8 @@ class SimConfig:
     crowded: float = 0.15
     child: float = 0.3
     initial_domain: str = "source"  # "source": no IR, no overhead camera; "pool": the whole mixture
+    frames: int = 10  # pool images per capture sequence (1: every pool image its own scene)
+    motion: float = 0.1  # how much the occupants move between a sequence's frames (synth.sequence)
 
     def __post_init__(self) -> None:
         bad = [s for s in self.strategies if s not in STRATEGIES + EXTRA_STRATEGIES]
@@ -93,13 +95,16 @@ class SimConfig:
                              f"{self.rounds} rounds x {self.per_round}")
         if self.initial_domain not in INITIAL_DOMAINS:
             raise ValueError(f"--initial-domain: expected one of {', '.join(INITIAL_DOMAINS)}, got {self.initial_domain!r}")
+        if self.frames < 1:
+            raise ValueError(f"--frames: expected >= 1, got {self.frames}")
         if not 0.0 <= self.audit_fraction < 1.0:
             raise ValueError(f"--audit-fraction: expected 0 <= f < 1, got {self.audit_fraction}")
 
     def quick(self) -> "SimConfig":
         """A smoke-test run of a few minutes: tiny pool, one seed, one round, one epoch, 96 px."""
         return replace(self, seeds=1, rounds=1, per_round=6, initial=10, pool=40, test=8, epochs=1,
-                       initial_epochs=1, imgsz=96, batch=8, lr0=0.001, finetune_lr0=0.005)
+                       initial_epochs=1, imgsz=96, batch=8, lr0=0.001, finetune_lr0=0.005,
+                       frames=2 if self.frames > 1 else 1)
 
 
 def prepare_data(cfg: SimConfig) -> tuple[Path, dict[int, Path]]:
@@ -110,16 +115,17 @@ def prepare_data(cfg: SimConfig) -> tuple[Path, dict[int, Path]]:
     knobs = Knobs(ir=cfg.ir, crowded=cfg.crowded, child=cfg.child, cameras=POOL_CAMERAS)
     data = cfg.out / "data"
 
-    def make(name: str, count: int, seed: int) -> Path:
+    def make(name: str, count: int, seed: int, frames: int = 1) -> Path:
         d = data / name
         ann = d / "annotations.json"
         if ann.is_file() and len(json.loads(ann.read_text())["images"]) == count:
             return d
-        log.info("rendering %s: %d images (seed %d)", name, count, seed)
-        return generate(d, count, seed, knobs=knobs, workers=2)
+        log.info("rendering %s: %d images (seed %d, %d frames per scene)", name, count, seed, frames)
+        return generate(d, count, seed, knobs=knobs, workers=2, frames=frames, motion=cfg.motion)
 
-    test = make(f"test_{cfg.test}", cfg.test, TEST_SEED)
-    pools = {s: make(f"pool_s{s}_{cfg.pool}", cfg.pool, POOL_SEED + s) for s in range(cfg.seeds)}
+    test = make(f"test_{cfg.test}", cfg.test, TEST_SEED)  # independent scenes, whatever the pool
+    seq = f"_f{cfg.frames}m{cfg.motion:g}" if cfg.frames > 1 else ""
+    pools = {s: make(f"pool_s{s}_{cfg.pool}{seq}", cfg.pool, POOL_SEED + s, cfg.frames) for s in range(cfg.seeds)}
     return test, pools
 
 
@@ -154,13 +160,17 @@ def headline(metrics: dict[str, Any]) -> dict[str, float]:
             "visibility_acc": float(metrics["visibility"].get("accuracy") or 0.0)}
 
 
-def composition(coco: dict[str, Any], names: list[str]) -> dict[str, int]:
-    """How many of ``names`` belong to each rare sub-population (for the report's 'why')."""
+def composition(coco: dict[str, Any], names: list[str], before: list[str] = ()) -> dict[str, int]:
+    """How many of ``names`` belong to each rare sub-population (for the report's 'why'), and
+    ``scenes``: how many scenes they add that none of ``before`` (reviewed earlier) shows.
+    """
     tags = {im["file_name"]: im.get("tags", {}) for im in coco["images"]}
     picked = [tags[n] for n in names]
+    known = {tags[n].get("scene", n) for n in before}
     return {"overhead": sum(t.get("camera") == "overhead" for t in picked), "ir": sum(bool(t.get("ir")) for t in picked),
             "crowded": sum(bool(t.get("crowded")) for t in picked),
-            "children": sum(int(t.get("children", 0)) > 0 for t in picked)}
+            "children": sum(int(t.get("children", 0)) > 0 for t in picked),
+            "scenes": len({t.get("scene", n) for t, n in zip(picked, names)} - known)}
 
 
 def train_and_evaluate(cfg: SimConfig, unit: Path, coco: dict[str, Any], labelled: list[str], pool_dir: Path,
@@ -257,14 +267,14 @@ def run_seed(cfg: SimConfig, seed: int, pool_dir: Path, test_dir: Path, progress
                 elif strategy == "oracle_shift":
                     oracle = {im["file_name"]: float(not in_source_domain(im.get("tags", {}))) for im in coco["images"]}
                 picks = select(strategy, candidates, scores, cfg.per_round, np.random.default_rng([seed, r, 7]),
-                               seed, cfg.audit_fraction, oracle=oracle)
+                               seed, cfg.audit_fraction, oracle=oracle, reviewed=labelled)
                 log.info("%s: picked %s", what, composition(coco, picks))
                 new_labelled = [*labelled, *picks]
                 m = train_and_evaluate(cfg, unit, coco, new_labelled, pool_dir, test_dir,
                                        str(prev_unit / "bundle"), cfg.epochs, seed, first=False)
                 state = {"seed": seed, "strategy": strategy, "round": r, "selected": picks,
                          "labelled": new_labelled, "n_reviewed": r * cfg.per_round, "n_labelled": len(new_labelled),
-                         "metrics": m, "composition": composition(coco, picks),
+                         "metrics": m, "composition": composition(coco, picks, labelled),
                          "pick_scores": [scores[p].score for p in picks] if scores else None,
                          "seconds": round(time.monotonic() - t0, 1)}
                 _write_state(unit, state)
@@ -306,7 +316,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     cfg = SimConfig(out=Path(args.out), seeds=args.seeds, rounds=args.rounds, per_round=args.per_round,
                     initial=args.initial, pool=args.pool, test=args.test, epochs=args.epochs,
                     initial_epochs=args.initial_epochs, imgsz=args.imgsz, audit_fraction=args.audit_fraction,
-                    initial_domain=args.initial_domain,
+                    initial_domain=args.initial_domain, frames=args.frames, motion=args.motion,
                     strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()))
     if args.quick:
         cfg = cfg.quick()
@@ -335,6 +345,11 @@ def register(sub: Any) -> None:
     s.add_argument("--initial-domain", choices=INITIAL_DOMAINS, default=d.initial_domain,
                    help="where the first bundle's images come from: 'source' (no IR, no overhead camera: the "
                         "shift the loop must find) or 'pool' (the whole mixture, no shift)")
+    s.add_argument("--frames", type=int, default=d.frames,
+                   help="pool images per capture sequence (frames of one scene, the occupants moving a little); "
+                        "1 = every pool image its own scene")
+    s.add_argument("--motion", type=float, default=d.motion,
+                   help="how much the occupants move between a sequence's frames (share of each parameter's spread)")
     s.add_argument("--strategies", default=",".join(STRATEGIES))
     s.add_argument("--quick", action="store_true", help="a few-minute smoke run (tiny pool, 1 round, 1 epoch, 96 px)")
     s.set_defaults(func=cmd_simulate)

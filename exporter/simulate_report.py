@@ -140,12 +140,14 @@ def table_lines(results: dict[str, Any]) -> list[str]:
     comp = results.get("composition", {})
     if comp:
         lines += ["", "Make-up of the reviewed picks (share of all picks over seeds and rounds; the pool has "
-                      "about 15 % overhead, 25 % IR, 15 % crowded):", "",
-                  "| strategy | picks | overhead | IR | crowded | with children |", "|---|---:|---:|---:|---:|---:|"]
+                      "about 15 % overhead, 25 % IR, 15 % crowded; new scenes: picks that show a scene no "
+                      "earlier review showed, one per scene):", "",
+                  "| strategy | picks | overhead | IR | crowded | with children | new scenes |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
         for strategy, c in comp.items():
             n = max(c["picks"], 1)
             lines.append(f"| {strategy} | {c['picks']} | {c['overhead'] / n:.0%} | {c['ir'] / n:.0%} | "
-                         f"{c['crowded'] / n:.0%} | {c['children'] / n:.0%} |")
+                         f"{c['crowded'] / n:.0%} | {c['children'] / n:.0%} | {c['scenes'] / n:.0%} |")
     return lines
 
 
@@ -197,10 +199,12 @@ def write_results(cfg: Any, states: list[dict[str, Any]], seconds: float) -> dic
     comp: dict[str, dict[str, int]] = {}
     for s in states:
         if s["strategy"] != "initial":
-            c = comp.setdefault(s["strategy"], {"picks": 0, "overhead": 0, "ir": 0, "crowded": 0, "children": 0})
+            c = comp.setdefault(s["strategy"], {"picks": 0, "overhead": 0, "ir": 0, "crowded": 0, "children": 0,
+                                                "scenes": 0})
             c["picks"] += len(s["selected"])
             for k in ("overhead", "ir", "crowded", "children"):
                 c[k] += s["composition"][k]
+            c["scenes"] += s["composition"].get("scenes", len(s["selected"]))
     judge = sav["strategies"].get("judge", {}).get("mean3", {}).get("fraction")
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()} if hasattr(cfg, "__dict__") \
         else {}

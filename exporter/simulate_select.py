@@ -7,7 +7,8 @@ strategy then picks ``n`` images from the candidates:
   (lowest = most doubtful first; ties broken by the total doubt over all score components, so
   that of two images scored 0 the one with more things wrong comes first), with the daemon's
   near-duplicate suppression (dHash within ``NearDuplicate``'s distance of a frame of the same
-  camera already picked in this round is skipped) and a per-round diversity cap: no camera
+  camera already picked in this round, or reviewed in an earlier one, is skipped) and a
+  per-round diversity cap: no camera
   takes more than ``CAMERA_SHARE`` of a round's picks while other cameras have doubtful images
   left (a review batch that is all one camera teaches the models one viewpoint).
 - ``uncertainty``: the classic baseline, no diversity: the mean distance of the main key-point
@@ -164,9 +165,11 @@ def judge_order(scores: Sequence[PoolScore]) -> list[PoolScore]:
 
 
 def diverse_take(ranked: Sequence[PoolScore], n: int, camera_share: float = CAMERA_SHARE,
-                 dedup_distance: int = DEDUP_DISTANCE) -> list[PoolScore]:
+                 dedup_distance: int = DEDUP_DISTANCE, seen: Sequence[PoolScore] = ()) -> list[PoolScore]:
     """Walk ``ranked`` and take ``n``: near-duplicates of a same-camera pick skipped, cameras capped.
 
+    ``seen``: images reviewed in earlier rounds; a near-duplicate of one of them is skipped too
+    (a frame of a capture sequence whose neighbour was already reviewed teaches little).
     The cap (``camera_share`` of ``n``) is lifted once every camera is capped or exhausted, and
     skipped near-duplicates come back last, so ``n`` images are returned when ``ranked`` has them.
     """
@@ -177,7 +180,8 @@ def diverse_take(ranked: Sequence[PoolScore], n: int, camera_share: float = CAME
     for s in ranked:
         if len(picked) >= n:
             break
-        if any(p.camera == s.camera and bin(p.dhash ^ s.dhash).count("1") <= dedup_distance for p in picked):
+        if any(p.camera == s.camera and bin(p.dhash ^ s.dhash).count("1") <= dedup_distance
+               for p in (*seen, *picked)):
             deferred.append(s)
             continue
         if per_camera.get(s.camera, 0) >= cap:
@@ -204,10 +208,11 @@ def audit_picks(scores: Sequence[PoolScore], n: int, seed: int) -> list[PoolScor
 
 def select(strategy: str, candidates: Sequence[str], scores: dict[str, PoolScore] | None, n: int,
            rng: np.random.Generator, seed: int, audit_fraction: float,
-           oracle: dict[str, float] | None = None) -> list[str]:
+           oracle: dict[str, float] | None = None, reviewed: Sequence[str] = ()) -> list[str]:
     """File names of the ``n`` images ``strategy`` sends to review out of ``candidates``.
 
     ``oracle``: file name -> key (higher = picked first) for the ``ORACLES`` strategies.
+    ``reviewed``: images already reviewed; the judge's diversity measures skip their near duplicates.
     """
     n = min(n, len(candidates))
     if strategy == "random":
@@ -215,6 +220,11 @@ def select(strategy: str, candidates: Sequence[str], scores: dict[str, PoolScore
     if scores is None:
         raise ValueError(f"strategy {strategy!r} needs pool scores")
     pool = [scores[c] for c in candidates]
+    seen = [scores[r] for r in reviewed if r in scores]
+
+    def take(ranked: Sequence[PoolScore], k: int) -> list[PoolScore]:
+        return diverse_take(ranked, k, seen=seen)
+
     if strategy in ORACLES:
         if oracle is None:
             raise ValueError(f"strategy {strategy!r} needs the oracle's key per pool image")
@@ -223,22 +233,22 @@ def select(strategy: str, candidates: Sequence[str], scores: dict[str, PoolScore
         base = [pool[i] for i in rng.permutation(len(pool))] if strategy == "oracle_shift" \
             else sorted(pool, key=lambda s: s.file_name)
         ranked = sorted(base, key=lambda s: -oracle[s.file_name])
-        return [s.file_name for s in diverse_take(ranked, n)]
+        return [s.file_name for s in take(ranked, n)]
     if strategy == "uncertainty":
         return [s.file_name for s in sorted(pool, key=lambda s: (s.uncertainty, s.file_name))[:n]]
     if strategy == "judge":
-        return [s.file_name for s in diverse_take(judge_order(pool), n)]
+        return [s.file_name for s in take(judge_order(pool), n)]
     if strategy == "judge_plain":
         return [s.file_name for s in judge_order(pool)[:n]]
     if strategy in DOUBT_RANKED:  # most doubt first, with the judge's diversity measures
         attr = DOUBT_RANKED[strategy]
         ranked = sorted(pool, key=lambda s: (-getattr(s, attr), s.score, s.file_name))
-        return [s.file_name for s in diverse_take(ranked, n)]
+        return [s.file_name for s in take(ranked, n)]
     if strategy == "judge_audit":
         n_audit = min(n, max(1, int(round(audit_fraction * n)))) if audit_fraction > 0 else 0
         audit = audit_picks(pool, n_audit, seed)
         taken = {s.file_name for s in audit}
-        rest = diverse_take(judge_order([s for s in pool if s.file_name not in taken]), n - n_audit)
+        rest = take(judge_order([s for s in pool if s.file_name not in taken]), n - n_audit)
         return [s.file_name for s in audit] + [s.file_name for s in rest]
     raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
 

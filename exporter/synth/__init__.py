@@ -1,7 +1,9 @@
 """Synthetic in-cabin scenes with exact ground truth, written as a COCO key-points dataset.
 
 ``generate(out_dir, count, seed, knobs)`` renders ``count`` images; image ``i`` of seed ``s``
-depends only on ``(s, i)``, so any subset can be re-made and runs are reproducible.
+depends only on ``(s, i)``, so any subset can be re-made and runs are reproducible. With
+``frames=f`` the images come as capture sequences: image ``i`` is frame ``i % f`` of scene
+``i // f`` (``sequence.py``: same scene, the occupants moved a little, fresh sensor noise).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from service.durable import write_json_atomic
 from service.keypoints import CABIN19
 
 from .render import OUT_H, OUT_W, Knobs, render_image, sample_spec
+from .sequence import frame_rng
 
 log = logging.getLogger(__name__)
 PERSON_CATEGORY, HEAD_CATEGORY = 1, 2
@@ -34,9 +37,10 @@ def categories() -> list[dict[str, Any]]:
     ]
 
 
-def _render_one(args: tuple[int, int, Knobs, str, int]) -> dict[str, Any]:
-    seed, index, knobs, images_dir, quality = args
-    rng = np.random.default_rng([seed, index])
+def _render_one(args: tuple[int, int, Knobs, str, int, int, float]) -> dict[str, Any]:
+    seed, index, knobs, images_dir, quality, frames, motion = args
+    scene, frame = divmod(index, frames)
+    rng = frame_rng(seed, scene, frame, motion)
     spec = sample_spec(rng, knobs)
     img, persons = render_image(rng, spec)
     name = f"cabin_{seed}_{index:06d}.jpg"
@@ -68,7 +72,8 @@ def _render_one(args: tuple[int, int, Knobs, str, int]) -> dict[str, Any]:
                          "area": (hx2 - hx1) * (hy2 - hy1), "iscrowd": 0})
     image = {"file_name": name, "width": OUT_W, "height": OUT_H,
              "tags": {"camera": spec.camera, "ir": spec.ir, "crowded": spec.crowded,
-                      "occupants": len(persons), "children": len(spec.children)}}
+                      "occupants": len(persons), "children": len(spec.children),
+                      **({"scene": scene, "frame": frame} if frames > 1 else {})}}
     return {"image": image, "annotations": anns}
 
 
@@ -81,15 +86,24 @@ def generate(
     workers: int = 1,
     quality: int = 92,
     progress: Callable[[int, int], None] | None = None,
+    frames: int = 1,
+    motion: float = 0.1,
 ) -> Path:
-    """Render images ``start .. start+count-1`` of ``seed`` into ``out_dir`` (images/ + annotations.json)."""
+    """Render images ``start .. start+count-1`` of ``seed`` into ``out_dir`` (images/ + annotations.json).
+
+    ``frames`` > 1: capture sequences of that many frames per scene, each continuous parameter
+    moved by ``motion`` times its spread from frame to frame 0 (``sequence.SequenceRng``).
+    """
+    if frames < 1:
+        raise ValueError(f"frames must be >= 1, got {frames}")
     out = Path(out_dir)
     images_dir = out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
-    jobs = [(seed, i, knobs, str(images_dir), quality) for i in range(start, start + count)]
+    jobs = [(seed, i, knobs, str(images_dir), quality, frames, motion) for i in range(start, start + count)]
     coco: dict[str, Any] = {
         "info": {"description": "edge-annotator synthetic cabin scenes", "seed": seed, "start": start,
-                 "count": count, "knobs": asdict(knobs)},
+                 "count": count, "knobs": asdict(knobs),
+                 **({"frames": frames, "motion": motion} if frames > 1 else {})},
         "images": [], "annotations": [], "categories": categories(),
     }
     results: list[dict[str, Any]] = []

@@ -46,6 +46,9 @@ def test_diverse_take_caps_cameras_and_skips_near_duplicates() -> None:
     assert got == ["a", "d"]  # b is a's near duplicate; c is over the mirror cap of 1
     assert [s.file_name for s in diverse_take(ranked, 5)] == ["a", "c", "d", "e", "b"]
     assert diverse_take([], 3) == []
+    # An image reviewed in an earlier round counts like a pick: its near duplicate b waits.
+    got = [s.file_name for s in diverse_take(ranked[1:], 2, camera_share=1.0, seen=[ranked[0]])]
+    assert got == ["c", "d"]
 
 
 def test_select_strategies_on_fixed_scores() -> None:
@@ -120,16 +123,21 @@ def test_quick_benchmark(tmp_path: Path, ultralytics_offline: Path) -> None:
     initial = json.loads((root / "initial" / "state.json").read_text())["labelled"]
     assert all(len(p) == cfg.per_round and not set(p) & set(initial) for p in picks.values())
     tags = {im["file_name"]: im["tags"] for im in json.loads(
-        (out / "data" / f"pool_s0_{cfg.pool}" / "annotations.json").read_text())["images"]}
+        (out / "data" / f"pool_s0_{cfg.pool}_f2m{cfg.motion:g}" / "annotations.json").read_text())["images"]}
     assert all(not tags[n]["ir"] and tags[n]["camera"] != "overhead" for n in initial)  # the default shift
+    assert {tags[n]["frame"] for n in tags} == {0, 1}  # the pool is capture sequences (2 frames in --quick)
+    for s in STRATEGIES:  # new scenes: scenes of the round's picks that no earlier review showed
+        comp = json.loads((root / s / "round1" / "state.json").read_text())["composition"]
+        want = {tags[n]["scene"] for n in picks[s]} - {tags[n]["scene"] for n in initial}
+        assert comp["scenes"] == len(want)
     assert picks["random"] != picks["judge"]
     pool = {d["file_name"]: d for d in json.loads((root / "initial" / "pool_scores.json").read_text())["scores"]}
     candidates = [n for n in pool if n not in set(initial)]
     median = statistics.median(pool[n]["score"] for n in candidates)
     assert statistics.median(pool[n]["score"] for n in picks["judge"]) <= median
     ps = {n: PoolScore(**{**pool[n], "reasons": tuple(pool[n]["reasons"])}) for n in candidates}
-    assert select("judge", candidates, ps, cfg.per_round, np.random.default_rng(0), 0, cfg.audit_fraction) \
-        == picks["judge"]  # the picks follow the cached scores, reproducibly
+    assert select("judge", candidates, ps, cfg.per_round, np.random.default_rng(0), 0, cfg.audit_fraction,
+                  reviewed=initial) == picks["judge"]  # the picks follow the cached scores, reproducibly
     # The audit strategy holds the seeded audit picks: the candidates with the lowest audit draw.
     as_scores = list(ps.values())
     n_audit = max(1, round(cfg.audit_fraction * cfg.per_round))
@@ -139,7 +147,7 @@ def test_quick_benchmark(tmp_path: Path, ultralytics_offline: Path) -> None:
     from exporter.evaluate import evaluate
     from exporter.simulate_select import pool_errors
 
-    pool_dir = out / "data" / f"pool_s0_{cfg.pool}"
+    pool_dir = out / "data" / f"pool_s0_{cfg.pool}_f2m{cfg.motion:g}"
     coco = json.loads((pool_dir / "annotations.json").read_text())
     errors = pool_errors(root / "initial" / "bundle", coco, pool_dir / "images", tmp_path / "errors.json")
     assert set(errors) == set(tags) and all(0.0 <= e <= 1.0 for e in errors.values())

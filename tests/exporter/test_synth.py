@@ -125,3 +125,34 @@ def test_person_area_is_amodal_and_the_visible_area_is_kept(tmp_path: Path) -> N
     # Rear occupants sit behind the front seats and each other; the front row is mostly in view.
     assert np.median(ratios["rear"]) > 1.5 * np.median(ratios["driver"] + ratios["passenger"])
     assert max(ratios["rear"]) > 3.0
+
+
+def test_capture_sequences_move_the_scene_a_little(tmp_path: Path) -> None:
+    single, seq = generate(tmp_path / "s", 2, seed=5), generate(tmp_path / "q", 8, seed=5, frames=4)
+    one, many = _load(single), _load(seq)
+    # Frame 0 of scene k is image k of the plain set: byte for byte.
+    for k in (0, 1):
+        assert (single / "images" / one["images"][k]["file_name"]).read_bytes() == \
+            (seq / "images" / many["images"][4 * k]["file_name"]).read_bytes()
+    persons: dict[int, list[np.ndarray]] = {}
+    for a in many["annotations"]:
+        if a["category_id"] == PERSON_CATEGORY:
+            persons.setdefault(a["image_id"], []).append(np.array(a["keypoints"], float).reshape(-1, 3))
+    for scene in (0, 1):
+        ims = [im for im in many["images"] if im["tags"]["scene"] == scene]
+        assert [im["tags"]["frame"] for im in ims] == [0, 1, 2, 3]
+        first = ims[0]
+        for im in ims[1:]:
+            # Same scene: same camera, light, seats taken; the people moved a little, not nothing.
+            assert {k: v for k, v in im["tags"].items() if k != "frame"} == \
+                {k: v for k, v in first["tags"].items() if k != "frame"}
+            a, b = persons.get(first["id"], []), persons.get(im["id"], [])
+            assert len(a) == len(b)
+            for pa, pb in zip(a, b):
+                both = (pa[:, 2] > 0) & (pb[:, 2] > 0)
+                moved = np.abs(pa[both, :2] - pb[both, :2]).mean()
+                assert 0 < moved < 40, moved
+            pixels = [cv2.imread(str(seq / "images" / x["file_name"])).astype(float) for x in (first, im)]
+            assert np.abs(pixels[0] - pixels[1]).mean() > 0.5  # fresh sensor noise at the least
+    with pytest.raises(ValueError, match="frames"):
+        generate(tmp_path / "bad", 2, seed=5, frames=0)
