@@ -185,7 +185,7 @@ class Daemon:
             value = getattr(j, name, None)
             return fallback if value is None else value
 
-        dedup = NearDuplicate(int(j.near_duplicate_distance)) if j.near_duplicate else None
+        dedup = NearDuplicate(int(j.near_duplicate_distance), int(j.near_duplicate_memory)) if j.near_duplicate else None
         return Judge(load_score_fn(str(j.score_fn), bundle),
                      threshold=float(pick("threshold", defaults.get("score_threshold", 0.5))),
                      audit_fraction=float(pick("audit_fraction", defaults.get("audit_fraction", 0.02))),

@@ -8,7 +8,7 @@ into a decision:
 2. otherwise a seeded audit pick: ``sha256(f"{seed}:{image_id}")`` read as a number in [0, 1)
    below ``audit_fraction`` -> review with ``audit=True`` (same seed and id, same pick);
 3. a review is dropped to auto_accepted with reason ``near_duplicate`` when the frame looks like
-   the last frame of the same camera that was sent to review (``NearDuplicate``), and with
+   one of the recent frames of the same camera that were sent to review (``NearDuplicate``), and with
    reason ``over_budget`` when the hourly or daily review budget (UTC windows, counted in the
    store, so they survive restarts) is spent.
 
@@ -25,6 +25,7 @@ The default scoring formula lives in ``service.scoring``.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import importlib
 import inspect
@@ -87,25 +88,31 @@ def dhash(pixels: np.ndarray) -> int:
 
 
 class NearDuplicate:
-    """Remembers, per camera, the dHash of the last frame sent to review.
+    """Remembers, per camera, the dHashes of the last ``memory`` frames sent to review.
 
-    A frame whose dHash is within ``max_distance`` bits (Hamming, out of 64) of it is a near
-    duplicate. Kept in memory only: after a restart the first frame of each camera is new.
-    Thread-safe.
+    A frame whose dHash is within ``max_distance`` bits (Hamming, out of 64) of any of them is a
+    near duplicate: a capture tool writes sequences of nearly the same frame, and once one of a
+    sequence went to review its neighbours teach the models little (the benchmark's capture
+    sequences: frames of one scene are within 0-9 bits of each other, other scenes of the same
+    camera 13 or more). Kept in memory only: after a restart the first frame of each camera is
+    new. Thread-safe.
     """
 
-    def __init__(self, max_distance: int = 6) -> None:
+    def __init__(self, max_distance: int = 6, memory: int = 64) -> None:
         if not 0 <= max_distance <= 64:
             raise ValueError(f"max_distance: expected 0..64 bits, got {max_distance}")
-        self.max_distance = max_distance
-        self._last: dict[str, int] = {}
+        if memory < 1:
+            raise ValueError(f"memory: expected at least 1 frame per camera, got {memory}")
+        self.max_distance, self.memory = max_distance, memory
+        self._recent: dict[str, collections.deque[int]] = {}
         self._lock = threading.Lock()
 
     def distance(self, camera: str, pixels: np.ndarray) -> int | None:
-        """Hamming distance to the camera's last reviewed frame (None when there is none)."""
+        """Hamming distance to the nearest remembered review frame of the camera (None: none yet)."""
+        h = dhash(pixels)
         with self._lock:
-            last = self._last.get(camera)
-        return None if last is None else bin(last ^ dhash(pixels)).count("1")
+            recent = tuple(self._recent.get(camera, ()))
+        return min((bin(r ^ h).count("1") for r in recent), default=None)
 
     def is_duplicate(self, camera: str, pixels: np.ndarray) -> bool:
         d = self.distance(camera, pixels)
@@ -114,7 +121,7 @@ class NearDuplicate:
     def remember(self, camera: str, pixels: np.ndarray) -> None:
         h = dhash(pixels)
         with self._lock:
-            self._last[camera] = h
+            self._recent.setdefault(camera, collections.deque(maxlen=self.memory)).append(h)
 
 
 def audit_draw(seed: int, image_id: str) -> float:

@@ -207,6 +207,24 @@ def test_near_duplicates_are_not_all_sent(store: Store) -> None:
     assert [j.decision for j in (first, again, other_cam, changed, no_camera)] == [
         "review", "auto_accepted", "review", "review", "review"]
     assert "near_duplicate" in again.reasons
+    # Back to the first scene after another one went to review: still remembered (memory > 1).
+    back = judge.judge("6" * 64, EMPTY, BUNDLE, camera="cam1", pixels=noisy)
+    assert back.decision == "auto_accepted" and "near_duplicate" in back.reasons
+
+
+def test_near_duplicate_memory_is_per_camera_and_bounded() -> None:
+    rng = np.random.default_rng(1)
+    scenes = [np.kron(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8), np.ones((8, 8, 1), dtype=np.uint8))
+              for _ in range(3)]
+    dedup = NearDuplicate(max_distance=6, memory=2)
+    assert dedup.distance("cam1", scenes[0]) is None
+    for s in scenes:
+        dedup.remember("cam1", s)
+    assert dedup.distance("cam1", scenes[0]) > 6 and not dedup.is_duplicate("cam1", scenes[0])  # forgotten
+    assert dedup.distance("cam1", scenes[1]) == 0 and dedup.distance("cam1", scenes[2]) == 0
+    assert dedup.distance("cam2", scenes[2]) is None
+    with pytest.raises(ValueError, match="memory"):
+        NearDuplicate(memory=0)
 
 
 def test_bad_score_values_are_made_safe(store: Store) -> None:
