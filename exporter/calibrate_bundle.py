@@ -6,7 +6,11 @@
 then
 
 1. fits the confidence calibration (``exporter.confcal_fit``; two-model bundles only, and only
-   with enough matched points), and keeps it when it raises the accuracy on these images;
+   with enough matched points), and keeps it when it raises the accuracy on images it did not
+   see: a calibration and both threshold sets are fitted on 75 % of the images (seeded, whole
+   images) and compared on the other 25 %; when the calibration wins there, it is fitted again
+   on all images and kept (in-sample accuracy is no guide: the person-context calibration reads
+   0.90 in-sample on 100 images and 0.81 on a test set);
 2. chooses the per-key-point ``main``/``visible`` thresholds for the confidences the engine will
    then produce (calibrated or raw) by grid search (``calibrate_thresholds``).
 
@@ -43,6 +47,40 @@ def _accuracy(s: VisibilitySamples, cal: Mapping[str, Any]) -> float:
     k = s.kpt_index
     flags = apply_rule(s.main_conf, s.visible_conf, np.asarray(cal["main"])[k], np.asarray(cal["visible"])[k])
     return float(np.mean(flags == s.gt_flag)) if len(s) else float("nan")
+
+
+HELD_OUT = 0.25  # share of the images the keep-or-drop decision is made on
+
+
+def _take(s: VisibilitySamples, rows: np.ndarray) -> VisibilitySamples:
+    """The samples' ``rows`` (a boolean mask), every per-row array cut alike."""
+    cut = {f.name: (v[rows] if isinstance(v := getattr(s, f.name), np.ndarray) else v)
+           for f in dataclasses.fields(s)}
+    return VisibilitySamples(**cut)
+
+
+def held_out_images(image_id: np.ndarray, share: float = HELD_OUT, seed: int = 0) -> np.ndarray:
+    """Row mask of the held-out images: ``share`` of the distinct image ids, seeded."""
+    uniq = np.unique(image_id)
+    rng = np.random.default_rng(seed)
+    held = rng.choice(uniq, size=max(1, int(round(len(uniq) * share))), replace=False) if len(uniq) > 1 else uniq[:0]
+    return np.isin(image_id, held)
+
+
+def held_out_gain(samples: VisibilitySamples, k: int) -> dict[str, Any] | None:
+    """Fit a calibration and both threshold sets on the kept images, compare on the held-out ones.
+
+    Returns the two held-out accuracies, or None when the kept images are too few to fit one.
+    """
+    held = held_out_images(samples.image_id)
+    fit_part, test_part = _take(samples, ~held), _take(samples, held)
+    cal, _ = fit_confidence_calibration(fit_part)
+    if cal is None or not len(test_part):
+        return None
+    raw = _accuracy(test_part, calibrate_thresholds(fit_part, k))
+    calibrated = _accuracy(calibrated_samples(test_part, cal), calibrate_thresholds(calibrated_samples(fit_part, cal), k))
+    return {"held_out_images": int(len(np.unique(samples.image_id[held]))), "accuracy_raw_held_out": raw,
+            "accuracy_calibrated_held_out": calibrated}
 
 
 def check_schema(bundle: Bundle, coco: Mapping[str, Any]) -> None:
@@ -87,17 +125,27 @@ def calibrate_bundle(bundle: Bundle, coco: Mapping[str, Any], images_dir: Path, 
         cs = calibrated_samples(samples, cal)
         thr_c = calibrate_thresholds(cs, k)
         report = {**report, "accuracy_raw": _accuracy(samples, thr), "accuracy_calibrated": _accuracy(cs, thr_c)}
-        if report["accuracy_calibrated"] > report["accuracy_raw"]:
+        check = held_out_gain(samples, k)
+        if check is not None:
+            report.update(check)
+            gain = check["accuracy_calibrated_held_out"] > check["accuracy_raw_held_out"]
+        else:  # too few points to hold any out: the in-sample comparison is all there is
+            gain = report["accuracy_calibrated"] > report["accuracy_raw"]
+        if gain:
             thr = thr_c
         else:
-            report["skipped"] = "no gain on these images"
+            report["skipped"] = "no gain on held-out images" if check is not None else "no gain on these images"
             cal = None
     g = thr["global"]
     method = (f"calibrated on {len(coco['images'])} {source} images ({g['points']} points): "
               f"per-key-point grid search maximising 3-class visibility accuracy")
     if cal is not None:
         method += (f" over the calibrated confidences (confidence_calibration: {report['accuracy_raw']:.4f} -> "
-                   f"{report['accuracy_calibrated']:.4f} on these images)")
+                   f"{report['accuracy_calibrated']:.4f} on these images")
+        if "accuracy_raw_held_out" in report:
+            method += (f"; {report['accuracy_raw_held_out']:.4f} -> {report['accuracy_calibrated_held_out']:.4f} on "
+                       f"{report['held_out_images']} images held out of a fit on the others")
+        method += ")"
     else:
         method += (f"; global pair main={g['main']:.2f} visible={g['visible']:.2f} accuracy {g['accuracy']:.4f} vs "
                    f"{g['reference_accuracy']:.4f} at the reference 0.6/0.6")

@@ -138,3 +138,20 @@ def test_calibration_predicts_in_batches_and_skips_unreadable_images(tmp_path: P
         for a, b in zip(got.persons, alone.persons):
             assert np.allclose(a.box, b.box, atol=1e-2)
             assert np.allclose([k.visible_conf for k in a.keypoints], [k.visible_conf for k in b.keypoints], atol=1e-3)
+
+
+def test_keep_or_drop_is_decided_on_held_out_images() -> None:
+    from exporter.calibrate_bundle import HELD_OUT, held_out_gain, held_out_images
+
+    s = _samples(1500)
+    held = held_out_images(s.image_id)
+    ids = np.unique(s.image_id)
+    assert len(np.unique(s.image_id[held])) == round(HELD_OUT * len(ids))
+    for i in ids:  # whole images: all of an image's rows on one side
+        assert len(set(held[s.image_id == i].tolist())) == 1
+    assert np.array_equal(held, held_out_images(s.image_id)) and not np.array_equal(held, held_out_images(s.image_id, seed=1))
+    check = held_out_gain(s, 3)
+    assert check is not None and check["held_out_images"] == round(HELD_OUT * len(ids))
+    # the raw confidences are noise, the point's place in its box decides: only the calibration sees it
+    assert check["accuracy_calibrated_held_out"] > 0.85 > 0.6 > check["accuracy_raw_held_out"]
+    assert held_out_gain(_samples(40), 3) is None  # too few points to fit on three quarters
