@@ -35,8 +35,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     cameras = tuple((c.split("=")[0], float(c.split("=")[1]) if "=" in c else 1.0) for c in args.cameras.split(","))
     knobs = Knobs(ir=args.ir, crowded=args.crowded, child=args.child, cameras=cameras)
+    if args.frames < 1:
+        print(f"annotator synth: --frames must be 1 or more, got {args.frames}", file=sys.stderr)
+        return 2
     out = generate(args.out, args.count, args.seed, knobs, start=args.start, workers=args.workers,
-                   progress=_progress("rendering"))
+                   progress=_progress("rendering"), frames=args.frames, motion=args.motion)
     print(f"wrote {args.count} images and annotations.json to {out}")
     return 0
 
@@ -113,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--child", type=float, default=0.15, help="chance a rear occupant is a child")
     s.add_argument("--cameras", default="mirror=0.5,a_pillar=0.3,dashboard=0.2",
                    help="camera mix, NAME=WEIGHT,... from mirror, a_pillar, dashboard, overhead")
+    s.add_argument("--frames", type=int, default=1,
+                   help="capture sequences: this many frames per scene, the occupants moving a little")
+    s.add_argument("--motion", type=float, default=0.1,
+                   help="with --frames: how much each pose/light parameter moves per frame (share of its spread)")
     s.add_argument("--workers", type=int, default=1)
     s.set_defaults(func=cmd_synth)
 
