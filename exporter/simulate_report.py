@@ -216,7 +216,9 @@ def write_results(cfg: Any, states: list[dict[str, Any]], seconds: float) -> dic
                                             "seconds")} for s in states]}
     out = Path(cfg.out)
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    title = (f"{cfg.seeds} seeds, pool {cfg.pool}, initial {cfg.initial}, {cfg.rounds} x {cfg.per_round} reviewed, "
+    frames = int(getattr(cfg, "frames", 1))
+    pool = f"pool {cfg.pool}" + (f" ({frames}-frame capture sequences)" if frames > 1 else "")
+    title = (f"{cfg.seeds} seeds, {pool}, initial {cfg.initial}, {cfg.rounds} x {cfg.per_round} reviewed, "
              f"{cfg.epochs} epochs/round, {cfg.imgsz} px, test {cfg.test}, "
              f"initial images from {INITIAL_DOMAIN_TEXT[cfg.initial_domain]}")
     unit_minutes = sum(float(s.get("seconds", 0.0)) for s in states) / 60
