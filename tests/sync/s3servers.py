@@ -34,31 +34,6 @@ class S3Server:
         return name
 
 
-class SeaweedServer(S3Server):
-    """SeaweedFS: a new bucket is a new collection, whose first write has to grow volumes.
-
-    On a busy machine that first write can fail with ``InternalError`` ("assign volume: context
-    deadline exceeded", seaweedfs issue 9695); the product treats it as retryable and retries
-    later, but a test that writes once would fail on it. So ``new_bucket`` waits until the
-    bucket takes a write (a probe object, deleted again) before handing it out.
-    """
-
-    def new_bucket(self, timeout: float = 60.0) -> str:
-        import time
-
-        name = super().new_bucket()
-        client, deadline = self.client(), time.monotonic() + timeout
-        while True:
-            try:
-                client.put_object(Bucket=name, Key=".probe", Body=b"probe")
-                client.delete_object(Bucket=name, Key=".probe")
-                return name
-            except Exception:  # noqa: BLE001 - volumes not grown yet: try again until the deadline
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
-
-
 class MotoControl(S3Server):
     """moto's threaded server, restartable on the same port (state lives in this process)."""
 
