@@ -46,8 +46,14 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
              "s3.port.iceberg", "s3.port.lance", "metricsPort", "debug.port", "s3.debug.port")
     ports = {n: free_port() for n in names}
     data = tmp_path_factory.mktemp("seaweed")
+    # Every bucket is its own collection, and the first write to one grows several volumes. With
+    # ``-volume.max`` unset the limit is free disk / volume size (128 MB in mini): on a nearly full
+    # disk a few buckets exhaust it and later writes fail with InternalError ("No writable volumes
+    # and no free volumes left"). A fixed limit and small volumes (created lazily, not
+    # preallocated) keep the tests independent of the machine's free space.
     args = [weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false",
-            "-webdav=false", *(f"-{n}={p}" for n, p in ports.items())]
+            "-webdav=false", "-volume.max=2000", "-master.volumeSizeLimitMB=16",
+            *(f"-{n}={p}" for n, p in ports.items())]
     env = dict(os.environ, AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY)
     with open(data / "weed.log", "wb") as log:
         proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=data)
