@@ -32,13 +32,13 @@ class SequenceRng:
     spread (the range of a uniform draw, the scale of a normal one).
     """
 
-    def __init__(self, base: np.random.Generator, frame: np.random.Generator | None, motion: float) -> None:
+    def __init__(self, base: np.random.Generator, frame: np.random.Generator, motion: float) -> None:
         self.base, self.frame, self.motion = base, frame, float(motion)
 
     def uniform(self, low: Any = 0.0, high: Any = 1.0, size: Any = None) -> Any:
         value = self.base.uniform(low, high, size)
-        if self.frame is None or _size(size) > NOISE_SIZE:
-            return value if self.frame is None else self.frame.uniform(low, high, size)
+        if _size(size) > NOISE_SIZE:
+            return self.frame.uniform(low, high, size)
         spread = np.abs(np.asarray(high, float) - np.asarray(low, float))
         moved = np.clip(value + self.frame.normal(0.0, 1.0, np.shape(value)) * self.motion * spread,
                         np.minimum(low, high), np.maximum(low, high))
@@ -46,8 +46,6 @@ class SequenceRng:
 
     def normal(self, loc: Any = 0.0, scale: Any = 1.0, size: Any = None) -> Any:
         value = self.base.normal(loc, scale, size)
-        if self.frame is None:
-            return value
         if _size(size) > NOISE_SIZE:
             return self.frame.normal(loc, scale, size)
         moved = value + self.frame.normal(0.0, 1.0, np.shape(value)) * self.motion * np.asarray(scale, float)
