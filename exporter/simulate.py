@@ -264,6 +264,10 @@ def run_seed(cfg: SimConfig, seed: int, pool_dir: Path, test_dir: Path, progress
                 oracle = None
                 if strategy == "oracle_error":
                     oracle = pool_errors(prev_unit / "bundle", coco, pool_dir / "images", prev_unit / "pool_errors.json")
+                elif strategy == "oracle_scene":
+                    scene_ids = {}
+                    oracle = {im["file_name"]: float(scene_ids.setdefault(im.get("tags", {}).get("scene", im["file_name"]),
+                                                                          len(scene_ids))) for im in coco["images"]}
                 elif strategy == "oracle_shift":
                     oracle = {im["file_name"]: float(not in_source_domain(im.get("tags", {}))) for im in coco["images"]}
                 picks = select(strategy, candidates, scores, cfg.per_round, np.random.default_rng([seed, r, 7]),

@@ -29,6 +29,10 @@ the pool's ground truth. They bound what any scoring function could gain on the 
 - ``oracle_shift``: the images of the shift (IR or the ``overhead`` camera, from the pool's
   tags) first, in seeded random order, with the judge's diversity measures: a perfect
   novelty detector.
+- ``oracle_scene``: the judge's ranking with a perfect near-duplicate test: the pool's scene tags
+  instead of dHashes (one frame per capture sequence until every scene is taken; a scene
+  reviewed in an earlier round counts as taken). Bounds what a better near-duplicate test
+  could give the judge.
 
 Image ids are the sha256 of the file bytes, as in the daemon's store.
 """
@@ -51,7 +55,7 @@ STRATEGIES = ("judge", "uncertainty", "random", "judge_audit")
 # ``judge_image``: images by ``service.scoring.image_doubt`` (most doubt first) with the judge's
 # near-duplicate suppression and camera cap.
 # ``ORACLES``: the reference lines above (they need the pool's ground truth).
-ORACLES = ("oracle_error", "oracle_shift")
+ORACLES = ("oracle_error", "oracle_shift", "oracle_scene")
 EXTRA_STRATEGIES = ("judge_priority", "judge_plain", "judge_image", *ORACLES)
 # Extra strategies that rank by a PoolScore field, most doubt first.
 DOUBT_RANKED = {"judge_priority": "priority", "judge_image": "image_doubt"}
@@ -165,7 +169,8 @@ def judge_order(scores: Sequence[PoolScore]) -> list[PoolScore]:
 
 
 def diverse_take(ranked: Sequence[PoolScore], n: int, camera_share: float = CAMERA_SHARE,
-                 dedup_distance: int = DEDUP_DISTANCE, seen: Sequence[PoolScore] = ()) -> list[PoolScore]:
+                 dedup_distance: int = DEDUP_DISTANCE, seen: Sequence[PoolScore] = (),
+                 scene: dict[str, float] | None = None) -> list[PoolScore]:
     """Walk ``ranked`` and take ``n``: near-duplicates of a same-camera pick skipped, cameras capped.
 
     ``seen``: images reviewed in earlier rounds; a near-duplicate of one of them is skipped too
@@ -173,6 +178,11 @@ def diverse_take(ranked: Sequence[PoolScore], n: int, camera_share: float = CAME
     The cap (``camera_share`` of ``n``) is lifted once every camera is capped or exhausted, and
     skipped near-duplicates come back last, so ``n`` images are returned when ``ranked`` has them.
     """
+    def duplicate(a: PoolScore, b: PoolScore) -> bool:
+        if scene is not None:  # oracle_scene: the pool's own scene tags, a perfect near-duplicate test
+            return scene[a.file_name] == scene[b.file_name]
+        return a.camera == b.camera and bin(a.dhash ^ b.dhash).count("1") <= dedup_distance
+
     cap = max(1, int(np.ceil(camera_share * n)))
     picked: list[PoolScore] = []
     per_camera: dict[str, int] = {}
@@ -180,8 +190,7 @@ def diverse_take(ranked: Sequence[PoolScore], n: int, camera_share: float = CAME
     for s in ranked:
         if len(picked) >= n:
             break
-        if any(p.camera == s.camera and bin(p.dhash ^ s.dhash).count("1") <= dedup_distance
-               for p in (*seen, *picked)):
+        if any(duplicate(p, s) for p in (*seen, *picked)):
             deferred.append(s)
             continue
         if per_camera.get(s.camera, 0) >= cap:
@@ -223,7 +232,7 @@ def select(strategy: str, candidates: Sequence[str], scores: dict[str, PoolScore
     seen = [scores[r] for r in reviewed if r in scores]
 
     def take(ranked: Sequence[PoolScore], k: int) -> list[PoolScore]:
-        return diverse_take(ranked, k, seen=seen)
+        return diverse_take(ranked, k, seen=seen, scene=oracle if strategy == "oracle_scene" else None)
 
     if strategy in ORACLES:
         if oracle is None:
@@ -232,6 +241,8 @@ def select(strategy: str, candidates: Sequence[str], scores: dict[str, PoolScore
         # by file name.
         base = [pool[i] for i in rng.permutation(len(pool))] if strategy == "oracle_shift" \
             else sorted(pool, key=lambda s: s.file_name)
+        if strategy == "oracle_scene":  # the judge's ranking; the oracle knows the scenes
+            return [s.file_name for s in take(judge_order(pool), n)]
         ranked = sorted(base, key=lambda s: -oracle[s.file_name])
         return [s.file_name for s in take(ranked, n)]
     if strategy == "uncertainty":

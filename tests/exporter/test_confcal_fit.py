@@ -155,3 +155,30 @@ def test_keep_or_drop_is_decided_on_held_out_images() -> None:
     # the raw confidences are noise, the point's place in its box decides: only the calibration sees it
     assert check["accuracy_calibrated_held_out"] > 0.85 > 0.6 > check["accuracy_raw_held_out"]
     assert held_out_gain(_samples(40), 3) is None  # too few points to fit on three quarters
+
+
+def test_a_calibration_that_loses_on_held_out_images_is_never_fitted_on_all(monkeypatch: pytest.MonkeyPatch) -> None:
+    import exporter.calibrate_bundle as cb
+    from exporter.calibrate import apply_rule
+
+    fits: list[int] = []
+
+    def counted(s: VisibilitySamples) -> tuple:
+        fits.append(len(s))
+        return fit_confidence_calibration(s, FitSettings(max_steps=300, members=1))
+
+    monkeypatch.setattr(cb, "fit_confidence_calibration", counted)
+    s = _samples(1500)  # the calibration sees what the raw confidences miss: fitted on 3/4, then on all
+    cal, thr, report = cb.choose_calibration(s, 3)
+    assert cal is not None and fits == [int(np.sum(~cb.held_out_images(s.image_id))), len(s)]
+    assert report["accuracy_calibrated_held_out"] > report["accuracy_raw_held_out"] and "skipped" not in report
+    # the raw confidences decide exactly: no calibration can beat them on held-out images, so
+    # the one fit is on three quarters and the thresholds are the raw ones
+    fits.clear()
+    exact = VisibilitySamples(apply_rule(s.main_conf, s.visible_conf, 0.5, 0.5), *(
+        getattr(s, a) for a in ("main_conf", "visible_conf", "kpt_index", "matched", "pred_flag", "features",
+                                "vis_matched", "image_id")))
+    cal, thr, report = cb.choose_calibration(exact, 3)
+    assert cal is None and report["skipped"] == "no gain on held-out images" and len(fits) == 1
+    assert report["accuracy_raw"] == pytest.approx(1.0) and thr["global"]["accuracy"] == pytest.approx(1.0)
+    assert cb.choose_calibration(exact, 3, fit=False)[2] == {"skipped": "not asked"} and len(fits) == 1

@@ -76,6 +76,14 @@ def test_oracle_strategies_follow_their_key() -> None:
     assert len({tuple(p) for p in picks}) > 1  # in seeded random order
     with pytest.raises(ValueError, match="oracle"):
         select("oracle_error", names, scores, 4, np.random.default_rng(0), 0, 0.1)
+    # oracle_scene: the judge's ranking (score ascending), one image per scene; a scene reviewed
+    # earlier counts as seen. Frames of one scene have far-apart dHashes here: only the tags know.
+    scene = {n: float(i // 3) for i, n in enumerate(f"im{i}" for i in range(20))}  # scenes of 3 frames
+    got = select("oracle_scene", names, scores, 4, np.random.default_rng(0), 0, 0.1, oracle=scene)
+    assert got == ["im0", "im3", "im6", "im9"]
+    got = select("oracle_scene", names, scores, 4, np.random.default_rng(0), 0, 0.1, oracle=scene, reviewed=["im4"])
+    assert got == ["im0", "im6", "im9", "im12"]
+    assert select("judge", names, scores, 4, np.random.default_rng(0), 0, 0.1) == ["im0", "im1", "im2", "im3"]
 
 
 @pytest.mark.slow
