@@ -81,6 +81,7 @@ class SimConfig:
     initial_domain: str = "source"  # "source": no IR, no overhead camera; "pool": the whole mixture
     frames: int = 10  # pool images per capture sequence (1: every pool image its own scene)
     motion: float = 0.1  # how much the occupants move between a sequence's frames (synth.sequence)
+    repeats: int = 1  # trainings per unit (other training seeds, same picks); the unit's metrics are their mean
 
     def __post_init__(self) -> None:
         bad = [s for s in self.strategies if s not in STRATEGIES + EXTRA_STRATEGIES]
@@ -88,8 +89,8 @@ class SimConfig:
             raise ValueError(f"--strategies: unknown {bad}; expected some of {', '.join(STRATEGIES)}")
         if "random" not in self.strategies:
             raise ValueError("--strategies: 'random' is needed, it sets the target of the label saving")
-        if min(self.seeds, self.rounds, self.per_round, self.initial, self.test, self.epochs) < 1:
-            raise ValueError("seeds, rounds, per-round, initial, test and epochs must all be >= 1")
+        if min(self.seeds, self.rounds, self.per_round, self.initial, self.test, self.epochs, self.repeats) < 1:
+            raise ValueError("seeds, rounds, per-round, initial, test, epochs and repeats must all be >= 1")
         if self.initial + self.rounds * self.per_round > self.pool:
             raise ValueError(f"--pool {self.pool} is too small for --initial {self.initial} + "
                              f"{self.rounds} rounds x {self.per_round}")
@@ -173,12 +174,39 @@ def composition(coco: dict[str, Any], names: list[str], before: list[str] = ()) 
             "scenes": len({t.get("scene", n) for t, n in zip(picked, names)} - known)}
 
 
-def train_and_evaluate(cfg: SimConfig, unit: Path, coco: dict[str, Any], labelled: list[str], pool_dir: Path,
-                       test_dir: Path, init: str, epochs: int, seed: int, first: bool) -> dict[str, float]:
-    """Train a bundle on the labelled images into ``unit/bundle``, evaluate it on the test set.
+REPEAT_SEED = 1000  # training seed of repeat k: seed + k * REPEAT_SEED
 
+
+def train_and_evaluate(cfg: SimConfig, unit: Path, coco: dict[str, Any], labelled: list[str], pool_dir: Path,
+                       test_dir: Path, init: str, epochs: int, seed: int, first: bool
+                       ) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """Train on the labelled images ``cfg.repeats`` times, evaluate each on the test set.
+
+    Returns the mean of the three accuracies over the trainings and each training's. The first
+    training (seed ``seed``) is kept in ``unit/bundle``: the next round scores the pool with it
+    and starts from it. Repeat k trains with seed ``seed + k * REPEAT_SEED`` (other weights order
+    and validation split, same picks), leaves its metrics in ``unit/repeat{k}/metrics.json``
+    (resumable) and its bundle is deleted. Repeats measure the training noise a strategy's gain
+    must stand out of.
     ``first``: the first bundle (from the COCO start) rather than a round continuing a bundle.
     """
+    runs = [_train_once(cfg, unit, "bundle", coco, labelled, pool_dir, test_dir, init, epochs, seed, first)]
+    for k in range(1, cfg.repeats):
+        sub = unit / f"repeat{k}"
+        done = sub / "metrics.json"
+        if not done.is_file():
+            m = _train_once(cfg, sub, "bundle", coco, labelled, pool_dir, test_dir, init, epochs,
+                            seed + k * REPEAT_SEED, first)
+            shutil.rmtree(sub / "bundle", ignore_errors=True)
+            done.write_text(json.dumps(m))
+        runs.append(json.loads(done.read_text()))
+    mean = {key: float(np.mean([r[key] for r in runs])) for key in runs[0]}
+    return mean, runs
+
+
+def _train_once(cfg: SimConfig, unit: Path, name: str, coco: dict[str, Any], labelled: list[str], pool_dir: Path,
+                test_dir: Path, init: str, epochs: int, seed: int, first: bool) -> dict[str, float]:
+    """One training into ``unit/name`` and its evaluation on the test set."""
     from .evaluate import evaluate
     from .train import FINETUNE_ARGS, TrainConfig, train_bundle
 
@@ -194,12 +222,12 @@ def train_and_evaluate(cfg: SimConfig, unit: Path, coco: dict[str, Any], labelle
     # 0.68 -> 0.07 after a 3-epoch round, vs 0.74 with SGD at 0.002, measured).
     extra: dict[str, Any] = {"plots": False, **({"optimizer": "AdamW", "lr0": cfg.lr0, "warmup_epochs": 0} if first
                                                 else {**FINETUNE_ARGS, "lr0": cfg.finetune_lr0})}
-    tcfg = TrainConfig(annotations=ann, images=pool_dir / "images", out=unit / "bundle", work=unit / "work",
+    tcfg = TrainConfig(annotations=ann, images=pool_dir / "images", out=unit / name, work=unit / "work",
                        epochs=epochs, imgsz=cfg.imgsz, batch=cfg.batch, init=init, val_fraction=0.1,
                        workers=0, seed=seed, extra=extra)
     train_bundle(tcfg)
     shutil.rmtree(unit / "work", ignore_errors=True)
-    metrics = evaluate(unit / "bundle", test_dir / "annotations.json", test_dir / "images", unit / "eval",
+    metrics = evaluate(unit / name, test_dir / "annotations.json", test_dir / "images", unit / "eval",
                        progress=False)
     return headline(metrics)
 
@@ -238,10 +266,10 @@ def run_seed(cfg: SimConfig, seed: int, pool_dir: Path, test_dir: Path, progress
         picks = initial_picks(cfg, coco, seed)
         t0 = time.monotonic()
         start = write_cabin_init(cfg.out / "init")
-        m = train_and_evaluate(cfg, init_unit, coco, picks, pool_dir, test_dir, str(start or "pretrained"),
-                               cfg.initial_epochs, seed, first=True)
+        m, each = train_and_evaluate(cfg, init_unit, coco, picks, pool_dir, test_dir, str(start or "pretrained"),
+                                     cfg.initial_epochs, seed, first=True)
         initial_state = {"seed": seed, "strategy": "initial", "round": 0, "selected": picks, "labelled": picks,
-                         "n_reviewed": 0, "n_labelled": len(picks), "metrics": m,
+                         "n_reviewed": 0, "n_labelled": len(picks), "metrics": m, "metrics_each": each,
                          "composition": composition(coco, picks), "seconds": round(time.monotonic() - t0, 1)}
         _write_state(init_unit, initial_state)
         progress.step(f"seed {seed} initial", False)
@@ -274,11 +302,11 @@ def run_seed(cfg: SimConfig, seed: int, pool_dir: Path, test_dir: Path, progress
                                seed, cfg.audit_fraction, oracle=oracle, reviewed=labelled)
                 log.info("%s: picked %s", what, composition(coco, picks))
                 new_labelled = [*labelled, *picks]
-                m = train_and_evaluate(cfg, unit, coco, new_labelled, pool_dir, test_dir,
-                                       str(prev_unit / "bundle"), cfg.epochs, seed, first=False)
+                m, each = train_and_evaluate(cfg, unit, coco, new_labelled, pool_dir, test_dir,
+                                             str(prev_unit / "bundle"), cfg.epochs, seed, first=False)
                 state = {"seed": seed, "strategy": strategy, "round": r, "selected": picks,
                          "labelled": new_labelled, "n_reviewed": r * cfg.per_round, "n_labelled": len(new_labelled),
-                         "metrics": m, "composition": composition(coco, picks, labelled),
+                         "metrics": m, "metrics_each": each, "composition": composition(coco, picks, labelled),
                          "pick_scores": [scores[p].score for p in picks] if scores else None,
                          "seconds": round(time.monotonic() - t0, 1)}
                 _write_state(unit, state)
@@ -297,7 +325,7 @@ def run(cfg: SimConfig) -> dict[str, Any]:
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
     saved = cfg.out / "config.json"
     if saved.is_file():  # finished units are reused: they must come from the same settings
-        old = json.loads(saved.read_text())
+        old = {"repeats": 1, **json.loads(saved.read_text())}  # runs from before --repeats trained once
         differ = [k for k in settings if k not in ("out", "seeds", "rounds", "strategies")
                   and json.dumps(old.get(k)) != json.dumps(settings[k])]
         if differ:
@@ -320,7 +348,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     cfg = SimConfig(out=Path(args.out), seeds=args.seeds, rounds=args.rounds, per_round=args.per_round,
                     initial=args.initial, pool=args.pool, test=args.test, epochs=args.epochs,
                     initial_epochs=args.initial_epochs, imgsz=args.imgsz, audit_fraction=args.audit_fraction,
-                    initial_domain=args.initial_domain, frames=args.frames, motion=args.motion,
+                    initial_domain=args.initial_domain, frames=args.frames, motion=args.motion, repeats=args.repeats,
                     strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()))
     if args.quick:
         cfg = cfg.quick()
@@ -354,6 +382,9 @@ def register(sub: Any) -> None:
                         "1 = every pool image its own scene")
     s.add_argument("--motion", type=float, default=d.motion,
                    help="how much the occupants move between a sequence's frames (share of each parameter's spread)")
+    s.add_argument("--repeats", type=int, default=d.repeats,
+                   help="trainings per unit with other training seeds on the same picks; the mean is reported "
+                        "(measures and averages out the training noise; costs that many times the CPU)")
     s.add_argument("--strategies", default=",".join(STRATEGIES))
     s.add_argument("--quick", action="store_true", help="a few-minute smoke run (tiny pool, 1 round, 1 epoch, 96 px)")
     s.set_defaults(func=cmd_simulate)

@@ -212,15 +212,17 @@ def write_results(cfg: Any, states: list[dict[str, Any]], seconds: float) -> dic
                "paired_gains": paired_gains(states, cfg.strategies),
                "bar": {"judge_fraction_mean3": judge, "limit": BAR, "met": judge is not None and judge <= BAR},
                "seconds": round(seconds, 1),
-               "units": [{k: s[k] for k in ("seed", "strategy", "round", "n_reviewed", "metrics", "composition",
-                                            "seconds")} for s in states]}
+               "units": [{**{k: s[k] for k in ("seed", "strategy", "round", "n_reviewed", "metrics", "composition",
+                                               "seconds")}, **({"metrics_each": s["metrics_each"]} if "metrics_each" in s else {})}
+                         for s in states]}
     out = Path(cfg.out)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     frames = int(getattr(cfg, "frames", 1))
     pool = f"pool {cfg.pool}" + (f" ({frames}-frame capture sequences)" if frames > 1 else "")
     title = (f"{cfg.seeds} seeds, {pool}, initial {cfg.initial}, {cfg.rounds} x {cfg.per_round} reviewed, "
              f"{cfg.epochs} epochs/round, {cfg.imgsz} px, test {cfg.test}, "
-             f"initial images from {INITIAL_DOMAIN_TEXT[cfg.initial_domain]}")
+             f"initial images from {INITIAL_DOMAIN_TEXT[cfg.initial_domain]}"
+             + (f", mean of {repeats} trainings per unit" if (repeats := int(getattr(cfg, "repeats", 1))) > 1 else ""))
     unit_minutes = sum(float(s.get("seconds", 0.0)) for s in states) / 60
     write_png(out / "accuracy.png", cur, sav["targets"], title, results["paired_gains"])
     md = ["# Active-learning benchmark (`annotator simulate`)", "", f"Settings: {title}; "

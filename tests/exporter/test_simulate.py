@@ -176,3 +176,28 @@ def test_quick_benchmark(tmp_path: Path, ultralytics_offline: Path) -> None:
     stamp = (root / "judge" / "round1" / "state.json").stat().st_mtime
     run(cfg)
     assert (root / "judge" / "round1" / "state.json").stat().st_mtime == stamp
+    # Other settings are refused on the same folder (the finished units would not match them).
+    from dataclasses import replace
+
+    with pytest.raises(ValueError, match="repeats"):
+        run(replace(cfg, repeats=2))
+
+
+def test_repeats_train_each_unit_again_and_report_the_mean(tmp_path: Path, ultralytics_offline: Path) -> None:
+    pytest.importorskip("ultralytics")
+    from exporter.simulate import SimConfig, run
+
+    cfg = SimConfig(out=tmp_path / "sim", strategies=("random",), repeats=2).quick()
+    assert cfg.repeats == 2
+    run(cfg)
+    for unit in ("initial", "random/round1"):
+        state = json.loads((cfg.out / "runs" / "seed0" / unit / "state.json").read_text())
+        each = state["metrics_each"]
+        assert len(each) == 2 and each[0] != each[1]  # another training seed: another model
+        for k, v in state["metrics"].items():
+            assert v == pytest.approx((each[0][k] + each[1][k]) / 2)
+        rep = cfg.out / "runs" / "seed0" / unit / "repeat1"
+        assert json.loads((rep / "metrics.json").read_text()) == each[1] and not (rep / "bundle").exists()
+    assert "mean of 2 trainings per unit" in (cfg.out / "results.md").read_text()
+    with pytest.raises(ValueError, match="repeats"):
+        SimConfig(out=tmp_path, repeats=0)
