@@ -185,28 +185,30 @@ def train_and_evaluate(cfg: SimConfig, unit: Path, coco: dict[str, Any], labelle
     Returns the mean of the three accuracies over the trainings and each training's. The first
     training (seed ``seed``) is kept in ``unit/bundle``: the next round scores the pool with it
     and starts from it. Repeat k trains with seed ``seed + k * REPEAT_SEED`` (other weights order
-    and validation split, same picks), leaves its metrics in ``unit/repeat{k}/metrics.json``
-    (resumable) and its bundle is deleted. Repeats measure the training noise a strategy's gain
-    must stand out of.
+    and validation split, same picks) in ``unit/repeat{k}`` and its bundle is deleted. Every
+    training leaves its metrics in ``metrics.json`` beside its bundle, so a resumed unit trains
+    only what is missing. Repeats measure the training noise a strategy's gain must stand out of.
     ``first``: the first bundle (from the COCO start) rather than a round continuing a bundle.
     """
-    runs = [_train_once(cfg, unit, "bundle", coco, labelled, pool_dir, test_dir, init, epochs, seed, first)]
-    for k in range(1, cfg.repeats):
-        sub = unit / f"repeat{k}"
-        done = sub / "metrics.json"
+    from service.durable import write_json_atomic
+
+    runs = []
+    for k in range(cfg.repeats):
+        where = unit / f"repeat{k}" if k else unit
+        done = where / "metrics.json"
         if not done.is_file():
-            m = _train_once(cfg, sub, "bundle", coco, labelled, pool_dir, test_dir, init, epochs,
-                            seed + k * REPEAT_SEED, first)
-            shutil.rmtree(sub / "bundle", ignore_errors=True)
-            done.write_text(json.dumps(m))
+            m = _train_once(cfg, where, coco, labelled, pool_dir, test_dir, init, epochs, seed + k * REPEAT_SEED, first)
+            if k:
+                shutil.rmtree(where / "bundle", ignore_errors=True)
+            write_json_atomic(done, m)
         runs.append(json.loads(done.read_text()))
     mean = {key: float(np.mean([r[key] for r in runs])) for key in runs[0]}
     return mean, runs
 
 
-def _train_once(cfg: SimConfig, unit: Path, name: str, coco: dict[str, Any], labelled: list[str], pool_dir: Path,
+def _train_once(cfg: SimConfig, unit: Path, coco: dict[str, Any], labelled: list[str], pool_dir: Path,
                 test_dir: Path, init: str, epochs: int, seed: int, first: bool) -> dict[str, float]:
-    """One training into ``unit/name`` and its evaluation on the test set."""
+    """One training into ``unit/bundle`` and its evaluation on the test set."""
     from .evaluate import evaluate
     from .train import FINETUNE_ARGS, TrainConfig, train_bundle
 
@@ -222,12 +224,12 @@ def _train_once(cfg: SimConfig, unit: Path, name: str, coco: dict[str, Any], lab
     # 0.68 -> 0.07 after a 3-epoch round, vs 0.74 with SGD at 0.002, measured).
     extra: dict[str, Any] = {"plots": False, **({"optimizer": "AdamW", "lr0": cfg.lr0, "warmup_epochs": 0} if first
                                                 else {**FINETUNE_ARGS, "lr0": cfg.finetune_lr0})}
-    tcfg = TrainConfig(annotations=ann, images=pool_dir / "images", out=unit / name, work=unit / "work",
+    tcfg = TrainConfig(annotations=ann, images=pool_dir / "images", out=unit / "bundle", work=unit / "work",
                        epochs=epochs, imgsz=cfg.imgsz, batch=cfg.batch, init=init, val_fraction=0.1,
                        workers=0, seed=seed, extra=extra)
     train_bundle(tcfg)
     shutil.rmtree(unit / "work", ignore_errors=True)
-    metrics = evaluate(unit / name, test_dir / "annotations.json", test_dir / "images", unit / "eval",
+    metrics = evaluate(unit / "bundle", test_dir / "annotations.json", test_dir / "images", unit / "eval",
                        progress=False)
     return headline(metrics)
 
@@ -293,7 +295,7 @@ def run_seed(cfg: SimConfig, seed: int, pool_dir: Path, test_dir: Path, progress
                 if strategy == "oracle_error":
                     oracle = pool_errors(prev_unit / "bundle", coco, pool_dir / "images", prev_unit / "pool_errors.json")
                 elif strategy == "oracle_scene":
-                    scene_ids = {}
+                    scene_ids: dict[str, int] = {}
                     oracle = {im["file_name"]: float(scene_ids.setdefault(im.get("tags", {}).get("scene", im["file_name"]),
                                                                           len(scene_ids))) for im in coco["images"]}
                 elif strategy == "oracle_shift":

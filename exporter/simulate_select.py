@@ -237,12 +237,12 @@ def select(strategy: str, candidates: Sequence[str], scores: dict[str, PoolScore
     if strategy in ORACLES:
         if oracle is None:
             raise ValueError(f"strategy {strategy!r} needs the oracle's key per pool image")
+        if strategy == "oracle_scene":  # the judge's ranking; the oracle knows the scenes
+            return [s.file_name for s in take(judge_order(pool), n)]
         # Ties: oracle_shift's (every shifted image has key 1) in seeded random order, oracle_error's
         # by file name.
         base = [pool[i] for i in rng.permutation(len(pool))] if strategy == "oracle_shift" \
             else sorted(pool, key=lambda s: s.file_name)
-        if strategy == "oracle_scene":  # the judge's ranking; the oracle knows the scenes
-            return [s.file_name for s in take(judge_order(pool), n)]
         ranked = sorted(base, key=lambda s: -oracle[s.file_name])
         return [s.file_name for s in take(ranked, n)]
     if strategy == "uncertainty":
