@@ -101,6 +101,25 @@ def paired_gains(states: Sequence[dict[str, Any]], strategies: Sequence[str]) ->
     return out
 
 
+def training_noise(states: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """How much one training's mean of the three varies with the training seed alone (same picks).
+
+    Pooled over the units trained more than once (``--repeats``): ``sd`` is the square root of the
+    mean of their variances (ddof 1), ``sd_gain`` the standard error that leaves on a paired gain
+    over random averaged over the seeds (two independent means of ``trainings`` trainings each).
+    None when no unit was trained twice.
+    """
+    many = [[float(np.mean([m[k] for k in METRICS])) for m in s["metrics_each"]]
+            for s in states if len(s.get("metrics_each") or []) > 1]
+    if not many:
+        return None
+    trainings = min(len(v) for v in many)
+    seeds = len({s["seed"] for s in states})
+    sd = float(np.sqrt(np.mean([np.var(v, ddof=1) for v in many])))
+    return {"units": len(many), "trainings": trainings, "sd": round(sd, 4),
+            "sd_gain": round(sd * float(np.sqrt(2.0 / (trainings * seeds))), 4)}
+
+
 def _fmt(v: float | None, pct: bool = False) -> str:
     if v is None:
         return "not reached"
@@ -137,6 +156,12 @@ def table_lines(results: dict[str, Any]) -> list[str]:
             cells = [(f"{by_x[x]['mean']:+.3f} ({', '.join(f'{d:+.3f}' for d in by_x[x]['per_seed'])})"
                       if x in by_x else "") for x in rounds]
             lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
+    noise = results.get("training_noise")
+    if noise:
+        lines += ["", f"Training noise: trained {noise['trainings']} times with other training seeds on the same "
+                      f"picks, one training's mean of the three varies by sd {noise['sd']:.4f} (pooled over "
+                      f"{noise['units']} units); that leaves a standard error of {noise['sd_gain']:.4f} on the mean "
+                      f"paired gain above (training noise alone, not the pools' sampling)."]
     comp = results.get("composition", {})
     if comp:
         lines += ["", "Make-up of the reviewed picks (share of all picks over seeds and rounds; the pool has "
@@ -209,7 +234,7 @@ def write_results(cfg: Any, states: list[dict[str, Any]], seconds: float) -> dic
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()} if hasattr(cfg, "__dict__") \
         else {}
     results = {"settings": settings, "curves": cur, "label_saving": sav, "composition": comp,
-               "paired_gains": paired_gains(states, cfg.strategies),
+               "paired_gains": paired_gains(states, cfg.strategies), "training_noise": training_noise(states),
                "bar": {"judge_fraction_mean3": judge, "limit": BAR, "met": judge is not None and judge <= BAR},
                "seconds": round(seconds, 1),
                "units": [{**{k: s[k] for k in ("seed", "strategy", "round", "n_reviewed", "metrics", "composition",

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exporter.simulate_report import needed, paired_gains
+from exporter.simulate_report import needed, paired_gains, training_noise
 from exporter.simulate_select import PoolScore, audit_picks, diverse_take, select
 
 
@@ -37,6 +37,16 @@ def test_paired_gains_cancel_the_seeds_spread() -> None:
     assert list(got) == ["judge"]
     assert got["judge"][0] == {"round": 1, "reviewed": 40, "per_seed": [0.02, -0.01], "mean": 0.005}
     assert got["judge"][1]["per_seed"] == [0.1] and got["judge"][1]["reviewed"] == 80
+
+
+def test_training_noise_pools_the_repeats_variance() -> None:
+    def st(seed: int, each: list[float]) -> dict:
+        return {"seed": seed, "strategy": "judge", "round": 1,
+                "metrics_each": [{"head_map50": v, "oks_ap50": v, "visibility_acc": v} for v in each]}
+    assert training_noise([st(0, [0.5]), {"seed": 1, "strategy": "random", "round": 1}]) is None
+    got = training_noise([st(0, [0.50, 0.52, 0.54]), st(1, [0.60, 0.60, 0.60]), st(1, [0.7])])
+    # variances 0.0004 and 0: pooled sd 0.01414; two seeds, three trainings: x sqrt(2 / 6)
+    assert got == {"units": 2, "trainings": 3, "sd": 0.0141, "sd_gain": 0.0082}
 
 
 def test_diverse_take_caps_cameras_and_skips_near_duplicates() -> None:
@@ -199,5 +209,7 @@ def test_repeats_train_each_unit_again_and_report_the_mean(tmp_path: Path, ultra
         rep = cfg.out / "runs" / "seed0" / unit / "repeat1"
         assert json.loads((rep / "metrics.json").read_text()) == each[1] and not (rep / "bundle").exists()
     assert "mean of 2 trainings per unit" in (cfg.out / "results.md").read_text()
+    noise = json.loads((cfg.out / "results.json").read_text())["training_noise"]
+    assert noise["units"] == 2 and noise["trainings"] == 2 and noise["sd"] > 0
     with pytest.raises(ValueError, match="repeats"):
         SimConfig(out=tmp_path, repeats=0)
