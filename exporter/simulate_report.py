@@ -162,6 +162,10 @@ def table_lines(results: dict[str, Any]) -> list[str]:
                       f"picks, one training's mean of the three varies by sd {noise['sd']:.4f} (pooled over "
                       f"{noise['units']} units); that leaves a standard error of {noise['sd_gain']:.4f} on the mean "
                       f"paired gain above (training noise alone, not the pools' sampling)."]
+    elif gains:
+        lines += ["", "One training per unit: the gains above include one training's noise, which is the size of "
+                      "the gains themselves (sd 0.004 of the mean of the three on the default settings, measured "
+                      "with `--repeats 3`: docs/simulate/repeats3); `--repeats 3` averages it out."]
     comp = results.get("composition", {})
     if comp:
         lines += ["", "Make-up of the reviewed picks (share of all picks over seeds and rounds; the pool has "

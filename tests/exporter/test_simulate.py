@@ -134,6 +134,7 @@ def test_quick_benchmark(tmp_path: Path, ultralytics_offline: Path) -> None:
             assert len(c[m]["mean"]) == 2 and all(0.0 <= v <= 1.0 for v in c[m]["mean"])
     assert set(saved["label_saving"]["strategies"]) == set(STRATEGIES)
     assert "| judge |" in (out / "results.md").read_text()
+    assert "One training per unit" in (out / "results.md").read_text()  # the noise warning without --repeats
     assert results["bar"] == saved["bar"]
 
     root = out / "runs" / "seed0"
