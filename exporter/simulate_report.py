@@ -25,6 +25,12 @@ METRICS = ("head_map50", "oks_ap50", "visibility_acc")
 LABELS = {"head_map50": "head mAP50", "oks_ap50": "OKS AP50", "visibility_acc": "visibility accuracy",
           "mean3": "mean of the three"}
 BAR = 0.5
+UNIT_KEYS = ("seed", "strategy", "round", "n_reviewed", "metrics", "composition", "seconds")
+
+
+def mean3(metrics: dict[str, float]) -> float:
+    """The mean of the three accuracies, what the bar is read on."""
+    return float(np.mean([metrics[k] for k in METRICS]))
 
 
 def curves(states: Sequence[dict[str, Any]], strategies: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -41,7 +47,7 @@ def curves(states: Sequence[dict[str, Any]], strategies: Sequence[str]) -> dict[
             at = [s for s in mine if s["round"] == r]
             entry["x"].append(at[0]["n_reviewed"])
             for m in (*METRICS, "mean3"):
-                vals = np.array([float(np.mean([s["metrics"][k] for k in METRICS])) if m == "mean3"
+                vals = np.array([mean3(s["metrics"]) if m == "mean3"
                                  else s["metrics"][m] for s in at])
                 entry[m]["mean"].append(float(vals.mean()))
                 entry[m]["std"].append(float(vals.std()))
@@ -82,10 +88,7 @@ def paired_gains(states: Sequence[dict[str, Any]], strategies: Sequence[str]) ->
     Paired by seed (same pool, same first bundle), so the spread between seeds, which is mostly
     the first bundle's, cancels out: ``{"round", "reviewed", "per_seed": [...], "mean"}``.
     """
-    def mean3(s: dict[str, Any]) -> float:
-        return float(np.mean([s["metrics"][k] for k in METRICS]))
-
-    rnd = {(s["seed"], s["round"]): mean3(s) for s in states if s["strategy"] == "random"}
+    rnd = {(s["seed"], s["round"]): mean3(s["metrics"]) for s in states if s["strategy"] == "random"}
     out: dict[str, list[dict[str, Any]]] = {}
     for strategy in strategies:
         if strategy == "random":
@@ -95,7 +98,7 @@ def paired_gains(states: Sequence[dict[str, Any]], strategies: Sequence[str]) ->
             at = [s for s in mine if s["round"] == r and (s["seed"], r) in rnd]
             if not at:
                 continue
-            diffs = [round(mean3(s) - rnd[(s["seed"], r)], 4) for s in at]
+            diffs = [round(mean3(s["metrics"]) - rnd[(s["seed"], r)], 4) for s in at]
             out.setdefault(strategy, []).append({"round": r, "reviewed": at[0]["n_reviewed"], "per_seed": diffs,
                                                  "mean": round(float(np.mean(diffs)), 4)})
     return out
@@ -109,7 +112,7 @@ def training_noise(states: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     over random averaged over the seeds (two independent means of ``trainings`` trainings each).
     None when no unit was trained twice.
     """
-    many = [[float(np.mean([m[k] for k in METRICS])) for m in s["metrics_each"]]
+    many = [[mean3(m) for m in s["metrics_each"]]
             for s in states if len(s.get("metrics_each") or []) > 1]
     if not many:
         return None
@@ -241,8 +244,7 @@ def write_results(cfg: Any, states: list[dict[str, Any]], seconds: float) -> dic
                "paired_gains": paired_gains(states, cfg.strategies), "training_noise": training_noise(states),
                "bar": {"judge_fraction_mean3": judge, "limit": BAR, "met": judge is not None and judge <= BAR},
                "seconds": round(seconds, 1),
-               "units": [{**{k: s[k] for k in ("seed", "strategy", "round", "n_reviewed", "metrics", "composition",
-                                               "seconds")}, **({"metrics_each": s["metrics_each"]} if "metrics_each" in s else {})}
+               "units": [{**{k: s[k] for k in UNIT_KEYS}, **{k: s[k] for k in ("metrics_each",) if k in s}}
                          for s in states]}
     out = Path(cfg.out)
     (out / "results.json").write_text(json.dumps(results, indent=1))
