@@ -82,6 +82,7 @@ class SimConfig:
     frames: int = 10  # pool images per capture sequence (1: every pool image its own scene)
     motion: float = 0.1  # how much the occupants move between a sequence's frames (synth.sequence)
     repeats: int = 1  # trainings per unit (other training seeds, same picks); the unit's metrics are their mean
+    shift_share: float = 1.0  # the pool's share of the shift (IR, overhead camera) relative to the test set's
 
     def __post_init__(self) -> None:
         bad = [s for s in self.strategies if s not in STRATEGIES + EXTRA_STRATEGIES]
@@ -98,6 +99,8 @@ class SimConfig:
             raise ValueError(f"--initial-domain: expected one of {', '.join(INITIAL_DOMAINS)}, got {self.initial_domain!r}")
         if self.frames < 1:
             raise ValueError(f"--frames: expected >= 1, got {self.frames}")
+        if not 0.0 < self.shift_share <= 2.0:
+            raise ValueError(f"--shift-share: expected 0 < s <= 2, got {self.shift_share}")
         if not 0.0 <= self.audit_fraction < 1.0:
             raise ValueError(f"--audit-fraction: expected 0 <= f < 1, got {self.audit_fraction}")
 
@@ -114,20 +117,31 @@ def prepare_data(cfg: SimConfig) -> tuple[Path, dict[int, Path]]:
     from .synth.render import Knobs
 
     knobs = Knobs(ir=cfg.ir, crowded=cfg.crowded, child=cfg.child, cameras=POOL_CAMERAS)
+    pool_knobs = replace(knobs, ir=cfg.ir * cfg.shift_share, cameras=pool_cameras(cfg.shift_share))
     data = cfg.out / "data"
 
-    def make(name: str, count: int, seed: int, frames: int = 1) -> Path:
+    def make(name: str, count: int, seed: int, frames: int = 1, kn: Knobs = knobs) -> Path:
         d = data / name
         ann = d / "annotations.json"
         if ann.is_file() and len(json.loads(ann.read_text())["images"]) == count:
             return d
         log.info("rendering %s: %d images (seed %d, %d frames per scene)", name, count, seed, frames)
-        return generate(d, count, seed, knobs=knobs, workers=2, frames=frames, motion=cfg.motion)
+        return generate(d, count, seed, knobs=kn, workers=2, frames=frames, motion=cfg.motion)
 
     test = make(f"test_{cfg.test}", cfg.test, TEST_SEED)  # independent scenes, whatever the pool
     seq = f"_f{cfg.frames}m{cfg.motion:g}" if cfg.frames > 1 else ""
-    pools = {s: make(f"pool_s{s}_{cfg.pool}{seq}", cfg.pool, POOL_SEED + s, cfg.frames) for s in range(cfg.seeds)}
+    seq += f"_sh{cfg.shift_share:g}" if cfg.shift_share != 1.0 else ""
+    pools = {s: make(f"pool_s{s}_{cfg.pool}{seq}", cfg.pool, POOL_SEED + s, cfg.frames, pool_knobs)
+             for s in range(cfg.seeds)}
     return test, pools
+
+
+def pool_cameras(shift_share: float) -> tuple[tuple[str, float], ...]:
+    """``POOL_CAMERAS`` with the ``overhead`` camera's share scaled by ``shift_share`` (the others
+    keep their proportions)."""
+    over = dict(POOL_CAMERAS)["overhead"] * shift_share
+    rest = sum(w for c, w in POOL_CAMERAS if c != "overhead")
+    return tuple((c, over if c == "overhead" else w * (1.0 - over) / rest) for c, w in POOL_CAMERAS)
 
 
 def subset(coco: dict[str, Any], names: set[str]) -> dict[str, Any]:
@@ -327,7 +341,8 @@ def run(cfg: SimConfig) -> dict[str, Any]:
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
     saved = cfg.out / "config.json"
     if saved.is_file():  # finished units are reused: they must come from the same settings
-        old = {"repeats": 1, **json.loads(saved.read_text())}  # runs from before --repeats trained once
+        # runs from before --repeats trained once; before --shift-share the pool had the test set's mix
+        old = {"repeats": 1, "shift_share": 1.0, **json.loads(saved.read_text())}
         differ = [k for k in settings if k not in ("out", "seeds", "rounds", "strategies")
                   and json.dumps(old.get(k)) != json.dumps(settings[k])]
         if differ:
@@ -351,7 +366,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                     initial=args.initial, pool=args.pool, test=args.test, epochs=args.epochs,
                     initial_epochs=args.initial_epochs, imgsz=args.imgsz, audit_fraction=args.audit_fraction,
                     initial_domain=args.initial_domain, frames=args.frames, motion=args.motion, repeats=args.repeats,
-                    strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()))
+                    shift_share=args.shift_share, strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()))
     if args.quick:
         cfg = cfg.quick()
     results = run(cfg)
@@ -387,6 +402,10 @@ def register(sub: Any) -> None:
     s.add_argument("--repeats", type=int, default=d.repeats,
                    help="trainings per unit with other training seeds on the same picks; the mean is reported "
                         "(measures and averages out the training noise; costs that many times the CPU)")
+    s.add_argument("--shift-share", type=float, default=d.shift_share,
+                   help="the pool's share of the shift (IR, overhead camera) relative to the test set's: 1 = the "
+                        "same mixture; 0.3 = the shift is rare in what the lab captures but the test set (what the "
+                        "bundle must serve) still has the deployment share")
     s.add_argument("--strategies", default=",".join(STRATEGIES))
     s.add_argument("--quick", action="store_true", help="a few-minute smoke run (tiny pool, 1 round, 1 epoch, 96 px)")
     s.set_defaults(func=cmd_simulate)

@@ -18,7 +18,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from service.bundle import Bundle, load_bundle, write_bundle, Thresholds
 
@@ -229,6 +229,27 @@ def _record_weights(bundle: Bundle, weights_dir: Path) -> Bundle:
     return load_bundle(bundle.path)
 
 
+def record_appearance(bundle: Bundle, images: Sequence[Path], seed: int = 0) -> Bundle:
+    """Store what the training images look like (``service.novelty``) in the bundle, so that the
+    judge can tell images unlike all of them (a new camera, night IR) as doubtful. Unreadable
+    images are skipped; with fewer than 2 readable ones the bundle is returned unchanged."""
+    from service.imageio import read_image
+    from service.novelty import AppearanceProfile, descriptor
+
+    descs = []
+    for p in images:
+        try:
+            descs.append(descriptor(read_image(p).pixels))
+        except Exception as exc:  # noqa: BLE001 - a bad training image must not stop the bundle
+            log.warning("appearance profile: skipping %s (%s)", p, exc)
+    if len(descs) < 2:
+        log.warning("appearance profile: %d readable images, none stored", len(descs))
+        return bundle
+    out = dataclasses.replace(bundle, appearance=AppearanceProfile.fit(descs, seed))
+    write_bundle(out)
+    return load_bundle(bundle.path)
+
+
 def train_bundle(cfg: TrainConfig) -> Bundle:
     """Run the whole pipeline of this module and return the verified bundle."""
     from .bundle_build import build_bundle
@@ -268,6 +289,7 @@ def train_bundle(cfg: TrainConfig) -> Bundle:
     for role, ck in ckpts.items():
         shutil.copyfile(ck, weights_dir / f"{role}.pt")
     bundle = _record_weights(bundle, weights_dir)
+    bundle = record_appearance(bundle, [cfg.images / im["file_name"] for im in coco["images"]], cfg.seed)
     if cfg.calibrate and "pose_main" in bundle.models:
         from .calibrate_bundle import calibrate_bundle
 

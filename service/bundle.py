@@ -22,7 +22,8 @@ A bundle is a directory::
      "confidence_calibration": {...} (optional; ``service.confcal``),
      "head_from_face": false,
      "judgement": {"score_threshold": 0.5, "audit_fraction": 0.02},
-     "metrics": {...}, "lineage": {...}}
+     "metrics": {...}, "lineage": {...},
+     "appearance": {...} (optional; ``service.novelty``: what the training images looked like)}
 
 Loading verifies every checksum and that each ONNX file's inputs and outputs have the layout
 that its entry declares; a bundle that fails is refused with ``BundleError`` naming the problem.
@@ -42,6 +43,7 @@ from .confcal import ConfidenceCalibration
 from .durable import write_json_atomic  # also importable from here, as before
 from .errors import BundleError
 from .keypoints import KeypointSchema
+from .novelty import AppearanceProfile
 
 FORMAT = 1
 MODEL_ROLES = ("head", "pose_main", "pose_visible")
@@ -177,6 +179,7 @@ class Bundle:
     metrics: Mapping[str, Any] = field(default_factory=dict)
     lineage: Mapping[str, Any] = field(default_factory=dict)
     confidence_calibration: ConfidenceCalibration | None = None
+    appearance: AppearanceProfile | None = None  # what the training images looked like (service.novelty)
 
     def model_path(self, role: str) -> Path:
         return self.path / self.models[role].file
@@ -194,6 +197,7 @@ class Bundle:
             "judgement": dict(self.judgement),
             "metrics": dict(self.metrics),
             "lineage": dict(self.lineage),
+            **({"appearance": self.appearance.to_json()} if self.appearance is not None else {}),
         }
 
 
@@ -231,12 +235,18 @@ def parse_manifest(path: Path, data: Mapping[str, Any]) -> Bundle:
             raise BundleError("confidence_calibration needs visibility_mode 'two_model' (it re-estimates both pose "
                               "confidences)")
         cal = ConfidenceCalibration.from_json(data["confidence_calibration"], schema.count)
+    appearance = None
+    if data.get("appearance") is not None:
+        try:
+            appearance = AppearanceProfile.from_json(data["appearance"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"{path}: appearance: {exc}") from exc
     return Bundle(
         path=path, id=str(data["id"]), created=str(data.get("created", "")), models=models,
         keypoints=schema, thresholds=Thresholds.from_json(data.get("thresholds", {}), schema.count),
         visibility_mode=mode, head_from_face=bool(data.get("head_from_face", False)),
         judgement=dict(data.get("judgement", {})), metrics=dict(data.get("metrics", {})),
-        lineage=dict(data.get("lineage", {})), confidence_calibration=cal,
+        lineage=dict(data.get("lineage", {})), confidence_calibration=cal, appearance=appearance,
     )
 
 

@@ -3,6 +3,7 @@
     decode (service.imageio) -> letterbox once per input size (service.geometry)
     -> session.run per model, in batches -> decode outputs (service.postprocess)
     -> match persons + visibility rule (service.visibility) -> ``Prediction`` records
+    (with the image's appearance novelty when the bundle has a profile: service.novelty)
 
 One ``InferenceSession`` per model, created at construction and shared: ``Engine.predict`` keeps
 no per-call state on the object, so one engine may serve several threads (onnxruntime's
@@ -25,6 +26,7 @@ from .errors import BundleError
 from .geometry import Letterbox, letterbox, to_tensor
 from .imageio import DecodedImage
 from .keypoints import FLAG_VISIBILITY
+from .novelty import descriptor
 from .postprocess import Detections, decode_detections, decode_poses
 from .record import Head, Keypoint, Person, Prediction
 from .visibility import decide_visibility, decide_visibility_main_only, match_persons
@@ -169,7 +171,9 @@ class Engine:
             heads = tuple(h for p in persons if (h := self.head_from_face(p, im.width, im.height)) is not None)
         else:
             heads = ()
-        return Prediction(width=im.width, height=im.height, heads=heads, persons=tuple(persons))
+        profile = self.bundle.appearance
+        novelty = profile.novelty(descriptor(im.pixels)) if profile is not None else None
+        return Prediction(width=im.width, height=im.height, heads=heads, persons=tuple(persons), novelty=novelty)
 
     def _persons(self, main: Detections, visible: Detections | None, width: int, height: int) -> tuple[Person, ...]:
         """Apply the visibility rule to the main model's persons (after the bundle's confidence

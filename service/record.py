@@ -100,6 +100,9 @@ class Prediction:
     height: int
     heads: tuple[Head, ...] = field(default_factory=tuple)
     persons: tuple[Person, ...] = field(default_factory=tuple)
+    # How unlike the bundle's training images the image looks (``service.novelty``: about 1 or
+    # less for familiar images); None when the bundle has no appearance profile.
+    novelty: float | None = None
 
     def __post_init__(self) -> None:
         if self.width <= 0 or self.height <= 0:
@@ -108,10 +111,12 @@ class Prediction:
     def to_json(self) -> dict[str, Any]:
         return {"width": self.width, "height": self.height,
                 "heads": [h.to_json() for h in self.heads],
-                "persons": [p.to_json() for p in self.persons]}
+                "persons": [p.to_json() for p in self.persons],
+                **({"novelty": round(self.novelty, 4)} if self.novelty is not None else {})}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Prediction":
         return cls(int(d["width"]), int(d["height"]),
                    tuple(Head.from_json(h) for h in d.get("heads", [])),
-                   tuple(Person.from_json(p) for p in d.get("persons", [])))
+                   tuple(Person.from_json(p) for p in d.get("persons", [])),
+                   float(d["novelty"]) if d.get("novelty") is not None else None)

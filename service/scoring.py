@@ -24,6 +24,11 @@ and the bundle's thresholds (``det_conf``, ``person_conf``, per-point ``main``/`
   model): a head box that contains none of any person's claimed face points (box grown by 25 %),
   and a person with at least 2 claimed face points, fewer than half of them inside any head box.
   Each case multiplies its component by ``INCONSISTENT_SCORE`` (0.4).
+- ``novel_appearance`` (bundles with an appearance profile, ``service.novelty``):
+  ``1 - ramp(novelty, NOVEL_FAMILIAR, NOVEL_FAR)`` (1.0, 1.5): an image that looks like none of
+  the training images (night IR for a daylight model, a new camera position) is doubtful however
+  confident the models are; on such images they are often confidently wrong. Applies to empty
+  images too.
 
 ``review_priority(prediction, bundle)`` orders images that go to review when not all of them
 can (a review budget, a batch of fixed size): the expected amount of correction, i.e. the doubt
@@ -51,6 +56,8 @@ KPT_DOUBT_BUDGET = 4.0
 UNMATCHED_SCORE = 0.3
 CONTRADICTIONS_MAX = 3.0
 INCONSISTENT_SCORE = 0.4
+NOVEL_FAMILIAR = 1.0
+NOVEL_FAR = 1.5
 HEAD_GROW = 0.25
 FACE_POINTS = ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "mouth")
 
@@ -111,10 +118,12 @@ def _consistency(prediction: Prediction, names: Sequence[str]) -> tuple[float, f
 
 def score_components(prediction: Prediction, bundle: Bundle) -> dict[str, float]:
     """Every component (reason code -> value in [0, 1]) that applies to this prediction."""
-    if not prediction.heads and not prediction.persons:
-        return {"empty": EMPTY_SCORE}
-    t = bundle.thresholds
     out: dict[str, float] = {}
+    if prediction.novelty is not None:
+        out["novel_appearance"] = _familiarity(prediction)
+    if not prediction.heads and not prediction.persons:
+        return {"empty": EMPTY_SCORE, **out}
+    t = bundle.thresholds
     if prediction.heads:
         out["low_head_conf"] = min(ramp(h.conf, t.det_conf, SURE) for h in prediction.heads)
     if prediction.persons:
@@ -129,12 +138,21 @@ def score_components(prediction: Prediction, bundle: Bundle) -> dict[str, float]
     return out
 
 
+def _familiarity(prediction: Prediction) -> float:
+    """The ``novel_appearance`` component (1 without a novelty figure)."""
+    if prediction.novelty is None:
+        return 1.0
+    return 1.0 - ramp(prediction.novelty, NOVEL_FAMILIAR, NOVEL_FAR)
+
+
 def _doubt_items(prediction: Prediction, bundle: Bundle, margin: float) -> list[float]:
     """The doubt of every decision in a non-empty image: per head ``1 - ramp(conf)``; per person
     ``1 - ramp(conf)``, each key point's ``1 - u`` (``u`` at ``margin``) and, in two-model
-    bundles, ``1 - agreement``."""
+    bundles, ``1 - agreement``; with a novelty figure, ``1 - novel_appearance``."""
     t = bundle.thresholds
     items = [1.0 - ramp(h.conf, t.det_conf, SURE) for h in prediction.heads]
+    if prediction.novelty is not None:
+        items.append(1.0 - _familiarity(prediction))
     if prediction.persons:
         main_thr, vis_thr, two_model = _point_thresholds(prediction, bundle)
         for p in prediction.persons:
@@ -148,7 +166,7 @@ def _doubt_items(prediction: Prediction, bundle: Bundle, margin: float) -> list[
 def review_priority(prediction: Prediction, bundle: Bundle) -> float:
     """Expected amount of correction in the image (>= 0, higher = review first); see the module docstring."""
     if not prediction.heads and not prediction.persons:
-        return 1.0 - EMPTY_SCORE
+        return max(1.0 - EMPTY_SCORE, 1.0 - _familiarity(prediction))
     return float(sum(_doubt_items(prediction, bundle, NEAR_MARGIN)))
 
 
@@ -165,7 +183,7 @@ def image_doubt(prediction: Prediction, bundle: Bundle) -> float:
     with the number of people, so it ranks the images a review round learns most from.
     """
     if not prediction.heads and not prediction.persons:
-        return 1.0 - EMPTY_SCORE
+        return max(1.0 - EMPTY_SCORE, 1.0 - _familiarity(prediction))
     items = _doubt_items(prediction, bundle, RANK_MARGIN)
     return float(sum(items) / len(items))
 

@@ -1,0 +1,117 @@
+"""Appearance novelty (service.novelty), its place in the bundle, the engine and the score."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from service.bundle import load_bundle, write_bundle
+from service.engine import Engine
+from service.errors import BundleError
+from service.novelty import DIM, AppearanceProfile, descriptor
+from service.record import Head, Prediction
+from service.scoring import default_score, image_doubt, review_priority, score_components
+
+
+def _daylight(rng: np.random.Generator, size: int = 96) -> np.ndarray:
+    """A colourful 'cabin' frame: coloured seat and window blocks at varying places, some noise."""
+    img = np.empty((size, size, 3), np.uint8)
+    img[:] = rng.integers(60, 200, 3)
+    for _ in range(4):
+        x, y = rng.integers(0, size - 30, 2)
+        img[y:y + 30, x:x + 30] = rng.integers(0, 255, 3)
+    return np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
+
+
+def _ir(rng: np.random.Generator, size: int = 96) -> np.ndarray:
+    """The same kind of frame as night IR: grey, dark, with a bright glow in the middle."""
+    grey = _daylight(rng, size).mean(axis=2) * 0.35
+    yy, xx = np.mgrid[:size, :size]
+    grey += 120 * np.exp(-((xx - size / 2) ** 2 + (yy - size / 2) ** 2) / (2 * (size / 4) ** 2))
+    g = np.clip(grey, 0, 255).astype(np.uint8)
+    return np.stack([g, g, g], axis=2)
+
+
+@pytest.fixture(scope="module")
+def profile() -> AppearanceProfile:
+    rng = np.random.default_rng(0)
+    return AppearanceProfile.fit([descriptor(_daylight(rng)) for _ in range(60)])
+
+
+def test_descriptor_shape_and_inputs() -> None:
+    rng = np.random.default_rng(1)
+    img = _daylight(rng)
+    d = descriptor(img)
+    assert d.shape == (DIM,) and d.dtype == np.float32 and np.all(np.isfinite(d))
+    assert np.array_equal(d, descriptor(img.copy()))
+    grey = descriptor(img.mean(axis=2).astype(np.uint8))  # HxW grey input works, and reads as grey
+    assert grey[-1] == 1.0 and d[-1] < 0.5
+
+
+def test_novel_images_stand_out(profile: AppearanceProfile) -> None:
+    rng = np.random.default_rng(2)
+    familiar = profile.novelty_many(np.stack([descriptor(_daylight(rng)) for _ in range(40)]))
+    novel = profile.novelty_many(np.stack([descriptor(_ir(rng)) for _ in range(40)]))
+    assert familiar.max() < 1.0  # like the training images: no doubt from novelty
+    assert np.median(novel) > 1.5 and novel.min() > 1.4  # grey night frames: (nearly) full doubt
+    x = descriptor(_ir(rng))
+    assert profile.novelty(x) == pytest.approx(float(profile.novelty_many(x[None])[0]))
+
+
+def test_profile_json_round_trip_and_errors(profile: AppearanceProfile) -> None:
+    data = json.loads(json.dumps(profile.to_json()))
+    again = AppearanceProfile.from_json(data)
+    x = descriptor(_ir(np.random.default_rng(3)))
+    assert again.novelty(x) == pytest.approx(profile.novelty(x), rel=1e-3)
+    assert again.images == 60
+    with pytest.raises(ValueError, match="version"):
+        AppearanceProfile.from_json({**data, "version": 99})
+    with pytest.raises(ValueError, match="references"):
+        AppearanceProfile.from_json({**data, "references": [[0.0] * 5]})
+    with pytest.raises(ValueError, match="positive"):
+        AppearanceProfile.from_json({**data, "typical": 0})
+    with pytest.raises(ValueError, match="at least 2"):
+        AppearanceProfile.fit([x])
+    many = AppearanceProfile.fit(np.random.default_rng(4).normal(size=(600, DIM)))
+    assert len(many.references) == 256 and many.images == 600
+
+
+def test_bundle_carries_the_profile(coco17_bundle, profile, tmp_path, coco_people_photos) -> None:
+    import shutil
+
+    from service.imageio import read_image
+
+    dst = tmp_path / "b"
+    shutil.copytree(coco17_bundle.path, dst)
+    b = dataclasses.replace(load_bundle(dst), appearance=profile)
+    write_bundle(b)
+    loaded = load_bundle(dst)
+    assert loaded.appearance is not None and loaded.appearance.images == 60
+    preds = Engine(loaded).predict([read_image(p) for p in coco_people_photos[:2]])
+    assert all(p.novelty is not None and p.novelty > 0 for p in preds)
+    assert Prediction.from_json(json.loads(json.dumps(preds[0].to_json()))).novelty == pytest.approx(preds[0].novelty, abs=1e-4)
+    assert Engine(coco17_bundle).predict([read_image(coco_people_photos[0])])[0].novelty is None
+    data = json.loads((dst / "bundle.json").read_text())
+    data["appearance"]["scale"] = [0.0] * DIM
+    (dst / "bundle.json").write_text(json.dumps(data))
+    with pytest.raises(BundleError, match="appearance"):
+        load_bundle(dst)
+
+
+def test_novelty_in_the_score(coco17_bundle) -> None:
+    head = Head((10.0, 10.0, 30.0, 30.0), 0.95)
+    familiar = Prediction(100, 100, heads=(head,), novelty=0.8)
+    novel = Prediction(100, 100, heads=(head,), novelty=1.6)
+    plain = Prediction(100, 100, heads=(head,))
+    assert "novel_appearance" not in score_components(plain, coco17_bundle)
+    assert score_components(familiar, coco17_bundle)["novel_appearance"] == 1.0
+    score, reasons = default_score(novel, coco17_bundle)
+    assert score == 0.0 and reasons[0] == "novel_appearance"
+    assert default_score(familiar, coco17_bundle)[0] == default_score(plain, coco17_bundle)[0]
+    assert review_priority(novel, coco17_bundle) > review_priority(familiar, coco17_bundle)
+    assert image_doubt(novel, coco17_bundle) > image_doubt(familiar, coco17_bundle)
+    empty_novel = Prediction(100, 100, novelty=2.0)
+    assert set(score_components(empty_novel, coco17_bundle)) == {"empty", "novel_appearance"}
+    assert review_priority(empty_novel, coco17_bundle) == 1.0
