@@ -116,6 +116,18 @@ def test_initial_picks_source_domain_and_validation(tmp_path: Path) -> None:
         SimConfig(out=tmp_path, initial_domain="night")
 
 
+def test_shift_share_scales_the_pools_shift_only(tmp_path: Path) -> None:
+    from exporter.simulate import POOL_CAMERAS, SimConfig, pool_cameras
+
+    assert dict(pool_cameras(1.0)) == pytest.approx(dict(POOL_CAMERAS))
+    rare = dict(pool_cameras(0.3))
+    assert sum(rare.values()) == pytest.approx(1.0) and rare["overhead"] == pytest.approx(0.045)
+    assert rare["mirror"] / rare["a_pillar"] == pytest.approx(0.45 / 0.25)  # the others keep their proportions
+    for bad in (0.0, 2.5):
+        with pytest.raises(ValueError, match="--shift-share"):
+            SimConfig(out=tmp_path, shift_share=bad)
+
+
 def test_quick_benchmark(tmp_path: Path, ultralytics_offline: Path) -> None:
     pytest.importorskip("ultralytics")
     from exporter.simulate import SimConfig, run
