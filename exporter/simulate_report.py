@@ -171,9 +171,10 @@ def table_lines(results: dict[str, Any]) -> list[str]:
                       "with `--repeats 3`: docs/simulate/repeats3); `--repeats 3` averages it out."]
     comp = results.get("composition", {})
     if comp:
+        share = float(results.get("settings", {}).get("shift_share", 1.0))
         lines += ["", "Make-up of the reviewed picks (share of all picks over seeds and rounds; the pool has "
-                      "about 15 % overhead, 25 % IR, 15 % crowded; new scenes: picks that show a scene no "
-                      "earlier review showed, one per scene):", "",
+                      f"about {15 * share:.0f} % overhead, {25 * share:.0f} % IR, 15 % crowded; new scenes: picks "
+                      "that show a scene no earlier review showed, one per scene):", "",
                   "| strategy | picks | overhead | IR | crowded | with children | new scenes |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for strategy, c in comp.items():
@@ -253,7 +254,9 @@ def write_results(cfg: Any, states: list[dict[str, Any]], seconds: float) -> dic
     title = (f"{cfg.seeds} seeds, {pool}, initial {cfg.initial}, {cfg.rounds} x {cfg.per_round} reviewed, "
              f"{cfg.epochs} epochs/round, {cfg.imgsz} px, test {cfg.test}, "
              f"initial images from {INITIAL_DOMAIN_TEXT[cfg.initial_domain]}"
-             + (f", mean of {repeats} trainings per unit" if (repeats := int(getattr(cfg, "repeats", 1))) > 1 else ""))
+             + (f", mean of {repeats} trainings per unit" if (repeats := int(getattr(cfg, "repeats", 1))) > 1 else "")
+             + (f", the pool's shift (IR, overhead camera) x{share:g} of the test set's"
+                if (share := float(getattr(cfg, "shift_share", 1.0))) != 1.0 else ""))
     unit_minutes = sum(float(s.get("seconds", 0.0)) for s in states) / 60
     write_png(out / "accuracy.png", cur, sav["targets"], title, results["paired_gains"])
     md = ["# Active-learning benchmark (`annotator simulate`)", "", f"Settings: {title}; "
