@@ -78,21 +78,22 @@ def test_profile_json_round_trip_and_errors(profile: AppearanceProfile) -> None:
     assert len(many.references) == 256 and many.images == 600
 
 
-def test_bundle_carries_the_profile(coco17_bundle, profile, tmp_path, coco_people_photos) -> None:
+def test_bundle_carries_the_profile(coco17_bundle, profile, tmp_path) -> None:
     import shutil
 
-    from service.imageio import read_image
-
+    rng = np.random.default_rng(5)
+    frames = [_daylight(rng, 160), _ir(rng, 160)]
     dst = tmp_path / "b"
     shutil.copytree(coco17_bundle.path, dst)
     b = dataclasses.replace(load_bundle(dst), appearance=profile)
     write_bundle(b)
     loaded = load_bundle(dst)
     assert loaded.appearance is not None and loaded.appearance.images == 60
-    preds = Engine(loaded).predict([read_image(p) for p in coco_people_photos[:2]])
+    preds = Engine(loaded).predict_arrays(frames)
     assert all(p.novelty is not None and p.novelty > 0 for p in preds)
-    assert Prediction.from_json(json.loads(json.dumps(preds[0].to_json()))).novelty == pytest.approx(preds[0].novelty, abs=1e-4)
-    assert Engine(coco17_bundle).predict([read_image(coco_people_photos[0])])[0].novelty is None
+    assert preds[0].novelty < 1.0 < 1.4 < preds[1].novelty  # the daylight frame is familiar, the IR one not
+    assert Prediction.from_json(json.loads(json.dumps(preds[1].to_json()))).novelty == pytest.approx(preds[1].novelty, abs=1e-4)
+    assert Engine(coco17_bundle).predict_arrays(frames[:1])[0].novelty is None
     data = json.loads((dst / "bundle.json").read_text())
     data["appearance"]["scale"] = [0.0] * DIM
     (dst / "bundle.json").write_text(json.dumps(data))
