@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from service.bundle import Bundle, load_bundle, write_bundle, Thresholds
+from service.novelty import AppearanceProfile
 
 from .labelsets import ROLES, LabelSets, derive_label_sets, load_coco
 from .mix import TrainingMix, dataset_version_of, training_repeats
@@ -229,12 +230,12 @@ def _record_weights(bundle: Bundle, weights_dir: Path) -> Bundle:
     return load_bundle(bundle.path)
 
 
-def record_appearance(bundle: Bundle, images: Sequence[Path], seed: int = 0) -> Bundle:
-    """Store what the training images look like (``service.novelty``) in the bundle, so that the
+def appearance_profile(images: Sequence[Path], seed: int = 0) -> AppearanceProfile | None:
+    """What the training images look like (``service.novelty``), for the bundle, so that the
     judge can tell images unlike all of them (a new camera, night IR) as doubtful. Unreadable
-    images are skipped; with fewer than 2 readable ones the bundle is returned unchanged."""
+    images are skipped; None with fewer than 2 readable ones."""
     from service.imageio import read_image
-    from service.novelty import AppearanceProfile, descriptor
+    from service.novelty import descriptor
 
     descs = []
     for p in images:
@@ -244,10 +245,8 @@ def record_appearance(bundle: Bundle, images: Sequence[Path], seed: int = 0) -> 
             log.warning("appearance profile: skipping %s (%s)", p, exc)
     if len(descs) < 2:
         log.warning("appearance profile: %d readable images, none stored", len(descs))
-        return bundle
-    out = dataclasses.replace(bundle, appearance=AppearanceProfile.fit(descs, seed))
-    write_bundle(out)
-    return load_bundle(bundle.path)
+        return None
+    return AppearanceProfile.fit(descs, seed)
 
 
 def train_bundle(cfg: TrainConfig) -> Bundle:
@@ -288,8 +287,9 @@ def train_bundle(cfg: TrainConfig) -> Bundle:
     weights_dir.mkdir(exist_ok=True)
     for role, ck in ckpts.items():
         shutil.copyfile(ck, weights_dir / f"{role}.pt")
-    bundle = _record_weights(bundle, weights_dir)
-    bundle = record_appearance(bundle, [cfg.images / im["file_name"] for im in coco["images"]], cfg.seed)
+    # One bundle.json write for both: the profile rides along with the weights' lineage.
+    profile = appearance_profile([cfg.images / im["file_name"] for im in coco["images"]], cfg.seed)
+    bundle = _record_weights(dataclasses.replace(bundle, appearance=profile), weights_dir)
     if cfg.calibrate and "pose_main" in bundle.models:
         from .calibrate_bundle import calibrate_bundle
 
