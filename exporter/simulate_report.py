@@ -172,14 +172,15 @@ def table_lines(results: dict[str, Any]) -> list[str]:
     comp = results.get("composition", {})
     if comp:
         share = float(results.get("settings", {}).get("shift_share", 1.0))
+        camera = results.get("settings", {}).get("shift_camera", "overhead")
         lines += ["", "Make-up of the reviewed picks (share of all picks over seeds and rounds; the pool has "
-                      f"about {15 * share:.0f} % overhead, {25 * share:.0f} % IR, 15 % crowded; new scenes: picks "
+                      f"about {15 * share:.0f} % {camera} camera, {25 * share:.0f} % IR, 15 % crowded; new scenes: picks "
                       "that show a scene no earlier review showed, one per scene):", "",
-                  "| strategy | picks | overhead | IR | crowded | with children | new scenes |",
+                  f"| strategy | picks | {camera} camera | IR | crowded | with children | new scenes |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for strategy, c in comp.items():
             n = max(c["picks"], 1)
-            lines.append(f"| {strategy} | {c['picks']} | {c['overhead'] / n:.0%} | {c['ir'] / n:.0%} | "
+            lines.append(f"| {strategy} | {c['picks']} | {c['new_camera'] / n:.0%} | {c['ir'] / n:.0%} | "
                          f"{c['crowded'] / n:.0%} | {c['children'] / n:.0%} | {c['scenes'] / n:.0%} |")
     return lines
 
@@ -222,7 +223,7 @@ def write_png(path: Path, cur: dict[str, dict[str, Any]], targets: dict[str, flo
     plt.close(fig)
 
 
-INITIAL_DOMAIN_TEXT = {"source": "the source domain (no IR, no overhead camera)", "pool": "the whole pool"}
+INITIAL_DOMAIN_TEXT = {"source": "the source domain (no IR, not the {} camera)", "pool": "the whole pool"}
 
 
 def write_results(cfg: Any, states: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
@@ -232,11 +233,12 @@ def write_results(cfg: Any, states: list[dict[str, Any]], seconds: float) -> dic
     comp: dict[str, dict[str, int]] = {}
     for s in states:
         if s["strategy"] != "initial":
-            c = comp.setdefault(s["strategy"], {"picks": 0, "overhead": 0, "ir": 0, "crowded": 0, "children": 0,
+            c = comp.setdefault(s["strategy"], {"picks": 0, "new_camera": 0, "ir": 0, "crowded": 0, "children": 0,
                                                 "scenes": 0})
             c["picks"] += len(s["selected"])
-            for k in ("overhead", "ir", "crowded", "children"):
+            for k in ("ir", "crowded", "children"):
                 c[k] += s["composition"][k]
+            c["new_camera"] += s["composition"].get("new_camera", s["composition"].get("overhead", 0))  # old runs
             c["scenes"] += s["composition"].get("scenes", len(s["selected"]))
     judge = sav["strategies"].get("judge", {}).get("mean3", {}).get("fraction")
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()} if hasattr(cfg, "__dict__") \
@@ -250,12 +252,14 @@ def write_results(cfg: Any, states: list[dict[str, Any]], seconds: float) -> dic
     out = Path(cfg.out)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     frames = int(getattr(cfg, "frames", 1))
+    camera = str(getattr(cfg, "shift_camera", "overhead"))
     pool = f"pool {cfg.pool}" + (f" ({frames}-frame capture sequences)" if frames > 1 else "")
     title = (f"{cfg.seeds} seeds, {pool}, initial {cfg.initial}, {cfg.rounds} x {cfg.per_round} reviewed, "
              f"{cfg.epochs} epochs/round, {cfg.imgsz} px, test {cfg.test}, "
-             f"initial images from {INITIAL_DOMAIN_TEXT[cfg.initial_domain]}"
+             f"new camera: {camera}, "
+             f"initial images from {INITIAL_DOMAIN_TEXT[cfg.initial_domain].format(camera)}"
              + (f", mean of {repeats} trainings per unit" if (repeats := int(getattr(cfg, "repeats", 1))) > 1 else "")
-             + (f", the pool's shift (IR, overhead camera) x{share:g} of the test set's"
+             + (f", the pool's shift (IR, {camera} camera) x{share:g} of the test set's"
                 if (share := float(getattr(cfg, "shift_share", 1.0))) != 1.0 else ""))
     unit_minutes = sum(float(s.get("seconds", 0.0)) for s in states) / 60
     write_png(out / "accuracy.png", cur, sav["targets"], title, results["paired_gains"])

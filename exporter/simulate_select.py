@@ -26,7 +26,7 @@ the pool's ground truth. They bound what any scoring function could gain on the 
   ground-truth key points whose visibility class it gets wrong at its operating thresholds (a
   point of a person no prediction matches at OKS >= 0.5 counts wrong, so it also measures missed
   and misplaced people), most wrong first, with the judge's diversity measures.
-- ``oracle_shift``: the images of the shift (IR or the ``overhead`` camera, from the pool's
+- ``oracle_shift``: the images of the shift (IR or the new camera, from the pool's
   tags) first, in seeded random order, with the judge's diversity measures: a perfect
   novelty detector.
 - ``oracle_scene``: the judge's ranking with a perfect near-duplicate test: the pool's scene tags

@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--crowded", type=float, default=0.08, help="fraction of crowded rear seats")
     s.add_argument("--child", type=float, default=0.15, help="chance a rear occupant is a child")
     s.add_argument("--cameras", default="mirror=0.5,a_pillar=0.3,dashboard=0.2",
-                   help="camera mix, NAME=WEIGHT,... from mirror, a_pillar, dashboard, overhead")
+                   help="camera mix, NAME=WEIGHT,... from mirror, a_pillar, dashboard, overhead, roof")
     s.add_argument("--frames", type=int, default=1,
                    help="capture sequences: this many frames per scene, the occupants moving a little")
     s.add_argument("--motion", type=float, default=0.1,

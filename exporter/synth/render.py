@@ -9,11 +9,12 @@ import numpy as np
 
 from .people import K
 from .scene import (
-    CANVAS_H, CANVAS_W, SLOTS, RenderedPerson, SceneSpec, canvas_visibility, head_mask, render_canvas,
+    CAMERAS, CANVAS_H, CANVAS_W, SLOTS, RenderedPerson, SceneSpec, canvas_visibility, head_mask, render_canvas,
     silhouette_ids,
 )
 
 OUT_W, OUT_H = 640, 480
+ROOF_ROLL = (30.0, 60.0)  # the roof camera's roll range in degrees (either direction)
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,17 @@ def camera_homography(rng: np.random.Generator, camera: str) -> np.ndarray:
         cx, cy, hw, hh = CANVAS_W / 2, CANVAS_H / 2 + 20, 250, 200
         raw = [(-hw * 1.3, -hh), (hw * 1.3, -hh), (hw * 0.8, hh), (-hw * 0.8, hh)]
         quad = [(cx + x * math.cos(a) - y * math.sin(a), cy + x * math.sin(a) + y * math.cos(a)) for x, y in raw]
+    elif camera == "roof":  # a camera mounted at a slant in the roof console: the cabin rolled by ROOF_ROLL
+        a = math.radians(rng.uniform(*ROOF_ROLL) * rng.choice([-1, 1]))
+        c, s = abs(math.cos(a)), abs(math.sin(a))
+        hw, hh = 300.0, 225.0  # the largest 4:3 view whose rolled corners stay (about) on the canvas
+        fit = 1.15 * min(CANVAS_W / 2 / (hw * c + hh * s), CANVAS_H / 2 / (hw * s + hh * c))
+        hw, hh = hw * fit * rng.uniform(0.95, 1.0), hh * fit * rng.uniform(0.95, 1.0)
+        cx, cy = CANVAS_W / 2 + j(20), CANVAS_H / 2 + j(10)
+        raw = [(-hw, -hh), (hw, -hh), (hw, hh), (-hw, hh)]
+        quad = [(cx + x * math.cos(a) - y * math.sin(a), cy + x * math.sin(a) + y * math.cos(a)) for x, y in raw]
     else:
-        raise ValueError(f"camera: expected one of mirror, a_pillar, dashboard, overhead; got {camera!r}")
+        raise ValueError(f"camera: expected one of {', '.join(CAMERAS)}; got {camera!r}")
     src = np.array(quad, np.float32)
     src[:, 0] = np.clip(src[:, 0], 0, CANVAS_W - 1)
     src[:, 1] = np.clip(src[:, 1], 0, CANVAS_H - 1)

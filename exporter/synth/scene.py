@@ -24,7 +24,7 @@ from service.keypoints import CABIN19_NAMES
 
 CANVAS_W, CANVAS_H = 720, 540
 OBJ_BG, OBJ_SEAT, OBJ_WHEEL, OBJ_PILLAR, OBJ_CONSOLE, OBJ_CHILDSEAT = 1000, 1001, 1002, 1003, 1004, 1005
-CAMERAS = ("mirror", "a_pillar", "dashboard", "overhead")
+CAMERAS = ("mirror", "a_pillar", "dashboard", "overhead", "roof")
 
 # Seat slots: name -> (x of the seat centre, y of the head centre, scale, row).
 SLOTS = {

@@ -100,16 +100,19 @@ def test_oracle_strategies_follow_their_key() -> None:
 def test_initial_picks_source_domain_and_validation(tmp_path: Path) -> None:
     from exporter.simulate import SimConfig, initial_picks
 
-    tags = [{"camera": c, "ir": ir} for c in ("mirror", "overhead", "a_pillar", "dashboard") for ir in (False, True)]
+    tags = [{"camera": c, "ir": ir} for c in ("mirror", "roof", "a_pillar", "dashboard") for ir in (False, True)]
+    tags += [{"camera": "overhead", "ir": False}]  # the other new camera is not the source domain either
     coco = {"images": [{"file_name": f"im{i}.jpg", "tags": t} for i, t in enumerate(tags * 3)]}
     cfg = SimConfig(out=tmp_path, initial=6, pool=24, rounds=1, per_round=4)
     picks = initial_picks(cfg, coco, seed=0)
     by_name = {im["file_name"]: im["tags"] for im in coco["images"]}
-    assert len(picks) == 6 and all(not by_name[n]["ir"] and by_name[n]["camera"] != "overhead" for n in picks)
+    assert len(picks) == 6 and all(not by_name[n]["ir"] and by_name[n]["camera"] not in ("roof", "overhead")
+                                   for n in picks)
     assert picks == initial_picks(cfg, coco, seed=0) != initial_picks(cfg, coco, seed=1)
     mixed = initial_picks(SimConfig(out=tmp_path, initial=20, pool=24, rounds=1, per_round=4, initial_domain="pool"),
                           coco, seed=0)
     assert len(mixed) == 20 and any(by_name[n]["ir"] for n in mixed)
+    assert any(by_name[n]["camera"] == "roof" for n in mixed)
     with pytest.raises(ValueError, match="only 9 source-domain images"):
         initial_picks(SimConfig(out=tmp_path, initial=10, pool=24, rounds=1, per_round=4), coco, seed=0)
     with pytest.raises(ValueError, match="--initial-domain"):
@@ -117,15 +120,21 @@ def test_initial_picks_source_domain_and_validation(tmp_path: Path) -> None:
 
 
 def test_shift_share_scales_the_pools_shift_only(tmp_path: Path) -> None:
-    from exporter.simulate import POOL_CAMERAS, SimConfig, pool_cameras
+    from exporter.simulate import SimConfig, pool_cameras
 
-    assert dict(pool_cameras(1.0)) == pytest.approx(dict(POOL_CAMERAS))
-    rare = dict(pool_cameras(0.3))
-    assert sum(rare.values()) == pytest.approx(1.0) and rare["overhead"] == pytest.approx(0.045)
+    # the first benchmark runs' mix, unchanged (their rendered data stays valid)
+    assert pool_cameras(1.0) == (("mirror", 0.45), ("a_pillar", 0.25), ("dashboard", 0.15),
+                                             ("overhead", pytest.approx(0.15)))
+    assert dict(pool_cameras(1.0, "roof")) == pytest.approx({"mirror": 0.45, "a_pillar": 0.25, "dashboard": 0.15,
+                                                            "roof": 0.15})
+    rare = dict(pool_cameras(0.3, "roof"))
+    assert sum(rare.values()) == pytest.approx(1.0) and rare["roof"] == pytest.approx(0.045)
     assert rare["mirror"] / rare["a_pillar"] == pytest.approx(0.45 / 0.25)  # the others keep their proportions
     for bad in (0.0, 2.5):
         with pytest.raises(ValueError, match="--shift-share"):
             SimConfig(out=tmp_path, shift_share=bad)
+    with pytest.raises(ValueError, match="--shift-camera"):
+        SimConfig(out=tmp_path, shift_camera="dashboard")
 
 
 def test_quick_benchmark(tmp_path: Path, ultralytics_offline: Path) -> None:

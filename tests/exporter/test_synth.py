@@ -93,6 +93,7 @@ def test_visibility_comes_from_the_id_buffer() -> None:
     (Knobs(ir=1.0), "ir"),
     (Knobs(crowded=1.0, ir=0.0), "crowded"),
     (Knobs(cameras=(("overhead", 1.0),)), "overhead"),
+    (Knobs(cameras=(("roof", 1.0),)), "roof"),
 ])
 def test_knobs_shift_the_population(tmp_path: Path, knobs: Knobs, check: str) -> None:
     d = generate(tmp_path / check, 6, seed=5, knobs=knobs)
@@ -106,10 +107,32 @@ def test_knobs_shift_the_population(tmp_path: Path, knobs: Knobs, check: str) ->
         elif check == "crowded":
             assert tags["crowded"]
         else:
-            assert tags["camera"] == "overhead"
+            assert tags["camera"] == check
     if check == "crowded":
         slots = [a["attributes"]["slot"] for a in coco["annotations"] if a["category_id"] == PERSON_CATEGORY]
         assert sum(s.startswith("rear") for s in slots) >= 3 * len(coco["images"]) - 3
+
+
+def test_roof_camera_lays_people_on_their_side(tmp_path: Path) -> None:
+    """The roof camera's roll (30-60 degrees) tilts the body axis (neck to mid-hip); the usual
+    cameras keep people about upright."""
+    def tilts(camera: str) -> list[float]:
+        coco = _load(generate(tmp_path / camera, 16, seed=3, knobs=Knobs(ir=0.0, cameras=((camera, 1.0),))))
+        out = []
+        for a in coco["annotations"]:
+            if a["category_id"] != PERSON_CATEGORY:
+                continue
+            kp = np.array(a["keypoints"], float).reshape(-1, 3)
+            neck, hips = kp[IDX["neck"]], kp[[IDX["left_hip"], IDX["right_hip"]]]
+            if neck[2] > 0 and (hips[:, 2] > 0).all():
+                d = hips[:, :2].mean(0) - neck[:2]
+                out.append(float(np.degrees(np.arctan2(abs(d[0]), abs(d[1])))))
+        assert len(out) >= 5
+        return out
+
+    roof, mirror = tilts("roof"), tilts("mirror")
+    print(f"body axis tilt from vertical, median: roof {np.median(roof):.0f}, mirror {np.median(mirror):.0f} deg")
+    assert np.median(roof) >= 25 and np.median(mirror) <= 15
 
 
 def test_person_area_is_amodal_and_the_visible_area_is_kept(tmp_path: Path) -> None:

@@ -78,6 +78,38 @@ def test_profile_json_round_trip_and_errors(profile: AppearanceProfile) -> None:
     assert len(many.references) == 256 and many.images == 600
 
 
+def test_training_profile_samples_a_large_dataset(tmp_path, monkeypatch) -> None:
+    """``exporter.train.appearance_profile`` reads at most ``PROFILE_SAMPLE`` images (seeded),
+    skips unreadable ones, and gives None with fewer than 2 readable ones."""
+    import cv2
+
+    import exporter.train as train
+
+    rng = np.random.default_rng(8)
+    paths = []
+    for i in range(12):
+        p = tmp_path / f"f{i:02d}.png"
+        cv2.imwrite(str(p), _daylight(rng, 64))
+        paths.append(p)
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    full = train.appearance_profile([*paths, tmp_path / "bad.jpg"], seed=1)
+    assert full is not None and full.images == 12
+    import service.imageio as imageio
+
+    read: list = []
+    orig = imageio.read_image
+    monkeypatch.setattr(imageio, "read_image", lambda p, *a, **k: (read.append(p), orig(p, *a, **k))[1])
+    monkeypatch.setattr(train, "PROFILE_SAMPLE", 5)
+    sampled = train.appearance_profile(paths, seed=1)
+    assert sampled is not None and sampled.images == 5 and len(read) == 5
+    assert read == sorted(read, key=paths.index)  # in dataset order, the same sample for the same seed
+    first = list(read)
+    read.clear()
+    again = train.appearance_profile(paths, seed=1)
+    assert read == first and again is not None and np.array_equal(again.references, sampled.references)
+    assert train.appearance_profile([paths[0], tmp_path / "bad.jpg"]) is None
+
+
 def test_bundle_carries_the_profile(coco17_bundle, profile, tmp_path) -> None:
     import shutil
 
