@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 from service.bundle import Bundle, load_bundle, write_bundle, Thresholds
-from service.novelty import AppearanceProfile
+from service.novelty import AppearanceProfile, descriptor
 
 from .labelsets import ROLES, LabelSets, derive_label_sets, load_coco
 from .mix import TrainingMix, dataset_version_of, training_repeats
@@ -240,10 +242,7 @@ def appearance_profile(images: Sequence[Path], seed: int = 0) -> AppearanceProfi
     ``PROFILE_SAMPLE`` is sampled (seeded): the profile keeps 256 references and a per-dimension
     scale, which 2,048 images give as well as 20,000, and reading them all would add minutes
     (10-20 ms per image) to a large training."""
-    import numpy as np
-
     from service.imageio import read_image
-    from service.novelty import descriptor
 
     images = list(images)
     if len(images) > PROFILE_SAMPLE:

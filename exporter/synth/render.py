@@ -49,6 +49,11 @@ def sample_spec(rng: np.random.Generator, knobs: Knobs) -> SceneSpec:
                      slots=tuple(slots[:5]), children=children)
 
 
+def _rolled(cx: float, cy: float, a: float, raw: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The corners ``raw`` (relative to the view's centre) rotated by ``a`` radians about (cx, cy)."""
+    return [(cx + x * math.cos(a) - y * math.sin(a), cy + x * math.sin(a) + y * math.cos(a)) for x, y in raw]
+
+
 def camera_homography(rng: np.random.Generator, camera: str) -> np.ndarray:
     """3x3 map from canonical canvas pixels to output pixels for a camera position.
 
@@ -76,7 +81,7 @@ def camera_homography(rng: np.random.Generator, camera: str) -> np.ndarray:
         a = math.radians(rng.uniform(12, 25) * rng.choice([-1, 1]))
         cx, cy, hw, hh = CANVAS_W / 2, CANVAS_H / 2 + 20, 250, 200
         raw = [(-hw * 1.3, -hh), (hw * 1.3, -hh), (hw * 0.8, hh), (-hw * 0.8, hh)]
-        quad = [(cx + x * math.cos(a) - y * math.sin(a), cy + x * math.sin(a) + y * math.cos(a)) for x, y in raw]
+        quad = _rolled(cx, cy, a, raw)
     elif camera == "roof":  # a camera mounted at a slant in the roof console: the cabin rolled by ROOF_ROLL
         a = math.radians(rng.uniform(*ROOF_ROLL) * rng.choice([-1, 1]))
         c, s = abs(math.cos(a)), abs(math.sin(a))
@@ -85,7 +90,7 @@ def camera_homography(rng: np.random.Generator, camera: str) -> np.ndarray:
         hw, hh = hw * fit * rng.uniform(0.95, 1.0), hh * fit * rng.uniform(0.95, 1.0)
         cx, cy = CANVAS_W / 2 + j(20), CANVAS_H / 2 + j(10)
         raw = [(-hw, -hh), (hw, -hh), (hw, hh), (-hw, hh)]
-        quad = [(cx + x * math.cos(a) - y * math.sin(a), cy + x * math.sin(a) + y * math.cos(a)) for x, y in raw]
+        quad = _rolled(cx, cy, a, raw)
     else:
         raise ValueError(f"camera: expected one of {', '.join(CAMERAS)}; got {camera!r}")
     src = np.array(quad, np.float32)

@@ -113,7 +113,7 @@ def test_knobs_shift_the_population(tmp_path: Path, knobs: Knobs, check: str) ->
         assert sum(s.startswith("rear") for s in slots) >= 3 * len(coco["images"]) - 3
 
 
-def test_roof_camera_lays_people_on_their_side(tmp_path: Path) -> None:
+def test_roof_camera_tilts_people(tmp_path: Path) -> None:
     """The roof camera's roll (30-60 degrees) tilts the body axis (neck to mid-hip); the usual
     cameras keep people about upright."""
     def tilts(camera: str) -> list[float]:

@@ -84,6 +84,7 @@ def test_training_profile_samples_a_large_dataset(tmp_path, monkeypatch) -> None
     import cv2
 
     import exporter.train as train
+    import service.imageio as imageio
 
     rng = np.random.default_rng(8)
     paths = []
@@ -94,8 +95,6 @@ def test_training_profile_samples_a_large_dataset(tmp_path, monkeypatch) -> None
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     full = train.appearance_profile([*paths, tmp_path / "bad.jpg"], seed=1)
     assert full is not None and full.images == 12
-    import service.imageio as imageio
-
     read: list = []
     orig = imageio.read_image
     monkeypatch.setattr(imageio, "read_image", lambda p, *a, **k: (read.append(p), orig(p, *a, **k))[1])
