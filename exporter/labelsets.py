@@ -16,7 +16,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import numpy as np
 
@@ -74,13 +74,18 @@ def _yolo_line(cls: int, box: list[float], w: int, h: int, kpts: np.ndarray | No
 
 def derive_label_sets(
     annotations: Path, images_dir: Path, out_root: Path, val_fraction: float = 0.1, seed: int = 0,
-    repeats: Mapping[int, int] | None = None,
+    repeats: Mapping[int, int] | None = None, val_from: Collection[int] | None = None,
 ) -> LabelSets:
     """Write the three label sets for ``annotations`` (COCO) under ``out_root``.
 
     ``repeats`` (image id -> count, ``exporter.mix.training_repeats``): images with count 0 are
     left out; the others are split into train/val once, then each training image appears
     ``count`` times (copies ``<stem>__r<k>``). None: every image once.
+    ``val_from``: the image ids the validation split is drawn from, a ``val_fraction`` of them
+    (the human-reviewed images of a merged dataset: checkpoints are chosen and thresholds
+    calibrated on the validation split, and auto labels there would grade the models against
+    their own earlier output); the other images all train. None, or fewer than two of them
+    left to train on: all images.
     """
     coco = load_coco(annotations)
     schema, person_cat, head_cat = coco_schema(coco)
@@ -91,7 +96,11 @@ def derive_label_sets(
     if not images:
         raise ValueError(f"dataset: {annotations} has no image left to train on (reviewed only, or auto weight 0, "
                          "with no reviewed images?)")
-    train, val = split_ids(list(images), val_fraction, seed)
+    eligible = [i for i in images if val_from is None or i in val_from]
+    if len(eligible) < 2:
+        eligible = list(images)
+    val = split_ids(eligible, val_fraction, seed)[1]
+    train = sorted(set(images) - set(val))
     train = [iid for iid in train for _ in range(max(1, (repeats or {}).get(iid, 1)))]
     roles = ROLES if head_cat is not None else ROLES[1:]
     yamls: dict[str, Path] = {}

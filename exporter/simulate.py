@@ -33,6 +33,19 @@ cabin points (``exporter.cabin_init``): with the head re-initialised, as a plain
 "pretrained" start does, no pose model learns anything on this budget (OKS AP50 0.0 after 8
 epochs on 40 images; 0.64 with the mapped head, measured).
 
+What a round trains on is the product's merged dataset (``annotator dataset export`` then
+``annotator train``): every pool image arrived while the first bundle was in service, which
+labelled it, and the sync agent merged those auto labels; a review replaces an image's auto
+label with the reviewer's (here the ground truth). So a round trains on the reviewed images plus
+the auto labels of all the others, the auto ones at ``auto_weight`` (default 0.25: a seeded
+quarter of them, which keeps a round's training about 2.5 times that of the reviewed images
+alone; ``annotator train``'s own default, 1, costs about 7 times on this benchmark's pool), and
+the validation split that picks checkpoints and calibrates thresholds holds reviewed images only.
+A review is then worth what it corrects: a source-domain image the first bundle already labels
+well adds little over its auto label, a night IR or new-camera image the first bundle gets wrong
+replaces a wrong label. ``auto_weight = 0`` trains on the reviewed images only, the benchmark of
+sessions 1-11 (its results in ``docs/simulate/``, folders without ``auto`` in their name).
+
 Warm start, not pretrained-per-round: it is what the product does (``annotator train`` starts
 from the current bundle), and it lets every round train only ``epochs`` epochs on the
 cumulative set instead of re-learning from COCO weights, which is what fits the CPU budget.
@@ -55,7 +68,7 @@ from typing import Any
 import numpy as np
 
 from .cabin_init import write_cabin_init
-from .simulate_select import EXTRA_STRATEGIES, STRATEGIES, pool_errors, score_pool, select
+from .simulate_select import EXTRA_STRATEGIES, STRATEGIES, pool_errors, pool_predictions, score_pool, select
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +108,9 @@ class SimConfig:
     repeats: int = 1  # trainings per unit (other training seeds, same picks); the unit's metrics are their mean
     shift_share: float = 1.0  # the pool's share of the shift (IR, new camera) relative to the test set's
     shift_camera: str = "overhead"  # the new camera: "overhead" (rolled 12-25 degrees) or "roof" (30-60 degrees)
+    # Weight of the auto labels (the first bundle's records of the pool images nobody reviewed)
+    # in each round's training, as ``annotator train --auto-weight``; 0: reviewed images only.
+    auto_weight: float = 0.25
 
     def __post_init__(self) -> None:
         bad = [s for s in self.strategies if s not in STRATEGIES + EXTRA_STRATEGIES]
@@ -115,6 +131,8 @@ class SimConfig:
             raise ValueError(f"--shift-share: expected 0 < s <= 2, got {self.shift_share}")
         if self.shift_camera not in SHIFT_CAMERAS:
             raise ValueError(f"--shift-camera: expected one of {', '.join(SHIFT_CAMERAS)}, got {self.shift_camera!r}")
+        if not 0.0 <= self.auto_weight <= 10.0:
+            raise ValueError(f"--auto-weight: expected 0 <= w <= 10, got {self.auto_weight}")
         if not 0.0 <= self.audit_fraction < 1.0:
             raise ValueError(f"--audit-fraction: expected 0 <= f < 1, got {self.audit_fraction}")
 
@@ -166,6 +184,28 @@ def subset(coco: dict[str, Any], names: set[str]) -> dict[str, Any]:
     return {**coco, "images": images, "annotations": [a for a in coco["annotations"] if a["image_id"] in ids]}
 
 
+def training_set(coco: dict[str, Any], labelled: list[str], auto: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
+    """The round's merged dataset, as ``annotator dataset export`` writes it: the labelled images
+    with their ground truth (origin "reviewed") and, with ``auto`` (file name -> the first
+    bundle's record), every other pool image with its auto label (origin "auto")."""
+    from service.outputs import record_annotations
+
+    reviewed = subset(coco, set(labelled))
+    images = [{**im, "origin": "reviewed"} for im in reviewed["images"]]
+    annotations = list(reviewed["annotations"])
+    if auto:
+        done = set(labelled)
+        next_id = max((int(a["id"]) for a in coco["annotations"]), default=0) + 1
+        for im in coco["images"]:
+            if im["file_name"] in done:
+                continue
+            anns = record_annotations(auto[im["file_name"]], im["id"], next_id)
+            next_id += len(anns)
+            images.append({**im, "origin": "auto"})
+            annotations += [{**a, "provenance": {"origin": "auto"}} for a in anns]
+    return {**coco, "images": images, "annotations": annotations}
+
+
 def in_source_domain(tags: dict[str, Any]) -> bool:
     """The first bundle's domain under the default shift: daylight RGB from the source cameras."""
     return not tags.get("ir") and tags.get("camera") in dict(SOURCE_CAMERAS)
@@ -207,7 +247,8 @@ REPEAT_SEED = 1000  # training seed of repeat k: seed + k * REPEAT_SEED
 
 
 def train_and_evaluate(cfg: SimConfig, unit: Path, coco: dict[str, Any], labelled: list[str], pool_dir: Path,
-                       test_dir: Path, init: str, epochs: int, seed: int, first: bool
+                       test_dir: Path, init: str, epochs: int, seed: int, first: bool,
+                       auto: dict[str, dict[str, Any]] | None = None
                        ) -> tuple[dict[str, float], list[dict[str, float]]]:
     """Train on the labelled images ``cfg.repeats`` times, evaluate each on the test set.
 
@@ -218,6 +259,8 @@ def train_and_evaluate(cfg: SimConfig, unit: Path, coco: dict[str, Any], labelle
     training leaves its metrics in ``metrics.json`` beside its bundle, so a resumed unit trains
     only what is missing. Repeats measure the training noise a strategy's gain must stand out of.
     ``first``: the first bundle (from the COCO start) rather than a round continuing a bundle.
+    ``auto``: the auto labels of the pool images not in ``labelled`` (``training_set``), trained
+    at ``cfg.auto_weight``.
     """
     from service.durable import write_json_atomic
 
@@ -226,7 +269,8 @@ def train_and_evaluate(cfg: SimConfig, unit: Path, coco: dict[str, Any], labelle
         where = unit / f"repeat{k}" if k else unit
         done = where / "metrics.json"
         if not done.is_file():
-            m = _train_once(cfg, where, coco, labelled, pool_dir, test_dir, init, epochs, seed + k * REPEAT_SEED, first)
+            m = _train_once(cfg, where, coco, labelled, pool_dir, test_dir, init, epochs, seed + k * REPEAT_SEED, first,
+                            auto)
             if k:
                 shutil.rmtree(where / "bundle", ignore_errors=True)
             write_json_atomic(done, m)
@@ -236,14 +280,16 @@ def train_and_evaluate(cfg: SimConfig, unit: Path, coco: dict[str, Any], labelle
 
 
 def _train_once(cfg: SimConfig, unit: Path, coco: dict[str, Any], labelled: list[str], pool_dir: Path,
-                test_dir: Path, init: str, epochs: int, seed: int, first: bool) -> dict[str, float]:
+                test_dir: Path, init: str, epochs: int, seed: int, first: bool,
+                auto: dict[str, dict[str, Any]] | None = None) -> dict[str, float]:
     """One training into ``unit/bundle`` and its evaluation on the test set."""
     from .evaluate import evaluate
+    from .mix import TrainingMix
     from .train import FINETUNE_ARGS, TrainConfig, train_bundle
 
     unit.mkdir(parents=True, exist_ok=True)
     ann = unit / "labelled.json"
-    ann.write_text(json.dumps(subset(coco, set(labelled))))
+    ann.write_text(json.dumps(training_set(coco, labelled, auto)))
     # Fine-tuning trained weights for a few dozen iterations, no warm-up: ultralytics' warm-up
     # lasts at least 100 iterations, longer than a whole round, so the rate would never leave
     # the ramp. First bundle: AdamW at a small fixed rate (the "auto" rate, 0.002, wrecks the
@@ -255,7 +301,7 @@ def _train_once(cfg: SimConfig, unit: Path, coco: dict[str, Any], labelled: list
                                                 else {**FINETUNE_ARGS, "lr0": cfg.finetune_lr0})}
     tcfg = TrainConfig(annotations=ann, images=pool_dir / "images", out=unit / "bundle", work=unit / "work",
                        epochs=epochs, imgsz=cfg.imgsz, batch=cfg.batch, init=init, val_fraction=0.1,
-                       workers=0, seed=seed, extra=extra)
+                       workers=0, seed=seed, extra=extra, mix=TrainingMix(auto_weight=cfg.auto_weight))
     train_bundle(tcfg)
     shutil.rmtree(unit / "work", ignore_errors=True)
     metrics = evaluate(unit / "bundle", test_dir / "annotations.json", test_dir / "images", unit / "eval",
@@ -306,6 +352,11 @@ def run_seed(cfg: SimConfig, seed: int, pool_dir: Path, test_dir: Path, progress
         _write_state(init_unit, initial_state)
         progress.step(f"seed {seed} initial", False)
     states = [initial_state]
+    # The product's merged dataset: every pool image arrived while the first bundle was in
+    # service, which labelled it; a review replaces that auto label (``training_set``).
+    auto = None
+    if cfg.auto_weight > 0:
+        auto = pool_predictions(init_unit / "bundle", coco, pool_dir / "images", init_unit / "pool_records.json")
     prev: dict[str, tuple[Path, list[str]]] = {s: (init_unit, initial_state["labelled"]) for s in cfg.strategies}
     for r in range(1, cfg.rounds + 1):
         for strategy in cfg.strategies:
@@ -335,7 +386,7 @@ def run_seed(cfg: SimConfig, seed: int, pool_dir: Path, test_dir: Path, progress
                 log.info("%s: picked %s", what, composition(coco, picks))
                 new_labelled = [*labelled, *picks]
                 m, each = train_and_evaluate(cfg, unit, coco, new_labelled, pool_dir, test_dir,
-                                             str(prev_unit / "bundle"), cfg.epochs, seed, first=False)
+                                             str(prev_unit / "bundle"), cfg.epochs, seed, first=False, auto=auto)
                 state = {"seed": seed, "strategy": strategy, "round": r, "selected": picks,
                          "labelled": new_labelled, "n_reviewed": r * cfg.per_round, "n_labelled": len(new_labelled),
                          "metrics": m, "metrics_each": each, "composition": composition(coco, picks, labelled),
@@ -358,7 +409,9 @@ def run(cfg: SimConfig) -> dict[str, Any]:
     saved = cfg.out / "config.json"
     if saved.is_file():  # finished units are reused: they must come from the same settings
         # runs from before --repeats trained once; before --shift-share the pool had the test set's mix
-        old = {"repeats": 1, "shift_share": 1.0, "shift_camera": "overhead", **json.loads(saved.read_text())}
+        # and before --auto-weight every round trained on the reviewed images only
+        old = {"repeats": 1, "shift_share": 1.0, "shift_camera": "overhead", "auto_weight": 0.0,
+               **json.loads(saved.read_text())}
         differ = [k for k in settings if k not in ("out", "seeds", "rounds", "strategies")
                   and json.dumps(old.get(k)) != json.dumps(settings[k])]
         if differ:
@@ -382,7 +435,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                     initial=args.initial, pool=args.pool, test=args.test, epochs=args.epochs,
                     initial_epochs=args.initial_epochs, imgsz=args.imgsz, audit_fraction=args.audit_fraction,
                     initial_domain=args.initial_domain, frames=args.frames, motion=args.motion, repeats=args.repeats,
-                    shift_share=args.shift_share, shift_camera=args.shift_camera,
+                    shift_share=args.shift_share, shift_camera=args.shift_camera, auto_weight=args.auto_weight,
                     strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()))
     if args.quick:
         cfg = cfg.quick()
@@ -428,6 +481,11 @@ def register(sub: Any) -> None:
                         "roof console, the cabin rolled 30-60 degrees: the first bundle barely finds a pose there) or "
                         "'overhead' (rolled 12-25 degrees with a strong keystone; the first benchmark runs' camera, "
                         "which the first bundle already half-serves)")
+    s.add_argument("--auto-weight", type=float, default=d.auto_weight,
+                   help="weight of the auto labels in each round's training (the first bundle's labels of every pool "
+                        "image nobody reviewed, as in the product's merged dataset; `annotator train --auto-weight`): "
+                        "0 = the reviewed images only (the benchmark before session 12); 1 = annotator train's "
+                        "default (about 7x the training time of a round here)")
     s.add_argument("--strategies", default=",".join(STRATEGIES))
     s.add_argument("--quick", action="store_true", help="a few-minute smoke run (tiny pool, 1 round, 1 epoch, 96 px)")
     s.set_defaults(func=cmd_simulate)

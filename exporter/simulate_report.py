@@ -258,6 +258,8 @@ def write_results(cfg: Any, states: list[dict[str, Any]], seconds: float) -> dic
              f"{cfg.epochs} epochs/round, {cfg.imgsz} px, test {cfg.test}, "
              f"new camera: {camera}, "
              f"initial images from {INITIAL_DOMAIN_TEXT[cfg.initial_domain].format(camera)}"
+             + (f", rounds train on the reviewed images and the auto labels of the rest at weight {aw:g}"
+                if (aw := float(getattr(cfg, "auto_weight", 0.0))) > 0 else ", rounds train on the reviewed images only")
              + (f", mean of {repeats} trainings per unit" if (repeats := int(getattr(cfg, "repeats", 1))) > 1 else "")
              + (f", the pool's shift (IR, {camera} camera) x{share:g} of the test set's"
                 if (share := float(getattr(cfg, "shift_share", 1.0))) != 1.0 else ""))

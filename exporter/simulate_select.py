@@ -43,7 +43,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -93,8 +93,6 @@ def score_pool(bundle_dir: Path, pool: dict[str, Any], images_dir: Path, cache: 
     file name -> ``PoolScore``.
     """
     from service.bundle import load_bundle
-    from service.engine import Engine
-    from service.imageio import read_image
     from service.judge import dhash
     from service.scoring import default_score, image_doubt, review_priority, score_components
 
@@ -103,30 +101,58 @@ def score_pool(bundle_dir: Path, pool: dict[str, Any], images_dir: Path, cache: 
         data = json.loads(cache.read_text())
         if data.get("bundle_id") == bundle.id and data.get("version") == CACHE_VERSION:
             return {d["file_name"]: PoolScore(**{**d, "reasons": tuple(d["reasons"])}) for d in data["scores"]}
-    engine = Engine(bundle, batch_size=batch)
     main_thr = bundle.thresholds.main
-    infos = pool["images"]
     out: dict[str, PoolScore] = {}
-    for start in range(0, len(infos), batch):
-        chunk = infos[start:start + batch]
-        decoded = [read_image(images_dir / im["file_name"]) for im in chunk]
-        for im, dec, pred in zip(chunk, decoded, engine.predict(decoded)):
-            score, reasons = default_score(pred, bundle)
-            parts = score_components(pred, bundle)
-            dists = [abs(kp.main_conf - main_thr[min(i, len(main_thr) - 1)])
-                     for p in pred.persons for i, kp in enumerate(p.keypoints)]
-            out[im["file_name"]] = PoolScore(
-                file_name=im["file_name"], image_id=file_id(images_dir / im["file_name"]),
-                camera=str(im.get("tags", {}).get("camera", "unknown")), score=float(score),
-                doubt=float(sum(1.0 - v for v in parts.values())),
-                uncertainty=float(np.mean(dists)) if dists else 0.0, dhash=dhash(dec.pixels),
-                reasons=tuple(reasons), priority=review_priority(pred, bundle),
-                image_doubt=image_doubt(pred, bundle))
+    for im, dec, pred in _engine_pass(bundle, pool["images"], images_dir, batch):
+        score, reasons = default_score(pred, bundle)
+        parts = score_components(pred, bundle)
+        dists = [abs(kp.main_conf - main_thr[min(i, len(main_thr) - 1)])
+                 for p in pred.persons for i, kp in enumerate(p.keypoints)]
+        out[im["file_name"]] = PoolScore(
+            file_name=im["file_name"], image_id=file_id(images_dir / im["file_name"]),
+            camera=str(im.get("tags", {}).get("camera", "unknown")), score=float(score),
+            doubt=float(sum(1.0 - v for v in parts.values())),
+            uncertainty=float(np.mean(dists)) if dists else 0.0, dhash=dhash(dec.pixels),
+            reasons=tuple(reasons), priority=review_priority(pred, bundle),
+            image_doubt=image_doubt(pred, bundle))
     tmp = cache.with_suffix(".tmp")
     tmp.write_text(json.dumps({"bundle_id": bundle.id, "version": CACHE_VERSION, "scores": [asdict(s) for s in out.values()]}))
     tmp.replace(cache)
     log.info("scored %d pool images with bundle %s", len(out), bundle.id)
     return out
+
+
+def _engine_pass(bundle: Any, infos: Sequence[dict[str, Any]], images_dir: Path,
+                 batch: int = 8) -> Iterator[tuple[dict[str, Any], Any, Any]]:
+    """(COCO image info, decoded image, ``Prediction``) for every image, through the daemon's engine."""
+    from service.engine import Engine
+    from service.imageio import read_image
+
+    engine = Engine(bundle, batch_size=batch)
+    for start in range(0, len(infos), batch):
+        chunk = infos[start:start + batch]
+        decoded = [read_image(images_dir / im["file_name"]) for im in chunk]
+        yield from zip(chunk, decoded, engine.predict(decoded))
+
+
+def pool_predictions(bundle_dir: Path, pool: dict[str, Any], images_dir: Path, cache: Path) -> dict[str, dict[str, Any]]:
+    """The bundle's record (``Prediction.to_json()``: persons, key points with visibility, heads)
+    of every pool image: what the daemon stores for an image it auto-accepts, i.e. the auto label
+    the product's merged dataset trains on. File name -> record; cached in ``cache`` per bundle id.
+    """
+    from service.bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    if cache.is_file():
+        data = json.loads(cache.read_text())
+        if data.get("bundle_id") == bundle.id:
+            return data["records"]
+    records = {im["file_name"]: pred.to_json() for im, _, pred in _engine_pass(bundle, pool["images"], images_dir)}
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"bundle_id": bundle.id, "records": records}))
+    tmp.replace(cache)
+    log.info("auto labels: %d pool images labelled by bundle %s", len(records), bundle.id)
+    return records
 
 
 def pool_errors(bundle_dir: Path, pool: dict[str, Any], images_dir: Path, cache: Path) -> dict[str, float]:

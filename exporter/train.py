@@ -26,7 +26,7 @@ from service.bundle import Bundle, load_bundle, write_bundle, Thresholds
 from service.novelty import AppearanceProfile, descriptor
 
 from .labelsets import ROLES, LabelSets, derive_label_sets, load_coco
-from .mix import TrainingMix, dataset_version_of, training_repeats
+from .mix import REVIEWED, TrainingMix, dataset_version_of, image_origins, training_repeats
 from .onnx_export import ultralytics_env
 
 log = logging.getLogger(__name__)
@@ -267,9 +267,14 @@ def train_bundle(cfg: TrainConfig) -> Bundle:
     cfg.work.mkdir(parents=True, exist_ok=True)
     coco = load_coco(cfg.annotations)
     repeats, mix_summary = training_repeats(coco, cfg.mix, cfg.seed)
+    # Validation (checkpoint choice, threshold calibration) on human labels only, when the dataset has them.
+    origins = image_origins(coco)
+    reviewed = {i for i, o in origins.items() if o == REVIEWED and repeats.get(i, 1) > 0}
+    val_from = reviewed if len(reviewed) >= 2 and len(reviewed) < len(origins) else None
+    mix_summary["validation_from"] = "reviewed" if val_from is not None else "all"
     shutil.rmtree(cfg.work / "labelsets", ignore_errors=True)  # cheap to rebuild; no stale copies
     sets = derive_label_sets(cfg.annotations, cfg.images, cfg.work / "labelsets", cfg.val_fraction, cfg.seed,
-                             repeats=repeats)
+                             repeats=repeats, val_from=val_from)
     log.info("label sets: %d train / %d val images in %s", sets.train_images, sets.val_images, sets.root)
     ckpts: dict[str, Path] = {}
     for role in cfg.roles:

@@ -155,6 +155,26 @@ def _xywh(box: Sequence[float]) -> list[float]:
     return [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)]
 
 
+def record_annotations(rec: Mapping[str, Any], image_id: int, first_id: int = 1) -> list[dict[str, Any]]:
+    """A record's persons (category ``PERSON_CATEGORY``, key points with COCO flags, outside
+    points as 0, 0, 0) and heads (``HEAD_CATEGORY``) as COCO annotations of image ``image_id``,
+    numbered from ``first_id``; each carries the model's ``score``."""
+    out: list[dict[str, Any]] = []
+    for p in rec.get("persons", []):
+        kps = _flat_keypoints(p)
+        bbox = _xywh(p["box"])
+        out.append({"id": first_id + len(out), "image_id": image_id, "category_id": PERSON_CATEGORY,
+                    "bbox": bbox, "area": round(bbox[2] * bbox[3], 2), "iscrowd": 0,
+                    "keypoints": kps, "num_keypoints": sum(1 for v in kps[2::3] if v),
+                    "score": float(p.get("conf", 1.0))})
+    for h in rec.get("heads", []):
+        bbox = _xywh(h["box"])
+        out.append({"id": first_id + len(out), "image_id": image_id, "category_id": HEAD_CATEGORY,
+                    "bbox": bbox, "area": round(bbox[2] * bbox[3], 2), "iscrowd": 0,
+                    "score": float(h.get("conf", 1.0))})
+    return out
+
+
 def export_coco(store: Store, out_path: Path, states: Sequence[str] = EXPORT_STATES, link: bool = True) -> Path:
     """Write a COCO key-points dataset to ``out_path`` and the images to ``out_path.parent/images``.
 
@@ -177,18 +197,7 @@ def export_coco(store: Store, out_path: Path, states: Sequence[str] = EXPORT_STA
         images.append({"id": n, "file_name": name, "width": row.width or rec["width"],
                        "height": row.height or rec["height"], "sha256": row.image_id, "state": row.state,
                        "bundle_id": row.bundle_id, "provenance": "human" if row.state == "reviewed" else "auto"})
-        for p in rec.get("persons", []):
-            kps = _flat_keypoints(p)
-            bbox = _xywh(p["box"])
-            annotations.append({"id": len(annotations) + 1, "image_id": n, "category_id": PERSON_CATEGORY,
-                                "bbox": bbox, "area": round(bbox[2] * bbox[3], 2), "iscrowd": 0,
-                                "keypoints": kps, "num_keypoints": sum(1 for v in kps[2::3] if v),
-                                "score": float(p.get("conf", 1.0))})
-        for h in rec.get("heads", []):
-            bbox = _xywh(h["box"])
-            annotations.append({"id": len(annotations) + 1, "image_id": n, "category_id": HEAD_CATEGORY,
-                                "bbox": bbox, "area": round(bbox[2] * bbox[3], 2), "iscrowd": 0,
-                                "score": float(h.get("conf", 1.0))})
+        annotations += record_annotations(rec, n, len(annotations) + 1)
     schema = schema or COCO17
     categories = [
         {"id": PERSON_CATEGORY, "name": "person", "supercategory": "person", "keypoints": list(schema.names),

@@ -88,3 +88,30 @@ def test_label_sets_repeat_training_images_only(tmp_path: Path) -> None:
     assert only.train_images + only.val_images == 4
     with pytest.raises(ValueError, match="no image left"):
         derive_label_sets(ann, images, tmp_path / "none", 0.25, 0, repeats={i: 0 for i in range(1, 11)})
+
+
+def test_validation_split_is_drawn_from_reviewed_images(tmp_path: Path) -> None:
+    """Checkpoint choice and threshold calibration read the validation split: with auto labels
+    in the mix it holds reviewed images only (a tenth of them), and every auto image trains."""
+    data = coco(20, 30)
+    images = tmp_path / "images"
+    images.mkdir()
+    for im in data["images"]:
+        (images / im["file_name"]).write_bytes(b"\xff\xd8fake")
+    ann = tmp_path / "annotations.json"
+    ann.write_text(json.dumps(data))
+    repeats, _ = training_repeats(data, TrainingMix(auto_weight=1.0))
+    reviewed = {im["id"] for im in data["images"] if im["origin"] == "reviewed"}
+    for seed in range(5):
+        sets = derive_label_sets(ann, images, tmp_path / f"s{seed}", 0.1, seed, repeats=repeats, val_from=reviewed)
+        val = {int(p.stem[3:]) + 1 for p in (sets.root / "pose_main" / "images" / "val").iterdir()}
+        train = {int(p.stem[3:]) + 1 for p in (sets.root / "pose_main" / "images" / "train").iterdir()}
+        assert len(val) == 2 and val <= reviewed and not val & train and train | val == set(range(1, 51))
+    # Without reviewed images to spare, the split falls back to all images.
+    few = derive_label_sets(ann, images, tmp_path / "few", 0.1, 0, repeats=repeats, val_from={1})
+    assert few.val_images == 5
+    # All reviewed: the split is the one of a plain dataset (same images, same seed).
+    plain = derive_label_sets(ann, images, tmp_path / "plain", 0.1, 3)
+    same = derive_label_sets(ann, images, tmp_path / "same", 0.1, 3, val_from=set(range(1, 51)))
+    listing = [sorted(p.name for p in (s.root / "pose_main" / "images" / "val").iterdir()) for s in (plain, same)]
+    assert listing[0] == listing[1]

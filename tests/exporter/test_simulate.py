@@ -119,6 +119,38 @@ def test_initial_picks_source_domain_and_validation(tmp_path: Path) -> None:
         SimConfig(out=tmp_path, initial_domain="night")
 
 
+def test_training_set_is_the_products_merged_dataset(tmp_path: Path) -> None:
+    """Reviewed images keep their ground truth; every other pool image comes with its auto label
+    (the first bundle's record, outside points 0, 0, 0) and origin "auto"; ids stay unique."""
+    from exporter.mix import image_origins
+    from exporter.simulate import SimConfig, training_set
+
+    kp = {"x": 5.0, "y": 6.0, "main_conf": 0.9, "visible_conf": 0.8}
+    person = {"box": [1, 2, 11, 22], "conf": 0.7, "keypoints": [{**kp, "visibility": "visible"},
+                                                                 {**kp, "visibility": "outside"}]}
+    coco = {"images": [{"id": i, "file_name": f"im{i}.jpg", "width": 32, "height": 32} for i in (1, 2, 3)],
+            "annotations": [{"id": 10 + i, "image_id": i, "category_id": 1, "bbox": [0, 0, 4, 4]} for i in (1, 2, 3)],
+            "categories": [{"id": 1, "name": "person", "keypoints": ["a", "b"]}, {"id": 2, "name": "head"}]}
+    auto = {f"im{i}.jpg": {"width": 32, "height": 32, "persons": [person], "heads": [{"box": [2, 2, 6, 7], "conf": 0.5}]}
+            for i in (1, 2, 3)}
+    merged = training_set(coco, ["im2.jpg"], auto)
+    assert image_origins(merged) == {2: "reviewed", 1: "auto", 3: "auto"}
+    by_image: dict[int, list] = {}
+    for a in merged["annotations"]:
+        by_image.setdefault(a["image_id"], []).append(a)
+    assert by_image[2] == [coco["annotations"][1]]  # the ground truth, not the auto label
+    for i in (1, 3):
+        p, h = by_image[i]
+        assert p["keypoints"] == [5.0, 6.0, 2, 0, 0, 0] and p["bbox"] == [1.0, 2.0, 10.0, 20.0]
+        assert h["category_id"] == 2 and h["bbox"] == [2.0, 2.0, 4.0, 5.0]
+    ids = [a["id"] for a in merged["annotations"]]
+    assert len(set(ids)) == len(ids)
+    assert training_set(coco, ["im2.jpg"], None)["images"] == [{**coco["images"][1], "origin": "reviewed"}]
+    assert SimConfig(out=tmp_path).auto_weight == 0.25
+    with pytest.raises(ValueError, match="--auto-weight"):
+        SimConfig(out=tmp_path, auto_weight=-1)
+
+
 def test_shift_share_scales_the_pools_shift_only(tmp_path: Path) -> None:
     from exporter.simulate import SimConfig, pool_cameras
 
@@ -171,6 +203,21 @@ def test_quick_benchmark(tmp_path: Path, ultralytics_offline: Path) -> None:
         want = {tags[n]["scene"] for n in picks[s]} - {tags[n]["scene"] for n in initial}
         assert comp["scenes"] == len(want)
     assert picks["random"] != picks["judge"]
+    # The rounds train on the product's merged dataset: the reviewed images with their ground
+    # truth, every other pool image with the first bundle's auto label, at the auto weight; the
+    # validation split (checkpoints, thresholds) holds reviewed images only.
+    from exporter.mix import image_origins
+
+    merged = json.loads((root / "judge" / "round1" / "labelled.json").read_text())
+    origins = image_origins(merged)
+    origin = {im["file_name"]: origins[im["id"]] for im in merged["images"]}
+    assert len(origin) == cfg.pool
+    assert {n for n, o in origin.items() if o == "reviewed"} == set(initial) | set(picks["judge"])
+    records = json.loads((root / "initial" / "pool_records.json").read_text())["records"]
+    assert set(records) == set(origin) and any(r["persons"] for r in records.values())
+    mix = json.loads((root / "judge" / "round1" / "bundle" / "bundle.json").read_text())["lineage"]["dataset"]["mix"]
+    assert mix["auto_weight"] == cfg.auto_weight and mix["validation_from"] == "reviewed"
+    assert mix["images"] == {"reviewed": cfg.initial + cfg.per_round, "auto": cfg.pool - cfg.initial - cfg.per_round}
     pool = {d["file_name"]: d for d in json.loads((root / "initial" / "pool_scores.json").read_text())["scores"]}
     candidates = [n for n in pool if n not in set(initial)]
     median = statistics.median(pool[n]["score"] for n in candidates)
