@@ -27,6 +27,17 @@ def coco(n_reviewed: int, n_auto: int) -> dict[str, Any]:
                            {"id": 2, "name": "head"}]}
 
 
+def write_dataset(root: Path, data: dict[str, Any]) -> tuple[Path, Path]:
+    """``data`` as ``root/annotations.json`` with placeholder image files; (annotations, images dir)."""
+    images = root / "images"
+    images.mkdir()
+    for im in data["images"]:
+        (images / im["file_name"]).write_bytes(b"\xff\xd8fake")
+    ann = root / "annotations.json"
+    ann.write_text(json.dumps(data))
+    return ann, images
+
+
 @pytest.mark.parametrize("weight, expected", [(0.0, 0), (1.0, 1), (2.0, 2), (3.0, 3)])
 def test_whole_weights_repeat_exactly(weight: float, expected: int) -> None:
     assert all(repeat_count(weight, f"img{i}") == expected for i in range(50))
@@ -66,12 +77,7 @@ def test_training_repeats_summary_and_reviewed_only() -> None:
 
 def test_label_sets_repeat_training_images_only(tmp_path: Path) -> None:
     data = coco(4, 6)
-    images = tmp_path / "images"
-    images.mkdir()
-    for im in data["images"]:
-        (images / im["file_name"]).write_bytes(b"\xff\xd8fake")
-    ann = tmp_path / "annotations.json"
-    ann.write_text(json.dumps(data))
+    ann, images = write_dataset(tmp_path, data)
     repeats, _ = training_repeats(data, TrainingMix(auto_weight=2.0))
     sets = derive_label_sets(ann, images, tmp_path / "sets", val_fraction=0.2, seed=0, repeats=repeats)
     train = sorted(p.name for p in (sets.root / "pose_main" / "images" / "train").iterdir())
@@ -94,12 +100,7 @@ def test_validation_split_is_drawn_from_reviewed_images(tmp_path: Path) -> None:
     """Checkpoint choice and threshold calibration read the validation split: with auto labels
     in the mix it holds reviewed images only (a tenth of them), and every auto image trains."""
     data = coco(20, 30)
-    images = tmp_path / "images"
-    images.mkdir()
-    for im in data["images"]:
-        (images / im["file_name"]).write_bytes(b"\xff\xd8fake")
-    ann = tmp_path / "annotations.json"
-    ann.write_text(json.dumps(data))
+    ann, images = write_dataset(tmp_path, data)
     repeats, _ = training_repeats(data, TrainingMix(auto_weight=1.0))
     reviewed = {im["id"] for im in data["images"] if im["origin"] == "reviewed"}
     for seed in range(5):
