@@ -68,7 +68,8 @@ from typing import Any
 import numpy as np
 
 from .cabin_init import write_cabin_init
-from .simulate_select import EXTRA_STRATEGIES, STRATEGIES, pool_errors, pool_predictions, score_pool, select
+from .simulate_select import (EXTRA_STRATEGIES, STRATEGIES, pool_errors, pool_features, pool_predictions, score_pool,
+                              select)
 
 log = logging.getLogger(__name__)
 
@@ -369,8 +370,10 @@ def run_seed(cfg: SimConfig, seed: int, pool_dir: Path, test_dir: Path, progress
             else:
                 t0 = time.monotonic()
                 candidates = [n for n in names if n not in set(labelled)]
-                scores = None
-                if strategy != "random":
+                scores, features = None, None
+                if strategy == "typiclust":
+                    features = pool_features(coco, pool_dir / "images", root / "pool_features.json")
+                elif strategy != "random":
                     scores = score_pool(prev_unit / "bundle", coco, pool_dir / "images", prev_unit / "pool_scores.json")
                 oracle = None
                 if strategy == "oracle_error":
@@ -382,7 +385,7 @@ def run_seed(cfg: SimConfig, seed: int, pool_dir: Path, test_dir: Path, progress
                 elif strategy == "oracle_shift":
                     oracle = {im["file_name"]: float(not in_source_domain(im.get("tags", {}))) for im in coco["images"]}
                 picks = select(strategy, candidates, scores, cfg.per_round, np.random.default_rng([seed, r, 7]),
-                               seed, cfg.audit_fraction, oracle=oracle, reviewed=labelled)
+                               seed, cfg.audit_fraction, oracle=oracle, reviewed=labelled, features=features)
                 log.info("%s: picked %s", what, composition(coco, picks))
                 new_labelled = [*labelled, *picks]
                 m, each = train_and_evaluate(cfg, unit, coco, new_labelled, pool_dir, test_dir,

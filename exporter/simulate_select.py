@@ -19,6 +19,15 @@ strategy then picks ``n`` images from the candidates:
   lottery (``service.judge.audit_draw(seed, image_id)``) is lowest fill ``audit_fraction`` of the
   round (exactly the images the daemon would audit first), the judge's ranking the rest.
 
+- ``typiclust`` (an extra, not run by default): the low-budget rule of Hacohen et al., "Active
+  learning on a budget" (ICML 2022), which ignores the model's doubt: the pool's images (reviewed
+  and not) are clustered (k-means, ``len(reviewed) + n`` clusters) on a model-free embedding of
+  each image (``pool_features``: a 16x16 colour thumbnail, PCA to 32 dimensions); each pick takes
+  the cluster with the fewest reviewed images (the largest first among equals; clusters under 5
+  images skipped while others are left) and, in it, the most *typical* unreviewed image (the
+  inverse mean distance to its 20 nearest neighbours in the cluster). The literature's answer to
+  the cold start, where uncertainty sampling trails random: typical and diverse picks first.
+
 Reference lines (``ORACLES``, not run by default): rules no product can run, because they read
 the pool's ground truth. They bound what any scoring function could gain on the benchmark:
 
@@ -56,7 +65,7 @@ STRATEGIES = ("judge", "uncertainty", "random", "judge_audit")
 # near-duplicate suppression and camera cap.
 # ``ORACLES``: the reference lines above (they need the pool's ground truth).
 ORACLES = ("oracle_error", "oracle_shift", "oracle_scene")
-EXTRA_STRATEGIES = ("judge_priority", "judge_plain", "judge_image", *ORACLES)
+EXTRA_STRATEGIES = ("judge_priority", "judge_plain", "judge_image", "typiclust", *ORACLES)
 # Extra strategies that rank by a PoolScore field, most doubt first.
 DOUBT_RANKED = {"judge_priority": "priority", "judge_image": "image_doubt"}
 CAMERA_SHARE = 0.5
@@ -189,6 +198,87 @@ def pool_errors(bundle_dir: Path, pool: dict[str, Any], images_dir: Path, cache:
     return errors
 
 
+FEATURE_SIDE, FEATURE_DIMS = 16, 32
+
+
+def pool_features(pool: dict[str, Any], images_dir: Path, cache: Path) -> dict[str, np.ndarray]:
+    """``typiclust``'s embedding of every pool image, no model involved: the 16x16 colour
+    thumbnail (area-averaged, in [0, 1]) projected on the pool's first 32 principal components.
+    File name -> vector; cached in ``cache`` (json)."""
+    import cv2
+
+    from service.imageio import read_image
+
+    names = [im["file_name"] for im in pool["images"]]
+    if cache.is_file():
+        data = json.loads(cache.read_text())
+        if data.get("names") == names and data.get("side") == FEATURE_SIDE:
+            return {n: np.asarray(v, dtype=np.float64) for n, v in zip(names, data["features"])}
+    thumbs = np.stack([cv2.resize(np.ascontiguousarray(read_image(images_dir / n).pixels[..., :3]),
+                                  (FEATURE_SIDE, FEATURE_SIDE), interpolation=cv2.INTER_AREA).reshape(-1)
+                       for n in names]).astype(np.float64) / 255.0
+    centred = thumbs - thumbs.mean(axis=0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    feats = centred @ vt[:FEATURE_DIMS].T
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"names": names, "side": FEATURE_SIDE, "features": np.round(feats, 6).tolist()}))
+    tmp.replace(cache)
+    return dict(zip(names, feats))
+
+
+def kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iters: int = 50) -> np.ndarray:
+    """Lloyd's k-means with k-means++ seeding; the cluster index of every row of ``x``."""
+    k = max(1, min(k, len(x)))
+    centres = [x[rng.integers(len(x))]]
+    d2 = ((x - centres[0]) ** 2).sum(axis=1)
+    for _ in range(1, k):
+        probs = d2 / d2.sum() if d2.sum() > 0 else np.full(len(x), 1.0 / len(x))
+        centres.append(x[rng.choice(len(x), p=probs)])
+        d2 = np.minimum(d2, ((x - centres[-1]) ** 2).sum(axis=1))
+    c = np.stack(centres)
+    labels = np.zeros(len(x), dtype=int)
+    for it in range(iters):
+        dist = ((x[:, None, :] - c[None, :, :]) ** 2).sum(axis=2)
+        new = dist.argmin(axis=1)
+        if it and np.array_equal(new, labels):
+            break
+        labels = new
+        for j in range(k):
+            if (labels == j).any():
+                c[j] = x[labels == j].mean(axis=0)
+    return labels
+
+
+def typiclust(candidates: Sequence[str], reviewed: Sequence[str], features: dict[str, np.ndarray], n: int,
+              rng: np.random.Generator, neighbours: int = 20, min_cluster: int = 5) -> list[str]:
+    """``typiclust``'s ``n`` picks out of ``candidates`` (see the module doc)."""
+    names = [*dict.fromkeys([*reviewed, *candidates])]
+    x = np.stack([features[m] for m in names])
+    labels = kmeans(x, len(reviewed) + n, rng)
+    is_cand = np.array([m in set(candidates) for m in names])
+    covered = {j: int(((labels == j) & ~is_cand).sum()) for j in set(labels.tolist())}
+    size = {j: int((labels == j).sum()) for j in covered}
+    typicality = np.zeros(len(names))
+    for j in covered:
+        idx = np.flatnonzero(labels == j)
+        d = np.sqrt(((x[idx, None, :] - x[None, idx, :]) ** 2).sum(axis=2))
+        kk = min(neighbours, len(idx) - 1)
+        near = np.sort(d, axis=1)[:, 1:kk + 1].mean(axis=1) if kk > 0 else np.zeros(len(idx))
+        typicality[idx] = 1.0 / (near + 1e-9)
+    picks: list[str] = []
+    taken = np.zeros(len(names), dtype=bool)
+    while len(picks) < min(n, int(is_cand.sum())):
+        open_ = [j for j in covered if (is_cand & ~taken & (labels == j)).any()]
+        big = [j for j in open_ if size[j] >= min_cluster] or open_
+        j = min(big, key=lambda c: (covered[c], -size[c], c))
+        idx = np.flatnonzero(is_cand & ~taken & (labels == j))
+        best = idx[np.argmax(typicality[idx])]
+        taken[best] = True
+        covered[j] += 1
+        picks.append(names[best])
+    return picks
+
+
 def judge_order(scores: Sequence[PoolScore]) -> list[PoolScore]:
     """The judge's ranking: score ascending, then more total doubt first, then file name."""
     return sorted(scores, key=lambda s: (round(s.score, 6), -s.doubt, s.file_name))
@@ -243,15 +333,21 @@ def audit_picks(scores: Sequence[PoolScore], n: int, seed: int) -> list[PoolScor
 
 def select(strategy: str, candidates: Sequence[str], scores: dict[str, PoolScore] | None, n: int,
            rng: np.random.Generator, seed: int, audit_fraction: float,
-           oracle: dict[str, float] | None = None, reviewed: Sequence[str] = ()) -> list[str]:
+           oracle: dict[str, float] | None = None, reviewed: Sequence[str] = (),
+           features: dict[str, np.ndarray] | None = None) -> list[str]:
     """File names of the ``n`` images ``strategy`` sends to review out of ``candidates``.
 
     ``oracle``: file name -> key (higher = picked first) for the ``ORACLES`` strategies.
     ``reviewed``: images already reviewed; the judge's diversity measures skip their near duplicates.
+    ``features``: ``pool_features``, for ``typiclust``.
     """
     n = min(n, len(candidates))
     if strategy == "random":
         return [candidates[i] for i in rng.permutation(len(candidates))[:n]]
+    if strategy == "typiclust":
+        if features is None:
+            raise ValueError("strategy 'typiclust' needs the pool's features")
+        return typiclust(candidates, reviewed, features, n, rng)
     if scores is None:
         raise ValueError(f"strategy {strategy!r} needs pool scores")
     pool = [scores[c] for c in candidates]

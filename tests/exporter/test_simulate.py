@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from exporter.simulate_report import needed, paired_gains, training_noise
-from exporter.simulate_select import PoolScore, audit_picks, diverse_take, select
+from exporter.simulate_select import PoolScore, audit_picks, diverse_take, kmeans, pool_features, select
 
 
 def _score(name: str, camera: str, score: float, dh: int) -> PoolScore:
@@ -94,6 +94,46 @@ def test_oracle_strategies_follow_their_key() -> None:
     got = select("oracle_scene", names, scores, 4, np.random.default_rng(0), 0, 0.1, oracle=scene, reviewed=["im4"])
     assert got == ["im0", "im6", "im9", "im12"]
     assert select("judge", names, scores, 4, np.random.default_rng(0), 0, 0.1) == ["im0", "im1", "im2", "im3"]
+
+
+def test_typiclust_takes_the_typical_image_of_each_uncovered_cluster() -> None:
+    # Four tight blobs of 10 points (one point of each blob off-centre); blob 0 already reviewed twice.
+    rng = np.random.default_rng(3)
+    centres = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    feats: dict[str, np.ndarray] = {}
+    for b, c in enumerate(centres):
+        for i in range(10):
+            feats[f"b{b}_{i}"] = c + (np.array([0.0, 0.0]) if i == 0 else rng.normal(0, 0.3 if i < 9 else 1.5, 2))
+    labels = kmeans(np.stack(list(feats.values())), 4, np.random.default_rng(0))
+    assert len(set(labels.tolist())) == 4 and all(len(set(labels[b * 10:(b + 1) * 10].tolist())) == 1 for b in range(4))
+    reviewed = ["b0_3", "b0_4"]
+    cands = [n for n in feats if n not in reviewed]
+    got = select("typiclust", cands, None, 3, np.random.default_rng(1), 0, 0.1, reviewed=reviewed, features=feats)
+    assert {g.split("_")[0] for g in got} == {"b1", "b2", "b3"}  # the uncovered blobs first, one each
+    assert all(not g.endswith("_9") for g in got)  # the off-centre points are the least typical
+    more = select("typiclust", cands, None, 8, np.random.default_rng(1), 0, 0.1, reviewed=reviewed, features=feats)
+    assert len(more) == len(set(more)) == 8 and set(more) <= set(cands)
+    with pytest.raises(ValueError, match="features"):
+        select("typiclust", cands, None, 3, np.random.default_rng(1), 0, 0.1)
+
+
+def test_pool_features_embed_real_images_and_cache(tmp_path: Path) -> None:
+    import cv2
+
+    images = tmp_path / "images"
+    images.mkdir()
+    infos = []
+    for i in range(6):
+        img = np.full((48, 64, 3), 30 if i < 3 else 220, np.uint8)
+        img[:, : 8 * (i + 1)] = 120
+        cv2.imwrite(str(images / f"im{i}.png"), img)
+        infos.append({"id": i, "file_name": f"im{i}.png"})
+    feats = pool_features({"images": infos}, images, tmp_path / "features.json")
+    assert set(feats) == {f"im{i}.png" for i in range(6)} and feats["im0.png"].shape == (6,)  # rank <= pool size
+    dark, bright = [feats[f"im{i}.png"] for i in range(3)], [feats[f"im{i}.png"] for i in range(3, 6)]
+    assert np.linalg.norm(dark[0] - dark[1]) < np.linalg.norm(dark[0] - bright[0])
+    again = pool_features({"images": infos}, images, tmp_path / "features.json")
+    assert all(np.allclose(again[k], v, atol=1e-5) for k, v in feats.items())
 
 
 @pytest.mark.slow
