@@ -371,9 +371,9 @@ def run_seed(cfg: SimConfig, seed: int, pool_dir: Path, test_dir: Path, progress
                 t0 = time.monotonic()
                 candidates = [n for n in names if n not in set(labelled)]
                 scores, features = None, None
-                if strategy == "typiclust":
+                if strategy in ("typiclust", "typiclust_judge"):
                     features = pool_features(coco, pool_dir / "images", root / "pool_features.json")
-                elif strategy != "random":
+                if strategy not in ("random", "typiclust"):
                     scores = score_pool(prev_unit / "bundle", coco, pool_dir / "images", prev_unit / "pool_scores.json")
                 oracle = None
                 if strategy == "oracle_error":

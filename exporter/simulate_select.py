@@ -27,6 +27,9 @@ strategy then picks ``n`` images from the candidates:
   images skipped while others are left) and, in it, the most *typical* unreviewed image (the
   inverse mean distance to its 20 nearest neighbours in the cluster). The literature's answer to
   the cold start, where uncertainty sampling trails random: typical and diverse picks first.
+- ``typiclust_judge`` (an extra): ``typiclust``'s choice of cluster, and in it the image the judge
+  doubts most (``judge_order``) instead of the most typical: coverage from the clusters, the pick
+  from the product's judgement.
 
 Reference lines (``ORACLES``, not run by default): rules no product can run, because they read
 the pool's ground truth. They bound what any scoring function could gain on the benchmark:
@@ -65,7 +68,7 @@ STRATEGIES = ("judge", "uncertainty", "random", "judge_audit")
 # near-duplicate suppression and camera cap.
 # ``ORACLES``: the reference lines above (they need the pool's ground truth).
 ORACLES = ("oracle_error", "oracle_shift", "oracle_scene")
-EXTRA_STRATEGIES = ("judge_priority", "judge_plain", "judge_image", "typiclust", *ORACLES)
+EXTRA_STRATEGIES = ("judge_priority", "judge_plain", "judge_image", "typiclust", "typiclust_judge", *ORACLES)
 # Extra strategies that rank by a PoolScore field, most doubt first.
 DOUBT_RANKED = {"judge_priority": "priority", "judge_image": "image_doubt"}
 CAMERA_SHARE = 0.5
@@ -250,8 +253,10 @@ def kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iters: int = 50) -> 
 
 
 def typiclust(candidates: Sequence[str], reviewed: Sequence[str], features: dict[str, np.ndarray], n: int,
-              rng: np.random.Generator, neighbours: int = 20, min_cluster: int = 5) -> list[str]:
-    """``typiclust``'s ``n`` picks out of ``candidates`` (see the module doc)."""
+              rng: np.random.Generator, neighbours: int = 20, min_cluster: int = 5,
+              rank: dict[str, float] | None = None) -> list[str]:
+    """``typiclust``'s ``n`` picks out of ``candidates`` (see the module doc). ``rank``: file name ->
+    key (higher first) that picks within a cluster instead of the typicality (``typiclust_judge``)."""
     names = [*dict.fromkeys([*reviewed, *candidates])]
     x = np.stack([features[m] for m in names])
     labels = kmeans(x, len(reviewed) + n, rng)
@@ -272,7 +277,8 @@ def typiclust(candidates: Sequence[str], reviewed: Sequence[str], features: dict
         big = [j for j in open_ if size[j] >= min_cluster] or open_
         j = min(big, key=lambda c: (covered[c], -size[c], c))
         idx = np.flatnonzero(is_cand & ~taken & (labels == j))
-        best = idx[np.argmax(typicality[idx])]
+        key = typicality[idx] if rank is None else np.array([rank[names[i]] for i in idx])
+        best = idx[np.argmax(key)]
         taken[best] = True
         covered[j] += 1
         picks.append(names[best])
@@ -339,15 +345,21 @@ def select(strategy: str, candidates: Sequence[str], scores: dict[str, PoolScore
 
     ``oracle``: file name -> key (higher = picked first) for the ``ORACLES`` strategies.
     ``reviewed``: images already reviewed; the judge's diversity measures skip their near duplicates.
-    ``features``: ``pool_features``, for ``typiclust``.
+    ``features``: ``pool_features``, for ``typiclust`` and ``typiclust_judge``.
     """
     n = min(n, len(candidates))
     if strategy == "random":
         return [candidates[i] for i in rng.permutation(len(candidates))[:n]]
-    if strategy == "typiclust":
+    if strategy in ("typiclust", "typiclust_judge"):
         if features is None:
-            raise ValueError("strategy 'typiclust' needs the pool's features")
-        return typiclust(candidates, reviewed, features, n, rng)
+            raise ValueError(f"strategy {strategy!r} needs the pool's features")
+        if strategy == "typiclust":
+            return typiclust(candidates, reviewed, features, n, rng)
+        if scores is None:
+            raise ValueError(f"strategy {strategy!r} needs pool scores")
+        order = judge_order([scores[c] for c in candidates])
+        return typiclust(candidates, reviewed, features, n, rng,
+                         rank={s.file_name: float(len(order) - i) for i, s in enumerate(order)})
     if scores is None:
         raise ValueError(f"strategy {strategy!r} needs pool scores")
     pool = [scores[c] for c in candidates]

@@ -115,6 +115,10 @@ def test_typiclust_takes_the_typical_image_of_each_uncovered_cluster() -> None:
     assert len(more) == len(set(more)) == 8 and set(more) <= set(cands)
     with pytest.raises(ValueError, match="features"):
         select("typiclust", cands, None, 3, np.random.default_rng(1), 0, 0.1)
+    # typiclust_judge: the same clusters, in each the image the judge doubts most (lowest score).
+    scores = {n: _score(n, "mirror", 0.1 if n.endswith("_1") else 0.8, i * 2**20) for i, n in enumerate(feats)}
+    got = select("typiclust_judge", cands, scores, 3, np.random.default_rng(1), 0, 0.1, reviewed=reviewed, features=feats)
+    assert sorted(got) == ["b1_1", "b2_1", "b3_1"]
 
 
 def test_pool_features_embed_real_images_and_cache(tmp_path: Path) -> None:
