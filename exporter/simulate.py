@@ -68,8 +68,8 @@ from typing import Any
 import numpy as np
 
 from .cabin_init import write_cabin_init
-from .simulate_select import (EXTRA_STRATEGIES, STRATEGIES, pool_errors, pool_features, pool_predictions, score_pool,
-                              select)
+from .simulate_select import (EXTRA_STRATEGIES, STRATEGIES, pool_errors, pool_features, pool_predictions, round_rule,
+                              score_pool, select)
 
 log = logging.getLogger(__name__)
 
@@ -371,9 +371,10 @@ def run_seed(cfg: SimConfig, seed: int, pool_dir: Path, test_dir: Path, progress
                 t0 = time.monotonic()
                 candidates = [n for n in names if n not in set(labelled)]
                 scores, features = None, None
-                if strategy in ("typiclust", "typiclust_judge"):
+                rule = round_rule(strategy, r)
+                if rule in ("typiclust", "typiclust_judge"):
                     features = pool_features(coco, pool_dir / "images", root / "pool_features.json")
-                if strategy not in ("random", "typiclust"):
+                if rule not in ("random", "typiclust"):
                     scores = score_pool(prev_unit / "bundle", coco, pool_dir / "images", prev_unit / "pool_scores.json")
                 oracle = None
                 if strategy == "oracle_error":
@@ -384,7 +385,7 @@ def run_seed(cfg: SimConfig, seed: int, pool_dir: Path, test_dir: Path, progress
                                                                           len(scene_ids))) for im in coco["images"]}
                 elif strategy == "oracle_shift":
                     oracle = {im["file_name"]: float(not in_source_domain(im.get("tags", {}))) for im in coco["images"]}
-                picks = select(strategy, candidates, scores, cfg.per_round, np.random.default_rng([seed, r, 7]),
+                picks = select(rule, candidates, scores, cfg.per_round, np.random.default_rng([seed, r, 7]),
                                seed, cfg.audit_fraction, oracle=oracle, reviewed=labelled, features=features)
                 log.info("%s: picked %s", what, composition(coco, picks))
                 new_labelled = [*labelled, *picks]

@@ -30,6 +30,8 @@ strategy then picks ``n`` images from the candidates:
 - ``typiclust_judge`` (an extra): ``typiclust``'s choice of cluster, and in it the image the judge
   doubts most (``judge_order``) instead of the most typical: coverage from the clusters, the pick
   from the product's judgement.
+- ``random_then_judge`` (an extra): a cold-start schedule: the first round's picks are random
+  (the same draw as ``random``'s), every later round the judge's (``round_rule``).
 
 Reference lines (``ORACLES``, not run by default): rules no product can run, because they read
 the pool's ground truth. They bound what any scoring function could gain on the benchmark:
@@ -68,7 +70,8 @@ STRATEGIES = ("judge", "uncertainty", "random", "judge_audit")
 # near-duplicate suppression and camera cap.
 # ``ORACLES``: the reference lines above (they need the pool's ground truth).
 ORACLES = ("oracle_error", "oracle_shift", "oracle_scene")
-EXTRA_STRATEGIES = ("judge_priority", "judge_plain", "judge_image", "typiclust", "typiclust_judge", *ORACLES)
+EXTRA_STRATEGIES = ("judge_priority", "judge_plain", "judge_image", "typiclust", "typiclust_judge", "random_then_judge",
+                    *ORACLES)
 # Extra strategies that rank by a PoolScore field, most doubt first.
 DOUBT_RANKED = {"judge_priority": "priority", "judge_image": "image_doubt"}
 CAMERA_SHARE = 0.5
@@ -283,6 +286,14 @@ def typiclust(candidates: Sequence[str], reviewed: Sequence[str], features: dict
         covered[j] += 1
         picks.append(names[best])
     return picks
+
+
+def round_rule(strategy: str, round_: int) -> str:
+    """The rule a strategy picks with in round ``round_`` (1 = the first after the initial set):
+    the strategy itself, except for schedules (``random_then_judge``: random, then the judge)."""
+    if strategy == "random_then_judge":
+        return "random" if round_ <= 1 else "judge"
+    return strategy
 
 
 def judge_order(scores: Sequence[PoolScore]) -> list[PoolScore]:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from exporter.simulate_report import needed, paired_gains, training_noise
-from exporter.simulate_select import PoolScore, audit_picks, diverse_take, kmeans, pool_features, select
+from exporter.simulate_select import PoolScore, audit_picks, diverse_take, kmeans, pool_features, round_rule, select
 
 
 def _score(name: str, camera: str, score: float, dh: int) -> PoolScore:
@@ -72,6 +72,11 @@ def test_select_strategies_on_fixed_scores() -> None:
     assert len(audit) == len(set(audit)) == 10
     with pytest.raises(ValueError):
         select("judge", names, None, 4, rng, 0, 0.1)
+
+
+def test_schedules_pick_by_round() -> None:
+    assert [round_rule("random_then_judge", r) for r in (1, 2, 3)] == ["random", "judge", "judge"]
+    assert [round_rule("judge", r) for r in (1, 2)] == ["judge", "judge"]
 
 
 def test_oracle_strategies_follow_their_key() -> None:
