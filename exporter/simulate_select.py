@@ -263,7 +263,8 @@ def typiclust(candidates: Sequence[str], reviewed: Sequence[str], features: dict
     names = [*dict.fromkeys([*reviewed, *candidates])]
     x = np.stack([features[m] for m in names])
     labels = kmeans(x, len(reviewed) + n, rng)
-    is_cand = np.array([m in set(candidates) for m in names])
+    wanted = set(candidates)
+    is_cand = np.array([m in wanted for m in names])
     covered = {j: int(((labels == j) & ~is_cand).sum()) for j in set(labels.tolist())}
     size = {j: int((labels == j).sum()) for j in covered}
     typicality = np.zeros(len(names))
