@@ -68,8 +68,8 @@ from typing import Any
 import numpy as np
 
 from .cabin_init import write_cabin_init
-from .simulate_select import (EXTRA_STRATEGIES, STRATEGIES, pool_errors, pool_features, pool_predictions, round_rule,
-                              score_pool, select)
+from .simulate_select import (EXTRA_STRATEGIES, NEEDS_FEATURES, NEEDS_NO_SCORES, STRATEGIES, pool_errors, pool_features,
+                              pool_predictions, round_rule, score_pool, select)
 
 log = logging.getLogger(__name__)
 
@@ -372,9 +372,9 @@ def run_seed(cfg: SimConfig, seed: int, pool_dir: Path, test_dir: Path, progress
                 candidates = [n for n in names if n not in set(labelled)]
                 scores, features = None, None
                 rule = round_rule(strategy, r)
-                if rule in ("typiclust", "typiclust_judge"):
+                if rule in NEEDS_FEATURES:
                     features = pool_features(coco, pool_dir / "images", root / "pool_features.json")
-                if rule not in ("random", "typiclust"):
+                if rule not in NEEDS_NO_SCORES:
                     scores = score_pool(prev_unit / "bundle", coco, pool_dir / "images", prev_unit / "pool_scores.json")
                 oracle = None
                 if strategy == "oracle_error":

@@ -72,6 +72,9 @@ STRATEGIES = ("judge", "uncertainty", "random", "judge_audit")
 ORACLES = ("oracle_error", "oracle_shift", "oracle_scene")
 EXTRA_STRATEGIES = ("judge_priority", "judge_plain", "judge_image", "typiclust", "typiclust_judge", "random_then_judge",
                     *ORACLES)
+# Rules that pick on ``pool_features``, and rules that need no pool scores (see ``round_rule``).
+NEEDS_FEATURES = ("typiclust", "typiclust_judge")
+NEEDS_NO_SCORES = ("random", "typiclust")
 # Extra strategies that rank by a PoolScore field, most doubt first.
 DOUBT_RANKED = {"judge_priority": "priority", "judge_image": "image_doubt"}
 CAMERA_SHARE = 0.5
@@ -362,19 +365,17 @@ def select(strategy: str, candidates: Sequence[str], scores: dict[str, PoolScore
     n = min(n, len(candidates))
     if strategy == "random":
         return [candidates[i] for i in rng.permutation(len(candidates))[:n]]
-    if strategy in ("typiclust", "typiclust_judge"):
-        if features is None:
-            raise ValueError(f"strategy {strategy!r} needs the pool's features")
-        if strategy == "typiclust":
-            return typiclust(candidates, reviewed, features, n, rng)
-        if scores is None:
-            raise ValueError(f"strategy {strategy!r} needs pool scores")
-        order = judge_order([scores[c] for c in candidates])
-        return typiclust(candidates, reviewed, features, n, rng,
-                         rank={s.file_name: float(len(order) - i) for i, s in enumerate(order)})
+    if strategy in NEEDS_FEATURES and features is None:
+        raise ValueError(f"strategy {strategy!r} needs the pool's features")
+    if strategy == "typiclust":
+        return typiclust(candidates, reviewed, features, n, rng)
     if scores is None:
         raise ValueError(f"strategy {strategy!r} needs pool scores")
     pool = [scores[c] for c in candidates]
+    if strategy == "typiclust_judge":
+        order = judge_order(pool)
+        return typiclust(candidates, reviewed, features, n, rng,
+                         rank={s.file_name: float(len(order) - i) for i, s in enumerate(order)})
     seen = [scores[r] for r in reviewed if r in scores]
 
     def take(ranked: Sequence[PoolScore], k: int) -> list[PoolScore]:
