@@ -15,7 +15,7 @@ import sys
 
 import numpy as np
 
-from exporter.simulate_report import METRICS, needed
+from exporter.simulate_report import mean3, needed
 
 res = json.loads(open(sys.argv[1]).read())
 draws = int(sys.argv[2]) if len(sys.argv) > 2 else 4000
@@ -23,42 +23,44 @@ units = res["units"]
 seeds = sorted({u["seed"] for u in units})
 strategies = [s for s in res["settings"]["strategies"] if s != "random"]
 rounds = sorted({u["round"] for u in units})
-each = {(u["seed"], u["strategy"], u["round"]): np.array([np.mean([m[k] for k in METRICS]) for m in u["metrics_each"]])
-        for u in units}
-
-
-def curve(strategy, picked_seeds, rng):
-    ys = []
-    for r in rounds:
-        key = "initial" if r == 0 else strategy
-        vals = []
-        for s in picked_seeds:
-            t = each[(s, key, r)]
-            vals.append(t[rng.integers(0, len(t), len(t))].mean() if rng is not None else t.mean())
-        ys.append(float(np.mean(vals)))
-    return ys
+each = {(u["seed"], u["strategy"], u["round"]): np.array([mean3(m) for m in u["metrics_each"]]) for u in units}
 
 
 NOT_REACHED = 99.0  # a draw whose curve never reaches the target
+
+
+def curve(strategy, picked_seeds, rng):
+    """Mean over ``picked_seeds`` of each round's mean of the three, every unit's trainings resampled."""
+    ys = []
+    for r in rounds:
+        key = "initial" if r == 0 else strategy
+        trainings = [each[(s, key, r)] for s in picked_seeds]
+        ys.append(float(np.mean([t[rng.integers(0, len(t), len(t))].mean() for t in trainings])))
+    return ys
+
+
+def f(v):
+    return "not reached" if v is None or v >= NOT_REACHED else f"{100 * v:.0f} %"
+
+
 rng = np.random.default_rng(0)
-x = [r * res["settings"]["per_round"] for r in rounds]
+x = res["curves"]["random"]["x"]
 budget = x[-1]
 print(f"{res['settings']['out']}: {len(seeds)} seeds, trainings per unit "
       f"{sorted({len(v) for v in each.values()})}, {draws} draws")
-print(f"| strategy | resampled | as reported | 5 % | median | 95 % | draws <= 50 % |")
+print("| strategy | resampled | as reported | 5 % | median | 95 % | draws <= 50 % |")
 print("|---|---|---:|---:|---:|---:|---:|")
 for strategy in strategies:
-    point = needed(x, curve(strategy, seeds, None), curve("random", seeds, None)[-1])
+    point = res["label_saving"]["strategies"][strategy]["mean3"]["fraction"]  # the report's own figure
     for mode in ("trainings", "seeds and trainings"):
         fr = []
         for _ in range(draws):
             ps = seeds if mode == "trainings" else list(rng.choice(seeds, len(seeds)))
             sub = np.random.default_rng(rng.integers(1 << 62))
-            rnd, mine = curve("random", ps, sub), curve(strategy, ps, sub)
-            n = needed(x, mine, rnd[-1])
+            target = curve("random", ps, sub)[-1]
+            n = needed(x, curve(strategy, ps, sub), target)
             fr.append(NOT_REACHED if n is None else n / budget)
         fr = np.array(fr)
         q = np.percentile(fr, [5, 50, 95])
-        f = lambda v: "not reached" if v >= NOT_REACHED else f"{100 * v:.0f} %"
-        print(f"| {strategy} | {mode} | {f(point / budget if point is not None else NOT_REACHED)} | {f(q[0])} | {f(q[1])} | "
-              f"{f(q[2])} | {100 * np.mean(fr <= 0.5):.1f} % |")
+        print(f"| {strategy} | {mode} | {f(point)} | {f(q[0])} | {f(q[1])} | {f(q[2])} | "
+              f"{100 * np.mean(fr <= 0.5):.1f} % |")
