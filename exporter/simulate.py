@@ -112,6 +112,10 @@ class SimConfig:
     # Weight of the auto labels (the first bundle's records of the pool images nobody reviewed)
     # in each round's training, as ``annotator train --auto-weight``; 0: reviewed images only.
     auto_weight: float = 0.25
+    # Share of the pool whose auto labels are merged: the images the first bundle is most sure of
+    # (highest ``default_score``, the judge's own score), as CEAL (Wang et al. 2017) pairs
+    # uncertainty sampling with confident pseudo-labels. 1: every unreviewed image (the default).
+    auto_trusted: float = 1.0
 
     def __post_init__(self) -> None:
         bad = [s for s in self.strategies if s not in STRATEGIES + EXTRA_STRATEGIES]
@@ -134,6 +138,8 @@ class SimConfig:
             raise ValueError(f"--shift-camera: expected one of {', '.join(SHIFT_CAMERAS)}, got {self.shift_camera!r}")
         if not 0.0 <= self.auto_weight <= 10.0:
             raise ValueError(f"--auto-weight: expected 0 <= w <= 10, got {self.auto_weight}")
+        if not 0.0 < self.auto_trusted <= 1.0:
+            raise ValueError(f"--auto-trusted: expected 0 < f <= 1, got {self.auto_trusted}")
         if not 0.0 <= self.audit_fraction < 1.0:
             raise ValueError(f"--audit-fraction: expected 0 <= f < 1, got {self.audit_fraction}")
 
@@ -188,7 +194,7 @@ def subset(coco: dict[str, Any], names: set[str]) -> dict[str, Any]:
 def training_set(coco: dict[str, Any], labelled: list[str], auto: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
     """The round's merged dataset, as ``annotator dataset export`` writes it: the labelled images
     with their ground truth (origin "reviewed") and, with ``auto`` (file name -> the first
-    bundle's record), every other pool image with its auto label (origin "auto")."""
+    bundle's record), every other pool image in ``auto`` with its auto label (origin "auto")."""
     from service.outputs import record_annotations
 
     reviewed = subset(coco, set(labelled))
@@ -198,13 +204,23 @@ def training_set(coco: dict[str, Any], labelled: list[str], auto: dict[str, dict
         done = set(labelled)
         next_id = max((int(a["id"]) for a in coco["annotations"]), default=0) + 1
         for im in coco["images"]:
-            if im["file_name"] in done:
+            if im["file_name"] in done or im["file_name"] not in auto:
                 continue
             anns = record_annotations(auto[im["file_name"]], im["id"], next_id)
             next_id += len(anns)
             images.append({**im, "origin": "auto"})
             annotations += [{**a, "provenance": {"origin": "auto"}} for a in anns]
     return {**coco, "images": images, "annotations": annotations}
+
+
+def trusted_auto(auto: dict[str, dict[str, Any]], scores: dict[str, Any], share: float) -> dict[str, dict[str, Any]]:
+    """The auto labels of the ``share`` of the pool the first bundle is most sure of: highest
+    ``default_score`` first, ties by file name (deterministic)."""
+    ranked = sorted(auto, key=lambda n: (-scores[n].score, n))
+    keep = set(ranked[:int(round(share * len(ranked)))])
+    log.info("auto labels: the %d most trusted of %d pool images (default_score >= %.3f)", len(keep), len(ranked),
+             min((scores[n].score for n in keep), default=float("nan")))
+    return {n: rec for n, rec in auto.items() if n in keep}
 
 
 def in_source_domain(tags: dict[str, Any]) -> bool:
@@ -358,6 +374,9 @@ def run_seed(cfg: SimConfig, seed: int, pool_dir: Path, test_dir: Path, progress
     auto = None
     if cfg.auto_weight > 0:
         auto = pool_predictions(init_unit / "bundle", coco, pool_dir / "images", init_unit / "pool_records.json")
+        if cfg.auto_trusted < 1.0:
+            auto = trusted_auto(auto, score_pool(init_unit / "bundle", coco, pool_dir / "images",
+                                                 init_unit / "pool_scores.json"), cfg.auto_trusted)
     prev: dict[str, tuple[Path, list[str]]] = {s: (init_unit, initial_state["labelled"]) for s in cfg.strategies}
     for r in range(1, cfg.rounds + 1):
         for strategy in cfg.strategies:
@@ -414,7 +433,7 @@ def run(cfg: SimConfig) -> dict[str, Any]:
     if saved.is_file():  # finished units are reused: they must come from the same settings
         # runs from before --repeats trained once; before --shift-share the pool had the test set's mix
         # and before --auto-weight every round trained on the reviewed images only
-        old = {"repeats": 1, "shift_share": 1.0, "shift_camera": "overhead", "auto_weight": 0.0,
+        old = {"repeats": 1, "shift_share": 1.0, "shift_camera": "overhead", "auto_weight": 0.0, "auto_trusted": 1.0,
                **json.loads(saved.read_text())}
         differ = [k for k in settings if k not in ("out", "seeds", "rounds", "strategies")
                   and json.dumps(old.get(k)) != json.dumps(settings[k])]
@@ -440,7 +459,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                     initial_epochs=args.initial_epochs, imgsz=args.imgsz, audit_fraction=args.audit_fraction,
                     initial_domain=args.initial_domain, frames=args.frames, motion=args.motion, repeats=args.repeats,
                     shift_share=args.shift_share, shift_camera=args.shift_camera, auto_weight=args.auto_weight,
-                    strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()))
+                    auto_trusted=args.auto_trusted, strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()))
     if args.quick:
         cfg = cfg.quick()
     results = run(cfg)
@@ -490,6 +509,10 @@ def register(sub: Any) -> None:
                         "image nobody reviewed, as in the product's merged dataset; `annotator train --auto-weight`): "
                         "0 = the reviewed images only (the benchmark before session 12); 1 = annotator train's "
                         "default (every pool image trains: about 3x the training time of the default)")
+    s.add_argument("--auto-trusted", type=float, default=d.auto_trusted,
+                   help="share of the pool whose auto labels are merged: the images the first bundle is most sure "
+                        "of (highest default_score); the judge reviews the doubtful ones, the confident ones train "
+                        "as auto labels (CEAL). 1 = every unreviewed image")
     s.add_argument("--strategies", default=",".join(STRATEGIES))
     s.add_argument("--quick", action="store_true", help="a few-minute smoke run (tiny pool, 1 round, 1 epoch, 96 px)")
     s.set_defaults(func=cmd_simulate)

@@ -168,8 +168,9 @@ def table_lines(results: dict[str, Any]) -> list[str]:
                       f"paired gain above (training noise alone, not the pools' sampling)."]
     elif gains:
         lines += ["", "One training per unit: the gains above include one training's noise, which is the size of "
-                      "the gains themselves (sd 0.004 of the mean of the three on the default settings, measured "
-                      "with `--repeats 3`: docs/simulate/repeats3); `--repeats 3` averages it out."]
+                      "the gains themselves (sd 0.0078 of one training's mean of the three on the default "
+                      "settings, 0.004 with reviewed images only, measured with `--repeats 3`: "
+                      "docs/simulate/auto-labels-repeats3-named, docs/simulate/repeats3); `--repeats 3` averages it out."]
     comp = results.get("composition", {})
     if comp:
         share = float(results.get("settings", {}).get("shift_share", 1.0))
@@ -262,6 +263,8 @@ def write_results(cfg: Any, states: list[dict[str, Any]], seconds: float) -> dic
              f"initial images from {INITIAL_DOMAIN_TEXT[cfg.initial_domain].format(camera)}"
              + (f", rounds train on the reviewed images and the auto labels of the rest at weight {aw:g}"
                 if (aw := float(getattr(cfg, "auto_weight", 0.0))) > 0 else ", rounds train on the reviewed images only")
+             + (f" (auto labels only of the {trusted:.0%} of the pool the first bundle is most sure of)"
+                if aw > 0 and (trusted := float(getattr(cfg, "auto_trusted", 1.0))) < 1.0 else "")
              + (f", mean of {repeats} trainings per unit" if (repeats := int(getattr(cfg, "repeats", 1))) > 1 else "")
              + (f", the pool's shift (IR, {camera} camera) x{share:g} of the test set's"
                 if (share := float(getattr(cfg, "shift_share", 1.0))) != 1.0 else ""))

@@ -200,6 +200,26 @@ def test_training_set_is_the_products_merged_dataset(tmp_path: Path) -> None:
         SimConfig(out=tmp_path, auto_weight=-1)
 
 
+def test_trusted_auto_keeps_the_most_sure_share(tmp_path: Path) -> None:
+    from exporter.simulate import SimConfig, trusted_auto, training_set
+
+    names = [f"im{i}.jpg" for i in range(1, 5)]
+    auto = {n: {"persons": [], "heads": []} for n in names}
+    scores = {n: _score(n, "mirror", s, 0) for n, s in zip(names, (0.9, 0.1, 0.5, 0.9))}
+    assert set(trusted_auto(auto, scores, 0.5)) == {"im1.jpg", "im4.jpg"}  # the two highest default_scores
+    assert set(trusted_auto(auto, scores, 0.75)) == {"im1.jpg", "im3.jpg", "im4.jpg"}
+    assert trusted_auto(auto, scores, 1.0) == auto
+    coco = {"images": [{"id": i, "file_name": n} for i, n in enumerate(names, 1)], "annotations": [],
+            "categories": []}
+    merged = training_set(coco, ["im2.jpg"], trusted_auto(auto, scores, 0.5))
+    assert {im["file_name"]: im["origin"] for im in merged["images"]} == {
+        "im2.jpg": "reviewed", "im1.jpg": "auto", "im4.jpg": "auto"}  # the doubtful im3 trains on nothing
+    assert SimConfig(out=tmp_path).auto_trusted == 1.0
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="--auto-trusted"):
+            SimConfig(out=tmp_path, auto_trusted=bad)
+
+
 def test_shift_share_scales_the_pools_shift_only(tmp_path: Path) -> None:
     from exporter.simulate import SimConfig, pool_cameras
 
