@@ -79,6 +79,9 @@ SHIFT_CAMERA_SHARE = 0.15  # its share of the test set (the deployment mixture)
 TEST_SEED = 9000
 POOL_SEED = 1000
 INITIAL_DOMAINS = ("source", "pool")
+# How long the pool's capture sequences are: all ``frames`` long, or of uneven length as a lab's
+# recordings come (log-uniform from 1 to 4 x frames: a few long recordings hold most frames).
+SEQUENCE_LENGTHS = ("fixed", "varied")
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,7 @@ class SimConfig:
     initial_domain: str = "source"  # "source": no IR, not the new camera; "pool": the whole mixture
     frames: int = 10  # pool images per capture sequence (1: every pool image its own scene)
     motion: float = 0.1  # how much the occupants move between a sequence's frames (synth.sequence)
+    lengths: str = "fixed"  # "fixed": every sequence ``frames`` long; "varied": 1 to 4 x frames (SEQUENCE_LENGTHS)
     repeats: int = 1  # trainings per unit (other training seeds, same picks); the unit's metrics are their mean
     shift_share: float = 1.0  # the pool's share of the shift (IR, new camera) relative to the test set's
     shift_camera: str = "overhead"  # the new camera: "overhead" (rolled 12-25 degrees) or "roof" (30-60 degrees)
@@ -132,6 +136,10 @@ class SimConfig:
             raise ValueError(f"--initial-domain: expected one of {', '.join(INITIAL_DOMAINS)}, got {self.initial_domain!r}")
         if self.frames < 1:
             raise ValueError(f"--frames: expected >= 1, got {self.frames}")
+        if self.lengths not in SEQUENCE_LENGTHS:
+            raise ValueError(f"--lengths: expected one of {', '.join(SEQUENCE_LENGTHS)}, got {self.lengths!r}")
+        if self.lengths == "varied" and self.frames < 2:
+            raise ValueError("--lengths varied needs --frames >= 2 (the mean length of a capture sequence)")
         if not 0.0 < self.shift_share <= 2.0:
             raise ValueError(f"--shift-share: expected 0 < s <= 2, got {self.shift_share}")
         if self.shift_camera not in SHIFT_CAMERAS:
@@ -154,6 +162,7 @@ def prepare_data(cfg: SimConfig) -> tuple[Path, dict[int, Path]]:
     """Render (once) the test set and one pool per seed; returns (test dir, seed -> pool dir)."""
     from .synth import generate
     from .synth.render import Knobs
+    from .synth.sequence import varied_lengths
 
     knobs = Knobs(ir=cfg.ir, crowded=cfg.crowded, child=cfg.child, cameras=pool_cameras(1.0, cfg.shift_camera))
     pool_knobs = replace(knobs, ir=cfg.ir * cfg.shift_share, cameras=pool_cameras(cfg.shift_share, cfg.shift_camera))
@@ -164,12 +173,15 @@ def prepare_data(cfg: SimConfig) -> tuple[Path, dict[int, Path]]:
         ann = d / "annotations.json"
         if ann.is_file() and len(json.loads(ann.read_text())["images"]) == count:
             return d
-        log.info("rendering %s: %d images (seed %d, %d frames per scene)", name, count, seed, frames)
-        return generate(d, count, seed, knobs=kn, workers=2, frames=frames, motion=cfg.motion)
+        lengths = varied_lengths(count, frames, seed) if frames > 1 and cfg.lengths == "varied" else None
+        log.info("rendering %s: %d images (seed %d, %s frames per scene)", name, count, seed,
+                 f"1-{max(lengths)}" if lengths else frames)
+        return generate(d, count, seed, knobs=kn, workers=2, frames=frames, motion=cfg.motion, lengths=lengths)
 
     cam = "" if cfg.shift_camera == "overhead" else f"_{cfg.shift_camera}"  # the first runs' folders had overhead
     test = make(f"test_{cfg.test}{cam}", cfg.test, TEST_SEED)  # independent scenes, whatever the pool
     seq = cam + (f"_f{cfg.frames}m{cfg.motion:g}" if cfg.frames > 1 else "")
+    seq += "_var" if cfg.lengths == "varied" else ""
     seq += f"_sh{cfg.shift_share:g}" if cfg.shift_share != 1.0 else ""
     pools = {s: make(f"pool_s{s}_{cfg.pool}{seq}", cfg.pool, POOL_SEED + s, cfg.frames, pool_knobs)
              for s in range(cfg.seeds)}
@@ -434,6 +446,7 @@ def run(cfg: SimConfig) -> dict[str, Any]:
         # runs from before --repeats trained once; before --shift-share the pool had the test set's mix
         # and before --auto-weight every round trained on the reviewed images only
         old = {"repeats": 1, "shift_share": 1.0, "shift_camera": "overhead", "auto_weight": 0.0, "auto_trusted": 1.0,
+               "lengths": "fixed",
                **json.loads(saved.read_text())}
         differ = [k for k in settings if k not in ("out", "seeds", "rounds", "strategies")
                   and json.dumps(old.get(k)) != json.dumps(settings[k])]
@@ -457,7 +470,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     cfg = SimConfig(out=Path(args.out), seeds=args.seeds, rounds=args.rounds, per_round=args.per_round,
                     initial=args.initial, pool=args.pool, test=args.test, epochs=args.epochs,
                     initial_epochs=args.initial_epochs, imgsz=args.imgsz, audit_fraction=args.audit_fraction,
-                    initial_domain=args.initial_domain, frames=args.frames, motion=args.motion, repeats=args.repeats,
+                    initial_domain=args.initial_domain, frames=args.frames, motion=args.motion, lengths=args.lengths,
+                    repeats=args.repeats,
                     shift_share=args.shift_share, shift_camera=args.shift_camera, auto_weight=args.auto_weight,
                     auto_trusted=args.auto_trusted, strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()))
     if args.quick:
@@ -492,6 +506,9 @@ def register(sub: Any) -> None:
                         "1 = every pool image its own scene")
     s.add_argument("--motion", type=float, default=d.motion,
                    help="how much the occupants move between a sequence's frames (share of each parameter's spread)")
+    s.add_argument("--lengths", choices=SEQUENCE_LENGTHS, default=d.lengths,
+                   help="capture sequence lengths: all --frames long (fixed) or uneven as recordings come "
+                        "(varied: 1 to 4 x --frames, a few long recordings holding most frames)")
     s.add_argument("--repeats", type=int, default=d.repeats,
                    help="trainings per unit with other training seeds on the same picks; the mean is reported "
                         "(measures and averages out the training noise; costs that many times the CPU)")

@@ -256,7 +256,9 @@ def write_results(cfg: Any, states: list[dict[str, Any]], seconds: float) -> dic
     (out / "results.json").write_text(json.dumps(results, indent=1))
     frames = int(getattr(cfg, "frames", 1))
     camera = str(getattr(cfg, "shift_camera", "overhead"))
-    pool = f"pool {cfg.pool}" + (f" ({frames}-frame capture sequences)" if frames > 1 else "")
+    varied = str(getattr(cfg, "lengths", "fixed")) == "varied"
+    pool = f"pool {cfg.pool}" + ((f" (capture sequences of 1 to {4 * frames} frames, mean about {frames})" if varied
+                                  else f" ({frames}-frame capture sequences)") if frames > 1 else "")
     title = (f"{cfg.seeds} seeds, {pool}, initial {cfg.initial}, {cfg.rounds} x {cfg.per_round} reviewed, "
              f"{cfg.epochs} epochs/round, {cfg.imgsz} px, test {cfg.test}, "
              f"new camera: {camera}, "

@@ -3,7 +3,8 @@
 ``generate(out_dir, count, seed, knobs)`` renders ``count`` images; image ``i`` of seed ``s``
 depends only on ``(s, i)``, so any subset can be re-made and runs are reproducible. With
 ``frames=f`` the images come as capture sequences: image ``i`` is frame ``i % f`` of scene
-``i // f`` (``sequence.py``: same scene, the occupants moved a little, fresh sensor noise).
+``i // f`` (``sequence.py``: same scene, the occupants moved a little, fresh sensor noise);
+with ``lengths`` the scenes have those numbers of frames instead (``sequence.varied_lengths``).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import cv2
 import numpy as np
@@ -21,7 +22,7 @@ from service.durable import write_json_atomic
 from service.keypoints import CABIN19
 
 from .render import OUT_H, OUT_W, Knobs, render_image, sample_spec
-from .sequence import frame_rng
+from .sequence import frame_rng, scene_frame
 
 log = logging.getLogger(__name__)
 PERSON_CATEGORY, HEAD_CATEGORY = 1, 2
@@ -37,9 +38,9 @@ def categories() -> list[dict[str, Any]]:
     ]
 
 
-def _render_one(args: tuple[int, int, Knobs, str, int, int, float]) -> dict[str, Any]:
-    seed, index, knobs, images_dir, quality, frames, motion = args
-    scene, frame = divmod(index, frames)
+def _render_one(args: tuple[int, int, Knobs, str, int, int, float, tuple[int, ...] | None]) -> dict[str, Any]:
+    seed, index, knobs, images_dir, quality, frames, motion, lengths = args
+    scene, frame = scene_frame(index, lengths) if lengths else divmod(index, frames)
     rng = frame_rng(seed, scene, frame, motion)
     spec = sample_spec(rng, knobs)
     img, persons = render_image(rng, spec)
@@ -73,7 +74,7 @@ def _render_one(args: tuple[int, int, Knobs, str, int, int, float]) -> dict[str,
     image = {"file_name": name, "width": OUT_W, "height": OUT_H,
              "tags": {"camera": spec.camera, "ir": spec.ir, "crowded": spec.crowded,
                       "occupants": len(persons), "children": len(spec.children),
-                      **({"scene": scene, "frame": frame} if frames > 1 else {})}}
+                      **({"scene": scene, "frame": frame} if frames > 1 or lengths else {})}}
     return {"image": image, "annotations": anns}
 
 
@@ -88,22 +89,29 @@ def generate(
     progress: Callable[[int, int], None] | None = None,
     frames: int = 1,
     motion: float = 0.1,
+    lengths: Sequence[int] | None = None,
 ) -> Path:
     """Render images ``start .. start+count-1`` of ``seed`` into ``out_dir`` (images/ + annotations.json).
 
     ``frames`` > 1: capture sequences of that many frames per scene, each continuous parameter
     moved by ``motion`` times its spread from frame to frame 0 (``sequence.SequenceRng``).
+    ``lengths``: the scenes' numbers of frames in order (they must cover ``start + count``
+    images); ``frames`` is then ignored.
     """
     if frames < 1:
         raise ValueError(f"frames must be >= 1, got {frames}")
+    lens = tuple(int(n) for n in lengths) if lengths is not None else None
+    if lens is not None and (min(lens, default=0) < 1 or sum(lens) < start + count):
+        raise ValueError(f"lengths must be >= 1 and cover {start + count} images, got {sum(lens or ())} frames")
     out = Path(out_dir)
     images_dir = out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
-    jobs = [(seed, i, knobs, str(images_dir), quality, frames, motion) for i in range(start, start + count)]
+    jobs = [(seed, i, knobs, str(images_dir), quality, frames, motion, lens) for i in range(start, start + count)]
     coco: dict[str, Any] = {
         "info": {"description": "edge-annotator synthetic cabin scenes", "seed": seed, "start": start,
                  "count": count, "knobs": asdict(knobs),
-                 **({"frames": frames, "motion": motion} if frames > 1 else {})},
+                 **({"frames": frames, "motion": motion} if frames > 1 and lens is None else {}),
+                 **({"lengths": list(lens), "motion": motion} if lens is not None else {})},
         "images": [], "annotations": [], "categories": categories(),
     }
     results: list[dict[str, Any]] = []

@@ -10,7 +10,9 @@ noise) are drawn fresh. Frame 0 is the scene itself (no motion).
 """
 from __future__ import annotations
 
-from typing import Any
+import bisect
+import math
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -62,3 +64,28 @@ def frame_rng(seed: int, scene: int, frame: int, motion: float) -> np.random.Gen
     if frame == 0:
         return base
     return SequenceRng(base, np.random.default_rng([seed, scene, frame]), motion)
+
+
+def varied_lengths(count: int, mean: int, seed: int) -> list[int]:
+    """Capture sequences of uneven length, as a lab's recordings come: ``count`` frames cut into
+    scenes whose lengths are drawn log-uniformly from 1 to ``4 * mean`` (a mean close to
+    ``mean``: 10.6 for 10), so most frames belong to a few long recordings and most scenes are
+    short ones. Seeded by ``seed`` alone; the last scene is cut to make ``count``."""
+    if count < 1 or mean < 1:
+        raise ValueError(f"count and mean must be >= 1, got {count}, {mean}")
+    rng = np.random.default_rng([seed, 0x5E9])
+    top = math.log(4 * mean + 1)
+    lengths: list[int] = []
+    while sum(lengths) < count:
+        lengths.append(max(1, int(math.exp(rng.uniform(0.0, top)))))
+    lengths[-1] -= sum(lengths) - count
+    return lengths
+
+
+def scene_frame(index: int, lengths: Sequence[int]) -> tuple[int, int]:
+    """(scene, frame) of image ``index`` when the scenes have these ``lengths`` in order."""
+    ends = np.cumsum(lengths).tolist()
+    if not 0 <= index < ends[-1]:
+        raise ValueError(f"image {index} is past the {ends[-1]} frames of these sequences")
+    scene = bisect.bisect_right(ends, index)
+    return scene, index - (ends[scene - 1] if scene else 0)

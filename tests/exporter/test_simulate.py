@@ -236,6 +236,10 @@ def test_shift_share_scales_the_pools_shift_only(tmp_path: Path) -> None:
             SimConfig(out=tmp_path, shift_share=bad)
     with pytest.raises(ValueError, match="--shift-camera"):
         SimConfig(out=tmp_path, shift_camera="dashboard")
+    with pytest.raises(ValueError, match="--lengths"):
+        SimConfig(out=tmp_path, lengths="zipf")
+    with pytest.raises(ValueError, match="--frames >= 2"):
+        SimConfig(out=tmp_path, lengths="varied", frames=1)
 
 
 def test_quick_benchmark(tmp_path: Path, ultralytics_offline: Path) -> None:

@@ -179,3 +179,34 @@ def test_capture_sequences_move_the_scene_a_little(tmp_path: Path) -> None:
             assert np.abs(pixels[0] - pixels[1]).mean() > 0.5  # fresh sensor noise at the least
     with pytest.raises(ValueError, match="frames"):
         generate(tmp_path / "bad", 2, seed=5, frames=0)
+
+
+def test_varied_capture_sequences_are_uneven_recordings(tmp_path: Path) -> None:
+    from exporter.synth.sequence import scene_frame, varied_lengths
+
+    lengths = varied_lengths(800, 10, seed=3)
+    assert sum(lengths) == 800 and min(lengths) >= 1 and max(lengths) <= 40
+    assert lengths == varied_lengths(800, 10, seed=3) != varied_lengths(800, 10, seed=4)
+    assert 60 <= len(lengths) <= 100  # about 800 / 10.6 scenes
+    by_size = sorted(lengths, reverse=True)
+    # A few long recordings hold most frames; most scenes are short.
+    assert sum(by_size[: len(lengths) // 4]) > 0.5 * 800
+    assert np.median(lengths) < 10
+    assert [scene_frame(i, [2, 1, 3]) for i in range(6)] == [(0, 0), (0, 1), (1, 0), (2, 0), (2, 1), (2, 2)]
+    with pytest.raises(ValueError, match="past"):
+        scene_frame(6, [2, 1, 3])
+    with pytest.raises(ValueError):
+        varied_lengths(0, 10, seed=3)
+    # Rendered: image i is frame f of scene s as the lengths say; frame 0 of a scene is that
+    # scene's own image whatever the lengths (the same draws as a fixed-length sequence's frame 0).
+    seq = generate(tmp_path / "v", 6, seed=5, lengths=[2, 1, 3])
+    fixed = generate(tmp_path / "f", 6, seed=5, frames=2)
+    ims, ref = _load(seq)["images"], _load(fixed)["images"]
+    assert [(im["tags"]["scene"], im["tags"]["frame"]) for im in ims] == [scene_frame(i, [2, 1, 3]) for i in range(6)]
+    assert _load(seq)["info"]["lengths"] == [2, 1, 3]
+    # scene 1 starts at image 2 here and at image 2 in the 2-frame set too
+    assert (seq / "images" / ims[2]["file_name"]).read_bytes() == (fixed / "images" / ref[2]["file_name"]).read_bytes()
+    assert {k: v for k, v in ims[4]["tags"].items() if k != "frame"} == \
+        {k: v for k, v in ims[3]["tags"].items() if k != "frame"}  # same scene 2, another frame
+    with pytest.raises(ValueError, match="cover"):
+        generate(tmp_path / "bad", 6, seed=5, lengths=[2, 1])
