@@ -175,8 +175,11 @@ def table_lines(results: dict[str, Any]) -> list[str]:
     if comp:
         share = float(results.get("settings", {}).get("shift_share", 1.0))
         camera = results.get("settings", {}).get("shift_camera", "overhead")
-        lines += ["", "Make-up of the reviewed picks (share of all picks over seeds and rounds; the pool has "
-                      f"about {15 * share:.0f} % {camera} camera, {25 * share:.0f} % IR, 15 % crowded; new scenes: picks "
+        varied = results.get("settings", {}).get("lengths", "fixed") == "varied"
+        lines += ["", "Make-up of the reviewed picks (share of all picks over seeds and rounds; the pool's "
+                      f"{'scenes are drawn with' if varied else 'images have'} about {15 * share:.0f} % {camera} "
+                      f"camera, {25 * share:.0f} % IR, 15 % crowded"
+                      f"{' (its images: as long as the scenes happen to be)' if varied else ''}; new scenes: picks "
                       "that show a scene no earlier review showed, one per scene):", "",
                   f"| strategy | picks | {camera} camera | IR | crowded | with children | new scenes |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
