@@ -69,7 +69,7 @@ def frame_rng(seed: int, scene: int, frame: int, motion: float) -> np.random.Gen
 def varied_lengths(count: int, mean: int, seed: int) -> list[int]:
     """Capture sequences of uneven length, as a lab's recordings come: ``count`` frames cut into
     scenes whose lengths are drawn log-uniformly from 1 to ``4 * mean`` (a mean close to
-    ``mean``: 10.6 for 10), so most frames belong to a few long recordings and most scenes are
+    ``mean``: about 10.3 for 10), so most frames belong to a few long recordings and most scenes are
     short ones. Seeded by ``seed`` alone; the last scene is cut to make ``count``."""
     if count < 1 or mean < 1:
         raise ValueError(f"count and mean must be >= 1, got {count}, {mean}")
