@@ -32,6 +32,7 @@ def test_stored_image_that_fails_to_decode_is_failed_and_quarantined(make_config
         _wait(lambda: daemon.store.get(image_id).state == "failed")
         assert "truncated" in daemon.store.get(image_id).error
         reason = daemon.quarantine_dir / f"{image_id}.reason.txt"
+        _wait(reason.is_file)  # the daemon marks the image failed first, then writes the quarantine copy
         assert "truncated" in reason.read_text() and (daemon.quarantine_dir / image_id).read_bytes() == bad
         with pytest.raises(ImageError, match="truncated"):
             daemon.submit(bad, "test:again").result(5)  # a failed image answers with its reason
