@@ -378,15 +378,20 @@ class Daemon:
             self._resolve(row.image_id)
 
     def _fail(self, owner: str, row: ImageRow, reason: str, data: bytes | None) -> None:
-        """A stored image that cannot be decoded: failed in the store, a copy in quarantine."""
+        """A stored image that cannot be decoded: a copy in quarantine, then failed in the store.
+
+        In that order, so that a failed image always has its quarantine copy: a kill between the
+        two leaves the image leased, it is tried again when the lease expires, and the retry
+        reuses the copy (``write_quarantine`` does not add ``name-1`` for the same bytes).
+        """
+        if data is not None:
+            write_quarantine(self.quarantine_dir, Path(row.image_id), reason, data=data)
         try:
             self.store.fail(row.image_id, owner, reason)
         except LeaseLost as exc:
             log.warning("%s", exc)
             return
         self.store.counter("failed", 1)
-        if data is not None:
-            write_quarantine(self.quarantine_dir, Path(row.image_id), reason, data=data)
         self._resolve(row.image_id, error=ImageError(reason))
 
     # -- status and shutdown -------------------------------------------------------------

@@ -34,6 +34,7 @@ from typing import Callable
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from .durable import write_bytes_atomic
 from .errors import AnnotatorError, ImageError, StoreFull
 from .imageio import DecodedImage, decode_image
 
@@ -53,26 +54,37 @@ def is_temporary(rel: Path) -> bool:
     return any(p.startswith((".", "~")) or p.endswith(TEMP_SUFFIXES) for p in rel.parts)
 
 
-def unique_path(path: Path) -> Path:
-    """``path``, or ``name-1.ext``, ``name-2.ext``... when it exists already."""
-    if not os.path.lexists(path):
-        return path
-    n = 1
-    while os.path.lexists(candidate := path.with_name(f"{path.stem}-{n}{path.suffix}")):
+def unique_path(path: Path, reuse: Callable[[Path], bool] | None = None) -> Path:
+    """``path``, or ``name-1.ext``, ``name-2.ext``... when it exists already; an existing one for
+    which ``reuse`` says yes is returned as it is."""
+    candidate, n = path, 0
+    while os.path.lexists(candidate) and not (reuse is not None and reuse(candidate)):
         n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
     return candidate
 
 
+def _holds(data: bytes) -> Callable[[Path], bool]:
+    return lambda p: p.is_file() and not p.is_symlink() and p.stat().st_size == len(data) and p.read_bytes() == data
+
+
 def write_quarantine(qdir: Path, rel: Path, reason: str, source: Path | None = None, data: bytes | None = None) -> Path:
-    """Move ``source`` (or write ``data``) to ``qdir/rel`` and write ``<name>.reason.txt`` beside it."""
-    dest = unique_path(qdir / rel)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    """Move ``source`` (or write ``data``) to ``qdir/rel`` and write ``<name>.reason.txt`` beside it.
+
+    Safe against a kill at any point: the reason file is written first, so a quarantined image
+    never lacks its reason (a leftover reason file without its image is overwritten when the image
+    comes again); both writes are atomic, so nothing half-written is left; and ``data`` that is
+    already quarantined byte for byte under the name (the daemon died after writing the copy and
+    before the store marked the image failed, so the image is tried again) reuses that copy
+    instead of adding ``name-1``.
+    """
+    dest = unique_path(qdir / rel, _holds(data) if data is not None else None)
+    reason_file = dest.with_name(dest.name + ".reason.txt")
+    write_bytes_atomic(reason_file, (reason.rstrip() + "\n").encode("utf-8"))
     if source is not None:
         os.replace(source, dest) if _same_fs(source, dest.parent) else shutil.move(str(source), dest)
-    elif data is not None:
-        dest.write_bytes(data)
-    reason_file = dest.with_name(dest.name + ".reason.txt")
-    reason_file.write_text(reason.rstrip() + "\n", encoding="utf-8")
+    elif data is not None and not dest.is_file():
+        write_bytes_atomic(dest, data)
     log.warning("quarantined %s: %s", rel, reason)
     return dest
 

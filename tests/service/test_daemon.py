@@ -32,7 +32,6 @@ def test_stored_image_that_fails_to_decode_is_failed_and_quarantined(make_config
         _wait(lambda: daemon.store.get(image_id).state == "failed")
         assert "truncated" in daemon.store.get(image_id).error
         reason = daemon.quarantine_dir / f"{image_id}.reason.txt"
-        _wait(reason.is_file)  # the daemon marks the image failed first, then writes the quarantine copy
         assert "truncated" in reason.read_text() and (daemon.quarantine_dir / image_id).read_bytes() == bad
         with pytest.raises(ImageError, match="truncated"):
             daemon.submit(bad, "test:again").result(5)  # a failed image answers with its reason
@@ -41,6 +40,40 @@ def test_stored_image_that_fails_to_decode_is_failed_and_quarantined(make_config
         assert json.loads((daemon.sidecar_dir / f"{row.image_id}.json").read_text())["image_id"] == row.image_id
     finally:
         daemon.close()
+
+
+def test_a_daemon_dying_between_quarantine_and_store_leaves_one_copy(make_config: Callable[..., Any],
+                                                                    small_jpeg: Callable[[int], bytes]) -> None:
+    """The quarantine copy is written before the store marks the image failed. A daemon that dies
+    in between (the store's write raises here, leaving the disk as a kill -9 at that point would)
+    leaves the image received and its copy with the reason; the next daemon tries it again, fails
+    it, and reuses that copy: one image, one reason, no ``name-1``."""
+    cfg = make_config()
+    daemon = Daemon(cfg)
+    bad = small_jpeg(3)[:-40]
+    image_id, _ = daemon.store.ingest(bad, "test:direct")
+    tried: list[str] = []
+
+    def dies(image_id: str, *args: Any) -> None:
+        tried.append(image_id)
+        raise RuntimeError("killed before the store's write")
+
+    daemon.store.fail = dies  # type: ignore[method-assign]
+    daemon.start()
+    try:
+        _wait(lambda: bool(tried))
+        assert daemon.store.get(image_id).state == "received"
+        assert (daemon.quarantine_dir / image_id).read_bytes() == bad
+        assert "truncated" in (daemon.quarantine_dir / f"{image_id}.reason.txt").read_text()
+    finally:
+        daemon.close()
+    again = Daemon(cfg)
+    again.start()
+    try:
+        _wait(lambda: again.store.get(image_id).state == "failed")
+        assert sorted(p.name for p in again.quarantine_dir.iterdir()) == [image_id, f"{image_id}.reason.txt"]
+    finally:
+        again.close()
 
 
 def test_reload_swaps_the_engine_without_failing_work_in_flight(make_config: Callable[..., Any], coco17_bundle: Any,

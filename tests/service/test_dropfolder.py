@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from service.dropfolder import PROCESSED, QUARANTINE, DropFolder, is_temporary
+from service.dropfolder import PROCESSED, QUARANTINE, DropFolder, is_temporary, write_quarantine
 from service.errors import StoreFull
 from service.imageio import DecodedImage
 
@@ -97,6 +97,24 @@ def test_bad_files_quarantined_with_reasons(tmp_path: Path) -> None:
         assert os.path.lexists(drop.root / QUARANTINE / n) and not os.path.lexists(drop.root / n)
     assert outside.is_file()  # the link was moved, never its target
     assert drop.scan_once() == 0  # quarantine/ is never re-ingested
+
+
+def test_quarantine_retry_reuses_the_same_bytes_and_keeps_other_files(tmp_path: Path) -> None:
+    q = tmp_path / QUARANTINE
+    first = write_quarantine(q, Path("cam/a.jpg"), "truncated", data=b"bad bytes")
+    again = write_quarantine(q, Path("cam/a.jpg"), "truncated again", data=b"bad bytes")  # a retry after a kill
+    assert first == again == q / "cam/a.jpg" and again.read_bytes() == b"bad bytes"
+    assert (q / "cam/a.jpg.reason.txt").read_text() == "truncated again\n"
+    other = write_quarantine(q, Path("cam/a.jpg"), "not an image", data=b"other bytes")  # same name, other file
+    assert other == q / "cam/a-1.jpg" and other.read_bytes() == b"other bytes"
+    # a kill after the reason file and before the image: the next try takes the same name
+    (q / "cam/b.jpg.reason.txt").write_text("stale\n")
+    src = tmp_path / "b.jpg"
+    src.write_bytes(b"moved")
+    moved = write_quarantine(q, Path("cam/b.jpg"), "empty", source=src)
+    assert moved == q / "cam/b.jpg" and not src.exists() and (q / "cam/b.jpg.reason.txt").read_text() == "empty\n"
+    assert sorted(p.name for p in (q / "cam").iterdir()) == ["a-1.jpg", "a-1.jpg.reason.txt", "a.jpg",
+                                                           "a.jpg.reason.txt", "b.jpg", "b.jpg.reason.txt"]
 
 
 def test_unstable_file_waits_until_it_stops_changing(tmp_path: Path) -> None:
