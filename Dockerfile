@@ -1,7 +1,8 @@
 # Runtime image of the annotation daemon: onnxruntime on CPU by default, no training stack
 # (torch/ultralytics are the `train` extra, never installed here).
 #   docker build -t edge-annotator .
-#   docker build --build-arg VARIANT=gpu -t edge-annotator:gpu .   (onnxruntime-gpu on a CUDA base)
+#   docker build --build-arg VARIANT=gpu -t edge-annotator:gpu .   (onnxruntime-gpu, CUDA from pip)
+#   docker run --gpus all ... edge-annotator:gpu                    (needs the NVIDIA container toolkit)
 #   docker run -p 50051:50051 -e ANNOTATOR_SERVER__TOKEN=... \
 #       -v annotator-data:/var/lib/annotator -v /srv/annotator:/srv/annotator edge-annotator
 #   docker run --rm edge-annotator demo --out /tmp/demo-out   (the shipped demo, no set-up)
@@ -9,7 +10,6 @@
 # (it needs a bundle in /var/lib/annotator/bundles/current); HEALTHCHECK asks gRPC health.
 ARG VARIANT=cpu
 ARG CPU_BASE=python:3.11-slim-bookworm
-ARG GPU_BASE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
 
 FROM ${CPU_BASE} AS build
 WORKDIR /src
@@ -23,13 +23,12 @@ RUN python -m pip wheel --no-cache-dir --no-deps -w /wheels .
 FROM ${CPU_BASE} AS runtime-cpu
 ENV EXTRA=""
 
-FROM ${GPU_BASE} AS runtime-gpu
-# The CUDA base image moves its Ubuntu package versions with every rebuild; pinning them here
-# would break the build rather than make it reproducible (pin the base image's tag instead).
-# hadolint ignore=DL3008
-RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-pip python3-venv \
-    && rm -rf /var/lib/apt/lists/* && ln -sf /usr/bin/python3 /usr/local/bin/python
-ENV EXTRA="[gpu]"
+# The same Python base: onnxruntime-gpu's [cuda,cudnn] extras bring CUDA and cuDNN as pip
+# packages of the CUDA major version the wheel was built for. A CUDA base image pins a CUDA of
+# its own (12.6 here before, while onnxruntime-gpu 1.31 from PyPI needs libcudart.so.13: the CUDA
+# provider would not load and every model would run on the CPU). The driver comes from the host.
+FROM ${CPU_BASE} AS runtime-gpu
+ENV EXTRA="[gpu]" NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
 # runtime-${VARIANT} is one of the stages above, not an image from a registry.
 # hadolint ignore=DL3006
@@ -44,7 +43,7 @@ COPY --from=build /wheels /wheels
 RUN python -m venv /opt/annotator \
     && /opt/annotator/bin/pip install --no-cache-dir /wheels/*.whl \
     && if [ -n "$EXTRA" ]; then /opt/annotator/bin/pip uninstall -y onnxruntime \
-         && /opt/annotator/bin/pip install --no-cache-dir "onnxruntime-gpu>=1.20"; fi \
+         && /opt/annotator/bin/pip install --no-cache-dir "onnxruntime-gpu[cuda,cudnn]>=1.21"; fi \
     && rm -rf /wheels
 COPY --chmod=0644 deploy/container.toml /etc/annotator/annotator.toml
 ENV PATH=/opt/annotator/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \

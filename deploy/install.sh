@@ -70,7 +70,9 @@ run "$PREFIX/bin/pip" install --quiet --disable-pip-version-check --upgrade "$SR
 if [[ $GPU -eq 1 ]]; then
     # onnxruntime and onnxruntime-gpu share the module name: exactly one of them.
     run "$PREFIX/bin/pip" uninstall --quiet --yes onnxruntime
-    run "$PREFIX/bin/pip" install --quiet --disable-pip-version-check "onnxruntime-gpu>=1.20"
+    # [cuda,cudnn]: the CUDA and cuDNN libraries as pip packages, matching the wheel's CUDA
+    # major version (the engine preloads them); only the NVIDIA driver comes from the system.
+    run "$PREFIX/bin/pip" install --quiet --disable-pip-version-check "onnxruntime-gpu[cuda,cudnn]>=1.21"
 fi
 
 echo "== folders and configuration"

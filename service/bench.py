@@ -20,7 +20,9 @@ machine.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
+import io
 import logging
 import os
 import resource
@@ -28,11 +30,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Mapping, Sequence
 
 import numpy as np
 import onnxruntime as ort
 
 from .bundle import load_bundle
+from .engine import load_gpu_libraries, select_providers
 from .geometry import letterbox, to_tensor
 from .imageio import read_image
 
@@ -50,6 +54,7 @@ class BenchReport:
     latency_ms: dict[str, float] = field(default_factory=dict)
     rss_mib: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    gpu_rate: str | None = None  # the name of part (a) on a GPU provider, when it ran
 
     def ratio(self, a: str, b: str) -> float | None:
         return self.rates[a] / self.rates[b] if self.rates.get(a) and self.rates.get(b) else None
@@ -59,11 +64,14 @@ class BenchReport:
                  f"  os.cpu_count={os.cpu_count()}"]
         for name, rate in self.rates.items():
             lines.append(f"  {name:<34} {rate:8.2f} images/s")
-        for b in ("daemon drop folder", "daemon gRPC stream"):
-            for a in ("raw onnx sessions", "ultralytics predict"):
-                r = self.ratio(b, a)
-                if r is not None:
-                    lines.append(f"  ratio {b} / {a}: {r:.2f}")
+        pairs = [(b, a) for b in ("daemon drop folder", "daemon gRPC stream")
+                 for a in ("raw onnx sessions", self.gpu_rate, "ultralytics predict") if a]
+        if self.gpu_rate:
+            pairs.insert(0, (self.gpu_rate, "raw onnx sessions"))
+        for b, a in pairs:
+            r = self.ratio(b, a)
+            if r is not None:
+                lines.append(f"  ratio {b} / {a}: {r:.2f}")
         for name, ms in self.latency_ms.items():
             lines.append(f"  gRPC Annotate latency {name}: {ms:.1f} ms")
         for name, mib in self.rss_mib.items():
@@ -76,16 +84,22 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
-def bench_raw(bundle_path: Path, files: list[Path], repeat: int = 1) -> float:
-    """(a) images/s of the bundle's sessions run one after another on pre-letterboxed tensors."""
+def bench_raw(bundle_path: Path, files: list[Path], repeat: int = 1,
+              providers: Sequence[str] = ("CPUExecutionProvider",)) -> tuple[float, list[str]]:
+    """(a) images/s of the bundle's sessions run one after another on pre-letterboxed tensors,
+    and the providers the sessions really run on (onnxruntime falls back to the CPU when a GPU
+    provider cannot load)."""
     bundle = load_bundle(bundle_path)
+    load_gpu_libraries(providers)
     opts = ort.SessionOptions()
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the engine does
     sessions = []
     for role in bundle.models:
-        s = ort.InferenceSession(str(bundle.model_path(role)), opts, providers=["CPUExecutionProvider"])
+        with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime's fallback banner
+            s = ort.InferenceSession(str(bundle.model_path(role)), opts, providers=list(providers))
         inp = s.get_inputs()[0]
         sessions.append((s, inp.name, tuple(bundle.models[role].imgsz)))
+    active = sessions[0][0].get_providers()
     tensors = []
     for f in files:
         pixels = read_image(f).pixels
@@ -97,18 +111,19 @@ def bench_raw(bundle_path: Path, files: list[Path], repeat: int = 1) -> float:
         for per_image in tensors:
             for (s, name, _), t in zip(sessions, per_image):
                 s.run(None, {name: t})
-    return len(files) * repeat / (time.perf_counter() - start)
+    return len(files) * repeat / (time.perf_counter() - start), active
 
 
-def _config(root: Path, bundle_path: Path, drop: Path | None) -> object:
+def _config(root: Path, bundle_path: Path, drop: Path | None, providers: Sequence[str] = (),
+            sets: Mapping[str, str] = {}) -> object:
     from .config import load_config
 
     values: dict[str, object] = {"server.listen": "127.0.0.1:0", "store.root": str(root / "store"),
                                  "store.min_free_mb": 0, "engine.bundle": str(bundle_path),
-                                 "outputs.sidecar_dir": str(root / "sidecars")}
+                                 "outputs.sidecar_dir": str(root / "sidecars"), "engine.providers": list(providers)}
     if drop is not None:  # files arrive by rename: no stability wait (see the module docstring)
         values.update({"drop.folder": str(drop), "drop.stable_seconds": 0.0, "drop.poll_interval": 0.05})
-    return load_config(None, env={}, overrides=values)
+    return load_config(None, env={}, overrides={**values, **sets})
 
 
 def _wait_annotated(daemon: object, n: int, timeout: float = 600.0) -> None:
@@ -123,26 +138,30 @@ def _wait_annotated(daemon: object, n: int, timeout: float = 600.0) -> None:
         time.sleep(0.01)
 
 
-def _daemon_child(bundle_path: Path, files: list[Path]) -> tuple[dict, dict, float]:
-    """Run ``bench_daemon`` in this (child) process: (rates, latency_ms, peak RSS MiB)."""
+def _daemon_child(bundle_path: Path, files: list[Path], providers: Sequence[str],
+                  sets: Mapping[str, str]) -> tuple[dict, dict, float, list]:
+    """Run ``bench_daemon`` in this (child) process: (rates, latency_ms, peak RSS MiB, notes)."""
     logging.basicConfig(level=logging.WARNING)
     report = BenchReport(len(files), "", [])
-    bench_daemon(bundle_path, files, report)
-    return report.rates, report.latency_ms, _peak_rss_mib()
+    bench_daemon(bundle_path, files, report, providers, sets)
+    return report.rates, report.latency_ms, _peak_rss_mib(), report.notes
 
 
-def bench_daemon_process(bundle_path: Path, files: list[Path], report: BenchReport) -> None:
+def bench_daemon_process(bundle_path: Path, files: list[Path], report: BenchReport,
+                         providers: Sequence[str] = (), sets: Mapping[str, str] = {}) -> None:
     """(b) in a fresh spawned process, so its peak RSS is the daemon's alone."""
     import multiprocessing
 
     with multiprocessing.get_context("spawn").Pool(1) as pool:
-        rates, latency, rss = pool.apply(_daemon_child, (bundle_path, files))
+        rates, latency, rss, notes = pool.apply(_daemon_child, (bundle_path, files, list(providers), dict(sets)))
     report.rates.update(rates)
     report.latency_ms.update(latency)
     report.rss_mib["daemon process (b)"] = rss
+    report.notes.extend(notes)
 
 
-def bench_daemon(bundle_path: Path, files: list[Path], report: BenchReport) -> None:
+def bench_daemon(bundle_path: Path, files: list[Path], report: BenchReport, providers: Sequence[str] = (),
+                 sets: Mapping[str, str] = {}) -> None:
     """(b) the drop-folder path, gRPC streaming and unary latency, each on a fresh store."""
     from .client import AnnotatorClient, ImageMeta, annotate_request
     from .daemon import Daemon
@@ -152,8 +171,12 @@ def bench_daemon(bundle_path: Path, files: list[Path], report: BenchReport) -> N
     with tempfile.TemporaryDirectory(prefix="annotator-bench-") as tmp:
         root = Path(tmp)
         drop = root / "drop"
-        daemon = Daemon(_config(root / "a", bundle_path, drop))  # type: ignore[arg-type]
+        daemon = Daemon(_config(root / "a", bundle_path, drop, providers, sets))  # type: ignore[arg-type]
         daemon.start()
+        engine = daemon._engine
+        report.notes.append(f"daemon engine runs on {', '.join(engine.active_providers)}, "
+                            f"{engine.batch_size} image(s) per session.run")
+        del engine
         try:
             daemon.annotate_now(data[0], "bench:warm-up")  # warm the sessions (excluded below)
             start = time.perf_counter()
@@ -167,7 +190,7 @@ def bench_daemon(bundle_path: Path, files: list[Path], report: BenchReport) -> N
             del daemon
             gc.collect()  # free this daemon's sessions (cycles) before the next one loads its own
         for phase in ("b", "c"):
-            daemon = Daemon(_config(root / phase, bundle_path, None))  # type: ignore[arg-type]
+            daemon = Daemon(_config(root / phase, bundle_path, None, providers, sets))  # type: ignore[arg-type]
             daemon.start()
             server, port = create_server(daemon.config, daemon)  # type: ignore[arg-type]
             try:
@@ -216,14 +239,28 @@ def bench_ultralytics(bundle_path: Path, files: list[Path], report: BenchReport)
     report.rates["ultralytics predict"] = len(paths) / (time.perf_counter() - start)
 
 
-def run_bench(bundle_path: Path, files: list[Path], repeat: int = 1, skip_ultralytics: bool = False) -> BenchReport:
-    """Run (a), (b), (c) on the same images and bundle; see the module docstring."""
+def run_bench(bundle_path: Path, files: list[Path], repeat: int = 1, skip_ultralytics: bool = False,
+              providers: Sequence[str] | None = None, sets: Mapping[str, str] = {}) -> BenchReport:
+    """Run (a), (b), (c) on the same images and bundle; see the module docstring.
+
+    ``providers``: what the daemon's engine is given (None: the engine's default order). Part (a)
+    always runs on the CPU provider, the baseline, and again on a GPU provider when one is chosen.
+    ``sets``: config overrides for the daemon (``engine.run_batch`` say), as ``serve --set`` takes."""
     if len(files) < 2:
         raise ValueError(f"bench: need at least 2 images, got {len(files)}")
     bundle = load_bundle(bundle_path)
     report = BenchReport(len(files), bundle.id, list(bundle.models))
-    bench_daemon_process(bundle_path, files, report)
-    report.rates["raw onnx sessions"] = bench_raw(bundle_path, files, repeat)
+    chosen = select_providers(providers)
+    bench_daemon_process(bundle_path, files, report, chosen, sets)
+    report.rates["raw onnx sessions"], _ = bench_raw(bundle_path, files, repeat)
+    if chosen[0] != "CPUExecutionProvider":
+        rate, active = bench_raw(bundle_path, files, repeat, chosen)
+        name = active[0].removesuffix("ExecutionProvider")
+        report.rates[f"raw onnx sessions on {name}"] = rate
+        report.gpu_rate = f"raw onnx sessions on {name}"
+        if active[0] != chosen[0]:
+            report.notes.append(f"{chosen[0]} was asked for but the sessions run on {', '.join(active)}: "
+                                "run `annotator doctor`")
     report.rss_mib["bench process without ultralytics"] = _peak_rss_mib()
     if skip_ultralytics:
         report.notes.append("ultralytics comparison (c) skipped (--no-ultralytics)")

@@ -136,7 +136,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     files = list(expand_files(args.images))
     if not files:
         raise AnnotatorError(f"bench: no images found in {args.images}")
-    report = run_bench(Path(args.bundle), files[: args.count], repeat=args.repeat, skip_ultralytics=args.no_ultralytics)
+    providers = [p.strip() for p in args.providers.split(",") if p.strip()] if args.providers else None
+    report = run_bench(Path(args.bundle), files[: args.count], repeat=args.repeat, skip_ultralytics=args.no_ultralytics,
+                       providers=providers, sets=parse_sets(args.set))
     print(report.text())
     return 0
 
@@ -179,4 +181,9 @@ def add_daemon_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser
     s.add_argument("--count", type=int, default=24, help="images to use")
     s.add_argument("--repeat", type=int, default=1, help="passes over the images for the raw timings")
     s.add_argument("--no-ultralytics", action="store_true", help="skip the ultralytics comparison")
+    s.add_argument("--providers", help="onnxruntime execution providers for the daemon, comma separated, e.g. "
+                   "CUDAExecutionProvider,CPUExecutionProvider (default: the engine's order); the raw sessions "
+                   "run on the CPU too, as the baseline")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a daemon config key for part (b), e.g. engine.run_batch=8 (as serve --set)")
     s.set_defaults(func=cmd_bench)

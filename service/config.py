@@ -78,7 +78,7 @@ class EngineConfig:
     bundle_public_key: Path | None = None  # set: every bundle loaded needs a valid bundle.sig (ed25519)
     providers: tuple[str, ...] = ()  # empty: every available provider in priority order
     batch_size: int = 8  # images claimed, finished and committed together (one transaction per batch)
-    run_batch: int = 1  # images per session.run (1: as fast per image on CPU, a third of the arena memory)
+    run_batch: int = 0  # images per session.run; 0 = batch_size on a GPU provider, 1 on the CPU
     workers: int = 2  # inference threads sharing the sessions
     threads: int = 0  # onnxruntime intra-op threads per session; 0 = CPU cores / workers (at least 1)
 
@@ -225,7 +225,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "drop.poll_interval": (lambda v: v > 0, "a number of seconds > 0"),
     "engine.batch_size": (_in(1, 1024), "an integer in [1, 1024]"),
     "engine.threads": (_in(0, 1024), "an integer in [0, 1024]"),
-    "engine.run_batch": (_in(1, 1024), "an integer in [1, 1024]"),
+    "engine.run_batch": (_in(0, 1024), "an integer in [0, 1024] (0: batch_size on a GPU, 1 on the CPU)"),
     "engine.workers": (_in(1, 64), "an integer in [1, 64]"),
     "judge.score_fn": (lambda v: v == "default" or (":" in v and all(v.partition(":")[::2])),
                        "'default' or 'package.module:function'"),

@@ -40,7 +40,7 @@ import numpy as np
 
 from .bundle import Bundle, Thresholds, load_bundle
 from .dropfolder import QUARANTINE, DropFolder, write_quarantine
-from .engine import Engine
+from .engine import GPU_PROVIDERS, Engine
 from .errors import (AnnotatorError, BundleError, ImageError, ImageNotFound, ImageTooLarge, LeaseLost, ShuttingDown,
                      StoreFull)
 from .imageio import DecodedImage, decode_image
@@ -170,7 +170,9 @@ class Daemon:
             raise BundleError(f"{path}: bundle.json changed while it was being loaded; its signature no longer applies")
         threads = int(e.threads) or max(1, (os.cpu_count() or 1) // max(1, int(e.workers)))
         engine = Engine(bundle, providers=list(e.providers) if e.providers else None,
-                        intra_op_threads=threads, batch_size=int(e.run_batch), metrics=self.metrics)
+                        intra_op_threads=threads, batch_size=int(e.run_batch) or 1, metrics=self.metrics)
+        if not int(e.run_batch) and engine.active_providers[0] in GPU_PROVIDERS:
+            engine.batch_size = max(1, int(e.batch_size))  # a GPU wants whole batches (README, "GPU")
         try:
             engine.predict_arrays([np.zeros((64, 64, 3), np.uint8)])
         except Exception as exc:  # onnxruntime errors are of several unrelated types

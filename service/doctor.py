@@ -213,7 +213,38 @@ def check_providers(cfg: Any) -> Check:
         return Check("providers", WARN, f"{detail}; using {', '.join(chosen)}",
                      f"{', '.join(missing)} not available: install onnxruntime-gpu and the CUDA libraries, "
                      "or remove them from engine.providers")
-    return Check("providers", OK, f"{detail}; using {', '.join(chosen)}")
+    active = _session_providers(cfg, chosen)
+    if active is not None and active[0] != chosen[0]:
+        return Check("providers", WARN, f"{detail}; {chosen[0]} is offered but a session of the bundle runs on "
+                     f"{', '.join(active)}",
+                     "TensorRT: install it or leave it out of engine.providers; CUDA: install the NVIDIA driver "
+                     "and pip install 'onnxruntime-gpu[cuda,cudnn]' (CUDA and cuDNN of the wheel's major version)")
+    return Check("providers", OK, f"{detail}; using {', '.join(active or chosen)}")
+
+
+def _session_providers(cfg: Any, chosen: list[str]) -> list[str] | None:
+    """The providers a real session of the bundle's smallest model gets, when a GPU one is
+    chosen: onnxruntime offers a GPU provider whenever its library ships and falls back to the
+    CPU only when a session is made. None: nothing to probe (CPU only, or no loadable bundle;
+    the bundle check says why)."""
+    import contextlib
+    import io
+
+    import onnxruntime as ort
+
+    from .bundle import load_bundle
+    from .engine import GPU_PROVIDERS, load_gpu_libraries
+
+    if chosen[0] not in GPU_PROVIDERS or cfg.engine.bundle is None:
+        return None
+    try:
+        bundle = load_bundle(cfg.engine.bundle)
+        path = min((bundle.model_path(r) for r in bundle.models), key=lambda p: p.stat().st_size)
+        load_gpu_libraries(chosen)
+        with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime's fallback banner
+            return list(ort.InferenceSession(str(path), providers=chosen).get_providers())
+    except Exception:  # noqa: BLE001 - a bundle that does not load is the bundle check's finding
+        return None
 
 
 # -- remote services ------------------------------------------------------------------------

@@ -13,6 +13,7 @@ EXIF orientation.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 from dataclasses import dataclass
 from typing import ContextManager, Protocol, Sequence
@@ -33,7 +34,12 @@ from .visibility import decide_visibility, decide_visibility_main_only, match_pe
 
 log = logging.getLogger(__name__)
 
-PROVIDER_PRIORITY = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+# The default order when engine.providers is empty. TensorRT is left out on purpose: onnxruntime
+# lists it whenever its provider library ships (every onnxruntime-gpu wheel), also on machines
+# without TensorRT itself, and where TensorRT is installed it builds an engine per model at
+# every start and hot swap. Name it in engine.providers to use it.
+PROVIDER_PRIORITY = ("CUDAExecutionProvider", "CPUExecutionProvider")
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 FACE_POINTS = ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "mouth")
 # Head-from-face heuristic: the head box is a square of side FACE_TO_HEAD x the larger span of
 # the confident face points (at least MIN_FACE_POINTS of them), centred on their mean and moved
@@ -51,13 +57,44 @@ class InferenceTimer(Protocol):
 
 
 def select_providers(requested: Sequence[str] | None = None) -> list[str]:
-    """Requested providers (or the priority list) filtered by what onnxruntime offers here."""
+    """Requested providers (or the priority list) filtered by what onnxruntime offers here.
+
+    "Offers" means its provider library ships; whether CUDA itself loads shows only when a
+    session is made (``load_gpu_libraries``, ``Engine.active_providers``)."""
     available = set(ort.get_available_providers())
     wanted = list(requested) if requested is not None else list(PROVIDER_PRIORITY)
     chosen = [p for p in wanted if p in available]
     if not chosen:
         raise BundleError(f"none of the execution providers {wanted} is available; onnxruntime has {sorted(available)}")
     return chosen
+
+
+_gpu_libraries_loaded = False
+
+
+def load_gpu_libraries(providers: Sequence[str]) -> None:
+    """Load the CUDA and cuDNN libraries of pip's ``nvidia-*`` packages before a GPU session.
+
+    onnxruntime-gpu's CUDA provider finds them only on the loader's path, and a pip install
+    (``onnxruntime-gpu[cuda,cudnn]``) does not put them there: without this the session falls
+    back to the CPU. ``onnxruntime.preload_dlls`` (1.21+) loads them from the environment's
+    site-packages, then the default path. Once per process; what it prints is logged."""
+    global _gpu_libraries_loaded
+    if _gpu_libraries_loaded or not any(p in GPU_PROVIDERS for p in providers):
+        return
+    _gpu_libraries_loaded = True
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            preload()
+    except Exception as exc:  # a bad install must not stop the CPU fallback
+        log.warning("onnxruntime.preload_dlls failed: %s", exc)
+    for line in printed.getvalue().splitlines():
+        if line.strip():
+            log.warning("onnxruntime.preload_dlls: %s", line.strip())
 
 
 @dataclass(frozen=True)
@@ -91,18 +128,28 @@ class Engine:
         self.batch_size = batch_size
         self.metrics = metrics  # duck-typed: the engine imports no metrics library
         self.providers = select_providers(providers)
+        load_gpu_libraries(self.providers)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = int(intra_op_threads)
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # The sessions share the cores: idle ones must not spin (2x measured, ENVIRONMENT.md).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.models: dict[str, _Model] = {}
+        self.active_providers: list[str] = list(self.providers)  # what the sessions really run on
         for role, entry in bundle.models.items():
             path = bundle.model_path(role)
             try:
-                session = ort.InferenceSession(str(path), opts, providers=self.providers)
+                with contextlib.redirect_stdout(io.StringIO()) as printed:  # its fallback banner
+                    session = ort.InferenceSession(str(path), opts, providers=self.providers)
             except Exception as exc:  # onnxruntime raises several unrelated types
                 raise BundleError(f"models.{role}: cannot load {path}: {exc}") from exc
+            active = session.get_providers()
+            if active[0] != self.providers[0]:
+                said = " ".join(line.strip("* ") for line in printed.getvalue().splitlines() if "EP Error" in line)
+                log.warning("models.%s: %s was asked for but onnxruntime runs it on %s%s; `annotator doctor` "
+                            "says what is missing", role, self.providers[0], ", ".join(active),
+                            f" ({said})" if said else "")
+            self.active_providers = list(active)
             inp = session.get_inputs()[0]
             n, _, h, w = inp.shape
             size = (h if isinstance(h, int) else entry.imgsz[0], w if isinstance(w, int) else entry.imgsz[1])
@@ -110,9 +157,14 @@ class Engine:
                 role, session, inp.name, (int(size[0]), int(size[1])), n if isinstance(n, int) else None,
                 entry.task, len(entry.names), entry.kpt_shape,
             )
+        # On a GPU every run gets the same batch shape (padded): onnxruntime's CUDA provider tunes
+        # its convolutions for each new input shape, and the daemon's batches vary in size (1..8),
+        # which made batches of 8 slower than batches of 1 there (README, "GPU").
+        self.pad_batches = self.active_providers[0] in GPU_PROVIDERS
         if "pose_visible" in self.models and "pose_main" not in self.models:
             log.warning("bundle %s has a pose_visible model but no pose_main: no persons will be reported", bundle.id)
-        log.info("engine for bundle %s: models %s, providers %s", bundle.id, sorted(self.models), self.providers)
+        log.info("engine for bundle %s: models %s, providers %s", bundle.id, sorted(self.models),
+                 ", ".join(self.active_providers))
 
     # -- pipeline -------------------------------------------------------------------------
 
@@ -143,8 +195,8 @@ class Engine:
         for start in range(0, len(arrays), step):
             chunk = arrays[start:start + step]
             tensor = to_tensor(chunk)
-            if m.fixed_batch is not None and len(chunk) < m.fixed_batch:  # pad a fixed batch
-                pad = np.zeros((m.fixed_batch - len(chunk), *tensor.shape[1:]), np.float32)
+            if len(chunk) < step and (m.fixed_batch is not None or self.pad_batches):  # one shape per model
+                pad = np.zeros((step - len(chunk), *tensor.shape[1:]), np.float32)
                 tensor = np.concatenate([tensor, pad])
             timed = self.metrics.time_inference(m.role) if self.metrics is not None else contextlib.nullcontext()
             with timed:

@@ -176,3 +176,19 @@ def test_clock(tmp_path: Path) -> None:
     assert check_clock(tmp_path).level == OK
     stale = check_clock(tmp_path, now=lambda: 946684800.0)  # 2000-01-01
     assert stale.level == FAIL and "timedatectl" in stale.advice
+
+
+def test_gpu_provider_offered_but_not_loading_is_a_warning(tmp_path: Path, coco17_bundle: Any,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime-gpu offers CUDA whenever its provider library ships; without the CUDA
+    libraries a session falls back to the CPU. Doctor makes a session and says so. Simulated
+    here by offering CUDA from the CPU build, whose sessions then run on the CPU."""
+    import onnxruntime as ort
+
+    offered = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: offered)
+    checks = by_name(run_checks(write_config(tmp_path, coco17_bundle.path), env={}))
+    c = checks["providers"]
+    assert c.level == WARN, c
+    assert "CUDAExecutionProvider is offered but a session of the bundle runs on CPUExecutionProvider" in c.detail
+    assert "onnxruntime-gpu[cuda,cudnn]" in c.advice

@@ -95,6 +95,23 @@ def test_batching_does_not_change_results(engine, coco_people_photos, photo_pred
         np.testing.assert_allclose(_boxes(a), _boxes(b), atol=0.05)
 
 
+def test_padded_batches_give_the_same_results(coco17_bundle, coco_people_photos, photo_predictions) -> None:
+    """On a GPU provider every run is padded to the run batch (one input shape per model); the
+    padding rows must not leak into the results. Forced on here, on the CPU."""
+    padded = Engine(coco17_bundle, batch_size=4)
+    assert not padded.pad_batches  # the CPU provider runs each batch as it comes
+    padded.pad_batches = True
+    seen = []
+    for m in padded.models.values():  # record the batch shapes the sessions are given
+        run = m.session.run
+        m.session.run = lambda out, feed, run=run: (seen.append(next(iter(feed.values())).shape[0]), run(out, feed))[1]
+    preds = padded.predict([read_image(p) for p in coco_people_photos[:3]])
+    assert set(seen) == {4}
+    for a, b in zip(preds, photo_predictions[:3]):
+        assert len(a.persons) == len(b.persons) and len(a.heads) == len(b.heads)
+        np.testing.assert_allclose(_boxes(a), _boxes(b), atol=0.05)
+
+
 def test_empty_inputs(engine) -> None:
     assert engine.predict([]) == []
     blank = engine.predict_arrays([np.full((200, 300, 3), 114, np.uint8)])[0]
@@ -166,3 +183,30 @@ def test_one_engine_serves_several_threads(engine, coco_people_photos, photo_pre
         results = list(pool.map(lambda im: engine.predict([im])[0], images * 2))
     for i, pred in enumerate(results):
         np.testing.assert_allclose(_boxes(pred), _boxes(photo_predictions[i % 2]), atol=0.05)
+
+
+def test_a_gpu_provider_that_does_not_load_falls_back_with_a_warning(coco17_bundle, monkeypatch, caplog) -> None:
+    """What a box with onnxruntime-gpu but no CUDA libraries gets (simulated: the CPU build
+    made to offer CUDA): the engine says which provider really runs, pads no batches, works."""
+    import logging
+
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert select_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    with caplog.at_level(logging.WARNING, logger="service.engine"):
+        eng = Engine(coco17_bundle)
+    assert eng.active_providers == ["CPUExecutionProvider"] and not eng.pad_batches
+    assert "CUDAExecutionProvider was asked for but onnxruntime runs it on CPUExecutionProvider" in caplog.text
+    assert len(eng.predict_arrays([np.zeros((64, 64, 3), np.uint8)])) == 1
+
+
+def test_tensorrt_only_when_named(monkeypatch) -> None:
+    """onnxruntime-gpu offers TensorRT whenever its provider library ships, also without TensorRT
+    (measured on an H200 box: an error banner per session, then CUDA); the default order skips it."""
+    import onnxruntime as ort
+
+    everything = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: everything)
+    assert select_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert select_providers(everything) == everything
