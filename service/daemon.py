@@ -76,6 +76,8 @@ class DaemonStatus:
     uptime_seconds: float
     paused_reason: str | None
     version: str = VERSION
+    providers: tuple[str, ...] = ()  # what the sessions really run on
+    run_batch: int = 0  # images per session.run
 
 
 def record_for(image_id: str, source: str, prediction: Prediction, judgement: Judgement, bundle: Bundle) -> dict:
@@ -137,7 +139,7 @@ class Daemon:
                                self.max_bytes, self.max_pixels, float(d.poll_interval),
                                self.max_side_hint) if d.folder else None
         if metrics is not None:
-            metrics.bundle(self._engine.bundle.id)
+            metrics.bundle(self._engine.bundle.id, self._engine.active_providers)
             metrics.watch_store(self.store)
             if self.drop is not None:
                 self.drop.on_quarantine = lambda: metrics.rejected("quarantined")
@@ -215,7 +217,7 @@ class Daemon:
             self._engine, self._judge, self._bundle_path = engine, judge, path
         self.store.counter("reloads", 1)
         if self.metrics is not None:
-            self.metrics.bundle(engine.bundle.id)
+            self.metrics.bundle(engine.bundle.id, engine.active_providers)
         log.info("reloaded models: bundle %s -> %s (%s)", old, engine.bundle.id, path)
         return engine.bundle
 
@@ -420,8 +422,10 @@ class Daemon:
         if self.latency is not None:
             p50, p99 = self.latency.percentiles("/annotator.v1.Annotator/Annotate")
             counters.update(annotate_p50_us=int(p50 * 1000), annotate_p99_us=int(p99 * 1000))
-        bundle = self.bundle
+        engine = self._engine
+        bundle = engine.bundle
         return DaemonStatus(
+            providers=tuple(engine.active_providers), run_batch=engine.batch_size,
             bundle_id=bundle.id, bundle_path=self._bundle_path, thresholds=bundle.thresholds,
             judgement={"score_threshold": self._judge.threshold, "audit_fraction": self._judge.audit_fraction},
             queue_depths=self.store.counts(), counters=counters,

@@ -4,7 +4,7 @@ One ``MetricsRecorder`` per process owns a private ``CollectorRegistry`` (so tes
 recorders in one process never collide) and has one small method per event::
 
     metrics = MetricsRecorder()
-    metrics.bundle(bundle.id)                       # annotator_bundle_info{bundle_id="..."} 1
+    metrics.bundle(bundle.id, providers)            # annotator_bundle_info{bundle_id="...",providers="..."} 1
     metrics.watch_store(store)                      # images per state, read at every scrape
     port = start_metrics_server(metrics, "127.0.0.1", 9464)
     with metrics.time_inference("pose_main"):       # or observe_inference(role, seconds)
@@ -30,7 +30,7 @@ import contextlib
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Iterator, Mapping
+from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -141,9 +141,10 @@ class MetricsRecorder:
         with self._state.lock:
             self._state.paused = bool(is_paused)
 
-    def bundle(self, bundle_id: str) -> None:
-        """The bundle now in use (call again after a reload; the old id disappears)."""
-        self._bundle.info({"bundle_id": str(bundle_id)})
+    def bundle(self, bundle_id: str, providers: Sequence[str] = ()) -> None:
+        """The bundle now in use and the onnxruntime providers its sessions really got (call
+        again after a reload; the old labels disappear)."""
+        self._bundle.info({"bundle_id": str(bundle_id), "providers": ",".join(providers)})
 
     def rejected(self, reason: str) -> None:
         """An image was refused at intake (``reason``: invalid, too_large, store_full, shutting_down...)."""

@@ -52,6 +52,8 @@ def format_status(status: "pb.Status", target: str = "") -> str:
     head = f"annotator {status.version or '?'}" + (f" at {target}" if target else "")
     lines = [f"{head}, up {format_duration(status.uptime_seconds)}",
              f"bundle      {status.bundle_id or '-'}" + (f"  ({status.bundle_path})" if status.bundle_path else ""),
+             f"engine      {', '.join(p.removesuffix('ExecutionProvider') for p in status.providers) or '?'}, "
+             f"{status.run_batch or '?'} image(s) per run",
              f"thresholds  detection {t.det_conf:.2f}, person {t.person_conf:.2f}, NMS IoU {t.nms_iou:.2f}, "
              f"main {_points(t.main)}, visible {_points(t.visible)}",
              f"judge       review below score {t.score_threshold:.2f}, audit {t.audit_fraction * 100:.1f} %",

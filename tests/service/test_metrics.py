@@ -33,7 +33,7 @@ def test_scrape_reports_every_series(served: tuple[MetricsRecorder, Store, int])
     metrics, store, port = served
     store.ingest(b"first image bytes", "drop/a.jpg")
     store.ingest(b"second image bytes", "drop/b.jpg")
-    metrics.bundle("20261124-abc123")
+    metrics.bundle("20261124-abc123", ["CUDAExecutionProvider", "CPUExecutionProvider"])
     for seconds in (0.004, 0.03, 0.03):
         metrics.observe_inference("pose_main", seconds)
     with metrics.time_inference("head"):
@@ -52,7 +52,7 @@ def test_scrape_reports_every_series(served: tuple[MetricsRecorder, Store, int])
     assert got[("annotator_queue_depth", (("queue", "upload"),))] == 0
     assert got[("annotator_queue_depth", (("queue", "merge"),))] == 3
     assert got[("annotator_paused", ())] == 0
-    assert got[("annotator_bundle_info", (("bundle_id", "20261124-abc123"),))] == 1
+    assert got[("annotator_bundle_info", (("bundle_id", "20261124-abc123"), ("providers", "CUDAExecutionProvider,CPUExecutionProvider")))] == 1
     assert got[("annotator_inference_seconds_count", (("role", "pose_main"),))] == 3
     assert got[("annotator_inference_seconds_bucket", (("le", "0.005"), ("role", "pose_main")))] == 1
     assert got[("annotator_inference_seconds_sum", (("role", "pose_main"),))] == pytest.approx(0.064)
@@ -63,11 +63,11 @@ def test_scrape_reports_every_series(served: tuple[MetricsRecorder, Store, int])
     assert got[("annotator_reviews_merged_total", ())] == 7
 
     store.ingest(b"third image bytes", "drop/c.jpg")  # read again at the next scrape
-    metrics.bundle("20261125-def456")
+    metrics.bundle("20261125-def456", ["CPUExecutionProvider"])
     got = scrape(port)
     assert got[("annotator_images", (("state", "received"),))] == 3
-    assert ("annotator_bundle_info", (("bundle_id", "20261124-abc123"),)) not in got
-    assert got[("annotator_bundle_info", (("bundle_id", "20261125-def456"),))] == 1
+    assert ("annotator_bundle_info", (("bundle_id", "20261124-abc123"), ("providers", "CUDAExecutionProvider,CPUExecutionProvider"))) not in got
+    assert got[("annotator_bundle_info", (("bundle_id", "20261125-def456"), ("providers", "CPUExecutionProvider")))] == 1
 
 
 def test_paused_store_and_closed_store(tmp_path: Path) -> None:

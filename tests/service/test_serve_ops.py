@@ -83,7 +83,7 @@ appliance_id = "passed-through"
         count = re.search(r'^annotator_inference_seconds_count\{role="pose_main"\} (\S+)$', text, re.M)
         assert count and float(count.group(1)) >= 2, text  # the start-up smoke test + the image
         assert re.search(r'^annotator_inference_seconds_bucket\{le="0\.5",role="pose_main"\} ', text, re.M)
-        assert f'annotator_bundle_info{{bundle_id="{coco17_bundle.id}"}} 1.0' in text
+        assert f'annotator_bundle_info{{bundle_id="{coco17_bundle.id}",providers="CPUExecutionProvider"}} 1.0' in text
         assert re.search(r'^annotator_images\{state="received"\} 0\.0$', text, re.M)
         assert re.search(r'^annotator_queue_depth\{queue="annotate"\} 0\.0$', text, re.M)
 

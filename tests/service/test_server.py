@@ -130,6 +130,7 @@ def test_list_get_status_reload(served: tuple[Any, int], stub: Any, small_jpeg: 
     status = stub.GetStatus(pb.GetStatusRequest())
     assert status.bundle_id == daemon.bundle.id and status.queue_depths["received"] == 0
     assert sum(status.queue_depths.values()) == 5 and len(status.thresholds.main) == 17
+    assert list(status.providers) == ["CPUExecutionProvider"] and status.run_batch == 1  # run_batch 0 on a CPU
     with pytest.raises(grpc.RpcError) as err:  # inside the bundles folder, but no bundle there
         stub.ReloadModels(pb.ReloadModelsRequest(bundle_path="no-such-bundle"))
     assert err.value.code() == C.FAILED_PRECONDITION and "bundle.json" in err.value.details()

@@ -30,8 +30,9 @@ def test_format_status_message() -> None:
                                                 visible=[0.55, 0.7], score_threshold=0.5, audit_fraction=0.02),
                        queue_depths={"received": 3, "failed": 1, "annotated": 0, "novel_state": 2},
                        counters={"annotated": 10}, uptime_seconds=3700, paused_reason="disk below floor",
-                       version="0.1.0")
+                       version="0.1.0", providers=["CUDAExecutionProvider", "CPUExecutionProvider"], run_batch=8)
     text = format_status(status, "127.0.0.1:50051")
+    assert "engine      CUDA, CPU, 8 image(s) per run" in text
     assert text.splitlines()[0] == "annotator 0.1.0 at 127.0.0.1:50051, up 1h 1m"
     assert "main 0.60, visible 0.55-0.70 (2 points)" in text
     assert "audit 2.0 %" in text and "PAUSED: disk below floor" in text

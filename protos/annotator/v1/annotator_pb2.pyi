@@ -215,7 +215,7 @@ class Thresholds(_message.Message):
     def __init__(self, det_conf: _Optional[float] = ..., person_conf: _Optional[float] = ..., nms_iou: _Optional[float] = ..., main: _Optional[_Iterable[float]] = ..., visible: _Optional[_Iterable[float]] = ..., score_threshold: _Optional[float] = ..., audit_fraction: _Optional[float] = ...) -> None: ...
 
 class Status(_message.Message):
-    __slots__ = ("bundle_id", "bundle_path", "thresholds", "queue_depths", "counters", "uptime_seconds", "paused_reason", "version")
+    __slots__ = ("bundle_id", "bundle_path", "thresholds", "queue_depths", "counters", "uptime_seconds", "paused_reason", "version", "providers", "run_batch")
     class QueueDepthsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -238,6 +238,8 @@ class Status(_message.Message):
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PAUSED_REASON_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    PROVIDERS_FIELD_NUMBER: _ClassVar[int]
+    RUN_BATCH_FIELD_NUMBER: _ClassVar[int]
     bundle_id: str
     bundle_path: str
     thresholds: Thresholds
@@ -246,4 +248,6 @@ class Status(_message.Message):
     uptime_seconds: float
     paused_reason: str
     version: str
-    def __init__(self, bundle_id: _Optional[str] = ..., bundle_path: _Optional[str] = ..., thresholds: _Optional[_Union[Thresholds, _Mapping]] = ..., queue_depths: _Optional[_Mapping[str, int]] = ..., counters: _Optional[_Mapping[str, int]] = ..., uptime_seconds: _Optional[float] = ..., paused_reason: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+    providers: _containers.RepeatedScalarFieldContainer[str]
+    run_batch: int
+    def __init__(self, bundle_id: _Optional[str] = ..., bundle_path: _Optional[str] = ..., thresholds: _Optional[_Union[Thresholds, _Mapping]] = ..., queue_depths: _Optional[_Mapping[str, int]] = ..., counters: _Optional[_Mapping[str, int]] = ..., uptime_seconds: _Optional[float] = ..., paused_reason: _Optional[str] = ..., version: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., run_batch: _Optional[int] = ...) -> None: ...
