@@ -75,10 +75,11 @@ _gpu_libraries_loaded = False
 def load_gpu_libraries(providers: Sequence[str]) -> None:
     """Load the CUDA and cuDNN libraries of pip's ``nvidia-*`` packages before a GPU session.
 
-    onnxruntime-gpu's CUDA provider finds them only on the loader's path, and a pip install
-    (``onnxruntime-gpu[cuda,cudnn]``) does not put them there: without this the session falls
-    back to the CPU. ``onnxruntime.preload_dlls`` (1.21+) loads them from the environment's
-    site-packages, then the default path. Once per process; what it prints is logged."""
+    A pip install (``onnxruntime-gpu[cuda,cudnn]``) does not put them on the loader's path;
+    where the CUDA provider then cannot find them, its sessions fall back to the CPU (on the
+    H200 box measured they were found without this too: a safeguard, onnxruntime's documented
+    way). ``onnxruntime.preload_dlls`` (1.21+) loads them from the environment's site-packages,
+    then the default path. Once per process; what it prints is logged."""
     global _gpu_libraries_loaded
     if _gpu_libraries_loaded or not any(p in GPU_PROVIDERS for p in providers):
         return
