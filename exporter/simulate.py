@@ -59,6 +59,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -79,6 +80,9 @@ SHIFT_CAMERA_SHARE = 0.15  # its share of the test set (the deployment mixture)
 TEST_SEED = 9000
 POOL_SEED = 1000
 INITIAL_DOMAINS = ("source", "pool")
+# Processes rendering the pools (every image is drawn from its own seed, so the count changes
+# only the time): every core, at least 2, at most 16.
+RENDER_WORKERS = max(2, min(os.cpu_count() or 2, 16))
 # How long the pool's capture sequences are: all ``frames`` long, or of uneven length as a lab's
 # recordings come (log-uniform from 1 to 4 x frames: a few long recordings hold most frames).
 SEQUENCE_LENGTHS = ("fixed", "varied")
@@ -120,6 +124,12 @@ class SimConfig:
     # (highest ``default_score``, the judge's own score), as CEAL (Wang et al. 2017) pairs
     # uncertainty sampling with confident pseudo-labels. 1: every unreviewed image (the default).
     auto_trusted: float = 1.0
+    # Where the trainings run (``annotator train --device``: "cpu", "0", "cuda:0") and how many
+    # data-loader processes feed them (0: in the training process, right for 2 CPU cores; a GPU
+    # needs several to be kept busy). Both can change a training's numbers (other kernels, other
+    # augmentation streams), so a run folder keeps them with its other settings.
+    device: str = "cpu"
+    workers: int = 0
 
     def __post_init__(self) -> None:
         bad = [s for s in self.strategies if s not in STRATEGIES + EXTRA_STRATEGIES]
@@ -150,6 +160,10 @@ class SimConfig:
             raise ValueError(f"--auto-trusted: expected 0 < f <= 1, got {self.auto_trusted}")
         if not 0.0 <= self.audit_fraction < 1.0:
             raise ValueError(f"--audit-fraction: expected 0 <= f < 1, got {self.audit_fraction}")
+        if self.workers < 0:
+            raise ValueError(f"--workers: expected >= 0, got {self.workers}")
+        if not self.device.strip():
+            raise ValueError("--device: expected 'cpu', a GPU index such as '0', or 'cuda:0'")
 
     def quick(self) -> "SimConfig":
         """A smoke-test run of a few minutes: tiny pool, one seed, one round, one epoch, 96 px."""
@@ -176,7 +190,7 @@ def prepare_data(cfg: SimConfig) -> tuple[Path, dict[int, Path]]:
         lengths = varied_lengths(count, frames, seed) if frames > 1 and cfg.lengths == "varied" else None
         log.info("rendering %s: %d images (seed %d, %s frames per scene)", name, count, seed,
                  f"1-{max(lengths)}" if lengths else frames)
-        return generate(d, count, seed, knobs=kn, workers=2, frames=frames, motion=cfg.motion, lengths=lengths)
+        return generate(d, count, seed, knobs=kn, workers=RENDER_WORKERS, frames=frames, motion=cfg.motion, lengths=lengths)
 
     cam = "" if cfg.shift_camera == "overhead" else f"_{cfg.shift_camera}"  # the first runs' folders had overhead
     test = make(f"test_{cfg.test}{cam}", cfg.test, TEST_SEED)  # independent scenes, whatever the pool
@@ -330,7 +344,7 @@ def _train_once(cfg: SimConfig, unit: Path, coco: dict[str, Any], labelled: list
                                                 else {**FINETUNE_ARGS, "lr0": cfg.finetune_lr0})}
     tcfg = TrainConfig(annotations=ann, images=pool_dir / "images", out=unit / "bundle", work=unit / "work",
                        epochs=epochs, imgsz=cfg.imgsz, batch=cfg.batch, init=init, val_fraction=0.1,
-                       workers=0, seed=seed, extra=extra, mix=TrainingMix(auto_weight=cfg.auto_weight))
+                       device=cfg.device, workers=cfg.workers, seed=seed, extra=extra, mix=TrainingMix(auto_weight=cfg.auto_weight))
     train_bundle(tcfg)
     shutil.rmtree(unit / "work", ignore_errors=True)
     metrics = evaluate(unit / "bundle", test_dir / "annotations.json", test_dir / "images", unit / "eval",
@@ -446,7 +460,7 @@ def run(cfg: SimConfig) -> dict[str, Any]:
         # runs from before --repeats trained once; before --shift-share the pool had the test set's mix
         # and before --auto-weight every round trained on the reviewed images only
         old = {"repeats": 1, "shift_share": 1.0, "shift_camera": "overhead", "auto_weight": 0.0, "auto_trusted": 1.0,
-               "lengths": "fixed",
+               "lengths": "fixed", "device": "cpu", "workers": 0,
                **json.loads(saved.read_text())}
         differ = [k for k in settings if k not in ("out", "seeds", "rounds", "strategies")
                   and json.dumps(old.get(k)) != json.dumps(settings[k])]
@@ -473,7 +487,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                     initial_domain=args.initial_domain, frames=args.frames, motion=args.motion, lengths=args.lengths,
                     repeats=args.repeats,
                     shift_share=args.shift_share, shift_camera=args.shift_camera, auto_weight=args.auto_weight,
-                    auto_trusted=args.auto_trusted, strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()))
+                    auto_trusted=args.auto_trusted, device=args.device, workers=args.workers, strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()))
     if args.quick:
         cfg = cfg.quick()
     results = run(cfg)
@@ -531,5 +545,11 @@ def register(sub: Any) -> None:
                         "of (highest default_score); the judge reviews the doubtful ones, the confident ones train "
                         "as auto labels (CEAL). 1 = every unreviewed image")
     s.add_argument("--strategies", default=",".join(STRATEGIES))
+    s.add_argument("--device", default=d.device,
+                   help="where the trainings run, as `annotator train --device`: 'cpu' or a GPU ('0', 'cuda:0'); "
+                        "pool scoring and evaluation use the engine's providers (CUDA when onnxruntime-gpu has it)")
+    s.add_argument("--workers", type=int, default=d.workers,
+                   help="data-loader processes per training (0: in the training process, right on a few CPU "
+                        "cores; 4-8 keep a GPU busy)")
     s.add_argument("--quick", action="store_true", help="a few-minute smoke run (tiny pool, 1 round, 1 epoch, 96 px)")
     s.set_defaults(func=cmd_simulate)

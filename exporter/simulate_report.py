@@ -272,7 +272,8 @@ def write_results(cfg: Any, states: list[dict[str, Any]], seconds: float) -> dic
                 if aw > 0 and (trusted := float(getattr(cfg, "auto_trusted", 1.0))) < 1.0 else "")
              + (f", mean of {repeats} trainings per unit" if (repeats := int(getattr(cfg, "repeats", 1))) > 1 else "")
              + (f", the pool's shift (IR, {camera} camera) x{share:g} of the test set's"
-                if (share := float(getattr(cfg, "shift_share", 1.0))) != 1.0 else ""))
+                if (share := float(getattr(cfg, "shift_share", 1.0))) != 1.0 else "")
+             + (f", trained on device {dev}" if (dev := str(getattr(cfg, "device", "cpu"))) != "cpu" else ""))
     unit_minutes = sum(float(s.get("seconds", 0.0)) for s in states) / 60
     write_png(out / "accuracy.png", cur, sav["targets"], title, results["paired_gains"])
     md = ["# Active-learning benchmark (`annotator simulate`)", "", f"Settings: {title}; "

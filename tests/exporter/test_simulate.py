@@ -355,3 +355,51 @@ def test_repeats_train_each_unit_again_and_report_the_mean(tmp_path: Path, ultra
     assert noise["units"] == 2 and noise["trainings"] == 2 and noise["sd"] > 0
     with pytest.raises(ValueError, match="repeats"):
         SimConfig(out=tmp_path, repeats=0)
+
+
+def test_device_and_workers_reach_the_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--device`` / ``--workers`` go to every training of the benchmark (a GPU box trains there);
+    bad values are refused with the flag's name."""
+    import exporter.evaluate
+    import exporter.train
+    from exporter.simulate import SimConfig, _train_once
+
+    seen = []
+    monkeypatch.setattr(exporter.train, "train_bundle", lambda cfg: seen.append(cfg))
+    monkeypatch.setattr(exporter.evaluate, "evaluate",
+                        lambda *a, **k: {"head": {"map50": 0.5}, "keypoints": {"oks_ap50": 0.25},
+                                         "visibility": {"accuracy": 0.75}})
+    coco = {"images": [{"id": 1, "file_name": "a.jpg", "width": 8, "height": 8}], "annotations": [], "categories": []}
+    cfg = SimConfig(out=tmp_path, device="0", workers=6)
+    m = _train_once(cfg, tmp_path / "unit", coco, ["a.jpg"], tmp_path, tmp_path, "pretrained", 1, 0, True)
+    assert (seen[0].device, seen[0].workers) == ("0", 6) and m["head_map50"] == 0.5
+    _train_once(SimConfig(out=tmp_path), tmp_path / "unit2", coco, ["a.jpg"], tmp_path, tmp_path, "pretrained", 1, 0, True)
+    assert (seen[1].device, seen[1].workers) == ("cpu", 0)  # the 2-core default: in-process loading
+    with pytest.raises(ValueError, match="--workers"):
+        SimConfig(out=tmp_path, workers=-1)
+    with pytest.raises(ValueError, match="--device"):
+        SimConfig(out=tmp_path, device=" ")
+
+
+def test_a_run_folder_from_before_a_setting_resumes_only_with_its_default(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder whose config.json predates --device/--workers holds CPU trainings with in-process
+    loading: resuming it on those defaults goes on, on a GPU it is refused by name."""
+    from dataclasses import asdict
+
+    import exporter.simulate as sim
+
+    class Rendered(Exception):
+        pass
+
+    def stop(cfg: sim.SimConfig) -> None:
+        raise Rendered
+
+    monkeypatch.setattr(sim, "prepare_data", stop)
+    old = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(sim.SimConfig(out=tmp_path)).items()
+           if k not in ("device", "workers")}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="other settings \\(device, workers\\)"):
+        sim.run(sim.SimConfig(out=tmp_path, device="0", workers=8))
+    with pytest.raises(Rendered):  # same settings: on to the data
+        sim.run(sim.SimConfig(out=tmp_path))
