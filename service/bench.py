@@ -20,9 +20,7 @@ machine.
 """
 from __future__ import annotations
 
-import contextlib
 import gc
-import io
 import logging
 import os
 import resource
@@ -36,7 +34,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .bundle import load_bundle
-from .engine import load_gpu_libraries, select_providers
+from .engine import open_session, select_providers
 from .geometry import letterbox, to_tensor
 from .imageio import read_image
 
@@ -90,13 +88,11 @@ def bench_raw(bundle_path: Path, files: list[Path], repeat: int = 1,
     and the providers the sessions really run on (onnxruntime falls back to the CPU when a GPU
     provider cannot load)."""
     bundle = load_bundle(bundle_path)
-    load_gpu_libraries(providers)
     opts = ort.SessionOptions()
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the engine does
     sessions = []
     for role in bundle.models:
-        with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime's fallback banner
-            s = ort.InferenceSession(str(bundle.model_path(role)), opts, providers=list(providers))
+        s, _ = open_session(str(bundle.model_path(role)), providers, opts)
         inp = s.get_inputs()[0]
         sessions.append((s, inp.name, tuple(bundle.models[role].imgsz)))
     active = sessions[0][0].get_providers()

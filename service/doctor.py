@@ -227,22 +227,15 @@ def _session_providers(cfg: Any, chosen: list[str]) -> list[str] | None:
     chosen: onnxruntime offers a GPU provider whenever its library ships and falls back to the
     CPU only when a session is made. None: nothing to probe (CPU only, or no loadable bundle;
     the bundle check says why)."""
-    import contextlib
-    import io
-
-    import onnxruntime as ort
-
     from .bundle import load_bundle
-    from .engine import GPU_PROVIDERS, load_gpu_libraries
+    from .engine import GPU_PROVIDERS, open_session
 
     if chosen[0] not in GPU_PROVIDERS or cfg.engine.bundle is None:
         return None
     try:
         bundle = load_bundle(cfg.engine.bundle)
         path = min((bundle.model_path(r) for r in bundle.models), key=lambda p: p.stat().st_size)
-        load_gpu_libraries(chosen)
-        with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime's fallback banner
-            return list(ort.InferenceSession(str(path), providers=chosen).get_providers())
+        return list(open_session(str(path), chosen)[0].get_providers())
     except Exception:  # noqa: BLE001 - a bundle that does not load is the bundle check's finding
         return None
 

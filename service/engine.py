@@ -98,6 +98,17 @@ def load_gpu_libraries(providers: Sequence[str]) -> None:
             log.warning("onnxruntime.preload_dlls: %s", line.strip())
 
 
+def open_session(path: str, providers: Sequence[str],
+                 opts: ort.SessionOptions | None = None) -> tuple[ort.InferenceSession, str]:
+    """An onnxruntime session on ``providers`` (pip's GPU libraries loaded first) and what
+    onnxruntime printed while making it: the banner of a GPU provider that did not load, after
+    which ``session.get_providers()`` names the fallback. Errors are onnxruntime's own."""
+    load_gpu_libraries(providers)
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        session = ort.InferenceSession(str(path), opts, providers=list(providers))
+    return session, printed.getvalue()
+
+
 @dataclass(frozen=True)
 class _Model:
     """One loaded model: its session and what was read from the ONNX file."""
@@ -129,7 +140,6 @@ class Engine:
         self.batch_size = batch_size
         self.metrics = metrics  # duck-typed: the engine imports no metrics library
         self.providers = select_providers(providers)
-        load_gpu_libraries(self.providers)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = int(intra_op_threads)
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -140,13 +150,12 @@ class Engine:
         for role, entry in bundle.models.items():
             path = bundle.model_path(role)
             try:
-                with contextlib.redirect_stdout(io.StringIO()) as printed:  # its fallback banner
-                    session = ort.InferenceSession(str(path), opts, providers=self.providers)
+                session, printed = open_session(str(path), self.providers, opts)
             except Exception as exc:  # onnxruntime raises several unrelated types
                 raise BundleError(f"models.{role}: cannot load {path}: {exc}") from exc
             active = session.get_providers()
             if active[0] != self.providers[0]:
-                said = " ".join(line.strip("* ") for line in printed.getvalue().splitlines() if "EP Error" in line)
+                said = " ".join(line.strip("* ") for line in printed.splitlines() if "EP Error" in line)
                 log.warning("models.%s: %s was asked for but onnxruntime runs it on %s%s; `annotator doctor` "
                             "says what is missing", role, self.providers[0], ", ".join(active),
                             f" ({said})" if said else "")
