@@ -449,8 +449,20 @@ def run_seed(cfg: SimConfig, seed: int, pool_dir: Path, test_dir: Path, progress
     return states
 
 
-def run(cfg: SimConfig) -> dict[str, Any]:
-    """The whole benchmark; writes results.{json,md} and accuracy.png into ``cfg.out``."""
+def _seed_job(cfg: SimConfig, seed: int, pool_dir: Path, test_dir: Path, level: int) -> list[dict[str, Any]]:
+    """One seed in its own process (``run(jobs=...)``): the parent's log level, its own counter."""
+    logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s seed{seed} %(name)s: %(message)s")
+    return run_seed(cfg, seed, pool_dir, test_dir, Progress(1 + cfg.rounds * len(cfg.strategies)))
+
+
+def run(cfg: SimConfig, jobs: int = 1) -> dict[str, Any]:
+    """The whole benchmark; writes results.{json,md} and accuracy.png into ``cfg.out``.
+
+    ``jobs`` > 1 runs that many seeds at once, each in its own process (a GPU box trains several
+    small models side by side; the seeds share nothing but the rendered test set and the mapped
+    COCO start, both made before). The units and their numbers are those of a sequential run:
+    every unit reads only its own seed's folder, so a run can be resumed with any ``jobs``.
+    """
     from .simulate_report import write_results
 
     cfg.out.mkdir(parents=True, exist_ok=True)
@@ -472,8 +484,21 @@ def run(cfg: SimConfig) -> dict[str, Any]:
     test_dir, pools = prepare_data(cfg)
     progress = Progress(cfg.seeds * (1 + cfg.rounds * len(cfg.strategies)))
     states: list[dict[str, Any]] = []
-    for seed in range(cfg.seeds):
-        states += run_seed(cfg, seed, pools[seed], test_dir, progress)
+    if jobs > 1 and cfg.seeds > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        write_cabin_init(cfg.out / "init")  # the seeds' shared start, written once before they run
+        log.info("%d seeds, %d at a time (one process each)", cfg.seeds, min(jobs, cfg.seeds))
+        # spawn: torch and onnxruntime threads do not survive a fork
+        with ProcessPoolExecutor(min(jobs, cfg.seeds), mp_context=multiprocessing.get_context("spawn")) as ex:
+            level = logging.getLogger().getEffectiveLevel()
+            futures = [ex.submit(_seed_job, cfg, seed, pools[seed], test_dir, level) for seed in range(cfg.seeds)]
+            for f in futures:
+                states += f.result()
+    else:
+        for seed in range(cfg.seeds):
+            states += run_seed(cfg, seed, pools[seed], test_dir, progress)
     return write_results(cfg, states, time.monotonic() - t0)
 
 
@@ -490,7 +515,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                     auto_trusted=args.auto_trusted, device=args.device, workers=args.workers, strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()))
     if args.quick:
         cfg = cfg.quick()
-    results = run(cfg)
+    if args.jobs < 1:
+        raise ValueError(f"--jobs: expected >= 1, got {args.jobs}")
+    results = run(cfg, jobs=args.jobs)
     print_table(results)
     print(f"results: {cfg.out / 'results.md'}, {cfg.out / 'results.json'}, {cfg.out / 'accuracy.png'}")
     return 0
@@ -551,5 +578,7 @@ def register(sub: Any) -> None:
     s.add_argument("--workers", type=int, default=d.workers,
                    help="data-loader processes per training (0: in the training process, right on a few CPU "
                         "cores; 4-8 keep a GPU busy)")
+    s.add_argument("--jobs", type=int, default=1,
+                   help="seeds run at once, one process each (a GPU box: 3; the 2-core box: 1); same numbers")
     s.add_argument("--quick", action="store_true", help="a few-minute smoke run (tiny pool, 1 round, 1 epoch, 96 px)")
     s.set_defaults(func=cmd_simulate)

@@ -403,3 +403,24 @@ def test_a_run_folder_from_before_a_setting_resumes_only_with_its_default(tmp_pa
         sim.run(sim.SimConfig(out=tmp_path, device="0", workers=8))
     with pytest.raises(Rendered):  # same settings: on to the data
         sim.run(sim.SimConfig(out=tmp_path))
+
+
+def test_seeds_in_parallel_processes_give_a_sequential_runs_units(tmp_path: Path, ultralytics_offline: Path) -> None:
+    """``--jobs 2``: two seeds train side by side, one process each; every unit is written as a
+    sequential run writes it, so the folder is then resumed (nothing trained again) with jobs 1."""
+    pytest.importorskip("ultralytics")
+    from dataclasses import replace
+
+    from exporter.simulate import SimConfig, run
+
+    cfg = replace(SimConfig(out=tmp_path / "sim", strategies=("random",)).quick(), seeds=2)
+    results = run(cfg, jobs=2)
+    states = {s: json.loads((cfg.out / "runs" / f"seed{s}" / "random" / "round1" / "state.json").read_text())
+              for s in (0, 1)}
+    assert [st["seed"] for st in states.values()] == [0, 1] and states[0]["selected"] != states[1]["selected"]
+    assert results["settings"]["seeds"] == 2
+    saved = json.loads((cfg.out / "results.json").read_text())
+    assert len(saved["curves"]["random"]["x"]) == 2
+    stamp = (cfg.out / "runs" / "seed1" / "random" / "round1" / "state.json").stat().st_mtime
+    assert run(cfg)["curves"] == results["curves"]  # resumed sequentially: the same units, nothing retrained
+    assert (cfg.out / "runs" / "seed1" / "random" / "round1" / "state.json").stat().st_mtime == stamp
