@@ -165,6 +165,11 @@ class SimConfig:
         if not self.device.strip():
             raise ValueError("--device: expected 'cpu', a GPU index such as '0', or 'cuda:0'")
 
+    @property
+    def units_per_seed(self) -> int:
+        """Training units of one seed: the first bundle, then every strategy's rounds."""
+        return 1 + self.rounds * len(self.strategies)
+
     def quick(self) -> "SimConfig":
         """A smoke-test run of a few minutes: tiny pool, one seed, one round, one epoch, 96 px."""
         return replace(self, seeds=1, rounds=1, per_round=6, initial=10, pool=40, test=8, epochs=1,
@@ -452,7 +457,7 @@ def run_seed(cfg: SimConfig, seed: int, pool_dir: Path, test_dir: Path, progress
 def _seed_job(cfg: SimConfig, seed: int, pool_dir: Path, test_dir: Path, level: int) -> list[dict[str, Any]]:
     """One seed in its own process (``run(jobs=...)``): the parent's log level, its own counter."""
     logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s seed{seed} %(name)s: %(message)s")
-    return run_seed(cfg, seed, pool_dir, test_dir, Progress(1 + cfg.rounds * len(cfg.strategies)))
+    return run_seed(cfg, seed, pool_dir, test_dir, Progress(cfg.units_per_seed))
 
 
 def run(cfg: SimConfig, jobs: int = 1) -> dict[str, Any]:
@@ -465,6 +470,8 @@ def run(cfg: SimConfig, jobs: int = 1) -> dict[str, Any]:
     """
     from .simulate_report import write_results
 
+    if jobs < 1:
+        raise ValueError(f"--jobs: expected >= 1, got {jobs}")
     cfg.out.mkdir(parents=True, exist_ok=True)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
     saved = cfg.out / "config.json"
@@ -482,7 +489,6 @@ def run(cfg: SimConfig, jobs: int = 1) -> dict[str, Any]:
     saved.write_text(json.dumps(settings, indent=1))
     t0 = time.monotonic()
     test_dir, pools = prepare_data(cfg)
-    progress = Progress(cfg.seeds * (1 + cfg.rounds * len(cfg.strategies)))
     states: list[dict[str, Any]] = []
     if jobs > 1 and cfg.seeds > 1:
         import multiprocessing
@@ -497,6 +503,7 @@ def run(cfg: SimConfig, jobs: int = 1) -> dict[str, Any]:
             for f in futures:
                 states += f.result()
     else:
+        progress = Progress(cfg.seeds * cfg.units_per_seed)
         for seed in range(cfg.seeds):
             states += run_seed(cfg, seed, pools[seed], test_dir, progress)
     return write_results(cfg, states, time.monotonic() - t0)
@@ -515,8 +522,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                     auto_trusted=args.auto_trusted, device=args.device, workers=args.workers, strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()))
     if args.quick:
         cfg = cfg.quick()
-    if args.jobs < 1:
-        raise ValueError(f"--jobs: expected >= 1, got {args.jobs}")
     results = run(cfg, jobs=args.jobs)
     print_table(results)
     print(f"results: {cfg.out / 'results.md'}, {cfg.out / 'results.json'}, {cfg.out / 'accuracy.png'}")
