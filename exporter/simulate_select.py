@@ -30,6 +30,16 @@ strategy then picks ``n`` images from the candidates:
 - ``typiclust_judge`` (an extra): ``typiclust``'s choice of cluster, and in it the image the judge
   doubts most (``judge_order``) instead of the most typical: coverage from the clusters, the pick
   from the product's judgement.
+- ``judge_power`` (an extra): stochastic batch acquisition (Kirsch et al., "Stochastic batch
+  acquisition: a simple baseline for deep active learning", TMLR 2023): instead of the judge's top
+  of the ranking, a seeded sample without replacement with probability proportional to the
+  image's total doubt (power sampling, exponent 1; Gumbel top-k), then the judge's diversity
+  measures. Top-k picks of one batch pile onto the same kind of failure; a sample keeps the
+  preference for doubt and spreads over its kinds.
+- ``judge_middle`` (an extra): outlier rejection (Karamcheti et al., "Mind your outliers!",
+  ACL 2021): the judge's ranking with its most doubtful ``MIDDLE_SKIP`` of the candidates moved to
+  the end: the images the bundle is most lost on are often the ones a small model cannot learn
+  yet (a person cut by the frame, heavy occlusion), and the next band of doubt is learnable.
 - ``random_then_judge`` (an extra): a cold-start schedule: the first round's picks are random
   (the same draw as ``random``'s), every later round the judge's (``round_rule``).
 
@@ -71,13 +81,14 @@ STRATEGIES = ("judge", "uncertainty", "random", "judge_audit")
 # ``ORACLES``: the reference lines above (they need the pool's ground truth).
 ORACLES = ("oracle_error", "oracle_shift", "oracle_scene")
 EXTRA_STRATEGIES = ("judge_priority", "judge_plain", "judge_image", "typiclust", "typiclust_judge", "random_then_judge",
-                    *ORACLES)
+                    "judge_power", "judge_middle", *ORACLES)
 # Rules that pick on ``pool_features``, and rules that need no pool scores (see ``round_rule``).
 NEEDS_FEATURES = ("typiclust", "typiclust_judge")
 NEEDS_NO_SCORES = ("random", "typiclust")
 # Extra strategies that rank by a PoolScore field, most doubt first.
 DOUBT_RANKED = {"judge_priority": "priority", "judge_image": "image_doubt"}
 CAMERA_SHARE = 0.5
+MIDDLE_SKIP = 0.25  # judge_middle: share of the candidates, most doubtful first, moved to the end
 CACHE_VERSION = 3
 DEDUP_DISTANCE = 6  # bits, the daemon's NearDuplicate default
 
@@ -396,6 +407,13 @@ def select(strategy: str, candidates: Sequence[str], scores: dict[str, PoolScore
         return [s.file_name for s in sorted(pool, key=lambda s: (s.uncertainty, s.file_name))[:n]]
     if strategy == "judge":
         return [s.file_name for s in take(judge_order(pool), n)]
+    if strategy == "judge_power":  # Gumbel top-k: a sample without replacement, p ~ total doubt
+        keys = np.log(np.array([s.doubt for s in pool]) + 1e-6) + rng.gumbel(size=len(pool))
+        return [s.file_name for s in take([pool[i] for i in np.argsort(-keys, kind="stable")], n)]
+    if strategy == "judge_middle":
+        order = judge_order(pool)
+        skip = int(MIDDLE_SKIP * len(order))
+        return [s.file_name for s in take([*order[skip:], *order[:skip]], n)]
     if strategy == "judge_plain":
         return [s.file_name for s in judge_order(pool)[:n]]
     if strategy in DOUBT_RANKED:  # most doubt first, with the judge's diversity measures

@@ -74,6 +74,21 @@ def test_select_strategies_on_fixed_scores() -> None:
         select("judge", names, None, 4, rng, 0, 0.1)
 
 
+def test_power_and_middle_variants_of_the_judge() -> None:
+    # 20 images, one camera each (no cap binds), far-apart dHashes; im0 most doubtful (doubt 1 - score).
+    scores = {f"im{i:02d}": _score(f"im{i:02d}", f"camera{i}", i / 20, i * 2**20) for i in range(20)}
+    names = sorted(scores)
+    power = [tuple(select("judge_power", names, scores, 4, np.random.default_rng(s), 0, 0.1)) for s in range(200)]
+    assert power[0] == tuple(select("judge_power", names, scores, 4, np.random.default_rng(0), 0, 0.1))  # seeded
+    assert len(set(power)) > 50 and all(len(set(p)) == 4 for p in power)  # a sample, no repeats within a batch
+    counts = {n: sum(n in p for p in power) for n in names}
+    assert counts["im00"] > 2 * counts["im19"] > 0  # doubt 1.0 vs 0.05: picked far more often, not always
+    # judge_middle: the most doubtful quarter (5 of 20) waits; the judge's order after it.
+    assert select("judge_middle", names, scores, 4, np.random.default_rng(0), 0, 0.1) == ["im05", "im06", "im07", "im08"]
+    # When the batch needs them, the skipped images come last (4 of 4: im00 waited).
+    assert select("judge_middle", names[:4], scores, 4, np.random.default_rng(0), 0, 0.1) == [*names[1:4], "im00"]
+
+
 def test_schedules_pick_by_round() -> None:
     assert [round_rule("random_then_judge", r) for r in (1, 2, 3)] == ["random", "judge", "judge"]
     assert [round_rule("judge", r) for r in (1, 2)] == ["judge", "judge"]
