@@ -2,8 +2,9 @@
 
 Usage: python docs/simulate/variants/with_repeats.py RUN [STRATEGY]
 
-RUN is an ``annotator simulate`` folder on the default settings whose STRATEGY units (default
-``judge_power``) were trained with ``--repeats 3``. The random, judge and initial units come from
+RUN is a ``run_repeats.py`` folder (``states.json``) or an ``annotator simulate`` folder on the
+default settings (``results.json``) whose STRATEGY units (default ``judge_power``) were trained
+3 times. The random, judge and initial units come from
 the verdict's run (``docs/simulate/auto-labels-repeats3-named/results.json``, same seeds and
 settings): the benchmark is deterministic on one machine, which this script checks by requiring
 that RUN's random units (one training), if any, equal the verdict's first trainings, and that
@@ -29,7 +30,12 @@ ONE_TRAINING = Path(__file__).resolve().parent / "results.json"
 
 def main(run: Path, strategy: str = "judge_power") -> dict:
     verdict = [u for u in json.loads(VERDICT.read_text())["units"] if u["strategy"] in ("initial", "random", "judge")]
-    mine = json.loads((run / "results.json").read_text())["units"]
+    mine = (json.loads((run / "states.json").read_text()) if (run / "states.json").is_file()
+            else json.loads((run / "results.json").read_text())["units"])
+    init = {u["seed"]: u["metrics"] for u in verdict if u["strategy"] == "initial"}
+    for u in mine:
+        if u["strategy"] == "initial" and u["metrics"] != init[u["seed"]]:
+            raise SystemExit(f"{run}: seed {u['seed']}'s first bundle differs from the verdict's run")
     first = {(u["seed"], u["round"]): u["metrics_each"][0] for u in verdict if u["strategy"] == "random"}
     for u in mine:
         if u["strategy"] == "random" and u["metrics"] != first[(u["seed"], u["round"])]:
