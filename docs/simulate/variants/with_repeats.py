@@ -4,8 +4,7 @@ Usage: python docs/simulate/variants/with_repeats.py RUN [STRATEGY]
 
 RUN is a ``run_repeats.py`` folder (``states.json``) or an ``annotator simulate`` folder on the
 default settings (``results.json``) whose STRATEGY units (default ``judge_power``) were trained
-3 times. The random, judge and initial units come from
-the verdict's run (``docs/simulate/auto-labels-repeats3-named/results.json``, same seeds and
+3 times. The random, judge and initial units come from the verdict's run (``docs/simulate/auto-labels-repeats3-named/results.json``, same seeds and
 settings): the benchmark is deterministic on one machine, which this script checks by requiring
 that RUN's random units (one training), if any, equal the verdict's first trainings, and that
 RUN's STRATEGY units' first trainings equal this folder's one-training run (``results.json``),
@@ -32,14 +31,12 @@ def main(run: Path, strategy: str = "judge_power") -> dict:
     verdict = [u for u in json.loads(VERDICT.read_text())["units"] if u["strategy"] in ("initial", "random", "judge")]
     mine = (json.loads((run / "states.json").read_text()) if (run / "states.json").is_file()
             else json.loads((run / "results.json").read_text())["units"])
-    init = {u["seed"]: u["metrics"] for u in verdict if u["strategy"] == "initial"}
+    # RUN's first bundles and one-training random units against the verdict's first trainings
+    first = {(u["strategy"], u["seed"], u["round"]): u["metrics_each"][0] for u in verdict if u["strategy"] != "judge"}
     for u in mine:
-        if u["strategy"] == "initial" and u["metrics"] != init[u["seed"]]:
-            raise SystemExit(f"{run}: seed {u['seed']}'s first bundle differs from the verdict's run")
-    first = {(u["seed"], u["round"]): u["metrics_each"][0] for u in verdict if u["strategy"] == "random"}
-    for u in mine:
-        if u["strategy"] == "random" and u["metrics"] != first[(u["seed"], u["round"])]:
-            raise SystemExit(f"{run}: random seed {u['seed']} round {u['round']} differs from the verdict's run")
+        key = (u["strategy"], u["seed"], u["round"])
+        if key in first and u["metrics"] != first[key]:
+            raise SystemExit(f"{run}: {u['strategy']} seed {u['seed']} round {u['round']} differs from the verdict's run")
     ours = [u for u in mine if u["strategy"] == strategy]
     if not ours or any(len(u.get("metrics_each") or []) != 3 for u in ours):
         raise SystemExit(f"{run}: expected {strategy} units trained 3 times")
