@@ -4,7 +4,8 @@ Usage: python docs/simulate/variants/with_repeats.py RUN [STRATEGY]
 
 RUN is a ``run_repeats.py`` folder (``states.json``) or an ``annotator simulate`` folder on the
 default settings (``results.json``) whose STRATEGY units (default ``judge_power``) were trained
-3 times. The random, judge and initial units come from the verdict's run (``docs/simulate/auto-labels-repeats3-named/results.json``, same seeds and
+3 times. The random, judge and initial units come from the verdict's run
+(``docs/simulate/auto-labels-repeats3-named/results.json``, same seeds and
 settings): the benchmark is deterministic on one machine, which this script checks by requiring
 that RUN's random units (one training), if any, equal the verdict's first trainings, and that
 RUN's STRATEGY units' first trainings equal this folder's one-training run (``results.json``),
