@@ -28,6 +28,7 @@ import json
 import math
 import shutil
 import sys
+from statistics import fmean as _mean
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -53,10 +54,6 @@ def _curve(units: list[dict], strategy: str) -> dict[int, list[float]]:
     return out
 
 
-def _mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs)
-
-
 def _collect_extra(run: Path) -> None:
     """EXTRA_RUN's second rounds without new reviews -> extra_round.json (per seed and strategy)."""
     rows = []
@@ -65,7 +62,7 @@ def _collect_extra(run: Path) -> None:
         each += [json.loads(p.read_text()) for p in sorted(unit.glob("repeat*/metrics.json"))]
         rows.append({"seed": int(unit.parent.parent.name[4:]), "strategy": unit.parent.name, "round": 1,
                      "n_reviewed": 40, "metrics_each": each,
-                     "metrics": {k: sum(m[k] for m in each) / len(each) for k in each[0]}})
+                     "metrics": {k: _mean(m[k] for m in each) for k in each[0]}})
     if not rows or any(len(r["metrics_each"]) != 3 for r in rows):
         raise SystemExit(f"{run}: expected round1_again units trained 3 times")
     (HERE / "extra_round.json").write_text(json.dumps({"units": rows}, indent=1) + "\n")
@@ -78,9 +75,9 @@ def main(oracle_run: Path | None = None, extra_run: Path | None = None) -> dict:
         _collect_extra(extra_run)
     verdict = _units(VERDICT)
     oracle = _units(HERE / "oracle3.json")
-    first = {(u["seed"], u["round"]): u["metrics_each"] for u in verdict if u["strategy"] == "random"}
+    verdict_random = {(u["seed"], u["round"]): u["metrics_each"] for u in verdict if u["strategy"] == "random"}
     for u in oracle:
-        if u["strategy"] == "random" and u["metrics_each"] != first[(u["seed"], u["round"])]:
+        if u["strategy"] == "random" and u["metrics_each"] != verdict_random[(u["seed"], u["round"])]:
             raise SystemExit(f"oracle3.json: random seed {u['seed']} round {u['round']} differs from the verdict's")
     rand, judge, orc = _curve(verdict, "random"), _curve(verdict, "judge"), _curve(oracle, "oracle_error")
     one = {n: _curve(_units(HERE / f"random-{n}.json"), "random")[n] for n in ONE_ROUND}
@@ -91,12 +88,11 @@ def main(oracle_run: Path | None = None, extra_run: Path | None = None) -> dict:
     rows = []
 
     def row(name: str, n: int, ys: list[float], trainings: int, rounds: int) -> None:
-        gain = _mean(ys) - _mean(rand[40]) if n == 40 else None
-        mult = 2 ** (gain / slope) if gain is not None and name != "random" else None
+        gain = _mean(ys) - _mean(rand[40]) if n == 40 and name != "random" else None
         rows.append({"strategy": name, "reviewed": n, "rounds": rounds, "trainings": trainings,
                      "mean3": round(_mean(ys), 4), "per_seed": [round(y, 4) for y in ys],
-                     "gain_over_random_40": None if gain is None or name == "random" else round(gain, 4),
-                     "label_multiplier": None if mult is None else round(mult, 2)})
+                     "gain_over_random_40": None if gain is None else round(gain, 4),
+                     "label_multiplier": None if gain is None else round(2 ** (gain / slope), 2)})
 
     row("first bundle", 0, rand[0], 1, 0)
     for n in (40, 80):
