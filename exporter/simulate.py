@@ -124,6 +124,7 @@ class SimConfig:
     # (highest ``default_score``, the judge's own score), as CEAL (Wang et al. 2017) pairs
     # uncertainty sampling with confident pseudo-labels. 1: every unreviewed image (the default).
     auto_trusted: float = 1.0
+    propagate: int = -1
     # Where the trainings run (``annotator train --device``: "cpu", "0", "cuda:0") and how many
     # data-loader processes feed them (0: in the training process, right for 2 CPU cores; a GPU
     # needs several to be kept busy). Both can change a training's numbers (other kernels, other
@@ -156,6 +157,8 @@ class SimConfig:
             raise ValueError(f"--shift-camera: expected one of {', '.join(SHIFT_CAMERAS)}, got {self.shift_camera!r}")
         if not 0.0 <= self.auto_weight <= 10.0:
             raise ValueError(f"--auto-weight: expected 0 <= w <= 10, got {self.auto_weight}")
+        if not -1 <= self.propagate <= 64:
+            raise ValueError(f"--propagate: expected dHash bits 0..64 or -1 (off), got {self.propagate}")
         if not 0.0 < self.auto_trusted <= 1.0:
             raise ValueError(f"--auto-trusted: expected 0 < f <= 1, got {self.auto_trusted}")
         if not 0.0 <= self.audit_fraction < 1.0:
@@ -222,11 +225,18 @@ def subset(coco: dict[str, Any], names: set[str]) -> dict[str, Any]:
     return {**coco, "images": images, "annotations": [a for a in coco["annotations"] if a["image_id"] in ids]}
 
 
-def training_set(coco: dict[str, Any], labelled: list[str], auto: dict[str, dict[str, Any]] | None) -> dict[str, Any]:
+def training_set(coco: dict[str, Any], labelled: list[str], auto: dict[str, dict[str, Any]] | None,
+                 propagate: int = -1, dhashes: dict[str, int] | None = None) -> dict[str, Any]:
     """The round's merged dataset, as ``annotator dataset export`` writes it: the labelled images
     with their ground truth (origin "reviewed") and, with ``auto`` (file name -> the first
-    bundle's record), every other pool image in ``auto`` with its auto label (origin "auto")."""
+    bundle's record), every other pool image in ``auto`` with its auto label (origin "auto").
+
+    ``propagate`` >= 0 (``annotator dataset export --propagate BITS``, ``sync.propagate``): an
+    auto image takes the labels of the reviewed frame of its capture sequence (the pool's scene
+    tag: the recording a capture tool names) that ``nearest_source`` picks within that many
+    ``dhashes`` bits (file name -> dHash); 64 = every frame of the sequence."""
     from service.outputs import record_annotations
+    from sync.propagate import Frame, nearest_source
 
     reviewed = subset(coco, set(labelled))
     images = [{**im, "origin": "reviewed"} for im in reviewed["images"]]
@@ -234,14 +244,48 @@ def training_set(coco: dict[str, Any], labelled: list[str], auto: dict[str, dict
     if auto:
         done = set(labelled)
         next_id = max((int(a["id"]) for a in coco["annotations"]), default=0) + 1
+        by_image: dict[int, list[dict[str, Any]]] = {}
+        for a in reviewed["annotations"]:
+            by_image.setdefault(int(a["image_id"]), []).append(a)
+
+        def frame(im: dict[str, Any]) -> Frame | None:
+            tags = im.get("tags", {})
+            if propagate < 0 or "scene" not in tags:
+                return None
+            return Frame((str(tags.get("camera")), str(tags["scene"])), float(tags.get("frame", 0)),
+                         (dhashes or {}).get(im["file_name"]))
+
+        sources: dict[tuple[str, str], list[tuple[dict[str, Any], Frame]]] = {}
+        for im in reviewed["images"]:
+            if (f := frame(im)) is not None:
+                sources.setdefault(f.sequence, []).append((im, f))
         for im in coco["images"]:
             if im["file_name"] in done or im["file_name"] not in auto:
                 continue
-            anns = record_annotations(auto[im["file_name"]], im["id"], next_id)
+            f = frame(im)
+            near = nearest_source(f, sources.get(f.sequence, ()), propagate, key=lambda k: k["file_name"]) \
+                if f is not None else None
+            if near is not None:  # the reviewed frame's labels, on this image
+                anns = [{**a, "id": next_id + i, "image_id": im["id"]} for i, a in enumerate(by_image.get(int(near[0]["id"]), []))]
+            else:
+                anns = record_annotations(auto[im["file_name"]], im["id"], next_id)
             next_id += len(anns)
             images.append({**im, "origin": "auto"})
             annotations += [{**a, "provenance": {"origin": "auto"}} for a in anns]
     return {**coco, "images": images, "annotations": annotations}
+
+
+def pool_dhashes(coco: dict[str, Any], images_dir: Path, cache: Path) -> dict[str, int]:
+    """File name -> dHash (``sync.propagate.file_dhash``) of every pool image; cached in ``cache``."""
+    from service.durable import write_json_atomic
+    from sync.propagate import file_dhash
+
+    if cache.is_file():
+        return {k: int(v) for k, v in json.loads(cache.read_text()).items()}
+    out = {im["file_name"]: file_dhash(images_dir / im["file_name"]) for im in coco["images"]}
+    hashes = {k: v for k, v in out.items() if v is not None}
+    write_json_atomic(cache, hashes)
+    return hashes
 
 
 def trusted_auto(auto: dict[str, dict[str, Any]], scores: dict[str, Any], share: float) -> dict[str, dict[str, Any]]:
@@ -337,7 +381,8 @@ def _train_once(cfg: SimConfig, unit: Path, coco: dict[str, Any], labelled: list
 
     unit.mkdir(parents=True, exist_ok=True)
     ann = unit / "labelled.json"
-    ann.write_text(json.dumps(training_set(coco, labelled, auto)))
+    dhashes = pool_dhashes(coco, pool_dir / "images", pool_dir / "dhash.json") if cfg.propagate >= 0 and auto else None
+    ann.write_text(json.dumps(training_set(coco, labelled, auto, cfg.propagate, dhashes)))
     # Fine-tuning trained weights for a few dozen iterations, no warm-up: ultralytics' warm-up
     # lasts at least 100 iterations, longer than a whole round, so the rate would never leave
     # the ramp. First bundle: AdamW at a small fixed rate (the "auto" rate, 0.002, wrecks the
@@ -478,7 +523,7 @@ def run(cfg: SimConfig, jobs: int = 1) -> dict[str, Any]:
     if saved.is_file():  # finished units are reused: they must come from the same settings
         # runs from before --repeats trained once; before --shift-share the pool had the test set's mix
         # and before --auto-weight every round trained on the reviewed images only
-        old = {"repeats": 1, "shift_share": 1.0, "shift_camera": "overhead", "auto_weight": 0.0, "auto_trusted": 1.0,
+        old = {"propagate": -1, "repeats": 1, "shift_share": 1.0, "shift_camera": "overhead", "auto_weight": 0.0, "auto_trusted": 1.0,
                "lengths": "fixed", "device": "cpu", "workers": 0,
                **json.loads(saved.read_text())}
         differ = [k for k in settings if k not in ("out", "seeds", "rounds", "strategies")
@@ -519,7 +564,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                     initial_domain=args.initial_domain, frames=args.frames, motion=args.motion, lengths=args.lengths,
                     repeats=args.repeats,
                     shift_share=args.shift_share, shift_camera=args.shift_camera, auto_weight=args.auto_weight,
-                    auto_trusted=args.auto_trusted, device=args.device, workers=args.workers, strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()))
+                    auto_trusted=args.auto_trusted, propagate=args.propagate, device=args.device, workers=args.workers, strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()))
     if args.quick:
         cfg = cfg.quick()
     results = run(cfg, jobs=args.jobs)
@@ -576,6 +621,10 @@ def register(sub: Any) -> None:
                    help="share of the pool whose auto labels are merged: the images the first bundle is most sure "
                         "of (highest default_score); the judge reviews the doubtful ones, the confident ones train "
                         "as auto labels (CEAL). 1 = every unreviewed image")
+    s.add_argument("--propagate", type=int, default=d.propagate, metavar="BITS",
+                   help="a reviewed frame's labels replace the auto labels of the frames of its capture sequence "
+                        "within BITS dHash bits (`annotator dataset export --propagate`); 64 = the whole "
+                        "sequence, -1 = off")
     s.add_argument("--strategies", default=",".join(STRATEGIES))
     s.add_argument("--device", default=d.device,
                    help="where the trainings run, as `annotator train --device`: 'cpu' or a GPU ('0', 'cuda:0'); "

@@ -212,7 +212,7 @@ def _training_task(settings: Any, store: Any, pull: Any, agent: Agent) -> Task:
     agent.closers.append(dataset.close)
     slots = ModelSlots(pull.models_root)
     return build_training_task(settings, open_target(pull.registry), pull.store_root,
-                               dataset_exporter(store, dataset), current_bundle=slots.current_path)
+                               dataset_exporter(store, dataset, settings.propagate), current_bundle=slots.current_path)
 
 
 def _model_tasks(pull: Any, cfg: SyncConfig, agent: Agent) -> list[Task]:

@@ -92,6 +92,7 @@ class ExportResult:
     auto: int
     holdout_left_out: int
     missing_images: tuple[str, ...]
+    propagated: int = 0
 
 
 def _place(src: Path, dst: Path) -> None:
@@ -108,10 +109,15 @@ def _place(src: Path, dst: Path) -> None:
 
 
 def export_dataset(dataset: Dataset, image_path: Callable[[str], Path], out: Path,
-                   include_holdout: bool = False) -> ExportResult:
+                   include_holdout: bool = False, row_of: Callable[[str], Any] | None = None,
+                   propagate_distance: int | None = None) -> ExportResult:
     """Write ``annotations.json`` and ``images/`` for every dataset image (hold-out reviewed
     images left out unless ``include_holdout``). ``image_path(image_id)`` locates the bytes
-    (``Store.image_path``). An image whose bytes are missing is logged and left out."""
+    (``Store.image_path``). An image whose bytes are missing is logged and left out.
+
+    ``propagate_distance`` (bits, with ``row_of``: ``Store.get``): a reviewed frame's label
+    replaces the auto labels of its session's near-identical frames (``sync.propagate``);
+    None: no propagation."""
     out = Path(out)
     images_dir = out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -138,10 +144,19 @@ def export_dataset(dataset: Dataset, image_path: Callable[[str], Path], out: Pat
     info = {"description": "edge-annotator dataset: human-reviewed and auto-accepted labels",
             "dataset_version": version, "holdout_included": include_holdout, "holdout_left_out": left_out,
             "holdout_fraction": dataset.holdout_fraction}
+    propagated = 0
+    if propagate_distance is not None and row_of is not None:
+        from .propagate import file_dhash, propagate, store_frames
+
+        frames = store_frames(chosen, row_of, lambda iid: file_dhash(image_path(iid)))
+        chosen, propagated = propagate(chosen, frames, propagate_distance)
+        info["propagation"] = {"max_distance": propagate_distance, "images": propagated}
+        log.info("propagation: %d auto images take the label of a reviewed frame of their session", propagated)
     coco = coco_dict(chosen, dataset.schema, info, names)
     ann = out / "annotations.json"
     write_json_atomic(ann, coco)
     reviewed = sum(1 for e in chosen if e.origin == "reviewed")
     log.info("exported dataset %s to %s: %d images (%d reviewed), %d hold-out left out",
              version[:12], out, len(chosen), reviewed, left_out)
-    return ExportResult(out, ann, version, len(chosen), reviewed, len(chosen) - reviewed, left_out, tuple(missing))
+    return ExportResult(out, ann, version, len(chosen), reviewed, len(chosen) - reviewed, left_out, tuple(missing),
+                        propagated)

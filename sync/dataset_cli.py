@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .propagate import DEFAULT_DISTANCE
 from .pull_settings import PullSettings, settings_from
 
 log = logging.getLogger(__name__)
@@ -87,15 +88,28 @@ def cmd_export(args: argparse.Namespace) -> int:
     store, dataset = _open(settings(args))
     try:
         _refresh(store, dataset)
-        res = export_dataset(dataset, store.image_path, Path(args.out), include_holdout=args.include_holdout)
+        res = export_dataset(dataset, store.image_path, Path(args.out), include_holdout=args.include_holdout,
+                             row_of=store.get, propagate_distance=args.propagate)
     finally:
         dataset.close()
         store.close()
     sys.stdout.write(f"dataset {res.version[:16]}: {res.images} images ({res.reviewed} reviewed, {res.auto} auto) "
                      f"written to {res.annotations}; {res.holdout_left_out} hold-out images left out"
                      + (f"; {len(res.missing_images)} images missing from the store" if res.missing_images else "")
+                     + (f"; {res.propagated} auto images took a reviewed frame's label" if args.propagate is not None
+                        else "")
                      + "\n")
     return 0
+
+
+def _bits(text: str) -> int:
+    try:
+        bits = int(text)
+    except ValueError:
+        bits = -1
+    if not 0 <= bits <= 64:
+        raise argparse.ArgumentTypeError(f"expected dHash bits, an integer in 0..64, got {text!r}")
+    return bits
 
 
 def register(subparsers: Any) -> None:
@@ -111,4 +125,8 @@ def register(subparsers: Any) -> None:
     s.add_argument("out", help="output folder")
     s.add_argument("--include-holdout", action="store_true",
                    help="also write the reviewed hold-out images (the gate's validation set)")
+    s.add_argument("--propagate", type=_bits, nargs="?", const=DEFAULT_DISTANCE, default=None, metavar="BITS",
+                   help="a reviewed frame's label replaces the auto labels of the frames of its capture session "
+                        "(gRPC metadata.session or drop/<camera>/<session>/) whose dHash is within BITS of it "
+                        f"(default {DEFAULT_DISTANCE} when given; see sync/propagate.py)")
     s.set_defaults(func=cmd_export)

@@ -236,15 +236,16 @@ def build_training_task(settings: TrainingSettings, registry: ObjectStore, state
                            current_bundle=current_bundle)
 
 
-def dataset_exporter(store: Any, dataset: Any) -> Callable[[Path], tuple[str, int]]:
-    """``export_dataset`` for the task: auto-accepted images merged, then ``export_dataset``."""
+def dataset_exporter(store: Any, dataset: Any, propagate: int | None = None) -> Callable[[Path], tuple[str, int]]:
+    """``export_dataset`` for the task: auto-accepted images merged, then ``export_dataset``
+    (with ``propagate``: ``sync.propagate`` at that many dHash bits)."""
     from .coco_export import export_dataset
     from .merge import Merger
 
     def export(out: Path) -> tuple[str, int]:
         if Merger(store, dataset).add_auto_accepted():
             dataset.record_version("auto-accepted images added before a training job")
-        res = export_dataset(dataset, store.image_path, out)
+        res = export_dataset(dataset, store.image_path, out, row_of=store.get, propagate_distance=propagate)
         return res.version, res.reviewed
 
     return export

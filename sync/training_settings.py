@@ -17,6 +17,7 @@ _KEYS: dict[str, Any] = {
     "role_arn": str, "image_uri": str, "instance_type": str, "input_s3": str, "output_s3": str,
     "min_new_reviewed": int, "poll_interval": (int, float), "max_runtime_s": int, "volume_gb": int,
     "region": str, "endpoint_url": str, "job_prefix": str, "sign_key": str, "hyperparameters": dict,
+    "propagate": int,
 }
 
 
@@ -47,6 +48,7 @@ class TrainingSettings:
     job_prefix: str = "annotator"
     sign_key: Path | None = None
     hyperparameters: Mapping[str, str] = field(default_factory=dict)
+    propagate: int | None = None  # dHash bits of ``sync.propagate`` in the job's export; None: off
 
 
 def training_settings_from(table: Mapping[str, Any], appliance_id: str, base: Path) -> TrainingSettings:
@@ -63,6 +65,8 @@ def training_settings_from(table: Mapping[str, Any], appliance_id: str, base: Pa
     for key, low in (("min_new_reviewed", 1), ("max_runtime_s", 60), ("volume_gb", 1)):
         if key in table and table[key] < low:
             raise SyncConfigError(f"sync.training.{key}: expected >= {low}, got {table[key]}")
+    if "propagate" in table and not 0 <= table["propagate"] <= 64:
+        raise SyncConfigError(f"sync.training.propagate: expected dHash bits in 0..64, got {table['propagate']}")
     if table.get("poll_interval", 0) < 0:
         raise SyncConfigError(f"sync.training.poll_interval: expected >= 0, got {table['poll_interval']}")
     hp = {}

@@ -215,6 +215,43 @@ def test_training_set_is_the_products_merged_dataset(tmp_path: Path) -> None:
         SimConfig(out=tmp_path, auto_weight=-1)
 
 
+def test_training_set_propagates_a_reviewed_frame_to_its_sequence(tmp_path: Path) -> None:
+    """``--propagate BITS``: an auto image of a reviewed frame's capture sequence within BITS
+    dHash bits takes the reviewed frame's ground truth (still origin "auto"); the nearest frame
+    in the sequence wins, the earlier on a tie; other sequences and far frames keep their auto label."""
+    from exporter.mix import image_origins
+    from exporter.simulate import SimConfig, training_set
+
+    tags = [("cam", 1, 0), ("cam", 1, 1), ("cam", 1, 3), ("cam", 1, 4), ("cam", 1, 6), ("cam", 2, 1), ("cam", 1, 9)]
+    coco = {"images": [{"id": i, "file_name": f"im{i}.jpg", "width": 32, "height": 32,
+                        "tags": {"camera": c, "scene": sc, "frame": fr}} for i, (c, sc, fr) in enumerate(tags, 1)],
+            "annotations": [{"id": 10 + i, "image_id": i, "category_id": 2, "bbox": [i, 0, 4, 4]} for i in range(1, 8)],
+            "categories": [{"id": 1, "name": "person", "keypoints": []}, {"id": 2, "name": "head"}]}
+    auto = {f"im{i}.jpg": {"width": 32, "height": 32, "persons": [], "heads": [{"box": [20, 20, 24, 24], "conf": 0.5}]}
+            for i in range(1, 8)}
+    dh = {f"im{i}.jpg": 0 for i in range(1, 7)} | {"im7.jpg": 0xFFFF}  # im7: 16 bits from the others
+
+    def heads(merged: dict) -> dict[int, list]:
+        return {im["id"]: [a["bbox"] for a in merged["annotations"] if a["image_id"] == im["id"]]
+                for im in merged["images"]}
+
+    plain = heads(training_set(coco, ["im1.jpg", "im5.jpg"], auto))
+    merged = training_set(coco, ["im1.jpg", "im5.jpg"], auto, propagate=10, dhashes=dh)
+    got = heads(merged)
+    assert image_origins(merged) == {1: "reviewed", 5: "reviewed", 2: "auto", 3: "auto", 4: "auto", 6: "auto", 7: "auto"}
+    assert got[2] == [[1, 0, 4, 4]]                      # frame 1: nearest reviewed frame 0
+    assert got[3] == [[1, 0, 4, 4]]                      # frame 3: frames 0 and 6 are 3 away: the earlier
+    assert got[4] == [[5, 0, 4, 4]]                      # frame 4: nearest reviewed frame 6
+    assert got[6] == plain[6] == [[20.0, 20.0, 4.0, 4.0]]  # another sequence
+    assert got[7] == plain[7]                            # 16 bits away
+    assert heads(training_set(coco, ["im1.jpg", "im5.jpg"], auto, propagate=64, dhashes=dh))[7] == [[5, 0, 4, 4]]
+    ids = [a["id"] for a in merged["annotations"]]
+    assert len(set(ids)) == len(ids)
+    assert SimConfig(out=tmp_path).propagate == -1
+    with pytest.raises(ValueError, match="--propagate"):
+        SimConfig(out=tmp_path, propagate=65)
+
+
 def test_trusted_auto_keeps_the_most_sure_share(tmp_path: Path) -> None:
     from exporter.simulate import SimConfig, trusted_auto, training_set
 

@@ -34,9 +34,11 @@ def test_settings_are_validated(tmp_path: Path) -> None:
             "hyperparameters": {"epochs": 3, "reviewed_only": True}}
     s = training_settings_from(good, "box-1", tmp_path)
     assert s.hyperparameters == {"epochs": "3", "reviewed_only": "true"} and s.job_prefix == "annotator-box-1"
+    assert s.propagate is None and training_settings_from({**good, "propagate": 10}, "box-1", tmp_path).propagate == 10
     for bad, message in (({**good, "input_s3": "/local"}, "input_s3"), ({**good, "colour": "red"}, "colour"),
                          ({k: v for k, v in good.items() if k != "role_arn"}, "role_arn"),
-                         ({**good, "min_new_reviewed": 0}, "min_new_reviewed")):
+                         ({**good, "min_new_reviewed": 0}, "min_new_reviewed"),
+                         ({**good, "propagate": 65}, "propagate: expected dHash bits")):
         with pytest.raises(SyncConfigError, match=message):
             training_settings_from(bad, "box-1", tmp_path)
 
