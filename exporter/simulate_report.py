@@ -270,6 +270,9 @@ def write_results(cfg: Any, states: list[dict[str, Any]], seconds: float) -> dic
                 if (aw := float(getattr(cfg, "auto_weight", 0.0))) > 0 else ", rounds train on the reviewed images only")
              + (f" (auto labels only of the {trusted:.0%} of the pool the first bundle is most sure of)"
                 if aw > 0 and (trusted := float(getattr(cfg, "auto_trusted", 1.0))) < 1.0 else "")
+             + ((", a reviewed frame's labels replace the auto labels of its capture sequence"
+                 + (f" within {bits} dHash bits" if bits < 64 else ""))
+                if aw > 0 and (bits := int(getattr(cfg, "propagate", -1))) >= 0 else "")
              + (f", mean of {repeats} trainings per unit" if (repeats := int(getattr(cfg, "repeats", 1))) > 1 else "")
              + (f", the pool's shift (IR, {camera} camera) x{share:g} of the test set's"
                 if (share := float(getattr(cfg, "shift_share", 1.0))) != 1.0 else "")

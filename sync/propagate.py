@@ -21,11 +21,12 @@ validation split); its provenance gains ``propagated_from`` (the reviewed image)
 ``propagation_distance`` (bits). Propagation is a view computed at export: the dataset keeps
 the bundle's auto label, so a later review of the frame itself, or of a nearer one, wins.
 
-Measured on ``annotator simulate`` (recordings of 10 frames, the occupants moving 10 % of each
-pose parameter's spread): frames of one recording agree on 96 % of their key points'
-visibility classes and lie 2.5 % of the person's size apart, where the first bundle's auto
-labels get 36-43 % of the visibility classes wrong; 59 % / 81 % / 92 % of a recording's frame
-pairs are within 6 / 10 / 14 bits, other recordings of the same camera 0.01 % / 0.3 % / 1.6 %.
+Measured on ``annotator simulate``'s pools (3 seeds; recordings of 10 frames, the occupants
+moving 10 % of each pose parameter's spread; ``docs/simulate/propagate/``): frames of one
+recording agree on 96-97 % of their key points' visibility classes and lie 2.5 % of the
+person's size apart, where the first bundle's auto labels get 36-43 % of the visibility classes
+wrong; 59-66 % / 81-86 % / 92-95 % of a recording's frame pairs are within 6 / 10 / 14 bits,
+pairs of two recordings of one camera 0-0.07 % / 0.1-0.5 % / 1.5-1.9 %.
 """
 from __future__ import annotations
 
