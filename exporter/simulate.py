@@ -124,6 +124,9 @@ class SimConfig:
     # (highest ``default_score``, the judge's own score), as CEAL (Wang et al. 2017) pairs
     # uncertainty sampling with confident pseudo-labels. 1: every unreviewed image (the default).
     auto_trusted: float = 1.0
+    # A reviewed frame's labels replace the auto labels of the frames of its capture sequence
+    # within this many dHash bits (``sync.propagate``, ``annotator dataset export --propagate``);
+    # 64: the whole sequence; -1: off (the default).
     propagate: int = -1
     # Where the trainings run (``annotator train --device``: "cpu", "0", "cuda:0") and how many
     # data-loader processes feed them (0: in the training process, right for 2 CPU cores; a GPU
@@ -266,7 +269,8 @@ def training_set(coco: dict[str, Any], labelled: list[str], auto: dict[str, dict
             near = nearest_source(f, sources.get(f.sequence, ()), propagate, key=lambda k: k["file_name"]) \
                 if f is not None else None
             if near is not None:  # the reviewed frame's labels, on this image
-                anns = [{**a, "id": next_id + i, "image_id": im["id"]} for i, a in enumerate(by_image.get(int(near[0]["id"]), []))]
+                anns = [{**a, "id": next_id + i, "image_id": im["id"]}
+                        for i, a in enumerate(by_image.get(int(near[0]["id"]), []))]
             else:
                 anns = record_annotations(auto[im["file_name"]], im["id"], next_id)
             next_id += len(anns)
@@ -381,7 +385,8 @@ def _train_once(cfg: SimConfig, unit: Path, coco: dict[str, Any], labelled: list
 
     unit.mkdir(parents=True, exist_ok=True)
     ann = unit / "labelled.json"
-    dhashes = pool_dhashes(coco, pool_dir / "images", pool_dir / "dhash.json") if cfg.propagate >= 0 and auto else None
+    dhashes = pool_dhashes(coco, pool_dir / "images", pool_dir / "dhash.json") if cfg.propagate >= 0 and auto \
+        else None
     ann.write_text(json.dumps(training_set(coco, labelled, auto, cfg.propagate, dhashes)))
     # Fine-tuning trained weights for a few dozen iterations, no warm-up: ultralytics' warm-up
     # lasts at least 100 iterations, longer than a whole round, so the rate would never leave
