@@ -100,19 +100,20 @@ def propagate(entries: Sequence[DatasetEntry], frames: Mapping[str, Frame], max_
     """
     if not 0 <= max_distance <= 64:
         raise ValueError(f"max_distance: expected 0..64 bits, got {max_distance}")
+    def size(e: DatasetEntry) -> tuple[int, int]:
+        return e.label["width"], e.label["height"]
+
     sources: dict[tuple[str, str], list[tuple[DatasetEntry, Frame]]] = {}
     for e in entries:
-        f = frames.get(e.image_id)
-        if e.origin == REVIEWED and not e.holdout and f is not None and f.dhash is not None:
+        if e.origin == REVIEWED and not e.holdout and (f := frames.get(e.image_id)) is not None:
             sources.setdefault(f.sequence, []).append((e, f))
     out, changed = [], 0
     for e in entries:
         f = frames.get(e.image_id)
-        near = sources.get(f.sequence) if e.origin == AUTO and f is not None and f.dhash is not None else None
-        size = (e.label["width"], e.label["height"])
-        best = nearest_source(f, [(src, sf) for src, sf in near or ()
-                                  if (src.label["width"], src.label["height"]) == size], max_distance,
-                              key=lambda src: src.image_id) if near else None
+        best = None
+        if e.origin == AUTO and f is not None:  # nearest_source skips frames without a dHash
+            same_size = [(src, sf) for src, sf in sources.get(f.sequence, ()) if size(src) == size(e)]
+            best = nearest_source(f, same_size, max_distance, key=lambda src: src.image_id)
         if best is None:
             out.append(e)
             continue
@@ -132,7 +133,6 @@ def store_frames(entries: Iterable[DatasetEntry], row_of: Callable[[str], Any],
     hashed (a session without a reviewed frame costs no decode)."""
     placed: dict[str, tuple[tuple[str, str], float | None]] = {}
     reviewed_sequences = set()
-    entries = list(entries)
     for e in entries:
         row = row_of(e.image_id)
         seq = sequence_of(row.meta or {}, row.camera) if row is not None else None
