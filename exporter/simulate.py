@@ -61,6 +61,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -504,8 +505,34 @@ def run_seed(cfg: SimConfig, seed: int, pool_dir: Path, test_dir: Path, progress
     return states
 
 
-def _seed_job(cfg: SimConfig, seed: int, pool_dir: Path, test_dir: Path, level: int) -> list[dict[str, Any]]:
-    """One seed in its own process (``run(jobs=...)``): the parent's log level, its own counter."""
+def exit_with_parent(parent: int, interval: float = 1.0) -> threading.Thread:
+    """Start a daemon thread that ends this process as soon as process ``parent`` is gone.
+
+    A ``--jobs`` worker trains for many minutes; when the ``annotator simulate`` process that
+    started it dies (``kill PID``, ``kill -9``, a closed ssh session: anything but a Ctrl-C that
+    reaches the whole process group) nobody would read its results, yet it would train on and
+    hold the CPU. Checked every ``interval`` seconds by the parent pid changing (the orphan is
+    re-parented); the unit in progress is left unfinished (no ``state.json``) and a resumed run
+    trains it again, its finished trainings (``metrics.json``) kept.
+    """
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        log.warning("the simulate process %d is gone; this worker stops", parent)
+        logging.shutdown()
+        os._exit(3)
+
+    thread = threading.Thread(target=watch, name="exit-with-parent", daemon=True)
+    thread.start()
+    return thread
+
+
+def _seed_job(cfg: SimConfig, seed: int, pool_dir: Path, test_dir: Path, level: int,
+              parent: int | None = None) -> list[dict[str, Any]]:
+    """One seed in its own process (``run(jobs=...)``): the parent's log level, its own counter;
+    it stops when ``parent`` (the simulate process) is gone."""
+    if parent is not None:
+        exit_with_parent(parent)
     logging.basicConfig(level=level, format=f"%(asctime)s %(levelname)s seed{seed} %(name)s: %(message)s")
     return run_seed(cfg, seed, pool_dir, test_dir, Progress(cfg.units_per_seed))
 
@@ -549,7 +576,8 @@ def run(cfg: SimConfig, jobs: int = 1) -> dict[str, Any]:
         # spawn: torch and onnxruntime threads do not survive a fork
         with ProcessPoolExecutor(min(jobs, cfg.seeds), mp_context=multiprocessing.get_context("spawn")) as ex:
             level = logging.getLogger().getEffectiveLevel()
-            futures = [ex.submit(_seed_job, cfg, seed, pools[seed], test_dir, level) for seed in range(cfg.seeds)]
+            futures = [ex.submit(_seed_job, cfg, seed, pools[seed], test_dir, level, os.getpid())
+                       for seed in range(cfg.seeds)]
             for f in futures:
                 states += f.result()
     else:

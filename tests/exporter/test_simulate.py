@@ -476,3 +476,68 @@ def test_seeds_in_parallel_processes_give_a_sequential_runs_units(tmp_path: Path
     stamp = (cfg.out / "runs" / "seed1" / "random" / "round1" / "state.json").stat().st_mtime
     assert run(cfg)["curves"] == results["curves"]  # resumed sequentially: the same units, nothing retrained
     assert (cfg.out / "runs" / "seed1" / "random" / "round1" / "state.json").stat().st_mtime == stamp
+
+
+_WORKER_SCRIPT = '''
+import multiprocessing, os, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from exporter.simulate import exit_with_parent
+
+def job(parent, pidfile):
+    exit_with_parent(parent, interval=0.1)
+    with open(pidfile, "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(600)
+
+if __name__ == "__main__":
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
+        ex.submit(job, os.getpid(), sys.argv[1]).result()
+'''
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (an orphan's exit may wait for a reaper)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads the worker's state from /proc (Linux)")
+def test_a_jobs_worker_stops_when_the_simulate_process_is_killed(tmp_path: Path) -> None:
+    """``--jobs`` workers must not train on for nobody after ``kill -9`` of the simulate process
+    (before: they ran their seeds to the end, holding the CPU)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script, pidfile = tmp_path / "sim.py", tmp_path / "worker.pid"
+    script.write_text(_WORKER_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    parent = subprocess.Popen([sys.executable, str(script), str(pidfile)], env=env)
+    worker = None
+    try:
+        deadline = time.monotonic() + 60
+        while not (pidfile.is_file() and pidfile.read_text()) and parent.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert parent.poll() is None, "the simulate stand-in died before its worker started"
+        worker = int(pidfile.read_text())
+        os.kill(worker, 0)  # the worker is alive
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _running(worker):
+            time.sleep(0.05)
+        if _running(worker):
+            pytest.fail(f"worker {worker} still runs 30 s after its parent was killed")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        if worker is not None:
+            try:
+                os.kill(worker, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
