@@ -128,6 +128,9 @@ class Daemon:
                            min_free_bytes=int(config.store.min_free_mb) * 1_000_000)
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._bundle_path = str(config.engine.bundle)
+        j = config.judge  # one near-duplicate memory for the daemon's life: a bundle swap keeps it
+        self._dedup = NearDuplicate(int(j.near_duplicate_distance), int(j.near_duplicate_memory)) \
+            if j.near_duplicate else None
         self._engine, self._judge = self._load(self._bundle_path)
         d = config.drop
         self.max_bytes, self.max_pixels = int(d.max_bytes), int(d.max_pixels)
@@ -138,6 +141,8 @@ class Daemon:
         self.drop = DropFolder(Path(d.folder), self.submit_decoded, d.processed_mode, float(d.stable_seconds),
                                self.max_bytes, self.max_pixels, float(d.poll_interval),
                                self.max_side_hint) if d.folder else None
+        if self._dedup is not None:
+            self._recall_reviews(self._dedup)
         if metrics is not None:
             metrics.bundle(self._engine.bundle.id, self._engine.active_providers)
             metrics.watch_store(self.store)
@@ -189,12 +194,11 @@ class Daemon:
             value = getattr(j, name, None)
             return fallback if value is None else value
 
-        dedup = NearDuplicate(int(j.near_duplicate_distance), int(j.near_duplicate_memory)) if j.near_duplicate else None
         return Judge(load_score_fn(str(j.score_fn), bundle),
                      threshold=float(pick("threshold", defaults.get("score_threshold", 0.5))),
                      audit_fraction=float(pick("audit_fraction", defaults.get("audit_fraction", 0.02))),
                      seed=int(j.seed), store=self.store, hourly_budget=j.hourly_budget,
-                     daily_budget=j.daily_budget, dedup=dedup)
+                     daily_budget=j.daily_budget, dedup=self._dedup)
 
     @property
     def bundle(self) -> Bundle:
@@ -204,6 +208,28 @@ class Daemon:
     def max_side_hint(self) -> int:
         """The largest network input side: JPEGs twice as large are decoded at reduced size."""
         return max(max(m.size) for m in self._engine.models.values())
+
+    def _recall_reviews(self, dedup: NearDuplicate) -> None:
+        """Fill the near-duplicate memory with the newest review frames of each camera in the store.
+
+        Without it a restart forgot which frames went to review, and the next near duplicate of
+        one was sent again. The frames are decoded as the workers decode them (the same reduced
+        JPEG decode), so their dHashes are those the judge remembered; a frame whose bytes are
+        gone is skipped."""
+        recalled = 0
+        for row in self.store.latest_per_camera("review", dedup.memory):
+            if not row.camera:
+                continue
+            try:
+                data = self.store.image_bytes(row.image_id)
+                pixels = _decode(data, self.max_bytes, self.max_pixels, self.max_side_hint).pixels
+            except (ImageError, ImageNotFound) as exc:
+                log.warning("near-duplicate memory: review frame %s not recalled: %s", row.image_id[:12], exc)
+                continue
+            dedup.remember(row.camera, pixels)
+            recalled += 1
+        if recalled:
+            log.info("near-duplicate memory: %d review frames recalled from the store", recalled)
 
     def reload(self, bundle_path: str | None = None) -> Bundle:
         """Swap in the bundle at ``bundle_path`` (default: the current one, re-read).

@@ -94,8 +94,8 @@ class NearDuplicate:
     near duplicate: a capture tool writes sequences of nearly the same frame, and once one of a
     sequence went to review its neighbours teach the models little (the benchmark's capture
     sequences: frames of one scene are within 0-9 bits of each other, other scenes of the same
-    camera 13 or more). Kept in memory only: after a restart the first frame of each camera is
-    new. Thread-safe.
+    camera 13 or more). Kept in memory; the daemon keeps one across bundle swaps and fills it
+    at start from the store's newest review frames (``Daemon._recall_reviews``). Thread-safe.
     """
 
     def __init__(self, max_distance: int = 6, memory: int = 64) -> None:

@@ -428,6 +428,15 @@ class Store:
         cursor = f"{page[-1].received_at!r}|{page[-1].image_id}" if len(rows) > limit and page else None
         return page, cursor
 
+    def latest_per_camera(self, decision: str, per_camera: int) -> builtins.list[ImageRow]:
+        """The ``per_camera`` newest images of each camera with ``decision``, oldest first
+        (images without a camera form one group)."""
+        rows = self._conn().execute(
+            "SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY camera ORDER BY received_at DESC, image_id DESC)"
+            " AS newest FROM images WHERE decision = ?) WHERE newest <= ? ORDER BY received_at, image_id",
+            (decision, per_camera)).fetchall()
+        return [ImageRow.from_sql(r) for r in rows]
+
     def counts(self) -> dict[str, int]:
         """Number of images per state; every state is present."""
         out = dict.fromkeys(STATES, 0)

@@ -177,3 +177,34 @@ def test_near_duplicates_and_budgets_through_the_daemon(make_config: Callable[..
         assert daemon._judge.dedup is not None if near_duplicate else daemon._judge.dedup is None
     finally:
         daemon.close()
+
+
+def test_near_duplicate_memory_survives_a_restart_and_a_bundle_swap(make_config: Callable[..., Any],
+                                                                    photo_variants: Callable[..., list[bytes]]) -> None:
+    """The frames sent to review are remembered across a bundle swap and, read back from the
+    store, across a restart: the next near duplicate of one is not sent to review again."""
+    cfg = make_config(judge__audit_fraction=1.0, judge__near_duplicate=True)
+    first, other, third = photo_variants(3)
+    near1, near2, _ = photo_variants(3, salt=1)  # the same photos re-encoded: other bytes, same look
+    _, other_again, _ = photo_variants(3, salt=2)
+    daemon = Daemon(cfg)
+    daemon.start()
+    try:
+        assert daemon.annotate_now(first, "t:a", {"camera": "cam1"}, timeout=60).decision == "review"
+        assert daemon.annotate_now(other, "t:b", {"camera": "cam2"}, timeout=60).decision == "review"
+        daemon.reload()  # a new judge for the re-read bundle, the same memory
+        b = daemon.annotate_now(near1, "t:c", {"camera": "cam1"}, timeout=60)
+        assert b.decision == "auto_accepted" and "near_duplicate" in b.reasons
+    finally:
+        daemon.close()
+    again = Daemon(cfg)  # a new process would start like this: the memory comes from the store
+    again.start()
+    try:
+        c = again.annotate_now(near2, "t:d", {"camera": "cam2"}, timeout=60)
+        assert c.decision == "auto_accepted" and "near_duplicate" in c.reasons
+        d = again.annotate_now(third, "t:e", {"camera": "cam1"}, timeout=60)
+        assert d.decision == "review"  # a new scene still goes
+        e = again.annotate_now(other_again, "t:f", {"camera": "cam1"}, timeout=60)
+        assert e.decision == "review"  # memory is per camera: cam2's frame is not cam1's
+    finally:
+        again.close()

@@ -216,3 +216,23 @@ def test_counters_persist(tmp_path: Path) -> None:
     s = Store(tmp_path / "s")
     assert s.counter("review:hour") == 3
     s.close()
+
+
+def test_latest_per_camera(store: Store, clock: FakeClock) -> None:
+    """The newest images of each camera with a decision, oldest first (the near-duplicate memory's recall)."""
+    want: dict[str, list[str]] = {}
+    for n, (camera, decision) in enumerate([("c1", "review"), ("c2", "review"), ("c1", "auto_accepted"),
+                                            ("c1", "review"), ("c1", "review"), (None, "review"), ("c2", "review")]):
+        clock.t += 1
+        meta = {"camera": camera} if camera else {}
+        iid, _ = store.ingest(_img(100 + n), "t", meta)
+        [row] = store.claim("w")
+        store.complete(row.image_id, "w", {"width": 1, "height": 1}, "b", decision, 0.1, [], audit=False)
+        if decision == "review":
+            want.setdefault(camera or "", []).append(iid)
+    got = store.latest_per_camera("review", 2)
+    assert [r.image_id for r in got if r.camera == "c1"] == want["c1"][-2:]
+    assert [r.image_id for r in got if r.camera == "c2"] == want["c2"]
+    assert [r.image_id for r in got if not r.camera] == want[""]
+    assert [r.received_at for r in got] == sorted(r.received_at for r in got) and len(got) == 5
+    assert store.latest_per_camera("review", 0) == [] and store.latest_per_camera("failed", 5) == []
