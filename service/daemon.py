@@ -216,7 +216,7 @@ class Daemon:
         one was sent again. The frames are decoded as the workers decode them (the same reduced
         JPEG decode), so their dHashes are those the judge remembered; a frame whose bytes are
         gone is skipped."""
-        recalled = 0
+        recalled, skipped = 0, []
         for row in self.store.latest_per_camera("review", dedup.memory):
             if not row.camera:
                 continue
@@ -224,12 +224,14 @@ class Daemon:
                 data = self.store.image_bytes(row.image_id)
                 pixels = _decode(data, self.max_bytes, self.max_pixels, self.max_side_hint).pixels
             except (ImageError, ImageNotFound) as exc:
-                log.warning("near-duplicate memory: review frame %s not recalled: %s", row.image_id[:12], exc)
+                skipped.append(f"{row.image_id[:12]}: {exc}")
                 continue
             dedup.remember(row.camera, pixels)
             recalled += 1
         if recalled:
             log.info("near-duplicate memory: %d review frames recalled from the store", recalled)
+        if skipped:
+            log.warning("near-duplicate memory: %d review frames not recalled (first: %s)", len(skipped), skipped[0])
 
     def reload(self, bundle_path: str | None = None) -> Bundle:
         """Swap in the bundle at ``bundle_path`` (default: the current one, re-read).
