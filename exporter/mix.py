@@ -36,18 +36,30 @@ class TrainingMix:
 
     reviewed_only: bool = False
     auto_weight: float = 1.0
+    propagated_weight: float | None = None  # auto images labelled by propagation; None: auto_weight
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.auto_weight, (int, float)) and 0.0 <= self.auto_weight <= 10.0) \
-                or math.isnan(self.auto_weight):
-            raise ValueError(f"auto_weight: expected a number in [0, 10], got {self.auto_weight!r}")
+        for name in ("auto_weight", "propagated_weight"):
+            w = getattr(self, name)
+            if w is None and name == "propagated_weight":
+                continue
+            if not (isinstance(w, (int, float)) and 0.0 <= w <= 10.0) or math.isnan(w):
+                raise ValueError(f"{name}: expected a number in [0, 10], got {w!r}")
 
     @property
     def effective_auto_weight(self) -> float:
         return 0.0 if self.reviewed_only else float(self.auto_weight)
 
-    def weight(self, origin: str) -> float:
-        return 1.0 if origin == REVIEWED else self.effective_auto_weight
+    @property
+    def effective_propagated_weight(self) -> float:
+        if self.reviewed_only:
+            return 0.0
+        return self.effective_auto_weight if self.propagated_weight is None else float(self.propagated_weight)
+
+    def weight(self, origin: str, propagated: bool = False) -> float:
+        if origin == REVIEWED:
+            return 1.0
+        return self.effective_propagated_weight if propagated else self.effective_auto_weight
 
 
 def image_origins(coco: Mapping[str, Any]) -> dict[int, str]:
@@ -67,6 +79,13 @@ def image_origins(coco: Mapping[str, Any]) -> dict[int, str]:
             raise ValueError(f"image {im['id']}: origin {origin!r}; expected 'reviewed' or 'auto'")
         out[int(im["id"])] = origin
     return out
+
+
+def propagated_images(coco: Mapping[str, Any]) -> set[int]:
+    """COCO image ids of auto images whose label a reviewed frame gave them (``sync.propagate``:
+    their annotations' provenance names ``propagated_from``)."""
+    return {int(a["image_id"]) for a in coco.get("annotations", [])
+            if "propagated_from" in (a.get("provenance") or {})}
 
 
 def unit_draw(key: str, seed: int = 0) -> float:
@@ -89,10 +108,11 @@ def image_key(image: Mapping[str, Any]) -> str:
 def training_repeats(coco: Mapping[str, Any], mix: TrainingMix, seed: int = 0) -> tuple[dict[int, int], dict[str, Any]]:
     """Repeat count per COCO image id (0: left out of training) and a summary for the lineage."""
     origins = image_origins(coco)
+    propagated = propagated_images(coco) if mix.propagated_weight is not None else set()
     repeats: dict[int, int] = {}
     for im in coco.get("images", []):
         iid = int(im["id"])
-        repeats[iid] = repeat_count(mix.weight(origins[iid]), image_key(im), seed)
+        repeats[iid] = repeat_count(mix.weight(origins[iid], iid in propagated), image_key(im), seed)
     counts = {o: sum(1 for v in origins.values() if v == o) for o in (REVIEWED, AUTO)}
     copies = {o: sum(repeats[i] for i, v in origins.items() if v == o) for o in (REVIEWED, AUTO)}
     summary = {
@@ -102,8 +122,16 @@ def training_repeats(coco: Mapping[str, Any], mix: TrainingMix, seed: int = 0) -
         "method": "per-image weight (reviewed 1, auto auto_weight) realised as a repeat count in the "
                   "training split by deterministic stochastic rounding: floor(w) + [sha256(seed:image) < frac(w)]",
     }
-    log.info("training mix: %d reviewed, %d auto images; auto weight %.3g -> %d auto training copies",
-             counts[REVIEWED], counts[AUTO], mix.effective_auto_weight, copies[AUTO])
+    if mix.propagated_weight is not None:
+        auto_prop = [i for i in propagated if origins.get(i) == AUTO]
+        summary["propagated_weight"] = mix.effective_propagated_weight
+        summary["images"]["propagated"] = len(auto_prop)
+        summary["training_copies_before_split"]["propagated"] = sum(repeats[i] for i in auto_prop)
+    log.info("training mix: %d reviewed, %d auto images; auto weight %.3g -> %d auto training copies%s",
+             counts[REVIEWED], counts[AUTO], mix.effective_auto_weight, copies[AUTO],
+             f" ({summary['training_copies_before_split']['propagated']} of {summary['images']['propagated']} "
+             f"propagated images at weight {mix.effective_propagated_weight:.3g})" if "propagated_weight" in summary
+             else "")
     return repeats, summary
 
 

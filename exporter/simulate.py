@@ -129,6 +129,9 @@ class SimConfig:
     # within this many dHash bits (``sync.propagate``, ``annotator dataset export --propagate``);
     # 64: the whole sequence; -1: off (the default).
     propagate: int = -1
+    # Weight of the auto images that took a reviewed frame's label by propagation
+    # (``annotator train --propagated-weight``); -1: the auto weight (the default).
+    propagated_weight: float = -1.0
     # Where the trainings run (``annotator train --device``: "cpu", "0", "cuda:0") and how many
     # data-loader processes feed them (0: in the training process, right for 2 CPU cores; a GPU
     # needs several to be kept busy). Both can change a training's numbers (other kernels, other
@@ -163,6 +166,9 @@ class SimConfig:
             raise ValueError(f"--auto-weight: expected 0 <= w <= 10, got {self.auto_weight}")
         if not -1 <= self.propagate <= 64:
             raise ValueError(f"--propagate: expected dHash bits 0..64 or -1 (off), got {self.propagate}")
+        if not (self.propagated_weight == -1 or 0.0 <= self.propagated_weight <= 10.0):
+            raise ValueError(f"--propagated-weight: expected 0 <= w <= 10 or -1 (the auto weight), "
+                             f"got {self.propagated_weight}")
         if not 0.0 < self.auto_trusted <= 1.0:
             raise ValueError(f"--auto-trusted: expected 0 < f <= 1, got {self.auto_trusted}")
         if not 0.0 <= self.audit_fraction < 1.0:
@@ -269,14 +275,16 @@ def training_set(coco: dict[str, Any], labelled: list[str], auto: dict[str, dict
             f = frame(im)
             near = nearest_source(f, sources.get(f.sequence, ()), propagate, key=lambda k: k["file_name"]) \
                 if f is not None else None
+            prov: dict[str, Any] = {"origin": "auto"}
             if near is not None:  # the reviewed frame's labels, on this image
                 anns = [{**a, "id": next_id + i, "image_id": im["id"]}
                         for i, a in enumerate(by_image.get(int(near[0]["id"]), []))]
+                prov = {**prov, "propagated_from": near[0]["file_name"], "propagation_distance": near[1]}
             else:
                 anns = record_annotations(auto[im["file_name"]], im["id"], next_id)
             next_id += len(anns)
             images.append({**im, "origin": "auto"})
-            annotations += [{**a, "provenance": {"origin": "auto"}} for a in anns]
+            annotations += [{**a, "provenance": prov} for a in anns]
     return {**coco, "images": images, "annotations": annotations}
 
 
@@ -400,7 +408,9 @@ def _train_once(cfg: SimConfig, unit: Path, coco: dict[str, Any], labelled: list
                                                 else {**FINETUNE_ARGS, "lr0": cfg.finetune_lr0})}
     tcfg = TrainConfig(annotations=ann, images=pool_dir / "images", out=unit / "bundle", work=unit / "work",
                        epochs=epochs, imgsz=cfg.imgsz, batch=cfg.batch, init=init, val_fraction=0.1,
-                       device=cfg.device, workers=cfg.workers, seed=seed, extra=extra, mix=TrainingMix(auto_weight=cfg.auto_weight))
+                       device=cfg.device, workers=cfg.workers, seed=seed, extra=extra, mix=TrainingMix(auto_weight=cfg.auto_weight,
+                                             propagated_weight=None if cfg.propagated_weight < 0
+                                             else cfg.propagated_weight))
     train_bundle(tcfg)
     shutil.rmtree(unit / "work", ignore_errors=True)
     metrics = evaluate(unit / "bundle", test_dir / "annotations.json", test_dir / "images", unit / "eval",
@@ -555,7 +565,7 @@ def run(cfg: SimConfig, jobs: int = 1) -> dict[str, Any]:
     if saved.is_file():  # finished units are reused: they must come from the same settings
         # runs from before --repeats trained once; before --shift-share the pool had the test set's mix
         # and before --auto-weight every round trained on the reviewed images only
-        old = {"propagate": -1, "repeats": 1, "shift_share": 1.0, "shift_camera": "overhead", "auto_weight": 0.0, "auto_trusted": 1.0,
+        old = {"propagate": -1, "propagated_weight": -1.0, "repeats": 1, "shift_share": 1.0, "shift_camera": "overhead", "auto_weight": 0.0, "auto_trusted": 1.0,
                "lengths": "fixed", "device": "cpu", "workers": 0,
                **json.loads(saved.read_text())}
         differ = [k for k in settings if k not in ("out", "seeds", "rounds", "strategies")
@@ -597,7 +607,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                     initial_domain=args.initial_domain, frames=args.frames, motion=args.motion, lengths=args.lengths,
                     repeats=args.repeats,
                     shift_share=args.shift_share, shift_camera=args.shift_camera, auto_weight=args.auto_weight,
-                    auto_trusted=args.auto_trusted, propagate=args.propagate, device=args.device, workers=args.workers, strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()))
+                    auto_trusted=args.auto_trusted, propagate=args.propagate,
+                    propagated_weight=args.propagated_weight, device=args.device, workers=args.workers, strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()))
     if args.quick:
         cfg = cfg.quick()
     results = run(cfg, jobs=args.jobs)
@@ -658,6 +669,9 @@ def register(sub: Any) -> None:
                    help="a reviewed frame's labels replace the auto labels of the frames of its capture sequence "
                         "within BITS dHash bits (`annotator dataset export --propagate`); 64 = the whole "
                         "sequence, -1 = off")
+    s.add_argument("--propagated-weight", type=float, default=d.propagated_weight, metavar="W",
+                   help="with --propagate: the training weight of the auto images that took a reviewed frame's "
+                        "label (`annotator train --propagated-weight`); -1 = the auto weight")
     s.add_argument("--strategies", default=",".join(STRATEGIES))
     s.add_argument("--device", default=d.device,
                    help="where the trainings run, as `annotator train --device`: 'cpu' or a GPU ('0', 'cuda:0'); "

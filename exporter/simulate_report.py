@@ -271,7 +271,9 @@ def write_results(cfg: Any, states: list[dict[str, Any]], seconds: float) -> dic
              + (f" (auto labels only of the {trusted:.0%} of the pool the first bundle is most sure of)"
                 if aw > 0 and (trusted := float(getattr(cfg, "auto_trusted", 1.0))) < 1.0 else "")
              + ((", a reviewed frame's labels replace the auto labels of its capture sequence"
-                 + (f" within {bits} dHash bits" if bits < 64 else ""))
+                 + (f" within {bits} dHash bits" if bits < 64 else "")
+                 + (f" (those images at weight {pw:g})" if (pw := float(getattr(cfg, "propagated_weight", -1))) >= 0
+                    else ""))
                 if aw > 0 and (bits := int(getattr(cfg, "propagate", -1))) >= 0 else "")
              + (f", mean of {repeats} trainings per unit" if (repeats := int(getattr(cfg, "repeats", 1))) > 1 else "")
              + (f", the pool's shift (IR, {camera} camera) x{share:g} of the test set's"
