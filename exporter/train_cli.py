@@ -49,6 +49,9 @@ def add_train_arguments(s: argparse.ArgumentParser) -> None:
     mix.add_argument("--auto-weight", type=float, default=1.0,
                      help="weight of auto-accepted images, 0..10 (reviewed: 1); realised as a deterministic "
                           "per-image repeat count with that expectation (default 1)")
+    s.add_argument("--propagated-weight", type=float, default=None, metavar="W",
+                   help="weight of the auto images that took a reviewed frame's label (`annotator dataset export "
+                        "--propagate`), 0..10 (default: the auto weight)")
     s.add_argument("--config", type=Path, default=None,
                    help="the appliance's TOML file, to find the bundle in use for --init current "
                         "(default $ANNOTATOR_CONFIG)")
@@ -118,7 +121,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                       epochs=args.epochs, imgsz=args.imgsz, batch=args.batch, device=args.device, init=init,
                       workers=args.workers,
                       val_fraction=args.val_fraction, roles=tuple(args.roles.split(",")), seed=args.seed,
-                      mix=TrainingMix(reviewed_only=args.reviewed_only, auto_weight=args.auto_weight))
+                      mix=TrainingMix(reviewed_only=args.reviewed_only, auto_weight=args.auto_weight,
+                                      propagated_weight=args.propagated_weight))
     bundle = train_bundle(cfg)
     print(f"bundle {bundle.id} written to {cfg.out}")
     print(f"thresholds: {bundle.thresholds.method}")

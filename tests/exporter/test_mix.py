@@ -116,3 +116,21 @@ def test_validation_split_is_drawn_from_reviewed_images(tmp_path: Path) -> None:
     same = derive_label_sets(ann, images, tmp_path / "same", 0.1, 3, val_from=set(range(1, 51)))
     listing = [sorted(p.name for p in (s.root / "pose_main" / "images" / "val").iterdir()) for s in (plain, same)]
     assert listing[0] == listing[1]
+
+
+def test_propagated_images_have_their_own_weight() -> None:
+    """Auto images that took a reviewed frame's label (provenance ``propagated_from``, as
+    ``annotator dataset export --propagate`` writes it) train at ``propagated_weight``."""
+    data = coco(2, 4)
+    for a in data["annotations"][2:4]:  # images 3 and 4 took image 1's label
+        a["provenance"] = {"origin": "auto", "propagated_from": "img000", "propagation_distance": 3}
+    repeats, summary = training_repeats(data, TrainingMix(auto_weight=0.0, propagated_weight=2.0))
+    assert [repeats[i] for i in range(1, 7)] == [1, 1, 2, 2, 0, 0]
+    assert summary["images"] == {"reviewed": 2, "auto": 4, "propagated": 2}
+    assert summary["training_copies_before_split"] == {"reviewed": 2, "auto": 4, "propagated": 4}
+    same, summary = training_repeats(data, TrainingMix(auto_weight=1.0))  # unset: the auto weight
+    assert [same[i] for i in range(1, 7)] == [1] * 6 and "propagated" not in summary["images"]
+    off, _ = training_repeats(data, TrainingMix(reviewed_only=True, propagated_weight=2.0))
+    assert [off[i] for i in range(1, 7)] == [1, 1, 0, 0, 0, 0]
+    with pytest.raises(ValueError, match="propagated_weight"):
+        TrainingMix(propagated_weight=11.0)

@@ -11,8 +11,8 @@ from exporter.sagemaker_entry import JobPaths, main, parse_hyperparameters
 
 @pytest.mark.parametrize("raw, expected", [
     ({}, {}),
-    ({"epochs": "3", "imgsz": "96", "auto_weight": "0.5", "reviewed_only": "false"},
-     {"epochs": 3, "imgsz": 96, "auto_weight": 0.5, "reviewed_only": False}),
+    ({"epochs": "3", "imgsz": "96", "auto_weight": "0.5", "reviewed_only": "false", "propagated_weight": "1"},
+     {"epochs": 3, "imgsz": 96, "auto_weight": 0.5, "reviewed_only": False, "propagated_weight": 1.0}),
     ({"epochs": '"3"', "device": '"cpu"', "reviewed_only": '"true"'},  # the SageMaker SDK's JSON quoting
      {"epochs": 3, "device": "cpu", "reviewed_only": True}),
     ({"sagemaker_program": "x.py", "sagemaker_region": "eu-west-1", "seed": "7"}, {"seed": 7}),

@@ -219,7 +219,7 @@ def test_training_set_propagates_a_reviewed_frame_to_its_sequence(tmp_path: Path
     """``--propagate BITS``: an auto image of a reviewed frame's capture sequence within BITS
     dHash bits takes the reviewed frame's ground truth (still origin "auto"); the nearest frame
     in the sequence wins, the earlier on a tie; other sequences and far frames keep their auto label."""
-    from exporter.mix import image_origins
+    from exporter.mix import image_origins, propagated_images
     from exporter.simulate import SimConfig, training_set
 
     tags = [("cam", 1, 0), ("cam", 1, 1), ("cam", 1, 3), ("cam", 1, 4), ("cam", 1, 6), ("cam", 2, 1), ("cam", 1, 9)]
@@ -247,9 +247,14 @@ def test_training_set_propagates_a_reviewed_frame_to_its_sequence(tmp_path: Path
     assert heads(training_set(coco, ["im1.jpg", "im5.jpg"], auto, propagate=64, dhashes=dh))[7] == [[5, 0, 4, 4]]
     ids = [a["id"] for a in merged["annotations"]]
     assert len(set(ids)) == len(ids)
-    assert SimConfig(out=tmp_path).propagate == -1
+    # the provenance the product's export writes, so that --propagated-weight finds them
+    assert propagated_images(merged) == {2, 3, 4}
+    assert {a["provenance"].get("propagated_from") for a in merged["annotations"] if a["image_id"] == 4} == {"im5.jpg"}
+    assert SimConfig(out=tmp_path).propagate == -1 and SimConfig(out=tmp_path).propagated_weight == -1
     with pytest.raises(ValueError, match="--propagate"):
         SimConfig(out=tmp_path, propagate=65)
+    with pytest.raises(ValueError, match="--propagated-weight"):
+        SimConfig(out=tmp_path, propagated_weight=-0.5)
 
 
 def test_trusted_auto_keeps_the_most_sure_share(tmp_path: Path) -> None:

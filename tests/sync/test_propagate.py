@@ -124,8 +124,11 @@ def test_export_propagates_within_a_session(tmp_path: Path, capsys: pytest.Captu
     assert [a["keypoints"] for a in plain[sibling]] != [a["keypoints"] for a in plain[reviewed]]
     for other in (stranger, no_session):  # another scene in the session; a frame without a session
         assert prop[other] == plain[other]
-    info = json.loads((tmp_path / "prop" / "annotations.json").read_text())["info"]
-    assert info["propagation"] == {"max_distance": 10, "images": 1}
+    exported = json.loads((tmp_path / "prop" / "annotations.json").read_text())
+    assert exported["info"]["propagation"] == {"max_distance": 10, "images": 1}
+    from exporter.mix import propagated_images  # what `annotator train --propagated-weight` weighs
+
+    assert {im["sha256"] for im in exported["images"] if im["id"] in propagated_images(exported)} == {sibling}
 
     with pytest.raises(SystemExit):
         parser.parse_args(["dataset", "export", str(tmp_path / "x"), "--propagate", "70", *common])
