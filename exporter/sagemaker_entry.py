@@ -16,7 +16,7 @@ with this tree (``/opt/ml``, or ``--ml-root`` / ``$ANNOTATOR_ML_ROOT`` for tests
 Hyperparameters (strings; JSON-quoted values as the SageMaker Python SDK writes them are
 accepted too): ``epochs``, ``imgsz``, ``batch``, ``device``, ``workers``, ``patience``,
 ``val_fraction``, ``seed``, ``roles`` ("head,pose_main,pose_visible"), ``reviewed_only``
-("true"/"false"), ``auto_weight``, ``propagated_weight`` (default: ``auto_weight``), ``init`` ("pretrained", "scratch"; the init channel when
+("true"/"false"), ``auto_weight``, ``propagated_weight`` (default 1), ``init`` ("pretrained", "scratch"; the init channel when
 present). Keys starting with ``sagemaker_`` are the SDK's and ignored; any other unknown key
 fails the job (a typo should not silently train with defaults).
 """
@@ -123,7 +123,7 @@ def run_job(paths: JobPaths) -> str:
     if init is None:
         init = str(find_bundle(paths.init, paths.work / "init")) if paths.init is not None else "pretrained"
     mix = TrainingMix(reviewed_only=hp.pop("reviewed_only", False), auto_weight=hp.pop("auto_weight", 1.0),
-                      propagated_weight=hp.pop("propagated_weight", None))
+                      propagated_weight=hp.pop("propagated_weight", 1.0))
     roles = tuple(str(hp.pop("roles", "head,pose_main,pose_visible")).split(","))
     out = paths.work / "bundle"
     cfg = TrainConfig(annotations=ann, images=paths.training / "images", out=out, work=paths.work / "run",

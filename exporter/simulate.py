@@ -129,9 +129,10 @@ class SimConfig:
     # within this many dHash bits (``sync.propagate``, ``annotator dataset export --propagate``);
     # 64: the whole sequence; -1: off (the default).
     propagate: int = -1
-    # Weight of the auto images that took a reviewed frame's label by propagation
-    # (``annotator train --propagated-weight``); -1: the auto weight (the default).
-    propagated_weight: float = -1.0
+    # Weight of the auto images that took a reviewed frame's label by propagation, as
+    # ``annotator train --propagated-weight`` (default 1, as a reviewed image); -1: the auto
+    # weight (session 27's propagation runs). Only with ``propagate`` >= 0.
+    propagated_weight: float = 1.0
     # Where the trainings run (``annotator train --device``: "cpu", "0", "cuda:0") and how many
     # data-loader processes feed them (0: in the training process, right for 2 CPU cores; a GPU
     # needs several to be kept busy). Both can change a training's numbers (other kernels, other
@@ -568,7 +569,8 @@ def run(cfg: SimConfig, jobs: int = 1) -> dict[str, Any]:
         old = {"propagate": -1, "propagated_weight": -1.0, "repeats": 1, "shift_share": 1.0, "shift_camera": "overhead", "auto_weight": 0.0, "auto_trusted": 1.0,
                "lengths": "fixed", "device": "cpu", "workers": 0,
                **json.loads(saved.read_text())}
-        differ = [k for k in settings if k not in ("out", "seeds", "rounds", "strategies")
+        moot = ("propagated_weight",) if max(int(old["propagate"]), cfg.propagate) < 0 else ()  # no propagation
+        differ = [k for k in settings if k not in ("out", "seeds", "rounds", "strategies", *moot)
                   and json.dumps(old.get(k)) != json.dumps(settings[k])]
         if differ:
             raise ValueError(f"{cfg.out} holds a run with other settings ({', '.join(differ)}); "
@@ -671,7 +673,8 @@ def register(sub: Any) -> None:
                         "sequence, -1 = off")
     s.add_argument("--propagated-weight", type=float, default=d.propagated_weight, metavar="W",
                    help="with --propagate: the training weight of the auto images that took a reviewed frame's "
-                        "label (`annotator train --propagated-weight`); -1 = the auto weight")
+                        "label (`annotator train --propagated-weight`, default 1: as a reviewed image); -1 = the "
+                        "auto weight")
     s.add_argument("--strategies", default=",".join(STRATEGIES))
     s.add_argument("--device", default=d.device,
                    help="where the trainings run, as `annotator train --device`: 'cpu' or a GPU ('0', 'cuda:0'); "

@@ -49,9 +49,9 @@ def add_train_arguments(s: argparse.ArgumentParser) -> None:
     mix.add_argument("--auto-weight", type=float, default=1.0,
                      help="weight of auto-accepted images, 0..10 (reviewed: 1); realised as a deterministic "
                           "per-image repeat count with that expectation (default 1)")
-    s.add_argument("--propagated-weight", type=float, default=None, metavar="W",
+    s.add_argument("--propagated-weight", type=float, default=1.0, metavar="W",
                    help="weight of the auto images that took a reviewed frame's label (`annotator dataset export "
-                        "--propagate`), 0..10 (default: the auto weight)")
+                        "--propagate`), 0..10 (default 1: as a reviewed image)")
     s.add_argument("--config", type=Path, default=None,
                    help="the appliance's TOML file, to find the bundle in use for --init current "
                         "(default $ANNOTATOR_CONFIG)")

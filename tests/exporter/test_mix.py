@@ -128,8 +128,12 @@ def test_propagated_images_have_their_own_weight() -> None:
     assert [repeats[i] for i in range(1, 7)] == [1, 1, 2, 2, 0, 0]
     assert summary["images"] == {"reviewed": 2, "auto": 4, "propagated": 2}
     assert summary["training_copies_before_split"] == {"reviewed": 2, "auto": 4, "propagated": 4}
-    same, summary = training_repeats(data, TrainingMix(auto_weight=1.0))  # unset: the auto weight
-    assert [same[i] for i in range(1, 7)] == [1] * 6 and "propagated" not in summary["images"]
+    default, _ = training_repeats(data, TrainingMix(auto_weight=0.0))  # default: as a reviewed image
+    assert [default[i] for i in range(1, 7)] == [1, 1, 1, 1, 0, 0]
+    same, summary = training_repeats(data, TrainingMix(auto_weight=0.0, propagated_weight=None))  # as the auto ones
+    assert [same[i] for i in range(1, 7)] == [1, 1, 0, 0, 0, 0] and summary["propagated_weight"] == 0.0
+    _, plain = training_repeats(coco(2, 4), TrainingMix())  # nothing propagated: the summary as before
+    assert "propagated" not in plain["images"]
     off, _ = training_repeats(data, TrainingMix(reviewed_only=True, propagated_weight=2.0))
     assert [off[i] for i in range(1, 7)] == [1, 1, 0, 0, 0, 0]
     with pytest.raises(ValueError, match="propagated_weight"):

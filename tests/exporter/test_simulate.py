@@ -250,7 +250,7 @@ def test_training_set_propagates_a_reviewed_frame_to_its_sequence(tmp_path: Path
     # the provenance the product's export writes, so that --propagated-weight finds them
     assert propagated_images(merged) == {2, 3, 4}
     assert {a["provenance"].get("propagated_from") for a in merged["annotations"] if a["image_id"] == 4} == {"im5.jpg"}
-    assert SimConfig(out=tmp_path).propagate == -1 and SimConfig(out=tmp_path).propagated_weight == -1
+    assert SimConfig(out=tmp_path).propagate == -1 and SimConfig(out=tmp_path).propagated_weight == 1
     with pytest.raises(ValueError, match="--propagate"):
         SimConfig(out=tmp_path, propagate=65)
     with pytest.raises(ValueError, match="--propagated-weight"):
@@ -460,6 +460,19 @@ def test_a_run_folder_from_before_a_setting_resumes_only_with_its_default(tmp_pa
         sim.run(sim.SimConfig(out=tmp_path, device="0", workers=8))
     with pytest.raises(Rendered):  # same settings: on to the data
         sim.run(sim.SimConfig(out=tmp_path))
+
+    # --propagated-weight came after --propagate: a folder without it trained propagated images
+    # at the auto weight; without propagation the weight is moot and any folder resumes
+    old = {k: v for k, v in old.items() if k != "propagated_weight"}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    with pytest.raises(Rendered):
+        sim.run(sim.SimConfig(out=tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({**old, "propagate": 64}))
+    with pytest.raises(ValueError, match="other settings \\(propagated_weight\\)"):
+        sim.run(sim.SimConfig(out=tmp_path, propagate=64))
+    (tmp_path / "config.json").write_text(json.dumps({**old, "propagate": 64}))
+    with pytest.raises(Rendered):
+        sim.run(sim.SimConfig(out=tmp_path, propagate=64, propagated_weight=-1.0))
 
 
 def test_seeds_in_parallel_processes_give_a_sequential_runs_units(tmp_path: Path, ultralytics_offline: Path) -> None:
