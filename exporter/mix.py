@@ -124,8 +124,9 @@ def training_repeats(coco: Mapping[str, Any], mix: TrainingMix, seed: int = 0) -
         "reviewed_only": mix.reviewed_only, "auto_weight": mix.effective_auto_weight,
         "images": {"reviewed": counts[REVIEWED], "auto": counts[AUTO]},
         "training_copies_before_split": {"reviewed": copies[REVIEWED], "auto": copies[AUTO]},
-        "method": "per-image weight (reviewed 1, auto auto_weight) realised as a repeat count in the "
-                  "training split by deterministic stochastic rounding: floor(w) + [sha256(seed:image) < frac(w)]",
+        "method": "per-image weight (reviewed 1, auto auto_weight, propagated propagated_weight) realised as a "
+                  "repeat count in the training split by deterministic stochastic rounding: "
+                  "floor(w) + [sha256(seed:image) < frac(w)]",
     }
     auto_prop = [i for i in propagated if origins.get(i) == AUTO]
     if auto_prop:

@@ -16,8 +16,8 @@ with this tree (``/opt/ml``, or ``--ml-root`` / ``$ANNOTATOR_ML_ROOT`` for tests
 Hyperparameters (strings; JSON-quoted values as the SageMaker Python SDK writes them are
 accepted too): ``epochs``, ``imgsz``, ``batch``, ``device``, ``workers``, ``patience``,
 ``val_fraction``, ``seed``, ``roles`` ("head,pose_main,pose_visible"), ``reviewed_only``
-("true"/"false"), ``auto_weight``, ``propagated_weight`` (default 1), ``init`` ("pretrained", "scratch"; the init channel when
-present). Keys starting with ``sagemaker_`` are the SDK's and ignored; any other unknown key
+("true"/"false"), ``auto_weight``, ``propagated_weight`` (default 1), ``init`` ("pretrained",
+"scratch"; the init channel when present). Keys starting with ``sagemaker_`` are the SDK's and ignored; any other unknown key
 fails the job (a typo should not silently train with defaults).
 """
 from __future__ import annotations

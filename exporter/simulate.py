@@ -409,9 +409,9 @@ def _train_once(cfg: SimConfig, unit: Path, coco: dict[str, Any], labelled: list
                                                 else {**FINETUNE_ARGS, "lr0": cfg.finetune_lr0})}
     tcfg = TrainConfig(annotations=ann, images=pool_dir / "images", out=unit / "bundle", work=unit / "work",
                        epochs=epochs, imgsz=cfg.imgsz, batch=cfg.batch, init=init, val_fraction=0.1,
-                       device=cfg.device, workers=cfg.workers, seed=seed, extra=extra, mix=TrainingMix(auto_weight=cfg.auto_weight,
-                                             propagated_weight=None if cfg.propagated_weight < 0
-                                             else cfg.propagated_weight))
+                       device=cfg.device, workers=cfg.workers, seed=seed, extra=extra,
+                       mix=TrainingMix(auto_weight=cfg.auto_weight,
+                                       propagated_weight=None if cfg.propagated_weight < 0 else cfg.propagated_weight))
     train_bundle(tcfg)
     shutil.rmtree(unit / "work", ignore_errors=True)
     metrics = evaluate(unit / "bundle", test_dir / "annotations.json", test_dir / "images", unit / "eval",
