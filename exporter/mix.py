@@ -44,10 +44,10 @@ class TrainingMix:
     propagated_weight: float | None = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("auto_weight", "propagated_weight"):
-            w = getattr(self, name)
-            if w is None and name == "propagated_weight":
-                continue
+        weights = {"auto_weight": self.auto_weight}
+        if self.propagated_weight is not None:  # None: as the auto weight
+            weights["propagated_weight"] = self.propagated_weight
+        for name, w in weights.items():
             if not (isinstance(w, (int, float)) and 0.0 <= w <= 10.0) or math.isnan(w):
                 raise ValueError(f"{name}: expected a number in [0, 10], got {w!r}")
 

@@ -516,7 +516,7 @@ def run_seed(cfg: SimConfig, seed: int, pool_dir: Path, test_dir: Path, progress
     return states
 
 
-def exit_with_parent(parent: int, interval: float = 1.0) -> threading.Thread:
+def exit_with_parent(parent: int, interval: float = 1.0) -> None:
     """Start a daemon thread that ends this process as soon as process ``parent`` is gone.
 
     A ``--jobs`` worker trains for many minutes; when the ``annotator simulate`` process that
@@ -533,9 +533,7 @@ def exit_with_parent(parent: int, interval: float = 1.0) -> threading.Thread:
         logging.shutdown()
         os._exit(3)
 
-    thread = threading.Thread(target=watch, name="exit-with-parent", daemon=True)
-    thread.start()
-    return thread
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _seed_job(cfg: SimConfig, seed: int, pool_dir: Path, test_dir: Path, level: int,

@@ -18,11 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from exporter.simulate_report import mean3
+
 VERDICT = Path(__file__).resolve().parents[1] / "auto-labels-repeats3-named" / "results.json"
-
-
-def mean3(m: dict) -> float:
-    return float(np.mean([m["head_map50"], m["oks_ap50"], m["visibility_acc"]]))
 
 
 def trainings(unit: Path) -> list[float]:

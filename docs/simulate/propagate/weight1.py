@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from exporter.simulate_report import needed
+from exporter.simulate_report import mean3, needed
 
 
 def units(run: Path) -> dict[tuple[str, int], dict[int, float]]:
@@ -28,8 +28,7 @@ def units(run: Path) -> dict[tuple[str, int], dict[int, float]]:
             sorted((run / "runs").glob("seed*/initial/state.json")):
         st = json.loads(state.read_text())
         m = st["metrics_each"][0] if st.get("metrics_each") else st["metrics"]
-        got.setdefault((st["strategy"], int(st["round"])), {})[int(st["seed"])] = \
-            float(np.mean([m["head_map50"], m["oks_ap50"], m["visibility_acc"]]))
+        got.setdefault((st["strategy"], int(st["round"])), {})[int(st["seed"])] = mean3(m)
     return got
 
 
