@@ -94,6 +94,7 @@ class JudgeConfig:
     near_duplicate: bool = True
     near_duplicate_distance: int = 6  # dHash bits (of 64)
     near_duplicate_memory: int = 64  # review frames remembered per camera
+    reviews_per_session: int | None = None  # most reviews per declared recording; None = no limit
 
     @property
     def score_threshold(self) -> float | None:
@@ -235,6 +236,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "judge.daily_budget": (_in(0), "an integer >= 0 (or unset for no limit)"),
     "judge.near_duplicate_distance": (_in(0, 64), "an integer number of bits in [0, 64]"),
     "judge.near_duplicate_memory": (_in(1, 100000), "an integer number of frames in [1, 100000]"),
+    "judge.reviews_per_session": (_in(1), "an integer >= 1 (or unset for no limit)"),
     "metrics.listen": (lambda v: v == "" or _listen_ok(v), "empty (off) or host:port, e.g. '127.0.0.1:9464'"),
 }
 

@@ -48,7 +48,7 @@ from .judge import Judge, Judgement, NearDuplicate, load_score_fn
 from .outputs import write_sidecars
 from .record import Prediction
 from .signing import load_public_key, verify_bundle_dir
-from .store import FAILED, RECEIVED, Completion, ImageRow, Store, image_id_of
+from .store import FAILED, RECEIVED, Completion, ImageRow, Store, image_id_of, sequence_of
 
 if TYPE_CHECKING:
     from .config import Config
@@ -198,7 +198,8 @@ class Daemon:
                      threshold=float(pick("threshold", defaults.get("score_threshold", 0.5))),
                      audit_fraction=float(pick("audit_fraction", defaults.get("audit_fraction", 0.02))),
                      seed=int(j.seed), store=self.store, hourly_budget=j.hourly_budget,
-                     daily_budget=j.daily_budget, dedup=self._dedup)
+                     daily_budget=j.daily_budget, dedup=self._dedup,
+                     session_budget=j.reviews_per_session)
 
     @property
     def bundle(self) -> Bundle:
@@ -393,7 +394,9 @@ class Daemon:
         try:
             records = []
             for row, decoded, prediction in zip(p.rows, p.decoded, p.predictions):
-                verdict = p.judge.judge(row.image_id, prediction, p.bundle, row.camera, decoded.pixels)
+                recording = sequence_of(row.meta, row.camera)
+                verdict = p.judge.judge(row.image_id, prediction, p.bundle, row.camera, decoded.pixels,
+                                        session=recording[0] if recording is not None else None)
                 verdicts.append(verdict)
                 records.append(record_for(row.image_id, row.source, prediction, verdict, p.bundle))
             if self.sidecar_dir is not None:  # before completion: a crash re-annotates, never loses one

@@ -8,11 +8,17 @@ into a decision:
 2. otherwise a seeded audit pick: ``sha256(f"{seed}:{image_id}")`` read as a number in [0, 1)
    below ``audit_fraction`` -> review with ``audit=True`` (same seed and id, same pick);
 3. a review is dropped to auto_accepted with reason ``near_duplicate`` when the frame looks like
-   one of the recent frames of the same camera that were sent to review (``NearDuplicate``), and with
+   one of the recent frames of the same camera that were sent to review (``NearDuplicate``), with
+   reason ``session_reviewed`` when its recording (the capture session the image declares:
+   ``service.store.sequence_of``) already sent ``session_budget`` frames to review, and with
    reason ``over_budget`` when the hourly or daily review budget (UTC windows, counted in the
    store, so they survive restarts) is spent.
 
-Budgets are consumed atomically with completion: a review verdict carries the names of the
+The per-session cap is for recordings whose reviewed label ``dataset export --propagate``
+carries to the rest of the recording: one reviewed frame then labels the whole session, and a
+second review of it teaches less than a first review of another (measured in
+``docs/simulate/propagate/``). It is a budget like the hourly one, with one store counter per
+session (``review:session:["camera", "session"]``). Budgets are consumed atomically with completion: a review verdict carries the names of the
 budget counters (``Judgement.counters``) and ``Store.complete``/``complete_many`` adds one to
 each in the very transaction that stores the decision, so a crash between judging and
 completing spends nothing. Until then the judge holds an in-memory reservation, so verdicts of
@@ -29,6 +35,7 @@ import collections
 import hashlib
 import importlib
 import inspect
+import json
 import logging
 import math
 import threading
@@ -52,7 +59,8 @@ log = logging.getLogger(__name__)
 ScoreFn = Callable[[Prediction, Bundle], "tuple[float, list[str]]"]
 DECISIONS = ("auto_accepted", "review")
 
-__all__ = ["DECISIONS", "Judge", "Judgement", "NearDuplicate", "ScoreFn", "default_score", "load_score_fn"]
+__all__ = ["DECISIONS", "Judge", "Judgement", "NearDuplicate", "ScoreFn", "default_score", "load_score_fn",
+           "session_counter"]
 
 
 @dataclass(frozen=True)
@@ -124,6 +132,11 @@ class NearDuplicate:
             self._recent.setdefault(camera, collections.deque(maxlen=self.memory)).append(h)
 
 
+def session_counter(camera: str, session: str) -> str:
+    """The store counter of the reviews of one recording."""
+    return "review:session:" + json.dumps([camera, session])
+
+
 def audit_draw(seed: int, image_id: str) -> float:
     """A reproducible number in [0, 1) for this seed and image: the audit lottery."""
     digest = hashlib.sha256(f"{seed}:{image_id}".encode()).digest()
@@ -135,12 +148,15 @@ class Judge:
 
     ``hourly_budget``/``daily_budget``: most reviews per UTC hour / day (None = unlimited),
     counted in ``store`` counters ``review:hour:YYYYmmddHH`` and ``review:day:YYYYmmdd``.
-    ``clock`` defaults to the store's clock (epoch seconds).
+    ``session_budget``: most reviews per recording (camera and declared session; None = no
+    limit), counted in ``review:session:...`` counters. ``clock`` defaults to the store's clock
+    (epoch seconds).
     """
 
     def __init__(self, score_fn: ScoreFn, threshold: float, audit_fraction: float, seed: int, store: Store,
                  hourly_budget: int | None = None, daily_budget: int | None = None,
-                 dedup: NearDuplicate | None = None, clock: Callable[[], float] | None = None) -> None:
+                 dedup: NearDuplicate | None = None, clock: Callable[[], float] | None = None,
+                 session_budget: int | None = None) -> None:
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold: expected a number in [0, 1], got {threshold}")
         if not 0.0 <= audit_fraction <= 1.0:
@@ -152,6 +168,9 @@ class Judge:
         self.store = store
         self.hourly_budget = hourly_budget
         self.daily_budget = daily_budget
+        if session_budget is not None and session_budget < 1:
+            raise ValueError(f"session_budget: expected at least 1 review per session (or None), got {session_budget}")
+        self.session_budget = session_budget
         self.dedup = dedup
         self.clock = clock if clock is not None else store.clock
         self._pending: dict[str, int] = {}  # budget counter -> reviews judged but not yet completed
@@ -167,22 +186,25 @@ class Judge:
             return 0.0, [*reasons, "bad_score"]
         return min(max(score, 0.0), 1.0), reasons
 
-    def _reserve_budget(self) -> tuple[str, ...] | None:
-        """Reserve one review in each budget window; the counter names, or None when one is spent."""
+    def _reserve_budget(self, session: tuple[str, str] | None = None) -> tuple[tuple[str, ...], str | None]:
+        """Reserve one review in each budget (the session's first): (the counter names, None), or
+        ((), the reason code) when one is spent."""
         now = time.gmtime(self.clock())
-        windows = ((time.strftime("review:hour:%Y%m%d%H", now), self.hourly_budget),
-                   (time.strftime("review:day:%Y%m%d", now), self.daily_budget))
+        windows = [(time.strftime("review:hour:%Y%m%d%H", now), self.hourly_budget, "over_budget"),
+                   (time.strftime("review:day:%Y%m%d", now), self.daily_budget, "over_budget")]
+        if session is not None:
+            windows.insert(0, (session_counter(*session), self.session_budget, "session_reviewed"))
         with self._lock:
             keys = []
-            for key, limit in windows:
+            for key, limit, reason in windows:
                 if limit is None:
                     continue
                 if self.store.counter(key) + self._pending.get(key, 0) >= limit:
-                    return None
+                    return (), reason
                 keys.append(key)
             for key in keys:
                 self._pending[key] = self._pending.get(key, 0) + 1
-        return tuple(keys)
+        return tuple(keys), None
 
     def settle(self, judgement: Judgement) -> None:
         """Drop the reservation of ``judgement`` once its completion committed (or will not)."""
@@ -197,8 +219,9 @@ class Judge:
                     self._pending.pop(key, None)
 
     def judge(self, image_id: str, prediction: Prediction, bundle: Bundle, camera: str | None = None,
-              pixels: np.ndarray | None = None) -> Judgement:
-        """Decide for one image. ``pixels`` (HxWx3 BGR, any size) feeds near-duplicate checks.
+              pixels: np.ndarray | None = None, session: tuple[str, str] | None = None) -> Judgement:
+        """Decide for one image. ``pixels`` (HxWx3 BGR, any size) feeds near-duplicate checks;
+        ``session`` ((camera, session) of its recording, ``sequence_of``) the per-session cap.
 
         A review verdict within budgets reserves them: pass ``verdict.counters`` to
         ``Store.complete`` and call ``settle(verdict)`` afterwards.
@@ -215,9 +238,9 @@ class Judge:
         use_dedup = self.dedup is not None and camera is not None and pixels is not None
         if use_dedup and self.dedup.is_duplicate(camera, pixels):  # type: ignore[union-attr, arg-type]
             return Judgement(score, (*reasons, "near_duplicate"), "auto_accepted", audit)
-        counters = self._reserve_budget()
-        if counters is None:
-            return Judgement(score, (*reasons, "over_budget"), "auto_accepted", audit)
+        counters, spent = self._reserve_budget(session)
+        if spent is not None:
+            return Judgement(score, (*reasons, spent), "auto_accepted", audit)
         if use_dedup:
             self.dedup.remember(camera, pixels)  # type: ignore[union-attr, arg-type]
         return Judgement(score, tuple(reasons), "review", audit, counters)

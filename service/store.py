@@ -34,8 +34,8 @@ import shutil
 import sqlite3
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from .durable import write_bytes_atomic
 from .errors import ImageNotFound, LeaseLost, StoreError, StoreFull
@@ -75,6 +75,23 @@ CREATE TABLE IF NOT EXISTS transitions (
 CREATE INDEX IF NOT EXISTS transitions_by_image ON transitions (image_id, seq);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
+
+
+def sequence_of(meta: Mapping[str, Any], camera: str | None) -> tuple[tuple[str, str], float | None] | None:
+    """(camera, session) and the capture order of an image from its store metadata, or None
+    without a session: the recording it belongs to, as its capture tool declared it. Session:
+    ``meta["session"]`` (gRPC), else the drop path's folders between the camera folder and the
+    file (``<camera>/<session>/frame.jpg``). Order: ``capture_time``, else the file's ``mtime``."""
+    session = meta.get("session")
+    path = meta.get("path")
+    if not session and isinstance(path, str):
+        parts = PurePosixPath(path).parts
+        if len(parts) >= 3:
+            session = "/".join(parts[1:-1])
+    if not session:
+        return None
+    order = meta.get("capture_time", meta.get("mtime"))
+    return (str(camera or meta.get("camera") or ""), str(session)), (float(order) if order is not None else None)
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from pathlib import PurePosixPath
 from typing import Any, Callable, Iterable, Mapping, Sequence, TypeVar
+
+from service.store import sequence_of
 
 from .dataset import AUTO, REVIEWED, DatasetEntry
 
@@ -50,22 +51,6 @@ class Frame:
     sequence: tuple[str, str]
     order: float | None = None
     dhash: int | None = None
-
-
-def sequence_of(meta: Mapping[str, Any], camera: str | None) -> tuple[tuple[str, str], float | None] | None:
-    """(camera, session) and the capture order of an image from its store metadata, or None
-    without a session. Session: ``meta["session"]`` (gRPC), else the drop path's folders between
-    the camera folder and the file. Order: ``capture_time``, else the file's ``mtime``."""
-    session = meta.get("session")
-    path = meta.get("path")
-    if not session and isinstance(path, str):
-        parts = PurePosixPath(path).parts
-        if len(parts) >= 3:
-            session = "/".join(parts[1:-1])
-    if not session:
-        return None
-    order = meta.get("capture_time", meta.get("mtime"))
-    return (str(camera or meta.get("camera") or ""), str(session)), (float(order) if order is not None else None)
 
 
 def _bits(a: int, b: int) -> int:

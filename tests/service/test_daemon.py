@@ -225,3 +225,41 @@ def test_near_duplicate_memory_survives_a_restart_and_a_bundle_swap(make_config:
         assert e.decision == "review"  # memory is per camera: cam2's frame is not cam1's
     finally:
         again.close()
+
+
+def test_reviews_per_session_through_the_daemon(make_config: Callable[..., Any], tmp_path: Path) -> None:
+    """judge.reviews_per_session: one frame of each declared recording (the request's session, or
+    the drop folder's sub-folder) goes to review, the rest of it is auto-accepted; a restart keeps
+    the count (it lives in the store)."""
+    drop = tmp_path / "drop"
+    cfg = make_config(judge__audit_fraction=1.0, judge__near_duplicate=False, judge__reviews_per_session=1,
+                      drop__folder=str(drop), drop__stable_seconds=0.1, drop__poll_interval=0.1)
+    daemon = Daemon(cfg)
+    daemon.start()
+    try:
+        run1 = [daemon.annotate_now(_scene(s, 95), f"t:{s}", {"camera": "cam1", "session": "run1"}, timeout=60)
+                for s in (1, 2)]
+        assert [r.decision for r in run1] == ["review", "auto_accepted"]
+        assert "session_reviewed" in run1[1].reasons
+        assert daemon.annotate_now(_scene(3, 95), "t:3", {"camera": "cam1", "session": "run2"},
+                                   timeout=60).decision == "review"
+        assert daemon.annotate_now(_scene(4, 95), "t:4", {"camera": "cam1"}, timeout=60).decision == "review"
+        (drop / "cam2" / "drive-7").mkdir(parents=True)
+        for s in (5, 6):
+            (drop / f".tmp{s}").write_bytes(_scene(s, 95))
+            (drop / f".tmp{s}").rename(drop / "cam2" / "drive-7" / f"{s}.jpg")
+        _wait(lambda: daemon.store.counter("annotated") == 6)
+        rows, _ = daemon.store.list()
+        from_drop = sorted(r.decision for r in rows if r.camera == "cam2")
+        assert from_drop == ["auto_accepted", "review"]
+    finally:
+        daemon.close()
+    again = Daemon(cfg)
+    again.start()
+    try:
+        late = again.annotate_now(_scene(7, 95), "t:7", {"camera": "cam1", "session": "run1"}, timeout=60)
+        assert late.decision == "auto_accepted" and "session_reviewed" in late.reasons
+        assert again.annotate_now(_scene(8, 95), "t:8", {"camera": "cam1", "session": "run3"},
+                                  timeout=60).decision == "review"
+    finally:
+        again.close()

@@ -10,7 +10,8 @@ import pytest
 
 from service.bundle import Bundle, parse_manifest
 from service.errors import ConfigError
-from service.judge import Judge, Judgement, NearDuplicate, audit_draw, default_score, load_score_fn
+from service.judge import (Judge, Judgement, NearDuplicate, audit_draw, default_score, load_score_fn,
+                           session_counter)
 from service.keypoints import COCO17
 from service.record import Head, Keypoint, Person, Prediction
 from service.store import Store
@@ -145,13 +146,14 @@ def test_threshold_and_audit_reproducible(store: Store) -> None:
     assert [i for i, j in zip(ids, a) if j.audit] == [i for i in ids if audit_draw(7, i) < 0.1]
 
 
-def _judge_and_complete(judge: Judge, store: Store, n: int, salt: str) -> list[str]:
+def _judge_and_complete(judge: Judge, store: Store, n: int, salt: str,
+                        session: tuple[str, str] | None = None) -> list[str]:
     """Judge n fresh images and complete each in the store (budgets are spent on completion)."""
     decisions = []
     for i in range(n):
         image_id, _ = store.ingest(f"{salt}-{i}".encode(), "test")
         store.claim("w", limit=1)
-        verdict = judge.judge(image_id, EMPTY, BUNDLE)
+        verdict = judge.judge(image_id, EMPTY, BUNDLE, session=session)
         try:
             store.complete(image_id, "w", {"width": 1, "height": 1}, "b", verdict.decision, verdict.score,
                            verdict.reasons, verdict.audit, counters=verdict.counters)
@@ -189,6 +191,39 @@ def test_budget_is_reserved_until_settled_and_spent_only_by_completion(tmp_path:
     judge.settle(first)  # the completion never happened (crash, lease lost): nothing was spent
     again = judge.judge("3" * 64, EMPTY, BUNDLE)
     assert again.decision == "review" and again.counters == first.counters
+    s.close()
+
+
+def test_reviews_per_session_cap_the_reviews_of_one_recording(tmp_path: Path) -> None:
+    s = Store(tmp_path / "s", clock=lambda: 1_800_000_000.0)
+    judge = Judge(constant(0.1, ["empty"]), 0.5, 0.0, 0, s, hourly_budget=10, session_budget=2)
+    run1, run2 = ("cam1", "run1"), ("cam1", "run2")
+    first = judge.judge("1" * 64, EMPTY, BUNDLE, session=run1)
+    assert first.decision == "review" and first.counters[0] == session_counter(*run1) == \
+        'review:session:["cam1", "run1"]'
+    second = judge.judge("2" * 64, EMPTY, BUNDLE, session=run1)  # reserved, not yet completed
+    third = judge.judge("3" * 64, EMPTY, BUNDLE, session=run1)
+    assert second.decision == "review" and third.decision == "auto_accepted"
+    assert third.reasons == ("empty", "session_reviewed") and third.counters == ()
+    assert judge.judge("4" * 64, EMPTY, BUNDLE, session=run2).decision == "review"  # another recording
+    assert judge.judge("5" * 64, EMPTY, BUNDLE, session=("cam2", "run1")).decision == "review"  # another camera
+    assert judge.judge("6" * 64, EMPTY, BUNDLE).decision == "review"  # no declared recording: no cap
+    judge.settle(second)  # its completion never happened: the session's second review is free again
+    assert judge.judge("7" * 64, EMPTY, BUNDLE, session=run1).decision == "review"
+    assert s.counter(session_counter(*run1)) == 0  # spent by completions only
+    s.close()
+    # Completed through the store (as the daemon does), the cap survives a restart.
+    s = Store(tmp_path / "s", clock=lambda: 1_800_000_000.0)
+    judge = Judge(constant(0.1), 0.5, 0.0, 0, s, session_budget=2)
+    assert _judge_and_complete(judge, s, 3, "run1", session=run1) == ["review", "review", "auto_accepted"]
+    assert s.counter(session_counter(*run1)) == 2
+    s.close()
+    s = Store(tmp_path / "s", clock=lambda: 1_800_000_000.0)
+    again = Judge(constant(0.1), 0.5, 0.0, 0, s, session_budget=2)
+    assert again.judge("8" * 64, EMPTY, BUNDLE, session=run1).reasons == ("low_score", "session_reviewed")
+    assert again.judge("9" * 64, EMPTY, BUNDLE, session=run2).decision == "review"
+    with pytest.raises(ValueError, match="session_budget"):
+        Judge(constant(0.1), 0.5, 0.0, 0, s, session_budget=0)
     s.close()
 
 
