@@ -16,8 +16,8 @@ with the reviewed frame's label where the two frames are the same scene:
   candidates the nearest in capture order wins (the earlier on a tie, then the smaller
   distance, then the image id).
 
-A propagated image keeps origin "auto" (it trains at the auto weight and never in the
-validation split); its provenance gains ``propagated_from`` (the reviewed image) and
+A propagated image keeps origin "auto" (it trains at ``annotator train --propagated-weight``,
+1 by default, and never in the validation split); its provenance gains ``propagated_from`` (the reviewed image) and
 ``propagation_distance`` (bits). Propagation is a view computed at export: the dataset keeps
 the bundle's auto label, so a later review of the frame itself, or of a nearer one, wins.
 
