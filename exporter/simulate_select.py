@@ -56,7 +56,9 @@ the pool's ground truth. They bound what any scoring function could gain on the 
 - ``oracle_scene``: the judge's ranking with a perfect near-duplicate test: the pool's scene tags
   instead of dHashes (one frame per capture sequence until every scene is taken; a scene
   reviewed in an earlier round counts as taken). Bounds what a better near-duplicate test
-  could give the judge.
+  could give the judge. It is also the daemon's ``judge.reviews_per_session = 1`` where the
+  capture tool declares its recordings (the pool's scene of an image is its recording), which
+  is no oracle in the product: a declared session is metadata, not ground truth.
 
 Image ids are the sha256 of the file bytes, as in the daemon's store.
 """
