@@ -7,8 +7,9 @@ same with the propagated images at the auto weight (session 27, ``--propagated-w
 Both share the verdict's seeds and first bundles, so the units of a strategy and round differ in
 the weight alone (the picks of round 1 are the same; later rounds pick with their own bundles).
 Prints per run, strategy and round the mean of the three accuracies by seed and its 3-seed mean,
-the judge's gain over random paired by seed, and the label saving: the reviews the judge needs
-to reach random's accuracy at its largest budget in that run (``needed``, interpolated).
+the judge's gain over random paired by seed, the label saving: the reviews the judge needs
+to reach random's accuracy at its largest budget in that run (``needed``, interpolated), and
+how many of the pool's recordings each unit's labelled images show.
 """
 from __future__ import annotations
 
@@ -32,10 +33,27 @@ def units(run: Path) -> dict[tuple[str, int], dict[int, float]]:
     return got
 
 
+def recordings(run: Path) -> dict[str, dict[str, int]]:
+    """"strategy round" -> seed -> how many of the pool's recordings (scene tags) its labelled
+    images (the initial 40 and every review so far) show."""
+    got: dict[str, dict[str, int]] = {}
+    for seed_dir in sorted((run / "runs").glob("seed*")):
+        seed = seed_dir.name[len("seed"):]
+        pools = sorted((run / "data").glob(f"pool_s{seed}_*/annotations.json"))
+        if not pools:
+            continue
+        images = json.loads(pools[0].read_text())["images"]
+        scene = {im["file_name"]: im.get("tags", {}).get("scene", im["file_name"]) for im in images}
+        for state in sorted(seed_dir.glob("*/state.json")) + sorted(seed_dir.glob("*/round*/state.json")):
+            st = json.loads(state.read_text())
+            got.setdefault(f"{st['strategy']} {st['round']}", {})[seed] = len({scene[f] for f in st["labelled"]})
+    return got
+
+
 def report(run: Path) -> dict:
     u = units(run)
     init = u[("initial", 0)]
-    out: dict = {"run": str(run), "curves": {}, "gains": {}}
+    out: dict = {"run": str(run), "curves": {}, "gains": {}, "recordings": recordings(run)}
     for strategy in ("random", "judge", "oracle_scene"):
         rounds = sorted(r for s, r in u if s == strategy)
         if not rounds:
@@ -92,6 +110,8 @@ def main(runs: list[Path], out: Path | None) -> list[dict]:
         print(f"## {rep['run']}")
         for s, c in rep["curves"].items():
             print(f"{s:13s} " + "  ".join(f"{x}: {y:.4f}" for x, y in zip(c["x"], c["y"])))
+        for k, n in rep["recordings"].items():
+            print(f"recordings labelled, {k}: {', '.join(f'{v}' for _, v in sorted(n.items()))}")
         for k, g in rep["gains"].items():
             print(f"gain over random, {k}: {g['mean']:+.4f} ({', '.join(f'{x:+.4f}' for x in g['by_seed'])})")
         if "target" in rep:
