@@ -17,8 +17,8 @@ Hyperparameters (strings; JSON-quoted values as the SageMaker Python SDK writes 
 accepted too): ``epochs``, ``imgsz``, ``batch``, ``device``, ``workers``, ``patience``,
 ``val_fraction``, ``seed``, ``roles`` ("head,pose_main,pose_visible"), ``reviewed_only``
 ("true"/"false"), ``auto_weight``, ``propagated_weight`` (default 1), ``init`` ("pretrained",
-"scratch"; the init channel when present). Keys starting with ``sagemaker_`` are the SDK's and ignored; any other unknown key
-fails the job (a typo should not silently train with defaults).
+"scratch"; the init channel when present). Keys starting with ``sagemaker_`` are the SDK's and
+ignored; any other unknown key fails the job (a typo should not silently train with defaults).
 """
 from __future__ import annotations
 

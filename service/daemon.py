@@ -394,7 +394,8 @@ class Daemon:
         try:
             records = []
             for row, decoded, prediction in zip(p.rows, p.decoded, p.predictions):
-                recording = sequence_of(row.meta, row.camera)
+                # the recording only matters to a per-session cap; no path parsing per image without one
+                recording = sequence_of(row.meta, row.camera) if p.judge.session_budget is not None else None
                 verdict = p.judge.judge(row.image_id, prediction, p.bundle, row.camera, decoded.pixels,
                                         session=recording[0] if recording is not None else None)
                 verdicts.append(verdict)

@@ -17,8 +17,8 @@ with the reviewed frame's label where the two frames are the same scene:
   distance, then the image id).
 
 A propagated image keeps origin "auto" (it trains at ``annotator train --propagated-weight``,
-1 by default, and never in the validation split); its provenance gains ``propagated_from`` (the reviewed image) and
-``propagation_distance`` (bits). Propagation is a view computed at export: the dataset keeps
+1 by default, and never in the validation split); its provenance gains ``propagated_from``
+(the reviewed image) and ``propagation_distance`` (bits). Propagation is a view computed at export: the dataset keeps
 the bundle's auto label, so a later review of the frame itself, or of a nearer one, wins.
 
 Measured on ``annotator simulate``'s pools (3 seeds; recordings of 10 frames, the occupants
