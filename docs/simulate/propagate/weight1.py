@@ -1,11 +1,13 @@
 """Propagated images at full weight against the auto weight: two run folders, one table.
 
-    PYTHONPATH=. python docs/simulate/propagate/weight1.py RUN_W1 RUN_AUTO [OUT.json]  (and OUT.png)
+    PYTHONPATH=. python docs/simulate/propagate/weight1.py RUN [RUN ...] [OUT.json]  (and OUT.png)
 
-RUN_W1: ``annotator simulate --propagate 64 --propagated-weight 1`` (session 28); RUN_AUTO: the
-same with the propagated images at the auto weight (session 27, ``--propagated-weight -1``).
+weight1.json: RUN ``annotator simulate --propagate 64 --propagated-weight 1`` (session 28), then
+the same with the propagated images at the auto weight (session 27, ``--propagated-weight -1``).
 Both share the verdict's seeds and first bundles, so the units of a strategy and round differ in
 the weight alone (the picks of round 1 are the same; later rounds pick with their own bundles).
+pool2400.json: RUN the same at ``--pool 2400 --auto-weight 0.0833`` (session 30), then the
+session-28 run. The legend names each run's pool and weight (its ``config.json``).
 Prints per run, strategy and round the mean of the three accuracies by seed and its 3-seed mean,
 the judge's gain over random paired by seed, the label saving: the reviews the judge needs
 to reach random's accuracy at its largest budget in that run (``needed``, interpolated), and
@@ -79,6 +81,14 @@ def report(run: Path) -> dict:
     return out
 
 
+def label(run: Path) -> str:
+    """A run's legend label from its settings: the pool size and the propagated images' weight."""
+    cfg = json.loads((run / "config.json").read_text())
+    w = cfg.get("propagated_weight", -1.0)
+    weight = f"propagated weight {w:g}" if w >= 0 else f"propagated at the auto weight {cfg['auto_weight']:g}"
+    return f"pool {cfg['pool']}, {weight}"
+
+
 def plot(reports: list[dict], labels: list[str], path: Path) -> None:
     """Mean of the three against reviewed images: one line per run and strategy."""
     import matplotlib
@@ -93,7 +103,7 @@ def plot(reports: list[dict], labels: list[str], path: Path) -> None:
             ax.plot(c["x"], c["y"], style, marker="o", color=colors.get(s), label=f"{s}, {label}")
     ax.set_xlabel("images reviewed after the initial 40")
     ax.set_ylabel("mean of head mAP50, OKS AP50, visibility accuracy (3 seeds)")
-    ax.set_title("propagated labels at full weight vs at the auto weight (one training per unit)", fontsize=9)
+    ax.set_title("propagated labels, one training per unit", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -104,8 +114,7 @@ def plot(reports: list[dict], labels: list[str], path: Path) -> None:
 def main(runs: list[Path], out: Path | None) -> list[dict]:
     reports = [report(r) for r in runs]
     if out:
-        plot(reports, ["propagated weight 1", "propagated at the auto weight 0.25"][:len(reports)],
-             out.with_suffix(".png"))
+        plot(reports, [label(r) for r in runs], out.with_suffix(".png"))
     for rep in reports:
         print(f"## {rep['run']}")
         for s, c in rep["curves"].items():
