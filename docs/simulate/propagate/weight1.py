@@ -1,4 +1,4 @@
-"""Propagated images at full weight against the auto weight: two run folders, one table.
+"""Runs with propagated labels side by side: run folders, one table per run, one PNG.
 
     PYTHONPATH=. python docs/simulate/propagate/weight1.py RUN [RUN ...] [OUT.json]  (and OUT.png)
 
@@ -98,9 +98,9 @@ def plot(reports: list[dict], labels: list[str], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = {"random": "tab:blue", "judge": "tab:orange", "oracle_scene": "tab:green"}
-    for rep, label, style in zip(reports, labels, ("-", "--", ":")):
+    for rep, name, style in zip(reports, labels, ("-", "--", ":")):
         for s, c in rep["curves"].items():
-            ax.plot(c["x"], c["y"], style, marker="o", color=colors.get(s), label=f"{s}, {label}")
+            ax.plot(c["x"], c["y"], style, marker="o", color=colors.get(s), label=f"{s}, {name}")
     ax.set_xlabel("images reviewed after the initial 40")
     ax.set_ylabel("mean of head mAP50, OKS AP50, visibility accuracy (3 seeds)")
     ax.set_title("propagated labels, one training per unit", fontsize=9)
