@@ -18,8 +18,9 @@ with the reviewed frame's label where the two frames are the same scene:
 
 A propagated image keeps origin "auto" (it trains at ``annotator train --propagated-weight``,
 1 by default, and never in the validation split); its provenance gains ``propagated_from``
-(the reviewed image) and ``propagation_distance`` (bits). Propagation is a view computed at export: the dataset keeps
-the bundle's auto label, so a later review of the frame itself, or of a nearer one, wins.
+(the reviewed image) and ``propagation_distance`` (bits). Propagation is a view computed at
+export: the dataset keeps the bundle's auto label, so a later review of the frame itself, or of
+a nearer one, wins.
 
 Measured on ``annotator simulate``'s pools (3 seeds; recordings of 10 frames, the occupants
 moving 10 % of each pose parameter's spread; ``docs/simulate/propagate/``): frames of one

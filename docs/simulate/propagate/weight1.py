@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from exporter.simulate import composition
 from exporter.simulate_report import mean3, needed
 
 
@@ -44,11 +45,10 @@ def recordings(run: Path) -> dict[str, dict[str, int]]:
         pools = sorted((run / "data").glob(f"pool_s{seed}_*/annotations.json"))
         if not pools:
             continue
-        images = json.loads(pools[0].read_text())["images"]
-        scene = {im["file_name"]: im.get("tags", {}).get("scene", im["file_name"]) for im in images}
+        coco = json.loads(pools[0].read_text())
         for state in sorted(seed_dir.glob("*/state.json")) + sorted(seed_dir.glob("*/round*/state.json")):
             st = json.loads(state.read_text())
-            got.setdefault(f"{st['strategy']} {st['round']}", {})[seed] = len({scene[f] for f in st["labelled"]})
+            got.setdefault(f"{st['strategy']} {st['round']}", {})[seed] = composition(coco, st["labelled"])["scenes"]
     return got
 
 
