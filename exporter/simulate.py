@@ -546,6 +546,26 @@ def _seed_job(cfg: SimConfig, seed: int, pool_dir: Path, test_dir: Path, level: 
     return run_seed(cfg, seed, pool_dir, test_dir, Progress(cfg.units_per_seed))
 
 
+def cpu_jobs_warning(device: str, jobs: int, cores: int | None = None) -> str | None:
+    """What to tell a user who trains ``jobs`` seeds at once on the CPU, or None where it is fine.
+
+    Every CPU training takes all the cores it may use (``exporter.train.training_threads``), so
+    ``jobs`` trainings at once ask for ``jobs`` x cores threads. Measured on the 2-core box
+    (session 31, ``--propagate 64 --propagated-weight 1``): three round-1 units side by side
+    (``--jobs 3``) took 4009-4239 s each, 71 minutes for the three; one at a time a round-1
+    training took 244-249 s (``random``, which scores no pool, 205 s a unit), about 13 minutes for
+    three: ``--jobs 3`` was about 5x slower. Trainings on a GPU are not warned about.
+    """
+    from .train import training_threads
+
+    if device != "cpu" or jobs < 2:
+        return None
+    cores = cores or training_threads()
+    return (f"--jobs {jobs} on the CPU: each training uses all {cores} cores, so {jobs} at once "
+            f"oversubscribe them (measured on 2 cores: --jobs 3 about 5x slower than --jobs 1); "
+            f"use --jobs 1 unless the trainings run on a GPU (--device 0)")
+
+
 def run(cfg: SimConfig, jobs: int = 1) -> dict[str, Any]:
     """The whole benchmark; writes results.{json,md} and accuracy.png into ``cfg.out``.
 
@@ -583,6 +603,8 @@ def run(cfg: SimConfig, jobs: int = 1) -> dict[str, Any]:
 
         write_cabin_init(cfg.out / "init")  # the seeds' shared start, written once before they run
         log.info("%d seeds, %d at a time (one process each)", cfg.seeds, min(jobs, cfg.seeds))
+        if (warning := cpu_jobs_warning(cfg.device, min(jobs, cfg.seeds))) is not None:
+            log.warning("%s", warning)
         # spawn: torch and onnxruntime threads do not survive a fork
         with ProcessPoolExecutor(min(jobs, cfg.seeds), mp_context=multiprocessing.get_context("spawn")) as ex:
             level = logging.getLogger().getEffectiveLevel()
@@ -681,6 +703,7 @@ def register(sub: Any) -> None:
                    help="data-loader processes per training (0: in the training process, right on a few CPU "
                         "cores; 4-8 keep a GPU busy)")
     s.add_argument("--jobs", type=int, default=1,
-                   help="seeds run at once, one process each (a GPU box: 3; the 2-core box: 1); same numbers")
+                   help="seeds run at once, one process each (a GPU box: 3; CPU trainings: 1, each takes every core "
+                        "and 3 at once on 2 cores ran about 5x slower); same numbers")
     s.add_argument("--quick", action="store_true", help="a few-minute smoke run (tiny pool, 1 round, 1 epoch, 96 px)")
     s.set_defaults(func=cmd_simulate)

@@ -475,16 +475,31 @@ def test_a_run_folder_from_before_a_setting_resumes_only_with_its_default(tmp_pa
         sim.run(sim.SimConfig(out=tmp_path, propagate=64, propagated_weight=-1.0))
 
 
-def test_seeds_in_parallel_processes_give_a_sequential_runs_units(tmp_path: Path, ultralytics_offline: Path) -> None:
+def test_several_cpu_trainings_at_once_are_warned_about() -> None:
+    """``--jobs`` > 1 with CPU trainings oversubscribes the cores (each training takes them all);
+    one job, or trainings on a GPU, are not warned about."""
+    from exporter.simulate import cpu_jobs_warning
+
+    said = cpu_jobs_warning("cpu", 3, cores=2)
+    assert said is not None and "--jobs 3" in said and "all 2 cores" in said and "use --jobs 1" in said
+    assert cpu_jobs_warning("cpu", 1, cores=2) is None
+    assert cpu_jobs_warning("0", 3, cores=16) is None and cpu_jobs_warning("cuda:0", 3) is None
+
+
+def test_seeds_in_parallel_processes_give_a_sequential_runs_units(tmp_path: Path, ultralytics_offline: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
     """``--jobs 2``: two seeds train side by side, one process each; every unit is written as a
-    sequential run writes it, so the folder is then resumed (nothing trained again) with jobs 1."""
+    sequential run writes it, so the folder is then resumed (nothing trained again) with jobs 1.
+    On the CPU the run warns that the trainings share the cores."""
     pytest.importorskip("ultralytics")
     from dataclasses import replace
 
     from exporter.simulate import SimConfig, run
 
     cfg = replace(SimConfig(out=tmp_path / "sim", strategies=("random",)).quick(), seeds=2)
-    results = run(cfg, jobs=2)
+    with caplog.at_level("WARNING", logger="exporter.simulate"):
+        results = run(cfg, jobs=2)
+    assert any("--jobs 2 on the CPU" in r.getMessage() for r in caplog.records)
     states = {s: json.loads((cfg.out / "runs" / f"seed{s}" / "random" / "round1" / "state.json").read_text())
               for s in (0, 1)}
     assert [st["seed"] for st in states.values()] == [0, 1] and states[0]["selected"] != states[1]["selected"]
