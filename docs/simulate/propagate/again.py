@@ -13,7 +13,8 @@ Prints and stores per seed: the first bundle and each unit of RUN beside REF's u
 strategy and round (how well this box reproduces REF), each ``round1_again`` unit against random
 after 80 (REF's, and RUN's own where its ``random`` round 2 is there: ``--strategies random
 --rounds 2`` on RUN), their paired differences, and the reviews each needs to reach that target
-on the curve first bundle -> 40 reviews trained twice -> REF's 80 (``needed``).
+on the curve first bundle -> 40 reviews trained twice -> REF's 80 (``needed``); with
+``extra_round.py RUN random 1`` as well, the rule's gain over random with both 40s trained twice.
 """
 from __future__ import annotations
 
@@ -68,6 +69,9 @@ def report(run: Path, ref_path: Path) -> dict:
             # beyond 40: REF's round 2 of the strategy (80 reviews, two trainings as well)
             later = ref.get(strategy, {}).get("y", [])[2:3]
             out["needed"][f"{strategy} vs {where}"] = needed([0, 40, 80][:2 + len(later)], [first, mean, *later], goal)
+    if all(sorted(again.get(k, {})) == seeds for k in ("oracle_scene", "random")):
+        g = [again["oracle_scene"][s] - again["random"][s] for s in seeds]  # both 40 reviews, two rounds
+        out["gain_trained_twice"] = {"mean": float(np.mean(g)), "by_seed": g}
     return out
 
 
@@ -86,6 +90,10 @@ def main(run: Path, ref: Path, dest: Path | None) -> dict:
         print(f"{k}: round 1 trained again {v['mean']:.4f}, against random after 80 ({v['target']:.4f}) "
               f"{v['diff']:+.4f} ({', '.join(f'{x:+.4f}' for x in v['by_seed'])}); needed: "
               f"{'not reached' if n is None else f'{n:.0f} ({n / 80:.0%})'}")
+    if "gain_trained_twice" in rep:
+        g = rep["gain_trained_twice"]
+        print(f"oracle_scene over random, 40 reviews each trained twice: {g['mean']:+.4f} "
+              f"({', '.join(f'{x:+.4f}' for x in g['by_seed'])})")
     if dest:
         dest.write_text(json.dumps(rep, indent=1))
     return rep
