@@ -552,9 +552,9 @@ def cpu_jobs_warning(device: str, jobs: int, cores: int | None = None) -> str | 
     Every CPU training takes all the cores it may use (``exporter.train.training_threads``), so
     ``jobs`` trainings at once ask for ``jobs`` x cores threads. Measured on the 2-core box
     (session 31, ``--propagate 64 --propagated-weight 1``): three round-1 units side by side
-    (``--jobs 3``) took 4009-4239 s each, 71 minutes for the three; one at a time a round-1
-    training took 244-249 s (``random``, which scores no pool, 205 s a unit), about 13 minutes for
-    three: ``--jobs 3`` was about 5x slower. Trainings on a GPU are not warned about.
+    (``--jobs 3``) took 4009-4239 s each, 71 minutes for the three; one at a time a 3-epoch
+    training round took 244-249 s (``random``'s units, which score no pool, 195-232 s), about 13
+    minutes for three: ``--jobs 3`` was about 5x slower. Trainings on a GPU are not warned about.
     """
     from .train import training_threads
 
