@@ -46,7 +46,7 @@ def report(run: Path, ref_path: Path) -> dict:
     target = {s: ref["random"]["by_seed"]["2"][str(s)] for s in seeds}
     out: dict = {"run": str(run), "ref": str(ref_path), "seeds": seeds,
                  "initial": u[("initial", 0)], "units": {}, "again": again, "target_by_seed": target,
-                 "target": float(np.mean(list(target.values()))), "vs_target": {}, "needed": {}}
+                 "vs_target": {}, "needed": {}}
     for (strategy, r), by_seed in sorted(u.items()):
         if r == 0:
             continue
@@ -56,19 +56,18 @@ def report(run: Path, ref_path: Path) -> dict:
     targets = {"ref": target}
     if sorted(u.get(("random", 2), {})) == seeds:  # this run's own random after 80: the same box
         targets["here"] = u[("random", 2)]
-    for where, tgt in targets.items():
-        goal = float(np.mean([tgt[s] for s in seeds]))
-        out["targets"] = {**out.get("targets", {}), where: goal}
-        for strategy, by_seed in again.items():
-            if sorted(by_seed) != seeds:
-                continue
+    goals = out["targets"] = {where: float(np.mean([tgt[s] for s in seeds])) for where, tgt in targets.items()}
+    for strategy, by_seed in again.items():
+        if sorted(by_seed) != seeds:
+            continue
+        mean = float(np.mean([by_seed[s] for s in seeds]))
+        later = ref.get(strategy, {}).get("y", [])[2:3]  # REF's round 2 (80 reviews, two trainings as well)
+        for where, tgt in targets.items():
             d = [by_seed[s] - tgt[s] for s in seeds]
-            mean = float(np.mean([by_seed[s] for s in seeds]))
             out["vs_target"][f"{strategy} vs {where}"] = {"mean": mean, "diff": float(np.mean(d)), "by_seed": d,
-                                                         "target": goal}
-            # beyond 40: REF's round 2 of the strategy (80 reviews, two trainings as well)
-            later = ref.get(strategy, {}).get("y", [])[2:3]
-            out["needed"][f"{strategy} vs {where}"] = needed([0, 40, 80][:2 + len(later)], [first, mean, *later], goal)
+                                                         "target": goals[where]}
+            out["needed"][f"{strategy} vs {where}"] = needed([0, 40, 80][:2 + len(later)], [first, mean, *later],
+                                                             goals[where])
     if all(sorted(again.get(k, {})) == seeds for k in ("oracle_scene", "random")):
         g = [again["oracle_scene"][s] - again["random"][s] for s in seeds]  # both 40 reviews, two rounds
         out["gain_trained_twice"] = {"mean": float(np.mean(g)), "by_seed": g}
@@ -84,7 +83,7 @@ def main(run: Path, ref: Path, dest: Path | None) -> dict:
         here = ", ".join(f"{v['here'].get(s, float('nan')):.4f}" for s in seeds)
         there = ", ".join(f"{v['ref'].get(s, float('nan')):.4f}" for s in seeds)
         print(f"{k:16s} here {here}  |  {ref.name} {there}")
-    print(f"target (REF random after 80): {rep['target']:.4f} ({', '.join(f'{tgt[s]:.4f}' for s in seeds)})")
+    print(f"target (REF random after 80): {rep['targets']['ref']:.4f} ({', '.join(f'{tgt[s]:.4f}' for s in seeds)})")
     for k, v in rep["vs_target"].items():
         n = rep["needed"][k]
         print(f"{k}: round 1 trained again {v['mean']:.4f}, against random after 80 ({v['target']:.4f}) "
