@@ -139,6 +139,11 @@ class SimConfig:
     # augmentation streams), so a run folder keeps them with its other settings.
     device: str = "cpu"
     workers: int = 0
+    # ``--settle``: after the last round, every earlier point of every curve (the first bundle
+    # included) is trained the rounds it lacks on its own labels, without new reviews, so that
+    # every point has had ``rounds`` training rounds and the curves differ by their labels only
+    # (``settle_seed``). The curves as the loop trained them are reported as well.
+    settle: bool = False
 
     def __post_init__(self) -> None:
         bad = [s for s in self.strategies if s not in STRATEGIES + EXTRA_STRATEGIES]
@@ -181,8 +186,11 @@ class SimConfig:
 
     @property
     def units_per_seed(self) -> int:
-        """Training units of one seed: the first bundle, then every strategy's rounds."""
-        return 1 + self.rounds * len(self.strategies)
+        """Training units of one seed: the first bundle, then every strategy's rounds (and with
+        ``settle`` the extra rounds of the earlier points: ``rounds`` for the first bundle,
+        ``rounds - r`` for each strategy's round r)."""
+        extra = self.rounds + len(self.strategies) * self.rounds * (self.rounds - 1) // 2 if self.settle else 0
+        return 1 + self.rounds * len(self.strategies) + extra
 
     def quick(self) -> "SimConfig":
         """A smoke-test run of a few minutes: tiny pool, one seed, one round, one epoch, 96 px."""
@@ -513,7 +521,58 @@ def run_seed(cfg: SimConfig, seed: int, pool_dir: Path, test_dir: Path, progress
             log.info("%s: %s", what, {k: round(v, 4) for k, v in state["metrics"].items()})
             states.append(state)
             prev[strategy] = (unit, state["labelled"])
+    if cfg.settle:
+        states += settle_seed(cfg, root, coco, pool_dir, test_dir, auto, states, progress)
     return states
+
+
+def settle_seed(cfg: SimConfig, root: Path, coco: dict[str, Any], pool_dir: Path, test_dir: Path,
+                auto: dict[str, dict[str, Any]] | None, states: list[dict[str, Any]],
+                progress: Progress) -> list[dict[str, Any]]:
+    """``--settle``: each point before the last round trained the rounds it lacks; their states.
+
+    A point after round r (the first bundle: r = 0) has had r training rounds and the last
+    round's points ``cfg.rounds``: read off the curves as they are, a strategy's 40 reviews are
+    compared with random's 80 after one round fewer, and a round without new reviews is worth
+    about what random's next 40 reviews are (session 31, with propagated labels: +0.009 to
+    +0.011). Here unit ``round{r}`` is trained ``cfg.rounds - r`` more rounds of ``cfg.epochs``,
+    warm-started as the loop trains, on its own labelled images (the first bundle on the initial
+    set), into ``round{r}_again``, ``round{r}_again2``, ... (the names
+    ``docs/simulate/roof-auto/extra_round.py`` gave such units, which are reused). Returns one
+    state per point, marked ``settled``, with the last training's metrics; ``settled.json`` in the
+    last unit marks it finished.
+    """
+    from service.durable import write_json_atomic
+
+    out = []
+    for state in states:
+        r, strategy = state["round"], state["strategy"]
+        if r >= cfg.rounds:
+            continue
+        start = root / "initial" if strategy == "initial" else root / strategy / f"round{r}"
+        last = start.with_name(f"{start.name}_again{cfg.rounds - r if cfg.rounds - r > 1 else ''}")
+        what = f"seed {state['seed']} {strategy} round {r} settled ({cfg.rounds - r} more rounds)"
+        if (last / "settled.json").is_file():
+            out.append(json.loads((last / "settled.json").read_text()))
+            for _ in range(cfg.rounds - r):
+                progress.step(what, True)
+            continue
+        t0, prev = time.monotonic(), start
+        for k in range(1, cfg.rounds - r + 1):
+            unit = start.with_name(f"{start.name}_again{k if k > 1 else ''}")
+            skipped = all((unit / (f"repeat{i}" if i else "") / "metrics.json").is_file() for i in range(cfg.repeats))
+            m, each = train_and_evaluate(cfg, unit, coco, state["labelled"], pool_dir, test_dir, str(prev / "bundle"),
+                                         cfg.epochs, state["seed"], first=False, auto=auto)
+            progress.step(f"{what}: {unit.name}", skipped)
+            prev = unit
+        settled = {**{k: state[k] for k in ("seed", "strategy", "round", "selected", "labelled", "n_reviewed",
+                                             "n_labelled", "composition")},
+                   "metrics": m, "metrics_each": each, "settled": True, "trained_rounds": cfg.rounds,
+                   "seconds": round(time.monotonic() - t0, 1)}
+        write_json_atomic(last / "settled.json", settled)
+        log.info("%s: %s", what, {k: round(v, 4) for k, v in m.items()})
+        out.append(settled)
+    return out
 
 
 def exit_with_parent(parent: int, interval: float = 1.0) -> None:
@@ -588,7 +647,7 @@ def run(cfg: SimConfig, jobs: int = 1) -> dict[str, Any]:
                "lengths": "fixed", "device": "cpu", "workers": 0,
                **json.loads(saved.read_text())}
         moot = ("propagated_weight",) if max(int(old["propagate"]), cfg.propagate) < 0 else ()  # no propagation
-        differ = [k for k in settings if k not in ("out", "seeds", "rounds", "strategies", *moot)
+        differ = [k for k in settings if k not in ("out", "seeds", "rounds", "strategies", "settle", *moot)
                   and json.dumps(old.get(k)) != json.dumps(settings[k])]
         if differ:
             raise ValueError(f"{cfg.out} holds a run with other settings ({', '.join(differ)}); "
@@ -630,7 +689,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                     repeats=args.repeats,
                     shift_share=args.shift_share, shift_camera=args.shift_camera, auto_weight=args.auto_weight,
                     auto_trusted=args.auto_trusted, propagate=args.propagate,
-                    propagated_weight=args.propagated_weight, device=args.device, workers=args.workers, strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()))
+                    propagated_weight=args.propagated_weight, device=args.device, workers=args.workers,
+                    settle=args.settle, strategies=tuple(s.strip() for s in args.strategies.split(",") if s.strip()))
     if args.quick:
         cfg = cfg.quick()
     results = run(cfg, jobs=args.jobs)
@@ -705,5 +765,10 @@ def register(sub: Any) -> None:
     s.add_argument("--jobs", type=int, default=1,
                    help="seeds run at once, one process each (a GPU box: 3; CPU trainings: 1, each takes every core "
                         "and 3 at once on 2 cores ran about 5x slower); same numbers")
+    s.add_argument("--settle", action="store_true",
+                   help="also train every earlier point of the curves (the first bundle included) the rounds it "
+                        "lacks, without new reviews, and report the label saving at equal training: read as they "
+                        "are, a strategy's 40 reviews have had one round fewer than random's 80 (costs, with 2 "
+                        "rounds, 2 units a seed and 1 a strategy and seed)")
     s.add_argument("--quick", action="store_true", help="a few-minute smoke run (tiny pool, 1 round, 1 epoch, 96 px)")
     s.set_defaults(func=cmd_simulate)

@@ -130,8 +130,9 @@ def _fmt(v: float | None, pct: bool = False) -> str:
     return f"{100 * v:.0f} %" if pct else f"{v:.3f}"
 
 
-def table_lines(results: dict[str, Any]) -> list[str]:
-    """Markdown tables: accuracy per round (mean ± sd over seeds), label saving, picks' make-up."""
+def table_lines(results: dict[str, Any], notes: bool = True) -> list[str]:
+    """Markdown tables: accuracy per round (mean ± sd over seeds), label saving, paired gains, and
+    (``notes``) the training noise and the picks' make-up."""
     cur, sav = results["curves"], results["label_saving"]
     lines = ["| strategy | reviewed | " + " | ".join(LABELS[m] for m in (*METRICS, "mean3")) + " |",
              "|---|---:|" + "---:|" * (len(METRICS) + 1)]
@@ -160,6 +161,8 @@ def table_lines(results: dict[str, Any]) -> list[str]:
             cells = [(f"{by_x[x]['mean']:+.3f} ({', '.join(f'{d:+.3f}' for d in by_x[x]['per_seed'])})"
                       if x in by_x else "") for x in rounds]
             lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
+    if not notes:
+        return lines
     noise = results.get("training_noise")
     if noise:
         lines += ["", f"Training noise: trained {noise['trainings']} times with other training seeds on the same "
@@ -232,8 +235,27 @@ def write_png(path: Path, cur: dict[str, dict[str, Any]], targets: dict[str, flo
 INITIAL_DOMAIN_TEXT = {"source": "the source domain (no IR, not the {} camera)", "pool": "the whole pool"}
 
 
+def settled_results(states: Sequence[dict[str, Any]], strategies: Sequence[str]) -> dict[str, Any] | None:
+    """``--settle``: curves, label saving, paired gains and the bar on the points that have all had
+    the last round's training rounds (the settled states of the earlier rounds and the last
+    round's states as they are); None without settled states."""
+    settled = [s for s in states if s.get("settled")]
+    if not settled:
+        return None
+    last = max(s["round"] for s in states)
+    points = settled + [s for s in states if not s.get("settled") and s["round"] == last]
+    cur = curves(points, strategies)
+    sav = label_saving(cur)
+    judge = sav["strategies"].get("judge", {}).get("mean3", {}).get("fraction")
+    return {"rounds": last, "curves": cur, "label_saving": sav, "paired_gains": paired_gains(points, strategies),
+            "bar": {"judge_fraction_mean3": judge, "limit": BAR, "met": judge is not None and judge <= BAR}}
+
+
 def write_results(cfg: Any, states: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
-    """Aggregate the states, write results.json, results.md and accuracy.png; return the results."""
+    """Aggregate the states, write results.json, results.md and accuracy.png (and with ``--settle``
+    accuracy_settled.png); return the results."""
+    settled = settled_results(states, cfg.strategies)
+    states = [s for s in states if not s.get("settled")]
     cur = curves(states, cfg.strategies)
     sav = label_saving(cur)
     comp: dict[str, dict[str, int]] = {}
@@ -252,7 +274,7 @@ def write_results(cfg: Any, states: list[dict[str, Any]], seconds: float) -> dic
     results = {"settings": settings, "curves": cur, "label_saving": sav, "composition": comp,
                "paired_gains": paired_gains(states, cfg.strategies), "training_noise": training_noise(states),
                "bar": {"judge_fraction_mean3": judge, "limit": BAR, "met": judge is not None and judge <= BAR},
-               "seconds": round(seconds, 1),
+               "settled": settled, "seconds": round(seconds, 1),
                "units": [{**{k: s[k] for k in UNIT_KEYS}, **{k: s[k] for k in ("metrics_each",) if k in s}}
                          for s in states]}
     out = Path(cfg.out)
@@ -281,15 +303,36 @@ def write_results(cfg: Any, states: list[dict[str, Any]], seconds: float) -> dic
              + (f", trained on device {dev}" if (dev := str(getattr(cfg, "device", "cpu"))) != "cpu" else ""))
     unit_minutes = sum(float(s.get("seconds", 0.0)) for s in states) / 60
     write_png(out / "accuracy.png", cur, sav["targets"], title, results["paired_gains"])
+    if settled:
+        write_png(out / "accuracy_settled.png", settled["curves"], settled["label_saving"]["targets"],
+                  f"{title}; every point trained {settled['rounds']} rounds (--settle)", settled["paired_gains"])
     md = ["# Active-learning benchmark (`annotator simulate`)", "", f"Settings: {title}; "
           f"audit fraction {cfg.audit_fraction}. Mean ± standard deviation over seeds. Time: {unit_minutes:.0f} min "
           f"for all units (training, scoring, evaluation), {seconds / 60:.0f} min for this invocation (finished units "
           f"of earlier invocations are reused).",
           "", *table_lines(results), "",
           f"Bar (judge reaches random's full-budget mean accuracy with <= {BAR:.0%} of the reviews): "
-          f"{'met' if results['bar']['met'] else 'NOT met'} ({_fmt(judge, True)}).", "", "![accuracy](accuracy.png)", ""]
+          f"{'met' if results['bar']['met'] else 'NOT met'} ({_fmt(judge, True)}).", "", "![accuracy](accuracy.png)", "",
+          *settled_lines(results)]
     (out / "results.md").write_text("\n".join(md))
     return results
+
+
+def settled_lines(results: dict[str, Any], png: bool = True) -> list[str]:
+    """The ``--settle`` section of results.md: the tables again on curves whose every point has had
+    the last round's training rounds, and the bar read there; nothing without ``--settle``."""
+    st = results.get("settled")
+    if not st:
+        return []
+    bar = st["bar"]
+    return [f"## At equal training (`--settle`): every point trained {st['rounds']} rounds", "",
+            f"The points before the last round trained the rounds they lacked on their own labels, without new "
+            f"reviews (the first bundle on its initial set), so that every point has had {st['rounds']} rounds and "
+            f"the curves differ by their labels only. Above, as the loop trained them, a point after round r has "
+            f"had r rounds.", "", *table_lines(st, notes=False), "",
+            f"Bar read at equal training: {'met' if bar['met'] else 'NOT met'} "
+            f"({_fmt(bar['judge_fraction_mean3'], True)}).", "",
+            *(["![accuracy, every point trained as long](accuracy_settled.png)", ""] if png else [])]
 
 
 def print_table(results: dict[str, Any]) -> None:
@@ -298,3 +341,5 @@ def print_table(results: dict[str, Any]) -> None:
     bar = results["bar"]
     print(f"\nbar (judge <= {bar['limit']:.0%} of random's budget on the mean of the three): "
           f"{'met' if bar['met'] else 'NOT met'} ({_fmt(bar['judge_fraction_mean3'], True)})")
+    if results.get("settled"):
+        print("\n" + "\n".join(settled_lines(results, png=False)))

@@ -414,6 +414,58 @@ def test_repeats_train_each_unit_again_and_report_the_mean(tmp_path: Path, ultra
         SimConfig(out=tmp_path, repeats=0)
 
 
+def test_settle_trains_every_earlier_point_as_long_as_the_last(tmp_path: Path, ultralytics_offline: Path) -> None:
+    """``--settle`` on a finished run: the first bundle and round 1 are trained the rounds they
+    lack on their own labels (chained, no new reviews), the label saving is read again on those
+    points, and the units the loop trained are reused untouched."""
+    pytest.importorskip("ultralytics")
+    from dataclasses import replace
+
+    from exporter.simulate import SimConfig, run
+    from exporter.simulate_report import mean3
+
+    cfg = replace(SimConfig(out=tmp_path / "sim", strategies=("random",)).quick(), rounds=2)
+    root = cfg.out / "runs" / "seed0"
+    plain = run(cfg)
+    assert plain["settled"] is None and not (cfg.out / "accuracy_settled.png").exists()
+    stamps = {u: (root / u / "state.json").stat().st_mtime for u in ("initial", "random/round1", "random/round2")}
+    settled_cfg = replace(cfg, settle=True)  # resumes the same folder: --settle only adds units
+    assert settled_cfg.units_per_seed == 1 + 2 + 2 + 1
+    results = run(settled_cfg)
+    assert {u: (root / u / "state.json").stat().st_mtime for u in stamps} == stamps
+
+    def bundle(unit: str) -> dict:
+        return json.loads((root / unit / "bundle" / "bundle.json").read_text())
+
+    # chains: initial -> initial_again -> initial_again2; random/round1 -> random/round1_again
+    for unit, parent in (("initial_again", "initial"), ("initial_again2", "initial_again"),
+                         ("random/round1_again", "random/round1")):
+        assert bundle(unit)["lineage"]["parent_bundle"] == bundle(parent)["id"]
+    for unit, labels in (("initial_again2", "initial"), ("random/round1_again", "random/round1")):
+        from exporter.mix import image_origins
+
+        merged = json.loads((root / unit / "labelled.json").read_text())
+        origins = image_origins(merged)
+        reviewed = {im["file_name"] for im in merged["images"] if origins[im["id"]] == "reviewed"}
+        assert reviewed == set(json.loads((root / labels / "state.json").read_text())["labelled"])  # no new reviews
+    st = results["settled"]
+    assert st["rounds"] == 2 and st["curves"]["random"]["x"] == [0, cfg.per_round, 2 * cfg.per_round]
+    want = [mean3(json.loads((root / u / "metrics.json").read_text()))
+            for u in ("initial_again2", "random/round1_again", "random/round2")]
+    assert st["curves"]["random"]["mean3"]["mean"] == pytest.approx(want)
+    as_trained = [mean3(json.loads((root / u / "state.json").read_text())["metrics"])
+                  for u in ("initial", "random/round1", "random/round2")]
+    assert results["curves"]["random"]["mean3"]["mean"] == pytest.approx(as_trained)
+    assert want[:2] != pytest.approx(as_trained[:2])  # the extra rounds trained other weights
+    assert json.loads((root / "random" / "round1_again" / "settled.json").read_text())["trained_rounds"] == 2
+    md = (cfg.out / "results.md").read_text()
+    assert "At equal training (`--settle`): every point trained 2 rounds" in md and "Bar read at equal training" in md
+    assert (cfg.out / "accuracy_settled.png").stat().st_size > 0
+    stamp = (root / "initial_again2" / "settled.json").stat().st_mtime
+    assert run(settled_cfg)["settled"]["curves"] == st["curves"]  # resumed: nothing trained again
+    assert (root / "initial_again2" / "settled.json").stat().st_mtime == stamp
+
+
 def test_device_and_workers_reach_the_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``--device`` / ``--workers`` go to every training of the benchmark (a GPU box trains there);
     bad values are refused with the flag's name."""
