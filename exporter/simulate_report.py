@@ -255,6 +255,7 @@ def write_results(cfg: Any, states: list[dict[str, Any]], seconds: float) -> dic
     """Aggregate the states, write results.json, results.md and accuracy.png (and with ``--settle``
     accuracy_settled.png); return the results."""
     settled = settled_results(states, cfg.strategies)
+    unit_minutes = sum(float(s.get("seconds", 0.0)) for s in states) / 60  # the settled units' time included
     states = [s for s in states if not s.get("settled")]
     cur = curves(states, cfg.strategies)
     sav = label_saving(cur)
@@ -301,7 +302,6 @@ def write_results(cfg: Any, states: list[dict[str, Any]], seconds: float) -> dic
              + (f", the pool's shift (IR, {camera} camera) x{share:g} of the test set's"
                 if (share := float(getattr(cfg, "shift_share", 1.0))) != 1.0 else "")
              + (f", trained on device {dev}" if (dev := str(getattr(cfg, "device", "cpu"))) != "cpu" else ""))
-    unit_minutes = sum(float(s.get("seconds", 0.0)) for s in states) / 60
     write_png(out / "accuracy.png", cur, sav["targets"], title, results["paired_gains"])
     if settled:
         write_png(out / "accuracy_settled.png", settled["curves"], settled["label_saving"]["targets"],
@@ -312,10 +312,18 @@ def write_results(cfg: Any, states: list[dict[str, Any]], seconds: float) -> dic
           f"of earlier invocations are reused).",
           "", *table_lines(results), "",
           f"Bar (judge reaches random's full-budget mean accuracy with <= {BAR:.0%} of the reviews): "
-          f"{'met' if results['bar']['met'] else 'NOT met'} ({_fmt(judge, True)}).", "", "![accuracy](accuracy.png)", "",
+          f"{bar_verdict(results)}.", "", "![accuracy](accuracy.png)", "",
           *settled_lines(results)]
     (out / "results.md").write_text("\n".join(md))
     return results
+
+
+def bar_verdict(results: dict[str, Any]) -> str:
+    """'met (44 %)', 'NOT met (not reached)', or that the run has no judge to read the bar on."""
+    if "judge" not in results["label_saving"]["strategies"]:
+        return "not read (no `judge` in this run)"
+    bar = results["bar"]
+    return f"{'met' if bar['met'] else 'NOT met'} ({_fmt(bar['judge_fraction_mean3'], True)})"
 
 
 def settled_lines(results: dict[str, Any], png: bool = True) -> list[str]:
@@ -324,14 +332,12 @@ def settled_lines(results: dict[str, Any], png: bool = True) -> list[str]:
     st = results.get("settled")
     if not st:
         return []
-    bar = st["bar"]
     return [f"## At equal training (`--settle`): every point trained {st['rounds']} rounds", "",
             f"The points before the last round trained the rounds they lacked on their own labels, without new "
             f"reviews (the first bundle on its initial set), so that every point has had {st['rounds']} rounds and "
             f"the curves differ by their labels only. Above, as the loop trained them, a point after round r has "
             f"had r rounds.", "", *table_lines(st, notes=False), "",
-            f"Bar read at equal training: {'met' if bar['met'] else 'NOT met'} "
-            f"({_fmt(bar['judge_fraction_mean3'], True)}).", "",
+            f"Bar read at equal training: {bar_verdict(st)}.", "",
             *(["![accuracy, every point trained as long](accuracy_settled.png)", ""] if png else [])]
 
 
@@ -340,6 +346,6 @@ def print_table(results: dict[str, Any]) -> None:
     print("\n".join(table_lines(results)))
     bar = results["bar"]
     print(f"\nbar (judge <= {bar['limit']:.0%} of random's budget on the mean of the three): "
-          f"{'met' if bar['met'] else 'NOT met'} ({_fmt(bar['judge_fraction_mean3'], True)})")
+          f"{bar_verdict(results)}")
     if results.get("settled"):
         print("\n" + "\n".join(settled_lines(results, png=False)))
