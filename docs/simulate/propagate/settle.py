@@ -91,8 +91,15 @@ def report(out: Path) -> dict:
             return [p["by_seed"][s][0] for s in seeds] if first_only else None
         return [float(np.mean(p["by_seed"][s][:REPEATS])) for s in seeds]
 
-    first = float(np.mean([mean3(json.loads((out / "runs" / f"seed{s}" / "initial" / "metrics.json").read_text()))
-                           for s in seeds]))
+    def first(rounds: int) -> float:
+        """The first bundle's point: trained ``rounds`` rounds on its own labels where ``--settle`` did
+        it (``initial_again2`` for two), else as trained (the curve's slope is then steeper)."""
+        unit = f"initial_again{rounds if rounds > 1 else ''}"
+        if not all((out / "runs" / f"seed{s}" / unit / "metrics.json").is_file() for s in seeds):
+            unit = "initial"
+        return float(np.mean([mean3(json.loads((out / "runs" / f"seed{s}" / unit / "metrics.json").read_text()))
+                              for s in seeds]))
+
     for label, rounds, first_only in (("two rounds, one training", 2, True),
                                       (f"two rounds, {REPEATS} trainings", 2, False),
                                       ("three rounds, one training", 3, True)):
@@ -103,7 +110,7 @@ def report(out: Path) -> dict:
         if rule is None or r80 is None:
             continue
         row = {"rule_40": rule, "random_80": r80, "rule_minus_random_80": [a - b for a, b in zip(rule, r80)],
-               "needed": needed([0, 40], [first, float(np.mean(rule))], float(np.mean(r80)))}
+               "first": first(rounds), "needed": needed([0, 40], [first(rounds), float(np.mean(rule))], float(np.mean(r80)))}
         if r40 is not None:
             row["random_40"] = r40
             row["rule_minus_random_40"] = [a - b for a, b in zip(rule, r40)]
@@ -126,7 +133,7 @@ def main(out: Path, dest: Path | None) -> dict:
         n = row["needed"]
         print(f"\n{label}: rule's 40 {fmt(row['rule_40'])}, random's 80 {fmt(row['random_80'])}; "
               f"rule - random's 80 {fmt(row['rule_minus_random_80'], '+')}; needed "
-              f"{'not reached' if n is None else f'{n:.1f} of 80 ({n / 80:.0%})'}")
+              f"{'not reached with 40' if n is None else f'{n:.1f} of 80 ({n / 80:.0%})'} (0 reviewed: {row['first']:.4f})")
         if "random_40" in row:
             print(f"  random's 40 {fmt(row['random_40'])}; rule - random's 40 {fmt(row['rule_minus_random_40'], '+')}; "
                   f"random's second 40 labels {fmt(row['random_second_40'], '+')}")
