@@ -235,6 +235,12 @@ def write_png(path: Path, cur: dict[str, dict[str, Any]], targets: dict[str, flo
 INITIAL_DOMAIN_TEXT = {"source": "the source domain (no IR, not the {} camera)", "pool": "the whole pool"}
 
 
+def judge_bar(sav: dict[str, Any]) -> dict[str, Any]:
+    """The bar read on a label saving: the judge's share of random's budget on the mean of the three."""
+    judge = sav["strategies"].get("judge", {}).get("mean3", {}).get("fraction")
+    return {"judge_fraction_mean3": judge, "limit": BAR, "met": judge is not None and judge <= BAR}
+
+
 def settled_results(states: Sequence[dict[str, Any]], strategies: Sequence[str]) -> dict[str, Any] | None:
     """``--settle``: curves, label saving, paired gains and the bar on the points that have all had
     the last round's training rounds (the settled states of the earlier rounds and the last
@@ -246,9 +252,8 @@ def settled_results(states: Sequence[dict[str, Any]], strategies: Sequence[str])
     points = settled + [s for s in states if not s.get("settled") and s["round"] == last]
     cur = curves(points, strategies)
     sav = label_saving(cur)
-    judge = sav["strategies"].get("judge", {}).get("mean3", {}).get("fraction")
     return {"rounds": last, "curves": cur, "label_saving": sav, "paired_gains": paired_gains(points, strategies),
-            "bar": {"judge_fraction_mean3": judge, "limit": BAR, "met": judge is not None and judge <= BAR}}
+            "bar": judge_bar(sav)}
 
 
 def write_results(cfg: Any, states: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
@@ -269,12 +274,11 @@ def write_results(cfg: Any, states: list[dict[str, Any]], seconds: float) -> dic
                 c[k] += s["composition"][k]
             c["new_camera"] += s["composition"].get("new_camera", s["composition"].get("overhead", 0))  # old runs
             c["scenes"] += s["composition"].get("scenes", len(s["selected"]))
-    judge = sav["strategies"].get("judge", {}).get("mean3", {}).get("fraction")
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(cfg).items()} if hasattr(cfg, "__dict__") \
         else {}
     results = {"settings": settings, "curves": cur, "label_saving": sav, "composition": comp,
                "paired_gains": paired_gains(states, cfg.strategies), "training_noise": training_noise(states),
-               "bar": {"judge_fraction_mean3": judge, "limit": BAR, "met": judge is not None and judge <= BAR},
+               "bar": judge_bar(sav),
                "settled": settled, "seconds": round(seconds, 1),
                "units": [{**{k: s[k] for k in UNIT_KEYS}, **{k: s[k] for k in ("metrics_each",) if k in s}}
                          for s in states]}
