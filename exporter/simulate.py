@@ -380,7 +380,7 @@ def train_and_evaluate(cfg: SimConfig, unit: Path, coco: dict[str, Any], labelle
 
     runs = []
     for k in range(cfg.repeats):
-        where = unit / f"repeat{k}" if k else unit
+        where = training_dir(unit, k)
         done = where / "metrics.json"
         if not done.is_file():
             m = _train_once(cfg, where, coco, labelled, pool_dir, test_dir, init, epochs, seed + k * REPEAT_SEED, first,
@@ -391,6 +391,16 @@ def train_and_evaluate(cfg: SimConfig, unit: Path, coco: dict[str, Any], labelle
         runs.append(json.loads(done.read_text()))
     mean = {key: float(np.mean([r[key] for r in runs])) for key in runs[0]}
     return mean, runs
+
+
+def training_dir(unit: Path, k: int) -> Path:
+    """Where training k of a unit lives: the unit itself for the first, ``repeat{k}`` for the others."""
+    return unit / f"repeat{k}" if k else unit
+
+
+def again_unit(start: Path, k: int) -> Path:
+    """Unit ``start`` trained k more rounds on its labels: ``round1_again``, ``round1_again2``, ..."""
+    return start.with_name(f"{start.name}_again{k if k > 1 else ''}")
 
 
 def _train_once(cfg: SimConfig, unit: Path, coco: dict[str, Any], labelled: list[str], pool_dir: Path,
@@ -550,7 +560,7 @@ def settle_seed(cfg: SimConfig, root: Path, coco: dict[str, Any], pool_dir: Path
         if r >= cfg.rounds:
             continue
         start = root / "initial" if strategy == "initial" else root / strategy / f"round{r}"
-        last = start.with_name(f"{start.name}_again{cfg.rounds - r if cfg.rounds - r > 1 else ''}")
+        last = again_unit(start, cfg.rounds - r)
         what = f"seed {state['seed']} {strategy} round {r} settled ({cfg.rounds - r} more rounds)"
         if (last / "settled.json").is_file():
             out.append(json.loads((last / "settled.json").read_text()))
@@ -559,8 +569,8 @@ def settle_seed(cfg: SimConfig, root: Path, coco: dict[str, Any], pool_dir: Path
             continue
         t0, prev = time.monotonic(), start
         for k in range(1, cfg.rounds - r + 1):
-            unit = start.with_name(f"{start.name}_again{k if k > 1 else ''}")
-            skipped = all((unit / (f"repeat{i}" if i else "") / "metrics.json").is_file() for i in range(cfg.repeats))
+            unit = again_unit(start, k)
+            skipped = all((training_dir(unit, i) / "metrics.json").is_file() for i in range(cfg.repeats))
             m, each = train_and_evaluate(cfg, unit, coco, state["labelled"], pool_dir, test_dir, str(prev / "bundle"),
                                          cfg.epochs, state["seed"], first=False, auto=auto)
             progress.step(f"{what}: {unit.name}", skipped)

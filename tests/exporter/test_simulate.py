@@ -441,9 +441,9 @@ def test_settle_trains_every_earlier_point_as_long_as_the_last(tmp_path: Path, u
     for unit, parent in (("initial_again", "initial"), ("initial_again2", "initial_again"),
                          ("random/round1_again", "random/round1")):
         assert bundle(unit)["lineage"]["parent_bundle"] == bundle(parent)["id"]
-    for unit, labels in (("initial_again2", "initial"), ("random/round1_again", "random/round1")):
-        from exporter.mix import image_origins
+    from exporter.mix import image_origins
 
+    for unit, labels in (("initial_again2", "initial"), ("random/round1_again", "random/round1")):
         merged = json.loads((root / unit / "labelled.json").read_text())
         origins = image_origins(merged)
         reviewed = {im["file_name"] for im in merged["images"] if origins[im["id"]] == "reviewed"}
