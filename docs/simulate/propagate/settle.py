@@ -3,6 +3,10 @@
     PYTHONPATH=. python docs/simulate/propagate/settle.py RUN train   # trains what is missing, in order
     PYTHONPATH=. python docs/simulate/propagate/settle.py RUN [OUT.json]  # prints (and stores) the tables
 
+The report ends with a bootstrap of the three-training comparison (session 33): the trainings of
+each compared unit resampled with replacement (and, in a second mode, the seeds too, the rule and
+random sharing the drawn seeds), the label saving read as above: how sure is "<= 50 %"?
+
 RUN: session 31's ``/work/runs/pw1b`` (``--propagate 64 --propagated-weight 1``, 3 seeds):
 ``oracle_scene`` (one review per recording) round 1 and ``round1_again`` (its 40 reviews trained a
 second round), ``random`` rounds 1 and 2 and ``round1_again`` (``extra_round.py``). Session 31
@@ -116,7 +120,34 @@ def report(out: Path) -> dict:
             row["rule_minus_random_40"] = [a - b for a, b in zip(rule, r40)]
             row["random_second_40"] = [b - a for a, b in zip(r40, r80)]
         rep["compare"][label] = row
+    rep["bootstrap"] = bootstrap(rep, first(2))
     return rep
+
+
+def bootstrap(rep: dict, first: float, draws: int = 4000) -> dict:
+    """The three-training comparison's label saving, resampled (see the module's docstring):
+    the 5 / 50 / 95 % points of the needed share of random's 80 and how often it is <= 50 %."""
+    seeds = rep["seeds"]
+    pts = [rep["points"].get(k) for k in ("oracle_scene round1_again", "random round2")]
+    if not all(pts) or any(len(p["by_seed"][s]) < REPEATS for p in pts for s in seeds):
+        return {}
+    rule, r80 = ([np.array(p["by_seed"][s][:REPEATS]) for s in seeds] for p in pts)
+    rng = np.random.default_rng(0)
+    out = {}
+    for mode in ("trainings", "seeds and trainings"):
+        shares, gains = [], []
+        for _ in range(draws):
+            picked = range(len(seeds)) if mode == "trainings" else rng.integers(0, len(seeds), len(seeds))
+            a = np.mean([rng.choice(rule[i], REPEATS).mean() for i in picked])
+            b = np.mean([rng.choice(r80[i], REPEATS).mean() for i in picked])
+            n = needed([0, 40], [first, float(a)], float(b))
+            shares.append(2.0 if n is None else n / 80)  # 2.0: not reached with 40
+            gains.append(a - b)
+        shares = np.array(shares)
+        out[mode] = {"draws": draws, "share_5_50_95": [float(q) for q in np.percentile(shares, [5, 50, 95])],
+                     "at_most_half": float(np.mean(shares <= 0.5)),
+                     "gain_5_50_95": [float(q) for q in np.percentile(gains, [5, 50, 95])]}
+    return out
 
 
 def main(out: Path, dest: Path | None) -> dict:
@@ -137,6 +168,11 @@ def main(out: Path, dest: Path | None) -> dict:
         if "random_40" in row:
             print(f"  random's 40 {fmt(row['random_40'])}; rule - random's 40 {fmt(row['rule_minus_random_40'], '+')}; "
                   f"random's second 40 labels {fmt(row['random_second_40'], '+')}")
+    for mode, b in rep["bootstrap"].items():
+        lo, mid, hi = (f"{q:.0%}" if q <= 1 else "not reached" for q in b["share_5_50_95"])
+        print(f"bootstrap ({mode}, {b['draws']} draws): needed {lo} / {mid} / {hi} (5 / 50 / 95 %), "
+              f"<= 50 % in {b['at_most_half']:.1%} of draws; rule - random's 80 "
+              + " / ".join(f"{g:+.4f}" for g in b["gain_5_50_95"]))
     if dest:
         dest.write_text(json.dumps(rep, indent=1))
     return rep
