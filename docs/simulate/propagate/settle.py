@@ -21,6 +21,12 @@ training per unit. ``train`` adds, in this order (each unit resumes; stop it any
    ``round1_again``, random's ``round2``, then random's ``round1_again``.
 3. random's 40 a third round (``round1_again2``): what random's second 40 labels are worth after
    three rounds.
+4. (session 33, after ``annotator simulate --strategies oracle_scene,random,judge --settle`` on the
+   folder trained the product's ``judge``, dHash near-duplicates only, and its ``round1_again``)
+   three trainings of the judge's ``round1_again``, then the first bundle a third round
+   (``initial_again3``: the three-round curves' 0-review point).
+
+Every comparison is printed for each rule (``RULES``) that has its units.
 """
 from __future__ import annotations
 
@@ -44,11 +50,14 @@ PLAN = [
     ("random", "round2", "round1", "round2", REPEATS),
     ("random", "round1_again", "round1", "round1", REPEATS),
     ("random", "round1_again2", "round1_again", "round1", 1),
+    ("judge", "round1_again", "round1", "round1", REPEATS),
+    ("", "initial_again3", "initial_again2", "initial", 1),  # "": the first bundle's units sit in the seed's folder
 ]
+RULES = ("oracle_scene", "judge")  # the strategies compared with random
 # what each compared point is: (strategy, unit, reviews, training rounds)
 POINTS = [("oracle_scene", "round1_again", 40, 2), ("random", "round1_again", 40, 2), ("random", "round2", 80, 2),
           ("oracle_scene", "round1_again2", 40, 3), ("random", "round1_again2", 40, 3),
-          ("random", "round2_again", 80, 3)]
+          ("random", "round2_again", 80, 3), ("judge", "round1_again", 40, 2)]
 
 
 def train(out: Path) -> None:
@@ -104,13 +113,13 @@ def report(out: Path) -> dict:
         return float(np.mean([mean3(json.loads((out / "runs" / f"seed{s}" / unit / "metrics.json").read_text()))
                               for s in seeds]))
 
-    for label, rounds, first_only in (("two rounds, one training", 2, True),
-                                      (f"two rounds, {REPEATS} trainings", 2, False),
-                                      ("three rounds, one training", 3, True)):
+    for name, (label, rounds, first_only) in ((n, c) for n in RULES for c in (
+            ("two rounds, one training", 2, True), (f"two rounds, {REPEATS} trainings", 2, False),
+            ("three rounds, one training", 3, True))):
         unit40 = "round1_again" if rounds == 2 else "round1_again2"
         unit80 = "round2" if rounds == 2 else "round2_again"
         rule, r40, r80 = (seed_means(f"{s} {u}", first_only) for s, u in
-                          (("oracle_scene", unit40), ("random", unit40), ("random", unit80)))
+                          ((name, unit40), ("random", unit40), ("random", unit80)))
         if rule is None or r80 is None:
             continue
         row = {"rule_40": rule, "random_80": r80, "rule_minus_random_80": [a - b for a, b in zip(rule, r80)],
@@ -119,16 +128,16 @@ def report(out: Path) -> dict:
             row["random_40"] = r40
             row["rule_minus_random_40"] = [a - b for a, b in zip(rule, r40)]
             row["random_second_40"] = [b - a for a, b in zip(r40, r80)]
-        rep["compare"][label] = row
-    rep["bootstrap"] = bootstrap(rep, first(2))
+        rep["compare"][f"{name}: {label}"] = row
+    rep["bootstrap"] = {name: b for name in RULES if (b := bootstrap(rep, name, first(2)))}
     return rep
 
 
-def bootstrap(rep: dict, first: float, draws: int = 4000) -> dict:
-    """The three-training comparison's label saving, resampled (see the module's docstring):
-    the 5 / 50 / 95 % points of the needed share of random's 80 and how often it is <= 50 %."""
+def bootstrap(rep: dict, name: str, first: float, draws: int = 4000) -> dict:
+    """Rule ``name``'s three-training comparison, resampled (see the module's docstring): the
+    5 / 50 / 95 % points of the needed share of random's 80 and how often it is <= 50 %."""
     seeds = rep["seeds"]
-    pts = [rep["points"].get(k) for k in ("oracle_scene round1_again", "random round2")]
+    pts = [rep["points"].get(k) for k in (f"{name} round1_again", "random round2")]
     if not all(pts) or any(len(p["by_seed"][s]) < REPEATS for p in pts for s in seeds):
         return {}
     rule, r80 = ([np.array(p["by_seed"][s][:REPEATS]) for s in seeds] for p in pts)
@@ -168,11 +177,12 @@ def main(out: Path, dest: Path | None) -> dict:
         if "random_40" in row:
             print(f"  random's 40 {fmt(row['random_40'])}; rule - random's 40 {fmt(row['rule_minus_random_40'], '+')}; "
                   f"random's second 40 labels {fmt(row['random_second_40'], '+')}")
-    for mode, b in rep["bootstrap"].items():
-        lo, mid, hi = (f"{q:.0%}" if q <= 1 else "not reached" for q in b["share_5_50_95"])
-        print(f"bootstrap ({mode}, {b['draws']} draws): needed {lo} / {mid} / {hi} (5 / 50 / 95 %), "
-              f"<= 50 % in {b['at_most_half']:.1%} of draws; rule - random's 80 "
-              + " / ".join(f"{g:+.4f}" for g in b["gain_5_50_95"]))
+    for name, modes in rep["bootstrap"].items():
+        for mode, b in modes.items():
+            lo, mid, hi = (f"{q:.0%}" if q <= 1 else "not reached" for q in b["share_5_50_95"])
+            print(f"{name} bootstrap ({mode}, {b['draws']} draws): needed {lo} / {mid} / {hi} (5 / 50 / 95 %), "
+                  f"<= 50 % in {b['at_most_half']:.1%} of draws; rule - random's 80 "
+                  + " / ".join(f"{g:+.4f}" for g in b["gain_5_50_95"]))
     if dest:
         dest.write_text(json.dumps(rep, indent=1))
     return rep
