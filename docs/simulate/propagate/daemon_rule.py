@@ -30,7 +30,8 @@ def check(out: Path) -> dict:
             scores = {d["file_name"]: d for d in json.loads((prev / "pool_scores.json").read_text())["scores"]}
             state = json.loads((unit / "state.json").read_text())
             picks = state["selected"]
-            seen = [n for n in state["labelled"] if n not in set(picks)]
+            chosen = set(picks)
+            seen = [n for n in state["labelled"] if n not in chosen]  # reviewed before this round
             clashes = []
             for i, p in enumerate(picks):
                 for q in (*seen, *picks[:i]):

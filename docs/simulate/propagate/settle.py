@@ -30,6 +30,7 @@ Every comparison is printed for each rule (``RULES``) that has its units.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import sys
@@ -113,9 +114,9 @@ def report(out: Path) -> dict:
         return float(np.mean([mean3(json.loads((out / "runs" / f"seed{s}" / unit / "metrics.json").read_text()))
                               for s in seeds]))
 
-    for name, (label, rounds, first_only) in ((n, c) for n in RULES for c in (
-            ("two rounds, one training", 2, True), (f"two rounds, {REPEATS} trainings", 2, False),
-            ("three rounds, one training", 3, True))):
+    readings = (("two rounds, one training", 2, True), (f"two rounds, {REPEATS} trainings", 2, False),
+                ("three rounds, one training", 3, True))
+    for name, (label, rounds, first_only) in itertools.product(RULES, readings):
         unit40 = "round1_again" if rounds == 2 else "round1_again2"
         unit80 = "round2" if rounds == 2 else "round2_again"
         rule, r40, r80 = (seed_means(f"{s} {u}", first_only) for s, u in
