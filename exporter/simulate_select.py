@@ -116,6 +116,16 @@ def file_id(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def pool_score(d: dict[str, Any]) -> PoolScore:
+    """A ``PoolScore`` from its json form (``score_pool``'s cache)."""
+    return PoolScore(**{**d, "reasons": tuple(d["reasons"])})
+
+
+def near_duplicate(a: PoolScore, b: PoolScore, dedup_distance: int = DEDUP_DISTANCE) -> bool:
+    """The judge's near-duplicate test: same camera, dHashes within ``dedup_distance`` bits."""
+    return a.camera == b.camera and bin(a.dhash ^ b.dhash).count("1") <= dedup_distance
+
+
 def score_pool(bundle_dir: Path, pool: dict[str, Any], images_dir: Path, cache: Path,
                batch: int = 8) -> dict[str, PoolScore]:
     """Score every pool image with the bundle (operating thresholds); cached in ``cache`` (json).
@@ -131,7 +141,7 @@ def score_pool(bundle_dir: Path, pool: dict[str, Any], images_dir: Path, cache: 
     if cache.is_file():
         data = json.loads(cache.read_text())
         if data.get("bundle_id") == bundle.id and data.get("version") == CACHE_VERSION:
-            return {d["file_name"]: PoolScore(**{**d, "reasons": tuple(d["reasons"])}) for d in data["scores"]}
+            return {d["file_name"]: pool_score(d) for d in data["scores"]}
     main_thr = bundle.thresholds.main
     out: dict[str, PoolScore] = {}
     for im, dec, pred in _engine_pass(bundle, pool["images"], images_dir, batch):
@@ -331,7 +341,7 @@ def diverse_take(ranked: Sequence[PoolScore], n: int, camera_share: float = CAME
     def duplicate(a: PoolScore, b: PoolScore) -> bool:
         if scene is not None:  # oracle_scene: the pool's own scene tags, a perfect near-duplicate test
             return scene[a.file_name] == scene[b.file_name]
-        return a.camera == b.camera and bin(a.dhash ^ b.dhash).count("1") <= dedup_distance
+        return near_duplicate(a, b, dedup_distance)
 
     cap = max(1, int(np.ceil(camera_share * n)))
     picked: list[PoolScore] = []

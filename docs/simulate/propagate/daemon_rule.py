@@ -4,7 +4,7 @@
 
 ``oracle_scene`` walks the judge's ranking taking one frame per recording: the pool's scene tag
 *replaces* the judge's dHash near-duplicate test. The daemon with ``judge.reviews_per_session = 1``
-keeps its dHash test (a frame within ``DEDUP_DISTANCE`` bits of a same-camera image sent to review
+keeps its dHash test (``near_duplicate``: a frame within 6 bits of a same-camera image sent to review
 waits) *and* caps each declared recording at one review. Both walk the same ranking with the
 same camera cap, so the daemon's rule takes exactly ``oracle_scene``'s picks unless one of those
 picks is a dHash near-duplicate of an earlier pick of its round or of an image reviewed before
@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from exporter.simulate_select import DEDUP_DISTANCE
+from exporter.simulate_select import near_duplicate, pool_score
 
 
 def check(out: Path) -> dict:
@@ -27,18 +27,16 @@ def check(out: Path) -> dict:
         for unit in sorted((seed_dir / "oracle_scene").glob("round[0-9]")):
             r = int(unit.name[len("round"):])
             prev = seed_dir / ("initial" if r == 1 else f"oracle_scene/round{r - 1}")
-            scores = {d["file_name"]: d for d in json.loads((prev / "pool_scores.json").read_text())["scores"]}
+            scores = {d["file_name"]: pool_score(d) for d in json.loads((prev / "pool_scores.json").read_text())["scores"]}
             state = json.loads((unit / "state.json").read_text())
             picks = state["selected"]
             chosen = set(picks)
             seen = [n for n in state["labelled"] if n not in chosen]  # reviewed before this round
             clashes = []
             for i, p in enumerate(picks):
-                for q in (*seen, *picks[:i]):
-                    a, b = scores[p], scores.get(q)
-                    if b and a["camera"] == b["camera"] and bin(a["dhash"] ^ b["dhash"]).count("1") <= DEDUP_DISTANCE:
-                        clashes.append([p, q])
-                        break
+                q = next((q for q in (*seen, *picks[:i]) if near_duplicate(scores[p], scores[q])), None)
+                if q is not None:
+                    clashes.append([p, q])
             rep[f"{seed_dir.name} round{r}"] = {"picks": len(picks), "earlier": len(seen), "dhash_clashes": clashes}
             print(f"{seed_dir.name} round {r}: {len(picks)} picks, {len(seen)} reviewed before; "
                   f"picks the daemon's dHash test would hold back: {len(clashes)}")

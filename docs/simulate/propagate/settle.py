@@ -123,8 +123,9 @@ def report(out: Path) -> dict:
                           ((name, unit40), ("random", unit40), ("random", unit80)))
         if rule is None or r80 is None:
             continue
+        y0 = first(rounds)
         row = {"rule_40": rule, "random_80": r80, "rule_minus_random_80": [a - b for a, b in zip(rule, r80)],
-               "first": first(rounds), "needed": needed([0, 40], [first(rounds), float(np.mean(rule))], float(np.mean(r80)))}
+               "first": y0, "needed": needed([0, 40], [y0, float(np.mean(rule))], float(np.mean(r80)))}
         if r40 is not None:
             row["random_40"] = r40
             row["rule_minus_random_40"] = [a - b for a, b in zip(rule, r40)]
