@@ -515,8 +515,11 @@ def run_seed(cfg: SimConfig, seed: int, pool_dir: Path, test_dir: Path, progress
                                                                           len(scene_ids))) for im in coco["images"]}
                 elif strategy == "oracle_shift":
                     oracle = {im["file_name"]: float(not in_source_domain(im.get("tags", {}))) for im in coco["images"]}
+                threshold = json.loads((prev_unit / "bundle" / "bundle.json").read_text()).get(
+                    "judgement", {}).get("score_threshold", 0.5)
                 picks = select(rule, candidates, scores, cfg.per_round, np.random.default_rng([seed, r, 7]),
-                               seed, cfg.audit_fraction, oracle=oracle, reviewed=labelled, features=features)
+                               seed, cfg.audit_fraction, oracle=oracle, reviewed=labelled, features=features,
+                               threshold=threshold)
                 log.info("%s: picked %s", what, composition(coco, picks))
                 new_labelled = [*labelled, *picks]
                 m, each = train_and_evaluate(cfg, unit, coco, new_labelled, pool_dir, test_dir,

@@ -43,6 +43,19 @@ strategy then picks ``n`` images from the candidates:
 - ``random_then_judge`` (an extra): a cold-start schedule: the first round's picks are random
   (the same draw as ``random``'s), every later round the judge's (``round_rule``).
 
+The daemon's own streaming rules (extras, ``STREAMED``): the rules above rank the whole pool at
+once, which a daemon judging images as they arrive cannot do. These replay its decisions over the
+candidates in capture order (file name order: recording after recording), one decision per
+image, until ``n`` reviews are sent; no audits:
+
+- ``judge_fcfs``: the daemon with a review budget of ``n`` (``judge.hourly_budget``): every image
+  under the bundle's score threshold that is not a near duplicate of a camera's last 64 review
+  frames goes to review until the budget is spent, first come first served.
+- ``judge_stream``: the daemon with ``judge.review_share`` (``service.judge.ReviewShare``, the
+  default window): an image under the threshold must also rank among the most doubtful share of
+  the last images scored. The share is the smallest that sends ``n`` of these candidates (what a
+  user sets for the reviewers' capacity), found by bisection.
+
 Reference lines (``ORACLES``, not run by default): rules no product can run, because they read
 the pool's ground truth. They bound what any scoring function could gain on the benchmark:
 
@@ -82,8 +95,9 @@ STRATEGIES = ("judge", "uncertainty", "random", "judge_audit")
 # near-duplicate suppression and camera cap.
 # ``ORACLES``: the reference lines above (they need the pool's ground truth).
 ORACLES = ("oracle_error", "oracle_shift", "oracle_scene")
+STREAMED = ("judge_stream", "judge_fcfs")
 EXTRA_STRATEGIES = ("judge_priority", "judge_plain", "judge_image", "typiclust", "typiclust_judge", "random_then_judge",
-                    "judge_power", "judge_middle", *ORACLES)
+                    "judge_power", "judge_middle", *STREAMED, *ORACLES)
 # Rules that pick on ``pool_features``, and rules that need no pool scores (see ``round_rule``).
 NEEDS_FEATURES = ("typiclust", "typiclust_judge")
 NEEDS_NO_SCORES = ("random", "typiclust")
@@ -93,6 +107,7 @@ CAMERA_SHARE = 0.5
 MIDDLE_SKIP = 0.25  # judge_middle: share of the candidates, most doubtful first, moved to the end
 CACHE_VERSION = 3
 DEDUP_DISTANCE = 6  # bits, the daemon's NearDuplicate default
+DEDUP_MEMORY = 64  # review frames per camera, the daemon's NearDuplicate default
 
 
 @dataclass(frozen=True)
@@ -135,7 +150,7 @@ def score_pool(bundle_dir: Path, pool: dict[str, Any], images_dir: Path, cache: 
     """
     from service.bundle import load_bundle
     from service.judge import dhash
-    from service.scoring import default_score, image_doubt, review_priority, score_components
+    from service.scoring import default_score, image_doubt, review_priority, total_doubt
 
     bundle = load_bundle(bundle_dir)
     if cache.is_file():
@@ -146,13 +161,12 @@ def score_pool(bundle_dir: Path, pool: dict[str, Any], images_dir: Path, cache: 
     out: dict[str, PoolScore] = {}
     for im, dec, pred in _engine_pass(bundle, pool["images"], images_dir, batch):
         score, reasons = default_score(pred, bundle)
-        parts = score_components(pred, bundle)
         dists = [abs(kp.main_conf - main_thr[min(i, len(main_thr) - 1)])
                  for p in pred.persons for i, kp in enumerate(p.keypoints)]
         out[im["file_name"]] = PoolScore(
             file_name=im["file_name"], image_id=file_id(images_dir / im["file_name"]),
             camera=str(im.get("tags", {}).get("camera", "unknown")), score=float(score),
-            doubt=float(sum(1.0 - v for v in parts.values())),
+            doubt=total_doubt(pred, bundle),
             uncertainty=float(np.mean(dists)) if dists else 0.0, dhash=dhash(dec.pixels),
             reasons=tuple(reasons), priority=review_priority(pred, bundle),
             image_doubt=image_doubt(pred, bundle))
@@ -324,8 +338,11 @@ def round_rule(strategy: str, round_: int) -> str:
 
 
 def judge_order(scores: Sequence[PoolScore]) -> list[PoolScore]:
-    """The judge's ranking: score ascending, then more total doubt first, then file name."""
-    return sorted(scores, key=lambda s: (round(s.score, 6), -s.doubt, s.file_name))
+    """The judge's ranking (``service.judge.rank_key``: score ascending, then more total doubt
+    first), then file name."""
+    from service.judge import rank_key
+
+    return sorted(scores, key=lambda s: (*rank_key(s.score, s.doubt), s.file_name))
 
 
 def diverse_take(ranked: Sequence[PoolScore], n: int, camera_share: float = CAMERA_SHARE,
@@ -368,6 +385,51 @@ def diverse_take(ranked: Sequence[PoolScore], n: int, camera_share: float = CAME
     return picked
 
 
+def stream_take(pool: Sequence[PoolScore], n: int, threshold: float, seen: Sequence[PoolScore] = (),
+                share: float | None = None) -> list[PoolScore]:
+    """The daemon's review decisions over ``pool`` in capture order (file name), the first ``n``.
+
+    Each image: into the ``ReviewShare`` window (with ``share``), then review when its score is
+    under ``threshold``, it ranks within the share, and it is no near duplicate of its camera's
+    last ``DEDUP_MEMORY`` review frames (``seen``, the images reviewed before, fill that memory
+    first, as the daemon recalls it from its store).
+    """
+    import collections
+
+    from service.judge import REVIEW_WINDOW, ReviewShare, rank_key
+
+    window = ReviewShare(share, REVIEW_WINDOW) if share is not None else None
+    recent: dict[str, collections.deque[PoolScore]] = {}
+    for s in seen:
+        recent.setdefault(s.camera, collections.deque(maxlen=DEDUP_MEMORY)).append(s)
+    picks: list[PoolScore] = []
+    for s in sorted(pool, key=lambda s: s.file_name):
+        if len(picks) >= n:
+            break
+        admitted = window is None or window.admit(rank_key(s.score, s.doubt))
+        if s.score >= threshold or not admitted or any(near_duplicate(s, r) for r in recent.get(s.camera, ())):
+            continue
+        picks.append(s)
+        recent.setdefault(s.camera, collections.deque(maxlen=DEDUP_MEMORY)).append(s)
+    return picks
+
+
+def stream_share_take(pool: Sequence[PoolScore], n: int, threshold: float,
+                      seen: Sequence[PoolScore] = ()) -> tuple[float, list[PoolScore]]:
+    """``judge_stream``: the smallest share (by bisection, to 0.001) whose ``stream_take`` sends
+    ``n`` reviews, and those reviews."""
+    lo, hi = 0.0, 1.0
+    best = stream_take(pool, n, threshold, seen, hi)
+    while hi - lo > 0.001:
+        mid = (lo + hi) / 2
+        picks = stream_take(pool, n, threshold, seen, mid)
+        if len(picks) >= n:
+            hi, best = mid, picks
+        else:
+            lo = mid
+    return hi, best
+
+
 def audit_picks(scores: Sequence[PoolScore], n: int, seed: int) -> list[PoolScore]:
     """The ``n`` candidates with the lowest seeded audit lottery draw (the daemon's audit order)."""
     from service.judge import audit_draw
@@ -378,8 +440,10 @@ def audit_picks(scores: Sequence[PoolScore], n: int, seed: int) -> list[PoolScor
 def select(strategy: str, candidates: Sequence[str], scores: dict[str, PoolScore] | None, n: int,
            rng: np.random.Generator, seed: int, audit_fraction: float,
            oracle: dict[str, float] | None = None, reviewed: Sequence[str] = (),
-           features: dict[str, np.ndarray] | None = None) -> list[str]:
+           features: dict[str, np.ndarray] | None = None, threshold: float = 0.5) -> list[str]:
     """File names of the ``n`` images ``strategy`` sends to review out of ``candidates``.
+
+    ``threshold``: the scoring bundle's score threshold (``STREAMED`` rules).
 
     ``oracle``: file name -> key (higher = picked first) for the ``ORACLES`` strategies.
     ``reviewed``: images already reviewed; the judge's diversity measures skip their near duplicates.
@@ -415,6 +479,12 @@ def select(strategy: str, candidates: Sequence[str], scores: dict[str, PoolScore
             else sorted(pool, key=lambda s: s.file_name)
         ranked = sorted(base, key=lambda s: -oracle[s.file_name])
         return [s.file_name for s in take(ranked, n)]
+    if strategy == "judge_fcfs":
+        return [s.file_name for s in stream_take(pool, n, threshold, seen)]
+    if strategy == "judge_stream":
+        share, picks = stream_share_take(pool, n, threshold, seen)
+        log.info("judge_stream: review share %.3f sends %d", share, len(picks))
+        return [s.file_name for s in picks]
     if strategy == "uncertainty":
         return [s.file_name for s in sorted(pool, key=lambda s: (s.uncertainty, s.file_name))[:n]]
     if strategy == "judge":

@@ -95,6 +95,8 @@ class JudgeConfig:
     near_duplicate_distance: int = 6  # dHash bits (of 64)
     near_duplicate_memory: int = 64  # review frames remembered per camera
     reviews_per_session: int | None = None  # most reviews per declared recording; None = no limit
+    review_share: float | None = None  # review only the most doubtful share of the stream; None = off
+    review_window: int = 500  # images the share ranks against (the last ones scored)
 
     @property
     def score_threshold(self) -> float | None:
@@ -237,6 +239,8 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "judge.near_duplicate_distance": (_in(0, 64), "an integer number of bits in [0, 64]"),
     "judge.near_duplicate_memory": (_in(1, 100000), "an integer number of frames in [1, 100000]"),
     "judge.reviews_per_session": (_in(1), "an integer >= 1 (or unset for no limit)"),
+    "judge.review_share": (lambda v: v is None or 0 < v <= 1, "a share in (0, 1], e.g. 0.05 (or unset: every doubtful image)"),
+    "judge.review_window": (_in(10, 1000000), "an integer number of images in [10, 1000000]"),
     "metrics.listen": (lambda v: v == "" or _listen_ok(v), "empty (off) or host:port, e.g. '127.0.0.1:9464'"),
 }
 

@@ -44,7 +44,7 @@ from .engine import GPU_PROVIDERS, Engine
 from .errors import (AnnotatorError, BundleError, ImageError, ImageNotFound, ImageTooLarge, LeaseLost, ShuttingDown,
                      StoreFull)
 from .imageio import DecodedImage, decode_image
-from .judge import Judge, Judgement, NearDuplicate, load_score_fn
+from .judge import Judge, Judgement, NearDuplicate, ReviewShare, load_score_fn, rank_key
 from .outputs import write_sidecars
 from .record import Prediction
 from .signing import load_public_key, verify_bundle_dir
@@ -199,7 +199,22 @@ class Daemon:
                      audit_fraction=float(pick("audit_fraction", defaults.get("audit_fraction", 0.02))),
                      seed=int(j.seed), store=self.store, hourly_budget=j.hourly_budget,
                      daily_budget=j.daily_budget, dedup=self._dedup,
-                     session_budget=j.reviews_per_session)
+                     session_budget=j.reviews_per_session, share=self._recall_share(bundle))
+
+    def _recall_share(self, bundle: Bundle) -> ReviewShare | None:
+        """A ``ReviewShare`` for the bundle's judge (``judge.review_share``), holding the rank keys of
+        the images the same bundle judged last (a restart keeps ranking against what came
+        before; another bundle's scores are not comparable, so a new bundle starts empty)."""
+        j = self.config.judge
+        if j.review_share is None:
+            return None
+        share = ReviewShare(float(j.review_share), int(j.review_window))
+        recalled = self.store.recent_scores(bundle.id, share.window)
+        for score, doubt in recalled:
+            share.remember(rank_key(score, doubt or 0.0))
+        log.info("review share %.3g of the last %d images: %d recalled from the store for bundle %s",
+                 share.share, share.window, len(recalled), bundle.id)
+        return share
 
     @property
     def bundle(self) -> Bundle:

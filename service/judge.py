@@ -14,6 +14,16 @@ into a decision:
    reason ``over_budget`` when the hourly or daily review budget (UTC windows, counted in the
    store, so they survive restarts) is spent.
 
+With ``judge.review_share`` (``ReviewShare``) a doubtful image must also be among the most
+doubtful ``share`` of the recent stream: before rule 3, an image that is not is auto-accepted
+with reason ``outranked`` (audits are exempt). A threshold alone cannot say "the most doubtful
+5 %": on a weak bundle most images score 0 (on the benchmark's first bundles 88-98 % of the pool
+is below the default threshold of 0.5 and 25-50 % scores exactly 0), and a budget alone spends
+itself on whatever arrives first (the first recordings of the hour). The share ranks each image
+against the last ``window`` images the judge scored, by score and then by the total doubt of its
+score components (``rank_key``; the order of ``annotator simulate``'s judge), in one pass, as
+the images stream in (a streaming quantile, no image waits for its decision).
+
 The per-session cap is for recordings whose reviewed label ``dataset export --propagate``
 carries to the rest of the recording: one reviewed frame then labels the whole session, and a
 second review of it teaches less than a first review of another (measured in
@@ -33,6 +43,7 @@ The default scoring formula lives in ``service.scoring``.
 """
 from __future__ import annotations
 
+import bisect
 import collections
 import hashlib
 import importlib
@@ -53,7 +64,7 @@ from .bundle import Bundle, Thresholds
 from .errors import ConfigError
 from .keypoints import COCO17
 from .record import Prediction
-from .scoring import default_score
+from .scoring import default_score, total_doubt
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -61,8 +72,10 @@ log = logging.getLogger(__name__)
 ScoreFn = Callable[[Prediction, Bundle], "tuple[float, list[str]]"]
 DECISIONS = ("auto_accepted", "review")
 
-__all__ = ["DECISIONS", "Judge", "Judgement", "NearDuplicate", "ScoreFn", "default_score", "load_score_fn",
-           "session_counter"]
+__all__ = ["DECISIONS", "REVIEW_WINDOW", "Judge", "Judgement", "NearDuplicate", "ReviewShare", "ScoreFn", "default_score",
+           "load_score_fn", "rank_key", "session_counter"]
+
+REVIEW_WINDOW = 500  # images a ReviewShare ranks against (judge.review_window)
 
 
 @dataclass(frozen=True)
@@ -74,6 +87,7 @@ class Judgement:
     decision: str
     audit: bool
     counters: tuple[str, ...] = ()  # budget counters the completion must add one to (not in to_json)
+    doubt: float | None = None  # the ranking's tie-break (total_doubt), with judge.review_share only
 
     def __post_init__(self) -> None:
         if self.decision not in DECISIONS:
@@ -82,8 +96,11 @@ class Judgement:
             raise ValueError(f"Judgement.score: expected a number in [0, 1], got {self.score!r}")
 
     def to_json(self) -> dict:
-        return {"score": round(self.score, 4), "reasons": list(self.reasons), "decision": self.decision,
-                "audit": self.audit}
+        out = {"score": round(self.score, 4), "reasons": list(self.reasons), "decision": self.decision,
+               "audit": self.audit}
+        if self.doubt is not None:
+            out["doubt"] = round(self.doubt, 4)
+        return out
 
 
 def dhash(pixels: np.ndarray) -> int:
@@ -134,6 +151,54 @@ class NearDuplicate:
             self._recent.setdefault(camera, collections.deque(maxlen=self.memory)).append(h)
 
 
+def rank_key(score: float, doubt: float) -> tuple[float, float]:
+    """The judge's order of doubt (lower first): the score, then more total doubt first."""
+    return (round(float(score), 6), -float(doubt))
+
+
+class ReviewShare:
+    """The most doubtful ``share`` of a stream: a rolling window of the last ``window`` rank keys.
+
+    ``admit(key)`` adds the key and says whether fewer than ``share`` x (keys in the window) of
+    them rank before it (``rank_key``: lower = more doubtful). On a stream whose mix does not
+    drift faster than the window turns over, about ``share`` of the images are admitted, and
+    they are the most doubtful ones; the first keys after a start or a bundle swap rank against
+    fewer (the daemon refills the window from the store's images of the same bundle:
+    ``remember``). Keys of different bundles are not comparable, so each judge has its own.
+    Thread-safe.
+    """
+
+    def __init__(self, share: float, window: int = REVIEW_WINDOW) -> None:
+        if not 0.0 < share <= 1.0:
+            raise ValueError(f"share: expected a number in (0, 1], got {share}")
+        if window < 1:
+            raise ValueError(f"window: expected at least 1 image, got {window}")
+        self.share, self.window = share, window
+        self._fifo: collections.deque[tuple[float, float]] = collections.deque()
+        self._sorted: list[tuple[float, float]] = []
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._fifo)
+
+    def _add(self, key: tuple[float, float]) -> None:
+        bisect.insort(self._sorted, key)
+        self._fifo.append(key)
+        if len(self._fifo) > self.window:
+            old = self._fifo.popleft()
+            del self._sorted[bisect.bisect_left(self._sorted, old)]
+
+    def remember(self, key: tuple[float, float]) -> None:
+        """Add a key without a decision (the store's earlier images, oldest first)."""
+        with self._lock:
+            self._add(key)
+
+    def admit(self, key: tuple[float, float]) -> bool:
+        with self._lock:
+            self._add(key)
+            return bisect.bisect_left(self._sorted, key) < self.share * len(self._fifo)
+
+
 def session_counter(camera: str, session: str) -> str:
     """The store counter of the reviews of one recording."""
     return "review:session:" + json.dumps([camera, session])
@@ -152,13 +217,16 @@ class Judge:
     counted in ``store`` counters ``review:hour:YYYYmmddHH`` and ``review:day:YYYYmmdd``.
     ``session_budget``: most reviews per recording (camera and declared session; None = no
     limit), counted in ``review:session:...`` counters. ``clock`` defaults to the store's clock
-    (epoch seconds).
+    (epoch seconds). ``share``: a ``ReviewShare`` (None = every doubtful image goes on);
+    ``doubt_fn`` its tie-break, by default ``total_doubt`` for the default scoring function and
+    none (score alone) for a plugged-in one.
     """
 
     def __init__(self, score_fn: ScoreFn, threshold: float, audit_fraction: float, seed: int, store: Store,
                  hourly_budget: int | None = None, daily_budget: int | None = None,
                  dedup: NearDuplicate | None = None, clock: Callable[[], float] | None = None,
-                 session_budget: int | None = None) -> None:
+                 session_budget: int | None = None, share: ReviewShare | None = None,
+                 doubt_fn: Callable[[Prediction, Bundle], float] | None = None) -> None:
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold: expected a number in [0, 1], got {threshold}")
         if not 0.0 <= audit_fraction <= 1.0:
@@ -174,6 +242,9 @@ class Judge:
             raise ValueError(f"session_budget: expected at least 1 review per session (or None), got {session_budget}")
         self.session_budget = session_budget
         self.dedup = dedup
+        self.share = share
+        self.doubt_fn = doubt_fn if doubt_fn is not None else (total_doubt if score_fn is default_score
+                                                               else (lambda prediction, bundle: 0.0))
         self.clock = clock if clock is not None else store.clock
         self._pending: dict[str, int] = {}  # budget counter -> reviews judged but not yet completed
         self._lock = threading.Lock()
@@ -229,23 +300,29 @@ class Judge:
         ``Store.complete`` and call ``settle(verdict)`` afterwards.
         """
         score, reasons = self.score(prediction, bundle)
+        doubt, admitted = None, True
+        if self.share is not None:  # every scored image enters the window, confident ones too
+            doubt = float(self.doubt_fn(prediction, bundle))
+            admitted = self.share.admit(rank_key(score, doubt))
         audit = False
         if score >= self.threshold:
             if audit_draw(self.seed, image_id) >= self.audit_fraction:
-                return Judgement(score, tuple(reasons), "auto_accepted", False)
+                return Judgement(score, tuple(reasons), "auto_accepted", False, doubt=doubt)
             audit = True
             reasons.append("audit")
         elif not reasons:
             reasons.append("low_score")
+        if not admitted and not audit:
+            return Judgement(score, (*reasons, "outranked"), "auto_accepted", False, doubt=doubt)
         use_dedup = self.dedup is not None and camera is not None and pixels is not None
         if use_dedup and self.dedup.is_duplicate(camera, pixels):  # type: ignore[union-attr, arg-type]
-            return Judgement(score, (*reasons, "near_duplicate"), "auto_accepted", audit)
+            return Judgement(score, (*reasons, "near_duplicate"), "auto_accepted", audit, doubt=doubt)
         counters, spent = self._reserve_budget(session)
         if spent is not None:
-            return Judgement(score, (*reasons, spent), "auto_accepted", audit)
+            return Judgement(score, (*reasons, spent), "auto_accepted", audit, doubt=doubt)
         if use_dedup:
             self.dedup.remember(camera, pixels)  # type: ignore[union-attr, arg-type]
-        return Judgement(score, tuple(reasons), "review", audit, counters)
+        return Judgement(score, tuple(reasons), "review", audit, counters, doubt=doubt)
 
 
 def _dry_run_bundle() -> Bundle:

@@ -138,6 +138,13 @@ def score_components(prediction: Prediction, bundle: Bundle) -> dict[str, float]
     return out
 
 
+def total_doubt(prediction: Prediction, bundle: Bundle) -> float:
+    """The total doubt over the score components, ``sum(1 - value)``: the judge's tie-break
+    between images of equal score (on a weak bundle many images score 0; the one with more
+    things wrong is the more doubtful), used by ``judge.review_share``'s ranking."""
+    return float(sum(1.0 - v for v in score_components(prediction, bundle).values()))
+
+
 def _familiarity(prediction: Prediction) -> float:
     """The ``novel_appearance`` component (1 without a novelty figure)."""
     if prediction.novelty is None:

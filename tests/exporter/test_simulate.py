@@ -89,6 +89,29 @@ def test_power_and_middle_variants_of_the_judge() -> None:
     assert select("judge_middle", names[:4], scores, 4, np.random.default_rng(0), 0, 0.1) == [*names[1:4], "im00"]
 
 
+def test_streamed_rules_replay_the_daemons_decisions_in_capture_order() -> None:
+    rng = np.random.default_rng(0)
+    # 40 frames in capture order, scores falling along the stream; frames 2k and 2k+1 are near
+    # duplicates (the same dHash), pairs lie about 31 bits apart.
+    pair_hash = [int(np.random.default_rng(k).integers(0, 2**62)) for k in range(20)]
+    scores = {f"im{i:02d}": _score(f"im{i:02d}", "mirror", (39.5 - i) / 40, pair_hash[i // 2]) for i in range(40)}
+    names = sorted(scores, reverse=True)  # the candidates' order does not matter: capture order does
+    # a budget of 4: the first four non-duplicate frames under the threshold, whatever comes later
+    assert select("judge_fcfs", names, scores, 4, rng, 0, 0.1, threshold=0.5) == ["im20", "im22", "im24", "im26"]
+    # a reviewed image's near duplicate is not sent again (the daemon's memory, recalled)
+    assert select("judge_fcfs", names, scores, 2, rng, 0, 0.1, reviewed=["im21"], threshold=0.5) == ["im22", "im24"]
+    # 400 frames, doubt spread at random along the stream: the share sends the most doubtful of
+    # what it has seen, spread over the whole stream; the budget the first 20 frames.
+    n = 400
+    rank = np.random.default_rng(3).permutation(n)  # 0 = the most doubtful frame
+    scores = {f"im{i:03d}": _score(f"im{i:03d}", "mirror", rank[i] / n, int(np.random.default_rng(100 + i).integers(0, 2**62)))
+              for i in range(n)}
+    names = sorted(scores)
+    assert select("judge_fcfs", names, scores, 20, rng, 0, 0.1, threshold=1.0) == names[:20]
+    stream = select("judge_stream", names, scores, 20, rng, 0, 0.1, threshold=1.0)
+    assert len(set(stream)) == 20 and sum(rank[int(f[2:])] < 25 for f in stream) >= 16
+
+
 def test_schedules_pick_by_round() -> None:
     assert [round_rule("random_then_judge", r) for r in (1, 2, 3)] == ["random", "judge", "judge"]
     assert [round_rule("judge", r) for r in (1, 2)] == ["judge", "judge"]

@@ -54,6 +54,8 @@ def test_precedence_command_line_over_env_over_file(tmp_path: Path) -> None:
     ("[server]\nlisten = '0.0.0.0:50051'\n", {}, {}, "server.listen: 0.0.0.0:50051 is reachable"),
     ("[store]\nlease_seconds = 0\n", {}, {}, "store.lease_seconds: expected a number of seconds > 0"),
     ("[judge]\nnear_duplicate = 1\n", {}, {}, "judge.near_duplicate: expected true or false"),
+    ("[judge]\nreview_share = 5\n", {}, {}, "judge.review_share: expected a share in (0, 1], e.g. 0.05"),
+    ("", {"ANNOTATOR_JUDGE__REVIEW_WINDOW": "3"}, {}, "judge.review_window: expected an integer number of images"),
     ("[judge]\nscore_fn = 'mymodule'\n", {}, {}, "judge.score_fn: expected 'default' or 'package.module:function'"),
     ("[store]\nroot = 5\n", {}, {}, "store.root: expected a path"),
     ("judge = 3\n", {}, {}, "judge: expected a [judge] table"),

@@ -263,3 +263,48 @@ def test_reviews_per_session_through_the_daemon(make_config: Callable[..., Any],
                                   timeout=60).decision == "review"
     finally:
         again.close()
+
+
+def width_score(prediction: Any, bundle: Any) -> tuple[float, list[str]]:
+    """A plugged-in scoring function for the test below: the wider the image, the surer."""
+    return min(max((prediction.width - 200) / 400.0, 0.0), 1.0), ["by_width"]
+
+
+def _wide(seed: int, width: int) -> bytes:
+    import cv2
+    import numpy as np
+
+    blocks = np.random.default_rng(seed).integers(0, 255, (6, 8, 3), dtype=np.uint8)
+    ok, buf = cv2.imencode(".jpg", cv2.resize(blocks, (width, 240), interpolation=cv2.INTER_CUBIC))
+    assert ok
+    return buf.tobytes()
+
+
+def test_review_share_through_the_daemon_and_a_restart(make_config: Callable[..., Any]) -> None:
+    """judge.review_share: a doubtful image goes to review only among the most doubtful share of
+    the last images; a restart ranks against the images the same bundle judged before (from the
+    store), so the first image after it is not waved through by an empty window."""
+    cfg = make_config(judge__score_fn=f"{__name__}:width_score", judge__threshold=1.0, judge__audit_fraction=0.0,
+                      judge__near_duplicate=False, judge__review_share=0.25, judge__review_window=20)
+    widths = [200 + 33 * k for k in (5, 0, 9, 3, 11, 7, 1, 10, 4, 8, 2, 6)]  # scores 0 .. 0.99, mixed
+    daemon = Daemon(cfg)
+    daemon.start()
+    try:
+        rows = [daemon.annotate_now(_wide(i, w), f"t:{i}", {"camera": "cam1"}, timeout=60) for i, w in enumerate(widths)]
+    finally:
+        daemon.close()
+    reviewed = [w for w, r in zip(widths, rows) if r.decision == "review"]
+    outranked = [w for w, r in zip(widths, rows) if "outranked" in r.reasons]
+    assert len(reviewed) + len(outranked) == len(widths) and outranked
+    assert all(r.record["judgement"]["doubt"] == 0.0 for r in rows)  # a plugged-in score has no tie-break
+    assert min(outranked) > 200  # the most doubtful image (width 200, score 0) always went
+    again = Daemon(cfg)
+    again.start()
+    try:
+        assert len(again._judge.share) == len(widths)  # recalled from the store  # type: ignore[arg-type]
+        middle = again.annotate_now(_wide(50, 200 + 33 * 6), "t:m", {"camera": "cam1"}, timeout=60)
+        assert middle.decision == "auto_accepted" and "outranked" in middle.reasons  # 6 of 13 were more doubtful
+        low = again.annotate_now(_wide(51, 201), "t:l", {"camera": "cam1"}, timeout=60)
+        assert low.decision == "review"
+    finally:
+        again.close()

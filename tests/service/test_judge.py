@@ -10,8 +10,8 @@ import pytest
 
 from service.bundle import Bundle, parse_manifest
 from service.errors import ConfigError
-from service.judge import (Judge, Judgement, NearDuplicate, audit_draw, default_score, load_score_fn,
-                           session_counter)
+from service.judge import (Judge, Judgement, NearDuplicate, ReviewShare, audit_draw, default_score, load_score_fn,
+                           rank_key, session_counter)
 from service.keypoints import COCO17
 from service.record import Head, Keypoint, Person, Prediction
 from service.store import Store
@@ -306,3 +306,53 @@ def test_load_score_fn_good() -> None:
     assert sys.modules[__name__] is not None
     assert load_score_fn(f"{__name__}:good_fn") is good_fn
     assert load_score_fn("default") is default_score
+
+
+def test_review_share_admits_the_most_doubtful_share_of_a_stream() -> None:
+    rng = np.random.default_rng(0)
+    share = ReviewShare(0.05, window=500)
+    keys = [rank_key(s, d) for s, d in zip(rng.uniform(0, 1, 4000), rng.uniform(0, 3, 4000))]
+    admitted = [k for k in keys if share.admit(k)]
+    assert len(share) == 500  # the window keeps the last 500
+    assert 0.035 * 4000 <= len(admitted) <= 0.075 * 4000
+    low = sorted(keys)[int(0.10 * len(keys))]
+    assert sum(k <= low for k in admitted) >= 0.9 * len(admitted)  # from the most doubtful tenth
+    with pytest.raises(ValueError, match="share"):
+        ReviewShare(0.0)
+
+
+def test_review_share_ranks_a_tie_at_zero_by_total_doubt() -> None:
+    """On a weak bundle many images score 0: the total doubt of their components decides."""
+    share = ReviewShare(0.1, window=100)
+    for d in np.linspace(0, 3, 99):  # the window before: 99 images at score 0
+        share.remember(rank_key(0.0, float(d)))
+    assert share.admit(rank_key(0.0, 3.5)) and not share.admit(rank_key(0.0, 1.0))
+    assert not share.admit(rank_key(0.01, 10.0))  # any score above 0 ranks after every 0
+
+
+def test_judge_with_review_share(store: Store) -> None:
+    scores = iter([0.05, 0.3, 0.9, 0.02])
+    judge = Judge(lambda p, b: (next(scores), []), threshold=0.5, audit_fraction=0.0, seed=0, store=store,
+                  share=ReviewShare(0.1, window=100))
+    for s in np.linspace(0, 1, 100):  # what came before, evenly spread
+        judge.share.remember(rank_key(float(s), 0.0))  # type: ignore[union-attr]
+    first = judge.judge("1" * 64, EMPTY, BUNDLE)
+    assert first.decision == "review" and first.to_json()["doubt"] == 0.0  # a plugged-in score: no tie-break
+    second = judge.judge("2" * 64, EMPTY, BUNDLE)  # under the threshold, but 30 images were more doubtful
+    assert second.decision == "auto_accepted" and second.reasons == ("low_score", "outranked")
+    third = judge.judge("3" * 64, EMPTY, BUNDLE)
+    assert third.decision == "auto_accepted" and "outranked" not in third.reasons  # above the threshold
+    audit = Judge(constant(0.9), 0.5, 1.0, 0, store, share=ReviewShare(0.1, window=100))
+    for s in np.linspace(0, 1, 100):
+        audit.share.remember(rank_key(float(s), 0.0))  # type: ignore[union-attr]
+    assert audit.judge("4" * 64, EMPTY, BUNDLE).decision == "review"  # audits are exempt from the share
+    assert "doubt" not in Judge(constant(0.2), 0.5, 0.0, 0, store).judge("5" * 64, EMPTY, BUNDLE).to_json()
+
+
+def test_default_judge_ranks_ties_by_the_components_doubt(store: Store) -> None:
+    from service.scoring import total_doubt
+
+    judge = Judge(default_score, 0.5, 0.0, 0, store, share=ReviewShare(0.5, window=10))
+    pred = Prediction(640, 480, (HEAD,), (person(main=0.7, vis=0.65),))
+    verdict = judge.judge("6" * 64, pred, BUNDLE)
+    assert verdict.doubt == pytest.approx(total_doubt(pred, BUNDLE)) and verdict.doubt > 0
