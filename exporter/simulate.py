@@ -509,7 +509,7 @@ def run_seed(cfg: SimConfig, seed: int, pool_dir: Path, test_dir: Path, progress
                 oracle = None
                 if strategy == "oracle_error":
                     oracle = pool_errors(prev_unit / "bundle", coco, pool_dir / "images", prev_unit / "pool_errors.json")
-                elif strategy == "oracle_scene":
+                elif strategy in ("oracle_scene", "judge_stream_session"):  # the pool's recordings
                     scene_ids: dict[str, int] = {}
                     oracle = {im["file_name"]: float(scene_ids.setdefault(im.get("tags", {}).get("scene", im["file_name"]),
                                                                           len(scene_ids))) for im in coco["images"]}

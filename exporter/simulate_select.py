@@ -55,6 +55,9 @@ image, until ``n`` reviews are sent; no audits:
   default window): an image under the threshold must also rank among the most doubtful share of
   the last images scored. The share is the smallest that sends ``n`` of these candidates (what a
   user sets for the reviewers' capacity), found by bisection.
+- ``judge_stream_session``: ``judge_stream`` with ``judge.reviews_per_session = 1``: a recording
+  (the pool's capture sequence, as the capture tool declares it) sends its first admitted frame
+  and no other, in this round or a later one (the daemon counts a session's reviews in its store).
 
 Reference lines (``ORACLES``, not run by default): rules no product can run, because they read
 the pool's ground truth. They bound what any scoring function could gain on the benchmark:
@@ -95,7 +98,7 @@ STRATEGIES = ("judge", "uncertainty", "random", "judge_audit")
 # near-duplicate suppression and camera cap.
 # ``ORACLES``: the reference lines above (they need the pool's ground truth).
 ORACLES = ("oracle_error", "oracle_shift", "oracle_scene")
-STREAMED = ("judge_stream", "judge_fcfs")
+STREAMED = ("judge_stream", "judge_fcfs", "judge_stream_session")
 EXTRA_STRATEGIES = ("judge_priority", "judge_plain", "judge_image", "typiclust", "typiclust_judge", "random_then_judge",
                     "judge_power", "judge_middle", *STREAMED, *ORACLES)
 # Rules that pick on ``pool_features``, and rules that need no pool scores (see ``round_rule``).
@@ -386,13 +389,14 @@ def diverse_take(ranked: Sequence[PoolScore], n: int, camera_share: float = CAME
 
 
 def stream_take(pool: Sequence[PoolScore], n: int, threshold: float, seen: Sequence[PoolScore] = (),
-                share: float | None = None) -> list[PoolScore]:
+                share: float | None = None, session: dict[str, float] | None = None) -> list[PoolScore]:
     """The daemon's review decisions over ``pool`` in capture order (file name), the first ``n``.
 
     Each image: into the ``ReviewShare`` window (with ``share``), then review when its score is
-    under ``threshold``, it ranks within the share, and it is no near duplicate of its camera's
-    last ``DEDUP_MEMORY`` review frames (``seen``, the images reviewed before, fill that memory
-    first, as the daemon recalls it from its store).
+    under ``threshold``, it ranks within the share, it is no near duplicate of its camera's last
+    ``DEDUP_MEMORY`` review frames (``seen``, the images reviewed before, fill that memory first,
+    as the daemon recalls it from its store) and, with ``session`` (file name -> recording), its
+    recording has sent no review yet (``judge.reviews_per_session = 1``; ``seen`` count).
     """
     import collections
 
@@ -402,6 +406,7 @@ def stream_take(pool: Sequence[PoolScore], n: int, threshold: float, seen: Seque
     recent: dict[str, collections.deque[PoolScore]] = {}
     for s in seen:
         recent.setdefault(s.camera, collections.deque(maxlen=DEDUP_MEMORY)).append(s)
+    taken = {session[s.file_name] for s in seen if s.file_name in session} if session is not None else set()
     picks: list[PoolScore] = []
     for s in sorted(pool, key=lambda s: s.file_name):
         if len(picks) >= n:
@@ -409,20 +414,24 @@ def stream_take(pool: Sequence[PoolScore], n: int, threshold: float, seen: Seque
         admitted = window is None or window.admit(rank_key(s.score, s.doubt))
         if s.score >= threshold or not admitted or any(near_duplicate(s, r) for r in recent.get(s.camera, ())):
             continue
+        if session is not None:
+            if session[s.file_name] in taken:
+                continue
+            taken.add(session[s.file_name])
         picks.append(s)
         recent.setdefault(s.camera, collections.deque(maxlen=DEDUP_MEMORY)).append(s)
     return picks
 
 
-def stream_share_take(pool: Sequence[PoolScore], n: int, threshold: float,
-                      seen: Sequence[PoolScore] = ()) -> tuple[float, list[PoolScore]]:
+def stream_share_take(pool: Sequence[PoolScore], n: int, threshold: float, seen: Sequence[PoolScore] = (),
+                      session: dict[str, float] | None = None) -> tuple[float, list[PoolScore]]:
     """``judge_stream``: the smallest share (by bisection, to 0.001) whose ``stream_take`` sends
     ``n`` reviews, and those reviews."""
     lo, hi = 0.0, 1.0
-    best = stream_take(pool, n, threshold, seen, hi)
+    best = stream_take(pool, n, threshold, seen, hi, session)
     while hi - lo > 0.001:
         mid = (lo + hi) / 2
-        picks = stream_take(pool, n, threshold, seen, mid)
+        picks = stream_take(pool, n, threshold, seen, mid, session)
         if len(picks) >= n:
             hi, best = mid, picks
         else:
@@ -445,7 +454,8 @@ def select(strategy: str, candidates: Sequence[str], scores: dict[str, PoolScore
 
     ``threshold``: the scoring bundle's score threshold (``STREAMED`` rules).
 
-    ``oracle``: file name -> key (higher = picked first) for the ``ORACLES`` strategies.
+    ``oracle``: file name -> key (higher = picked first) for the ``ORACLES`` strategies; the
+    recording of each pool image for ``oracle_scene`` and ``judge_stream_session``.
     ``reviewed``: images already reviewed; the judge's diversity measures skip their near duplicates.
     ``features``: ``pool_features``, for ``typiclust`` and ``typiclust_judge``.
     """
@@ -481,9 +491,11 @@ def select(strategy: str, candidates: Sequence[str], scores: dict[str, PoolScore
         return [s.file_name for s in take(ranked, n)]
     if strategy == "judge_fcfs":
         return [s.file_name for s in stream_take(pool, n, threshold, seen)]
-    if strategy == "judge_stream":
-        share, picks = stream_share_take(pool, n, threshold, seen)
-        log.info("judge_stream: review share %.3f sends %d", share, len(picks))
+    if strategy in ("judge_stream", "judge_stream_session"):
+        if strategy == "judge_stream_session" and oracle is None:
+            raise ValueError(f"strategy {strategy!r} needs the pool's recordings")
+        share, picks = stream_share_take(pool, n, threshold, seen, oracle if strategy == "judge_stream_session" else None)
+        log.info("%s: review share %.3f sends %d", strategy, share, len(picks))
         return [s.file_name for s in picks]
     if strategy == "uncertainty":
         return [s.file_name for s in sorted(pool, key=lambda s: (s.uncertainty, s.file_name))[:n]]

@@ -110,6 +110,14 @@ def test_streamed_rules_replay_the_daemons_decisions_in_capture_order() -> None:
     assert select("judge_fcfs", names, scores, 20, rng, 0, 0.1, threshold=1.0) == names[:20]
     stream = select("judge_stream", names, scores, 20, rng, 0, 0.1, threshold=1.0)
     assert len(set(stream)) == 20 and sum(rank[int(f[2:])] < 25 for f in stream) >= 16
+    # one review per recording (10 frames each; a reviewed recording is taken for good)
+    recording = {f: float(i // 10) for i, f in enumerate(names)}
+    capped = select("judge_stream_session", names, scores, 20, rng, 0, 0.1, oracle=recording,
+                    reviewed=names[:5], threshold=1.0)
+    assert len(capped) == 20 and len({recording[f] for f in capped}) == 20 and recording[names[0]] not in \
+        {recording[f] for f in capped}
+    with pytest.raises(ValueError, match="recordings"):
+        select("judge_stream_session", names, scores, 20, rng, 0, 0.1, threshold=1.0)
 
 
 def test_schedules_pick_by_round() -> None:
