@@ -525,12 +525,16 @@ def run_seed(cfg: SimConfig, seed: int, pool_dir: Path, test_dir: Path, progress
                 m, each = train_and_evaluate(cfg, unit, coco, new_labelled, pool_dir, test_dir,
                                              str(prev_unit / "bundle"), cfg.epochs, seed, first=False, auto=auto)
                 state = {"seed": seed, "strategy": strategy, "round": r, "selected": picks,
-                         "labelled": new_labelled, "n_reviewed": r * cfg.per_round, "n_labelled": len(new_labelled),
+                         "labelled": new_labelled, "n_reviewed": len(new_labelled) - len(initial_state["labelled"]),
+                         "n_labelled": len(new_labelled),
                          "metrics": m, "metrics_each": each, "composition": composition(coco, picks, labelled),
                          "pick_scores": [scores[p].score for p in picks] if scores else None,
                          "seconds": round(time.monotonic() - t0, 1)}
                 _write_state(unit, state)
                 progress.step(what, False)
+            # the reviews really sent: a rule that runs out of candidates (one review per recording
+            # once every recording is taken) sends fewer than --per-round (units from before kept r x per_round)
+            state["n_reviewed"] = len(state["labelled"]) - len(initial_state["labelled"])
             log.info("%s: %s", what, {k: round(v, 4) for k, v in state["metrics"].items()})
             states.append(state)
             prev[strategy] = (unit, state["labelled"])

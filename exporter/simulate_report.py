@@ -46,7 +46,7 @@ def curves(states: Sequence[dict[str, Any]], strategies: Sequence[str]) -> dict[
             entry[m] = {"mean": [], "std": [], "n": []}
         for r in rounds:
             at = [s for s in mine if s["round"] == r]
-            entry["x"].append(at[0]["n_reviewed"])
+            entry["x"].append(round(float(np.mean([s["n_reviewed"] for s in at])), 1))  # the seeds' mean
             for m in (*METRICS, "mean3"):
                 vals = np.array([mean3(s["metrics"]) if m == "mean3"
                                  else s["metrics"][m] for s in at])
@@ -77,7 +77,8 @@ def label_saving(cur: dict[str, dict[str, Any]]) -> dict[str, Any]:
     for strategy, c in cur.items():
         row = {}
         for m in (*METRICS, "mean3"):
-            n = needed(c["x"], c[m]["mean"], targets[m]) if c["x"][-1] == budget else None
+            # a rule that ran out of candidates sent fewer reviews than the budget; one given more is not compared
+            n = needed(c["x"], c[m]["mean"], targets[m]) if c["x"][-1] <= budget else None
             row[m] = {"reviewed": n, "fraction": (n / budget if n is not None and budget else None)}
         out["strategies"][strategy] = row
     return out
@@ -100,7 +101,8 @@ def paired_gains(states: Sequence[dict[str, Any]], strategies: Sequence[str]) ->
             if not at:
                 continue
             diffs = [round(mean3(s["metrics"]) - rnd[(s["seed"], r)], 4) for s in at]
-            out.setdefault(strategy, []).append({"round": r, "reviewed": at[0]["n_reviewed"], "per_seed": diffs,
+            out.setdefault(strategy, []).append({"round": r, "reviewed": round(float(np.mean([s["n_reviewed"] for s in at])), 1),
+                                                 "per_seed": diffs,
                                                  "mean": round(float(np.mean(diffs)), 4)})
     return out
 
@@ -139,9 +141,9 @@ def table_lines(results: dict[str, Any], notes: bool = True) -> list[str]:
     for strategy, c in cur.items():
         for i, x in enumerate(c["x"]):
             cells = [f"{c[m]['mean'][i]:.3f} ± {c[m]['std'][i]:.3f}" for m in (*METRICS, "mean3")]
-            lines.append(f"| {strategy if i else strategy + ' (initial)'} | {x} | " + " | ".join(cells) + " |")
+            lines.append(f"| {strategy if i else strategy + ' (initial)'} | {x:g} | " + " | ".join(cells) + " |")
     lines += ["", f"Label saving: reviewed images needed to reach what random reaches with its full budget "
-                  f"({sav['budget']} images), as a fraction of that budget (bar: judge <= {BAR:.0%} on the mean).", "",
+                  f"({sav['budget']:g} images), as a fraction of that budget (bar: judge <= {BAR:.0%} on the mean).", "",
               "| strategy | " + " | ".join(LABELS[m] for m in (*METRICS, "mean3")) + " |",
               "|---|" + "---:|" * (len(METRICS) + 1),
               "| target (random, full budget) | " + " | ".join(f"{sav['targets'][m]:.3f}" for m in (*METRICS, "mean3")) + " |"]
@@ -151,15 +153,18 @@ def table_lines(results: dict[str, Any], notes: bool = True) -> list[str]:
         lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
     gains = results.get("paired_gains", {})
     if gains:
-        rounds = sorted({g["reviewed"] for rows in gains.values() for g in rows})
-        lines += ["", "Gain over random, paired by seed: mean of the three accuracies minus random's at the same "
-                      "number of reviews (seed by seed in brackets; the seeds' own spread cancels out):", "",
-                  "| strategy | " + " | ".join(f"{x} reviewed" for x in rounds) + " |",
+        rounds = sorted({g["round"] for rows in gains.values() for g in rows})
+        random_x = dict(zip(cur["random"]["rounds"], cur["random"]["x"])) if "random" in cur else {}
+        lines += ["", "Gain over random, paired by seed: mean of the three accuracies minus random's after the same "
+                      "round (seed by seed in brackets; the seeds' own spread cancels out; a strategy that sent "
+                      "fewer reviews than random in a round says how many):", "",
+                  "| strategy | " + " | ".join(f"{random_x.get(r, r):g} reviewed" for r in rounds) + " |",
                   "|---|" + "---:|" * len(rounds)]
         for strategy, rows in gains.items():
-            by_x = {g["reviewed"]: g for g in rows}
-            cells = [(f"{by_x[x]['mean']:+.3f} ({', '.join(f'{d:+.3f}' for d in by_x[x]['per_seed'])})"
-                      if x in by_x else "") for x in rounds]
+            by_r = {g["round"]: g for g in rows}
+            cells = [(f"{by_r[r]['mean']:+.3f} ({', '.join(f'{d:+.3f}' for d in by_r[r]['per_seed'])})"
+                      + (f" with {by_r[r]['reviewed']:g} reviews" if by_r[r]["reviewed"] != random_x.get(r, by_r[r]["reviewed"]) else "")
+                      if r in by_r else "") for r in rounds]
             lines.append(f"| {strategy} | " + " | ".join(cells) + " |")
     if not notes:
         return lines

@@ -39,6 +39,27 @@ def test_paired_gains_cancel_the_seeds_spread() -> None:
     assert got["judge"][1]["per_seed"] == [0.1] and got["judge"][1]["reviewed"] == 80
 
 
+def test_a_rule_that_runs_out_of_candidates_is_read_at_the_reviews_it_sent() -> None:
+    from exporter.simulate_report import curves, label_saving, table_lines
+
+    def st(seed: int, strategy: str, r: int, n: int, v: float) -> dict:
+        return {"seed": seed, "strategy": strategy, "round": r, "n_reviewed": n,
+                "metrics": {"head_map50": v, "oks_ap50": v, "visibility_acc": v}}
+    states = [st(k, "initial", 0, 0, 0.5) for k in (0, 1)]
+    states += [st(k, "random", r, 40 * r, 0.5 + 0.1 * r) for k in (0, 1) for r in (1, 2)]
+    # one review per recording: 40, then only 8 / 12 recordings left
+    states += [st(0, "capped", 1, 40, 0.65), st(1, "capped", 1, 40, 0.65), st(0, "capped", 2, 48, 0.75),
+               st(1, "capped", 2, 52, 0.75)]
+    cur = curves(states, ["random", "capped"])
+    assert cur["capped"]["x"] == [0, 40, 50] and cur["random"]["x"] == [0, 40, 80]
+    sav = label_saving(cur)
+    assert sav["budget"] == 80 and sav["strategies"]["capped"]["mean3"]["reviewed"] == pytest.approx(45)
+    results = {"curves": cur, "label_saving": sav, "paired_gains": paired_gains(states, ["random", "capped"])}
+    text = "\n".join(table_lines(results, notes=False))
+    assert "| capped | +0.050 (+0.050, +0.050) | +0.050 (+0.050, +0.050) with 50 reviews |" in text
+    assert "| strategy | 40 reviewed | 80 reviewed |" in text and "| capped | 50 |" in text
+
+
 def test_training_noise_pools_the_repeats_variance() -> None:
     def st(seed: int, each: list[float]) -> dict:
         return {"seed": seed, "strategy": "judge", "round": 1,
