@@ -96,7 +96,7 @@ class JudgeConfig:
     near_duplicate_memory: int = 64  # review frames remembered per camera
     reviews_per_session: int | None = None  # most reviews per declared recording; None = no limit
     review_share: float | None = None  # review only the most doubtful share of the stream; None = off
-    review_window: int = 500  # images the share ranks against (the last ones scored)
+    review_window: int = 500  # images the share ranks against (the last ones scored; judge.REVIEW_WINDOW)
 
     @property
     def score_threshold(self) -> float | None:

@@ -63,6 +63,24 @@ def test_life_cycle(store: Store, clock: FakeClock) -> None:
     assert set(counts) == set(STATES) and counts["reviewed"] == 1 and sum(counts.values()) == 1
 
 
+def test_recent_scores_of_one_bundle_by_arrival(store: Store, clock: FakeClock) -> None:
+    """What ``judge.review_share`` recalls at start: the bundle's newest judged images, oldest first."""
+    ids = []
+    for k, (bundle, doubt) in enumerate([("b1", 1.5), ("b2", 0.5), ("b1", None), ("b1", 2.5)]):
+        iid, _ = store.ingest(_img(10 + k), "test")
+        ids.append(iid)
+        clock.t += 1
+        [row] = store.claim("w")
+        judgement = {"score": 0.1 * k} if doubt is None else {"score": 0.1 * k, "doubt": doubt}
+        store.complete(row.image_id, "w", {"width": 1, "height": 1, "judgement": judgement}, bundle, "review",
+                       0.1 * k, [], audit=False)
+    clock.t += 1
+    assert store.set_state(ids[0], ["review_pending"], "uploaded")  # touched last, arrived first
+    assert store.recent_scores("b1", 10) == [(0.0, 1.5), (pytest.approx(0.2), None), (pytest.approx(0.3), 2.5)]
+    assert store.recent_scores("b1", 2) == [(pytest.approx(0.2), None), (pytest.approx(0.3), 2.5)]
+    assert store.recent_scores("other", 5) == []
+
+
 def test_duplicate_bytes_change_nothing(store: Store, clock: FakeClock) -> None:
     iid, _ = store.ingest(_img(1), "a", {"camera": "c"})
     clock.t += 5
