@@ -461,6 +461,8 @@ class Progress:
 
 def run_seed(cfg: SimConfig, seed: int, pool_dir: Path, test_dir: Path, progress: Progress) -> list[dict[str, Any]]:
     """All rounds of all strategies for one seed; returns their states (round 0 included)."""
+    from service.bundle import load_bundle
+
     coco = json.loads((pool_dir / "annotations.json").read_text())
     names = [im["file_name"] for im in coco["images"]]
     root = cfg.out / "runs" / f"seed{seed}"
@@ -496,6 +498,9 @@ def run_seed(cfg: SimConfig, seed: int, pool_dir: Path, test_dir: Path, progress
             what = f"seed {seed} {strategy} round {r}/{cfg.rounds}"
             if (unit / "state.json").is_file():
                 state = json.loads((unit / "state.json").read_text())
+                # the reviews really sent (units from before session 34 kept round x --per-round, also
+                # for a rule that ran out of candidates: one review per recording once all are taken)
+                state["n_reviewed"] = len(state["labelled"]) - len(initial_state["labelled"])
                 progress.step(what, True)
             else:
                 t0 = time.monotonic()
@@ -515,8 +520,7 @@ def run_seed(cfg: SimConfig, seed: int, pool_dir: Path, test_dir: Path, progress
                                                                           len(scene_ids))) for im in coco["images"]}
                 elif strategy == "oracle_shift":
                     oracle = {im["file_name"]: float(not in_source_domain(im.get("tags", {}))) for im in coco["images"]}
-                threshold = json.loads((prev_unit / "bundle" / "bundle.json").read_text()).get(
-                    "judgement", {}).get("score_threshold", 0.5)
+                threshold = load_bundle(prev_unit / "bundle", verify=False).judgement.get("score_threshold", 0.5)
                 picks = select(rule, candidates, scores, cfg.per_round, np.random.default_rng([seed, r, 7]),
                                seed, cfg.audit_fraction, oracle=oracle, reviewed=labelled, features=features,
                                threshold=threshold)
@@ -532,9 +536,6 @@ def run_seed(cfg: SimConfig, seed: int, pool_dir: Path, test_dir: Path, progress
                          "seconds": round(time.monotonic() - t0, 1)}
                 _write_state(unit, state)
                 progress.step(what, False)
-            # the reviews really sent: a rule that runs out of candidates (one review per recording
-            # once every recording is taken) sends fewer than --per-round (units from before kept r x per_round)
-            state["n_reviewed"] = len(state["labelled"]) - len(initial_state["labelled"])
             log.info("%s: %s", what, {k: round(v, 4) for k, v in state["metrics"].items()})
             states.append(state)
             prev[strategy] = (unit, state["labelled"])

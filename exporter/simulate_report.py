@@ -34,6 +34,12 @@ def mean3(metrics: dict[str, float]) -> float:
     return float(np.mean([metrics[k] for k in METRICS]))
 
 
+def mean_reviewed(states: Sequence[dict[str, Any]]) -> float:
+    """The reviews of a round's units, the seeds' mean (a rule that runs out of candidates sends
+    fewer in some seeds)."""
+    return round(float(np.mean([s["n_reviewed"] for s in states])), 1)
+
+
 def curves(states: Sequence[dict[str, Any]], strategies: Sequence[str]) -> dict[str, dict[str, Any]]:
     """strategy -> {"x": [...], metric -> {"mean": [...], "std": [...], "n": [...]}} (round 0 shared)."""
     out: dict[str, dict[str, Any]] = {}
@@ -46,7 +52,7 @@ def curves(states: Sequence[dict[str, Any]], strategies: Sequence[str]) -> dict[
             entry[m] = {"mean": [], "std": [], "n": []}
         for r in rounds:
             at = [s for s in mine if s["round"] == r]
-            entry["x"].append(round(float(np.mean([s["n_reviewed"] for s in at])), 1))  # the seeds' mean
+            entry["x"].append(mean_reviewed(at))
             for m in (*METRICS, "mean3"):
                 vals = np.array([mean3(s["metrics"]) if m == "mean3"
                                  else s["metrics"][m] for s in at])
@@ -101,8 +107,7 @@ def paired_gains(states: Sequence[dict[str, Any]], strategies: Sequence[str]) ->
             if not at:
                 continue
             diffs = [round(mean3(s["metrics"]) - rnd[(s["seed"], r)], 4) for s in at]
-            out.setdefault(strategy, []).append({"round": r, "reviewed": round(float(np.mean([s["n_reviewed"] for s in at])), 1),
-                                                 "per_seed": diffs,
+            out.setdefault(strategy, []).append({"round": r, "reviewed": mean_reviewed(at), "per_seed": diffs,
                                                  "mean": round(float(np.mean(diffs)), 4)})
     return out
 

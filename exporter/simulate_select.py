@@ -110,7 +110,6 @@ CAMERA_SHARE = 0.5
 MIDDLE_SKIP = 0.25  # judge_middle: share of the candidates, most doubtful first, moved to the end
 CACHE_VERSION = 3
 DEDUP_DISTANCE = 6  # bits, the daemon's NearDuplicate default
-DEDUP_MEMORY = 64  # review frames per camera, the daemon's NearDuplicate default
 
 
 @dataclass(frozen=True)
@@ -394,32 +393,31 @@ def stream_take(pool: Sequence[PoolScore], n: int, threshold: float, seen: Seque
 
     Each image: into the ``ReviewShare`` window (with ``share``), then review when its score is
     under ``threshold``, it ranks within the share, it is no near duplicate of its camera's last
-    ``DEDUP_MEMORY`` review frames (``seen``, the images reviewed before, fill that memory first,
-    as the daemon recalls it from its store) and, with ``session`` (file name -> recording), its
-    recording has sent no review yet (``judge.reviews_per_session = 1``; ``seen`` count).
+    review frames (the daemon's ``NearDuplicate`` with its default memory; ``seen``, the images
+    reviewed before, fill that memory first, as the daemon recalls it from its store) and, with
+    ``session`` (file name -> recording), its recording has sent no review yet
+    (``judge.reviews_per_session = 1``; ``seen`` count).
     """
-    import collections
-
-    from service.judge import REVIEW_WINDOW, ReviewShare, rank_key
+    from service.judge import REVIEW_WINDOW, NearDuplicate, ReviewShare, rank_key
 
     window = ReviewShare(share, REVIEW_WINDOW) if share is not None else None
-    recent: dict[str, collections.deque[PoolScore]] = {}
+    recent = NearDuplicate(DEDUP_DISTANCE)
     for s in seen:
-        recent.setdefault(s.camera, collections.deque(maxlen=DEDUP_MEMORY)).append(s)
+        recent.remember_hash(s.camera, s.dhash)
     taken = {session[s.file_name] for s in seen if s.file_name in session} if session is not None else set()
     picks: list[PoolScore] = []
     for s in sorted(pool, key=lambda s: s.file_name):
         if len(picks) >= n:
             break
         admitted = window is None or window.admit(rank_key(s.score, s.doubt))
-        if s.score >= threshold or not admitted or any(near_duplicate(s, r) for r in recent.get(s.camera, ())):
+        if s.score >= threshold or not admitted or recent.is_near(s.camera, s.dhash):
             continue
         if session is not None:
             if session[s.file_name] in taken:
                 continue
             taken.add(session[s.file_name])
         picks.append(s)
-        recent.setdefault(s.camera, collections.deque(maxlen=DEDUP_MEMORY)).append(s)
+        recent.remember_hash(s.camera, s.dhash)
     return picks
 
 

@@ -136,17 +136,26 @@ class NearDuplicate:
 
     def distance(self, camera: str, pixels: np.ndarray) -> int | None:
         """Hamming distance to the nearest remembered review frame of the camera (None: none yet)."""
-        h = dhash(pixels)
+        return self.hash_distance(camera, dhash(pixels))
+
+    def hash_distance(self, camera: str, h: int) -> int | None:
+        """``distance`` for a frame whose dHash is already known."""
         with self._lock:
             recent = tuple(self._recent.get(camera, ()))
         return min((bin(r ^ h).count("1") for r in recent), default=None)
 
     def is_duplicate(self, camera: str, pixels: np.ndarray) -> bool:
-        d = self.distance(camera, pixels)
+        return self.is_near(camera, dhash(pixels))
+
+    def is_near(self, camera: str, h: int) -> bool:
+        """``is_duplicate`` for a frame whose dHash is already known."""
+        d = self.hash_distance(camera, h)
         return d is not None and d <= self.max_distance
 
     def remember(self, camera: str, pixels: np.ndarray) -> None:
-        h = dhash(pixels)
+        self.remember_hash(camera, dhash(pixels))
+
+    def remember_hash(self, camera: str, h: int) -> None:
         with self._lock:
             self._recent.setdefault(camera, collections.deque(maxlen=self.memory)).append(h)
 
@@ -315,13 +324,14 @@ class Judge:
         if not admitted and not audit:
             return Judgement(score, (*reasons, "outranked"), "auto_accepted", False, doubt=doubt)
         use_dedup = self.dedup is not None and camera is not None and pixels is not None
-        if use_dedup and self.dedup.is_duplicate(camera, pixels):  # type: ignore[union-attr, arg-type]
+        frame_hash = dhash(pixels) if use_dedup else 0  # type: ignore[arg-type]
+        if use_dedup and self.dedup.is_near(camera, frame_hash):  # type: ignore[union-attr, arg-type]
             return Judgement(score, (*reasons, "near_duplicate"), "auto_accepted", audit, doubt=doubt)
         counters, spent = self._reserve_budget(session)
         if spent is not None:
             return Judgement(score, (*reasons, spent), "auto_accepted", audit, doubt=doubt)
         if use_dedup:
-            self.dedup.remember(camera, pixels)  # type: ignore[union-attr, arg-type]
+            self.dedup.remember_hash(camera, frame_hash)  # type: ignore[union-attr, arg-type]
         return Judgement(score, tuple(reasons), "review", audit, counters, doubt=doubt)
 
 
