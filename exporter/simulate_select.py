@@ -52,12 +52,14 @@ image, until ``n`` reviews are sent; no audits:
   under the bundle's score threshold that is not a near duplicate of a camera's last 64 review
   frames goes to review until the budget is spent, first come first served.
 - ``judge_stream``: the daemon with ``judge.review_share`` (``service.judge.ReviewShare``, the
-  default window): an image under the threshold must also rank among the most doubtful share of
-  the last images scored. The share is the smallest that sends ``n`` of these candidates (what a
-  user sets for the reviewers' capacity), found by bisection.
+  default window): an image under the threshold and no near duplicate must also rank among the
+  most doubtful share of the last images scored (ranked among such candidates, since session 35).
+  The share is the smallest that sends ``n`` of them (what a user sets for the reviewers'
+  capacity: about ``n`` / pool since session 35), found by bisection.
 - ``judge_stream_session``: ``judge_stream`` with ``judge.reviews_per_session = 1``: a recording
   (the pool's capture sequence, as the capture tool declares it) sends its first admitted frame
-  and no other, in this round or a later one (the daemon counts a session's reviews in its store).
+  and no other, in this round or a later one (the daemon counts a session's reviews in its store);
+  the frames of such recordings are no candidates for the share.
 
 Reference lines (``ORACLES``, not run by default): rules no product can run, because they read
 the pool's ground truth. They bound what any scoring function could gain on the benchmark:
@@ -391,12 +393,13 @@ def stream_take(pool: Sequence[PoolScore], n: int, threshold: float, seen: Seque
                 share: float | None = None, session: dict[str, float] | None = None) -> list[PoolScore]:
     """The daemon's review decisions over ``pool`` in capture order (file name), the first ``n``.
 
-    Each image: into the ``ReviewShare`` window (with ``share``), then review when its score is
-    under ``threshold``, it ranks within the share, it is no near duplicate of its camera's last
-    review frames (the daemon's ``NearDuplicate`` with its default memory; ``seen``, the images
-    reviewed before, fill that memory first, as the daemon recalls it from its store) and, with
-    ``session`` (file name -> recording), its recording has sent no review yet
-    (``judge.reviews_per_session = 1``; ``seen`` count).
+    Each image: review when its score is under ``threshold``, it is no near duplicate of its
+    camera's last review frames (the daemon's ``NearDuplicate`` with its default memory;
+    ``seen``, the images reviewed before, fill that memory first, as the daemon recalls it from
+    its store), with ``session`` (file name -> recording) its recording has sent no review yet
+    (``judge.reviews_per_session = 1``; ``seen`` count), and with ``share`` it ranks within the
+    share of the ``ReviewShare`` window, where every image counts and those three tests' passers
+    are ranked (the daemon's ``Judge.judge``).
     """
     from service.judge import REVIEW_WINDOW, NearDuplicate, ReviewShare, rank_key
 
@@ -409,12 +412,11 @@ def stream_take(pool: Sequence[PoolScore], n: int, threshold: float, seen: Seque
     for s in sorted(pool, key=lambda s: s.file_name):
         if len(picks) >= n:
             break
-        admitted = window is None or window.admit(rank_key(s.score, s.doubt))
-        if s.score >= threshold or not admitted or recent.is_near(s.camera, s.dhash):
+        candidate = s.score < threshold and not recent.is_near(s.camera, s.dhash) \
+            and (session is None or session[s.file_name] not in taken)
+        if window is not None and not window.admit(rank_key(s.score, s.doubt), candidate) or not candidate:
             continue
         if session is not None:
-            if session[s.file_name] in taken:
-                continue
             taken.add(session[s.file_name])
         picks.append(s)
         recent.remember_hash(s.camera, s.dhash)

@@ -194,24 +194,27 @@ class Daemon:
             value = getattr(j, name, None)
             return fallback if value is None else value
 
-        return Judge(load_score_fn(str(j.score_fn), bundle),
-                     threshold=float(pick("threshold", defaults.get("score_threshold", 0.5))),
+        threshold = float(pick("threshold", defaults.get("score_threshold", 0.5)))
+        return Judge(load_score_fn(str(j.score_fn), bundle), threshold=threshold,
                      audit_fraction=float(pick("audit_fraction", defaults.get("audit_fraction", 0.02))),
                      seed=int(j.seed), store=self.store, hourly_budget=j.hourly_budget,
                      daily_budget=j.daily_budget, dedup=self._dedup,
-                     session_budget=j.reviews_per_session, share=self._recall_share(bundle))
+                     session_budget=j.reviews_per_session, share=self._recall_share(bundle, threshold))
 
-    def _recall_share(self, bundle: Bundle) -> ReviewShare | None:
+    def _recall_share(self, bundle: Bundle, threshold: float) -> ReviewShare | None:
         """A ``ReviewShare`` for the bundle's judge (``judge.review_share``), holding the rank keys of
         the images the same bundle judged last (a restart keeps ranking against what came
-        before; another bundle's scores are not comparable, so a new bundle starts empty)."""
+        before; another bundle's scores are not comparable, so a new bundle starts empty). A
+        recalled image was a candidate when it scored under ``threshold`` and was not held back
+        as a near duplicate or by its recording's cap (its stored reasons)."""
         j = self.config.judge
         if j.review_share is None:
             return None
         share = ReviewShare(float(j.review_share), int(j.review_window))
         recalled = self.store.recent_scores(bundle.id, share.window)
-        for score, doubt in recalled:
-            share.remember(rank_key(score, doubt or 0.0))
+        for score, doubt, reasons in recalled:
+            candidate = score < threshold and not {"near_duplicate", "session_reviewed"} & set(reasons)
+            share.remember(rank_key(score, doubt or 0.0), candidate)
         log.info("review share %.3g of the last %d images: %d recalled from the store for bundle %s",
                  share.share, share.window, len(recalled), bundle.id)
         return share

@@ -15,8 +15,10 @@ into a decision:
    store, so they survive restarts) is spent.
 
 With ``judge.review_share`` (``ReviewShare``) a doubtful image must also be among the most
-doubtful ``share`` of the recent stream: before rule 3, an image that is not is auto-accepted
-with reason ``outranked`` (audits are exempt). A threshold alone cannot say "the most doubtful
+doubtful ``share`` of the recent stream, ranked among the doubtful images that could still be
+sent (not held back as near duplicates or by the recording cap): after those two holds and
+before the budgets, an image that is not is auto-accepted with reason ``outranked`` (audits are
+exempt). A threshold alone cannot say "the most doubtful
 5 %": on a weak bundle most images score 0 (on the benchmark's first bundles 88-98 % of the pool
 is below the default threshold of 0.5 and 25-50 % scores exactly 0), and a budget alone spends
 itself on whatever arrives first (the first recordings of the hour). The share ranks each image
@@ -168,13 +170,18 @@ def rank_key(score: float, doubt: float) -> tuple[float, float]:
 class ReviewShare:
     """The most doubtful ``share`` of a stream: a rolling window of the last ``window`` rank keys.
 
-    ``admit(key)`` adds the key and says whether fewer than ``share`` x (keys in the window) of
-    them rank before it (``rank_key``: lower = more doubtful). On a stream whose mix does not
-    drift faster than the window turns over, about ``share`` of the images are admitted, and
-    they are the most doubtful ones; the first keys after a start or a bundle swap rank against
-    fewer (the daemon refills the window from the store's images of the same bundle:
-    ``remember``). Keys of different bundles are not comparable, so each judge has its own.
-    Thread-safe.
+    Every scored image enters the window; the *candidates* among them (doubtful images that the
+    judge could still send: under the threshold, no near duplicate of a review frame, their
+    recording's review cap not reached) are ranked. ``admit(key, candidate)`` adds the key and
+    says whether it is a candidate and fewer than ``share`` x (images in the window) candidates
+    rank before it (``rank_key``: lower = more doubtful). So about ``share`` of the arriving
+    images go to review, the most doubtful of those that can go, whatever the near-duplicate
+    test and the recording cap hold back (ranked among every image instead, as until session 35,
+    a share of 0.05 sent 2.2-3.6 % of the benchmark's first pools, and 1.8-2.5 % with one review
+    per recording: the held-back frames took the first ranks; now 4.3-6.8 % and 4.5-5.8 %). On a stream whose mix does not drift faster than the window turns over,
+    the share holds; the first keys after a start or a bundle swap rank against fewer (the
+    daemon refills the window from the store's images of the same bundle: ``remember``). Keys of
+    different bundles are not comparable, so each judge has its own. Thread-safe.
     """
 
     def __init__(self, share: float, window: int = REVIEW_WINDOW) -> None:
@@ -183,29 +190,31 @@ class ReviewShare:
         if window < 1:
             raise ValueError(f"window: expected at least 1 image, got {window}")
         self.share, self.window = share, window
-        self._fifo: collections.deque[tuple[float, float]] = collections.deque()
-        self._sorted: list[tuple[float, float]] = []
+        self._fifo: collections.deque[tuple[tuple[float, float], bool]] = collections.deque()
+        self._ranked: list[tuple[float, float]] = []  # the candidates' keys in the window, sorted
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._fifo)
 
-    def _add(self, key: tuple[float, float]) -> None:
-        bisect.insort(self._sorted, key)
-        self._fifo.append(key)
+    def _add(self, key: tuple[float, float], candidate: bool) -> None:
+        if candidate:
+            bisect.insort(self._ranked, key)
+        self._fifo.append((key, candidate))
         if len(self._fifo) > self.window:
-            old = self._fifo.popleft()
-            del self._sorted[bisect.bisect_left(self._sorted, old)]
+            old, was = self._fifo.popleft()
+            if was:
+                del self._ranked[bisect.bisect_left(self._ranked, old)]
 
-    def remember(self, key: tuple[float, float]) -> None:
+    def remember(self, key: tuple[float, float], candidate: bool = True) -> None:
         """Add a key without a decision (the store's earlier images, oldest first)."""
         with self._lock:
-            self._add(key)
+            self._add(key, candidate)
 
-    def admit(self, key: tuple[float, float]) -> bool:
+    def admit(self, key: tuple[float, float], candidate: bool = True) -> bool:
         with self._lock:
-            self._add(key)
-            return bisect.bisect_left(self._sorted, key) < self.share * len(self._fifo)
+            self._add(key, candidate)
+            return candidate and bisect.bisect_left(self._ranked, key) < self.share * len(self._fifo)
 
 
 def session_counter(camera: str, session: str) -> str:
@@ -268,6 +277,14 @@ class Judge:
             return 0.0, [*reasons, "bad_score"]
         return min(max(score, 0.0), 1.0), reasons
 
+    def _session_spent(self, session: tuple[str, str] | None) -> bool:
+        """Whether the recording has sent its ``session_budget`` reviews (reservations included)."""
+        if session is None or self.session_budget is None:
+            return False
+        key = session_counter(*session)
+        with self._lock:
+            return self.store.counter(key) + self._pending.get(key, 0) >= self.session_budget
+
     def _reserve_budget(self, session: tuple[str, str] | None = None) -> tuple[tuple[str, ...], str | None]:
         """Reserve one review in each budget (the session's first): (the counter names, None), or
         ((), the reason code) when one is spent."""
@@ -309,24 +326,27 @@ class Judge:
         ``Store.complete`` and call ``settle(verdict)`` afterwards.
         """
         score, reasons = self.score(prediction, bundle)
-        doubt, admitted = None, True
-        if self.share is not None:  # every scored image enters the window, confident ones too
-            doubt = float(self.doubt_fn(prediction, bundle))
-            admitted = self.share.admit(rank_key(score, doubt))
+        doubt = float(self.doubt_fn(prediction, bundle)) if self.share is not None else None
         audit = False
         if score >= self.threshold:
             if audit_draw(self.seed, image_id) >= self.audit_fraction:
+                if self.share is not None:  # every scored image counts in the share, confident ones too
+                    self.share.admit(rank_key(score, doubt), candidate=False)  # type: ignore[arg-type]
                 return Judgement(score, tuple(reasons), "auto_accepted", False, doubt=doubt)
             audit = True
             reasons.append("audit")
         elif not reasons:
             reasons.append("low_score")
-        if not admitted and not audit:
-            return Judgement(score, (*reasons, "outranked"), "auto_accepted", False, doubt=doubt)
         use_dedup = self.dedup is not None and camera is not None and pixels is not None
         frame_hash = dhash(pixels) if use_dedup else 0  # type: ignore[arg-type]
-        if use_dedup and self.dedup.is_near(camera, frame_hash):  # type: ignore[union-attr, arg-type]
-            return Judgement(score, (*reasons, "near_duplicate"), "auto_accepted", audit, doubt=doubt)
+        held = "near_duplicate" if use_dedup and self.dedup.is_near(camera, frame_hash) \
+            else ("session_reviewed" if self._session_spent(session) else None)  # type: ignore[union-attr, arg-type]
+        if self.share is not None:  # audits are exempt; held-back frames do not take a rank
+            candidate = not audit and held is None
+            if not self.share.admit(rank_key(score, doubt), candidate) and candidate:  # type: ignore[arg-type]
+                return Judgement(score, (*reasons, "outranked"), "auto_accepted", False, doubt=doubt)
+        if held is not None:
+            return Judgement(score, (*reasons, held), "auto_accepted", audit, doubt=doubt)
         counters, spent = self._reserve_budget(session)
         if spent is not None:
             return Judgement(score, (*reasons, spent), "auto_accepted", audit, doubt=doubt)

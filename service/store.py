@@ -454,15 +454,17 @@ class Store:
             (decision, per_camera)).fetchall()
         return [ImageRow.from_sql(r) for r in rows]
 
-    def recent_scores(self, bundle_id: str, limit: int) -> builtins.list[tuple[float, float | None]]:
-        """(score, doubt) of the ``limit`` newest images (by arrival) the bundle ``bundle_id`` judged,
-        oldest first; doubt is the record's ``judgement.doubt`` (None where the judge did not rank).
-        By arrival, not by the last update: an upload or a merged review later touches a row."""
+    def recent_scores(self, bundle_id: str, limit: int) -> builtins.list[tuple[float, float | None, tuple[str, ...]]]:
+        """(score, doubt, reasons) of the ``limit`` newest images (by arrival) the bundle
+        ``bundle_id`` judged, oldest first; doubt is the record's ``judgement.doubt`` (None where
+        the judge did not rank). By arrival, not by the last update: an upload or a merged review
+        later touches a row."""
         rows = self._conn().execute(
-            "SELECT score, json_extract(record, '$.judgement.doubt') AS doubt FROM images "
+            "SELECT score, reasons, json_extract(record, '$.judgement.doubt') AS doubt FROM images "
             "WHERE bundle_id = ? AND score IS NOT NULL ORDER BY received_at DESC, image_id DESC LIMIT ?",
             (bundle_id, limit)).fetchall()
-        return [(float(r["score"]), None if r["doubt"] is None else float(r["doubt"])) for r in reversed(rows)]
+        return [(float(r["score"]), None if r["doubt"] is None else float(r["doubt"]), tuple(json.loads(r["reasons"])))
+                for r in reversed(rows)]
 
     def counts(self) -> dict[str, int]:
         """Number of images per state; every state is present."""

@@ -141,6 +141,20 @@ def test_streamed_rules_replay_the_daemons_decisions_in_capture_order() -> None:
         select("judge_stream_session", names, scores, 20, rng, 0, 0.1, threshold=1.0)
 
 
+def test_streamed_share_ranks_only_frames_that_can_be_sent() -> None:
+    """As the daemon: near duplicates of a reviewed frame (score 0) count in the share's window
+    but take no rank, so the next doubtful frame of another scene is sent."""
+    from exporter.simulate_select import stream_take
+
+    dup = _score("a00", "mirror", 0.0, 12345)
+    stream = [_score(f"a{i:02d}", "mirror", 0.0, 12345) for i in range(1, 10)]
+    stream += [_score("b00", "mirror", 0.3, 2**40 + 99), _score("b01", "mirror", 0.35, 2**62 - 1),
+               _score("b02", "mirror", 0.4, 2**61 - 1)]
+    sent = stream_take(stream, 10, 0.5, seen=[dup], share=0.1)
+    # 10, 11, 12 frames in the window: 1.0, 1.1, 1.2 ranks; b02 has two candidates before it
+    assert [s.file_name for s in sent] == ["b00", "b01"]
+
+
 def test_schedules_pick_by_round() -> None:
     assert [round_rule("random_then_judge", r) for r in (1, 2, 3)] == ["random", "judge", "judge"]
     assert [round_rule("judge", r) for r in (1, 2)] == ["judge", "judge"]

@@ -283,16 +283,22 @@ def _wide(seed: int, width: int) -> bytes:
 def test_review_share_through_the_daemon_and_a_restart(make_config: Callable[..., Any]) -> None:
     """judge.review_share: a doubtful image goes to review only among the most doubtful share of
     the last images; a restart ranks against the images the same bundle judged before (from the
-    store), so the first image after it is not waved through by an empty window."""
+    store), so the first image after it is not waved through by an empty window. Frames held back
+    by their recording's cap count in the window but are recalled as no candidates."""
     cfg = make_config(judge__score_fn=f"{__name__}:width_score", judge__threshold=1.0, judge__audit_fraction=0.0,
-                      judge__near_duplicate=False, judge__review_share=0.25, judge__review_window=20)
+                      judge__near_duplicate=False, judge__review_share=0.25, judge__review_window=20,
+                      judge__reviews_per_session=1)
     widths = [200 + 33 * k for k in (5, 0, 9, 3, 11, 7, 1, 10, 4, 8, 2, 6)]  # scores 0 .. 0.99, mixed
     daemon = Daemon(cfg)
     daemon.start()
     try:
         rows = [daemon.annotate_now(_wide(i, w), f"t:{i}", {"camera": "cam1"}, timeout=60) for i, w in enumerate(widths)]
+        run = [daemon.annotate_now(_wide(30 + i, 200), f"t:r{i}", {"camera": "cam1", "session": "run1"}, timeout=60)
+               for i in range(3)]
     finally:
         daemon.close()
+    assert [r.decision for r in run] == ["review", "auto_accepted", "auto_accepted"]
+    assert [r.reasons[-1] for r in run[1:]] == ["session_reviewed"] * 2  # held back, not outranked
     reviewed = [w for w, r in zip(widths, rows) if r.decision == "review"]
     outranked = [w for w, r in zip(widths, rows) if "outranked" in r.reasons]
     assert len(reviewed) + len(outranked) == len(widths) and outranked
@@ -301,9 +307,10 @@ def test_review_share_through_the_daemon_and_a_restart(make_config: Callable[...
     again = Daemon(cfg)
     again.start()
     try:
-        assert len(again._judge.share) == len(widths)  # recalled from the store  # type: ignore[arg-type]
+        assert len(again._judge.share) == len(widths) + 3  # recalled from the store  # type: ignore[arg-type]
+        assert len(again._judge.share._ranked) == len(widths) + 1  # type: ignore[union-attr]
         middle = again.annotate_now(_wide(50, 200 + 33 * 6), "t:m", {"camera": "cam1"}, timeout=60)
-        assert middle.decision == "auto_accepted" and "outranked" in middle.reasons  # 6 of 13 were more doubtful
+        assert middle.decision == "auto_accepted" and "outranked" in middle.reasons  # 7 of 14 were more doubtful
         low = again.annotate_now(_wide(51, 201), "t:l", {"camera": "cam1"}, timeout=60)
         assert low.decision == "review"
     finally:

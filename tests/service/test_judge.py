@@ -330,6 +330,42 @@ def test_review_share_ranks_a_tie_at_zero_by_total_doubt() -> None:
     assert not share.admit(rank_key(0.01, 10.0))  # any score above 0 ranks after every 0
 
 
+def test_review_share_ranks_only_candidates() -> None:
+    """Images that cannot be sent (confident, near duplicates, a capped recording) count in the
+    stream but take no rank: a share is a share of the arriving images that go to review."""
+    share = ReviewShare(0.1, window=100)
+    for _ in range(60):  # held back, all more doubtful than what follows
+        share.remember(rank_key(0.0, 5.0), candidate=False)
+    for s in np.linspace(0.1, 0.9, 39):
+        share.remember(rank_key(float(s), 0.0))
+    assert not share.admit(rank_key(0.0, 9.0), candidate=False)  # never admits a non-candidate
+    assert share.admit(rank_key(0.2, 0.0))  # 3 candidates before it, 10 ranks in a window of 100
+    assert not share.admit(rank_key(0.3, 0.0))  # 11 candidates before it
+    assert len(share) == 100
+
+
+def test_held_back_frames_do_not_outrank_others(store: Store) -> None:
+    """A recording's near duplicates and its frames after the cap are no candidates: the next
+    recording's doubtful frame is still sent (ranked among every frame it was outranked)."""
+    rng = np.random.default_rng(1)
+    scene = np.kron(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8), np.ones((8, 8, 1), dtype=np.uint8))
+    other = 255 - scene
+    scores = iter([0.0] * 12 + [0.2])
+    judge = Judge(lambda p, b: (next(scores), []), 0.5, 0.0, 0, store, dedup=NearDuplicate(max_distance=6),
+                  session_budget=1, share=ReviewShare(0.1, window=100))
+    for s in np.linspace(0.6, 1.0, 88):  # confident frames before
+        judge.share.remember(rank_key(float(s), 0.0), candidate=False)  # type: ignore[union-attr]
+    verdicts = [judge.judge(f"{i:064d}", EMPTY, BUNDLE, camera="cam1", pixels=scene, session=("cam1", "r1"))
+                for i in range(6)]
+    verdicts += [judge.judge(f"{i + 6:064d}", EMPTY, BUNDLE, camera="cam1", pixels=other if i % 2 else scene,
+                             session=("cam1", "r1")) for i in range(6)]
+    assert verdicts[0].decision == "review"
+    held = [v.reasons[-1] for v in verdicts[1:]]
+    assert set(held) == {"near_duplicate", "session_reviewed"} and "outranked" not in held
+    nxt = judge.judge("f" * 64, EMPTY, BUNDLE, camera="cam1", pixels=other, session=("cam1", "r2"))
+    assert nxt.decision == "review"  # 12 frames at score 0 came before it, 1 candidate among them
+
+
 def test_judge_with_review_share(store: Store) -> None:
     scores = iter([0.05, 0.3, 0.9, 0.02])
     judge = Judge(lambda p, b: (next(scores), []), threshold=0.5, audit_fraction=0.0, seed=0, store=store,

@@ -73,11 +73,13 @@ def test_recent_scores_of_one_bundle_by_arrival(store: Store, clock: FakeClock) 
         [row] = store.claim("w")
         judgement = {"score": 0.1 * k} if doubt is None else {"score": 0.1 * k, "doubt": doubt}
         store.complete(row.image_id, "w", {"width": 1, "height": 1, "judgement": judgement}, bundle, "review",
-                       0.1 * k, [], audit=False)
+                       0.1 * k, ["low_score", *(["near_duplicate"] if k == 2 else [])], audit=False)
     clock.t += 1
     assert store.set_state(ids[0], ["review_pending"], "uploaded")  # touched last, arrived first
-    assert store.recent_scores("b1", 10) == [(0.0, 1.5), (pytest.approx(0.2), None), (pytest.approx(0.3), 2.5)]
-    assert store.recent_scores("b1", 2) == [(pytest.approx(0.2), None), (pytest.approx(0.3), 2.5)]
+    low, held = ("low_score",), ("low_score", "near_duplicate")  # the daemon reads the holds back
+    assert store.recent_scores("b1", 10) == [(0.0, 1.5, low), (pytest.approx(0.2), None, held),
+                                             (pytest.approx(0.3), 2.5, low)]
+    assert store.recent_scores("b1", 2) == [(pytest.approx(0.2), None, held), (pytest.approx(0.3), 2.5, low)]
     assert store.recent_scores("other", 5) == []
 
 
