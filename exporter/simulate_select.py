@@ -414,7 +414,8 @@ def stream_take(pool: Sequence[PoolScore], n: int, threshold: float, seen: Seque
             break
         candidate = s.score < threshold and not recent.is_near(s.camera, s.dhash) \
             and (session is None or session[s.file_name] not in taken)
-        if window is not None and not window.admit(rank_key(s.score, s.doubt), candidate) or not candidate:
+        admitted = window.admit(rank_key(s.score, s.doubt), candidate) if window is not None else candidate
+        if not admitted:  # the window counts every image; only candidates are admitted
             continue
         if session is not None:
             taken.add(session[s.file_name])

@@ -178,10 +178,11 @@ class ReviewShare:
     images go to review, the most doubtful of those that can go, whatever the near-duplicate
     test and the recording cap hold back (ranked among every image instead, as until session 35,
     a share of 0.05 sent 2.2-3.6 % of the benchmark's first pools, and 1.8-2.5 % with one review
-    per recording: the held-back frames took the first ranks; now 4.3-6.8 % and 4.5-5.8 %). On a stream whose mix does not drift faster than the window turns over,
-    the share holds; the first keys after a start or a bundle swap rank against fewer (the
-    daemon refills the window from the store's images of the same bundle: ``remember``). Keys of
-    different bundles are not comparable, so each judge has its own. Thread-safe.
+    per recording: the held-back frames took the first ranks; now 4.3-6.8 % and 4.5-5.8 %). On
+    a stream whose mix does not drift faster than the window turns over, the share holds; the
+    first keys after a start or a bundle swap rank against fewer (the daemon refills the window
+    from the store's images of the same bundle: ``remember``). Keys of different bundles are not
+    comparable, so each judge has its own. Thread-safe.
     """
 
     def __init__(self, share: float, window: int = REVIEW_WINDOW) -> None:
