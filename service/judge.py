@@ -282,9 +282,12 @@ class Judge:
         """Whether the recording has sent its ``session_budget`` reviews (reservations included)."""
         if session is None or self.session_budget is None:
             return False
-        key = session_counter(*session)
         with self._lock:
-            return self.store.counter(key) + self._pending.get(key, 0) >= self.session_budget
+            return self._spent(session_counter(*session), self.session_budget)
+
+    def _spent(self, key: str, limit: int) -> bool:
+        """Whether budget counter ``key`` has reached ``limit``, reservations included (hold ``_lock``)."""
+        return self.store.counter(key) + self._pending.get(key, 0) >= limit
 
     def _reserve_budget(self, session: tuple[str, str] | None = None) -> tuple[tuple[str, ...], str | None]:
         """Reserve one review in each budget (the session's first): (the counter names, None), or
@@ -299,7 +302,7 @@ class Judge:
             for key, limit, reason in windows:
                 if limit is None:
                     continue
-                if self.store.counter(key) + self._pending.get(key, 0) >= limit:
+                if self._spent(key, limit):
                     return (), reason
                 keys.append(key)
             for key in keys:
