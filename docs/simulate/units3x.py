@@ -58,7 +58,8 @@ def main(run: Path, out: Path, strategies: list[str]) -> None:
     for s in states:
         counts.setdefault(f"{s['strategy']} round {s['round']}" if s["round"] else "first bundle", []).append(
             len(s["metrics_each"]))
-    line = "Trainings per unit (seed 0, 1, 2): " + "; ".join(
+    seeds = ", ".join(str(s) for s in sorted({s["seed"] for s in states}))
+    line = f"Trainings per unit (seeds {seeds}): " + "; ".join(
         f"{name} {'/'.join(map(str, n))}" for name, n in counts.items()) + "."
     md = (out / "results.md").read_text().split("\n")
     (out / "results.md").write_text("\n".join([*md[:3], line, "", *md[3:]]))
