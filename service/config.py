@@ -83,6 +83,9 @@ class EngineConfig:
     threads: int = 0  # onnxruntime intra-op threads per session; 0 = CPU cores / workers (at least 1)
 
 
+REVIEW_WINDOW = 500  # default of judge.review_window: images a ReviewShare ranks against (service.judge)
+
+
 @dataclass(frozen=True)
 class JudgeConfig:
     score_fn: str = "default"  # "default" or "package.module:function"
@@ -96,7 +99,7 @@ class JudgeConfig:
     near_duplicate_memory: int = 64  # review frames remembered per camera
     reviews_per_session: int | None = None  # most reviews per declared recording; None = no limit
     review_share: float | None = None  # review only the most doubtful share of the stream; None = off
-    review_window: int = 500  # images the share ranks against (the last ones scored; judge.REVIEW_WINDOW)
+    review_window: int = REVIEW_WINDOW  # images the share ranks against (the last ones scored)
 
     @property
     def score_threshold(self) -> float | None:

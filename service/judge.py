@@ -63,6 +63,7 @@ import cv2
 import numpy as np
 
 from .bundle import Bundle, Thresholds
+from .config import REVIEW_WINDOW  # images a ReviewShare ranks against (judge.review_window)
 from .errors import ConfigError
 from .keypoints import COCO17
 from .record import Prediction
@@ -76,8 +77,6 @@ DECISIONS = ("auto_accepted", "review")
 
 __all__ = ["DECISIONS", "REVIEW_WINDOW", "Judge", "Judgement", "NearDuplicate", "ReviewShare", "ScoreFn", "default_score",
            "load_score_fn", "rank_key", "session_counter"]
-
-REVIEW_WINDOW = 500  # images a ReviewShare ranks against (judge.review_window)
 
 
 @dataclass(frozen=True)
