@@ -30,7 +30,8 @@ The per-session cap is for recordings whose reviewed label ``dataset export --pr
 carries to the rest of the recording: one reviewed frame then labels the whole session, and a
 second review of it teaches less than a first review of another (measured in
 ``docs/simulate/propagate/``). It is a budget like the hourly one, with one store counter per
-session (``review:session:["camera", "session"]``).
+session (``review:session:["camera", "session"]``). An audit pick spends it too: the audited
+frame is its recording's review.
 
 Budgets are consumed atomically with completion: a review verdict carries the names of the
 budget counters (``Judgement.counters``) and ``Store.complete``/``complete_many`` adds one to

@@ -227,6 +227,18 @@ def test_reviews_per_session_cap_the_reviews_of_one_recording(tmp_path: Path) ->
     s.close()
 
 
+def test_an_audit_is_its_recordings_review(store: Store) -> None:
+    # An audit pick goes to review like a doubtful frame, so it spends its recording's cap: with
+    # one review per recording and propagation, the audited frame labels the recording.
+    run1 = ("cam1", "run1")
+    auditor = Judge(constant(0.9), 0.5, 1.0, 0, store, session_budget=1)  # every confident image audited
+    assert _judge_and_complete(auditor, store, 2, "a", session=run1) == ["review", "auto_accepted"]
+    assert store.counter(session_counter(*run1)) == 1
+    doubtful = Judge(constant(0.1), 0.5, 0.0, 0, store, session_budget=1)  # the daemon restarted
+    assert doubtful.judge("1" * 64, EMPTY, BUNDLE, session=run1).reasons == ("low_score", "session_reviewed")
+    assert doubtful.judge("2" * 64, EMPTY, BUNDLE, session=("cam1", "run2")).decision == "review"
+
+
 def test_near_duplicates_are_not_all_sent(store: Store) -> None:
     rng = np.random.default_rng(0)
     scene = rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)
