@@ -229,4 +229,4 @@ def _model_tasks(pull: Any, cfg: SyncConfig, agent: Agent) -> list[Task]:
         puller.reload_fn = grpc_reload_fn(pull.daemon, token=cfg.daemon_token)
         log.info("model pull from %s every %.0f s; reload via the daemon at %s", pull.registry.kind,
                  pull.poll_interval, pull.daemon)
-    return [ModelPullTask(puller, pull.poll_interval)]
+    return [Every(ModelPullTask(puller), pull.poll_interval)]

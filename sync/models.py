@@ -24,7 +24,6 @@ import datetime as _dt
 import logging
 import os
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -246,23 +245,15 @@ class ModelPuller:
 
 
 class ModelPullTask:
-    """A sync-agent task: ``run_once`` pulls at most once per ``interval`` seconds (the agent
-    calls it every pass); True when the bundle in use changed."""
+    """A sync-agent task: ``run_once`` pulls once; True when the bundle in use changed. The agent
+    runs it at most once per ``[sync.models] poll_interval`` (``sync.agent.Every``)."""
 
     name = "models"
 
-    def __init__(self, puller: ModelPuller, interval: float = 300.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, puller: ModelPuller) -> None:
         self.puller = puller
-        self.interval = float(interval)
-        self.clock = clock
-        self._next = 0.0
 
     def run_once(self) -> bool:
-        now = self.clock()
-        if now < self._next:
-            return False
-        self._next = now + self.interval
         return self.puller.pull_once().switched_to is not None
 
 

@@ -202,7 +202,9 @@ def test_model_pull_runs_only_with_a_registry_and_reloads_the_daemon_at_server_l
     agent = build_agent(load_sync_config(config, env={}), env={})
     try:
         assert [t.name for t in agent.tasks] == ["upload", "models"]
-        puller = agent.tasks[-1].puller  # type: ignore[attr-defined]
+        models = agent.tasks[-1]
+        assert isinstance(models, Every) and models.interval == 60.0  # at most one pull a poll_interval
+        puller = models.task.puller  # type: ignore[attr-defined]
         assert puller.reload_fn.__qualname__.startswith("grpc_reload_fn")
         assert not agent.tasks[-1].run_once()  # an empty registry: nothing to switch to
     finally:
