@@ -7,9 +7,8 @@ every strategy included; to measure only the units that decide the label saving 
 40-review point and random's 80-review point, session 36), their extra trainings were added
 beside the first in ``UNIT/repeat1`` and ``UNIT/repeat2`` with the benchmark's own
 ``exporter.simulate.train_and_evaluate`` (the same picks, training seeds ``seed + k * 1000``,
-as ``--repeats`` trains them; for a ``round1_again`` unit of ``--settle`` that is
-``docs/simulate/roof-auto/extra_round.py RUN STRATEGY 1 3``, which trains the repeats a
-resumed call lacks; the round units were trained by a loop of the same call, not kept). This reads RUN's states of ``initial``, ``random`` and each
+as ``--repeats`` trains them): ``docs/simulate/repeats.py RUN 3 UNIT ...`` (session 37; it
+retrained one of session 36's trainings to the same metrics). This reads RUN's states of ``initial``, ``random`` and each
 STRATEGY, sets each unit's metrics to the mean over the trainings it has (its ``metrics.json``
 and ``repeat*/metrics.json``), and writes the benchmark's own report (``results.md``,
 ``results.json``, ``accuracy.png``) to OUT, with a line above the tables that lists how many
