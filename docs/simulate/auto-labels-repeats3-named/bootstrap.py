@@ -58,7 +58,8 @@ for strategy in strategies:
             ps = seeds if mode == "trainings" else list(rng.choice(seeds, len(seeds)))
             sub = np.random.default_rng(rng.integers(1 << 62))
             target = curve("random", ps, sub)[-1]
-            n = needed(x, curve(strategy, ps, sub), target)
+            # the strategy's own reviews per round: a rule that ran out of candidates sent fewer
+            n = needed(res["curves"][strategy]["x"], curve(strategy, ps, sub), target)
             fr.append(NOT_REACHED if n is None else n / budget)
         fr = np.array(fr)
         q = np.percentile(fr, [5, 50, 95])
