@@ -55,9 +55,7 @@ image, until ``n`` reviews are sent; no audits:
   default window): an image under the threshold and no near duplicate must also rank among the
   most doubtful share of the last images scored (ranked among such candidates, since session 35).
   The share is the smallest that sends ``n`` of them (what a user sets for the reviewers'
-  capacity: about ``n`` / pool since session 35), found by bisection. Since session 37 each image
-  also has the daemon's ``share_draw`` (the run's seed), so the stream's first images, which
-  each round's new bundle ranks against a filling window, are not over-picked.
+  capacity: about ``n`` / pool since session 35), found by bisection.
 - ``judge_stream_session``: ``judge_stream`` with ``judge.reviews_per_session = 1``: a recording
   (the pool's capture sequence, as the capture tool declares it) sends its first admitted frame
   and no other, in this round or a later one (the daemon counts a session's reviews in its store);
@@ -392,7 +390,7 @@ def diverse_take(ranked: Sequence[PoolScore], n: int, camera_share: float = CAME
 
 
 def stream_take(pool: Sequence[PoolScore], n: int, threshold: float, seen: Sequence[PoolScore] = (),
-                share: float | None = None, session: dict[str, float] | None = None, seed: int = 0) -> list[PoolScore]:
+                share: float | None = None, session: dict[str, float] | None = None) -> list[PoolScore]:
     """The daemon's review decisions over ``pool`` in capture order (file name), the first ``n``.
 
     Each image: review when its score is under ``threshold``, it is no near duplicate of its
@@ -401,9 +399,9 @@ def stream_take(pool: Sequence[PoolScore], n: int, threshold: float, seen: Seque
     its store), with ``session`` (file name -> recording) its recording has sent no review yet
     (``judge.reviews_per_session = 1``; ``seen`` count), and with ``share`` it ranks within the
     share of the ``ReviewShare`` window, where every image counts and those three tests' passers
-    are ranked, each with its ``share_draw`` for ``seed`` (the daemon's ``Judge.judge``).
+    are ranked (the daemon's ``Judge.judge``).
     """
-    from service.judge import REVIEW_WINDOW, NearDuplicate, ReviewShare, rank_key, share_draw
+    from service.judge import REVIEW_WINDOW, NearDuplicate, ReviewShare, rank_key
 
     window = ReviewShare(share, REVIEW_WINDOW) if share is not None else None
     recent = NearDuplicate(DEDUP_DISTANCE)
@@ -416,8 +414,7 @@ def stream_take(pool: Sequence[PoolScore], n: int, threshold: float, seen: Seque
             break
         candidate = s.score < threshold and not recent.is_near(s.camera, s.dhash) \
             and (session is None or session[s.file_name] not in taken)
-        admitted = window.admit(rank_key(s.score, s.doubt), candidate, share_draw(seed, s.image_id)) \
-            if window is not None else candidate
+        admitted = window.admit(rank_key(s.score, s.doubt), candidate) if window is not None else candidate
         if not admitted:  # the window counts every image; only candidates are admitted
             continue
         if session is not None:
@@ -428,14 +425,14 @@ def stream_take(pool: Sequence[PoolScore], n: int, threshold: float, seen: Seque
 
 
 def stream_share_take(pool: Sequence[PoolScore], n: int, threshold: float, seen: Sequence[PoolScore] = (),
-                      session: dict[str, float] | None = None, seed: int = 0) -> tuple[float, list[PoolScore]]:
+                      session: dict[str, float] | None = None) -> tuple[float, list[PoolScore]]:
     """``judge_stream``: the smallest share (by bisection, to 0.001) whose ``stream_take`` sends
     ``n`` reviews, and those reviews."""
     lo, hi = 0.0, 1.0
-    best = stream_take(pool, n, threshold, seen, hi, session, seed)
+    best = stream_take(pool, n, threshold, seen, hi, session)
     while hi - lo > 0.001:
         mid = (lo + hi) / 2
-        picks = stream_take(pool, n, threshold, seen, mid, session, seed)
+        picks = stream_take(pool, n, threshold, seen, mid, session)
         if len(picks) >= n:
             hi, best = mid, picks
         else:
@@ -498,8 +495,7 @@ def select(strategy: str, candidates: Sequence[str], scores: dict[str, PoolScore
     if strategy in ("judge_stream", "judge_stream_session"):
         if strategy == "judge_stream_session" and oracle is None:
             raise ValueError(f"strategy {strategy!r} needs the pool's recordings")
-        share, picks = stream_share_take(pool, n, threshold, seen, oracle if strategy == "judge_stream_session" else None,
-                                         seed)
+        share, picks = stream_share_take(pool, n, threshold, seen, oracle if strategy == "judge_stream_session" else None)
         log.info("%s: review share %.3f sends %d", strategy, share, len(picks))
         return [s.file_name for s in picks]
     if strategy == "uncertainty":

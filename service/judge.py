@@ -77,7 +77,7 @@ ScoreFn = Callable[[Prediction, Bundle], "tuple[float, list[str]]"]
 DECISIONS = ("auto_accepted", "review")
 
 __all__ = ["DECISIONS", "REVIEW_WINDOW", "Judge", "Judgement", "NearDuplicate", "ReviewShare", "ScoreFn", "default_score",
-           "load_score_fn", "rank_key", "session_counter", "share_draw"]
+           "load_score_fn", "rank_key", "session_counter"]
 
 
 @dataclass(frozen=True)
@@ -181,9 +181,13 @@ class ReviewShare:
     per recording: the held-back frames took the first ranks; now 4.3-6.8 % and 4.5-5.8 %). On
     a stream whose mix does not drift faster than the window turns over, the share holds; the
     first keys after a start or a bundle swap rank against fewer (the daemon refills the window
-    from the store's images of the same bundle: ``remember``), and each image's own draw
-    (``admit``'s ``draw``) keeps the share while the window fills. Keys of different bundles are
-    not comparable, so each judge has its own. Thread-safe.
+    from the store's images of the same bundle: ``remember``): each new most doubtful image of a
+    filling window goes, so a share of 0.05 sends about 8 of the first 100 images where 5 are due
+    and 54 of the first 1000. A seeded draw in [0, 1) added to the rank makes the share exact
+    from the first image, but it sends some of those most doubtful images by chance only; on the
+    benchmark, where each round's new bundle starts with an empty window, it picked no better
+    (session 37, ``docs/simulate/README.md``), so the ranks decide alone. Keys of different
+    bundles are not comparable, so each judge has its own. Thread-safe.
     """
 
     def __init__(self, share: float, window: int = REVIEW_WINDOW) -> None:
@@ -213,25 +217,10 @@ class ReviewShare:
         with self._lock:
             self._add(key, candidate)
 
-    def admit(self, key: tuple[float, float], candidate: bool = True, draw: float = 0.0) -> bool:
-        """Add the key; True when it is a candidate and its rank among the window's candidates
-        (0 = the most doubtful) plus ``draw`` is under ``share`` x (images in the window).
-
-        ``draw`` in [0, 1) is the image's own lottery number (``share_draw``). The window holds
-        ``share`` x n ranks, n its images, and the rank of an image of a stream without drift is
-        uniform over them, so with a uniform draw each image is admitted with probability
-        ``share`` however few images the window holds: after a start or a bundle swap too. With
-        ``draw = 0`` a share x n under one still admits rank 0, so each new most doubtful image of
-        a filling window went to review (share 0.05, window 500, 200 streams of random keys: 8.4
-        reviews in the first 100 images where 5 are due, 53.8 in the first 1000; with the draw 5.0
-        and 49.7; ``tests/service/test_judge.py``). A full window with a whole number of ranks
-        (0.05 x 500) decides as before.
-        """
-        if not 0.0 <= draw < 1.0:
-            raise ValueError(f"draw: expected a number in [0, 1), got {draw}")
+    def admit(self, key: tuple[float, float], candidate: bool = True) -> bool:
         with self._lock:
             self._add(key, candidate)
-            return candidate and bisect.bisect_left(self._ranked, key) + draw < self.share * len(self._fifo)
+            return candidate and bisect.bisect_left(self._ranked, key) < self.share * len(self._fifo)
 
 
 def session_counter(camera: str, session: str) -> str:
@@ -239,16 +228,10 @@ def session_counter(camera: str, session: str) -> str:
     return "review:session:" + json.dumps([camera, session])
 
 
-def audit_draw(seed: int, image_id: str, lottery: str = "") -> float:
-    """A reproducible number in [0, 1) for this seed and image: the audit lottery (``lottery``
-    names another one, drawn independently of it)."""
-    digest = hashlib.sha256(f"{lottery}{seed}:{image_id}".encode()).digest()
+def audit_draw(seed: int, image_id: str) -> float:
+    """A reproducible number in [0, 1) for this seed and image: the audit lottery."""
+    digest = hashlib.sha256(f"{seed}:{image_id}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64
-
-
-def share_draw(seed: int, image_id: str) -> float:
-    """The image's number in [0, 1) for ``ReviewShare.admit``: reproducible, not the audit's."""
-    return audit_draw(seed, image_id, "share:")
 
 
 class Judge:
@@ -369,8 +352,7 @@ class Judge:
             else ("session_reviewed" if self._session_spent(session) else None)  # type: ignore[union-attr, arg-type]
         if self.share is not None:  # audits are exempt; held-back frames do not take a rank
             candidate = not audit and held is None
-            if not self.share.admit(rank_key(score, doubt), candidate,  # type: ignore[arg-type]
-                                    share_draw(self.seed, image_id)) and candidate:
+            if not self.share.admit(rank_key(score, doubt), candidate) and candidate:  # type: ignore[arg-type]
                 return Judgement(score, (*reasons, "outranked"), "auto_accepted", False, doubt=doubt)
         if held is not None:
             return Judgement(score, (*reasons, held), "auto_accepted", audit, doubt=doubt)

@@ -148,12 +148,10 @@ def test_streamed_share_ranks_only_frames_that_can_be_sent() -> None:
 
     dup = _score("a00", "mirror", 0.0, 12345)
     stream = [_score(f"a{i:02d}", "mirror", 0.0, 12345) for i in range(1, 10)]
-    stream += [_score("b00", "mirror", 0.3, 2**40 + 99), _score("b01", "mirror", 0.25, 2**62 - 1),
+    stream += [_score("b00", "mirror", 0.3, 2**40 + 99), _score("b01", "mirror", 0.35, 2**62 - 1),
                _score("b02", "mirror", 0.4, 2**61 - 1)]
     sent = stream_take(stream, 10, 0.5, seen=[dup], share=0.1)
-    # 10, 11, 12 frames in the window: 1.0, 1.1, 1.2 ranks. b00 and b01 rank first among the
-    # candidates (rank 0 + a draw in [0, 1) < 1.0, whatever the draw); b02 has two before it. Had
-    # the nine held-back frames (score 0) taken ranks, none of the three would have been sent.
+    # 10, 11, 12 frames in the window: 1.0, 1.1, 1.2 ranks; b02 has two candidates before it
     assert [s.file_name for s in sent] == ["b00", "b01"]
 
 

@@ -288,8 +288,7 @@ def test_review_share_through_the_daemon_and_a_restart(make_config: Callable[...
     cfg = make_config(judge__score_fn=f"{__name__}:width_score", judge__threshold=1.0, judge__audit_fraction=0.0,
                       judge__near_duplicate=False, judge__review_share=0.25, judge__review_window=20,
                       judge__reviews_per_session=1)
-    # scores 0 .. 0.99, mixed; the most doubtful fifth, when the window holds 5 images, 1.25 ranks
-    widths = [200 + 33 * k for k in (5, 9, 3, 11, 0, 7, 1, 10, 4, 8, 2, 6)]
+    widths = [200 + 33 * k for k in (5, 0, 9, 3, 11, 7, 1, 10, 4, 8, 2, 6)]  # scores 0 .. 0.99, mixed
     daemon = Daemon(cfg)
     daemon.start()
     try:

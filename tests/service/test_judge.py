@@ -11,7 +11,7 @@ import pytest
 from service.bundle import Bundle, parse_manifest
 from service.errors import ConfigError
 from service.judge import (Judge, Judgement, NearDuplicate, ReviewShare, audit_draw, default_score, load_score_fn,
-                           rank_key, session_counter, share_draw)
+                           rank_key, session_counter)
 from service.keypoints import COCO17
 from service.record import Head, Keypoint, Person, Prediction
 from service.store import Store
@@ -331,25 +331,6 @@ def test_review_share_admits_the_most_doubtful_share_of_a_stream() -> None:
     assert sum(k <= low for k in admitted) >= 0.9 * len(admitted)  # from the most doubtful tenth
     with pytest.raises(ValueError, match="share"):
         ReviewShare(0.0)
-
-
-def test_review_share_holds_its_share_while_the_window_fills() -> None:
-    """After a start or a bundle swap the window is empty: with the image's draw each image is
-    admitted with probability ``share`` from the first one on; ranks alone admit every new most
-    doubtful image of a short window (1.7x the share in the first 100 images)."""
-    def first_100(draw: bool) -> float:
-        counts = []
-        for trial in range(200):
-            rng, share = np.random.default_rng(trial), ReviewShare(0.05, window=500)
-            keys = [rank_key(s, d) for s, d in zip(rng.uniform(0, 1, 100), rng.uniform(0, 3, 100))]
-            counts.append(sum(share.admit(k, True, share_draw(0, f"{trial}-{i}") if draw else 0.0)
-                              for i, k in enumerate(keys)))
-        return float(np.mean(counts))
-
-    assert 4.5 <= first_100(draw=True) <= 5.5 < 7.5 <= first_100(draw=False)  # 5 due
-    assert share_draw(0, "a") != audit_draw(0, "a") and 0.0 <= share_draw(3, "a") < 1.0
-    with pytest.raises(ValueError, match="draw"):
-        ReviewShare(0.05).admit(rank_key(0.0, 1.0), True, 1.0)
 
 
 def test_review_share_ranks_a_tie_at_zero_by_total_doubt() -> None:
