@@ -47,10 +47,15 @@ def previous(root: Path, unit: str) -> tuple[Path, Path]:
     return root / unit, root / ("initial" if r == 1 else f"{m['strategy']}/round{r - 1}")
 
 
-def main(run: Path, repeats: int, units: list[str]) -> None:
+def run_config(run: Path, **changes: object) -> SimConfig:
+    """The settings RUN was made with (its ``config.json``), out = RUN, with ``changes``."""
     saved = json.loads((run / "config.json").read_text())
     saved = {k: v for k, v in saved.items() if k in {f.name for f in fields(SimConfig)}}
-    cfg = SimConfig(**{**saved, "out": run, "strategies": tuple(saved["strategies"]), "repeats": repeats})
+    return SimConfig(**{**saved, "out": run, "strategies": tuple(saved["strategies"]), **changes})
+
+
+def main(run: Path, repeats: int, units: list[str]) -> None:
+    cfg = run_config(run, repeats=repeats)
     test_dir, pools = prepare_data(cfg)  # the run's rendered folders (rendered already: nothing is drawn again)
     for seed, pool_dir in pools.items():
         root = run / "runs" / f"seed{seed}"

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +25,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from exporter.simulate import SimConfig  # noqa: E402
 from exporter.simulate_report import write_results  # noqa: E402
+from repeats import run_config  # noqa: E402  (docs/simulate/repeats.py)
 
 
 def unit_states(run: Path, strategies: list[str]) -> list[dict]:
@@ -48,10 +47,7 @@ def unit_states(run: Path, strategies: list[str]) -> list[dict]:
 
 
 def main(run: Path, out: Path, strategies: list[str]) -> None:
-    raw = json.loads((run / "config.json").read_text())
-    raw = {k: v for k, v in raw.items() if k in {f.name for f in fields(SimConfig)}}
-    cfg = replace(SimConfig(**{**raw, "strategies": tuple(raw["strategies"])}), out=out,
-                  strategies=("random", *strategies), settle=False)
+    cfg = run_config(run, out=out, strategies=("random", *strategies), settle=False)
     states = unit_states(run, strategies)
     out.mkdir(parents=True, exist_ok=True)
     write_results(cfg, states, 0.0)
