@@ -25,37 +25,41 @@ from exporter.simulate import composition
 from exporter.simulate_report import mean3, needed
 
 
-def units(run: Path) -> dict[tuple[str, int], dict[int, float]]:
+def read_states(run: Path) -> list[dict]:
+    """Every unit's ``state.json`` of the run (the first bundles' and each round's), read once."""
+    paths = sorted((run / "runs").glob("seed*/initial/state.json")) + sorted((run / "runs").glob("seed*/*/round*/state.json"))
+    return [json.loads(p.read_text()) for p in paths]
+
+
+def units(states: list[dict]) -> dict[tuple[str, int], dict[int, float]]:
     """(strategy, round) -> seed -> mean of the three accuracies of the unit's first training."""
     got: dict[tuple[str, int], dict[int, float]] = {}
-    for state in sorted((run / "runs").glob("seed*/*/round*/state.json")) + \
-            sorted((run / "runs").glob("seed*/initial/state.json")):
-        st = json.loads(state.read_text())
+    for st in states:
         m = st["metrics_each"][0] if st.get("metrics_each") else st["metrics"]
         got.setdefault((st["strategy"], int(st["round"])), {})[int(st["seed"])] = mean3(m)
     return got
 
 
-def recordings(run: Path) -> dict[str, dict[str, int]]:
+def recordings(run: Path, states: list[dict]) -> dict[str, dict[str, int]]:
     """"strategy round" -> seed -> how many of the pool's recordings (scene tags) its labelled
     images (the initial 40 and every review so far) show."""
     got: dict[str, dict[str, int]] = {}
-    for seed_dir in sorted((run / "runs").glob("seed*")):
-        seed = seed_dir.name[len("seed"):]
+    for seed in sorted({str(st["seed"]) for st in states}):
         pools = sorted((run / "data").glob(f"pool_s{seed}_*/annotations.json"))
         if not pools:
             continue
         coco = json.loads(pools[0].read_text())
-        for state in sorted(seed_dir.glob("*/state.json")) + sorted(seed_dir.glob("*/round*/state.json")):
-            st = json.loads(state.read_text())
-            got.setdefault(f"{st['strategy']} {st['round']}", {})[seed] = composition(coco, st["labelled"])["scenes"]
+        for st in states:
+            if str(st["seed"]) == seed:
+                got.setdefault(f"{st['strategy']} {st['round']}", {})[seed] = composition(coco, st["labelled"])["scenes"]
     return got
 
 
 def report(run: Path) -> dict:
-    u = units(run)
+    states = read_states(run)
+    u = units(states)
     init = u[("initial", 0)]
-    out: dict = {"run": str(run), "curves": {}, "gains": {}, "recordings": recordings(run)}
+    out: dict = {"run": str(run), "curves": {}, "gains": {}, "recordings": recordings(run, states)}
     for strategy in ("random", "judge", "oracle_scene"):
         rounds = sorted(r for s, r in u if s == strategy)
         if not rounds:
