@@ -19,26 +19,26 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-# (group, label, report under docs/simulate/, strategy, trainings per deciding unit)
 D, O = "default settings (the bar's)", "other settings"
-ROWS = [
-    (D, "judge (the verdict)", "auto-labels-repeats3-named/results.json", "judge", 3),
-    (D, "judge + 10 % random audit", "auto-labels-repeats3-named/results.json", "judge_audit", 3),
-    (D, "uncertainty", "auto-labels-repeats3-named/results.json", "uncertainty", 3),
-    (D, "random first, then judge", "auto-labels-repeats3/results.json", "random_then_judge", 3),
-    (D, "the daemon's review share", "streamed-default/repeats3/results.json", "judge_stream", 3),
-    (D, "error oracle (reads the ground truth)", "headroom/oracle3.json", "oracle_error", 3),
-    (O, "judge, 6 epochs a round", "epochs6-auto/deciding3x.json", "judge", 3),
-    (O, "judge, 416 px and 6 epochs", "px416e6/results.json", "judge", 2),
-    (O, "judge, rounds of 20", "rounds20-full/results.json", "judge", 1),
-    (O, "judge, confident auto labels only", "auto-labels-trusted25/results.json", "judge", 1),
-    (O, "judge, the roof camera shift", "roof-auto/results.json", "judge", 1),
-    (O, "judge, reviewed labels carried along the recording", "propagate/settled/results.json", "judge", 1),
-    (O, "... + one review per recording, the daemon's share", "propagate/streamed35/repeats3/results.json",
-     "judge_stream_session", 3),
-    (O, "... + one review per recording, the daemon's share", "propagate/streamed35/settled/results.json",
-     "judge_stream_session", 1),
-]
+# setting | rule | report under docs/simulate/ | strategy | trainings per deciding unit
+TABLE = """
+D | judge (the verdict) | auto-labels-repeats3-named/results.json | judge | 3
+D | judge + 10 % random audit | auto-labels-repeats3-named/results.json | judge_audit | 3
+D | uncertainty | auto-labels-repeats3-named/results.json | uncertainty | 3
+D | random first, then judge | auto-labels-repeats3/results.json | random_then_judge | 3
+D | the daemon's review share | streamed-default/repeats3/results.json | judge_stream | 3
+D | error oracle (reads the ground truth) | headroom/oracle3.json | oracle_error | 3
+O | judge, 6 epochs a round | epochs6-auto/deciding3x.json | judge | 3
+O | judge, 416 px and 6 epochs | px416e6/results.json | judge | 2
+O | judge, rounds of 20 | rounds20-full/results.json | judge | 1
+O | judge, confident auto labels only | auto-labels-trusted25/results.json | judge | 1
+O | judge, the roof camera shift | roof-auto/results.json | judge | 1
+O | judge, reviewed labels carried along the recording | propagate/settled/results.json | judge | 1
+O | ... + one review per recording, the daemon's share | propagate/streamed35/repeats3/results.json | judge_stream_session | 3
+O | ... + one review per recording, the daemon's share | propagate/streamed35/settled/results.json | judge_stream_session | 1
+"""
+ROWS = [({"D": D, "O": O}[g], label, report, strategy, int(n))
+        for g, label, report, strategy, n in (map(str.strip, line.split("|")) for line in TABLE.strip().splitlines())]
 
 
 def fraction(saving: dict, strategy: str) -> float | None:
