@@ -68,8 +68,7 @@ def coco_people_photos() -> list[Path]:
     rendered by ``exporter.synth``), whose occupants the COCO-pretrained pose model finds too,
     so that the engine, daemon and bundle tests run everywhere instead of skipping."""
     photos = sorted(SHARED_PHOTOS.glob("*.jpg"))[:5] or sorted(SAMPLE_PHOTOS.glob("*.jpg"))[:5]
-    if not photos:
-        pytest.skip(f"no photos under {SHARED_PHOTOS} or {SAMPLE_PHOTOS}")
+    assert photos, f"no photos under {SHARED_PHOTOS} or {SAMPLE_PHOTOS} (the samples ship with the package)"
     return photos
 
 
