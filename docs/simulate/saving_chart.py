@@ -31,7 +31,7 @@ D | error oracle (reads the ground truth) | headroom/oracle3.json | oracle_error
 O | judge, 6 epochs a round | epochs6-auto/deciding3x.json | judge | 3
 O | judge, 416 px and 6 epochs | px416e6/results.json | judge | 2
 O | judge, rounds of 20 | rounds20-full/results.json | judge | 1
-O | judge, confident auto labels only | auto-labels-trusted25/results.json | judge | 1
+O | judge, confident auto labels only | auto-labels-trusted25/repeats3/results.json | judge | 3
 O | judge, the roof camera shift | roof-auto/results.json | judge | 1
 O | judge, reviewed labels carried along the recording | propagate/settled/results.json | judge | 1
 O | ... + one review per recording, the daemon's share | propagate/streamed35/repeats3/results.json | judge_stream_session | 3
