@@ -27,6 +27,7 @@ D | judge + 10 % random audit | auto-labels-repeats3-named/results.json | judge_
 D | uncertainty | auto-labels-repeats3-named/results.json | uncertainty | 3
 D | random first, then judge | auto-labels-repeats3/results.json | random_then_judge | 3
 D | the daemon's review share | streamed-default/repeats3/results.json | judge_stream | 3
+D | typical and diverse picks (typiclust) | auto-labels-typiclust/repeats3/results.json | typiclust | 3
 D | error oracle (reads the ground truth) | headroom/oracle3.json | oracle_error | 3
 O | judge, 6 epochs a round | epochs6-auto/deciding3x.json | judge | 3
 O | judge, 416 px and 6 epochs | px416e6/results.json | judge | 2
