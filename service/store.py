@@ -445,6 +445,25 @@ class Store:
         cursor = f"{page[-1].received_at!r}|{page[-1].image_id}" if len(rows) > limit and page else None
         return page, cursor
 
+    def entered(self, state: str, after: int = 0, limit: int = 100) -> tuple[builtins.list[ImageRow], int]:
+        """Images that moved into ``state`` by a transition after ``after`` (a transition ``seq``)
+        and are still in it, in commit order; returns them and the last ``seq`` read (``after``
+        when none): pass it as ``after`` next time.
+
+        Unlike paging by arrival (``list``), this misses nothing that enters later: SQLite admits
+        one writer at a time and ``seq`` grows with every insert (transitions are never deleted),
+        so a transition committed after this read has a larger ``seq`` than any read here, even
+        for an image that arrived long before (a slow worker, an expired lease)."""
+        rows = self._conn().execute(
+            "SELECT t.seq AS t_seq, i.* FROM transitions t JOIN images i ON i.image_id = t.image_id "
+            "WHERE t.seq > ? AND t.to_state = ? ORDER BY t.seq LIMIT ?", (int(after), state, limit)).fetchall()
+        last = int(rows[-1]["t_seq"]) if rows else int(after)
+        return [ImageRow.from_sql(r) for r in rows if r["state"] == state], last
+
+    def last_transition(self) -> int:
+        """The ``seq`` of the newest transition (0 for an empty store)."""
+        return int(self._conn().execute("SELECT coalesce(max(seq), 0) FROM transitions").fetchone()[0])
+
     def latest_per_camera(self, decision: str, per_camera: int) -> builtins.list[ImageRow]:
         """The ``per_camera`` newest images of each camera with ``decision``, oldest first
         (images without a camera form one group)."""

@@ -14,8 +14,8 @@ reviewer id, reviewed_at, adjusted) and for each one:
 4. marks the image ``reviewed`` in the store (``uploaded -> reviewed``).
 
 The dataset is written before the store, so a crash in between is healed by the next run (the
-dataset write is idempotent). ``add_auto_accepted`` pages through the store's auto-accepted
-images from a cursor kept in the dataset. Each call that changed the dataset records a new
+dataset write is idempotent). ``add_auto_accepted`` follows the store's transitions into
+``auto_accepted`` from a ``seq`` kept in the dataset. Each call that changed the dataset records a new
 dataset version.
 """
 from __future__ import annotations
@@ -200,26 +200,47 @@ class Merger:
         return report
 
     def add_auto_accepted(self, page: int = 500) -> int:
-        """Add auto-accepted images that are not in the dataset yet; returns how many were added."""
-        cursor = self.dataset.meta("auto_cursor")
+        """Add auto-accepted images that are not in the dataset yet; returns how many were added.
+
+        It follows the store's transition log (``Store.entered``) from the ``seq`` kept in the
+        dataset's meta ``auto_seq``. Paging by arrival, as this did before, lost for good an image
+        that arrived early and was accepted late (a slow worker, an expired lease): the cursor had
+        already passed it. A dataset without ``auto_seq`` (new, or written by that older code) is
+        first swept whole: the store's newest ``seq`` is read before the sweep, so anything that
+        enters during it is read again next time (``put_auto`` is idempotent)."""
         added = 0
+        seq = self.dataset.meta("auto_seq")
+        if seq is None:
+            start, cursor = self.store.last_transition(), None
+            while True:
+                rows, cursor = self.store.list(state=AUTO_ACCEPTED, limit=page, after=cursor)
+                added += self._put_auto(rows)
+                if cursor is None:
+                    break
+            self.dataset.meta("auto_seq", str(start))
+            seq = str(start)
+        after = int(seq)
         while True:
-            rows, nxt = self.store.list(state=AUTO_ACCEPTED, limit=page, after=cursor or None)
-            target = self.dataset.schema.names
-            for row in rows:
-                if row.record is None:
-                    continue
-                try:
-                    label = auto_label(row.record, target)
-                except (ValueError, KeyError, TypeError) as exc:
-                    log.warning("image %s: auto label left out of the dataset: %s", row.image_id[:12], exc)
-                    continue
-                added += self.dataset.put_auto(row.image_id, label, auto_provenance(row), row.decision)
-            if rows:
-                cursor = f"{rows[-1].received_at!r}|{rows[-1].image_id}"
-                self.dataset.meta("auto_cursor", cursor)
-            if nxt is None:
+            rows, last = self.store.entered(AUTO_ACCEPTED, after=after, limit=page)
+            added += self._put_auto(rows)
+            if last == after:
                 return added
+            after = last
+            self.dataset.meta("auto_seq", str(after))
+
+    def _put_auto(self, rows: Iterable[ImageRow]) -> int:
+        target = self.dataset.schema.names
+        added = 0
+        for row in rows:
+            if row.record is None:
+                continue
+            try:
+                label = auto_label(row.record, target)
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("image %s: auto label left out of the dataset: %s", row.image_id[:12], exc)
+                continue
+            added += self.dataset.put_auto(row.image_id, label, auto_provenance(row), row.decision)
+        return added
 
 
 class MergeTask:

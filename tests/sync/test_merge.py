@@ -98,6 +98,33 @@ def test_crash_between_dataset_and_store_is_healed_by_the_next_merge(world) -> N
     assert store.get(rid).state == REVIEWED and len(dataset.versions()) == 1
 
 
+def test_an_image_accepted_after_a_later_arrival_still_joins_the_dataset(world) -> None:
+    """Two workers: A arrives first but its worker is slow (or its lease expires), B arrives
+    second and is accepted first. Paging by arrival moved its cursor past A for good."""
+    store, dataset, merger = world
+    a, _ = store.ingest(b"arrived first, accepted last", "test")
+    b, _ = store.ingest(b"arrived second, accepted first", "test")
+    assert [r.image_id for r in store.claim("slow", limit=1)] == [a]
+    assert [r.image_id for r in store.claim("fast", limit=1)] == [b]
+    store.complete(b, "fast", _record(b), "b-1", "auto_accepted", 0.9, [], False)
+    assert merger.add_auto_accepted() == 1
+    store.complete(a, "slow", _record(a), "b-1", "auto_accepted", 0.9, [], False)
+    assert merger.add_auto_accepted() == 1 and dataset.get(a) is not None
+    assert merger.add_auto_accepted() == 0  # nothing twice
+
+
+def test_a_dataset_from_before_the_transition_cursor_is_swept_once(world) -> None:
+    """A dataset written by the arrival-paging code (no ``auto_seq``) may lack images that code
+    skipped: the first call sweeps every auto-accepted image, later calls read only new ones."""
+    store, dataset, merger = world
+    early = _annotated(store, b"skipped by the old cursor", "auto_accepted")
+    dataset.meta("auto_cursor", "9e99|f")  # the old cursor, past every image
+    assert merger.add_auto_accepted() == 1 and dataset.get(early) is not None
+    late = _annotated(store, b"after the sweep", "auto_accepted")
+    assert merger.add_auto_accepted() == 1 and dataset.get(late) is not None
+    assert int(dataset.meta("auto_seq")) == store.last_transition()
+
+
 def test_reviewed_label_replaces_auto_and_auto_never_replaces_reviewed(world) -> None:
     store, dataset, merger = world
     rid = _annotated(store, b"img", "review")
