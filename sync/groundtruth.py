@@ -191,11 +191,14 @@ def _epoch(text: str | None) -> float:
     return when.timestamp()
 
 
-def _label_attribute(line: Mapping[str, Any]) -> str | None:
-    """The newest human-annotated label attribute of an output line (None when there is none)."""
+def _label_attribute(line: Mapping[str, Any], kind: str | None = None) -> str | None:
+    """The newest human-annotated label attribute of an output line (None when there is none);
+    with ``kind``, the newest of that label type (e.g. "groundtruth/custom")."""
     found = []
     for key, meta in line.items():
         if key.endswith("-metadata") and isinstance(meta, Mapping) and key[:-9] in line:
+            if kind is not None and str(meta.get("type", "")).lower() != kind:
+                continue
             if str(meta.get("human-annotated", "yes")).lower() == "yes":
                 found.append((str(meta.get("creation-date") or meta.get("creation_date") or ""), key[:-9]))
     return max(found)[1] if found else None
@@ -222,14 +225,19 @@ def _auto_label(line: Mapping[str, Any], names: Sequence[str]) -> tuple[tuple[An
     return heads, _persons(kpts.get("persons", []), names)
 
 
-def parse_output_line(line: Mapping[str, Any], names: Sequence[str] = CABIN19_NAMES) -> ReviewedLabel | None:
+def parse_output_line(line: Mapping[str, Any], names: Sequence[str] = CABIN19_NAMES,
+                      attribute: str | None = None) -> ReviewedLabel | None:
     """A ``ReviewedLabel`` from one output-manifest line, or None when it holds no human label.
 
     Accepts the built-in bounding-box format (``groundtruth/object-detection``; heads only) and
     the custom format (``groundTruth/custom``), with ``job-name``/``creation-date`` or
-    ``job_name``/``creation_date``; ``adjustment-status`` sets ``adjusted``.
+    ``job_name``/``creation_date``; ``adjustment-status`` sets ``adjusted``. The newest label
+    attribute is read (``attribute`` names another). A chained job's line carries the earlier
+    jobs' attributes too: when the newest is a bounding-box review of the heads and the line
+    also holds a key-point review, the label is both (the heads from the newer job), so the
+    reviewed key points are not dropped for the bundle's own.
     """
-    attribute = _label_attribute(line)
+    attribute = attribute or _label_attribute(line)
     if attribute is None:
         return None
     value, meta = line[attribute], line[attribute + "-metadata"]
@@ -244,9 +252,16 @@ def parse_output_line(line: Mapping[str, Any], names: Sequence[str] = CABIN19_NA
         class_map = meta.get("class-map", {})
         heads = tuple((a["left"], a["top"], a["left"] + a["width"], a["top"] + a["height"])
                       for a in value.get("annotations", []) if class_map.get(str(a["class_id"]), "head") == "head")
-        return _to_original(ReviewedLabel(image_id, int(size["width"]), int(size["height"]), heads, (), BACKEND,
-                                          job, when, None, adjusted, tuple(names), (HEADS,)),
-                            line.get("edge-original-size"))
+        heads_label = _to_original(ReviewedLabel(image_id, int(size["width"]), int(size["height"]), heads, (),
+                                                 BACKEND, job, when, None, adjusted, tuple(names), (HEADS,)),
+                                   line.get("edge-original-size"))
+        earlier = _label_attribute(line, kind="groundtruth/custom")
+        full = parse_output_line(line, names, earlier) if earlier is not None else None
+        if full is None:
+            return heads_label
+        both = None if adjusted is None and full.adjusted is None else bool(adjusted or full.adjusted)
+        return dataclasses.replace(full, heads=heads_label.heads, job=job, reviewed_at=max(when, full.reviewed_at),
+                                   adjusted=both, parts=(HEADS, PERSONS))
     if kind != "groundtruth/custom":
         raise ManifestError(f"output line for {image_id}: unknown label type {meta.get('type')!r}")
     for problem in value.get("problems", []):

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from service.keypoints import FLAG_VISIBILITY, VISIBILITY_FLAG
 from service.store import AUTO_ACCEPTED, REVIEWED, UPLOADED, ImageRow, Store
 
-from .dataset import Dataset, DatasetVersion, canonical_label
+from .dataset import REVIEWED as HUMAN, Dataset, DatasetVersion, canonical_label
 from .mistakenness import mistakenness
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,8 @@ def reviewed_label(label: Any, target: Sequence[str], names: Sequence[str] | Non
     """The canonical label of a reviewed label; its key points are in ``names`` order (the
     label's own ``keypoint_names`` when it has them). A label whose ``parts`` leave out
     ``heads`` or ``persons`` (e.g. a built-in bounding-box job) keeps that part of ``auto``
-    (the canonical auto label); the image size is the auto label's."""
+    (a canonical label: the auto label, or the image's earlier reviewed one); the image size
+    is ``auto``'s."""
     names = _get(label, "keypoint_names") or names
     parts = tuple(_get(label, "parts") or ("heads", "persons"))
     persons = []
@@ -177,7 +178,12 @@ class Merger:
                 continue
             try:
                 auto = auto_label(row.record, target)
-                rev = reviewed_label(label, target, row.record.get("keypoint_names"), auto)
+                # A review of one part (a bounding-box job reviews heads) keeps the other part of
+                # an earlier review, not the bundle's: a head-box adjustment chained on a
+                # key-point job must not put the bundle's key points back.
+                prev = self.dataset.get(image_id)
+                base = prev.label if prev is not None and prev.origin == HUMAN else auto
+                rev = reviewed_label(label, target, row.record.get("keypoint_names"), base)
                 mist = mistakenness(auto, rev, self.dataset.schema.sigmas)
             except (ValueError, KeyError, TypeError) as exc:
                 report.skipped[image_id] = f"malformed label: {exc}"

@@ -219,6 +219,28 @@ def test_output_in_downscaled_pixels_comes_back_in_original_pixels(tmp_path: Pat
     assert (label.persons[0].keypoints[0].x, label.persons[0].keypoints[0].y) == (20.0, 40.0)
 
 
+def test_a_chained_head_box_job_keeps_the_key_point_review_of_the_same_line() -> None:
+    """A bounding-box adjustment job chained on a key-point job writes its attribute beside the
+    earlier one; the line's label is both: the newer heads and the reviewed key points."""
+    rec = record(persons=1)
+    line = json.loads(manifest_line("s3://b/x.jpg", "x", rec, "b"))
+    heads, persons = expected(rec)
+    line.update({"rev": {"image_size": {"width": WIDTH, "height": HEIGHT}, "heads": [list(heads[0])],
+                         "persons": [{"box": list(persons[0].box), "keypoints": [{"label": "nose", "x": 10, "y": 20,
+                                                                                  "visibility": "visible"}]}]},
+                 "rev-metadata": {"job-name": "kpts", "type": "groundTruth/custom", "human-annotated": "yes",
+                                  "creation-date": "2026-11-24T10:00:00Z", "adjustment-status": "adjusted"},
+                 "head-box": {"image_size": [{"width": WIDTH, "height": HEIGHT, "depth": 3}],
+                              "annotations": [{"class_id": 0, "left": 1, "top": 2, "width": 3, "height": 4}]},
+                 "head-box-metadata": {**BUILTIN["head-box-metadata"], "creation-date": "2026-11-25T10:00:00",
+                                       "job-name": "labeling-job/adjust-heads", "adjustment-status": "unadjusted"}})
+    label = parse_output_line(line)
+    assert label is not None and label.parts == ("heads", "persons") and label.job == "adjust-heads"
+    assert label.heads == ((1, 2, 4, 6),) and label.adjusted is True
+    assert (label.persons[0].keypoints[0].x, label.persons[0].keypoints[0].y) == (10.0, 20.0)
+    assert label.reviewed_at == dt.datetime(2026, 11, 25, 10, tzinfo=dt.timezone.utc).timestamp()
+
+
 SPEC = LabelingJobSpec(role_arn="arn:aws:iam::123456789012:role/gt", workteam_arn=(
     "arn:aws:sagemaker:eu-west-1:123456789012:workteam/private-crowd/edge"),
     ui_template_s3_uri="s3://bkt/edge/groundtruth/keypoints.liquid.html", output_s3_path="s3://bkt/edge/groundtruth/output",

@@ -280,3 +280,20 @@ def test_merge_task_with_the_in_memory_review_backend(world) -> None:
     entry = dataset.get(rid)
     assert entry.provenance["job"] == "batch-1" and entry.provenance["reviewer"] == "r-9"
     assert entry.provenance["adjusted"] is False and entry.mistakes["score"] == 0.0
+
+
+def test_a_later_heads_only_review_keeps_the_reviewed_key_points(world) -> None:
+    """A head-box adjustment job chained on a key-point job: its heads replace the reviewed
+    heads, and the reviewed key points stay (they went back to the bundle's before)."""
+    store, dataset, merger = world
+    rid = _annotated(store, b"keypoints then heads", "review")
+    store.set_state(rid, (REVIEW_PENDING,), UPLOADED)
+    full = _reviewed(rid, move=25.0)
+    merger.merge([full])
+    assert dataset.get(rid).label["persons"][0]["keypoints"][0][0] == pytest.approx(135.0)
+    heads = ReviewedLabel(rid, 640, 480, ((10.0, 10.0, 60.0, 60.0),), (), "groundtruth", "head-adjust",
+                          full.reviewed_at + 3600, parts=("heads",))
+    assert merger.merge([heads]).merged == [rid]
+    label = dataset.get(rid).label
+    assert label["heads"] == [[10.0, 10.0, 60.0, 60.0]]
+    assert label["persons"][0]["keypoints"][0][0] == pytest.approx(135.0)  # the bundle said 110
