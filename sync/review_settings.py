@@ -40,6 +40,7 @@ from .config import SyncConfig
 from .config import checked_table as _checked
 from .errors import SyncConfigError
 from .groundtruth import LabelingJobSpec
+from .objectstore import join_prefix
 
 if TYPE_CHECKING:
     from .objectstore import ObjectStore
@@ -106,6 +107,14 @@ def review_settings_from(cfg: SyncConfig, env: Mapping[str, str]) -> ReviewSetti
         output = gt_table.get("output_prefix", f"groundtruth/output/{cfg.appliance_id}").strip("/")
         if not output:
             raise SyncConfigError("sync.review.groundtruth.output_prefix: expected a key prefix, got ''")
+        given = (job or {}).get("output_s3_path")
+        collected = f"s3://{cfg.target.bucket}/{join_prefix(cfg.target.prefix, output)}"
+        if given and given.rstrip("/") != collected:
+            # The agent finds finished jobs by listing output_prefix in the target bucket: jobs
+            # writing anywhere else would never be collected, silently.
+            raise SyncConfigError(f"sync.review.groundtruth.job.output_s3_path: {given!r} is not where the agent "
+                                  f"collects the jobs' output ({collected}, the target bucket and "
+                                  "[sync.review.groundtruth] output_prefix); leave it out or set it to that")
         gt = GroundTruthSettings(output, gt_table.get("region") or cfg.target.region, job)
     elif kind == "labelstudio":
         t = ls_table

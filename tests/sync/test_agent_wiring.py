@@ -209,3 +209,21 @@ def test_model_pull_runs_only_with_a_registry_and_reloads_the_daemon_at_server_l
         assert not agent.tasks[-1].run_once()  # an empty registry: nothing to switch to
     finally:
         agent.close()
+
+
+def test_a_labeling_job_output_path_the_agent_would_not_collect_is_refused(tmp_path: Path) -> None:
+    """Ground Truth writes the output manifests to the job's output_s3_path; the agent lists
+    output_prefix in the target bucket. If they differ, reviews would never come back."""
+    config = tmp_path / "annotator.toml"
+    job = ('[sync.review.groundtruth.job]\nrole_arn = "arn:aws:iam::1:role/gt"\n'
+           'workteam_arn = "arn:aws:sagemaker:eu-west-1:1:workteam/private-crowd/x"\n'
+           'ui_template_s3_uri = "s3://bkt/t.html"\n')
+    base = ('[sync.target]\nkind = "s3"\nbucket = "bkt"\nprefix = "edge"\n'
+            '[sync.review]\nkind = "groundtruth"\n[sync.review.groundtruth]\noutput_prefix = "gt-output"\n')
+    config.write_text(base + job + 'output_s3_path = "s3://bkt/gt-output"\n')
+    with pytest.raises(SyncConfigError, match=r"output_s3_path: .*\(s3://bkt/edge/gt-output,"):
+        review_settings_from(load_sync_config(config, env={}), env={})
+    config.write_text(base + job + 'output_s3_path = "s3://bkt/edge/gt-output/"\n')
+    assert review_settings_from(load_sync_config(config, env={}), env={}).groundtruth is not None
+    config.write_text(base + job)  # left out: the agent fills in its own
+    assert review_settings_from(load_sync_config(config, env={}), env={}).groundtruth is not None
