@@ -92,6 +92,9 @@ class ModelEntry:
             raise BundleError(f"models.{self.role}.task: expected 'detect' or 'pose', got {self.task!r}")
         if self.task == "pose" and self.kpt_shape is None:
             raise BundleError(f"models.{self.role}: a pose model needs kpt_shape")
+        if self.kpt_shape is not None and len(self.kpt_shape) != 2:
+            raise BundleError(f"models.{self.role}.kpt_shape: expected [points, values per point], got "
+                              f"{list(self.kpt_shape)}")
         if Path(self.file).name != self.file:
             raise BundleError(f"models.{self.role}.file: must be a plain file name, got {self.file!r}")
 
@@ -202,7 +205,24 @@ class Bundle:
 
 
 def parse_manifest(path: Path, data: Mapping[str, Any]) -> Bundle:
-    """Build a ``Bundle`` from parsed ``bundle.json`` data (no file checks)."""
+    """Build a ``Bundle`` from parsed ``bundle.json`` data (no file checks).
+
+    Whatever is wrong with the data is a ``BundleError`` naming the file: a value of the wrong
+    type (``"det_conf": "high"``, ``"thresholds": [0.5]``, a list at the top) would otherwise
+    surface as a ``TypeError`` or ``AttributeError``, which the daemon's reload reports as an
+    internal error and the sync agent's model pull does not refuse, so every pull stopped on it.
+    """
+    if not isinstance(data, Mapping):
+        raise BundleError(f"{path}: bundle.json must hold a JSON object, got {type(data).__name__}")
+    try:
+        return _parse_manifest(path, data)
+    except BundleError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise BundleError(f"{path}: bundle.json is malformed ({type(exc).__name__}: {exc})") from exc
+
+
+def _parse_manifest(path: Path, data: Mapping[str, Any]) -> Bundle:
     if data.get("format") != FORMAT:
         raise BundleError(f"{path}: bundle format {data.get('format')!r} is not supported; expected {FORMAT}")
     for key in ("id", "models", "keypoints"):
@@ -241,10 +261,13 @@ def parse_manifest(path: Path, data: Mapping[str, Any]) -> Bundle:
             appearance = AppearanceProfile.from_json(data["appearance"])
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"{path}: appearance: {exc}") from exc
+    head_from_face = data.get("head_from_face", False)
+    if not isinstance(head_from_face, bool):  # bool("false") is True
+        raise BundleError(f"{path}: head_from_face: expected true or false, got {head_from_face!r}")
     return Bundle(
         path=path, id=str(data["id"]), created=str(data.get("created", "")), models=models,
         keypoints=schema, thresholds=Thresholds.from_json(data.get("thresholds", {}), schema.count),
-        visibility_mode=mode, head_from_face=bool(data.get("head_from_face", False)),
+        visibility_mode=mode, head_from_face=head_from_face,
         judgement=dict(data.get("judgement", {})), metrics=dict(data.get("metrics", {})),
         lineage=dict(data.get("lineage", {})), confidence_calibration=cal, appearance=appearance,
     )

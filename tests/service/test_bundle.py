@@ -75,3 +75,34 @@ def test_unknown_format_is_refused(bundle_copy: Path, fmt) -> None:
 def test_not_a_bundle(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="no bundle.json"):
         load_bundle(tmp_path)
+
+
+def _set_first_model(d: dict, value) -> None:
+    d["models"][next(iter(d["models"]))] = value
+
+
+@pytest.mark.parametrize("edit", [
+    lambda d: d.update(thresholds=[0.5]),
+    lambda d: d.update(thresholds={"det_conf": "high"}),
+    lambda d: d.update(thresholds={"det_conf": [0.3]}),
+    lambda d: d.update(models=[1, 2]),
+    lambda d: _set_first_model(d, "pose_main.onnx"),
+    lambda d: d["models"]["pose_main"].update(kpt_shape=[19]),
+    lambda d: d.update(judgement=[1]),
+    lambda d: d.update(metrics="x"),
+    lambda d: d.update(appearance=[1]),
+    lambda d: d.update(head_from_face="false"),
+], ids=["thresholds-list", "det_conf-text", "det_conf-list", "models-list", "model-entry-text", "kpt_shape-1d",
+        "judgement-list", "metrics-text", "appearance-list", "head_from_face-text"])
+def test_a_malformed_manifest_value_is_a_bundle_error(bundle_copy: Path, edit) -> None:
+    """The daemon's reload answers a BundleError with FAILED_PRECONDITION and the model pull
+    refuses the bundle; any other exception stopped the pull and read as a server fault."""
+    _edit_manifest(bundle_copy, edit)
+    with pytest.raises(BundleError, match="bundle.json is malformed|kpt_shape|head_from_face|malformed entry|appearance"):
+        load_bundle(bundle_copy)
+
+
+def test_a_manifest_that_is_not_an_object_is_a_bundle_error(bundle_copy: Path) -> None:
+    (bundle_copy / "bundle.json").write_text("[]")
+    with pytest.raises(BundleError, match="must hold a JSON object"):
+        load_bundle(bundle_copy)
