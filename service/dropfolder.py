@@ -18,12 +18,25 @@ was down are found by the start-up scan; a periodic rescan covers missed watchdo
 Order of work per file: validate (size, readable, decodable, pixel limit), ingest the bytes
 into the store, then move/keep/delete the original. A crash between ingest and the move is
 harmless: on restart the file is ingested again and the store de-duplicates it by content.
+
+One file never holds up the others: whatever one file raises is logged and the scan goes on
+(an ingest that fails for a reason of its own quarantines the file; a store that cannot be
+reached right now leaves it for the next scan). File names need not be valid UTF-8 (a FAT card
+or an SMB share may write Latin-1): the store, the logs and the reason files get them with the
+undecodable bytes written as ``\\xNN`` (``text_name``), the file system keeps the real name.
+
+While the store refuses ingest (disk below its floor, or full), nothing is read or decoded: the
+``paused`` probe is asked once per scan, and after a ``StoreFull`` the scan stops and no file is
+looked at again for ``pause_retry_seconds``; the files wait where they are.
 """
 from __future__ import annotations
 
+import errno
 import logging
+import math
 import os
 import shutil
+import sqlite3
 import stat
 import threading
 import time
@@ -44,9 +57,35 @@ PROCESSED, QUARANTINE = "processed", "quarantine"
 PROCESSED_MODES = ("move", "keep", "delete")
 TEMP_SUFFIXES = (".tmp", ".part", ".reason.txt")
 RESCAN_SECONDS = 30.0
+PAUSE_RETRY_SECONDS = 5.0  # after a StoreFull, how long no file is read or decoded
 
 # sink(data, source, meta, decoded) ingests the bytes; raises StoreFull when ingest is paused.
 Sink = Callable[[bytes, str, dict, DecodedImage], object]
+
+
+def text_name(path: Path | str) -> str:
+    """``path`` as text that is always valid UTF-8, for the store, logs and reason files.
+
+    Python keeps the bytes of a name that is not valid UTF-8 as lone surrogates, which SQLite,
+    JSON consumers and UTF-8 log files refuse; here each such byte becomes ``\\xNN`` instead.
+    """
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True when ``exc`` says the disk is full: ``ENOSPC`` (or ``EDQUOT``, a quota) from a write,
+    or SQLite's ``SQLITE_FULL``. The store's own floor check raises ``StoreFull`` before this
+    happens; a disk that fills faster than the floor, or a floor of 0, ends up here."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(exc, sqlite3.OperationalError):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    return False
+
+
+def _store_full(exc: BaseException) -> StoreFull:
+    return StoreFull(f"no space left on the disk ({getattr(exc, 'strerror', None) or exc}); "
+                     "ingest is paused until space is freed")
 
 
 def is_temporary(rel: Path) -> bool:
@@ -80,12 +119,12 @@ def write_quarantine(qdir: Path, rel: Path, reason: str, source: Path | None = N
     """
     dest = unique_path(qdir / rel, _holds(data) if data is not None else None)
     reason_file = dest.with_name(dest.name + ".reason.txt")
-    write_bytes_atomic(reason_file, (reason.rstrip() + "\n").encode("utf-8"))
+    write_bytes_atomic(reason_file, (reason.rstrip() + "\n").encode("utf-8", "backslashreplace"))
     if source is not None:
         os.replace(source, dest) if _same_fs(source, dest.parent) else shutil.move(str(source), dest)
     elif data is not None and not dest.is_file():
         write_bytes_atomic(dest, data)
-    log.warning("quarantined %s: %s", rel, reason)
+    log.warning("quarantined %s: %s", text_name(rel), text_name(reason))
     return dest
 
 
@@ -120,7 +159,11 @@ class DropFolder:
 
     def __init__(self, root: Path, sink: Sink, processed_mode: str = "move", stable_seconds: float = 2.0,
                  max_bytes: int = 50_000_000, max_pixels: int = 50_000_000, poll_interval: float = 0.5,
-                 max_side_hint: int | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+                 max_side_hint: int | None = None, clock: Callable[[], float] = time.monotonic,
+                 paused: Callable[[], str | None] | None = None,
+                 pause_retry_seconds: float = PAUSE_RETRY_SECONDS) -> None:
+        """``paused``: why the store refuses ingest right now, or None (``Store.paused_reason``);
+        asked once per scan so that nothing is decoded for a sink that would refuse it."""
         if processed_mode not in PROCESSED_MODES:
             raise ValueError(f"drop.processed_mode: expected one of {PROCESSED_MODES}, got {processed_mode!r}")
         self.root = Path(root)
@@ -133,6 +176,12 @@ class DropFolder:
         self.poll_interval = float(poll_interval)
         self.max_side_hint = max_side_hint
         self.clock = clock
+        self.paused = paused
+        self.pause_retry_seconds = float(pause_retry_seconds)
+        self._held_until = -math.inf  # clock time before which no file is looked at (StoreFull)
+        self._held_reason = ""
+        self._pause_logged: str | None = None  # the pause reason last logged, None when running
+        self._full_owed = False  # a full walk was skipped while paused
         self._seen: dict[Path, _Seen] = {}
         self._kept: dict[Path, tuple[int, int]] = {}  # processed_mode="keep": taken already
         self._dirty: set[Path] = set()
@@ -199,18 +248,63 @@ class DropFolder:
         return out
 
     def scan_once(self, full: bool = True) -> int:
-        """Look at changed files (every file when ``full``); take the stable ones. Returns how many."""
+        """Look at changed files (every file when ``full``); take the stable ones. Returns how many.
+
+        While the store refuses ingest nothing is read (``_pause_reason``); the changed files stay
+        remembered and a full walk skipped meanwhile is done on the first scan after. The first
+        ``StoreFull`` ends the scan: every later file would be read and decoded only to be
+        refused the same way. Anything else one file raises is logged and the scan goes on.
+        """
+        if self._pause_reason() is not None:
+            self._full_owed |= full
+            return 0
+        full, self._full_owed = full or self._full_owed, False
         with self._lock:
             candidates = set(self._dirty) | set(self._seen)
             self._dirty.clear()
         if full:
             candidates.update(self._walk())
+        order = sorted(candidates)
         taken = 0
-        for path in sorted(candidates):
+        for i, path in enumerate(order):
             if self._stop.is_set():
                 break
-            taken += self._consider(path)
+            try:
+                taken += self._consider(path)
+            except StoreFull as exc:
+                self._hold(str(exc), order[i:])
+                break
+            except Exception:  # one file's surprise must not keep the files after it from being taken
+                log.exception("drop folder: %s failed; going on with the other files", text_name(path))
+        if taken and self._pause_logged is not None:
+            log.info("drop folder resumed: ingest is accepted again")
+            self._pause_logged = None
         return taken
+
+    def _pause_reason(self) -> str | None:
+        """Why no file should be read now: a recent ``StoreFull``, or the ``paused`` probe."""
+        if self.clock() < self._held_until:
+            return self._held_reason
+        reason = None
+        if self.paused is not None:
+            try:
+                reason = self.paused()
+            except Exception:  # the sink still refuses with StoreFull if the disk is really full
+                log.exception("cannot tell whether the store accepts images; trying anyway")
+        if reason is not None and reason != self._pause_logged:
+            log.warning("drop folder paused, no file is read until ingest resumes: %s", reason)
+            self._pause_logged = reason
+        return reason
+
+    def _hold(self, reason: str, pending: list[Path]) -> None:
+        """After a ``StoreFull``: look at no file for ``pause_retry_seconds``, then at ``pending``."""
+        self._held_until = self.clock() + self.pause_retry_seconds
+        self._held_reason = reason
+        with self._lock:
+            self._dirty.update(pending)
+        if reason != self._pause_logged:
+            log.warning("drop folder paused, retrying in %.0f s: %s", self.pause_retry_seconds, reason)
+            self._pause_logged = reason
 
     def _relative(self, path: Path) -> Path | None:
         try:
@@ -246,12 +340,10 @@ class DropFolder:
         self._seen.pop(path, None)
         try:
             return self._take(path, rel, st)
-        except StoreFull as exc:
-            log.warning("drop folder paused: %s", exc)
-            self._seen[path] = _Seen(st.st_size, st.st_mtime_ns, now)
-            return 0
-        except OSError as exc:
-            log.error("cannot move %s out of the drop folder (%s); it will be retried", rel, exc)
+        except OSError as exc:  # StoreFull (not an OSError) goes to scan_once, which stops
+            if is_disk_full(exc):
+                raise _store_full(exc) from exc
+            log.error("cannot move %s out of the drop folder (%s); it will be retried", text_name(rel), exc)
             return 0
 
     def _problem(self, path: Path, st: os.stat_result) -> str | None:
@@ -290,19 +382,32 @@ class DropFolder:
                 decoded = decode_image(data, max_pixels=self.max_pixels, max_side_hint=self.max_side_hint)
             except ImageError as exc:
                 reason = str(exc)
+            except Exception as exc:  # a decoder failure of its own: set this file aside, not retried forever
+                log.error("decoding %s failed", text_name(rel), exc_info=exc)
+                reason = f"cannot decode the image ({type(exc).__name__}: {exc})"
         if reason is not None:
             self._quarantine(path, rel, reason)
             return 0
         assert decoded is not None
-        meta = {"path": rel.as_posix(), "size": st.st_size, "mtime": st.st_mtime_ns / 1e9}
+        name = text_name(rel.as_posix())
+        meta = {"path": name, "size": st.st_size, "mtime": st.st_mtime_ns / 1e9}
         if len(rel.parts) > 1:
-            meta["camera"] = rel.parts[0]
+            meta["camera"] = text_name(rel.parts[0])
         try:
-            self.sink(data, f"drop:{rel.as_posix()}", meta, decoded)
+            self.sink(data, f"drop:{name}", meta, decoded)
         except StoreFull:
             raise
         except AnnotatorError as exc:
             self._quarantine(path, rel, str(exc))
+            return 0
+        except Exception as exc:
+            if is_disk_full(exc):
+                raise _store_full(exc) from exc
+            if isinstance(exc, (OSError, sqlite3.OperationalError)):  # the store, not this file (locked...)
+                log.error("cannot ingest %s now (%s); it will be retried", name, exc)
+                return 0
+            log.error("ingesting %s failed", name, exc_info=exc)
+            self._quarantine(path, rel, f"ingest failed ({type(exc).__name__}: {exc}); details are in the daemon log")
             return 0
         self._dispose(path, rel, st)
         self.taken += 1
@@ -323,4 +428,4 @@ class DropFolder:
             dest = unique_path(self.root / PROCESSED / rel)
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.replace(path, dest)
-        log.debug("took %s (%s)", rel, self.processed_mode)
+        log.debug("took %s (%s)", text_name(rel), self.processed_mode)

@@ -9,8 +9,9 @@ Pure functions over bytes (``read_image`` only reads the file). What they guaran
   ``bit_length(max value) - 8``, so a 12-bit sensor stored in 16 bits (max < 4096) is shifted by
   4, a full 16-bit image by 8, and a dark image is not stretched. Float TIFFs in 0..1 are
   multiplied by 255, other float images are divided by their maximum.
-- Decompression bombs are refused before decoding: for JPEG, PNG and BMP the size is read from
-  the header; other formats (TIFF, WebP, ...) are checked after decoding (OpenCV's own
+- Decompression bombs are refused before decoding: for JPEG, PNG, BMP, TIFF and WebP the size
+  is read from the header, so a small file that declares a huge image (a deflated TIFF, a WebP)
+  never reaches the decoder; other formats are checked after decoding (OpenCV's own
   ``OPENCV_IO_MAX_IMAGE_PIXELS`` limit, 2^30 by default, still applies to them).
 - Truncated JPEGs (no end-of-image marker after the scan) and PNGs (no IEND chunk) are refused,
   although OpenCV would return a partly grey image for them.
@@ -118,8 +119,62 @@ def _exif_orientation(tiff: bytes) -> int:
     return 1
 
 
+_TIFF_WIDTH, _TIFF_LENGTH = 256, 257
+# TIFF field types that may hold ImageWidth/ImageLength: SHORT, LONG, LONG8 (BigTIFF).
+_TIFF_INT = {3: "H", 4: "I", 16: "Q"}
+
+
+def _tiff_size(data: bytes) -> tuple[int, int]:
+    """(ImageWidth, ImageLength) of the first IFD of a classic or BigTIFF file, either byte order.
+
+    That IFD is the image OpenCV decodes. Both tags are required by the TIFF specification, so a
+    file without them (or cut short before them) is corrupt, and refused before the decoder
+    sees it rather than let through unchecked.
+    """
+    e = "<" if data[:2] == b"II" else ">"
+    try:
+        big = struct.unpack(e + "H", data[2:4])[0] == 43
+        if big:  # BigTIFF: 8-byte offsets and counts, 20-byte entries
+            ifd = struct.unpack(e + "Q", data[8:16])[0]
+            count = struct.unpack(e + "Q", data[ifd:ifd + 8])[0]
+            first, entry, value_at, value_size = ifd + 8, 20, 12, 8
+        else:
+            ifd = struct.unpack(e + "I", data[4:8])[0]
+            count = struct.unpack(e + "H", data[ifd:ifd + 2])[0]
+            first, entry, value_at, value_size = ifd + 2, 12, 8, 4
+        found: dict[int, int] = {}
+        for k in range(min(count, (len(data) - first) // entry)):
+            off = first + entry * k
+            tag, typ = struct.unpack(e + "HH", data[off:off + 4])
+            if tag in (_TIFF_WIDTH, _TIFF_LENGTH) and typ in _TIFF_INT:
+                code = _TIFF_INT[typ]
+                if struct.calcsize(code) <= value_size:  # stored in the entry itself (count 1)
+                    found[tag] = struct.unpack(e + code, data[off + value_at:off + value_at + struct.calcsize(code)])[0]
+            if len(found) == 2:
+                return found[_TIFF_WIDTH], found[_TIFF_LENGTH]
+    except struct.error:
+        pass
+    raise ImageError("corrupt or truncated TIFF: no ImageWidth/ImageLength in the first image directory")
+
+
+def _webp_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the first chunk of a WebP file: VP8 (lossy), VP8L (lossless) or VP8X
+    (extended: the canvas size, which every frame of a still or animated image must fit in)."""
+    chunk = data[12:16]
+    if chunk == b"VP8 " and len(data) >= 30 and data[23:26] == b"\x9d\x01\x2a":
+        w, h = struct.unpack("<HH", data[26:30])
+        return w & 0x3FFF, h & 0x3FFF
+    if chunk == b"VP8L" and len(data) >= 25 and data[20] == 0x2F:
+        bits = int.from_bytes(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8X" and len(data) >= 30:
+        return int.from_bytes(data[24:27], "little") + 1, int.from_bytes(data[27:30], "little") + 1
+    raise ImageError("corrupt or truncated WebP: no VP8, VP8L or VP8X header with the image size")
+
+
 def header_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) as stored (before EXIF orientation) for JPEG, PNG and BMP; else None."""
+    """(width, height) as stored (before EXIF orientation) for JPEG, PNG, BMP, TIFF and WebP; else
+    None. A file of one of these formats whose header holds no size raises ``ImageError``."""
     if data[:2] == b"\xff\xd8":
         w, h, _, _ = _jpeg_info(data)
         return w, h
@@ -130,6 +185,10 @@ def header_size(data: bytes) -> tuple[int, int] | None:
     if data[:2] == b"BM" and len(data) >= 26:
         w, h = struct.unpack("<ii", data[18:26])
         return abs(w), abs(h)
+    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return _tiff_size(data)
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return _webp_size(data)
     return None
 
 

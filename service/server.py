@@ -36,6 +36,7 @@ from protos.annotator.v1 import annotator_pb2 as pb
 from protos.annotator.v1 import annotator_pb2_grpc as pb_grpc
 
 from .convert import annotation_to_proto, status_to_proto, timestamp_to_epoch
+from .dropfolder import is_disk_full
 from .errors import (AnnotatorError, BundleError, ConfigError, ImageError, ImageNotFound, ImageTooLarge, PathNotAllowed,
                      ShuttingDown, StoreFull)
 from .interceptors import AccessLogInterceptor, LatencyStats, TokenInterceptor
@@ -56,8 +57,13 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status code and message for an exception raised while serving a call.
 
     Mapped by type only (first match in the table wins, so subclasses come before their bases):
-    the wording of a message never decides its code.
+    the wording of a message never decides its code. A full disk (``ENOSPC`` while the store
+    writes the image, SQLite's ``SQLITE_FULL``) is the store being full, not a server fault: it
+    is RESOURCE_EXHAUSTED like ``StoreFull``, so clients back off and retry later.
     """
+    if is_disk_full(exc):
+        return (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "the store's disk is full (no space left on device); ingest is paused until space is freed")
     table: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
         (ImageTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
         (ImageError, grpc.StatusCode.INVALID_ARGUMENT),

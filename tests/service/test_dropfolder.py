@@ -1,7 +1,9 @@
 """The drop folder on real files: what is taken, what is quarantined and why, what is ignored."""
 from __future__ import annotations
 
+import errno
 import os
+import sqlite3
 import time
 from pathlib import Path
 
@@ -9,9 +11,11 @@ import cv2
 import numpy as np
 import pytest
 
+import service.dropfolder as dropfolder
 from service.dropfolder import PROCESSED, QUARANTINE, DropFolder, is_temporary, write_quarantine
 from service.errors import StoreFull
 from service.imageio import DecodedImage
+from service.store import Store
 
 
 def _jpeg(seed: int, size: tuple[int, int] = (48, 64)) -> bytes:
@@ -142,15 +146,199 @@ def test_processed_modes(tmp_path: Path, mode: str) -> None:
     assert not (drop.root / PROCESSED).exists()
 
 
+class Clock:
+    """A monotonic clock that moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_store_full_leaves_the_file_for_later(tmp_path: Path) -> None:
-    sink = Sink()
+    sink, clock = Sink(), Clock()
     sink.full = True
-    drop = _folder(tmp_path, sink)
+    drop = _folder(tmp_path, sink, clock=clock)
     (drop.root / "a.jpg").write_bytes(_jpeg(5))
     assert drop.scan_once() == 0
     assert (drop.root / "a.jpg").exists() and not (drop.root / QUARANTINE).exists()
     sink.full = False
+    assert drop.scan_once() == 0  # held for pause_retry_seconds after the refusal
+    clock.now += dropfolder.PAUSE_RETRY_SECONDS
+    assert drop.scan_once(full=False) == 1  # remembered: no full walk needed
+
+
+def _old_files(root: Path, names: list[bytes]) -> None:
+    """Files (names as raw bytes) with an mtime long past, so each counts as stable at once."""
+    for i, name in enumerate(names):
+        path = os.fsencode(root) + b"/" + name
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(_jpeg(100 + i))
+        os.utime(path, (1_000_000_000, 1_000_000_000))
+
+
+def _count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = dropfolder.decode_image
+
+    def counting(data: bytes, **kw: object) -> DecodedImage:
+        calls.append(len(data))
+        return real(data, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(dropfolder, "decode_image", counting)
+    return calls
+
+
+def test_name_that_is_not_utf8_is_ingested_and_the_files_after_it_too(tmp_path: Path) -> None:
+    """A Latin-1 name (FAT card, SMB share) made SQLite raise UnicodeEncodeError in every full
+    scan, so no file sorting after it was ever taken. Into a real store it goes as text with the
+    odd bytes written \\xNN; on disk the file keeps its real name."""
+    store = Store(tmp_path / "store")
+    got: list[str] = []
+
+    def sink(data: bytes, source: str, meta: dict, decoded: DecodedImage) -> object:
+        got.append(source)
+        return store.ingest(data, source, meta)
+
+    drop = DropFolder(tmp_path / "drop", sink, stable_seconds=0.0)
+    _old_files(drop.root, [b"cam1/Kamera_\xdc_001.jpg", b"cam1/z_good.jpg", b"Kamera_\xfc/b.jpg"])
+    assert drop.scan_once(full=True) == 3
+    assert sorted(got) == ["drop:Kamera_\\xfc/b.jpg", "drop:cam1/Kamera_\\xdc_001.jpg", "drop:cam1/z_good.jpg"]
+    assert store.counts()["received"] == 3
+    rows = {r.source: r for r in store.list()[0]}
+    assert rows["drop:Kamera_\\xfc/b.jpg"].camera == "Kamera_\\xfc"
+    assert rows["drop:cam1/Kamera_\\xdc_001.jpg"].meta["path"] == "cam1/Kamera_\\xdc_001.jpg"
+    assert os.path.isfile(os.fsencode(drop.root / PROCESSED) + b"/cam1/Kamera_\xdc_001.jpg")
+    assert not (drop.root / QUARANTINE).exists()
+
+
+def test_unexpected_ingest_error_quarantines_that_file_only(tmp_path: Path) -> None:
+    sink = Sink()
+    drop = _folder(tmp_path, sink)
+    real = sink.__call__
+
+    def picky(data: bytes, source: str, meta: dict, decoded: DecodedImage) -> None:
+        if source.endswith("b.jpg"):
+            raise UnicodeEncodeError("utf-8", "b\udcdc", 1, 2, "surrogates not allowed")
+        real(data, source, meta, decoded)
+
+    drop.sink = picky
+    for i, n in enumerate(["a.jpg", "b.jpg", "c.jpg"]):
+        (drop.root / n).write_bytes(_jpeg(10 + i))
+    assert drop.scan_once() == 2
+    assert [s for _, s, _ in sink.got] == ["drop:a.jpg", "drop:c.jpg"]
+    assert "ingest failed (UnicodeEncodeError" in _reason(drop.root, "b.jpg")
+    assert (drop.root / QUARANTINE / "b.jpg").is_file() and not (drop.root / "b.jpg").exists()
+    assert drop.quarantined == 1 and drop.scan_once() == 0
+
+
+def test_store_busy_leaves_the_file_and_takes_the_others(tmp_path: Path) -> None:
+    sink = Sink()
+    drop = _folder(tmp_path, sink)
+    real = sink.__call__
+    locked = [True]
+
+    def busy(data: bytes, source: str, meta: dict, decoded: DecodedImage) -> None:
+        if source.endswith("a.jpg") and locked[0]:
+            raise sqlite3.OperationalError("database is locked")
+        real(data, source, meta, decoded)
+
+    drop.sink = busy
+    (drop.root / "a.jpg").write_bytes(_jpeg(20))
+    (drop.root / "b.jpg").write_bytes(_jpeg(21))
+    assert drop.scan_once() == 1 and [s for _, s, _ in sink.got] == ["drop:b.jpg"]
+    assert (drop.root / "a.jpg").exists() and not (drop.root / QUARANTINE).exists()  # not the file's fault
+    locked[0] = False
     assert drop.scan_once() == 1
+
+
+def test_one_files_surprise_never_aborts_the_scan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sink = Sink()
+    drop = _folder(tmp_path, sink)
+    real = drop._dispose
+
+    def dispose(path: Path, rel: Path, st: os.stat_result) -> None:
+        if rel.name == "a.jpg":
+            raise KeyError("a bug of our own, after the ingest")
+        real(path, rel, st)
+
+    monkeypatch.setattr(drop, "_dispose", dispose)
+    for i, n in enumerate(["a.jpg", "b.jpg", "c.jpg"]):
+        (drop.root / n).write_bytes(_jpeg(30 + i))
+    assert drop.scan_once() == 2  # raised out of scan_once before, leaving b and c behind
+    assert (drop.root / PROCESSED / "b.jpg").is_file() and (drop.root / PROCESSED / "c.jpg").is_file()
+    assert (drop.root / "a.jpg").exists()  # retried later; the store de-duplicates its bytes
+
+
+def test_store_full_decodes_nothing_while_paused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Thousands of queued files were each read and decoded every second while the store refused
+    them. Now the first refusal ends the scan and nothing is decoded until the store takes
+    images again (the probe says so, after the hold)."""
+    decodes = _count_decodes(monkeypatch)
+    sink, clock = Sink(), Clock()
+    reason: list[str | None] = [None]
+    drop = _folder(tmp_path, sink, clock=clock, paused=lambda: reason[0])
+    _old_files(drop.root, [f"f{i:02d}.jpg".encode() for i in range(20)])
+    sink.full = True  # the floor is crossed between the probe and the ingest
+    assert drop.scan_once() == 0 and len(decodes) == 1  # stopped at the first refusal
+    for _ in range(5):
+        assert drop.scan_once() == 0
+    assert len(decodes) == 1  # held: not even the probe is asked
+    clock.now += dropfolder.PAUSE_RETRY_SECONDS
+    reason[0] = "free disk space 1 MB below the floor of 100 MB"
+    for _ in range(5):
+        assert drop.scan_once() == 0
+    assert len(decodes) == 1  # the probe says paused: nothing is read
+    reason[0], sink.full = None, False
+    assert drop.scan_once(full=False) == 20  # the files were remembered, no full walk needed
+    assert len(decodes) == 21 and not (drop.root / QUARANTINE).exists()
+
+
+def test_paused_at_start_owes_the_full_walk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    decodes = _count_decodes(monkeypatch)
+    sink = Sink()
+    reason: list[str | None] = ["disk below the floor"]
+    drop = _folder(tmp_path, sink, paused=lambda: reason[0])
+    _old_files(drop.root, [b"a.jpg", b"b.jpg"])
+    assert drop.scan_once(full=True) == 0 and decodes == []  # the start-up scan, while paused
+    reason[0] = None
+    assert drop.scan_once(full=False) == 2  # the skipped start-up walk is done now
+
+
+@pytest.mark.parametrize("disk_full", [
+    OSError(errno.ENOSPC, "No space left on device"),
+    OSError(errno.EDQUOT, "Disk quota exceeded"),
+])
+def test_no_space_while_ingesting_is_store_full(tmp_path: Path, disk_full: Exception) -> None:
+    sink, clock = Sink(), Clock()
+    calls: list[str] = []
+
+    def full(data: bytes, source: str, meta: dict, decoded: DecodedImage) -> None:
+        calls.append(source)
+        raise disk_full
+
+    drop = _folder(tmp_path, sink, clock=clock)
+    drop.sink = full
+    for i, n in enumerate(["a.jpg", "b.jpg", "c.jpg"]):
+        (drop.root / n).write_bytes(_jpeg(40 + i))
+    assert drop.scan_once() == 0
+    assert calls == ["drop:a.jpg"]  # the scan stopped: the others would be refused too
+    assert drop.scan_once() == 0 and len(calls) == 1  # held
+    assert not (drop.root / QUARANTINE).exists() and (drop.root / "a.jpg").exists()
+    drop.sink = sink
+    clock.now += dropfolder.PAUSE_RETRY_SECONDS
+    assert drop.scan_once() == 3
+
+
+def test_sqlite_full_is_store_full() -> None:
+    exc = sqlite3.OperationalError("database or disk is full")
+    exc.sqlite_errorcode = sqlite3.SQLITE_FULL  # what sqlite3 sets when SQLITE_FULL is returned
+    locked = sqlite3.OperationalError("database is locked")
+    locked.sqlite_errorcode = sqlite3.SQLITE_BUSY
+    assert dropfolder.is_disk_full(exc) and dropfolder.is_disk_full(OSError(errno.ENOSPC, "full"))
+    assert not dropfolder.is_disk_full(locked) and not dropfolder.is_disk_full(OSError(errno.EACCES, "denied"))
 
 
 def test_startup_scan_and_watcher(tmp_path: Path) -> None:

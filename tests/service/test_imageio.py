@@ -136,8 +136,83 @@ def test_decompression_bomb_refused_from_header() -> None:
         decode_image(_jpeg(_photo()), max_pixels=1000)
     with pytest.raises(ImageTooLarge, match="more than the limit"):
         decode_image(cv2.imencode(".bmp", _photo())[1].tobytes(), max_pixels=1000)
-    with pytest.raises(ImageTooLarge, match="more than the limit"):  # TIFF: checked after decoding
+    with pytest.raises(ImageTooLarge, match="more than the limit"):
         decode_image(cv2.imencode(".tiff", _photo())[1].tobytes(), max_pixels=1000)
+
+
+def _tiff_header_only(width: int, height: int, order: str, typ: int, big: bool = False) -> bytes:
+    """A TIFF (classic or BigTIFF) whose first directory declares ``width`` x ``height`` (tags of
+    field type ``typ``) and holds no pixel data at all."""
+    e = "<" if order == "II" else ">"
+    code = {3: "H", 4: "I", 16: "Q"}[typ]
+    entries = [(254, 4, 0), (256, typ, width), (257, typ, height), (258, 3, 8)]
+    if big:
+        out = order.encode() + struct.pack(e + "HHHQ", 43, 8, 0, 16) + struct.pack(e + "Q", len(entries))
+        for tag, t, v in entries:
+            c = code if t == typ else {3: "H", 4: "I"}[t]
+            out += struct.pack(e + "HHQ", tag, t, 1) + struct.pack(e + c, v).ljust(8, b"\0")
+        return out + struct.pack(e + "Q", 0)
+    out = order.encode() + struct.pack(e + "HI", 42, 8) + struct.pack(e + "H", len(entries))
+    for tag, t, v in entries:
+        c = code if t == typ else {3: "H", 4: "I"}[t]
+        out += struct.pack(e + "HHI", tag, t, 1) + struct.pack(e + c, v).ljust(4, b"\0")
+    return out + struct.pack(e + "I", 0)
+
+
+@pytest.mark.parametrize("order", ["II", "MM"])
+@pytest.mark.parametrize("typ,big", [(3, False), (4, False), (3, True), (4, True), (16, True)])
+def test_tiff_bomb_refused_from_header(order: str, typ: int, big: bool) -> None:
+    # Only the header exists: the decoder would fail differently, so the size check came first.
+    side = 60_000 if typ == 3 else 100_000
+    with pytest.raises(ImageTooLarge, match=f"{side}x{side + 1} = {side * (side + 1)} pixels, more than the limit"):
+        decode_image(_tiff_header_only(side, side + 1, order, typ, big), max_pixels=4_000_000)
+
+
+def test_small_compressed_tiff_and_webp_refused_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 1 MB deflated TIFF of 8000x8000 pixels was decoded (64 MB, then 192 MB as BGR) before
+    the limit was checked, and WebP likewise: the refusal must come without calling the decoder."""
+    tiff = cv2.imencode(".tiff", np.zeros((3000, 2000), np.uint8))[1].tobytes()
+    blank = np.zeros((3000, 2000, 3), np.uint8)
+    webp_lossless = cv2.imencode(".webp", blank, [cv2.IMWRITE_WEBP_QUALITY, 101])[1].tobytes()
+    webp_lossy = cv2.imencode(".webp", blank, [cv2.IMWRITE_WEBP_QUALITY, 80])[1].tobytes()
+    assert webp_lossless[12:16] == b"VP8L" and webp_lossy[12:16] == b"VP8 "
+
+    def no_decoding(*args: object) -> None:
+        raise AssertionError("the image was decoded before its size was checked")
+
+    monkeypatch.setattr(cv2, "imdecode", no_decoding)
+    for data in (tiff, webp_lossless, webp_lossy):
+        assert len(data) < 200_000
+        with pytest.raises(ImageTooLarge, match="2000x3000 = 6000000 pixels, more than the limit of 1000000"):
+            decode_image(data, max_pixels=1_000_000)
+
+
+def test_webp_extended_header_bomb_refused() -> None:
+    canvas = (1 << 24) - 1  # VP8X stores width - 1 and height - 1 in 24 bits each
+    vp8x = b"VP8X" + struct.pack("<I", 10) + b"\0\0\0\0" + canvas.to_bytes(3, "little") + (9999).to_bytes(3, "little")
+    data = b"RIFF" + struct.pack("<I", 4 + len(vp8x)) + b"WEBP" + vp8x
+    with pytest.raises(ImageTooLarge, match=f"{canvas + 1}x10000 = "):
+        decode_image(data)
+
+
+@pytest.mark.parametrize("ext,params", [(".tiff", []), (".webp", [cv2.IMWRITE_WEBP_QUALITY, 101]),
+                                        (".webp", [cv2.IMWRITE_WEBP_QUALITY, 80])])
+def test_tiff_and_webp_within_the_limit_still_decode(ext: str, params: list[int]) -> None:
+    data = cv2.imencode(ext, _photo(), params)[1].tobytes()
+    d = decode_image(data, max_pixels=200 * 120)
+    assert (d.width, d.height, d.pixels.shape) == (200, 120, (120, 200, 3))
+    with pytest.raises(ImageTooLarge, match="200x120 = 24000 pixels"):
+        decode_image(data, max_pixels=200 * 120 - 1)
+    big_endian = _tiff_header_only(200, 120, "MM", 4)  # header only: the size is read, the decode then fails
+    with pytest.raises(ImageError, match="not a decodable image|cannot decode"):
+        decode_image(big_endian, max_pixels=200 * 120)
+
+
+@pytest.mark.parametrize("data", [b"II*\x00\x08\x00\x00\x00\x00\x00", b"MM\x00*\x00\x00\xff\xff",
+                                  b"RIFF\x00\x00\x00\x00WEBPVP8 \x00", b"RIFF\x00\x00\x00\x00WEBPJUNK"])
+def test_tiff_and_webp_without_a_size_are_corrupt(data: bytes) -> None:
+    with pytest.raises(ImageError, match="corrupt or truncated (TIFF|WebP)"):
+        decode_image(data)
 
 
 def test_byte_limit_is_image_too_large() -> None:

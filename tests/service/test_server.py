@@ -1,6 +1,8 @@
 """A real gRPC server on 127.0.0.1 with a real bundle: answers, clear errors, health, reflection."""
 from __future__ import annotations
 
+import errno
+import sqlite3
 from typing import Any, Callable
 
 import cv2
@@ -40,12 +42,38 @@ def _req(data: bytes, rid: str = "", camera: str = "cam-a") -> pb.AnnotateReques
     (TimeoutError("slow"), C.DEADLINE_EXCEEDED),
     (ValueError("bad cursor"), C.INVALID_ARGUMENT),
     (RuntimeError("secret internals"), C.INTERNAL),
+    (OSError(errno.ENOSPC, "No space left on device"), C.RESOURCE_EXHAUSTED),
+    (OSError(errno.EACCES, "Permission denied"), C.INTERNAL),
 ])
 def test_status_for(exc: Exception, code: grpc.StatusCode) -> None:
     got, message = status_for(exc)
     assert got == code and message
     if code == C.INTERNAL:
         assert "secret" not in message  # no internals leak to clients
+
+
+def test_full_disk_is_resource_exhausted_with_a_clear_message() -> None:
+    full = sqlite3.OperationalError("database or disk is full")
+    full.sqlite_errorcode = sqlite3.SQLITE_FULL
+    for exc in (OSError(errno.ENOSPC, "No space left on device"), full):
+        code, message = status_for(exc)
+        assert code == C.RESOURCE_EXHAUSTED and "disk is full" in message and "ingest is paused" in message
+
+
+def test_no_space_while_storing_is_resource_exhausted(served: tuple[Any, int], stub: Any,
+                                                      small_jpeg: Callable[[int], bytes],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store's floor is 0 (or the disk filled faster than it): writing the image file fails
+    with ENOSPC, which is the store being full, not an internal error."""
+    import service.store
+
+    def no_space(*args: object, **kw: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(service.store, "write_bytes_atomic", no_space)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Annotate(_req(small_jpeg(7)), timeout=30)
+    assert err.value.code() == C.RESOURCE_EXHAUSTED and "disk is full" in err.value.details()
 
 
 def test_annotate_real_photo_then_same_bytes_once(served: tuple[Any, int], stub: Any,
