@@ -194,7 +194,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))
-    except (AnnotatorError, ValueError, FileNotFoundError) as exc:
+    except (AnnotatorError, ValueError, OSError) as exc:
+        # OSError: a path that is a file where a folder is wanted (or the reverse), a folder the
+        # service user cannot write... one line naming the path, not a traceback.
         print(f"annotator {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

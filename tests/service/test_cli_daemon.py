@@ -50,3 +50,14 @@ def test_serve_without_a_bundle_exits_2(tmp_path: Path, capsys: pytest.CaptureFi
     err = capsys.readouterr().err
     assert "engine.bundle: required here but not set" in err and "None" not in err
     assert not (tmp_path / "store").exists()  # refused before anything was opened
+
+
+def test_a_store_root_under_a_file_is_one_line_not_a_traceback(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    demo_bundle = Path(__file__).parents[2] / "service" / "assets" / "demo_bundle"
+    (tmp_path / "a-file").write_text("not a folder")
+    args = ["serve", "--set", f"store.root={tmp_path / 'a-file' / 'store'}", "--set", "server.listen=127.0.0.1:0",
+            "--set", f"engine.bundle={demo_bundle}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "annotator serve: error:" in err and "a-file" in err and "Traceback" not in err
