@@ -131,10 +131,17 @@ def _client_meta(request: pb.AnnotateRequest, context: grpc.ServicerContext) -> 
 class AnnotatorServicer(pb_grpc.AnnotatorServicer):
     """``annotator.v1.Annotator`` on top of a ``Daemon``."""
 
-    def __init__(self, daemon: "Daemon", stats: LatencyStats | None = None, default_timeout: float = 60.0) -> None:
+    def __init__(self, daemon: "Daemon", stats: LatencyStats | None = None, default_timeout: float = 60.0,
+                 max_streams: int | None = None) -> None:
+        """``max_streams``: open ``AnnotateStream`` calls on the whole server (None: no limit).
+        Each holds a pool thread for its life, and gRPC's own ``max_concurrent_streams`` counts
+        per connection: a few clients with many streams each would take every thread, and
+        health checks and unary calls would wait until their deadline."""
         self.daemon = daemon
         self.stats = stats
         self.default_timeout = default_timeout
+        self.max_streams = max_streams
+        self._streams = threading.BoundedSemaphore(max_streams) if max_streams else None
 
     def _timeout(self, context: grpc.ServicerContext) -> float:
         remaining = context.time_remaining()
@@ -156,9 +163,17 @@ class AnnotatorServicer(pb_grpc.AnnotatorServicer):
         A reader thread takes the next request only when a slot is free, so a fast client is
         held back by gRPC flow control instead of filling the server's memory.
         """
+        if self._streams is not None and not self._streams.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"{self.max_streams} streams are open on this server (server.max_concurrent_streams); "
+                          "close one or retry later")
         metrics = self.daemon.metrics
-        with metrics.stream() if metrics is not None else contextlib.nullcontext():
-            yield from self._stream(request_iterator, context)
+        try:
+            with metrics.stream() if metrics is not None else contextlib.nullcontext():
+                yield from self._stream(request_iterator, context)
+        finally:
+            if self._streams is not None:
+                self._streams.release()
 
     def _stream(self, request_iterator: Iterator[pb.AnnotateRequest],
                 context: grpc.ServicerContext) -> Iterator[pb.AnnotateStreamResponse]:
@@ -290,10 +305,11 @@ def create_server(config: "Config", daemon: "Daemon",
                ("grpc.so_reuseport", 0)]
     if s.max_concurrent_streams:
         options.append(("grpc.max_concurrent_streams", streams))
-    # A stream holds a pool thread for its whole life: enough threads for every stream + unary calls.
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max(8, streams * 2), thread_name_prefix="grpc"),
+    # A stream holds a pool thread for its whole life: the servicer admits ``streams`` of them on
+    # the whole server, and the pool keeps at least 8 more threads for unary and health calls.
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=streams + 8, thread_name_prefix="grpc"),
                          interceptors=interceptors, options=options)
-    pb_grpc.add_AnnotatorServicer_to_server(AnnotatorServicer(daemon, stats), server)
+    pb_grpc.add_AnnotatorServicer_to_server(AnnotatorServicer(daemon, stats, max_streams=streams), server)
     health_servicer = health_servicer or health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

@@ -135,6 +135,57 @@ def test_stream_returns_request_ids_and_per_image_errors(served: tuple[Any, int]
     assert daemon.store.counter("annotated") == 20
 
 
+def test_streams_are_bounded_on_the_whole_server_and_health_still_answers(
+        make_config: Callable[..., Any], small_jpeg: Callable[[int], bytes]) -> None:
+    """``server.max_concurrent_streams`` is per connection in gRPC; each open stream holds a
+    server thread. Several clients with their streams open took every thread, and health
+    checks timed out. Now a stream beyond the limit (on any connection) is refused at once."""
+    import threading
+
+    from service.daemon import Daemon
+    from service.server import create_server
+
+    daemon = Daemon(make_config(server__max_concurrent_streams=2))
+    daemon.start()
+    server, port = create_server(daemon.config, daemon)
+    hold = threading.Event()
+    channels = [grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
+                for _ in range(3)]
+    try:
+        def requests(seed: int):
+            yield _req(small_jpeg(seed), f"s{seed}")
+            hold.wait(60)
+
+        calls = []
+        for i, ch in enumerate(channels[:2]):  # two clients, one stream each: both admitted
+            call = pb_grpc.AnnotatorStub(ch).AnnotateStream(requests(300 + i), timeout=60)
+            assert next(call).request_id == f"s{300 + i}"  # open and answered
+            calls.append(call)
+        with pytest.raises(grpc.RpcError) as refused:
+            next(pb_grpc.AnnotatorStub(channels[2]).AnnotateStream(requests(302), timeout=60))
+        assert refused.value.code() == C.RESOURCE_EXHAUSTED and "streams are open" in refused.value.details()
+        health = health_pb2_grpc.HealthStub(channels[2]).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        calls[0].cancel()  # a slot comes back when a stream ends
+        for _ in range(50):
+            try:
+                again = pb_grpc.AnnotatorStub(channels[2]).AnnotateStream(requests(303), timeout=60)
+                assert next(again).request_id == "s303"
+                calls.append(again)
+                break
+            except grpc.RpcError as exc:
+                assert exc.code() == C.RESOURCE_EXHAUSTED  # the cancel not yet seen by the server
+                hold.wait(0.1)
+        else:
+            raise AssertionError("the slot of the cancelled stream never came back")
+    finally:
+        hold.set()
+        for ch in channels:
+            ch.close()
+        server.stop(grace=1.0).wait(5)
+        daemon.close()
+
+
 def test_list_get_status_reload(served: tuple[Any, int], stub: Any, small_jpeg: Callable[[int], bytes]) -> None:
     daemon, _ = served
     ids = {stub.Annotate(_req(small_jpeg(200 + i)), timeout=60).image_id for i in range(5)}
