@@ -32,6 +32,16 @@ class ObjectNotFound(PermanentError):
     """``get`` of a key that does not exist in the object store."""
 
 
+class BundleContentError(PermanentError):
+    """The object is there and readable, but it is not a usable model bundle (not a tar, no or
+    a malformed ``bundle.json``, a named file missing, checksums or layouts wrong).
+
+    Kept apart from the other ``PermanentError``s (credentials rejected, bucket missing, access
+    denied), which say nothing about the bundle: a content problem refuses that one bundle or
+    training artifact and the agent goes on, while those stop the agent and refuse nothing, so
+    that a good bundle is still taken once a person fixed the access."""
+
+
 class ConflictError(PermanentError):
     """An object that must be written once already exists with different content."""
 

@@ -13,6 +13,14 @@ key points the dataset and both bundles share (matched by name):
 With fewer than ``min_images`` hold-out images the gate cannot judge quality: it passes on
 checksums alone and its reason says so. Without pycocotools (the ``eval`` extra) AP is left
 out and the gate says so.
+
+When scoring fails the gate tells whose fault it is. Reading the hold-out images or scoring
+the bundle in use (which run first) failing is not the candidate's fault: ``check`` raises
+``RetryableError`` and the candidate waits for the next pass, unjudged. The candidate failing
+after that, on the same images and engine (onnxruntime cannot load or run it, its outputs do
+not fit), is a failed gate whose reason names the exception, so the candidate is refused like
+any other. ``OSError`` and ``MemoryError`` stay retryable even from the candidate: a full disk
+or a short memory says nothing about the bundle.
 """
 from __future__ import annotations
 
@@ -27,6 +35,7 @@ from service.bundle import Bundle
 
 from .coco_export import _place, coco_dict, image_extension
 from .dataset import Dataset, DatasetEntry
+from .errors import RetryableError
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +112,14 @@ def score_bundle(bundle: Bundle, data: dict[str, Any], images_dir: Path) -> dict
     return out
 
 
+def _not_judged(candidate: Bundle, what: str, exc: BaseException) -> RetryableError:
+    """The error for a gate that could not judge ``candidate`` through no fault of its own."""
+    log.error("validation gate: %s (%s: %s); candidate %s waits for the next pass", what,
+              type(exc).__name__, exc, candidate.id)
+    return RetryableError(f"validation gate: {what} ({type(exc).__name__}: {exc}); candidate "
+                          f"{candidate.id} is not judged and waits for the next pass")
+
+
 class ValidationGate:
     """Compares a candidate with the bundle in use on the dataset's hold-out images.
 
@@ -121,8 +138,12 @@ class ValidationGate:
         return [e for e in self.dataset.holdout() if self.image_path(e.image_id).is_file()]
 
     def check(self, current: Bundle | None, candidate: Bundle) -> GateResult:
-        """Run both bundles on the hold-out images and compare (see module doc)."""
-        entries = self._holdout()
+        """Run both bundles on the hold-out images and compare (see module doc). Raises
+        ``RetryableError`` when the hold-out data or the bundle in use cannot be scored."""
+        try:
+            entries = self._holdout()
+        except Exception as exc:  # the dataset's database, the store's files
+            raise _not_judged(candidate, "the hold-out images cannot be listed", exc) from exc
         if current is None:
             return GateResult(True, "no bundle in use to compare with: checksums only", False, len(entries))
         if len(entries) < self.config.min_images:
@@ -134,18 +155,38 @@ class ValidationGate:
         if not names:
             return GateResult(False, "the candidate shares no key point with the dataset and the bundle in use",
                               False, len(entries))
-        self.work.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="gate-", dir=self.work) as tmp:
-            images = Path(tmp)
-            files = {}
-            for e in entries:
-                src = self.image_path(e.image_id)
-                with open(src, "rb") as f:
-                    files[e.image_id] = e.image_id + image_extension(f.read(16))
-                _place(src, images / files[e.image_id])
-            data = _restrict(coco_dict(entries, self.dataset.schema, {"purpose": "gate"}, files), names)
-            cur = score_bundle(current, data, images)
-            cand = score_bundle(candidate, data, images)
+        try:
+            self.work.mkdir(parents=True, exist_ok=True)
+            tmp = tempfile.TemporaryDirectory(prefix="gate-", dir=self.work)
+        except OSError as exc:
+            raise _not_judged(candidate, f"no work folder under {self.work}", exc) from exc
+        with tmp:
+            images = Path(tmp.name)
+            try:
+                files = {}
+                for e in entries:
+                    src = self.image_path(e.image_id)
+                    with open(src, "rb") as f:
+                        files[e.image_id] = e.image_id + image_extension(f.read(16))
+                    _place(src, images / files[e.image_id])
+                data = _restrict(coco_dict(entries, self.dataset.schema, {"purpose": "gate"}, files), names)
+            except Exception as exc:  # files, the dataset's rows
+                raise _not_judged(candidate, "the hold-out images cannot be prepared", exc) from exc
+            try:
+                cur = score_bundle(current, data, images)
+            except Exception as exc:  # engine, onnxruntime, metrics: the bundle in use or the data
+                raise _not_judged(candidate, f"the bundle in use {current.id} cannot be scored on "
+                                             f"{len(entries)} hold-out images", exc) from exc
+            try:
+                cand = score_bundle(candidate, data, images)
+            except (OSError, MemoryError) as exc:
+                raise _not_judged(candidate, "scoring it ran out of a resource", exc) from exc
+            except Exception as exc:  # onnxruntime raises several unrelated types
+                log.error("validation gate: candidate %s cannot be scored: %s: %s", candidate.id,
+                          type(exc).__name__, exc)
+                return GateResult(False, f"the candidate cannot be scored on {len(entries)} reviewed hold-out "
+                                         f"images (the bundle in use {current.id} can): {type(exc).__name__}: {exc}",
+                                  True, len(entries), cur)
         metrics = [m for m in self.config.metrics if m in cur and m in cand]
         missing = [m for m in self.config.metrics if m not in metrics]
         worse = [f"{m} {cand[m]:.4f} < {cur[m]:.4f} - margin {self.config.margin}"

@@ -7,6 +7,7 @@ Local layout under ``root`` (``<data root>/models`` by default)::
     current  -> bundles/<id>   symlink: the bundle in use (point the daemon's engine.bundle here)
     previous -> bundles/<id>   symlink: the one before, for ``rollback``
     refused/<id>.reason.txt    a refused candidate and why; it is never tried again
+    switching.json             only while a switch is in flight: the pointers before it
 
 ``ModelPuller.pull_once`` takes the registry's bundles newer than the one in use (order:
 ``created``, then ``id``), newest first, and for each: download into ``staging/``; verify the
@@ -17,10 +18,24 @@ sees the old or the new target, never neither) and call ``reload_fn(path)`` (the
 one that calls the daemon's ReloadModels RPC, which swaps engines without failing requests in
 flight). A candidate failing any step is refused with its reason; the pointers and the
 daemon are not touched. If the daemon refuses the reload, the pointers are switched back.
+
+Only problems of the bundle itself refuse it: ``BundleContentError`` from the download, a bad
+signature, ``BundleError`` from the checks or the daemon, a failed gate. Credentials rejected,
+a missing bucket (``PermanentError``) or an outage (``RetryableError``) propagate and refuse
+nothing, so the bundle is taken once they are fixed.
+
+A switch survives kill -9: ``switching.json`` (the old pointers) is written durably before the
+pointers move and removed once the daemon loaded the new bundle or the pointers were put back.
+A pass that finds it left over (the process died between the switch and the end of the reload,
+so the daemon may still run the old bundle while ``current`` names the new one) first asks the
+daemon to load ``current`` again: done, the switch is complete; the daemon refuses it
+(``BundleError``), the old pointers come back, the daemon is asked to load the old bundle and
+the new one is refused; the daemon unreachable, ``RetryableError`` and the next pass retries.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import os
 import shutil
@@ -29,10 +44,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from service.bundle import Bundle, load_bundle
-from service.durable import write_bytes_atomic
+from service.durable import fsync_dir, write_bytes_atomic, write_json_atomic
 from service.errors import BundleError
 
-from .errors import PermanentError, RetryableError, SyncError
+from .errors import BundleContentError, RetryableError, SyncError
 from .gate import GateResult, ValidationGate
 from .registry import MANIFEST, SIGNATURE, BundleRegistry, RegistryEntry
 from .signing import SignatureError, load_public_key, verify_manifest
@@ -41,6 +56,7 @@ log = logging.getLogger(__name__)
 
 ReloadFn = Callable[[str], Any]
 CURRENT, PREVIOUS = "current", "previous"
+SWITCHING = "switching.json"
 
 
 def _now() -> str:
@@ -114,6 +130,34 @@ class ModelSlots:
         _point(self.root / CURRENT, old[0])
         _point(self.root / PREVIOUS, old[1])
 
+    def begin_switch(self, refuse_after: str | None = None) -> tuple[Path | None, Path | None]:
+        """Write ``switching.json`` (the pointers now, and a bundle to refuse once the daemon
+        runs ``current``: a rollback's) durably, before the pointers move; returns the pointers."""
+        old = (self.current_path(), self.previous_path())
+        write_json_atomic(self.root / SWITCHING, {
+            "current": str(old[0]) if old[0] is not None else None,
+            "previous": str(old[1]) if old[1] is not None else None,
+            "refuse_after": refuse_after}, sync_dir=True)
+        return old
+
+    def pending_switch(self) -> dict[str, Any] | None:
+        """``switching.json`` left by a switch that did not finish, or None. An unreadable one
+        (it is written atomically, so only a hand edit makes one) holds no old pointers."""
+        path = self.root / SWITCHING
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            log.warning("%s is not valid JSON; treated as an interrupted switch without old pointers", path)
+            return {}
+        return dict(data) if isinstance(data, dict) else {}
+
+    def end_switch(self) -> None:
+        """The daemon runs what ``current`` names again: forget ``switching.json``."""
+        (self.root / SWITCHING).unlink(missing_ok=True)
+        fsync_dir(self.root)
+
 
 @dataclass
 class PullResult:
@@ -148,9 +192,11 @@ class ModelPuller:
                 if e.bundle_id not in refused and (order is None or e.order > order)]
 
     def pull_once(self) -> PullResult:
-        """One pass over the newer bundles (see module doc). Store outages (``RetryableError``)
-        propagate and refuse nothing; the next pass tries again."""
+        """One pass over the newer bundles (see module doc), after finishing a switch an earlier
+        process left half done. Store outages (``RetryableError``) and credential or bucket
+        errors (``PermanentError``) propagate and refuse nothing; the next pass tries again."""
         result = PullResult()
+        self._resume_switch(result)
         entries = self.candidates()
         result.newer = [e.bundle_id for e in entries]
         for entry in entries:
@@ -169,7 +215,7 @@ class ModelPuller:
             return entry.problem
         try:
             staged = self.registry.download(bid, self.slots.root / "staging" / bid)
-        except PermanentError as exc:
+        except BundleContentError as exc:  # only the bundle's own problems refuse it (module doc)
             return str(exc)
         if self.public_key is not None:
             sig = staged / SIGNATURE
@@ -180,7 +226,9 @@ class ModelPuller:
                 return f"signature: {exc}"
         try:
             candidate = load_bundle(staged)
-        except BundleError as exc:
+        except (BundleError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            # The loader reads only the staged copy; some malformed fields (``metrics``,
+            # ``judgement`` that are not tables) reach it as ValueError or TypeError.
             return f"verification: {exc}"
         if candidate.id != bid:
             return f"bundle.json says id {candidate.id!r} but it is published as {bid!r}"
@@ -202,18 +250,81 @@ class ModelPuller:
     def _switch(self, path: Path) -> None:
         """Point ``current`` at ``path`` and reload the daemon. When the reload fails the
         pointers are restored; ``BundleError`` (the daemon refuses this bundle) is re-raised,
-        anything else (daemon unreachable) becomes ``RetryableError``."""
+        anything else (daemon unreachable) becomes ``RetryableError``. ``switching.json``
+        covers the time between the pointer move and the end of the reload (module doc)."""
+        self.slots.begin_switch()
         old = self.slots.switch(path)
         try:
             self.reload_fn(str(path))
         except BundleError:
             self.slots.restore(old)
+            self.slots.end_switch()
             raise
         except Exception as exc:  # the reload callable may raise gRPC or OS errors
             self.slots.restore(old)
+            self.slots.end_switch()
             log.error("reloading %s failed (%s); the previous bundle stays in use", path, exc)
             raise RetryableError(f"the daemon could not be asked to load {path}: {exc}") from exc
+        self.slots.end_switch()
         log.info("switched to bundle %s (previous: %s)", path.name, old[0].name if old[0] else None)
+
+    def _resume_switch(self, result: PullResult) -> None:
+        """Finish a switch (or rollback) that a dead process left between moving the pointers
+        and the end of the daemon's reload (module doc). Nothing to do without
+        ``switching.json``."""
+        pending = self.slots.pending_switch()
+        if pending is None:
+            return
+        cur = self.slots.current_path()
+        old_cur, old_prev = (Path(pending[k]) if pending.get(k) else None for k in ("current", "previous"))
+        if cur is None:
+            log.warning("an interrupted bundle switch left no current bundle; nothing to reload")
+            self.slots.end_switch()
+            return
+        log.warning("a bundle switch was interrupted; asking the daemon to load %s (current) again", cur.name)
+        try:
+            self.reload_fn(str(cur))
+        except BundleError as exc:
+            self._undo_switch(cur, old_cur, old_prev, "current" in pending, exc, result)
+            return
+        except Exception as exc:  # gRPC or OS errors; switching.json stays for the next pass
+            raise RetryableError(f"after an interrupted switch the daemon could not be asked to load "
+                                 f"{cur.name}: {exc}") from exc
+        refuse = pending.get("refuse_after")
+        if refuse and refuse != cur.name:
+            self.slots.refuse(str(refuse), "rolled back by the operator")
+        self.slots.end_switch()
+        if old_cur is None or old_cur.resolve() != cur:
+            result.switched_to = cur.name
+        log.info("interrupted switch completed: the daemon runs bundle %s", cur.name)
+
+    def _undo_switch(self, cur: Path, old_cur: Path | None, old_prev: Path | None, known: bool,
+                     exc: BundleError, result: PullResult) -> None:
+        """The daemon refuses ``current`` after an interrupted switch: put the old pointers
+        back, refuse the bundle and have the daemon load the old one again."""
+        if not known or (old_cur is not None and old_cur.resolve() == cur):
+            # The pointers never moved (or were put back already), or where they stood is not
+            # known: there is nothing to go back to. The daemon keeps the engine it runs.
+            log.error("after an interrupted switch the daemon refuses the bundle in use %s: %s", cur.name, exc)
+            self.slots.end_switch()
+            return
+        if old_cur is not None and not old_cur.is_dir():
+            raise RetryableError(f"after an interrupted switch the daemon refuses {cur.name} ({exc}) and the "
+                                 f"bundle before it, {old_cur}, is gone") from exc
+        self.slots.restore((old_cur, old_prev if old_prev is not None and old_prev.is_dir() else None))
+        reason = f"the daemon refused to load it: {exc}"
+        self.slots.refuse(cur.name, reason)
+        result.refused[cur.name] = reason
+        shutil.rmtree(cur, ignore_errors=True)
+        if old_cur is not None:
+            # switching.json stays until this succeeds: the daemon may run either bundle now.
+            try:
+                self.reload_fn(str(old_cur))
+            except Exception as exc2:  # gRPC, OS or bundle errors; the next pass tries again
+                raise RetryableError(f"after refusing {cur.name} the daemon could not be asked to load "
+                                     f"{old_cur.name} again: {exc2}") from exc2
+        self.slots.end_switch()
+        log.info("interrupted switch undone: back on bundle %s", old_cur.name if old_cur else None)
 
     def rollback(self) -> str:
         """Switch back to ``previous``; the bundle rolled back from is refused for good. Returns
@@ -221,16 +332,18 @@ class ModelPuller:
         cur, prev = self.slots.current_path(), self.slots.previous_path()
         if prev is None:
             raise SyncError(f"no previous bundle under {self.slots.root} to roll back to")
-        old = (cur, prev)
+        old = self.slots.begin_switch(refuse_after=cur.name if cur is not None else None)
         _point(self.slots.root / CURRENT, prev)
         _point(self.slots.root / PREVIOUS, None)
         try:
             self.reload_fn(str(prev))
         except Exception as exc:  # the reload callable may raise gRPC or bundle errors
             self.slots.restore(old)
+            self.slots.end_switch()
             raise SyncError(f"rollback: the daemon could not load {prev}: {exc}") from exc
         if cur is not None:
             self.slots.refuse(cur.name, "rolled back by the operator")
+        self.slots.end_switch()
         log.info("rolled back from %s to %s", cur.name if cur else None, prev.name)
         return prev.name
 

@@ -11,7 +11,9 @@ Layout (the same in a folder, ``LocalFolderStore(root)``, and in a bucket, ``S3S
 downloads one into a local folder: only ``bundle.json``, ``bundle.sig`` and the files the
 manifest names travel; the folder is filled under a temporary name and renamed into place, so
 a half-downloaded bundle is never looked at. Checksums, layouts and the signature are checked
-by the caller (``sync.models``), not here.
+by the caller (``sync.models``), not here. Problems of the bundle itself raise
+``BundleContentError`` (the caller refuses that bundle); the store's own errors (credentials,
+bucket, outages) pass through unchanged, so that they never refuse a good bundle.
 """
 from __future__ import annotations
 
@@ -23,13 +25,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ObjectNotFound, PermanentError
+from .errors import BundleContentError, ObjectNotFound, RetryableError
 from .objectstore import ObjectStore
 
 log = logging.getLogger(__name__)
 
 BUNDLES = "bundles/"
 MANIFEST, SIGNATURE = "bundle.json", "bundle.sig"
+
+
+def _plain_name(name: str) -> bool:
+    """A file name that stays inside the bundle's folder in every store (no folder part, no
+    backslash, which ``check_key`` refuses, not ``.`` / ``..``)."""
+    return bool(name) and Path(name).name == name and "\\" not in name and name not in (".", "..")
 
 
 @dataclass(frozen=True)
@@ -72,7 +80,12 @@ class BundleRegistry:
         out = []
         for bid in self.bundle_ids():
             try:
-                data = json.loads(self.manifest_bytes(bid))
+                raw = self.manifest_bytes(bid)
+            except ObjectNotFound:  # withdrawn between the listing and now: not a bundle any more
+                log.info("bundle %s was withdrawn from %r while it was being listed", bid, self.store)
+                continue
+            try:
+                data = json.loads(raw)
                 if not isinstance(data, dict):
                     raise ValueError(f"expected a JSON object, got {type(data).__name__}")
                 out.append(RegistryEntry(bid, str(data.get("created", "")), data))
@@ -86,12 +99,22 @@ class BundleRegistry:
     def _download_weights(self, bundle_id: str, manifest: Any, dest: Path) -> None:
         """The training checkpoints named in ``lineage.weights`` (``weights/<role>.pt``), when
         published: a bundle pulled onto the box can be trained on again. Optional: a missing or
-        mismatching checkpoint is skipped with a warning (the daemon needs only the ONNX files)."""
-        weights = (manifest.get("lineage") or {}).get("weights") if isinstance(manifest, dict) else None
-        for role, entry in sorted(dict(weights or {}).items()) if isinstance(weights, dict) else ():
+        mismatching checkpoint is skipped with a warning (the daemon needs only the ONNX files).
+        A ``lineage`` that is not a table is a malformed manifest (``BundleContentError``; the
+        bundle's loader could not read it either), not a crash of the pull."""
+        lineage = manifest.get("lineage") if isinstance(manifest, dict) else None
+        if lineage is not None and not isinstance(lineage, dict):
+            raise BundleContentError(f"bundle {bundle_id}: bundle.json is malformed: lineage is a "
+                                     f"{type(lineage).__name__}, expected a table")
+        weights = (lineage or {}).get("weights")
+        if weights is not None and not isinstance(weights, dict):
+            log.warning("bundle %s: lineage.weights is a %s, not a table; pulled without checkpoints",
+                        bundle_id, type(weights).__name__)
+            return
+        for role, entry in sorted(dict(weights or {}).items()):
             rel = str(entry.get("file", "")) if isinstance(entry, dict) else ""
             name = rel[len("weights/"):]
-            if not rel.startswith("weights/") or not name or Path(name).name != name or name in (".", ".."):
+            if not rel.startswith("weights/") or not _plain_name(name):
                 log.warning("bundle %s: weights of %s at %r is not weights/<file>; skipped", bundle_id, role, rel)
                 continue
             try:
@@ -108,29 +131,40 @@ class BundleRegistry:
     def download(self, bundle_id: str, dest: Path) -> Path:
         """Copy the bundle into the folder ``dest`` (replaced if present) and return it.
 
-        Raises ``PermanentError`` when the manifest names a file the registry lacks or a file
-        name that is not a plain name; store errors (``RetryableError``) pass through.
+        Raises ``BundleContentError`` when bundle.json is malformed, names a file the registry
+        lacks or a file name that is not a plain name; ``RetryableError`` when bundle.json itself
+        is gone (the bundle was withdrawn after the listing: the next listing no longer has it,
+        and it is not refused, in case it comes back).
+        The store's errors (``RetryableError``, and ``PermanentError`` for credentials or a
+        missing bucket) pass through: they are not the bundle's fault.
         """
         dest = Path(dest)
         tmp = dest.with_name(f".{dest.name}.partial")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
-            manifest = self.manifest_bytes(bundle_id)
+            try:
+                manifest = self.manifest_bytes(bundle_id)
+            except ObjectNotFound as exc:
+                raise RetryableError(f"bundle {bundle_id}: bundle.json vanished from the registry "
+                                     "while it was being downloaded") from exc
             (tmp / MANIFEST).write_bytes(manifest)
             try:
                 data = json.loads(manifest)
                 files = sorted({str(m["file"]) for m in dict(data.get("models") or {}).values() if m})
             except (ValueError, TypeError, KeyError, AttributeError) as exc:
-                raise PermanentError(f"bundle {bundle_id}: bundle.json is malformed: {exc}") from exc
+                raise BundleContentError(f"bundle {bundle_id}: bundle.json is malformed: {exc}") from exc
             for name in files:
-                if Path(name).name != name or name in (MANIFEST, SIGNATURE, "", ".", ".."):
-                    raise PermanentError(f"bundle {bundle_id}: model file name {name!r} is not a plain file name")
+                if not _plain_name(name) or name in (MANIFEST, SIGNATURE):
+                    raise BundleContentError(f"bundle {bundle_id}: model file name {name!r} is not a plain file name")
                 try:
                     (tmp / name).write_bytes(self.store.get(f"{BUNDLES}{bundle_id}/{name}"))
                 except ObjectNotFound as exc:
-                    raise PermanentError(f"bundle {bundle_id}: {name} is named in bundle.json but missing "
-                                         "from the registry") from exc
+                    if self.store.head(f"{BUNDLES}{bundle_id}/{MANIFEST}") is None:
+                        raise RetryableError(f"bundle {bundle_id} was withdrawn from the registry while it "
+                                             "was being downloaded") from exc
+                    raise BundleContentError(f"bundle {bundle_id}: {name} is named in bundle.json but missing "
+                                             "from the registry") from exc
             try:
                 (tmp / SIGNATURE).write_bytes(self.store.get(f"{BUNDLES}{bundle_id}/{SIGNATURE}"))
             except ObjectNotFound:

@@ -28,21 +28,37 @@ forgets the job. With no job in flight and enough newly reviewed images it expor
 ``weights/``, as the ``init`` channel) and calls ``create_training_job``. The
 job in flight lives in ``<store root>/training-job.json`` (written atomically), so a restart
 resumes following it. Errors: boto3 failures become ``RetryableError`` / ``PermanentError``.
+
+Exactly one job per start, through kill -9 and timeouts: the job's name (and its dataset
+version and input addresses) is saved with status ``Starting`` *before* ``create_training_job``
+is sent. A pass that finds a ``Starting`` job asks SageMaker for it by that name: known, it is
+recorded ``InProgress`` and followed; unknown, it is created under the same name. SageMaker
+answering ``ResourceInUse`` to the create means an earlier try got through: the job is
+followed, not started again.
+
+An artifact that is there but is not a usable bundle (not a readable tar.gz, no
+``bundle.json``, checksums or layouts wrong, no artifact address at all) is refused: the
+state is saved as ``ArtifactRefused`` with the reason, an error is logged and the agent goes
+on with its other tasks (its dataset version is not trained again, like a failed job's).
+Credentials rejected or a missing bucket still stop the agent and leave the job
+``InProgress``, so it is followed again once they are fixed.
 """
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import tarfile
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Callable
 
-from service.bundle import load_bundle
 from service.durable import write_json_atomic
+from service.errors import BundleError
 
-from .errors import PermanentError, RetryableError, SyncConfigError
+from .errors import BundleContentError, PermanentError, RetryableError, SyncConfigError
 from .objectstore import ObjectStore
 from .s3store import wrap_boto_error
 from .training_settings import TrainingSettings, split_s3
@@ -50,6 +66,14 @@ from .training_settings import TrainingSettings, split_s3
 log = logging.getLogger(__name__)
 
 STATE_FILE = "training-job.json"
+STARTING, IN_PROGRESS, ARTIFACT_REFUSED = "Starting", "InProgress", "ArtifactRefused"
+
+
+def _error_code(exc: BaseException) -> tuple[str, str]:
+    """botocore ``ClientError``'s (code, message); empty strings for any other exception."""
+    err = getattr(exc, "response", None)
+    err = err.get("Error", {}) if isinstance(err, dict) else {}
+    return str(err.get("Code", "")), str(err.get("Message", ""))
 
 
 class CloudTrainer:
@@ -94,6 +118,11 @@ class CloudTrainer:
         try:
             arn = self.sagemaker.create_training_job(**request)["TrainingJobArn"]
         except Exception as exc:  # botocore errors, sorted by wrap_boto_error
+            if _error_code(exc)[0] == "ResourceInUse":
+                # Names are unique per account and region, and this name is this appliance's:
+                # an earlier try (its answer lost to a timeout or a crash) created it.
+                log.info("training job %s exists already (an earlier try got through); following it", job_name)
+                return str(self.describe(job_name).get("TrainingJobArn", ""))
             raise wrap_boto_error(exc, "sagemaker", f"create_training_job {job_name}") from exc
         log.info("started training job %s (%s)", job_name, arn)
         return str(arn)
@@ -104,9 +133,28 @@ class CloudTrainer:
         except Exception as exc:  # botocore errors
             raise wrap_boto_error(exc, "sagemaker", f"describe_training_job {job_name}") from exc
 
+    def find(self, job_name: str) -> dict[str, Any] | None:
+        """``describe`` of a job that may not exist: None when SageMaker does not know the name
+        (``ValidationException`` "Requested resource not found"; moto: "Could not find ...")."""
+        try:
+            return dict(self.sagemaker.describe_training_job(TrainingJobName=job_name))
+        except Exception as exc:  # botocore errors
+            code, message = _error_code(exc)
+            text = message.lower()
+            if code == "ResourceNotFound" or (code == "ValidationException"
+                                              and ("not found" in text or "could not find" in text)):
+                return None
+            raise wrap_boto_error(exc, "sagemaker", f"describe_training_job {job_name}") from exc
+
     def fetch_bundle(self, artifact_uri: str, dest: Path) -> Path:
-        """Download and unpack ``model.tar.gz`` into ``dest``; returns the verified bundle folder."""
-        bucket, key = split_s3(artifact_uri)
+        """Download and unpack ``model.tar.gz`` into ``dest``; returns the verified bundle folder.
+
+        ``BundleContentError`` when the artifact is not a usable bundle (module doc); store
+        errors as ``wrap_boto_error`` sorts them; a missing artifact is ``RetryableError``."""
+        try:
+            bucket, key = split_s3(artifact_uri)
+        except ValueError as exc:
+            raise BundleContentError(f"training job reported no usable model artifact address: {exc}") from exc
         dest.mkdir(parents=True, exist_ok=True)
         tar_path = dest / "model.tar.gz"
         try:
@@ -120,13 +168,21 @@ class CloudTrainer:
         try:
             with tarfile.open(tar_path) as t:
                 t.extractall(unpacked, filter="data")
-        except (tarfile.TarError, OSError) as exc:
-            raise PermanentError(f"model artifact {artifact_uri} is not a readable tar.gz: {exc}") from exc
+        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:  # EOFError: truncated
+            raise BundleContentError(f"model artifact {artifact_uri} is not a readable tar.gz: {exc}") from exc
+        except OSError as exc:  # the local disk (full, not writable), not the artifact
+            raise RetryableError(f"model artifact {artifact_uri}: cannot unpack it under {dest}: {exc}") from exc
+        unpacked.mkdir(exist_ok=True)  # an empty archive creates nothing
         for cand in (unpacked, *sorted(p for p in unpacked.iterdir() if p.is_dir())):
             if (cand / "bundle.json").is_file():
-                load_bundle(cand)  # BundleError when checksums or layouts are wrong
+                from .publish import bundle_files
+
+                try:  # what publish_bundle checks: checksums, layouts, lineage.weights
+                    bundle_files(cand)
+                except (BundleError, PermanentError, ValueError, TypeError, KeyError, AttributeError) as exc:
+                    raise BundleContentError(f"model artifact {artifact_uri} is not a usable bundle: {exc}") from exc
                 return cand
-        raise PermanentError(f"model artifact {artifact_uri} holds no bundle.json")
+        raise BundleContentError(f"model artifact {artifact_uri} holds no bundle.json")
 
 
 class TrainingJobTask:
@@ -165,8 +221,10 @@ class TrainingJobTask:
             return False
         self._next_poll = now + self.trainer.settings.poll_interval
         state = self.state()
-        if state.get("job") and state.get("status") == "InProgress":
+        if state.get("job") and state.get("status") == IN_PROGRESS:
             return self.follow(state)
+        if state.get("job") and state.get("status") == STARTING:
+            return self.resume_start(state)
         return self.maybe_start(state)
 
     def maybe_start(self, state: dict[str, Any]) -> bool:
@@ -182,10 +240,29 @@ class TrainingJobTask:
             input_uri = self.trainer.upload_folder(Path(tmp) / "dataset", job)
         current = self.current_bundle()
         init_uri = self.trainer.upload_folder(current, f"{job}-init") if current is not None else None
-        arn = self.trainer.start(job, input_uri, init_uri)
-        self._save({"job": job, "arn": arn, "status": "InProgress", "dataset_version": version,
-                    "reviewed_at_start": reviewed, "reviewed_base": base, "started": self.clock(),
-                    "input": input_uri, "init": init_uri})
+        # Saved before the create call (module doc): a crash or a lost answer after SageMaker
+        # accepted the job must find this name, not start a second, paid-for job.
+        starting = {"job": job, "status": STARTING, "dataset_version": version, "reviewed_at_start": reviewed,
+                    "reviewed_base": base, "started": self.clock(), "input": input_uri, "init": init_uri}
+        self._save(starting)
+        return self._create(starting)
+
+    def _create(self, state: dict[str, Any]) -> bool:
+        """``create_training_job`` for the saved ``Starting`` state, then record it InProgress."""
+        arn = self.trainer.start(state["job"], state["input"], state.get("init"))
+        self._save({**state, "arn": arn, "status": IN_PROGRESS})
+        self._next_poll = 0.0
+        return True
+
+    def resume_start(self, state: dict[str, Any]) -> bool:
+        """A job saved as ``Starting`` whose create call may or may not have reached SageMaker:
+        follow it when SageMaker knows it, create it under the same name when not."""
+        desc = self.trainer.find(state["job"])
+        if desc is None:
+            log.info("training job %s was saved but never reached SageMaker; creating it now", state["job"])
+            return self._create(state)
+        log.info("training job %s was started by an earlier try; following it", state["job"])
+        self._save({**state, "arn": str(desc.get("TrainingJobArn", "")), "status": IN_PROGRESS})
         self._next_poll = 0.0
         return True
 
@@ -199,11 +276,18 @@ class TrainingJobTask:
             log.error("training job %s ended %s: %s", state["job"], status, desc.get("FailureReason", "no reason given"))
             self._save({**state, "status": status, "failure": str(desc.get("FailureReason", ""))})
             return True
-        artifact = str(desc.get("ModelArtifacts", {}).get("S3ModelArtifacts", ""))
+        artifact = str((desc.get("ModelArtifacts") or {}).get("S3ModelArtifacts", ""))
         from .publish import publish_bundle
 
         with tempfile.TemporaryDirectory(prefix="training-artifact-", dir=self.state_path.parent) as tmp:
-            bundle_dir = self.trainer.fetch_bundle(artifact, Path(tmp))
+            try:
+                bundle_dir = self.trainer.fetch_bundle(artifact, Path(tmp))
+            except (BundleContentError, BundleError) as exc:
+                # The artifact's content, not the access to it: refuse it and let the agent go on
+                # (credential and bucket errors, other PermanentErrors, still stop it; module doc).
+                log.error("training job %s: model artifact refused, nothing published: %s", state["job"], exc)
+                self._save({**state, "status": ARTIFACT_REFUSED, "artifact": artifact, "failure": str(exc)})
+                return True
             result = publish_bundle(bundle_dir, self.registry, sign_key=self.sign_key)
         self._save({**state, "status": "Completed", "artifact": artifact, "bundle_id": result.bundle_id,
                     "reviewed_base": state.get("reviewed_at_start", 0)})
