@@ -8,6 +8,7 @@ new version when that changed it). Errors the user can fix raise ``SyncError`` o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -33,8 +34,9 @@ def settings(args: argparse.Namespace, **overrides: Any) -> PullSettings:
 
     cfg = load_sync_config(args.config)
     base = Path(args.config).resolve().parent if args.config else Path.cwd()
-    return settings_from(cfg.store_root, cfg.tables, base, {
+    out = settings_from(cfg.store_root, cfg.tables, base, {
         "store_root": args.store_root, "dataset_root": getattr(args, "dataset_root", None), **overrides})
+    return dataclasses.replace(out, daemon_token=cfg.daemon_token)  # reloads go to a daemon that may want it
 
 
 def _open(s: PullSettings) -> tuple[Any, Any]:

@@ -54,6 +54,7 @@ class PullSettings:
     min_holdout: int
     daemon: str | None
     poll_interval: float
+    daemon_token: str | None = dataclasses.field(default=None, repr=False)  # its [server] token; never logged
 
 
 def settings_from(store_root: Path, tables: Mapping[str, Any], base: Path,

@@ -206,3 +206,29 @@ def test_models_cli_adopt_pull_list_rollback(tmp_path: Path, coco17_bundle: Bund
     assert "current   b-cli" in listing and f"previous  {coco17_bundle.id}" in listing
     assert f"rolled back to {coco17_bundle.id}" in run("models", "rollback")
     assert "refused   b-cli: " in run("models", "list")
+
+
+def test_models_cli_reloads_with_the_daemons_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`annotator models pull/rollback --daemon` against a daemon with a [server] token: every
+    reload was UNAUTHENTICATED (rollback then said the daemon 'could not load' the bundle)."""
+    import argparse
+
+    import sync.models
+    from service.store import Store
+    from sync.models_cli import _settings, build_puller, register
+
+    config = tmp_path / "annotator.toml"
+    config.write_text('[server]\ntoken = "s3cret-token"\n')
+    Store(tmp_path / "store").close()
+    parser = argparse.ArgumentParser(prog="annotator")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["models", "rollback", "--config", str(config), "--store-root", str(tmp_path / "store"),
+                              "--registry", str(tmp_path / "registry"), "--daemon", "127.0.0.1:1"])
+    s = _settings(args)
+    assert s.daemon_token == "s3cret-token" and "s3cret" not in repr(s)
+    seen = {}
+    monkeypatch.setattr(sync.models, "grpc_reload_fn", lambda target, **kw: seen.update(target=target, **kw))
+    _, closing = build_puller(s, with_gate=False)
+    for c in closing:
+        c.close()
+    assert seen == {"target": "127.0.0.1:1", "token": "s3cret-token"}
