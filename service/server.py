@@ -40,6 +40,7 @@ from .dropfolder import is_disk_full
 from .errors import (AnnotatorError, BundleError, ConfigError, ImageError, ImageNotFound, ImageTooLarge, PathNotAllowed,
                      ShuttingDown, StoreFull)
 from .interceptors import AccessLogInterceptor, LatencyStats, TokenInterceptor
+from .store import DECISIONS, STATES
 
 if TYPE_CHECKING:
     from .config import Config
@@ -51,6 +52,17 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Annotator"].full_name
 STREAM_IN_FLIGHT = 32  # images of one stream submitted but not yet answered (a few claim batches)
 MAX_PAGE_SIZE = 1000
 _PAGE_TOKEN = re.compile(r"^[0-9.eE+-]+\|[0-9a-f]{64}$")  # service.store.Store.list's cursor
+
+
+def _valid_page_token(token: str) -> bool:
+    """``Store.list``'s cursor: "<received_at>|<image id>" with a number the store can read."""
+    if not _PAGE_TOKEN.match(token):
+        return False
+    try:
+        float(token.partition("|")[0])
+    except ValueError:
+        return False
+    return True
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -244,9 +256,16 @@ class AnnotatorServicer(pb_grpc.AnnotatorServicer):
 
     def ListAnnotations(self, request: pb.ListAnnotationsRequest,
                         context: grpc.ServicerContext) -> pb.ListAnnotationsResponse:
-        if request.page_token and not _PAGE_TOKEN.match(request.page_token):
+        if request.page_token and not _valid_page_token(request.page_token):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           "page_token: not a token from a previous ListAnnotations answer (malformed cursor)")
+        # A misspelt filter matched nothing and read as "no such images".
+        if request.state and request.state not in STATES:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"state: expected one of {', '.join(STATES)} (or empty), got {request.state!r}")
+        if request.decision and request.decision not in DECISIONS:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"decision: expected one of {', '.join(DECISIONS)} (or empty), got {request.decision!r}")
         if not 0 <= request.page_size <= MAX_PAGE_SIZE:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"page_size: expected 0..{MAX_PAGE_SIZE}, got {request.page_size}")
         try:

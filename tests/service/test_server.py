@@ -202,9 +202,13 @@ def test_list_get_status_reload(served: tuple[Any, int], stub: Any, small_jpeg: 
     with pytest.raises(grpc.RpcError) as err:
         stub.GetAnnotation(pb.GetAnnotationRequest(image_id="0" * 64))
     assert err.value.code() == C.NOT_FOUND
-    with pytest.raises(grpc.RpcError) as err:
-        stub.ListAnnotations(pb.ListAnnotationsRequest(page_token="garbage"))
-    assert err.value.code() == C.INVALID_ARGUMENT and "cursor" in err.value.details()
+    for bad, words in ((dict(page_token="garbage"), "cursor"), (dict(page_token="e|" + "0" * 64), "cursor"),
+                       (dict(state="review"), "state: expected one of"), (dict(decision="bogus"), "decision:")):
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ListAnnotations(pb.ListAnnotationsRequest(**bad))
+        assert err.value.code() == C.INVALID_ARGUMENT and words in err.value.details(), bad
+    assert len(stub.ListAnnotations(pb.ListAnnotationsRequest(state="auto_accepted", decision="auto_accepted"))
+               .annotations) + len(stub.ListAnnotations(pb.ListAnnotationsRequest(decision="review")).annotations) == 5
 
     status = stub.GetStatus(pb.GetStatusRequest())
     assert status.bundle_id == daemon.bundle.id and status.queue_depths["received"] == 0
