@@ -17,6 +17,15 @@ succeeds for the lease holder, so an image is completed once. The sidecar is wri
 ``complete``: a crash between the two re-annotates the image and rewrites the same sidecar,
 whereas the other order could leave a completed image without one.
 
+A batch renews its leases as it makes progress (``_BatchLease``: before and after inference,
+before judging, before the completion), not from a timer, so a batch that hangs still loses
+them: ``store.lease_seconds`` need only outlast one step, not the whole batch. A row whose lease
+was lost all the same is left to the worker that took it over, which answers its waiters with
+its annotation (instead of the untouched "received" row; ``_answer_lost`` when that worker is in
+another process). A row claimed before is claimed alone (``Store.claim``), so an image that kills
+its worker takes no other image down, and after ``store.max_attempts`` claims it fails through
+``_fail`` like any other failed image (quarantine copy and reason, waiters, counter).
+
 The engine is swapped atomically by ``reload``: the new bundle is loaded, verified and run once
 on a blank image first; a batch in flight finishes with the engine it started with.
 """
@@ -101,6 +110,35 @@ def _decode(data: bytes, max_bytes: int, max_pixels: int, max_side_hint: int | N
     return decode_image(data, max_pixels=max_pixels, max_side_hint=max_side_hint, max_bytes=max_bytes)
 
 
+RENEW_AFTER = 1 / 3  # share of store.lease_seconds gone before a batch in flight renews its leases
+
+
+class _BatchLease:
+    """The leases of one batch in flight, renewed at each step of its progress.
+
+    ``keep()`` renews them (one store transaction) once a third of the lease has gone by since
+    the claim or the last renewal, and does nothing before: a batch that finishes quickly, as
+    most do, costs no extra commit. Used by one thread at a time (the worker, then the finisher).
+    """
+
+    def __init__(self, store: Store, owner: str, rows: list[ImageRow]) -> None:
+        self.store, self.owner = store, owner
+        self.image_ids = [r.image_id for r in rows]
+        now = store.clock()
+        self.expires = min((r.lease_expires for r in rows if r.lease_expires is not None),
+                           default=now + store.lease_seconds)
+
+    def keep(self) -> None:
+        now = self.store.clock()
+        if now < self.expires - self.store.lease_seconds * (1 - RENEW_AFTER):
+            return
+        held = self.store.renew(self.owner, self.image_ids)
+        self.expires = now + self.store.lease_seconds
+        if held < len(self.image_ids):
+            log.info("%s renewed %d of %d leases of its batch; the others were taken over or finished",
+                     self.owner, held, len(self.image_ids))
+
+
 @dataclass(frozen=True)
 class _Predicted:
     """A batch between the worker and the finisher: rows, their pixels and predictions, in order."""
@@ -111,6 +149,7 @@ class _Predicted:
     rows: list[ImageRow]
     decoded: list[DecodedImage]
     predictions: list[Prediction]
+    lease: _BatchLease
 
 
 class Daemon:
@@ -140,7 +179,7 @@ class Daemon:
         self.quarantine_dir = Path(d.folder) / QUARANTINE if d.folder else Path(config.store.root) / QUARANTINE
         self.drop = DropFolder(Path(d.folder), self.submit_decoded, d.processed_mode, float(d.stable_seconds),
                                self.max_bytes, self.max_pixels, float(d.poll_interval),
-                               self.max_side_hint) if d.folder else None
+                               self.max_side_hint, paused=self.store.paused_reason) if d.folder else None
         if self._dedup is not None:
             self._recall_reviews(self._dedup)
         if metrics is not None:
@@ -153,6 +192,7 @@ class Daemon:
         self._lock = threading.Lock()
         self._reload_lock = threading.Lock()
         self._futures: dict[str, list[Future[ImageRow]]] = {}
+        self._lost: set[str] = set()  # images whose lease a batch lost while they were still received
         self._decoded: collections.OrderedDict[str, DecodedImage] = collections.OrderedDict()
         self._decoded_bytes = 0
         self._finish_q: queue.Queue[_Predicted | None] = queue.Queue(maxsize=FINISH_QUEUE)
@@ -245,7 +285,7 @@ class Daemon:
             except (ImageError, ImageNotFound) as exc:
                 skipped.append(f"{row.image_id[:12]}: {exc}")
                 continue
-            dedup.remember(row.camera, pixels)
+            dedup.remember(row.camera, pixels, row.image_id)
             recalled += 1
         if recalled:
             log.info("near-duplicate memory: %d review frames recalled from the store", recalled)
@@ -253,20 +293,35 @@ class Daemon:
             log.warning("near-duplicate memory: %d review frames not recalled (first: %s)", len(skipped), skipped[0])
 
     def reload(self, bundle_path: str | None = None) -> Bundle:
-        """Swap in the bundle at ``bundle_path`` (default: the current one, re-read).
+        """Swap in the bundle at ``bundle_path`` (default: the configured ``engine.bundle``, re-read:
+        e.g. the ``current`` link after ``annotator models adopt``, not the path last loaded).
 
         Raises ``BundleError`` when the new bundle fails to load or verify; the old one stays.
         """
         with self._reload_lock:
-            path = str(bundle_path or self._bundle_path)
+            path = str(bundle_path or self.config.engine.bundle)
             engine, judge = self._load(path)
-            old = self._engine.bundle.id
+            old, old_side = self._engine.bundle.id, self.max_side_hint
             self._engine, self._judge, self._bundle_path = engine, judge, path
+            self._follow_input_size(old_side)
         self.store.counter("reloads", 1)
         if self.metrics is not None:
             self.metrics.bundle(engine.bundle.id, engine.active_providers)
         log.info("reloaded models: bundle %s -> %s (%s)", old, engine.bundle.id, path)
         return engine.bundle
+
+    def _follow_input_size(self, old_side: int) -> None:
+        """After a swap, decode for the new bundle's input size: the drop folder was given the hint
+        once, at start, and kept decoding JPEGs for the old models (a larger new input got
+        pixels decoded at too small a size); decodes cached for the old size are dropped, and the
+        workers decode those images again from the store."""
+        side = self.max_side_hint
+        if self.drop is not None:
+            self.drop.max_side_hint = side
+        if side != old_side:
+            with self._lock:
+                self._decoded.clear()
+                self._decoded_bytes = 0
 
     # -- intake --------------------------------------------------------------------------
     def submit(self, data: bytes, source: str, meta: dict | None = None) -> "Future[ImageRow]":
@@ -349,10 +404,15 @@ class Daemon:
             self.drop.start()
         log.info("daemon %s started with bundle %s", self.owner, self.bundle.id)
 
+    def _claim(self, owner: str) -> list[ImageRow]:
+        """A batch for ``owner``; an image claimed too often comes back alone, for ``_predict`` to fail."""
+        return self.store.claim(owner, limit=self.batch_size, fail_exhausted=False)
+
     def _work(self, owner: str) -> None:
         while not self._stop.is_set():
             try:
-                rows = self.store.claim(owner, limit=self.batch_size)
+                self._answer_lost()
+                rows = self._claim(owner)
                 if rows:
                     predicted = self._predict(owner, rows)
                     if predicted is not None:
@@ -372,10 +432,21 @@ class Daemon:
         return decoded
 
     def _predict(self, owner: str, rows: list[ImageRow]) -> "_Predicted | None":
-        """Decode what the cache lacks (restarts, evictions) and run the engine on the batch."""
+        """Decode what the cache lacks (restarts, evictions) and run the engine on the batch.
+
+        A row claimed ``store.max_attempts`` times already (each worker that took it died or lost
+        the lease) is failed instead, with its quarantine copy and reason, like an undecodable one.
+        """
         engine, judge = self._engine, self._judge  # one consistent pair for the whole batch
         batch: list[tuple[ImageRow, DecodedImage]] = []
         for row in rows:
+            exhausted = self.store.exhausted(row)
+            if exhausted is not None:
+                try:
+                    self._fail(owner, row, exhausted, self.store.image_bytes(row.image_id))
+                except ImageNotFound:
+                    self._fail(owner, row, exhausted, None)
+                continue
             decoded = self._cached(row.image_id)
             if decoded is None:
                 data: bytes | None = None
@@ -391,8 +462,12 @@ class Daemon:
             batch.append((row, decoded))
         if not batch:
             return None
+        lease = _BatchLease(self.store, owner, [r for r, _ in batch])
+        lease.keep()  # decoding a batch without cached pixels takes a while
         predictions = engine.predict([d for _, d in batch])
-        return _Predicted(owner, engine.bundle, judge, [r for r, _ in batch], [d for _, d in batch], predictions)
+        lease.keep()  # so that the wait for the finisher starts on a fresh lease
+        return _Predicted(owner, engine.bundle, judge, [r for r, _ in batch], [d for _, d in batch], predictions,
+                          lease)
 
     def _finish_loop(self) -> None:
         """The finisher thread: finish predicted batches in order until ``None`` arrives."""
@@ -407,9 +482,16 @@ class Daemon:
                               "expires", len(item.rows))
 
     def _finish(self, p: "_Predicted") -> None:
-        """Judge, write the sidecars, complete the whole batch in one transaction, resolve waiters."""
+        """Judge, write the sidecars, complete the whole batch in one transaction, resolve waiters.
+
+        The waiters of a row whose lease was lost (another worker took it over after it expired)
+        are not answered here: the row is still "received", and the worker that holds it now
+        answers them with its result (``_answer_lost`` when that worker is another process).
+        """
         verdicts: list[Judgement] = []
+        done: set[str] = set()  # completed by this batch's transaction
         try:
+            p.lease.keep()
             records = []
             for row, decoded, prediction in zip(p.rows, p.decoded, p.predictions):
                 # the recording only matters to a per-session cap; no path parsing per image without one
@@ -420,19 +502,46 @@ class Daemon:
                 records.append(record_for(row.image_id, row.source, prediction, verdict, p.bundle))
             if self.sidecar_dir is not None:  # before completion: a crash re-annotates, never loses one
                 write_sidecars(self.sidecar_dir, records)
+            p.lease.keep()
             lost = self.store.complete_many(p.owner, [
                 Completion(row.image_id, record, p.bundle.id, v.decision, v.score, v.reasons, v.audit, v.counters)
                 for row, record, v in zip(p.rows, records, verdicts)])
+            lost_ids = {exc.image_id for exc in lost}
+            done = {row.image_id for row in p.rows if row.image_id not in lost_ids}
         finally:
-            for verdict in verdicts:
-                p.judge.settle(verdict)
+            for row, verdict in zip(p.rows, verdicts):
+                p.judge.settle(verdict, committed=row.image_id in done)
         for exc in lost:
-            log.warning("%s; another worker finished it", exc)
+            log.warning("%s; the worker that holds it now finishes it", exc)
         for row in p.rows:
-            self._resolve(row.image_id)
+            if row.image_id in done:
+                self._resolve(row.image_id)
+            else:
+                with self._lock:
+                    self._lost.add(row.image_id)
+        if lost:
+            self._answer_lost()
+
+    def _answer_lost(self) -> None:
+        """Answer the waiters of lost rows that are settled by now (the worker that took one over
+        may be in another process sharing the store, where its completion answers nobody here)."""
+        with self._lock:
+            if not self._lost:
+                return
+            lost = list(self._lost)
+        for image_id in lost:
+            row = self.store.get(image_id)
+            if row is not None and row.state == RECEIVED:
+                continue  # still being annotated (or its new lease expired too: claimed again)
+            with self._lock:
+                self._lost.discard(image_id)
+            gone = None if row is not None else ImageNotFound(f"no image {image_id} in the store")
+            self._resolve(image_id, row, gone)
 
     def _fail(self, owner: str, row: ImageRow, reason: str, data: bytes | None) -> None:
-        """A stored image that cannot be decoded: a copy in quarantine, then failed in the store.
+        """A stored image that cannot be decoded (or that crashed every worker that claimed it):
+        a copy in quarantine with the reason, then failed in the store, its waiters answered and
+        the "failed" counter up.
 
         In that order, so that a failed image always has its quarantine copy: a kill between the
         two leaves the image leased, it is tried again when the lease expires, and the retry
@@ -444,6 +553,8 @@ class Daemon:
             self.store.fail(row.image_id, owner, reason)
         except LeaseLost as exc:
             log.warning("%s", exc)
+            with self._lock:  # its waiters are the new owner's to answer
+                self._lost.add(row.image_id)
             return
         self.store.counter("failed", 1)
         self._resolve(row.image_id, error=ImageError(reason))

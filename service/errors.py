@@ -27,7 +27,12 @@ class StoreFull(StoreError):
 
 
 class LeaseLost(StoreError):
-    """A worker tried to finish an image whose lease it no longer holds; nothing was changed."""
+    """A worker tried to finish an image whose lease it no longer holds; nothing was changed.
+    ``image_id``: which image (a batch's completion reports one per lost row)."""
+
+    def __init__(self, message: str, image_id: str | None = None) -> None:
+        super().__init__(message)
+        self.image_id = image_id
 
 
 class ImageNotFound(StoreError):

@@ -42,6 +42,12 @@ completion committed (or failed). Several processes judging against one store co
 one review over a nearly spent budget at the same moment (the check is not in the completing
 transaction); one daemon per store is the supported set-up.
 
+A review frame's dHash enters the near-duplicate memory when it is judged (so that a near
+duplicate later in the same batch is held back already), and ``settle`` takes it out again when
+the completion did not commit. An image is never a near duplicate of itself: the retry of an
+image judged before (after a failed completion, or by the worker that took over its expired
+lease) is judged afresh instead of being waved through by its own frame.
+
 The default scoring formula lives in ``service.scoring``.
 """
 from __future__ import annotations
@@ -90,6 +96,7 @@ class Judgement:
     audit: bool
     counters: tuple[str, ...] = ()  # budget counters the completion must add one to (not in to_json)
     doubt: float | None = None  # the ranking's tie-break (total_doubt), with judge.review_share only
+    remembered: tuple[str, str, int] | None = None  # (camera, image id, dHash) this review put in NearDuplicate
 
     def __post_init__(self) -> None:
         if self.decision not in DECISIONS:
@@ -119,6 +126,10 @@ def dhash(pixels: np.ndarray) -> int:
 class NearDuplicate:
     """Remembers, per camera, the dHashes of the last ``memory`` frames sent to review.
 
+    Each dHash is kept with the image id it came from (when given), and a frame is never compared
+    with its own entries: the same image judged again (a retry after a failed completion, or by
+    the worker that took over an expired lease) is not a near duplicate of itself.
+
     A frame whose dHash is within ``max_distance`` bits (Hamming, out of 64) of any of them is a
     near duplicate: a capture tool writes sequences of nearly the same frame, and once one of a
     sequence went to review its neighbours teach the models little (the benchmark's capture
@@ -133,33 +144,42 @@ class NearDuplicate:
         if memory < 1:
             raise ValueError(f"memory: expected at least 1 frame per camera, got {memory}")
         self.max_distance, self.memory = max_distance, memory
-        self._recent: dict[str, collections.deque[int]] = {}
+        self._recent: dict[str, collections.deque[tuple[str | None, int]]] = {}  # (image id, dHash)
         self._lock = threading.Lock()
 
-    def distance(self, camera: str, pixels: np.ndarray) -> int | None:
-        """Hamming distance to the nearest remembered review frame of the camera (None: none yet)."""
-        return self.hash_distance(camera, dhash(pixels))
+    def distance(self, camera: str, pixels: np.ndarray, image_id: str | None = None) -> int | None:
+        """Hamming distance to the nearest remembered review frame of the camera (None: none yet),
+        other than those of ``image_id``."""
+        return self.hash_distance(camera, dhash(pixels), image_id)
 
-    def hash_distance(self, camera: str, h: int) -> int | None:
+    def hash_distance(self, camera: str, h: int, image_id: str | None = None) -> int | None:
         """``distance`` for a frame whose dHash is already known."""
         with self._lock:
             recent = tuple(self._recent.get(camera, ()))
-        return min((bin(r ^ h).count("1") for r in recent), default=None)
+        return min((bin(r ^ h).count("1") for i, r in recent if i is None or i != image_id), default=None)
 
-    def is_duplicate(self, camera: str, pixels: np.ndarray) -> bool:
-        return self.is_near(camera, dhash(pixels))
+    def is_duplicate(self, camera: str, pixels: np.ndarray, image_id: str | None = None) -> bool:
+        return self.is_near(camera, dhash(pixels), image_id)
 
-    def is_near(self, camera: str, h: int) -> bool:
+    def is_near(self, camera: str, h: int, image_id: str | None = None) -> bool:
         """``is_duplicate`` for a frame whose dHash is already known."""
-        d = self.hash_distance(camera, h)
+        d = self.hash_distance(camera, h, image_id)
         return d is not None and d <= self.max_distance
 
-    def remember(self, camera: str, pixels: np.ndarray) -> None:
-        self.remember_hash(camera, dhash(pixels))
+    def remember(self, camera: str, pixels: np.ndarray, image_id: str | None = None) -> None:
+        self.remember_hash(camera, dhash(pixels), image_id)
 
-    def remember_hash(self, camera: str, h: int) -> None:
+    def remember_hash(self, camera: str, h: int, image_id: str | None = None) -> None:
         with self._lock:
-            self._recent.setdefault(camera, collections.deque(maxlen=self.memory)).append(h)
+            self._recent.setdefault(camera, collections.deque(maxlen=self.memory)).append((image_id, h))
+
+    def forget_hash(self, camera: str, h: int, image_id: str | None = None) -> None:
+        """Take back one ``remember_hash(camera, h, image_id)`` (a review that never committed);
+        nothing when it is not there any more (pushed out by newer frames)."""
+        with self._lock:
+            recent = self._recent.get(camera)
+            if recent is not None and (image_id, h) in recent:
+                recent.remove((image_id, h))
 
 
 def rank_key(score: float, doubt: float) -> tuple[float, float]:
@@ -314,8 +334,15 @@ class Judge:
                 self._pending[key] = self._pending.get(key, 0) + 1
         return tuple(keys), None
 
-    def settle(self, judgement: Judgement) -> None:
-        """Drop the reservation of ``judgement`` once its completion committed (or will not)."""
+    def settle(self, judgement: Judgement, committed: bool = True) -> None:
+        """Drop the reservation of ``judgement`` once its completion committed (or will not).
+
+        ``committed=False`` (the completion failed, or the lease was lost to another worker) also
+        takes its frame out of the near-duplicate memory: a review that never happened must not
+        hold back the frames that follow it (the image's own retry is exempt anyway).
+        """
+        if not committed and judgement.remembered is not None and self.dedup is not None:
+            self.dedup.forget_hash(judgement.remembered[0], judgement.remembered[2], judgement.remembered[1])
         if not judgement.counters:
             return
         with self._lock:
@@ -332,7 +359,7 @@ class Judge:
         ``session`` ((camera, session) of its recording, ``sequence_of``) the per-session cap.
 
         A review verdict within budgets reserves them: pass ``verdict.counters`` to
-        ``Store.complete`` and call ``settle(verdict)`` afterwards.
+        ``Store.complete`` and call ``settle(verdict, committed)`` afterwards.
         """
         score, reasons = self.score(prediction, bundle)
         doubt = float(self.doubt_fn(prediction, bundle)) if self.share is not None else None
@@ -348,7 +375,7 @@ class Judge:
             reasons.append("low_score")
         use_dedup = self.dedup is not None and camera is not None and pixels is not None
         frame_hash = dhash(pixels) if use_dedup else 0  # type: ignore[arg-type]
-        held = "near_duplicate" if use_dedup and self.dedup.is_near(camera, frame_hash) \
+        held = "near_duplicate" if use_dedup and self.dedup.is_near(camera, frame_hash, image_id) \
             else ("session_reviewed" if self._session_spent(session) else None)  # type: ignore[union-attr, arg-type]
         if self.share is not None:  # audits are exempt; held-back frames do not take a rank
             candidate = not audit and held is None
@@ -359,9 +386,12 @@ class Judge:
         counters, spent = self._reserve_budget(session)
         if spent is not None:
             return Judgement(score, (*reasons, spent), "auto_accepted", audit, doubt=doubt)
-        if use_dedup:
-            self.dedup.remember_hash(camera, frame_hash)  # type: ignore[union-attr, arg-type]
-        return Judgement(score, tuple(reasons), "review", audit, counters, doubt=doubt)
+        remembered = None
+        if use_dedup:  # now, so that a near duplicate later in the same batch is held back
+            self.dedup.remember_hash(camera, frame_hash, image_id)  # type: ignore[union-attr, arg-type]
+            remembered = (camera, image_id, frame_hash)
+        return Judgement(score, tuple(reasons), "review", audit, counters, doubt=doubt,
+                         remembered=remembered)  # type: ignore[arg-type]
 
 
 def _dry_run_bundle() -> Bundle:

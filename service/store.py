@@ -17,8 +17,14 @@ several threads and processes may share one store) and acknowledged by ``complet
 completion is accepted while the lease still names the worker (even past its expiry, since
 nobody else can have claimed it in between); once another worker has claimed the image, the
 first worker's completion raises ``LeaseLost`` and changes nothing, so the same bytes are never
-annotated twice. An image claimed ``max_attempts`` times without finishing (a crash loop) is
-failed instead of being handed out again.
+annotated twice. A worker whose batch takes long keeps its leases with ``renew``.
+
+``attempts`` counts the claims of an image. An image claimed before (its worker died, or was too
+slow and lost the lease) is handed out alone, never in a batch: an image that crashes its worker
+then takes only itself down, and the images that shared its first batch finish on their next
+claim. An image claimed ``max_attempts`` times without finishing (a crash loop) is not handed out
+for another try: it is failed (``claim(fail_exhausted=True)``), or handed to the caller to fail
+through its own path (``exhausted``).
 
 Times are seconds since the epoch from the injected ``clock``.
 """
@@ -265,30 +271,60 @@ class Store:
             log.debug("received %s from %s", image_id[:12], source)
         return image_id, created
 
-    def claim(self, owner: str, limit: int = 8) -> builtins.list[ImageRow]:
-        """Lease up to ``limit`` received images (unleased or lease expired) to ``owner``, oldest first."""
+    def claim(self, owner: str, limit: int = 8, *, fail_exhausted: bool = True) -> builtins.list[ImageRow]:
+        """Lease up to ``limit`` received images (unleased or lease expired) to ``owner``, oldest first.
+
+        Only images never claimed before share a batch: the oldest image, when it was claimed
+        before, is leased alone, and a batch of fresh images stops before the first one that was
+        (it leads the next claim). A batch re-claimed after its worker died holds the image that
+        killed it, whichever it was; one at a time, that image fails alone after ``max_attempts``
+        claims instead of taking the whole batch with it.
+
+        An image already claimed ``max_attempts`` times: with ``fail_exhausted`` it is failed here
+        (reason: the claims; the "failed" counter goes up in the same transaction) and skipped;
+        without, it is leased to ``owner`` alone like any retry, and ``exhausted(row)`` gives the
+        reason the caller must fail it with (the daemon writes the quarantine copy and reason
+        file, answers its waiters and counts it, as for any other failed image).
+        """
         now = self.clock()
         with self.transaction() as db:
             rows = db.execute(
                 "SELECT * FROM images WHERE state = ? AND (lease_owner IS NULL OR lease_expires <= ?) "
                 "ORDER BY received_at, image_id LIMIT ?", (RECEIVED, now, limit)).fetchall()
-            out = []
+            out: builtins.list[str] = []
             for r in rows:
-                if r["attempts"] >= self.max_attempts:
-                    reason = f"claimed {r['attempts']} times without finishing (worker crash loop?)"
+                if r["attempts"] >= self.max_attempts and fail_exhausted:
+                    reason = self._exhausted_reason(r["attempts"])
                     db.execute("UPDATE images SET state=?, error=?, lease_owner=NULL, lease_expires=NULL, "
                                "updated_at=? WHERE image_id=?", (FAILED, reason, now, r["image_id"]))
                     self._log(db, r["image_id"], RECEIVED, FAILED, now, owner, reason)
+                    self._bump(db, "failed", 1)
                     log.warning("image %s failed: %s", r["image_id"][:12], reason)
                     continue
+                retry = r["attempts"] > 0
+                if retry and out:
+                    break  # a retry goes alone; it leads the next claim
                 if r["lease_owner"] is not None:
                     log.info("lease of %s held by %s expired; %s takes it over",
                              r["image_id"][:12], r["lease_owner"], owner)
                 db.execute("UPDATE images SET lease_owner=?, lease_expires=?, attempts=attempts+1 WHERE image_id=?",
                            (owner, now + self.lease_seconds, r["image_id"]))
                 out.append(r["image_id"])
+                if retry:
+                    break
             fresh = [db.execute("SELECT * FROM images WHERE image_id=?", (i,)).fetchone() for i in out]
         return [ImageRow.from_sql(r) for r in fresh]
+
+    def _exhausted_reason(self, attempts: int) -> str:
+        return (f"claimed {attempts} times without finishing: each worker that took it died or lost its lease "
+                f"before completing it (a crash loop on this image?)")
+
+    def exhausted(self, row: ImageRow) -> str | None:
+        """Why a row that ``claim(fail_exhausted=False)`` handed out must be failed instead of
+        annotated (it had been claimed ``max_attempts`` times already), or None for a row to try."""
+        if row.attempts <= self.max_attempts:
+            return None
+        return self._exhausted_reason(self.max_attempts)
 
     def renew(self, owner: str, image_ids: Sequence[str]) -> int:
         """Extend ``owner``'s leases on these images by ``lease_seconds`` from now; returns how many."""
@@ -306,7 +342,7 @@ class Store:
             raise ImageNotFound(f"no image {image_id} in the store")
         if r["state"] != RECEIVED or r["lease_owner"] != owner:
             raise LeaseLost(f"{owner} no longer holds the lease on {image_id[:12]} "
-                            f"(state {r['state']}, lease owner {r['lease_owner']})")
+                            f"(state {r['state']}, lease owner {r['lease_owner']})", image_id)
         return r
 
     def complete(self, image_id: str, owner: str, record: dict, bundle_id: str, decision: str,
@@ -326,8 +362,8 @@ class Store:
         """``complete`` for a whole batch in ONE transaction (one commit, one fsync).
 
         Images whose lease ``owner`` lost are skipped (nothing changes for them) and returned
-        as ``LeaseLost`` errors; the others are completed. ``ImageNotFound`` or a bad decision
-        rolls the whole batch back.
+        as ``LeaseLost`` errors, each with the ``image_id`` it is about; the others are completed.
+        ``ImageNotFound`` or a bad decision rolls the whole batch back.
         """
         for c in completions:
             if c.decision not in DECISIONS:

@@ -315,3 +315,162 @@ def test_review_share_through_the_daemon_and_a_restart(make_config: Callable[...
         assert low.decision == "review"
     finally:
         again.close()
+
+
+class _Clock:
+    """The store's clock, moved by hand (epoch seconds); leases are judged by it alone."""
+
+    def __init__(self) -> None:
+        self.t = time.time()
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_a_batch_slower_than_its_lease_keeps_it(make_config: Callable[..., Any],
+                                                small_jpeg: Callable[[int], bytes]) -> None:
+    """Inference and finishing together take longer than ``store.lease_seconds`` (5 s here): the
+    batch renews its leases as it goes, so no other worker takes its images over meanwhile."""
+    daemon = Daemon(make_config())  # not started: the workers are driven by hand
+    clock = daemon.store.clock = _Clock()  # type: ignore[method-assign]
+    try:
+        futures = [daemon.submit(small_jpeg(60 + i), f"test:{i}") for i in range(2)]
+        real = daemon._engine.predict
+
+        def slow(decoded: Any) -> Any:
+            clock.t += 4.0  # a slow inference
+            return real(decoded)
+
+        daemon._engine.predict = slow  # type: ignore[method-assign]
+        claimed = daemon.store.claim("w-A", 4)
+        predicted = daemon._predict("w-A", claimed)
+        clock.t += 3.0  # waiting for the finisher: 7 s since the claim
+        assert daemon.store.claim("w-B", 4) == []  # still held by w-A
+        daemon._finish(predicted)
+        rows = [f.result(1) for f in futures]
+        assert all(r.state in ("auto_accepted", "review_pending") for r in rows)
+        assert daemon.store.counter("annotated") == 2
+    finally:
+        daemon.close()
+
+
+def test_a_lost_lease_leaves_the_waiters_to_the_new_owner(make_config: Callable[..., Any],
+                                                          photo_variants: Callable[..., list[bytes]]) -> None:
+    """A batch that loses a lease all the same (the worker stalled past it, another worker took
+    the image over) does not answer the image's waiters with the untouched "received" row: the
+    new owner's completion answers them, with its annotation. The new owner judges the image
+    afresh: not a near duplicate of the first worker's uncommitted verdict on the same image."""
+    daemon = Daemon(make_config(judge__audit_fraction=1.0, judge__near_duplicate=True))
+    clock = daemon.store.clock = _Clock()  # type: ignore[method-assign]
+    try:
+        fut = daemon.submit(photo_variants(1)[0], "grpc:cam1", {"camera": "cam1"})
+        a = daemon._predict("w-A", daemon.store.claim("w-A", 4))
+        clock.t += 10.0  # w-A stalls past its lease
+        b = daemon._predict("w-B", daemon.store.claim("w-B", 4))
+        assert a is not None and b is not None and a.rows[0].image_id == b.rows[0].image_id
+        daemon._finish(a)  # LeaseLost for its only row
+        assert not fut.done()
+        daemon._finish(b)
+        row = fut.result(1)
+        assert row.state == "review_pending" and "near_duplicate" not in row.reasons  # sent, as every image here
+        assert row.record is not None and row.record["persons"]
+        assert daemon.store.get(row.image_id).state == "review_pending"  # type: ignore[union-attr]
+    finally:
+        daemon.close()
+
+
+def test_a_lost_lease_taken_over_by_another_process_answers_the_waiters(make_config: Callable[..., Any],
+                                                                        small_jpeg: Callable[[int], bytes]) -> None:
+    """The worker that took the lease over belongs to another daemon sharing the store: its
+    completion answers nobody here, so the daemon answers its own waiters once the row settles."""
+    from service.store import Store
+
+    cfg = make_config()
+    daemon = Daemon(cfg, workers=1)
+    clock = daemon.store.clock = _Clock()  # type: ignore[method-assign]
+    other = Store(Path(cfg.store.root), lease_seconds=5.0, clock=clock)
+    try:
+        fut = daemon.submit(small_jpeg(70), "test:x")
+        a = daemon._predict("w-A", daemon.store.claim("w-A", 4))
+        clock.t += 10.0
+        [row] = other.claim("host-2:1/w0", 4)
+        daemon._finish(a)
+        assert not fut.done()
+        other.complete(row.image_id, "host-2:1/w0", {"width": 60, "height": 40}, "b-other", "auto_accepted",
+                       1.0, [], False)
+        daemon.start()
+        done = fut.result(30)
+        assert done.state == "auto_accepted" and done.bundle_id == "b-other"
+    finally:
+        daemon.close()
+        other.close()
+
+
+def test_an_image_that_crashes_its_worker_fails_alone_and_is_quarantined(
+        make_config: Callable[..., Any], small_jpeg: Callable[..., bytes]) -> None:
+    """One image kills the batch it is in every time (a stand-in for a crash of the runtime):
+    the batch comes back after the lease, its images one by one; the poison image fails after
+    ``max_attempts`` claims through the daemon's failure path (quarantine copy and reason,
+    waiters answered, "failed" counted), and the others are annotated."""
+    daemon = Daemon(make_config(), workers=1)
+    clock = daemon.store.clock = _Clock()  # type: ignore[method-assign]
+    real = daemon._engine.predict
+
+    def crashes(decoded: Any) -> Any:
+        if any(d.width == 70 for d in decoded):
+            clock.t += 6.0  # the worker is gone and its leases run out
+            raise RuntimeError("stand-in for a crash in the runtime")
+        return real(decoded)
+
+    daemon._engine.predict = crashes  # type: ignore[method-assign]
+    poison = small_jpeg(80, (50, 70))
+    futures = [daemon.submit(data, f"test:{i}")
+               for i, data in enumerate([small_jpeg(81), small_jpeg(82), poison, small_jpeg(83)])]
+    daemon.start()
+    try:
+        _wait(lambda: all(f.done() for f in futures), seconds=30)
+        with pytest.raises(ImageError, match="claimed 5 times without finishing"):
+            futures[2].result(0)
+        assert all(f.result(0).state in ("auto_accepted", "review_pending") for i, f in enumerate(futures) if i != 2)
+        assert daemon.store.counter("failed") == 1 and daemon.store.counter("annotated") == 3
+        poison_id = daemon.store.list(state="failed")[0][0].image_id
+        assert (daemon.quarantine_dir / poison_id).read_bytes() == poison
+        assert "crash loop" in (daemon.quarantine_dir / f"{poison_id}.reason.txt").read_text()
+    finally:
+        daemon.close()
+
+
+def test_reload_gives_the_drop_folder_the_new_input_size(make_config: Callable[..., Any], tmp_path: Path,
+                                                         yolo11n_pose_pt: Path,
+                                                         small_jpeg: Callable[[int], bytes]) -> None:
+    """The drop folder decodes JPEGs at reduced size for the models' input; after a swap to a
+    bundle with a larger input it must decode for that one, and decodes cached for the old size
+    are not used."""
+    from exporter.bundle_build import build_bundle
+
+    larger = build_bundle(tmp_path / "b416", None, yolo11n_pose_pt, None, 416, head_from_face=True)
+    daemon = Daemon(make_config(drop__folder=str(tmp_path / "drop")))  # not started
+    try:
+        assert daemon.drop is not None and daemon.drop.max_side_hint == daemon.max_side_hint == 320
+        assert daemon.drop.paused == daemon.store.paused_reason  # nothing decoded while the store is full
+        daemon.submit(small_jpeg(90), "test:cached")
+        assert len(daemon._decoded) == 1
+        daemon.reload(str(larger.path))
+        assert daemon.max_side_hint == 416 and daemon.drop.max_side_hint == 416
+        assert not daemon._decoded
+    finally:
+        daemon.close()
+
+
+def test_reload_without_a_path_reads_the_configured_bundle(make_config: Callable[..., Any], tmp_path: Path,
+                                                           coco17_bundle: Any, coco17_two_model_bundle: Any) -> None:
+    """ReloadModels("") re-reads engine.bundle (e.g. the `current` link the model pull and
+    `annotator models adopt` move), not whichever path the last reload named."""
+    current = tmp_path / "current"
+    current.symlink_to(coco17_bundle.path)
+    daemon = Daemon(make_config(engine__bundle=str(current)))  # not started
+    try:
+        assert daemon.reload(str(coco17_two_model_bundle.path)).id == coco17_two_model_bundle.id
+        assert daemon.reload().id == coco17_bundle.id
+    finally:
+        daemon.close()

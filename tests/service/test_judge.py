@@ -259,6 +259,45 @@ def test_near_duplicates_are_not_all_sent(store: Store) -> None:
     assert back.decision == "auto_accepted" and "near_duplicate" in back.reasons
 
 
+def test_a_retried_image_is_not_a_near_duplicate_of_itself(store: Store) -> None:
+    """A review frame's dHash is remembered when it is judged; judged again (its completion
+    failed, or its lease expired and another worker took it over) the image must not match its
+    own entry and be waved through as ``near_duplicate`` (audit picks included). A completion
+    that never committed takes its frame back out: other frames are not held back by a review
+    that did not happen."""
+    rng = np.random.default_rng(2)
+    scene = np.kron(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8), np.ones((8, 8, 1), dtype=np.uint8))
+    near = np.clip(scene.astype(int) + rng.integers(-3, 4, scene.shape), 0, 255).astype(np.uint8)
+    judge = Judge(constant(0.1, ["low"]), 0.5, 0.0, 0, store, dedup=NearDuplicate(max_distance=6))
+    first = judge.judge("a" * 64, EMPTY, BUNDLE, camera="cam1", pixels=scene)
+    assert first.decision == "review"
+    retry = judge.judge("a" * 64, EMPTY, BUNDLE, camera="cam1", pixels=scene)  # before the first settled
+    assert retry.decision == "review" and retry.reasons == ("low",)
+    judge.settle(first, committed=False)  # the first worker lost the lease
+    assert judge.judge("b" * 64, EMPTY, BUNDLE, camera="cam1", pixels=near).reasons == ("low", "near_duplicate")
+    judge.settle(retry, committed=False)  # no review of the scene committed at all
+    assert judge.judge("c" * 64, EMPTY, BUNDLE, camera="cam1", pixels=near).decision == "review"
+    auditor = Judge(constant(0.9), 0.5, 1.0, 0, store, dedup=NearDuplicate(max_distance=6))
+    picked = auditor.judge("d" * 64, EMPTY, BUNDLE, camera="cam1", pixels=scene)
+    auditor.settle(picked)  # settled as committed: the frame stays remembered for the others
+    again = auditor.judge("d" * 64, EMPTY, BUNDLE, camera="cam1", pixels=scene)
+    assert (again.decision, again.audit, again.reasons) == ("review", True, ("audit",))
+    assert auditor.judge("e" * 64, EMPTY, BUNDLE, camera="cam1", pixels=near).reasons == ("audit", "near_duplicate")
+
+
+def test_near_duplicate_memory_skips_the_image_itself_and_forgets_one_entry() -> None:
+    dedup = NearDuplicate(max_distance=6)
+    dedup.remember_hash("cam1", 0b1011, "a" * 64)
+    assert not dedup.is_near("cam1", 0b1011, "a" * 64) and dedup.hash_distance("cam1", 0b1011, "a" * 64) is None
+    assert dedup.is_near("cam1", 0b1011, "b" * 64) and dedup.is_near("cam1", 0b1011)  # no id: compares all
+    dedup.remember_hash("cam1", 0b1011, "a" * 64)  # judged twice (two workers)
+    dedup.forget_hash("cam1", 0b1011, "a" * 64)  # one of them did not commit
+    assert dedup.is_near("cam1", 0b1011, "b" * 64)
+    dedup.forget_hash("cam1", 0b1011, "a" * 64)
+    dedup.forget_hash("cam1", 0b1011, "a" * 64)  # gone already: nothing happens
+    assert not dedup.is_near("cam1", 0b1011, "b" * 64)
+
+
 def test_near_duplicate_memory_is_per_camera_and_bounded() -> None:
     rng = np.random.default_rng(1)
     scenes = [np.kron(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8), np.ones((8, 8, 1), dtype=np.uint8))

@@ -159,12 +159,89 @@ def test_crash_loop_gives_up(tmp_path: Path, clock: FakeClock) -> None:
 def test_restart_resumes_unfinished_work(tmp_path: Path, clock: FakeClock) -> None:
     first = Store(tmp_path / "s", lease_seconds=10, clock=clock)
     ids = [first.ingest(_img(i), "s")[0] for i in range(3)]
-    first.claim("daemon-1", limit=2)  # then the process dies without releasing
+    died = {r.image_id for r in first.claim("daemon-1", limit=2)}  # then the process dies without releasing
     first.close()
     clock.t += 11
     second = Store(tmp_path / "s", lease_seconds=10, clock=clock)
-    assert sorted(r.image_id for r in second.claim("daemon-2", limit=10)) == sorted(ids)
+    batches = []
+    while batch := second.claim("daemon-2", limit=10):
+        batches.append([r.image_id for r in batch])
+    assert sorted(i for b in batches for i in b) == sorted(ids)
+    assert all(len(b) == 1 for b in batches if died & set(b))  # the rows of the dead batch come back one by one
     second.close()
+
+
+def test_a_row_claimed_before_is_claimed_alone(store: Store, clock: FakeClock) -> None:
+    """Only rows never claimed share a batch: a batch re-claimed after its worker died (or lost
+    the lease) would bring the image that killed it back with everything else."""
+    ids = [store.ingest(_img(i), "s")[0] for i in range(5)]
+    clock.t += 1
+    late = store.ingest(_img(99), "s")[0]
+    assert len(store.claim("w1", limit=5)) == 5
+    clock.t += 11  # w1 died with its batch
+    for expected in sorted(ids):  # oldest first (one arrival time: by id), one at a time
+        [row] = store.claim("w2", limit=8)
+        assert (row.image_id, row.attempts) == (expected, 2)
+        store.complete(row.image_id, "w2", {"width": 1, "height": 1}, "b", "auto_accepted", 1.0, [], False)
+    assert [r.image_id for r in store.claim("w2", limit=8)] == [late]
+    store.complete(late, "w2", {"width": 1, "height": 1}, "b", "auto_accepted", 1.0, [], False)
+    # a batch of fresh rows stops before the first row claimed before; that row leads the next claim
+    fresh = []
+    for i in range(3):
+        clock.t += 1
+        fresh.append(store.ingest(_img(100 + i), "s")[0])
+    a, b, c = fresh
+    store.claim("w3", limit=1)  # a
+    store.claim("w4", limit=1)  # b
+    store.release("w3")  # a given back at a shutdown: never tried, fresh again
+    clock.t += 11
+    assert [r.image_id for r in store.claim("w5", limit=8)] == [a]
+    assert [r.image_id for r in store.claim("w5", limit=8)] == [b]
+    assert [r.image_id for r in store.claim("w5", limit=8)] == [c]
+
+
+def test_a_poison_image_fails_alone(tmp_path: Path, clock: FakeClock) -> None:
+    """One image in a batch kills its worker each time it is processed: it alone ends up failed,
+    after ``max_attempts`` claims; the images that shared its batch are annotated."""
+    s = Store(tmp_path / "s", lease_seconds=10, clock=clock, max_attempts=5)
+    ids = [s.ingest(_img(i), "s")[0] for i in range(8)]
+    poison = ids[3]
+    for n in range(40):
+        batch = s.claim(f"host:{n}/w0", limit=8)
+        if not batch and not s.counts()["received"]:
+            break
+        if not batch or poison in {r.image_id for r in batch}:
+            clock.t += 11  # the worker died with its batch: the leases expire
+            continue
+        for r in batch:
+            s.complete(r.image_id, f"host:{n}/w0", {"width": 1, "height": 1}, "b", "auto_accepted", 1.0, [], False)
+    failed = s.get(poison)
+    assert failed is not None and failed.state == "failed"
+    assert "claimed 5 times without finishing" in (failed.error or "")
+    assert s.counts()["auto_accepted"] == 7 and s.counts()["failed"] == 1
+    assert s.counter("failed") == 1  # counted in the failing transaction
+    s.close()
+
+
+def test_an_exhausted_row_is_handed_to_the_caller_to_fail(tmp_path: Path, clock: FakeClock) -> None:
+    """``fail_exhausted=False`` (the daemon): a row claimed ``max_attempts`` times comes back
+    alone and leased, and ``exhausted`` names the reason; the caller fails it through its own
+    path (quarantine copy, reason file, waiters, counter)."""
+    s = Store(tmp_path / "s", lease_seconds=1, clock=clock, max_attempts=2)
+    iid, _ = s.ingest(_img(1), "s")
+    clock.t += 0.1
+    other, _ = s.ingest(_img(2), "s")
+    for _ in range(2):
+        [row] = s.claim("w", limit=1)
+        assert s.exhausted(row) is None
+        clock.t += 2
+    [row] = s.claim("w2", limit=8, fail_exhausted=False)
+    assert row.image_id == iid and row.lease_owner == "w2" and row.state == "received"
+    reason = s.exhausted(row)
+    assert reason is not None and "claimed 2 times without finishing" in reason
+    s.fail(iid, "w2", reason)
+    assert [r.image_id for r in s.claim("w2", limit=8, fail_exhausted=False)] == [other]
+    s.close()
 
 
 def test_two_stores_in_two_threads_never_double_claim(tmp_path: Path) -> None:
