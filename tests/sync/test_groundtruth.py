@@ -204,15 +204,22 @@ def test_builtin_bounding_box_output_and_adjustment_status() -> None:
     assert parse_output_line({"source-ref": "s3://b/x.jpg"}) is None
 
 
-def test_output_in_downscaled_pixels_comes_back_in_original_pixels(tmp_path: Path) -> None:
-    rec = {**record(persons=1), "original_size": [WIDTH * 2, HEIGHT * 2]}
+def _custom_review_line(rec: dict, job: str, **meta: str) -> tuple[dict, tuple]:
+    """An output line for ``rec`` with a key-point review (attribute ``rev``: the first head, the
+    first person with its nose at 10, 20) and its heads as expected."""
     line = json.loads(manifest_line("s3://b/x.jpg", "x", rec, "b"))
     heads, persons = expected(rec)
     line.update({"rev": {"image_size": {"width": WIDTH, "height": HEIGHT}, "heads": [list(heads[0])],
                          "persons": [{"box": list(persons[0].box), "keypoints": [{"label": "nose", "x": 10, "y": 20,
                                                                                   "visibility": "visible"}]}]},
-                 "rev-metadata": {"job-name": "j", "type": "groundTruth/custom", "human-annotated": "yes",
-                                  "creation-date": "2026-11-24T10:00:00Z"}})
+                 "rev-metadata": {"job-name": job, "type": "groundTruth/custom", "human-annotated": "yes",
+                                  "creation-date": "2026-11-24T10:00:00Z", **meta}})
+    return line, heads
+
+
+def test_output_in_downscaled_pixels_comes_back_in_original_pixels(tmp_path: Path) -> None:
+    rec = {**record(persons=1), "original_size": [WIDTH * 2, HEIGHT * 2]}
+    line, heads = _custom_review_line(rec, "j")
     label = parse_output_line(line)
     assert label is not None and (label.width, label.height) == (WIDTH * 2, HEIGHT * 2)
     assert label.heads[0] == pytest.approx(tuple(2 * v for v in heads[0]))
@@ -222,15 +229,8 @@ def test_output_in_downscaled_pixels_comes_back_in_original_pixels(tmp_path: Pat
 def test_a_chained_head_box_job_keeps_the_key_point_review_of_the_same_line() -> None:
     """A bounding-box adjustment job chained on a key-point job writes its attribute beside the
     earlier one; the line's label is both: the newer heads and the reviewed key points."""
-    rec = record(persons=1)
-    line = json.loads(manifest_line("s3://b/x.jpg", "x", rec, "b"))
-    heads, persons = expected(rec)
-    line.update({"rev": {"image_size": {"width": WIDTH, "height": HEIGHT}, "heads": [list(heads[0])],
-                         "persons": [{"box": list(persons[0].box), "keypoints": [{"label": "nose", "x": 10, "y": 20,
-                                                                                  "visibility": "visible"}]}]},
-                 "rev-metadata": {"job-name": "kpts", "type": "groundTruth/custom", "human-annotated": "yes",
-                                  "creation-date": "2026-11-24T10:00:00Z", "adjustment-status": "adjusted"},
-                 "head-box": {"image_size": [{"width": WIDTH, "height": HEIGHT, "depth": 3}],
+    line, _ = _custom_review_line(record(persons=1), "kpts", **{"adjustment-status": "adjusted"})
+    line.update({"head-box": {"image_size": [{"width": WIDTH, "height": HEIGHT, "depth": 3}],
                               "annotations": [{"class_id": 0, "left": 1, "top": 2, "width": 3, "height": 4}]},
                  "head-box-metadata": {**BUILTIN["head-box-metadata"], "creation-date": "2026-11-25T10:00:00",
                                        "job-name": "labeling-job/adjust-heads", "adjustment-status": "unadjusted"}})

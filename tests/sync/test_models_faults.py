@@ -236,12 +236,18 @@ def test_a_switch_killed_during_the_reload_is_completed_after_the_restart(applia
     assert restarted.pull_once().switched_to is None
 
 
-def test_an_interrupted_switch_to_a_bundle_the_daemon_refuses_goes_back(box: dict[str, Any]) -> None:
+def _killed_switching_to_next(box: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """Publish b-next and die while the daemon is asked to load it; returns (slots, daemon, base)."""
     slots, daemon, base = box["slots"], box["daemon"], box["base"]
     publish(box["registry"], base, "b-next", "2030-01-01T00:00:00Z", None)
     daemon.fault = _die
     with pytest.raises(Killed):
         box["puller"].pull_once()
+    return slots, daemon, base
+
+
+def test_an_interrupted_switch_to_a_bundle_the_daemon_refuses_goes_back(box: dict[str, Any]) -> None:
+    slots, daemon, base = _killed_switching_to_next(box)
     assert slots.current_path().name == "b-next" and daemon.bundle_id == base.id
 
     def refuse_next(path: str) -> None:
@@ -258,11 +264,7 @@ def test_an_interrupted_switch_to_a_bundle_the_daemon_refuses_goes_back(box: dic
 
 
 def test_an_interrupted_switch_waits_for_an_unreachable_daemon(box: dict[str, Any]) -> None:
-    slots, daemon, base = box["slots"], box["daemon"], box["base"]
-    publish(box["registry"], base, "b-next", "2030-01-01T00:00:00Z", None)
-    daemon.fault = _die
-    with pytest.raises(Killed):
-        box["puller"].pull_once()
+    slots, daemon, base = _killed_switching_to_next(box)
 
     def unreachable(path: str) -> None:
         raise RetryableError("daemon at 127.0.0.1:50051: ReloadModels failed with UNAVAILABLE")
