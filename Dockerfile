@@ -53,7 +53,8 @@ USER 10001:10001
 WORKDIR /var/lib/annotator
 VOLUME ["/var/lib/annotator", "/srv/annotator"]
 EXPOSE 50051
-# Bundle loading takes a while on first start; health is exempt from the bearer token.
+# Bundle loading takes a while on first start; health is exempt from the bearer token. With TLS
+# on, the check reads $ANNOTATOR_CONFIG and connects over TLS with the daemon's own certificate.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
     CMD ["annotator", "healthcheck", "--server", "127.0.0.1:50051", "--timeout", "3"]
 ENTRYPOINT ["annotator"]

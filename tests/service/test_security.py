@@ -137,6 +137,25 @@ def test_tls_and_mutual_tls(tmp_path: Path, server_for: Callable[..., int], daem
             assert _code(lambda: _status(refused)) == C.UNAVAILABLE
 
 
+def test_the_container_healthcheck_speaks_tls_when_the_daemon_does(tmp_path: Path,
+                                                                   server_for: Callable[..., int]) -> None:
+    """The image's HEALTHCHECK (`annotator healthcheck`, $ANNOTATOR_CONFIG) connected in plain
+    text, so a daemon serving TLS was reported unhealthy for ever."""
+    from service.cli import main
+
+    pki = make_pki(tmp_path / "pki")
+    chain = tmp_path / "pki" / "chain.crt"  # the server certificate and the CA that signed it
+    chain.write_bytes(pki.server_cert.read_bytes() + pki.ca)
+    for extra in ("", f'tls_client_ca = "{pki.ca_path}"\n'):
+        port = server_for(server__tls_cert=str(chain), server__tls_key=str(pki.server_key),
+                          **({"server__tls_client_ca": str(pki.ca_path)} if extra else {}))
+        config = tmp_path / "annotator.toml"
+        config.write_text(f'[server]\ntls_cert = "{chain}"\ntls_key = "{pki.server_key}"\n{extra}')
+        target = f"127.0.0.1:{port}"
+        assert main(["healthcheck", "--server", target, "--timeout", "2", "--config", ""]) == 1  # plain text
+        assert main(["healthcheck", "--server", target, "--timeout", "5", "--config", str(config)]) == 0
+
+
 def test_wrong_or_missing_token_is_unauthenticated_for_every_kind_of_call(
         server_for: Callable[..., int], small_jpeg: Callable[[int], bytes]) -> None:
     port = server_for(server__token="correct-horse")
