@@ -73,6 +73,11 @@ if [[ $GPU -eq 1 ]]; then
     # [cuda,cudnn]: the CUDA and cuDNN libraries as pip packages, matching the wheel's CUDA
     # major version (the engine preloads them); only the NVIDIA driver comes from the system.
     run "$PREFIX/bin/pip" install --quiet --disable-pip-version-check "onnxruntime-gpu[cuda,cudnn]>=1.21"
+    # On a re-run (an upgrade) the first pip step reinstalled CPU onnxruntime over the GPU files
+    # and the uninstall removed the module both share, while pip calls onnxruntime-gpu "already
+    # satisfied": put its files back (only its own; the libraries above stay).
+    run "$PREFIX/bin/pip" install --quiet --disable-pip-version-check --force-reinstall --no-deps \
+        "onnxruntime-gpu>=1.21"
 fi
 
 echo "== folders and configuration"

@@ -95,6 +95,7 @@ def test_unit_directives(name: str, command: str) -> None:
     ("install.sh", ["--dry-run"], ["+ systemctl daemon-reload", "+ systemctl enable annotator.service",
                                    f"+ python3 -m venv /opt/annotator"]),
     ("install.sh", ["--dry-run", "--gpu", "--with-sync"], ["PrivateDevices=no", "onnxruntime-gpu",
+                                                            "--force-reinstall --no-deps onnxruntime-gpu",
                                                             "+ systemctl enable annotator-sync.service"]),
     ("uninstall.sh", ["--dry-run"], ["+ systemctl disable --now annotator.service", "+ rm -rf /opt/annotator",
                                      "kept: /var/lib/annotator"]),
