@@ -8,7 +8,7 @@
 
 Each set is a folder ``<role>/{images,labels}/{train,val}`` with ``data.yaml``; images are
 symbolic links to the originals (ultralytics finds labels by swapping ``images`` for
-``labels`` in the path).
+``labels`` in the path), named after the original's file name (``link_stems``).
 """
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ import numpy as np
 
 from service.keypoints import KeypointSchema
 
+from .mix import propagation_sources
+
 ROLES = ("head", "pose_main", "pose_visible")
 
 
@@ -32,6 +34,8 @@ class LabelSets:
     schema: KeypointSchema
     train_images: int
     val_images: int
+    val_ids: tuple[int, ...] = ()  # COCO image ids of the validation split (calibration reads them)
+    propagated_from_val: int = 0  # auto images left out: they took a validation image's label
 
 
 def load_coco(annotations: Path) -> dict[str, Any]:
@@ -57,6 +61,42 @@ def split_ids(image_ids: list[int], val_fraction: float, seed: int = 0) -> tuple
     val = sorted(ids[i] for i in order[:n_val])
     train = sorted(ids[i] for i in order[n_val:])
     return train, val
+
+
+def link_stems(entries: list[tuple[int, int]], images: Mapping[int, dict[str, Any]]) -> dict[tuple[int, int], str]:
+    """(image id, copy) -> stem of its link and label file, unique over the whole label set.
+
+    ultralytics pairs an image with its label by file name, so two images with one stem
+    (``camA/0002.jpg`` and ``camB/0002.jpg``, or ``a.jpg`` beside ``a.png``) would share one
+    label file. Each image keeps its own stem (copies ``<stem>__r<k>``) unless an image of a
+    lower id took it first; the later one then becomes ``<stem>__id<image id>``. A dataset with
+    unique stems keeps exactly the names it always had."""
+    used: set[str] = set()
+    out: dict[tuple[int, int], str] = {}
+
+    def claim(stem: str, iid: int) -> str:
+        name, n = stem, 1
+        while name in used:
+            name = f"{stem}__id{iid}" + (f"_{n}" if n > 1 else "")
+            n += 1
+        used.add(name)
+        return name
+
+    for iid, copy in sorted(e for e in entries if e[1] == 0):  # originals first, so copies never push one aside
+        out[(iid, 0)] = claim(Path(images[iid]["file_name"]).stem, iid)
+    for iid, copy in sorted(e for e in entries if e[1] > 0):
+        out[(iid, copy)] = claim(f"{out[(iid, 0)]}__r{copy}", iid)
+    return out
+
+
+def _numbered(ids: list[int]) -> list[tuple[int, int]]:
+    """(image id, copy number) of each entry of ``ids``, in order: the k-th repeat of an id is copy k."""
+    seen: dict[int, int] = {}
+    out = []
+    for iid in ids:
+        seen[iid] = seen.get(iid, -1) + 1
+        out.append((iid, seen[iid]))
+    return out
 
 
 def _yolo_line(cls: int, box: list[float], w: int, h: int, kpts: np.ndarray | None) -> str:
@@ -86,6 +126,8 @@ def derive_label_sets(
     calibrated on the validation split, and auto labels there would grade the models against
     their own earlier output); the other images all train. None, or fewer than two of them
     left to train on: all images.
+    An auto image that took a validation image's label (``exporter.mix.propagation_sources``)
+    gets count 0 after the split: it would train on the validation image's own label.
     """
     coco = load_coco(annotations)
     schema, person_cat, head_cat = coco_schema(coco)
@@ -100,22 +142,24 @@ def derive_label_sets(
     if len(eligible) < 2:
         eligible = list(images)
     val = split_ids(eligible, val_fraction, seed)[1]
-    train = sorted(set(images) - set(val))
+    sources = propagation_sources(coco)
+    copies_of_val = {i for i, src in sources.items() if i in images and i not in val and src & set(val)}
+    train = sorted(set(images) - set(val) - copies_of_val)
     train = [iid for iid in train for _ in range(max(1, (repeats or {}).get(iid, 1)))]
+    numbered = {split: _numbered(ids) for split, ids in (("train", train), ("val", val))}
+    stems = link_stems(numbered["train"] + numbered["val"], images)
     roles = ROLES if head_cat is not None else ROLES[1:]
     yamls: dict[str, Path] = {}
     for role in roles:
-        for split, ids in (("train", train), ("val", val)):
+        for split in ("train", "val"):
             img_dir = out_root / role / "images" / split
             lbl_dir = out_root / role / "labels" / split
             img_dir.mkdir(parents=True, exist_ok=True)
             lbl_dir.mkdir(parents=True, exist_ok=True)
-            seen: dict[int, int] = {}
-            for iid in ids:
+            for iid, copy in numbered[split]:
                 im = images[iid]
-                copy = seen[iid] = seen.get(iid, -1) + 1
                 name = Path(im["file_name"])
-                stem = name.stem if copy == 0 else f"{name.stem}__r{copy}"
+                stem = stems[(iid, copy)]
                 src = (images_dir / im["file_name"]).resolve()
                 link = img_dir / (stem + name.suffix)
                 if not link.is_symlink():
@@ -142,4 +186,4 @@ def derive_label_sets(
             text += f"kpt_shape: [{schema.count}, 3]\nflip_idx: {schema.flip_idx}\n"
         y.write_text(text)
         yamls[role] = y
-    return LabelSets(out_root, yamls, schema, len(train), len(val))
+    return LabelSets(out_root, yamls, schema, len(train), len(val), tuple(val), len(copies_of_val))

@@ -17,7 +17,10 @@ that took a reviewed frame's label at export (``--propagate``; provenance ``prop
 (0, 1) keeps a fraction of the auto images; a weight above 1 repeats them.
 
 Only the training split is weighted: the validation split (used to calibrate the thresholds)
-is drawn from the distinct images first, so no copy of a validation image is trained on.
+is drawn from the distinct images first, so no copy of a validation image is trained on; nor is
+an auto image that took a validation image's label (``propagation_sources``): it would be that
+image's label on a near-identical frame, so ``derive_label_sets`` gives it repeat count 0 (it
+neither trains nor validates).
 """
 from __future__ import annotations
 
@@ -91,6 +94,24 @@ def propagated_images(coco: Mapping[str, Any]) -> set[int]:
     their annotations' provenance names ``propagated_from``)."""
     return {int(a["image_id"]) for a in coco.get("annotations", [])
             if "propagated_from" in (a.get("provenance") or {})}
+
+
+def propagation_sources(coco: Mapping[str, Any]) -> dict[int, set[int]]:
+    """COCO image id of an auto image that took a reviewed frame's label -> the COCO ids of
+    that frame (``propagated_from`` names it by its sha256 in an appliance export, by its file
+    name in the benchmark's sets; an unknown name is left out). The validation split is drawn
+    per reviewed image, so its propagated copies must follow it out of training."""
+    by_name = {str(im["file_name"]): int(im["id"]) for im in coco.get("images", []) if im.get("file_name")}
+    by_key = {**by_name, **{str(im["sha256"]): int(im["id"]) for im in coco.get("images", []) if im.get("sha256")}}
+    origins = image_origins(coco)
+    out: dict[int, set[int]] = {}
+    for a in coco.get("annotations", []):
+        src = (a.get("provenance") or {}).get("propagated_from")
+        iid = int(a["image_id"])
+        if src is None or origins.get(iid) != AUTO or str(src) not in by_key:
+            continue
+        out.setdefault(iid, set()).add(by_key[str(src)])
+    return out
 
 
 def unit_draw(key: str, seed: int = 0) -> float:

@@ -1,10 +1,11 @@
 """Train the three models of a bundle with ultralytics, export, calibrate and publish.
 
 Pipeline (``train_bundle``): COCO key-points dataset -> three label sets (``labelsets``) ->
-ultralytics training per role (resumable; starts from the current bundle's weights, from the
-COCO-pretrained YOLO11n-pose checkpoint, or from scratch) -> ONNX export -> thresholds
-calibrated on the validation split through the daemon's own engine -> bundle with checksums,
-metrics and lineage. torch and ultralytics are imported inside functions only.
+ultralytics training per role (resumable, for the same inputs only: ``training_fingerprint``;
+starts from the current bundle's weights, from the COCO-pretrained YOLO11n-pose checkpoint, or
+from scratch) -> ONNX export -> thresholds calibrated on the validation split through the
+daemon's own engine -> bundle with checksums, metrics and lineage. torch and ultralytics are
+imported inside functions only.
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -22,10 +22,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from service.bundle import Bundle, load_bundle, write_bundle, Thresholds
+from service.bundle import Bundle, load_bundle, sha256_file, write_bundle, Thresholds
+from service.errors import AnnotatorError
+from service.keypoints import CABIN19_NAMES
 from service.novelty import AppearanceProfile, descriptor
 
-from .labelsets import ROLES, LabelSets, derive_label_sets, load_coco
+from .labelsets import ROLES, LabelSets, coco_schema, derive_label_sets, load_coco
 from .mix import REVIEWED, TrainingMix, dataset_version_of, image_origins, training_repeats
 from .onnx_export import ultralytics_env
 
@@ -61,6 +63,9 @@ class TrainConfig:
     calibrate: bool = True
     threads: int = 0  # torch threads while training; 0: every core this process may use
     mix: TrainingMix = field(default_factory=TrainingMix)  # reviewed vs auto labels (``exporter.mix``)
+    # an export made with ``--include-holdout`` holds the images the model-pull gate validates
+    # on; training on them is refused unless this says so (``annotator train --allow-holdout``)
+    allow_holdout: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # more ultralytics train arguments
 
     def __post_init__(self) -> None:
@@ -86,10 +91,11 @@ def pretrained_pose_checkpoint() -> Path | None:
         return None
 
 
-def _init_weights(cfg: TrainConfig, role: str, kpt_count: int | None = None) -> tuple[str, str | None]:
+def _init_weights(cfg: TrainConfig, role: str, kpt_names: Sequence[str] | None = None) -> tuple[str, str | None]:
     """(model argument, pretrained argument) for ultralytics for this role.
 
-    ``kpt_count``: points of the pose label set. For the cabin-19 schema the COCO checkpoint's
+    ``kpt_names``: the dataset's key-point names. For the cabin-19 schema (its names, not just
+    19 points: the mapping puts COCO's channels on named points) the COCO checkpoint's
     key-point head is mapped onto the 19 points (``exporter.cabin_init``) instead of being
     re-initialised by ultralytics: with a fresh head the pose models need many more epochs.
     """
@@ -107,7 +113,7 @@ def _init_weights(cfg: TrainConfig, role: str, kpt_count: int | None = None) -> 
         return arch, None
     if role == "head":  # the head detector takes the COCO model's backbone and neck
         return arch, str(pre)
-    if kpt_count == 19:
+    if kpt_names is not None and tuple(kpt_names) == CABIN19_NAMES:
         from .cabin_init import write_cabin_init
 
         mapped = write_cabin_init(cfg.work / "cabin-init")
@@ -148,14 +154,30 @@ def _yolo(weights: str, threads: int) -> Any:
     return model
 
 
-def train_role(cfg: TrainConfig, role: str, data_yaml: Path) -> Path:
-    """Train one role; resumes an unfinished run; returns the best checkpoint."""
+def train_role(cfg: TrainConfig, role: str, data_yaml: Path, kpt_names: Sequence[str] | None = None) -> Path:
+    """Train one role; resumes an unfinished run of the same inputs; returns the best checkpoint.
+
+    A run folder whose ``FINGERPRINT`` (``training_fingerprint``) differs from this call's, or
+    that has none, was trained from something else (another export in the same ``--work``,
+    another ``--init``, other arguments): its DONE and best.pt would be published under this
+    dataset's lineage, its last.pt resumed against these label sets. It is deleted first.
+    ``kpt_names``: the dataset's key-point names (default: read from ``cfg.annotations``).
+    """
     ultralytics_env()
     threads = training_threads(cfg.threads)
 
     run_dir = cfg.work / "runs" / role
     best, last = run_dir / "weights" / "best.pt", run_dir / "weights" / "last.pt"
     done = run_dir / "DONE"
+    model_arg, args = train_args(cfg, role, data_yaml, kpt_names)
+    fingerprint = training_fingerprint(cfg, data_yaml, model_arg, args)
+    marker = run_dir / FINGERPRINT
+    if run_dir.exists():
+        stored = _stored_fingerprint(marker)
+        if stored != fingerprint["sha256"]:
+            log.warning("%s: %s was trained from other inputs (fingerprint %s, now %s); deleting it and training "
+                        "afresh", role, run_dir, (stored or "none")[:12], fingerprint["sha256"][:12])
+            shutil.rmtree(run_dir)
     if done.exists() and best.exists():
         log.info("%s: already trained (%s)", role, best)
         return best
@@ -168,22 +190,81 @@ def train_role(cfg: TrainConfig, role: str, data_yaml: Path) -> Path:
         except (AssertionError, FileNotFoundError) as exc:  # finished or foreign checkpoint
             log.warning("%s: cannot resume (%s); training afresh", role, exc)
             shutil.rmtree(run_dir)
-    model_arg, args = train_args(cfg, role, data_yaml)
+    run_dir.mkdir(parents=True, exist_ok=True)  # ultralytics (exist_ok) trains into it and keeps the marker
+    marker.write_text(json.dumps(fingerprint, indent=1, sort_keys=True) + "\n")
     log.info("%s: training with %d torch threads", role, threads)
     _yolo(model_arg, threads).train(**args)
     done.write_text("ok\n")
     return best
 
 
-def train_args(cfg: TrainConfig, role: str, data_yaml: Path) -> tuple[str, dict[str, Any]]:
+FINGERPRINT = "FINGERPRINT"  # in a role's run folder: what its weights were trained from
+# Where a run runs, not what it learns: a run resumed on another device or with other loader
+# workers is the same training.
+_NOT_FINGERPRINTED = ("device", "workers")
+
+
+def _stored_fingerprint(marker: Path) -> str | None:
+    try:
+        return str(json.loads(marker.read_text())["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _label_set_digest(data_yaml: Path) -> str:
+    """sha256 of a role's label set as ultralytics reads it: data.yaml, every label file and
+    every image link's target (the mix, the split and the images folder all show in them).
+    ultralytics' own ``labels/<split>.cache``, written while training, is not an input."""
+    h = hashlib.sha256(data_yaml.read_bytes())
+    root = data_yaml.parent
+    for p in sorted(root.rglob("*")):
+        if p.is_symlink():
+            h.update(f"\0{p.relative_to(root)}\0->{os.readlink(p)}".encode())
+        elif p.suffix == ".txt" and p.is_file():
+            h.update(f"\0{p.relative_to(root)}\0".encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def _weights_identity(cfg: TrainConfig, arg: str | None) -> str | None:
+    """What a model or pretrained argument is: an architecture name as given, a checkpoint by its
+    sha256 (a bundle's weights, the COCO checkpoint), the cabin-19 start weights (written in the
+    work folder) by the COCO checkpoint they are mapped from."""
+    if not arg or not Path(arg).is_file():
+        return arg
+    if (cfg.work / "cabin-init").resolve() in Path(arg).resolve().parents:
+        pre = pretrained_pose_checkpoint()
+        return "cabin-init from sha256:" + (sha256_file(pre) if pre is not None else "none")
+    return "sha256:" + sha256_file(Path(arg))
+
+
+def training_fingerprint(cfg: TrainConfig, data_yaml: Path, model_arg: str, args: dict[str, Any]) -> dict[str, Any]:
+    """What one role's run is trained from, and its sha256: the annotations file, the role's
+    label set, the starting weights' identity and the ultralytics arguments (less
+    ``_NOT_FINGERPRINTED``). Equal fingerprints: the run may be resumed or reused."""
+    inputs = {
+        "annotations_sha256": sha256_file(cfg.annotations),
+        "label_set_sha256": _label_set_digest(data_yaml),
+        "model": _weights_identity(cfg, model_arg),
+        "pretrained": _weights_identity(cfg, args.get("pretrained")),
+        "args": {k: v for k, v in args.items() if k not in _NOT_FINGERPRINTED and k != "pretrained"},
+    }
+    text = json.dumps(inputs, sort_keys=True, default=str)
+    return {"sha256": hashlib.sha256(text.encode()).hexdigest(), "inputs": inputs}
+
+
+def train_args(cfg: TrainConfig, role: str, data_yaml: Path,
+               kpt_names: Sequence[str] | None = None) -> tuple[str, dict[str, Any]]:
     """(model argument, ultralytics train arguments) for one role; ``cfg.extra`` has the last word.
+    ``kpt_names``: the dataset's key-point names (default: read from ``cfg.annotations`` when it
+    exists), which choose the starting weights of the pose roles (``_init_weights``).
 
     Continuing a bundle's weights (``--init BUNDLE`` or ``current``) fine-tunes them
     (``FINETUNE_ARGS``: SGD at 0.002, no warm-up) instead of ultralytics' "auto" choice, AdamW
     at 0.002 after three warm-up epochs, which first undoes part of the previous training.
     """
-    match = re.search(r"kpt_shape:\s*\[(\d+)", data_yaml.read_text())
-    model_arg, pretrained = _init_weights(cfg, role, int(match.group(1)) if match else None)
+    if kpt_names is None and Path(cfg.annotations).is_file():
+        kpt_names = coco_schema(load_coco(cfg.annotations))[0].names
+    model_arg, pretrained = _init_weights(cfg, role, kpt_names)
     args: dict[str, Any] = dict(
         data=str(data_yaml), epochs=cfg.epochs, imgsz=cfg.imgsz, batch=cfg.batch, device=cfg.device,
         project=str(cfg.work / "runs"), name=role, exist_ok=True, workers=cfg.workers, seed=cfg.seed,
@@ -213,8 +294,10 @@ def _code_version() -> str:
 
 
 def _val_subset(coco: dict[str, Any], sets: LabelSets, images_dir: Path) -> tuple[dict[str, Any], list[Path]]:
-    val_names = {p.name for p in (sets.root / "pose_main" / "images" / "val").iterdir()}
-    images = [im for im in coco["images"] if Path(im["file_name"]).name in val_names]
+    """The validation split's images and annotations (in the dataset's order), by image id: file
+    names may repeat across folders (``camA/0002.jpg``, ``camB/0002.jpg``)."""
+    val_ids = set(sets.val_ids)
+    images = [im for im in coco["images"] if im["id"] in val_ids]
     ids = {im["id"] for im in images}
     sub = {**coco, "images": images, "annotations": [a for a in coco["annotations"] if a["image_id"] in ids]}
     return sub, [images_dir / im["file_name"] for im in images]
@@ -260,12 +343,52 @@ def appearance_profile(images: Sequence[Path], seed: int = 0) -> AppearanceProfi
     return AppearanceProfile.fit(descs, seed)
 
 
+def check_holdout(coco: dict[str, Any], annotations: Path, allow: bool) -> bool | None:
+    """The export's ``info.holdout_included`` (None: not said, e.g. a plain COCO dataset).
+
+    ``annotator dataset export --include-holdout`` adds the hold-out images, the ones the
+    model-pull gate validates bundles on: a bundle trained on them passes its gate on its own
+    training images. Such an export is refused unless ``allow``; the lineage records it."""
+    info = coco.get("info") if isinstance(coco.get("info"), dict) else {}
+    included = info.get("holdout_included")
+    if included and not allow:
+        raise AnnotatorError(f"dataset: {annotations} was exported with --include-holdout: its hold-out images are "
+                             "the model-pull gate's validation set, and a bundle trained on them would be validated "
+                             "on its own training images. Export without --include-holdout, or pass --allow-holdout "
+                             "(the bundle's lineage then says so)")
+    return None if included is None else bool(included)
+
+
+def bundle_lineage(cfg: TrainConfig, coco: dict[str, Any], sets: LabelSets, mix_summary: dict[str, Any],
+                   holdout_included: bool | None) -> dict[str, Any]:
+    """``lineage`` of the bundle: the dataset (``version``: the export's dataset version, which
+    is the same with or without the hold-out and whatever images were missing, so
+    ``annotations_sha256``, the whole sha256 of the json, names the exact content trained on;
+    ``file_sha256`` is its short form), the parent bundle, the training arguments, the code."""
+    parent = None
+    if cfg.init not in ("pretrained", "scratch") and (Path(cfg.init) / "bundle.json").is_file():
+        parent = json.loads((Path(cfg.init) / "bundle.json").read_text()).get("id")
+    return {
+        "dataset": {"version": dataset_version_of(coco, dataset_version(cfg.annotations)),
+                    "file_sha256": dataset_version(cfg.annotations),
+                    "annotations_sha256": "sha256:" + sha256_file(cfg.annotations),
+                    "holdout_included": holdout_included, "annotations": str(cfg.annotations),
+                    "train_images": sets.train_images, "val_images": sets.val_images, "mix": mix_summary},
+        "parent_bundle": parent,
+        "init": cfg.init,
+        "training": {"epochs": cfg.epochs, "imgsz": cfg.imgsz, "batch": cfg.batch, "device": cfg.device,
+                     "framework": "ultralytics", "seed": cfg.seed, **cfg.extra},
+        "code_version": _code_version(),
+    }
+
+
 def train_bundle(cfg: TrainConfig) -> Bundle:
     """Run the whole pipeline of this module and return the verified bundle."""
     from .bundle_build import build_bundle
 
-    cfg.work.mkdir(parents=True, exist_ok=True)
     coco = load_coco(cfg.annotations)
+    holdout_included = check_holdout(coco, cfg.annotations, cfg.allow_holdout)
+    cfg.work.mkdir(parents=True, exist_ok=True)
     repeats, mix_summary = training_repeats(coco, cfg.mix, cfg.seed)
     # Validation (checkpoint choice, threshold calibration) on human labels only, when the dataset has them.
     origins = image_origins(coco)
@@ -276,28 +399,20 @@ def train_bundle(cfg: TrainConfig) -> Bundle:
     sets = derive_label_sets(cfg.annotations, cfg.images, cfg.work / "labelsets", cfg.val_fraction, cfg.seed,
                              repeats=repeats, val_from=val_from)
     log.info("label sets: %d train / %d val images in %s", sets.train_images, sets.val_images, sets.root)
+    if sets.propagated_from_val:
+        mix_summary["propagated_from_validation"] = sets.propagated_from_val  # neither trained nor validated
+        log.info("%d auto images took a validation image's label: left out", sets.propagated_from_val)
+    names = list(sets.schema.names)
     ckpts: dict[str, Path] = {}
     for role in cfg.roles:
         if role in sets.data_yaml:
-            ckpts[role] = train_role(cfg, role, sets.data_yaml[role])
-    parent = None
-    if cfg.init not in ("pretrained", "scratch") and (Path(cfg.init) / "bundle.json").is_file():
-        parent = json.loads((Path(cfg.init) / "bundle.json").read_text()).get("id")
-    lineage = {
-        "dataset": {"version": dataset_version_of(coco, dataset_version(cfg.annotations)),
-                    "file_sha256": dataset_version(cfg.annotations), "annotations": str(cfg.annotations),
-                    "train_images": sets.train_images, "val_images": sets.val_images, "mix": mix_summary},
-        "parent_bundle": parent,
-        "init": cfg.init,
-        "training": {"epochs": cfg.epochs, "imgsz": cfg.imgsz, "batch": cfg.batch, "device": cfg.device,
-                     "framework": "ultralytics", "seed": cfg.seed, **cfg.extra},
-        "code_version": _code_version(),
-    }
+            ckpts[role] = train_role(cfg, role, sets.data_yaml[role], names)
+    lineage = bundle_lineage(cfg, coco, sets, mix_summary, holdout_included)
     tmp_out = cfg.out.with_name(cfg.out.name + ".partial")
     if tmp_out.exists():
         shutil.rmtree(tmp_out)
     bundle = build_bundle(tmp_out, head=ckpts.get("head"), pose_main=ckpts.get("pose_main"),
-                          pose_visible=ckpts.get("pose_visible"), imgsz=cfg.imgsz,
+                          pose_visible=ckpts.get("pose_visible"), imgsz=cfg.imgsz, keypoint_names=names,
                           thresholds={"method": "reference 0.6/0.6 (before calibration)"}, lineage=lineage)
     weights_dir = tmp_out / "weights"
     weights_dir.mkdir(exist_ok=True)
@@ -317,4 +432,5 @@ def train_bundle(cfg: TrainConfig) -> Bundle:
     return load_bundle(cfg.out)
 
 
-__all__ = ["FINETUNE_ARGS", "TrainConfig", "TrainingMix", "train_args", "train_bundle", "train_role", "dataset_version", "Thresholds"]
+__all__ = ["FINETUNE_ARGS", "TrainConfig", "TrainingMix", "bundle_lineage", "check_holdout", "train_args", "train_bundle",
+           "train_role", "training_fingerprint", "dataset_version", "Thresholds"]

@@ -4,6 +4,7 @@
 
     annotator train DATASET OUT [--reviewed-only | --auto-weight W] [--init pretrained|scratch|current|BUNDLE]
                     [--publish REGISTRY [--sign-key KEY.pem] [--registry-endpoint URL]] [--config F]
+                    [--allow-holdout]
 
 ``DATASET`` is a COCO key-points json or a folder with ``annotations.json`` and ``images/``,
 e.g. the output of ``annotator dataset export`` (reviewed + auto-accepted labels with
@@ -11,7 +12,8 @@ provenance; ``exporter.mix`` explains the weighting). ``--init current`` starts 
 weights of the bundle in use: ``<models root>/current`` of the sync agent's model slots
 (``[sync.models] root``, default ``<store root>/models``), else the daemon's
 ``[engine] bundle``. ``--publish`` copies the finished bundle to a registry folder or
-``s3://bucket/prefix`` (``sync.publish``) where ``annotator sync`` pulls it.
+``s3://bucket/prefix`` (``sync.publish``) where ``annotator sync`` pulls it. An export made with
+``--include-holdout`` is refused unless ``--allow-holdout`` (``exporter.train.check_holdout``).
 """
 from __future__ import annotations
 
@@ -52,6 +54,9 @@ def add_train_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--propagated-weight", type=float, default=1.0, metavar="W",
                    help="weight of the auto images that took a reviewed frame's label (`annotator dataset export "
                         "--propagate`), 0..10 (default 1: as a reviewed image)")
+    s.add_argument("--allow-holdout", action="store_true",
+                   help="train on an export made with --include-holdout (refused otherwise: its hold-out images "
+                        "are the model-pull gate's validation set); the lineage records it")
     s.add_argument("--config", type=Path, default=None,
                    help="the appliance's TOML file, to find the bundle in use for --init current "
                         "(default $ANNOTATOR_CONFIG)")
@@ -119,7 +124,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         publish_to = open_registry(args.publish, endpoint_url=args.registry_endpoint)
     cfg = TrainConfig(annotations=ann, images=images, out=Path(args.out), work=Path(args.work or f"{args.out}.work"),
                       epochs=args.epochs, imgsz=args.imgsz, batch=args.batch, device=args.device, init=init,
-                      workers=args.workers,
+                      workers=args.workers, allow_holdout=args.allow_holdout,
                       val_fraction=args.val_fraction, roles=tuple(args.roles.split(",")), seed=args.seed,
                       mix=TrainingMix(reviewed_only=args.reviewed_only, auto_weight=args.auto_weight,
                                       propagated_weight=args.propagated_weight))

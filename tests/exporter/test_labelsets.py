@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from exporter.labelsets import derive_label_sets, split_ids
 from exporter.synth import generate
@@ -49,3 +50,53 @@ def test_main_labels_visible_and_occluded_visible_only_labels_visible(tmp_path: 
     # Images are links to the originals, found by ultralytics through images/ -> labels/.
     link = next((sets.root / "head" / "images" / "train").iterdir())
     assert link.is_symlink() and link.resolve().parent == (d / "images").resolve()
+
+
+def test_images_with_one_file_name_in_two_folders_keep_their_own_labels(tmp_path: Path) -> None:
+    """``camA/0002.jpg`` and ``camB/0002.jpg``: ultralytics pairs image and label by file name,
+    so the later image (by id) gets ``__id<image id>``; the validation images are found by id.
+    Unique names stay as they were."""
+    from exporter.train import _val_subset
+    from service.keypoints import CABIN19_NAMES
+
+    k = len(CABIN19_NAMES)
+    files = ["camA/0000.jpg", "camB/0001.jpg", "camA/0001.jpg", "camB/0002.jpg", "camA/0002.jpg", "camA/0002.png",
+             "camC/0003.jpg"]
+    images, anns = [], []
+    for i, fn in enumerate(files, 1):
+        (tmp_path / "imgs" / fn).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "imgs" / fn).write_bytes(fn.encode())
+        images.append({"id": i, "file_name": fn, "width": 100, "height": 100})
+        anns.append({"id": i, "image_id": i, "category_id": 1, "bbox": [i * 10, 0, 5, 5], "iscrowd": 0,
+                     "keypoints": [i * 10 + 1, 1, 2] * k, "num_keypoints": k})
+    coco = {"images": images, "annotations": anns,
+            "categories": [{"id": 1, "name": "person", "keypoints": list(CABIN19_NAMES)}]}
+    (tmp_path / "a.json").write_text(json.dumps(coco))
+    for seed in range(4):
+        sets = derive_label_sets(tmp_path / "a.json", tmp_path / "imgs", tmp_path / f"s{seed}", 0.3, seed)
+        links = {}
+        for split in ("train", "val"):
+            for link in (sets.root / "pose_main" / "images" / split).iterdir():
+                label = sets.root / "pose_main" / "labels" / split / (link.stem + ".txt")
+                iid = files.index(str(link.resolve().relative_to((tmp_path / "imgs").resolve()))) + 1
+                x = float(label.read_text().split()[1]) * 100  # the box centre: 10 * id + 2.5
+                assert x == pytest.approx(iid * 10 + 2.5), (link.name, iid)
+                links[link.name] = (split, iid)
+        assert sorted(iid for _, iid in links.values()) == list(range(1, 8))  # every image once, none dropped
+        assert {n for n, (_, i) in links.items()} == {
+            "0000.jpg", "0001.jpg", "0001__id3.jpg", "0002.jpg", "0002__id5.jpg", "0002__id6.png", "0003.jpg"}
+        val = sorted(i for split, i in links.values() if split == "val")
+        assert list(sets.val_ids) == val and sets.val_images == len(val) and sets.train_images == 7 - len(val)
+        sub, paths = _val_subset(coco, sets, tmp_path / "imgs")
+        assert [im["id"] for im in sub["images"]] == val and [a["image_id"] for a in sub["annotations"]] == val
+        assert paths == [tmp_path / "imgs" / files[i - 1] for i in val]
+
+
+def test_repeated_copies_and_unique_names_keep_their_names() -> None:
+    from exporter.labelsets import link_stems
+
+    images = {1: {"file_name": "a/x.jpg"}, 2: {"file_name": "b/y.jpg"}, 3: {"file_name": "x__r1.jpg"}}
+    assert link_stems([(1, 0), (2, 0), (2, 1), (2, 2)], images) == {
+        (1, 0): "x", (2, 0): "y", (2, 1): "y__r1", (2, 2): "y__r2"}
+    # a copy never pushes an image out of its own name
+    assert link_stems([(1, 0), (1, 1), (3, 0)], images) == {(1, 0): "x", (3, 0): "x__r1", (1, 1): "x__r1__id1"}

@@ -138,3 +138,30 @@ def test_propagated_images_have_their_own_weight() -> None:
     assert [off[i] for i in range(1, 7)] == [1, 1, 0, 0, 0, 0]
     with pytest.raises(ValueError, match="propagated_weight"):
         TrainingMix(propagated_weight=11.0)
+
+
+@pytest.mark.parametrize("by", ["sha256", "file_name"])
+def test_propagated_copies_of_validation_images_neither_train_nor_validate(tmp_path: Path, by: str) -> None:
+    """The validation split is drawn per reviewed image; an auto image that took a validation
+    image's label (``propagated_from``: its sha256 in an export, its file name in the
+    benchmark's sets) would train on that label, so it is left out; the other copies train."""
+    data = coco(10, 25)
+    source = {}
+    for a in data["annotations"][10:30]:  # auto images 11..30 took reviewed image 1..10's label; 31..35 did not
+        src = data["images"][(a["image_id"] - 11) % 10]
+        a["provenance"] = {"origin": "auto", "propagated_from": src[by], "propagation_distance": 2}
+        source[a["image_id"]] = src["id"]
+    ann, images = write_dataset(tmp_path, data)
+    repeats, _ = training_repeats(data, TrainingMix())
+    reviewed = set(range(1, 11))
+    for seed in range(3):
+        sets = derive_label_sets(ann, images, tmp_path / f"s{seed}", 0.2, seed, repeats=repeats, val_from=reviewed)
+        val = {int(p.stem[3:]) + 1 for p in (sets.root / "pose_main" / "images" / "val").iterdir()}
+        train = {int(p.stem[3:]) + 1 for p in (sets.root / "pose_main" / "images" / "train").iterdir()}
+        left_out = {i for i, s in source.items() if s in val}
+        assert len(val) == 2 and val <= reviewed and len(left_out) == 4
+        assert not train & (val | left_out) and train == set(range(1, 36)) - val - left_out
+        assert sets.propagated_from_val == 4 and sets.train_images == len(train)
+    from exporter.mix import propagation_sources
+
+    assert propagation_sources(data) == {i: {s} for i, s in source.items()}
