@@ -1,13 +1,16 @@
 """The daemon's subcommands of ``annotator``: serve, annotate, submit, export, bench.
 
 ``service.cli`` registers them with ``add_daemon_commands``. Output for people goes to stdout;
-errors the user can fix raise ``AnnotatorError`` (exit code 2, one line).
+errors the user can fix raise ``AnnotatorError`` (exit code 2, one line). ``export`` is the one
+that reaches into ``sync`` (lazily, like ``service.cli``): reviewed labels live in its dataset.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any, Iterator
@@ -112,6 +115,46 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def dataset_root(cfg: Any, config_path: Path | None) -> Path:
+    """Where the sync agent keeps the dataset: ``[sync.dataset] root`` (relative to the config
+    file's folder), else ``<store root>/dataset``, by ``sync.pull_settings``'s own rule."""
+    try:
+        from sync.pull_settings import settings_from
+    except ModuleNotFoundError as exc:  # a daemon-only install: no agent, no [sync] tables to read
+        if not (exc.name or "").startswith("sync"):
+            raise
+        return Path(cfg.store.root) / "dataset"
+    tables = dict(cfg.extra.get("sync", {}))
+    base = config_path.absolute().parent if config_path is not None else Path.cwd()
+    return settings_from(Path(cfg.store.root), {"dataset": tables.get("dataset", {})}, base).dataset_root
+
+
+@contextlib.contextmanager
+def reviewed_labels(root: Path) -> Iterator[Any]:
+    """``outputs.ReviewedLabels`` of the dataset under ``root`` (None when there is none; none is
+    created). Merged reviews live only there: the store's records stay the model's output."""
+    from .outputs import ReviewedLabels
+
+    if not (Path(root) / "dataset.sqlite3").is_file():
+        yield None
+        return
+    from sync.dataset import REVIEWED, Dataset  # light: sqlite3 and numpy, as the daemon's own modules
+
+    try:
+        dataset = Dataset(Path(root))
+    except sqlite3.Error as exc:
+        raise AnnotatorError(f"dataset {root}: cannot open: {exc}; run as the service user (or give "
+                             "--dataset-root)") from exc
+    try:
+        def get(image_id: str) -> Any:
+            entry = dataset.get(image_id)
+            return entry.label if entry is not None and entry.origin == REVIEWED else None
+
+        yield ReviewedLabels(dataset.schema.names, get)
+    finally:
+        dataset.close()
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .outputs import export_coco, export_yolo
     from .store import Store
@@ -119,12 +162,21 @@ def cmd_export(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if not args.coco and not args.yolo:
         raise ConfigError("export: give --coco OUT.json or --yolo DIR")
+    config_path = Path(args.config) if args.config else (
+        Path(os.environ["ANNOTATOR_CONFIG"]) if os.environ.get("ANNOTATOR_CONFIG") else None)
+    root = Path(args.dataset_root) if args.dataset_root else dataset_root(cfg, config_path)
+    if args.dataset_root and not (root / "dataset.sqlite3").is_file():
+        raise ConfigError(f"--dataset-root {root}: no dataset.sqlite3 there; give the sync agent's dataset folder "
+                          "([sync.dataset] root, default <store root>/dataset)")
     store = Store(Path(cfg.store.root), lease_seconds=float(cfg.store.lease_seconds))
     try:
-        if args.coco:
-            print(f"COCO key points written to {export_coco(store, Path(args.coco))}")
-        if args.yolo:
-            print(f"YOLO labels written to {export_yolo(store, Path(args.yolo))}")
+        with reviewed_labels(root) as reviewed:
+            if reviewed is None:
+                log.info("no dataset at %s: reviewed images are written with the model's labels, as \"auto\"", root)
+            if args.coco:
+                print(f"COCO key points written to {export_coco(store, Path(args.coco), reviewed=reviewed)}")
+            if args.yolo:
+                print(f"YOLO labels written to {export_yolo(store, Path(args.yolo), reviewed=reviewed)}")
     finally:
         store.close()
     return 0
@@ -173,6 +225,8 @@ def add_daemon_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser
     s.add_argument("--set", action="append", metavar="KEY=VALUE")
     s.add_argument("--coco", metavar="OUT.json")
     s.add_argument("--yolo", metavar="DIR")
+    s.add_argument("--dataset-root", metavar="DIR", help="the sync agent's dataset, whose reviewed labels replace "
+                   "the model's (default: [sync.dataset] root, else <store root>/dataset)")
     s.set_defaults(func=cmd_export)
 
     s = sub.add_parser("bench", help="images/s: raw ONNX vs the daemon (drop folder, gRPC) vs ultralytics")

@@ -10,7 +10,10 @@ Every value is checked: a wrong type, a value out of range or an unknown key rai
 ``ConfigError`` whose message starts with the dotted key and says where the value came from,
 e.g. ``judge.threshold: expected a number in [0, 1], got 1.5 (from /etc/annotator.toml)``.
 Relative paths in the file are taken relative to the file's folder; relative paths from the
-environment or the command line relative to the working directory.
+environment or the command line relative to the working directory, as a shell user expects.
+Both are made absolute here (the defaults stay as declared), so every reader of the same file
+and environment (the daemon, ``sync.config``, ``annotator doctor``) sees the same folders
+whatever it does with relative paths; an absolute path is never rebased.
 ``deploy/annotator.example.toml`` documents every key.
 
 Tables owned by other programs that read the same file (``PASSTHROUGH``: ``[sync]`` and its
@@ -25,7 +28,10 @@ import difflib
 import ipaddress
 import os
 import copy
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, as a package (pyproject pulls it in)
+    import tomli as tomllib  # type: ignore[no-redef]
 import types
 import typing
 from dataclasses import dataclass, field
@@ -285,6 +291,7 @@ def _read_file(path: Path) -> tuple[dict[str, tuple[Any, str]], dict[str, Any]]:
     out: dict[str, tuple[Any, str]] = {}
     extra: dict[str, Any] = {}
     source = f"from {path}"
+    folder = path.absolute().parent
     for section, body in data.items():
         if section in PASSTHROUGH:
             extra[section] = copy.deepcopy(body)
@@ -299,9 +306,16 @@ def _read_file(path: Path) -> tuple[dict[str, tuple[Any, str]], dict[str, Any]]:
                 raise _unknown(key, source)
             value = _convert(key, value, source, from_text=False)
             if isinstance(value, Path) and not value.is_absolute():
-                value = path.parent / value
+                value = folder / value
             out[key] = (value, source)
     return out, extra
+
+
+def _absolute(value: Any) -> Any:
+    """A relative path from the environment or the command line, joined to the working directory
+    now: the sync agent joins relative paths to the config file's folder, and a relative
+    ``ANNOTATOR_STORE__ROOT`` sent it to another (empty) store than the daemon's."""
+    return value.absolute() if isinstance(value, Path) else value
 
 
 def load_config(path: Path | None = None, env: Mapping[str, str] = os.environ,
@@ -317,12 +331,12 @@ def load_config(path: Path | None = None, env: Mapping[str, str] = os.environ,
         source = f"from environment {name}"
         if key not in KEYS:
             raise _unknown(key, source)
-        values[key] = (_convert(key, text, source, from_text=True), source)
+        values[key] = (_absolute(_convert(key, text, source, from_text=True)), source)
     for key, value in overrides.items():
         source = "from the command line"
         if key not in KEYS:
             raise _unknown(key, source)
-        values[key] = (_convert(key, value, source, from_text=isinstance(value, str)), source)
+        values[key] = (_absolute(_convert(key, value, source, from_text=isinstance(value, str))), source)
     for key, (value, source) in values.items():
         test, expected = CHECKS.get(key, (lambda v: True, ""))
         if value is not None and not test(value):

@@ -4,6 +4,8 @@ Each check returns a ``Check`` (name, level OK/WARN/FAIL/SKIP, what was found, o
 advice when it is not OK). ``run_checks(path, env)`` runs them in order:
 
     config     the TOML file loads and validates (service.config)
+    sync       only with a [sync] table: the sync agent's own validators accept it (what
+               ``annotator sync`` checks before it starts; a refusal there is a restart loop)
     folders    drop folder, store root, sidecar folder exist (or can be created) and are writable
     disk       free space on the store's file system against store.min_free_mb
     bundle     engine.bundle loads and verifies (checksums, ONNX layouts)
@@ -24,7 +26,10 @@ import os
 import shutil
 import tempfile
 import time
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, as a package (pyproject pulls it in)
+    import tomli as tomllib  # type: ignore[no-redef]
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -91,6 +96,35 @@ def load_for_doctor(path: Path | None, env: Mapping[str, str]) -> tuple[Any, dic
     except ConfigError as exc:
         return None, sync, Check("config", FAIL, str(exc), "fix that key in the file (or its ANNOTATOR_* variable)")
     return cfg, sync, Check("config", OK, f"{where}: valid")
+
+
+def check_sync(path: Path | None, env: Mapping[str, str]) -> Check:
+    """``[sync]`` validated by the sync agent's own code, in the order ``sync.agent.build_agent``
+    runs it before it opens anything: the ``[sync]`` and ``[sync.target]`` keys, ``[sync.review]``
+    (the Label Studio token from ``env`` first), ``[sync.dataset]`` / ``[sync.models]`` and
+    ``[sync.training]``. Service only checks that ``[sync]`` is a table; without this, a typo or
+    a missing token passed here and ``annotator sync`` exited 2 at every start under systemd."""
+    try:
+        from sync.agent import _training_settings
+        from sync.config import load_sync_config
+        from sync.errors import SyncError
+        from sync.pull_settings import settings_from
+        from sync.review_settings import review_settings_from
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").startswith("sync"):
+            raise
+        return Check("sync", WARN, "a [sync] table, but the sync agent is not installed",
+                     "install the whole edge-annotator package, or remove [sync] from the file")
+    try:
+        cfg = load_sync_config(path, env)
+        review = review_settings_from(cfg, env)
+        _training_settings(cfg, settings_from(cfg.store_root, cfg.tables, cfg.base))
+    except SyncError as exc:
+        advice = ("set ANNOTATOR_LABEL_STUDIO_TOKEN in /etc/annotator/annotator.env (the units read it; run doctor "
+                  "with it set too)" if ".token" in str(exc) else "fix that key in the file")
+        return Check("sync", FAIL, str(exc), advice + ": until then annotator sync refuses to start")
+    return Check("sync", OK, f"appliance {cfg.appliance_id}: target {cfg.target.kind}, review {review.kind}, "
+                             f"store {cfg.store_root}")
 
 
 # -- file system ----------------------------------------------------------------------------
@@ -309,6 +343,8 @@ def run_checks(path: Path | None, env: Mapping[str, str] = os.environ) -> list[C
     """Every check in order; checks that need a valid config are left out when it is invalid."""
     cfg, sync, config_check = load_for_doctor(path, env)
     checks = [config_check]
+    if cfg is not None and "sync" in cfg.extra:
+        checks.append(check_sync(path, env))
     if cfg is not None:
         checks += check_folders(cfg)
         checks += [check_disk(cfg), check_bundle(cfg), check_providers(cfg)]

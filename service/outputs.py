@@ -8,6 +8,13 @@ COCO: visible = 2, occluded = 1, outside = 0, and an ``outside`` point is writte
 The stored record (``ImageRow.record``) is ``Prediction.to_json()`` plus, from the daemon,
 ``keypoint_names`` (the bundle's names, in order). Where the names are missing they are guessed
 from the point count (COCO-17, cabin-19, else ``kp0``, ``kp1``, ...).
+
+The record stays the model's output after a review: merging a review writes the reviewed label
+to the dataset only (``sync.merge``), and moves the image to ``reviewed``. So the exports take an
+image's labels from ``ReviewedLabels`` (the dataset's reviewed labels) when it has one there,
+with provenance "human"; every other image, ``reviewed`` ones included, is the model's output
+with provenance "auto". This module does not open the dataset (``sync`` is above ``service``);
+``annotator export`` (``service.cli_daemon``) hands it in.
 """
 from __future__ import annotations
 
@@ -18,11 +25,11 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from .durable import fsync_dir, write_json_atomic
 from .keypoints import CABIN19, COCO17, FLAG_VISIBILITY, VISIBILITY_FLAG, KeypointSchema
-from .store import ImageRow, Store
+from .store import REVIEWED, ImageRow, Store
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +162,55 @@ def _xywh(box: Sequence[float]) -> list[float]:
     return [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)]
 
 
+@dataclass(frozen=True)
+class ReviewedLabels:
+    """Reviewed labels by image id, in the dataset's canonical form (``sync.dataset``):
+    ``{"width", "height", "heads": [[x1, y1, x2, y2]], "persons": [{"box", "keypoints": [[x, y,
+    flag]]}]}``, key points in ``names`` order, flags 2/1/0, outside points at 0, 0. ``get``
+    returns None for an image without a reviewed label (an auto-accepted one, or none)."""
+
+    names: tuple[str, ...]
+    get: Callable[[str], Mapping[str, Any] | None]
+
+
+def reviewed_record(label: Mapping[str, Any], names: Sequence[str], target: Sequence[str]) -> dict[str, Any]:
+    """A canonical reviewed label as a record (heads, persons with visibility names, ``conf``
+    1.0), its key points mapped by name to ``target``; target points the label lacks are
+    outside (as ``sync.merge`` maps a review into the dataset)."""
+    persons = []
+    for p in label.get("persons", []):
+        by_name = dict(zip(names, p["keypoints"]))
+        points = [by_name.get(n, (0.0, 0.0, 0)) for n in target]
+        persons.append({"box": list(p["box"]), "conf": 1.0, "keypoints": [
+            {"x": float(x), "y": float(y), "visibility": FLAG_VISIBILITY[int(f)]} for x, y, f in points]})
+    return {"width": label.get("width"), "height": label.get("height"), "keypoint_names": list(target),
+            "heads": [{"box": list(h), "conf": 1.0} for h in label.get("heads", [])], "persons": persons}
+
+
+def _labels_of(row: ImageRow, schema: KeypointSchema | None,
+               reviewed: ReviewedLabels | None) -> tuple[dict[str, Any], KeypointSchema | None, str]:
+    """(the record to export, the export's schema so far, provenance) of one row: the reviewer's
+    label when ``reviewed`` has one, else the model's record ("auto", whatever the row's state)."""
+    rec = row.record or {}
+    schema = schema or (schema_for(rec) if rec.get("persons") or rec.get("keypoint_names") else None)
+    label = reviewed.get(row.image_id) if reviewed is not None else None
+    if reviewed is None or label is None:
+        return dict(rec), schema, "auto"
+    if schema is None and label.get("persons"):
+        schema = KeypointSchema.for_names(reviewed.names)
+    out = reviewed_record(label, reviewed.names, schema.names if schema is not None else ())
+    out["width"], out["height"] = out["width"] or rec.get("width"), out["height"] or rec.get("height")
+    return out, schema, "human"
+
+
+def _warn_unreviewed(count: int, reviewed: ReviewedLabels | None) -> None:
+    if count:
+        log.warning("%d reviewed images exported with the model's labels (provenance \"auto\"): %s", count,
+                    "the dataset has no reviewed label for them" if reviewed is not None else
+                    "their reviewed labels are in the dataset, which this export did not read "
+                    "(annotator export --dataset-root, or annotator dataset export)")
+
+
 def record_annotations(rec: Mapping[str, Any], image_id: int, first_id: int = 1) -> list[dict[str, Any]]:
     """A record's persons (category ``PERSON_CATEGORY``, key points with COCO flags, outside
     points as 0, 0, 0) and heads (``HEAD_CATEGORY``) as COCO annotations of image ``image_id``,
@@ -175,28 +231,32 @@ def record_annotations(rec: Mapping[str, Any], image_id: int, first_id: int = 1)
     return out
 
 
-def export_coco(store: Store, out_path: Path, states: Sequence[str] = EXPORT_STATES, link: bool = True) -> Path:
+def export_coco(store: Store, out_path: Path, states: Sequence[str] = EXPORT_STATES, link: bool = True,
+                reviewed: ReviewedLabels | None = None) -> Path:
     """Write a COCO key-points dataset to ``out_path`` and the images to ``out_path.parent/images``.
 
     Categories: 1 "person" (key-point names and 1-based skeleton of the records' schema), 2
     "head" (boxes only). Each image entry also carries ``sha256``, ``state``, ``bundle_id`` and
-    ``provenance`` ("human" for reviewed images, else "auto"). Persons carry ``score``.
+    ``provenance``: "human" for an image written with its label from ``reviewed``, else "auto"
+    (the model's output; a ``reviewed`` image too when ``reviewed`` lacks it). Persons carry
+    ``score`` (the model's; 1.0 for a reviewer's).
     """
     out_path = Path(out_path)
     image_dir = out_path.parent / "images"
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
     schema: KeypointSchema | None = None
+    unreviewed = 0
     for n, row in enumerate(iter_rows(store, states), start=1):
-        rec = row.record or {}
-        schema = schema or (schema_for(rec) if rec.get("persons") or rec.get("keypoint_names") else None)
+        rec, schema, provenance = _labels_of(row, schema, reviewed)
+        unreviewed += row.state == REVIEWED and provenance != "human"
         src = store.image_path(row.image_id)
         with open(src, "rb") as f:
             name = row.image_id + image_suffix(f.read(16))
         _place(src, image_dir / name, link)
         images.append({"id": n, "file_name": name, "width": row.width or rec["width"],
                        "height": row.height or rec["height"], "sha256": row.image_id, "state": row.state,
-                       "bundle_id": row.bundle_id, "provenance": "human" if row.state == "reviewed" else "auto"})
+                       "bundle_id": row.bundle_id, "provenance": provenance})
         annotations += record_annotations(rec, n, len(annotations) + 1)
     schema = schema or COCO17
     categories = [
@@ -206,6 +266,7 @@ def export_coco(store: Store, out_path: Path, states: Sequence[str] = EXPORT_STA
     ]
     info = {"description": "edge-annotator export", "date_created": _iso(store.clock()), "states": list(states)}
     write_json_atomic(out_path, {"info": info, "images": images, "annotations": annotations, "categories": categories})
+    _warn_unreviewed(unreviewed, reviewed)
     log.info("COCO export: %d images, %d annotations -> %s", len(images), len(annotations), out_path)
     return out_path
 
@@ -221,22 +282,24 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def export_yolo(store: Store, out_dir: Path, states: Sequence[str] = EXPORT_STATES, link: bool = True) -> Path:
+def export_yolo(store: Store, out_dir: Path, states: Sequence[str] = EXPORT_STATES, link: bool = True,
+                reviewed: ReviewedLabels | None = None) -> Path:
     """Write two YOLO datasets under ``out_dir``: ``pose/`` (person, key points) and ``head/``.
 
     Each has ``images/``, ``labels/`` (one ``<image_id>.txt`` per image, values normalised to
     [0, 1]) and ``data.yaml`` (written as JSON, which YAML parsers read). Pose lines:
     ``0 cx cy w h`` then ``x y v`` per point, v = 2/1/0, outside as ``0 0 0``; head lines:
-    ``0 cx cy w h``.
+    ``0 cx cy w h``. An image with a label in ``reviewed`` gets that label, every other one the
+    model's output (as ``export_coco``).
     """
     out_dir = Path(out_dir)
     schema: KeypointSchema | None = None
-    count = 0
+    count = unreviewed = 0
     for task in ("pose", "head"):
         (out_dir / task / "labels").mkdir(parents=True, exist_ok=True)
     for row in iter_rows(store, states):
-        rec = row.record or {}
-        schema = schema or (schema_for(rec) if rec.get("persons") or rec.get("keypoint_names") else None)
+        rec, schema, provenance = _labels_of(row, schema, reviewed)
+        unreviewed += row.state == REVIEWED and provenance != "human"
         w, h = int(row.width or rec["width"]), int(row.height or rec["height"])
         src = store.image_path(row.image_id)
         with open(src, "rb") as f:
@@ -259,6 +322,7 @@ def export_yolo(store: Store, out_dir: Path, states: Sequence[str] = EXPORT_STAT
         "kpt_shape": [schema.count, 3], "flip_idx": schema.flip_idx, "kpt_names": {"0": list(schema.names)}})
     write_json_atomic(out_dir / "head" / "data.yaml", {
         "path": str((out_dir / "head").resolve()), "train": "images", "val": "images", "names": {"0": "head"}})
+    _warn_unreviewed(unreviewed, reviewed)
     log.info("YOLO export: %d images -> %s", count, out_dir)
     return out_dir
 

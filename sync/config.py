@@ -37,6 +37,9 @@ One file serves ``annotator serve`` and ``annotator sync``: ``load_sync_config``
 through ``service.config.load_config`` (which validates the daemon's tables and passes
 ``[sync]`` through), so the agent sees the same ``[store] root`` as the daemon, environment
 overrides (``ANNOTATOR_STORE__ROOT``) included, and finds the daemon at ``[server] listen``.
+That root is taken as the daemon takes it: ``load_config`` has made file values absolute
+(relative to the file's folder) and environment values too (relative to the working
+directory); the default ``annotator-data`` is the working directory's, as for the daemon.
 """
 from __future__ import annotations
 
@@ -196,12 +199,17 @@ def load_sync_config(path: Path | None = None, env: Mapping[str, str] = os.envir
     if path is None and env.get("ANNOTATOR_CONFIG"):
         path = Path(env["ANNOTATOR_CONFIG"])
     if path is not None:
-        path = Path(path).resolve()  # relative paths in it: relative to its folder, from anywhere
+        # Relative paths in it: relative to its folder, from anywhere. absolute(), not resolve():
+        # service.config joins the daemon's paths to the folder the file is named in, and a
+        # symlinked /etc/annotator/annotator.toml must not send the agent to the link target's.
+        path = Path(path).absolute()
     try:
         shared = load_config(path, env=env)
     except ConfigError as exc:
         raise SyncConfigError(str(exc)) from exc
-    doc = {"sync": dict(shared.extra.get("sync", {})), "store": {"root": str(shared.store.root)},
+    # Absolute here, so sync_config_from_dict does not join it to the file's folder: only the
+    # default is still relative, and the daemon reads that from its working directory.
+    doc = {"sync": dict(shared.extra.get("sync", {})), "store": {"root": str(Path(shared.store.root).absolute())},
            "server": {"listen": shared.server.listen, "token": shared.server.token}}
     if path is None:
         return sync_config_from_dict(doc, Path.cwd(), "defaults")

@@ -33,8 +33,8 @@ def settings(args: argparse.Namespace, **overrides: Any) -> PullSettings:
     from .config import load_sync_config
 
     cfg = load_sync_config(args.config)
-    base = Path(args.config).resolve().parent if args.config else Path.cwd()
-    out = settings_from(cfg.store_root, cfg.tables, base, {
+    # cfg.base: the folder of --config or $ANNOTATOR_CONFIG, as the agent joins [sync.*] paths to.
+    out = settings_from(cfg.store_root, cfg.tables, cfg.base, {
         "store_root": args.store_root, "dataset_root": getattr(args, "dataset_root", None), **overrides})
     return dataclasses.replace(out, daemon_token=cfg.daemon_token)  # reloads go to a daemon that may want it
 

@@ -155,3 +155,26 @@ def test_the_token_is_kept_out_of_repr_to_dict_and_errors() -> None:
     with pytest.raises(ConfigError) as err:
         load_config(None, env={}, overrides={"server.token": 987654})
     assert "987654" not in str(err.value) and str(err.value).startswith("server.token: expected a string")
+
+
+def test_relative_paths_from_environment_and_command_line_are_the_working_directorys(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shell user's relative ANNOTATOR_STORE__ROOT means the working directory, and the config
+    holds it absolute: a reader that joins relative paths to the file's folder (the sync agent)
+    must not move it there."""
+    etc, work = tmp_path / "etc", tmp_path / "work"
+    etc.mkdir()
+    work.mkdir()
+    path = etc / "annotator.toml"
+    path.write_text("[store]\nroot = 'data'\n[engine]\nbundle = 'bundle'\n", encoding="utf-8")
+    monkeypatch.chdir(work)
+    cfg = load_config(path, env={"ANNOTATOR_STORE__ROOT": "env-store"}, overrides={"engine.bundle": "cli-bundle"})
+    assert cfg.store.root == work / "env-store" and cfg.store.root.is_absolute()
+    assert cfg.engine.bundle == work / "cli-bundle" and cfg.engine.bundle.is_absolute()
+    cfg = load_config(path, env={})
+    assert cfg.store.root == etc / "data" and cfg.engine.bundle == etc / "bundle"  # file values: its folder
+    cfg = load_config(Path("../etc/annotator.toml"), env={})  # a relative --config: still the file's folder
+    assert cfg.store.root.is_absolute() and cfg.store.root.resolve() == etc / "data"
+    cfg = load_config(path, env={"ANNOTATOR_STORE__ROOT": str(tmp_path / "abs")})
+    assert cfg.store.root == tmp_path / "abs"  # absolute: never rebased
+    assert load_config(None, env={}).store.root == Path("annotator-data")  # the default: as declared

@@ -192,3 +192,42 @@ def test_gpu_provider_offered_but_not_loading_is_a_warning(tmp_path: Path, coco1
     assert c.level == WARN, c
     assert "CUDAExecutionProvider is offered but a session of the bundle runs on CPUExecutionProvider" in c.detail
     assert "onnxruntime-gpu[cuda,cudnn]" in c.advice
+
+
+@pytest.mark.parametrize("sync, extra, env, words", [
+    ({"batchsize": 5}, "", {}, "sync.batchsize: unknown key"),
+    ({"appliance_id": "lab"}, '[sync.review]\nkind = "labelstudio"\n[sync.review.labelstudio]\n'
+     'url = "http://127.0.0.1:1"\n', {}, "sync.review.labelstudio.token: required"),
+    ({"appliance_id": "lab"}, "[sync.dataset]\nholdout_fraction = 2\n", {}, "sync.dataset.holdout_fraction"),
+    ({"appliance_id": "lab"}, '[sync.training]\nrole_arn = "arn:aws:iam::1:role/x"\nimage_uri = "i"\n'
+     'input_s3 = "s3://b/in"\noutput_s3 = "s3://b/out"\n', {}, "needs [sync.models.registry]"),  # sync.agent's rule
+], ids=["unknown-key", "no-label-studio-token", "dataset", "training-without-registry"])
+def test_the_sync_tables_are_checked_by_the_agents_own_rules(tmp_path: Path, coco17_bundle: Any, sync: dict,
+                                                             extra: str, env: dict, words: str,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """``annotator sync`` refuses these at start (exit 2; under systemd a restart loop): doctor
+    must not say "all checks passed" for them."""
+    import argparse
+
+    path = write_config(tmp_path, coco17_bundle.path, sync=sync)
+    path.write_text(path.read_text() + extra)
+    checks = run_checks(path, env=env)
+    check = by_name(checks)["sync"]
+    assert check.level == FAIL and words in check.detail, check
+    assert check.advice and "\n" not in check.advice
+    assert [c.name for c in checks][:2] == ["config", "sync"] and exit_code(checks) == 1
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["doctor", "--config", str(path)])
+    assert args.func(args) == 1
+    assert "all checks passed" not in capsys.readouterr().out
+
+
+def test_a_valid_sync_table_passes_with_the_token_from_the_environment(tmp_path: Path, coco17_bundle: Any) -> None:
+    path = write_config(tmp_path, coco17_bundle.path, sync={"appliance_id": "lab"})
+    path.write_text(path.read_text() + '[sync.review]\nkind = "labelstudio"\n[sync.review.labelstudio]\n'
+                    'url = "http://127.0.0.1:1"\n')
+    check = by_name(run_checks(path, env={"ANNOTATOR_LABEL_STUDIO_TOKEN": "a-long-token"}))["sync"]
+    assert check.level == OK and "labelstudio" in check.detail, check
+    assert "a-long-token" not in check.detail
+    assert "sync" not in by_name(run_checks(write_config(tmp_path, coco17_bundle.path), env={}))  # no [sync]: no line

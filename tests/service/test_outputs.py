@@ -116,3 +116,71 @@ def test_sidecar_is_complete_and_atomic(filled, tmp_path: Path) -> None:
     assert [p.name for p in out.iterdir()] == [path.name]  # no temporary files left behind
     with pytest.raises(ValueError):
         write_sidecar(out, {"image_id": "../escape"})
+
+
+def _review(store: Store, image_id: str, dataset_root: Path) -> None:
+    """Merge a review of ``image_id`` the sync agent's way: the reviewer moved the head, the
+    person and every point, and saw every point; the label lands in the dataset only."""
+    from service.store import REVIEW_PENDING, UPLOADED
+    from sync.dataset import Dataset
+    from sync.merge import Merger
+    from sync.review import ReviewedKeypoint, ReviewedLabel, ReviewedPerson
+
+    assert store.set_state(image_id, (REVIEW_PENDING,), UPLOADED)
+    points = tuple(ReviewedKeypoint(20.0 + i, 10.0 + i, "visible") for i in range(COCO17.count))
+    label = ReviewedLabel(image_id, 64, 48, ((12.0, 3.0, 28.0, 18.0),), (ReviewedPerson((3.0, 2.0, 58.0, 46.0), points),),
+                          "labelstudio", "project-1", 1_790_000_000.0, "ann", None, tuple(COCO17.names))
+    dataset = Dataset(dataset_root)  # 19 cabin points: the review is mapped by name, and back on export
+    try:
+        assert Merger(store, dataset).merge([label]).merged == [image_id]
+    finally:
+        dataset.close()
+    row = store.get(image_id)
+    assert row is not None and row.state == "reviewed"
+
+
+REVIEWED_POINTS = [(20.0 + i, 10.0 + i, 2) for i in range(COCO17.count)]
+
+
+def test_export_claims_human_only_for_the_reviewers_labels(filled, tmp_path: Path) -> None:
+    """A reviewed image's record is still the model's output: an export that has no dataset
+    must not call it human, and one that has it writes the reviewer's labels."""
+    from service.cli import main
+
+    store, ids = filled
+    _review(store, ids[1], tmp_path / "store" / "dataset")
+
+    data = json.loads(export_coco(store, tmp_path / "plain" / "annotations.json").read_text())
+    provenance = {im["sha256"]: im["provenance"] for im in data["images"]}
+    assert provenance == {i: "auto" for i in ids}  # the model's boxes: never "human"
+    assert import_coco(tmp_path / "plain" / "annotations.json")[ids[1]][1] == [pytest.approx((10.0, 2.0, 30.0, 20.0))]
+
+    config = tmp_path / "annotator.toml"
+    config.write_text(f"[store]\nroot = {json.dumps(str(tmp_path / 'store'))}\n", encoding="utf-8")
+    coco, yolo = tmp_path / "coco" / "annotations.json", tmp_path / "yolo"
+    assert main(["export", "--config", str(config), "--coco", str(coco), "--yolo", str(yolo)]) == 0
+    data = json.loads(coco.read_text())
+    provenance = {im["sha256"]: im["provenance"] for im in data["images"]}
+    assert provenance == {ids[0]: "auto", ids[1]: "human", ids[2]: "auto"}
+    back = import_coco(coco)
+    persons, heads = back[ids[1]]
+    assert heads == [pytest.approx((12.0, 3.0, 28.0, 18.0))]
+    assert len(persons) == 1 and persons[0].box == pytest.approx((3.0, 2.0, 58.0, 46.0))
+    assert [pytest.approx(k) for k in persons[0].keypoints] == REVIEWED_POINTS
+    assert [pytest.approx(k) for k in back[ids[0]][0][0].keypoints] == _expected(0)  # auto rows: the model's
+    [p] = read_yolo(yolo / "pose" / "labels" / f"{ids[1]}.txt", 64, 48)
+    assert p.box == pytest.approx((3.0, 2.0, 58.0, 46.0), abs=1e-3)
+    assert [pytest.approx(k, abs=1e-3) for k in p.keypoints] == REVIEWED_POINTS
+    [head] = read_yolo(yolo / "head" / "labels" / f"{ids[1]}.txt", 64, 48)
+    assert head.box == pytest.approx((12.0, 3.0, 28.0, 18.0), abs=1e-3)
+
+    # [sync.dataset] root names a dataset not made yet: the model's output, "auto"; none is created.
+    config.write_text(config.read_text() + "[sync.dataset]\nroot = 'none'\n", encoding="utf-8")
+    assert main(["export", "--config", str(config), "--coco", str(coco)]) == 0
+    assert {im["provenance"] for im in json.loads(coco.read_text())["images"]} == {"auto"}
+    assert not (tmp_path / "none").exists()
+    # Given on the command line, a folder without a dataset is a mistake to report.
+    assert main(["export", "--config", str(config), "--coco", str(coco), "--dataset-root", str(tmp_path)]) == 2
+    assert main(["export", "--config", str(config), "--coco", str(coco),
+                 "--dataset-root", str(tmp_path / "store" / "dataset")]) == 0
+    assert {im["sha256"]: im["provenance"] for im in json.loads(coco.read_text())["images"]}[ids[1]] == "human"
