@@ -12,7 +12,9 @@ the daemon's schema stays the daemon's. It is what makes uploads exactly-once ac
   right checksum), for inspection and counting.
 - ``submissions``: which ``done`` batch was handed to which review backend, and when (written
   after the backend accepted it, so each batch is submitted once per backend; a crash in
-  between repeats a submit, which backends treat as a no-op per image).
+  between repeats a submit, which backends treat as a no-op per image). A row says the batch
+  was handed over, not that the backend still holds it: ``sync.submit`` re-submits the images a
+  backend reports missing (a Label Studio project or task deleted).
 
 The manifest of a batch is built from its ``sent`` items' frozen lines in position order, so
 it is the same bytes however often it is rebuilt.
@@ -157,6 +159,20 @@ class Journal:
         with self.transaction() as db:
             db.execute("INSERT OR IGNORE INTO submissions (batch_id, backend, at, items) VALUES (?,?,?,?)",
                        (batch_id, backend, self.clock(), items))
+
+    def submitted_items(self, backend: str, image_ids: Sequence[str]) -> list[Item]:
+        """The ``marked`` items among ``image_ids`` whose batch was handed to ``backend``: the
+        images a backend should hold a task for (``sync.submit`` re-submits those it lost)."""
+        out: list[Item] = []
+        for start in range(0, len(image_ids), 500):  # SQLite caps the number of parameters
+            chunk = tuple(image_ids[start:start + 500])
+            marks = ",".join("?" * len(chunk))
+            rows = self._conn().execute(
+                f"SELECT i.* FROM items i JOIN submissions s ON s.batch_id = i.batch_id AND s.backend = ? "
+                f"WHERE i.state = 'marked' AND i.image_id IN ({marks})", (backend, *chunk))
+            out += [Item(r["image_id"], r["batch_id"], r["position"], r["state"], r["image_key"], r["pre_key"],
+                         r["line"]) for r in rows]
+        return out
 
     def submissions(self, backend: str | None = None) -> list[tuple[str, str, int]]:
         """(batch id, backend, items) of every recorded submission, oldest batch first."""

@@ -11,6 +11,12 @@ image. Region ids carry the grouping: ``h<i>`` a head, ``p<i>`` person i's box, 
 its point j; the visibility ``choices`` item shares its key point's id. Outside points are
 not placed (they claim no location); a reviewer adds a point that is in view.
 
+The project is found by title (created when missing) and its id kept, but a 404 on a project
+request means it was deleted: the id is forgotten, the project looked up (or created) again and
+the request repeated once. The tasks that were in the deleted project are gone with it;
+``missing`` tells the submit task (``sync.submit``) which pending images have no task in the
+current project, so that it submits them again (a deleted task, a new ``project_title``, too).
+
 Collecting: the full JSON export is polled (the webhook only wakes the collector early); the
 latest submitted, not cancelled annotation of each task is validated and converted back to
 pixels. A key point with a new id joins the person whose box contains it (the smallest such
@@ -23,14 +29,14 @@ import logging
 import math
 import re
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 from xml.sax.saxutils import quoteattr
 
 from service.keypoints import CABIN19_NAMES, OUTSIDE, VISIBLE
 from service.record import VISIBILITIES
 
 from .errors import PermanentError
-from .labelstudio_client import LabelStudioClient
+from .labelstudio_client import LabelStudioClient, NotFound
 from .review import Box, ReviewedKeypoint, ReviewedLabel, ReviewedPerson, ReviewItem, labels_differ
 
 log = logging.getLogger(__name__)
@@ -40,6 +46,7 @@ IMAGE, BOX, KP, VIS = "img", "box", "kp", "visibility"
 HEAD, PERSON = "head", "person"
 POINT_SIZE = 0.6  # marker size, percent of the image width
 _KP_ID, _PERSON_ID = re.compile(r"^p(\d+)k(\d+)$"), re.compile(r"^p(\d+)$")
+T = TypeVar("T")
 
 
 class InvalidAnnotation(PermanentError):
@@ -242,6 +249,41 @@ class LabelStudioBackend:
                     "send_for_all_actions": False, "actions": ["ANNOTATION_CREATED", "ANNOTATION_UPDATED"]})
         return self.project_id
 
+    def _in_project(self, step: Callable[[int], T]) -> T:
+        """``step(project id)``; when it meets a 404 because the project was deleted, the project
+        is looked up (or created) again and ``step`` runs once more in it.
+
+        Without this the id was kept for the life of the process: every request after a deletion
+        got a 404, a ``PermanentError`` that ended ``annotator sync``."""
+        pid = self.ensure_project()
+        try:
+            return step(pid)
+        except NotFound:
+            if not self._project_gone(pid):
+                raise
+        log.warning("Label Studio project %s (%r) is gone; looking it up again", pid, self.title)
+        self.project_id = None
+        return step(self.ensure_project())
+
+    def _project_gone(self, pid: int) -> bool:
+        try:
+            self.client.get(f"/api/projects/{pid}/")
+        except NotFound:
+            return True
+        return False
+
+    def _image_ids(self, pid: int) -> set[str]:
+        """The image ids that have a task in project ``pid`` (every page of the task list)."""
+        return {str(t.get("data", {}).get("image_id")) for t in self.client.pages("/api/tasks/", "tasks", project=pid)}
+
+    def missing(self, image_ids: Iterable[str]) -> set[str]:
+        """Which of these images have no task in the current project (deleted tasks, a deleted or
+        recreated project, another ``project_title``): the submit task sends them again."""
+        wanted = {str(i) for i in image_ids}
+        if not wanted:
+            return set()
+        return wanted - self._in_project(self._image_ids)
+
     def _relative(self, item: ReviewItem) -> str:
         if item.local_path is None:
             raise ValueError(f"Label Studio needs a local file for {item.image_id}; got only {item.image_uri}")
@@ -250,12 +292,12 @@ class LabelStudioBackend:
             raise ValueError(f"{path} is not under the Label Studio document root {self.document_root}")
         return path.relative_to(self.document_root).as_posix()
 
-    def _ensure_storages(self, folders: set[Path]) -> None:
-        known = {Path(s["path"]) for s in self.client.get("/api/storages/localfiles/", project=self.project_id) or []}
+    def _ensure_storages(self, pid: int, folders: set[Path]) -> None:
+        known = {Path(s["path"]) for s in self.client.get("/api/storages/localfiles/", project=pid) or []}
         for folder in sorted(folders - known):
-            self.client.post("/api/storages/localfiles/", {"project": self.project_id, "path": str(folder),
+            self.client.post("/api/storages/localfiles/", {"project": pid, "path": str(folder),
                                                            "use_blob_urls": True, "title": folder.name})
-            log.info("registered local storage %s for project %s", folder, self.project_id)
+            log.info("registered local storage %s for project %s", folder, pid)
 
     def task(self, batch_id: str, item: ReviewItem) -> dict[str, Any]:
         """The task (data + prediction) imported for one item."""
@@ -272,13 +314,15 @@ class LabelStudioBackend:
         if not items:
             return
         tasks = [self.task(batch_id, item) for item in items]  # validates paths before any request
-        pid = self.ensure_project()
-        present = {t.get("data", {}).get("image_id") for t in self.client.pages("/api/tasks/", "tasks", project=pid)}
-        new = [t for t in tasks if t["data"]["image_id"] not in present]
+        self._in_project(lambda pid: self._import(pid, batch_id, tasks))
+
+    def _import(self, pid: int, batch_id: str, tasks: Sequence[dict[str, Any]]) -> None:
+        present = self._image_ids(pid)
+        new = [t for t in tasks if str(t["data"]["image_id"]) not in present]
         new = list({t["data"]["image_id"]: t for t in new}.values())
         if not new:
             return
-        self._ensure_storages({(self.document_root / t["data"]["image"].split("?d=", 1)[1]).parent for t in new})
+        self._ensure_storages(pid, {(self.document_root / t["data"]["image"].split("?d=", 1)[1]).parent for t in new})
         for start in range(0, len(new), self.import_chunk):
             self.client.post(f"/api/projects/{pid}/import", new[start:start + self.import_chunk])
         log.info("imported %d tasks into project %s (batch %s)", len(new), pid, batch_id)
@@ -320,8 +364,8 @@ class LabelStudioBackend:
 
     def collect(self) -> Iterator[ReviewedLabel]:
         """Every submitted review in the project (from the JSON export); refused ones in ``rejected``."""
-        pid = self.ensure_project()
-        for task in self.client.get(f"/api/projects/{pid}/export", exportType="JSON") or []:
+        export = self._in_project(lambda pid: self.client.get(f"/api/projects/{pid}/export", exportType="JSON"))
+        for task in export or []:
             image_id = str(task.get("data", {}).get("image_id"))
             try:
                 label = self.label(task)

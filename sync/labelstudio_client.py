@@ -3,8 +3,9 @@
 Label Studio runs as its own process (its own virtual environment: it pins an older numpy),
 so the appliance only speaks HTTP to it. ``LabelStudioClient`` sends ``Authorization: Token``
 requests and wraps failures: connection trouble, timeouts and HTTP 5xx/429 become
-``RetryableError``; other HTTP errors ``PermanentError`` with the server's detail. The token
-never appears in messages or logs.
+``RetryableError``; HTTP 404 ``NotFound`` (a ``PermanentError``: the backend tells a deleted
+project from a page past the end by it); other HTTP errors ``PermanentError`` with the server's
+detail. The token never appears in messages or logs.
 
 ``WebhookReceiver`` is a tiny HTTP server on loopback that Label Studio posts
 ``ANNOTATION_CREATED``/``ANNOTATION_UPDATED`` events to. Label Studio delivers webhooks once,
@@ -26,6 +27,10 @@ from typing import Any
 from .errors import PermanentError, RetryableError
 
 log = logging.getLogger(__name__)
+
+
+class NotFound(PermanentError):
+    """HTTP 404: the object (project, task, page of a list) does not exist (or no longer)."""
 
 
 class LabelStudioClient:
@@ -56,6 +61,8 @@ class LabelStudioClient:
             what = f"Label Studio {method} {path}: HTTP {exc.code}: {detail}"
             if exc.code >= 500 or exc.code == 429:
                 raise RetryableError(what) from exc
+            if exc.code == 404:
+                raise NotFound(what) from exc
             if exc.code == 401:
                 what += " (check the API token; legacy tokens need LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN=true)"
             raise PermanentError(what) from exc
@@ -72,21 +79,43 @@ class LabelStudioClient:
     def patch(self, path: str, body: Any) -> Any:
         return self.request("PATCH", path, body)
 
+    def delete(self, path: str) -> Any:
+        return self.request("DELETE", path)
+
     def pages(self, path: str, key: str, page_size: int = 500, **query: Any) -> list[Any]:
-        """All items of a paginated list (``page``/``page_size``; items under ``key`` or ``results``)."""
+        """All items of a paginated list (``page``/``page_size``; items under ``key`` or ``results``).
+
+        A page shorter than ``page_size`` is not the last one: the server caps the page size
+        (projects at 100, tasks at ``TASK_API_PAGE_SIZE_MAX`` when an admin sets it), and stopping
+        there missed tasks, so a retried import duplicated them. The end comes from the answer
+        itself: a ``next`` link that is null (Django REST framework lists: projects), else a
+        ``total``/``count`` reached (the task list has ``total`` and no ``next``), else an empty
+        page or a 404 past the last page (Label Studio's answer to a page number beyond the end).
+        A plain JSON list is an unpaginated answer: all there is.
+        """
         items: list[Any] = []
         page = 1
         while True:
             try:
                 answer = self.get(path, page=page, page_size=page_size, **query)
-            except PermanentError as exc:
-                if "HTTP 404" in str(exc) and page > 1:  # past the last page
+            except NotFound:
+                if page > 1:  # past the last page
                     break
                 raise
-            chunk = (answer.get(key, answer.get("results", [])) if isinstance(answer, dict) else answer) or []
-            items.extend(chunk)
-            if len(chunk) < page_size:
+            if not isinstance(answer, dict):
+                items.extend(answer or [])
                 break
+            chunk = answer.get(key, answer.get("results")) or []
+            items.extend(chunk)
+            if not chunk:
+                break
+            if "next" in answer:
+                if not answer["next"]:
+                    break
+            else:
+                total = answer.get("total", answer.get("count"))
+                if isinstance(total, int) and len(items) >= total:
+                    break
             page += 1
         return items
 

@@ -14,20 +14,33 @@ the upload path. The journal is the source of truth (``sync.journal``):
 A crash between 3's two steps repeats the submit at the next run, which every backend treats as
 a no-op per image (Ground Truth finds the uploader's manifest and the job of that name; Label
 Studio finds the tasks). ``RetryableError`` leaves the batch for the next pass.
+
+A submissions row says a batch was handed over, not that the backend still has it: a Label
+Studio project can be deleted or recreated, a task deleted, ``project_title`` changed, and the
+images that were waiting there would then stay ``uploaded`` for ever. So a backend that can
+tell which images it lost (``missing(image_ids)``) is reconciled at the first pass, every
+``reconcile_interval`` seconds and whenever its ``project_id`` changes: the ``uploaded`` images
+of submitted batches that it reports missing are submitted again, under their own batch id.
+That stays exactly-once because ``submit`` skips the images that have a task.
 """
 from __future__ import annotations
 
 import logging
+import time
+from collections import defaultdict
+from typing import Any, Callable, Sequence
 
 from service.errors import ImageNotFound
 from service.store import UPLOADED, Store
 
 from .errors import PermanentError
-from .journal import Batch, Journal
+from .journal import Batch, Item, Journal
 from .objectstore import ObjectStore
 from .review import ReviewBackend, ReviewItem
 
 log = logging.getLogger(__name__)
+
+RECONCILE_INTERVAL = 600.0  # seconds: one task listing of the project each time
 
 
 class ReviewSubmitTask:
@@ -35,13 +48,20 @@ class ReviewSubmitTask:
 
     name = "review-submit"
 
-    def __init__(self, journal: Journal, store: Store, target: ObjectStore, backend: ReviewBackend) -> None:
+    def __init__(self, journal: Journal, store: Store, target: ObjectStore, backend: ReviewBackend,
+                 reconcile_interval: float = RECONCILE_INTERVAL, clock: Callable[[], float] = time.monotonic) -> None:
         self.journal, self.store, self.target, self.backend = journal, store, target, backend
+        self.reconcile_interval, self.clock = float(reconcile_interval), clock
+        self._next_reconcile = 0.0  # due at the first pass: a restart may follow a deleted project
+        self._reconciled_in: Any = None  # the backend's project_id at the last reconcile
 
     def items(self, batch: Batch) -> list[ReviewItem]:
         """The batch's images that still wait for review, as ``ReviewItem`` objects."""
+        return self._review_items(self.journal.items(batch.batch_id, "marked"))
+
+    def _review_items(self, items: Sequence[Item]) -> list[ReviewItem]:
         out = []
-        for item in self.journal.items(batch.batch_id, "marked"):
+        for item in items:
             row = self.store.get(item.image_id)
             if row is None or row.state != UPLOADED or row.record is None or not item.image_key:
                 log.info("image %s is %s; not submitted for review", item.image_id[:12], row.state if row else "missing")
@@ -57,17 +77,55 @@ class ReviewSubmitTask:
         return out
 
     def run_once(self) -> bool:
-        """Submit the oldest unsubmitted batch; False when every batch was submitted."""
+        """Submit the oldest unsubmitted batch, else reconcile when due; False when there was
+        nothing to do."""
         pending = self.journal.unsubmitted_batches(self.backend.name)
         if not pending:
-            return False
+            return self.reconcile() > 0 if self._reconcile_due() else False
         batch = pending[0]
         items = self.items(batch)
         if items:
-            try:
-                self.backend.submit(batch.batch_id, items)
-            except ValueError as exc:  # e.g. an image outside Label Studio's document root
-                raise PermanentError(f"review backend {self.backend.name} refused batch {batch.batch_id}: {exc}") from exc
+            self._submit(batch.batch_id, items)
         self.journal.mark_submitted(batch.batch_id, self.backend.name, len(items))
         log.info("batch %s submitted to %s (%d images)", batch.batch_id, self.backend.name, len(items))
         return True
+
+    def _submit(self, batch_id: str, items: Sequence[ReviewItem]) -> None:
+        try:
+            self.backend.submit(batch_id, items)
+        except ValueError as exc:  # e.g. an image outside Label Studio's document root
+            raise PermanentError(f"review backend {self.backend.name} refused batch {batch_id}: {exc}") from exc
+
+    def _reconcile_due(self) -> bool:
+        if not callable(getattr(self.backend, "missing", None)):
+            return False  # the backend cannot tell (Ground Truth)
+        where = getattr(self.backend, "project_id", None)
+        return self.clock() >= self._next_reconcile or (where is not None and where != self._reconciled_in)
+
+    def reconcile(self) -> int:
+        """Submit again the ``uploaded`` images of submitted batches that the backend reports
+        missing (see the module doc); how many were submitted."""
+        waiting: list[str] = []
+        cursor = None
+        while True:
+            rows, cursor = self.store.list(state=UPLOADED, limit=1000, after=cursor)
+            waiting += [r.image_id for r in rows]
+            if cursor is None:
+                break
+        sent = self.journal.submitted_items(self.backend.name, waiting)
+        lost = self.backend.missing([i.image_id for i in sent]) if sent else set()  # type: ignore[attr-defined]
+        by_batch: dict[str, list[Item]] = defaultdict(list)
+        for item in sent:
+            if item.image_id in lost:
+                by_batch[item.batch_id].append(item)
+        count = 0
+        for batch_id, group in by_batch.items():
+            items = self._review_items(group)
+            if items:
+                self._submit(batch_id, items)
+                count += len(items)
+        if count:
+            log.warning("%d images of submitted batches had no task in %s; submitted again", count, self.backend.name)
+        self._next_reconcile = self.clock() + self.reconcile_interval
+        self._reconciled_in = getattr(self.backend, "project_id", None)
+        return count

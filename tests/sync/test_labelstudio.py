@@ -9,20 +9,24 @@ import itertools
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import pytest
 
 import lsserver
 from review_contract import (HEIGHT, WIDTH, ReviewBackendContract, assert_label, collect, expected, image_id,
                              record)
-from reviewdata import make_jpeg
+from reviewdata import fill_store, make_jpeg
 from service.keypoints import CABIN19_NAMES, COCO17_NAMES
+from service.store import REVIEWED, UPLOADED
 from sync.errors import PermanentError, RetryableError
 from sync.labelstudio import (InvalidAnnotation, LabelStudioBackend, label_config, parse_result,
                               prediction_result)
-from sync.labelstudio_client import LabelStudioClient, WebhookReceiver
+from sync.labelstudio_client import LabelStudioClient, NotFound, WebhookReceiver
+from sync.objectstore import LocalFolderStore
 from sync.review import ReviewedKeypoint, ReviewedPerson, ReviewItem
+from sync.submit import ReviewSubmitTask
+from sync.uploader import Uploader, UploadSettings
 
 _counter = itertools.count(100)
 
@@ -169,6 +173,99 @@ def test_client_errors_are_sorted(ls_server: lsserver.LabelStudioServer) -> None
     assert "wrong-token" not in str(info.value)
     with pytest.raises(RetryableError):
         LabelStudioClient(f"http://127.0.0.1:{lsserver.free_port()}", "t", timeout=2).get("/api/projects/")
+
+
+class Pipeline:
+    """The upload and review-submit tasks of one sync process, with a store under Label Studio's
+    document root (images it can serve) and a clock the test moves."""
+
+    def __init__(self, server: lsserver.LabelStudioServer, tmp_path: Path, images: int = 4) -> None:
+        self.server, self.now = server, [0.0]
+        self.client = LabelStudioClient(server.url, server.token)
+        self.title = f"edge review {uuid.uuid4().hex[:8]}"
+        self.store, self.review, _ = fill_store(server.document_root / f"store-{uuid.uuid4().hex[:8]}", review=images)
+        self.target = LocalFolderStore(tmp_path / "outbox")
+        self.uploader = Uploader(self.store, self.target, UploadSettings("box-1", batch_size=3))
+        self.restart()
+        while self.uploader.run_once() | self.submit.run_once():
+            pass
+
+    def restart(self, title: str | None = None) -> None:
+        """A new process: a fresh backend (no project id yet) and submit task."""
+        self.title = title or self.title
+        self.backend = LabelStudioBackend(self.client, self.title, self.server.document_root)
+        self.submit = ReviewSubmitTask(self.uploader.journal, self.store, self.target, self.backend,
+                                       reconcile_interval=600.0, clock=lambda: self.now[0])
+
+    def tasks(self, pid: int | None = None) -> list[dict[str, Any]]:
+        return self.client.pages("/api/tasks/", "tasks", project=pid or self.backend.project_id)
+
+    def image_ids(self, pid: int | None = None) -> list[str]:
+        return sorted(t["data"]["image_id"] for t in self.tasks(pid))
+
+    def close(self) -> None:
+        self.uploader.close()
+        self.store.close()
+
+
+@pytest.fixture
+def pipeline(ls_server: lsserver.LabelStudioServer, tmp_path: Path) -> Iterator[Pipeline]:
+    p = Pipeline(ls_server, tmp_path)
+    yield p
+    p.close()
+
+
+def test_a_deleted_project_is_found_again_and_its_pending_images_resubmitted(pipeline: Pipeline) -> None:
+    p = pipeline
+    first = p.backend.project_id
+    assert p.image_ids() == sorted(p.review)
+    batches = {t["data"]["image_id"]: t["data"]["batch"] for t in p.tasks()}
+    assert len(set(batches.values())) == 2
+    p.client.delete(f"/api/projects/{first}/")
+    assert list(p.backend.collect()) == []  # was: HTTP 404, a PermanentError that ended the process
+    assert p.backend.project_id not in (None, first)
+    assert p.submit.run_once()  # the project changed: reconciled at once, not after the interval
+    assert p.image_ids() == sorted(p.review)  # each image once, in its original batch
+    assert {t["data"]["image_id"]: t["data"]["batch"] for t in p.tasks()} == batches
+    assert not p.submit.run_once() and len(p.tasks()) == len(p.review)
+    p.restart()  # a restart reconciles at its first pass and finds nothing missing
+    assert not p.submit.run_once() and len(p.tasks()) == len(p.review)
+    # deleted while this process is away: the restarted process creates it again and refills it
+    p.client.delete(f"/api/projects/{p.backend.project_id}/")
+    p.restart()
+    assert p.submit.run_once() and p.image_ids() == sorted(p.review)
+
+
+def test_a_deleted_task_or_a_new_title_gets_its_pending_images_again(pipeline: Pipeline) -> None:
+    p = pipeline
+    gone = p.tasks()[0]
+    p.client.delete(f"/api/tasks/{gone['id']}/")
+    assert not p.submit.run_once()  # reconciled at the first pass; next due after the interval
+    p.now[0] = 600.0
+    assert p.submit.run_once()
+    assert p.image_ids() == sorted(p.review)  # the lost one back, no other twice
+    assert not p.submit.run_once()
+    # a reviewed image has nothing left to review; the others follow a new project_title
+    assert p.store.set_state(p.review[0], [UPLOADED], REVIEWED)
+    old = p.backend.project_id
+    p.restart(title=f"{p.title} renamed")
+    assert p.submit.run_once() and p.backend.project_id != old
+    assert p.image_ids() == sorted(p.review[1:])
+    assert len(p.tasks(old)) == len(p.review)  # the old project is left as it was
+
+
+def test_task_pages_end_with_total_and_404_past_the_end(pipeline: Pipeline) -> None:
+    """What ``LabelStudioClient.pages`` relies on, as this Label Studio version answers."""
+    p = pipeline
+    pid = p.backend.project_id
+    answer = p.client.get("/api/tasks/", project=pid, page=1, page_size=1)
+    assert answer["total"] == len(p.review) and len(answer["tasks"]) == 1 and "next" not in answer
+    with pytest.raises(NotFound):
+        p.client.get("/api/tasks/", project=pid, page=len(p.review) + 1, page_size=1)
+    assert sorted(t["data"]["image_id"] for t in p.client.pages("/api/tasks/", "tasks", page_size=1, project=pid)) \
+        == sorted(p.review)
+    projects = p.client.get("/api/projects/", page=1, page_size=1)
+    assert {"count", "next", "results"} <= set(projects)
 
 
 def _kp(rid: str, name: str, x: float = 10.0, y: float = 20.0) -> dict[str, Any]:
