@@ -169,8 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Subcommands of the other parts (sync agent, operations, the end-to-end demo). The CLI is the
-# composition root: these imports are the only place where ``service`` reaches into ``sync``,
-# and they are light (the sync modules import boto3 and friends inside their commands).
+# composition root: these imports, and the commands that read the agent's settings or dataset
+# (``annotator export``, ``doctor``) inside their functions, are where ``service`` reaches into
+# ``sync``; the daemon itself never does (the sync modules import boto3 and friends inside their
+# commands).
 _OPTIONAL_COMMANDS = ("sync.demo", "sync.cli", "sync.dataset_cli", "sync.models_cli", "service.doctor", "exporter.simulate",
                      "exporter.calibrate_bundle")
 
