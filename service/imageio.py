@@ -42,13 +42,16 @@ class DecodedImage:
     """Decoded pixels and the original geometry.
 
     pixels: HxWx3 uint8 BGR, possibly decoded at reduced size; width/height: the ORIGINAL
-    size after EXIF orientation; scale: pixels.shape[1] / width (1.0 for a full decode).
+    size after EXIF orientation; scale: decoded / original pixels, 1.0 for a full decode and
+    exactly 1 / f for libjpeg's 1/f decode (``reduce``), which maps decoded x to original x * f
+    on both axes, also where a side is not a multiple of f (its last block is partial).
     """
 
     pixels: np.ndarray
     width: int
     height: int
     scale: float = 1.0
+    reduce: int = 1
 
     def __post_init__(self) -> None:
         if self.pixels.ndim != 3 or self.pixels.shape[2] != 3 or self.pixels.dtype != np.uint8:
@@ -58,7 +61,11 @@ class DecodedImage:
 
     @property
     def scale_xy(self) -> tuple[float, float]:
-        """Per-axis decoded / original ratios (reduced JPEG decodes round each side up)."""
+        """Per-axis decoded / original ratios: 1 / f for a reduced JPEG decode (not the ratio
+        of the sides, which round up: that drifted points by up to f - 1 pixels), else the
+        ratio of the sides."""
+        if self.reduce > 1:
+            return 1.0 / self.reduce, 1.0 / self.reduce
         return self.pixels.shape[1] / self.width, self.pixels.shape[0] / self.height
 
     @classmethod
@@ -260,12 +267,30 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, max_side_hint: int |
     pixels = _to_bgr8(img)
     if reduce_by == 1:
         height, width = pixels.shape[:2]
-    else:  # the original size after orientation, from the header
-        width, height = (h, w) if orientation >= 5 else (w, h)
+    else:  # the original size after orientation: the header's, turned as OpenCV turned the pixels
+        width, height = _reduced_original(pixels.shape[:2], w, h, reduce_by, orientation)
     if width * height > max_pixels:
         raise ImageTooLarge(f"image has {width}x{height} = {width * height} pixels, "
                             f"more than the limit of {max_pixels}")
+    if reduce_by > 1:
+        return DecodedImage(np.ascontiguousarray(pixels), int(width), int(height), 1.0 / reduce_by, reduce_by)
     return DecodedImage(np.ascontiguousarray(pixels), int(width), int(height), pixels.shape[1] / width)
+
+
+def _reduced_original(shape: tuple[int, ...], w: int, h: int, f: int, orientation: int) -> tuple[int, int]:
+    """(width, height) of the original after EXIF orientation, for pixels decoded at 1/f.
+
+    Whether OpenCV turned the pixels is read from their shape, not from this module's EXIF
+    reading: the two disagree on some files (the tag stored as LONG, two EXIF segments), and a
+    size turned the other way than the pixels stretched every coordinate. Only a square reduced
+    shape of a non-square image leaves the shape silent; the EXIF tag decides then."""
+    rw, rh = -(-w // f), -(-h // f)
+    if rw != rh:
+        if tuple(shape) == (rh, rw):
+            return w, h
+        if tuple(shape) == (rw, rh):
+            return h, w
+    return (h, w) if orientation >= 5 else (w, h)
 
 
 def _to_bgr8(img: np.ndarray) -> np.ndarray:

@@ -67,6 +67,38 @@ def test_reduced_jpeg_decode(hint, factor) -> None:
     assert d.scale_xy == pytest.approx((1 / factor, 1 / factor))
 
 
+def test_reduced_decode_maps_back_by_the_factor_when_a_side_is_not_a_multiple() -> None:
+    """libjpeg's 1/f decode maps decoded x to x * f; the ratio of the rounded-up sides drifted a
+    stripe at x = 1204 of a 1283 px wide image to 1199."""
+    img = np.zeros((967, 1283, 3), np.uint8)
+    img[:, 1200:1208] = 255
+    img[896:904, :] = 255
+    d = decode_image(_jpeg(img), max_side_hint=160)
+    assert d.pixels.shape[:2] == (121, 161) and d.scale_xy == (1 / 8, 1 / 8)
+    g = d.pixels[..., 0].astype(float)
+    x, y = (np.argmax(g.mean(0)) + 0.5) / d.scale_xy[0], (np.argmax(g.mean(1)) + 0.5) / d.scale_xy[1]
+    assert abs(x - 1204) <= 1 and abs(y - 900) <= 1
+
+
+def _exif_long_orientation(orientation: int) -> bytes:
+    """A little-endian EXIF APP1 whose Orientation is stored as LONG (type 4): OpenCV honours
+    it, this module's reader (SHORT only, as the standard says) does not."""
+    entry = struct.pack("<HHII", 0x0112, 4, 1, orientation)
+    tiff = b"II\x2a\x00" + struct.pack("<I", 8) + struct.pack("<H", 1) + entry + struct.pack("<I", 0)
+    payload = b"Exif\x00\x00" + tiff
+    return b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
+
+
+def test_reduced_decode_turns_the_size_as_the_pixels_were_turned() -> None:
+    """The full and the reduced decode of one file agree on the original size, whichever EXIF
+    reading OpenCV applied: a size turned the other way stretched x by 0.75 and y by 1.33."""
+    jpeg = _jpeg(cv2.resize(_photo(), (2400, 1600)))
+    odd = jpeg[:2] + _exif_long_orientation(6) + jpeg[2:]
+    full, reduced = decode_image(odd), decode_image(odd, max_side_hint=320)
+    assert (reduced.width, reduced.height) == (full.width, full.height) == full.pixels.shape[1::-1]
+    assert reduced.pixels.shape[1] * 4 == reduced.width
+
+
 def test_grayscale_png_and_jpeg_become_three_channels() -> None:
     gray = cv2.cvtColor(_photo(), cv2.COLOR_BGR2GRAY)
     for data in (_png(gray), _jpeg(gray)):
