@@ -191,5 +191,9 @@ def nms(boxes_xyxy: np.ndarray, scores: np.ndarray, iou: float, max_det: int = 0
     scores = np.asarray(scores, dtype=np.float32).reshape(-1)
     if len(boxes) == 0:
         return np.zeros(0, dtype=np.int64)
-    kept = cv2.dnn.NMSBoxes(xyxy_to_xywh(boxes).astype(np.float64), scores, 0.0, float(iou), top_k=int(max_det))
-    return np.asarray(kept, dtype=np.int64).reshape(-1)
+    # top_k 0: suppress among every candidate, then keep the best max_det (as ultralytics does);
+    # NMSBoxes' own top_k keeps the best max_det candidates *before* suppressing, so a crowd of
+    # overlapping boxes for one person pushed a second person out at a low det_conf (AP).
+    kept = np.asarray(cv2.dnn.NMSBoxes(xyxy_to_xywh(boxes).astype(np.float64), scores, 0.0, float(iou), top_k=0),
+                      dtype=np.int64).reshape(-1)
+    return kept[:max_det] if max_det > 0 else kept

@@ -131,3 +131,15 @@ def test_box_iou(a, b, expected) -> None:
 )
 def test_nms(boxes, scores, iou, max_det, kept) -> None:
     assert nms(np.array(boxes, float), np.array(scores), iou, max_det).tolist() == kept
+
+
+def test_nms_suppresses_among_every_candidate_before_the_cap() -> None:
+    """300 near-identical boxes of one confident person and a second person scored lower:
+    cv2's top_k kept the best 300 candidates *before* suppressing, and the second person was
+    lost; the cap applies to what survives suppression, as in ultralytics."""
+    rng = np.random.default_rng(0)
+    boxes = np.concatenate([np.array([[10, 10, 100, 200]] * 300, float) + rng.normal(0, 1, (300, 4)),
+                            np.array([[300, 10, 400, 200]] * 20, float) + rng.normal(0, 1, (20, 4))])
+    scores = np.concatenate([np.linspace(0.95, 0.80, 300), np.linspace(0.7, 0.5, 20)])
+    assert nms(boxes, scores, 0.7, 300).tolist() == [0, 300]
+    assert nms(boxes, scores, 0.7, 1).tolist() == [0]
