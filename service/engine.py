@@ -30,7 +30,7 @@ from .keypoints import FLAG_VISIBILITY
 from .novelty import descriptor
 from .postprocess import Detections, decode_detections, decode_poses
 from .record import Head, Keypoint, Person, Prediction
-from .visibility import decide_visibility, decide_visibility_main_only, match_persons
+from .visibility import FLAG_OUTSIDE, decide_visibility, decide_visibility_main_only, match_persons
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,14 @@ def open_session(path: str, providers: Sequence[str],
     with contextlib.redirect_stdout(io.StringIO()) as printed:
         session = ort.InferenceSession(str(path), opts, providers=list(providers))
     return session, printed.getvalue()
+
+
+def _finite(conf: np.ndarray) -> np.ndarray:
+    """Confidences with NaN and infinities as 0 (a model that overflowed, e.g. after the fp16
+    conversion): the scoring would take NaN as fully certain (its distance to a threshold
+    compares false) and the point would leave the judge's doubt unnoticed."""
+    conf = np.asarray(conf, dtype=np.float32)
+    return np.where(np.isfinite(conf), conf, np.float32(0.0))
 
 
 @dataclass(frozen=True)
@@ -242,7 +250,7 @@ class Engine:
         calibration, when it has one: ``service.confcal``)."""
         t = self.bundle.thresholds
         assert main.keypoints is not None
-        main_conf = main.keypoints[..., 2]
+        main_conf = _finite(main.keypoints[..., 2])
         match_conf = np.zeros(len(main), np.float32)
         if self.bundle.visibility_mode == "main_only" or visible is None:
             vis_conf = main_conf.copy()
@@ -252,13 +260,15 @@ class Engine:
             vis_conf = np.zeros_like(main_conf)
             for p, j in enumerate(match_persons(main.boxes, visible.boxes, t.match_iou, main.scores)):
                 if j is not None:
-                    vis_conf[p] = visible.keypoints[j, :, 2]
+                    vis_conf[p] = _finite(visible.keypoints[j, :, 2])
                     match_conf[p] = visible.scores[j]
             cal = self.bundle.confidence_calibration
             if cal is not None and len(main):
                 main_conf, vis_conf = calibrate_persons(cal, main_conf, vis_conf, match_conf > 0,
                                                         main.keypoints[..., :2], main.boxes, main.scores, width, height)
             flags = decide_visibility(main_conf, vis_conf, t.main, t.visible)
+        if main.off_image is not None:  # placed beyond the frame: outside, however sure the model is
+            flags = np.where(main.off_image, FLAG_OUTSIDE, flags)
         persons = []
         for p in range(len(main)):
             kpts = []

@@ -31,13 +31,16 @@ class Detections:
     """Detections of one image, in original-image pixels, ordered by descending score.
 
     boxes: [D, 4] float32 xyxy; scores: [D] float32; class_ids: [D] int64;
-    keypoints: [D, K, 3] float32 (x, y, conf) for pose models, else None.
+    keypoints: [D, K, 3] float32 (x, y, conf) for pose models, else None; off_image: [D, K] bool,
+    True where the model put the point beyond the image (its x, y are clipped to the edge), or
+    None (no pose model, or not known).
     """
 
     boxes: np.ndarray
     scores: np.ndarray
     class_ids: np.ndarray
     keypoints: np.ndarray | None = None
+    off_image: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -86,6 +89,9 @@ def decode_detections(
     return Detections(boxes, scores, cls)
 
 
+OFF_IMAGE_PX = 2.0  # a key point further than this beyond the image's edge is outside it
+
+
 def decode_poses(
     output: np.ndarray,
     kpt_shape: tuple[int, int],
@@ -101,7 +107,10 @@ def decode_poses(
     """One image's pose output ``[4 + C + K * D, A]`` -> ``Detections`` with key points.
 
     Key points come back as [D, K, 3]: x, y in original pixels (clipped to the image) and the
-    model's confidence (1.0 when the model has D = 2, i.e. no confidences).
+    model's confidence (1.0 when the model has D = 2, i.e. no confidences); ``off_image`` marks
+    the points the model placed more than ``OFF_IMAGE_PX`` beyond the image's edge, whatever
+    their confidence (a person cut by the frame: the model is sure where the point lies, and it
+    lies outside the picture).
     """
     output = np.asarray(output, dtype=np.float32)
     k, d = int(kpt_shape[0]), int(kpt_shape[1])
@@ -113,6 +122,9 @@ def decode_poses(
     raw = output[4 + num_classes:, idx].T.reshape(len(idx), k, d)
     kpts = np.ones((len(idx), k, 3), dtype=np.float32)
     kpts[..., :d] = raw[..., :3]
-    kpts = clip_points(points_to_original(kpts, lb, pixel_scale), width, height)
+    kpts = points_to_original(kpts, lb, pixel_scale)
+    x, y = kpts[..., 0], kpts[..., 1]
+    off = (x < -OFF_IMAGE_PX) | (x > width + OFF_IMAGE_PX) | (y < -OFF_IMAGE_PX) | (y > height + OFF_IMAGE_PX)
+    kpts = clip_points(kpts, width, height)
     boxes = clip_boxes(boxes_to_original(boxes, lb, pixel_scale), width, height)
-    return Detections(boxes, scores, cls, kpts)
+    return Detections(boxes, scores, cls, kpts, off)

@@ -1,6 +1,8 @@
 """The engine on a real ONNX pose model and real photos, checked against ultralytics itself."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
@@ -210,3 +212,29 @@ def test_tensorrt_only_when_named(monkeypatch) -> None:
     monkeypatch.setattr(ort, "get_available_providers", lambda: everything)
     assert select_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     assert select_providers(everything) == everything
+
+
+def test_points_beyond_the_frame_are_outside_and_nan_confidences_count_as_none() -> None:
+    """A person cut by the frame: the model places points beyond the edge with high confidence;
+    clipped to the edge they came back visible or occluded there. A NaN confidence (an
+    overflowing model) was scored as fully certain."""
+    from service.bundle import load_bundle
+    from service.postprocess import Detections
+
+    demo = Engine(load_bundle(Path(__file__).parents[2] / "service" / "assets" / "demo_bundle"))
+    k = demo.bundle.keypoints.count
+    kpts = np.zeros((1, k, 3), np.float32)
+    kpts[0, :, :2] = (50.0, 60.0)
+    kpts[0, :, 2] = 0.99
+    kpts[0, 1, 2] = np.nan
+    off = np.zeros((1, k), bool)
+    off[0, 0] = True  # clipped to the edge by decode_poses
+    box, score = np.array([[10, 10, 120, 200]], np.float32), np.array([0.9], np.float32)
+    main = Detections(box, score, np.zeros(1, np.int64), kpts, off)
+    visible = Detections(box, score, np.zeros(1, np.int64), kpts.copy())
+    calibrated, main_only = demo._persons(main, visible, 640, 480), demo._persons(main, None, 640, 480)
+    for persons in (calibrated, main_only):
+        kps = persons[0].keypoints
+        assert kps[0].visibility == "outside" and kps[2].visibility == "visible"
+        assert np.isfinite(kps[1].main_conf) and np.isfinite(kps[1].visible_conf)
+    assert main_only[0].keypoints[1].visibility == "outside"  # no confidence: not there

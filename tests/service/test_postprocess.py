@@ -52,6 +52,7 @@ def test_decode_poses_maps_points() -> None:
     d = decode_poses(out, (k, 3), LB, SCALE, 640, 480, conf=0.25, iou=0.7)
     assert d.keypoints is not None and d.keypoints.shape == (1, 2, 3)
     np.testing.assert_allclose(d.keypoints[0], [[90, 20, 0.8], [640, 0, 0.1]], atol=1e-4)
+    assert d.off_image is not None and d.off_image.tolist() == [[False, True]]  # clipped, and marked
     np.testing.assert_allclose(d.boxes, [[80, 0, 120, 80]], atol=1e-4)
     empty = decode_poses(np.zeros((4 + 1 + 3 * k, 6), np.float32), (k, 3), LB, SCALE, 640, 480, 0.25, 0.7)
     assert empty.keypoints is not None and empty.keypoints.shape == (0, 2, 3)
