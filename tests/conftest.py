@@ -89,3 +89,14 @@ def jpeg_with_orientation() -> Callable[[bytes, int], bytes]:
         return jpeg[:2] + _exif_app1(orientation) + jpeg[2:]
 
     return make
+
+
+@pytest.fixture
+def etc_and_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """A folder for the config file (``etc``) and another that is the test's working directory
+    (``work``): relative paths must resolve against the right one of the two."""
+    etc, work = tmp_path / "etc", tmp_path / "work"
+    etc.mkdir()
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return etc, work

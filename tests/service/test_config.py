@@ -158,16 +158,13 @@ def test_the_token_is_kept_out_of_repr_to_dict_and_errors() -> None:
 
 
 def test_relative_paths_from_environment_and_command_line_are_the_working_directorys(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, etc_and_work: tuple[Path, Path]) -> None:
     """A shell user's relative ANNOTATOR_STORE__ROOT means the working directory, and the config
     holds it absolute: a reader that joins relative paths to the file's folder (the sync agent)
     must not move it there."""
-    etc, work = tmp_path / "etc", tmp_path / "work"
-    etc.mkdir()
-    work.mkdir()
+    etc, work = etc_and_work
     path = etc / "annotator.toml"
     path.write_text("[store]\nroot = 'data'\n[engine]\nbundle = 'bundle'\n", encoding="utf-8")
-    monkeypatch.chdir(work)
     cfg = load_config(path, env={"ANNOTATOR_STORE__ROOT": "env-store"}, overrides={"engine.bundle": "cli-bundle"})
     assert cfg.store.root == work / "env-store" and cfg.store.root.is_absolute()
     assert cfg.engine.bundle == work / "cli-bundle" and cfg.engine.bundle.is_absolute()

@@ -230,19 +230,15 @@ def test_a_labeling_job_output_path_the_agent_would_not_collect_is_refused(tmp_p
 
 
 @pytest.mark.parametrize("env_root", ["env-store", None])
-def test_the_agent_reads_the_store_the_daemon_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                     env_root: str | None) -> None:
+def test_the_agent_reads_the_store_the_daemon_writes(etc_and_work: tuple[Path, Path], env_root: str | None) -> None:
     """A relative ANNOTATOR_STORE__ROOT (or the default root) is the working directory's for
     both programs: the agent joined it to the config file's folder, read an empty store there
     and uploaded nothing, silently."""
     from service.config import load_config
 
-    etc, work = tmp_path / "etc", tmp_path / "work"
-    etc.mkdir()
-    work.mkdir()
+    etc, work = etc_and_work
     config = etc / "annotator.toml"
     config.write_text("[sync]\nappliance_id = 'lab'\n", encoding="utf-8")
-    monkeypatch.chdir(work)
     env = {"ANNOTATOR_STORE__ROOT": env_root} if env_root else {}
     daemon = load_config(config, env=env).store.root
     agent = load_sync_config(config, env=env).store_root
@@ -252,7 +248,7 @@ def test_the_agent_reads_the_store_the_daemon_writes(tmp_path: Path, monkeypatch
     assert load_sync_config(config, env={}).store_root == load_config(config, env={}).store.root == etc / "data"
 
 
-def test_dataset_commands_find_the_agents_dataset_through_annotator_config(tmp_path: Path,
+def test_dataset_commands_find_the_agents_dataset_through_annotator_config(etc_and_work: tuple[Path, Path],
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """``annotator dataset``/``models`` without --config joined [sync.dataset] root to the working
     directory, not to the folder of $ANNOTATOR_CONFIG as the agent does."""
@@ -260,12 +256,9 @@ def test_dataset_commands_find_the_agents_dataset_through_annotator_config(tmp_p
 
     from sync.dataset_cli import settings
 
-    etc, work = tmp_path / "etc", tmp_path / "work"
-    etc.mkdir()
-    work.mkdir()
+    etc, _ = etc_and_work
     config = etc / "annotator.toml"
     config.write_text("[store]\nroot = 'data'\n[sync.dataset]\nroot = 'ds'\n", encoding="utf-8")
-    monkeypatch.chdir(work)
     monkeypatch.setenv("ANNOTATOR_CONFIG", str(config))
     args = argparse.Namespace(config=None, store_root=None, dataset_root=None)
     agent = load_sync_config(None)
