@@ -17,9 +17,11 @@ annotates an image twice.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
 import grpc
@@ -44,6 +46,37 @@ class TlsOptions:
     client_cert: bytes | None = None
     client_key: bytes | None = None
     server_name: str | None = None  # overrides the TLS host name check (e.g. for an IP target)
+
+    @classmethod
+    def for_own_server(cls, tls_cert: "str | os.PathLike[str]", tls_key: "str | os.PathLike[str]",
+                       client_ca: "str | os.PathLike[str] | None" = None,
+                       server_name: str | None = None) -> "TlsOptions":
+        """TLS for a program on the daemon's own box that reads the daemon's ``[server]`` table
+        (the sync agent's reloads, the container's health check): the daemon's certificate as
+        the root (a self-signed one, or a file holding the chain up to its CA), the
+        certificate's name as the expected host name, and, when the daemon asks clients for
+        certificates (``client_ca``), its own certificate and key as the client's (which passes
+        when one CA signs both). ``OSError`` when a file cannot be read."""
+        cert = Path(tls_cert).read_bytes()
+        key = Path(tls_key).read_bytes() if client_ca else None
+        return cls(root_certificates=cert, client_cert=cert if key else None, client_key=key,
+                   server_name=server_name or certificate_name(cert))
+
+
+def certificate_name(pem: bytes) -> str | None:
+    """The first DNS name (else IP address) of a PEM certificate's subjectAltName, else its CN."""
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate(pem)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = san.get_values_for_type(x509.DNSName) or [str(a) for a in san.get_values_for_type(x509.IPAddress)]
+        if names:
+            return str(names[0])
+    except x509.ExtensionNotFound:
+        pass
+    cn = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    return str(cn[0].value) if cn else None
 
 
 @dataclass(frozen=True)

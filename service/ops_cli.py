@@ -71,28 +71,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cert_name(pem: bytes) -> str | None:
-    """The first DNS name (else IP address) of the certificate's subjectAltName, else its CN."""
-    from cryptography import x509
-
-    cert = x509.load_pem_x509_certificate(pem)
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        names = san.get_values_for_type(x509.DNSName) or [str(a) for a in san.get_values_for_type(x509.IPAddress)]
-        if names:
-            return str(names[0])
-    except x509.ExtensionNotFound:
-        pass
-    cn = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-    return str(cn[0].value) if cn else None
-
-
 def _tls_from_config(path: str, server_name: str | None) -> "TlsOptions | None":
     """TLS for a health check of the daemon that ``path`` (and ANNOTATOR_* variables) configures,
-    when it serves TLS: its own certificate as the root (a self-signed one, or a file holding
-    the chain up to the CA), the certificate's name as the expected host name, and, when it
-    asks clients for certificates, its own certificate and key as the client's (which passes
-    when one CA signs both). None when the daemon serves plain gRPC."""
+    when it serves TLS (``TlsOptions.for_own_server``); None when it serves plain gRPC."""
     from .client import TlsOptions
     from .config import load_config
 
@@ -100,12 +81,9 @@ def _tls_from_config(path: str, server_name: str | None) -> "TlsOptions | None":
     if not (s.tls_cert and s.tls_key):
         return None
     try:
-        cert = Path(s.tls_cert).read_bytes()
-        key = Path(s.tls_key).read_bytes() if s.tls_client_ca else None
+        return TlsOptions.for_own_server(s.tls_cert, s.tls_key, s.tls_client_ca, server_name)
     except OSError as exc:
         raise ConfigError(f"cannot read the daemon's TLS files: {exc}") from exc
-    return TlsOptions(root_certificates=cert, client_cert=cert if key else None, client_key=key,
-                      server_name=server_name or _cert_name(cert))
 
 
 def cmd_healthcheck(args: argparse.Namespace) -> int:

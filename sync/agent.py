@@ -226,7 +226,7 @@ def _model_tasks(pull: Any, cfg: SyncConfig, agent: Agent) -> list[Task]:
     puller, closing = build_puller(pull)
     agent.closers += [c.close for c in closing]
     if pull.daemon:
-        puller.reload_fn = grpc_reload_fn(pull.daemon, token=cfg.daemon_token)
+        puller.reload_fn = grpc_reload_fn(pull.daemon, token=cfg.daemon_token, tls=cfg.daemon_tls)
         log.info("model pull from %s every %.0f s; reload via the daemon at %s", pull.registry.kind,
                  pull.poll_interval, pull.daemon)
     return [Every(ModelPullTask(puller), pull.poll_interval)]

@@ -43,6 +43,7 @@ directory); the default ``annotator-data`` is the working directory's, as for th
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import socket
@@ -90,6 +91,7 @@ class SyncConfig:
     metrics_listen: tuple[str, int] | None = None  # (host, port) of the agent's /metrics
     daemon_listen: str = "127.0.0.1:50051"  # the daemon's [server] listen (ReloadModels)
     daemon_token: str | None = field(default=None, repr=False)  # its [server] token; never logged
+    daemon_tls: Any = field(default=None, repr=False)  # service.client.TlsOptions when it serves TLS
 
     @property
     def daemon_address(self) -> str | None:
@@ -213,7 +215,18 @@ def load_sync_config(path: Path | None = None, env: Mapping[str, str] = os.envir
            "server": {"listen": shared.server.listen, "token": shared.server.token}}
     if path is None:
         return sync_config_from_dict(doc, Path.cwd(), "defaults")
-    return sync_config_from_dict(doc, path.parent, f"from {path}")
+    cfg = sync_config_from_dict(doc, path.parent, f"from {path}")
+    s = shared.server
+    if s.tls_cert and s.tls_key:  # the daemon serves TLS only: reloads must speak it too
+        from service.client import TlsOptions
+
+        try:
+            tls = TlsOptions.for_own_server(s.tls_cert, s.tls_key, s.tls_client_ca)
+        except OSError as exc:
+            raise SyncConfigError(f"server.tls_cert: cannot read the daemon's TLS files ({exc}) "
+                                  f"to reach it for reloads ({path})") from exc
+        cfg = dataclasses.replace(cfg, daemon_tls=tls)
+    return cfg
 
 
 def open_target(cfg: TargetConfig) -> ObjectStore:

@@ -41,7 +41,7 @@ def build_puller(s: PullSettings, with_gate: bool = True) -> tuple[Any, list[Any
 
     registry = BundleRegistry(open_target(s.registry) if s.registry else LocalFolderStore(s.models_root / "none"))
     slots = ModelSlots(s.models_root)
-    reload_fn = grpc_reload_fn(s.daemon, token=s.daemon_token) if s.daemon else _no_daemon
+    reload_fn = grpc_reload_fn(s.daemon, token=s.daemon_token, tls=s.daemon_tls) if s.daemon else _no_daemon
     gate, closing = None, []
     if with_gate:
         from service.store import Store

@@ -55,6 +55,7 @@ class PullSettings:
     daemon: str | None
     poll_interval: float
     daemon_token: str | None = dataclasses.field(default=None, repr=False)  # its [server] token; never logged
+    daemon_tls: Any = dataclasses.field(default=None, repr=False)  # service.client.TlsOptions when it serves TLS
 
 
 def settings_from(store_root: Path, tables: Mapping[str, Any], base: Path,

@@ -156,6 +156,27 @@ def test_the_container_healthcheck_speaks_tls_when_the_daemon_does(tmp_path: Pat
         assert main(["healthcheck", "--server", target, "--timeout", "5", "--config", str(config)]) == 0
 
 
+def test_the_sync_agent_reloads_a_daemon_that_speaks_tls_only(tmp_path: Path, server_for: Callable[..., int],
+                                                              daemon: Any) -> None:
+    """The agent reads the daemon's [server] table from the same file; with TLS on (and client
+    certificates required) its ReloadModels calls connected in plain text and never got through."""
+    from sync.config import load_sync_config
+    from sync.models import grpc_reload_fn
+
+    pki = make_pki(tmp_path / "pki")
+    chain = tmp_path / "pki" / "chain.crt"
+    chain.write_bytes(pki.server_cert.read_bytes() + pki.ca)
+    port = server_for(server__tls_cert=str(chain), server__tls_key=str(pki.server_key),
+                      server__tls_client_ca=str(pki.ca_path))
+    config = tmp_path / "annotator.toml"
+    config.write_text(f'[server]\ntls_cert = "{chain}"\ntls_key = "{pki.server_key}"\n'
+                      f'tls_client_ca = "{pki.ca_path}"\n[sync]\nappliance_id = "lab"\n')
+    cfg = load_sync_config(config, env={})
+    assert cfg.daemon_tls is not None and cfg.daemon_tls.server_name == "localhost" and "BEGIN" not in repr(cfg)
+    status = grpc_reload_fn(f"127.0.0.1:{port}", tls=cfg.daemon_tls)(str(daemon.config.engine.bundle))
+    assert status.bundle_id == daemon.bundle.id
+
+
 def test_wrong_or_missing_token_is_unauthenticated_for_every_kind_of_call(
         server_for: Callable[..., int], small_jpeg: Callable[[int], bytes]) -> None:
     port = server_for(server__token="correct-horse")

@@ -231,4 +231,4 @@ def test_models_cli_reloads_with_the_daemons_token(tmp_path: Path, monkeypatch: 
     _, closing = build_puller(s, with_gate=False)
     for c in closing:
         c.close()
-    assert seen == {"target": "127.0.0.1:1", "token": "s3cret-token"}
+    assert seen == {"target": "127.0.0.1:1", "token": "s3cret-token", "tls": None}
