@@ -10,13 +10,22 @@ PIP_FLAGS ?= -q --disable-pip-version-check
 
 .PHONY: demo test env env-run ls-env clean
 
-demo: $(RUN_VENV)/.installed
+demo: $(RUN_VENV)/.package
 	$(RUN_VENV)/bin/annotator demo
 
-env-run: $(RUN_VENV)/.installed
+# The run environment holds a copy of the package, not the checkout: after a `git pull` that
+# changes only code, the package (not its dependencies) is installed again, so `make demo` runs
+# the code that is checked out.
+PKG_SOURCES := $(shell find service sync exporter protos -type f -not -path '*/__pycache__/*' 2>/dev/null)
+
+env-run: $(RUN_VENV)/.package
 $(RUN_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(RUN_VENV)
 	$(RUN_VENV)/bin/pip install $(PIP_FLAGS) .
+	touch $@
+	touch $(RUN_VENV)/.package
+$(RUN_VENV)/.package: $(RUN_VENV)/.installed $(PKG_SOURCES)
+	$(RUN_VENV)/bin/pip install $(PIP_FLAGS) --no-deps --force-reinstall .
 	touch $@
 
 env: $(DEV_VENV)/.installed
