@@ -51,13 +51,18 @@ def apply_schema(db: sqlite3.Connection, schema: str) -> None:
 
 
 class ThreadConnections:
-    """One ``connect``-ed connection per calling thread to the database at ``path``."""
+    """One ``connect``-ed connection per calling thread to the database at ``path``.
+
+    The connections of threads that have ended are closed when a new one is opened: a server
+    that answers each request on a new thread (the Prometheus endpoint) left one open
+    connection, two file descriptors and its page cache behind per scrape.
+    """
 
     def __init__(self, path: Path | str, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS) -> None:
         self.path = path
         self.busy_timeout_ms = busy_timeout_ms
         self._local = threading.local()
-        self._conns: list[sqlite3.Connection] = []
+        self._conns: list[tuple[threading.Thread, sqlite3.Connection]] = []
         self._lock = threading.Lock()
 
     def get(self) -> sqlite3.Connection:
@@ -67,12 +72,23 @@ class ThreadConnections:
             conn = connect(self.path, self.busy_timeout_ms)
             self._local.conn = conn
             with self._lock:
-                self._conns.append(conn)
+                alive = []
+                for thread, other in self._conns:
+                    if thread.is_alive():
+                        alive.append((thread, other))
+                    else:  # its thread is gone: nobody can use it any more
+                        other.close()
+                self._conns = alive + [(threading.current_thread(), conn)]
         return conn
+
+    def open_count(self) -> int:
+        """How many connections are open (one per live thread that used the database)."""
+        with self._lock:
+            return len(self._conns)
 
     def close(self) -> None:
         """Close every thread's connection (a thread that asks again afterwards gets a closed one)."""
         with self._lock:
-            for conn in self._conns:
+            for _, conn in self._conns:
                 conn.close()
             self._conns.clear()
