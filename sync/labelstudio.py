@@ -30,6 +30,7 @@ import math
 import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
+from urllib.parse import quote, unquote
 from xml.sax.saxutils import quoteattr
 
 from service.keypoints import CABIN19_NAMES, OUTSIDE, VISIBLE
@@ -301,7 +302,8 @@ class LabelStudioBackend:
 
     def task(self, batch_id: str, item: ReviewItem) -> dict[str, Any]:
         """The task (data + prediction) imported for one item."""
-        data = {"image": f"/data/local-files/?d={self._relative(item)}", "image_id": item.image_id,
+        # quoted: a store path with "+", "&", "#" or "%" in it broke the link (Label Studio quotes it too)
+        data = {"image": f"/data/local-files/?d={quote(self._relative(item), safe='/')}", "image_id": item.image_id,
                 "width": item.width, "height": item.height, "batch": batch_id, "bundle_id": item.bundle_id,
                 "score": item.score, "reasons": list(item.reasons), "audit": item.audit}
         prediction: dict[str, Any] = {"model_version": item.bundle_id, "result": prediction_result(item.record, self.names)}
@@ -322,7 +324,8 @@ class LabelStudioBackend:
         new = list({t["data"]["image_id"]: t for t in new}.values())
         if not new:
             return
-        self._ensure_storages(pid, {(self.document_root / t["data"]["image"].split("?d=", 1)[1]).parent for t in new})
+        self._ensure_storages(pid, {(self.document_root / unquote(t["data"]["image"].split("?d=", 1)[1])).parent
+                                    for t in new})
         for start in range(0, len(new), self.import_chunk):
             self.client.post(f"/api/projects/{pid}/import", new[start:start + self.import_chunk])
         log.info("imported %d tasks into project %s (batch %s)", len(new), pid, batch_id)

@@ -299,3 +299,19 @@ def test_conversion_round_trip_without_a_server() -> None:
     assert parse_result([], WIDTH, HEIGHT) == ((), ())
     config = label_config()
     assert config.count("<Label value=") == 2 + 19 and 'perRegion="true"' in config
+
+
+def test_image_links_survive_url_characters_in_the_store_path(tmp_path: Path) -> None:
+    """A store under a folder with "+", "&", "#" or "%" in its name gave broken image links:
+    Label Studio reads the path from the query string, which those characters cut or change."""
+    from urllib.parse import parse_qs, urlsplit
+
+    from sync.review import ReviewItem
+
+    odd = tmp_path / "lab +&#% 1" / "images" / "ab"
+    odd.mkdir(parents=True)
+    (odd / "abc").write_bytes(b"jpeg")
+    backend = LabelStudioBackend(None, "edge review", tmp_path)  # type: ignore[arg-type]  # no request made
+    item = ReviewItem("abc", WIDTH, HEIGHT, record(persons=1), "b1", local_path=odd / "abc")
+    url = backend.task("batch-1", item)["data"]["image"]
+    assert parse_qs(urlsplit(url).query)["d"] == ["lab +&#% 1/images/ab/abc"]
