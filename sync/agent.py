@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
-from .errors import RetryableError
+from .errors import PermanentError, RetryableError, Stopped, SyncConfigError
 
 if TYPE_CHECKING:
     from service.metrics import MetricsRecorder
@@ -59,13 +59,25 @@ class Every:
         return self.task.run_once()
 
 
+@dataclass(frozen=True)
+class _Fault:
+    """A task's unexpected failures in a row: how many, when it may run again, and the error
+    that ``last_error`` reports meanwhile."""
+
+    count: int
+    next_try: float
+    error: RetryableError
+
+
 @dataclass
 class Agent:
     """Runs ``tasks`` round-robin; sleeps ``poll_interval`` seconds when none had work.
 
-    ``heartbeat`` (monotonic seconds) moves at every task call; ``healthy()`` says whether it
-    moved within ``stall_limit`` seconds, for the systemd watchdog. ``on_pass(did_work)`` is
-    called after each pass (e.g. to update the systemd status line).
+    ``heartbeat`` (``clock`` seconds) moves at every task call and at every ``beat()`` a task
+    makes while it progresses; ``healthy()`` says whether it moved within ``stall_limit``
+    seconds, for the systemd watchdog. ``on_pass(did_work)`` is called after each pass (e.g. to
+    update the systemd status line). A task that raised an unexpected exception waits
+    ``fault_base * 2**(n-1)`` seconds (at most ``fault_cap``) after its n-th fault in a row.
     """
 
     tasks: Sequence[Task]
@@ -75,7 +87,14 @@ class Agent:
     last_error: RetryableError | None = None
     stall_limit: float = 900.0
     on_pass: Callable[[bool], None] | None = None
-    heartbeat: float = field(default_factory=time.monotonic)
+    clock: Callable[[], float] = time.monotonic
+    fault_base: float = 30.0
+    fault_cap: float = 900.0
+    heartbeat: float = field(init=False)
+    _faults: dict[int, _Fault] = field(init=False, default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.heartbeat = self.clock()
 
     def install_signal_handlers(self) -> None:
         """SIGTERM and SIGINT set the stop event (main thread only)."""
@@ -86,27 +105,67 @@ class Agent:
         signal.signal(signal.SIGTERM, handle)
         signal.signal(signal.SIGINT, handle)
 
+    def beat(self) -> None:
+        """A task made progress (an object sent, a file downloaded): the watchdog is fed.
+
+        Only the heartbeat's time is written (one float, atomic for the watchdog's thread).
+        """
+        self.heartbeat = self.clock()
+
     def healthy(self) -> bool:
-        """True while the loop is alive: a task was called within ``stall_limit`` seconds."""
-        return time.monotonic() - self.heartbeat < max(self.stall_limit, 3 * self.poll_interval)
+        """True while the loop is alive: a task was called or beat within ``stall_limit`` seconds."""
+        return self.clock() - self.heartbeat < max(self.stall_limit, 3 * self.poll_interval)
 
     def run_pass(self) -> bool:
-        """Each task once; True when any had work."""
+        """Each task once (those backing off after a fault are skipped); True when any had work.
+
+        ``Stopped`` from a task ends the pass and sets ``stop``: the run ends cleanly.
+        """
         did = False
         self.last_error = None
         for task in self.tasks:
             if self.stop.is_set():
                 break
-            self.heartbeat = time.monotonic()
+            fault = self._faults.get(id(task))
+            if fault is not None and self.clock() < fault.next_try:
+                self.last_error = fault.error  # its work is still left for later
+                continue
+            self.beat()
             try:
                 did = task.run_once() or did
+            except Stopped as exc:
+                log.info("%s: %s; the work resumes on the next run", task.name, exc)
+                self.stop.set()
+                break
             except RetryableError as exc:
                 log.warning("%s: %s; the work waits for the next pass", task.name, exc)
                 self.last_error = exc
-        self.heartbeat = time.monotonic()
+            except (PermanentError, SyncConfigError):
+                raise
+            except Exception as exc:
+                self._fault(task, exc)
+                continue
+            self._faults.pop(id(task), None)
+        self.beat()
         if self.on_pass is not None:
             self.on_pass(did)
         return did
+
+    def _fault(self, task: Task, exc: Exception) -> None:
+        """Log an unexpected exception with its traceback; the task waits before its next call.
+
+        The wait keeps a task that fails at once every pass from filling the journal with the
+        same traceback while the other tasks run; it has no jitter, so that the next try is
+        the one the log announced.
+        """
+        old = self._faults.get(id(task))
+        count = 1 if old is None else old.count + 1
+        delay = min(self.fault_cap, self.fault_base * 2.0 ** min(count - 1, 62))
+        error = RetryableError(f"{task.name}: unexpected {type(exc).__name__}: {exc}")
+        self._faults[id(task)] = _Fault(count, self.clock() + delay, error)
+        self.last_error = error
+        log.error("%s: unexpected %s (fault %d in a row); this task is tried again in %.0f s, "
+                  "the others go on", task.name, type(exc).__name__, count, delay, exc_info=exc)
 
     def run(self, once: bool = False) -> None:
         """Loop until stopped; with ``once``, until a pass finds no work (or a retryable failure)."""
@@ -154,7 +213,7 @@ def build_agent(cfg: SyncConfig, extra_tasks: Sequence[Task] = (), env: Mapping[
         if metrics is not None:
             metrics.watch_store(store)
         target = open_target(cfg.target)
-        uploader = Uploader(store, target, settings, stop=stop, metrics=metrics)
+        uploader = Uploader(store, target, settings, stop=stop, metrics=metrics, progress=agent.beat)
         agent.closers.append(uploader.close)
         tasks: list[Task] = [uploader]
         backend = open_review_backend(review, target, cfg)
@@ -225,6 +284,7 @@ def _model_tasks(pull: Any, cfg: SyncConfig, agent: Agent) -> list[Task]:
         return []
     puller, closing = build_puller(pull)
     agent.closers += [c.close for c in closing]
+    puller.registry.progress = agent.beat  # a long download feeds the watchdog per file
     if pull.daemon:
         puller.reload_fn = grpc_reload_fn(pull.daemon, token=cfg.daemon_token, tls=cfg.daemon_tls)
         log.info("model pull from %s every %.0f s; reload via the daemon at %s", pull.registry.kind,

@@ -2,10 +2,12 @@
 
 Label Studio runs as its own process (its own virtual environment: it pins an older numpy),
 so the appliance only speaks HTTP to it. ``LabelStudioClient`` sends ``Authorization: Token``
-requests and wraps failures: connection trouble, timeouts and HTTP 5xx/429 become
-``RetryableError``; HTTP 404 ``NotFound`` (a ``PermanentError``: the backend tells a deleted
-project from a page past the end by it); other HTTP errors ``PermanentError`` with the server's
-detail. The token never appears in messages or logs.
+requests and wraps failures: connection trouble, timeouts, an answer cut short
+(``http.client.IncompleteRead``), a body that is not JSON (the HTML page of a proxy or a
+restarting server, answered with 200) and HTTP 5xx/429 become ``RetryableError``; HTTP 404
+``NotFound`` (a ``PermanentError``: the backend tells a deleted project from a page past the
+end by it); other HTTP errors ``PermanentError`` with the server's detail. The token never
+appears in messages or logs.
 
 ``WebhookReceiver`` is a tiny HTTP server on loopback that Label Studio posts
 ``ANNOTATION_CREATED``/``ANNOTATION_UPDATED`` events to. Label Studio delivers webhooks once,
@@ -14,6 +16,7 @@ the export stays the source of truth.
 """
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import socket
@@ -57,7 +60,10 @@ class LabelStudioClient:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 text = resp.read()
         except urllib.error.HTTPError as exc:
-            detail = exc.read()[:500].decode("utf-8", "replace")
+            try:
+                detail = exc.read()[:500].decode("utf-8", "replace")
+            except (http.client.HTTPException, OSError):  # the error page itself cut short
+                detail = exc.reason if isinstance(exc.reason, str) else ""
             what = f"Label Studio {method} {path}: HTTP {exc.code}: {detail}"
             if exc.code >= 500 or exc.code == 429:
                 raise RetryableError(what) from exc
@@ -66,9 +72,17 @@ class LabelStudioClient:
             if exc.code == 401:
                 what += " (check the API token; legacy tokens need LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN=true)"
             raise PermanentError(what) from exc
-        except (urllib.error.URLError, OSError) as exc:  # refused, reset, timeout
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            # refused, reset, timeout; or the answer cut short (IncompleteRead is no OSError)
             raise RetryableError(f"Label Studio {method} {path}: {exc}") from exc
-        return json.loads(text) if text else None
+        if not text:
+            return None
+        try:
+            return json.loads(text)
+        except ValueError as exc:  # UnicodeDecodeError included; not the server's API answering
+            start = text[:80].decode("utf-8", "replace")
+            raise RetryableError(f"Label Studio {method} {path}: the answer is not JSON "
+                                 f"(a proxy's or a starting server's page?): {start!r}") from exc
 
     def get(self, path: str, **query: Any) -> Any:
         return self.request("GET", path, query=query or None)

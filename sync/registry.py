@@ -23,7 +23,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .errors import BundleContentError, ObjectNotFound, RetryableError
 from .objectstore import ObjectStore
@@ -57,10 +57,16 @@ class RegistryEntry:
 
 
 class BundleRegistry:
-    """Read-only view of ``bundles/`` in ``store``."""
+    """Read-only view of ``bundles/`` in ``store``.
 
-    def __init__(self, store: ObjectStore) -> None:
+    ``progress`` (the sync agent's ``beat``) is called after each file ``download`` fetched: a
+    bundle over a weak LTE link outlasts the systemd watchdog's limit, and a watchdog that
+    killed the agent mid-download would start the download from scratch at every restart.
+    """
+
+    def __init__(self, store: ObjectStore, progress: Callable[[], None] | None = None) -> None:
         self.store = store
+        self.progress = progress
 
     def __repr__(self) -> str:
         return f"BundleRegistry({self.store!r})"
@@ -96,6 +102,10 @@ class BundleRegistry:
     def manifest_bytes(self, bundle_id: str) -> bytes:
         return self.store.get(f"{BUNDLES}{bundle_id}/{MANIFEST}")
 
+    def _progress(self) -> None:
+        if self.progress is not None:
+            self.progress()
+
     def _download_weights(self, bundle_id: str, manifest: Any, dest: Path) -> None:
         """The training checkpoints named in ``lineage.weights`` (``weights/<role>.pt``), when
         published: a bundle pulled onto the box can be trained on again. Optional: a missing or
@@ -122,6 +132,7 @@ class BundleRegistry:
             except ObjectNotFound:
                 log.info("bundle %s: %s not published; pulled without it", bundle_id, rel)
                 continue
+            self._progress()
             if entry.get("sha256") and hashlib.sha256(data).hexdigest() != entry["sha256"]:
                 log.warning("bundle %s: %s does not match its sha256 in lineage.weights; skipped", bundle_id, rel)
                 continue
@@ -149,6 +160,7 @@ class BundleRegistry:
                 raise RetryableError(f"bundle {bundle_id}: bundle.json vanished from the registry "
                                      "while it was being downloaded") from exc
             (tmp / MANIFEST).write_bytes(manifest)
+            self._progress()
             try:
                 data = json.loads(manifest)
                 files = sorted({str(m["file"]) for m in dict(data.get("models") or {}).values() if m})
@@ -165,6 +177,7 @@ class BundleRegistry:
                                              "was being downloaded") from exc
                     raise BundleContentError(f"bundle {bundle_id}: {name} is named in bundle.json but missing "
                                              "from the registry") from exc
+                self._progress()
             try:
                 (tmp / SIGNATURE).write_bytes(self.store.get(f"{BUNDLES}{bundle_id}/{SIGNATURE}"))
             except ObjectNotFound:

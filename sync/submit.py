@@ -25,6 +25,7 @@ That stays exactly-once because ``submit`` skips the images that have a task.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import defaultdict
@@ -33,7 +34,7 @@ from typing import Any, Callable, Sequence
 from service.errors import ImageNotFound
 from service.store import UPLOADED, Store
 
-from .errors import PermanentError
+from .errors import PermanentError, RetryableError
 from .journal import Batch, Item, Journal
 from .objectstore import ObjectStore
 from .review import ReviewBackend, ReviewItem
@@ -93,6 +94,9 @@ class ReviewSubmitTask:
     def _submit(self, batch_id: str, items: Sequence[ReviewItem]) -> None:
         try:
             self.backend.submit(batch_id, items)
+        except json.JSONDecodeError as exc:  # an answer that is not JSON (a proxy's page): not the batch's fault
+            raise RetryableError(f"review backend {self.backend.name}, batch {batch_id}: an answer was not JSON: "
+                                 f"{exc}") from exc
         except ValueError as exc:  # e.g. an image outside Label Studio's document root
             raise PermanentError(f"review backend {self.backend.name} refused batch {batch_id}: {exc}") from exc
 

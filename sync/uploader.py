@@ -21,7 +21,13 @@ One ``run_once`` call works on one batch (see ``sync.journal`` for the states):
 
 A crash anywhere repeats at most the step in progress, and repeating a step changes nothing.
 Transient failures are retried with backoff (``sync.backoff``); ``PermanentError`` (credentials
-rejected, bucket missing) propagates with nothing marked uploaded.
+rejected, bucket missing) propagates with nothing marked uploaded. A stop request during any
+retry wait (the first reachability check included) ends ``run_once`` normally; the batch
+resumes on the next run.
+
+``progress`` (the agent's ``beat``) is called after each object is sent or found present: a
+batch of 50 images on a slow uplink outlasts the systemd watchdog's limit, and a watchdog that
+killed it mid-batch would restart it for ever.
 """
 from __future__ import annotations
 
@@ -86,9 +92,11 @@ class Uploader:
 
     def __init__(self, store: Store, target: ObjectStore, settings: UploadSettings,
                  journal: Journal | None = None, stop: threading.Event | None = None,
-                 clock: Callable[[], float] = time.time, metrics: MetricsRecorder | None = None) -> None:
+                 clock: Callable[[], float] = time.time, metrics: MetricsRecorder | None = None,
+                 progress: Callable[[], None] | None = None) -> None:
         self.store, self.target, self.settings = store, target, settings
         self.metrics = metrics  # uploads (sent objects, or failed for now) and retries
+        self.progress = progress  # called per object done (see the module doc)
         self.journal = journal or Journal(Path(store.root) / JOURNAL_NAME, clock)
         self.stop = stop or threading.Event()
         self.clock = clock
@@ -106,9 +114,14 @@ class Uploader:
 
     # -- the task -----------------------------------------------------------------------
     def run_once(self) -> bool:
-        """Advance one batch as far as it goes; False when there was nothing to upload."""
+        """Advance one batch as far as it goes; False when there was nothing to upload (or a
+        stop request came while the target was still unreachable)."""
         if not self._checked:
-            retry_call(self.target.check, f"check {self.target!r}", self.settings.retry, self.stop)
+            try:
+                retry_call(self.target.check, f"check {self.target!r}", self.settings.retry, self.stop)
+            except Stopped:
+                log.info("stopping before the target %r was reached", self.target)
+                return False
             self._checked = True
         batch = self.journal.unfinished_batch() or self._new_batch()
         if batch is None:
@@ -225,6 +238,8 @@ class Uploader:
             self.metrics.upload(True)
         self.journal.object_done(key, sha, len(data), status, batch_id)
         log.debug("%s %s (%d bytes)", status, key, len(data))
+        if self.progress is not None:
+            self.progress()
 
     def _write_manifest(self, batch: Batch) -> None:
         lines = [i.line for i in self.journal.items(batch.batch_id, "sent") if i.line]

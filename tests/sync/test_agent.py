@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -13,12 +15,15 @@ import pytest
 
 from service.store import Store
 from sync.agent import Agent
+from sync.backoff import RetryPolicy
 from sync.config import load_sync_config, sync_config_from_dict
-from sync.errors import PermanentError, RetryableError, SyncConfigError
+from sync.errors import PermanentError, RetryableError, Stopped, SyncConfigError, SyncError
+from sync.objectstore import LocalFolderStore
+from sync.uploader import Uploader, UploadSettings
 
 from procs import command_env
 from reviewdata import fill_store
-from s3servers import ACCESS_KEY, SECRET_KEY, S3Server
+from s3servers import ACCESS_KEY, SECRET_KEY, S3Server, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -185,3 +190,187 @@ def test_missing_bucket_exits_2_with_one_line(moto_server: S3Server, tmp_path: P
     assert proc.returncode == 2
     assert "annotator sync: bucket edge-never-created does not exist" in err.splitlines()[-1]
     assert store.counts()["uploaded"] == 0
+
+
+# -- a stop during a retry wait, faults of one task, the watchdog ---------------------------
+class FakeClock:
+    """Monotonic seconds that move only when a test moves them."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Broken:
+    """A task with a bug: every call raises ``error``."""
+
+    name = "broken"
+
+    def __init__(self, error: Exception) -> None:
+        self.error, self.calls = error, 0
+
+    def run_once(self) -> bool:
+        self.calls += 1
+        raise self.error
+
+
+def test_a_stop_during_the_first_reachability_check_ends_the_agent_cleanly(tmp_path: Path) -> None:
+    """SIGTERM while the target is still unreachable at start-up: ``Stopped`` from the check's
+    retry wait escaped ``Agent.run`` (``annotator sync`` exited 2, systemd marked the unit failed)."""
+    stop = threading.Event()
+
+    class Down(LocalFolderStore):
+        def check(self) -> None:
+            stop.set()  # what the SIGTERM handler does, while the check waits to retry
+            raise RetryableError("endpoint unreachable")
+
+    store = Store(tmp_path / "store")
+    settings = UploadSettings("box-1", retry=RetryPolicy(1.0, 5.0, 8))
+    uploader = Uploader(store, Down(tmp_path / "out"), settings, stop=stop)
+    later = Steps(5)
+    agent = Agent([uploader, later], 1.0, stop, closers=[uploader.close, store.close])
+    agent.run()  # returns, nothing raised
+    assert later.calls == 0 and agent.closers == []
+
+
+def test_stopped_from_any_task_ends_the_run_cleanly() -> None:
+    """Wherever a task waits to retry (any ``retry_call``), a stop there ends the agent as a stop."""
+
+    class Waiting:
+        name = "models"
+
+        def run_once(self) -> bool:
+            raise Stopped("get bundles/b1/head.onnx: stopped while waiting to retry")
+
+    later = Steps(3)
+    agent = Agent([Waiting(), later], poll_interval=0)
+    agent.run()
+    assert agent.stop.is_set() and later.calls == 0
+
+
+def test_an_unexpected_error_skips_only_that_task_for_a_growing_backoff(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    broken, other = Broken(TypeError("'NoneType' object is not subscriptable")), Steps(100)
+    agent = Agent([broken, other], poll_interval=10, clock=clock, fault_base=30, fault_cap=100)
+    with caplog.at_level(logging.ERROR, logger="sync.agent"):
+        assert agent.run_pass()  # the other task still ran, and had work
+    assert (broken.calls, other.calls) == (1, 1)
+    assert "broken: unexpected TypeError" in str(agent.last_error)
+    assert [r for r in caplog.records if r.exc_info and r.exc_info[1] is broken.error]  # logged with its traceback
+    calls = []
+    for step in (29, 1, 59, 1, 99, 1, 99, 1):  # due after 30, 60, then the cap (100) twice
+        clock.now += step
+        agent.run_pass()
+        calls.append(broken.calls)
+        assert agent.last_error is not None  # its work is still left: `--once` exits 1, STATUS says why
+    assert calls == [1, 2, 2, 3, 3, 4, 4, 5]
+    assert other.calls == 9
+
+
+def test_a_task_that_works_again_is_called_every_pass_again() -> None:
+    clock = FakeClock()
+    flaky = Steps(5, KeyError("width"))
+    agent = Agent([flaky], poll_interval=10, clock=clock, fault_base=30)
+    assert not agent.run_pass() and flaky.calls == 1
+    clock.now += 30
+    assert agent.run_pass() and agent.last_error is None
+    assert agent.run_pass() and flaky.calls == 3  # no backoff left from the earlier fault
+
+
+def test_once_ends_with_work_left_after_an_unexpected_error_and_permanent_errors_still_stop() -> None:
+    other = Steps(3)
+    agent = Agent([Broken(ValueError("bad data")), other], poll_interval=0)
+    agent.run(once=True)
+    assert other.work == 0 and agent.last_error is not None
+    with pytest.raises(PermanentError, match="credentials"):
+        Agent([Broken(PermanentError("credentials rejected")), Steps(3)], poll_interval=0).run()
+    with pytest.raises(SyncConfigError):
+        Agent([Broken(SyncConfigError("sync.x: bad")), Steps(3)], poll_interval=0).run()
+
+
+def test_progress_keeps_the_watchdog_fed_and_a_task_without_progress_fails_it() -> None:
+    """A 50-image batch on a slow uplink outlasted the 900 s limit with the heartbeat moving only
+    between tasks: systemd killed a healthy agent mid-batch, over and over."""
+    clock = FakeClock()
+    seen: list[bool] = []
+
+    class SlowUpload:
+        name = "upload"
+
+        def run_once(self) -> bool:
+            for _ in range(4):  # four objects of 600 s each: 40 minutes in one call
+                clock.now += 600
+                seen.append(agent.healthy())
+                agent.beat()  # what the uploader's progress hook does per object
+            clock.now += 899
+            seen.append(agent.healthy())
+            clock.now += 2  # 901 s without progress
+            seen.append(agent.healthy())
+            return False
+
+    agent = Agent([SlowUpload()], poll_interval=10, clock=clock, stall_limit=900)
+    agent.run_pass()
+    assert seen == [True] * 5 + [False]
+    assert agent.healthy()  # the pass ended: the loop is alive
+
+
+@pytest.mark.parametrize("code, status, kind", [
+    ("InternalFailure", 500, RetryableError),
+    ("ServiceUnavailable", 503, RetryableError),
+    ("ThrottlingException", 400, RetryableError),
+    ("TooManyRequestsException", 429, RetryableError),
+    ("ValidationException", 400, PermanentError),
+    ("AccessDeniedException", 400, PermanentError),
+])
+def test_sagemaker_errors_are_sorted_by_http_status(code: str, status: int, kind: type) -> None:
+    """A SageMaker 5xx other than ServiceUnavailable (InternalFailure) stopped the agent."""
+    boto3 = pytest.importorskip("boto3")
+    from botocore.stub import Stubber
+
+    from sync.groundtruth import LabelingJobSpec, create_labeling_job
+
+    spec = LabelingJobSpec(role_arn="arn:aws:iam::123456789012:role/gt",
+                           workteam_arn="arn:aws:sagemaker:eu-west-1:123456789012:workteam/private-crowd/edge",
+                           ui_template_s3_uri="s3://bkt/edge/t.liquid.html", output_s3_path="s3://bkt/edge/out")
+    client = boto3.client("sagemaker", region_name="eu-west-1", aws_access_key_id="test", aws_secret_access_key="test")
+    with Stubber(client) as stub:
+        stub.add_client_error("create_labeling_job", code, "said the service", http_status_code=status)
+        with pytest.raises(SyncError, match=code) as info:
+            create_labeling_job(client, "edge-review-b7", "s3://bkt/edge/m.manifest", spec)
+    assert type(info.value) is kind
+
+
+def test_sigterm_while_the_target_is_unreachable_exits_0(tmp_path: Path) -> None:
+    """The real process: the first reachability check retries a refused endpoint when SIGTERM comes."""
+    store, _, _ = fill_store(tmp_path / "store", review=1)
+    store.close()
+    config = tmp_path / "annotator.toml"
+    config.write_text(f"""
+[store]
+root = "store"
+[sync]
+appliance_id = "box-1"
+poll_interval = 5
+retry_base = 2
+retry_cap = 5
+retry_attempts = 100
+[sync.target]
+kind = "s3"
+bucket = "edge"
+endpoint_url = "http://127.0.0.1:{free_port()}"
+region = "us-east-1"
+""")
+    proc = _start(config)
+    assert proc.stderr is not None
+    guard = threading.Timer(60, proc.kill)  # a hang fails the test instead of blocking it
+    guard.start()
+    for line in proc.stderr:  # wait until the check waits to retry
+        if "failed (attempt 1), retrying" in line:
+            break
+    guard.cancel()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err

@@ -264,3 +264,71 @@ def test_dataset_commands_find_the_agents_dataset_through_annotator_config(etc_a
     agent = load_sync_config(None)
     assert settings(args).dataset_root == etc / "ds" == agent.base / "ds"
     assert settings(args).store_root == agent.store_root == etc / "data"
+
+
+def test_the_agent_hands_its_heartbeat_to_the_uploader_and_the_bundle_download(tmp_path: Path) -> None:
+    """A bundle download over weak LTE outlasted the watchdog's 900 s: systemd killed the agent
+    mid-download and the next start downloaded from scratch. Each file fetched now feeds it."""
+    import json
+
+    config = tmp_path / "annotator.toml"
+    config.write_text('[store]\nroot = "store"\n[sync.models]\npoll_interval = 60\n'
+                      '[sync.models.registry]\nkind = "local"\nroot = "registry"\n')
+    agent = build_agent(load_sync_config(config, env={}), env={})
+    try:
+        uploader, models = agent.tasks
+        assert uploader.progress == agent.beat  # type: ignore[attr-defined]
+        registry = models.task.puller.registry  # type: ignore[attr-defined]
+        assert registry.progress == agent.beat
+        registry.store.put("bundles/b1/bundle.json", json.dumps(
+            {"id": "b1", "created": "2030", "models": {"head": {"file": "head.onnx"}, "pose": {"file": "pose.onnx"}}}
+        ).encode())
+        for name in ("head.onnx", "pose.onnx"):
+            registry.store.put(f"bundles/b1/{name}", b"weights")
+        now = [1000.0]
+        agent.clock = lambda: now[0]  # type: ignore[method-assign]
+        agent.beat()
+        health: list[bool] = []
+        get = registry.store.get
+
+        def slow_get(key: str) -> bytes:  # 10 minutes a file
+            now[0] += 600
+            health.append(agent.healthy())
+            return get(key)
+
+        registry.store.get = slow_get
+        registry.download("b1", tmp_path / "staging" / "b1")
+        assert len(health) >= 3 and all(health)
+        registry.progress = None  # without the hook the same download is a stall
+        health.clear()
+        registry.download("b1", tmp_path / "staging" / "b1")
+        assert not all(health)
+    finally:
+        agent.close()
+
+
+def test_an_answer_that_is_not_json_never_refuses_a_batch(tmp_path: Path) -> None:
+    """A proxy's HTML page (200) made ``json.loads`` raise ValueError, which the submit task
+    took for the backend refusing the batch: a PermanentError that stopped the agent."""
+    import json
+
+    from sync.errors import RetryableError
+    from sync.objectstore import LocalFolderStore
+
+    store, review, _ = fill_store(tmp_path / "store", review=2)
+    target = LocalFolderStore(tmp_path / "outbox")
+    uploader = Uploader(store, target, UploadSettings("box-1"))
+    backend = InMemoryReviewBackend()
+    submit = ReviewSubmitTask(uploader.journal, store, target, backend)
+    while uploader.run_once():
+        pass
+
+    def html(batch_id: str, items: object) -> None:
+        json.loads("<html><body>502 Bad Gateway</body></html>")
+
+    backend.submit = html  # type: ignore[method-assign,assignment]
+    with pytest.raises(RetryableError, match="not JSON"):
+        submit.run_once()
+    assert uploader.journal.unsubmitted_batches("memory")  # left for the next pass
+    uploader.close()
+    store.close()

@@ -154,3 +154,57 @@ def test_existing_tasks_on_later_pages_are_not_imported_again(fake: FakeLabelStu
     assert [[t["data"]["image_id"] for t in chunk] for chunk in fake.imports] == [["img-150"]]
     backend.submit("b-1", items)
     assert len(fake.imports) == 1 and len(fake.tasks) == 151
+
+
+class RawServer:
+    """Answers every request with the same raw bytes, then closes the connection."""
+
+    def __init__(self, answer: bytes) -> None:
+        import socket
+
+        self.answer = answer
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(5)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(self.answer)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("answer, words", [
+    # the connection dropped after 8 of 100 bytes: http.client.IncompleteRead, not an OSError
+    (b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{"id": 1', "IncompleteRead"),
+    # a proxy's (or a starting server's) page with status 200
+    (b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 38\r\n\r\n<html><body>Bad Gateway</body></html>\n",
+     "not JSON"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n\xff\xfe\xfd\xfc", "not JSON"),
+    # a 502 whose error page is cut short
+    (b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 100\r\n\r\n<html>", "HTTP 502"),
+    # no status line at all: http.client.RemoteDisconnected
+    (b"", "Remote end closed"),
+])
+def test_cut_short_and_non_json_answers_are_retryable(answer: bytes, words: str) -> None:
+    from sync.errors import RetryableError
+
+    server = RawServer(answer)
+    try:
+        client = LabelStudioClient(server.url, "secret-token", timeout=5)
+        with pytest.raises(RetryableError, match=words) as info:
+            client.get("/api/projects/")
+        assert "secret-token" not in str(info.value)
+        with pytest.raises(RetryableError):
+            client.pages("/api/tasks/", "tasks")
+    finally:
+        server.close()

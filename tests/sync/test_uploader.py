@@ -216,3 +216,39 @@ def test_missing_bucket_stops_with_a_clear_error(moto_server, tmp_path: Path, s3
     with pytest.raises(PermanentError, match="bucket edge-missing-bucket does not exist"):
         Uploader(store, target, UploadSettings("box-1", retry=FAST)).run_once()
     assert store.counts()["uploaded"] == 0
+
+
+def test_each_object_reports_progress_and_a_slow_batch_keeps_the_watchdog_fed(tmp_path: Path) -> None:
+    """A batch on a slow uplink outlasted the watchdog's 900 s: the heartbeat moved only between
+    tasks, so systemd killed a healthy agent mid-batch (and the next start began the batch again)."""
+    from sync.agent import Agent
+
+    store, review, _ = fill_store(tmp_path / "store", review=3)
+    now = [1000.0]
+    health: list[bool] = []
+
+    def slow(n: int) -> None:  # each put takes 10 minutes
+        now[0] += 600
+        health.append(agent.healthy())
+
+    stop = threading.Event()
+    agent = Agent([], poll_interval=10, stop=stop, clock=lambda: now[0], stall_limit=900)
+    uploader = Uploader(store, Recording(LocalFolderStore(tmp_path / "bucket", "edge"), slow),
+                        UploadSettings("box-1", retry=FAST), stop=stop, progress=agent.beat)
+    agent.tasks = [uploader]
+    assert agent.run_pass()
+    assert store.counts()["uploaded"] == 3 and len(health) == 3 + 3 + 1  # images, pre-annotations, manifest
+    assert all(health)
+    uploader.close()
+    # one put that takes longer than the limit alone: unhealthy, as it must be
+    stalled = Agent([], poll_interval=10, clock=lambda: now[0], stall_limit=900)
+    now[0] += 901
+    assert not stalled.healthy()
+
+
+def test_progress_is_called_once_per_object(tmp_path: Path) -> None:
+    store, review, _ = fill_store(tmp_path / "store", review=2)
+    beats: list[int] = []
+    target = LocalFolderStore(tmp_path / "bucket", "edge")
+    drain(Uploader(store, target, UploadSettings("box-1", retry=FAST), progress=lambda: beats.append(1)))
+    assert len(beats) == 2 + 2 + 1  # images, pre-annotations, manifest
