@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import hashlib
 import json
 import logging
 import re
@@ -40,6 +41,11 @@ BACKEND = "groundtruth"
 OUTPUT_MANIFEST = "manifests/output/output.manifest"
 MAX_LINE, MAX_ATTRIBUTE = 100_000, 20_000
 _JOB_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")
+JOB_NAME_MAX = 63
+# The uploader names batches "<%Y%m%dT%H%M%SZ>-<seq:06d>": a prefix up to this long keeps job
+# names "<prefix>-<batch id>" whole (sync.review_settings refuses longer ones).
+BATCH_ID_LENGTH = 23
+MAX_JOB_PREFIX = JOB_NAME_MAX - 1 - BATCH_ID_LENGTH
 
 
 class ManifestError(PermanentError):
@@ -108,11 +114,36 @@ def label_category_config(names: Sequence[str] = CABIN19_NAMES) -> dict[str, Any
             "labels": [{"label": "head"}, {"label": "person"}] + [{"label": n} for n in names]}
 
 
+def _name_part(text: str) -> str:
+    """``text`` with every run of characters a job name cannot hold turned into one hyphen."""
+    return re.sub(r"[^a-zA-Z0-9]+", "-", text).strip("-")
+
+
+def _digest(text: str, size: int) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:size]
+
+
 def job_name_for(prefix: str, batch_id: str) -> str:
-    """A valid labeling-job name (letters, digits, hyphens, at most 63) for a batch."""
-    raw = re.sub(r"[^a-zA-Z0-9]+", "-", f"{prefix}-{batch_id}").strip("-")
-    name = re.sub(r"-+", "-", raw)[:63].strip("-")
-    if not _JOB_NAME.match(name):
+    """A valid labeling-job name (letters, digits, hyphens, at most 63) for a batch:
+    ``<prefix>-<batch id>``.
+
+    Job names are unique per account and region, and a name in use makes CreateLabelingJob
+    answer ResourceInUse, which ``create_labeling_job`` takes as "started already": two batches
+    with one name would leave the second unlabelled. So a name that is too long loses the end
+    of the prefix, never the batch id (which ends in the batch's sequence number), and the cut
+    prefix ends in a digest of the whole prefix, so that long prefixes of different appliances
+    stay apart. Only a batch id that alone leaves no room is cut, and then the name ends in a
+    digest of prefix and batch id. Names that fit are unchanged.
+    """
+    part, batch = _name_part(prefix), _name_part(batch_id)
+    name = f"{part}-{batch}" if part else batch
+    room = JOB_NAME_MAX - 1 - len(batch)  # for the prefix
+    if len(name) > JOB_NAME_MAX and room >= 8:
+        name = f"{part[:room - 7].rstrip('-')}-{_digest(prefix, 6)}-{batch}"
+    elif len(name) > JOB_NAME_MAX:
+        whole = _digest(f"{prefix}\n{batch_id}", 12)
+        name = f"{name[:JOB_NAME_MAX - 13].rstrip('-')}-{whole}"
+    if not batch or not _JOB_NAME.match(name):
         raise ValueError(f"labeling job name: cannot make a valid name from {prefix!r} and {batch_id!r}")
     return name
 
@@ -141,7 +172,7 @@ def create_labeling_job(sagemaker_client: Any, job_name: str, manifest_s3_uri: s
                         ) -> str | None:
     """Start a custom labeling job; returns its ARN, or None when a job of that name exists.
 
-    botocore errors are wrapped: throttling and connection trouble -> ``RetryableError``;
+    botocore errors are wrapped: throttling, HTTP 5xx/429 and connection trouble -> ``RetryableError``;
     a request the service model refuses, and any other service error -> ``PermanentError``.
     """
     from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
@@ -171,7 +202,9 @@ def create_labeling_job(sagemaker_client: Any, job_name: str, manifest_s3_uri: s
         if code == "ResourceInUse":
             log.info("labeling job %s exists already", job_name)
             return None
-        kind = RetryableError if code in ("ThrottlingException", "ServiceUnavailable") else PermanentError
+        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)  # 5xx: InternalFailure...
+        transient = status >= 500 or status == 429 or "Throttl" in code or code == "ServiceUnavailable"
+        kind = RetryableError if transient else PermanentError
         raise kind(f"CreateLabelingJob {job_name}: {code}: {exc.response.get('Error', {}).get('Message', '')}") from exc
     except ParamValidationError as exc:  # the service model refuses the request: fix the spec
         raise PermanentError(f"CreateLabelingJob {job_name}: {exc}") from exc

@@ -1,16 +1,18 @@
 """Ground Truth Lambda handlers for the custom key-point task (standard library only).
 
 This module is deployable on its own (zip this one file as the Lambda code); it imports
-nothing from the appliance. Formats are in ``shared/GROUND_TRUTH.md``.
+nothing from the appliance, and boto3 (which the Lambda runtime provides) only when the
+consolidation Lambda reads its payload. Formats are in ``shared/GROUND_TRUTH.md``.
 
 - ``pre_annotation_handler(event, context)``: turns one input-manifest line (``dataObject``,
   written by ``sync.groundtruth.manifest_line``) into the ``taskInput`` that
   ``sync/templates/keypoints.liquid.html`` renders: box labels ``head`` and ``person N``, point
   labels ``N name`` (person number, then the key-point name), the pre-annotated boxes and
   points (outside points are not placed), and one visibility row per person and point.
-- ``post_annotation_handler(event, context, s3_reader)``: reads the workers' answers from the
-  payload file and returns one consolidated annotation per object in the custom output format
-  below (the first worker's answer is used; jobs here have one worker per object).
+- ``post_annotation_handler(event, context)``: reads the workers' answers from the payload
+  file (``s3Uri``, with boto3; tests pass ``s3_reader``) and returns one consolidated
+  annotation per object in the custom output format below (the first worker's answer is
+  used; jobs here have one worker per object).
 
 Custom output format (the value under the job's label attribute name)::
 
@@ -21,7 +23,10 @@ Custom output format (the value under the job's label attribute name)::
      "workerId": "...", "workerCount": 1, "problems": ["..."]}
 
 Pixels of the image as the worker saw it; points that were not placed and are not marked
-visible/occluded are left out (they are ``outside``).
+visible/occluded are left out (they are ``outside``). A placed point is in the picture: its
+radio decides only visible or occluded (the template pre-checks ``outside`` for every point
+the model put outside and for the spare person's, so a worker who places such a point and
+leaves the radio alone must not lose it).
 """
 from __future__ import annotations
 
@@ -161,11 +166,15 @@ def consolidate(content: Mapping[str, Any]) -> dict[str, Any]:
                 if state in ("visible", "occluded"):
                     problems.append(f"person {number} {name} marked {state} but not placed; taken as outside")
                 continue
+            if state == "outside":
+                problems.append(f"person {number} {name} placed but marked outside; taken as visible")
+                state = "visible"
             keypoints.append({"label": name, "x": xy[0], "y": xy[1], "visibility": state or "visible"})
         box: list[float] | None = person_boxes.get(number)
         if box is None:
-            located = [(float(k["x"]), float(k["y"])) for k in keypoints if k["visibility"] != "outside"]
+            located = [(float(k["x"]), float(k["y"])) for k in keypoints]
             if not located:
+                problems.append(f"person {number} has no box and no placed point; left out")
                 continue
             xs, ys = [p[0] for p in located], [p[1] for p in located]
             box = [min(xs), min(ys), max(xs), max(ys)]
@@ -175,12 +184,25 @@ def consolidate(content: Mapping[str, Any]) -> dict[str, Any]:
             "heads": heads, "persons": persons, "problems": problems}
 
 
-def post_annotation_handler(event: Mapping[str, Any], context: Any,
-                            s3_reader: Callable[[str], bytes | str]) -> list[dict[str, Any]]:
-    """Ground Truth consolidation Lambda. ``s3_reader(uri)`` returns the payload file's bytes
-    (in the deployed Lambda: a boto3 ``get_object``; in tests: any reader)."""
+def read_s3(uri: str) -> bytes:
+    """The object at ``s3://bucket/key``, read with boto3 and the Lambda's role (Ground Truth
+    hands the consolidation Lambda only the payload's URI). boto3 is imported here, not at the
+    top, so that the appliance and the tests import this module without it."""
+    import boto3
+
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    if not uri.startswith("s3://") or not bucket or not key:
+        raise ValueError(f"consolidation: payload s3Uri is not s3://bucket/key: {uri!r}")
+    return bytes(boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+def post_annotation_handler(event: Mapping[str, Any], context: Any = None,
+                            s3_reader: Callable[[str], bytes | str] | None = None) -> list[dict[str, Any]]:
+    """Ground Truth consolidation Lambda. AWS calls it as ``handler(event, context)``, so the
+    payload file is read with ``read_s3`` by default; ``s3_reader(uri)`` (returning the file's
+    bytes or text) replaces it in tests."""
     attribute = event["labelAttributeName"]
-    payload = json.loads(s3_reader(event["payload"]["s3Uri"]))
+    payload = json.loads((s3_reader or read_s3)(event["payload"]["s3Uri"]))
     out = []
     for obj in payload:
         answers = [a for a in obj.get("annotations", []) if a.get("annotationData", {}).get("content")]

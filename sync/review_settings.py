@@ -16,7 +16,8 @@
     ui_template_s3_uri = "s3://edge-review/templates/keypoints.liquid.html"
     # output_s3_path, pre_lambda_arn, consolidation_lambda_arn, label_category_config_s3_uri,
     # label_attribute_name, task_title, task_description, workers_per_object,
-    # task_time_limit_s, job_prefix, kms_key_id: see sync.groundtruth.LabelingJobSpec
+    # task_time_limit_s, job_prefix (at most 39 characters), kms_key_id: see
+    # sync.groundtruth.LabelingJobSpec
 
     [sync.review.labelstudio]
     url = "http://127.0.0.1:8080"
@@ -39,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 from .config import SyncConfig
 from .config import checked_table as _checked
 from .errors import SyncConfigError
-from .groundtruth import LabelingJobSpec
+from .groundtruth import BATCH_ID_LENGTH, MAX_JOB_PREFIX, LabelingJobSpec, _name_part
 from .objectstore import join_prefix
 
 if TYPE_CHECKING:
@@ -104,6 +105,14 @@ def review_settings_from(cfg: SyncConfig, env: Mapping[str, str]) -> ReviewSetti
                                       "(or leave out [sync.review.groundtruth.job] and start jobs on the cloud side)")
             if cfg.target.kind != "s3":
                 raise SyncConfigError("sync.review.groundtruth.job: labeling jobs read S3; needs [sync.target] kind = 's3'")
+            prefix = job.get("job_prefix")
+            if prefix is not None and not 0 < len(_name_part(prefix)) <= MAX_JOB_PREFIX:
+                # A longer prefix would be cut (sync.groundtruth.job_name_for) and the jobs no
+                # longer be found in the console by it.
+                raise SyncConfigError(
+                    f"sync.review.groundtruth.job.job_prefix: expected 1 to {MAX_JOB_PREFIX} letters, digits or "
+                    f"hyphens (a labeling-job name is <job_prefix>-<batch id>, at most 63 characters, and a batch "
+                    f"id takes {BATCH_ID_LENGTH}), got {prefix!r}")
         output = gt_table.get("output_prefix", f"groundtruth/output/{cfg.appliance_id}").strip("/")
         if not output:
             raise SyncConfigError("sync.review.groundtruth.output_prefix: expected a key prefix, got ''")

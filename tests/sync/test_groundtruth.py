@@ -6,8 +6,10 @@ consolidation Lambda -> an output manifest in the store -> ``collect``.
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
+import re
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any, Sequence
@@ -15,14 +17,18 @@ from typing import Any, Sequence
 import pytest
 
 from gtworker import answer
-from review_contract import WIDTH, HEIGHT, ReviewBackendContract, assert_label, expected, image_id, record
-from service.keypoints import CABIN19_NAMES, COCO17_NAMES
-from sync.groundtruth import (OUTPUT_MANIFEST, GroundTruthBackend, LabelingJobSpec, ManifestError,
-                              create_labeling_job, job_name_for, label_category_config, manifest_line,
+from review_contract import (WIDTH, HEIGHT, ReviewBackendContract, assert_label, collect, expected, image_id,
+                             record)
+from service.keypoints import CABIN19_NAMES, COCO17_NAMES, OUTSIDE
+from sync import groundtruth_lambdas
+from sync.config import load_sync_config
+from sync.groundtruth import (MAX_JOB_PREFIX, OUTPUT_MANIFEST, GroundTruthBackend, LabelingJobSpec, ManifestError,
+                              consolidate, create_labeling_job, job_name_for, label_category_config, manifest_line,
                               parse_output_line, post_annotation_handler, pre_annotation_handler)
-from sync.errors import ConflictError, PermanentError, RetryableError
+from sync.errors import ConflictError, PermanentError, RetryableError, SyncConfigError
 from sync.objectstore import LocalFolderStore
-from sync.review import ReviewedPerson, ReviewItem
+from sync.review import ReviewedKeypoint, ReviewedPerson, ReviewItem
+from sync.review_settings import review_settings_from
 
 jinja2 = pytest.importorskip("jinja2", reason="the template test renders Liquid with jinja2 (test extra)")
 TEMPLATE = Path(__file__).resolve().parents[2] / "sync" / "templates" / "keypoints.liquid.html"
@@ -318,3 +324,134 @@ def test_bad_output_lines_are_refused_not_fatal(tmp_path: Path) -> None:
     harness.store.put(f"groundtruth/output/j/{OUTPUT_MANIFEST}", f"{json.dumps(bad)}\n\n{json.dumps(good)}\n".encode())
     assert [label.image_id for label in harness.backend.collect()] == ["good"]
     assert list(harness.backend.rejected) == [f"groundtruth/output/j/{OUTPUT_MANIFEST}:1"]
+
+
+def test_consolidation_lambda_runs_with_the_two_arguments_aws_passes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                     ) -> None:
+    """AWS Lambda calls ``handler(event, context)``: the deployed file reads the payload from S3
+    itself (boto3, the Lambda's role); a reader is only for tests."""
+    moto = pytest.importorskip("moto", reason="needs moto (the test extra)")
+    boto3 = pytest.importorskip("boto3")
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")  # the Lambda runtime sets it
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    content = answer([(10.0, 20.0, 50.0, 70.0)], [], CABIN19_NAMES)
+    payload = [{"datasetObjectId": "0", "dataObject": {"s3Uri": "s3://gt-bkt/edge/images/a.jpg"},
+                "annotations": [{"workerId": "w1", "annotationData": {"content": json.dumps(content)}}]}]
+    key = "edge/groundtruth/output/j/annotations/consolidated-annotation/consolidation-request/iteration-1/x.json"
+    event = {"version": "2018-10-16", "labelingJobArn": "arn:aws:sagemaker:eu-west-1:1:labeling-job/j",
+             "labelCategories": ["head"], "labelAttributeName": ATTRIBUTE, "roleArn": "arn:aws:iam::1:role/r",
+             "payload": {"s3Uri": f"s3://gt-bkt/{key}"}}
+    with moto.mock_aws():
+        s3 = boto3.client("s3", region_name="eu-west-1")
+        s3.create_bucket(Bucket="gt-bkt", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
+        s3.put_object(Bucket="gt-bkt", Key=key, Body=json.dumps(payload).encode())
+        (out,) = groundtruth_lambdas.post_annotation_handler(event, object())
+        with pytest.raises(s3.exceptions.NoSuchKey):  # a missing payload fails the invocation loudly
+            groundtruth_lambdas.post_annotation_handler({**event, "payload": {"s3Uri": "s3://gt-bkt/gone.json"}},
+                                                        object())
+    got = out["consolidatedAnnotation"]["content"][ATTRIBUTE]
+    assert out["datasetObjectId"] == "0" and got["workerId"] == "w1"
+    assert got["heads"] == [[10.0, 20.0, 50.0, 70.0]] and got["persons"] == [] and got["problems"] == []
+
+
+def test_points_placed_where_the_page_preset_outside_are_kept(tmp_path: Path) -> None:
+    """The template pre-checks "outside" for the points the model put outside and for every
+    point of the spare person. A worker who places such a point and leaves its radio alone has
+    put it in the picture: it comes back visible, and the spare person, placed without a box,
+    gets the extent of its points; each is noted in ``problems``."""
+    harness = GroundTruthHarness(tmp_path)
+    rec = record(persons=1)
+    item = harness.item(8, rec)
+    harness.backend.submit("b8", [item])
+    batch, line = harness._line(item)
+    task = pre_annotation_handler({"version": "2018-10-16", "labelingJobArn": "arn", "dataObject": line})
+    content = answer_from_page(Page(render(task["taskInput"])))
+    assert content["vis-1-right_eye-outside"] == content["vis-2-nose-outside"] == {"on": True}  # preset
+    content["points"]["keypoints"] += [{"label": "1 right_eye", "x": 55.0, "y": 66.0},
+                                       {"label": "2 nose", "x": 200.0, "y": 50.0},
+                                       {"label": "2 neck", "x": 210.0, "y": 90.0}]
+    assert sorted(consolidate(content)["problems"]) == [
+        "person 1 right_eye placed but marked outside; taken as visible",
+        "person 2 has no box; the extent of its points is used",
+        "person 2 neck placed but marked outside; taken as visible",
+        "person 2 nose placed but marked outside; taken as visible"]
+    harness._finish(batch, line, content)
+    label = collect(harness.backend)[item.image_id]
+    heads, (person,) = expected(rec)
+    kps = list(person.keypoints)
+    kps[CABIN19_NAMES.index("right_eye")] = ReviewedKeypoint(55.0, 66.0, "visible")
+    placed = {"nose": ReviewedKeypoint(200.0, 50.0, "visible"), "neck": ReviewedKeypoint(210.0, 90.0, "visible")}
+    spare = ReviewedPerson((200.0, 50.0, 210.0, 90.0),
+                           tuple(placed.get(n, ReviewedKeypoint(0.0, 0.0, OUTSIDE)) for n in CABIN19_NAMES))
+    assert_label(label, heads, [ReviewedPerson(person.box, tuple(kps)), spare], harness.tolerance)
+    # a person with neither box nor placed point is left out, and says so
+    nothing = consolidate({"vis-4-nose": "occluded"})
+    assert nothing["persons"] == [] and nothing["problems"] == [
+        "person 4 nose marked occluded but not placed; taken as outside",
+        "person 4 has no box and no placed point; left out"]
+
+
+class _SageMaker:
+    """CreateLabelingJob as AWS answers it: a job name in use -> ResourceInUse."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def create_labeling_job(self, **request: Any) -> dict[str, str]:
+        from botocore.exceptions import ClientError
+
+        name = request["LabelingJobName"]
+        if name in self.names:
+            raise ClientError({"Error": {"Code": "ResourceInUse", "Message": f"{name} exists"}}, "CreateLabelingJob")
+        self.names.append(name)
+        return {"LabelingJobArn": f"arn:aws:sagemaker:eu-west-1:1:labeling-job/{name}"}
+
+
+def test_each_batch_of_a_long_job_prefix_gets_its_own_labeling_job(tmp_path: Path) -> None:
+    """Job names are at most 63 characters; cutting ``<prefix>-<batch id>`` at the end removed
+    the batches' sequence numbers, so later batches got the name of the first, CreateLabelingJob
+    answered ResourceInUse ("exists already") and they were never labelled."""
+    pytest.importorskip("botocore")
+    prefix = "er-cabin-lab-frankfurt-main-hall-rack-0001"  # 42 characters
+    batches = ["20261124T100000Z-000001", "20261124T100000Z-000002"]
+    names = [job_name_for(prefix, b) for b in batches]
+    assert names[0] != names[1]
+    for name, batch in zip(names, batches):
+        assert name.startswith("er-cabin-lab-frankfurt") and name.endswith("-" + batch) and len(name) <= 63
+        assert re.fullmatch(r"[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}", name)
+    assert job_name_for(prefix[:-1] + "2", batches[0]) != names[0]  # another appliance, same batch id
+    # names that fit stay as they were
+    assert job_name_for("er-box-1", batches[0]) == "er-box-1-20261124T100000Z-000001"
+    assert job_name_for("er_box.1 ", batches[0]) == "er-box-1-20261124T100000Z-000001"
+    assert job_name_for("p" * MAX_JOB_PREFIX, batches[0]) == "p" * MAX_JOB_PREFIX + "-" + batches[0]
+    assert job_name_for("", batches[0]) == batches[0]
+    with pytest.raises(ValueError, match="valid name"):
+        job_name_for("edge", "__")
+    # through the backend: every batch starts a job of its own
+    client = _SageMaker()
+    harness = GroundTruthHarness(tmp_path)
+    backend = GroundTruthBackend(harness.store, job=dataclasses.replace(SPEC, job_prefix=prefix),
+                                 sagemaker_client=client)
+    for n, batch in enumerate(batches, start=1):
+        backend.submit(batch, [harness.item(n, record())])
+    assert client.names == names
+
+
+def test_a_job_prefix_that_cannot_keep_the_batch_id_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "annotator.toml"
+    base = ('[sync.target]\nkind = "s3"\nbucket = "bkt"\n[sync.review]\nkind = "groundtruth"\n'
+            '[sync.review.groundtruth.job]\nrole_arn = "arn:aws:iam::1:role/gt"\n'
+            'workteam_arn = "arn:aws:sagemaker:eu-west-1:1:workteam/private-crowd/x"\n'
+            'ui_template_s3_uri = "s3://bkt/t.html"\n')
+    for prefix in ("x" * (MAX_JOB_PREFIX + 1), "--"):
+        config.write_text(base + f'job_prefix = "{prefix}"\n')
+        with pytest.raises(SyncConfigError, match=rf"job\.job_prefix: expected 1 to {MAX_JOB_PREFIX} .*{prefix}"):
+            review_settings_from(load_sync_config(config, env={}), env={})
+    for text in (base + f'job_prefix = "{"x" * MAX_JOB_PREFIX}"\n', base):
+        config.write_text(text)
+        assert review_settings_from(load_sync_config(config, env={}), env={}).groundtruth is not None
