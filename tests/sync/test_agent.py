@@ -109,7 +109,12 @@ def test_config_defaults(tmp_path: Path) -> None:
 
 
 # -- the real process ----------------------------------------------------------------------
-def _config(tmp_path: Path, server: S3Server, bucket: str, batch_size: int = 3) -> Path:
+FAST_RETRIES = "poll_interval = 0.2\nretry_base = 0.05\nretry_cap = 0.5"
+
+
+def _config(tmp_path: Path, server: S3Server | None, bucket: str, batch_size: int = 3,
+            endpoint: str | None = None, retries: str = FAST_RETRIES) -> Path:
+    """The agent's TOML for the bucket at ``server`` (or at ``endpoint``, e.g. a refused port)."""
     path = tmp_path / "annotator.toml"
     path.write_text(f"""
 [store]
@@ -117,14 +122,12 @@ root = "store"
 [sync]
 appliance_id = "box-1"
 batch_size = {batch_size}
-poll_interval = 0.2
-retry_base = 0.05
-retry_cap = 0.5
+{retries}
 [sync.target]
 kind = "s3"
 bucket = "{bucket}"
 prefix = "edge"
-endpoint_url = "{server.endpoint_url}"
+endpoint_url = "{endpoint or server.endpoint_url}"
 region = "us-east-1"
 """)
     return path
@@ -346,22 +349,8 @@ def test_sigterm_while_the_target_is_unreachable_exits_0(tmp_path: Path) -> None
     """The real process: the first reachability check retries a refused endpoint when SIGTERM comes."""
     store, _, _ = fill_store(tmp_path / "store", review=1)
     store.close()
-    config = tmp_path / "annotator.toml"
-    config.write_text(f"""
-[store]
-root = "store"
-[sync]
-appliance_id = "box-1"
-poll_interval = 5
-retry_base = 2
-retry_cap = 5
-retry_attempts = 100
-[sync.target]
-kind = "s3"
-bucket = "edge"
-endpoint_url = "http://127.0.0.1:{free_port()}"
-region = "us-east-1"
-""")
+    config = _config(tmp_path, None, "edge", endpoint=f"http://127.0.0.1:{free_port()}",
+                     retries="poll_interval = 5\nretry_base = 2\nretry_cap = 5\nretry_attempts = 100")
     proc = _start(config)
     assert proc.stderr is not None
     guard = threading.Timer(60, proc.kill)  # a hang fails the test instead of blocking it
