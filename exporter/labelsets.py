@@ -82,7 +82,7 @@ def link_stems(entries: list[tuple[int, int]], images: Mapping[int, dict[str, An
         used.add(name)
         return name
 
-    for iid, copy in sorted(e for e in entries if e[1] == 0):  # originals first, so copies never push one aside
+    for iid, _ in sorted(e for e in entries if e[1] == 0):  # originals first, so copies never push one aside
         out[(iid, 0)] = claim(Path(images[iid]["file_name"]).stem, iid)
     for iid, copy in sorted(e for e in entries if e[1] > 0):
         out[(iid, copy)] = claim(f"{out[(iid, 0)]}__r{copy}", iid)
@@ -143,7 +143,8 @@ def derive_label_sets(
         eligible = list(images)
     val = split_ids(eligible, val_fraction, seed)[1]
     sources = propagation_sources(coco)
-    copies_of_val = {i for i, src in sources.items() if i in images and i not in val and src & set(val)}
+    val_set = set(val)
+    copies_of_val = {i for i, src in sources.items() if i in images and i not in val_set and src & val_set}
     train = sorted(set(images) - set(val) - copies_of_val)
     train = [iid for iid in train for _ in range(max(1, (repeats or {}).get(iid, 1)))]
     numbered = {split: _numbered(ids) for split, ids in (("train", train), ("val", val))}

@@ -279,11 +279,6 @@ def train_args(cfg: TrainConfig, role: str, data_yaml: Path,
     return model_arg, args
 
 
-def dataset_version(annotations: Path) -> str:
-    """Content hash of the dataset manifest (the COCO json)."""
-    return "sha256:" + hashlib.sha256(annotations.read_bytes()).hexdigest()[:16]
-
-
 def _code_version() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -298,8 +293,7 @@ def _val_subset(coco: dict[str, Any], sets: LabelSets, images_dir: Path) -> tupl
     names may repeat across folders (``camA/0002.jpg``, ``camB/0002.jpg``)."""
     val_ids = set(sets.val_ids)
     images = [im for im in coco["images"] if im["id"] in val_ids]
-    ids = {im["id"] for im in images}
-    sub = {**coco, "images": images, "annotations": [a for a in coco["annotations"] if a["image_id"] in ids]}
+    sub = {**coco, "images": images, "annotations": [a for a in coco["annotations"] if a["image_id"] in val_ids]}
     return sub, [images_dir / im["file_name"] for im in images]
 
 
@@ -368,10 +362,11 @@ def bundle_lineage(cfg: TrainConfig, coco: dict[str, Any], sets: LabelSets, mix_
     parent = None
     if cfg.init not in ("pretrained", "scratch") and (Path(cfg.init) / "bundle.json").is_file():
         parent = json.loads((Path(cfg.init) / "bundle.json").read_text()).get("id")
+    digest = sha256_file(cfg.annotations)
+    short = "sha256:" + digest[:16]  # the json's content hash, short: the version of a plain COCO dataset
     return {
-        "dataset": {"version": dataset_version_of(coco, dataset_version(cfg.annotations)),
-                    "file_sha256": dataset_version(cfg.annotations),
-                    "annotations_sha256": "sha256:" + sha256_file(cfg.annotations),
+        "dataset": {"version": dataset_version_of(coco, short), "file_sha256": short,
+                    "annotations_sha256": "sha256:" + digest,
                     "holdout_included": holdout_included, "annotations": str(cfg.annotations),
                     "train_images": sets.train_images, "val_images": sets.val_images, "mix": mix_summary},
         "parent_bundle": parent,

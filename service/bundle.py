@@ -216,8 +216,6 @@ def parse_manifest(path: Path, data: Mapping[str, Any]) -> Bundle:
         raise BundleError(f"{path}: bundle.json must hold a JSON object, got {type(data).__name__}")
     try:
         return _parse_manifest(path, data)
-    except BundleError:
-        raise
     except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
         raise BundleError(f"{path}: bundle.json is malformed ({type(exc).__name__}: {exc})") from exc
 

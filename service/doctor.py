@@ -99,17 +99,14 @@ def load_for_doctor(path: Path | None, env: Mapping[str, str]) -> tuple[Any, dic
 
 
 def check_sync(path: Path | None, env: Mapping[str, str]) -> Check:
-    """``[sync]`` validated by the sync agent's own code, in the order ``sync.agent.build_agent``
-    runs it before it opens anything: the ``[sync]`` and ``[sync.target]`` keys, ``[sync.review]``
-    (the Label Studio token from ``env`` first), ``[sync.dataset]`` / ``[sync.models]`` and
-    ``[sync.training]``. Service only checks that ``[sync]`` is a table; without this, a typo or
+    """``[sync]`` validated by the sync agent's own code, as ``sync.agent.build_agent`` does
+    before it opens anything: the ``[sync]`` and ``[sync.target]`` keys, then
+    ``sync.agent.validated_settings``. Service only checks that ``[sync]`` is a table; without this, a typo or
     a missing token passed here and ``annotator sync`` exited 2 at every start under systemd."""
     try:
-        from sync.agent import _training_settings
+        from sync.agent import validated_settings
         from sync.config import load_sync_config
         from sync.errors import SyncError
-        from sync.pull_settings import settings_from
-        from sync.review_settings import review_settings_from
     except ModuleNotFoundError as exc:
         if not (exc.name or "").startswith("sync"):
             raise
@@ -117,8 +114,7 @@ def check_sync(path: Path | None, env: Mapping[str, str]) -> Check:
                      "install the whole edge-annotator package, or remove [sync] from the file")
     try:
         cfg = load_sync_config(path, env)
-        review = review_settings_from(cfg, env)
-        _training_settings(cfg, settings_from(cfg.store_root, cfg.tables, cfg.base))
+        review = validated_settings(cfg, env)[0]
     except SyncError as exc:
         advice = ("set ANNOTATOR_LABEL_STUDIO_TOKEN in /etc/annotator/annotator.env (the units read it; run doctor "
                   "with it set too)" if ".token" in str(exc) else "fix that key in the file")

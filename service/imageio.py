@@ -272,9 +272,7 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, max_side_hint: int |
     if width * height > max_pixels:
         raise ImageTooLarge(f"image has {width}x{height} = {width * height} pixels, "
                             f"more than the limit of {max_pixels}")
-    if reduce_by > 1:
-        return DecodedImage(np.ascontiguousarray(pixels), int(width), int(height), 1.0 / reduce_by, reduce_by)
-    return DecodedImage(np.ascontiguousarray(pixels), int(width), int(height), pixels.shape[1] / width)
+    return DecodedImage(np.ascontiguousarray(pixels), int(width), int(height), 1.0 / reduce_by, reduce_by)
 
 
 def _reduced_original(shape: tuple[int, ...], w: int, h: int, f: int, orientation: int) -> tuple[int, int]:

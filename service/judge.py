@@ -96,7 +96,7 @@ class Judgement:
     audit: bool
     counters: tuple[str, ...] = ()  # budget counters the completion must add one to (not in to_json)
     doubt: float | None = None  # the ranking's tie-break (total_doubt), with judge.review_share only
-    remembered: tuple[str, str, int] | None = None  # (camera, image id, dHash) this review put in NearDuplicate
+    remembered: tuple[str, int, str] | None = None  # (camera, dHash, image id) this review put in NearDuplicate
 
     def __post_init__(self) -> None:
         if self.decision not in DECISIONS:
@@ -147,10 +147,9 @@ class NearDuplicate:
         self._recent: dict[str, collections.deque[tuple[str | None, int]]] = {}  # (image id, dHash)
         self._lock = threading.Lock()
 
-    def distance(self, camera: str, pixels: np.ndarray, image_id: str | None = None) -> int | None:
-        """Hamming distance to the nearest remembered review frame of the camera (None: none yet),
-        other than those of ``image_id``."""
-        return self.hash_distance(camera, dhash(pixels), image_id)
+    def distance(self, camera: str, pixels: np.ndarray) -> int | None:
+        """Hamming distance to the nearest remembered review frame of the camera (None: none yet)."""
+        return self.hash_distance(camera, dhash(pixels))
 
     def hash_distance(self, camera: str, h: int, image_id: str | None = None) -> int | None:
         """``distance`` for a frame whose dHash is already known."""
@@ -158,8 +157,8 @@ class NearDuplicate:
             recent = tuple(self._recent.get(camera, ()))
         return min((bin(r ^ h).count("1") for i, r in recent if i is None or i != image_id), default=None)
 
-    def is_duplicate(self, camera: str, pixels: np.ndarray, image_id: str | None = None) -> bool:
-        return self.is_near(camera, dhash(pixels), image_id)
+    def is_duplicate(self, camera: str, pixels: np.ndarray) -> bool:
+        return self.is_near(camera, dhash(pixels))
 
     def is_near(self, camera: str, h: int, image_id: str | None = None) -> bool:
         """``is_duplicate`` for a frame whose dHash is already known."""
@@ -342,7 +341,7 @@ class Judge:
         hold back the frames that follow it (the image's own retry is exempt anyway).
         """
         if not committed and judgement.remembered is not None and self.dedup is not None:
-            self.dedup.forget_hash(judgement.remembered[0], judgement.remembered[2], judgement.remembered[1])
+            self.dedup.forget_hash(*judgement.remembered)
         if not judgement.counters:
             return
         with self._lock:
@@ -389,7 +388,7 @@ class Judge:
         remembered = None
         if use_dedup:  # now, so that a near duplicate later in the same batch is held back
             self.dedup.remember_hash(camera, frame_hash, image_id)  # type: ignore[union-attr, arg-type]
-            remembered = (camera, image_id, frame_hash)
+            remembered = (camera, frame_hash, image_id)
         return Judgement(score, tuple(reasons), "review", audit, counters, doubt=doubt,
                          remembered=remembered)  # type: ignore[arg-type]
 

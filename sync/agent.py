@@ -185,6 +185,20 @@ class Agent:
         self.closers.clear()
 
 
+def validated_settings(cfg: SyncConfig, env: Mapping[str, str] = os.environ) -> tuple[Any, Any, Any]:
+    """(review, pull, training) settings of ``cfg``: ``[sync.review]`` (the Label Studio token
+    from ``env`` first), ``[sync.dataset]`` / ``[sync.models]`` with the daemon's token and TLS,
+    and ``[sync.training]`` (None when absent), validated in that order before anything is
+    opened. ``build_agent`` starts from them; ``annotator doctor`` runs them as its sync check."""
+    from .pull_settings import settings_from
+    from .review_settings import review_settings_from
+
+    review = review_settings_from(cfg, env)
+    pull = dataclasses.replace(settings_from(cfg.store_root, cfg.tables, cfg.base),
+                               daemon_token=cfg.daemon_token, daemon_tls=cfg.daemon_tls)
+    return review, pull, _training_settings(cfg, pull)
+
+
 def build_agent(cfg: SyncConfig, extra_tasks: Sequence[Task] = (), env: Mapping[str, str] = os.environ,
                 metrics: MetricsRecorder | None = None) -> Agent:
     """The agent for a ``SyncConfig``: upload, review-submit, merge, models (see the module
@@ -193,13 +207,10 @@ def build_agent(cfg: SyncConfig, extra_tasks: Sequence[Task] = (), env: Mapping[
 
     from .backoff import RetryPolicy
     from .config import open_target
-    from .pull_settings import settings_from
-    from .review_settings import open_review_backend, review_settings_from
+    from .review_settings import open_review_backend
     from .uploader import Uploader, UploadSettings
 
-    review = review_settings_from(cfg, env)
-    pull = settings_from(cfg.store_root, cfg.tables, cfg.base)
-    training = _training_settings(cfg, pull)
+    review, pull, training = validated_settings(cfg, env)
     if pull.daemon is None:
         pull = dataclasses.replace(pull, daemon=cfg.daemon_address)
     settings = UploadSettings(cfg.appliance_id, cfg.batch_size, cfg.max_side, cfg.jpeg_quality,
@@ -276,7 +287,7 @@ def _training_task(settings: Any, store: Any, pull: Any, agent: Agent) -> Task:
 
 def _model_tasks(pull: Any, cfg: SyncConfig, agent: Agent) -> list[Task]:
     """The model-pull task, when ``[sync.models]`` names a registry; reloads via the daemon's gRPC."""
-    from .models import ModelPullTask, grpc_reload_fn
+    from .models import ModelPullTask
     from .models_cli import build_puller
 
     if pull.registry is None:
@@ -285,8 +296,7 @@ def _model_tasks(pull: Any, cfg: SyncConfig, agent: Agent) -> list[Task]:
     puller, closing = build_puller(pull)
     agent.closers += [c.close for c in closing]
     puller.registry.progress = agent.beat  # a long download feeds the watchdog per file
-    if pull.daemon:
-        puller.reload_fn = grpc_reload_fn(pull.daemon, token=cfg.daemon_token, tls=cfg.daemon_tls)
+    if pull.daemon:  # build_puller's reload_fn carries the daemon's token and TLS (pull's)
         log.info("model pull from %s every %.0f s; reload via the daemon at %s", pull.registry.kind,
                  pull.poll_interval, pull.daemon)
     return [Every(ModelPullTask(puller), pull.poll_interval)]

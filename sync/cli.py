@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from .errors import PermanentError, Stopped, SyncConfigError
+from .errors import PermanentError, SyncConfigError
 
 if TYPE_CHECKING:
     from service.systemd import Notifier
@@ -67,8 +67,6 @@ def cmd_sync(args: argparse.Namespace) -> int:
         if args.once and agent.last_error is not None and not agent.stop.is_set():
             sys.stderr.write(f"annotator sync: work left for later: {agent.last_error}\n")
             return 1
-    except Stopped as exc:  # the agent takes these itself; a stop is never a failure for systemd
-        log.info("stopped: %s", exc)
     except (SyncConfigError, PermanentError) as exc:
         sys.stderr.write(f"annotator sync: {exc}\n")
         return 2

@@ -26,7 +26,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from service.keypoints import CABIN19_NAMES, OUTSIDE
 
-from .errors import ConflictError, PermanentError, RetryableError
+from .errors import ConflictError, PermanentError
 from .groundtruth_lambdas import consolidate, post_annotation_handler, pre_annotation_handler, task_input
 from .objectstore import ObjectStore
 from .review import HEADS, PERSONS, ReviewedKeypoint, ReviewedLabel, ReviewedPerson, ReviewItem, labels_differ
@@ -175,7 +175,7 @@ def create_labeling_job(sagemaker_client: Any, job_name: str, manifest_s3_uri: s
     botocore errors are wrapped: throttling, HTTP 5xx/429 and connection trouble -> ``RetryableError``;
     a request the service model refuses, and any other service error -> ``PermanentError``.
     """
-    from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
+    from botocore.exceptions import ClientError
 
     human: dict[str, Any] = {
         "WorkteamArn": spec.workteam_arn, "UiConfig": {"UiTemplateS3Uri": spec.ui_template_s3_uri},
@@ -197,19 +197,13 @@ def create_labeling_job(sagemaker_client: Any, job_name: str, manifest_s3_uri: s
         request["LabelCategoryConfigS3Uri"] = spec.label_category_config_s3_uri
     try:
         arn = sagemaker_client.create_labeling_job(**request)["LabelingJobArn"]
-    except ClientError as exc:
-        code = exc.response.get("Error", {}).get("Code", "")
-        if code == "ResourceInUse":
+    except Exception as exc:  # botocore errors, sorted as for S3 (5xx, 429, throttling: retryable)
+        if isinstance(exc, ClientError) and exc.response.get("Error", {}).get("Code", "") == "ResourceInUse":
             log.info("labeling job %s exists already", job_name)
             return None
-        status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)  # 5xx: InternalFailure...
-        transient = status >= 500 or status == 429 or "Throttl" in code or code == "ServiceUnavailable"
-        kind = RetryableError if transient else PermanentError
-        raise kind(f"CreateLabelingJob {job_name}: {code}: {exc.response.get('Error', {}).get('Message', '')}") from exc
-    except ParamValidationError as exc:  # the service model refuses the request: fix the spec
-        raise PermanentError(f"CreateLabelingJob {job_name}: {exc}") from exc
-    except BotoCoreError as exc:  # connection trouble
-        raise RetryableError(f"CreateLabelingJob {job_name}: {exc}") from exc
+        from .s3store import wrap_boto_error
+
+        raise wrap_boto_error(exc, "sagemaker", f"CreateLabelingJob {job_name}") from exc
     log.info("started labeling job %s", job_name)
     return str(arn)
 

@@ -129,8 +129,7 @@ class Journal:
     def items(self, batch_id: str, state: str | None = None) -> list[Item]:
         sql = "SELECT * FROM items WHERE batch_id=?" + (" AND state=?" if state else "") + " ORDER BY position"
         rows = self._conn().execute(sql, (batch_id, state) if state else (batch_id,))
-        return [Item(r["image_id"], r["batch_id"], r["position"], r["state"], r["image_key"], r["pre_key"], r["line"])
-                for r in rows]
+        return [_item(r) for r in rows]
 
     def item_sent(self, image_id: str, image_key: str, pre_key: str, line: str) -> None:
         with self.transaction() as db:
@@ -170,8 +169,7 @@ class Journal:
             rows = self._conn().execute(
                 f"SELECT i.* FROM items i JOIN submissions s ON s.batch_id = i.batch_id AND s.backend = ? "
                 f"WHERE i.state = 'marked' AND i.image_id IN ({marks})", (backend, *chunk))
-            out += [Item(r["image_id"], r["batch_id"], r["position"], r["state"], r["image_key"], r["pre_key"],
-                         r["line"]) for r in rows]
+            out += [_item(r) for r in rows]
         return out
 
     def submissions(self, backend: str | None = None) -> list[tuple[str, str, int]]:
@@ -187,3 +185,7 @@ class Journal:
 
 def _batch(r: sqlite3.Row) -> Batch:
     return Batch(r["batch_id"], r["seq"], r["state"], r["manifest_key"], r["manifest_sha256"])
+
+
+def _item(r: sqlite3.Row) -> Item:
+    return Item(r["image_id"], r["batch_id"], r["position"], r["state"], r["image_key"], r["pre_key"], r["line"])

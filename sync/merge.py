@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from service.keypoints import FLAG_VISIBILITY, VISIBILITY_FLAG
+from service.outputs import iter_rows
 from service.store import AUTO_ACCEPTED, REVIEWED, UPLOADED, ImageRow, Store
 
 from .dataset import REVIEWED as HUMAN, Dataset, DatasetVersion, canonical_label
@@ -217,12 +218,8 @@ class Merger:
         added = 0
         seq = self.dataset.meta("auto_seq")
         if seq is None:
-            start, cursor = self.store.last_transition(), None
-            while True:
-                rows, cursor = self.store.list(state=AUTO_ACCEPTED, limit=page, after=cursor)
-                added += self._put_auto(rows)
-                if cursor is None:
-                    break
+            start = self.store.last_transition()
+            added += self._put_auto(iter_rows(self.store, (AUTO_ACCEPTED,), page))
             self.dataset.meta("auto_seq", str(start))
             seq = str(start)
         after = int(seq)

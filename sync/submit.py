@@ -32,6 +32,7 @@ from collections import defaultdict
 from typing import Any, Callable, Sequence
 
 from service.errors import ImageNotFound
+from service.outputs import iter_rows
 from service.store import UPLOADED, Store
 
 from .errors import PermanentError, RetryableError
@@ -109,13 +110,7 @@ class ReviewSubmitTask:
     def reconcile(self) -> int:
         """Submit again the ``uploaded`` images of submitted batches that the backend reports
         missing (see the module doc); how many were submitted."""
-        waiting: list[str] = []
-        cursor = None
-        while True:
-            rows, cursor = self.store.list(state=UPLOADED, limit=1000, after=cursor)
-            waiting += [r.image_id for r in rows]
-            if cursor is None:
-                break
+        waiting = [r.image_id for r in iter_rows(self.store, (UPLOADED,), 1000)]
         sent = self.journal.submitted_items(self.backend.name, waiting)
         lost = self.backend.missing([i.image_id for i in sent]) if sent else set()  # type: ignore[attr-defined]
         by_batch: dict[str, list[Item]] = defaultdict(list)

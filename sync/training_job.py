@@ -282,7 +282,7 @@ class TrainingJobTask:
         with tempfile.TemporaryDirectory(prefix="training-artifact-", dir=self.state_path.parent) as tmp:
             try:
                 bundle_dir = self.trainer.fetch_bundle(artifact, Path(tmp))
-            except (BundleContentError, BundleError) as exc:
+            except BundleContentError as exc:  # fetch_bundle sorts BundleError there too
                 # The artifact's content, not the access to it: refuse it and let the agent go on
                 # (credential and bucket errors, other PermanentErrors, still stop it; module doc).
                 log.error("training job %s: model artifact refused, nothing published: %s", state["job"], exc)

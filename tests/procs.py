@@ -7,7 +7,8 @@ Importable by every test module (``tests/`` is on ``sys.path`` through the root 
   ``PYTHONPATH`` set to it, no ``ANNOTATOR_CONFIG`` inherited, and optionally the credentials of
   a loopback S3 server (with every other AWS source switched off);
 - ``start_serve``: ``annotator serve --config F`` with its output appended to a log file;
-- ``wait_for``: poll a condition while the process lives, failing with the log's tail.
+- ``wait_for``: poll a condition while the process lives, failing with the log's tail;
+- ``FakeClock``: a clock (store, drop folder, agent) that moves only when the test moves it.
 """
 from __future__ import annotations
 
@@ -57,3 +58,14 @@ def wait_for(cond: Callable[[], bool], proc: subprocess.Popen[bytes], log: Path,
             raise AssertionError(f"annotator serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         assert time.monotonic() < deadline, f"timed out; serve log:\n{log.read_text()[-3000:]}"
         time.sleep(poll)
+
+
+class FakeClock:
+    """A clock that moves only when the test moves it (``clock.t += seconds``); epoch seconds or
+    monotonic ones, as the test starts it."""
+
+    def __init__(self, t: float = 1_000_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import pytest
 
+from procs import FakeClock
 from service.daemon import Daemon
 from service.dropfolder import PROCESSED, QUARANTINE
 from service.errors import BundleError, ImageError, ShuttingDown
@@ -317,22 +318,12 @@ def test_review_share_through_the_daemon_and_a_restart(make_config: Callable[...
         again.close()
 
 
-class _Clock:
-    """The store's clock, moved by hand (epoch seconds); leases are judged by it alone."""
-
-    def __init__(self) -> None:
-        self.t = time.time()
-
-    def __call__(self) -> float:
-        return self.t
-
-
 def test_a_batch_slower_than_its_lease_keeps_it(make_config: Callable[..., Any],
                                                 small_jpeg: Callable[[int], bytes]) -> None:
     """Inference and finishing together take longer than ``store.lease_seconds`` (5 s here): the
     batch renews its leases as it goes, so no other worker takes its images over meanwhile."""
     daemon = Daemon(make_config())  # not started: the workers are driven by hand
-    clock = daemon.store.clock = _Clock()  # type: ignore[method-assign]
+    clock = daemon.store.clock = FakeClock(time.time())  # type: ignore[method-assign]
     try:
         futures = [daemon.submit(small_jpeg(60 + i), f"test:{i}") for i in range(2)]
         real = daemon._engine.predict
@@ -361,7 +352,7 @@ def test_a_lost_lease_leaves_the_waiters_to_the_new_owner(make_config: Callable[
     new owner's completion answers them, with its annotation. The new owner judges the image
     afresh: not a near duplicate of the first worker's uncommitted verdict on the same image."""
     daemon = Daemon(make_config(judge__audit_fraction=1.0, judge__near_duplicate=True))
-    clock = daemon.store.clock = _Clock()  # type: ignore[method-assign]
+    clock = daemon.store.clock = FakeClock(time.time())  # type: ignore[method-assign]
     try:
         fut = daemon.submit(photo_variants(1)[0], "grpc:cam1", {"camera": "cam1"})
         a = daemon._predict("w-A", daemon.store.claim("w-A", 4))
@@ -387,7 +378,7 @@ def test_a_lost_lease_taken_over_by_another_process_answers_the_waiters(make_con
 
     cfg = make_config()
     daemon = Daemon(cfg, workers=1)
-    clock = daemon.store.clock = _Clock()  # type: ignore[method-assign]
+    clock = daemon.store.clock = FakeClock(time.time())  # type: ignore[method-assign]
     other = Store(Path(cfg.store.root), lease_seconds=5.0, clock=clock)
     try:
         fut = daemon.submit(small_jpeg(70), "test:x")
@@ -413,7 +404,7 @@ def test_an_image_that_crashes_its_worker_fails_alone_and_is_quarantined(
     ``max_attempts`` claims through the daemon's failure path (quarantine copy and reason,
     waiters answered, "failed" counted), and the others are annotated."""
     daemon = Daemon(make_config(), workers=1)
-    clock = daemon.store.clock = _Clock()  # type: ignore[method-assign]
+    clock = daemon.store.clock = FakeClock(time.time())  # type: ignore[method-assign]
     real = daemon._engine.predict
 
     def crashes(decoded: Any) -> Any:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import service.dropfolder as dropfolder
+from procs import FakeClock
 from service.dropfolder import PROCESSED, QUARANTINE, DropFolder, is_temporary, write_quarantine
 from service.errors import StoreFull
 from service.imageio import DecodedImage
@@ -146,18 +147,8 @@ def test_processed_modes(tmp_path: Path, mode: str) -> None:
     assert not (drop.root / PROCESSED).exists()
 
 
-class Clock:
-    """A monotonic clock that moves only when the test says so."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_store_full_leaves_the_file_for_later(tmp_path: Path) -> None:
-    sink, clock = Sink(), Clock()
+    sink, clock = Sink(), FakeClock(1000.0)
     sink.full = True
     drop = _folder(tmp_path, sink, clock=clock)
     (drop.root / "a.jpg").write_bytes(_jpeg(5))
@@ -165,7 +156,7 @@ def test_store_full_leaves_the_file_for_later(tmp_path: Path) -> None:
     assert (drop.root / "a.jpg").exists() and not (drop.root / QUARANTINE).exists()
     sink.full = False
     assert drop.scan_once() == 0  # held for pause_retry_seconds after the refusal
-    clock.now += dropfolder.PAUSE_RETRY_SECONDS
+    clock.t += dropfolder.PAUSE_RETRY_SECONDS
     assert drop.scan_once(full=False) == 1  # remembered: no full walk needed
 
 
@@ -277,7 +268,7 @@ def test_store_full_decodes_nothing_while_paused(tmp_path: Path, monkeypatch: py
     them. Now the first refusal ends the scan and nothing is decoded until the store takes
     images again (the probe says so, after the hold)."""
     decodes = _count_decodes(monkeypatch)
-    sink, clock = Sink(), Clock()
+    sink, clock = Sink(), FakeClock(1000.0)
     reason: list[str | None] = [None]
     drop = _folder(tmp_path, sink, clock=clock, paused=lambda: reason[0])
     _old_files(drop.root, [f"f{i:02d}.jpg".encode() for i in range(20)])
@@ -286,7 +277,7 @@ def test_store_full_decodes_nothing_while_paused(tmp_path: Path, monkeypatch: py
     for _ in range(5):
         assert drop.scan_once() == 0
     assert len(decodes) == 1  # held: not even the probe is asked
-    clock.now += dropfolder.PAUSE_RETRY_SECONDS
+    clock.t += dropfolder.PAUSE_RETRY_SECONDS
     reason[0] = "free disk space 1 MB below the floor of 100 MB"
     for _ in range(5):
         assert drop.scan_once() == 0
@@ -312,7 +303,7 @@ def test_paused_at_start_owes_the_full_walk(tmp_path: Path, monkeypatch: pytest.
     OSError(errno.EDQUOT, "Disk quota exceeded"),
 ])
 def test_no_space_while_ingesting_is_store_full(tmp_path: Path, disk_full: Exception) -> None:
-    sink, clock = Sink(), Clock()
+    sink, clock = Sink(), FakeClock(1000.0)
     calls: list[str] = []
 
     def full(data: bytes, source: str, meta: dict, decoded: DecodedImage) -> None:
@@ -328,7 +319,7 @@ def test_no_space_while_ingesting_is_store_full(tmp_path: Path, disk_full: Excep
     assert drop.scan_once() == 0 and len(calls) == 1  # held
     assert not (drop.root / QUARANTINE).exists() and (drop.root / "a.jpg").exists()
     drop.sink = sink
-    clock.now += dropfolder.PAUSE_RETRY_SECONDS
+    clock.t += dropfolder.PAUSE_RETRY_SECONDS
     assert drop.scan_once() == 3
 
 

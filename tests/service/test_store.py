@@ -7,17 +7,8 @@ from pathlib import Path
 import pytest
 
 from service.errors import ImageNotFound, LeaseLost, StoreFull
+from procs import FakeClock
 from service.store import STATES, Store, image_id_of
-
-
-class FakeClock:
-    """A clock the test moves by hand (seconds since the epoch)."""
-
-    def __init__(self, t: float = 1_000_000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def _img(n: int) -> bytes:

@@ -21,7 +21,7 @@ from sync.errors import PermanentError, RetryableError, Stopped, SyncConfigError
 from sync.objectstore import LocalFolderStore
 from sync.uploader import Uploader, UploadSettings
 
-from procs import command_env
+from procs import FakeClock, command_env
 from reviewdata import fill_store
 from s3servers import ACCESS_KEY, SECRET_KEY, S3Server, free_port
 
@@ -196,16 +196,6 @@ def test_missing_bucket_exits_2_with_one_line(moto_server: S3Server, tmp_path: P
 
 
 # -- a stop during a retry wait, faults of one task, the watchdog ---------------------------
-class FakeClock:
-    """Monotonic seconds that move only when a test moves them."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 class Broken:
     """A task with a bug: every call raises ``error``."""
 
@@ -254,7 +244,7 @@ def test_stopped_from_any_task_ends_the_run_cleanly() -> None:
 
 
 def test_an_unexpected_error_skips_only_that_task_for_a_growing_backoff(caplog: pytest.LogCaptureFixture) -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     broken, other = Broken(TypeError("'NoneType' object is not subscriptable")), Steps(100)
     agent = Agent([broken, other], poll_interval=10, clock=clock, fault_base=30, fault_cap=100)
     with caplog.at_level(logging.ERROR, logger="sync.agent"):
@@ -264,7 +254,7 @@ def test_an_unexpected_error_skips_only_that_task_for_a_growing_backoff(caplog: 
     assert [r for r in caplog.records if r.exc_info and r.exc_info[1] is broken.error]  # logged with its traceback
     calls = []
     for step in (29, 1, 59, 1, 99, 1, 99, 1):  # due after 30, 60, then the cap (100) twice
-        clock.now += step
+        clock.t += step
         agent.run_pass()
         calls.append(broken.calls)
         assert agent.last_error is not None  # its work is still left: `--once` exits 1, STATUS says why
@@ -273,11 +263,11 @@ def test_an_unexpected_error_skips_only_that_task_for_a_growing_backoff(caplog: 
 
 
 def test_a_task_that_works_again_is_called_every_pass_again() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     flaky = Steps(5, KeyError("width"))
     agent = Agent([flaky], poll_interval=10, clock=clock, fault_base=30)
     assert not agent.run_pass() and flaky.calls == 1
-    clock.now += 30
+    clock.t += 30
     assert agent.run_pass() and agent.last_error is None
     assert agent.run_pass() and flaky.calls == 3  # no backoff left from the earlier fault
 
@@ -296,7 +286,7 @@ def test_once_ends_with_work_left_after_an_unexpected_error_and_permanent_errors
 def test_progress_keeps_the_watchdog_fed_and_a_task_without_progress_fails_it() -> None:
     """A 50-image batch on a slow uplink outlasted the 900 s limit with the heartbeat moving only
     between tasks: systemd killed a healthy agent mid-batch, over and over."""
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     seen: list[bool] = []
 
     class SlowUpload:
@@ -304,12 +294,12 @@ def test_progress_keeps_the_watchdog_fed_and_a_task_without_progress_fails_it() 
 
         def run_once(self) -> bool:
             for _ in range(4):  # four objects of 600 s each: 40 minutes in one call
-                clock.now += 600
+                clock.t += 600
                 seen.append(agent.healthy())
                 agent.beat()  # what the uploader's progress hook does per object
-            clock.now += 899
+            clock.t += 899
             seen.append(agent.healthy())
-            clock.now += 2  # 901 s without progress
+            clock.t += 2  # 901 s without progress
             seen.append(agent.healthy())
             return False
 
