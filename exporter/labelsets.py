@@ -22,7 +22,7 @@ import numpy as np
 
 from service.keypoints import KeypointSchema
 
-from .mix import propagation_sources
+from .mix import image_key, propagation_sources, unit_draw
 
 ROLES = ("head", "pose_main", "pose_visible")
 
@@ -52,15 +52,33 @@ def coco_schema(coco: dict[str, Any]) -> tuple[KeypointSchema, int, int | None]:
     return KeypointSchema.for_names(person["keypoints"]), int(person["id"]), head
 
 
-def split_ids(image_ids: list[int], val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
-    """Deterministic train/val split of image ids."""
-    rng = np.random.default_rng(seed)
+def split_ids(image_ids: list[int], val_fraction: float, seed: int = 0,
+              keys: Mapping[int, str] | None = None) -> tuple[list[int], list[int]]:
+    """Deterministic train/val split of image ids.
+
+    ``keys`` (image id -> a stable key, ``exporter.mix.image_key``): an image validates when its
+    own seeded draw falls below ``val_fraction``, whatever else the dataset holds. A dataset that
+    grows between trainings keeps its validation images, and an image that trained the parent
+    bundle (a warm start) never validates the child, which would flatter the checkpoint choice and
+    the calibrated thresholds. The count is about ``n * f`` (a binomial draw); a set where no draw
+    falls below validates on its lowest draw, and one image always trains.
+    Without ``keys``: a seeded permutation of the ids, exactly ``round(n * f)`` validate."""
     ids = sorted(image_ids)
-    order = rng.permutation(len(ids))
-    n_val = max(1, int(round(len(ids) * val_fraction))) if len(ids) > 1 else 0
-    val = sorted(ids[i] for i in order[:n_val])
-    train = sorted(ids[i] for i in order[n_val:])
-    return train, val
+    if len(ids) < 2:
+        return ids, []
+    if keys is None:
+        order = np.random.default_rng(seed).permutation(len(ids))
+        n_val = max(1, int(round(len(ids) * val_fraction)))
+        chosen = {ids[i] for i in order[:n_val]}
+    else:
+        draws = {i: unit_draw(f"val:{keys[i]}", seed) for i in ids}
+        by_draw = sorted(ids, key=lambda i: (draws[i], i))
+        chosen = {i for i in ids if draws[i] < val_fraction}
+        if not chosen:
+            chosen = set(by_draw[:1])
+        if len(chosen) > len(ids) - 1:
+            chosen = set(by_draw[:len(ids) - 1])
+    return [i for i in ids if i not in chosen], [i for i in ids if i in chosen]
 
 
 def link_stems(entries: list[tuple[int, int]], images: Mapping[int, dict[str, Any]]) -> dict[tuple[int, int], str]:
@@ -141,7 +159,7 @@ def derive_label_sets(
     eligible = [i for i in images if val_from is None or i in val_from]
     if len(eligible) < 2:
         eligible = list(images)
-    val = split_ids(eligible, val_fraction, seed)[1]
+    val = split_ids(eligible, val_fraction, seed, {i: image_key(images[i]) for i in eligible})[1]
     sources = propagation_sources(coco)
     val_set = set(val)
     copies_of_val = {i for i, src in sources.items() if i in images and i not in val_set and src & val_set}

@@ -100,3 +100,45 @@ def test_repeated_copies_and_unique_names_keep_their_names() -> None:
         (1, 0): "x", (2, 0): "y", (2, 1): "y__r1", (2, 2): "y__r2"}
     # a copy never pushes an image out of its own name
     assert link_stems([(1, 0), (1, 1), (3, 0)], images) == {(1, 0): "x", (3, 0): "x__r1", (1, 1): "x__r1__id1"}
+
+
+def test_split_by_key_keeps_its_members_as_the_dataset_grows() -> None:
+    """Membership follows each image's own key: the ids an export numbers 1.. do not matter, an
+    image that trained the parent bundle never validates the child, and the parent's validation
+    images stay there."""
+    keys = {i: f"sha-{i:04d}" for i in range(200)}
+    tr1, va1 = split_ids(list(range(100)), 0.1, seed=0, keys=keys)
+    tr2, va2 = split_ids(list(range(200)), 0.1, seed=0, keys=keys)
+    assert not set(tr1) & set(va2) and set(va1) <= set(va2)
+    renumbered = {i + 500: keys[i] for i in range(100)}
+    assert split_ids(list(renumbered), 0.1, seed=0, keys=renumbered)[1] == [i + 500 for i in va1]
+    assert 3 <= len(va2) <= 40 and sorted(tr2 + va2) == list(range(200))
+    # A set too small for the draw still validates on one image and trains on one.
+    for n in (2, 3, 5):
+        tr, va = split_ids(list(range(n)), 0.1, seed=0, keys=keys)
+        assert len(va) >= 1 and len(tr) >= 1
+
+
+def test_a_grown_dataset_does_not_validate_on_what_trained_before(tmp_path: Path) -> None:
+    d = generate(tmp_path / "d", 40, seed=5)
+    coco = json.loads((d / "annotations.json").read_text())
+
+    def subset(names: set[str], path: Path) -> Path:
+        """The images named, numbered afresh from 1 in reverse order (a new export's ids)."""
+        ims = [im for im in coco["images"] if im["file_name"] in names][::-1]
+        new_id = {im["id"]: k for k, im in enumerate(ims, 1)}
+        path.write_text(json.dumps({**coco, "images": [{**im, "id": new_id[im["id"]]} for im in ims],
+                                    "annotations": [{**a, "image_id": new_id[a["image_id"]]}
+                                                    for a in coco["annotations"] if a["image_id"] in new_id]}))
+        return path
+
+    def split_names(ann: Path, out: Path) -> tuple[set[str], set[str]]:
+        sets = derive_label_sets(ann, d / "images", out, val_fraction=0.2)
+        names = {im["id"]: im["file_name"] for im in json.loads(ann.read_text())["images"]}
+        val = {names[i] for i in sets.val_ids}
+        return set(names.values()) - val, val
+
+    all_names = sorted(im["file_name"] for im in coco["images"])
+    tr1, va1 = split_names(subset(set(all_names[:24]), tmp_path / "a.json"), tmp_path / "s1")
+    tr2, va2 = split_names(subset(set(all_names), tmp_path / "b.json"), tmp_path / "s2")
+    assert va1 and not tr1 & va2 and va1 <= va2

@@ -82,7 +82,7 @@ def test_label_sets_repeat_training_images_only(tmp_path: Path) -> None:
     sets = derive_label_sets(ann, images, tmp_path / "sets", val_fraction=0.2, seed=0, repeats=repeats)
     train = sorted(p.name for p in (sets.root / "pose_main" / "images" / "train").iterdir())
     val = sorted(p.name for p in (sets.root / "pose_main" / "images" / "val").iterdir())
-    assert len(val) == 2 and not any("__r" in v for v in val)
+    assert 1 <= len(val) <= 5 and not any("__r" in v for v in val)
     stems = {v.rsplit(".", 1)[0] for v in val}
     assert not any(t.split("__r")[0].rsplit(".", 1)[0] in stems for t in train)  # no copy of a val image
     assert sets.train_images == len(train) == sum(repeats[i] for i in range(1, 11)) - sum(
@@ -98,7 +98,7 @@ def test_label_sets_repeat_training_images_only(tmp_path: Path) -> None:
 
 def test_validation_split_is_drawn_from_reviewed_images(tmp_path: Path) -> None:
     """Checkpoint choice and threshold calibration read the validation split: with auto labels
-    in the mix it holds reviewed images only (a tenth of them), and every auto image trains."""
+    in the mix it holds reviewed images only (about a tenth of them), and every auto image trains."""
     data = coco(20, 30)
     ann, images = write_dataset(tmp_path, data)
     repeats, _ = training_repeats(data, TrainingMix(auto_weight=1.0))
@@ -107,10 +107,10 @@ def test_validation_split_is_drawn_from_reviewed_images(tmp_path: Path) -> None:
         sets = derive_label_sets(ann, images, tmp_path / f"s{seed}", 0.1, seed, repeats=repeats, val_from=reviewed)
         val = {int(p.stem[3:]) + 1 for p in (sets.root / "pose_main" / "images" / "val").iterdir()}
         train = {int(p.stem[3:]) + 1 for p in (sets.root / "pose_main" / "images" / "train").iterdir()}
-        assert len(val) == 2 and val <= reviewed and not val & train and train | val == set(range(1, 51))
+        assert 1 <= len(val) <= 6 and val <= reviewed and not val & train and train | val == set(range(1, 51))
     # Without reviewed images to spare, the split falls back to all images.
     few = derive_label_sets(ann, images, tmp_path / "few", 0.1, 0, repeats=repeats, val_from={1})
-    assert few.val_images == 5
+    assert 1 <= few.val_images <= 12 and not {int(i) for i in few.val_ids} <= reviewed
     # All reviewed: the split is the one of a plain dataset (same images, same seed).
     plain = derive_label_sets(ann, images, tmp_path / "plain", 0.1, 3)
     same = derive_label_sets(ann, images, tmp_path / "same", 0.1, 3, val_from=set(range(1, 51)))
@@ -159,9 +159,9 @@ def test_propagated_copies_of_validation_images_neither_train_nor_validate(tmp_p
         val = {int(p.stem[3:]) + 1 for p in (sets.root / "pose_main" / "images" / "val").iterdir()}
         train = {int(p.stem[3:]) + 1 for p in (sets.root / "pose_main" / "images" / "train").iterdir()}
         left_out = {i for i, s in source.items() if s in val}
-        assert len(val) == 2 and val <= reviewed and len(left_out) == 4
+        assert val and val <= reviewed and len(left_out) == 2 * len(val)
         assert not train & (val | left_out) and train == set(range(1, 36)) - val - left_out
-        assert sets.propagated_from_val == 4 and sets.train_images == len(train)
+        assert sets.propagated_from_val == len(left_out) and sets.train_images == len(train)
     from exporter.mix import propagation_sources
 
     assert propagation_sources(data) == {i: {s} for i, s in source.items()}
