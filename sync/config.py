@@ -29,7 +29,8 @@
     multipart_threshold_mb = 16
 
 Other ``[sync.*]`` subtables (``review``: ``sync.review_settings``; ``dataset``, ``models``:
-``sync.pull_settings``) are kept in ``SyncConfig.tables`` for their tasks. Relative paths are
+``sync.pull_settings``; ``training``: ``sync.training_settings``) are kept in ``SyncConfig.tables``
+for their tasks; any other subtable is refused (``SYNC_TABLES``). Relative paths are
 taken relative to the file's folder. Credentials are not configured here: boto3's standard
 chain finds them. ``ANNOTATOR_CONFIG`` names the file when no ``--config`` is given.
 
@@ -105,6 +106,11 @@ class SyncConfig:
         return f"{host}:{port}"
 
 
+# The [sync.*] subtables and the tasks that read them: a misspelt one ([sync.model]) would
+# otherwise leave its task on defaults (or off) without a word.
+SYNC_TABLES = ("target", "review", "dataset", "models", "training")
+
+
 def default_appliance_id() -> str:
     """The host name, reduced to the characters allowed in an appliance id."""
     name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()).strip("-._")
@@ -142,6 +148,10 @@ def sync_config_from_dict(doc: Mapping[str, Any], base: Path, source: str = "con
     if not isinstance(sync_table, dict):
         raise SyncConfigError(f"sync: expected a [sync] table ({source})")
     values = _check(sync_table, _SYNC_KEYS, "sync", source)
+    for key, value in sync_table.items():
+        if isinstance(value, dict) and key not in SYNC_TABLES:
+            raise SyncConfigError(f"[sync.{key}]: unknown table ({source}); known: "
+                                  f"{', '.join(f'[sync.{t}]' for t in SYNC_TABLES)}")
     target_table = sync_table.get("target", {})
     target = _check(target_table, _TARGET_KEYS, "sync.target", source)
     store_root = values.pop("store_root", None) or doc.get("store", {}).get("root", "annotator-data")

@@ -97,6 +97,9 @@ backend = "labelstudio"
     ({"sync": {"target": {"kind": "ftp"}}}, "sync.target.kind"),
     ({"sync": {"target": {"kind": "s3"}}}, "sync.target.bucket: required"),
     ({"sync": {"target": {"kind": "s3", "bucket": "b", "sse": "rot13"}}}, "sync.target.sse"),
+    # A misspelt task table would leave its task on defaults (or off) without a word.
+    ({"sync": {"model": {"registry": "s3://b/models"}}}, r"\[sync.model\]: unknown table .*\[sync.models\]"),
+    ({"sync": {"trainig": {"role_arn": "x"}}}, r"\[sync.trainig\]: unknown table"),
 ])
 def test_config_errors_name_the_key(tmp_path: Path, doc: dict, words: str) -> None:
     with pytest.raises(SyncConfigError, match=words):
