@@ -9,10 +9,10 @@ Pure functions over bytes (``read_image`` only reads the file). What they guaran
   ``bit_length(max value) - 8``, so a 12-bit sensor stored in 16 bits (max < 4096) is shifted by
   4, a full 16-bit image by 8, and a dark image is not stretched. Float TIFFs in 0..1 are
   multiplied by 255, other float images are divided by their maximum.
-- Decompression bombs are refused before decoding: for JPEG, PNG, BMP, TIFF and WebP the size
-  is read from the header, so a small file that declares a huge image (a deflated TIFF, a WebP)
-  never reaches the decoder; other formats are checked after decoding (OpenCV's own
-  ``OPENCV_IO_MAX_IMAGE_PIXELS`` limit, 2^30 by default, still applies to them).
+- Decompression bombs are refused before decoding: the size is read from the header of every
+  format OpenCV reads here (JPEG, PNG, BMP, TIFF, WebP, PNM, PFM, Sun raster, HDR, JPEG 2000,
+  GIF, AVIF), so a small file that declares a huge image (a deflated TIFF, a WebP, a PGM) never
+  reaches the decoder; bytes of any other kind are refused without being decoded.
 - Truncated JPEGs (no end-of-image marker after the scan) and PNGs (no IEND chunk) are refused,
   although OpenCV would return a partly grey image for them.
 - ``max_side_hint``: when a JPEG is at least 2x larger than needed, it is decoded at 1/2, 1/4
@@ -179,9 +179,76 @@ def _webp_size(data: bytes) -> tuple[int, int]:
     raise ImageError("corrupt or truncated WebP: no VP8, VP8L or VP8X header with the image size")
 
 
+_PNM_MAGIC = (b"P1", b"P2", b"P3", b"P4", b"P5", b"P6")
+_SUN_RASTER = b"\x59\xa6\x6a\x95"
+_JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  \r\n\x87\n"
+_J2K_SOC_SIZ = b"\xff\x4f\xff\x51"  # a JPEG 2000 codestream: SOC, then the SIZ marker
+
+
+def _ascii_size(header: bytes, what: str) -> tuple[int, int]:
+    """Width and height, the first two numbers of a PNM or PFM header after its magic (``#``
+    comments and any whitespace between them)."""
+    numbers: list[int] = []
+    for line in header.split(b"\n"):
+        for token in line.split(b"#", 1)[0].split():
+            if not token.isdigit():
+                raise ImageError(f"corrupt {what} header: {token[:16]!r} where the size was expected")
+            numbers.append(int(token))
+            if len(numbers) == 2:
+                return numbers[0], numbers[1]
+    raise ImageError(f"corrupt or truncated {what}: no width and height in its header")
+
+
+def _pam_size(data: bytes) -> tuple[int, int]:
+    fields = {}
+    for line in data[3:4096].split(b"\n"):
+        parts = line.split(b"#", 1)[0].split()
+        if parts == [b"ENDHDR"]:
+            break
+        if len(parts) == 2 and parts[1].isdigit():
+            fields[parts[0]] = int(parts[1])
+    if b"WIDTH" not in fields or b"HEIGHT" not in fields:
+        raise ImageError("corrupt or truncated PAM: no WIDTH and HEIGHT in its header")
+    return fields[b"WIDTH"], fields[b"HEIGHT"]
+
+
+def _hdr_size(data: bytes) -> tuple[int, int]:
+    """Radiance HDR: header lines up to an empty line, then the resolution line (``-Y 480 +X 640``,
+    or X first for an image stored by columns)."""
+    head, sep, rest = data[:65536].partition(b"\n\n")
+    parts = rest.split(b"\n", 1)[0].split() if sep else []
+    if len(parts) == 4 and parts[0] in (b"-Y", b"+Y", b"-X", b"+X") and parts[1].isdigit() and parts[3].isdigit():
+        a, b = int(parts[1]), int(parts[3])
+        return (b, a) if parts[0].endswith(b"Y") else (a, b)
+    raise ImageError("corrupt or truncated Radiance HDR: no resolution line after its header")
+
+
+def _j2k_size(data: bytes) -> tuple[int, int]:
+    """JPEG 2000 (a JP2 file or a bare codestream): the codestream's SIZ marker, the size OpenJPEG
+    decodes (a JP2's ``ihdr`` box could declare less)."""
+    at = data.find(_J2K_SOC_SIZ)
+    if at < 0 or len(data) < at + 24:
+        raise ImageError("corrupt or truncated JPEG 2000: no codestream size (SIZ) marker")
+    xsiz, ysiz, xo, yo = struct.unpack(">IIII", data[at + 8:at + 24])
+    return xsiz - xo, ysiz - yo
+
+
+def _avif_size(data: bytes) -> tuple[int, int]:
+    """AVIF (ISO BMFF): the largest ``ispe`` (image spatial extents) property among its items."""
+    sizes, at = [], data.find(b"ispe")
+    while at >= 0 and len(data) >= at + 16:
+        sizes.append(struct.unpack(">II", data[at + 8:at + 16]))
+        at = data.find(b"ispe", at + 4)
+    if not sizes:
+        raise ImageError("corrupt or truncated AVIF: no image size (ispe) property")
+    return max(sizes, key=lambda wh: wh[0] * wh[1])
+
+
 def header_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) as stored (before EXIF orientation) for JPEG, PNG, BMP, TIFF and WebP; else
-    None. A file of one of these formats whose header holds no size raises ``ImageError``."""
+    """(width, height) as stored (before EXIF orientation), read from the header of every format
+    OpenCV decodes here: JPEG, PNG, BMP, TIFF, WebP, PNM (PBM/PGM/PPM/PAM), PFM, Sun raster,
+    Radiance HDR, JPEG 2000, GIF and AVIF; None for anything else (not an image OpenCV reads). A
+    file of one of these formats whose header holds no size raises ``ImageError``."""
     if data[:2] == b"\xff\xd8":
         w, h, _, _ = _jpeg_info(data)
         return w, h
@@ -189,13 +256,35 @@ def header_size(data: bytes) -> tuple[int, int] | None:
         if len(data) < 24 or data[12:16] != b"IHDR":
             raise ImageError("corrupt PNG: no IHDR header")
         return struct.unpack(">II", data[16:24])
-    if data[:2] == b"BM" and len(data) >= 26:
+    if data[:2] == b"BM":
+        if len(data) < 26:
+            raise ImageError("corrupt or truncated BMP: no image size in its header")
         w, h = struct.unpack("<ii", data[18:26])
         return abs(w), abs(h)
     if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
         return _tiff_size(data)
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return _webp_size(data)
+    if data[:2] in _PNM_MAGIC and data[2:3].isspace():
+        return _ascii_size(data[2:4096], "PNM")
+    if data[:3] == b"P7\n":
+        return _pam_size(data)
+    if data[:2] in (b"PF", b"Pf") and data[2:3].isspace():
+        return _ascii_size(data[2:4096], "PFM")
+    if data[:4] == _SUN_RASTER:
+        if len(data) < 12:
+            raise ImageError("corrupt or truncated Sun raster: no image size in its header")
+        return struct.unpack(">II", data[4:12])
+    if data[:10] == b"#?RADIANCE" or data[:6] == b"#?RGBE":
+        return _hdr_size(data)
+    if data[:12] == _JP2_SIGNATURE or data[:4] == _J2K_SOC_SIZ:
+        return _j2k_size(data)
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        if len(data) < 10:
+            raise ImageError("corrupt or truncated GIF: no screen size in its header")
+        return struct.unpack("<HH", data[6:10])
+    if data[4:8] == b"ftyp" and data[8:12] in (b"avif", b"avis", b"mif1", b"msf1"):
+        return _avif_size(data)
     return None
 
 
@@ -231,12 +320,14 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, max_side_hint: int |
     is_jpeg = data[:2] == b"\xff\xd8"
     orientation, reduce_by = 1, 1
     size = header_size(data)
-    if size is not None:
-        w, h = size
-        if w <= 0 or h <= 0:
-            raise ImageError(f"corrupt image header: size {w}x{h}")
-        if w * h > max_pixels:
-            raise ImageTooLarge(f"image has {w}x{h} = {w * h} pixels, more than the limit of {max_pixels}")
+    if size is None:  # no format OpenCV reads here: nothing is decoded
+        raise ImageError(f"not a decodable image ({len(data)} bytes, starting {data[:8]!r}); "
+                         "expected JPEG, PNG, TIFF, BMP, WebP, PNM, PFM, Sun raster, HDR, JPEG 2000, GIF or AVIF")
+    w, h = size
+    if w <= 0 or h <= 0:
+        raise ImageError(f"corrupt image header: size {w}x{h}")
+    if w * h > max_pixels:
+        raise ImageTooLarge(f"image has {w}x{h} = {w * h} pixels, more than the limit of {max_pixels}")
     if is_jpeg:
         w, h, orientation, sos = _jpeg_info(data)
         if sos == 0 or data.rfind(b"\xff\xd9") < sos:

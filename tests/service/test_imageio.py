@@ -272,3 +272,41 @@ def test_from_array_and_validation() -> None:
     assert (d.width, d.height, d.pixels.shape) == (7, 5, (5, 7, 3))
     with pytest.raises(ValueError, match="HxWx3 uint8"):
         DecodedImage(np.zeros((5, 7), np.uint8), 7, 5)
+
+
+_OTHER_FORMATS = [".pgm", ".ppm", ".pbm", ".pam", ".pfm", ".sr", ".hdr", ".jp2", ".gif", ".avif"]
+
+
+@pytest.mark.parametrize("ext", _OTHER_FORMATS)
+def test_every_other_format_opencv_reads_is_sized_from_its_header(ext: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PNM, PFM, Sun raster, HDR, JPEG 2000, GIF and AVIF were decoded in full before the pixel
+    limit was checked: a small PGM that declares a huge image reached the decoder."""
+    photo = _photo()  # 200 x 120
+    image = photo[..., 0] if ext in (".pgm", ".pbm") else photo
+    data = cv2.imencode(ext, image.astype(np.float32) / 255 if ext in (".pfm", ".hdr") else image)[1].tobytes()
+    d = decode_image(data)
+    assert (d.width, d.height, d.pixels.shape) == (200, 120, (120, 200, 3))
+
+    def no_decoding(*args: object) -> None:
+        raise AssertionError("the image was decoded before its size was checked")
+
+    monkeypatch.setattr(cv2, "imdecode", no_decoding)
+    with pytest.raises(ImageTooLarge, match="200x120 = 24000 pixels, more than the limit of 23999"):
+        decode_image(data, max_pixels=200 * 120 - 1)
+
+
+@pytest.mark.parametrize("data", [b"P5\n# a comment\n100000 100000\n255\n", b"P7\nWIDTH 100000\nHEIGHT 100000\nENDHDR\n",
+                                  b"PF\n100000 100000\n-1\n", b"#?RADIANCE\nFORMAT=32-bit_rle_rgbe\n\n-Y 100000 +X 100000\n",
+                                  b"\x59\xa6\x6a\x95" + struct.pack(">II", 100_000, 100_000),
+                                  b"\xff\x4f\xff\x51\x00\x29\x00\x00" + struct.pack(">IIII", 100_000, 100_000, 0, 0)])
+def test_header_only_bombs_of_other_formats_are_refused(data: bytes) -> None:
+    with pytest.raises(ImageTooLarge, match="100000x100000 = 10000000000 pixels"):
+        decode_image(data)
+
+
+def test_bytes_of_no_known_format_are_not_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cv2, "imdecode", lambda *a: pytest.fail("decoded"))
+    with pytest.raises(ImageError, match="not a decodable image .* expected JPEG, PNG"):
+        decode_image(b"\x00\x01\x02\x03 neither an image nor anything")
+    with pytest.raises(ImageError, match="corrupt PNM header"):
+        decode_image(b"P5\nwide tall\n255\n")
