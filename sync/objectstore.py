@@ -17,7 +17,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Iterator, Protocol, runtime_checkable
+from typing import BinaryIO, Callable, Iterable, Iterator, Protocol, runtime_checkable
 
 from service.durable import atomic_file
 
@@ -52,8 +52,9 @@ class ObjectStore(Protocol):
     def head(self, key: str) -> ObjectInfo | None:
         """Size and checksum of ``key``, or None when there is no such object."""
 
-    def get(self, key: str) -> bytes:
-        """The bytes of ``key``; ``ObjectNotFound`` when missing."""
+    def get(self, key: str, progress: Callable[[], None] | None = None) -> bytes:
+        """The bytes of ``key``; ``ObjectNotFound`` when missing. ``progress`` is called as the
+        bytes arrive (per ``CHUNK``): a model file over a weak link outlasts the agent's watchdog."""
 
     def list(self, prefix: str = "") -> Iterator[str]:
         """Keys starting with ``prefix``, in lexical order."""
@@ -66,6 +67,19 @@ class ObjectStore(Protocol):
 
     def uri(self, key: str) -> str:
         """An absolute address of ``key`` for manifests (``s3://bucket/prefix/key`` or ``file:///...``)."""
+
+
+CHUNK = 1 << 20  # bytes read between two ``progress`` calls of ``ObjectStore.get``
+
+
+def read_chunks(chunks: Iterable[bytes], progress: Callable[[], None] | None) -> bytes:
+    """The chunks joined, ``progress`` called after each."""
+    parts = []
+    for chunk in chunks:
+        parts.append(chunk)
+        if progress is not None:
+            progress()
+    return b"".join(parts)
 
 
 def check_key(key: str) -> str:
@@ -141,9 +155,10 @@ class LocalFolderStore:
             return None
         return ObjectInfo(key, size, digest, {"sha256": digest})
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, progress: Callable[[], None] | None = None) -> bytes:
         try:
-            return self._path(key).read_bytes()
+            with open(self._path(key), "rb") as f:
+                return read_chunks(iter(lambda: f.read(CHUNK), b""), progress)
         except FileNotFoundError as exc:
             raise ObjectNotFound(f"no object {key} in {self.base}") from exc
 

@@ -59,9 +59,10 @@ class RegistryEntry:
 class BundleRegistry:
     """Read-only view of ``bundles/`` in ``store``.
 
-    ``progress`` (the sync agent's ``beat``) is called after each file ``download`` fetched: a
-    bundle over a weak LTE link outlasts the systemd watchdog's limit, and a watchdog that
-    killed the agent mid-download would start the download from scratch at every restart.
+    ``progress`` (the sync agent's ``beat``) is called per MiB and after each file ``download``
+    fetched: a bundle, or one model file, over a weak LTE link outlasts the systemd watchdog's
+    limit, and a watchdog that killed the agent mid-download would start the download from
+    scratch at every restart.
     """
 
     def __init__(self, store: ObjectStore, progress: Callable[[], None] | None = None) -> None:
@@ -128,7 +129,7 @@ class BundleRegistry:
                 log.warning("bundle %s: weights of %s at %r is not weights/<file>; skipped", bundle_id, role, rel)
                 continue
             try:
-                data = self.store.get(f"{BUNDLES}{bundle_id}/{rel}")
+                data = self.store.get(f"{BUNDLES}{bundle_id}/{rel}", progress=self.progress)
             except ObjectNotFound:
                 log.info("bundle %s: %s not published; pulled without it", bundle_id, rel)
                 continue
@@ -170,7 +171,7 @@ class BundleRegistry:
                 if not _plain_name(name) or name in (MANIFEST, SIGNATURE):
                     raise BundleContentError(f"bundle {bundle_id}: model file name {name!r} is not a plain file name")
                 try:
-                    (tmp / name).write_bytes(self.store.get(f"{BUNDLES}{bundle_id}/{name}"))
+                    (tmp / name).write_bytes(self.store.get(f"{BUNDLES}{bundle_id}/{name}", progress=self.progress))
                 except ObjectNotFound as exc:
                     if self.store.head(f"{BUNDLES}{bundle_id}/{MANIFEST}") is None:
                         raise RetryableError(f"bundle {bundle_id} was withdrawn from the registry while it "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import boto3
 from boto3.s3.transfer import TransferConfig
@@ -20,7 +20,7 @@ from botocore.exceptions import (BotoCoreError, ClientError, ConnectionError as 
                                  PartialCredentialsError)
 
 from .errors import ObjectNotFound, PermanentError, RetryableError, SyncError
-from .objectstore import ObjectInfo, check_key, join_prefix, open_source, sha256_of
+from .objectstore import CHUNK, ObjectInfo, check_key, join_prefix, open_source, read_chunks, sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -136,10 +136,10 @@ class S3Store:
         meta = {str(k).lower(): str(v) for k, v in (r.get("Metadata") or {}).items()}
         return ObjectInfo(key, int(r.get("ContentLength", 0)), meta.get("sha256"), meta)
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, progress: Callable[[], None] | None = None) -> bytes:
         try:
             r = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
-            return r["Body"].read()
+            return read_chunks(r["Body"].iter_chunks(CHUNK), progress)
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 raise ObjectNotFound(f"no object {key} in s3://{self.bucket}/{self.prefix}") from exc

@@ -291,10 +291,10 @@ def test_the_agent_hands_its_heartbeat_to_the_uploader_and_the_bundle_download(t
         health: list[bool] = []
         get = registry.store.get
 
-        def slow_get(key: str) -> bytes:  # 10 minutes a file
+        def slow_get(key: str, progress=None) -> bytes:  # 10 minutes a file
             now[0] += 600
             health.append(agent.healthy())
-            return get(key)
+            return get(key, progress)
 
         registry.store.get = slow_get
         registry.download("b1", tmp_path / "staging" / "b1")

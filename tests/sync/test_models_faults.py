@@ -86,13 +86,13 @@ class ExpiringStore(LocalFolderStore):
 
     error: str | None = "ExpiredToken"
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, progress=None) -> bytes:
         if self.error and key.endswith(".onnx"):
             exc = ClientError({"Error": {"Code": self.error, "Message": self.error},
                                "ResponseMetadata": {"HTTPStatusCode": 400 if self.error == "ExpiredToken" else 404}},
                               "GetObject")
             raise wrap_boto_error(exc, "edge-registry", f"get {key}") from exc
-        return super().get(key)
+        return super().get(key, progress)
 
 
 @pytest.mark.parametrize("error, message", [("ExpiredToken", "credentials rejected"),
@@ -147,10 +147,10 @@ def test_a_bundle_withdrawn_during_the_pull_is_not_refused(box: dict[str, Any], 
     folder = publish(box["registry"], box["base"], "b-gone", "2030-01-01T00:00:00Z", None)
 
     class Withdrawing(LocalFolderStore):
-        def get(self, key: str) -> bytes:
+        def get(self, key: str, progress=None) -> bytes:
             if key.endswith(".onnx" if when == "download" else "bundle.json"):
                 shutil.rmtree(folder, ignore_errors=True)  # the publisher deletes it now
-            return super().get(key)
+            return super().get(key, progress)
 
     puller = ModelPuller(box["slots"], BundleRegistry(Withdrawing(box["registry"])), box["gate"], box["daemon"].reload)
     if when == "download":

@@ -49,8 +49,8 @@ class Recording:
     def head(self, key: str) -> ObjectInfo | None:
         return self.inner.head(key)
 
-    def get(self, key: str) -> bytes:
-        return self.inner.get(key)
+    def get(self, key: str, progress=None) -> bytes:
+        return self.inner.get(key, progress)
 
     def list(self, prefix: str = ""):
         return self.inner.list(prefix)
