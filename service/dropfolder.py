@@ -31,7 +31,6 @@ looked at again for ``pause_retry_seconds``; the files wait where they are.
 """
 from __future__ import annotations
 
-import errno
 import logging
 import math
 import os
@@ -48,7 +47,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from .durable import write_bytes_atomic
-from .errors import AnnotatorError, ImageError, StoreFull
+from .errors import AnnotatorError, ImageError, StoreFull, is_disk_full
 from .imageio import DecodedImage, decode_image
 
 log = logging.getLogger(__name__)
@@ -70,17 +69,6 @@ def text_name(path: Path | str) -> str:
     JSON consumers and UTF-8 log files refuse; here each such byte becomes ``\\xNN`` instead.
     """
     return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
-def is_disk_full(exc: BaseException) -> bool:
-    """True when ``exc`` says the disk is full: ``ENOSPC`` (or ``EDQUOT``, a quota) from a write,
-    or SQLite's ``SQLITE_FULL``. The store's own floor check raises ``StoreFull`` before this
-    happens; a disk that fills faster than the floor, or a floor of 0, ends up here."""
-    if isinstance(exc, OSError):
-        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
-    if isinstance(exc, sqlite3.OperationalError):
-        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
-    return False
 
 
 def _store_full(exc: BaseException) -> StoreFull:

@@ -1,6 +1,9 @@
 """The service package's exception tree. Third-party errors are wrapped at the boundary."""
 from __future__ import annotations
 
+import errno
+import sqlite3
+
 
 class AnnotatorError(Exception):
     """Base of every error this package raises on purpose."""
@@ -49,3 +52,14 @@ class ShuttingDown(AnnotatorError):
 
 class PathNotAllowed(AnnotatorError):
     """A path sent by a client lies outside the folder it is allowed to name (``..``, symlinks, absolute)."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True when ``exc`` says the disk is full: ``ENOSPC`` (or ``EDQUOT``, a quota) from a write,
+    or SQLite's ``SQLITE_FULL``. The store's own floor check raises ``StoreFull`` before this
+    happens; a disk that fills faster than the floor, or a floor of 0, ends up here."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    if isinstance(exc, sqlite3.OperationalError):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    return False

@@ -36,9 +36,8 @@ from protos.annotator.v1 import annotator_pb2 as pb
 from protos.annotator.v1 import annotator_pb2_grpc as pb_grpc
 
 from .convert import annotation_to_proto, status_to_proto, timestamp_to_epoch
-from .dropfolder import is_disk_full
 from .errors import (AnnotatorError, BundleError, ConfigError, ImageError, ImageNotFound, ImageTooLarge, PathNotAllowed,
-                     ShuttingDown, StoreFull)
+                     ShuttingDown, StoreFull, is_disk_full)
 from .interceptors import AccessLogInterceptor, LatencyStats, TokenInterceptor
 from .store import DECISIONS, STATES
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import service.dropfolder as dropfolder
+import service.errors as errors
 from procs import FakeClock
 from service.dropfolder import PROCESSED, QUARANTINE, DropFolder, is_temporary, write_quarantine
 from service.errors import StoreFull
@@ -328,8 +329,8 @@ def test_sqlite_full_is_store_full() -> None:
     exc.sqlite_errorcode = sqlite3.SQLITE_FULL  # what sqlite3 sets when SQLITE_FULL is returned
     locked = sqlite3.OperationalError("database is locked")
     locked.sqlite_errorcode = sqlite3.SQLITE_BUSY
-    assert dropfolder.is_disk_full(exc) and dropfolder.is_disk_full(OSError(errno.ENOSPC, "full"))
-    assert not dropfolder.is_disk_full(locked) and not dropfolder.is_disk_full(OSError(errno.EACCES, "denied"))
+    assert errors.is_disk_full(exc) and errors.is_disk_full(OSError(errno.ENOSPC, "full"))
+    assert not errors.is_disk_full(locked) and not errors.is_disk_full(OSError(errno.EACCES, "denied"))
 
 
 def test_startup_scan_and_watcher(tmp_path: Path) -> None:

@@ -101,7 +101,7 @@ def test_bad_inputs_get_clear_errors_and_others_are_unaffected(served: tuple[Any
     cases = [
         (b"", C.INVALID_ARGUMENT, "empty"),
         (good[: len(good) // 2], C.INVALID_ARGUMENT, "truncated"),
-        (b"GIF89a not really", C.INVALID_ARGUMENT, "not a decodable image"),
+        (b"%PDF-1.7 not an image", C.INVALID_ARGUMENT, "not a decodable image"),
         (bomb, C.RESOURCE_EXHAUSTED, "more than the limit"),
         (b"\xff\xd8" + bytes(5_000_000), C.RESOURCE_EXHAUSTED, ""),  # over server.max_message_bytes
     ]
