@@ -187,6 +187,21 @@ def reviewed_record(label: Mapping[str, Any], names: Sequence[str], target: Sequ
             "heads": [{"box": list(h), "conf": 1.0} for h in label.get("heads", [])], "persons": persons}
 
 
+def _in_schema(rec: Mapping[str, Any], schema: KeypointSchema | None) -> dict[str, Any]:
+    """A model's record with its key points mapped by name to ``schema`` (the export's, taken from
+    its first record): a store that holds records of two bundles with different key points (a
+    COCO-17 bundle, then a cabin-19 one) would otherwise write rows of two lengths under one
+    category, which COCO readers misread and ultralytics refuses. Points the record lacks are
+    outside."""
+    if schema is None or not rec.get("persons") or schema_for(rec).names == schema.names:
+        return dict(rec)
+    own = schema_for(rec).names
+    outside = {"x": 0.0, "y": 0.0, "visibility": "outside"}
+    persons = [{**p, "keypoints": [dict(zip(own, p["keypoints"])).get(n, outside) for n in schema.names]}
+               for p in rec["persons"]]
+    return {**rec, "persons": persons, "keypoint_names": list(schema.names)}
+
+
 def _labels_of(row: ImageRow, schema: KeypointSchema | None,
                reviewed: ReviewedLabels | None) -> tuple[dict[str, Any], KeypointSchema | None, str]:
     """(the record to export, the export's schema so far, provenance) of one row: the reviewer's
@@ -195,7 +210,7 @@ def _labels_of(row: ImageRow, schema: KeypointSchema | None,
     schema = schema or (schema_for(rec) if rec.get("persons") or rec.get("keypoint_names") else None)
     label = reviewed.get(row.image_id) if reviewed is not None else None
     if reviewed is None or label is None:
-        return dict(rec), schema, "auto"
+        return _in_schema(rec, schema), schema, "auto"
     if schema is None and label.get("persons"):
         schema = KeypointSchema.for_names(reviewed.names)
     out = reviewed_record(label, reviewed.names, schema.names if schema is not None else ())

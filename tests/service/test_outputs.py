@@ -184,3 +184,32 @@ def test_export_claims_human_only_for_the_reviewers_labels(filled, tmp_path: Pat
     assert main(["export", "--config", str(config), "--coco", str(coco),
                  "--dataset-root", str(tmp_path / "store" / "dataset")]) == 0
     assert {im["sha256"]: im["provenance"] for im in json.loads(coco.read_text())["images"]}[ids[1]] == "human"
+
+
+def test_records_of_two_bundles_with_other_key_points_export_in_one_schema(tmp_path: Path) -> None:
+    """A COCO-17 bundle, then a cabin-19 one, on one store: the auto records were written as they
+    were, so one category held rows of 17 and 19 points and ultralytics refused the YOLO labels.
+    Each record is now mapped by name to the export's schema (its first record's)."""
+    from service.keypoints import CABIN19
+
+    store = Store(tmp_path / "store")
+    for seed, schema in ((0, COCO17), (1, CABIN19)):
+        iid, _ = store.ingest(_jpeg(seed), f"test:{seed}")
+        store.claim("w", limit=1)
+        kps = [{"x": 5.0 + i, "y": 4.0 + i, "main_conf": 0.9, "visible_conf": 0.9, "visibility": "visible"}
+               for i in range(schema.count)]
+        record = {"width": 64, "height": 48, "keypoint_names": list(schema.names), "heads": [],
+                  "persons": [{"box": [2.0, 1.0, 60.0, 47.0], "conf": 0.9, "keypoints": kps}]}
+        store.complete(iid, "w", record, f"bundle-{seed}", "auto_accepted", 0.9, [], audit=False)
+    coco = json.loads(export_coco(store, tmp_path / "coco" / "annotations.json").read_text())
+    assert len(coco["categories"][0]["keypoints"]) == 17
+    rows = [np.array(a["keypoints"]).reshape(-1, 3) for a in coco["annotations"]]
+    assert [len(r) for r in rows] == [17, 17]
+    # The cabin record's points land under their own names: COCO's nose is the cabin's nose.
+    cabin = {n: i for i, n in enumerate(CABIN19.names)}
+    for k, name in enumerate(COCO17.names):
+        assert tuple(rows[1][k]) == (5.0 + cabin[name], 4.0 + cabin[name], 2)
+    export_yolo(store, tmp_path / "yolo")
+    lines = [line for f in sorted((tmp_path / "yolo" / "pose" / "labels").glob("*.txt")) for line in f.read_text().splitlines()]
+    assert [len(line.split()) for line in lines] == [5 + 17 * 3] * 2
+    store.close()
