@@ -119,8 +119,12 @@ def _numbered(ids: list[int]) -> list[tuple[int, int]]:
 
 def _yolo_line(cls: int, box: list[float], w: int, h: int, kpts: np.ndarray | None) -> str:
     x, y, bw, bh = box
-    vals = [(x + bw / 2) / w, (y + bh / 2) / h, bw / w, bh / h]
-    parts = [str(cls)] + [f"{min(max(v, 0.0), 1.0):.6f}" for v in vals]
+    # The box is cut to the frame at its corners: clamping the centre and the size one by one
+    # would move a box that crosses the edge (x -10..50 on 100 px: centre 0.2, width 0.6).
+    x1, y1 = min(max(x, 0.0), w), min(max(y, 0.0), h)
+    x2, y2 = min(max(x + bw, 0.0), w), min(max(y + bh, 0.0), h)
+    vals = [(x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h]
+    parts = [str(cls)] + [f"{v:.6f}" for v in vals]
     if kpts is not None:
         for px, py, v in kpts:
             if v > 0:

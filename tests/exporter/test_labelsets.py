@@ -142,3 +142,14 @@ def test_a_grown_dataset_does_not_validate_on_what_trained_before(tmp_path: Path
     tr1, va1 = split_names(subset(set(all_names[:24]), tmp_path / "a.json"), tmp_path / "s1")
     tr2, va2 = split_names(subset(set(all_names), tmp_path / "b.json"), tmp_path / "s2")
     assert va1 and not tr1 & va2 and va1 <= va2
+
+
+def test_a_box_that_crosses_the_frame_is_cut_at_its_corners() -> None:
+    """Clamping the centre and the size one by one moved such a box: x -10..50 on a 100 px wide
+    image came out as centre 0.2, width 0.6 (reaching -0.1) instead of 0.25, 0.5."""
+    from exporter.labelsets import _yolo_line
+
+    cls, cx, cy, bw, bh = _yolo_line(0, [-10.0, 80.0, 60.0, 40.0], 100, 100, None).split()
+    assert (float(cx), float(bw)) == (0.25, 0.5) and (float(cy), float(bh)) == (0.9, 0.2)
+    inside = _yolo_line(0, [10.0, 20.0, 30.0, 40.0], 100, 100, None).split()
+    assert [float(v) for v in inside[1:]] == [0.25, 0.4, 0.3, 0.4]
