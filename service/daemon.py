@@ -18,9 +18,10 @@ succeeds for the lease holder, so an image is completed once. The sidecar is wri
 whereas the other order could leave a completed image without one.
 
 A batch renews its leases as it makes progress (``_BatchLease``: before and after inference,
-before judging, before the completion), not from a timer, so a batch that hangs still loses
-them: ``store.lease_seconds`` need only outlast one step, not the whole batch. A row whose lease
-was lost all the same is left to the worker that took it over, which answers its waiters with
+before judging, before the sidecars, before the completion), not from a timer, so a batch that
+hangs still loses them: ``store.lease_seconds`` need only outlast one step, not the whole batch.
+A row whose lease was lost all the same is left to the worker that took it over: no sidecar is
+written for it (it would overwrite the new owner's), and that worker answers its waiters with
 its annotation (instead of the untouched "received" row; ``_answer_lost`` when that worker is in
 another process). A row claimed before is claimed alone (``Store.claim``), so an image that kills
 its worker takes no other image down, and after ``store.max_attempts`` claims it fails through
@@ -118,25 +119,31 @@ class _BatchLease:
 
     ``keep()`` renews them (one store transaction) once a third of the lease has gone by since
     the claim or the last renewal, and does nothing before: a batch that finishes quickly, as
-    most do, costs no extra commit. Used by one thread at a time (the worker, then the finisher).
+    most do, costs no extra commit. Either way it returns the ids still held: a lease not yet
+    expired cannot have been taken over. Used by one thread at a time (the worker, then the
+    finisher).
     """
 
     def __init__(self, store: Store, owner: str, rows: list[ImageRow]) -> None:
         self.store, self.owner = store, owner
         self.image_ids = [r.image_id for r in rows]
+        self.held = list(self.image_ids)  # as of the claim or the last renewal
         now = store.clock()
         self.expires = min((r.lease_expires for r in rows if r.lease_expires is not None),
                            default=now + store.lease_seconds)
 
-    def keep(self) -> None:
+    def keep(self) -> list[str]:
+        """Renew the leases when due; the ids of the batch whose lease this worker still holds."""
         now = self.store.clock()
         if now < self.expires - self.store.lease_seconds * (1 - RENEW_AFTER):
-            return
-        held = self.store.renew(self.owner, self.image_ids)
+            return self.held
+        held = self.store.renew_held(self.owner, self.held)
         self.expires = now + self.store.lease_seconds
-        if held < len(self.image_ids):
+        if len(held) < len(self.held):
             log.info("%s renewed %d of %d leases of its batch; the others were taken over or finished",
-                     self.owner, held, len(self.image_ids))
+                     self.owner, len(held), len(self.image_ids))
+        self.held = held
+        return held
 
 
 @dataclass(frozen=True)
@@ -484,12 +491,15 @@ class Daemon:
     def _finish(self, p: "_Predicted") -> None:
         """Judge, write the sidecars, complete the whole batch in one transaction, resolve waiters.
 
-        The waiters of a row whose lease was lost (another worker took it over after it expired)
-        are not answered here: the row is still "received", and the worker that holds it now
-        answers them with its result (``_answer_lost`` when that worker is another process).
+        A row whose lease was lost (another worker took it over after it expired) gets neither a
+        sidecar nor a completion here: the new owner may have written its own sidecar already,
+        and this annotation must not replace it. Its waiters are not answered here either: the
+        worker that holds it now answers them with its result (``_answer_lost`` when that worker
+        is in another process).
         """
         verdicts: list[Judgement] = []
         done: set[str] = set()  # completed by this batch's transaction
+        lost: list[LeaseLost] = []
         try:
             p.lease.keep()
             records = []
@@ -500,18 +510,24 @@ class Daemon:
                                         session=recording[0] if recording is not None else None)
                 verdicts.append(verdict)
                 records.append(record_for(row.image_id, row.source, prediction, verdict, p.bundle))
+            held = set(p.lease.keep())  # the rows still ours: the lease is fresh for the next step
+            mine = [(row, record, v) for row, record, v in zip(p.rows, records, verdicts) if row.image_id in held]
+            for row in p.rows:
+                if row.image_id not in held:
+                    log.warning("%s lost the lease on %s before writing its sidecar; the worker that holds it "
+                                "now finishes it", p.owner, row.image_id[:12])
             if self.sidecar_dir is not None:  # before completion: a crash re-annotates, never loses one
-                write_sidecars(self.sidecar_dir, records)
+                write_sidecars(self.sidecar_dir, [record for _, record, _ in mine])
             p.lease.keep()
             lost = self.store.complete_many(p.owner, [
                 Completion(row.image_id, record, p.bundle.id, v.decision, v.score, v.reasons, v.audit, v.counters)
-                for row, record, v in zip(p.rows, records, verdicts)])
+                for row, record, v in mine])
             lost_ids = {exc.image_id for exc in lost}
-            done = {row.image_id for row in p.rows if row.image_id not in lost_ids}
+            done = {row.image_id for row, _, _ in mine if row.image_id not in lost_ids}
         finally:
             for row, verdict in zip(p.rows, verdicts):
                 p.judge.settle(verdict, committed=row.image_id in done)
-        for exc in lost:
+        for exc in lost:  # taken over while the sidecars were written (a step longer than the lease)
             log.warning("%s; the worker that holds it now finishes it", exc)
         for row in p.rows:
             if row.image_id in done:
@@ -519,7 +535,7 @@ class Daemon:
             else:
                 with self._lock:
                     self._lost.add(row.image_id)
-        if lost:
+        if len(done) < len(p.rows):
             self._answer_lost()
 
     def _answer_lost(self) -> None:
@@ -540,8 +556,8 @@ class Daemon:
 
     def _fail(self, owner: str, row: ImageRow, reason: str, data: bytes | None) -> None:
         """A stored image that cannot be decoded (or that crashed every worker that claimed it):
-        a copy in quarantine with the reason, then failed in the store, its waiters answered and
-        the "failed" counter up.
+        a copy in quarantine with the reason, then failed in the store (which counts it as
+        "failed" in the same transaction), its waiters answered.
 
         In that order, so that a failed image always has its quarantine copy: a kill between the
         two leaves the image leased, it is tried again when the lease expires, and the retry
@@ -556,7 +572,6 @@ class Daemon:
             with self._lock:  # its waiters are the new owner's to answer
                 self._lost.add(row.image_id)
             return
-        self.store.counter("failed", 1)
         self._resolve(row.image_id, error=ImageError(reason))
 
     # -- status and shutdown -------------------------------------------------------------

@@ -4,6 +4,9 @@ Layout under ``root``::
 
     store.sqlite3                 the database (WAL mode, plus -wal / -shm files)
     images/<id[:2]>/<id>          the image bytes; id = sha256 hex digest of the bytes
+    images/<id[:2]>/.<id[:24]>.*.tmp
+                                  an ingest's copy before its rename; one that a kill left
+                                  behind is removed at a later open (``_remove_stale_temps``)
 
 Life cycle (``images.state``)::
 
@@ -35,6 +38,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import sqlite3
@@ -56,6 +60,14 @@ UPLOADED, REVIEWED, FAILED = "uploaded", "reviewed", "failed"
 STATES = (RECEIVED, ANNOTATED, AUTO_ACCEPTED, REVIEW_PENDING, UPLOADED, REVIEWED, FAILED)
 DECISIONS = {"auto_accepted": AUTO_ACCEPTED, "review": REVIEW_PENDING}
 _ID = re.compile(r"^[0-9a-f]{64}$")
+# The temporary copy ``write_bytes_atomic`` makes of an image before its rename (``durable``:
+# ``.<first 24 characters of the name>.<mkstemp's random part>.tmp``): a kill between the write
+# and the rename leaves one behind, as large as the image. Nothing else is named like it.
+_TEMP = re.compile(r"^\.[0-9a-f]{24}\.[a-z0-9_]+\.tmp$")
+# A temporary copy is removed at open only once it is this old (by its mtime): another process
+# sharing the store (the sync agent, a CLI command) opens it while the daemon may be writing one
+# right now, and that copy must survive to be renamed.
+TEMP_MAX_AGE_SECONDS = 15 * 60
 # Columns that set_state may change, and how their Python values are stored.
 _FIELDS: dict[str, Callable[[Any], Any]] = {
     "record": lambda v: None if v is None else json.dumps(v), "decision": lambda v: v,
@@ -190,6 +202,34 @@ class Store:
             elif row[0] > SCHEMA_VERSION:
                 raise StoreError(f"{self.db_path}: schema version {row[0]} is newer than this "
                                  f"program's {SCHEMA_VERSION}; upgrade the program")
+        self._remove_stale_temps()
+
+    def _remove_stale_temps(self) -> None:
+        """Remove the temporary image copies a killed ingest left under ``images/`` (see ``_TEMP``).
+
+        Only names of that pattern, in the ``images/<xx>/`` folders, older than
+        ``TEMP_MAX_AGE_SECONDS`` by the file system's (wall) clock, not the injected one: a copy
+        being written now by a live process sharing the store is younger and stays. Once per open;
+        the real images are never touched (their names are 64 hex digits, without a dot)."""
+        cutoff = time.time() - TEMP_MAX_AGE_SECONDS
+        removed = 0
+        with os.scandir(self.root / "images") as folders:
+            for folder in folders:
+                if not folder.is_dir(follow_symlinks=False) or len(folder.name) != 2:
+                    continue
+                with os.scandir(folder.path) as entries:
+                    for e in entries:
+                        if not _TEMP.match(e.name):
+                            continue
+                        try:
+                            if e.is_file(follow_symlinks=False) and e.stat(follow_symlinks=False).st_mtime < cutoff:
+                                os.unlink(e.path)
+                                removed += 1
+                        except FileNotFoundError:
+                            pass  # renamed or removed meanwhile by its writer
+        if removed:
+            log.info("removed %d temporary image copies left by interrupted ingests under %s",
+                     removed, self.root / "images")
 
     # -- connections and transactions ------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
@@ -328,13 +368,20 @@ class Store:
 
     def renew(self, owner: str, image_ids: Sequence[str]) -> int:
         """Extend ``owner``'s leases on these images by ``lease_seconds`` from now; returns how many."""
+        return len(self.renew_held(owner, image_ids))
+
+    def renew_held(self, owner: str, image_ids: Sequence[str]) -> builtins.list[str]:
+        """``renew``, returning the ids (in the given order) whose lease ``owner`` still held: the
+        others were taken over after their lease expired, or finished. A worker writes outputs
+        only for those, not over what the new owner wrote."""
         now = self.clock()
+        held: builtins.list[str] = []
         with self.transaction() as db:
-            n = 0
             for i in image_ids:
-                n += db.execute("UPDATE images SET lease_expires=? WHERE image_id=? AND lease_owner=? AND state=?",
-                                (now + self.lease_seconds, i, owner, RECEIVED)).rowcount
-        return n
+                if db.execute("UPDATE images SET lease_expires=? WHERE image_id=? AND lease_owner=? AND state=?",
+                              (now + self.lease_seconds, i, owner, RECEIVED)).rowcount:
+                    held.append(i)
+        return held
 
     def _held(self, db: sqlite3.Connection, image_id: str, owner: str) -> sqlite3.Row:
         r = db.execute("SELECT * FROM images WHERE image_id=?", (image_id,)).fetchone()
@@ -394,7 +441,11 @@ class Store:
         return lost
 
     def fail(self, image_id: str, owner: str | None, reason: str) -> None:
-        """-> failed with ``reason``. With an owner, that owner must hold the lease (else ``LeaseLost``)."""
+        """-> failed with ``reason``. With an owner, that owner must hold the lease (else ``LeaseLost``).
+
+        The "failed" counter goes up in the same transaction (as in ``claim``): counted apart, a
+        kill between the two commits left the image failed and the counter one short for good.
+        """
         now = self.clock()
         with self.transaction() as db:
             if owner is not None:
@@ -407,6 +458,8 @@ class Store:
             db.execute("UPDATE images SET state=?, error=?, lease_owner=NULL, lease_expires=NULL, updated_at=? "
                        "WHERE image_id=?", (FAILED, reason, now, image_id))
             self._log(db, image_id, old, FAILED, now, owner, reason)
+            if old != FAILED:  # failing a failed image again counts nothing
+                self._bump(db, "failed", 1)
         log.warning("image %s failed: %s", image_id[:12], reason)
 
     def release(self, owner: str) -> int:

@@ -14,6 +14,7 @@ from procs import FakeClock
 from service.daemon import Daemon
 from service.dropfolder import PROCESSED, QUARANTINE
 from service.errors import BundleError, ImageError, ShuttingDown
+from service.store import image_id_of
 
 
 def _wait(cond: Callable[[], bool], seconds: float = 60.0) -> None:
@@ -32,6 +33,7 @@ def test_stored_image_that_fails_to_decode_is_failed_and_quarantined(make_config
     try:
         _wait(lambda: daemon.store.get(image_id).state == "failed")
         assert "truncated" in daemon.store.get(image_id).error
+        assert daemon.store.counter("failed") == 1  # counted once, by the failing transaction
         reason = daemon.quarantine_dir / f"{image_id}.reason.txt"
         assert "truncated" in reason.read_text() and (daemon.quarantine_dir / image_id).read_bytes() == bad
         with pytest.raises(ImageError, match="truncated"):
@@ -366,6 +368,66 @@ def test_a_lost_lease_leaves_the_waiters_to_the_new_owner(make_config: Callable[
         assert row.state == "review_pending" and "near_duplicate" not in row.reasons  # sent, as every image here
         assert row.record is not None and row.record["persons"]
         assert daemon.store.get(row.image_id).state == "review_pending"  # type: ignore[union-attr]
+    finally:
+        daemon.close()
+
+
+def test_a_lost_lease_leaves_the_new_owners_sidecar_alone(make_config: Callable[..., Any],
+                                                         small_jpeg: Callable[[int], bytes]) -> None:
+    """A worker stalls past its leases; another worker takes one of its images over, completes it
+    and writes its sidecar. When the stalled worker finishes, it writes no sidecar (and completes
+    nothing) for the image it lost, so the sidecar keeps the annotation the store holds; the image
+    it still holds is finished as usual."""
+    daemon = Daemon(make_config(), workers=1)  # not started: the workers are driven by hand
+    clock = daemon.store.clock = FakeClock(time.time())  # type: ignore[method-assign]
+    try:
+        futures = {}
+        for i in range(2):
+            data = small_jpeg(110 + i)
+            futures[image_id_of(data)] = daemon.submit(data, f"test:{i}")
+        a = daemon._predict("w-A", daemon.store.claim("w-A", 4))
+        assert a is not None and len(a.rows) == 2
+        clock.t += 10.0  # w-A stalls past its leases
+        b = daemon._predict("w-B", daemon.store.claim("w-B", 4))  # a retry is claimed alone
+        assert b is not None and len(b.rows) == 1
+        taken = b.rows[0].image_id
+        [kept] = [r.image_id for r in a.rows if r.image_id != taken]
+        daemon._finish(b)
+        sidecar = daemon.sidecar_dir / f"{taken}.json"  # type: ignore[operator]
+        written = sidecar.read_bytes()
+        daemon._finish(a)
+        assert sidecar.read_bytes() == written  # not overwritten by the losing annotation
+        for image_id in (taken, kept):
+            row = futures[image_id].result(1)
+            assert row.state in ("auto_accepted", "review_pending")
+            side = json.loads((daemon.sidecar_dir / f"{image_id}.json").read_text())  # type: ignore[operator]
+            assert side == row.record == daemon.store.get(image_id).record  # type: ignore[union-attr]
+        assert [h[1] for h in daemon.store.history(taken)].count("annotated") == 1
+        assert daemon.store.counter("annotated") == 2
+    finally:
+        daemon.close()
+
+
+def test_a_failed_image_is_counted_in_the_failing_transaction(make_config: Callable[..., Any],
+                                                             small_jpeg: Callable[[int], bytes]) -> None:
+    """The daemon's failure path counts the image in the store's failing transaction, not in a
+    second one: a kill after the failure (a count that raises here) still leaves it counted."""
+    daemon = Daemon(make_config())  # not started
+    bad = small_jpeg(5)[:-40]
+    image_id, _ = daemon.store.ingest(bad, "test:direct")
+    real = daemon.store.counter
+
+    def dies(name: str, delta: int = 0) -> int:
+        if delta:
+            raise RuntimeError("killed before a separate count")
+        return real(name, delta)
+
+    daemon.store.counter = dies  # type: ignore[method-assign]
+    try:
+        owner = f"{daemon.owner}/w0"
+        assert daemon._predict(owner, daemon.store.claim(owner, 4, fail_exhausted=False)) is None
+        assert daemon.store.get(image_id).state == "failed"  # type: ignore[union-attr]
+        assert daemon.store.counter("failed") == 1
     finally:
         daemon.close()
 

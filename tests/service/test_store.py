@@ -1,13 +1,18 @@
 """The durable store on real SQLite files: life cycle, duplicates, leases, restarts, paging."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from service.errors import ImageNotFound, LeaseLost, StoreFull
-from procs import FakeClock
+from procs import REPO, FakeClock, command_env
 from service.store import STATES, Store, image_id_of
 
 
@@ -95,6 +100,74 @@ def test_fail_and_auto_accept(store: Store) -> None:
         store.complete(b, "w", {}, "b1", "maybe", 0.5, [], audit=False)
     with pytest.raises(ImageNotFound):
         store.image_bytes("../../etc/passwd")
+
+
+def test_fail_counts_in_its_own_transaction(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``fail`` and the "failed" counter commit together (as ``claim(fail_exhausted=True)`` does):
+    counted apart, a kill between the two commits left the image failed and the counter short."""
+    a, _ = store.ingest(_img(1), "s")
+    b, _ = store.ingest(_img(2), "s")
+    store.claim("w")
+    store.fail(a, "w", "decode: truncated JPEG")
+    assert store.counter("failed") == 1
+    store.fail(a, None, "again")  # already failed: not counted twice
+    assert store.counter("failed") == 1
+
+    def dies(*args: object) -> None:
+        raise RuntimeError("killed at the count")
+
+    monkeypatch.setattr(Store, "_bump", staticmethod(dies))
+    with pytest.raises(RuntimeError, match="killed at the count"):
+        store.fail(b, "w", "decode: truncated JPEG")
+    monkeypatch.undo()
+    row = store.get(b)
+    assert row is not None and row.state == "received" and row.lease_owner == "w"  # rolled back with the count
+    assert [h[1] for h in store.history(b)] == ["received"] and store.counter("failed") == 1
+
+
+_KILLED_INGEST = textwrap.dedent("""
+    import os, sys
+    from pathlib import Path
+    from service.store import Store
+    def killed(src, dst, *args, **kwargs):  # a kill -9 between the temporary copy and its rename
+        os._exit(9)
+    os.replace = killed
+    Store(Path(sys.argv[1])).ingest(sys.argv[2].encode() * 50_000, "test")
+""")
+
+
+def test_open_removes_temp_copies_left_by_killed_ingests(tmp_path: Path) -> None:
+    """A kill between an ingest's temporary copy and its rename leaves a hidden full-size copy
+    under ``images/<xx>/``; the next open removes it once it is older than
+    ``TEMP_MAX_AGE_SECONDS``. A younger one (a live process sharing the store may be writing it
+    right now), other names and the images themselves stay."""
+    root = tmp_path / "s"
+    s = Store(root)
+    kept, _ = s.ingest(_img(1), "s")
+    s.close()
+    for text in ("old", "new"):
+        proc = subprocess.run([sys.executable, "-c", _KILLED_INGEST, str(root), text], cwd=REPO, env=command_env(),
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 9, proc.stderr
+    temps = {p.name[1:25]: p for p in (root / "images").rglob(".*.tmp")}
+    old = temps[image_id_of(b"old" * 50_000)[:24]]
+    new = temps[image_id_of(b"new" * 50_000)[:24]]
+    assert len(temps) == 2 and old.stat().st_size == 150_000
+    long_ago = time.time() - 24 * 3600  # far past TEMP_MAX_AGE_SECONDS
+    os.utime(old, (long_ago, long_ago))
+    other = old.parent / ".notes.tmp"  # not an ingest's name
+    other.write_bytes(b"x")
+    os.utime(other, (long_ago, long_ago))
+    real = s.image_path(kept)
+    os.utime(real, (long_ago, long_ago))
+    s = Store(root)  # the restart
+    try:
+        assert not old.exists() and new.exists() and other.exists()
+        assert s.image_bytes(kept) == _img(1)
+        iid, created = s.ingest(b"old" * 50_000, "again")  # the killed ingest, tried again
+        assert created and s.image_bytes(iid) == b"old" * 50_000
+    finally:
+        s.close()
 
 
 def test_lease_expiry_takeover_and_lease_lost(store: Store, clock: FakeClock) -> None:
