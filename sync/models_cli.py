@@ -1,13 +1,15 @@
 """``annotator models list | pull [--once] | rollback | adopt BUNDLE_DIR``.
 
 ``register(subparsers)`` adds the ``models`` command to the ``annotator`` parser. The daemon
-is asked to reload through its ReloadModels RPC when ``--daemon`` / ``[sync.models] daemon``
-names it; otherwise only the ``current`` pointer moves and the daemon picks it up at its next
-start (its ``engine.bundle`` should be ``<models root>/current``).
+is asked to reload through its ReloadModels RPC at ``--daemon`` / ``[sync.models] daemon``, else
+at the config's ``[server] listen`` (as the agent does); where no daemon runs there, or the
+daemon picks its port at start, only the ``current`` pointer moves and the daemon picks it up at
+its next start (its ``engine.bundle`` should be ``<models root>/current``).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import threading
@@ -22,18 +24,48 @@ log = logging.getLogger(__name__)
 
 
 def _settings(args: argparse.Namespace) -> PullSettings:
-    return settings(args, models_root=args.models_root, registry=getattr(args, "registry", None),
-                    public_key=getattr(args, "public_key", None), daemon=getattr(args, "daemon", None),
-                    margin=getattr(args, "margin", None), min_holdout=getattr(args, "min_holdout", None))
+    """The pull settings; without ``--daemon`` or ``[sync.models] daemon``, the daemon at the
+    config's ``[server] listen`` (as the agent does), which may be down (``args.daemon_optional``):
+    a rollback must work while the daemon is stopped, and a first ``adopt`` comes before its start."""
+    s = settings(args, models_root=args.models_root, registry=getattr(args, "registry", None),
+                 public_key=getattr(args, "public_key", None), daemon=getattr(args, "daemon", None),
+                 margin=getattr(args, "margin", None), min_holdout=getattr(args, "min_holdout", None))
+    args.daemon_optional = False
+    if s.daemon is None:
+        from .config import load_sync_config
+
+        address = load_sync_config(args.config).daemon_address
+        if address:
+            s, args.daemon_optional = dataclasses.replace(s, daemon=address), True
+    return s
 
 
 def _no_daemon(path: str) -> None:
     log.info("no daemon configured: %s becomes active at the daemon's next start", path)
 
 
-def build_puller(s: PullSettings, with_gate: bool = True) -> tuple[Any, list[Any]]:
+def _unless_down(reload_fn: Any, target: str) -> Any:
+    """``reload_fn`` where a daemon that is not running (UNAVAILABLE) is no error: the pointer
+    moves and the daemon loads the bundle at its next start."""
+    import grpc
+
+    def reload(path: str) -> Any:
+        try:
+            return reload_fn(path)
+        except RetryableError as exc:
+            cause = exc.__cause__
+            if getattr(cause, "code", None) is None or cause.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+            sys.stdout.write(f"no daemon answers at {target} ([server] listen): {path} becomes active at its next start\n")
+            return None
+
+    return reload
+
+
+def build_puller(s: PullSettings, with_gate: bool = True, daemon_optional: bool = False) -> tuple[Any, list[Any]]:
     """A ``ModelPuller`` for these settings, and the objects to close afterwards. The gate
-    (which opens the daemon's store and the dataset) only ``with_gate``."""
+    (which opens the daemon's store and the dataset) only ``with_gate``; ``daemon_optional``:
+    a daemon that is not running is no error (``_unless_down``)."""
     from .config import open_target
     from .models import ModelPuller, ModelSlots, grpc_reload_fn
     from .objectstore import LocalFolderStore
@@ -42,6 +74,8 @@ def build_puller(s: PullSettings, with_gate: bool = True) -> tuple[Any, list[Any
     registry = BundleRegistry(open_target(s.registry) if s.registry else LocalFolderStore(s.models_root / "none"))
     slots = ModelSlots(s.models_root)
     reload_fn = grpc_reload_fn(s.daemon, token=s.daemon_token, tls=s.daemon_tls) if s.daemon else _no_daemon
+    if s.daemon and daemon_optional:
+        reload_fn = _unless_down(reload_fn, s.daemon)
     gate, closing = None, []
     if with_gate:
         from service.store import Store
@@ -94,7 +128,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     s = _settings(args)
     if s.registry is None:
         raise SyncConfigError("no model registry: give --registry DIR or [sync.models.registry]")
-    puller, closing = build_puller(s)
+    puller, closing = build_puller(s, daemon_optional=args.daemon_optional)
     stop = threading.Event()
     try:
         while True:
@@ -119,7 +153,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    puller, closing = build_puller(_settings(args), with_gate=False)
+    s = _settings(args)
+    puller, closing = build_puller(s, with_gate=False, daemon_optional=args.daemon_optional)
     try:
         bid = puller.rollback()
     finally:
@@ -129,7 +164,8 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_adopt(args: argparse.Namespace) -> int:
-    puller, closing = build_puller(_settings(args), with_gate=False)
+    s = _settings(args)
+    puller, closing = build_puller(s, with_gate=False, daemon_optional=args.daemon_optional)
     try:
         bid = puller.adopt(Path(args.bundle))
     finally:
@@ -147,7 +183,8 @@ def register(subparsers: Any) -> None:
         add_common_options(s)
         s.add_argument("--models-root", type=Path, default=None, help="default <store root>/models")
         s.add_argument("--registry", type=Path, default=None, help="a registry folder (overrides the config)")
-        s.add_argument("--daemon", default=None, help="host:port of the daemon to send ReloadModels to")
+        s.add_argument("--daemon", default=None, help="host:port of the daemon to send ReloadModels to "
+                       "(default [sync.models] daemon, else [server] listen when a daemon answers there)")
 
     s = sub.add_parser("list", help="the bundle in use, the previous one, refusals, the registry's bundles")
     common(s)

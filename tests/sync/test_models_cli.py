@@ -1,0 +1,58 @@
+"""`annotator models adopt | pull | rollback` reload the daemon at the config's [server] listen."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from service.bundle import Bundle
+from service.config import load_config
+from service.daemon import Daemon
+from service.server import create_server
+from sync.models_cli import register
+
+from s3servers import free_port
+from test_models import publish
+
+pytestmark = pytest.mark.slow
+
+
+def test_pull_and_rollback_reload_the_daemon_at_server_listen(tmp_path: Path, coco17_bundle: Bundle,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """[sync.models] daemon defaults to [server] listen, as the example config says, but only the
+    agent applied it: `models pull` and `models rollback` moved `current` and left the daemon on
+    the old bundle until a restart (a rollback, the emergency path, too). A daemon that is not
+    running is no error: a first `adopt` comes before the daemon's start."""
+    port = free_port()
+    config = tmp_path / "annotator.toml"
+    config.write_text(f'[server]\nlisten = "127.0.0.1:{port}"\n[store]\nroot = "store"\n'
+                      f'[engine]\nbundle = "store/models/current"\n')
+    parser = argparse.ArgumentParser(prog="annotator")
+    register(parser.add_subparsers(dest="command", required=True))
+
+    def run(*argv: str) -> str:
+        args = parser.parse_args([*argv, "--config", str(config), "--registry", str(tmp_path / "registry")])
+        assert args.func(args) == 0
+        return capsys.readouterr().out
+
+    from service.store import Store
+
+    Store(tmp_path / "store").close()
+    assert f"{coco17_bundle.id} installed as current" in run("models", "adopt", str(coco17_bundle.path))
+    publish(tmp_path / "registry", coco17_bundle, "b-next", "2030-01-01T00:00:00Z", None)
+    out = run("models", "pull", "--once")  # no daemon runs yet
+    assert f"no daemon answers at 127.0.0.1:{port}" in out and "switched to b-next" in out
+    daemon = Daemon(load_config(config, env={}))
+    daemon.start()
+    server, bound = create_server(daemon.config, daemon)
+    try:
+        assert bound == port and daemon.bundle.id == "b-next"
+        assert f"rolled back to {coco17_bundle.id}" in run("models", "rollback")
+        assert daemon.bundle.id == coco17_bundle.id
+        publish(tmp_path / "registry", coco17_bundle, "b-third", "2030-02-01T00:00:00Z", None)
+        assert "switched to b-third" in run("models", "pull", "--once")
+        assert daemon.bundle.id == "b-third"
+    finally:
+        server.stop(grace=1.0).wait(5)
+        daemon.close()
