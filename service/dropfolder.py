@@ -43,7 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (EVENT_TYPE_CLOSED_NO_WRITE, EVENT_TYPE_EVENTS_LOST, EVENT_TYPE_OPENED, FileSystemEvent,
+                             FileSystemEventHandler)
 from watchdog.observers import Observer
 
 from .durable import write_bytes_atomic
@@ -57,6 +58,7 @@ PROCESSED_MODES = ("move", "keep", "delete")
 TEMP_SUFFIXES = (".tmp", ".part", ".reason.txt")
 RESCAN_SECONDS = 30.0
 PAUSE_RETRY_SECONDS = 5.0  # after a StoreFull, how long no file is read or decoded
+MOVE_RETRY_SECONDS, MOVE_RETRY_MAX_SECONDS = 30.0, 1800.0  # a file that cannot be moved out: back-off
 
 # sink(data, source, meta, decoded) ingests the bytes; raises StoreFull when ingest is paused.
 Sink = Callable[[bytes, str, dict, DecodedImage], object]
@@ -130,12 +132,21 @@ class _Seen:
     since: float  # monotonic time when this size/mtime was first seen
 
 
+# inotify events that say nothing about a file's content or presence. The daemon's own read of a
+# file raises them: reacting to them turned every retry of a file that cannot be moved out
+# (a folder the service user cannot write) into the next one at once, a core at 100 %.
+_IGNORED_EVENTS = frozenset({EVENT_TYPE_OPENED, EVENT_TYPE_CLOSED_NO_WRITE})
+
+
 class _Handler(FileSystemEventHandler):
     def __init__(self, folder: "DropFolder") -> None:
         self.folder = folder
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.is_directory and event.event_type != "moved":
+        if event.event_type == EVENT_TYPE_EVENTS_LOST:  # the kernel's queue overflowed: look at everything
+            self.folder.request_full_scan()
+            return
+        if event.event_type in _IGNORED_EVENTS or (event.is_directory and event.event_type != "moved"):
             return
         for p in (event.src_path, getattr(event, "dest_path", "")):
             if p:
@@ -172,6 +183,9 @@ class DropFolder:
         self._full_owed = False  # a full walk was skipped while paused
         self._seen: dict[Path, _Seen] = {}
         self._kept: dict[Path, tuple[int, int]] = {}  # processed_mode="keep": taken already
+        # A file that could not be moved out (size, mtime_ns, clock time of the next try, delay):
+        # tried again after a delay that doubles up to MOVE_RETRY_MAX_SECONDS, or when it changes.
+        self._stuck: dict[Path, tuple[int, int, float, float]] = {}
         self._dirty: set[Path] = set()
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -208,6 +222,11 @@ class DropFolder:
         """A file changed (from watchdog, or a test): look at it soon."""
         with self._lock:
             self._dirty.add(path)
+        self._wake.set()
+
+    def request_full_scan(self) -> None:
+        """Events were lost (inotify's queue overflowed): walk the whole folder on the next scan."""
+        self._full_owed = True
         self._wake.set()
 
     def _run(self) -> None:
@@ -313,12 +332,16 @@ class DropFolder:
         except FileNotFoundError:
             self._seen.pop(path, None)
             self._kept.pop(path, None)
+            self._stuck.pop(path, None)
             return 0
         if stat.S_ISDIR(st.st_mode):
             return 0
         if self._kept.get(path) == (st.st_size, st.st_mtime_ns):
             return 0
         now = self.clock()
+        stuck = self._stuck.get(path)
+        if stuck is not None and stuck[:2] == (st.st_size, st.st_mtime_ns) and now < stuck[2]:
+            return 0
         seen = self._seen.get(path)
         if seen is None or (seen.size, seen.mtime_ns) != (st.st_size, st.st_mtime_ns):
             self._seen[path] = seen = _Seen(st.st_size, st.st_mtime_ns, now)
@@ -327,12 +350,17 @@ class DropFolder:
             return 0  # still being written, look again later
         self._seen.pop(path, None)
         try:
-            return self._take(path, rel, st)
+            taken = self._take(path, rel, st)
         except OSError as exc:  # StoreFull (not an OSError) goes to scan_once, which stops
             if is_disk_full(exc):
                 raise _store_full(exc) from exc
-            log.error("cannot move %s out of the drop folder (%s); it will be retried", text_name(rel), exc)
+            delay = min(max(2 * stuck[3], MOVE_RETRY_SECONDS) if stuck else MOVE_RETRY_SECONDS, MOVE_RETRY_MAX_SECONDS)
+            self._stuck[path] = (st.st_size, st.st_mtime_ns, now + delay, delay)
+            log.error("cannot move %s out of the drop folder (%s); it will be retried in %.0f s (the service user "
+                      "needs write permission on its folder)", text_name(rel), exc, delay)
             return 0
+        self._stuck.pop(path, None)
+        return taken
 
     def _problem(self, path: Path, st: os.stat_result) -> str | None:
         """Why this file cannot be used as it is, or None."""

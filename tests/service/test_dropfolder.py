@@ -348,3 +348,76 @@ def test_startup_scan_and_watcher(tmp_path: Path) -> None:
     finally:
         drop.stop()
     assert sorted(s for _, s, _ in sink.got) == ["drop:after.jpg", "drop:before.jpg"]
+
+
+def _cannot_move(monkeypatch: pytest.MonkeyPatch, name: str) -> list[str]:
+    """``_dispose`` refuses ``name`` as a folder the service user cannot write would (the tests
+    run as root, which chmod cannot stop); returns the paths it was asked to move."""
+    asked: list[str] = []
+    real = DropFolder._dispose
+
+    def dispose(self: DropFolder, path: Path, rel: Path, st: os.stat_result) -> None:
+        asked.append(path.name)
+        if path.name == name:
+            raise PermissionError(13, "Permission denied", str(path))
+        real(self, path, rel, st)
+
+    monkeypatch.setattr(DropFolder, "_dispose", dispose)
+    return asked
+
+
+def test_a_file_that_cannot_be_moved_out_does_not_spin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon's own read of such a file raised inotify events (opened, closed without a write)
+    that woke the next try at once: 6,500 tries and a core at 100 % in 12 s on a capture folder
+    made with umask 022. Those events are ignored now, and the retries back off."""
+    decodes = _count_decodes(monkeypatch)
+    asked = _cannot_move(monkeypatch, "stuck.jpg")
+    sink = Sink()
+    drop = _folder(tmp_path, sink, poll_interval=0.01)
+    _old_files(drop.root, [b"cam1/stuck.jpg"])
+    drop.start()
+    try:
+        time.sleep(2.0)
+        tmp = drop.root / "cam1" / ".later.jpg"
+        tmp.write_bytes(_jpeg(9))
+        os.replace(tmp, drop.root / "cam1" / "later.jpg")  # the others are still taken
+        deadline = time.monotonic() + 10
+        while "later.jpg" not in asked and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        drop.stop()
+    assert asked.count("stuck.jpg") == 1 and "later.jpg" in asked and len(decodes) == 2
+
+
+def test_moving_out_is_retried_with_a_growing_delay_or_when_the_file_changes(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    asked = _cannot_move(monkeypatch, "stuck.jpg")
+    now = [1000.0]
+    drop = _folder(tmp_path, Sink(), clock=lambda: now[0])
+    _old_files(drop.root, [b"stuck.jpg"])
+    for step in (0.0, 10.0, 21.0, 30.0, 59.0, 2.0):  # tries at 0, 31 (after 30 s), 92 (after 60 s)
+        now[0] += step
+        drop.scan_once(full=True)
+    assert asked == ["stuck.jpg"] * 3
+    os.utime(drop.root / "stuck.jpg", (1_000_000_100, 1_000_000_100))  # changed: tried at once
+    drop.scan_once(full=True)
+    assert asked == ["stuck.jpg"] * 4
+    monkeypatch.undo()
+    now[0] += dropfolder.MOVE_RETRY_MAX_SECONDS
+    assert drop.scan_once(full=True) == 1 and (drop.root / PROCESSED / "stuck.jpg").is_file()
+    assert not drop._stuck
+
+
+def test_lost_events_ask_for_a_full_walk(tmp_path: Path) -> None:
+    """inotify's queue overflowed (a burst of files): the watcher's events for some files are
+    gone, so the next scan walks the whole folder instead of waiting for the 30 s rescan."""
+    from watchdog.events import EVENT_TYPE_EVENTS_LOST, FileSystemEvent
+
+    sink = Sink()
+    drop = _folder(tmp_path, sink)
+    _old_files(drop.root, [b"unseen.jpg"])
+    assert drop.scan_once(full=False) == 0  # nobody said it was there
+    event = FileSystemEvent("")
+    event.event_type = EVENT_TYPE_EVENTS_LOST  # type: ignore[misc]
+    dropfolder._Handler(drop).on_any_event(event)
+    assert drop.scan_once(full=False) == 1
