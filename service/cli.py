@@ -190,16 +190,45 @@ def _register_optional(sub: argparse._SubParsersAction) -> None:
         module.register(sub)
 
 
+# The modules of the optional extras (pyproject.toml) -> the extra that installs them, and the
+# commands that cannot start without one (checked before they run: calibrate would otherwise
+# decode and label the whole set before its import of pycocotools failed).
+_EXTRA_OF = {"pycocotools": "eval", "matplotlib": "eval", "ultralytics": "train", "torch": "train",
+             "torchvision": "train", "onnx": "train", "onnxslim": "train"}
+_NEEDS = {"train": ("ultralytics", "torch"), "learning-curve": ("ultralytics", "torch"), "simulate": ("ultralytics",),
+          "evaluate": ("pycocotools",), "calibrate": ("pycocotools",), "compact": ("onnx",)}
+
+
+def _extra_error(command: str, module: str, why: str) -> str:
+    extra = _EXTRA_OF[module]
+    return (f"annotator {command}: error: needs the {extra!r} extra ({why}); install it into this environment: "
+            f"{sys.executable} -m pip install '<the edge-annotator checkout>[{extra}]'")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import importlib.util
+
+    for module in _NEEDS.get(args.command, ()):
+        if importlib.util.find_spec(module) is None:
+            print(_extra_error(args.command, module, f"no module named {module!r}"), file=sys.stderr)
+            return 2
     try:
         return int(args.func(args))
     except (AnnotatorError, ValueError, OSError) as exc:
         # OSError: a path that is a file where a folder is wanted (or the reverse), a folder the
         # service user cannot write... one line naming the path, not a traceback.
         print(f"annotator {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        # A runtime-only install (make demo's .venv-run, /opt/annotator, the container) ran a
+        # command that needs an extra: say which one brings the module.
+        module = (exc.name or "").split(".")[0]
+        if module not in _EXTRA_OF:
+            raise
+        print(_extra_error(args.command, module, str(exc)), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -61,3 +61,37 @@ def test_a_store_root_under_a_file_is_one_line_not_a_traceback(tmp_path: Path,
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "annotator serve: error:" in err and "a-file" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, module, extra", [
+    (["calibrate", "bundle", "data", "out"], "pycocotools", "eval"),
+    (["compact", "bundle", "out"], "onnx", "train"),
+])
+def test_a_command_that_needs_an_extra_says_which_before_it_starts(argv: list[str], module: str, extra: str,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """In a runtime-only install (make demo's environment, /opt/annotator, the container) these
+    commands ended in a ModuleNotFoundError traceback; calibrate only after it had labelled the
+    whole set."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, module, None)  # as if the extra were not installed
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"annotator {argv[0]}: error: needs the '{extra}' extra" in err and f"[{extra}]'" in err
+    assert "Traceback" not in err
+
+
+def test_a_late_import_of_an_extra_is_one_line_too(monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    import service.cli as cli
+
+    def needs_matplotlib(args: argparse.Namespace) -> int:
+        raise ModuleNotFoundError("No module named 'matplotlib'", name="matplotlib")
+
+    parser = argparse.ArgumentParser()
+    parser.set_defaults(func=needs_matplotlib, command="bench", verbose=False)
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    assert main([]) == 2 and "needs the 'eval' extra" in capsys.readouterr().err
