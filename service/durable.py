@@ -5,7 +5,9 @@ next to the target (same file system, so the rename is atomic), is flushed and f
 only then renamed over the target. On any error the temporary file is removed and the old
 target, if any, stays as it was. The rename itself survives a power loss only once the folder
 is fsynced too: pass ``sync_dir=True``, or call ``fsync_dir`` once after a batch of writes
-(one directory sync instead of one per file).
+(one directory sync instead of one per file). A folder filled with plain writes (a bundle
+downloaded or copied) is made durable as a whole with ``fsync_tree`` before it is renamed into
+place.
 
 Temporary names start with ``.`` and end with ``.tmp``, which the drop folder and the local
 object store skip as work in progress.
@@ -20,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-__all__ = ["atomic_file", "fsync_dir", "write_bytes_atomic", "write_json_atomic"]
+__all__ = ["atomic_file", "fsync_dir", "fsync_tree", "write_bytes_atomic", "write_json_atomic"]
 
 # Temporary names keep only the start of the target's name: a long name plus the random part
 # and the suffix must stay under the file system's limit on name length.
@@ -40,6 +42,28 @@ def fsync_dir(folder: Path | str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_tree(path: Path | str) -> None:
+    """fsync every file and folder under ``path`` (``path`` included), then its parent.
+
+    For a folder written with plain writes and then renamed into place: without it a power
+    loss can keep the rename but bring the files back empty (ext4's delayed allocation).
+    Files first, then the folders from the deepest up, so that each folder's entries name
+    data that is on disk. Symbolic links are not followed."""
+    path = Path(path)
+    for folder, dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            file = os.path.join(folder, name)
+            if os.path.islink(file):
+                continue
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(folder)
+    fsync_dir(path.parent)
 
 
 @contextlib.contextmanager

@@ -8,6 +8,8 @@ Local layout under ``root`` (``<data root>/models`` by default)::
     previous -> bundles/<id>   symlink: the one before, for ``rollback``
     refused/<id>.reason.txt    a refused candidate and why; it is never tried again
     switching.json             only while a switch is in flight: the pointers before it
+    staging/.<id>.partial      a download in progress (``sync.registry``); cleared before each pass
+    bundles/.<id>.replaced     only while a bundle is reinstalled under the same id: the old copy
 
 ``ModelPuller.pull_once`` takes the registry's bundles newer than the one in use (order:
 ``created``, then ``id``), newest first, and for each: download into ``staging/``; verify the
@@ -31,6 +33,13 @@ so the daemon may still run the old bundle while ``current`` names the new one) 
 daemon to load ``current`` again: done, the switch is complete; the daemon refuses it
 (``BundleError``), the old pointers come back, the daemon is asked to load the old bundle and
 the new one is refused; the daemon unreachable, ``RetryableError`` and the next pass retries.
+
+A switch also survives a power loss: every file of a bundle, and its folder, is fsynced before
+the bundle is renamed into ``bundles/`` (``install``), so ``current`` never names a bundle whose
+files came back empty. Installing a bundle under an id already installed (``adopt`` run twice)
+keeps the copy in place when it is the same bundle; a different one replaces it through a
+rename aside, never a removal first, and a pass puts an old copy left aside back when the
+process died before the new one was in place.
 """
 from __future__ import annotations
 
@@ -44,12 +53,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from service.bundle import Bundle, load_bundle
-from service.durable import fsync_dir, write_bytes_atomic, write_json_atomic
+from service.durable import fsync_dir, fsync_tree, write_bytes_atomic, write_json_atomic
 from service.errors import BundleError
 
 from .errors import BundleContentError, RetryableError, SyncError
 from .gate import GateResult, ValidationGate
-from .registry import MANIFEST, SIGNATURE, BundleRegistry, RegistryEntry
+from .registry import MANIFEST, SIGNATURE, BundleRegistry, RegistryEntry, remove_partials
 from .signing import SignatureError, load_public_key, verify_manifest
 
 log = logging.getLogger(__name__)
@@ -57,6 +66,7 @@ log = logging.getLogger(__name__)
 ReloadFn = Callable[[str], Any]
 CURRENT, PREVIOUS = "current", "previous"
 SWITCHING = "switching.json"
+REPLACED = ".replaced"  # bundles/.<id>.replaced: the old copy while a bundle is reinstalled
 
 
 def _now() -> str:
@@ -72,6 +82,25 @@ def _point(link: Path, target: Path | None) -> None:
     tmp.unlink(missing_ok=True)
     os.symlink(os.path.relpath(target, link.parent), tmp)
     os.replace(tmp, link)
+
+
+def _same_bundle(a: Path, b: Path) -> bool:
+    """Whether the bundle folders ``a`` and ``b`` hold the same bundle: the same files, the same
+    bundle.json and bundle.sig bytes, and ``b`` still matches its checksums (a copy damaged
+    since is replaced, not kept)."""
+    def files(folder: Path) -> list[str]:
+        return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+    def read(path: Path) -> bytes | None:
+        return path.read_bytes() if path.is_file() else None
+
+    try:
+        if files(a) != files(b) or any(read(a / n) != read(b / n) for n in (MANIFEST, SIGNATURE)):
+            return False
+        load_bundle(b)
+    except (OSError, BundleError, ValueError, TypeError, KeyError, AttributeError):
+        return False
+    return True
 
 
 class ModelSlots:
@@ -97,7 +126,7 @@ class ModelSlots:
         return None if path is None else load_bundle(path, verify=verify)
 
     def installed(self) -> list[str]:
-        return sorted(p.name for p in (self.root / "bundles").iterdir() if p.is_dir())
+        return sorted(p.name for p in (self.root / "bundles").iterdir() if p.is_dir() and not p.name.startswith("."))
 
     def refused(self) -> dict[str, str]:
         """Refused bundle id -> reason text."""
@@ -111,12 +140,49 @@ class ModelSlots:
         log.warning("bundle %s refused: %s", bundle_id, reason)
 
     def install(self, staged: Path, bundle_id: str) -> Path:
-        """Move a checked bundle from staging into ``bundles/<id>``."""
-        dest = self.root / "bundles" / bundle_id
-        if dest.exists():
-            shutil.rmtree(dest)
+        """Move a checked bundle from staging into ``bundles/<id>``, its files on disk first
+        (module doc: a power loss must not bring ``current``'s files back empty).
+
+        ``bundles/<id>`` may be there already, and be what ``current`` names (``adopt`` run
+        twice): the same bundle stays in place and the staged copy is dropped; another one
+        takes its place through a rename aside, so that a kill -9 never leaves the id missing
+        with ``current`` naming it (``tidy`` puts the old copy back after such a kill)."""
+        bundles = self.root / "bundles"
+        dest = bundles / bundle_id
+        self.tidy()
+        if dest.is_dir() and not dest.is_symlink() and _same_bundle(staged, dest):
+            shutil.rmtree(staged)
+            fsync_tree(dest)  # installed by an older version, maybe never synced
+            log.info("bundle %s is installed already; the copy in place is kept", bundle_id)
+            return dest
+        fsync_tree(staged)
+        aside = None
+        if dest.exists() or dest.is_symlink():
+            aside = bundles / f".{bundle_id}{REPLACED}"
+            os.replace(dest, aside)
         os.replace(staged, dest)
+        fsync_dir(bundles)
+        fsync_dir(staged.parent)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
         return dest
+
+    def tidy(self) -> None:
+        """Clear what a killed process left: interrupted downloads under ``staging/``, and old
+        copies that ``install`` moved aside (back in place when the new copy never arrived,
+        removed otherwise). Single writer (class doc): never while a pull or install runs."""
+        remove_partials(self.root / "staging")
+        bundles = self.root / "bundles"
+        for aside in sorted(bundles.glob(f".*{REPLACED}")):
+            if not aside.is_dir() or aside.is_symlink() or len(aside.name) <= 1 + len(REPLACED):
+                continue
+            dest = bundles / aside.name[1:-len(REPLACED)]
+            if dest.exists() or dest.is_symlink():
+                shutil.rmtree(aside, ignore_errors=True)
+            else:
+                os.replace(aside, dest)
+                fsync_dir(bundles)
+                log.warning("an interrupted install left bundle %s aside; put back in place", dest.name)
 
     def switch(self, path: Path) -> tuple[Path | None, Path | None]:
         """current -> ``path``, previous -> the old current; returns the old (current, previous)."""
@@ -196,6 +262,7 @@ class ModelPuller:
         process left half done. Store outages (``RetryableError``) and credential or bucket
         errors (``PermanentError``) propagate and refuse nothing; the next pass tries again."""
         result = PullResult()
+        self.slots.tidy()
         self._resume_switch(result)
         entries = self.candidates()
         result.newer = [e.bundle_id for e in entries]
@@ -348,12 +415,14 @@ class ModelPuller:
         return prev.name
 
     def adopt(self, bundle_dir: Path) -> str:
-        """Install a local, verified bundle as ``current`` without reloading (first start)."""
+        """Install a local, verified bundle as ``current`` without reloading (first start).
+        Running it again with the bundle in use keeps that bundle where it is (``install``)."""
         bundle = load_bundle(bundle_dir)
         staged = self.slots.root / "staging" / bundle.id
         shutil.rmtree(staged, ignore_errors=True)
         shutil.copytree(bundle_dir, staged)
         self.slots.switch(self.slots.install(staged, bundle.id))
+        fsync_dir(self.slots.root)  # the pointers too: the daemon starts from ``current``
         return bundle.id
 
 

@@ -9,8 +9,10 @@ Layout (the same in a folder, ``LocalFolderStore(root)``, and in a bucket, ``S3S
 
 ``BundleRegistry`` lists the published bundles, orders them (``created``, then ``id``) and
 downloads one into a local folder: only ``bundle.json``, ``bundle.sig`` and the files the
-manifest names travel; the folder is filled under a temporary name and renamed into place, so
-a half-downloaded bundle is never looked at. Checksums, layouts and the signature are checked
+manifest names travel; the folder is filled under a temporary name (``.<id>.partial``),
+fsynced, and renamed into place, so a half-downloaded bundle is never looked at and a power
+loss never leaves a renamed bundle with empty files. A kill -9 mid-download leaves the
+temporary folder behind: ``remove_partials`` clears them before a pull. Checksums, layouts and the signature are checked
 by the caller (``sync.models``), not here. Problems of the bundle itself raise
 ``BundleContentError`` (the caller refuses that bundle); the store's own errors (credentials,
 bucket, outages) pass through unchanged, so that they never refuse a good bundle.
@@ -25,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from service.durable import fsync_dir, fsync_tree
+
 from .errors import BundleContentError, ObjectNotFound, RetryableError
 from .objectstore import ObjectStore
 
@@ -32,6 +36,26 @@ log = logging.getLogger(__name__)
 
 BUNDLES = "bundles/"
 MANIFEST, SIGNATURE = "bundle.json", "bundle.sig"
+PARTIAL = ".partial"  # suffix of a download in progress: .<bundle id>.partial next to its destination
+
+
+def _partial(dest: Path) -> Path:
+    return dest.with_name(f".{dest.name}{PARTIAL}")
+
+
+def remove_partials(folder: Path) -> list[str]:
+    """Remove the ``.<id>.partial`` folders under ``folder`` that a killed download left
+    (``download`` removes its own on any error, but not through kill -9 or a power loss, and a
+    bundle that is never downloaded again would keep its half copy for good). Only call it
+    while no download runs into ``folder``. Returns the names removed."""
+    removed = []
+    for path in sorted(Path(folder).glob(f".*{PARTIAL}")):
+        if path.is_dir() and not path.is_symlink() and len(path.name) > 1 + len(PARTIAL):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    if removed:
+        log.info("removed %d interrupted downloads under %s: %s", len(removed), folder, ", ".join(removed))
+    return removed
 
 
 def _plain_name(name: str) -> bool:
@@ -151,7 +175,7 @@ class BundleRegistry:
         missing bucket) pass through: they are not the bundle's fault.
         """
         dest = Path(dest)
-        tmp = dest.with_name(f".{dest.name}.partial")
+        tmp = _partial(dest)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
@@ -184,8 +208,12 @@ class BundleRegistry:
             except ObjectNotFound:
                 pass
             self._download_weights(bundle_id, data, tmp)
+            # The files on disk before the rename: a power loss must not keep the rename and
+            # lose the data (the bundle would go live with empty files).
+            fsync_tree(tmp)
             shutil.rmtree(dest, ignore_errors=True)
             tmp.rename(dest)
+            fsync_dir(dest.parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -26,8 +26,10 @@ the model pull picks it up; ``Failed``/``Stopped``: it logs SageMaker's ``Failur
 forgets the job. With no job in flight and enough newly reviewed images it exports the dataset
 (``sync.coco_export``, hold-out left out), uploads it (and the bundle in use, with its
 ``weights/``, as the ``init`` channel) and calls ``create_training_job``. The
-job in flight lives in ``<store root>/training-job.json`` (written atomically), so a restart
-resumes following it. Errors: boto3 failures become ``RetryableError`` / ``PermanentError``.
+job in flight lives in ``<store root>/training-job.json`` (written atomically, its folder
+fsynced), so a restart, or a power loss, resumes following it. The export and the artifact are
+unpacked in ``training-export-*`` / ``training-artifact-*`` folders there; a kill -9 leaves
+them, and the task's first pass removes them. Errors: boto3 failures become ``RetryableError`` / ``PermanentError``.
 
 Exactly one job per start, through kill -9 and timeouts: the job's name (and its dataset
 version and input addresses) is saved with status ``Starting`` *before* ``create_training_job``
@@ -48,6 +50,8 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import re
+import shutil
 import tarfile
 import tempfile
 import time
@@ -67,6 +71,9 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "training-job.json"
 STARTING, IN_PROGRESS, ARTIFACT_REFUSED = "Starting", "InProgress", "ArtifactRefused"
+EXPORT_PREFIX, ARTIFACT_PREFIX = "training-export-", "training-artifact-"
+# What tempfile.TemporaryDirectory names with those prefixes: the prefix and 8 random characters.
+_TEMP_NAME = re.compile(rf"(?:{EXPORT_PREFIX}|{ARTIFACT_PREFIX})[a-z0-9_]{{8}}")
 
 
 def _error_code(exc: BaseException) -> tuple[str, str]:
@@ -205,6 +212,7 @@ class TrainingJobTask:
         self.current_bundle = current_bundle
         self.clock = clock
         self._next_poll = 0.0
+        self._swept = False
 
     def state(self) -> dict[str, Any]:
         try:
@@ -213,9 +221,28 @@ class TrainingJobTask:
             return {}
 
     def _save(self, state: dict[str, Any]) -> None:
-        write_json_atomic(self.state_path, state)
+        # sync_dir: the rename survives a power loss too. ``Starting`` is saved right before
+        # create_training_job; rolled back to the old state, a second paid job would start.
+        write_json_atomic(self.state_path, state, sync_dir=True)
+
+    def remove_stale_temp(self) -> list[str]:
+        """Remove the temporary export and artifact folders a killed earlier process left next
+        to the state file (a ``TemporaryDirectory`` there is removed only when its block ends;
+        a dataset export is as large as the reviewed images). Only names ``tempfile`` made
+        with this task's prefixes; run before this process makes any. Returns the names."""
+        removed = []
+        for path in sorted(self.state_path.parent.glob("training-*")):
+            if _TEMP_NAME.fullmatch(path.name) and path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path.name)
+        if removed:
+            log.info("removed %d temporary folders left by an earlier run: %s", len(removed), ", ".join(removed))
+        return removed
 
     def run_once(self) -> bool:
+        if not self._swept:  # the first pass, not construction: building the task writes nothing
+            self._swept = True
+            self.remove_stale_temp()
         now = self.clock()
         if now < self._next_poll:
             return False
@@ -232,7 +259,7 @@ class TrainingJobTask:
         completed job (a failed job's dataset version is not tried again)."""
         s = self.trainer.settings
         base = int(state.get("reviewed_base", 0))
-        with tempfile.TemporaryDirectory(prefix="training-export-", dir=self.state_path.parent) as tmp:
+        with tempfile.TemporaryDirectory(prefix=EXPORT_PREFIX, dir=self.state_path.parent) as tmp:
             version, reviewed = self.export_dataset(Path(tmp) / "dataset")
             if reviewed - base < s.min_new_reviewed or version == state.get("dataset_version"):
                 return False
@@ -279,7 +306,7 @@ class TrainingJobTask:
         artifact = str((desc.get("ModelArtifacts") or {}).get("S3ModelArtifacts", ""))
         from .publish import publish_bundle
 
-        with tempfile.TemporaryDirectory(prefix="training-artifact-", dir=self.state_path.parent) as tmp:
+        with tempfile.TemporaryDirectory(prefix=ARTIFACT_PREFIX, dir=self.state_path.parent) as tmp:
             try:
                 bundle_dir = self.trainer.fetch_bundle(artifact, Path(tmp))
             except BundleContentError as exc:  # fetch_bundle sorts BundleError there too

@@ -1,13 +1,17 @@
 """Model pull faults that must not refuse a good bundle, end the agent or leave ``current`` and
 the daemon out of step: store errors during a download, a validation gate that cannot score,
-kill -9 between the pointer switch and the end of the daemon's reload.
+kill -9 between the pointer switch and the end of the daemon's reload, a power loss after a
+switch (files never fsynced), kill -9 while the bundle in use is adopted again, leftovers of
+killed downloads.
 
 Real bundles (coco17), a folder registry; the daemon is either the real one behind gRPC
 (``appliance`` from ``test_models``) or a real ``Engine`` swapped by the reload callable.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -15,7 +19,7 @@ from typing import Any, Callable
 import pytest
 from botocore.exceptions import ClientError
 
-from service.bundle import Bundle, load_bundle
+from service.bundle import Bundle, load_bundle, write_bundle
 from service.errors import BundleError
 from sync.dataset import Dataset
 from sync.errors import PermanentError, RetryableError
@@ -291,3 +295,120 @@ def test_a_rollback_killed_during_the_reload_is_completed_by_the_next_pull(box: 
     assert daemon.bundle_id == base.id and slots.current_path().name == base.id
     assert "rolled back" in slots.refused()["b-next"] and result.newer == []  # not pulled again
     assert not (slots.root / SWITCHING).exists()
+
+
+# -- power loss after a switch (bug: no file of a pulled or adopted bundle was ever fsynced) --
+
+def _trace_disk(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any]]:
+    """Record, in order, ``("fsync", inode)`` and ``("replace", destination)``. Inodes, not
+    names: a file fsynced under ``staging/`` is the one that ends up under ``bundles/``."""
+    events: list[tuple[str, Any]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.fstat(fd).st_ino))
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any, **kw: Any) -> None:
+        real_replace(src, dst, **kw)
+        events.append(("replace", Path(dst)))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+@pytest.mark.parametrize("how", ["pull", "adopt"])
+def test_every_file_of_a_bundle_is_on_disk_before_current_names_it(box: dict[str, Any], tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """ext4 keeps a rename through a power loss but brings never-synced new files back empty:
+    ``current`` must not be re-pointed before every file and folder of the bundle is synced,
+    nor the bundle's name in ``bundles/`` be left unsynced."""
+    base = box["base"]
+    if how == "pull":
+        slots, bid = box["slots"], "b-next"
+        publish(box["registry"], base, bid, "2030-01-01T00:00:00Z", None)
+        events = _trace_disk(monkeypatch)
+        assert box["puller"].pull_once().switched_to == bid
+    else:
+        slots, bid = ModelSlots(tmp_path / "fresh-models"), base.id
+        events = _trace_disk(monkeypatch)
+        ModelPuller(slots, box["puller"].registry, None, lambda p: None).adopt(base.path)
+    bundle = slots.root / "bundles" / bid
+    assert slots.current_path() == bundle
+    moved = events.index(("replace", slots.root / "current"))
+    installed = events.index(("replace", bundle))
+    synced = {ino for kind, ino in events[:moved] if kind == "fsync"}
+    parts = [bundle, *bundle.rglob("*")]
+    assert {p.name for p in parts} >= {"bundle.json", "pose_main.onnx"}
+    assert [p.relative_to(slots.root).as_posix() for p in parts if p.stat().st_ino not in synced] == []
+    assert ("fsync", (slots.root / "bundles").stat().st_ino) in events[installed:moved]
+    assert ("fsync", slots.root.stat().st_ino) in events[moved:]  # the pointer itself
+
+
+# -- adopt run twice (bug: the bundle in use was removed before its copy took its place) --
+
+def _kill_when_touched(monkeypatch: pytest.MonkeyPatch, dest: Path) -> None:
+    """kill -9 right after ``dest`` is removed or renamed away."""
+    real_rmtree, real_replace = shutil.rmtree, os.replace
+
+    def rmtree(path: Any, *args: Any, **kw: Any) -> None:
+        real_rmtree(path, *args, **kw)
+        if Path(path) == dest:
+            raise Killed
+
+    def replace(src: Any, dst: Any, **kw: Any) -> None:
+        real_replace(src, dst, **kw)
+        if Path(src) == dest:
+            raise Killed
+
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def test_adopting_the_bundle_in_use_again_keeps_it_in_place(box: dict[str, Any],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A provisioning script that runs ``models adopt`` twice: the bundle ``current`` names is
+    never removed, so a kill -9 at any point leaves a daemon that can start."""
+    slots, base = box["slots"], box["base"]
+    dest = slots.root / "bundles" / base.id
+    inode = dest.stat().st_ino
+    _kill_when_touched(monkeypatch, dest)
+    assert box["puller"].adopt(base.path) == base.id
+    monkeypatch.undo()
+    assert dest.stat().st_ino == inode  # the same folder, not a copy
+    assert load_bundle(slots.root / "current").id == base.id and slots.installed() == [base.id]
+    assert not any((slots.root / "staging").iterdir())
+
+
+def test_a_reinstall_under_the_same_id_killed_midway_is_put_back(box: dict[str, Any], tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another bundle under the id in use (edited without a new id): killed between moving the
+    old copy away and moving the new one in, the next pass puts the old one back."""
+    slots, base = box["slots"], box["base"]
+    edited = tmp_path / "edited"
+    shutil.copytree(base.path, edited)
+    write_bundle(dataclasses.replace(base, path=edited, created="2031-01-01T00:00:00Z"))
+    _kill_when_touched(monkeypatch, slots.root / "bundles" / base.id)
+    with pytest.raises(Killed):
+        box["puller"].adopt(edited)
+    monkeypatch.undo()
+    box["restart"]().pull_once()
+    assert load_bundle(slots.root / "current").created == base.created and slots.installed() == [base.id]
+    assert box["puller"].adopt(edited) == base.id  # not killed: the edited copy replaces it
+    assert load_bundle(slots.root / "current").created == "2031-01-01T00:00:00Z"
+    assert sorted(p.name for p in (slots.root / "bundles").iterdir()) == [base.id]
+
+
+# -- leftovers of killed downloads (bug: staging/.<id>.partial stayed for good) --
+
+def test_a_pass_clears_what_killed_downloads_left(box: dict[str, Any]) -> None:
+    slots, base = box["slots"], box["base"]
+    staging = slots.root / "staging"
+    shutil.copytree(base.path, staging / ".b-withdrawn.partial")  # kill -9 mid-download
+    (staging / ".b-half.partial").mkdir()
+    (staging / ".partial").mkdir()  # not a name the download makes
+    (staging / ".notes.partial").write_text("a file, not a download")
+    box["restart"]().pull_once()
+    assert sorted(p.name for p in staging.iterdir()) == [".notes.partial", ".partial"]
+    assert slots.current_path().name == base.id and slots.installed() == [base.id]

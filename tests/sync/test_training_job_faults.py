@@ -6,11 +6,14 @@ the tests put whatever artifact they need where SageMaker would).
   the job is saved (``Starting``) before the call and looked up by name afterwards.
 - An artifact that is not a usable bundle is refused (``ArtifactRefused``) and the agent goes
   on; credentials rejected still stop the agent and leave the job to be followed again.
+- A power loss right after the create call must not bring back the state before ``Starting``
+  (its folder is fsynced), and the temporary folders a kill -9 left are removed at the restart.
 """
 from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import shutil
 import tarfile
@@ -272,3 +275,71 @@ def test_rejected_credentials_on_the_artifact_stop_the_agent_and_keep_the_job(ma
     moto_server.client().put_object(Bucket=make_task.bucket, Key=artifact[len(f"s3://{make_task.bucket}/"):],
                                     Body=b"junk")
     assert task.run_once() is True and task.state()["status"] == "ArtifactRefused"
+
+
+# -- power loss and kill -9 leftovers (no moto: a trainer that only records) --
+
+class RecordingTrainer:
+    """``CloudTrainer``'s calls as the task makes them; ``start`` notes itself in ``events``."""
+
+    def __init__(self, events: list[tuple[str, Any]], min_new_reviewed: int = 1) -> None:
+        self.settings = TrainingSettings(role_arn="arn:aws:iam::123456789012:role/r", image_uri="img",
+                                         input_s3="s3://b/in", output_s3="s3://b/out",
+                                         min_new_reviewed=min_new_reviewed, poll_interval=0)
+        self.events = events
+
+    def upload_folder(self, folder: Path, name: str) -> str:
+        return f"s3://b/in/{name}/"
+
+    def find(self, job: str) -> None:
+        return None
+
+    def start(self, job: str, input_uri: str, init_uri: str | None = None) -> str:
+        self.events.append(("create", job))
+        return f"arn:aws:sagemaker:us-east-1:123456789012:training-job/{job}"
+
+
+def test_the_starting_state_is_on_disk_before_the_create_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rename of training-job.json survives a power loss only once its folder is fsynced:
+    rolled back to the old state after the create call, the next pass would start a second,
+    paid-for job under a new name."""
+    events: list[tuple[str, Any]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.fstat(fd).st_ino))
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any, **kw: Any) -> None:
+        real_replace(src, dst, **kw)
+        events.append(("replace", Path(dst).name))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    task = TrainingJobTask(RecordingTrainer(events), None, tmp_path, _export, clock=lambda: T0)
+    assert task.run_once() is True and task.state()["status"] == "InProgress"
+    created = next(i for i, e in enumerate(events) if e[0] == "create")
+    saved = max(i for i, e in enumerate(events[:created]) if e == ("replace", "training-job.json"))
+    assert ("fsync", tmp_path.stat().st_ino) in events[saved:created]
+    assert events[-1] == ("fsync", tmp_path.stat().st_ino)  # InProgress too
+
+
+def test_temporary_folders_a_killed_run_left_are_removed(tmp_path: Path) -> None:
+    """A kill -9 inside the export or the artifact's unpacking leaves its ``TemporaryDirectory``
+    in the state folder (a dataset export is as large as the reviewed images); only those
+    names go."""
+    stale = [tmp_path / "training-export-k2_x9abc", tmp_path / "training-artifact-0a1b2c3d"]
+    for folder in stale:
+        (folder / "dataset" / "images").mkdir(parents=True)
+        (folder / "dataset" / "images" / "a.jpg").write_bytes(b"\xff\xd8" * 1000)
+    kept = ["training-export-short", "training-export-k2_x9abc.d", "training-exporter-12345678", "store.sqlite3",
+            "training-job.json"]
+    for name in kept[:3]:
+        (tmp_path / name).mkdir()
+    (tmp_path / "store.sqlite3").write_bytes(b"SQLite format 3\x00")
+    (tmp_path / "training-job.json").write_text(json.dumps({"job": "annotator-old", "status": "Completed",
+                                                            "dataset_version": "v-faults-1"}))
+    task = TrainingJobTask(RecordingTrainer([], min_new_reviewed=1000), None, tmp_path, _export, clock=lambda: T0)
+    assert all(p.is_dir() for p in stale)  # building the task removes nothing
+    assert task.run_once() is False  # too few new images: no job
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
