@@ -83,6 +83,15 @@ def label_hash(label: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(label).encode()).hexdigest()
 
 
+def _adjusted(entry: "DatasetEntry") -> bool:
+    """Whether the reviewer changed the auto label: provenance ``adjusted`` (set by the backend,
+    or by the merge from the score), the mistakenness score only where it is missing."""
+    adjusted = entry.provenance.get("adjusted")
+    if adjusted is None:
+        return bool((entry.mistakes or {}).get("score", 0) > 0)
+    return bool(adjusted)
+
+
 def holdout_draw(image_id: str) -> float:
     """The image's deterministic draw in [0, 1) for the hold-out split."""
     return int(hashlib.sha256(f"holdout:{image_id}".encode()).hexdigest()[:15], 16) / 16 ** 15
@@ -248,7 +257,8 @@ class Dataset:
         return hashlib.sha256(canonical_json([[r[0], r[1]] for r in rows]).encode()).hexdigest()
 
     def record_version(self, note: str = "") -> DatasetVersion | None:
-        """Append the current version to ``versions`` when it differs from the last one."""
+        """Append the current version to ``versions`` when it differs from the last one; an
+        empty dataset that has recorded none records nothing (a merge calls this every time)."""
         version = self.version()
         with self.transaction() as db:
             last = db.execute("SELECT version FROM versions ORDER BY seq DESC LIMIT 1").fetchone()
@@ -256,6 +266,8 @@ class Dataset:
                 return None
             counts = dict(db.execute("SELECT origin, count(*) FROM labels GROUP BY origin").fetchall())
             reviewed, auto = int(counts.get(REVIEWED, 0)), int(counts.get(AUTO, 0))
+            if last is None and reviewed + auto == 0:
+                return None
             now = self.clock()
             cur = db.execute("INSERT INTO versions (version, created_at, images, reviewed, auto, note) "
                              "VALUES (?,?,?,?,?,?)", (version, now, reviewed + auto, reviewed, auto, note))
@@ -277,7 +289,9 @@ class Dataset:
 
         def group(items: list[DatasetEntry]) -> dict[str, Any]:
             out = summarise([e.mistakes["score"] for e in items if e.mistakes])
-            out["adjusted"] = sum(1 for e in items if (e.mistakes or {}).get("score", 0) > 0)
+            # The reviewer's own answer when the backend told it (Ground Truth boxes come back in
+            # whole pixels, so an unchanged review never scores exactly 0); else the score.
+            out["adjusted"] = sum(1 for e in items if _adjusted(e))
             return out
 
         return {"all": group(reviewed), "audit_picks": group([e for e in reviewed if e.audit]),

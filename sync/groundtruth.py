@@ -56,6 +56,14 @@ def _round(v: float) -> float:
     return round(float(v), 1)
 
 
+def _whole_pixels(box: Sequence[float]) -> dict[str, int]:
+    """A head box as the built-in format's whole pixels: each edge rounded, so the right edge
+    is ``round(x2)`` (rounding left and width apart put it 1 px off, and an unchanged review
+    then came back moved)."""
+    x1, y1, x2, y2 = (round(float(v)) for v in box)
+    return {"class_id": 0, "left": x1, "top": y1, "width": x2 - x1, "height": y2 - y1}
+
+
 def manifest_line(source_ref: str, image_id: str, record: Mapping[str, Any], bundle_id: str,
                   score: float | None = None, reasons: Sequence[str] = (), audit: bool = False,
                   appliance_id: str | None = None) -> str:
@@ -71,9 +79,7 @@ def manifest_line(source_ref: str, image_id: str, record: Mapping[str, Any], bun
     names = list(record.get("keypoint_names") or CABIN19_NAMES)
     heads = record.get("heads", [])
     auto_head = {"image_size": [{"width": width, "height": height, "depth": 3}],
-                 "annotations": [{"class_id": 0, "left": round(h["box"][0]), "top": round(h["box"][1]),
-                                  "width": round(h["box"][2] - h["box"][0]),
-                                  "height": round(h["box"][3] - h["box"][1])} for h in heads]}
+                 "annotations": [_whole_pixels(h["box"]) for h in heads]}
     meta: dict[str, Any] = {"objects": [{"confidence": round(float(h.get("conf", 0.0)), 3)} for h in heads],
                             "class-map": {"0": "head"}, "type": "groundtruth/object-detection",
                             "human-annotated": "no", "job-name": f"labeling-job/edge-{bundle_id}"}
@@ -280,8 +286,7 @@ def parse_output_line(line: Mapping[str, Any], names: Sequence[str] = CABIN19_NA
         heads = tuple((a["left"], a["top"], a["left"] + a["width"], a["top"] + a["height"])
                       for a in value.get("annotations", []) if class_map.get(str(a["class_id"]), "head") == "head")
         heads_label = _to_original(ReviewedLabel(image_id, int(size["width"]), int(size["height"]), heads, (),
-                                                 BACKEND, job, when, None, adjusted, tuple(names), (HEADS,)),
-                                   line.get("edge-original-size"))
+                                                 BACKEND, job, when, None, adjusted, tuple(names), (HEADS,)), line)
         earlier = _label_attribute(line, kind="groundtruth/custom")
         full = parse_output_line(line, names, earlier) if earlier is not None else None
         if full is None:
@@ -306,12 +311,31 @@ def parse_output_line(line: Mapping[str, Any], names: Sequence[str] = CABIN19_NA
         adjusted = None if auto is None else labels_differ(heads, persons, auto[0], auto[1], 1.0)  # type: ignore[arg-type]
     label = ReviewedLabel(image_id, int(width), int(height), heads, persons, BACKEND, job, when,  # type: ignore[arg-type]
                           value.get("workerId"), adjusted, tuple(names), (HEADS, PERSONS))
-    return _to_original(label, line.get("edge-original-size"))
+    return _to_original(label, line)
 
 
-def _to_original(label: ReviewedLabel, original: Sequence[int] | None) -> ReviewedLabel:
-    """``label`` rescaled per axis from the uploaded image's pixels to the original's."""
+def _uploaded_size(line: Mapping[str, Any]) -> tuple[int, int] | None:
+    """The size of the uploaded image, as the line's pre-annotation gives it (None: neither
+    ``auto-kpts`` nor ``auto-head`` says)."""
+    head_sizes = (line.get("auto-head") or {}).get("image_size") or [None]
+    size = (line.get("auto-kpts") or {}).get("image_size") or head_sizes[0]
+    if not size or not size.get("width") or not size.get("height"):
+        return None
+    return int(size["width"]), int(size["height"])
+
+
+def _to_original(label: ReviewedLabel, line: Mapping[str, Any]) -> ReviewedLabel:
+    """``label`` rescaled per axis from the uploaded image's pixels to the original's
+    (``edge-original-size``). Only a label of the uploaded size is rescaled: one of another size
+    (the worker saw the image turned) keeps it, and the merge refuses it for not being the
+    image's, where rescaling would have stretched it to fit."""
+    original = line.get("edge-original-size")
     if not original or (int(original[0]), int(original[1])) == (label.width, label.height):
+        return label
+    uploaded = _uploaded_size(line)
+    if uploaded is not None and uploaded != (label.width, label.height):
+        log.warning("review of %s is of a %dx%d image, the upload was %dx%d; not rescaled", label.image_id,
+                    label.width, label.height, *uploaded)
         return label
     sx, sy = int(original[0]) / label.width, int(original[1]) / label.height
 

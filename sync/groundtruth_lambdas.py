@@ -67,9 +67,9 @@ def task_input(line: Mapping[str, Any], spare_persons: int = SPARE_PERSONS) -> d
     points: list[dict[str, Any]] = []
     persons: list[dict[str, Any]] = []
     for number, p in enumerate(persons_in, start=1):
-        x1, y1, x2, y2 = p["box"]
-        boxes.append({"label": _person_label(number), "left": round(x1), "top": round(y1),
-                      "width": round(x2 - x1), "height": round(y2 - y1)})
+        # Each edge rounded: rounding left and width apart put the right edge 1 px off.
+        x1, y1, x2, y2 = (round(float(v)) for v in p["box"])
+        boxes.append({"label": _person_label(number), "left": x1, "top": y1, "width": x2 - x1, "height": y2 - y1})
         given = {k["label"]: k for k in p.get("keypoints", [])}
         rows = []
         for name in names:

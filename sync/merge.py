@@ -15,8 +15,9 @@ reviewer id, reviewed_at, adjusted) and for each one:
 
 The dataset is written before the store, so a crash in between is healed by the next run (the
 dataset write is idempotent). ``add_auto_accepted`` follows the store's transitions into
-``auto_accepted`` from a ``seq`` kept in the dataset. Each call that changed the dataset records a new
-dataset version.
+``auto_accepted`` from a ``seq`` kept in the dataset. Each call ends by recording the dataset
+version when it differs from the last recorded one (also one that an earlier, interrupted call
+wrote but did not record).
 """
 from __future__ import annotations
 
@@ -104,7 +105,15 @@ def reviewed_label(label: Any, target: Sequence[str], names: Sequence[str] | Non
     label's own ``keypoint_names`` when it has them). A label whose ``parts`` leave out
     ``heads`` or ``persons`` (e.g. a built-in bounding-box job) keeps that part of ``auto``
     (a canonical label: the auto label, or the image's earlier reviewed one); the image size
-    is ``auto``'s."""
+    is ``auto``'s.
+
+    A label that gives its own size must give ``auto``'s (ValueError otherwise): coordinates
+    in another frame (an EXIF-turned JPEG that the reviewer saw as stored, not upright) would
+    be merged as if they were the image's, every box and point in the wrong place."""
+    width, height = _get(label, "width"), _get(label, "height")
+    if (width, height) != (None, None) and (int(width or 0), int(height or 0)) != (auto["width"], auto["height"]):
+        raise ValueError(f"the review is of a {width}x{height} image, the image is {auto['width']}x{auto['height']} "
+                         "(turned or scaled otherwise); its coordinates are not the image's")
     names = _get(label, "keypoint_names") or names
     parts = tuple(_get(label, "parts") or ("heads", "persons"))
     persons = []
@@ -165,7 +174,7 @@ class Merger:
         self.dataset = dataset
 
     def merge(self, labels: Iterable[Any]) -> MergeReport:
-        """Merge reviewed labels (see module doc); records a dataset version when anything changed."""
+        """Merge reviewed labels (see module doc); records the dataset version when it is new."""
         report = MergeReport()
         target = self.dataset.schema.names
         for label in labels:
@@ -199,9 +208,13 @@ class Merger:
             log.info("image %s: reviewed label merged (%s job %s, mistakenness %.3f)",
                      image_id[:12], prov["backend"], prov["job"], mist.score)
         report.auto_added = self.add_auto_accepted()
-        if report.merged or report.auto_added:
-            report.version = self.dataset.record_version(
-                f"merge: {len(report.merged)} reviewed, {report.auto_added} auto-accepted")
+        # Every call, not only when this one changed something: a crash after the writes above
+        # and before this left the dataset without a version row for its content, and after a
+        # restart the same labels merge as "unchanged". record_version records nothing when the
+        # content is the last recorded version (or the dataset is empty and has none).
+        note = f"merge: {len(report.merged)} reviewed, {report.auto_added} auto-accepted"
+        report.version = self.dataset.record_version(
+            note if report.merged or report.auto_added else note + " (earlier writes not recorded before)")
         for image_id, why in report.skipped.items():
             log.warning("image %s: not merged: %s", image_id[:12], why)
         return report

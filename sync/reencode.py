@@ -4,7 +4,17 @@ A record's coordinates are pixels of the original image after EXIF orientation. 
 is larger than ``max_side`` it is decoded (orientation applied), resized so the longer side is
 ``max_side`` and encoded as JPEG without EXIF; every box and key point is then multiplied by
 ``new_width / width`` in x and ``new_height / height`` in y (the two differ slightly because
-each side is rounded to whole pixels). Otherwise the original bytes go up unchanged.
+each side is rounded to whole pixels). An image stored turned (a JPEG whose EXIF orientation
+is not 1, or any image whose header size is the record's turned) is re-encoded upright at its
+own size: Ground Truth's worker UI shows the stored pixels without applying EXIF, so the
+pre-annotations (upright) would land on the wrong content and the answers come back in the
+stored frame. Otherwise the original bytes go up unchanged.
+
+A reduced JPEG decode (1/2, 1/4, 1/8) maps decoded pixel ``i`` to original pixels
+``[i f, (i + 1) f)`` only when ``f`` divides the side: otherwise the last decoded pixel is
+partial (or, on an axis EXIF orientation reverses, the first), and resizing all decoded
+pixels to the new size stretched the image against the record by up to ``f - 1`` original
+pixels. So the largest ``f`` dividing both sides is used (none: a full decode).
 """
 from __future__ import annotations
 
@@ -14,7 +24,8 @@ from typing import Any, Mapping
 
 import cv2
 
-from service.imageio import decode_image
+from service.errors import ImageError
+from service.imageio import _jpeg_info, decode_image, header_size
 from service.outputs import image_suffix
 
 _TYPES = {".jpg": "image/jpeg", ".png": "image/png", ".bmp": "image/bmp", ".tif": "image/tiff",
@@ -50,23 +61,63 @@ def scale_record(record: Mapping[str, Any], sx: float, sy: float, width: int, he
     return out
 
 
-def prepare_upload(data: bytes, record: Mapping[str, Any], max_side: int | None = None,
-                   jpeg_quality: int = 90) -> UploadImage:
-    """What to upload for one image: the original, or a downscaled JPEG when larger than ``max_side``."""
-    suffix = image_suffix(data)
-    width, height = int(record["width"]), int(record["height"])
-    if not max_side or max(width, height) <= max_side:
-        return UploadImage(data, suffix, _TYPES.get(suffix, "application/octet-stream"), dict(record), (1.0, 1.0))
-    if not 1 <= jpeg_quality <= 100:
-        raise ValueError(f"jpeg_quality: expected 1..100, got {jpeg_quality}")
-    decoded = decode_image(data, max_side_hint=max_side)
-    if (decoded.width, decoded.height) != (width, height):
-        raise ValueError(f"record says {width}x{height}, the image decodes as {decoded.width}x{decoded.height}")
-    s = max_side / max(width, height)
-    new_w, new_h = max(1, round(width * s)), max(1, round(height * s))
-    pixels = cv2.resize(decoded.pixels, (new_w, new_h), interpolation=cv2.INTER_AREA)
+def _stored_turned(data: bytes, width: int, height: int) -> bool:
+    """Whether the stored pixels are not the record's upright frame: a JPEG's EXIF orientation
+    is not 1, or the header's size is the record's turned. Bytes of no known format (or a
+    header that cannot be read) go up as they are, as before."""
+    try:
+        if data[:2] == b"\xff\xd8" and _jpeg_info(data)[2] != 1:
+            return True
+        size = header_size(data)
+    except ImageError:
+        return False
+    return size is not None and width != height and tuple(size) == (height, width)
+
+
+def _exact_reduction(width: int, height: int, max_side: int) -> int:
+    """The largest reduced-decode factor that divides both sides and still leaves the longer
+    side at least ``max_side`` (1: a full decode); see the module docstring."""
+    for f in (8, 4, 2):
+        if width % f == 0 and height % f == 0 and max(width, height) >= f * max_side:
+            return f
+    return 1
+
+
+def _encode(pixels: Any, jpeg_quality: int) -> bytes:
     ok, buf = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)])
     if not ok:
         raise ValueError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+def prepare_upload(data: bytes, record: Mapping[str, Any], max_side: int | None = None,
+                   jpeg_quality: int = 90) -> UploadImage:
+    """What to upload for one image: the original, a downscaled JPEG when larger than
+    ``max_side``, or an upright JPEG of the same size when stored turned (module docstring)."""
+    suffix = image_suffix(data)
+    width, height = int(record["width"]), int(record["height"])
+    downscale = bool(max_side and max(width, height) > max_side)
+    if not downscale and not _stored_turned(data, width, height):
+        return UploadImage(data, suffix, _TYPES.get(suffix, "application/octet-stream"), dict(record), (1.0, 1.0))
+    if not 1 <= jpeg_quality <= 100:
+        raise ValueError(f"jpeg_quality: expected 1..100, got {jpeg_quality}")
+    if not downscale:  # upright, same size: the record's coordinates hold as they are
+        decoded = decode_image(data)
+        if (decoded.width, decoded.height) != (width, height):
+            raise ValueError(f"record says {width}x{height}, the image decodes as {decoded.width}x{decoded.height}")
+        return UploadImage(_encode(decoded.pixels, jpeg_quality), ".jpg", "image/jpeg", dict(record), (1.0, 1.0))
+    side = int(max_side or 0)
+    f = _exact_reduction(width, height, side)
+    # decode_image picks the largest factor f with max side >= f * hint: this hint makes it f.
+    decoded = decode_image(data, max_side_hint=max(width, height) // f if f > 1 else None)
+    if (decoded.width, decoded.height) != (width, height):
+        raise ValueError(f"record says {width}x{height}, the image decodes as {decoded.width}x{decoded.height}")
+    if decoded.pixels.shape[:2] != (height // decoded.reduce, width // decoded.reduce):
+        raise ValueError(f"decoded at 1/{decoded.reduce} as {decoded.pixels.shape[1]}x{decoded.pixels.shape[0]}, "
+                         f"not an exact reduction of {width}x{height}")
+    s = side / max(width, height)
+    new_w, new_h = max(1, round(width * s)), max(1, round(height * s))
+    pixels = cv2.resize(decoded.pixels, (new_w, new_h), interpolation=cv2.INTER_AREA)
     sx, sy = new_w / width, new_h / height
-    return UploadImage(buf.tobytes(), ".jpg", "image/jpeg", scale_record(record, sx, sy, new_w, new_h), (sx, sy))
+    return UploadImage(_encode(pixels, jpeg_quality), ".jpg", "image/jpeg", scale_record(record, sx, sy, new_w, new_h),
+                       (sx, sy))

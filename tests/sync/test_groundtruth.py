@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import pytest
 
-from gtworker import answer
+from gtworker import answer, output_line
 from review_contract import (WIDTH, HEIGHT, ReviewBackendContract, assert_label, collect, expected, image_id,
                              record)
 from service.keypoints import CABIN19_NAMES, COCO17_NAMES, OUTSIDE
@@ -455,3 +455,34 @@ def test_a_job_prefix_that_cannot_keep_the_batch_id_is_refused(tmp_path: Path) -
     for text in (base + f'job_prefix = "{"x" * MAX_JOB_PREFIX}"\n', base):
         config.write_text(text)
         assert review_settings_from(load_sync_config(config, env={}), env={}).groundtruth is not None
+
+
+def test_boxes_travel_with_each_edge_rounded_so_an_unchanged_answer_comes_back_unchanged() -> None:
+    """Rounding left and width apart put the right edge 1 px off (10.4 + 20.2 -> 10 + 20 = 30,
+    not round(30.6) = 31), so every unchanged Ground Truth answer came back moved."""
+    rec = record(persons=1)
+    rec["heads"][0]["box"] = [10.4, 20.6, 30.6, 40.4]
+    rec["persons"][0]["box"] = [50.4, 60.6, 150.6, 200.4]
+    line = json.loads(manifest_line("s3://b/x.jpg", "x", rec, "b"))
+    (head,) = line["auto-head"]["annotations"]
+    assert (head["left"], head["top"], head["left"] + head["width"], head["top"] + head["height"]) == (10, 21, 31, 40)
+    task = pre_annotation_handler({"dataObject": line})["taskInput"]
+    person = next(b for b in task["initialBoxes"] if b["label"] == "person 1")
+    assert (person["left"], person["top"], person["left"] + person["width"],
+            person["top"] + person["height"]) == (50, 61, 151, 200)
+    content = answer_from_page(Page(render(task)))
+    label = parse_output_line(output_line(line, content, "j"))
+    assert label is not None and label.adjusted is False
+    assert label.heads[0] == pytest.approx(rec["heads"][0]["box"], abs=0.5)
+    assert label.persons[0].box == pytest.approx(rec["persons"][0]["box"], abs=0.5)
+
+
+def test_an_answer_for_a_turned_upload_is_not_stretched_to_the_original() -> None:
+    """A downscaled upload's answer is rescaled from the upload's size; an answer of another
+    size (the worker saw the image turned) keeps its size, and the merge refuses it."""
+    rec = {**record(persons=1), "original_size": [WIDTH * 2, HEIGHT * 2]}
+    line, _ = _custom_review_line(rec, "j")
+    line["rev"]["image_size"] = {"width": HEIGHT, "height": WIDTH}
+    label = parse_output_line(line)
+    assert label is not None and (label.width, label.height) == (HEIGHT, WIDTH)
+    assert (label.persons[0].keypoints[0].x, label.persons[0].keypoints[0].y) == (10.0, 20.0)

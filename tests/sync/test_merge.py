@@ -297,3 +297,57 @@ def test_a_later_heads_only_review_keeps_the_reviewed_key_points(world) -> None:
     label = dataset.get(rid).label
     assert label["heads"] == [[10.0, 10.0, 60.0, 60.0]]
     assert label["persons"][0]["keypoints"][0][0] == pytest.approx(135.0)  # the bundle said 110
+
+
+def test_a_review_of_a_turned_image_is_refused_not_merged(world) -> None:
+    """A Ground Truth worker shown an EXIF-turned JPEG as stored answers in that frame (its size
+    turned): merging it as the record's frame put every box and point in the wrong place."""
+    store, dataset, merger = world
+    rid = _annotated(store, b"turned", "review")
+    store.set_state(rid, (REVIEW_PENDING,), UPLOADED)
+    turned = ReviewedLabel(**{**_reviewed(rid).__dict__, "width": 480, "height": 640})
+    report = merger.merge([turned])
+    assert report.merged == [] and "480x640" in report.skipped[rid] and "640x480" in report.skipped[rid]
+    assert dataset.get(rid) is None and store.get(rid).state == UPLOADED
+    assert merger.merge([_reviewed(rid)]).merged == [rid]  # the record's size merges
+
+
+def test_a_merge_cut_off_before_its_version_records_it_on_the_next_run(world, monkeypatch) -> None:
+    """put_reviewed and set_state commit per image; a kill before record_version left the new
+    content without a version row, and the restart saw every label "unchanged" and recorded
+    nothing, so a training job named a dataset version that ``versions`` never held."""
+    store, dataset, merger = world
+    assert merger.merge([]).version is None and dataset.versions() == []  # empty: nothing to record
+    rid = _annotated(store, b"cut off", "review")
+    store.set_state(rid, (REVIEW_PENDING,), UPLOADED)
+
+    class Killed(BaseException):
+        pass
+
+    def killed(*args, **kwargs):
+        raise Killed()
+
+    with monkeypatch.context() as m:
+        m.setattr(dataset, "record_version", killed)
+        with pytest.raises(Killed):
+            merger.merge([_reviewed(rid, move=4.0)])
+    assert dataset.versions() == [] and store.get(rid).state == REVIEWED
+    report = merger.merge([_reviewed(rid, move=4.0)])
+    assert report.unchanged == [rid] and report.version is not None
+    assert [v.version for v in dataset.versions()] == [dataset.version()]
+    assert merger.merge([_reviewed(rid, move=4.0)]).version is None and len(dataset.versions()) == 1
+
+
+def test_summary_counts_what_the_reviewer_adjusted_not_rounding(world) -> None:
+    """Ground Truth boxes come back in whole pixels, so an unchanged review never scores exactly
+    0: the summary counts the review's ``adjusted`` and falls back to the score without it."""
+    store, dataset, merger = world
+    labels = []
+    for n, (move, adjusted) in enumerate([(0.4, False), (0.4, False), (20.0, True), (3.0, None)]):
+        rid = _annotated(store, f"rounded {n}".encode(), "review")
+        store.set_state(rid, (REVIEW_PENDING,), UPLOADED)
+        labels.append(ReviewedLabel(**{**_reviewed(rid, move=move).__dict__, "adjusted": adjusted}))
+    merger.merge(labels)
+    s = dataset.mistakenness_summary()["all"]
+    assert s["count"] == 4 and s["max"] > 0 and sorted(e.mistakes["score"] for e in dataset.entries())[0] > 0
+    assert s["adjusted"] == 2  # the 20 px move and the 3 px one without a flag

@@ -1,0 +1,102 @@
+"""Upload re-encoding: the uploaded pixels are where the uploaded record says, in the upright frame."""
+from __future__ import annotations
+
+import struct
+
+import cv2
+import numpy as np
+import pytest
+
+from service.imageio import _jpeg_info
+from sync.reencode import prepare_upload
+
+SQUARE = 48
+
+# How the stored pixels are made from the upright image, per EXIF orientation (the inverse of
+# what a viewer that honours the tag does to show them).
+STORE = {1: lambda a: a, 3: lambda a: cv2.rotate(a, cv2.ROTATE_180),
+         6: lambda a: cv2.rotate(a, cv2.ROTATE_90_COUNTERCLOCKWISE),
+         8: lambda a: cv2.rotate(a, cv2.ROTATE_90_CLOCKWISE)}
+
+
+def _with_orientation(jpeg: bytes, orientation: int) -> bytes:
+    """``jpeg`` with an EXIF APP1 segment holding only the Orientation tag."""
+    entry = struct.pack(">HHIHH", 0x0112, 3, 1, orientation, 0)
+    tiff = b"MM\x00\x2a" + struct.pack(">I", 8) + struct.pack(">H", 1) + entry + struct.pack(">I", 0)
+    payload = b"Exif\x00\x00" + tiff
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload + jpeg[2:]
+
+
+def _image(width: int, height: int, orientation: int = 1, near: bool = False) -> tuple[bytes, tuple[float, float]]:
+    """A JPEG, upright ``width`` x ``height`` (stored turned for ``orientation``), black with a
+    white square near the far corner (``near``: the top left one); and the square's centre in
+    upright original pixels."""
+    img = np.zeros((height, width, 3), np.uint8)
+    x0, y0 = (32, 32) if near else (width - 80, height - 80)
+    img[y0:y0 + SQUARE, x0:x0 + SQUARE] = 255
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(STORE[orientation](img)), [cv2.IMWRITE_JPEG_QUALITY, 98])
+    assert ok
+    data = buf.tobytes()
+    return (data if orientation == 1 else _with_orientation(data, orientation)), (x0 + SQUARE / 2, y0 + SQUARE / 2)
+
+
+def _centroid(pixels: np.ndarray, x: float, y: float, r: float) -> tuple[float, float]:
+    """Brightness centroid (pixel corners at integers) in a window of half-size ``r`` around x, y."""
+    x0, y0 = max(0, int(x - r)), max(0, int(y - r))
+    win = pixels[y0:int(y + r), x0:int(x + r), 1].astype(np.float64)
+    ys, xs = np.mgrid[y0:y0 + win.shape[0], x0:x0 + win.shape[1]]
+    return float((xs * win).sum() / win.sum()) + 0.5, float((ys * win).sum() / win.sum()) + 0.5
+
+
+def _record(width: int, height: int, centre: tuple[float, float]) -> dict:
+    x, y = centre
+    return {"width": width, "height": height, "heads": [{"box": [x - 24, y - 24, x + 24, y + 24], "conf": 0.9}],
+            "persons": []}
+
+
+@pytest.mark.parametrize("width, height, max_side, orientation, near", [
+    (4001, 3001, 500, 1, False),  # sides no reduced decode divides: 4001 / 8 rounds up (the audit's 5.6 px)
+    (2001, 1501, 500, 1, False),
+    (4007, 2999, 500, 1, False),
+    (2008, 1504, 250, 1, False),  # 1/8 decode, exact
+    (2008, 1504, 250, 6, False),  # 1/8 decode of an EXIF-turned image
+    (2001, 1501, 500, 3, True),   # the partial blocks come first on axes the orientation reverses
+])
+def test_downscaled_upload_keeps_the_content_where_the_record_says(width: int, height: int, max_side: int,
+                                                                   orientation: int, near: bool) -> None:
+    data, (tx, ty) = _image(width, height, orientation, near)
+    up = prepare_upload(data, _record(width, height, (tx, ty)), max_side=max_side)
+    pixels = cv2.imdecode(np.frombuffer(up.data, np.uint8), cv2.IMREAD_COLOR)
+    assert (pixels.shape[1], pixels.shape[0]) == (up.record["width"], up.record["height"])
+    assert max(pixels.shape[:2]) == max_side
+    sx, sy = up.scale_xy
+    x1, y1, x2, y2 = up.record["heads"][0]["box"]
+    cx, cy = _centroid(pixels, (x1 + x2) / 2, (y1 + y2) / 2, SQUARE * sx)
+    assert abs(cx / sx - tx) < 0.5 and abs(cy / sy - ty) < 0.5, (cx / sx - tx, cy / sy - ty)
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+@pytest.mark.parametrize("max_side", [None, 1000])
+def test_an_exif_turned_jpeg_goes_up_upright_without_the_tag(orientation: int, max_side: int | None) -> None:
+    """Ground Truth's worker UI shows the stored pixels, not EXIF-turned ones, while the
+    manifest's sizes and coordinates are upright: the upload must be upright itself."""
+    data, centre = _image(640, 480, orientation)
+    record = _record(640, 480, centre)
+    up = prepare_upload(data, record, max_side=max_side)
+    width, height, tag, _ = _jpeg_info(up.data)
+    assert (width, height, tag) == (640, 480, 1) and up.suffix == ".jpg" and up.content_type == "image/jpeg"
+    assert up.record == record and up.scale_xy == (1.0, 1.0)
+    stored = cv2.imdecode(np.frombuffer(up.data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    cx, cy = _centroid(stored, *centre, SQUARE)
+    assert abs(cx - centre[0]) < 0.5 and abs(cy - centre[1]) < 0.5
+
+
+def test_an_upright_image_within_max_side_goes_up_as_it_is() -> None:
+    data, centre = _image(640, 480)
+    assert prepare_upload(data, _record(640, 480, centre), max_side=1000).data == data
+    assert prepare_upload(data, _record(640, 480, centre)).data == data
+    tagged = _with_orientation(data, 1)
+    assert prepare_upload(tagged, _record(640, 480, centre)).data == tagged
+    ok, png = cv2.imencode(".png", np.zeros((48, 64, 3), np.uint8))
+    assert prepare_upload(png.tobytes(), {"width": 64, "height": 48}).data == png.tobytes()
+    assert prepare_upload(b"not an image", {"width": 64, "height": 48}).data == b"not an image"
