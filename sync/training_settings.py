@@ -74,6 +74,14 @@ def training_settings_from(table: Mapping[str, Any], appliance_id: str, base: Pa
         if isinstance(v, dict) or isinstance(v, list):
             raise SyncConfigError(f"sync.training.hyperparameters.{k}: expected a plain value, got {v!r}")
         hp[k] = ("true" if v else "false") if isinstance(v, bool) else str(v)
+    # Checked as the job will check them (it fails on an unknown key or a bad value): here, a
+    # typo stops the agent at start instead of failing a paid job after its instance started.
+    from exporter.sagemaker_entry import parse_hyperparameters
+
+    try:
+        parse_hyperparameters(hp)
+    except ValueError as exc:
+        raise SyncConfigError(f"sync.training.hyperparameters: {exc}") from exc
     values = {k: v for k, v in table.items() if k not in ("hyperparameters", "sign_key")}
     if "poll_interval" in values:
         values["poll_interval"] = float(values["poll_interval"])

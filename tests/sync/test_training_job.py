@@ -38,6 +38,10 @@ def test_settings_are_validated(tmp_path: Path) -> None:
     for bad, message in (({**good, "input_s3": "/local"}, "input_s3"), ({**good, "colour": "red"}, "colour"),
                          ({k: v for k, v in good.items() if k != "role_arn"}, "role_arn"),
                          ({**good, "min_new_reviewed": 0}, "min_new_reviewed"),
+                         # checked as the job checks them: a typo failed a paid job after its start
+                         ({**good, "hyperparameters": {"epoch": 3}}, "hyperparameter 'epoch': unknown"),
+                         ({**good, "hyperparameters": {"epochs": "three"}}, "hyperparameter 'epochs'"),
+                         ({**good, "hyperparameters": {"reviewed_only": "maybe"}}, "reviewed_only"),
                          ({**good, "propagate": 65}, "propagate: expected dHash bits")):
         with pytest.raises(SyncConfigError, match=message):
             training_settings_from(bad, "box-1", tmp_path)
