@@ -16,8 +16,8 @@ Pure functions over bytes (``read_image`` only reads the file). What they guaran
 - Truncated JPEGs (no end-of-image marker after the scan) and PNGs (no IEND chunk) are refused,
   although OpenCV would return a partly grey image for them.
 - ``max_side_hint``: when a JPEG is at least 2x larger than needed, it is decoded at 1/2, 1/4
-  or 1/8 size (``IMREAD_REDUCED_COLOR_*``, much faster); ``width``/``height`` stay those of the
-  original and ``scale`` = pixels.shape[1] / width.
+  or 1/8 size (``IMREAD_REDUCED_COLOR_*``, much faster), by a factor that divides both sides;
+  ``width``/``height`` stay those of the original and ``scale`` = 1 / factor.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ class DecodedImage:
     pixels: HxWx3 uint8 BGR, possibly decoded at reduced size; width/height: the ORIGINAL
     size after EXIF orientation; scale: decoded / original pixels, 1.0 for a full decode and
     exactly 1 / f for libjpeg's 1/f decode (``reduce``), which maps decoded x to original x * f
-    on both axes, also where a side is not a multiple of f (its last block is partial).
+    on both axes (``decode_image`` reduces only by a factor that divides both sides).
     """
 
     pixels: np.ndarray
@@ -334,7 +334,12 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, max_side_hint: int |
             raise ImageError("truncated JPEG: no end-of-image marker after the image data")
         if max_side_hint:
             for factor, _ in _REDUCED:
-                if max(w, h) >= factor * max_side_hint:
+                # Only a factor that divides both sides: then decoded pixel i is original pixels
+                # [i f, (i + 1) f) on both axes. Otherwise one block is partial, the last one, or
+                # the first on an axis that EXIF orientation reverses, where x * f drifts every
+                # point by up to f - 1 pixels. Camera sizes are multiples of 8 (1920x1080,
+                # 1280x800, 4000x3000), so they keep the fast decode.
+                if max(w, h) >= factor * max_side_hint and w % factor == 0 and h % factor == 0:
                     reduce_by = factor
                     break
     elif data[:8] == b"\x89PNG\r\n\x1a\n" and b"IEND" not in data[-32:]:

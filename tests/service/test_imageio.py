@@ -67,17 +67,29 @@ def test_reduced_jpeg_decode(hint, factor) -> None:
     assert d.scale_xy == pytest.approx((1 / factor, 1 / factor))
 
 
-def test_reduced_decode_maps_back_by_the_factor_when_a_side_is_not_a_multiple() -> None:
-    """libjpeg's 1/f decode maps decoded x to x * f; the ratio of the rounded-up sides drifted a
-    stripe at x = 1204 of a 1283 px wide image to 1199."""
+@pytest.mark.parametrize("orientation", [1, 2, 3, 6, 8])
+def test_reduced_decode_maps_back_exactly_when_a_side_is_not_a_multiple(jpeg_with_orientation,
+                                                                       orientation: int) -> None:
+    """A 1283 x 967 image at 1/8 has a partial last block; on an axis that EXIF orientation
+    reverses it comes first, so x * 8 put every point up to 7 px off there (a stripe at 1204 came
+    back at 1199 before session 39). Such an image is reduced only by a factor that divides both
+    sides (here none): stripes come back where the full decode has them."""
     img = np.zeros((967, 1283, 3), np.uint8)
     img[:, 1200:1208] = 255
     img[896:904, :] = 255
-    d = decode_image(_jpeg(img), max_side_hint=160)
-    assert d.pixels.shape[:2] == (121, 161) and d.scale_xy == (1 / 8, 1 / 8)
-    g = d.pixels[..., 0].astype(float)
-    x, y = (np.argmax(g.mean(0)) + 0.5) / d.scale_xy[0], (np.argmax(g.mean(1)) + 0.5) / d.scale_xy[1]
-    assert abs(x - 1204) <= 1 and abs(y - 900) <= 1
+    jpeg = _jpeg(img) if orientation == 1 else jpeg_with_orientation(_jpeg(img), orientation)
+
+    def stripes(d) -> tuple[float, float]:
+        g = d.pixels[..., 0].astype(float)
+        sx, sy = d.scale_xy
+        return (np.argmax(g.mean(0)) + 0.5) / sx, (np.argmax(g.mean(1)) + 0.5) / sy
+
+    full, reduced = decode_image(jpeg), decode_image(jpeg, max_side_hint=160)
+    assert (reduced.width, reduced.height) == (full.width, full.height)
+    (fx, fy), (rx, ry) = stripes(full), stripes(reduced)
+    assert abs(rx - fx) <= 1 and abs(ry - fy) <= 1
+    even = decode_image(_jpeg(img[:960, :1280]), max_side_hint=160)  # multiples of 8: still 1/8
+    assert even.reduce == 8 and even.pixels.shape[:2] == (120, 160)
 
 
 def _exif_long_orientation(orientation: int) -> bytes:
