@@ -4,7 +4,8 @@ A record's coordinates are pixels of the original image after EXIF orientation. 
 is larger than ``max_side`` it is decoded (orientation applied), resized so the longer side is
 ``max_side`` and encoded as JPEG without EXIF; every box and key point is then multiplied by
 ``new_width / width`` in x and ``new_height / height`` in y (the two differ slightly because
-each side is rounded to whole pixels). An image stored turned (a JPEG whose EXIF orientation
+each side is rounded to whole pixels). An image a browser cannot show (TIFF, PNM, JPEG 2000,
+HDR...) goes up as a JPEG of its own size. An image stored turned (a JPEG whose EXIF orientation
 is not 1, or any image whose header size is the record's turned) is re-encoded upright at its
 own size: Ground Truth's worker UI shows the stored pixels without applying EXIF, so the
 pre-annotations (upright) would land on the wrong content and the answers come back in the
@@ -30,6 +31,10 @@ from service.outputs import image_suffix
 
 _TYPES = {".jpg": "image/jpeg", ".png": "image/png", ".bmp": "image/bmp", ".tif": "image/tiff",
           ".webp": "image/webp"}
+# What a reviewer's browser shows (Ground Truth's and Label Studio's pages are web pages): a TIFF
+# (a 16-bit IR frame), a PGM or a JPEG 2000 goes up as a JPEG of the same size instead, else
+# the worker gets an empty page to label.
+_BROWSER = (".jpg", ".png", ".bmp", ".webp")
 
 
 @dataclass(frozen=True)
@@ -97,11 +102,11 @@ def prepare_upload(data: bytes, record: Mapping[str, Any], max_side: int | None 
     suffix = image_suffix(data)
     width, height = int(record["width"]), int(record["height"])
     downscale = bool(max_side and max(width, height) > max_side)
-    if not downscale and not _stored_turned(data, width, height):
-        return UploadImage(data, suffix, _TYPES.get(suffix, "application/octet-stream"), dict(record), (1.0, 1.0))
+    if not downscale and suffix in _BROWSER and not _stored_turned(data, width, height):
+        return UploadImage(data, suffix, _TYPES[suffix], dict(record), (1.0, 1.0))
     if not 1 <= jpeg_quality <= 100:
         raise ValueError(f"jpeg_quality: expected 1..100, got {jpeg_quality}")
-    if not downscale:  # upright, same size: the record's coordinates hold as they are
+    if not downscale:  # upright (a browser's format), same size: the record's coordinates hold as they are
         decoded = decode_image(data)
         if (decoded.width, decoded.height) != (width, height):
             raise ValueError(f"record says {width}x{height}, the image decodes as {decoded.width}x{decoded.height}")

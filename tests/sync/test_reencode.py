@@ -99,4 +99,17 @@ def test_an_upright_image_within_max_side_goes_up_as_it_is() -> None:
     assert prepare_upload(tagged, _record(640, 480, centre)).data == tagged
     ok, png = cv2.imencode(".png", np.zeros((48, 64, 3), np.uint8))
     assert prepare_upload(png.tobytes(), {"width": 64, "height": 48}).data == png.tobytes()
-    assert prepare_upload(b"not an image", {"width": 64, "height": 48}).data == b"not an image"
+
+
+@pytest.mark.parametrize("ext", [".tiff", ".pgm", ".jp2"])
+def test_an_image_a_browser_cannot_show_goes_up_as_a_jpeg_of_its_size(ext: str) -> None:
+    """Ground Truth's and Label Studio's pages are web pages: a 16-bit IR TIFF, a PGM or a JPEG
+    2000 went up as it was, and the worker saw nothing to label."""
+    img = np.zeros((48, 64), np.uint16 if ext == ".tiff" else np.uint8)
+    img[10:20, 30:40] = 4000 if ext == ".tiff" else 250
+    data = cv2.imencode(ext, img)[1].tobytes()
+    record = {"width": 64, "height": 48, "persons": [], "heads": [{"box": [30.0, 10.0, 40.0, 20.0], "conf": 0.9}]}
+    up = prepare_upload(data, record)
+    assert (up.suffix, up.content_type, up.scale_xy, up.record) == (".jpg", "image/jpeg", (1.0, 1.0), record)
+    shown = cv2.imdecode(np.frombuffer(up.data, np.uint8), cv2.IMREAD_GRAYSCALE)
+    assert shown.shape == (48, 64) and shown[12:18, 32:38].mean() > 200 and shown[30:, :20].mean() < 20
