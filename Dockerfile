@@ -7,7 +7,7 @@
 #       -v annotator-data:/var/lib/annotator -v /srv/annotator:/srv/annotator edge-annotator
 #   docker run --rm edge-annotator demo --out /tmp/demo-out   (the shipped demo, no set-up)
 # The container runs `annotator serve` with deploy/container.toml as /etc/annotator/annotator.toml
-# (it needs a bundle in /var/lib/annotator/bundles/current); HEALTHCHECK asks gRPC health.
+# (it needs a bundle in /var/lib/annotator/store/models/current); HEALTHCHECK asks gRPC health.
 ARG VARIANT=cpu
 ARG CPU_BASE=python:3.11-slim-bookworm
 

@@ -15,16 +15,19 @@ demo: $(RUN_VENV)/.package
 
 # The run environment holds a copy of the package, not the checkout: after a `git pull` that
 # changes only code, the package (not its dependencies) is installed again, so `make demo` runs
-# the code that is checked out.
+# the code that is checked out. pip builds in build/, which keeps files of earlier builds:
+# it is removed first, or modules deleted since would still be installed.
 PKG_SOURCES := $(shell find service sync exporter protos -type f -not -path '*/__pycache__/*' 2>/dev/null)
 
 env-run: $(RUN_VENV)/.package
 $(RUN_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(RUN_VENV)
+	rm -rf build
 	$(RUN_VENV)/bin/pip install $(PIP_FLAGS) .
 	touch $@
 	touch $(RUN_VENV)/.package
 $(RUN_VENV)/.package: $(RUN_VENV)/.installed $(PKG_SOURCES)
+	rm -rf build
 	$(RUN_VENV)/bin/pip install $(PIP_FLAGS) --no-deps --force-reinstall .
 	touch $@
 

