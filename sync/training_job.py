@@ -354,8 +354,10 @@ def dataset_exporter(store: Any, dataset: Any, propagate: int | None = None) -> 
     from .merge import Merger
 
     def export(out: Path) -> tuple[str, int]:
-        if Merger(store, dataset).add_auto_accepted():
-            dataset.record_version("auto-accepted images added before a training job")
+        added = Merger(store, dataset).add_auto_accepted()
+        # Every time (a no-op when nothing changed): the export's version, which the bundle's
+        # lineage names, must have its row even after a kill between earlier writes and their record.
+        dataset.record_version(f"{added} auto-accepted images added before a training job")
         res = export_dataset(dataset, store.image_path, out, row_of=store.get, propagate_distance=propagate)
         return res.version, res.reviewed
 

@@ -351,3 +351,22 @@ def test_summary_counts_what_the_reviewer_adjusted_not_rounding(world) -> None:
     s = dataset.mistakenness_summary()["all"]
     assert s["count"] == 4 and s["max"] > 0 and sorted(e.mistakes["score"] for e in dataset.entries())[0] > 0
     assert s["adjusted"] == 2  # the 20 px move and the 3 px one without a flag
+
+
+def test_a_training_export_records_a_version_a_killed_merge_left_unrecorded(world, tmp_path: Path,
+                                                                          monkeypatch) -> None:
+    """The training job's export recorded a version only when it added auto-accepted images
+    itself: after a merge killed before its record, the job's lineage named a dataset version
+    that ``versions`` never held."""
+    from sync.training_job import dataset_exporter
+
+    store, dataset, merger = world
+    rid = _annotated(store, b"cut off before the job", "review")
+    store.set_state(rid, (REVIEW_PENDING,), UPLOADED)
+    with monkeypatch.context() as m:
+        m.setattr(dataset, "record_version", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            merger.merge([_reviewed(rid, move=4.0)])
+    assert dataset.versions() == []
+    dataset_exporter(store, dataset)(tmp_path / "export")
+    assert [v.version for v in dataset.versions()] == [dataset.version()]
