@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Any, Callable, Mapping
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -69,3 +69,23 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.t
+
+
+def trace_disk(monkeypatch: Any, events: list[tuple[str, Any]] | None = None) -> list[tuple[str, Any]]:
+    """Record, in order, ``("fsync", inode)`` and ``("replace", destination path)`` into
+    ``events`` (a new list by default), for tests of what is on disk before a step. Inodes, not
+    names: a file fsynced under one name may be the one renamed to another."""
+    events = [] if events is None else events
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.fstat(fd).st_ino))
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any, **kw: Any) -> None:
+        real_replace(src, dst, **kw)
+        events.append(("replace", Path(dst)))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events

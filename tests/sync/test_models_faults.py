@@ -29,6 +29,7 @@ from sync.objectstore import LocalFolderStore
 from sync.registry import BundleRegistry
 from sync.s3store import wrap_boto_error
 from test_models import appliance, publish  # noqa: F401  (the fixture is used by name)
+from procs import trace_disk
 
 pytestmark = pytest.mark.slow
 
@@ -299,25 +300,6 @@ def test_a_rollback_killed_during_the_reload_is_completed_by_the_next_pull(box: 
 
 # -- power loss after a switch (bug: no file of a pulled or adopted bundle was ever fsynced) --
 
-def _trace_disk(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, Any]]:
-    """Record, in order, ``("fsync", inode)`` and ``("replace", destination)``. Inodes, not
-    names: a file fsynced under ``staging/`` is the one that ends up under ``bundles/``."""
-    events: list[tuple[str, Any]] = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd: int) -> None:
-        events.append(("fsync", os.fstat(fd).st_ino))
-        real_fsync(fd)
-
-    def replace(src: Any, dst: Any, **kw: Any) -> None:
-        real_replace(src, dst, **kw)
-        events.append(("replace", Path(dst)))
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
-    return events
-
-
 @pytest.mark.parametrize("how", ["pull", "adopt"])
 def test_every_file_of_a_bundle_is_on_disk_before_current_names_it(box: dict[str, Any], tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch, how: str) -> None:
@@ -328,11 +310,11 @@ def test_every_file_of_a_bundle_is_on_disk_before_current_names_it(box: dict[str
     if how == "pull":
         slots, bid = box["slots"], "b-next"
         publish(box["registry"], base, bid, "2030-01-01T00:00:00Z", None)
-        events = _trace_disk(monkeypatch)
+        events = trace_disk(monkeypatch)
         assert box["puller"].pull_once().switched_to == bid
     else:
         slots, bid = ModelSlots(tmp_path / "fresh-models"), base.id
-        events = _trace_disk(monkeypatch)
+        events = trace_disk(monkeypatch)
         ModelPuller(slots, box["puller"].registry, None, lambda p: None).adopt(base.path)
     bundle = slots.root / "bundles" / bid
     assert slots.current_path() == bundle

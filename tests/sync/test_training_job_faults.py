@@ -32,6 +32,8 @@ from sync.registry import BundleRegistry
 from sync.training_job import CloudTrainer, TrainingJobTask, build_training_task
 from sync.training_settings import TrainingSettings
 
+from procs import trace_disk
+
 T0 = 1_900_000_000.0
 
 
@@ -304,22 +306,11 @@ def test_the_starting_state_is_on_disk_before_the_create_call(tmp_path: Path, mo
     rolled back to the old state after the create call, the next pass would start a second,
     paid-for job under a new name."""
     events: list[tuple[str, Any]] = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd: int) -> None:
-        events.append(("fsync", os.fstat(fd).st_ino))
-        real_fsync(fd)
-
-    def replace(src: Any, dst: Any, **kw: Any) -> None:
-        real_replace(src, dst, **kw)
-        events.append(("replace", Path(dst).name))
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
+    trace_disk(monkeypatch, events)
     task = TrainingJobTask(RecordingTrainer(events), None, tmp_path, _export, clock=lambda: T0)
     assert task.run_once() is True and task.state()["status"] == "InProgress"
     created = next(i for i, e in enumerate(events) if e[0] == "create")
-    saved = max(i for i, e in enumerate(events[:created]) if e == ("replace", "training-job.json"))
+    saved = max(i for i, e in enumerate(events[:created]) if e == ("replace", tmp_path / "training-job.json"))
     assert ("fsync", tmp_path.stat().st_ino) in events[saved:created]
     assert events[-1] == ("fsync", tmp_path.stat().st_ino)  # InProgress too
 
