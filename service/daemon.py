@@ -54,7 +54,7 @@ from .engine import GPU_PROVIDERS, Engine
 from .errors import (AnnotatorError, BundleError, ImageError, ImageNotFound, ImageTooLarge, LeaseLost, ShuttingDown,
                      StoreFull)
 from .imageio import DecodedImage, decode_image
-from .judge import Judge, Judgement, NearDuplicate, ReviewShare, load_score_fn, rank_key
+from .judge import MAX_CAMERAS, Judge, Judgement, NearDuplicate, ReviewShare, load_score_fn, rank_key
 from .outputs import write_sidecars
 from .record import Prediction
 from .signing import load_public_key, verify_bundle_dir
@@ -71,6 +71,7 @@ VERSION = "0.1.0"
 DECODED_CACHE_BYTES = 64 << 20  # decoded pixels kept between submit and the worker (memory bound)
 IDLE_POLL_SECONDS = 0.5
 FINISH_QUEUE = 1  # predicted batches waiting for the finisher (back-pressure on the workers)
+RECALL_MAX_FRAMES = MAX_CAMERAS  # review frames decoded in all at start for the near-duplicate memory
 
 
 @dataclass(frozen=True)
@@ -184,9 +185,10 @@ class Daemon:
         sidecar_dir = getattr(config.outputs, "sidecar_dir", None)
         self.sidecar_dir = Path(sidecar_dir) if sidecar_dir else None
         self.quarantine_dir = Path(d.folder) / QUARANTINE if d.folder else Path(config.store.root) / QUARANTINE
-        self.drop = DropFolder(Path(d.folder), self.submit_decoded, d.processed_mode, float(d.stable_seconds),
+        self.drop = DropFolder(Path(d.folder), self._from_drop, d.processed_mode, float(d.stable_seconds),
                                self.max_bytes, self.max_pixels, float(d.poll_interval),
-                               self.max_side_hint, paused=self.store.paused_reason) if d.folder else None
+                               self.max_side_hint, paused=self.store.paused_reason,
+                               known=self._stored) if d.folder else None
         if self._dedup is not None:
             self._recall_reviews(self._dedup)
         if metrics is not None:
@@ -281,11 +283,23 @@ class Daemon:
         Without it a restart forgot which frames went to review, and the next near duplicate of
         one was sent again. The frames are decoded as the workers decode them (the same reduced
         JPEG decode), so their dHashes are those the judge remembered; a frame whose bytes are
-        gone is skipped."""
+        gone is skipped.
+
+        At most ``RECALL_MAX_FRAMES`` frames in all are decoded, those of the cameras that sent a
+        frame to review most recently first: a store of a year of dated drop folders holds
+        thousands of such "cameras", and the start decoded 64 frames of each."""
         recalled, skipped = 0, []
-        for row in self.store.latest_per_camera("review", dedup.memory):
-            if not row.camera:
-                continue
+        newest_first: dict[str, list[ImageRow]] = {}  # camera -> its frames; cameras by their newest frame
+        for row in reversed(self.store.latest_per_camera("review", dedup.memory)):
+            if row.camera:
+                newest_first.setdefault(row.camera, []).append(row)
+        chosen: list[ImageRow] = []
+        for frames in newest_first.values():
+            chosen.extend(frames[:RECALL_MAX_FRAMES - len(chosen)])
+            if len(chosen) >= RECALL_MAX_FRAMES:
+                break
+        chosen.sort(key=lambda r: (r.received_at, r.image_id))  # oldest first, as they were judged
+        for row in chosen:
             try:
                 data = self.store.image_bytes(row.image_id)
                 pixels = _decode(data, self.max_bytes, self.max_pixels, self.max_side_hint).pixels
@@ -344,28 +358,46 @@ class Daemon:
             if row is not None and row.state != RECEIVED:
                 return self._settled(row)
             decoded = _decode(data, self.max_bytes, self.max_pixels, self.max_side_hint)
-            return self.submit_decoded(data, source, meta or {}, decoded)
+            fut = self.submit_decoded(data, source, meta or {}, decoded)
+            assert fut is not None
+            return fut
         except AnnotatorError as exc:  # counted, then raised to the caller unchanged
             if self.metrics is not None:
                 self.metrics.rejected(rejection_reason(exc))
             raise
 
-    def submit_decoded(self, data: bytes, source: str, meta: dict, decoded: DecodedImage) -> "Future[ImageRow]":
-        """``submit`` for bytes already decoded (the drop folder validates before calling)."""
+    def submit_decoded(self, data: bytes, source: str, meta: dict, decoded: DecodedImage,
+                       want_future: bool = True) -> "Future[ImageRow] | None":
+        """``submit`` for bytes already decoded (the drop folder validates before calling).
+
+        ``want_future=False`` (the drop folder, where nobody waits) registers no future and
+        returns None: each one stayed in ``_futures`` until its image was annotated, so a backlog
+        of 20k files held 20k futures (+92 MB)."""
         image_id, created = self.store.ingest(data, source, meta)
-        fut: Future[ImageRow] = Future()
+        fut: Future[ImageRow] | None = Future() if want_future else None
         with self._lock:
-            self._futures.setdefault(image_id, []).append(fut)
+            if fut is not None:
+                self._futures.setdefault(image_id, []).append(fut)
             if created and image_id not in self._decoded:
                 self._decoded[image_id] = decoded
                 self._decoded_bytes += decoded.pixels.nbytes
                 while self._decoded_bytes > DECODED_CACHE_BYTES and len(self._decoded) > 1:
                     self._decoded_bytes -= self._decoded.popitem(last=False)[1].pixels.nbytes
         self._wake.set()
+        if fut is None:
+            return None
         row = self.store.get(image_id)
         if row is not None and row.state != RECEIVED:  # finished before we registered
             self._resolve(image_id, row)
         return fut
+
+    def _from_drop(self, data: bytes, source: str, meta: dict, decoded: DecodedImage) -> None:
+        """The drop folder's sink: ingest, no future (nobody waits for a dropped file)."""
+        self.submit_decoded(data, source, meta, decoded, want_future=False)
+
+    def _stored(self, image_id: str) -> bool:
+        """The drop folder's ``known`` probe: the store holds these bytes already (any state)."""
+        return self.store.get(image_id) is not None
 
     @staticmethod
     def _settled(row: ImageRow) -> "Future[ImageRow]":
@@ -614,7 +646,11 @@ class Daemon:
             self.drop.stop()
 
     def close(self, timeout: float = 30.0) -> None:
-        """Stop intake, let workers finish their batch, release leases, fail waiters, close the store."""
+        """Stop intake, let workers finish their batch, release leases, fail waiters, close the store.
+
+        The store is closed only once the drop folder's thread has ended (``stop`` gives up
+        waiting after 10 s, e.g. on a slow share): a take still running would meet a closed store.
+        Should it outlive ``timeout`` too, the drop folder leaves that file for the next start."""
         self.stop_intake()
         self._stop.set()
         self._wake.set()
@@ -624,6 +660,9 @@ class Daemon:
         if self._finisher.is_alive():  # finish what the workers predicted before releasing leases
             self._finish_q.put(None)
             self._finisher.join(timeout)
+        if self.drop is not None and not self.drop.wait(timeout):
+            log.warning("the drop folder is still taking a file after %.0f s; closing the store anyway (the file "
+                        "stays in the drop folder for the next start)", timeout)
         released = sum(self.store.release(f"{self.owner}/w{i}") for i in range(len(self._workers)))
         with self._lock:
             pending = list(self._futures)

@@ -81,9 +81,10 @@ log = logging.getLogger(__name__)
 
 ScoreFn = Callable[[Prediction, Bundle], "tuple[float, list[str]]"]
 DECISIONS = ("auto_accepted", "review")
+MAX_CAMERAS = 1024  # cameras a NearDuplicate remembers frames of (the least recently used go first)
 
-__all__ = ["DECISIONS", "REVIEW_WINDOW", "Judge", "Judgement", "NearDuplicate", "ReviewShare", "ScoreFn", "default_score",
-           "load_score_fn", "rank_key", "session_counter"]
+__all__ = ["DECISIONS", "MAX_CAMERAS", "REVIEW_WINDOW", "Judge", "Judgement", "NearDuplicate", "ReviewShare", "ScoreFn",
+           "default_score", "load_score_fn", "rank_key", "session_counter"]
 
 
 @dataclass(frozen=True)
@@ -136,15 +137,24 @@ class NearDuplicate:
     sequences: frames of one scene are within 0-9 bits of each other, other scenes of the same
     camera 13 or more). Kept in memory; the daemon keeps one across bundle swaps and fills it
     at start from the store's newest review frames (``Daemon._recall_reviews``). Thread-safe.
+
+    At most ``max_cameras`` cameras are remembered; the one judged or remembered least recently
+    is forgotten first. Camera names come from the first folder of a drop-folder path, and where
+    that is a date or a session every day brings new "cameras": without a cap their frames
+    (about 1 KB per camera) were kept for the daemon's life.
     """
 
-    def __init__(self, max_distance: int = 6, memory: int = 64) -> None:
+    def __init__(self, max_distance: int = 6, memory: int = 64, max_cameras: int = MAX_CAMERAS) -> None:
         if not 0 <= max_distance <= 64:
             raise ValueError(f"max_distance: expected 0..64 bits, got {max_distance}")
         if memory < 1:
             raise ValueError(f"memory: expected at least 1 frame per camera, got {memory}")
-        self.max_distance, self.memory = max_distance, memory
-        self._recent: dict[str, collections.deque[tuple[str | None, int]]] = {}  # (image id, dHash)
+        if max_cameras < 1:
+            raise ValueError(f"max_cameras: expected at least 1 camera, got {max_cameras}")
+        self.max_distance, self.memory, self.max_cameras = max_distance, memory, max_cameras
+        # camera -> its frames as (image id, dHash); least recently used camera first
+        self._recent: collections.OrderedDict[str, collections.deque[tuple[str | None, int]]] = \
+            collections.OrderedDict()
         self._lock = threading.Lock()
 
     def distance(self, camera: str, pixels: np.ndarray) -> int | None:
@@ -154,7 +164,10 @@ class NearDuplicate:
     def hash_distance(self, camera: str, h: int, image_id: str | None = None) -> int | None:
         """``distance`` for a frame whose dHash is already known."""
         with self._lock:
-            recent = tuple(self._recent.get(camera, ()))
+            frames = self._recent.get(camera)
+            if frames is not None:
+                self._recent.move_to_end(camera)
+            recent = tuple(frames or ())
         return min((bin(r ^ h).count("1") for i, r in recent if i is None or i != image_id), default=None)
 
     def is_duplicate(self, camera: str, pixels: np.ndarray) -> bool:
@@ -171,6 +184,9 @@ class NearDuplicate:
     def remember_hash(self, camera: str, h: int, image_id: str | None = None) -> None:
         with self._lock:
             self._recent.setdefault(camera, collections.deque(maxlen=self.memory)).append((image_id, h))
+            self._recent.move_to_end(camera)
+            while len(self._recent) > self.max_cameras:
+                self._recent.popitem(last=False)
 
     def forget_hash(self, camera: str, h: int, image_id: str | None = None) -> None:
         """Take back one ``remember_hash(camera, h, image_id)`` (a review that never committed);
@@ -179,6 +195,12 @@ class NearDuplicate:
             recent = self._recent.get(camera)
             if recent is not None and (image_id, h) in recent:
                 recent.remove((image_id, h))
+
+
+    def cameras(self) -> list[str]:
+        """The cameras remembered, least recently used first."""
+        with self._lock:
+            return list(self._recent)
 
 
 def rank_key(score: float, doubt: float) -> tuple[float, float]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 import time
@@ -525,5 +526,118 @@ def test_reload_without_a_path_reads_the_configured_bundle(make_config: Callable
     try:
         assert daemon.reload(str(coco17_two_model_bundle.path)).id == coco17_two_model_bundle.id
         assert daemon.reload().id == coco17_bundle.id
+    finally:
+        daemon.close()
+
+
+def _old(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    os.utime(path, (time.time() - 60,) * 2)  # stable at once
+
+
+def test_drop_folder_images_leave_no_futures(make_config: Callable[..., Any], tmp_path: Path,
+                                             small_jpeg: Callable[[int], bytes]) -> None:
+    """Every file the drop folder took left a Future in ``_futures`` that nobody waits on until its
+    image was annotated: a backlog of 20k files, 20k futures (+92 MB). A gRPC caller still gets
+    one, and it is answered as before."""
+    drop = tmp_path / "drop"
+    daemon = Daemon(make_config(drop__folder=str(drop), drop__stable_seconds=0.0))  # workers not started
+    try:
+        n = 12
+        for i in range(n):
+            _old(drop / f"cam{i % 3}" / f"f{i:02d}.jpg", small_jpeg(200 + i))
+        assert daemon.drop is not None and daemon.drop.scan_once(full=True) == n
+        assert daemon.store.counts()["received"] == n and len(daemon._decoded) == n
+        assert len(daemon._futures) == 0  # was n
+        fut = daemon.submit(small_jpeg(300), "test:grpc")
+        assert len(daemon._futures) == 1 and not fut.done()
+        daemon.start()
+        assert fut.result(60).state in ("auto_accepted", "review_pending")
+        _wait(lambda: daemon.store.counter("annotated") == n + 1)
+        assert len(daemon._futures) == 0
+    finally:
+        daemon.close()
+
+
+def test_a_drop_folder_take_after_close_leaves_the_file(make_config: Callable[..., Any], tmp_path: Path,
+                                                        small_jpeg: Callable[[int], bytes]) -> None:
+    """A take that outlived ``DropFolder.stop``'s wait (a slow share) ran into the store that
+    ``close`` had closed: "the store is closed" quarantined a good image. Now it stays for the
+    next start, and that start takes it."""
+    drop = tmp_path / "drop"
+    cfg = make_config(drop__folder=str(drop), drop__stable_seconds=0.0)
+    daemon = Daemon(cfg)
+    good = drop / "cam" / "good.jpg"
+    _old(good, small_jpeg(310))
+    daemon.close()  # what serve() does after drop.stop() returned on its timeout
+    assert daemon.drop is not None and daemon.drop._consider(good) == 0  # the take in flight
+    assert good.exists() and not (drop / QUARANTINE).exists() and daemon.drop.quarantined == 0
+    daemon.drop.known = None  # the sink alone meets the closed store too
+    assert daemon.drop._consider(good) == 0
+    assert good.exists() and not (drop / QUARANTINE).exists() and daemon.drop.quarantined == 0
+    again = Daemon(cfg)
+    try:
+        assert again.drop is not None and again.drop.scan_once(full=True) == 1
+        assert (drop / PROCESSED / "cam" / "good.jpg").is_file() and again.store.counts()["received"] == 1
+    finally:
+        again.close()
+
+
+def test_keep_mode_restart_ingests_nothing_twice(make_config: Callable[..., Any], tmp_path: Path,
+                                                 small_jpeg: Callable[[int], bytes],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """drop.processed_mode="keep": after a restart every kept file was decoded and submitted again;
+    the daemon's drop folder now asks the store first."""
+    import service.dropfolder as dropfolder
+
+    drop = tmp_path / "drop"
+    cfg = make_config(drop__folder=str(drop), drop__stable_seconds=0.0, drop__processed_mode="keep")
+    for i in range(6):
+        _old(drop / "cam" / f"f{i}.jpg", small_jpeg(320 + i))
+    daemon = Daemon(cfg)
+    try:
+        assert daemon.drop is not None and daemon.drop.scan_once(full=True) == 6
+    finally:
+        daemon.close()
+    decodes: list[int] = []
+    real = dropfolder.decode_image
+    monkeypatch.setattr(dropfolder, "decode_image", lambda data, **kw: decodes.append(1) or real(data, **kw))
+    again = Daemon(cfg)
+    try:
+        assert again.drop is not None and again.drop.scan_once(full=True) == 0
+        assert decodes == [] and again.drop.stored_already == 6 and len(again.drop._kept) == 6
+        assert len(list((drop / "cam").iterdir())) == 6
+    finally:
+        again.close()
+
+
+def test_near_duplicate_recall_decodes_a_bounded_number_of_frames(make_config: Callable[..., Any],
+                                                                  small_jpeg: Callable[[int], bytes],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The start decoded ``near_duplicate_memory`` review frames of every camera the store ever
+    saw (a dated drop folder makes a camera per day); now at most ``RECALL_MAX_FRAMES`` in all,
+    those of the cameras that sent frames to review most recently."""
+    import service.daemon as daemon_module
+    from service.store import REVIEW_PENDING, Store
+
+    cfg = make_config(judge__near_duplicate=True, judge__near_duplicate_memory=2)
+    clock = FakeClock(1_700_000_000.0)
+    store = Store(Path(cfg.store.root), clock=clock)
+    for day in range(5):  # five "cameras", two review frames each, day by day
+        for k in range(2):
+            clock.t += 60
+            image_id, _ = store.ingest(small_jpeg(400 + 2 * day + k), "t", {"camera": f"day{day}"})
+            assert store.set_state(image_id, ["received"], REVIEW_PENDING, decision="review")
+    store.close()
+    monkeypatch.setattr(daemon_module, "RECALL_MAX_FRAMES", 3, raising=False)
+    decoded: list[int] = []
+    real = daemon_module._decode
+    monkeypatch.setattr(daemon_module, "_decode", lambda data, *a: decoded.append(1) or real(data, *a))
+    daemon = Daemon(cfg)
+    try:
+        assert len(decoded) == 3  # was 10
+        assert daemon._dedup is not None and daemon._dedup.cameras() == ["day3", "day4"]
+        assert len(daemon._dedup._recent["day4"]) == 2 and len(daemon._dedup._recent["day3"]) == 1
     finally:
         daemon.close()

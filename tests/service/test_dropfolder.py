@@ -421,3 +421,44 @@ def test_lost_events_ask_for_a_full_walk(tmp_path: Path) -> None:
     event.event_type = EVENT_TYPE_EVENTS_LOST  # type: ignore[misc]
     dropfolder._Handler(drop).on_any_event(event)
     assert drop.scan_once(full=False) == 1
+
+
+@pytest.mark.parametrize("refusal", [errors.StoreError("/s/store.sqlite3: the store is closed"),
+                                     errors.ShuttingDown("the annotator is shutting down")])
+def test_a_store_that_is_closed_leaves_the_file_for_later(tmp_path: Path, refusal: Exception) -> None:
+    """A take that outlived the daemon's shutdown met a closed store; "the store is closed" is an
+    AnnotatorError, so a good image went to quarantine as if it were bad. A StoreError about the
+    store (not StoreFull, not an ImageError) now leaves the file where it is, like a locked one."""
+    sink = Sink()
+    drop = _folder(tmp_path, sink)
+    real = sink.__call__
+    closed = [True]
+
+    def refusing(data: bytes, source: str, meta: dict, decoded: DecodedImage) -> None:
+        if closed[0]:
+            raise refusal
+        real(data, source, meta, decoded)
+
+    drop.sink = refusing
+    (drop.root / "good.jpg").write_bytes(_jpeg(40))
+    assert drop.scan_once() == 0
+    assert (drop.root / "good.jpg").exists() and not (drop.root / QUARANTINE).exists() and drop.quarantined == 0
+    closed[0] = False
+    assert drop.scan_once() == 1 and (drop.root / PROCESSED / "good.jpg").is_file()
+
+
+def test_a_known_probe_that_fails_leaves_the_file_for_later(tmp_path: Path) -> None:
+    sink = Sink()
+    broken = [True]
+
+    def known(image_id: str) -> bool:
+        if broken[0]:
+            raise errors.StoreError("the store is closed")
+        return False
+
+    drop = _folder(tmp_path, sink, known=known)
+    (drop.root / "good.jpg").write_bytes(_jpeg(41))
+    assert drop.scan_once() == 0 and sink.got == []
+    assert (drop.root / "good.jpg").exists() and not (drop.root / QUARANTINE).exists()
+    broken[0] = False
+    assert drop.scan_once() == 1 and len(sink.got) == 1

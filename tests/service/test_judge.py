@@ -313,6 +313,22 @@ def test_near_duplicate_memory_is_per_camera_and_bounded() -> None:
         NearDuplicate(memory=0)
 
 
+def test_near_duplicate_memory_keeps_the_most_recently_used_cameras() -> None:
+    """Every camera name ever seen kept its frames for the daemon's life (a drop folder whose first
+    folder is a date makes a "camera" per day); now the least recently used go beyond the cap."""
+    dedup = NearDuplicate(max_distance=0, memory=2, max_cameras=3)
+    for day in range(10):
+        dedup.remember_hash(f"2024-01-{day + 1:02d}", day, "a" * 64)
+    assert dedup.cameras() == ["2024-01-08", "2024-01-09", "2024-01-10"]
+    assert len(dedup._recent) == 3
+    assert dedup.is_near("2024-01-08", 7)  # judged: now the most recently used
+    dedup.remember_hash("cam-new", 99)
+    assert dedup.cameras() == ["2024-01-10", "2024-01-08", "cam-new"]  # 2024-01-09 went first
+    assert dedup.hash_distance("2024-01-09", 8) is None
+    with pytest.raises(ValueError, match="max_cameras"):
+        NearDuplicate(max_cameras=0)
+
+
 def test_bad_score_values_are_made_safe(store: Store) -> None:
     judge = Judge(constant(float("nan")), 0.5, 0.0, 0, store)
     assert judge.judge("a" * 64, EMPTY, BUNDLE) == Judgement(0.0, ("bad_score",), "review", False)
