@@ -11,6 +11,9 @@ A capture loop (README material)::
 
 Unary calls are retried on UNAVAILABLE (server restarting, connection refused) with
 exponential backoff and full jitter (``compute_backoff``); every call has a deadline.
+A busy server (UNAVAILABLE with the ``BUSY_METADATA`` trailer: too many Annotate calls
+waiting, see ``service.server``) is retried the same way until the call's timeout has passed,
+not just ``retries`` times: it asked for the retry, and a capture loop wants its image in.
 Annotating is idempotent (the image id is the hash of the bytes), so a retry never
 annotates an image twice.
 """
@@ -35,7 +38,16 @@ from .convert import epoch_to_timestamp
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)  # REFUSED_STREAM and "server busy" are UNAVAILABLE too
+BUSY_METADATA = (("annotator-busy", "1"),)  # trailer of the server's "busy, retry" answers
+
+
+def is_busy(exc: grpc.RpcError) -> bool:
+    """Whether ``exc`` is the server's "busy, retry later" answer (told by its trailer, not its text)."""
+    if not hasattr(exc, "code") or exc.code() != grpc.StatusCode.UNAVAILABLE:
+        return False
+    trailer = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    return any(tuple(item) in BUSY_METADATA for item in trailer or ())
 
 
 @dataclass(frozen=True)
@@ -108,9 +120,10 @@ class AnnotatorClient:
 
     def __init__(self, target: str, timeout: float = 10.0, retries: int = 3, tls: TlsOptions | None = None,
                  token: str | None = None, max_message_bytes: int = 64 * 1024 * 1024,
-                 rng: random.Random | None = None, sleep: Callable[[float], None] = time.sleep) -> None:
+                 rng: random.Random | None = None, sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.target, self.timeout, self.retries = target, float(timeout), int(retries)
-        self._rng, self._sleep = rng or random.Random(), sleep
+        self._rng, self._sleep, self._clock = rng or random.Random(), sleep, clock
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
         options = [("grpc.max_send_message_length", max_message_bytes),
                    ("grpc.max_receive_message_length", max_message_bytes)]
@@ -133,19 +146,27 @@ class AnnotatorClient:
         self.channel.close()
 
     def _call(self, method: Callable[..., T], request: Any, timeout: float | None) -> T:
-        """Call with a deadline; retry UNAVAILABLE up to ``retries`` times with backoff."""
-        attempt = 0
+        """Call with a deadline; retry UNAVAILABLE up to ``retries`` times with backoff, and a busy
+        server's answer (``is_busy``) for as long as the call's timeout has not passed."""
+        timeout = timeout or self.timeout
+        give_up = self._clock() + timeout
+        attempt = failed = 0  # backoff steps; failures other than "busy" (those count against retries)
         while True:
             try:
-                return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
+                return method(request, timeout=timeout, metadata=self._metadata)
             except grpc.RpcError as exc:
                 code = exc.code() if hasattr(exc, "code") else None
-                if code not in RETRYABLE or attempt >= self.retries:
+                busy = is_busy(exc)
+                if code not in RETRYABLE or (not busy and failed >= self.retries):
                     raise
                 delay = compute_backoff(attempt, rng=self._rng)
-                log.info("%s: %s; retry %d/%d in %.2f s", self.target, code, attempt + 1, self.retries, delay)
+                if busy and self._clock() + delay >= give_up:
+                    raise
+                log.info("%s: %s%s; retry %d in %.2f s", self.target, code, " (server busy)" if busy else "",
+                         attempt + 1, delay)
                 self._sleep(delay)
                 attempt += 1
+                failed += not busy
 
     def annotate(self, data: bytes, camera_id: str = "", capture_time: float | None = None, session: str = "",
                  request_id: str = "", labels: Mapping[str, str] | None = None,

@@ -52,7 +52,7 @@ SECRET_KEYS = frozenset({"server.token"})  # never echoed in errors, repr or to_
 class ServerConfig:
     listen: str = "127.0.0.1:50051"  # host:port; port 0 picks a free one
     max_message_bytes: int = 32 * MiB
-    max_concurrent_streams: int | None = 16  # open AnnotateStream calls, per connection and on the whole server
+    max_concurrent_streams: int | None = 16  # open AnnotateStream calls on the whole server (not sent to HTTP/2)
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # set: clients must present a certificate it signed

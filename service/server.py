@@ -11,9 +11,15 @@ configured); ``serve(config)`` runs the whole appliance in the foreground until 
 with the Prometheus endpoint (``[metrics] listen``) and systemd's notify protocol
 (READY/STATUS/WATCHDOG/STOPPING when ``$NOTIFY_SOCKET`` is set; ``service.systemd``).
 
-``max_concurrent_streams`` is HTTP/2's SETTINGS_MAX_CONCURRENT_STREAMS, per connection: a
-client's call beyond the limit is not refused but waits in the client until one of its open
-calls on that connection ends (or its deadline passes: DEADLINE_EXCEEDED).
+Every call runs on a thread of one pool, and a call waiting for its annotation holds its thread:
+the servicer bounds both kinds of waiting call on the whole server (``server.max_concurrent_streams``
+open ``AnnotateStream`` calls, ``MAX_WAITING_ANNOTATE`` unary ``Annotate`` calls) and the pool has
+``SPARE_THREADS`` more, so health checks, ``GetStatus`` and ``ReloadModels`` always find a thread.
+A call beyond a bound is answered at once: a unary ``Annotate`` with UNAVAILABLE "server busy"
+(and the ``BUSY_METADATA`` trailer), which ``service.client`` retries until its timeout; a stream
+with RESOURCE_EXHAUSTED. ``max_concurrent_streams`` is not sent as HTTP/2's per-connection
+SETTINGS_MAX_CONCURRENT_STREAMS: gRPC refused calls beyond it with RST_STREAM (REFUSED_STREAM,
+UNAVAILABLE) instead of queueing them, health checks sharing the connection included.
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ from grpc_reflection.v1alpha import reflection
 from protos.annotator.v1 import annotator_pb2 as pb
 from protos.annotator.v1 import annotator_pb2_grpc as pb_grpc
 
+from .client import BUSY_METADATA
 from .convert import annotation_to_proto, status_to_proto, timestamp_to_epoch
 from .errors import (AnnotatorError, BundleError, ConfigError, ImageError, ImageNotFound, ImageTooLarge, PathNotAllowed,
                      ShuttingDown, StoreFull, is_disk_full)
@@ -49,6 +56,8 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Annotator"].full_name
 STREAM_IN_FLIGHT = 32  # images of one stream submitted but not yet answered (a few claim batches)
+MAX_WAITING_ANNOTATE = 32  # unary Annotate calls waiting for their annotation, on the whole server
+SPARE_THREADS = 8  # pool threads beyond the bounded calls: health, status, reload, get, list
 MAX_PAGE_SIZE = 1000
 _PAGE_TOKEN = re.compile(r"^[0-9.eE+-]+\|[0-9a-f]{64}$")  # service.store.Store.list's cursor
 
@@ -143,29 +152,46 @@ class AnnotatorServicer(pb_grpc.AnnotatorServicer):
     """``annotator.v1.Annotator`` on top of a ``Daemon``."""
 
     def __init__(self, daemon: "Daemon", stats: LatencyStats | None = None, default_timeout: float = 60.0,
-                 max_streams: int | None = None) -> None:
-        """``max_streams``: open ``AnnotateStream`` calls on the whole server (None: no limit).
-        Each holds a pool thread for its life, and gRPC's own ``max_concurrent_streams`` counts
-        per connection: a few clients with many streams each would take every thread, and
-        health checks and unary calls would wait until their deadline."""
+                 max_streams: int | None = None, max_waiting: int | None = None) -> None:
+        """``max_streams``: open ``AnnotateStream`` calls on the whole server; ``max_waiting``:
+        unary ``Annotate`` calls waiting for their annotation (None: no limit). Each such call
+        holds a pool thread until it ends, and gRPC queues calls without limit once every thread
+        is taken: a few clients with many calls each would take them all, and health checks,
+        status and reload calls would wait until their deadline."""
         self.daemon = daemon
         self.stats = stats
         self.default_timeout = default_timeout
         self.max_streams = max_streams
+        self.max_waiting = max_waiting
         self._streams = threading.BoundedSemaphore(max_streams) if max_streams else None
+        self._waiting = threading.BoundedSemaphore(max_waiting) if max_waiting else None
 
     def _timeout(self, context: grpc.ServicerContext) -> float:
         remaining = context.time_remaining()
         return self.default_timeout if remaining is None else max(0.0, min(remaining, self.default_timeout))
 
     def Annotate(self, request: pb.AnnotateRequest, context: grpc.ServicerContext) -> pb.Annotation:
-        source, meta = _client_meta(request, context)
+        """Annotate one image and wait for it; beyond ``max_waiting`` such calls, "busy" at once.
+
+        Busy is UNAVAILABLE (transient: retry with backoff, as gRPC's status guide says), not
+        RESOURCE_EXHAUSTED, which this server uses for what a retry does not fix soon (an image
+        over the limits, a full disk)."""
+        if self._waiting is not None and not self._waiting.acquire(blocking=False):
+            context.set_trailing_metadata(BUSY_METADATA)
+            context.abort(grpc.StatusCode.UNAVAILABLE,
+                          f"server busy: {self.max_waiting} Annotate calls are already waiting for their annotation; "
+                          "retry later with backoff (or use AnnotateStream)")
         try:
-            row = self.daemon.annotate_now(request.image, source, meta, timeout=self._timeout(context))
-        except Exception as exc:  # every failure becomes a status, never a traceback
-            _abort(context, exc)
-            raise AssertionError("unreachable: context.abort raises") from exc
-        return annotation_to_proto(row)
+            source, meta = _client_meta(request, context)
+            try:
+                row = self.daemon.annotate_now(request.image, source, meta, timeout=self._timeout(context))
+            except Exception as exc:  # every failure becomes a status, never a traceback
+                _abort(context, exc)
+                raise AssertionError("unreachable: context.abort raises") from exc
+            return annotation_to_proto(row)
+        finally:
+            if self._waiting is not None:
+                self._waiting.release()
 
     def AnnotateStream(self, request_iterator: Iterator[pb.AnnotateRequest],
                        context: grpc.ServicerContext) -> Iterator[pb.AnnotateStreamResponse]:
@@ -318,16 +344,19 @@ def create_server(config: "Config", daemon: "Daemon",
     if s.token:
         interceptors.append(TokenInterceptor(s.token))
     streams = int(s.max_concurrent_streams or 16)
+    # No grpc.max_concurrent_streams: as HTTP/2 SETTINGS it made gRPC refuse (REFUSED_STREAM)
+    # calls beyond it on a connection, health checks included; the servicer's bounds do the work.
     options = [("grpc.max_receive_message_length", int(s.max_message_bytes)),
                ("grpc.max_send_message_length", int(s.max_message_bytes)),
                ("grpc.so_reuseport", 0)]
-    if s.max_concurrent_streams:
-        options.append(("grpc.max_concurrent_streams", streams))
-    # A stream holds a pool thread for its whole life: the servicer admits ``streams`` of them on
-    # the whole server, and the pool keeps at least 8 more threads for unary and health calls.
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=streams + 8, thread_name_prefix="grpc"),
+    # A stream or a waiting Annotate call holds a pool thread until it ends: the servicer admits
+    # ``streams`` and MAX_WAITING_ANNOTATE of them on the whole server, and the pool keeps
+    # SPARE_THREADS more for health, status, reload and the quick calls.
+    workers = streams + MAX_WAITING_ANNOTATE + SPARE_THREADS
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
                          interceptors=interceptors, options=options)
-    pb_grpc.add_AnnotatorServicer_to_server(AnnotatorServicer(daemon, stats, max_streams=streams), server)
+    servicer = AnnotatorServicer(daemon, stats, max_streams=streams, max_waiting=MAX_WAITING_ANNOTATE)
+    pb_grpc.add_AnnotatorServicer_to_server(servicer, server)
     health_servicer = health_servicer or health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)

@@ -39,6 +39,74 @@ def test_retries_unavailable_then_gives_up() -> None:
     assert len(slept) == 2 and all(0 <= s <= 0.2 for s in slept)
 
 
+class _Answer(grpc.RpcError):
+    """An RpcError as a unary call raises it: code, details and trailing metadata."""
+
+    def __init__(self, code: grpc.StatusCode, trailer: tuple[tuple[str, str], ...] = ()) -> None:
+        self._code, self._trailer = code, trailer
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return "server busy" if self._trailer else "connection refused"
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._trailer
+
+
+def _fake_client(clock: list[float], slept: list[float]) -> AnnotatorClient:
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock[0] += seconds
+
+    return AnnotatorClient("127.0.0.1:1", timeout=10.0, retries=2, rng=random.Random(0), sleep=sleep,
+                           clock=lambda: clock[0])
+
+
+def test_busy_answers_are_retried_until_the_timeout_not_just_retries_times() -> None:
+    """A busy server (UNAVAILABLE with the busy trailer) asked for the retry: 6 busy answers in a
+    row, more than ``retries``, and the call still lands."""
+    from service.client import BUSY_METADATA
+
+    clock, slept = [0.0], []
+    answers: list[Any] = [_Answer(grpc.StatusCode.UNAVAILABLE, BUSY_METADATA)] * 6 + ["annotation"]
+
+    def method(request: Any, timeout: float, metadata: Any) -> Any:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    with _fake_client(clock, slept) as client:
+        assert client._call(method, None, None) == "annotation"
+    assert len(slept) == 6 and clock[0] < 10.0
+
+
+def test_busy_retries_stop_at_the_timeout_and_other_failures_at_retries() -> None:
+    from service.client import BUSY_METADATA
+
+    clock, slept = [0.0], []
+    calls = [0]
+
+    def busy(request: Any, timeout: float, metadata: Any) -> Any:
+        calls[0] += 1
+        clock[0] += 1.0  # each answer takes a second
+        raise _Answer(grpc.StatusCode.UNAVAILABLE, BUSY_METADATA)
+
+    with _fake_client(clock, slept) as client, pytest.raises(grpc.RpcError):
+        client._call(busy, None, None)
+    assert calls[0] > 3 and clock[0] <= 10.0 + 1.0  # past retries=2, never past the timeout (+ the last answer)
+
+    def down(request: Any, timeout: float, metadata: Any) -> Any:
+        raise _Answer(grpc.StatusCode.UNAVAILABLE)  # no busy trailer: a connection failure
+
+    slept.clear()
+    with _fake_client([0.0], slept) as client, pytest.raises(grpc.RpcError):
+        client._call(down, None, None)
+    assert len(slept) == 2
+
+
 def test_client_against_a_real_server(served: tuple[Any, int], small_jpeg: Callable[[int], bytes]) -> None:
     daemon, port = served
     with AnnotatorClient(f"127.0.0.1:{port}", timeout=60) as client:
