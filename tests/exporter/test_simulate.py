@@ -418,11 +418,13 @@ def test_quick_benchmark(tmp_path: Path, ultralytics_offline: Path) -> None:
     candidates = [n for n in pool if n not in set(initial)]
     median = statistics.median(pool[n]["score"] for n in candidates)
     assert statistics.median(pool[n]["score"] for n in picks["judge"]) <= median
-    ps = {n: PoolScore(**{**pool[n], "reasons": tuple(pool[n]["reasons"])}) for n in candidates}
+    # Every pool image's score, the reviewed ones' too, as the benchmark passes them: the judge
+    # skips near duplicates of the frames reviewed before, found by their dHash in these scores.
+    ps = {n: PoolScore(**{**d, "reasons": tuple(d["reasons"])}) for n, d in pool.items()}
     assert select("judge", candidates, ps, cfg.per_round, np.random.default_rng(0), 0, cfg.audit_fraction,
                   reviewed=initial) == picks["judge"]  # the picks follow the cached scores, reproducibly
     # The audit strategy holds the seeded audit picks: the candidates with the lowest audit draw.
-    as_scores = list(ps.values())
+    as_scores = [ps[n] for n in candidates]
     n_audit = max(1, round(cfg.audit_fraction * cfg.per_round))
     assert {s.file_name for s in audit_picks(as_scores, n_audit, 0)} <= set(picks["judge_audit"])
     # oracle_error's key agrees with the evaluation: the point-weighted mean of the per-image
