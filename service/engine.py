@@ -200,22 +200,33 @@ class Engine:
                 pairs = [letterbox(im.pixels, m.size) for im in images]
                 boxed[m.size] = ([p[0] for p in pairs], [p[1] for p in pairs])
         found: dict[str, list[Detections]] = {}
+        tensors: dict[tuple, np.ndarray] = {}  # one float tensor per chunk and input size, shared by the models
         for role, m in self.models.items():
             arrays, lbs = boxed[m.size]
-            outputs = self._run(m, arrays)
+            outputs = self._run(m, arrays, tensors)
             found[role] = [self._decode(m, out, lb, im) for out, lb, im in zip(outputs, lbs, images)]
         return [self._assemble(i, im, found) for i, im in enumerate(images)]
 
-    def _run(self, m: _Model, arrays: list[np.ndarray]) -> list[np.ndarray]:
-        """Run one model over letterboxed images; returns one [R, A] output per image."""
+    def _run(self, m: _Model, arrays: list[np.ndarray], tensors: dict[tuple, np.ndarray] | None = None) -> list[np.ndarray]:
+        """Run one model over letterboxed images; returns one [R, A] output per image.
+
+        ``tensors``: the float tensors built for the other models of this ``predict`` (the three
+        models of a bundle usually share one input size): each is built once, not once a model
+        (onnxruntime does not write to its inputs)."""
         step = m.fixed_batch if m.fixed_batch is not None else self.batch_size
         outs: list[np.ndarray] = []
         for start in range(0, len(arrays), step):
             chunk = arrays[start:start + step]
-            tensor = to_tensor(chunk)
-            if len(chunk) < step and (m.fixed_batch is not None or self.pad_batches):  # one shape per model
-                pad = np.zeros((step - len(chunk), *tensor.shape[1:]), np.float32)
-                tensor = np.concatenate([tensor, pad])
+            padded = len(chunk) < step and (m.fixed_batch is not None or self.pad_batches)  # one shape per model
+            key = (m.size, start, step, padded)
+            tensor = tensors.get(key) if tensors is not None else None
+            if tensor is None:
+                tensor = to_tensor(chunk)
+                if padded:
+                    pad = np.zeros((step - len(chunk), *tensor.shape[1:]), np.float32)
+                    tensor = np.concatenate([tensor, pad])
+                if tensors is not None:
+                    tensors[key] = tensor
             timed = self.metrics.time_inference(m.role) if self.metrics is not None else contextlib.nullcontext()
             with timed:
                 result = m.session.run(None, {m.input_name: tensor})[0]
