@@ -178,7 +178,9 @@ class Daemon:
         j = config.judge  # one near-duplicate memory for the daemon's life: a bundle swap keeps it
         self._dedup = NearDuplicate(int(j.near_duplicate_distance), int(j.near_duplicate_memory)) \
             if j.near_duplicate else None
-        self._engine, self._judge = self._load(self._bundle_path)
+        # The engine and its judge as one attribute: a swap replaces the pair in one store, so a
+        # reader (a batch, ``status``) never sees the new bundle with the old judge's thresholds.
+        self._loaded: tuple[Engine, Judge] = self._load(self._bundle_path)
         d = config.drop
         self.max_bytes, self.max_pixels = int(d.max_bytes), int(d.max_pixels)
         self.batch_size = int(config.engine.batch_size)
@@ -269,6 +271,14 @@ class Daemon:
         return share
 
     @property
+    def _engine(self) -> Engine:
+        return self._loaded[0]
+
+    @property
+    def _judge(self) -> Judge:
+        return self._loaded[1]
+
+    @property
     def bundle(self) -> Bundle:
         return self._engine.bundle
 
@@ -323,7 +333,7 @@ class Daemon:
             path = str(bundle_path or self.config.engine.bundle)
             engine, judge = self._load(path)
             old, old_side = self._engine.bundle.id, self.max_side_hint
-            self._engine, self._judge, self._bundle_path = engine, judge, path
+            self._loaded, self._bundle_path = (engine, judge), path
             self._follow_input_size(old_side)
         self.store.counter("reloads", 1)
         if self.metrics is not None:
@@ -476,7 +486,7 @@ class Daemon:
         A row claimed ``store.max_attempts`` times already (each worker that took it died or lost
         the lease) is failed instead, with its quarantine copy and reason, like an undecodable one.
         """
-        engine, judge = self._engine, self._judge  # one consistent pair for the whole batch
+        engine, judge = self._loaded  # one consistent pair for the whole batch
         batch: list[tuple[ImageRow, DecodedImage]] = []
         for row in rows:
             exhausted = self.store.exhausted(row)
@@ -630,12 +640,12 @@ class Daemon:
         if self.latency is not None:
             p50, p99 = self.latency.percentiles("/annotator.v1.Annotator/Annotate")
             counters.update(annotate_p50_us=int(p50 * 1000), annotate_p99_us=int(p99 * 1000))
-        engine = self._engine
+        engine, judge = self._loaded
         bundle = engine.bundle
         return DaemonStatus(
             providers=tuple(engine.active_providers), run_batch=engine.batch_size,
             bundle_id=bundle.id, bundle_path=self._bundle_path, thresholds=bundle.thresholds,
-            judgement={"score_threshold": self._judge.threshold, "audit_fraction": self._judge.audit_fraction},
+            judgement={"score_threshold": judge.threshold, "audit_fraction": judge.audit_fraction},
             queue_depths=self.store.counts(), counters=counters,
             uptime_seconds=time.monotonic() - self.started, paused_reason=self.store.paused_reason())
 
