@@ -196,7 +196,6 @@ class NearDuplicate:
             if recent is not None and (image_id, h) in recent:
                 recent.remove((image_id, h))
 
-
     def cameras(self) -> list[str]:
         """The cameras remembered, least recently used first."""
         with self._lock:
