@@ -9,7 +9,7 @@ import pytest
 
 from service.engine import Engine, select_providers
 from service.errors import BundleError
-from service.geometry import box_iou, letterbox
+from service.geometry import box_iou
 from service.imageio import decode_image, read_image
 from service.record import Prediction
 
@@ -249,12 +249,12 @@ def test_models_of_one_input_size_share_each_chunks_tensor(coco_people_photos, m
 
     bundle = load_bundle(Path(__file__).parents[2] / "service" / "assets" / "demo_bundle")
     images = [read_image(p) for p in coco_people_photos[:5]]
-    alone = Engine(bundle, batch_size=2)
-    reference = []
-    for im in images:  # one model at a time, each with its own tensor: what every model used to get
-        found = {role: [alone._decode(m, alone._run(m, [letterbox(im.pixels, m.size)[0]])[0],
-                                      letterbox(im.pixels, m.size)[1], im)] for role, m in alone.models.items()}
-        reference.append(alone._assemble(0, im, found).to_json())
+
+    class Unshared(Engine):  # each model builds its own tensors: what every model used to get
+        def _run(self, m, arrays, tensors=None):  # type: ignore[no-untyped-def]
+            return super()._run(m, arrays, None)
+
+    reference = [p.to_json() for p in Unshared(bundle, batch_size=2).predict(images)]
     built: list[int] = []
     real = engine_module.to_tensor
     monkeypatch.setattr(engine_module, "to_tensor", lambda chunk: (built.append(len(chunk)), real(chunk))[1])
@@ -263,7 +263,26 @@ def test_models_of_one_input_size_share_each_chunks_tensor(coco_people_photos, m
     assert len(engine.models) == 3 and len(sizes) == 1
     preds = engine.predict(images)
     assert sum(built) == 5  # chunks of 2, 2 and 1, once for the three models
-    assert [p.to_json() for p in preds] == reference
+    _same_records([p.to_json() for p in preds], reference)
+    unshared = Unshared(bundle, batch_size=2)
+    unshared.pad_batches = engine.pad_batches = True  # every run padded to 2 rows
+    reference = [p.to_json() for p in unshared.predict(images)]
     built.clear()
-    engine.pad_batches = True
-    assert [p.to_json() for p in engine.predict(images)] == reference and sum(built) == 5
+    _same_records([p.to_json() for p in engine.predict(images)], reference)
+    assert sum(built) == 5
+
+
+def _same_records(a: object, b: object) -> None:
+    """Equal records; numbers within onnxruntime's run-to-run noise (identical inputs)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _same_records(a[k], b[k])
+    elif isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _same_records(x, y)
+    elif isinstance(a, float) or isinstance(b, float):
+        assert a == pytest.approx(b, abs=0.02)
+    else:
+        assert a == b
