@@ -14,6 +14,8 @@ from service.dropfolder import PROCESSED, QUARANTINE, DropFolder, write_quaranti
 from service.imageio import DecodedImage
 from service.store import Store
 
+from test_dropfolder import _count_decodes
+
 COPIES = 1000  # copies of one name left by a capture tool that reuses it
 
 
@@ -84,18 +86,6 @@ def test_a_reused_name_is_quarantined_without_probing_every_copy(tmp_path: Path,
     assert not (q / "cam1" / f"latest-{COPIES + 2}.jpg").exists()
     assert (q / "cam1" / f"latest-{COPIES + 1}.jpg.reason.txt").read_text() == "truncated again\n"
     assert len([n for n in asked if not n.endswith(".reason.txt")]) <= 2 * (2 * COPIES.bit_length() + 2)
-
-
-def _count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    calls: list[int] = []
-    real = dropfolder.decode_image
-
-    def counting(data: bytes, **kw: object) -> DecodedImage:
-        calls.append(len(data))
-        return real(data, **kw)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(dropfolder, "decode_image", counting)
-    return calls
 
 
 def _store_sink(store: Store, got: list[str]):  # type: ignore[no-untyped-def]
