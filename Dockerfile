@@ -36,7 +36,7 @@ FROM runtime-${VARIANT} AS runtime
 RUN groupadd --system --gid 10001 annotator \
     && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/annotator --no-create-home \
         --shell /usr/sbin/nologin annotator \
-    && install -d -m 0750 -o 10001 -g 10001 /var/lib/annotator /var/lib/annotator/bundles \
+    && install -d -m 0750 -o 10001 -g 10001 /var/lib/annotator /var/lib/annotator/store \
     && install -d -m 2770 -o 10001 -g 10001 /srv/annotator /srv/annotator/drop /srv/annotator/sidecars
 COPY --from=build /wheels /wheels
 # onnxruntime and onnxruntime-gpu share a module name: the GPU variant swaps one for the other.

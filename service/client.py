@@ -151,9 +151,11 @@ class AnnotatorClient:
         timeout = timeout or self.timeout
         give_up = self._clock() + timeout
         attempt = failed = 0  # backoff steps; failures other than "busy" (those count against retries)
+        busy_before = False
         while True:
-            try:
-                return method(request, timeout=timeout, metadata=self._metadata)
+            try:  # after a busy answer, the time left: busy answers never outlast the timeout
+                left = max(give_up - self._clock(), 0.1) if busy_before else timeout
+                return method(request, timeout=left, metadata=self._metadata)
             except grpc.RpcError as exc:
                 code = exc.code() if hasattr(exc, "code") else None
                 busy = is_busy(exc)
@@ -167,6 +169,7 @@ class AnnotatorClient:
                 self._sleep(delay)
                 attempt += 1
                 failed += not busy
+                busy_before = busy
 
     def annotate(self, data: bytes, camera_id: str = "", capture_time: float | None = None, session: str = "",
                  request_id: str = "", labels: Mapping[str, str] | None = None,

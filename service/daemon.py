@@ -71,7 +71,7 @@ VERSION = "0.1.0"
 DECODED_CACHE_BYTES = 64 << 20  # decoded pixels kept between submit and the worker (memory bound)
 IDLE_POLL_SECONDS = 0.5
 FINISH_QUEUE = 1  # predicted batches waiting for the finisher (back-pressure on the workers)
-RECALL_MAX_FRAMES = MAX_CAMERAS  # review frames decoded in all at start for the near-duplicate memory
+RECALL_MAX_FRAMES = 1024  # review frames decoded in all at start for the near-duplicate memory
 
 
 @dataclass(frozen=True)
@@ -288,7 +288,7 @@ class Daemon:
         return max(max(m.size) for m in self._engine.models.values())
 
     def _recall_reviews(self, dedup: NearDuplicate) -> None:
-        """Fill the near-duplicate memory with the newest review frames of each camera in the store.
+        """Fill the near-duplicate memory with the newest review frames of the store's cameras.
 
         Without it a restart forgot which frames went to review, and the next near duplicate of
         one was sent again. The frames are decoded as the workers decode them (the same reduced

@@ -237,7 +237,7 @@ def check_providers(cfg: Any) -> Check:
         chosen = select_providers(requested)
     except BundleError as exc:
         return Check("providers", FAIL, f"{detail}; {exc}",
-                     "clear engine.providers, or install onnxruntime-gpu (pip install 'edge-annotator[gpu]')")
+                     "clear engine.providers, or install onnxruntime-gpu as README.md's GPU section (or install.sh --gpu) does")
     missing = [p for p in requested or () if p not in available]
     if missing:
         return Check("providers", WARN, f"{detail}; using {', '.join(chosen)}",

@@ -51,8 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from watchdog.events import (EVENT_TYPE_CLOSED_NO_WRITE, EVENT_TYPE_EVENTS_LOST, EVENT_TYPE_OPENED, FileSystemEvent,
-                             FileSystemEventHandler)
+from watchdog.events import EVENT_TYPE_CLOSED_NO_WRITE, EVENT_TYPE_OPENED, FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from .durable import write_bytes_atomic
@@ -177,6 +176,7 @@ class _Seen:
 # file raises them: reacting to them turned every retry of a file that cannot be moved out
 # (a folder the service user cannot write) into the next one at once, a core at 100 %.
 _IGNORED_EVENTS = frozenset({EVENT_TYPE_OPENED, EVENT_TYPE_CLOSED_NO_WRITE})
+EVENT_TYPE_EVENTS_LOST = "events_lost"  # watchdog 7.1.1+ reports an inotify overflow so (7.0 does not)
 
 
 class _Handler(FileSystemEventHandler):
@@ -224,7 +224,7 @@ class DropFolder:
         self._held_until = -math.inf  # clock time before which no file is looked at (StoreFull)
         self._held_reason = ""
         self._pause_logged: str | None = None  # the pause reason last logged, None when running
-        self._full_owed = False  # a full walk was skipped while paused
+        self._full_owed = False  # a full walk is owed: skipped while paused, or events were lost
         self._seen: dict[Path, _Seen] = {}
         self._kept: dict[Path, tuple[int, int]] = {}  # processed_mode="keep": taken already
         # A file that could not be moved out (size, mtime_ns, clock time of the next try, delay):
@@ -280,7 +280,8 @@ class DropFolder:
 
     def request_full_scan(self) -> None:
         """Events were lost (inotify's queue overflowed): walk the whole folder on the next scan."""
-        self._full_owed = True
+        with self._lock:
+            self._full_owed = True
         self._wake.set()
 
     def _run(self) -> None:
@@ -317,10 +318,11 @@ class DropFolder:
         refused the same way. Anything else one file raises is logged and the scan goes on.
         """
         if self._pause_reason() is not None:
-            self._full_owed |= full
+            with self._lock:
+                self._full_owed |= full
             return 0
-        full, self._full_owed = full or self._full_owed, False
         with self._lock:
+            full, self._full_owed = full or self._full_owed, False
             candidates = set(self._dirty) | set(self._seen)
             self._dirty.clear()
         if full:
@@ -486,7 +488,8 @@ class DropFolder:
         except Exception as exc:
             if is_disk_full(exc):
                 raise _store_full(exc) from exc
-            if isinstance(exc, (OSError, sqlite3.OperationalError)):  # the store, not this file (locked...)
+            # the store, not this file: locked, or its connection closed under a take at shutdown
+            if isinstance(exc, (OSError, sqlite3.OperationalError, sqlite3.ProgrammingError)):
                 log.error("cannot ingest %s now (%s); it will be retried", name, exc)
                 return 0
             log.error("ingesting %s failed", name, exc_info=exc)

@@ -109,6 +109,11 @@ def _jpeg_info(data: bytes) -> tuple[int, int, int, int]:
     return width, height, orientation, sos
 
 
+def jpeg_orientation(data: bytes) -> int:
+    """A JPEG's EXIF orientation (1..8; 1 without the tag) as this module reads it."""
+    return _jpeg_info(data)[2]
+
+
 def _exif_orientation(tiff: bytes) -> int:
     """The Orientation tag (0x0112) of IFD0 in a TIFF-structured EXIF block; 1 if absent."""
     try:
@@ -234,11 +239,27 @@ def _j2k_size(data: bytes) -> tuple[int, int]:
 
 
 def _avif_size(data: bytes) -> tuple[int, int]:
-    """AVIF (ISO BMFF): the largest ``ispe`` (image spatial extents) property among its items."""
-    sizes, at = [], data.find(b"ispe")
-    while at >= 0 and len(data) >= at + 16:
-        sizes.append(struct.unpack(">II", data[at + 8:at + 16]))
-        at = data.find(b"ispe", at + 4)
+    """AVIF (ISO BMFF): the largest ``ispe`` (image spatial extents) property among its items,
+    looked for in the top-level ``meta`` box only (the compressed ``mdat`` could hold the four
+    bytes by chance)."""
+    meta, at = b"", 0
+    while at + 8 <= len(data):
+        size, kind = struct.unpack(">I4s", data[at:at + 8])
+        head = 8
+        if size == 1 and at + 16 <= len(data):
+            size, head = struct.unpack(">Q", data[at + 8:at + 16])[0], 16
+        elif size == 0:
+            size = len(data) - at
+        if kind == b"meta":
+            meta = data[at:at + size]
+            break
+        if size < head:
+            break
+        at += size
+    sizes, at = [], meta.find(b"ispe")
+    while at >= 0 and len(meta) >= at + 16:
+        sizes.append(struct.unpack(">II", meta[at + 8:at + 16]))
+        at = meta.find(b"ispe", at + 4)
     if not sizes:
         raise ImageError("corrupt or truncated AVIF: no image size (ispe) property")
     return max(sizes, key=lambda wh: wh[0] * wh[1])
@@ -310,7 +331,7 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, max_side_hint: int |
 
     Raises ``ImageTooLarge`` (an ``ImageError``) for more than ``max_bytes`` bytes (None: no
     byte limit) or more than ``max_pixels`` pixels (checked from the header before decoding
-    where the format allows), and ``ImageError`` for empty, truncated, corrupt or
+    from the header, before decoding), and ``ImageError`` for empty, truncated, corrupt or
     unrecognised data.
     """
     if not data:

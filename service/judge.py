@@ -141,7 +141,7 @@ class NearDuplicate:
     At most ``max_cameras`` cameras are remembered; the one judged or remembered least recently
     is forgotten first. Camera names come from the first folder of a drop-folder path, and where
     that is a date or a session every day brings new "cameras": without a cap their frames
-    (about 1 KB per camera) were kept for the daemon's life.
+    (about 13 KB per camera with 64 frames) were kept for the daemon's life.
     """
 
     def __init__(self, max_distance: int = 6, memory: int = 64, max_cameras: int = MAX_CAMERAS) -> None:

@@ -289,7 +289,9 @@ def parse_output_line(line: Mapping[str, Any], names: Sequence[str] = CABIN19_NA
                                                  BACKEND, job, when, None, adjusted, tuple(names), (HEADS,)), line)
         earlier = _label_attribute(line, kind="groundtruth/custom")
         full = parse_output_line(line, names, earlier) if earlier is not None else None
-        if full is None:
+        if full is None or (heads_label.width, heads_label.height) != (full.width, full.height):
+            # alone, a head box answer in another frame (the image seen turned) keeps its size,
+            # and the merge refuses it instead of taking its boxes into the key-point answer
             return heads_label
         both = None if adjusted is None and full.adjusted is None else bool(adjusted or full.adjusted)
         return dataclasses.replace(full, heads=heads_label.heads, job=job, reviewed_at=max(when, full.reviewed_at),

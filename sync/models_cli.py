@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 def _settings(args: argparse.Namespace) -> PullSettings:
     """The pull settings; without ``--daemon`` or ``[sync.models] daemon``, the daemon at the
     config's ``[server] listen`` (as the agent does), which may be down (``args.daemon_optional``):
-    a rollback must work while the daemon is stopped, and a first ``adopt`` comes before its start."""
+    a pull or a rollback must also work while the daemon is stopped. (``adopt`` never reloads:
+    it installs the first bundle, before the daemon's start.)"""
     s = settings(args, models_root=args.models_root, registry=getattr(args, "registry", None),
                  public_key=getattr(args, "public_key", None), daemon=getattr(args, "daemon", None),
                  margin=getattr(args, "margin", None), min_holdout=getattr(args, "min_holdout", None))
@@ -45,8 +46,10 @@ def _no_daemon(path: str) -> None:
 
 
 def _unless_down(reload_fn: Any, target: str) -> Any:
-    """``reload_fn`` where a daemon that is not running (UNAVAILABLE) is no error: the pointer
-    moves and the daemon loads the bundle at its next start."""
+    """``reload_fn`` where a daemon that is not running (the connection refused) is no error: the
+    pointer moves and the daemon loads the bundle at its next start. Any other failure (a TLS
+    handshake, a busy or restarting daemon) stays an error: a rollback must not report success
+    while a running daemon keeps serving the bundle it refused."""
     import grpc
 
     def reload(path: str) -> Any:
@@ -54,7 +57,8 @@ def _unless_down(reload_fn: Any, target: str) -> Any:
             return reload_fn(path)
         except RetryableError as exc:
             cause = exc.__cause__
-            if getattr(cause, "code", None) is None or cause.code() != grpc.StatusCode.UNAVAILABLE:
+            if getattr(cause, "code", None) is None or cause.code() != grpc.StatusCode.UNAVAILABLE \
+                    or "connection refused" not in str(cause.details()).lower():
                 raise
             sys.stdout.write(f"no daemon answers at {target} ([server] listen): {path} becomes active at its next start\n")
             return None
@@ -164,8 +168,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_adopt(args: argparse.Namespace) -> int:
-    s = _settings(args)
-    puller, closing = build_puller(s, with_gate=False, daemon_optional=args.daemon_optional)
+    puller, closing = build_puller(_settings(args), with_gate=False)
     try:
         bid = puller.adopt(Path(args.bundle))
     finally:

@@ -15,7 +15,7 @@ A reduced JPEG decode (1/2, 1/4, 1/8) maps decoded pixel ``i`` to original pixel
 ``[i f, (i + 1) f)`` only when ``f`` divides the side: otherwise the last decoded pixel is
 partial (or, on an axis EXIF orientation reverses, the first), and resizing all decoded
 pixels to the new size stretched the image against the record by up to ``f - 1`` original
-pixels. So the largest ``f`` dividing both sides is used (none: a full decode).
+pixels. So ``decode_image`` reduces only by a factor dividing both sides (none: a full decode).
 """
 from __future__ import annotations
 
@@ -26,14 +26,14 @@ from typing import Any, Mapping
 import cv2
 
 from service.errors import ImageError
-from service.imageio import _jpeg_info, decode_image, header_size
+from service.imageio import decode_image, header_size, jpeg_orientation
 from service.outputs import image_suffix
 
 _TYPES = {".jpg": "image/jpeg", ".png": "image/png", ".bmp": "image/bmp", ".tif": "image/tiff",
           ".webp": "image/webp"}
-# What a reviewer's browser shows (Ground Truth's and Label Studio's pages are web pages): a TIFF
-# (a 16-bit IR frame), a PGM or a JPEG 2000 goes up as a JPEG of the same size instead, else
-# the worker gets an empty page to label.
+# What a reviewer's browser shows (Ground Truth's worker page is a web page): a TIFF (a 16-bit IR
+# frame), a PGM or a JPEG 2000 goes up as a JPEG of the same size instead, else the worker gets
+# an empty page to label. (Label Studio shows the store's own file, not this upload.)
 _BROWSER = (".jpg", ".png", ".bmp", ".webp")
 
 
@@ -68,24 +68,15 @@ def scale_record(record: Mapping[str, Any], sx: float, sy: float, width: int, he
 
 def _stored_turned(data: bytes, width: int, height: int) -> bool:
     """Whether the stored pixels are not the record's upright frame: a JPEG's EXIF orientation
-    is not 1, or the header's size is the record's turned. Bytes of no known format (or a
-    header that cannot be read) go up as they are, as before."""
+    is not 1, or the header's size is the record's turned. False for a header that cannot be
+    read (only decodable images have records)."""
     try:
-        if data[:2] == b"\xff\xd8" and _jpeg_info(data)[2] != 1:
+        if data[:2] == b"\xff\xd8" and jpeg_orientation(data) != 1:
             return True
         size = header_size(data)
     except ImageError:
         return False
     return size is not None and width != height and tuple(size) == (height, width)
-
-
-def _exact_reduction(width: int, height: int, max_side: int) -> int:
-    """The largest reduced-decode factor that divides both sides and still leaves the longer
-    side at least ``max_side`` (1: a full decode); see the module docstring."""
-    for f in (8, 4, 2):
-        if width % f == 0 and height % f == 0 and max(width, height) >= f * max_side:
-            return f
-    return 1
 
 
 def _encode(pixels: Any, jpeg_quality: int) -> bytes:
@@ -112,14 +103,9 @@ def prepare_upload(data: bytes, record: Mapping[str, Any], max_side: int | None 
             raise ValueError(f"record says {width}x{height}, the image decodes as {decoded.width}x{decoded.height}")
         return UploadImage(_encode(decoded.pixels, jpeg_quality), ".jpg", "image/jpeg", dict(record), (1.0, 1.0))
     side = int(max_side or 0)
-    f = _exact_reduction(width, height, side)
-    # decode_image picks the largest factor f with max side >= f * hint: this hint makes it f.
-    decoded = decode_image(data, max_side_hint=max(width, height) // f if f > 1 else None)
+    decoded = decode_image(data, max_side_hint=side)  # reduced only by a factor dividing both sides: exact
     if (decoded.width, decoded.height) != (width, height):
         raise ValueError(f"record says {width}x{height}, the image decodes as {decoded.width}x{decoded.height}")
-    if decoded.pixels.shape[:2] != (height // decoded.reduce, width // decoded.reduce):
-        raise ValueError(f"decoded at 1/{decoded.reduce} as {decoded.pixels.shape[1]}x{decoded.pixels.shape[0]}, "
-                         f"not an exact reduction of {width}x{height}")
     s = side / max(width, height)
     new_w, new_h = max(1, round(width * s)), max(1, round(height * s))
     pixels = cv2.resize(decoded.pixels, (new_w, new_h), interpolation=cv2.INTER_AREA)

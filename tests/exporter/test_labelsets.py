@@ -153,3 +153,5 @@ def test_a_box_that_crosses_the_frame_is_cut_at_its_corners() -> None:
     assert (float(cx), float(bw)) == (0.25, 0.5) and (float(cy), float(bh)) == (0.9, 0.2)
     inside = _yolo_line(0, [10.0, 20.0, 30.0, 40.0], 100, 100, None).split()
     assert [float(v) for v in inside[1:]] == [0.25, 0.4, 0.3, 0.4]
+    for box in ([120.0, 10.0, 30.0, 30.0], [40.0, 10.0, -5.0, 30.0]):  # beyond the frame; a negative width
+        assert all(float(v) >= 0 for v in _yolo_line(0, box, 100, 100, None).split()[1:])

@@ -630,7 +630,7 @@ def test_near_duplicate_recall_decodes_a_bounded_number_of_frames(make_config: C
             image_id, _ = store.ingest(small_jpeg(400 + 2 * day + k), "t", {"camera": f"day{day}"})
             assert store.set_state(image_id, ["received"], REVIEW_PENDING, decision="review")
     store.close()
-    monkeypatch.setattr(daemon_module, "RECALL_MAX_FRAMES", 3, raising=False)
+    monkeypatch.setattr(daemon_module, "RECALL_MAX_FRAMES", 3)
     decoded: list[int] = []
     real = daemon_module._decode
     monkeypatch.setattr(daemon_module, "_decode", lambda data, *a: decoded.append(1) or real(data, *a))

@@ -418,6 +418,7 @@ def test_lost_events_ask_for_a_full_walk(tmp_path: Path) -> None:
     _old_files(drop.root, [b"unseen.jpg"])
     assert drop.scan_once(full=False) == 0  # nobody said it was there
     event = FileSystemEvent("")
+    assert dropfolder.EVENT_TYPE_EVENTS_LOST == EVENT_TYPE_EVENTS_LOST  # our name for it (watchdog < 7.1.1 lacks it)
     event.event_type = EVENT_TYPE_EVENTS_LOST  # type: ignore[misc]
     dropfolder._Handler(drop).on_any_event(event)
     assert drop.scan_once(full=False) == 1
@@ -462,3 +463,17 @@ def test_a_known_probe_that_fails_leaves_the_file_for_later(tmp_path: Path) -> N
     assert (drop.root / "good.jpg").exists() and not (drop.root / QUARANTINE).exists()
     broken[0] = False
     assert drop.scan_once() == 1 and len(sink.got) == 1
+
+
+def test_a_store_connection_closed_under_a_take_leaves_the_file(tmp_path: Path) -> None:
+    """At shutdown the store may close a connection while a take is inside a transaction: SQLite
+    then raises ProgrammingError, which quarantined a good image as "ingest failed"."""
+    import sqlite3
+
+    def closed(data: bytes, source: str, meta: dict, decoded: DecodedImage) -> None:
+        raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
+
+    drop = _folder(tmp_path, closed)  # type: ignore[arg-type]
+    _old_files(drop.root, [b"good.jpg"])
+    assert drop.scan_once() == 0 and drop.quarantined == 0 and (drop.root / "good.jpg").is_file()
+    assert not (drop.root / QUARANTINE).exists() or not any((drop.root / QUARANTINE).iterdir())

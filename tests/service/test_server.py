@@ -137,9 +137,9 @@ def test_stream_returns_request_ids_and_per_image_errors(served: tuple[Any, int]
 
 def test_streams_are_bounded_on_the_whole_server_and_health_still_answers(
         make_config: Callable[..., Any], small_jpeg: Callable[[int], bytes]) -> None:
-    """``server.max_concurrent_streams`` is per connection in gRPC; each open stream holds a
-    server thread. Several clients with their streams open took every thread, and health
-    checks timed out. Now a stream beyond the limit (on any connection) is refused at once."""
+    """Each open stream holds a server thread. Several clients with their streams open took
+    every thread, and health checks timed out. ``server.max_concurrent_streams`` bounds them on
+    the whole server: a stream beyond it (on any connection) is refused at once."""
     import threading
 
     from service.daemon import Daemon

@@ -486,3 +486,17 @@ def test_an_answer_for_a_turned_upload_is_not_stretched_to_the_original() -> Non
     label = parse_output_line(line)
     assert label is not None and (label.width, label.height) == (HEIGHT, WIDTH)
     assert (label.persons[0].keypoints[0].x, label.persons[0].keypoints[0].y) == (10.0, 20.0)
+
+
+def test_a_chained_head_box_answer_of_another_frame_is_not_taken_into_the_key_point_review() -> None:
+    """The head boxes of a chained bounding-box job answered on the image seen turned (its size
+    the upload's turned) were copied into the key-point review, whose size is the image's, so the
+    merge's size check let boxes of another frame through. That answer now comes back alone, with
+    its own size, and the merge refuses it."""
+    line, _ = _custom_review_line(record(persons=1), "kpts")
+    line.update({"head-box": {"image_size": [{"width": HEIGHT, "height": WIDTH, "depth": 3}],
+                              "annotations": [{"class_id": 0, "left": 1, "top": 2, "width": 3, "height": 4}]},
+                 "head-box-metadata": {**BUILTIN["head-box-metadata"], "creation-date": "2026-11-25T10:00:00",
+                                       "job-name": "labeling-job/adjust-heads"}})
+    label = parse_output_line(line)
+    assert label is not None and (label.width, label.height) == (HEIGHT, WIDTH) and label.parts == ("heads",)

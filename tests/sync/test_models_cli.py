@@ -1,4 +1,4 @@
-"""`annotator models adopt | pull | rollback` reload the daemon at the config's [server] listen."""
+"""`annotator models pull | rollback` reload the daemon at the config's [server] listen (`adopt` installs only)."""
 from __future__ import annotations
 
 import argparse
@@ -23,7 +23,7 @@ def test_pull_and_rollback_reload_the_daemon_at_server_listen(tmp_path: Path, co
     """[sync.models] daemon defaults to [server] listen, as the example config says, but only the
     agent applied it: `models pull` and `models rollback` moved `current` and left the daemon on
     the old bundle until a restart (a rollback, the emergency path, too). A daemon that is not
-    running is no error: a first `adopt` comes before the daemon's start."""
+    running (the connection refused) is no error: the pull switches, and the daemon starts on it."""
     port = free_port()
     config = tmp_path / "annotator.toml"
     config.write_text(f'[server]\nlisten = "127.0.0.1:{port}"\n[store]\nroot = "store"\n'

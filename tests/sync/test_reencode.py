@@ -103,8 +103,8 @@ def test_an_upright_image_within_max_side_goes_up_as_it_is() -> None:
 
 @pytest.mark.parametrize("ext", [".tiff", ".pgm", ".jp2"])
 def test_an_image_a_browser_cannot_show_goes_up_as_a_jpeg_of_its_size(ext: str) -> None:
-    """Ground Truth's and Label Studio's pages are web pages: a 16-bit IR TIFF, a PGM or a JPEG
-    2000 went up as it was, and the worker saw nothing to label."""
+    """Ground Truth's worker page is a web page: a 16-bit IR TIFF, a PGM or a JPEG 2000 went up
+    as it was, and the worker saw nothing to label."""
     img = np.zeros((48, 64), np.uint16 if ext == ".tiff" else np.uint8)
     img[10:20, 30:40] = 4000 if ext == ".tiff" else 250
     data = cv2.imencode(ext, img)[1].tobytes()
