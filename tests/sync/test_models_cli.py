@@ -56,3 +56,36 @@ def test_pull_and_rollback_reload_the_daemon_at_server_listen(tmp_path: Path, co
     finally:
         server.stop(grace=1.0).wait(5)
         daemon.close()
+
+
+def test_only_a_refused_connection_counts_as_no_daemon(capsys: pytest.CaptureFixture[str]) -> None:
+    """Any UNAVAILABLE counted as "no daemon": a rollback against a daemon that refused the TLS
+    handshake, or answered busy, reported success while that daemon kept serving the bundle it
+    had just refused."""
+    import grpc
+
+    from sync.errors import RetryableError
+    from sync.models_cli import _unless_down
+
+    class Unavailable(grpc.RpcError):
+        def __init__(self, details: str) -> None:
+            self._details = details
+
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self) -> str:
+            return self._details
+
+    def failing(details: str):  # type: ignore[no-untyped-def]
+        def reload(path: str) -> None:
+            raise RetryableError(f"daemon: {details}") from Unavailable(details)
+        return reload
+
+    refused = "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:9: Connection refused"
+    assert _unless_down(failing(refused), "127.0.0.1:9")("models/current") is None
+    assert "no daemon answers at 127.0.0.1:9" in capsys.readouterr().out
+    for details in ("failed to connect to all addresses; last error: UNKNOWN: Ssl handshake failed",
+                    "server busy: 32 Annotate calls are already waiting"):
+        with pytest.raises(RetryableError):
+            _unless_down(failing(details), "127.0.0.1:9")("models/current")
