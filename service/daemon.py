@@ -445,7 +445,9 @@ class Daemon:
 
     # -- workers ------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the finisher, the workers and the drop folder watcher."""
+        """Start the finisher, the workers and the drop folder watcher (after clearing what a
+        killed ingest left in the store: ``Store.remove_stale_temps``)."""
+        self.store.remove_stale_temps()
         self._finisher.start()
         for t in self._workers:
             t.start()

@@ -6,7 +6,7 @@ Layout under ``root``::
     images/<id[:2]>/<id>          the image bytes; id = sha256 hex digest of the bytes
     images/<id[:2]>/.<id[:24]>.*.tmp
                                   an ingest's copy before its rename; one that a kill left
-                                  behind is removed at a later open (``_remove_stale_temps``)
+                                  behind is removed at the daemon's next start (``remove_stale_temps``)
 
 Life cycle (``images.state``)::
 
@@ -202,14 +202,15 @@ class Store:
             elif row[0] > SCHEMA_VERSION:
                 raise StoreError(f"{self.db_path}: schema version {row[0]} is newer than this "
                                  f"program's {SCHEMA_VERSION}; upgrade the program")
-        self._remove_stale_temps()
 
-    def _remove_stale_temps(self) -> None:
+    def remove_stale_temps(self) -> None:
         """Remove the temporary image copies a killed ingest left under ``images/`` (see ``_TEMP``).
 
         Only names of that pattern, in the ``images/<xx>/`` folders, older than
         ``TEMP_MAX_AGE_SECONDS`` by the file system's (wall) clock, not the injected one: a copy
-        being written now by a live process sharing the store is younger and stays. Once per open;
+        being written now by a live process sharing the store is younger and stays. The daemon,
+        which ingests, calls it once at its start (not every open: the sync agent and each CLI
+        command open the store too, and the walk reads every ``images/<xx>/`` folder);
         the real images are never touched (their names are 64 hex digits, without a dot)."""
         cutoff = time.time() - TEMP_MAX_AGE_SECONDS
         removed = 0

@@ -15,9 +15,9 @@ reviewer id, reviewed_at, adjusted) and for each one:
 
 The dataset is written before the store, so a crash in between is healed by the next run (the
 dataset write is idempotent). ``add_auto_accepted`` follows the store's transitions into
-``auto_accepted`` from a ``seq`` kept in the dataset. Each call ends by recording the dataset
-version when it differs from the last recorded one (also one that an earlier, interrupted call
-wrote but did not record).
+``auto_accepted`` from a ``seq`` kept in the dataset. A call that changed the dataset records
+its version, and so does the first call after a start (a version that an earlier, interrupted
+run wrote but did not record).
 """
 from __future__ import annotations
 
@@ -172,6 +172,9 @@ class Merger:
     def __init__(self, store: Store, dataset: Dataset) -> None:
         self.store = store
         self.dataset = dataset
+        # Whether the dataset may hold content with no version row: at a start (a run killed
+        # between its writes and its record), and after each call that wrote.
+        self._unrecorded = True
 
     def merge(self, labels: Iterable[Any]) -> MergeReport:
         """Merge reviewed labels (see module doc); records the dataset version when it is new."""
@@ -208,13 +211,16 @@ class Merger:
             log.info("image %s: reviewed label merged (%s job %s, mistakenness %.3f)",
                      image_id[:12], prov["backend"], prov["job"], mist.score)
         report.auto_added = self.add_auto_accepted()
-        # Every call, not only when this one changed something: a crash after the writes above
-        # and before this left the dataset without a version row for its content, and after a
-        # restart the same labels merge as "unchanged". record_version records nothing when the
-        # content is the last recorded version (or the dataset is empty and has none).
+        # Also once after a start when nothing changed: a crash after the writes above and before
+        # this left the dataset without a version row for its content, and after the restart the
+        # same labels merge as "unchanged". (Not on every pass: the version hashes every label.)
+        # record_version records nothing when the content is the last recorded version.
         note = f"merge: {len(report.merged)} reviewed, {report.auto_added} auto-accepted"
-        report.version = self.dataset.record_version(
-            note if report.merged or report.auto_added else note + " (earlier writes not recorded before)")
+        wrote = bool(report.merged or report.auto_added)
+        self._unrecorded = self._unrecorded or wrote
+        if self._unrecorded:
+            report.version = self.dataset.record_version(note if wrote else note + " (earlier writes not recorded before)")
+            self._unrecorded = False
         for image_id, why in report.skipped.items():
             log.warning("image %s: not merged: %s", image_id[:12], why)
         return report

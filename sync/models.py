@@ -149,7 +149,6 @@ class ModelSlots:
         with ``current`` naming it (``tidy`` puts the old copy back after such a kill)."""
         bundles = self.root / "bundles"
         dest = bundles / bundle_id
-        self.tidy()
         if dest.is_dir() and not dest.is_symlink() and _same_bundle(staged, dest):
             shutil.rmtree(staged)
             fsync_tree(dest)  # installed by an older version, maybe never synced
@@ -418,6 +417,7 @@ class ModelPuller:
         """Install a local, verified bundle as ``current`` without reloading (first start).
         Running it again with the bundle in use keeps that bundle where it is (``install``)."""
         bundle = load_bundle(bundle_dir)
+        self.slots.tidy()  # as each pull pass does first
         staged = self.slots.root / "staging" / bundle.id
         shutil.rmtree(staged, ignore_errors=True)
         shutil.copytree(bundle_dir, staged)

@@ -9,9 +9,9 @@ Layout (the same in a folder, ``LocalFolderStore(root)``, and in a bucket, ``S3S
 
 ``BundleRegistry`` lists the published bundles, orders them (``created``, then ``id``) and
 downloads one into a local folder: only ``bundle.json``, ``bundle.sig`` and the files the
-manifest names travel; the folder is filled under a temporary name (``.<id>.partial``),
-fsynced, and renamed into place, so a half-downloaded bundle is never looked at and a power
-loss never leaves a renamed bundle with empty files. A kill -9 mid-download leaves the
+manifest names travel; the folder is filled under a temporary name (``.<id>.partial``) and
+renamed into place, so a half-downloaded bundle is never looked at (``sync.models`` fsyncs a
+bundle's files once, before it goes live: ``ModelSlots.install``). A kill -9 mid-download leaves the
 temporary folder behind: ``remove_partials`` clears them before a pull. Checksums, layouts and the signature are checked
 by the caller (``sync.models``), not here. Problems of the bundle itself raise
 ``BundleContentError`` (the caller refuses that bundle); the store's own errors (credentials,
@@ -26,8 +26,6 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
-
-from service.durable import fsync_dir, fsync_tree
 
 from .errors import BundleContentError, ObjectNotFound, RetryableError
 from .objectstore import ObjectStore
@@ -208,12 +206,8 @@ class BundleRegistry:
             except ObjectNotFound:
                 pass
             self._download_weights(bundle_id, data, tmp)
-            # The files on disk before the rename: a power loss must not keep the rename and
-            # lose the data (the bundle would go live with empty files).
-            fsync_tree(tmp)
             shutil.rmtree(dest, ignore_errors=True)
             tmp.rename(dest)
-            fsync_dir(dest.parent)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
