@@ -182,6 +182,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .retention import cmd_prune as run
+
+    return run(args, _config(args))
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import run_bench
 
@@ -196,7 +202,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def add_daemon_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    """Register serve, annotate, submit, export and bench."""
+    """Register serve, annotate, submit, export, prune and bench."""
     samples = Path(__file__).resolve().parent / "assets" / "samples"
 
     s = sub.add_parser("serve", help="run the daemon in the foreground (gRPC + drop folder)")
@@ -228,6 +234,14 @@ def add_daemon_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser
     s.add_argument("--dataset-root", metavar="DIR", help="the sync agent's dataset, whose reviewed labels replace "
                    "the model's (default: [sync.dataset] root, else <store root>/dataset)")
     s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("prune", help="remove old processed/ copies and old auto-accepted images' bytes ([retention])")
+    s.add_argument("--config", help="TOML file (default: $ANNOTATOR_CONFIG)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE")
+    s.add_argument("--processed-days", type=float, help="override [retention] processed_days")
+    s.add_argument("--auto-image-days", type=float, help="override [retention] auto_image_days")
+    s.add_argument("--dry-run", action="store_true", help="count what would go, remove nothing")
+    s.set_defaults(func=cmd_prune)
 
     s = sub.add_parser("bench", help="images/s: raw ONNX vs the daemon (drop folder, gRPC) vs ultralytics")
     s.add_argument("images", nargs="*", default=[str(samples)], help="images or folders (default: shipped samples)")

@@ -125,6 +125,15 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class RetentionConfig:
+    # Days after which files go (None: kept for ever). Run by the daemon every interval_minutes,
+    # or once by `annotator prune`. See service/retention.py.
+    processed_days: float | None = None  # drop folder's processed/ copies whose bytes the store holds
+    auto_image_days: float | None = None  # the store's bytes of auto-accepted images (records stay)
+    interval_minutes: float = 60.0
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
@@ -133,6 +142,7 @@ class Config:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     outputs: OutputsConfig = field(default_factory=OutputsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     # PASSTHROUGH tables as parsed from the file (read-only at the top level), e.g. extra["sync"].
     extra: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}), compare=False)
 
@@ -250,6 +260,9 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "judge.reviews_per_session": (_in(1), "an integer >= 1 (or unset for no limit)"),
     "judge.review_share": (lambda v: v is None or 0 < v <= 1, "a share in (0, 1], e.g. 0.05 (or unset: every doubtful image)"),
     "judge.review_window": (_in(10, 1000000), "an integer number of images in [10, 1000000]"),
+    "retention.processed_days": (lambda v: v is None or v > 0, "a number of days > 0 (or unset: kept for ever)"),
+    "retention.auto_image_days": (lambda v: v is None or v > 0, "a number of days > 0 (or unset: kept for ever)"),
+    "retention.interval_minutes": (lambda v: v >= 1, "a number of minutes >= 1"),
     "metrics.listen": (lambda v: v == "" or _listen_ok(v), "empty (off) or host:port, e.g. '127.0.0.1:9464'"),
 }
 

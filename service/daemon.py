@@ -57,6 +57,8 @@ from .imageio import DecodedImage, decode_image
 from .judge import MAX_CAMERAS, Judge, Judgement, NearDuplicate, ReviewShare, load_score_fn, rank_key
 from .outputs import write_sidecars
 from .record import Prediction
+from .retention import RetentionTask
+from .retention import enabled as retention_enabled
 from .signing import load_public_key, verify_bundle_dir
 from .store import FAILED, RECEIVED, Completion, ImageRow, Store, image_id_of, sequence_of
 
@@ -191,6 +193,9 @@ class Daemon:
                                self.max_bytes, self.max_pixels, float(d.poll_interval),
                                self.max_side_hint, paused=self.store.paused_reason,
                                known=self._stored) if d.folder else None
+        keep = getattr(config, "retention", None)
+        self.retention = RetentionTask(self.store, keep, Path(d.folder) if d.folder else None) \
+            if keep is not None and retention_enabled(keep) else None
         if self._dedup is not None:
             self._recall_reviews(self._dedup)
         if metrics is not None:
@@ -453,6 +458,8 @@ class Daemon:
             t.start()
         if self.drop is not None:
             self.drop.start()
+        if self.retention is not None:
+            self.retention.start()
         log.info("daemon %s started with bundle %s", self.owner, self.bundle.id)
 
     def _claim(self, owner: str) -> list[ImageRow]:
@@ -664,6 +671,8 @@ class Daemon:
         waiting after 10 s, e.g. on a slow share): a take still running would meet a closed store.
         Should it outlive ``timeout`` too, the drop folder leaves that file for the next start."""
         self.stop_intake()
+        if self.retention is not None:
+            self.retention.stop(timeout)
         self._stop.set()
         self._wake.set()
         for t in self._workers:

@@ -163,10 +163,16 @@ def check_disk(cfg: Any) -> Check:
     free = shutil.disk_usage(where).free
     floor = int(cfg.store.min_free_mb) * 1_000_000
     detail = f"{free / 1e9:.1f} GB free on {where}, floor {floor / 1e6:.0f} MB"
+    keep = getattr(cfg, "retention", None)
+    rules = [f"{name} after {days:g} days" for name, days in
+             (("processed/ copies", getattr(keep, "processed_days", None)),
+              ("auto-accepted images", getattr(keep, "auto_image_days", None))) if days is not None]
+    detail += "; retention: " + (", ".join(rules) if rules else "off, nothing is ever removed")
+    hint = "" if rules else "; [retention] processed_days / auto_image_days let the daemon remove old copies"
     if free < floor:
-        return Check("disk", FAIL, detail, "free disk space, or lower store.min_free_mb: ingest is paused below it")
+        return Check("disk", FAIL, detail, "free disk space, or lower store.min_free_mb: ingest is paused below it" + hint)
     if free < 2 * floor:
-        return Check("disk", WARN, detail, "less than twice the floor left: free space soon")
+        return Check("disk", WARN, detail, "less than twice the floor left: free space soon" + hint)
     return Check("disk", OK, detail)
 
 

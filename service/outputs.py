@@ -149,6 +149,21 @@ def iter_rows(store: Store, states: Sequence[str] = EXPORT_STATES, page: int = 5
                 break
 
 
+def _with_bytes(rows: Iterator[ImageRow], pruned: list[int]) -> Iterator[ImageRow]:
+    """The rows whose bytes the store still has; ``pruned[0]`` counts the others (their bytes
+    went by ``[retention] auto_image_days``: an export of images without pixels trains nothing)."""
+    for row in rows:
+        if row.pruned_at is None:
+            yield row
+        else:
+            pruned[0] += 1
+
+
+def _warn_pruned(n: int) -> None:
+    if n:
+        log.warning("%d auto-accepted images left out: retention removed their bytes ([retention] auto_image_days)", n)
+
+
 def _flat_keypoints(person: Mapping[str, Any]) -> list[float]:
     out: list[float] = []
     for kp in person["keypoints"]:
@@ -262,7 +277,8 @@ def export_coco(store: Store, out_path: Path, states: Sequence[str] = EXPORT_STA
     annotations: list[dict[str, Any]] = []
     schema: KeypointSchema | None = None
     unreviewed = 0
-    for n, row in enumerate(iter_rows(store, states), start=1):
+    rows = _with_bytes(iter_rows(store, states), pruned := [0])
+    for n, row in enumerate(rows, start=1):
         rec, schema, provenance = _labels_of(row, schema, reviewed)
         unreviewed += row.state == REVIEWED and provenance != "human"
         src = store.image_path(row.image_id)
@@ -282,6 +298,7 @@ def export_coco(store: Store, out_path: Path, states: Sequence[str] = EXPORT_STA
     info = {"description": "edge-annotator export", "date_created": _iso(store.clock()), "states": list(states)}
     write_json_atomic(out_path, {"info": info, "images": images, "annotations": annotations, "categories": categories})
     _warn_unreviewed(unreviewed, reviewed)
+    _warn_pruned(pruned[0])
     log.info("COCO export: %d images, %d annotations -> %s", len(images), len(annotations), out_path)
     return out_path
 
@@ -312,7 +329,7 @@ def export_yolo(store: Store, out_dir: Path, states: Sequence[str] = EXPORT_STAT
     count = unreviewed = 0
     for task in ("pose", "head"):
         (out_dir / task / "labels").mkdir(parents=True, exist_ok=True)
-    for row in iter_rows(store, states):
+    for row in _with_bytes(iter_rows(store, states), pruned := [0]):
         rec, schema, provenance = _labels_of(row, schema, reviewed)
         unreviewed += row.state == REVIEWED and provenance != "human"
         w, h = int(row.width or rec["width"]), int(row.height or rec["height"])
@@ -338,6 +355,7 @@ def export_yolo(store: Store, out_dir: Path, states: Sequence[str] = EXPORT_STAT
     write_json_atomic(out_dir / "head" / "data.yaml", {
         "path": str((out_dir / "head").resolve()), "train": "images", "val": "images", "names": {"0": "head"}})
     _warn_unreviewed(unreviewed, reviewed)
+    _warn_pruned(pruned[0])
     log.info("YOLO export: %d images -> %s", count, out_dir)
     return out_dir
 

@@ -8,6 +8,12 @@ Layout under ``root``::
                                   an ingest's copy before its rename; one that a kill left
                                   behind is removed at the daemon's next start (``remove_stale_temps``)
 
+Retention (``prune_auto_images``, run by ``service.retention``) may remove the bytes of old
+auto-accepted images: the row, its record and its history stay, ``pruned_at`` says when, and a
+self-transition ``auto_accepted -> auto_accepted`` with a note is logged (the sync agent's merge
+follows it and takes the image out of the training set). Reviewed images and every image still
+in work are never pruned.
+
 Life cycle (``images.state``)::
 
     received -> annotated -> auto_accepted | review_pending -> uploaded -> reviewed
@@ -47,7 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from .durable import write_bytes_atomic
+from .durable import fsync_dir, write_bytes_atomic
 from .errors import ImageNotFound, LeaseLost, StoreError, StoreFull
 from .sqlite import ThreadConnections, apply_schema
 from .sqlite import transaction as sqlite_transaction
@@ -93,6 +99,15 @@ CREATE TABLE IF NOT EXISTS transitions (
 CREATE INDEX IF NOT EXISTS transitions_by_image ON transitions (image_id, seq);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
+# Added after schema version 1 without a new version: a store written by this code stays readable
+# by the code before it (rows are read by column name, the extra column is ignored), so rolling
+# the program back does not lock the operator out of their store. Each runs when it is missing.
+_COLUMNS = {"pruned_at": "ALTER TABLE images ADD COLUMN pruned_at REAL"}
+_LATE_SCHEMA = """
+CREATE INDEX IF NOT EXISTS images_unpruned ON images (state, received_at, image_id) WHERE pruned_at IS NULL;
+CREATE INDEX IF NOT EXISTS images_by_pruned ON images (pruned_at) WHERE pruned_at IS NOT NULL;
+"""
+PRUNED_NOTE = "image bytes removed by retention"
 
 
 def sequence_of(meta: Mapping[str, Any], camera: str | None) -> tuple[tuple[str, str], float | None] | None:
@@ -135,6 +150,7 @@ class ImageRow:
     lease_owner: str | None = None
     lease_expires: float | None = None
     attempts: int = 0
+    pruned_at: float | None = None  # when retention removed the bytes (the record stays)
 
     @classmethod
     def from_sql(cls, r: sqlite3.Row) -> "ImageRow":
@@ -144,7 +160,7 @@ class ImageRow:
             decision=r["decision"], score=r["score"], reasons=tuple(json.loads(r["reasons"])),
             audit=bool(r["audit"]), bundle_id=r["bundle_id"], error=r["error"], received_at=r["received_at"],
             updated_at=r["updated_at"], camera=r["camera"], lease_owner=r["lease_owner"],
-            lease_expires=r["lease_expires"], attempts=r["attempts"],
+            lease_expires=r["lease_expires"], attempts=r["attempts"], pruned_at=r["pruned_at"],
         )
 
 
@@ -164,6 +180,10 @@ class Completion:
     reasons: tuple[str, ...] = ()
     audit: bool = False
     counters: tuple[str, ...] = ()
+
+
+def _iso(at: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
 
 
 def image_id_of(data: bytes) -> str:
@@ -196,6 +216,11 @@ class Store:
         self._conns = ThreadConnections(self.db_path, busy_timeout_ms)
         with self.transaction() as db:
             apply_schema(db, _SCHEMA)
+            have = {r["name"] for r in db.execute("PRAGMA table_info(images)")}
+            for column, ddl in _COLUMNS.items():
+                if column not in have:
+                    db.execute(ddl)
+            apply_schema(db, _LATE_SCHEMA)
             row = db.execute("SELECT max(version) FROM schema_version").fetchone()
             if row[0] is None:
                 db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
@@ -266,6 +291,10 @@ class Store:
         try:
             return self.image_path(image_id).read_bytes()
         except FileNotFoundError as exc:
+            row = self.get(image_id)
+            if row is not None and row.pruned_at is not None:
+                raise ImageNotFound(f"image {image_id}: its bytes were removed by retention "
+                                    f"([retention] auto_image_days) at {_iso(row.pruned_at)}; the record stays") from exc
             raise ImageNotFound(f"no image {image_id} in {self.root}") from exc
 
     def free_bytes(self) -> int:
@@ -276,7 +305,8 @@ class Store:
         free = self.free_bytes()
         if free < self.min_free_bytes:
             return (f"free disk space {free / 1e6:.0f} MB below the floor of "
-                    f"{self.min_free_bytes / 1e6:.0f} MB on {self.root}")
+                    f"{self.min_free_bytes / 1e6:.0f} MB on {self.root} (free space; [retention] in the config "
+                    f"lets the daemon remove old copies)")
         return None
 
     # -- life cycle ----------------------------------------------------------------------
@@ -493,6 +523,68 @@ class Store:
             self._log(db, image_id, r["state"], to_state, now, None, fields.get("error"))
         return True
 
+    # -- retention -----------------------------------------------------------------------
+    def prune_auto_images(self, before: float, limit: int = 500) -> tuple[builtins.list[str], int]:
+        """Remove the bytes of up to ``limit`` auto-accepted images received before ``before``
+        (oldest first) that still have them; returns their ids and the bytes freed. Call again
+        until fewer than ``limit`` come back.
+
+        Rows are marked (``pruned_at``, a self-transition noted ``PRUNED_NOTE``) and committed
+        before any file goes, so a reader never finds a row claiming bytes that are gone; a kill
+        between the commit and the unlinks leaves files that ``sweep_pruned`` removes on the next
+        pass. Only ``auto_accepted``: reviewed images are the human work training needs, and
+        every other state is still in work (a review pending, an upload, an annotation)."""
+        now = self.clock()
+        with self.transaction() as db:
+            ids = [r[0] for r in db.execute(
+                "SELECT image_id FROM images WHERE state = ? AND pruned_at IS NULL AND received_at < ? "
+                "ORDER BY received_at, image_id LIMIT ?", (AUTO_ACCEPTED, float(before), int(limit)))]
+            for image_id in ids:
+                db.execute("UPDATE images SET pruned_at=?, updated_at=? WHERE image_id=?", (now, now, image_id))
+                self._log(db, image_id, AUTO_ACCEPTED, AUTO_ACCEPTED, now, None, PRUNED_NOTE)
+        return ids, self._unlink(ids)[1]
+
+    def sweep_pruned(self, since: float) -> int:
+        """Remove the files left of images pruned at or after ``since`` (a kill between
+        ``prune_auto_images``'s commit and its unlinks, or unlinks a power loss undid); returns
+        how many were still there."""
+        ids = [r[0] for r in self._conn().execute(
+            "SELECT image_id FROM images WHERE pruned_at IS NOT NULL AND pruned_at >= ?", (float(since),))]
+        return self._unlink(ids)[0]
+
+    def _unlink(self, ids: Sequence[str]) -> tuple[int, int]:
+        """Unlink these images' files, then fsync their folders (a removal a power loss undid
+        would otherwise stay on disk for good: nothing reads a pruned image's file again).
+        Returns (files removed, their bytes)."""
+        removed = size = 0
+        folders: set[Path] = set()
+        for image_id in ids:
+            path = self.image_path(image_id)
+            try:
+                n = path.stat().st_size
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            removed += 1
+            size += n
+            folders.add(path.parent)
+        for folder in folders:
+            fsync_dir(folder)
+        return removed, size
+
+    def pruned_bytes(self, before: float) -> tuple[int, int]:
+        """(images, bytes) that ``prune_auto_images(before)`` would remove now: a dry run."""
+        count = size = 0
+        for r in self._conn().execute(
+                "SELECT image_id FROM images WHERE state = ? AND pruned_at IS NULL AND received_at < ?",
+                (AUTO_ACCEPTED, float(before))):
+            try:
+                size += self.image_path(r[0]).stat().st_size
+                count += 1
+            except FileNotFoundError:
+                pass
+        return count, size
+
     # -- queries -------------------------------------------------------------------------
     def get(self, image_id: str) -> ImageRow | None:
         r = self._conn().execute("SELECT * FROM images WHERE image_id=?", (image_id,)).fetchone()
@@ -599,6 +691,12 @@ class Store:
         with self.transaction() as db:
             self._bump(db, name, delta)
             return int(db.execute("SELECT value FROM counters WHERE name=?", (name,)).fetchone()[0])
+
+    def set_counter(self, name: str, value: int) -> None:
+        """Set a persistent counter to ``value`` (a mark, e.g. when a task last started)."""
+        with self.transaction() as db:
+            db.execute("INSERT INTO counters (name, value) VALUES (?, ?) "
+                       "ON CONFLICT(name) DO UPDATE SET value = excluded.value", (name, int(value)))
 
     def take(self, name: str, limit: int) -> bool:
         """Atomically add 1 to counter ``name`` if it is below ``limit``; True when taken."""

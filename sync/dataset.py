@@ -199,6 +199,12 @@ class Dataset:
                         self.clock()))
         return True
 
+    def remove_auto(self, image_id: str) -> bool:
+        """Take an auto label out (its image's bytes are gone: ``[retention] auto_image_days``);
+        False when there is none. A reviewed label is never removed here."""
+        with self.transaction() as db:
+            return db.execute("DELETE FROM labels WHERE image_id=? AND origin=?", (image_id, AUTO)).rowcount == 1
+
     def put_reviewed(self, image_id: str, label: Mapping[str, Any], provenance: Mapping[str, Any],
                      auto_label: Mapping[str, Any] | None, mistakes: Mapping[str, Any] | None,
                      decision: str | None, audit: bool) -> bool:

@@ -163,6 +163,7 @@ class MergeReport:
     unchanged: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     auto_added: int = 0
+    auto_removed: int = 0  # auto labels of images whose bytes retention removed
     version: DatasetVersion | None = None
 
 
@@ -175,6 +176,7 @@ class Merger:
         # Whether the dataset may hold content with no version row: at a start (a run killed
         # between its writes and its record), and after each call that wrote.
         self._unrecorded = True
+        self.auto_removed = 0  # auto labels taken out since the last merge report (retention)
 
     def merge(self, labels: Iterable[Any]) -> MergeReport:
         """Merge reviewed labels (see module doc); records the dataset version when it is new."""
@@ -211,12 +213,15 @@ class Merger:
             log.info("image %s: reviewed label merged (%s job %s, mistakenness %.3f)",
                      image_id[:12], prov["backend"], prov["job"], mist.score)
         report.auto_added = self.add_auto_accepted()
+        report.auto_removed, self.auto_removed = self.auto_removed, 0
         # Also once after a start when nothing changed: a crash after the writes above and before
         # this left the dataset without a version row for its content, and after the restart the
         # same labels merge as "unchanged". (Not on every pass: the version hashes every label.)
         # record_version records nothing when the content is the last recorded version.
         note = f"merge: {len(report.merged)} reviewed, {report.auto_added} auto-accepted"
-        wrote = bool(report.merged or report.auto_added)
+        if report.auto_removed:
+            note += f", {report.auto_removed} auto-accepted removed (their bytes went by retention)"
+        wrote = bool(report.merged or report.auto_added or report.auto_removed)
         self._unrecorded = self._unrecorded or wrote
         if self._unrecorded:
             report.version = self.dataset.record_version(note if wrote else note + " (earlier writes not recorded before)")
@@ -251,9 +256,15 @@ class Merger:
             self.dataset.meta("auto_seq", str(after))
 
     def _put_auto(self, rows: Iterable[ImageRow]) -> int:
+        """Add these rows' auto labels; a row whose bytes retention removed (``pruned_at``: the
+        store logs a transition for it, so this follows it too) is taken out instead: the
+        dataset is what training can train on, and that needs the pixels."""
         target = self.dataset.schema.names
         added = 0
         for row in rows:
+            if row.pruned_at is not None:
+                self.auto_removed += self.dataset.remove_auto(row.image_id)
+                continue
             if row.record is None:
                 continue
             try:

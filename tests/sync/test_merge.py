@@ -370,3 +370,26 @@ def test_a_training_export_records_a_version_a_killed_merge_left_unrecorded(worl
     assert dataset.versions() == []
     dataset_exporter(store, dataset)(tmp_path / "export")
     assert [v.version for v in dataset.versions()] == [dataset.version()]
+
+
+def test_images_whose_bytes_retention_removed_leave_the_dataset(world, tmp_path: Path) -> None:
+    """``[retention] auto_image_days`` removed an image's bytes: its auto label leaves the training
+    set (with a new version), and a dataset swept whole later never takes it in."""
+    store, dataset, merger = world
+    ids = [_annotated(store, b"\xff\xd8 auto %d" % n, "auto_accepted") for n in range(2)]
+    merger.merge([])
+    assert all(dataset.get(i) is not None for i in ids)
+    before = dataset.version()
+    [gone], _ = store.prune_auto_images(store.clock() + 1, limit=1)
+    [kept] = [i for i in ids if i != gone]
+    report = merger.merge([])
+    assert report.auto_removed == 1 and dataset.get(gone) is None and dataset.get(kept) is not None
+    assert report.version is not None and report.version.version == dataset.version() != before
+    res = export_dataset(dataset, store.image_path, tmp_path / "out")
+    assert res.missing_images == () and res.images == 1
+    fresh = Dataset(tmp_path / "fresh")
+    try:
+        Merger(store, fresh).merge([])
+        assert fresh.get(gone) is None and fresh.get(kept) is not None
+    finally:
+        fresh.close()

@@ -1,0 +1,266 @@
+"""Retention: what the appliance deletes on its own, and when (``[retention]``).
+
+Without it the box fills: at one image a second of 100 KB the store grows about 9 GB a day, and
+in ``drop.processed_mode = "move"`` the drop folder's ``processed/`` keeps a second copy of every
+image. Ingest pauses at ``store.min_free_mb`` (nothing is lost), and nothing gave the space back.
+
+Two rules, each off until set (``None``: kept for ever):
+
+- ``processed_days``: a file under ``<drop>/processed/`` goes once both it (its mtime) and the
+  store's row for its bytes (``received_at``) are older than this. Only files whose bytes the
+  store has a row for (hashed, not trusted by name): a file put there by hand, or one the store
+  never took, stays. The record, and the store's own copy, stay.
+- ``auto_image_days``: the store's bytes of an image auto-accepted more than this long ago
+  (``Store.prune_auto_images``). The row, its record and history stay (exports of records,
+  ``annotator status``), the sync agent's merge takes its auto label out of the training set (it
+  cannot train without the pixels). Reviewed images, the human work training needs, and every
+  image still in work are never pruned.
+
+The daemon runs a pass every ``interval_minutes`` (the first one a minute after its start) on a
+thread of its own; ``annotator prune`` runs one by hand, ``--dry-run`` only counts. A pass is
+safe to kill at any point: rows are marked before their files go (``Store``), a half-done walk
+of ``processed/`` is redone by the next pass, and the pass's start is kept so that the next one
+removes what a kill left (``Store.sweep_pruned``).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import logging
+import os
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator
+
+from .dropfolder import PROCESSED, is_temporary
+from .errors import ConfigError
+from .store import Store
+
+if TYPE_CHECKING:
+    from .config import Config, RetentionConfig
+
+log = logging.getLogger(__name__)
+
+DAY = 86400.0
+# The store counter holding the (integer) start of the last finished pass: the next pass sweeps
+# files of images pruned since a little before it (``SWEEP_MARGIN``: clock steps, slow commits).
+LAST_PASS = "retention_last_pass"
+SWEEP_MARGIN = 3600.0
+_CHUNK = 1 << 20
+
+
+@dataclass
+class Removed:
+    """What one rule removed (or, in a dry run, would remove)."""
+
+    files: int = 0
+    bytes: int = 0
+    kept_unknown: int = 0  # processed/: old files whose bytes the store has no row for
+    errors: list[str] = field(default_factory=list)
+
+    def add(self, size: int) -> None:
+        self.files += 1
+        self.bytes += size
+
+
+@dataclass
+class PassReport:
+    processed: Removed | None  # None: the rule is off (or no drop folder)
+    auto_images: Removed | None
+    swept: int = 0  # files of earlier pruned images a kill had left
+
+    def summary(self) -> str:
+        parts = []
+        for name, r in (("processed/ copies", self.processed), ("auto-accepted images", self.auto_images)):
+            if r is not None:
+                parts.append(f"{r.files} {name} ({r.bytes / 1e6:.1f} MB)")
+        return ", ".join(parts) or "nothing (no rule set)"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _old_files(root: Path, before: float) -> Iterator[tuple[Path, os.stat_result]]:
+    """Regular files under ``root`` with an mtime before ``before``, not temporary names."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if is_temporary(path.relative_to(root)):
+                continue
+            try:
+                st = path.lstat()
+            except FileNotFoundError:
+                continue
+            if st.st_mtime < before and os.path.isfile(path) and not path.is_symlink():
+                yield path, st
+
+
+def prune_processed(store: Store, processed: Path, before: float, dry_run: bool = False,
+                    progress: Callable[[int, int], None] | None = None,
+                    stop: threading.Event | None = None) -> Removed:
+    """Remove the files under ``processed`` older than ``before`` whose bytes the store has a row
+    for that arrived before ``before`` too (module doc). Each candidate is hashed: the name says
+    nothing about the bytes (a capture tool reuses names; a person may put files there)."""
+    out = Removed()
+    if not processed.is_dir():
+        return out
+    candidates = list(_old_files(processed, before))
+    for n, (path, st) in enumerate(candidates, start=1):
+        if stop is not None and stop.is_set():
+            break  # the daemon is stopping; the next pass goes on from here
+        try:
+            row = store.get(file_sha256(path))
+            if row is None or row.received_at >= before:
+                out.kept_unknown += row is None
+            else:
+                if not dry_run:
+                    path.unlink()
+                out.add(st.st_size)
+        except FileNotFoundError:
+            pass  # gone meanwhile (a person, another pass)
+        except OSError as exc:
+            out.errors.append(f"{path}: {exc.strerror or exc}")
+        if progress is not None:
+            progress(n, len(candidates))
+    return out
+
+
+def prune_auto_images(store: Store, before: float, dry_run: bool = False, page: int = 500) -> Removed:
+    """The store's bytes of auto-accepted images received before ``before`` (``Store``)."""
+    out = Removed()
+    if dry_run:
+        out.files, out.bytes = store.pruned_bytes(before)
+        return out
+    while True:
+        ids, size = store.prune_auto_images(before, limit=page)
+        out.files += len(ids)
+        out.bytes += size
+        if len(ids) < page:
+            return out
+
+
+def run_pass(store: Store, settings: "RetentionConfig", drop_folder: Path | None, now: float | None = None,
+             dry_run: bool = False, progress: Callable[[int, int], None] | None = None,
+             stop: threading.Event | None = None) -> PassReport:
+    """One retention pass over both rules (module doc); ``now`` defaults to the store's clock."""
+    now = store.clock() if now is None else now
+    report = PassReport(None, None)
+    if not dry_run:
+        # The start of the last pass that began, kept before this one removes anything: a pass
+        # killed half-way (the first one too) is swept by the next.
+        last = store.counter(LAST_PASS)
+        if last:
+            report.swept = store.sweep_pruned(last - SWEEP_MARGIN)
+        store.set_counter(LAST_PASS, int(now))
+    if settings.processed_days is not None and drop_folder is not None:
+        report.processed = prune_processed(store, Path(drop_folder) / PROCESSED, now - settings.processed_days * DAY,
+                                           dry_run, progress, stop)
+    if settings.auto_image_days is not None:
+        report.auto_images = prune_auto_images(store, now - settings.auto_image_days * DAY, dry_run)
+    return report
+
+
+def enabled(settings: "RetentionConfig") -> bool:
+    return settings.processed_days is not None or settings.auto_image_days is not None
+
+
+class RetentionTask:
+    """The daemon's thread: a pass ``first_delay`` seconds after ``start`` (not at once: a start
+    has the backlog of the drop folder to take first), then every ``interval_minutes``."""
+
+    def __init__(self, store: Store, settings: "RetentionConfig", drop_folder: Path | None,
+                 first_delay: float = 60.0) -> None:
+        self.store = store
+        self.settings = settings
+        self.drop_folder = drop_folder
+        self.first_delay = first_delay
+        self.passes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="retention", daemon=True)
+
+    def start(self) -> None:
+        log.info("retention: processed/ copies after %s days, auto-accepted images' bytes after %s days, "
+                 "checked every %g min", self.settings.processed_days, self.settings.auto_image_days,
+                 self.settings.interval_minutes)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        wait = self.first_delay
+        while not self._stop.wait(wait):
+            try:
+                report = run_pass(self.store, self.settings, self.drop_folder, stop=self._stop)
+                self.passes += 1
+                log.info("retention pass: removed %s", report.summary())
+                for r in (report.processed, report.auto_images):
+                    for error in (r.errors if r is not None else ())[:10]:
+                        log.warning("retention: could not remove %s", error)
+            except Exception:  # a pass that fails (a full disk, a store closing) tries again next time
+                if self._stop.is_set():
+                    return
+                log.exception("retention pass failed; trying again in %g min", self.settings.interval_minutes)
+            wait = float(self.settings.interval_minutes) * 60.0
+
+
+def format_report(report: PassReport, settings: "RetentionConfig", dry_run: bool) -> str:
+    """The pass as a terminal table."""
+    head = "would remove" if dry_run else "removed"
+    rows = [("rule", "older than", f"files {head}", "MB")]
+    for name, days, r in (("processed/ copies", settings.processed_days, report.processed),
+                          ("auto-accepted images", settings.auto_image_days, report.auto_images)):
+        if r is None:
+            rows.append((name, "off", "-", "-"))
+        else:
+            rows.append((name, f"{days:g} days", str(r.files), f"{r.bytes / 1e6:.1f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    notes = []
+    if report.processed is not None and report.processed.kept_unknown:
+        notes.append(f"{report.processed.kept_unknown} old files in processed/ kept: the store has no row for "
+                     "their bytes (put there by hand, or never taken)")
+    for r in (report.processed, report.auto_images):
+        notes += [f"could not remove {e}" for e in (r.errors if r is not None else ())]
+    if report.swept:
+        notes.append(f"{report.swept} files of images pruned by an interrupted pass removed")
+    return "\n".join(lines + notes)
+
+
+def cmd_prune(args: argparse.Namespace, config: "Config") -> int:
+    """``annotator prune``: one retention pass now, with the config's rules or the flags'."""
+    settings = config.retention
+    for key, value in (("processed_days", args.processed_days), ("auto_image_days", args.auto_image_days)):
+        if value is not None:
+            if value <= 0:
+                raise ConfigError(f"--{key.replace('_', '-')}: give a number of days > 0, got {value:g}")
+            settings = dataclasses.replace(settings, **{key: value})
+    if not enabled(settings):
+        raise ConfigError("prune: no rule set; give --processed-days / --auto-image-days, or set "
+                          "[retention] processed_days / auto_image_days in the config")
+    drop = config.drop.folder
+    if settings.processed_days is not None and drop is None:
+        print("prune: no drop.folder in the config, so there is no processed/ to prune", file=sys.stderr)
+    store = Store(Path(config.store.root), lease_seconds=float(config.store.lease_seconds))
+    try:
+        from .cli import _progress
+
+        report = run_pass(store, settings, Path(drop) if drop else None, dry_run=args.dry_run,
+                          progress=_progress("processed/") if sys.stderr.isatty() else None)
+    finally:
+        store.close()
+    print(format_report(report, settings, args.dry_run))
+    return 0
+
