@@ -7,7 +7,8 @@ advice when it is not OK). ``run_checks(path, env)`` runs them in order:
     sync       only with a [sync] table: the sync agent's own validators accept it (what
                ``annotator sync`` checks before it starts; a refusal there is a restart loop)
     folders    drop folder, store root, sidecar folder exist (or can be created) and are writable
-    disk       free space on the store's file system against store.min_free_mb
+    disk       free space on the store's file system against store.min_free_mb, the days it
+               lasts at the last 24 hours' intake, and whether retention is on
     bundle     engine.bundle loads and verifies (checksums, ONNX layouts)
     providers  onnxruntime version, execution providers available / requested, CUDA / TensorRT
     s3         [sync.target] kind = "s3": HeadBucket with a short timeout (boto3's credential chain)
@@ -158,7 +159,39 @@ def check_folders(cfg: Any) -> list[Check]:
     return out
 
 
+RUNWAY_WARN_DAYS = 7.0
+
+
+def last_day_intake(store_root: Path, now: float | None = None) -> tuple[int, int] | None:
+    """(images, bytes) the store took in the last 24 hours, or None without a store. Read-only:
+    the database opened with ``mode=ro`` (a running daemon is not disturbed), sizes by stat."""
+    import sqlite3
+
+    db_path = store_root / "store.sqlite3"
+    if not db_path.is_file():
+        return None
+    since = (time.time() if now is None else now) - 86400.0
+    try:
+        db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5.0)
+        try:
+            ids = [r[0] for r in db.execute("SELECT image_id FROM images WHERE received_at >= ?", (since,))]
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        log.debug("intake of the last day not read from %s: %s", db_path, exc)
+        return None
+    size = 0
+    for image_id in ids:
+        try:
+            size += (store_root / "images" / image_id[:2] / image_id).stat().st_size
+        except OSError:
+            pass
+    return len(ids), size
+
+
 def check_disk(cfg: Any) -> Check:
+    """Free space against the floor, and how many days it lasts at the last day's intake (a
+    box fills silently otherwise: ingest pauses at the floor and waits for a person)."""
     where = _existing_ancestor(Path(cfg.store.root))
     free = shutil.disk_usage(where).free
     floor = int(cfg.store.min_free_mb) * 1_000_000
@@ -167,10 +200,23 @@ def check_disk(cfg: Any) -> Check:
     rules = [f"{name} after {days:g} days" for name, days in
              (("processed/ copies", getattr(keep, "processed_days", None)),
               ("auto-accepted images", getattr(keep, "auto_image_days", None))) if days is not None]
-    detail += "; retention: " + (", ".join(rules) if rules else "off, nothing is ever removed")
     hint = "" if rules else "; [retention] processed_days / auto_image_days let the daemon remove old copies"
+    runway = None
+    intake = last_day_intake(Path(cfg.store.root))
+    if intake is not None and intake[1] > 0:
+        per_day = intake[1]
+        drop = getattr(cfg, "drop", None)
+        if getattr(drop, "folder", None) is not None and getattr(drop, "processed_mode", "") == "move" \
+                and os.stat(_existing_ancestor(Path(drop.folder))).st_dev == os.stat(where).st_dev:
+            per_day *= 2  # processed/ keeps a second copy on the same file system
+        runway = max(free - floor, 0) / per_day
+        detail += f"; last 24 h: {intake[0]} images, {per_day / 1e9:.2f} GB/day, floor in {runway:.1f} days"
+    detail += "; retention: " + (", ".join(rules) if rules else "off, nothing is ever removed")
     if free < floor:
         return Check("disk", FAIL, detail, "free disk space, or lower store.min_free_mb: ingest is paused below it" + hint)
+    if runway is not None and runway < RUNWAY_WARN_DAYS:
+        return Check("disk", WARN, detail, f"at this intake the floor is reached in under {RUNWAY_WARN_DAYS:g} days: "
+                     "free space or add disk" + hint)
     if free < 2 * floor:
         return Check("disk", WARN, detail, "less than twice the floor left: free space soon" + hint)
     return Check("disk", OK, detail)

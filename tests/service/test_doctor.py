@@ -231,3 +231,40 @@ def test_a_valid_sync_table_passes_with_the_token_from_the_environment(tmp_path:
     assert check.level == OK and "labelstudio" in check.detail, check
     assert "a-long-token" not in check.detail
     assert "sync" not in by_name(run_checks(write_config(tmp_path, coco17_bundle.path), env={}))  # no [sync]: no line
+
+
+def test_disk_says_how_long_the_space_lasts_at_the_last_days_intake(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store that took 3 images of 1 MB in the last day (and one long before, not counted):
+    the disk check reads 3 images a day, 6 MB with processed/ copies on the same disk, and warns
+    when that fills the space above the floor within a week."""
+    import time
+    from types import SimpleNamespace
+
+    from service.config import RetentionConfig
+    from service.doctor import check_disk
+    from service.store import Store
+
+    root = tmp_path / "store"
+    now = time.time()
+    store = Store(root, clock=lambda: now - 3 * 86400)
+    store.ingest(b"\xff" * 1_000_000 + b"old", "test")
+    store.clock = lambda: now - 60
+    for n in range(3):
+        store.ingest(b"\xff" * 1_000_000 + bytes([n]), "test")
+    store.close()
+    free = 10_000_000_000  # fixed: other processes write to this disk while the test runs
+    monkeypatch.setattr("service.doctor.shutil.disk_usage", lambda p: SimpleNamespace(free=free))
+
+    def cfg(floor_mb: int, retention: RetentionConfig = RetentionConfig()) -> Any:
+        return SimpleNamespace(store=SimpleNamespace(root=root, min_free_mb=floor_mb), retention=retention,
+                               drop=SimpleNamespace(folder=tmp_path / "drop", processed_mode="move"))
+
+    roomy = check_disk(cfg(0))
+    assert roomy.level == OK and "last 24 h: 3 images, 0.01 GB/day" in roomy.detail
+    assert "retention: off, nothing is ever removed" in roomy.detail
+    # A floor that leaves 5 days of 6 MB above it: a warning that names retention.
+    tight = check_disk(cfg((free - 5 * 6_000_003) // 1_000_000))
+    assert tight.level == WARN and "floor is reached in under 7 days" in tight.advice and "[retention]" in tight.advice
+    kept = check_disk(cfg(0, RetentionConfig(auto_image_days=30)))
+    assert "retention: auto-accepted images after 30 days" in kept.detail
