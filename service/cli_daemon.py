@@ -182,6 +182,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_show(args: argparse.Namespace) -> int:
+    from .show import cmd_show as run
+
+    cfg = _config(args)
+    config_path = Path(args.config) if args.config else (
+        Path(os.environ["ANNOTATOR_CONFIG"]) if os.environ.get("ANNOTATOR_CONFIG") else None)
+    root = Path(args.dataset_root) if args.dataset_root else dataset_root(cfg, config_path)
+    return run(args, cfg, lambda: reviewed_labels(root))
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from .retention import cmd_prune as run
 
@@ -202,7 +212,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def add_daemon_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    """Register serve, annotate, submit, export, prune and bench."""
+    """Register serve, annotate, submit, export, show, prune and bench."""
     samples = Path(__file__).resolve().parent / "assets" / "samples"
 
     s = sub.add_parser("serve", help="run the daemon in the foreground (gRPC + drop folder)")
@@ -234,6 +244,19 @@ def add_daemon_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser
     s.add_argument("--dataset-root", metavar="DIR", help="the sync agent's dataset, whose reviewed labels replace "
                    "the model's (default: [sync.dataset] root, else <store root>/dataset)")
     s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("show", help="draw the store's images with their labels: PNGs, a contact sheet and a table")
+    s.add_argument("ids", nargs="*", help="image ids or prefixes (6+ hex digits); none: the newest images")
+    s.add_argument("--config", help="TOML file (default: $ANNOTATOR_CONFIG)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE")
+    s.add_argument("--latest", type=int, default=16, help="how many of the newest images (default 16)")
+    s.add_argument("--state", help="only images in this state (e.g. review_pending, failed)")
+    s.add_argument("--decision", choices=("auto_accepted", "review"), help="only images the judge decided so")
+    s.add_argument("--camera", help="only images of this camera (the drop folder's first folder name)")
+    s.add_argument("--out", default="annotator-show", help="folder for the PNGs (default: annotator-show)")
+    s.add_argument("--dataset-root", metavar="DIR", help="the sync agent's dataset, for reviewed labels "
+                   "(default: [sync.dataset] root, else <store root>/dataset)")
+    s.set_defaults(func=cmd_show)
 
     s = sub.add_parser("prune", help="remove old processed/ copies and old auto-accepted images' bytes ([retention])")
     s.add_argument("--config", help="TOML file (default: $ANNOTATOR_CONFIG)")

@@ -590,6 +590,26 @@ class Store:
         r = self._conn().execute("SELECT * FROM images WHERE image_id=?", (image_id,)).fetchone()
         return None if r is None else ImageRow.from_sql(r)
 
+    def find(self, prefix: str, limit: int = 2) -> builtins.list[ImageRow]:
+        """Images whose id starts with ``prefix`` (lower-case hex), by id: an id as people quote
+        it, shortened (the status table and the sidecars show 12 digits)."""
+        rows = self._conn().execute("SELECT * FROM images WHERE image_id >= ? AND image_id < ? ORDER BY image_id "
+                                    "LIMIT ?", (prefix, prefix + "g", int(limit))).fetchall()
+        return [ImageRow.from_sql(r) for r in rows]
+
+    def newest(self, limit: int, state: str | None = None, decision: str | None = None,
+               camera: str | None = None) -> builtins.list[ImageRow]:
+        """The ``limit`` newest images by arrival, newest first; without ``state`` only annotated
+        ones (with a record)."""
+        where, args = ["record IS NOT NULL"] if state is None else ["state = ?"], [] if state is None else [state]
+        for col, val in (("decision", decision), ("camera", camera)):
+            if val is not None:
+                where.append(f"{col} = ?")
+                args.append(val)
+        rows = self._conn().execute(f"SELECT * FROM images WHERE {' AND '.join(where)} "
+                                    "ORDER BY received_at DESC, image_id DESC LIMIT ?", (*args, int(limit))).fetchall()
+        return [ImageRow.from_sql(r) for r in rows]
+
     def history(self, image_id: str) -> builtins.list[tuple[str | None, str, float, str | None]]:
         """The image's transitions, oldest first: (from_state, to_state, at, note)."""
         rows = self._conn().execute("SELECT from_state, to_state, at, note FROM transitions WHERE image_id=? "
