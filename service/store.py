@@ -503,7 +503,8 @@ class Store:
         """Move an image from one of ``from_states`` to ``to_state``, setting ``fields``.
 
         Returns False (changing nothing) when the image is in another state. Fields: record,
-        decision, score, reasons, audit, bundle_id, error, width, height, meta.
+        decision, score, reasons, audit, bundle_id, error, width, height, meta. A move into
+        ``failed`` adds one to the "failed" counter in the same transaction, as ``fail`` does.
         """
         for s in (*from_states, to_state):
             if s not in STATES:
@@ -521,6 +522,8 @@ class Store:
             db.execute(f"UPDATE images SET state=?, updated_at=?, lease_owner=NULL, lease_expires=NULL{cols} "
                        "WHERE image_id=?", (to_state, now, *values, image_id))
             self._log(db, image_id, r["state"], to_state, now, None, fields.get("error"))
+            if to_state == FAILED and r["state"] != FAILED:  # counted as ``fail`` counts (one transaction)
+                self._bump(db, "failed", 1)
         return True
 
     # -- retention -----------------------------------------------------------------------

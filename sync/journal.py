@@ -7,7 +7,10 @@ the daemon's schema stays the daemon's. It is what makes uploads exactly-once ac
   (every image marked ``uploaded`` in the store). At most one batch is open at a time.
 - ``items``: one row per image ever batched: ``pending`` -> ``sent`` (its image and
   pre-annotation objects exist; its manifest line is frozen here) -> ``marked``; or
-  ``dropped`` (it left ``review_pending`` before anything was sent, so it never leaves the box).
+  ``dropped``, before anything of it was sent: it left ``review_pending`` (the uploader fails
+  an image that can never be uploaded, with its reason, before dropping it), so it never
+  leaves the box. A dropped image that is ``review_pending`` again is batched again: its item
+  moves to the new batch (nothing of it is in the old batch's manifest).
 - ``objects``: per-object status (``sent``, or ``present``: found already there with the
   right checksum), for inspection and counting.
 - ``submissions``: which ``done`` batch was handed to which review backend, and when (written
@@ -101,16 +104,36 @@ class Journal:
         rows = self._conn().execute(f"SELECT image_id FROM items WHERE image_id IN ({marks})", tuple(image_ids))
         return {r[0] for r in rows}
 
+    def batched(self, image_ids: Sequence[str]) -> set[str]:
+        """Which of these images are in some batch for good: every item but a ``dropped`` one.
+        A dropped image never left the box; while it is ``review_pending`` it may be batched
+        again (``create_batch`` moves its item)."""
+        marks = ",".join("?" * len(image_ids))
+        rows = self._conn().execute(f"SELECT image_id FROM items WHERE state != 'dropped' AND image_id IN ({marks})",
+                                    tuple(image_ids))
+        return {r[0] for r in rows}
+
     def create_batch(self, image_ids: Sequence[str], name: Callable[[int], str]) -> Batch:
-        """A new open batch holding ``image_ids`` in this order; ``name(seq)`` gives its id."""
+        """A new open batch holding ``image_ids`` in this order; ``name(seq)`` gives its id.
+
+        An image whose item was ``dropped`` moves to the new batch as ``pending`` (its note is
+        kept until a new one replaces it); an image in a batch any other way is a ``ValueError``
+        and nothing is created: it would go up twice.
+        """
         now = self.clock()
         with self.transaction() as db:
             seq = int(db.execute("SELECT coalesce(max(seq), 0) + 1 FROM batches").fetchone()[0])
             batch_id = name(seq)
             db.execute("INSERT INTO batches (batch_id, seq, state, created_at) VALUES (?,?,?,?)",
                        (batch_id, seq, "open", now))
-            db.executemany("INSERT INTO items (image_id, batch_id, position) VALUES (?,?,?)",
+            db.executemany("INSERT INTO items (image_id, batch_id, position) VALUES (?,?,?) "
+                           "ON CONFLICT (image_id) DO UPDATE SET batch_id=excluded.batch_id, "
+                           "position=excluded.position, state='pending', image_key=NULL, pre_key=NULL, line=NULL "
+                           "WHERE items.state = 'dropped'",
                            [(i, batch_id, n) for n, i in enumerate(image_ids)])
+            held = int(db.execute("SELECT count(*) FROM items WHERE batch_id=?", (batch_id,)).fetchone()[0])
+            if held != len(set(image_ids)):  # the transaction rolls back
+                raise ValueError(f"create_batch: {len(set(image_ids)) - held} of the images are in a batch already")
         return Batch(batch_id, seq, "open", None, None)
 
     def set_manifest(self, batch_id: str, key: str, sha256: str) -> None:

@@ -10,7 +10,8 @@ Layout in the target (keys relative to the target's prefix)::
 One ``run_once`` call works on one batch (see ``sync.journal`` for the states):
 
 1. resume the unfinished batch, or form a new one from ``review_pending`` images that are in no
-   batch yet (work always comes from the database; nothing waits in memory);
+   batch yet, or were dropped from one (below) (work always comes from the database; nothing
+   waits in memory);
 2. per image: re-check it is still ``review_pending`` (only those leave the box), prepare the
    upload (optional downscale, record rescaled per axis), then for the image and its
    pre-annotation: ``head`` the key; when it is there with the right sha256 it is not sent
@@ -24,6 +25,20 @@ Transient failures are retried with backoff (``sync.backoff``); ``PermanentError
 rejected, bucket missing) propagates with nothing marked uploaded. A stop request during any
 retry wait (the first reachability check included) ends ``run_once`` normally; the batch
 resumes on the next run.
+
+An image that can never go up (its stored file is gone, its bytes no longer decode or exceed
+the decoder's limits, its record does not fit them, its manifest line is too long even without
+persons) is moved ``review_pending -> failed`` with the reason in the store's ``error`` column
+and its transition note, before its journal item is marked ``dropped``: left
+``review_pending``, it was never reviewed, never said so, and every later pass paged over it
+again. ``failed`` is the life cycle's one end "with a reason": nothing (merge, dataset, review
+submission, export) takes a failed image further, and ``annotator status`` counts it. Only
+errors that say so about the image itself do this; an ``OSError`` reading the file, an
+unreachable target or a full disk propagates with the item still ``pending``, and the batch
+resumes with it on the next run. A crash between the two writes leaves a failed image with a
+pending item, which the next run drops as "left review_pending". A ``dropped`` item whose image
+is ``review_pending`` (dropped by an earlier version, which left it there) is batched again, so
+that it is uploaded now or failed with its reason.
 
 ``progress`` (the agent's ``beat``) is called after each object is sent or found present: a
 batch of 50 images on a slow uplink outlasts the systemd watchdog's limit, and a watchdog that
@@ -42,7 +57,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from service.errors import ImageError, ImageNotFound
-from service.store import REVIEW_PENDING, UPLOADED, ImageRow, Store
+from service.store import FAILED, REVIEW_PENDING, UPLOADED, ImageRow, Store
 
 from .backoff import RetryPolicy, retry_call
 from .errors import ConflictError, RetryableError, Stopped
@@ -79,6 +94,10 @@ class UploadSettings:
             raise ValueError(f"batch_size: expected >= 1, got {self.batch_size}")
         if self.max_side is not None and self.max_side < 16:
             raise ValueError(f"max_side: expected >= 16 or None, got {self.max_side}")
+        # Checked here, not at the first re-encode: prepare_upload's ValueError fails the image
+        # for good, and a setting must not fail every image that needs a re-encode.
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality: expected 1..100, got {self.jpeg_quality}")
 
 
 def _dumps(value: Any) -> bytes:
@@ -141,8 +160,9 @@ class Uploader:
         while len(chosen) < self.settings.batch_size:
             rows, after = self.store.list(state=REVIEW_PENDING, limit=max(self.settings.batch_size, 100), after=after)
             if rows:
-                known = self.journal.known([r.image_id for r in rows])
-                chosen += [r.image_id for r in rows if r.image_id not in known]
+                # A dropped item whose image is review_pending now is due again (see the module doc).
+                batched = self.journal.batched([r.image_id for r in rows])
+                chosen += [r.image_id for r in rows if r.image_id not in batched]
             if after is None:
                 break
         chosen = chosen[: self.settings.batch_size]
@@ -163,7 +183,9 @@ class Uploader:
             self.journal.set_batch_state(batch.batch_id, "manifest")
         self._mark_uploaded(batch)
         self.journal.set_batch_state(batch.batch_id, "done")
-        log.info("batch %s done", batch.batch_id)
+        states = [i.state for i in self.journal.items(batch.batch_id)]
+        log.info("batch %s done: %d uploaded, %d not uploaded", batch.batch_id, states.count("marked"),
+                 states.count("dropped"))
 
     def _send_item(self, batch: Batch, item: Item) -> None:
         row = self.store.get(item.image_id)
@@ -174,16 +196,26 @@ class Uploader:
             return
         try:
             data = self.store.image_bytes(item.image_id)
+        except ImageNotFound as exc:
+            # Content-addressed and written before its row: nothing brings a missing file back.
+            # Any other OSError (permissions, an I/O error, no file handles left) propagates:
+            # the item stays pending and the batch resumes with it on the next run.
+            self._give_up(batch, item, f"the stored image file is missing ({exc})")
+            return
+        try:
             upload = prepare_upload(data, row.record or {}, self.settings.max_side, self.settings.jpeg_quality)
-        except (ImageNotFound, ImageError, ValueError, KeyError) as exc:
-            self.journal.item_state(item.image_id, "dropped", f"cannot prepare: {exc}")
-            log.error("image %s cannot be uploaded, left review_pending: %s", item.image_id[:12], exc)
+        except (ImageError, ValueError, KeyError) as exc:
+            # About these bytes and this record (corrupt or truncated, more pixels than the
+            # decoder allows, a size that is not the record's, no size in the record): the same
+            # every time, so retrying would only repeat it on every pass.
+            self._give_up(batch, item, f"cannot prepare the stored image: {exc}")
             return
         sha = hashlib.sha256(upload.data).hexdigest()
         image_key, pre_key = self.image_key(sha, upload.suffix), self.pre_key(sha)
-        line = self._line(row, image_key, upload.record)
-        if line is None:
-            self.journal.item_state(item.image_id, "dropped", "manifest line too large")
+        try:
+            line = self._line(row, image_key, upload.record)
+        except ManifestError as exc:  # the same record gives the same line: too long every time
+            self._give_up(batch, item, f"no manifest line fits Ground Truth's limits, even without persons: {exc}")
             return
         pre = _dumps({"image-id": row.image_id, "image-key": image_key, "appliance": self.settings.appliance_id,
                       "bundle_id": row.bundle_id, "score": row.score, "reasons": list(row.reasons),
@@ -192,19 +224,40 @@ class Uploader:
         self._ensure(pre_key, pre, "application/json", batch.batch_id)
         self.journal.item_sent(item.image_id, image_key, pre_key, line)
 
-    def _line(self, row: ImageRow, image_key: str, record: dict[str, Any]) -> str | None:
+    def _give_up(self, batch: Batch, item: Item, why: str) -> None:
+        """``review_pending -> failed`` with the reason, then the item ``dropped``: an image that
+        can never be uploaded ends with a reason the user sees (``annotator status``, the
+        image's ``error`` and history) instead of waiting in ``review_pending`` for ever.
+
+        Nothing of it was sent. The store is written first: a crash before the journal write
+        leaves the item pending and the image failed, which the next run drops like any image
+        that left ``review_pending``; the other order could leave a dropped item whose image
+        waits (healed too, by batching it again, but only after preparing it once more).
+        ``set_state`` changes the image only while it is still ``review_pending``.
+        """
+        reason = f"not uploaded for review (batch {batch.batch_id}): {why}"
+        failed = self.store.set_state(item.image_id, [REVIEW_PENDING], FAILED, error=reason)
+        self.journal.item_state(item.image_id, "dropped", reason)
+        if failed:
+            log.error("image %s will never be reviewed; marked failed: %s", item.image_id[:12], why)
+        else:
+            row = self.store.get(item.image_id)
+            log.warning("image %s cannot be uploaded (%s) and is %s already; skipped", item.image_id[:12], why,
+                        row.state if row else "missing")
+
+    def _line(self, row: ImageRow, image_key: str, record: dict[str, Any]) -> str:
         """The manifest line; persons with the lowest confidence are left out while it is too
-        long for Ground Truth (the full record is in the pre-annotation object)."""
+        long for Ground Truth (the full record is in the pre-annotation object). Raises
+        ``ManifestError`` when it is too long even without persons."""
         record = dict(record)
         while True:
             try:
                 return manifest_line(self.target.uri(image_key), row.image_id, record, row.bundle_id or "",
                                      row.score, row.reasons, row.audit, self.settings.appliance_id)
-            except ManifestError as exc:
+            except ManifestError:
                 persons = sorted(record.get("persons", []), key=lambda p: p.get("conf", 0.0))
                 if not persons:
-                    log.error("image %s: %s", row.image_id[:12], exc)
-                    return None
+                    raise
                 record["persons"] = [p for p in record["persons"] if p is not persons[0]]
                 log.warning("image %s: manifest line too long, left out a person (conf %.2f)",
                             row.image_id[:12], persons[0].get("conf", 0.0))

@@ -1,10 +1,13 @@
-"""The uploader: exactly once through crashes and outages, privacy, de-duplication, downscale."""
+"""The uploader: exactly once through crashes and outages, privacy, de-duplication, downscale,
+and an end with a reason for an image that can never be uploaded."""
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Callable
@@ -13,11 +16,12 @@ import cv2
 import numpy as np
 import pytest
 
-from service.store import Store
+from service.store import FAILED, REVIEW_PENDING, Store
 from sync.backoff import RetryPolicy, compute_backoff
-from sync.errors import PermanentError
+from sync.errors import PermanentError, RetryableError
+from sync.journal import Journal
 from sync.objectstore import LocalFolderStore, ObjectInfo, ObjectStore, S3Store
-from sync.uploader import Uploader, UploadSettings
+from sync.uploader import JOURNAL_NAME, Uploader, UploadSettings
 
 from reviewdata import fill_store
 from s3servers import S3Server
@@ -252,3 +256,179 @@ def test_progress_is_called_once_per_object(tmp_path: Path) -> None:
     target = LocalFolderStore(tmp_path / "bucket", "edge")
     drain(Uploader(store, target, UploadSettings("box-1", retry=FAST), progress=lambda: beats.append(1)))
     assert len(beats) == 2 + 2 + 1  # images, pre-annotations, manifest
+
+
+# -- images that can never be uploaded ----------------------------------------------------------
+# Each spoils one stored image and returns the max_side that makes the uploader decode it, and
+# words its failure reason must hold. Only the bytes on disk (or the record) change, as bit rot,
+# a deleted file or an oversized record would change them.
+def _writable(store: Store, image_id: str) -> Path:
+    path = store.image_path(image_id)
+    path.chmod(0o644)
+    return path
+
+
+def _garbage(store: Store, image_id: str) -> tuple[int | None, str]:
+    _writable(store, image_id).write_bytes(b"no image any more " * 16)
+    return None, "not a decodable image"
+
+
+def _truncated(store: Store, image_id: str) -> tuple[int | None, str]:
+    path = _writable(store, image_id)
+    path.write_bytes(path.read_bytes()[:300])  # a JPEG goes up unchanged unless downscaled: decode it
+    return 32, "JPEG"
+
+
+def _too_many_pixels(store: Store, image_id: str) -> tuple[int | None, str]:
+    ok, png = cv2.imencode(".png", np.zeros((48, 64, 3), np.uint8))
+    assert ok
+    data = bytearray(png.tobytes())
+    data[16:24] = (10_000).to_bytes(4, "big") * 2  # IHDR: 10000 x 10000, over the decoder's limit
+    _writable(store, image_id).write_bytes(bytes(data))
+    return 32, "more than the limit"
+
+
+def _missing(store: Store, image_id: str) -> tuple[int | None, str]:
+    _writable(store, image_id).unlink()
+    return None, "missing"
+
+
+def _manifest_too_long(store: Store, image_id: str) -> tuple[int | None, str]:
+    record = dict(store.get(image_id).record)
+    record["heads"] = [{"box": [1.0 + i % 40, 2.0, 20.0, 30.0], "conf": 0.5} for i in range(3000)]
+    assert store.set_state(image_id, ["review_pending"], "review_pending", record=record)
+    return None, "manifest line"
+
+
+@pytest.mark.parametrize("spoil", [_garbage, _truncated, _too_many_pixels, _missing, _manifest_too_long])
+def test_an_image_that_can_never_be_uploaded_fails_with_its_reason(
+        tmp_path: Path, spoil: Callable[[Store, str], tuple[int | None, str]],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """It stayed review_pending for ever: never reviewed, never said so, and paged over again by
+    every later pass (the journal had only marked it dropped)."""
+    store, review, _ = fill_store(tmp_path / "store", review=3)
+    bad = review[1]
+    max_side, words = spoil(store, bad)
+    target = LocalFolderStore(tmp_path / "bucket", "edge")
+    rec = Recording(target)
+    settings = UploadSettings("box-1", batch_size=2, max_side=max_side, retry=FAST)
+    with caplog.at_level(logging.INFO, logger="sync.uploader"):
+        drain(Uploader(store, rec, settings))
+    row = store.get(bad)
+    assert row.state == "failed" and row.error.startswith("not uploaded for review") and words in row.error
+    assert row.record is not None  # the annotation stays, for whoever looks at the image
+    assert store.history(bad)[-1][0:2] == ("review_pending", "failed") and store.history(bad)[-1][3] == row.error
+    assert store.counts()["failed"] == 1 and store.counts()["review_pending"] == 0
+    assert_exactly_once(target, store, [review[0], review[2]])  # nothing of it went up, the others once
+    assert any(r.levelno == logging.ERROR and bad[:12] in r.getMessage() and "never be reviewed" in r.getMessage()
+               for r in caplog.records)
+    # Later passes have nothing left to look at, try nothing again and send nothing.
+    transitions, puts = len(store.history(bad)), sum(rec.puts.values())
+    again = Uploader(Store(tmp_path / "store"), rec, settings)
+    assert not again.run_once() and not again.run_once()
+    assert len(store.history(bad)) == transitions and sum(rec.puts.values()) == puts
+
+
+def test_read_errors_and_outages_are_retried_while_a_corrupt_image_fails(tmp_path: Path) -> None:
+    """Only what says so about the image itself fails it: a file that cannot be read right now
+    (here a directory where it should be: EISDIR) and a target that is down leave the image
+    review_pending, its batch open, and the next run uploads it."""
+    store, review, _ = fill_store(tmp_path / "store", review=3)
+    corrupt, unreadable = review[0], review[1]
+    _garbage(store, corrupt)
+    path = _writable(store, unreadable)
+    saved = path.read_bytes()
+    path.unlink()
+    path.mkdir()
+    down = [True]
+
+    def outage(n: int) -> None:
+        if down[0]:
+            raise RetryableError("connection refused (S3 is down)")
+
+    rec = Recording(LocalFolderStore(tmp_path / "bucket", "edge"), outage)
+    settings = UploadSettings("box-1", retry=RetryPolicy(base=0.01, cap=0.02, attempts=2, rng=random.Random(7)))
+    with pytest.raises(IsADirectoryError):
+        Uploader(store, rec, settings).run_once()
+    assert store.get(unreadable).state == "review_pending" and store.get(unreadable).error is None
+    path.rmdir()
+    path.write_bytes(saved)
+    with pytest.raises(RetryableError):  # the uploader gives up for now; the agent tries again later
+        Uploader(store, rec, settings).run_once()
+    assert all(store.get(i).state == "review_pending" and store.get(i).error is None for i in review[1:])
+    down[0] = False
+    drain(Uploader(store, rec, settings))
+    assert_exactly_once(rec.inner, store, review[1:])
+    assert store.get(corrupt).state == "failed" and "not a decodable image" in store.get(corrupt).error
+
+
+class DropCrashes(Journal):
+    """A journal whose process dies when it is about to mark an item dropped."""
+
+    def item_state(self, image_id: str, state: str, note: str | None = None) -> None:
+        if state == "dropped":
+            raise Crash()
+        super().item_state(image_id, state, note)
+
+
+def test_a_kill_between_failing_the_image_and_dropping_its_item(tmp_path: Path) -> None:
+    store, review, _ = fill_store(tmp_path / "store", review=3)
+    bad = review[1]
+    _garbage(store, bad)
+    target = LocalFolderStore(tmp_path / "bucket", "edge")
+    settings = UploadSettings("box-1", retry=FAST)
+    journal = DropCrashes(tmp_path / "store" / JOURNAL_NAME, time.time)
+    with pytest.raises(Crash):
+        drain(Uploader(store, target, settings, journal=journal))
+    journal.close()
+    assert store.get(bad).state == "failed"  # written first: the reason is there whatever comes next
+    assert all(store.get(i).state == "review_pending" for i in (review[0], review[2]))
+    after = Uploader(Store(tmp_path / "store"), target, settings)
+    drain(after)
+    assert_exactly_once(target, store, [review[0], review[2]])
+    assert [t[1] for t in store.history(bad)].count("failed") == 1
+    (batch,) = after.journal.batches()
+    assert {i.image_id: i.state for i in after.journal.items(batch.batch_id)}[bad] == "dropped"
+
+
+def test_images_an_earlier_version_dropped_and_left_review_pending_are_taken_up_again(tmp_path: Path) -> None:
+    """A store and journal as the earlier uploader left them: items dropped ("cannot prepare")
+    while their images stayed review_pending. One file is readable again (restored by hand),
+    one is still corrupt: the first goes up once, the second fails with its reason."""
+    store, review, _ = fill_store(tmp_path / "store", review=3)
+    restored, corrupt = review[0], review[1]
+    _garbage(store, corrupt)
+    journal = Journal(tmp_path / "store" / JOURNAL_NAME, time.time)
+    old = journal.create_batch([restored, corrupt], lambda seq: f"20250101T000000Z-{seq:06d}")
+    for image_id in (restored, corrupt):
+        journal.item_state(image_id, "dropped", f"cannot prepare: no image {image_id} in {store.root}")
+    journal.set_batch_state(old.batch_id, "done")
+    target = LocalFolderStore(tmp_path / "bucket", "edge")
+    drain(Uploader(store, target, UploadSettings("box-1", retry=FAST), journal=journal))
+    assert_exactly_once(target, store, [restored, review[2]])
+    assert store.get(corrupt).state == "failed" and "not a decodable image" in store.get(corrupt).error
+    assert journal.items(old.batch_id) == []  # both moved to the batch that took them up
+    assert store.counts()["review_pending"] == 0
+
+
+def test_a_jpeg_quality_out_of_range_is_refused_before_any_image_is_failed_for_it() -> None:
+    """prepare_upload's ValueError fails an image for good: a bad setting must be refused first."""
+    for quality in (0, 101):
+        with pytest.raises(ValueError, match="jpeg_quality"):
+            UploadSettings("box-1", jpeg_quality=quality)
+
+
+def test_an_image_failed_for_good_counts_in_the_failed_counter(tmp_path: Path) -> None:
+    """``set_state`` into ``failed`` counts like ``Store.fail``: the daemon's lifetime counter
+    (``annotator status``) includes images the uploader gave up on."""
+    store = Store(tmp_path / "store")
+    try:
+        image_id, _ = store.ingest(b"\xff\xd8 counted", "test")
+        store.claim("w")
+        store.complete(image_id, "w", {"width": 8, "height": 8, "heads": [], "persons": []}, "b", "review", 0.1, [],
+                       audit=False)
+        assert store.set_state(image_id, [REVIEW_PENDING], FAILED, error="not uploaded for review: test")
+        assert not store.set_state(image_id, [REVIEW_PENDING], FAILED, error="again")
+        assert store.counter("failed") == 1
+    finally:
+        store.close()
