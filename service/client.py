@@ -12,7 +12,7 @@ A capture loop (README material)::
 Unary calls are retried on UNAVAILABLE (server restarting, connection refused) with
 exponential backoff and full jitter (``compute_backoff``); every call has a deadline.
 A busy server (UNAVAILABLE with the ``BUSY_METADATA`` trailer: too many Annotate calls
-waiting, see ``service.server``) is retried the same way until the call's timeout has passed,
+waiting, or a ReloadModels while another bundle loads; see ``service.server``) is retried the same way until the call's timeout has passed,
 not just ``retries`` times: it asked for the retry, and a capture loop wants its image in.
 Annotating is idempotent (the image id is the hash of the bytes), so a retry never
 annotates an image twice.

@@ -17,7 +17,11 @@ open ``AnnotateStream`` calls, ``MAX_WAITING_ANNOTATE`` unary ``Annotate`` calls
 ``SPARE_THREADS`` more, so health checks, ``GetStatus`` and ``ReloadModels`` always find a thread.
 A call beyond a bound is answered at once: a unary ``Annotate`` with UNAVAILABLE "server busy"
 (and the ``BUSY_METADATA`` trailer), which ``service.client`` retries until its timeout; a stream
-with RESOURCE_EXHAUSTED. ``max_concurrent_streams`` is not sent as HTTP/2's per-connection
+with RESOURCE_EXHAUSTED. ``ReloadModels`` runs one at a time: a reload asked for while another
+runs is answered at once with UNAVAILABLE "a reload is in progress" and the same trailer, so the
+client's retries wait for their turn without holding a thread (the daemon's reload lock made
+it wait on the server, a spare thread held for the whole load of a bundle).
+``max_concurrent_streams`` is not sent as HTTP/2's per-connection
 SETTINGS_MAX_CONCURRENT_STREAMS: gRPC refused calls beyond it with RST_STREAM (REFUSED_STREAM,
 UNAVAILABLE) instead of queueing them, health checks sharing the connection included.
 """
@@ -30,6 +34,7 @@ import queue
 import re
 import signal
 import threading
+import time
 from concurrent import futures
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -165,6 +170,10 @@ class AnnotatorServicer(pb_grpc.AnnotatorServicer):
         self.max_waiting = max_waiting
         self._streams = threading.BoundedSemaphore(max_streams) if max_streams else None
         self._waiting = threading.BoundedSemaphore(max_waiting) if max_waiting else None
+        # One reload at a time on the whole server, taken without waiting (``ReloadModels``), and
+        # what the one running loads: (the bundle asked for, monotonic start) for the busy answer.
+        self._reload = threading.Lock()
+        self._reloading: tuple[str, float] | None = None
 
     def _timeout(self, context: grpc.ServicerContext) -> float:
         remaining = context.time_remaining()
@@ -313,15 +322,45 @@ class AnnotatorServicer(pb_grpc.AnnotatorServicer):
             raise AssertionError("unreachable: context.abort raises") from exc
 
     def ReloadModels(self, request: pb.ReloadModelsRequest, context: grpc.ServicerContext) -> pb.Status:
+        """Load a bundle and swap it in; while another reload runs, "busy" at once.
+
+        A load takes seconds to minutes (a big bundle, a signature check, the smoke test), and the
+        daemon loads one bundle at a time: a second call waited for the first on the daemon's
+        lock, holding a pool thread, so a few at once (an operator's script, the sync agent's
+        pull, a ``models rollback``) took the spare threads and the health check (a 5 s timeout
+        in the container) waited behind them. A caller that gave up meanwhile still had its
+        bundle loaded afterwards. Now the call is answered UNAVAILABLE with the ``BUSY_METADATA``
+        trailer and nothing is loaded: ``service.client`` retries it with backoff until its
+        timeout, waiting on the client's side, so the calls queue without holding a thread and
+        load one after the other, as before (the last one's bundle stays). The answer is not
+        joined to the running reload, even for the same path: a reload of ``engine.bundle``
+        re-reads the ``current`` link, which may have moved since the running one read it."""
         try:
             configured = self.daemon.config.engine.bundle
             assert configured is not None  # Daemon requires engine.bundle
             path = allowed_bundle_path(request.bundle_path, configured) if request.bundle_path else None
+        except Exception as exc:  # a path outside the bundles folder is refused even while busy
+            _abort(context, exc)
+            raise AssertionError("unreachable: context.abort raises") from exc
+        if not self._reload.acquire(blocking=False):
+            running = self._reloading  # None only in the instant before the holder sets it
+            what = "a reload" + (f" of {running[0]} (started {time.monotonic() - running[1]:.0f} s ago)"
+                                 if running is not None else "")
+            log.info("ReloadModels(%r) answered busy: %s is in progress", request.bundle_path, what)
+            context.set_trailing_metadata(BUSY_METADATA)
+            context.abort(grpc.StatusCode.UNAVAILABLE,
+                          f"{what} is in progress; bundles are loaded one at a time: retry when it has "
+                          "finished (nothing was loaded for this call)")
+        try:
+            self._reloading = (str(path) if path is not None else f"engine.bundle ({configured})", time.monotonic())
             self.daemon.reload(str(path) if path is not None else None)
             return status_to_proto(self.daemon.status())
         except Exception as exc:  # every failure becomes a status
             _abort(context, exc)
             raise AssertionError("unreachable: context.abort raises") from exc
+        finally:
+            self._reloading = None
+            self._reload.release()
 
 
 def _read(path: "str | Path", what: str) -> bytes:
