@@ -119,13 +119,14 @@ def check_schema(bundle: Bundle, coco: Mapping[str, Any]) -> None:
                          f"in the same order; calibrate on a dataset with the bundle's schema")
 
 
-def predict_images(bundle: Bundle, coco: Mapping[str, Any], images_dir: Path) -> dict[int, Any]:
+def predict_images(bundle: Bundle, coco: Mapping[str, Any], images_dir: Path,
+                   letterbox: str = "square") -> dict[int, Any]:
     """Image id -> ``Prediction`` of the bundle's engine (unreadable images are skipped)."""
     from service.engine import Engine
 
     from .evaluate import decoded_batches
 
-    engine = Engine(bundle)
+    engine = Engine(bundle, letterbox=letterbox)
     preds = {}
     for ok, _failed, decoded in decoded_batches(list(coco["images"]), images_dir, engine.batch_size, "calibration"):
         preds.update(zip((info["id"] for _, info in ok), engine.predict(decoded) if decoded else []))
@@ -133,22 +134,24 @@ def predict_images(bundle: Bundle, coco: Mapping[str, Any], images_dir: Path) ->
 
 
 def calibrate_bundle(bundle: Bundle, coco: Mapping[str, Any], images_dir: Path, fit_confidences: bool = True,
-                     source: str = "validation") -> Bundle:
+                     source: str = "validation", letterbox: str = "square") -> Bundle:
     """Calibrate ``bundle`` in place (its ``bundle.json`` is rewritten) on ``coco`` images; see the
-    module docstring. ``source`` names the images in the bundle's ``thresholds.method``."""
+    module docstring. ``source`` names the images in the bundle's ``thresholds.method``;
+    ``letterbox``: the engine's (``engine.letterbox``) that the daemon will run it with."""
     from .coco_metrics import load_coco as to_cocoapi
 
     check_schema(bundle, coco)
     raw = dataclasses.replace(bundle, confidence_calibration=None)
     two_model = bundle.visibility_mode == "two_model" and "pose_visible" in bundle.models
-    preds = predict_images(raw, coco, images_dir)
+    preds = predict_images(raw, coco, images_dir, letterbox)
     samples = collect_visibility_samples(preds, to_cocoapi(coco), sigmas=bundle.keypoints.sigmas,
                                          features=two_model and fit_confidences)
     cal, thr, report = choose_calibration(samples, bundle.keypoints.count, two_model and fit_confidences)
     if not two_model:
         report = {"skipped": "not a two-model bundle"}
     g = thr["global"]
-    method = (f"calibrated on {len(coco['images'])} {source} images ({g['points']} points): "
+    method = (f"calibrated on {len(coco['images'])} {source} images ({g['points']} points"
+              f"{', rect letterbox: run with engine.letterbox = rect' if letterbox == 'rect' else ''}): "
               f"per-key-point grid search maximising 3-class visibility accuracy")
     if cal is not None:
         method += (f" over the calibrated confidences (confidence_calibration: {report['accuracy_raw']:.4f} -> "
@@ -167,7 +170,8 @@ def calibrate_bundle(bundle: Bundle, coco: Mapping[str, Any], images_dir: Path, 
     return load_bundle(bundle.path)
 
 
-def recalibrated_copy(src: Path, annotations: Path, images_dir: Path, dst: Path, fit_confidences: bool = True) -> Bundle:
+def recalibrated_copy(src: Path, annotations: Path, images_dir: Path, dst: Path, fit_confidences: bool = True,
+                      letterbox: str = "square") -> Bundle:
     """``annotator calibrate``: copy ``src`` to ``dst`` under a new id (parent: ``src``'s id) and
     calibrate the copy on the dataset. ``dst`` must not exist (bundles are immutable)."""
     bundle = load_bundle(src)
@@ -184,7 +188,7 @@ def recalibrated_copy(src: Path, annotations: Path, images_dir: Path, dst: Path,
     # The copy's files are the verified source's; write_bundle recomputes the checksums anyway.
     copy = dataclasses.replace(bundle, path=tmp, id=new_bundle_id(bundle.id), lineage=lineage)
     write_bundle(copy)
-    calibrate_bundle(copy, coco, images_dir, fit_confidences, source=annotations.parent.name)
+    calibrate_bundle(copy, coco, images_dir, fit_confidences, source=annotations.parent.name, letterbox=letterbox)
     tmp.rename(dst)
     return load_bundle(dst)
 
@@ -195,7 +199,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     ann, images = dataset_paths(args.dataset, args.images)
     try:
-        b = recalibrated_copy(Path(args.src), ann, images, Path(args.dst), fit_confidences=not args.thresholds_only)
+        b = recalibrated_copy(Path(args.src), ann, images, Path(args.dst), fit_confidences=not args.thresholds_only,
+                              letterbox=args.letterbox)
     except FileExistsError as exc:
         raise AnnotatorError(str(exc)) from exc
     print(f"bundle {b.id} (parent {b.lineage.get('parent_bundle')}) written to {args.dst}")
@@ -211,4 +216,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--images", help="images folder (default: images/ beside the json)")
     s.add_argument("--thresholds-only", action="store_true",
                    help="only the per-key-point thresholds, no confidence calibration")
+    s.add_argument("--letterbox", choices=("square", "rect"), default="square",
+                   help="calibrate for the daemon's engine.letterbox (default square)")
     s.set_defaults(func=cmd_calibrate)

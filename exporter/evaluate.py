@@ -94,6 +94,7 @@ def predict_dataset(
     progress: bool = True,
     sheet_images: int = SHEET_IMAGES,
     max_side_hint: int | None = None,
+    letterbox: str = "square",
 ) -> DatasetPredictions:
     """Run the engine over the dataset's images (sorted by id, the first ``limit``).
 
@@ -104,9 +105,9 @@ def predict_dataset(
     from service.engine import Engine
 
     infos = sorted(dataset["images"], key=lambda im: int(im["id"]))[: limit if limit is not None else None]
-    engine = Engine(ap_bundle(bundle))
+    engine = Engine(ap_bundle(bundle), letterbox=letterbox)
     two_pass = bundle.visibility_mode == "two_model" and "pose_visible" in bundle.models
-    engine_op = Engine(bundle) if two_pass else None
+    engine_op = Engine(bundle, letterbox=letterbox) if two_pass else None
     pick = set(np.linspace(0, len(infos) - 1, min(sheet_images, len(infos))).astype(int).tolist()) if infos else set()
     out = DatasetPredictions({}, {}, 0.0, 0.0, [], [], two_pass, [])
     t_start = time.perf_counter()
@@ -195,6 +196,7 @@ def evaluate(
     out_dir: str | Path,
     limit: int | None = None,
     progress: bool = True,
+    letterbox: str = "square",
 ) -> dict[str, Any]:
     """Evaluate and write ``metrics.json``, ``contact_sheet.png`` and ``confusion.png``.
 
@@ -211,7 +213,7 @@ def evaluate(
     sigmas = [bundle.keypoints.sigmas[i] for i in kpt_map]
     coco_gt = load_coco(data)
 
-    preds = predict_dataset(bundle, data, Path(images_dir), limit=limit, progress=progress)
+    preds = predict_dataset(bundle, data, Path(images_dir), limit=limit, progress=progress, letterbox=letterbox)
     n = len(preds.ap_view)
     modal = with_visible_area(data, int(cat["id"]))
     head_cat = next((c for c in data["categories"] if c.get("name") == "head"), None)
@@ -220,6 +222,7 @@ def evaluate(
     t = bundle.thresholds
     metrics: dict[str, Any] = {
         "bundle_id": bundle.id,
+        "letterbox": letterbox,
         "dataset": {"annotations": str(annotations_json), "images_dir": str(images_dir), "images": n,
                     "failed_images": preds.failed_images, "keypoints": list(cat["keypoints"])},
         "head": head_box_ap(coco_gt, preds.ap_view, int(head_cat["id"])) if head_cat and has_heads else None,

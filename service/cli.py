@@ -84,7 +84,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     ann, images = dataset_paths(args.dataset, args.images)
     out = Path(args.out or f"eval-{Path(args.bundle).name}")
-    metrics = evaluate(args.bundle, ann, images, out, limit=args.limit)
+    metrics = evaluate(args.bundle, ann, images, out, limit=args.limit, letterbox=args.letterbox)
     print_metrics_table(metrics)
     print(f"metrics.json, contact_sheet.png and confusion.png written to {out}")
     return 0
@@ -159,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--images")
     s.add_argument("--out", help="output folder (default: eval-BUNDLENAME)")
     s.add_argument("--limit", type=int)
+    s.add_argument("--letterbox", choices=("square", "rect"), default="square",
+                   help="the engine's letterbox, as engine.letterbox (default square)")
     s.set_defaults(func=cmd_evaluate)
 
     from .cli_daemon import add_daemon_commands

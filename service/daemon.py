@@ -233,7 +233,8 @@ class Daemon:
             raise BundleError(f"{path}: bundle.json changed while it was being loaded; its signature no longer applies")
         threads = int(e.threads) or max(1, (os.cpu_count() or 1) // max(1, int(e.workers)))
         engine = Engine(bundle, providers=list(e.providers) if e.providers else None,
-                        intra_op_threads=threads, batch_size=int(e.run_batch) or 1, metrics=self.metrics)
+                        intra_op_threads=threads, batch_size=int(e.run_batch) or 1, metrics=self.metrics,
+                        letterbox=str(getattr(e, "letterbox", "square")))
         if not int(e.run_batch) and engine.active_providers[0] in GPU_PROVIDERS:
             engine.batch_size = max(1, int(e.batch_size))  # a GPU wants whole batches (README, "GPU")
         try:

@@ -48,6 +48,8 @@ FACE_POINTS = ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "mouth"
 MIN_FACE_POINTS = 3
 FACE_TO_HEAD = 1.8
 HEAD_SHIFT_UP = 0.1
+LETTERBOX_MODES = ("square", "rect")
+STRIDE = 32  # the largest stride of the YOLO models' heads: a rectangular input is a multiple of it
 
 
 class InferenceTimer(Protocol):
@@ -129,6 +131,19 @@ class _Model:
     task: str
     num_classes: int
     kpt_shape: tuple[int, int] | None
+    dynamic_hw: bool = False  # the ONNX input's height and width are free (ultralytics dynamic=True)
+
+    def net_size(self, image_hw: tuple[int, int], mode: str) -> tuple[int, int]:
+        """The network input for an image of ``image_hw``: the model's size ("square"), or in
+        "rect" mode, where the ONNX allows it, the image scaled into that size with its short
+        side padded only up to the next multiple of ``STRIDE`` (ultralytics' rectangular
+        inference: a 640 x 480 camera runs at 320 x 256, 80 % of the square's pixels)."""
+        if mode != "rect" or not self.dynamic_hw:
+            return self.size
+        h, w = image_hw
+        r = min(self.size[0] / h, self.size[1] / w)
+        return (min(self.size[0], -(-max(round(h * r), 1) // STRIDE) * STRIDE),
+                min(self.size[1], -(-max(round(w * r), 1) // STRIDE) * STRIDE))
 
 
 class Engine:
@@ -141,9 +156,13 @@ class Engine:
         intra_op_threads: int = 0,
         batch_size: int = 8,
         metrics: InferenceTimer | None = None,
+        letterbox: str = "square",
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+        if letterbox not in LETTERBOX_MODES:
+            raise ValueError(f"letterbox: expected one of {LETTERBOX_MODES}, got {letterbox!r}")
+        self.letterbox = letterbox
         self.bundle = bundle
         self.batch_size = batch_size
         self.metrics = metrics  # duck-typed: the engine imports no metrics library
@@ -173,7 +192,7 @@ class Engine:
             size = (h if isinstance(h, int) else entry.imgsz[0], w if isinstance(w, int) else entry.imgsz[1])
             self.models[role] = _Model(
                 role, session, inp.name, (int(size[0]), int(size[1])), n if isinstance(n, int) else None,
-                entry.task, len(entry.names), entry.kpt_shape,
+                entry.task, len(entry.names), entry.kpt_shape, not isinstance(h, int) and not isinstance(w, int),
             )
         # On a GPU every run gets the same batch shape (padded): onnxruntime's CUDA provider tunes
         # its convolutions for each new input shape, and the daemon's batches vary in size (1..8),
@@ -194,20 +213,29 @@ class Engine:
         """One ``Prediction`` per image, in order; coordinates in original pixels."""
         if not images:
             return []
-        boxed: dict[tuple[int, int], tuple[list[np.ndarray], list[Letterbox]]] = {}
-        for m in self.models.values():  # letterbox each image once per distinct input size
-            if m.size not in boxed:
-                pairs = [letterbox(im.pixels, m.size) for im in images]
-                boxed[m.size] = ([p[0] for p in pairs], [p[1] for p in pairs])
+        boxed: dict[tuple[int, int, int], tuple[np.ndarray, Letterbox]] = {}  # (image, net h, net w) -> letterboxed
         found: dict[str, list[Detections]] = {}
         tensors: dict[tuple, np.ndarray] = {}  # one float tensor per chunk and input size, shared by the models
         for role, m in self.models.items():
-            arrays, lbs = boxed[m.size]
-            outputs = self._run(m, arrays, tensors)
-            found[role] = [self._decode(m, out, lb, im) for out, lb, im in zip(outputs, lbs, images)]
+            # Images of one network input size run together (in "rect" mode an image's aspect
+            # sets its size; a camera's stream has one); each image is letterboxed once per size.
+            groups: dict[tuple[int, int], list[int]] = {}
+            for i, im in enumerate(images):
+                groups.setdefault(m.net_size(im.pixels.shape[:2], self.letterbox), []).append(i)
+            dets: list[Detections | None] = [None] * len(images)
+            for size, idx in groups.items():
+                for i in idx:
+                    if (i, *size) not in boxed:
+                        boxed[(i, *size)] = letterbox(images[i].pixels, size)
+                arrays = [boxed[(i, *size)][0] for i in idx]
+                outputs = self._run(m, arrays, tensors, size, tuple(idx))
+                for i, out in zip(idx, outputs):
+                    dets[i] = self._decode(m, out, boxed[(i, *size)][1], images[i])
+            found[role] = dets  # type: ignore[assignment]
         return [self._assemble(i, im, found) for i, im in enumerate(images)]
 
-    def _run(self, m: _Model, arrays: list[np.ndarray], tensors: dict[tuple, np.ndarray] | None = None) -> list[np.ndarray]:
+    def _run(self, m: _Model, arrays: list[np.ndarray], tensors: dict[tuple, np.ndarray] | None = None,
+             size: tuple[int, int] | None = None, group: tuple[int, ...] = ()) -> list[np.ndarray]:
         """Run one model over letterboxed images; returns one [R, A] output per image.
 
         ``tensors``: the float tensors built for the other models of this ``predict`` (the three
@@ -218,7 +246,7 @@ class Engine:
         for start in range(0, len(arrays), step):
             chunk = arrays[start:start + step]
             padded = len(chunk) < step and (m.fixed_batch is not None or self.pad_batches)  # one shape per model
-            key = (m.size, start, step, padded)
+            key = (size or m.size, group, start, step, padded)
             tensor = tensors.get(key) if tensors is not None else None
             if tensor is None:
                 tensor = to_tensor(chunk)

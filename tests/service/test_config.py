@@ -58,6 +58,9 @@ def test_precedence_command_line_over_env_over_file(tmp_path: Path) -> None:
     ("", {"ANNOTATOR_JUDGE__REVIEW_WINDOW": "3"}, {}, "judge.review_window: expected an integer number of images"),
     ("[judge]\nscore_fn = 'mymodule'\n", {}, {}, "judge.score_fn: expected 'default' or 'package.module:function'"),
     ("[store]\nroot = 5\n", {}, {}, "store.root: expected a path"),
+    ("[engine]\nletterbox = 'stretch'\n", {}, {}, "engine.letterbox: expected 'square' or 'rect'"),
+    ("[retention]\nauto_image_days = 0\n", {}, {}, "retention.auto_image_days: expected a number of days > 0"),
+    ("", {"ANNOTATOR_RETENTION__INTERVAL_MINUTES": "0.5"}, {}, "retention.interval_minutes: expected a number of minutes >= 1"),
     ("judge = 3\n", {}, {}, "judge: expected a [judge] table"),
     ("[judge\n", {}, {}, "cannot be read as TOML"),
 ])

@@ -641,3 +641,18 @@ def test_near_duplicate_recall_decodes_a_bounded_number_of_frames(make_config: C
         assert len(daemon._dedup._recent["day4"]) == 2 and len(daemon._dedup._recent["day3"]) == 1
     finally:
         daemon.close()
+
+
+def test_the_engines_letterbox_comes_from_the_config_and_survives_a_reload(make_config: Callable[..., Any]) -> None:
+    daemon = Daemon(make_config(engine__letterbox="rect"))
+    try:
+        assert daemon._engine.letterbox == "rect"
+        daemon.reload()
+        assert daemon._engine.letterbox == "rect"
+    finally:
+        daemon.close()
+    square = Daemon(make_config())
+    try:
+        assert square._engine.letterbox == "square"
+    finally:
+        square.close()

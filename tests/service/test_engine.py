@@ -251,8 +251,8 @@ def test_models_of_one_input_size_share_each_chunks_tensor(coco_people_photos, m
     images = [read_image(p) for p in coco_people_photos[:5]]
 
     class Unshared(Engine):  # each model builds its own tensors: what every model used to get
-        def _run(self, m, arrays, tensors=None):  # type: ignore[no-untyped-def]
-            return super()._run(m, arrays, None)
+        def _run(self, m, arrays, tensors=None, *size_and_group):  # type: ignore[no-untyped-def]
+            return super()._run(m, arrays, None, *size_and_group)
 
     reference = [p.to_json() for p in Unshared(bundle, batch_size=2).predict(images)]
     built: list[int] = []
@@ -286,3 +286,54 @@ def _same_records(a: object, b: object) -> None:
         assert a == pytest.approx(b, abs=0.02)
     else:
         assert a == b
+
+
+def test_rect_letterbox_sizes() -> None:
+    """ultralytics' rectangular inference: the image scaled into the model's size, the short side
+    padded only up to a multiple of 32; a model whose ONNX fixes its height and width stays square."""
+    from service.engine import _Model
+
+    free = _Model("pose_main", None, "images", (320, 320), None, "pose", 1, (17, 3), dynamic_hw=True)  # type: ignore[arg-type]
+    fixed = _Model("pose_main", None, "images", (320, 320), None, "pose", 1, (17, 3), dynamic_hw=False)  # type: ignore[arg-type]
+    cases = {(480, 640): (256, 320), (640, 480): (320, 256), (720, 1280): (192, 320), (500, 500): (320, 320),
+             (10, 1000): (32, 320), (3000, 4000): (256, 320), (100, 90): (320, 288)}
+    for hw, net in cases.items():
+        assert free.net_size(hw, "rect") == net, hw
+        assert free.net_size(hw, "square") == fixed.net_size(hw, "rect") == (320, 320)
+
+
+def test_rect_letterbox_runs_smaller_tensors_and_finds_the_same_people(coco_people_photos, monkeypatch) -> None:
+    """"rect" feeds each image at its own aspect (mixed sizes in one call run as groups, results in
+    the caller's order) and finds the same people as "square", boxes within a few pixels."""
+    import service.engine as engine_module
+    from service.bundle import load_bundle
+
+    bundle = load_bundle(Path(__file__).parents[2] / "service" / "assets" / "demo_bundle")
+    samples = sorted((Path(__file__).parents[2] / "service" / "assets" / "samples").glob("*.jpg"))[:4]
+    landscape = [read_image(p) for p in samples]
+    portrait = [decode_image(cv2.imencode(".png", cv2.rotate(im.pixels, cv2.ROTATE_90_CLOCKWISE))[1].tobytes())
+                for im in landscape[:2]]
+    images = [landscape[0], portrait[0], landscape[1], portrait[1], landscape[2], landscape[3]]
+    square = Engine(bundle, batch_size=4).predict(images)
+    shapes: list[tuple[int, ...]] = []
+    real = engine_module.to_tensor
+    monkeypatch.setattr(engine_module, "to_tensor", lambda chunk: (shapes.append(real(chunk).shape), real(chunk))[1])
+    rect_engine = Engine(bundle, batch_size=4, letterbox="rect")
+    rect = rect_engine.predict(images)
+    assert sorted({s[2:] for s in shapes}) == [(256, 320), (320, 256)]
+    assert sum(s[0] for s in shapes) == len(images)  # each chunk built once, shared by the three models
+    alone = [rect_engine.predict([im])[0] for im in images]
+    for a, b in zip(rect, alone):
+        assert a.to_json() == b.to_json()
+    found = 0
+    for s, r in zip(square, rect):
+        assert (s.width, s.height) == (r.width, r.height)
+        for p in s.persons:
+            if p.conf < 0.5:
+                continue
+            best = max((float(box_iou(np.array([p.box]), np.array([q.box]))[0, 0]) for q in r.persons), default=0.0)
+            assert best > 0.85, (p.box, [q.box for q in r.persons])
+            found += 1
+    assert found >= 6
+    with pytest.raises(ValueError, match="letterbox"):
+        Engine(bundle, letterbox="stretch")
