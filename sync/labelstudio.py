@@ -11,6 +11,15 @@ image. Region ids carry the grouping: ``h<i>`` a head, ``p<i>`` person i's box, 
 its point j; the visibility ``choices`` item shares its key point's id. Outside points are
 not placed (they claim no location); a reviewer adds a point that is in view.
 
+The task links an image the reviewer's browser can show, in the record's frame. A stored JPEG
+is linked as it is: a browser decodes it and turns an EXIF-turned one upright itself (CSS
+``image-orientation: from-image``), as the record's coordinates are. Any other stored image
+goes through ``sync.reencode.prepare_upload``, Ground Truth's upload step: a PNG, BMP or WebP it
+leaves unchanged is linked as it is; what it re-encodes (a 16-bit TIFF, a PGM, a JPEG 2000, an
+image stored turned) is linked as that JPEG, upright and of the record's size, written once
+to ``copy_dir`` under the document root before the import. Linking the stored file of such an
+image gave the reviewer an empty page to label.
+
 The project is found by title (created when missing) and its id kept, but a 404 on a project
 request means it was deleted: the id is forgotten, the project looked up (or created) again and
 the request repeated once. The tasks that were in the deleted project are gone with it;
@@ -20,11 +29,15 @@ current project, so that it submits them again (a deleted task, a new ``project_
 Collecting: the full JSON export is polled (the webhook only wakes the collector early); the
 latest submitted, not cancelled annotation of each task is validated and converted back to
 pixels. A key point with a new id joins the person whose box contains it (the smallest such
-box), else the nearest box; without a visibility choice it is ``visible``.
+box), else the nearest box; without a visibility choice it is ``visible``. An annotation whose
+regions were drawn on an image of another size than the task's (their ``original_width`` and
+``original_height``: the image the browser showed, e.g. a JPEG whose EXIF orientation the
+browser read otherwise than OpenCV) is refused: its percentages are of another frame.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import logging
 import math
 import re
@@ -33,11 +46,15 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 from urllib.parse import quote, unquote
 from xml.sax.saxutils import quoteattr
 
+from service.durable import fsync_dir, write_bytes_atomic
+from service.errors import ImageError
 from service.keypoints import CABIN19_NAMES, OUTSIDE, VISIBLE
+from service.outputs import image_suffix
 from service.record import VISIBILITIES
 
 from .errors import PermanentError
 from .labelstudio_client import LabelStudioClient, NotFound
+from .reencode import prepare_upload
 from .review import Box, ReviewedKeypoint, ReviewedLabel, ReviewedPerson, ReviewItem, labels_differ
 
 log = logging.getLogger(__name__)
@@ -46,6 +63,8 @@ BACKEND = "labelstudio"
 IMAGE, BOX, KP, VIS = "img", "box", "kp", "visibility"
 HEAD, PERSON = "head", "person"
 POINT_SIZE = 0.6  # marker size, percent of the image width
+COPY_DIR = "label-studio-jpeg"  # default copy_dir, under the document root
+_COPY_NAME = re.compile(r"^[0-9A-Za-z_-]{1,128}$")
 _KP_ID, _PERSON_ID = re.compile(r"^p(\d+)k(\d+)$"), re.compile(r"^p(\d+)$")
 T = TypeVar("T")
 
@@ -194,6 +213,18 @@ def _add(points: dict[str, ReviewedKeypoint], name: str, kp: ReviewedKeypoint, o
     points[name] = kp
 
 
+def seen_sizes(result: Sequence[Mapping[str, Any]]) -> set[tuple[int, int]]:
+    """The image sizes (width, height) that a result's regions were drawn on: Label Studio
+    stores the size of the image the browser showed with each region (``original_width``,
+    ``original_height``); items without them name none."""
+    sizes = set()
+    for item in result:
+        w, h = item.get("original_width"), item.get("original_height")
+        if isinstance(w, (int, float)) and isinstance(h, (int, float)) and w > 0 and h > 0:
+            sizes.add((round(w), round(h)))
+    return sizes
+
+
 def _epoch(text: str | None) -> float:
     if not text:
         return 0.0
@@ -204,19 +235,25 @@ class LabelStudioBackend:
     """``ReviewBackend`` on a Label Studio server; see the module docstring.
 
     ``document_root`` is the server's ``LOCAL_FILES_DOCUMENT_ROOT``: every image to review
-    must lie under it (``ReviewItem.local_path``). ``webhook_url``, when given, is registered
-    for annotation events (e.g. a ``WebhookReceiver``'s url).
+    must lie under it (``ReviewItem.local_path``). ``copy_dir`` (default ``<document_root>/
+    label-studio-jpeg``, also under it) holds the JPEGs shown instead of stored images a
+    browser cannot show (module docstring). ``webhook_url``, when given, is registered for
+    annotation events (e.g. a ``WebhookReceiver``'s url).
     """
 
     name = BACKEND
 
     def __init__(self, client: LabelStudioClient, project_title: str, document_root: Path | str,
                  names: Sequence[str] = CABIN19_NAMES, webhook_url: str | None = None,
-                 import_chunk: int = 200) -> None:
+                 import_chunk: int = 200, copy_dir: Path | str | None = None) -> None:
         if len(project_title) < 3:
             raise ValueError(f"Label Studio project title: expected at least 3 characters, got {project_title!r}")
         self.client, self.title = client, project_title
         self.document_root = Path(document_root).resolve()
+        self.copy_dir = (self.document_root / COPY_DIR if copy_dir is None else Path(copy_dir)).resolve()
+        if not self.copy_dir.is_relative_to(self.document_root):
+            raise ValueError(f"Label Studio copy_dir: expected a folder under the document root "
+                             f"{self.document_root} (the server serves only from there), got {self.copy_dir}")
         self.names, self.webhook_url, self.import_chunk = tuple(names), webhook_url, import_chunk
         self.project_id: int | None = None
         self.rejected: dict[str, str] = {}
@@ -285,13 +322,58 @@ class LabelStudioBackend:
             return set()
         return wanted - self._in_project(self._image_ids)
 
-    def _relative(self, item: ReviewItem) -> str:
+    def _stored(self, item: ReviewItem) -> Path:
+        """The item's stored file, which must lie under the document root."""
         if item.local_path is None:
             raise ValueError(f"Label Studio needs a local file for {item.image_id}; got only {item.image_uri}")
         path = Path(item.local_path).resolve()
         if not path.is_relative_to(self.document_root):
             raise ValueError(f"{path} is not under the Label Studio document root {self.document_root}")
-        return path.relative_to(self.document_root).as_posix()
+        return path
+
+    def _copy_path(self, image_id: str) -> Path:
+        """Where the browser-safe JPEG of ``image_id`` goes: its name is the id (a store id, 64
+        hex digits), or the id's sha256 when the id is no plain file name."""
+        name = image_id if _COPY_NAME.match(image_id) else hashlib.sha256(image_id.encode()).hexdigest()
+        return self.copy_dir / f"{name}.jpg"
+
+    def shown(self, item: ReviewItem) -> Path:
+        """The file the reviewer's browser gets for ``item``: the stored file, or the JPEG that
+        ``prepare_upload`` makes of it, written to ``copy_dir`` when missing (module docstring).
+
+        The copy is written whole (temporary file, fsync, rename, folder fsynced) and kept: a run
+        killed between the write and the import finds it and imports the task once, and a task
+        never names a copy that a power loss took back. An image that cannot be prepared, or
+        whose file is missing (the uploader fails such images before they get here), is linked
+        as stored, with a warning, as before there were copies."""
+        path = self._stored(item)
+        try:
+            with open(path, "rb") as f:
+                head = f.read(16)
+        except FileNotFoundError:
+            log.warning("image %s: the stored file %s is missing; linking it anyway", item.image_id[:12], path)
+            return path
+        if image_suffix(head) == ".jpg":
+            return path  # any JPEG: the browser decodes it and applies its EXIF orientation itself
+        copy = self._copy_path(item.image_id)
+        if copy.exists():  # an earlier run's: the same bytes (the store's files never change)
+            return copy
+        data = path.read_bytes()
+        try:
+            prepared = prepare_upload(data, item.record)
+        except (ImageError, ValueError, KeyError) as exc:
+            log.warning("image %s: no browser-safe copy for Label Studio (%s); linking the stored file",
+                        item.image_id[:12], exc)
+            return path
+        if prepared.data == data:  # a PNG, BMP or WebP a browser shows as it is
+            return path
+        new_folder = not self.copy_dir.exists()
+        write_bytes_atomic(copy, prepared.data, sync_dir=True)
+        if new_folder:
+            fsync_dir(self.copy_dir.parent)
+        log.info("image %s: shown to Label Studio as a %dx%d JPEG (stored as %s)", item.image_id[:12],
+                 item.width, item.height, image_suffix(data))
+        return copy
 
     def _ensure_storages(self, pid: int, folders: set[Path]) -> None:
         known = {Path(s["path"]) for s in self.client.get("/api/storages/localfiles/", project=pid) or []}
@@ -301,9 +383,10 @@ class LabelStudioBackend:
             log.info("registered local storage %s for project %s", folder, pid)
 
     def task(self, batch_id: str, item: ReviewItem) -> dict[str, Any]:
-        """The task (data + prediction) imported for one item."""
+        """The task (data + prediction) imported for one item; its image is ``shown(item)``."""
+        relative = self.shown(item).relative_to(self.document_root).as_posix()
         # quoted: a store path with "+", "&", "#" or "%" in it broke the link (Label Studio quotes it too)
-        data = {"image": f"/data/local-files/?d={quote(self._relative(item), safe='/')}", "image_id": item.image_id,
+        data = {"image": f"/data/local-files/?d={quote(relative, safe='/')}", "image_id": item.image_id,
                 "width": item.width, "height": item.height, "batch": batch_id, "bundle_id": item.bundle_id,
                 "score": item.score, "reasons": list(item.reasons), "audit": item.audit}
         prediction: dict[str, Any] = {"model_version": item.bundle_id, "result": prediction_result(item.record, self.names)}
@@ -315,7 +398,7 @@ class LabelStudioBackend:
         """Import the items not yet in the project as tasks with their predictions."""
         if not items:
             return
-        tasks = [self.task(batch_id, item) for item in items]  # validates paths before any request
+        tasks = [self.task(batch_id, item) for item in items]  # validates paths, writes copies before any request
         self._in_project(lambda pid: self._import(pid, batch_id, tasks))
 
     def _import(self, pid: int, batch_id: str, tasks: Sequence[dict[str, Any]]) -> None:
@@ -351,6 +434,10 @@ class LabelStudioBackend:
         ann = max(done, key=lambda a: (a.get("updated_at") or "", a.get("id", 0)))
         data = task["data"]
         width, height = int(data["width"]), int(data["height"])
+        other = sorted(seen_sizes(ann.get("result", [])) - {(width, height)})
+        if other:
+            raise InvalidAnnotation(f"the regions were drawn on a {other[0][0]}x{other[0][1]} image, the task's is "
+                                    f"{width}x{height} (shown turned or scaled?): not the image's coordinates")
         heads, persons = parse_result(ann.get("result", []), width, height, self.names)
         # The export names the annotation's parent prediction in full under "prediction"
         # (the task's "predictions" are only ids there).

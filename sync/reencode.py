@@ -33,7 +33,8 @@ _TYPES = {".jpg": "image/jpeg", ".png": "image/png", ".bmp": "image/bmp", ".tif"
           ".webp": "image/webp"}
 # What a reviewer's browser shows (Ground Truth's worker page is a web page): a TIFF (a 16-bit IR
 # frame), a PGM or a JPEG 2000 goes up as a JPEG of the same size instead, else the worker gets
-# an empty page to label. (Label Studio shows the store's own file, not this upload.)
+# an empty page to label. (Label Studio links a stored JPEG as it is and this JPEG for the rest:
+# ``sync.labelstudio.LabelStudioBackend.shown``.)
 _BROWSER = (".jpg", ".png", ".bmp", ".webp")
 
 
