@@ -3,6 +3,7 @@ never in seconds (a shared machine's timings say nothing)."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import cv2
@@ -139,3 +140,28 @@ def test_move_mode_only_moves_out_a_file_already_stored(tmp_path: Path, monkeypa
     assert (drop.root / PROCESSED / "a.jpg").read_bytes() == data and not (drop.root / "a.jpg").exists()
     assert drop.stored_already == 1 and not (drop.root / QUARANTINE).exists()
     store.close()
+
+
+def test_full_walks_are_spaced_by_their_own_cost_not_by_the_time_taking_files(tmp_path: Path) -> None:
+    """Keep mode makes the drop folder an archive that every full walk stats again (100k files:
+    3.4 s of CPU a walk, 11 % of a core every 30 s). A walk's own cost sets the next one's
+    distance (50 times it, 30 s to 10 min); the time spent taking new files does not count."""
+    from service.dropfolder import RESCAN_MAX_SECONDS, RESCAN_SECONDS, rescan_interval
+
+    assert rescan_interval(0.0) == rescan_interval(0.5) == RESCAN_SECONDS
+    assert rescan_interval(3.4) == pytest.approx(170.0)
+    assert rescan_interval(60.0) == RESCAN_MAX_SECONDS
+
+    class SlowSink:
+        def __call__(self, data: bytes, source: str, meta: dict, decoded: object) -> None:
+            time.sleep(0.3)  # a slow ingest: fsyncs on a busy disk
+
+    root = tmp_path / "drop"
+    (root / "cam1").mkdir(parents=True)
+    for n in range(3):
+        cv2.imwrite(str(root / "cam1" / f"{n}.png"), np.full((16, 16, 3), n, np.uint8))
+    drop = DropFolder(root, SlowSink(), "keep", stable_seconds=0.0)  # type: ignore[arg-type]
+    assert drop.scan_once(full=True) == 3
+    assert drop.walk_seconds < 0.3  # the 0.9 s of ingest is not the walk's
+    assert drop.scan_once(full=True) == 0
+    assert drop.walk_seconds < 0.3
