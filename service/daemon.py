@@ -417,8 +417,11 @@ class Daemon:
 
     @staticmethod
     def _settled(row: ImageRow) -> "Future[ImageRow]":
+        """The answer for bytes the store holds: the row, or the reason it failed. An image
+        annotated and failed later (the sync agent could never upload it for review) has its
+        record: that is the answer, not an error about input that was fine."""
         fut: Future[ImageRow] = Future()
-        if row.state == FAILED:
+        if row.state == FAILED and row.record is None:
             fut.set_exception(ImageError(row.error or "image failed earlier"))
         else:
             fut.set_result(row)
@@ -444,7 +447,7 @@ class Daemon:
                 continue
             if error is not None:
                 fut.set_exception(error)
-            elif row is not None and row.state == FAILED:
+            elif row is not None and row.state == FAILED and row.record is None:  # as ``_settled``
                 fut.set_exception(ImageError(row.error or "image failed"))
             else:
                 fut.set_result(row)  # type: ignore[arg-type]

@@ -376,6 +376,8 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS, max_side_hint: int |
     try:
         img = cv2.imdecode(buf, flags)
     except cv2.error as exc:
+        if exc.code == cv2.Error.StsNoMem:  # the machine's memory, not the image: worth another try
+            raise MemoryError(f"decoding a {len(data)}-byte image: {exc}") from exc
         raise ImageError(f"cannot decode image: {exc}") from exc
     if img is None or img.size == 0:
         raise ImageError(f"not a decodable image ({len(data)} bytes, starting {data[:8]!r})")

@@ -10,7 +10,7 @@ Two rules, each off until set (``None``: kept for ever):
   store's row for its bytes (``received_at``) are older than this. Only files whose bytes the
   store has a row for (hashed, not trusted by name): a file put there by hand, or one the store
   never took, stays. The record, and the store's own copy, stay.
-- ``auto_image_days``: the store's bytes of an image auto-accepted more than this long ago
+- ``auto_image_days``: the store's bytes of an auto-accepted image received more than this long ago
   (``Store.prune_auto_images``). The row, its record and history stay (exports of records,
   ``annotator status``), the sync agent's merge takes its auto label out of the training set (it
   cannot train without the pixels). Reviewed images, the human work training needs, and every

@@ -296,4 +296,4 @@ class MergeTask:
         report = self.merger.merge(list(self.fetch()))
         if self.on_merged is not None and report.merged:
             self.on_merged(len(report.merged))
-        return bool(report.merged or report.auto_added)
+        return bool(report.merged or report.auto_added or report.auto_removed)

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 import cv2
 
 from service.errors import ImageError
-from service.imageio import decode_image, header_size, jpeg_orientation
+from service.imageio import MAX_PIXELS, decode_image, header_size, jpeg_orientation
 from service.outputs import image_suffix
 
 _TYPES = {".jpg": "image/jpeg", ".png": "image/png", ".bmp": "image/bmp", ".tif": "image/tiff",
@@ -82,8 +82,8 @@ def _stored_turned(data: bytes, width: int, height: int) -> bool:
 
 def _encode(pixels: Any, jpeg_quality: int) -> bytes:
     ok, buf = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)])
-    if not ok:
-        raise ValueError("JPEG encoding failed")
+    if not ok:  # of uint8 BGR pixels: memory ran out (OpenCV reports it so); worth another try, not the image's fault
+        raise MemoryError("JPEG encoding failed (out of memory?)")
     return buf.tobytes()
 
 
@@ -93,18 +93,21 @@ def prepare_upload(data: bytes, record: Mapping[str, Any], max_side: int | None 
     ``max_side``, or an upright JPEG of the same size when stored turned (module docstring)."""
     suffix = image_suffix(data)
     width, height = int(record["width"]), int(record["height"])
+    # The daemon accepted and annotated this image under its own drop.max_pixels, which may be
+    # above the decoder's default: the upload decodes what was accepted, whatever its size.
+    max_pixels = max(MAX_PIXELS, width * height)
     downscale = bool(max_side and max(width, height) > max_side)
     if not downscale and suffix in _BROWSER and not _stored_turned(data, width, height):
         return UploadImage(data, suffix, _TYPES[suffix], dict(record), (1.0, 1.0))
     if not 1 <= jpeg_quality <= 100:
         raise ValueError(f"jpeg_quality: expected 1..100, got {jpeg_quality}")
     if not downscale:  # upright (a browser's format), same size: the record's coordinates hold as they are
-        decoded = decode_image(data)
+        decoded = decode_image(data, max_pixels=max_pixels)
         if (decoded.width, decoded.height) != (width, height):
             raise ValueError(f"record says {width}x{height}, the image decodes as {decoded.width}x{decoded.height}")
         return UploadImage(_encode(decoded.pixels, jpeg_quality), ".jpg", "image/jpeg", dict(record), (1.0, 1.0))
     side = int(max_side or 0)
-    decoded = decode_image(data, max_side_hint=side)  # reduced only by a factor dividing both sides: exact
+    decoded = decode_image(data, max_pixels=max_pixels, max_side_hint=side)  # reduced by a factor dividing both sides: exact
     if (decoded.width, decoded.height) != (width, height):
         raise ValueError(f"record says {width}x{height}, the image decodes as {decoded.width}x{decoded.height}")
     s = side / max(width, height)

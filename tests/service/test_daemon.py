@@ -656,3 +656,21 @@ def test_the_engines_letterbox_comes_from_the_config_and_survives_a_reload(make_
         assert square._engine.letterbox == "square"
     finally:
         square.close()
+
+
+def test_the_same_bytes_again_after_the_upload_failed_answer_with_the_record(make_config: Callable[..., Any],
+                                                                             coco_people_photos: list[Path]) -> None:
+    """An image annotated, then failed by the sync agent (it could never be uploaded for review),
+    has its record: sent again, the client gets that row, not INVALID_ARGUMENT about input that
+    was fine (an image that failed before it was annotated still answers with its reason:
+    test_stored_image_that_fails_to_decode_is_failed_and_quarantined)."""
+    daemon = Daemon(make_config())
+    daemon.start()
+    try:
+        data = coco_people_photos[0].read_bytes()
+        row = daemon.annotate_now(data, "test:a")
+        assert daemon.store.set_state(row.image_id, (row.state,), "failed", error="not uploaded for review: test")
+        again = daemon.annotate_now(data, "test:a")
+        assert again.state == "failed" and again.record == row.record
+    finally:
+        daemon.close()

@@ -113,3 +113,42 @@ def test_an_image_a_browser_cannot_show_goes_up_as_a_jpeg_of_its_size(ext: str) 
     assert (up.suffix, up.content_type, up.scale_xy, up.record) == (".jpg", "image/jpeg", (1.0, 1.0), record)
     shown = cv2.imdecode(np.frombuffer(up.data, np.uint8), cv2.IMREAD_GRAYSCALE)
     assert shown.shape == (48, 64) and shown[12:18, 32:38].mean() > 200 and shown[30:, :20].mean() < 20
+
+
+def test_an_image_the_daemon_accepted_above_the_decoders_default_limit_still_goes_up() -> None:
+    """drop.max_pixels may be above the decoder's default 50 MP: an image the daemon accepted
+    and annotated under it was refused here, and the uploader failed it for good."""
+    w, h = 8000, 6400  # 51.2 MP, one flat colour: a small PNG
+    ok, buf = cv2.imencode(".png", np.full((h, w), 90, np.uint8))
+    assert ok
+    up = prepare_upload(buf.tobytes(), {"width": w, "height": h, "heads": [], "persons": []}, max_side=1000)
+    assert up.suffix == ".jpg" and cv2.imdecode(np.frombuffer(up.data, np.uint8), cv2.IMREAD_COLOR).shape == (800, 1000, 3)
+
+
+def test_running_out_of_memory_is_not_the_images_fault(tmp_path) -> None:
+    """OpenCV reports a failed allocation as an ordinary error, which came out as ImageError (or
+    ValueError): the uploader failed the image for good. It is a MemoryError now, which the
+    uploader lets through (the batch resumes later). A real address-space limit, in a child."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from procs import REPO, command_env
+
+    script = textwrap.dedent("""
+        import os, resource
+        import cv2, numpy as np
+        from sync.reencode import prepare_upload
+        w, h = 6000, 4000
+        ok, buf = cv2.imencode(".png", np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8))
+        data = buf.tobytes()
+        vm = int(open(f"/proc/{os.getpid()}/statm").read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        resource.setrlimit(resource.RLIMIT_AS, (vm + 40_000_000, resource.getrlimit(resource.RLIMIT_AS)[1]))
+        try:
+            prepare_upload(data, {"width": w, "height": h, "heads": [], "persons": []}, max_side=1000)
+        except BaseException as exc:
+            print(type(exc).__name__)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=command_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert out.stdout.strip() == "MemoryError", out.stdout + out.stderr
