@@ -89,7 +89,7 @@ class EngineConfig:
     threads: int = 0  # onnxruntime intra-op threads per session; 0 = CPU cores / workers (at least 1)
     # "square": every image letterboxed to the models' square input (what the bundle's thresholds
     # were calibrated on); "rect": padded only to a multiple of 32 (a 4:3 camera at 320 x 256:
-    # 1.32x images/s on the CPU, labels change slightly; README "Throughput").
+    # 1.2-1.3x images/s on the CPU, labels change slightly; README "The inference engine").
     letterbox: str = "square"
 
 

@@ -371,8 +371,8 @@ class Daemon:
             if self._intake_closed:
                 raise ShuttingDown("the annotator is shutting down; retry against another instance or later")
             row = self.store.get(image_id_of(data)) if data else None
-            if row is not None and row.state != RECEIVED:
-                return self._settled(row)
+            if row is not None and row.state != RECEIVED and row.pruned_at is None:
+                return self._settled(row)  # (bytes retention removed go on to the store, which keeps them again)
             decoded = _decode(data, self.max_bytes, self.max_pixels, self.max_side_hint)
             fut = self.submit_decoded(data, source, meta or {}, decoded)
             assert fut is not None
@@ -412,8 +412,10 @@ class Daemon:
         self.submit_decoded(data, source, meta, decoded, want_future=False)
 
     def _stored(self, image_id: str) -> bool:
-        """The drop folder's ``known`` probe: the store holds these bytes already (any state)."""
-        return self.store.get(image_id) is not None
+        """The drop folder's ``known`` probe: the store holds these bytes already (any state;
+        not bytes retention removed: those are ingested, and the store keeps them again)."""
+        row = self.store.get(image_id)
+        return row is not None and row.pruned_at is None
 
     @staticmethod
     def _settled(row: ImageRow) -> "Future[ImageRow]":

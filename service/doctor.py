@@ -206,9 +206,9 @@ def check_disk(cfg: Any) -> Check:
     if intake is not None and intake[1] > 0:
         per_day = intake[1]
         drop = getattr(cfg, "drop", None)
-        if getattr(drop, "folder", None) is not None and getattr(drop, "processed_mode", "") == "move" \
+        if getattr(drop, "folder", None) is not None and getattr(drop, "processed_mode", "") in ("move", "keep") \
                 and os.stat(_existing_ancestor(Path(drop.folder))).st_dev == os.stat(where).st_dev:
-            per_day *= 2  # processed/ keeps a second copy on the same file system
+            per_day *= 2  # processed/ (move) or the drop folder itself (keep) holds a second copy on this disk
         runway = max(free - floor, 0) / per_day
         detail += f"; last 24 h: {intake[0]} images, {per_day / 1e9:.2f} GB/day, floor in {runway:.1f} days"
     detail += "; retention: " + (", ".join(rules) if rules else "off, nothing is ever removed")

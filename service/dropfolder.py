@@ -73,8 +73,8 @@ RESCAN_SECONDS = 30.0
 # raises no inotify event here). In keep mode the drop folder is also the archive, and the walk
 # stats every file ever dropped: 100k files cost 3.4 s of CPU per walk, 11 % of a core at one
 # walk per 30 s. So a walk comes at most every RESCAN_SECONDS and at least every
-# RESCAN_MAX_SECONDS, spaced so that its own cost (time outside taking files) stays within
-# 1 / WALK_SPACING of the time (``rescan_interval``).
+# RESCAN_MAX_SECONDS, spaced so that its own cost (this thread's CPU time outside taking files)
+# stays within 1 / WALK_SPACING of the time (``rescan_interval``).
 RESCAN_MAX_SECONDS, WALK_SPACING = 600.0, 50.0
 PAUSE_RETRY_SECONDS = 5.0  # after a StoreFull, how long no file is read or decoded
 MOVE_RETRY_SECONDS, MOVE_RETRY_MAX_SECONDS = 30.0, 1800.0  # a file that cannot be moved out: back-off
@@ -345,7 +345,9 @@ class DropFolder:
             full, self._full_owed = full or self._full_owed, False
             candidates = set(self._dirty) | set(self._seen)
             self._dirty.clear()
-        t0, take0 = time.perf_counter(), self._take_seconds
+        # CPU time of this thread, not wall time: a walk of a network share that waits on the
+        # network costs no CPU and must not push the next walk (its very purpose there) away.
+        t0, take0 = time.thread_time(), self._take_seconds
         if full:
             candidates.update(self._walk())
         order = sorted(candidates)
@@ -361,7 +363,7 @@ class DropFolder:
             except Exception:  # one file's surprise must not keep the files after it from being taken
                 log.exception("drop folder: %s failed; going on with the other files", text_name(path))
         if full:
-            self.walk_seconds = max(0.0, time.perf_counter() - t0 - (self._take_seconds - take0))
+            self.walk_seconds = max(0.0, time.thread_time() - t0 - (self._take_seconds - take0))
         if taken and self._pause_logged is not None:
             log.info("drop folder resumed: ingest is accepted again")
             self._pause_logged = None
@@ -428,7 +430,7 @@ class DropFolder:
         if now - seen.since < self.stable_seconds and age < self.stable_seconds:
             return 0  # still being written, look again later
         self._seen.pop(path, None)
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         try:
             taken = self._take(path, rel, st)
         except OSError as exc:  # StoreFull (not an OSError) goes to scan_once, which stops
@@ -440,7 +442,7 @@ class DropFolder:
                       "needs write permission on its folder)", text_name(rel), exc, delay)
             return 0
         finally:
-            self._take_seconds += time.perf_counter() - t0
+            self._take_seconds += time.thread_time() - t0
         self._stuck.pop(path, None)
         return taken
 

@@ -10,11 +10,15 @@ Two rules, each off until set (``None``: kept for ever):
   store's row for its bytes (``received_at``) are older than this. Only files whose bytes the
   store has a row for (hashed, not trusted by name): a file put there by hand, or one the store
   never took, stays. The record, and the store's own copy, stay.
-- ``auto_image_days``: the store's bytes of an auto-accepted image received more than this long ago
-  (``Store.prune_auto_images``). The row, its record and history stay (exports of records,
-  ``annotator status``), the sync agent's merge takes its auto label out of the training set (it
-  cannot train without the pixels). Reviewed images, the human work training needs, and every
-  image still in work are never pruned.
+- ``auto_image_days``: the store's bytes of an image auto-accepted more than this long ago
+  (``Store.prune_auto_images``). The row, its record and history stay (``annotator status``,
+  ``annotator show`` lists it), the sync agent's merge takes its auto label out of the training
+  set, and the store exports leave it out (no pixels to train on). Reviewed images, the human
+  work training needs, and every image still in work are never pruned. The same bytes coming
+  in again (a drop, a gRPC call) are kept again (``Store.ingest``), not annotated again.
+
+A ``processed/`` copy of an image whose store bytes were pruned is then its only copy: it stays
+(counted in the table); set ``processed_days`` at most ``auto_image_days`` for both to go.
 
 The daemon runs a pass every ``interval_minutes`` (the first one a minute after its start) on a
 thread of its own; ``annotator prune`` runs one by hand, ``--dry-run`` only counts. A pass is
@@ -59,6 +63,7 @@ class Removed:
     files: int = 0
     bytes: int = 0
     kept_unknown: int = 0  # processed/: old files whose bytes the store has no row for
+    kept_only_copy: int = 0  # processed/: old files whose store bytes retention removed
     errors: list[str] = field(default_factory=list)
 
     def add(self, size: int) -> None:
@@ -119,8 +124,9 @@ def prune_processed(store: Store, processed: Path, before: float, dry_run: bool 
             break  # the daemon is stopping; the next pass goes on from here
         try:
             row = store.get(file_sha256(path))
-            if row is None or row.received_at >= before:
+            if row is None or row.received_at >= before or row.pruned_at is not None:
                 out.kept_unknown += row is None
+                out.kept_only_copy += row is not None and row.pruned_at is not None
             else:
                 if not dry_run:
                     path.unlink()
@@ -154,18 +160,21 @@ def run_pass(store: Store, settings: "RetentionConfig", drop_folder: Path | None
     """One retention pass over both rules (module doc); ``now`` defaults to the store's clock."""
     now = store.clock() if now is None else now
     report = PassReport(None, None)
+    # processed/ first: it needs no database write, and on a disk so full that SQLite cannot
+    # commit it is what gives space back (the rest fails until then, and is retried next pass).
+    if settings.processed_days is not None and drop_folder is not None:
+        report.processed = prune_processed(store, Path(drop_folder) / PROCESSED, now - settings.processed_days * DAY,
+                                           dry_run, progress, stop)
+    if settings.auto_image_days is None:
+        return report
     if not dry_run:
-        # The start of the last pass that began, kept before this one removes anything: a pass
-        # killed half-way (the first one too) is swept by the next.
+        # The start of the last pass that pruned, kept before this one removes anything: a
+        # pass killed half-way (the first one too) is swept by the next.
         last = store.counter(LAST_PASS)
         if last:
             report.swept = store.sweep_pruned(last - SWEEP_MARGIN)
         store.set_counter(LAST_PASS, int(now))
-    if settings.processed_days is not None and drop_folder is not None:
-        report.processed = prune_processed(store, Path(drop_folder) / PROCESSED, now - settings.processed_days * DAY,
-                                           dry_run, progress, stop)
-    if settings.auto_image_days is not None:
-        report.auto_images = prune_auto_images(store, now - settings.auto_image_days * DAY, dry_run)
+    report.auto_images = prune_auto_images(store, now - settings.auto_image_days * DAY, dry_run)
     return report
 
 
@@ -188,8 +197,11 @@ class RetentionTask:
         self._thread = threading.Thread(target=self._run, name="retention", daemon=True)
 
     def start(self) -> None:
-        log.info("retention: processed/ copies after %s days, auto-accepted images' bytes after %s days, "
-                 "checked every %g min", self.settings.processed_days, self.settings.auto_image_days,
+        def days(d: float | None) -> str:
+            return "kept (off)" if d is None else f"after {d:g} days"
+
+        log.info("retention: processed/ copies %s, auto-accepted images' bytes %s, checked every %g min",
+                 days(self.settings.processed_days), days(self.settings.auto_image_days),
                  self.settings.interval_minutes)
         self._thread.start()
 
@@ -232,6 +244,9 @@ def format_report(report: PassReport, settings: "RetentionConfig", dry_run: bool
     if report.processed is not None and report.processed.kept_unknown:
         notes.append(f"{report.processed.kept_unknown} old files in processed/ kept: the store has no row for "
                      "their bytes (put there by hand, or never taken)")
+    if report.processed is not None and report.processed.kept_only_copy:
+        notes.append(f"{report.processed.kept_only_copy} old files in processed/ kept: the store's copy went by "
+                     "auto_image_days, so each is the only one (set processed_days <= auto_image_days)")
     for r in (report.processed, report.auto_images):
         notes += [f"could not remove {e}" for e in (r.errors if r is not None else ())]
     if report.swept:
@@ -253,7 +268,14 @@ def cmd_prune(args: argparse.Namespace, config: "Config") -> int:
     drop = config.drop.folder
     if settings.processed_days is not None and drop is None:
         print("prune: no drop.folder in the config, so there is no processed/ to prune", file=sys.stderr)
-    store = Store(Path(config.store.root), lease_seconds=float(config.store.lease_seconds))
+    elif settings.processed_days is not None and config.drop.processed_mode != "move":
+        print(f"prune: drop.processed_mode is {config.drop.processed_mode!r}: taken files are not moved to "
+              "processed/, so processed_days removes nothing (the originals in the drop folder are yours)",
+              file=sys.stderr)
+    root = Path(config.store.root)
+    if not (root / "store.sqlite3").is_file():
+        raise ConfigError(f"prune: no store at {root} (store.root); is this the daemon's config?")
+    store = Store(root, lease_seconds=float(config.store.lease_seconds))
     try:
         from .cli import _progress
 

@@ -6,11 +6,14 @@ with their heads, persons, skeletons and each point's visibility (``service.draw
 ``<out>/<id12>.png`` per image and ``<out>/contact_sheet.png``, and prints a table. An image
 with a merged review gets a second picture, the reviewer's label (``<id12>.reviewed.png``),
 beside the model's on the contact sheet: what the correction changed is seen at a glance.
-Read-only: the store and the dataset are only read (a running daemon is not disturbed).
+It changes nothing in the store or the dataset and does not disturb a running daemon; it opens
+the store as every command does (which takes SQLite's write lock for an instant), so run it as a
+user who may write the store, e.g. the service user.
 """
 from __future__ import annotations
 
 import argparse
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -144,7 +147,11 @@ def cmd_show(args: argparse.Namespace, config: Any, reviewed_labels: Any) -> int
     root = Path(config.store.root)
     if not (root / "store.sqlite3").is_file():
         raise AnnotatorError(f"show: no store at {root} (store.root); has the daemon run with this config?")
-    store = Store(root, lease_seconds=float(config.store.lease_seconds))
+    try:
+        store = Store(root, lease_seconds=float(config.store.lease_seconds))
+    except sqlite3.OperationalError as exc:
+        raise AnnotatorError(f"show: cannot open the store at {root}: {exc}; run as a user who may write it "
+                             "(e.g. sudo -u annotator)") from exc
     try:
         rows = pick_rows(store, args.ids, args.latest, args.state, args.decision, args.camera)
         if not rows:

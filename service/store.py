@@ -104,10 +104,11 @@ CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NU
 # the program back does not lock the operator out of their store. Each runs when it is missing.
 _COLUMNS = {"pruned_at": "ALTER TABLE images ADD COLUMN pruned_at REAL"}
 _LATE_SCHEMA = """
-CREATE INDEX IF NOT EXISTS images_unpruned ON images (state, received_at, image_id) WHERE pruned_at IS NULL;
+CREATE INDEX IF NOT EXISTS images_unpruned_by_update ON images (state, updated_at, image_id) WHERE pruned_at IS NULL;
 CREATE INDEX IF NOT EXISTS images_by_pruned ON images (pruned_at) WHERE pruned_at IS NOT NULL;
 """
 PRUNED_NOTE = "image bytes removed by retention"
+RESTORED_NOTE = "image bytes restored (the same bytes came in again)"
 
 
 def sequence_of(meta: Mapping[str, Any], camera: str | None) -> tuple[tuple[str, str], float | None] | None:
@@ -319,7 +320,10 @@ class Store:
         if not data:
             raise StoreError("ingest: empty image bytes")
         image_id = image_id_of(data)
-        if self.get(image_id) is not None:
+        existing = self.get(image_id)
+        if existing is not None:
+            if existing.pruned_at is not None:
+                self._restore(image_id, data)
             return image_id, False
         reason = self.paused_reason()
         if reason is not None:
@@ -341,6 +345,25 @@ class Store:
         if created:
             log.debug("received %s from %s", image_id[:12], source)
         return image_id, created
+
+    def _restore(self, image_id: str, data: bytes) -> None:
+        """Bytes retention removed came in again: keep them, as an image's bytes are kept (not
+        annotated again: the record is there). The file is written and the mark cleared under
+        the write lock, which a prune's unlink takes too (``_unlink``): neither can undo the
+        other half-way. A self-transition noted ``RESTORED_NOTE`` brings its auto label back
+        into the sync agent's dataset."""
+        reason = self.paused_reason()
+        if reason is not None:
+            raise StoreFull(f"ingest refused: {reason}")
+        with self.transaction() as db:
+            r = db.execute("SELECT state, pruned_at FROM images WHERE image_id=?", (image_id,)).fetchone()
+            if r is None or r["pruned_at"] is None:
+                return  # restored meanwhile
+            write_bytes_atomic(self.image_path(image_id), data, sync_dir=True)
+            now = self.clock()
+            db.execute("UPDATE images SET pruned_at=NULL, updated_at=? WHERE image_id=?", (now, image_id))
+            self._log(db, image_id, r["state"], r["state"], now, None, RESTORED_NOTE)
+        log.info("image %s: bytes that retention removed came in again; kept", image_id[:12])
 
     def claim(self, owner: str, limit: int = 8, *, fail_exhausted: bool = True) -> builtins.list[ImageRow]:
         """Lease up to ``limit`` received images (unleased or lease expired) to ``owner``, oldest first.
@@ -528,9 +551,10 @@ class Store:
 
     # -- retention -----------------------------------------------------------------------
     def prune_auto_images(self, before: float, limit: int = 500) -> tuple[builtins.list[str], int]:
-        """Remove the bytes of up to ``limit`` auto-accepted images received before ``before``
-        (oldest first) that still have them; returns their ids and the bytes freed. Call again
-        until fewer than ``limit`` come back.
+        """Remove the bytes of up to ``limit`` images auto-accepted before ``before`` (by
+        ``updated_at``, which for an unpruned auto-accepted row is when it was accepted: an image
+        of a backlog accepted today is kept its days too), oldest first; returns their ids and
+        the bytes freed. Call again until fewer than ``limit`` come back.
 
         Rows are marked (``pruned_at``, a self-transition noted ``PRUNED_NOTE``) and committed
         before any file goes, so a reader never finds a row claiming bytes that are gone; a kill
@@ -540,8 +564,8 @@ class Store:
         now = self.clock()
         with self.transaction() as db:
             ids = [r[0] for r in db.execute(
-                "SELECT image_id FROM images WHERE state = ? AND pruned_at IS NULL AND received_at < ? "
-                "ORDER BY received_at, image_id LIMIT ?", (AUTO_ACCEPTED, float(before), int(limit)))]
+                "SELECT image_id FROM images WHERE state = ? AND pruned_at IS NULL AND updated_at < ? "
+                "ORDER BY updated_at, image_id LIMIT ?", (AUTO_ACCEPTED, float(before), int(limit)))]
             for image_id in ids:
                 db.execute("UPDATE images SET pruned_at=?, updated_at=? WHERE image_id=?", (now, now, image_id))
                 self._log(db, image_id, AUTO_ACCEPTED, AUTO_ACCEPTED, now, None, PRUNED_NOTE)
@@ -556,21 +580,27 @@ class Store:
         return self._unlink(ids)[0]
 
     def _unlink(self, ids: Sequence[str]) -> tuple[int, int]:
-        """Unlink these images' files, then fsync their folders (a removal a power loss undid
-        would otherwise stay on disk for good: nothing reads a pruned image's file again).
-        Returns (files removed, their bytes)."""
+        """Unlink the files of those of these images that are still marked pruned, under the
+        write lock (a restore, ``_restore``, writes its file and clears the mark under it: a
+        file restored after the mark is never removed), then fsync their folders (a removal a
+        power loss undid would otherwise stay on disk for good). Returns (files, bytes)."""
         removed = size = 0
         folders: set[Path] = set()
-        for image_id in ids:
-            path = self.image_path(image_id)
-            try:
-                n = path.stat().st_size
-                path.unlink()
-            except FileNotFoundError:
-                continue
-            removed += 1
-            size += n
-            folders.add(path.parent)
+        for start in range(0, len(ids), 500):
+            chunk = list(ids[start:start + 500])
+            with self.transaction() as db:
+                marks = ",".join("?" * len(chunk))
+                for (image_id,) in db.execute(f"SELECT image_id FROM images WHERE pruned_at IS NOT NULL AND "
+                                              f"image_id IN ({marks})", chunk).fetchall():
+                    path = self.image_path(image_id)
+                    try:
+                        n = path.stat().st_size
+                        path.unlink()
+                    except FileNotFoundError:
+                        continue
+                    removed += 1
+                    size += n
+                    folders.add(path.parent)
         for folder in folders:
             fsync_dir(folder)
         return removed, size
@@ -579,7 +609,7 @@ class Store:
         """(images, bytes) that ``prune_auto_images(before)`` would remove now: a dry run."""
         count = size = 0
         for r in self._conn().execute(
-                "SELECT image_id FROM images WHERE state = ? AND pruned_at IS NULL AND received_at < ?",
+                "SELECT image_id FROM images WHERE state = ? AND pruned_at IS NULL AND updated_at < ?",
                 (AUTO_ACCEPTED, float(before))):
             try:
                 size += self.image_path(r[0]).stat().st_size

@@ -268,3 +268,8 @@ def test_disk_says_how_long_the_space_lasts_at_the_last_days_intake(tmp_path: Pa
     assert tight.level == WARN and "floor is reached in under 7 days" in tight.advice and "[retention]" in tight.advice
     kept = check_disk(cfg(0, RetentionConfig(auto_image_days=30)))
     assert "retention: auto-accepted images after 30 days" in kept.detail
+    keep_mode = cfg(0)
+    keep_mode.drop.processed_mode = "keep"  # the drop folder itself keeps the second copy
+    assert "0.01 GB/day" in check_disk(keep_mode).detail
+    keep_mode.drop.processed_mode = "delete"
+    assert "0.00 GB/day" in check_disk(keep_mode).detail

@@ -17,7 +17,7 @@ from service.config import RetentionConfig
 from service.errors import ImageNotFound
 from service.outputs import export_coco
 from service.retention import DAY, run_pass
-from service.store import PRUNED_NOTE, REVIEW_PENDING, UPLOADED, Store, image_id_of
+from service.store import PRUNED_NOTE, RESTORED_NOTE, REVIEW_PENDING, UPLOADED, Store, image_id_of
 
 T0 = 1_800_000_000.0
 
@@ -175,7 +175,7 @@ def test_a_store_from_before_retention_opens_and_gains_the_column(tmp_path: Path
     image_id = _image(store, b"old store", "auto_accepted")
     store.close()
     db = sqlite3.connect(root / "store.sqlite3")
-    db.executescript("DROP INDEX images_unpruned; DROP INDEX images_by_pruned; ALTER TABLE images DROP COLUMN pruned_at;")
+    db.executescript("DROP INDEX images_unpruned_by_update; DROP INDEX images_by_pruned; ALTER TABLE images DROP COLUMN pruned_at;")
     db.close()
     store = Store(root)
     try:
@@ -242,3 +242,111 @@ def test_prune_command(tmp_path: Path) -> None:
     off = subprocess.run(cmd + ["--set", "retention.auto_image_days=none"], cwd=REPO, env=command_env(),
                          capture_output=True, text=True)
     assert off.returncode == 2 and "no rule set" in off.stderr
+
+
+def test_pruned_bytes_that_come_in_again_are_kept_again_and_rejoin_the_dataset(store: Store, clock: FakeClock,
+                                                                               tmp_path: Path) -> None:
+    """An archive copied back (cp -p) after its images' bytes were pruned: the store keeps the
+    bytes again (no second annotation), the merge puts the auto label back, and processed/ never
+    removes a copy the store does not hold."""
+    from sync.dataset import Dataset
+    from sync.merge import Merger
+
+    data = b"\xff\xd8 accepted long ago"
+    image_id = _image(store, data, "auto_accepted")
+    dataset = Dataset(tmp_path / "dataset")
+    merger = Merger(store, dataset)
+    merger.merge([])
+    clock.t += 31 * DAY
+    run_pass(store, RetentionConfig(auto_image_days=30), None)
+    assert merger.merge([]).auto_removed == 1 and dataset.get(image_id) is None
+    # The only copy left, in processed/, old enough: kept, and said why.
+    copy = tmp_path / "drop" / "processed" / "a.jpg"
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(data)
+    os.utime(copy, (T0, T0))
+    report = run_pass(store, RetentionConfig(processed_days=7), tmp_path / "drop")
+    assert report.processed is not None and report.processed.kept_only_copy == 1 and copy.exists()
+
+    assert store.ingest(data, "drop:again") == (image_id, False)
+    row = store.get(image_id)
+    assert row is not None and row.pruned_at is None and row.state == "auto_accepted"
+    assert store.image_bytes(image_id) == data and store.counter("annotated") == 1
+    assert store.history(image_id)[-1][3] == RESTORED_NOTE
+    assert merger.merge([]).auto_added == 1 and dataset.get(image_id) is not None
+    dataset.close()
+
+
+def test_an_image_accepted_late_is_kept_its_days_from_acceptance(store: Store, clock: FakeClock) -> None:
+    """A backlog (or a crash loop) accepted 31 days after it arrived is not pruned at once."""
+    image_id, _ = store.ingest(b"late", "test")
+    clock.t += 31 * DAY
+    store.claim("w")
+    store.complete(image_id, "w", _record(), "b1", "auto_accepted", 0.5, [], audit=False)
+    report = run_pass(store, RetentionConfig(auto_image_days=30), None)
+    assert report.auto_images is not None and report.auto_images.files == 0 and store.image_path(image_id).exists()
+    clock.t += 31 * DAY
+    assert run_pass(store, RetentionConfig(auto_image_days=30), None).auto_images.files == 1  # type: ignore[union-attr]
+
+
+def test_a_full_disk_still_gets_processed_copies_removed(store: Store, clock: FakeClock, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a disk so full that SQLite cannot commit, the processed/ rule (no database write) still
+    gives space back; the auto-image rule fails and is tried again on the next pass."""
+    import sqlite3
+
+    data = b"\xff\xd8 old"
+    _image(store, data, "auto_accepted")
+    copy = tmp_path / "drop" / "processed" / "a.jpg"
+    copy.parent.mkdir(parents=True)
+    copy.write_bytes(data)
+    os.utime(copy, (T0, T0))
+    clock.t += 40 * DAY
+
+    def full(*args: object) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(store, "set_counter", full)
+    with pytest.raises(sqlite3.OperationalError):
+        run_pass(store, RetentionConfig(processed_days=7, auto_image_days=30), tmp_path / "drop")
+    assert not copy.exists()
+
+
+def test_the_same_bytes_through_the_daemon_restore_a_pruned_image(make_config: Callable[..., Any],
+                                                                  coco_people_photos: list[Path],
+                                                                  tmp_path: Path) -> None:
+    """gRPC's submit and the drop folder's probe took any row as "stored": bytes retention had
+    removed were answered or disposed of and lost. They reach the store now, which keeps them."""
+    from service.daemon import Daemon
+
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    daemon = Daemon(make_config(drop__folder=str(drop), drop__processed_mode="delete", drop__stable_seconds=0.0))
+    daemon.start()
+    try:
+        photos = [p.read_bytes() for p in coco_people_photos[:2]]
+        rows = [daemon.annotate_now(d, f"test:{n}") for n, d in enumerate(photos)]
+        for row in rows:
+            assert daemon.store.set_state(row.image_id, (row.state,), "auto_accepted")
+        daemon.store.prune_auto_images(time.time() + 1)
+        assert not any(daemon.store.image_path(r.image_id).exists() for r in rows)
+        again = daemon.annotate_now(photos[0], "test:again")  # gRPC's path
+        assert again.image_id == rows[0].image_id and again.pruned_at is None
+        assert daemon.store.image_bytes(rows[0].image_id) == photos[0]
+        (drop / "b.jpg").write_bytes(photos[1])  # the drop folder's path, in delete mode
+        deadline = time.monotonic() + 30
+        while (drop / "b.jpg").exists() or not daemon.store.image_path(rows[1].image_id).exists():
+            assert time.monotonic() < deadline, "the dropped bytes were not kept again"
+            time.sleep(0.05)
+        assert daemon.store.image_bytes(rows[1].image_id) == photos[1]
+        assert daemon.store.counter("annotated") == 2  # neither was annotated again
+    finally:
+        daemon.close()
+
+
+def test_prune_refuses_a_store_root_with_no_store(tmp_path: Path) -> None:
+    config = tmp_path / "annotator.toml"
+    config.write_text(f'[store]\nroot = "{tmp_path / "typo"}"\n[retention]\nauto_image_days = 30\n')
+    res = subprocess.run([sys.executable, "-m", "service.cli", "prune", "--config", str(config)], cwd=REPO,
+                         env=command_env(), capture_output=True, text=True)
+    assert res.returncode == 2 and "no store at" in res.stderr and not (tmp_path / "typo").exists()
