@@ -194,7 +194,7 @@ class Daemon:
                                self.max_side_hint, paused=self.store.paused_reason,
                                known=self._stored) if d.folder else None
         keep = getattr(config, "retention", None)
-        self.retention = RetentionTask(self.store, keep, Path(d.folder) if d.folder else None) \
+        self.retention = RetentionTask(self.store, keep, Path(d.folder) if d.folder else None, metrics=metrics) \
             if keep is not None and retention_enabled(keep) else None
         if self._dedup is not None:
             self._recall_reviews(self._dedup)

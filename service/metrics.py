@@ -110,6 +110,13 @@ class MetricsRecorder:
         self._rejected = Counter(f"{PREFIX}_intake_rejected", "Images refused at intake", ["reason"], registry=r)
         self._streams = Counter(f"{PREFIX}_streams", "AnnotateStream calls opened", registry=r)
         self._streams_active = Gauge(f"{PREFIX}_streams_active", "AnnotateStream calls open now", registry=r)
+        self._retention_files = Counter(f"{PREFIX}_retention_removed_files", "Files removed by retention",
+                                        ["rule"], registry=r)
+        self._retention_bytes = Counter(f"{PREFIX}_retention_removed_bytes", "Bytes freed by retention",
+                                        ["rule"], registry=r)
+        for rule in ("processed", "auto_images"):
+            self._retention_files.labels(rule=rule)
+            self._retention_bytes.labels(rule=rule)
         for result in ("ok", "failed"):  # present at 0 from the start, so rate() works at once
             self._uploads.labels(result=result)
 
@@ -159,6 +166,12 @@ class MetricsRecorder:
             yield
         finally:
             self._streams_active.dec()
+
+    def retention_removed(self, rule: str, files: int, size: int) -> None:
+        """A retention pass removed ``files`` files of ``size`` bytes under ``rule`` (processed,
+        auto_images): ``service.retention``."""
+        self._retention_files.labels(rule=rule).inc(max(0, int(files)))
+        self._retention_bytes.labels(rule=rule).inc(max(0, int(size)))
 
     def watch_store(self, store: "Store") -> None:
         """Refresh images per state, queue depths and ``paused`` from ``store`` at every scrape."""

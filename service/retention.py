@@ -37,7 +37,7 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .dropfolder import PROCESSED, is_temporary
 from .errors import ConfigError
@@ -187,8 +187,10 @@ class RetentionTask:
     has the backlog of the drop folder to take first), then every ``interval_minutes``."""
 
     def __init__(self, store: Store, settings: "RetentionConfig", drop_folder: Path | None,
-                 first_delay: float = 60.0) -> None:
+                 first_delay: float = 60.0, metrics: Any = None) -> None:
+        """``metrics``: a ``service.metrics.MetricsRecorder`` (its ``retention_removed``), or None."""
         self.store = store
+        self.metrics = metrics
         self.settings = settings
         self.drop_folder = drop_folder
         self.first_delay = first_delay
@@ -216,6 +218,9 @@ class RetentionTask:
             try:
                 report = run_pass(self.store, self.settings, self.drop_folder, stop=self._stop)
                 self.passes += 1
+                for rule, r in (("processed", report.processed), ("auto_images", report.auto_images)):
+                    if r is not None and self.metrics is not None:
+                        self.metrics.retention_removed(rule, r.files, r.bytes)
                 log.info("retention pass: removed %s", report.summary())
                 for r in (report.processed, report.auto_images):
                     for error in (r.errors if r is not None else ())[:10]:

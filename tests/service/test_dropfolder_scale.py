@@ -165,3 +165,61 @@ def test_full_walks_are_spaced_by_their_own_cost_not_by_the_time_taking_files(tm
     assert drop.walk_seconds < 0.3  # the 0.9 s of ingest is not the walk's
     assert drop.scan_once(full=True) == 0
     assert drop.walk_seconds < 0.3
+
+
+def test_the_watch_loop_walks_at_start_then_by_the_walks_cost_and_at_once_when_events_were_lost(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop itself, on its own thread: the first scan walks the folder; a walk that cost 2 s
+    spaces the next by 100 s of the (fake) clock, scans between do not walk; lost events ask for
+    a walk at once."""
+    import threading
+
+    from procs import FakeClock
+
+    clock = FakeClock()
+    root = tmp_path / "drop"
+    root.mkdir()
+    drop = DropFolder(root, lambda *a: None, "move", stable_seconds=0.0, poll_interval=0.01, clock=clock)  # type: ignore[arg-type]
+    scans: list[tuple[float, bool]] = []  # (clock, walked)
+    lock = threading.Lock()
+    real_scan, real_walk = drop.scan_once, drop._walk
+    walked = [False]
+
+    def walk() -> list[Path]:
+        walked[0] = True
+        return real_walk()
+
+    def scan_once(full: bool = True) -> int:
+        walked[0] = False
+        n = real_scan(full)
+        with lock:
+            scans.append((clock.t, walked[0]))
+        if walked[0]:
+            drop.walk_seconds = 2.0  # as if the walk had cost 2 s of CPU: the next in 100 s
+        clock.t += 10.0
+        return n
+
+    monkeypatch.setattr(drop, "_walk", walk)
+    monkeypatch.setattr(drop, "scan_once", scan_once)
+
+    def wait_for(n: int) -> list[tuple[float, bool]]:
+        deadline = time.monotonic() + 20
+        while True:
+            with lock:
+                if len(scans) >= n:
+                    return list(scans)
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+    drop.start()
+    try:
+        first = wait_for(25)[:25]
+        t0 = first[0][0]
+        assert [w for _, w in first] == [(t - t0) % 100.0 == 0.0 for t, _ in first]  # at 0, 100, 200 s
+        with lock:
+            seen = len(scans)
+        drop.request_full_scan()  # watchdog's events_lost
+        later = wait_for(seen + 2)[seen:seen + 2]
+        assert later[0][1] or later[1][1]  # at the next scan (or the one after, if one was running)
+    finally:
+        drop.stop()

@@ -61,11 +61,14 @@ def test_scrape_reports_every_series(served: tuple[MetricsRecorder, Store, int])
     assert got[("annotator_uploads_total", (("result", "failed"),))] == 1
     assert got[("annotator_upload_retries_total", ())] == 1
     assert got[("annotator_reviews_merged_total", ())] == 7
+    assert got[("annotator_retention_removed_files_total", (("rule", "processed"),))] == 0  # present from the start
+    metrics.retention_removed("auto_images", 3, 300_000)
 
     store.ingest(b"third image bytes", "drop/c.jpg")  # read again at the next scrape
     metrics.bundle("20261125-def456", ["CPUExecutionProvider"])
     got = scrape(port)
     assert got[("annotator_images", (("state", "received"),))] == 3
+    assert got[("annotator_retention_removed_bytes_total", (("rule", "auto_images"),))] == 300_000
     assert ("annotator_bundle_info", (("bundle_id", "20261124-abc123"), ("providers", "CUDAExecutionProvider,CPUExecutionProvider"))) not in got
     assert got[("annotator_bundle_info", (("bundle_id", "20261125-def456"), ("providers", "CPUExecutionProvider")))] == 1
 

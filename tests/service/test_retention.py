@@ -208,7 +208,10 @@ def test_the_daemon_runs_retention_on_its_own_thread(make_config: Callable[..., 
         first.close()
     time.sleep(0.2)  # older than the 0.000001 days (86 ms) below
 
-    daemon = Daemon(make_config(drop__folder=str(drop), retention__processed_days=0.000001))
+    from service.metrics import MetricsRecorder
+
+    metrics = MetricsRecorder()
+    daemon = Daemon(make_config(drop__folder=str(drop), retention__processed_days=0.000001), metrics=metrics)
     assert daemon.retention is not None
     daemon.retention.first_delay = 0.0
     daemon.start()
@@ -218,6 +221,10 @@ def test_the_daemon_runs_retention_on_its_own_thread(make_config: Callable[..., 
             assert time.monotonic() < deadline, "no retention pass ran"
             time.sleep(0.05)
         assert not (drop / "processed" / "cam1" / "a.jpg").exists()
+        sample = metrics.registry.get_sample_value
+        assert sample("annotator_retention_removed_files_total", {"rule": "processed"}) == 1
+        assert sample("annotator_retention_removed_bytes_total", {"rule": "processed"}) == len(small_jpeg(1))
+        assert sample("annotator_retention_removed_files_total", {"rule": "auto_images"}) == 0
         assert daemon.store.image_bytes(image_id_of(small_jpeg(1))) == small_jpeg(1)
     finally:
         daemon.close()
