@@ -325,6 +325,9 @@ def test_rect_letterbox_runs_smaller_tensors_and_finds_the_same_people(coco_peop
     alone = [rect_engine.predict([im])[0] for im in images]
     for a, b in zip(rect, alone):
         assert a.to_json() == b.to_json()
+    rect_engine.pad_batches = True  # the GPU path: every run padded to batch_size rows
+    for a, b in zip(rect_engine.predict(images), alone):
+        _same_records(a.to_json(), b.to_json())
     found = 0
     for s, r in zip(square, rect):
         assert (s.width, s.height) == (r.width, r.height)
