@@ -9,18 +9,12 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence, TextIO
 
-import cv2
 import numpy as np
 
+from service.draw import write_png
 from service.durable import write_bytes_atomic
 
-
-def write_png(path: Path, image_bgr: np.ndarray) -> None:
-    """Encode a ``uint8 [H, W, 3]`` BGR image as PNG and write it atomically."""
-    ok, buf = cv2.imencode(".png", image_bgr)
-    if not ok:
-        raise ValueError(f"cannot encode an image of shape {image_bgr.shape} as PNG")
-    write_bytes_atomic(path, buf.tobytes())
+__all__ = ["format_metrics_table", "print_metrics_table", "write_confusion_png", "write_png"]
 
 
 def write_confusion_png(path: Path, confusion: Sequence[Sequence[int]], labels: Sequence[str],

@@ -155,6 +155,15 @@ def reviewed_labels(root: Path) -> Iterator[Any]:
         dataset.close()
 
 
+def _dataset_root_of(args: argparse.Namespace, cfg: Any) -> Path:
+    """``--dataset-root``, else the sync agent's dataset folder by the config (``dataset_root``)."""
+    if args.dataset_root:
+        return Path(args.dataset_root)
+    config_path = Path(args.config) if args.config else (
+        Path(os.environ["ANNOTATOR_CONFIG"]) if os.environ.get("ANNOTATOR_CONFIG") else None)
+    return dataset_root(cfg, config_path)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .outputs import export_coco, export_yolo
     from .store import Store
@@ -162,9 +171,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if not args.coco and not args.yolo:
         raise ConfigError("export: give --coco OUT.json or --yolo DIR")
-    config_path = Path(args.config) if args.config else (
-        Path(os.environ["ANNOTATOR_CONFIG"]) if os.environ.get("ANNOTATOR_CONFIG") else None)
-    root = Path(args.dataset_root) if args.dataset_root else dataset_root(cfg, config_path)
+    root = _dataset_root_of(args, cfg)
     if args.dataset_root and not (root / "dataset.sqlite3").is_file():
         raise ConfigError(f"--dataset-root {root}: no dataset.sqlite3 there; give the sync agent's dataset folder "
                           "([sync.dataset] root, default <store root>/dataset)")
@@ -186,9 +193,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from .show import cmd_show as run
 
     cfg = _config(args)
-    config_path = Path(args.config) if args.config else (
-        Path(os.environ["ANNOTATOR_CONFIG"]) if os.environ.get("ANNOTATOR_CONFIG") else None)
-    root = Path(args.dataset_root) if args.dataset_root else dataset_root(cfg, config_path)
+    root = _dataset_root_of(args, cfg)
     return run(args, cfg, lambda: reviewed_labels(root))
 
 

@@ -100,6 +100,13 @@ def record_for(image_id: str, source: str, prediction: Prediction, judgement: Ju
             "judgement": judgement.to_json(), "annotated_at": time.time()}
 
 
+def _refused(row: ImageRow) -> bool:
+    """Whether a caller waiting for ``row`` gets its error, not the row: an image that failed
+    before it was annotated. One annotated and failed later (the sync agent could never upload
+    it for review) has its record, which is the answer: the input was fine."""
+    return row.state == FAILED and row.record is None
+
+
 def rejection_reason(exc: BaseException) -> str:
     """The ``reason`` label of an image refused at intake (subclasses before their bases)."""
     for kind, reason in ((ImageTooLarge, "too_large"), (ImageError, "invalid"), (StoreFull, "store_full"),
@@ -419,11 +426,9 @@ class Daemon:
 
     @staticmethod
     def _settled(row: ImageRow) -> "Future[ImageRow]":
-        """The answer for bytes the store holds: the row, or the reason it failed. An image
-        annotated and failed later (the sync agent could never upload it for review) has its
-        record: that is the answer, not an error about input that was fine."""
+        """The answer for bytes the store holds: the row, or the reason it failed (``_refused``)."""
         fut: Future[ImageRow] = Future()
-        if row.state == FAILED and row.record is None:
+        if _refused(row):
             fut.set_exception(ImageError(row.error or "image failed earlier"))
         else:
             fut.set_result(row)
@@ -449,7 +454,7 @@ class Daemon:
                 continue
             if error is not None:
                 fut.set_exception(error)
-            elif row is not None and row.state == FAILED and row.record is None:  # as ``_settled``
+            elif row is not None and _refused(row):
                 fut.set_exception(ImageError(row.error or "image failed"))
             else:
                 fut.set_result(row)  # type: ignore[arg-type]

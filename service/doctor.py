@@ -167,6 +167,8 @@ def last_day_intake(store_root: Path, now: float | None = None) -> tuple[int, in
     the database opened with ``mode=ro`` (a running daemon is not disturbed), sizes by stat."""
     import sqlite3
 
+    from .store import image_file
+
     db_path = store_root / "store.sqlite3"
     if not db_path.is_file():
         return None
@@ -183,7 +185,7 @@ def last_day_intake(store_root: Path, now: float | None = None) -> tuple[int, in
     size = 0
     for image_id in ids:
         try:
-            size += (store_root / "images" / image_id[:2] / image_id).stat().st_size
+            size += image_file(store_root, image_id).stat().st_size
         except OSError:
             pass
     return len(ids), size

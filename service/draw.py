@@ -14,11 +14,13 @@ Conventions:
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import cv2
 import numpy as np
 
+from .durable import write_bytes_atomic
 from .keypoints import OCCLUDED, OUTSIDE, KeypointSchema
 from .record import Prediction
 
@@ -158,3 +160,12 @@ def contact_sheet(
                         cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
         sheet[y + band:y + band + tile_h, x:x + tile_w] = _fit_tile(image, tile_w, tile_h)
     return sheet
+
+
+def write_png(path: Path, image_bgr: np.ndarray) -> None:
+    """Encode a ``uint8 [H, W, 3]`` BGR image as PNG and write it atomically (temporary file,
+    fsync, rename)."""
+    ok, buf = cv2.imencode(".png", image_bgr)
+    if not ok:
+        raise ValueError(f"cannot encode an image of shape {image_bgr.shape} as PNG")
+    write_bytes_atomic(path, buf.tobytes())

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import logging
+import stat
 import os
 import sys
 import threading
@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+from .bundle import sha256_file
 from .dropfolder import PROCESSED, is_temporary
 from .errors import ConfigError
 from .store import Store
@@ -49,11 +50,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DAY = 86400.0
-# The store counter holding the (integer) start of the last finished pass: the next pass sweeps
-# files of images pruned since a little before it (``SWEEP_MARGIN``: clock steps, slow commits).
+# The store counter holding the (integer) start of the last pass that pruned images, written
+# before it removes anything: the next pass sweeps files of images pruned since a little before
+# it (``SWEEP_MARGIN``: clock steps, slow commits).
 LAST_PASS = "retention_last_pass"
 SWEEP_MARGIN = 3600.0
-_CHUNK = 1 << 20
 
 
 @dataclass
@@ -85,16 +86,8 @@ class PassReport:
         return ", ".join(parts) or "nothing (no rule set)"
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _old_files(root: Path, before: float) -> Iterator[tuple[Path, os.stat_result]]:
-    """Regular files under ``root`` with an mtime before ``before``, not temporary names."""
+    """Regular files (not links) under ``root`` with an mtime before ``before``, not temporary names."""
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in sorted(filenames):
@@ -105,7 +98,7 @@ def _old_files(root: Path, before: float) -> Iterator[tuple[Path, os.stat_result
                 st = path.lstat()
             except FileNotFoundError:
                 continue
-            if st.st_mtime < before and os.path.isfile(path) and not path.is_symlink():
+            if st.st_mtime < before and stat.S_ISREG(st.st_mode):
                 yield path, st
 
 
@@ -123,7 +116,7 @@ def prune_processed(store: Store, processed: Path, before: float, dry_run: bool 
         if stop is not None and stop.is_set():
             break  # the daemon is stopping; the next pass goes on from here
         try:
-            row = store.get(file_sha256(path))
+            row = store.get(sha256_file(path))
             if row is None or row.received_at >= before or row.pruned_at is not None:
                 out.kept_unknown += row is None
                 out.kept_only_copy += row is not None and row.pruned_at is not None
@@ -141,7 +134,7 @@ def prune_processed(store: Store, processed: Path, before: float, dry_run: bool 
 
 
 def prune_auto_images(store: Store, before: float, dry_run: bool = False, page: int = 500) -> Removed:
-    """The store's bytes of auto-accepted images received before ``before`` (``Store``)."""
+    """The store's bytes of images auto-accepted before ``before`` (``Store.prune_auto_images``)."""
     out = Removed()
     if dry_run:
         out.files, out.bytes = store.pruned_bytes(before)

@@ -73,7 +73,7 @@ def _reviewed_prediction(label: Mapping[str, Any], names: Sequence[str], target:
 
 def draw_rows(store: Store, rows: Sequence[ImageRow], out: Path, reviewed: "ReviewedLabels | None" = None) -> list[Shown]:
     """Draw each row's record (and its merged review, when ``reviewed`` has one) into ``out``."""
-    from .draw import contact_sheet, draw_prediction
+    from .draw import contact_sheet, draw_prediction, write_png
     from .imageio import decode_image
     from .outputs import schema_for
     from .record import Prediction
@@ -113,18 +113,6 @@ def draw_rows(store: Store, rows: Sequence[ImageRow], out: Path, reviewed: "Revi
     if tiles:
         write_png(out / "contact_sheet.png", contact_sheet(tiles, cols=4, captions=captions))
     return shown
-
-
-def write_png(path: Path, image: "np.ndarray") -> None:
-    """Encode and write ``image`` atomically (temporary file, fsync, rename)."""
-    import cv2
-
-    from .durable import write_bytes_atomic
-
-    ok, buf = cv2.imencode(".png", image)
-    if not ok:
-        raise OSError(f"cannot encode {path} as PNG")
-    write_bytes_atomic(path, buf.tobytes())
 
 
 def table(shown: Sequence[Shown]) -> str:

@@ -107,6 +107,8 @@ _LATE_SCHEMA = """
 CREATE INDEX IF NOT EXISTS images_unpruned_by_update ON images (state, updated_at, image_id) WHERE pruned_at IS NULL;
 CREATE INDEX IF NOT EXISTS images_by_pruned ON images (pruned_at) WHERE pruned_at IS NOT NULL;
 """
+# The rows whose bytes ``prune_auto_images(before)`` removes (and ``pruned_bytes`` counts).
+_PRUNABLE = f"state = '{AUTO_ACCEPTED}' AND pruned_at IS NULL AND updated_at < ?"
 PRUNED_NOTE = "image bytes removed by retention"
 RESTORED_NOTE = "image bytes restored (the same bytes came in again)"
 
@@ -185,6 +187,11 @@ class Completion:
 
 def _iso(at: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
+
+
+def image_file(root: Path, image_id: str) -> Path:
+    """Where a store under ``root`` keeps the bytes of ``image_id`` (module doc's layout)."""
+    return Path(root) / "images" / image_id[:2] / image_id
 
 
 def image_id_of(data: bytes) -> str:
@@ -286,7 +293,7 @@ class Store:
         """Where the bytes of ``image_id`` live (whether or not they exist)."""
         if not _ID.match(image_id):
             raise ImageNotFound(f"image id must be 64 lower-case hex digits (sha256), got {image_id!r}")
-        return self.root / "images" / image_id[:2] / image_id
+        return image_file(self.root, image_id)
 
     def image_bytes(self, image_id: str) -> bytes:
         try:
@@ -563,9 +570,8 @@ class Store:
         every other state is still in work (a review pending, an upload, an annotation)."""
         now = self.clock()
         with self.transaction() as db:
-            ids = [r[0] for r in db.execute(
-                "SELECT image_id FROM images WHERE state = ? AND pruned_at IS NULL AND updated_at < ? "
-                "ORDER BY updated_at, image_id LIMIT ?", (AUTO_ACCEPTED, float(before), int(limit)))]
+            ids = [r[0] for r in db.execute(f"SELECT image_id FROM images WHERE {_PRUNABLE} "
+                                            "ORDER BY updated_at, image_id LIMIT ?", (float(before), int(limit)))]
             for image_id in ids:
                 db.execute("UPDATE images SET pruned_at=?, updated_at=? WHERE image_id=?", (now, now, image_id))
                 self._log(db, image_id, AUTO_ACCEPTED, AUTO_ACCEPTED, now, None, PRUNED_NOTE)
@@ -608,9 +614,7 @@ class Store:
     def pruned_bytes(self, before: float) -> tuple[int, int]:
         """(images, bytes) that ``prune_auto_images(before)`` would remove now: a dry run."""
         count = size = 0
-        for r in self._conn().execute(
-                "SELECT image_id FROM images WHERE state = ? AND pruned_at IS NULL AND updated_at < ?",
-                (AUTO_ACCEPTED, float(before))):
+        for r in self._conn().execute(f"SELECT image_id FROM images WHERE {_PRUNABLE}", (float(before),)):
             try:
                 size += self.image_path(r[0]).stat().st_size
                 count += 1
@@ -634,12 +638,13 @@ class Store:
                camera: str | None = None) -> builtins.list[ImageRow]:
         """The ``limit`` newest images by arrival, newest first; without ``state`` only annotated
         ones (with a record)."""
-        where, args = ["record IS NOT NULL"] if state is None else ["state = ?"], [] if state is None else [state]
-        for col, val in (("decision", decision), ("camera", camera)):
+        where: builtins.list[str] = ["record IS NOT NULL"] if state is None else []
+        args: builtins.list[Any] = []
+        for col, val in (("state", state), ("decision", decision), ("camera", camera)):
             if val is not None:
                 where.append(f"{col} = ?")
                 args.append(val)
-        rows = self._conn().execute(f"SELECT * FROM images WHERE {' AND '.join(where)} "
+        rows = self._conn().execute(f"SELECT * FROM images WHERE {' AND '.join(where) or '1'} "
                                     "ORDER BY received_at DESC, image_id DESC LIMIT ?", (*args, int(limit))).fetchall()
         return [ImageRow.from_sql(r) for r in rows]
 

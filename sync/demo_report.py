@@ -13,10 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Mapping
 
-import numpy as np
-
-from service.durable import write_bytes_atomic
-
 if TYPE_CHECKING:
     from service.store import ImageRow, Store
 
@@ -91,21 +87,11 @@ def bucket_objects(bucket: Path) -> set[str]:
     return set(LocalFolderStore(bucket).list(""))
 
 
-def _write_png(path: Path, image: np.ndarray) -> None:
-    """Encode and write ``image`` atomically (temporary file, fsync, rename)."""
-    import cv2
-
-    ok, buf = cv2.imencode(".png", image)
-    if not ok:
-        raise OSError(f"cannot encode {path} as PNG")
-    write_bytes_atomic(path, buf.tobytes())
-
-
 def write_pictures(out: Path, store: "Store", ids: Mapping[str, Path], bundle: Path,
                    lines: list[ImageLine]) -> int:
     """``annotated/<name>.png`` per annotated image and ``contact_sheet.png``; returns how many."""
     from service.bundle import load_bundle
-    from service.draw import contact_sheet, draw_prediction
+    from service.draw import contact_sheet, draw_prediction, write_png
     from service.imageio import decode_image
     from service.record import Prediction
 
@@ -119,10 +105,10 @@ def write_pictures(out: Path, store: "Store", ids: Mapping[str, Path], bundle: P
             continue
         pixels = decode_image(store.image_bytes(image_id)).pixels
         drawn = draw_prediction(pixels, Prediction.from_json(row.record), schema)
-        _write_png(folder / f"{sample.stem}.png", drawn)
+        write_png(folder / f"{sample.stem}.png", drawn)
         tiles.append(drawn)
         captions.append(f"{sample.stem[-6:]}: {ln.decision} {ln.score or 0:.2f}")
-    _write_png(out / "contact_sheet.png", contact_sheet(tiles, cols=4, captions=captions))
+    write_png(out / "contact_sheet.png", contact_sheet(tiles, cols=4, captions=captions))
     return len(tiles)
 
 
