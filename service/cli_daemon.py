@@ -263,11 +263,13 @@ def add_daemon_commands(sub: "argparse._SubParsersAction[argparse.ArgumentParser
                    "(default: [sync.dataset] root, else <store root>/dataset)")
     s.set_defaults(func=cmd_show)
 
-    s = sub.add_parser("prune", help="remove old processed/ copies and old auto-accepted images' bytes ([retention])")
+    s = sub.add_parser("prune", help="remove old processed/ copies, auto-accepted images' bytes and quarantined "
+                       "files ([retention])")
     s.add_argument("--config", help="TOML file (default: $ANNOTATOR_CONFIG)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE")
     s.add_argument("--processed-days", type=float, help="override [retention] processed_days")
     s.add_argument("--auto-image-days", type=float, help="override [retention] auto_image_days")
+    s.add_argument("--quarantine-days", type=float, help="override [retention] quarantine_days")
     s.add_argument("--dry-run", action="store_true", help="count what would go, remove nothing")
     s.set_defaults(func=cmd_prune)
 

@@ -134,6 +134,7 @@ class RetentionConfig:
     # or once by `annotator prune`. See service/retention.py.
     processed_days: float | None = None  # drop folder's processed/ copies whose bytes the store holds
     auto_image_days: float | None = None  # the store's bytes of auto-accepted images (records stay)
+    quarantine_days: float | None = None  # quarantined files with their reasons (drop folder's or store's quarantine/)
     interval_minutes: float = 60.0
 
 
@@ -267,6 +268,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "judge.review_window": (_in(10, 1000000), "an integer number of images in [10, 1000000]"),
     "retention.processed_days": (lambda v: v is None or v > 0, "a number of days > 0 (or unset: kept for ever)"),
     "retention.auto_image_days": (lambda v: v is None or v > 0, "a number of days > 0 (or unset: kept for ever)"),
+    "retention.quarantine_days": (lambda v: v is None or v > 0, "a number of days > 0 (or unset: kept for ever)"),
     "retention.interval_minutes": (lambda v: v >= 1, "a number of minutes >= 1"),
     "metrics.listen": (lambda v: v == "" or _listen_ok(v), "empty (off) or host:port, e.g. '127.0.0.1:9464'"),
 }

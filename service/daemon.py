@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 
 from .bundle import Bundle, Thresholds, load_bundle
-from .dropfolder import QUARANTINE, DropFolder, write_quarantine
+from .dropfolder import DropFolder, quarantine_dir, write_quarantine
 from .engine import GPU_PROVIDERS, Engine
 from .errors import (AnnotatorError, BundleError, ImageError, ImageNotFound, ImageTooLarge, LeaseLost, ShuttingDown,
                      StoreFull)
@@ -195,7 +195,7 @@ class Daemon:
         self.batch_size = int(config.engine.batch_size)
         sidecar_dir = getattr(config.outputs, "sidecar_dir", None)
         self.sidecar_dir = Path(sidecar_dir) if sidecar_dir else None
-        self.quarantine_dir = Path(d.folder) / QUARANTINE if d.folder else Path(config.store.root) / QUARANTINE
+        self.quarantine_dir = quarantine_dir(d.folder, config.store.root)
         self.drop = DropFolder(Path(d.folder), self._from_drop, d.processed_mode, float(d.stable_seconds),
                                self.max_bytes, self.max_pixels, float(d.poll_interval),
                                self.max_side_hint, paused=self.store.paused_reason,

@@ -201,7 +201,8 @@ def check_disk(cfg: Any) -> Check:
     keep = getattr(cfg, "retention", None)
     rules = [f"{name} after {days:g} days" for name, days in
              (("processed/ copies", getattr(keep, "processed_days", None)),
-              ("auto-accepted images", getattr(keep, "auto_image_days", None))) if days is not None]
+              ("auto-accepted images", getattr(keep, "auto_image_days", None)),
+              ("quarantined files", getattr(keep, "quarantine_days", None))) if days is not None]
     hint = "" if rules else "; [retention] processed_days / auto_image_days let the daemon remove old copies"
     runway = None
     intake = last_day_intake(Path(cfg.store.root))

@@ -67,7 +67,8 @@ log = logging.getLogger(__name__)
 
 PROCESSED, QUARANTINE = "processed", "quarantine"
 PROCESSED_MODES = ("move", "keep", "delete")
-TEMP_SUFFIXES = (".tmp", ".part", ".reason.txt")
+REASON_SUFFIX = ".reason.txt"  # beside each quarantined file
+TEMP_SUFFIXES = (".tmp", ".part", REASON_SUFFIX)
 RESCAN_SECONDS = 30.0
 # The full walk is the safety net for files no event announced (a share written by another host
 # raises no inotify event here). In keep mode the drop folder is also the archive, and the walk
@@ -154,6 +155,11 @@ def _holds(data: bytes) -> Callable[[Path], bool]:
     return lambda p: p.is_file() and not p.is_symlink() and p.stat().st_size == len(data) and p.read_bytes() == data
 
 
+def quarantine_dir(drop_folder: Path | str | None, store_root: Path | str) -> Path:
+    """Where failed and refused images go: ``<drop folder>/quarantine``, else ``<store root>/quarantine``."""
+    return Path(drop_folder) / QUARANTINE if drop_folder else Path(store_root) / QUARANTINE
+
+
 def write_quarantine(qdir: Path, rel: Path, reason: str, source: Path | None = None, data: bytes | None = None) -> Path:
     """Move ``source`` (or write ``data``) to ``qdir/rel`` and write ``<name>.reason.txt`` beside it.
 
@@ -165,7 +171,7 @@ def write_quarantine(qdir: Path, rel: Path, reason: str, source: Path | None = N
     instead of adding ``name-1``.
     """
     dest = unique_path(qdir / rel, _holds(data) if data is not None else None)
-    reason_file = dest.with_name(dest.name + ".reason.txt")
+    reason_file = dest.with_name(dest.name + REASON_SUFFIX)
     write_bytes_atomic(reason_file, (reason.rstrip() + "\n").encode("utf-8", "backslashreplace"))
     if source is not None:
         os.replace(source, dest) if _same_fs(source, dest.parent) else shutil.move(str(source), dest)

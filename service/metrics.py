@@ -114,7 +114,7 @@ class MetricsRecorder:
                                         ["rule"], registry=r)
         self._retention_bytes = Counter(f"{PREFIX}_retention_removed_bytes", "Bytes freed by retention",
                                         ["rule"], registry=r)
-        for rule in ("processed", "auto_images"):
+        for rule in ("processed", "auto_images", "quarantine"):
             self._retention_files.labels(rule=rule)
             self._retention_bytes.labels(rule=rule)
         for result in ("ok", "failed"):  # present at 0 from the start, so rate() works at once
@@ -169,7 +169,7 @@ class MetricsRecorder:
 
     def retention_removed(self, rule: str, files: int, size: int) -> None:
         """A retention pass removed ``files`` files of ``size`` bytes under ``rule`` (processed,
-        auto_images): ``service.retention``."""
+        auto_images, quarantine): ``service.retention``."""
         self._retention_files.labels(rule=rule).inc(max(0, int(files)))
         self._retention_bytes.labels(rule=rule).inc(max(0, int(size)))
 

@@ -4,7 +4,7 @@ Without it the box fills: at one image a second of 100 KB the store grows about 
 in ``drop.processed_mode = "move"`` the drop folder's ``processed/`` keeps a second copy of every
 image. Ingest pauses at ``store.min_free_mb`` (nothing is lost), and nothing gave the space back.
 
-Two rules, each off until set (``None``: kept for ever):
+Three rules, each off until set (``None``: kept for ever):
 
 - ``processed_days``: a file under ``<drop>/processed/`` goes once both it (its mtime) and the
   store's row for its bytes (``received_at``) are older than this. Only files whose bytes the
@@ -16,6 +16,13 @@ Two rules, each off until set (``None``: kept for ever):
   set, and the store exports leave it out (no pixels to train on). Reviewed images, the human
   work training needs, and every image still in work are never pruned. The same bytes coming
   in again (a drop, a gRPC call) are kept again (``Store.ingest``), not annotated again.
+- ``quarantine_days``: a file in ``quarantine/`` (the drop folder's, else the store root's: files
+  that could not be used, and copies of images that failed) goes with its ``<name>.reason.txt``
+  once the reason (written when it was quarantined; the file itself keeps its own mtime) is
+  older than this. A file with no reason beside it (put there by hand) stays. The store's row
+  of a failed image, with its error and history, stays; its quarantine copy is then gone.
+  The file goes before its reason, so a kill between the two leaves an old reason alone, which
+  the next pass removes.
 
 A ``processed/`` copy of an image whose store bytes were pruned is then its only copy: it stays
 (counted in the table); set ``processed_days`` at most ``auto_image_days`` for both to go.
@@ -40,7 +47,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .bundle import sha256_file
-from .dropfolder import PROCESSED, is_temporary
+from .dropfolder import PROCESSED, REASON_SUFFIX, is_temporary, quarantine_dir
 from .errors import ConfigError
 from .store import Store
 
@@ -65,6 +72,7 @@ class Removed:
     bytes: int = 0
     kept_unknown: int = 0  # processed/: old files whose bytes the store has no row for
     kept_only_copy: int = 0  # processed/: old files whose store bytes retention removed
+    kept_no_reason: int = 0  # quarantine/: old files with no reason file beside them
     errors: list[str] = field(default_factory=list)
 
     def add(self, size: int) -> None:
@@ -76,23 +84,28 @@ class Removed:
 class PassReport:
     processed: Removed | None  # None: the rule is off (or no drop folder)
     auto_images: Removed | None
+    quarantine: Removed | None = None
     swept: int = 0  # files of earlier pruned images a kill had left
 
+    def rules(self) -> tuple[tuple[str, str, Removed | None], ...]:
+        """(metrics label, name in tables, what it removed) per rule."""
+        return (("processed", "processed/ copies", self.processed), ("auto_images", "auto-accepted images", self.auto_images),
+                ("quarantine", "quarantined files", self.quarantine))
+
     def summary(self) -> str:
-        parts = []
-        for name, r in (("processed/ copies", self.processed), ("auto-accepted images", self.auto_images)):
-            if r is not None:
-                parts.append(f"{r.files} {name} ({r.bytes / 1e6:.1f} MB)")
+        parts = [f"{r.files} {name} ({r.bytes / 1e6:.1f} MB)" for _, name, r in self.rules() if r is not None]
         return ", ".join(parts) or "nothing (no rule set)"
 
 
-def _old_files(root: Path, before: float) -> Iterator[tuple[Path, os.stat_result]]:
-    """Regular files (not links) under ``root`` with an mtime before ``before``, not temporary names."""
+def _old_files(root: Path, before: float, include: Callable[[str], bool] | None = None
+               ) -> Iterator[tuple[Path, os.stat_result]]:
+    """Regular files (not links) under ``root`` with an mtime before ``before``: those whose name
+    ``include`` takes, else those whose path is not a temporary one (``is_temporary``)."""
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in sorted(filenames):
             path = Path(dirpath) / name
-            if is_temporary(path.relative_to(root)):
+            if not include(name) if include is not None else is_temporary(path.relative_to(root)):
                 continue
             try:
                 st = path.lstat()
@@ -133,6 +146,40 @@ def prune_processed(store: Store, processed: Path, before: float, dry_run: bool 
     return out
 
 
+def prune_quarantine(qdir: Path, before: float, dry_run: bool = False,
+                     stop: threading.Event | None = None) -> Removed:
+    """Remove each quarantined file whose reason file is older than ``before``, then the reason
+    (module doc); a reason left alone (its file gone by hand, or a kill between the two) goes too.
+    Sizes count both. Old files with no reason beside them stay (``kept_no_reason``)."""
+    out = Removed()
+    if not qdir.is_dir():
+        return out
+    for path, st in _old_files(qdir, before, include=lambda name: name.endswith(REASON_SUFFIX)):
+        if stop is not None and stop.is_set():
+            return out  # the daemon is stopping; the next pass goes on from here
+        image = path.with_name(path.name[: -len(REASON_SUFFIX)])
+        try:
+            size = 0
+            try:
+                ist = image.lstat()
+                if stat.S_ISREG(ist.st_mode):
+                    size = ist.st_size
+                    if not dry_run:
+                        image.unlink()
+            except FileNotFoundError:
+                pass
+            if not dry_run:
+                path.unlink()
+            out.add(size + st.st_size)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            out.errors.append(f"{path}: {exc.strerror or exc}")
+    for path, _ in _old_files(qdir, before):  # what is left (in a dry run, what would be)
+        out.kept_no_reason += not path.with_name(path.name + REASON_SUFFIX).exists()
+    return out
+
+
 def prune_auto_images(store: Store, before: float, dry_run: bool = False, page: int = 500) -> Removed:
     """The store's bytes of images auto-accepted before ``before`` (``Store.prune_auto_images``)."""
     out = Removed()
@@ -158,6 +205,9 @@ def run_pass(store: Store, settings: "RetentionConfig", drop_folder: Path | None
     if settings.processed_days is not None and drop_folder is not None:
         report.processed = prune_processed(store, Path(drop_folder) / PROCESSED, now - settings.processed_days * DAY,
                                            dry_run, progress, stop)
+    if settings.quarantine_days is not None:  # no database write either
+        report.quarantine = prune_quarantine(quarantine_dir(drop_folder, store.root),
+                                             now - settings.quarantine_days * DAY, dry_run, stop)
     if settings.auto_image_days is None:
         return report
     if not dry_run:
@@ -172,7 +222,7 @@ def run_pass(store: Store, settings: "RetentionConfig", drop_folder: Path | None
 
 
 def enabled(settings: "RetentionConfig") -> bool:
-    return settings.processed_days is not None or settings.auto_image_days is not None
+    return any(d is not None for d in (settings.processed_days, settings.auto_image_days, settings.quarantine_days))
 
 
 class RetentionTask:
@@ -195,9 +245,9 @@ class RetentionTask:
         def days(d: float | None) -> str:
             return "kept (off)" if d is None else f"after {d:g} days"
 
-        log.info("retention: processed/ copies %s, auto-accepted images' bytes %s, checked every %g min",
-                 days(self.settings.processed_days), days(self.settings.auto_image_days),
-                 self.settings.interval_minutes)
+        log.info("retention: processed/ copies %s, auto-accepted images' bytes %s, quarantined files %s, "
+                 "checked every %g min", days(self.settings.processed_days), days(self.settings.auto_image_days),
+                 days(self.settings.quarantine_days), self.settings.interval_minutes)
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -211,11 +261,11 @@ class RetentionTask:
             try:
                 report = run_pass(self.store, self.settings, self.drop_folder, stop=self._stop)
                 self.passes += 1
-                for rule, r in (("processed", report.processed), ("auto_images", report.auto_images)):
+                for rule, _, r in report.rules():
                     if r is not None and self.metrics is not None:
                         self.metrics.retention_removed(rule, r.files, r.bytes)
                 log.info("retention pass: removed %s", report.summary())
-                for r in (report.processed, report.auto_images):
+                for _, _, r in report.rules():
                     for error in (r.errors if r is not None else ())[:10]:
                         log.warning("retention: could not remove %s", error)
             except Exception:  # a pass that fails (a full disk, a store closing) tries again next time
@@ -229,8 +279,10 @@ def format_report(report: PassReport, settings: "RetentionConfig", dry_run: bool
     """The pass as a terminal table."""
     head = "would remove" if dry_run else "removed"
     rows = [("rule", "older than", f"files {head}", "MB")]
-    for name, days, r in (("processed/ copies", settings.processed_days, report.processed),
-                          ("auto-accepted images", settings.auto_image_days, report.auto_images)):
+    days_of = {"processed": settings.processed_days, "auto_images": settings.auto_image_days,
+               "quarantine": settings.quarantine_days}
+    for rule, name, r in report.rules():
+        days = days_of[rule]
         if r is None:
             rows.append((name, "off", "-", "-"))
         else:
@@ -245,7 +297,10 @@ def format_report(report: PassReport, settings: "RetentionConfig", dry_run: bool
     if report.processed is not None and report.processed.kept_only_copy:
         notes.append(f"{report.processed.kept_only_copy} old files in processed/ kept: the store's copy went by "
                      "auto_image_days, so each is the only one (set processed_days <= auto_image_days)")
-    for r in (report.processed, report.auto_images):
+    if report.quarantine is not None and report.quarantine.kept_no_reason:
+        notes.append(f"{report.quarantine.kept_no_reason} old files in quarantine/ kept: no reason file beside them "
+                     "(not put there by the appliance)")
+    for _, _, r in report.rules():
         notes += [f"could not remove {e}" for e in (r.errors if r is not None else ())]
     if report.swept:
         notes.append(f"{report.swept} files of images pruned by an interrupted pass removed")
@@ -255,14 +310,15 @@ def format_report(report: PassReport, settings: "RetentionConfig", dry_run: bool
 def cmd_prune(args: argparse.Namespace, config: "Config") -> int:
     """``annotator prune``: one retention pass now, with the config's rules or the flags'."""
     settings = config.retention
-    for key, value in (("processed_days", args.processed_days), ("auto_image_days", args.auto_image_days)):
+    for key, value in (("processed_days", args.processed_days), ("auto_image_days", args.auto_image_days),
+                       ("quarantine_days", args.quarantine_days)):
         if value is not None:
             if value <= 0:
                 raise ConfigError(f"--{key.replace('_', '-')}: give a number of days > 0, got {value:g}")
             settings = dataclasses.replace(settings, **{key: value})
     if not enabled(settings):
-        raise ConfigError("prune: no rule set; give --processed-days / --auto-image-days, or set "
-                          "[retention] processed_days / auto_image_days in the config")
+        raise ConfigError("prune: no rule set; give --processed-days / --auto-image-days / --quarantine-days, or set "
+                          "[retention] processed_days / auto_image_days / quarantine_days in the config")
     drop = config.drop.folder
     if settings.processed_days is not None and drop is None:
         print("prune: no drop.folder in the config, so there is no processed/ to prune", file=sys.stderr)

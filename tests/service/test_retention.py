@@ -225,6 +225,7 @@ def test_the_daemon_runs_retention_on_its_own_thread(make_config: Callable[..., 
         assert sample("annotator_retention_removed_files_total", {"rule": "processed"}) == 1
         assert sample("annotator_retention_removed_bytes_total", {"rule": "processed"}) == len(small_jpeg(1))
         assert sample("annotator_retention_removed_files_total", {"rule": "auto_images"}) == 0
+        assert sample("annotator_retention_removed_files_total", {"rule": "quarantine"}) == 0
         assert daemon.store.image_bytes(image_id_of(small_jpeg(1))) == small_jpeg(1)
     finally:
         daemon.close()
@@ -357,3 +358,76 @@ def test_prune_refuses_a_store_root_with_no_store(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "service.cli", "prune", "--config", str(config)], cwd=REPO,
                          env=command_env(), capture_output=True, text=True)
     assert res.returncode == 2 and "no store at" in res.stderr and not (tmp_path / "typo").exists()
+
+
+def test_quarantined_files_go_with_their_reasons_once_the_reason_is_old(store: Store, clock: FakeClock,
+                                                                         tmp_path: Path) -> None:
+    from service.dropfolder import write_quarantine
+
+    drop = tmp_path / "drop"
+    qdir = drop / "quarantine"
+    old = write_quarantine(qdir, Path("cam1/broken.jpg"), "not an image", data=b"x" * 100)
+    os.utime(old, (T0 - 400 * DAY, T0 - 400 * DAY))  # a moved file keeps its own (old) mtime
+    os.utime(old.with_name("broken.jpg.reason.txt"), (T0, T0))  # quarantined at T0
+    lone_reason = qdir / "cam1" / "gone.jpg.reason.txt"  # its file removed by hand (or a kill)
+    lone_reason.write_text("too large\n")
+    os.utime(lone_reason, (T0, T0))
+    by_hand = qdir / "cam2" / "copied-here.jpg"  # no reason: not put there by the appliance
+    by_hand.parent.mkdir(parents=True)
+    by_hand.write_bytes(b"hand")
+    os.utime(by_hand, (T0, T0))
+    clock.t = T0 + 10 * DAY
+    recent = write_quarantine(qdir, Path("cam1/recent.jpg"), "truncated", data=b"y" * 50)
+    os.utime(recent, (T0 - 400 * DAY, T0 - 400 * DAY))  # an old capture quarantined only now
+    recent_reason = recent.with_name("recent.jpg.reason.txt")
+    os.utime(recent_reason, (clock.t, clock.t))
+    settings = RetentionConfig(quarantine_days=7)
+
+    dry = run_pass(store, settings, drop, dry_run=True)
+    assert dry.quarantine is not None and (dry.quarantine.files, dry.quarantine.kept_no_reason) == (2, 1)
+    assert old.exists() and lone_reason.exists()
+
+    report = run_pass(store, settings, drop)
+    assert report.processed is None and report.auto_images is None and report.quarantine is not None
+    reason_bytes = len("not an image\n") + len("too large\n")
+    assert (report.quarantine.files, report.quarantine.bytes, report.quarantine.kept_no_reason) == (2, 100 + reason_bytes, 1)
+    assert not old.exists() and not old.with_name("broken.jpg.reason.txt").exists() and not lone_reason.exists()
+    assert by_hand.exists() and recent.exists() and recent_reason.exists()
+    assert "quarantined files" in report.summary()
+
+
+def test_without_a_drop_folder_the_store_roots_quarantine_is_pruned(store: Store, clock: FakeClock) -> None:
+    from service.dropfolder import write_quarantine
+
+    image_id = _image(store, b"failed bytes", None)
+    store.fail(image_id, None, "decoder crashed")
+    copy = write_quarantine(store.root / "quarantine", Path(image_id), "decoder crashed", data=b"failed bytes")
+    clock.t += 8 * DAY
+    os.utime(copy.with_name(copy.name + ".reason.txt"), (T0, T0))
+    report = run_pass(store, RetentionConfig(quarantine_days=7), None)
+    assert report.quarantine is not None and report.quarantine.files == 1 and not copy.exists()
+    row = store.get(image_id)
+    assert row is not None and row.state == "failed" and row.error == "decoder crashed"  # the record stays
+
+
+def test_prune_command_quarantine_days(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    Store(root).close()
+    reason = root / "quarantine" / "x.jpg.reason.txt"
+    reason.parent.mkdir()
+    (root / "quarantine" / "x.jpg").write_bytes(b"bad")
+    reason.write_text("bad\n")
+    for p in (reason, root / "quarantine" / "x.jpg"):
+        os.utime(p, (time.time() - 3 * DAY, time.time() - 3 * DAY))
+    config = tmp_path / "annotator.toml"
+    config.write_text(f'[store]\nroot = "{root}"\n')
+    cmd = [sys.executable, "-m", "service.cli", "prune", "--config", str(config), "--quarantine-days", "2"]
+    res = subprocess.run(cmd, cwd=REPO, env=command_env(), capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "quarantined files" in res.stdout and "2 days" in res.stdout
+    assert not reason.exists() and not (root / "quarantine" / "x.jpg").exists()
+    bad = subprocess.run(cmd[:-1] + ["0"], cwd=REPO, env=command_env(), capture_output=True, text=True)
+    assert bad.returncode == 2 and "--quarantine-days" in bad.stderr
+    bad = subprocess.run(cmd[:-2] + ["--set", "retention.quarantine_days=-1"], cwd=REPO, env=command_env(),
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "retention.quarantine_days" in bad.stderr
