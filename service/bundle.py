@@ -299,8 +299,18 @@ def verify_onnx_layout(entry: ModelEntry, model_path: Path) -> None:
 
 
 def load_bundle(path: str | os.PathLike[str], verify: bool = True) -> Bundle:
-    """Read ``bundle.json`` from a bundle directory and verify checksums and ONNX layouts."""
-    root = Path(path)
+    """Read ``bundle.json`` from a bundle directory and verify checksums and ONNX layouts.
+
+    Every failure is a ``BundleError`` saying what to fix: an unreadable folder or file (a
+    permission, a name too long) too, not an ``OSError`` that a caller reports as internal."""
+    try:
+        return _load_bundle(Path(path), verify)
+    except OSError as exc:
+        shown = str(path) if len(str(path)) <= 200 else f"{str(path)[:200]}... ({len(str(path))} characters)"
+        raise BundleError(f"{shown}: cannot read the bundle: {exc.strerror or exc}") from exc
+
+
+def _load_bundle(root: Path, verify: bool) -> Bundle:
     manifest = root / "bundle.json"
     if not manifest.is_file():
         raise BundleError(f"{root}: no bundle.json (is this a bundle directory?)")

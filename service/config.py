@@ -91,6 +91,10 @@ class EngineConfig:
     # were calibrated on); "rect": padded only to a multiple of 32 (a 4:3 camera at 320 x 256:
     # 1.2-1.3x images/s on the CPU, labels change slightly; README "The inference engine").
     letterbox: str = "square"
+    # A batch step (a worker's decode and inference, the finisher's judge, sidecars and commit)
+    # running longer than this is a wedge (a hung disk, a driver): the daemon reports itself
+    # unhealthy (systemd watchdog, gRPC health) and is restarted; its images come back by lease.
+    stall_seconds: float = 600.0
 
 
 REVIEW_WINDOW = 500  # default of judge.review_window: images a ReviewShare ranks against (service.judge)
@@ -255,6 +259,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "engine.run_batch": (_in(0, 1024), "an integer in [0, 1024] (0: batch_size on a GPU, 1 on the CPU)"),
     "engine.workers": (_in(1, 64), "an integer in [1, 64]"),
     "engine.letterbox": (lambda v: v in ("square", "rect"), "'square' or 'rect'"),
+    "engine.stall_seconds": (lambda v: v >= 10, "a number of seconds >= 10"),
     "judge.score_fn": (lambda v: v == "default" or (":" in v and all(v.partition(":")[::2])),
                        "'default' or 'package.module:function'"),
     "judge.threshold": (_in(0, 1), "a number in [0, 1]"),

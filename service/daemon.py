@@ -220,6 +220,11 @@ class Daemon:
         self._decoded_bytes = 0
         self._finish_q: queue.Queue[_Predicted | None] = queue.Queue(maxsize=FINISH_QUEUE)
         self._finisher = threading.Thread(target=self._finish_loop, name="finisher", daemon=True)
+        # When each busy thread (worker owner or "finisher") began its current batch step
+        # (monotonic); ``healthy`` reads it to tell a wedged thread from a working one.
+        self._busy: dict[str, float] = {}
+        self.stall_seconds = float(getattr(config.engine, "stall_seconds", 600.0))
+        self._stalled: set[str] = set()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._intake_closed = False
@@ -483,9 +488,13 @@ class Daemon:
                 self._answer_lost()
                 rows = self._claim(owner)
                 if rows:
-                    predicted = self._predict(owner, rows)
-                    if predicted is not None:
-                        self._finish_q.put(predicted)
+                    self._busy[owner] = time.monotonic()
+                    try:
+                        predicted = self._predict(owner, rows)
+                        if predicted is not None:
+                            self._finish_q.put(predicted)  # waits while the finisher has a batch queued
+                    finally:
+                        self._busy.pop(owner, None)
                     continue
             except Exception:  # a worker must survive; the lease brings the rows back later
                 log.exception("worker %s: batch failed; its images return to the queue when the lease expires", owner)
@@ -544,11 +553,14 @@ class Daemon:
             item = self._finish_q.get()
             if item is None:
                 return
+            self._busy["finisher"] = time.monotonic()
             try:
                 self._finish(item)
             except Exception:  # the lease brings the rows back later; the finisher must survive
                 log.exception("finishing a batch of %d failed; its images return to the queue when the lease "
                               "expires", len(item.rows))
+            finally:
+                self._busy.pop("finisher", None)
 
     def _finish(self, p: "_Predicted") -> None:
         """Judge, write the sidecars, complete the whole batch in one transaction, resolve waiters.
@@ -638,13 +650,24 @@ class Daemon:
 
     # -- status and shutdown -------------------------------------------------------------
     def healthy(self) -> bool:
-        """True while every worker and the finisher run and the store answers a cheap read.
+        """True while every worker and the finisher run, none has been inside one batch step for
+        more than ``engine.stall_seconds``, and the store answers a cheap read.
 
-        The systemd watchdog pings only while this holds, so a dead thread or a wedged database
-        gets the unit restarted.
+        The systemd watchdog pings only while this holds, and ``serve`` mirrors it into gRPC
+        health (the container's HEALTHCHECK), so a dead thread, a thread wedged on a hung disk or
+        driver, or a wedged database gets the daemon restarted: its leases expire and the images
+        it held are annotated by the next one.
         """
         threads = [*self._workers, self._finisher]
         if self._stop.is_set() or not all(t.is_alive() for t in threads):
+            return False
+        now = time.monotonic()
+        stalled = {name for name, since in list(self._busy.items()) if now - since > self.stall_seconds}
+        if stalled - self._stalled:  # said once per wedge, not at every check
+            log.warning("health check: %s inside one batch step for over %g s (engine.stall_seconds); wedged",
+                        ", ".join(sorted(stalled)), self.stall_seconds)
+        self._stalled = stalled
+        if stalled:
             return False
         try:
             self.store.counter("annotated")  # one indexed SELECT; no write, no fsync

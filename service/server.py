@@ -51,7 +51,7 @@ from .convert import annotation_to_proto, status_to_proto, timestamp_to_epoch
 from .errors import (AnnotatorError, BundleError, ConfigError, ImageError, ImageNotFound, ImageTooLarge, PathNotAllowed,
                      ShuttingDown, StoreFull, is_disk_full)
 from .interceptors import AccessLogInterceptor, LatencyStats, TokenInterceptor
-from .store import DECISIONS, STATES
+from .store import DECISIONS, STATES, image_id_of
 
 if TYPE_CHECKING:
     from .config import Config
@@ -64,7 +64,19 @@ STREAM_IN_FLIGHT = 32  # images of one stream submitted but not yet answered (a 
 MAX_WAITING_ANNOTATE = 32  # unary Annotate calls waiting for their annotation, on the whole server
 SPARE_THREADS = 8  # pool threads beyond the bounded calls: health, status, reload, get, list
 MAX_PAGE_SIZE = 1000
+SHOWN_CHARS = 80  # of a client's value quoted back in an error message
 _PAGE_TOKEN = re.compile(r"^[0-9.eE+-]+\|[0-9a-f]{64}$")  # service.store.Store.list's cursor
+_IMAGE_ID = re.compile(r"[0-9a-f]{64}")  # service.store.image_id_of: a sha256 hex digest
+
+
+def _shown(value: str) -> str:
+    """A client's value as an error message quotes it: its repr, cut to ``SHOWN_CHARS``.
+
+    The message travels in the grpc-message trailer, which clients refuse beyond a few KiB: a
+    3 MB image id quoted whole turned NOT_FOUND into the client's own RESOURCE_EXHAUSTED
+    ("received metadata size exceeds hard limit"), and filled the server log."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}... ({len(value)} characters)"
 
 
 def _valid_page_token(token: str) -> bool:
@@ -127,11 +139,13 @@ def allowed_bundle_path(requested: str, configured: "str | Path") -> Path:
     ``PathNotAllowed``, so a client can never make the daemon read another folder.
     """
     base = Path(configured).absolute().parent
+    if "\x00" in requested:
+        raise ValueError(f"bundle_path: {_shown(requested)} contains a NUL character; name a bundle folder")
     path = Path(requested)
     path = path if path.is_absolute() else base / path
     lexical = Path(os.path.normpath(path))
     if not lexical.is_relative_to(base) or not path.resolve().is_relative_to(base.resolve()):
-        raise PathNotAllowed(f"bundle_path: {requested!r} is outside the bundles folder {base} "
+        raise PathNotAllowed(f"bundle_path: {_shown(requested)} is outside the bundles folder {base} "
                              "(the folder of engine.bundle); name a bundle inside it")
     return lexical
 
@@ -193,14 +207,36 @@ class AnnotatorServicer(pb_grpc.AnnotatorServicer):
         try:
             source, meta = _client_meta(request, context)
             try:
-                row = self.daemon.annotate_now(request.image, source, meta, timeout=self._timeout(context))
+                row = self._wait(self.daemon.submit(request.image, source, meta), request.image, context)
             except Exception as exc:  # every failure becomes a status, never a traceback
                 _abort(context, exc)
                 raise AssertionError("unreachable: context.abort raises") from exc
+            if row is None:  # nobody reads this answer; the access log shows why the call ended
+                context.abort(grpc.StatusCode.CANCELLED, "the call ended before its image was annotated; it stays queued")
             return annotation_to_proto(row)
         finally:
             if self._waiting is not None:
                 self._waiting.release()
+
+    def _wait(self, fut: "futures.Future[Any]", data: bytes, context: grpc.ServicerContext) -> Any:
+        """The row ``fut`` resolves to, waited for only while the call lasts (None once it ended).
+
+        Until the deadline (at most ``default_timeout``: ``TimeoutError``), or until the call ends
+        without us: a client that cancels (or whose deadline passed) is gone, and its call
+        releases its ``max_waiting`` slot now. It held the slot until its image was annotated or
+        ``default_timeout`` passed, so 32 cancelled calls made the server answer "busy" to
+        everyone for up to a minute. The image stays queued and is annotated once either way.
+        """
+        ended: futures.Future[None] = futures.Future()
+        if not context.add_callback(lambda: ended.set_result(None)):
+            ended.set_result(None)  # the call had ended already
+        timeout = self._timeout(context)
+        futures.wait([fut, ended], timeout=timeout, return_when=futures.FIRST_COMPLETED)
+        if fut.done():
+            return fut.result()
+        if ended.done():
+            return None
+        raise TimeoutError(f"image {image_id_of(data)[:12]} is queued but not annotated after {timeout:.1f} s")
 
     def AnnotateStream(self, request_iterator: Iterator[pb.AnnotateRequest],
                        context: grpc.ServicerContext) -> Iterator[pb.AnnotateStreamResponse]:
@@ -279,13 +315,17 @@ class AnnotatorServicer(pb_grpc.AnnotatorServicer):
         return pb.AnnotateStreamResponse(request_id=rid, annotation=annotation_to_proto(fut.result()))
 
     def GetAnnotation(self, request: pb.GetAnnotationRequest, context: grpc.ServicerContext) -> pb.Annotation:
+        if not _IMAGE_ID.fullmatch(request.image_id):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"image_id: expected the 64 lower-case hex digits of the image's sha256 (an "
+                          f"Annotation's image_id), got {_shown(request.image_id)}")
         row = None
         try:
             row = self.daemon.store.get(request.image_id)
         except Exception as exc:  # every failure becomes a status
             _abort(context, exc)
         if row is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"no image with id {request.image_id!r}")
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no image with id {request.image_id}")
         return annotation_to_proto(row)
 
     def ListAnnotations(self, request: pb.ListAnnotationsRequest,
@@ -296,10 +336,10 @@ class AnnotatorServicer(pb_grpc.AnnotatorServicer):
         # A misspelt filter matched nothing and read as "no such images".
         if request.state and request.state not in STATES:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"state: expected one of {', '.join(STATES)} (or empty), got {request.state!r}")
+                          f"state: expected one of {', '.join(STATES)} (or empty), got {_shown(request.state)}")
         if request.decision and request.decision not in DECISIONS:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"decision: expected one of {', '.join(DECISIONS)} (or empty), got {request.decision!r}")
+                          f"decision: expected one of {', '.join(DECISIONS)} (or empty), got {_shown(request.decision)}")
         if not 0 <= request.page_size <= MAX_PAGE_SIZE:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"page_size: expected 0..{MAX_PAGE_SIZE}, got {request.page_size}")
         try:
@@ -443,7 +483,7 @@ def serve(config: "Config", ready: threading.Event | None = None, stop: threadin
 
     Start-up: daemon (bundle loaded and smoke-tested), gRPC server listening, metrics endpoint;
     only then READY=1 and a STATUS line (port, bundle) go to systemd, and the watchdog pings
-    while ``Daemon.healthy()``. A reload that changes the bundle sends a new STATUS.
+    while ``Daemon.healthy()``, which gRPC health follows (checked every second). A reload that changes the bundle sends a new STATUS.
     Shutdown order: the signal only sets an Event; STOPPING=1, the watchdog stops, the drop
     folder watcher stops, health turns NOT_SERVING, ``server.stop(grace)``, workers finish their
     batch, leases are released and the store is closed (``Daemon.close``).
@@ -478,10 +518,20 @@ def serve(config: "Config", ready: threading.Event | None = None, stop: threadin
         watchdog.start()
         if ready is not None:
             ready.set()
+        serving = True
         while not stop.wait(1.0):
             if daemon.bundle.id != bundle_id:  # reloaded through ReloadModels
                 bundle_id = daemon.bundle.id
                 notifier.status(status_line())
+            # gRPC health follows the daemon's own (what the systemd watchdog reads): the
+            # container's HEALTHCHECK sees a dead worker or a wedged batch too, not just a port.
+            if daemon.healthy() != serving:
+                serving = not serving
+                log.warning("gRPC health: %s", "SERVING again" if serving else
+                            "NOT_SERVING (a worker thread died or is wedged, or the store does not answer)")
+                for name in ("", SERVICE_NAME):
+                    health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING if serving
+                                        else health_pb2.HealthCheckResponse.NOT_SERVING)
     finally:
         log.info("shutting down")
         notifier.stopping()

@@ -106,3 +106,12 @@ def test_a_manifest_that_is_not_an_object_is_a_bundle_error(bundle_copy: Path) -
     (bundle_copy / "bundle.json").write_text("[]")
     with pytest.raises(BundleError, match="must hold a JSON object"):
         load_bundle(bundle_copy)
+
+
+def test_an_unreadable_bundle_is_a_bundle_error(tmp_path: Path) -> None:
+    """A path the system refuses (a name too long; a folder the service cannot read goes the same
+    way): a BundleError saying so (gRPC FAILED_PRECONDITION), not an OSError that ReloadModels
+    answered as INTERNAL with the whole name in its log."""
+    with pytest.raises(BundleError, match="cannot read the bundle") as info:
+        load_bundle(tmp_path / ("z" * 3000))
+    assert "File name too long" in str(info.value) and len(str(info.value)) < 400

@@ -674,3 +674,39 @@ def test_the_same_bytes_again_after_the_upload_failed_answer_with_the_record(mak
         assert again.state == "failed" and again.record == row.record
     finally:
         daemon.close()
+
+
+@pytest.mark.parametrize("where", ["finisher", "worker"])
+def test_a_thread_wedged_inside_a_batch_makes_the_daemon_unhealthy_until_it_moves(
+        make_config: Callable[..., Any], small_jpeg: Callable[[int], bytes], where: str) -> None:
+    """A thread alive but stuck (a hung disk under the sidecars, a driver in inference) is
+    unhealthy after ``engine.stall_seconds``: the watchdog and gRPC health see it, and the
+    daemon is restarted. An idle daemon, however long idle, stays healthy."""
+    daemon = Daemon(make_config(engine__stall_seconds=10.0))
+    daemon.stall_seconds = 0.3  # the setting's floor is 10 s; a test waits less
+    release = threading.Event()
+    if where == "finisher":
+        real = daemon._finish
+        daemon._finish = lambda p: (release.wait(60), real(p))  # type: ignore[method-assign]
+    else:
+        engine = daemon._loaded[0]
+        real_predict = engine.predict
+        engine.predict = lambda images: (release.wait(60), real_predict(images))[1]  # type: ignore[method-assign]
+    daemon.start()
+    try:
+        time.sleep(0.5)
+        assert daemon.healthy()  # idle longer than stall_seconds: not a stall
+        future = daemon.submit(small_jpeg(7), "test")
+        deadline = time.monotonic() + 30
+        while not daemon._busy:
+            assert time.monotonic() < deadline, "no batch started"
+            time.sleep(0.02)
+        time.sleep(0.4)
+        assert not daemon.healthy()
+        release.set()
+        row = future.result(timeout=60)
+        assert row.state in ("auto_accepted", "review_pending") and daemon.healthy()
+        assert daemon.store.counter("annotated") == 1
+    finally:
+        release.set()
+        daemon.close()

@@ -130,3 +130,45 @@ def test_daemon_health_and_metrics_in_process(make_config: Callable[..., Any],
         server.stop(grace=0.5).wait(5)
         daemon.close()
     assert not daemon.healthy()
+
+
+def test_grpc_health_follows_the_daemons_own(make_config: Callable[..., Any], monkeypatch: Any) -> None:
+    """The container's HEALTHCHECK asks gRPC health: it must see what the systemd watchdog sees
+    (a dead worker, a wedged batch), not only that the port answers."""
+    import threading
+
+    from service.daemon import Daemon
+    from service.server import SERVICE_NAME, serve
+    from service.status_view import health_check
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    well = threading.Event()
+    well.set()
+    monkeypatch.setattr(Daemon, "healthy", lambda self: well.is_set())
+    ready, stop = threading.Event(), threading.Event()
+    thread = threading.Thread(target=serve, args=(make_config(server__listen=f"127.0.0.1:{port}"), ready, stop))
+    thread.start()
+    try:
+        assert ready.wait(60), "serve never became ready"
+        target = f"127.0.0.1:{port}"
+
+        def serving_within(want: bool) -> bool:
+            deadline = time.monotonic() + 15
+            while health_check(target)[0] != want:
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.1)
+            return True
+
+        assert serving_within(True)
+        well.clear()
+        assert serving_within(False)
+        assert health_check(target, SERVICE_NAME)[0] is False
+        well.set()
+        assert serving_within(True) and health_check(target, SERVICE_NAME)[0] is True
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not thread.is_alive()
