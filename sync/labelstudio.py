@@ -17,16 +17,40 @@ is linked as it is: a browser decodes it and turns an EXIF-turned one upright it
 goes through ``sync.reencode.prepare_upload``, Ground Truth's upload step: a PNG, BMP or WebP it
 leaves unchanged is linked as it is; what it re-encodes (a 16-bit TIFF, a PGM, a JPEG 2000, an
 image stored turned) is linked as that JPEG, upright and of the record's size, written once
-to ``copy_dir`` under the document root before the import. Linking the stored file of such an
-image gave the reviewer an empty page to label.
+to ``copy_dir/<project id>/`` under the document root before the import. Linking the stored
+file of such an image gave the reviewer an empty page to label.
+
+A copy lives as long as a task may still be shown for review, and no longer (they were kept for
+ever before: one JPEG per image ever sent). Each collection (``collect``, also the agent's first
+pass after a start) removes, in ``copy_dir``:
+
+- the copy of a task whose review was collected by the collection before and is still there:
+  that review has been merged since (a review our checks refuse, or a skipped task, keeps its
+  copy: the reviewer still works on it). A reviewer who opens such a finished task again sees
+  no image; the review stays merged;
+- in the current project's folder, a copy that no task of the project links (its task deleted,
+  or a run killed between the write and the import); in the folder of a project the server
+  no longer has (deleted), every copy, and the folder;
+- the temporary file of a write a kill cut short (in the current project's folder).
+
+A folder whose project the server still has (an old ``project_title``'s) keeps the copies its
+tasks show. A copy removed while its image still waits for review (a deleted task or project)
+is written again when the image is submitted again. A kill at any point leaves at worst a file
+that the next collection removes; the reviews themselves are in Label Studio, never in a copy.
+This assumes one sync process per project, as the import does (two would import twice): a
+second one could remove a copy the first wrote and has not imported yet.
 
 The project is found by title (created when missing) and its id kept, but a 404 on a project
 request means it was deleted: the id is forgotten, the project looked up (or created) again and
 the request repeated once. The tasks that were in the deleted project are gone with it;
 ``missing`` tells the submit task (``sync.submit``) which pending images have no task in the
 current project, so that it submits them again (a deleted task, a new ``project_title``, too).
+Label Studio deletes a project's (or a task's) annotations at once, with it: a review finished
+there but not yet collected is lost and its image is reviewed again in the new project. A
+review already collected was merged (the image is ``reviewed``) and is not submitted again.
 
-Collecting: the full JSON export is polled (the webhook only wakes the collector early); the
+Collecting: the full JSON export of every task (``download_all_tasks``: the tasks still to do
+tell which copies are shown) is polled (the webhook only wakes the collector early); the
 latest submitted, not cancelled annotation of each task is validated and converted back to
 pixels. A key point with a new id joins the person whose box contains it (the smallest such
 box), else the nearest box; without a visibility choice it is ``visible``. An annotation whose
@@ -40,6 +64,7 @@ import datetime as _dt
 import hashlib
 import logging
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
@@ -52,7 +77,7 @@ from service.keypoints import CABIN19_NAMES, OUTSIDE, VISIBLE
 from service.outputs import image_suffix
 from service.record import VISIBILITIES
 
-from .errors import PermanentError
+from .errors import PermanentError, RetryableError
 from .labelstudio_client import LabelStudioClient, NotFound
 from .reencode import prepare_upload
 from .review import Box, ReviewedKeypoint, ReviewedLabel, ReviewedPerson, ReviewItem, labels_differ
@@ -225,6 +250,13 @@ def seen_sizes(result: Sequence[Mapping[str, Any]]) -> set[tuple[int, int]]:
     return sizes
 
 
+def _copy_file(name: str) -> bool:
+    """Whether a file name in ``copy_dir`` is ours: a copy (``<name>.jpg``) or the temporary
+    file of one (``.<name>.<random>.tmp``, ``service.durable``)."""
+    return bool((name.endswith(".jpg") and _COPY_NAME.match(name[:-4]))
+                or (name.startswith(".") and name.endswith(".tmp")))
+
+
 def _epoch(text: str | None) -> float:
     if not text:
         return 0.0
@@ -237,8 +269,9 @@ class LabelStudioBackend:
     ``document_root`` is the server's ``LOCAL_FILES_DOCUMENT_ROOT``: every image to review
     must lie under it (``ReviewItem.local_path``). ``copy_dir`` (default ``<document_root>/
     label-studio-jpeg``, also under it) holds the JPEGs shown instead of stored images a
-    browser cannot show (module docstring). ``webhook_url``, when given, is registered for
-    annotation events (e.g. a ``WebhookReceiver``'s url).
+    browser cannot show, one folder per project, removed when no longer needed (module
+    docstring). ``webhook_url``, when given, is registered for annotation events (e.g. a
+    ``WebhookReceiver``'s url).
     """
 
     name = BACKEND
@@ -258,6 +291,7 @@ class LabelStudioBackend:
         self.project_id: int | None = None
         self.rejected: dict[str, str] = {}
         self._users: dict[int, str] = {}
+        self._collected: set[str] = set()  # image ids the last collect yielded (merged since)
 
     @property
     def job(self) -> str:
@@ -331,21 +365,23 @@ class LabelStudioBackend:
             raise ValueError(f"{path} is not under the Label Studio document root {self.document_root}")
         return path
 
-    def _copy_path(self, image_id: str) -> Path:
-        """Where the browser-safe JPEG of ``image_id`` goes: its name is the id (a store id, 64
-        hex digits), or the id's sha256 when the id is no plain file name."""
+    def _copy_path(self, pid: int, image_id: str) -> Path:
+        """Where the browser-safe JPEG of ``image_id`` for project ``pid`` goes: its name is the
+        id (a store id, 64 hex digits), or the id's sha256 when the id is no plain file name."""
         name = image_id if _COPY_NAME.match(image_id) else hashlib.sha256(image_id.encode()).hexdigest()
-        return self.copy_dir / f"{name}.jpg"
+        return self.copy_dir / str(pid) / f"{name}.jpg"
 
-    def shown(self, item: ReviewItem) -> Path:
-        """The file the reviewer's browser gets for ``item``: the stored file, or the JPEG that
-        ``prepare_upload`` makes of it, written to ``copy_dir`` when missing (module docstring).
+    def shown(self, item: ReviewItem, pid: int) -> Path:
+        """The file the reviewer's browser gets for ``item`` in project ``pid``: the stored file,
+        or the JPEG that ``prepare_upload`` makes of it, written to ``copy_dir/<pid>`` when
+        missing (module docstring).
 
-        The copy is written whole (temporary file, fsync, rename, folder fsynced) and kept: a run
-        killed between the write and the import finds it and imports the task once, and a task
-        never names a copy that a power loss took back. An image that cannot be prepared, or
-        whose file is missing (the uploader fails such images before they get here), is linked
-        as stored, with a warning, as before there were copies."""
+        The copy is written whole (temporary file, fsync, rename, folders fsynced) and kept
+        until a collection finds it no longer needed: a run killed between the write and the
+        import finds it and imports the task once, and a task never names a copy that a power
+        loss took back. An image that cannot be prepared, or whose file is missing (the uploader
+        fails such images before they get here), is linked as stored, with a warning, as before
+        there were copies."""
         path = self._stored(item)
         try:
             with open(path, "rb") as f:
@@ -355,7 +391,7 @@ class LabelStudioBackend:
             return path
         if image_suffix(head) == ".jpg":
             return path  # any JPEG: the browser decodes it and applies its EXIF orientation itself
-        copy = self._copy_path(item.image_id)
+        copy = self._copy_path(pid, item.image_id)
         if copy.exists():  # an earlier run's: the same bytes (the store's files never change)
             return copy
         data = path.read_bytes()
@@ -367,10 +403,10 @@ class LabelStudioBackend:
             return path
         if prepared.data == data:  # a PNG, BMP or WebP a browser shows as it is
             return path
-        new_folder = not self.copy_dir.exists()
+        new_folders = [f for f in (self.copy_dir, copy.parent) if not f.exists()]
         write_bytes_atomic(copy, prepared.data, sync_dir=True)
-        if new_folder:
-            fsync_dir(self.copy_dir.parent)
+        for folder in new_folders:
+            fsync_dir(folder.parent)
         log.info("image %s: shown to Label Studio as a %dx%d JPEG (stored as %s)", item.image_id[:12],
                  item.width, item.height, image_suffix(data))
         return copy
@@ -382,9 +418,10 @@ class LabelStudioBackend:
                                                            "use_blob_urls": True, "title": folder.name})
             log.info("registered local storage %s for project %s", folder, pid)
 
-    def task(self, batch_id: str, item: ReviewItem) -> dict[str, Any]:
-        """The task (data + prediction) imported for one item; its image is ``shown(item)``."""
-        relative = self.shown(item).relative_to(self.document_root).as_posix()
+    def task(self, batch_id: str, item: ReviewItem, pid: int) -> dict[str, Any]:
+        """The task (data + prediction) imported for one item into project ``pid``; its image is
+        ``shown(item, pid)``."""
+        relative = self.shown(item, pid).relative_to(self.document_root).as_posix()
         # quoted: a store path with "+", "&", "#" or "%" in it broke the link (Label Studio quotes it too)
         data = {"image": f"/data/local-files/?d={quote(relative, safe='/')}", "image_id": item.image_id,
                 "width": item.width, "height": item.height, "batch": batch_id, "bundle_id": item.bundle_id,
@@ -398,15 +435,16 @@ class LabelStudioBackend:
         """Import the items not yet in the project as tasks with their predictions."""
         if not items:
             return
-        tasks = [self.task(batch_id, item) for item in items]  # validates paths, writes copies before any request
-        self._in_project(lambda pid: self._import(pid, batch_id, tasks))
+        for item in items:  # a path outside the document root is refused before any request
+            self._stored(item)
+        self._in_project(lambda pid: self._import(pid, batch_id, items))
 
-    def _import(self, pid: int, batch_id: str, tasks: Sequence[dict[str, Any]]) -> None:
+    def _import(self, pid: int, batch_id: str, items: Sequence[ReviewItem]) -> None:
         present = self._image_ids(pid)
-        new = [t for t in tasks if str(t["data"]["image_id"]) not in present]
-        new = list({t["data"]["image_id"]: t for t in new}.values())
-        if not new:
+        fresh = {item.image_id: item for item in items if item.image_id not in present}
+        if not fresh:
             return
+        new = [self.task(batch_id, item, pid) for item in fresh.values()]  # copies written before the import
         self._ensure_storages(pid, {(self.document_root / unquote(t["data"]["image"].split("?d=", 1)[1])).parent
                                     for t in new})
         for start in range(0, len(new), self.import_chunk):
@@ -453,9 +491,12 @@ class LabelStudioBackend:
                              self._reviewer(ann.get("completed_by")), adjusted, self.names)
 
     def collect(self) -> Iterator[ReviewedLabel]:
-        """Every submitted review in the project (from the JSON export); refused ones in ``rejected``."""
-        export = self._in_project(lambda pid: self.client.get(f"/api/projects/{pid}/export", exportType="JSON"))
-        for task in export or []:
+        """Every submitted review in the project (from the JSON export); refused ones in
+        ``rejected``. Then the copies no longer needed are removed (module docstring)."""
+        pid, export = self._in_project(lambda pid: (pid, self.client.get(
+            f"/api/projects/{pid}/export", exportType="JSON", download_all_tasks="true") or []))
+        labels = []
+        for task in export:
             image_id = str(task.get("data", {}).get("image_id"))
             try:
                 label = self.label(task)
@@ -466,5 +507,87 @@ class LabelStudioBackend:
                 continue
             if label is not None:
                 self.rejected.pop(image_id, None)
-                yield label
+                labels.append(label)
+        collected = {label.image_id for label in labels}
+        self._sweep(pid, export, collected & self._collected)
+        self._collected = collected
+        yield from labels
+
+    def _linked(self, task: Mapping[str, Any]) -> Path | None:
+        """The file under ``copy_dir`` that a task's image link names (None: another file)."""
+        link = str((task.get("data") or {}).get("image") or "")
+        if "?d=" not in link:
+            return None
+        path = self.document_root / unquote(link.split("?d=", 1)[1])
+        return path if path.is_relative_to(self.copy_dir) else None
+
+    def _sweep(self, pid: int, tasks: Sequence[Mapping[str, Any]], merged: set[str]) -> None:
+        """Remove the copies no longer needed (module docstring): those that only the tasks of
+        ``merged`` images link, those in project ``pid``'s folder that no task links, a deleted
+        project's folder, and the temporary files of ``pid`` (and of the flat layout of older
+        versions). ``tasks`` is project ``pid``'s export. Files that are not ours (other names)
+        are left alone, and so is another project's folder while the server has the project."""
+        live: set[Path] = set()
+        done: set[Path] = set()
+        for task in tasks:
+            path = self._linked(task)
+            if path is not None:
+                (done if str((task.get("data") or {}).get("image_id")) in merged else live).add(path)
+        own = self.copy_dir / str(pid)
+        removed = sum(self._remove(path) for path in done - live if _copy_file(path.name))
+        for folder in [self.copy_dir, *self._folders()]:
+            gone = folder not in (self.copy_dir, own) and self._project_gone_for_copies(int(folder.name))
+            for path in self._files(folder):
+                killed = folder == self.copy_dir and path.suffix == ".tmp"  # the flat layout's
+                if gone or killed or (folder == own and path not in live):
+                    removed += self._remove(path)
+            if gone:
+                try:
+                    folder.rmdir()
+                except OSError as exc:  # a file that is not ours is left, and so the folder
+                    log.warning("Label Studio copies: %s not removed: %s", folder, exc)
+        if removed:
+            log.info("removed %d Label Studio JPEG copies no longer needed (project %s)", removed, pid)
+
+    def _project_gone_for_copies(self, pid: int) -> bool:
+        """Whether project ``pid`` is deleted; any other answer keeps its copies (a server that
+        does not answer now must not stop the collection whose reviews are already read)."""
+        try:
+            return self._project_gone(pid)
+        except (PermanentError, RetryableError) as exc:
+            log.warning("Label Studio copies of project %s kept for now: %s", pid, exc)
+            return False
+
+    def _folders(self) -> list[Path]:
+        """The per-project folders in ``copy_dir`` (named by a project id)."""
+        try:
+            return [Path(e.path) for e in os.scandir(self.copy_dir) if e.is_dir(follow_symlinks=False)
+                    and e.name.isdigit()]
+        except FileNotFoundError:
+            return []
+        except OSError as exc:  # unreadable: nothing removed, collecting goes on
+            log.warning("Label Studio copies: %s not read: %s", self.copy_dir, exc)
+            return []
+
+    def _files(self, folder: Path) -> list[Path]:
+        """The copies (``<name>.jpg``) and temporary files (``.<name>.<random>.tmp``) in ``folder``."""
+        try:
+            entries = list(os.scandir(folder))
+        except FileNotFoundError:
+            return []
+        except OSError as exc:  # unreadable: nothing removed, collecting goes on
+            log.warning("Label Studio copies: %s not read: %s", folder, exc)
+            return []
+        return [Path(e.path) for e in entries if e.is_file(follow_symlinks=False) and _copy_file(e.name)]
+
+    @staticmethod
+    def _remove(path: Path) -> bool:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return False
+        except OSError as exc:  # a read-only folder: the copy stays, collecting goes on
+            log.warning("Label Studio copy %s not removed: %s", path, exc)
+            return False
+        return True
 

@@ -313,5 +313,5 @@ def test_image_links_survive_url_characters_in_the_store_path(tmp_path: Path) ->
     (odd / "abc").write_bytes(b"jpeg")
     backend = LabelStudioBackend(None, "edge review", tmp_path)  # type: ignore[arg-type]  # no request made
     item = ReviewItem("abc", WIDTH, HEIGHT, record(persons=1), "b1", local_path=odd / "abc")
-    url = backend.task("batch-1", item)["data"]["image"]
+    url = backend.task("batch-1", item, 1)["data"]["image"]
     assert parse_qs(urlsplit(url).query)["d"] == ["lab +&#% 1/images/ab/abc"]

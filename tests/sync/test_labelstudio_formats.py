@@ -34,7 +34,7 @@ from test_reencode import _image
 
 HEAD = (40, 12, 90, 60)  # record()'s head box, whole pixels: a bright square there in every image
 JPEG = b"\xff\xd8\xff"
-COPIES = "label-studio-jpeg"  # under the document root
+COPIES = "label-studio-jpeg"  # under the document root, a folder per project
 _salts = itertools.count(1)
 
 
@@ -151,7 +151,8 @@ def test_images_a_browser_cannot_show_go_as_jpegs_of_their_size_and_their_review
         assert pixels.shape == (HEIGHT, WIDTH), name  # the record's size, upright
         assert pixels[y1 + 4:y2 - 4, x1 + 4:x2 - 4].mean() > 150 > pixels[y2 + 10:, x2 + 10:].mean() + 100, name
         assert (tasks[name]["data"]["width"], tasks[name]["data"]["height"]) == (WIDTH, HEIGHT)
-        assert tasks[name]["data"]["image"] == f"/data/local-files/?d={COPIES}/{sync.ids[name]}.jpg"
+        assert tasks[name]["data"]["image"] == \
+            f"/data/local-files/?d={COPIES}/{sync.backend.project_id}/{sync.ids[name]}.jpg"
     for name in ("cam.png", "turned.jpg"):  # a browser shows them as stored (and turns the JPEG itself)
         assert sync.shown(tasks[name])[0] == sync.store.image_bytes(sync.ids[name]), name
     # the reviewer moves the head and the nose of each; the answers merge in the record's pixels
@@ -176,26 +177,36 @@ def test_images_a_browser_cannot_show_go_as_jpegs_of_their_size_and_their_review
     dataset.close()
 
 
+class CutAtImport(LabelStudioClient):
+    """A client whose imports never reach the server, as when the connection is cut or the
+    process killed between writing the copies and importing their tasks."""
+
+    def post(self, path: str, body: Any) -> Any:
+        if path.endswith("/import"):
+            raise RetryableError(f"Label Studio POST {path}: connection reset (cut by the test)")
+        return super().post(path, body)
+
+
 def test_a_copy_written_before_a_failed_import_is_imported_once(ls_server: lsserver.LabelStudioServer,
                                                                 tmp_path: Path) -> None:
-    """The JPEG is written before the import; a process that ends between the two (here: the
-    server unreachable) leaves it, and the next run imports each image once, linking it."""
-    down = LabelStudioClient(f"http://127.0.0.1:{lsserver.free_port()}", ls_server.token, timeout=2)
-    s = Sync(ls_server, tmp_path, client=down)
-    folder = ls_server.document_root / COPIES
+    """The JPEG is written before the import; a process that ends between the two leaves it,
+    and the next run imports each image once, linking it."""
+    s = Sync(ls_server, tmp_path, client=CutAtImport(ls_server.url, ls_server.token))
     try:
-        copies = sorted(folder / f"{s.ids[n]}.jpg" for n in NOT_FOR_BROWSERS)
-        assert not any(p.exists() for p in copies)
         with pytest.raises(RetryableError):
             s.submit.run_once()
+        folder = ls_server.document_root / COPIES / str(s.backend.project_id)
+        copies = sorted(folder / f"{s.ids[n]}.jpg" for n in NOT_FOR_BROWSERS)
         assert all(p.is_file() and p.read_bytes().startswith(JPEG) for p in copies)
+        assert s.tasks() == {}
         before = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in copies}
         s.restart()
         s.run()
         tasks = s.tasks()
         assert sorted(tasks) == sorted(IMAGES)  # each image once
         for name in NOT_FOR_BROWSERS:
-            assert tasks[name]["data"]["image"] == f"/data/local-files/?d={COPIES}/{s.ids[name]}.jpg"
+            assert tasks[name]["data"]["image"] == \
+                f"/data/local-files/?d={COPIES}/{s.backend.project_id}/{s.ids[name]}.jpg"
         # killed after the import, before the journal's record of it: submitted again, nothing new
         s.restart()
         batch = s.uploader.journal.unsubmitted_batches("nobody")[0]

@@ -148,7 +148,7 @@ def test_existing_tasks_on_later_pages_are_not_imported_again(fake: FakeLabelStu
     items = [ReviewItem(f"img-{n}", rec["width"], rec["height"], rec, "bundle-7", local_path=tmp_path / f"{n}.jpg")
              for n in range(151)]
     backend = LabelStudioBackend(LabelStudioClient(fake.url, "token-123"), title, tmp_path)
-    fake.tasks = [{"id": n + 1, **backend.task("b-1", item)} for n, item in enumerate(items[:150])]
+    fake.tasks = [{"id": n + 1, **backend.task("b-1", item, 1)} for n, item in enumerate(items[:150])]
     backend.submit("b-1", items)
     assert backend.project_id == 1 and "/api/projects/" not in fake.posts  # found, not created twice
     assert [[t["data"]["image_id"] for t in chunk] for chunk in fake.imports] == [["img-150"]]
