@@ -82,7 +82,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from exporter.evaluate import evaluate
     from exporter.report import print_metrics_table
 
+    if args.limit is not None and args.limit < 1:  # 0 evaluated nothing, -1 all but the last image
+        raise AnnotatorError(f"evaluate: --limit must be 1 or more, got {args.limit}")
     ann, images = dataset_paths(args.dataset, args.images)
+    if not images.is_dir():  # else every image was skipped with a warning and the metrics were of nothing
+        raise AnnotatorError(f"dataset: images folder {images} does not exist; give --images DIR "
+                             "(default: images/ beside the json)")
     out = Path(args.out or f"eval-{Path(args.bundle).name}")
     metrics = evaluate(args.bundle, ann, images, out, limit=args.limit, letterbox=args.letterbox)
     print_metrics_table(metrics)

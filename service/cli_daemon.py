@@ -52,7 +52,21 @@ def expand_files(items: list[str]) -> Iterator[Path]:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve
 
-    return serve(_config(args))
+    cfg = _config(args)
+    for key, folder in (("store.root", cfg.store.root), ("drop.folder", cfg.drop.folder),
+                        ("outputs.sidecar_dir", cfg.outputs.sidecar_dir)):
+        # else "[Errno 17] File exists: ..." once the bundle had loaded, naming no key
+        if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
+            raise ConfigError(f"{key}: {folder} is a file, not a folder; point {key} at a folder")
+    try:
+        return serve(cfg)
+    except RuntimeError as exc:
+        # grpcio raises RuntimeError for a port it cannot bind (create_server's `if not port` never sees 0)
+        if "Failed to bind" not in str(exc):
+            raise
+        raise ConfigError(f"server.listen: cannot listen on {cfg.server.listen}: the port is in use (another "
+                          "daemon? annotator status --server ...) or the address is not this machine's; stop "
+                          "that process or choose another server.listen") from exc
 
 
 def cmd_annotate(args: argparse.Namespace) -> int:
@@ -175,7 +189,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.dataset_root and not (root / "dataset.sqlite3").is_file():
         raise ConfigError(f"--dataset-root {root}: no dataset.sqlite3 there; give the sync agent's dataset folder "
                           "([sync.dataset] root, default <store root>/dataset)")
-    store = Store(Path(cfg.store.root), lease_seconds=float(cfg.store.lease_seconds))
+    store_root = Path(cfg.store.root)
+    if not (store_root / "store.sqlite3").is_file():  # Store() would make an empty one: an empty export, exit 0
+        raise ConfigError(f"export: no store at {store_root} (store.root); has the daemon run with this config?")
+    try:
+        store = Store(store_root, lease_seconds=float(cfg.store.lease_seconds))
+    except sqlite3.OperationalError as exc:
+        raise AnnotatorError(f"export: cannot open the store at {store_root}: {exc}; run as a user who may write "
+                             "it (e.g. sudo -u annotator)") from exc
     try:
         with reviewed_labels(root) as reviewed:
             if reviewed is None:

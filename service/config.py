@@ -319,6 +319,8 @@ def _read_file(path: Path) -> tuple[dict[str, tuple[Any, str]], dict[str, Any]]:
     folder = path.absolute().parent
     for section, body in data.items():
         if section in PASSTHROUGH:
+            if not isinstance(body, dict):  # sync.config would fail on it with a Python message
+                raise ConfigError(f"{section}: expected a [{section}] table, got {body!r} ({source})")
             extra[section] = copy.deepcopy(body)
             continue
         if section not in SECTIONS:
@@ -336,6 +338,17 @@ def _read_file(path: Path) -> tuple[dict[str, tuple[Any, str]], dict[str, Any]]:
     return out, extra
 
 
+def _check_single_underscore(name: str) -> None:
+    """``ANNOTATOR_STORE_ROOT`` (one underscore after the section) names no variable this reads
+    and was ignored without a word; refuse it when the double underscore makes it a known key.
+    Other ``ANNOTATOR_*`` names (ANNOTATOR_CONFIG, ANNOTATOR_TOKEN, ...) are not ours to judge."""
+    rest = name[len(ENV_PREFIX):].lower()
+    for section in SECTIONS:
+        if rest.startswith(section + "_") and f"{section}.{rest[len(section) + 1:]}" in KEYS:
+            raise ConfigError(f"{name}: not read (a single underscore after the section); did you mean "
+                              f"{env_name(section + '.' + rest[len(section) + 1:])}?")
+
+
 def _absolute(value: Any) -> Any:
     """A relative path from the environment or the command line, joined to the working directory
     now: the sync agent joins relative paths to the config file's folder, and a relative
@@ -350,7 +363,10 @@ def load_config(path: Path | None = None, env: Mapping[str, str] = os.environ,
         path = Path(env[ENV_PREFIX + "CONFIG"])
     values, extra = _read_file(Path(path)) if path is not None else ({}, {})
     for name, text in env.items():
-        if not name.startswith(ENV_PREFIX) or "__" not in name:
+        if not name.startswith(ENV_PREFIX):
+            continue
+        if "__" not in name:
+            _check_single_underscore(name)
             continue
         key = name[len(ENV_PREFIX):].lower().replace("__", ".", 1)
         source = f"from environment {name}"

@@ -56,8 +56,10 @@ class Check:
 
 
 def _existing_ancestor(path: Path) -> Path:
+    """The nearest of ``path`` and its parents that can be seen to exist (os.path.exists: a
+    path under a folder this user may not search counts as missing, it does not raise)."""
     p = path.absolute()
-    while not p.exists() and p != p.parent:
+    while not os.path.exists(p) and p != p.parent:
         p = p.parent
     return p
 
@@ -137,6 +139,15 @@ def check_folders(cfg: Any) -> list[Check]:
             out.append(Check(name, SKIP, "not set"))
             continue
         folder = Path(folder)
+        try:
+            folder.stat()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # a folder above it that this user may not search
+            out.append(Check(name, FAIL, f"{folder}: cannot look at it: {exc.strerror or exc}",
+                             f"give the service user access to {folder} and the folders above it "
+                             f"(namei -l {folder}), or change {key}"))
+            continue
         if folder.is_dir():
             err = _writable(folder)
             out.append(Check(name, OK, f"{folder} writable") if err is None else
@@ -170,7 +181,7 @@ def last_day_intake(store_root: Path, now: float | None = None) -> tuple[int, in
     from .store import image_file
 
     db_path = store_root / "store.sqlite3"
-    if not db_path.is_file():
+    if not os.path.isfile(db_path):  # not Path.is_file: it raises PermissionError (the folders check says so)
         return None
     since = (time.time() if now is None else now) - 86400.0
     try:
@@ -398,10 +409,24 @@ def run_checks(path: Path | None, env: Mapping[str, str] = os.environ) -> list[C
         checks.append(check_sync(path, env))
     if cfg is not None:
         checks += check_folders(cfg)
-        checks += [check_disk(cfg), check_bundle(cfg), check_providers(cfg)]
+        checks += [_guarded("disk", check_disk, cfg), _guarded("bundle", check_bundle, cfg),
+                   _guarded("providers", check_providers, cfg)]
     checks += [check_s3(sync), check_review(sync)]
-    checks.append(check_clock(Path(cfg.store.root) if cfg is not None else Path(tempfile.gettempdir())))
+    clock_folder = Path(cfg.store.root) if cfg is not None else Path(tempfile.gettempdir())
+    checks.append(_guarded("clock", check_clock, clock_folder))
     return checks
+
+
+def _guarded(name: str, check: Callable[..., Check], *args: Any) -> Check:
+    """``check(*args)``, or a FAIL naming the file when the file system refuses it (a bundle file
+    or a folder this user may not read): one line of the report, not a traceback instead of it."""
+    try:
+        return check(*args)
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return Check(name, FAIL, f"{where}{exc.strerror or exc}",
+                     "give the service user access to it and the folders above it, and run doctor as that user "
+                     "(sudo -u annotator annotator doctor ...)")
 
 
 def exit_code(checks: Sequence[Check]) -> int:

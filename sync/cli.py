@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sqlite3
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
@@ -46,7 +47,11 @@ def cmd_sync(args: argparse.Namespace) -> int:
             from service.metrics import MetricsRecorder
 
             metrics = MetricsRecorder()
-        agent = build_agent(cfg, metrics=metrics)
+        try:
+            agent = build_agent(cfg, metrics=metrics)
+        except sqlite3.OperationalError as exc:  # the store (or the agent's journal) this user may not write
+            raise SyncConfigError(f"cannot open the store at {cfg.store_root}: {exc}; run as a user who may "
+                                  "write it (e.g. sudo -u annotator)") from exc
         if metrics is not None and cfg.metrics_listen is not None:
             from service.metrics import start_metrics_server
 

@@ -117,6 +117,18 @@ def default_appliance_id() -> str:
     return (name or "appliance")[:64]
 
 
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", dict: "a table", list: "a list"}
+
+
+def expected_type(allowed: Any) -> str:
+    """``(int, float)`` -> ``"a number"``, ``str`` -> ``"a string"``: what a TOML writer knows,
+    not ``<class 'int'>``."""
+    kinds = allowed if isinstance(allowed, tuple) else (allowed,)
+    if float in kinds:
+        return "a number"
+    return " or ".join(_TYPE_NAMES.get(k, getattr(k, "__name__", str(k))) for k in kinds)
+
+
 def checked_table(table: Any, allowed: Mapping[str, Any], where: str) -> dict[str, Any]:
     """``table`` as a dict when it is a table of known keys with values of the allowed types."""
     if not isinstance(table, dict):
@@ -125,7 +137,7 @@ def checked_table(table: Any, allowed: Mapping[str, Any], where: str) -> dict[st
         if key not in allowed:
             raise SyncConfigError(f"{where}.{key}: unknown key; known: {', '.join(sorted(allowed))}")
         if isinstance(value, bool) or not isinstance(value, allowed[key]):
-            raise SyncConfigError(f"{where}.{key}: expected {allowed[key]}, got {value!r}")
+            raise SyncConfigError(f"{where}.{key}: expected {expected_type(allowed[key])}, got {value!r}")
     return dict(table)
 
 
@@ -137,7 +149,7 @@ def _check(table: Mapping[str, Any], allowed: Mapping[str, Any], where: str, sou
         if key not in allowed:
             raise SyncConfigError(f"{where}.{key}: unknown key ({source}); known: {', '.join(sorted(allowed))}")
         if isinstance(value, bool) or not isinstance(value, allowed[key]):
-            raise SyncConfigError(f"{where}.{key}: expected {allowed[key]}, got {value!r} ({source})")
+            raise SyncConfigError(f"{where}.{key}: expected {expected_type(allowed[key])}, got {value!r} ({source})")
         out[key] = value
     return out
 

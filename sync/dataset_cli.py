@@ -41,15 +41,28 @@ def settings(args: argparse.Namespace, **overrides: Any) -> PullSettings:
 
 
 def _open(s: PullSettings) -> tuple[Any, Any]:
+    """(store, dataset) of the settings (shared with ``annotator models``); a store or dataset
+    this user may not write is one line naming it, not an sqlite3 traceback."""
+    import sqlite3
+
     from service.store import Store
 
     from .dataset import Dataset
+    from .errors import SyncConfigError
 
     if not (s.store_root / "store.sqlite3").is_file():
-        from .errors import SyncConfigError
-
         raise SyncConfigError(f"store root {s.store_root} holds no store.sqlite3; give --store-root or [store] root")
-    return Store(s.store_root), Dataset(s.dataset_root, holdout_fraction=s.holdout_fraction)
+    try:
+        store = Store(s.store_root)
+    except sqlite3.OperationalError as exc:
+        raise SyncConfigError(f"cannot open the store at {s.store_root}: {exc}; run as a user who may write it "
+                              "(e.g. sudo -u annotator)") from exc
+    try:
+        return store, Dataset(s.dataset_root, holdout_fraction=s.holdout_fraction)
+    except sqlite3.OperationalError as exc:
+        store.close()
+        raise SyncConfigError(f"cannot open the dataset at {s.dataset_root}: {exc}; run as a user who may write "
+                              "it (e.g. sudo -u annotator)") from exc
 
 
 def _refresh(store: Any, dataset: Any) -> None:

@@ -82,15 +82,10 @@ def build_puller(s: PullSettings, with_gate: bool = True, daemon_optional: bool 
         reload_fn = _unless_down(reload_fn, s.daemon)
     gate, closing = None, []
     if with_gate:
-        from service.store import Store
-
-        from .dataset import Dataset
+        from .dataset_cli import _open
         from .gate import GateConfig, ValidationGate
 
-        if not (s.store_root / "store.sqlite3").is_file():
-            raise SyncConfigError(f"store root {s.store_root} holds no store.sqlite3; give --store-root or [store] root")
-        store = Store(s.store_root)
-        dataset = Dataset(s.dataset_root, holdout_fraction=s.holdout_fraction)
+        store, dataset = _open(s)
         gate = ValidationGate(dataset, store.image_path, GateConfig(margin=s.margin, min_images=s.min_holdout),
                               s.models_root / "work")
         closing = [dataset, store]
@@ -114,7 +109,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     refused = slots.refused()
     for bid, reason in refused.items():
         out.append(f"refused   {bid}: {reason}")
-    if s.registry is not None:
+    missing = _missing_registry(s)
+    if missing:
+        out.append(f"registry  {missing}")
+    elif s.registry is not None:
         from .config import open_target
 
         current = slots.current()
@@ -128,10 +126,22 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _missing_registry(s: PullSettings) -> str | None:
+    """Why a local registry folder cannot be read (it does not exist), else None: a mistyped
+    ``--registry`` listed nothing and pulled nothing, and said only that no newer bundle came."""
+    if s.registry is None or s.registry.kind != "local" or s.registry.root is None or s.registry.root.is_dir():
+        return None
+    return (f"model registry {s.registry.root} is not a folder; give --registry the folder bundles are "
+            "published to, or fix [sync.models.registry] root")
+
+
 def cmd_pull(args: argparse.Namespace) -> int:
     s = _settings(args)
     if s.registry is None:
         raise SyncConfigError("no model registry: give --registry DIR or [sync.models.registry]")
+    missing = _missing_registry(s)
+    if missing:
+        raise SyncConfigError(missing)
     puller, closing = build_puller(s, daemon_optional=args.daemon_optional)
     stop = threading.Event()
     try:

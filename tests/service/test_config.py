@@ -105,6 +105,29 @@ def test_sync_table_is_passed_through_raw(tmp_path: Path) -> None:
     assert dict(load_config(None, env={}).extra) == {}
 
 
+@pytest.mark.parametrize("name, message", [
+    ("ANNOTATOR_STORE_ROOT", "did you mean ANNOTATOR_STORE__ROOT?"),
+    ("ANNOTATOR_SERVER_TOKEN", "did you mean ANNOTATOR_SERVER__TOKEN?"),
+    ("ANNOTATOR_ENGINE_RUN_BATCH", "did you mean ANNOTATOR_ENGINE__RUN_BATCH?"),
+])
+def test_a_single_underscore_after_the_section_is_refused_not_ignored(tmp_path: Path, name: str,
+                                                                      message: str) -> None:
+    """ANNOTATOR_STORE_ROOT (one underscore) was skipped without a word: the daemon ran on the
+    file's store, not the one the operator set."""
+    with pytest.raises(ConfigError) as info:
+        load_config(None, env={name: "x-secret-value"})
+    assert message in str(info.value) and "x-secret-value" not in str(info.value)
+    # the other ANNOTATOR_* variables (the clients' token, the config file, Label Studio's token) stay free
+    load_config(None, env={"ANNOTATOR_TOKEN": "t", "ANNOTATOR_LABEL_STUDIO_TOKEN": "t", "ANNOTATOR_UNRELATED": "x"})
+
+
+def test_a_sync_key_that_is_not_a_table_is_refused(tmp_path: Path) -> None:
+    """``sync = "s3"`` above the first table: passed through as it was, then the agent, doctor
+    and export ended in "dictionary update sequence element #0 has length 1"."""
+    with pytest.raises(ConfigError, match=r"sync: expected a \[sync\] table, got 's3'"):
+        load_config(write(tmp_path, "sync = 's3'\n[store]\nroot = 'data'\n"), env={})
+
+
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.toml", env={})
