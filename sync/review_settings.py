@@ -130,9 +130,13 @@ def review_settings_from(cfg: SyncConfig, env: Mapping[str, str]) -> ReviewSetti
         if not t.get("url", "").startswith(("http://", "https://")):
             raise SyncConfigError(f"sync.review.labelstudio.url: expected http(s)://host:port, got {t.get('url')!r}")
         token = env.get(TOKEN_ENV) or t.get("token") or ""
-        if len(token) < 6:
+        if not token:
             raise SyncConfigError(f"sync.review.labelstudio.token: required (set {TOKEN_ENV} in the environment, "
                                   "or token in the file)")
+        if len(token) < 6:  # what Label Studio's tokens never are: a placeholder or a cut paste
+            raise SyncConfigError(f"sync.review.labelstudio.token: too short ({len(token)} characters, from "
+                                  f"{TOKEN_ENV if env.get(TOKEN_ENV) else 'the file'}); paste the whole token of "
+                                  "Label Studio's Account & Settings page")
         root = (cfg.base / t["document_root"]).resolve() if "document_root" in t else cfg.store_root.resolve()
         if not cfg.store_root.resolve().is_relative_to(root):
             raise SyncConfigError(f"sync.review.labelstudio.document_root: the store {cfg.store_root} must lie under "

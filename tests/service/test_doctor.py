@@ -198,10 +198,13 @@ def test_gpu_provider_offered_but_not_loading_is_a_warning(tmp_path: Path, coco1
     ({"batchsize": 5}, "", {}, "sync.batchsize: unknown key"),
     ({"appliance_id": "lab"}, '[sync.review]\nkind = "labelstudio"\n[sync.review.labelstudio]\n'
      'url = "http://127.0.0.1:1"\n', {}, "sync.review.labelstudio.token: required"),
+    ({"appliance_id": "lab"}, '[sync.review]\nkind = "labelstudio"\n[sync.review.labelstudio]\n'
+     'url = "http://127.0.0.1:1"\n', {"ANNOTATOR_LABEL_STUDIO_TOKEN": "abc"},
+     "sync.review.labelstudio.token: too short (3 characters, from ANNOTATOR_LABEL_STUDIO_TOKEN)"),
     ({"appliance_id": "lab"}, "[sync.dataset]\nholdout_fraction = 2\n", {}, "sync.dataset.holdout_fraction"),
     ({"appliance_id": "lab"}, '[sync.training]\nrole_arn = "arn:aws:iam::1:role/x"\nimage_uri = "i"\n'
      'input_s3 = "s3://b/in"\noutput_s3 = "s3://b/out"\n', {}, "needs [sync.models.registry]"),  # sync.agent's rule
-], ids=["unknown-key", "no-label-studio-token", "dataset", "training-without-registry"])
+], ids=["unknown-key", "no-label-studio-token", "short-label-studio-token", "dataset", "training-without-registry"])
 def test_the_sync_tables_are_checked_by_the_agents_own_rules(tmp_path: Path, coco17_bundle: Any, sync: dict,
                                                              extra: str, env: dict, words: str,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
