@@ -68,6 +68,25 @@ def cmd_compact(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from exporter.quantize import quantize_bundle
+
+    images = Path(args.images)
+    if not images.is_dir():
+        raise AnnotatorError(f"--images {images}: not a folder; give a folder of images like those the daemon "
+                             "labels (e.g. a capture's, or annotator synth's images/)")
+    if args.count < 1:
+        raise AnnotatorError(f"--count must be 1 or more, got {args.count}")
+    try:
+        b = quantize_bundle(Path(args.src), Path(args.dst), images, count=args.count, progress=_progress if sys.stderr.isatty() else None)
+    except ValueError as exc:
+        raise AnnotatorError(f"quantize: {exc}") from exc
+    size = sum(f.stat().st_size for f in Path(args.dst).iterdir()) / 1e6
+    print(f"int8 bundle {b.id} written to {args.dst} ({size:.1f} MB); compare it with the source on labelled "
+          f"images before using it: annotator evaluate {args.dst} DATASET")
+    return 0
+
+
 def dataset_paths(dataset: str, images: str | None = None) -> tuple[Path, Path]:
     """(annotations json, images folder) of a DATASET argument: a COCO key-points json or a
     folder holding annotations.json; images default to images/ beside the json."""
@@ -158,6 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dst")
     s.set_defaults(func=cmd_compact)
 
+    s = sub.add_parser("quantize", help="copy a bundle with int8 models for faster CPU inference (README, "
+                       "\"Int8 bundles\")")
+    s.add_argument("src")
+    s.add_argument("dst")
+    s.add_argument("--images", required=True, help="a folder of images like those the daemon labels: the int8 "
+                   "ranges are measured on them")
+    s.add_argument("--count", type=int, default=200, help="images used (a seeded sample; default 200)")
+    s.set_defaults(func=cmd_quantize)
+
     s = sub.add_parser("evaluate", help="evaluate a bundle on a COCO key-points dataset")
     s.add_argument("bundle")
     s.add_argument("dataset", help="COCO key-points json or a folder with annotations.json and images/")
@@ -203,7 +231,8 @@ def _register_optional(sub: argparse._SubParsersAction) -> None:
 _EXTRA_OF = {"pycocotools": "eval", "matplotlib": "eval", "ultralytics": "train", "torch": "train",
              "torchvision": "train", "onnx": "train", "onnxslim": "train"}
 _NEEDS = {"train": ("ultralytics", "torch"), "learning-curve": ("ultralytics", "torch"), "simulate": ("ultralytics",),
-          "evaluate": ("pycocotools",), "calibrate": ("pycocotools",), "compact": ("onnx",)}
+          "evaluate": ("pycocotools",), "calibrate": ("pycocotools",), "compact": ("onnx",),
+          "quantize": ("onnx",)}
 
 
 def _extra_error(command: str, module: str, why: str) -> str:
