@@ -481,9 +481,10 @@ def _start_metrics(config: "Config") -> "tuple[Any, int | None]":
 def serve(config: "Config", ready: threading.Event | None = None, stop: threading.Event | None = None) -> int:
     """Run the appliance in the foreground until SIGTERM/SIGINT (or ``stop`` is set).
 
-    Start-up: daemon (bundle loaded and smoke-tested), gRPC server listening, metrics endpoint;
-    only then READY=1 and a STATUS line (port, bundle) go to systemd, and the watchdog pings
-    while ``Daemon.healthy()``, which gRPC health follows (checked every second). A reload that changes the bundle sends a new STATUS.
+    Start-up: metrics endpoint, daemon (bundle loaded and smoke-tested), gRPC server listening,
+    then the daemon's workers and drop folder; only then READY=1 and a STATUS line (port,
+    bundle) go to systemd, and the watchdog pings while ``Daemon.healthy()``, which gRPC health
+    follows (checked every second). A reload that changes the bundle sends a new STATUS.
     Shutdown order: the signal only sets an Event; STOPPING=1, the watchdog stops, the drop
     folder watcher stops, health turns NOT_SERVING, ``server.stop(grace)``, workers finish their
     batch, leases are released and the store is closed (``Daemon.close``).
@@ -499,12 +500,14 @@ def serve(config: "Config", ready: threading.Event | None = None, stop: threadin
     notifier = Notifier.from_environ(os.environ)
     metrics, metrics_port = _start_metrics(config)
     daemon = Daemon(config, metrics=metrics)
-    daemon.start()
     server: grpc.Server | None = None
     watchdog: Watchdog | None = None
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     try:
         server, port = create_server(config, daemon, health_servicer)
+        # Only once the port is ours: a second `serve` of the same config on a busy port ends
+        # here without its drop folder or workers having touched the shared folders and store.
+        daemon.start()
         bundle_id = daemon.bundle.id
 
         def status_line() -> str:

@@ -172,3 +172,29 @@ def test_grpc_health_follows_the_daemons_own(make_config: Callable[..., Any], mo
         stop.set()
         thread.join(30)
     assert not thread.is_alive()
+
+
+def test_serve_on_a_busy_port_starts_no_workers_or_drop_folder(make_config: Callable[..., Any], monkeypatch: Any,
+                                                               tmp_path: Path) -> None:
+    """A second ``serve`` of the same config (the port taken) must fail before its drop folder
+    and workers touch the folders and the store the first daemon is using."""
+    from service.daemon import Daemon
+    from service.server import serve
+
+    started: list[Daemon] = []
+    real_start = Daemon.start
+    monkeypatch.setattr(Daemon, "start", lambda self: (started.append(self), real_start(self))[1])
+    drop = tmp_path / "drop"
+    drop.mkdir()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cfg = make_config(server__listen=f"127.0.0.1:{port}", drop__folder=str(drop))
+        try:
+            serve(cfg)
+        except Exception:  # grpcio says "Failed to bind" (a RuntimeError); cmd_serve words it
+            pass
+        else:
+            raise AssertionError("serve ran on a busy port")
+    assert started == []
