@@ -180,7 +180,7 @@ def _dataset_root_of(args: argparse.Namespace, cfg: Any) -> Path:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .outputs import export_coco, export_yolo
-    from .store import Store
+    from .store import open_existing
 
     cfg = _config(args)
     if not args.coco and not args.yolo:
@@ -189,14 +189,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.dataset_root and not (root / "dataset.sqlite3").is_file():
         raise ConfigError(f"--dataset-root {root}: no dataset.sqlite3 there; give the sync agent's dataset folder "
                           "([sync.dataset] root, default <store root>/dataset)")
-    store_root = Path(cfg.store.root)
-    if not (store_root / "store.sqlite3").is_file():  # Store() would make an empty one: an empty export, exit 0
-        raise ConfigError(f"export: no store at {store_root} (store.root); has the daemon run with this config?")
-    try:
-        store = Store(store_root, lease_seconds=float(cfg.store.lease_seconds))
-    except sqlite3.OperationalError as exc:
-        raise AnnotatorError(f"export: cannot open the store at {store_root}: {exc}; run as a user who may write "
-                             "it (e.g. sudo -u annotator)") from exc
+    store = open_existing(Path(cfg.store.root), "export", float(cfg.store.lease_seconds))
     try:
         with reviewed_labels(root) as reviewed:
             if reviewed is None:

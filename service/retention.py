@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 from .bundle import sha256_file
 from .dropfolder import PROCESSED, REASON_SUFFIX, is_temporary, quarantine_dir
 from .errors import ConfigError
-from .store import Store
+from .store import Store, open_existing
 
 if TYPE_CHECKING:
     from .config import Config, RetentionConfig
@@ -326,10 +326,7 @@ def cmd_prune(args: argparse.Namespace, config: "Config") -> int:
         print(f"prune: drop.processed_mode is {config.drop.processed_mode!r}: taken files are not moved to "
               "processed/, so processed_days removes nothing (the originals in the drop folder are yours)",
               file=sys.stderr)
-    root = Path(config.store.root)
-    if not (root / "store.sqlite3").is_file():
-        raise ConfigError(f"prune: no store at {root} (store.root); is this the daemon's config?")
-    store = Store(root, lease_seconds=float(config.store.lease_seconds))
+    store = open_existing(Path(config.store.root), "prune", float(config.store.lease_seconds))
     try:
         from .cli import _progress
 

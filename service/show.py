@@ -13,13 +13,12 @@ user who may write the store, e.g. the service user.
 from __future__ import annotations
 
 import argparse
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from .errors import AnnotatorError, ConfigError, ImageError, ImageNotFound
-from .store import STATES, ImageRow, Store
+from .errors import ConfigError, ImageError, ImageNotFound
+from .store import STATES, ImageRow, Store, open_existing
 
 if TYPE_CHECKING:
     import numpy as np
@@ -132,14 +131,7 @@ def cmd_show(args: argparse.Namespace, config: Any, reviewed_labels: Any) -> int
         raise ConfigError(f"show: --state must be one of {', '.join(STATES)}, got {args.state!r}")
     if args.latest < 1:
         raise ConfigError(f"show: --latest must be 1 or more, got {args.latest}")
-    root = Path(config.store.root)
-    if not (root / "store.sqlite3").is_file():
-        raise AnnotatorError(f"show: no store at {root} (store.root); has the daemon run with this config?")
-    try:
-        store = Store(root, lease_seconds=float(config.store.lease_seconds))
-    except sqlite3.OperationalError as exc:
-        raise AnnotatorError(f"show: cannot open the store at {root}: {exc}; run as a user who may write it "
-                             "(e.g. sudo -u annotator)") from exc
+    store = open_existing(Path(config.store.root), "show", float(config.store.lease_seconds))
     try:
         rows = pick_rows(store, args.ids, args.latest, args.state, args.decision, args.camera)
         if not rows:

@@ -54,7 +54,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from .durable import fsync_dir, write_bytes_atomic
-from .errors import ImageNotFound, LeaseLost, StoreError, StoreFull
+from .errors import AnnotatorError, ConfigError, ImageNotFound, LeaseLost, StoreError, StoreFull
 from .sqlite import ThreadConnections, apply_schema
 from .sqlite import transaction as sqlite_transaction
 
@@ -192,6 +192,21 @@ def _iso(at: float) -> str:
 def image_file(root: Path, image_id: str) -> Path:
     """Where a store under ``root`` keeps the bytes of ``image_id`` (module doc's layout)."""
     return Path(root) / "images" / image_id[:2] / image_id
+
+
+def open_existing(root: Path, command: str, lease_seconds: float = 60.0) -> "Store":
+    """The store under ``root`` for a command that reads what the daemon stored (``export``,
+    ``show``, ``prune``): a root with no store (a mistyped ``store.root``, a forgotten
+    ``--config``; ``Store`` would make an empty one and the command report nothing) and a store
+    this user may not write are each one line naming ``command`` and what to fix."""
+    root = Path(root)
+    if not (root / "store.sqlite3").is_file():
+        raise ConfigError(f"{command}: no store at {root} (store.root); has the daemon run with this config?")
+    try:
+        return Store(root, lease_seconds=lease_seconds)
+    except sqlite3.OperationalError as exc:
+        raise AnnotatorError(f"{command}: cannot open the store at {root}: {exc}; run as a user who may write it "
+                             "(e.g. sudo -u annotator)") from exc
 
 
 def image_id_of(data: bytes) -> str:
