@@ -108,6 +108,8 @@ def quantize_model(src: Path, dst: Path, files: Sequence[Path], size: tuple[int,
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         model = onnx.load(str(pre))
         input_name = model.graph.input[0].name
+        # a model exported with a fixed batch (for the GPU's padded batches) gets that many copies
+        batch = max(1, model.graph.input[0].type.tensor_type.shape.dim[0].dim_value)
         used = 0
 
         class Reader(CalibrationDataReader):
@@ -122,7 +124,7 @@ def quantize_model(src: Path, dst: Path, files: Sequence[Path], size: tuple[int,
                 used += 1
                 if progress is not None and used < len(files):
                     progress(used, len(files))
-                return {input_name: tensor}
+                return {input_name: np.repeat(tensor, batch, axis=0) if batch > 1 else tensor}
 
         quantize_static(str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,

@@ -92,3 +92,29 @@ def test_quantize_command_says_what_to_fix(tmp_path: Path) -> None:
         assert res.returncode == 2 and words in res.stderr, res.stderr
         assert "Traceback" not in res.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_bundle_with_a_fixed_batch_is_calibrated_at_that_batch(tmp_path: Path) -> None:
+    """Models exported with a fixed batch (the GPU's padded batches) take the calibration images
+    as that many copies; the int8 copy keeps the batch and runs in the engine."""
+    import dataclasses
+
+    onnx = pytest.importorskip("onnx")
+    from exporter.quantize import quantize_bundle
+    from service.bundle import write_bundle
+
+    demo = load_bundle(DEMO)
+    fixed = tmp_path / "fixed"
+    fixed.mkdir()
+    for role, entry in demo.models.items():
+        model = onnx.load(str(demo.model_path(role)))
+        dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+        dim.ClearField("dim_param")
+        dim.dim_value = 2
+        onnx.save(model, str(fixed / entry.file))
+    write_bundle(dataclasses.replace(demo, path=fixed))
+    int8 = quantize_bundle(fixed, tmp_path / "int8", SAMPLES, count=2)
+    engine = Engine(int8)
+    assert {m.fixed_batch for m in engine.models.values()} == {2}
+    images = [read_image(p) for p in sorted(SAMPLES.glob("*.jpg"))[:3]]
+    assert [len(p.persons) > 0 for p in engine.predict(images)] == [True] * 3
