@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -76,6 +78,22 @@ def excluded_nodes(model: "object") -> list[str]:
 
     return [n.name for n in graph.node
             if not activated(n) and (n.op_type == "Conv" or in_head(n)) or in_head(n) and "/cv4" in n.name]
+
+
+def _decodable(files: Sequence[Path]) -> list[Path]:
+    """The files that decode (each other one named once in the log)."""
+    from service.errors import ImageError
+    from service.imageio import decode_image
+
+    out = []
+    for path in files:
+        try:
+            decode_image(path.read_bytes())
+        except (ImageError, OSError) as exc:
+            log.warning("calibration image %s skipped: %s", path, exc)
+            continue
+        out.append(path)
+    return out
 
 
 def _tensors(files: Sequence[Path], size: tuple[int, int]) -> Iterator[np.ndarray]:
@@ -152,27 +170,45 @@ def quantize_bundle(src: Path, dst: Path, images: Path, count: int = DEFAULT_COU
     ``images``: a folder of images like those the daemon will label (a capture's or the
     synthetic set's ``images/``); up to ``count`` of them calibrate every model."""
     from service.bundle import ModelEntry, load_bundle, new_bundle_id, write_bundle
+    from service.durable import fsync_dir, fsync_tree
 
     bundle = load_bundle(src)
-    files = calibration_files(images, count, seed)
+    files = _decodable(calibration_files(images, count, seed))
     if not files:
-        raise ValueError(f"{images}: no images ({', '.join(IMAGE_SUFFIXES)}) to calibrate the int8 ranges on")
+        raise ValueError(f"{images}: no image ({', '.join(IMAGE_SUFFIXES)}) that decodes, to calibrate the int8 "
+                         "ranges on")
     if dst.resolve() == Path(src).resolve():
         raise ValueError(f"{dst}: the copy must go to another folder than the bundle it is made of")
-    if dst.exists():
-        if any(dst.iterdir()) and not (dst / "bundle.json").is_file():
-            raise ValueError(f"{dst}: exists and is not a bundle; give a new folder")
-        shutil.rmtree(dst)  # an earlier copy is replaced
-    dst.mkdir(parents=True)
-    models, used = {}, 0
-    for role, entry in bundle.models.items():
-        used = quantize_model(bundle.model_path(role), dst / entry.file, files, entry.imgsz,
-                              progress(role) if progress is not None else None)
-        models[role] = ModelEntry(**{**entry.__dict__, "sha256": ""})
-    lineage = {**bundle.lineage, "parent_bundle": bundle.id,
-               "notes": list(bundle.lineage.get("notes", [])) + [
-                   f"int8 (QDQ, static, per-channel) copy of bundle {bundle.id}, ranges from {used} images of "
-                   f"{images}; thresholds and confidence calibration are the parent's"]}
-    out = dataclasses.replace(bundle, path=dst, id=new_bundle_id(bundle.id), models=models, lineage=lineage)
-    write_bundle(out)
+    if dst.exists() and not (dst / "bundle.json").is_file() and any(dst.iterdir()):
+        raise ValueError(f"{dst}: exists and is not a bundle; give a new folder")
+    # Built beside ``dst`` and renamed into place once it loads: a failure or a kill half-way
+    # leaves an earlier bundle at ``dst`` as it was (a daemon's engine.bundle may name it).
+    for left in dst.parent.glob(f".{dst.name}.quantize-*"):  # what a killed run left
+        shutil.rmtree(left, ignore_errors=True)
+    work = dst.parent / f".{dst.name}.quantize-{secrets.token_hex(4)}"
+    work.mkdir(parents=True)
+    try:
+        models = {}
+        for role, entry in bundle.models.items():
+            quantize_model(bundle.model_path(role), work / entry.file, files, entry.imgsz,
+                           progress(role) if progress is not None else None)
+            models[role] = ModelEntry(**{**entry.__dict__, "sha256": ""})
+        lineage = {**bundle.lineage, "parent_bundle": bundle.id,
+                   "notes": list(bundle.lineage.get("notes", [])) + [
+                       f"int8 (QDQ, static, per-channel) copy of bundle {bundle.id}, ranges from {len(files)} "
+                       f"images of {images}; thresholds and confidence calibration are the parent's"]}
+        write_bundle(dataclasses.replace(bundle, path=work, id=new_bundle_id(bundle.id), models=models,
+                                         lineage=lineage))
+        load_bundle(work)
+        fsync_tree(work)
+        old = dst.parent / f".{dst.name}.quantize-old-{secrets.token_hex(4)}" if dst.exists() else None
+        if old is not None:
+            os.replace(dst, old)
+        os.replace(work, dst)
+        fsync_dir(dst.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     return load_bundle(dst)

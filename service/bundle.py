@@ -31,6 +31,7 @@ that its entry declares; a bundle that fails is refused with ``BundleError`` nam
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
@@ -301,13 +302,21 @@ def verify_onnx_layout(entry: ModelEntry, model_path: Path) -> None:
 def load_bundle(path: str | os.PathLike[str], verify: bool = True) -> Bundle:
     """Read ``bundle.json`` from a bundle directory and verify checksums and ONNX layouts.
 
-    Every failure is a ``BundleError`` saying what to fix: an unreadable folder or file (a
-    permission, a name too long) too, not an ``OSError`` that a caller reports as internal."""
+    Every problem of the path itself is a ``BundleError`` saying what to fix (a name too long, a
+    file where a folder belongs), not an ``OSError`` that ``ReloadModels`` answered as internal
+    with the whole name in its log. Other ``OSError`` (too many open files, an I/O error, a
+    permission) stay what they are: passing troubles of this machine, which the model pull
+    retries, whereas a ``BundleError`` refuses the bundle for good."""
     try:
         return _load_bundle(Path(path), verify)
     except OSError as exc:
+        if exc.errno not in _PATH_ERRNOS:
+            raise
         shown = str(path) if len(str(path)) <= 200 else f"{str(path)[:200]}... ({len(str(path))} characters)"
         raise BundleError(f"{shown}: cannot read the bundle: {exc.strerror or exc}") from exc
+
+
+_PATH_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG, errno.EISDIR, errno.ELOOP})
 
 
 def _load_bundle(root: Path, verify: bool) -> Bundle:

@@ -94,7 +94,8 @@ class EngineConfig:
     # A batch step (a worker's decode and inference, the finisher's judge, sidecars and commit)
     # running longer than this is a wedge (a hung disk, a driver): the daemon reports itself
     # unhealthy (systemd watchdog, gRPC health) and is restarted; its images come back by lease.
-    stall_seconds: float = 600.0
+    # Generous: TensorRT builds its engines inside the first batches of each input shape.
+    stall_seconds: float = 1800.0
 
 
 REVIEW_WINDOW = 500  # default of judge.review_window: images a ReviewShare ranks against (service.judge)

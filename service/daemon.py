@@ -223,7 +223,7 @@ class Daemon:
         # When each busy thread (worker owner or "finisher") began its current batch step
         # (monotonic); ``healthy`` reads it to tell a wedged thread from a working one.
         self._busy: dict[str, float] = {}
-        self.stall_seconds = float(getattr(config.engine, "stall_seconds", 600.0))
+        self.stall_seconds = float(getattr(config.engine, "stall_seconds", 1800.0))
         self._stalled: set[str] = set()
         self._wake = threading.Event()
         self._stop = threading.Event()

@@ -478,6 +478,22 @@ def _start_metrics(config: "Config") -> "tuple[Any, int | None]":
         raise ConfigError(f"metrics.listen: cannot serve metrics on {config.metrics.listen!r}: {exc}") from exc
 
 
+def _mirror_health(daemon: Any, health_servicer: health.HealthServicer, stop: threading.Event) -> None:
+    """gRPC health follows ``Daemon.healthy()`` (what the systemd watchdog reads), checked every
+    second until ``stop``: the container's HEALTHCHECK sees a dead worker or a wedged batch too,
+    not just a port. Its own thread: a check stuck on a hung disk must not keep ``serve`` from
+    seeing SIGTERM."""
+    serving = True
+    while not stop.wait(1.0):
+        if daemon.healthy() != serving and not stop.is_set():
+            serving = not serving
+            log.warning("gRPC health: %s", "SERVING again" if serving else
+                        "NOT_SERVING (a worker thread died or is wedged, or the store does not answer)")
+            for name in ("", SERVICE_NAME):
+                health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING if serving
+                                    else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+
 def serve(config: "Config", ready: threading.Event | None = None, stop: threading.Event | None = None) -> int:
     """Run the appliance in the foreground until SIGTERM/SIGINT (or ``stop`` is set).
 
@@ -521,20 +537,12 @@ def serve(config: "Config", ready: threading.Event | None = None, stop: threadin
         watchdog.start()
         if ready is not None:
             ready.set()
-        serving = True
+        threading.Thread(target=_mirror_health, args=(daemon, health_servicer, stop), name="grpc-health",
+                         daemon=True).start()
         while not stop.wait(1.0):
             if daemon.bundle.id != bundle_id:  # reloaded through ReloadModels
                 bundle_id = daemon.bundle.id
                 notifier.status(status_line())
-            # gRPC health follows the daemon's own (what the systemd watchdog reads): the
-            # container's HEALTHCHECK sees a dead worker or a wedged batch too, not just a port.
-            if daemon.healthy() != serving:
-                serving = not serving
-                log.warning("gRPC health: %s", "SERVING again" if serving else
-                            "NOT_SERVING (a worker thread died or is wedged, or the store does not answer)")
-                for name in ("", SERVICE_NAME):
-                    health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING if serving
-                                        else health_pb2.HealthCheckResponse.NOT_SERVING)
     finally:
         log.info("shutting down")
         notifier.stopping()

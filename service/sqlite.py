@@ -21,6 +21,17 @@ from typing import Iterator
 DEFAULT_BUSY_TIMEOUT_MS = 30_000
 
 
+def open_failure(what: str, path: Path | str, exc: sqlite3.Error) -> str:
+    """One line for a database a command could not open: what to do depends on why (a file this
+    user may not write, or a lock another program holds past the busy timeout)."""
+    text = str(exc)
+    if "locked" in text or "busy" in text:
+        hint = "another program holds it; try again when it is done (a running daemon never holds it this long)"
+    else:
+        hint = "run as a user who may write it (e.g. sudo -u annotator)"
+    return f"cannot open the {what} at {path}: {text}; {hint}"
+
+
 def connect(path: Path | str, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS) -> sqlite3.Connection:
     """Open ``path`` in autocommit mode with WAL, ``synchronous=FULL`` and a busy timeout (ms)."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=busy_timeout_ms / 1000)

@@ -55,7 +55,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from .durable import fsync_dir, write_bytes_atomic
 from .errors import AnnotatorError, ConfigError, ImageNotFound, LeaseLost, StoreError, StoreFull
-from .sqlite import ThreadConnections, apply_schema
+from .sqlite import ThreadConnections, apply_schema, open_failure
 from .sqlite import transaction as sqlite_transaction
 
 log = logging.getLogger(__name__)
@@ -205,8 +205,7 @@ def open_existing(root: Path, command: str, lease_seconds: float = 60.0) -> "Sto
     try:
         return Store(root, lease_seconds=lease_seconds)
     except sqlite3.OperationalError as exc:
-        raise AnnotatorError(f"{command}: cannot open the store at {root}: {exc}; run as a user who may write it "
-                             "(e.g. sudo -u annotator)") from exc
+        raise AnnotatorError(f"{command}: {open_failure('store', root, exc)}") from exc
 
 
 def image_id_of(data: bytes) -> str:

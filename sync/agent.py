@@ -255,7 +255,8 @@ def _merge_task(store: Any, pull: Any, backend: Any, metrics: MetricsRecorder | 
 
     dataset = Dataset(pull.dataset_root, holdout_fraction=pull.holdout_fraction)
     agent.closers.append(dataset.close)
-    return MergeTask(Merger(store, dataset), backend.collect, metrics.review_merged if metrics is not None else None)
+    return MergeTask(Merger(store, dataset), backend.collect, metrics.review_merged if metrics is not None else None,
+                     getattr(backend, "merged", None))  # Label Studio removes the shown copies of merged reviews
 
 
 def _training_settings(cfg: SyncConfig, pull: Any) -> Any:

@@ -50,8 +50,9 @@ def cmd_sync(args: argparse.Namespace) -> int:
         try:
             agent = build_agent(cfg, metrics=metrics)
         except sqlite3.OperationalError as exc:  # the store (or the agent's journal) this user may not write
-            raise SyncConfigError(f"cannot open the store at {cfg.store_root}: {exc}; run as a user who may "
-                                  "write it (e.g. sudo -u annotator)") from exc
+            from service.sqlite import open_failure
+
+            raise SyncConfigError(open_failure("store", cfg.store_root, exc)) from exc
         if metrics is not None and cfg.metrics_listen is not None:
             from service.metrics import start_metrics_server
 

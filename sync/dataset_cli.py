@@ -45,6 +45,7 @@ def _open(s: PullSettings) -> tuple[Any, Any]:
     this user may not write is one line naming it, not an sqlite3 traceback."""
     import sqlite3
 
+    from service.sqlite import open_failure
     from service.store import Store
 
     from .dataset import Dataset
@@ -55,14 +56,12 @@ def _open(s: PullSettings) -> tuple[Any, Any]:
     try:
         store = Store(s.store_root)
     except sqlite3.OperationalError as exc:
-        raise SyncConfigError(f"cannot open the store at {s.store_root}: {exc}; run as a user who may write it "
-                              "(e.g. sudo -u annotator)") from exc
+        raise SyncConfigError(open_failure("store", s.store_root, exc)) from exc
     try:
         return store, Dataset(s.dataset_root, holdout_fraction=s.holdout_fraction)
     except sqlite3.OperationalError as exc:
         store.close()
-        raise SyncConfigError(f"cannot open the dataset at {s.dataset_root}: {exc}; run as a user who may write "
-                              "it (e.g. sudo -u annotator)") from exc
+        raise SyncConfigError(open_failure("dataset", s.dataset_root, exc)) from exc
 
 
 def _refresh(store: Any, dataset: Any) -> None:

@@ -24,10 +24,10 @@ A copy lives as long as a task may still be shown for review, and no longer (the
 ever before: one JPEG per image ever sent). Each collection (``collect``, also the agent's first
 pass after a start) removes, in ``copy_dir``:
 
-- the copy of a task whose review was collected by the collection before and is still there:
-  that review has been merged since (a review our checks refuse, or a skipped task, keeps its
-  copy: the reviewer still works on it). A reviewer who opens such a finished task again sees
-  no image; the review stays merged;
+- the copy of a task whose review the merge has put into the dataset since the collection
+  before (``merged``, which the agent's merge task calls with its report): a review our checks
+  or the merge refuse, or a skipped task, keeps its copy, since the reviewer still works on it.
+  A reviewer who opens such a finished task again sees no image; the review stays merged;
 - in the current project's folder, a copy that no task of the project links (its task deleted,
   or a run killed between the write and the import); in the folder of a project the server
   no longer has (deleted), every copy, and the folder;
@@ -291,7 +291,7 @@ class LabelStudioBackend:
         self.project_id: int | None = None
         self.rejected: dict[str, str] = {}
         self._users: dict[int, str] = {}
-        self._collected: set[str] = set()  # image ids the last collect yielded (merged since)
+        self._merged: set[str] = set()  # image ids whose review the merge took since the last sweep
 
     @property
     def job(self) -> str:
@@ -508,10 +508,17 @@ class LabelStudioBackend:
             if label is not None:
                 self.rejected.pop(image_id, None)
                 labels.append(label)
-        collected = {label.image_id for label in labels}
-        self._sweep(pid, export, collected & self._collected)
-        self._collected = collected
+        try:
+            self._sweep(pid, export, self._merged)
+            self._merged.clear()
+        except Exception:  # the copies wait for the next collection; the reviews must not
+            log.exception("Label Studio copies: the sweep failed; collecting goes on")
         yield from labels
+
+    def merged(self, report: Any) -> None:
+        """The merge task's report (``sync.merge.MergeReport``): the copies of the images whose
+        reviews went into the dataset (merged, or the same again) go at the next collection."""
+        self._merged.update(report.merged, report.unchanged)
 
     def _linked(self, task: Mapping[str, Any]) -> Path | None:
         """The file under ``copy_dir`` that a task's image link names (None: another file)."""
@@ -562,7 +569,7 @@ class LabelStudioBackend:
         """The per-project folders in ``copy_dir`` (named by a project id)."""
         try:
             return [Path(e.path) for e in os.scandir(self.copy_dir) if e.is_dir(follow_symlinks=False)
-                    and e.name.isdigit()]
+                    and e.name.isascii() and e.name.isdigit()]  # "²" is a digit to isdigit
         except FileNotFoundError:
             return []
         except OSError as exc:  # unreadable: nothing removed, collecting goes on

@@ -281,19 +281,24 @@ class MergeTask:
 
     ``fetch`` returns the labels collected from the review backend since the last call (e.g.
     ``ReviewBackend.collect``); returns True when the dataset changed. ``on_merged(n)`` is
-    told how many reviewed labels each call merged (e.g. a metrics counter).
+    told how many reviewed labels each call merged (e.g. a metrics counter), ``on_report`` each
+    call's ``MergeReport`` (e.g. ``LabelStudioBackend.merged``).
     """
 
     name = "merge"
 
     def __init__(self, merger: Merger, fetch: Callable[[], Iterable[Any]],
-                 on_merged: Callable[[int], None] | None = None) -> None:
+                 on_merged: Callable[[int], None] | None = None,
+                 on_report: Callable[[MergeReport], None] | None = None) -> None:
         self.merger = merger
         self.fetch = fetch
         self.on_merged = on_merged
+        self.on_report = on_report
 
     def run_once(self) -> bool:
         report = self.merger.merge(list(self.fetch()))
         if self.on_merged is not None and report.merged:
             self.on_merged(len(report.merged))
+        if self.on_report is not None:
+            self.on_report(report)
         return bool(report.merged or report.auto_added or report.auto_removed)

@@ -86,7 +86,8 @@ def test_quantize_command_says_what_to_fix(tmp_path: Path) -> None:
     empty = tmp_path / "no-images"
     empty.mkdir()
     (empty / "notes.txt").write_text("not an image")
-    for images, words in ((tmp_path / "missing", "not a folder"), (empty, "no images")):
+    (empty / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    for images, words in ((tmp_path / "missing", "not a folder"), (empty, "no image")):
         res = subprocess.run([sys.executable, "-m", "service.cli", "quantize", str(DEMO), str(tmp_path / "out"),
                               "--images", str(images)], cwd=REPO, env=command_env(), capture_output=True, text=True)
         assert res.returncode == 2 and words in res.stderr, res.stderr
@@ -118,3 +119,31 @@ def test_a_bundle_with_a_fixed_batch_is_calibrated_at_that_batch(tmp_path: Path)
     assert {m.fixed_batch for m in engine.models.values()} == {2}
     images = [read_image(p) for p in sorted(SAMPLES.glob("*.jpg"))[:3]]
     assert [len(p.persons) > 0 for p in engine.predict(images)] == [True] * 3
+
+
+def test_a_failed_quantize_leaves_the_bundle_at_dst_as_it_was(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DST may be what a daemon runs (an earlier int8 copy): it is replaced only by a copy that
+    loads, and a failure half-way (here the second model) leaves it whole and no debris beside."""
+    import shutil
+
+    pytest.importorskip("onnx")
+    import exporter.quantize as quantize
+
+    dst = tmp_path / "int8"
+    shutil.copytree(DEMO, dst)
+    before = load_bundle(dst).id
+    real, calls = quantize.quantize_model, []
+
+    def second_fails(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(quantize, "quantize_model", second_fails)
+    with pytest.raises(RuntimeError, match="killed"):
+        quantize.quantize_bundle(DEMO, dst, SAMPLES, count=2)
+    assert load_bundle(dst).id == before and sorted(p.name for p in tmp_path.iterdir()) == ["int8"]
+    monkeypatch.setattr(quantize, "quantize_model", real)
+    assert quantize.quantize_bundle(DEMO, dst, SAMPLES, count=2).id != before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["int8"]

@@ -115,3 +115,20 @@ def test_an_unreadable_bundle_is_a_bundle_error(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="cannot read the bundle") as info:
         load_bundle(tmp_path / ("z" * 3000))
     assert "File name too long" in str(info.value) and len(str(info.value)) < 400
+
+
+def test_a_passing_read_error_is_not_a_bundle_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Too many open files (or an I/O error) while a good bundle is verified is this machine's
+    trouble, not the bundle's: it stays an OSError, which the model pull retries, where a
+    BundleError would refuse the bundle for good."""
+    import errno
+
+    import service.bundle as bundle_module
+
+    def no_files(path: object) -> str:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(bundle_module, "sha256_file", no_files)
+    with pytest.raises(OSError) as info:
+        load_bundle(Path(__file__).resolve().parents[2] / "service" / "assets" / "demo_bundle")
+    assert not isinstance(info.value, BundleError) and info.value.errno == errno.EMFILE

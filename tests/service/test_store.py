@@ -398,3 +398,15 @@ def test_latest_per_camera(store: Store, clock: FakeClock) -> None:
     assert [r.image_id for r in got if not r.camera] == want[""]
     assert [r.received_at for r in got] == sorted(r.received_at for r in got) and len(got) == 5
     assert store.latest_per_camera("review", 0) == [] and store.latest_per_camera("failed", 5) == []
+
+
+def test_a_store_that_cannot_be_opened_says_why(tmp_path: Path) -> None:
+    """A store held by another program is not "run as another user"; a read-only one is."""
+    import sqlite3
+
+    from service.sqlite import open_failure
+
+    locked = open_failure("store", tmp_path, sqlite3.OperationalError("database is locked"))
+    assert "another program holds it" in locked and "sudo" not in locked
+    readonly = open_failure("store", tmp_path, sqlite3.OperationalError("attempt to write a readonly database"))
+    assert "sudo -u annotator" in readonly and str(tmp_path) in readonly

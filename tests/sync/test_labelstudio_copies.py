@@ -40,7 +40,7 @@ def review(s: Sync, name: str, cancelled: bool = False) -> None:
 
 def merge_task(s: Sync, dataset: Dataset) -> MergeTask:
     """The agent's merge task for the current backend (collect, then merge)."""
-    return MergeTask(Merger(s.store, dataset), s.backend.collect)
+    return MergeTask(Merger(s.store, dataset), s.backend.collect, on_report=s.backend.merged)
 
 
 def killed_write(folder: Path, image_id: str) -> Path:
@@ -70,6 +70,9 @@ def test_a_copy_goes_once_its_review_is_merged_or_its_task_is_gone(ls_server: ls
         assert all(p.is_file() for p in copies.values())  # every task still waits for its review
         review(s, "ir.tiff")
         review(s, "cam.pgm", cancelled=True)  # skipped: the task is still to be done
+        for _ in range(2):  # collected but not merged (a merge that refused it, or failed): kept
+            assert [label.image_id for label in s.backend.collect()] == [s.ids["ir.tiff"]]
+        assert copies["ir.tiff"].is_file()
         assert merge.run_once()
         assert s.store.get(s.ids["ir.tiff"]).state == REVIEWED  # type: ignore[union-attr]
         assert copies["ir.tiff"].is_file()  # collected; the next collection knows it was merged
