@@ -22,8 +22,11 @@ held-out images; README "Int8 bundles"):
 machine) saturate in the u8 x s8 multiply otherwise; on VNNI CPUs it costs a little precision.
 
 The copy gets its own id and a lineage note; its thresholds and confidence calibration are the
-source's. The int8 models' confidences move a little, so ``annotator calibrate`` on labelled
-images of the user's cameras refits them (README, "Int8 bundles").
+source's, and so are its training checkpoints (``weights/``, float32), so that ``annotator train
+--init current`` goes on from an int8 bundle in use as from its source. The int8 models'
+confidences move a little, so ``annotator calibrate`` on labelled images of the user's cameras
+refits them (README, "Int8 bundles"). ``annotator train --int8`` makes the copy of every bundle
+it trains (its validation images give the ranges), so that the loop keeps the faster models.
 """
 from __future__ import annotations
 
@@ -197,6 +200,8 @@ def quantize_bundle(src: Path, dst: Path, images: Path, count: int = DEFAULT_COU
                    "notes": list(bundle.lineage.get("notes", [])) + [
                        f"int8 (QDQ, static, per-channel) copy of bundle {bundle.id}, ranges from {len(files)} "
                        f"images of {images}; thresholds and confidence calibration are the parent's"]}
+        if (Path(src) / "weights").is_dir():  # the training checkpoints: `annotator train --init` goes on from them
+            shutil.copytree(Path(src) / "weights", work / "weights")
         write_bundle(dataclasses.replace(bundle, path=work, id=new_bundle_id(bundle.id), models=models,
                                          lineage=lineage))
         load_bundle(work)

@@ -17,7 +17,8 @@ Hyperparameters (strings; JSON-quoted values as the SageMaker Python SDK writes 
 accepted too): ``epochs``, ``imgsz``, ``batch``, ``device``, ``workers``, ``patience``,
 ``val_fraction``, ``seed``, ``roles`` ("head,pose_main,pose_visible"), ``reviewed_only``
 ("true"/"false"), ``auto_weight``, ``propagated_weight`` (default 1), ``init`` ("pretrained",
-"scratch"; the init channel when present). Keys starting with ``sagemaker_`` are the SDK's and
+"scratch"; the init channel when present), ``int8`` ("true": the model dir gets the int8 copy
+of the trained bundle, ``exporter.quantize``, ranges from the training images). Keys starting with ``sagemaker_`` are the SDK's and
 ignored; any other unknown key fails the job (a typo should not silently train with defaults).
 """
 from __future__ import annotations
@@ -49,7 +50,7 @@ def _parse_bool(text: str) -> bool:
 HYPERPARAMETERS: dict[str, Callable[[str], Any]] = {
     "epochs": int, "imgsz": int, "batch": int, "device": str, "workers": int, "patience": int,
     "val_fraction": float, "seed": int, "roles": str, "reviewed_only": _parse_bool, "auto_weight": float,
-    "propagated_weight": float, "init": str,
+    "propagated_weight": float, "init": str, "int8": _parse_bool,
 }
 
 
@@ -125,10 +126,16 @@ def run_job(paths: JobPaths) -> str:
     mix = TrainingMix(reviewed_only=hp.pop("reviewed_only", False), auto_weight=hp.pop("auto_weight", 1.0),
                       propagated_weight=hp.pop("propagated_weight", 1.0))
     roles = tuple(str(hp.pop("roles", "head,pose_main,pose_visible")).split(","))
+    int8 = hp.pop("int8", False)
     out = paths.work / "bundle"
     cfg = TrainConfig(annotations=ann, images=paths.training / "images", out=out, work=paths.work / "run",
                       init=init, mix=mix, roles=roles, **hp)
     bundle = train_bundle(cfg)
+    if int8:
+        from .quantize import quantize_bundle
+
+        out = paths.work / "bundle-int8"
+        bundle = quantize_bundle(paths.work / "bundle", out, cfg.images)
     paths.model_dir.mkdir(parents=True, exist_ok=True)
     for item in out.iterdir():  # the model dir itself may be a mount point: fill it, never replace it
         dest = paths.model_dir / item.name

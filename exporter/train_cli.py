@@ -3,7 +3,7 @@
 ::
 
     annotator train DATASET OUT [--reviewed-only | --auto-weight W] [--init pretrained|scratch|current|BUNDLE]
-                    [--publish REGISTRY [--sign-key KEY.pem] [--registry-endpoint URL]] [--config F]
+                    [--int8] [--publish REGISTRY [--sign-key KEY.pem] [--registry-endpoint URL]] [--config F]
                     [--allow-holdout]
 
 ``DATASET`` is a COCO key-points json or a folder with ``annotations.json`` and ``images/``,
@@ -12,7 +12,9 @@ provenance; ``exporter.mix`` explains the weighting). ``--init current`` starts 
 weights of the bundle in use: ``<models root>/current`` of the sync agent's model slots
 (``[sync.models] root``, default ``<store root>/models``), else the daemon's
 ``[engine] bundle``. ``--publish`` copies the finished bundle to a registry folder or
-``s3://bucket/prefix`` (``sync.publish``) where ``annotator sync`` pulls it. An export made with
+``s3://bucket/prefix`` (``sync.publish``) where ``annotator sync`` pulls it; with ``--int8``
+its int8 copy (``OUT.int8``, ``exporter.quantize``) goes instead, so that a box running int8
+bundles keeps them through the loop. An export made with
 ``--include-holdout`` is refused unless ``--allow-holdout`` (``exporter.train.check_holdout``).
 """
 from __future__ import annotations
@@ -61,6 +63,8 @@ def add_train_arguments(s: argparse.ArgumentParser) -> None:
                    help="the appliance's TOML file, to find the bundle in use for --init current "
                         "(default $ANNOTATOR_CONFIG)")
     s.add_argument("--models-root", type=Path, default=None, help="model slots folder (overrides the config)")
+    s.add_argument("--int8", action="store_true", help="also write OUT.int8, an int8 copy for faster CPU inference "
+                   "(annotator quantize, ranges from the dataset's images), and publish that one")
     s.add_argument("--publish", metavar="REGISTRY", help="publish the bundle to a registry folder or s3://bucket/prefix")
     s.add_argument("--sign-key", type=Path, help="ed25519 private key (PEM): write bundle.sig when publishing")
     s.add_argument("--registry-endpoint", help="S3 endpoint URL of the registry (default: AWS / $AWS_ENDPOINT_URL)")
@@ -132,9 +136,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"bundle {bundle.id} written to {cfg.out}")
     print(f"thresholds: {bundle.thresholds.method}")
     print(f"lineage: dataset {bundle.lineage['dataset']['version']}, parent {bundle.lineage.get('parent_bundle')}")
+    published = cfg.out
+    if args.int8:
+        from .quantize import quantize_bundle
+
+        published = Path(f"{args.out}.int8")
+        int8 = quantize_bundle(cfg.out, published, images)
+        print(f"int8 bundle {int8.id} written to {published}")
     if publish_to is not None:
         from sync.publish import publish_bundle
 
-        result = publish_bundle(cfg.out, publish_to, sign_key=args.sign_key)
+        result = publish_bundle(published, publish_to, sign_key=args.sign_key)
         print(f"published {result.bundle_id} to {args.publish}" + (" (signed)" if result.signed else ""))
     return 0

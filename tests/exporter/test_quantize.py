@@ -147,3 +147,38 @@ def test_a_failed_quantize_leaves_the_bundle_at_dst_as_it_was(tmp_path: Path, mo
     monkeypatch.setattr(quantize, "quantize_model", real)
     assert quantize.quantize_bundle(DEMO, dst, SAMPLES, count=2).id != before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["int8"]
+
+
+def test_train_int8_publishes_the_int8_copy_with_the_training_checkpoints(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """``annotator train --int8``: the loop keeps int8 bundles. OUT stays the float32 bundle,
+    OUT.int8 is its int8 copy (the checkpoints in weights/ came along, so that ``--init current``
+    goes on from them) and the registry gets the int8 copy. Training itself is replaced by a copy
+    of the demo bundle: what is tested is what happens after it."""
+    import dataclasses
+    import shutil
+
+    pytest.importorskip("onnx")
+    import exporter.train
+    from service.bundle import write_bundle
+    from service.cli import build_parser
+
+    def trained(cfg):  # type: ignore[no-untyped-def]
+        shutil.copytree(DEMO, cfg.out)
+        (cfg.out / "weights").mkdir()
+        (cfg.out / "weights" / "pose_main.pt").write_bytes(b"checkpoint")
+        demo = load_bundle(cfg.out)
+        write_bundle(dataclasses.replace(demo, lineage={**demo.lineage, "dataset": {"version": 7}}))
+        return load_bundle(cfg.out)
+
+    monkeypatch.setattr(exporter.train, "train_bundle", trained)
+    parser = build_parser()
+    out, registry = tmp_path / "b", tmp_path / "registry"
+    registry.mkdir()
+    args = parser.parse_args(["train", str(SAMPLES / "annotations.json"), str(out), "--images", str(SAMPLES),
+                              "--int8", "--publish", str(registry)])
+    assert args.func(args) == 0
+    trained_id, int8 = load_bundle(out).id, load_bundle(Path(f"{out}.int8"))
+    assert int8.lineage["parent_bundle"] == trained_id and int8.lineage["dataset"] == {"version": 7}
+    assert (int8.path / "weights" / "pose_main.pt").read_bytes() == b"checkpoint"
+    assert sorted(p.name for p in (registry / "bundles").iterdir()) == [int8.id]
