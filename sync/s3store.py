@@ -4,11 +4,16 @@ Credentials come from boto3's standard chain (environment, shared files, instanc
 are never logged. Large files go up in parts (``TransferConfig``); the sha256 of the whole
 object travels as user metadata (``x-amz-meta-sha256``) because a multipart ETag is not a
 checksum of the bytes. botocore's errors are wrapped here into ``RetryableError`` (connection
-problems, 5xx, throttling) or ``PermanentError`` (credentials rejected, bucket missing, ...).
+problems, 5xx, throttling, a multipart upload whose completion answer was lost, a clock more
+than 15 minutes off the server's: NTP sets it) or ``PermanentError`` (credentials rejected,
+bucket missing, ...). A HEAD's refusal has no body (a bare 400 or 403), so ``head`` and
+``check`` ask the same key with a one-byte GET for the reason before they wrap it.
 """
 from __future__ import annotations
 
+import email.utils
 import logging
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -28,7 +33,25 @@ SSE_MODES = ("AES256", "aws:kms")
 _CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
                      "TokenRefreshRequired", "AuthorizationHeaderMalformed", "InvalidClientTokenId"}
 _RETRY_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "RequestTimeout",
-                "InternalError", "ServiceUnavailable", "TooManyRequestsException", "RequestThrottled"}
+                "InternalError", "ServiceUnavailable", "TooManyRequestsException", "RequestThrottled",
+                # a retried CompleteMultipartUpload whose first answer was lost: S3 forgot the upload
+                # id when it completed it; the next attempt heads the key (found, or sent afresh)
+                "NoSuchUpload",
+                # fewer bytes arrived than were sent (a connection cut mid-upload by a proxy): sent again
+                "IncompleteBody"}
+MAX_SKEW = 900.0  # seconds: S3 refuses a request signed more than 15 minutes off its own clock
+
+
+def clock_skew(exc: ClientError, now: float) -> float | None:
+    """How many seconds this box's clock ``now`` is ahead of the server's (behind: negative),
+    from the ``Date`` of a refused answer, when that is more than S3 allows; else None."""
+    headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders") or {}
+    try:
+        server = email.utils.parsedate_to_datetime(str(headers.get("date", ""))).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
+    skew = now - server
+    return skew if abs(skew) > MAX_SKEW else None
 
 
 def wrap_boto_error(exc: Exception, bucket: str, what: str) -> SyncError:
@@ -41,6 +64,17 @@ def wrap_boto_error(exc: Exception, bucket: str, what: str) -> SyncError:
         code = str(err.get("Code", ""))
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
         message = err.get("Message") or code
+        skew = clock_skew(exc, time.time()) if status in (400, 403) else None
+        if code == "RequestTimeTooSkewed" or skew is not None:
+            # Not the keys: an edge box without a real-time clock starts before NTP has set the
+            # time, and NTP fixes it without anyone (so retried, not a stop).
+            off = f"{abs(skew):.0f} s {'ahead of' if skew > 0 else 'behind'}" if skew is not None else "off from"
+            return RetryableError(f"{what}: refused because this box's clock is {off} the server's "
+                                  "(more than 15 minutes is refused); set the time (NTP: timedatectl set-ntp true)")
+        if code in ("ExpiredToken", "TokenRefreshRequired"):
+            return PermanentError(f"credentials rejected: the session token expired ({code} on {what} in bucket "
+                                  f"{bucket}); renew the temporary credentials (AWS_SESSION_TOKEN or the profile's "
+                                  "role) and restart the agent")
         if code in _CREDENTIAL_CODES:
             return PermanentError(f"credentials rejected: {code} on {what} in bucket {bucket}; check "
                                   "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the profile in use")
@@ -109,6 +143,24 @@ class S3Store:
         except (ClientError, BotoCoreError) as exc:
             raise wrap_boto_error(exc, self.bucket, what) from exc
 
+    def _reason(self, exc: ClientError, full_key: str) -> ClientError:
+        """The error a HEAD's refusal stands for. A HEAD answer has no body, so botocore knows
+        only "400" or "403": an expired session token, a wrong region or a clock that is off
+        read as the same bare code (and the uploader heads every key before it puts one). A
+        one-byte GET of the same key is refused with the reason (``ExpiredToken``,
+        ``AccessDenied``, ...); the HEAD's own error when it tells nothing more."""
+        if str(exc.response.get("Error", {}).get("Code", "")) not in ("400", "403"):
+            return exc
+        try:
+            r = self.client.get_object(Bucket=self.bucket, Key=full_key, Range="bytes=0-0")
+            r["Body"].close()
+        except ClientError as other:
+            if str(other.response.get("Error", {}).get("Code", "")) not in ("", "400", "403", "404", "NoSuchKey"):
+                return other
+        except BotoCoreError:
+            pass
+        return exc
+
     def put(self, key: str, data: bytes | Path, content_type: str = "application/octet-stream",
             sha256: str | None = None, metadata: dict[str, str] | None = None) -> None:
         meta = dict(metadata or {})
@@ -130,7 +182,7 @@ class S3Store:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if code in ("404", "NoSuchKey", "NotFound"):
                 return None
-            raise wrap_boto_error(exc, self.bucket, f"head {key}") from exc
+            raise wrap_boto_error(self._reason(exc, self._key(key)), self.bucket, f"head {key}") from exc
         except BotoCoreError as exc:
             raise wrap_boto_error(exc, self.bucket, f"head {key}") from exc
         meta = {str(k).lower(): str(v) for k, v in (r.get("Metadata") or {}).items()}
@@ -168,7 +220,8 @@ class S3Store:
             if code in ("404", "NoSuchBucket", "NotFound"):
                 raise PermanentError(f"bucket {self.bucket} does not exist; create it or fix "
                                      "[sync.target] bucket") from exc
-            raise wrap_boto_error(exc, self.bucket, "head bucket") from exc
+            raise wrap_boto_error(self._reason(exc, join_prefix(self.prefix, "images/")), self.bucket,
+                                  "head bucket") from exc
         except BotoCoreError as exc:
             raise wrap_boto_error(exc, self.bucket, "head bucket") from exc
 

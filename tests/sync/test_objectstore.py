@@ -174,6 +174,11 @@ def _client_error(code: str, status: int) -> ClientError:
     ("AccessDenied", 403, PermanentError, "credentials rejected"),
     ("NoSuchBucket", 404, PermanentError, "bucket bkt does not exist"),
     ("InvalidArgument", 400, PermanentError, "InvalidArgument"),
+    # completed by a request whose answer was lost, then asked again: check the key again
+    ("NoSuchUpload", 404, RetryableError, "NoSuchUpload"),
+    ("IncompleteBody", 400, RetryableError, "IncompleteBody"),
+    ("RequestTimeTooSkewed", 403, RetryableError, "clock"),
+    ("ExpiredToken", 400, PermanentError, "session token expired"),
 ])
 def test_error_mapping(code: str, status: int, kind: type, words: str) -> None:
     err = wrap_boto_error(_client_error(code, status), "bkt", "put a")
