@@ -30,6 +30,16 @@ second sha256 was measured at 1-3 % of a take (0.04-1.2 ms against 5-40 ms of de
 and the move per 80 KB-1 MB JPEG; up to 6 % on a CPU without SHA instructions), not worth a
 store that trusts an id handed in by its caller.
 
+Writers that misbehave: a file deleted while it is taken is left alone (not quarantined as
+unreadable); a file replaced under the same name while it is taken (its bytes ingested, a new
+file renamed over it) is not moved out, deleted or quarantined in its place: the new file stays
+and is taken next (the check is on the inode, just before the move; what is left is the
+microseconds between that check and the rename). ``processed/`` and ``quarantine/`` may be on
+another file system (a copy under a temporary name, fsynced and renamed into place, then the
+original removed: a kill leaves the original, or both, never a part). A name too long for
+``name-N`` or ``.reason.txt`` (the limit is 255 bytes) is shortened there. A drop folder removed
+and made again is watched again.
+
 One file never holds up the others: whatever one file raises is logged and the scan goes on
 (an ingest that fails for a reason of its own quarantines the file; a store that cannot be
 reached right now, or is closed at shutdown, leaves it for the next scan). File names need not
@@ -49,6 +59,7 @@ import os
 import shutil
 import sqlite3
 import stat
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -79,6 +90,8 @@ RESCAN_SECONDS = 30.0
 RESCAN_MAX_SECONDS, WALK_SPACING = 600.0, 50.0
 PAUSE_RETRY_SECONDS = 5.0  # after a StoreFull, how long no file is read or decoded
 MOVE_RETRY_SECONDS, MOVE_RETRY_MAX_SECONDS = 30.0, 1800.0  # a file that cannot be moved out: back-off
+NAME_MAX = 255  # bytes in one name (ext4, XFS, btrfs, tmpfs...)
+_NAME_ROOM = len("-") + 12 + len(REASON_SUFFIX)  # what unique_path and a reason file add to a name
 
 # sink(data, source, meta, decoded) ingests the bytes; raises StoreFull when ingest is paused.
 Sink = Callable[[bytes, str, dict, DecodedImage], object]
@@ -107,6 +120,13 @@ def rescan_interval(walk_seconds: float) -> float:
 def is_temporary(rel: Path) -> bool:
     """True for names a writer is still working on (any component hidden, ``~`` or .tmp/.part)."""
     return any(p.startswith((".", "~")) or p.endswith(TEMP_SUFFIXES) for p in rel.parts)
+
+
+def _same_fs(a: Path, b: Path) -> bool:
+    try:
+        return os.lstat(a).st_dev == os.stat(b).st_dev
+    except OSError:
+        return False
 
 
 def unique_path(path: Path, reuse: Callable[[Path], bool] | None = None) -> Path:
@@ -151,6 +171,47 @@ def unique_path(path: Path, reuse: Callable[[Path], bool] | None = None) -> Path
     return named(free)
 
 
+def fit_name(path: Path) -> Path:
+    """``path`` with its last name cut (its extension kept) so that ``name-N`` and
+    ``name.reason.txt`` stay within ``NAME_MAX`` bytes: a dropped name of 245-255 bytes could
+    otherwise never be quarantined, nor moved out a second time, and was retried for ever."""
+    raw = os.fsencode(path.name)
+    if len(raw) <= NAME_MAX - _NAME_ROOM:
+        return path
+    ext = os.fsencode(path.suffix)
+    ext = ext if len(ext) <= 16 else b""
+    return path.with_name(os.fsdecode(raw[:NAME_MAX - _NAME_ROOM - len(ext)] + ext))
+
+
+def move_file(source: Path, dest: Path) -> None:
+    """Move ``source`` (a file or a symbolic link) to ``dest``, whose folder exists.
+
+    On one file system a rename. Across file systems (``processed/`` a mount of its own) a copy
+    under a temporary name beside ``dest``, fsynced and renamed into place, then ``source``
+    removed: a kill at any point leaves ``source``, or both, never part of ``dest``."""
+    if _same_fs(source, dest.parent):
+        os.replace(source, dest)
+        return
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name[:24]}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    try:
+        if os.path.islink(source):
+            os.unlink(tmp)
+            os.symlink(os.readlink(source), tmp)
+        else:
+            shutil.copy2(source, tmp)
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    os.unlink(source)
+
+
 def _holds(data: bytes) -> Callable[[Path], bool]:
     return lambda p: p.is_file() and not p.is_symlink() and p.stat().st_size == len(data) and p.read_bytes() == data
 
@@ -170,22 +231,18 @@ def write_quarantine(qdir: Path, rel: Path, reason: str, source: Path | None = N
     before the store marked the image failed, so the image is tried again) reuses that copy
     instead of adding ``name-1``.
     """
-    dest = unique_path(qdir / rel, _holds(data) if data is not None else None)
+    target = fit_name(qdir / rel)
+    if target.name != (qdir / rel).name:
+        reason = f"{reason.rstrip()}\n(dropped as {text_name(rel.name)})"
+    dest = unique_path(target, _holds(data) if data is not None else None)
     reason_file = dest.with_name(dest.name + REASON_SUFFIX)
     write_bytes_atomic(reason_file, (reason.rstrip() + "\n").encode("utf-8", "backslashreplace"))
     if source is not None:
-        os.replace(source, dest) if _same_fs(source, dest.parent) else shutil.move(str(source), dest)
+        move_file(source, dest)
     elif data is not None and not dest.is_file():
         write_bytes_atomic(dest, data)
     log.warning("quarantined %s: %s", text_name(rel), text_name(reason))
     return dest
-
-
-def _same_fs(a: Path, b: Path) -> bool:
-    try:
-        return os.lstat(a).st_dev == os.stat(b).st_dev
-    except OSError:
-        return False
 
 
 @dataclass
@@ -249,7 +306,9 @@ class DropFolder:
         self._pause_logged: str | None = None  # the pause reason last logged, None when running
         self._full_owed = False  # a full walk is owed: skipped while paused, or events were lost
         self._seen: dict[Path, _Seen] = {}
-        self._kept: dict[Path, tuple[int, int]] = {}  # processed_mode="keep": taken already
+        # processed_mode="keep": taken already (size, mtime_ns, inode: a file renamed over it with
+        # the same size and mtime, as ``rsync -t`` leaves one, is a new file)
+        self._kept: dict[Path, tuple[int, int, int]] = {}
         # A file that could not be moved out (size, mtime_ns, clock time of the next try, delay):
         # tried again after a delay that doubles up to MOVE_RETRY_MAX_SECONDS, or when it changes.
         self._stuck: dict[Path, tuple[int, int, float, float]] = {}
@@ -259,6 +318,7 @@ class DropFolder:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._observer: Observer | None = None  # type: ignore[valid-type]
+        self._rewatch_at = -math.inf  # clock time of the next try to watch again (see _keep_watching)
         self.taken = self.quarantined = 0
         self.walk_seconds = 0.0  # the last full scan's own cost: its time less the time taking files
         self._take_seconds = 0.0
@@ -268,11 +328,7 @@ class DropFolder:
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
         """Start watching, then scan what is already there (in the worker thread)."""
-        observer = Observer()
-        observer.schedule(_Handler(self), str(self.root), recursive=True)
-        observer.daemon = True
-        observer.start()
-        self._observer = observer
+        self._watch()
         self._thread = threading.Thread(target=self._run, name="dropfolder", daemon=True)
         self._thread.start()
         log.info("watching drop folder %s (processed: %s, stable after %.1f s)",
@@ -280,11 +336,13 @@ class DropFolder:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the watcher and the worker thread (the file in hand is finished first)."""
-        self._stop.set()
+        with self._lock:  # _keep_watching starts no observer after this
+            self._stop.set()
+            observer = self._observer
         self._wake.set()
-        if self._observer is not None:
-            self._observer.stop()
-            self._observer.join(timeout)
+        if observer is not None:
+            observer.stop()
+            observer.join(timeout)
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -309,9 +367,40 @@ class DropFolder:
             self._full_owed = True
         self._wake.set()
 
+    def _watch(self) -> None:
+        observer = Observer()
+        observer.schedule(_Handler(self), str(self.root), recursive=True)
+        observer.daemon = True
+        observer.start()
+        self._observer = observer
+
+    def _keep_watching(self) -> None:
+        """Watch again when the watcher has ended: the drop folder was removed (a clean-up
+        script, a card taken out) and made again. Watchdog's watcher ends with its folder, and
+        files in the new one were found only by the full walks, up to RESCAN_MAX_SECONDS later.
+        While the folder is missing nothing is tried; a watcher that ends for another reason is
+        tried again at most every RESCAN_SECONDS."""
+        observer = self._observer
+        if observer is None or all(e.is_alive() for e in observer.emitters) and observer.emitters:
+            return
+        if self.clock() < self._rewatch_at or not self.root.is_dir():
+            return
+        self._rewatch_at = self.clock() + RESCAN_SECONDS
+        with self._lock:
+            if self._stop.is_set():
+                return
+            observer.stop()
+            self._watch()
+        log.warning("drop folder %s was removed or its watcher ended; watching it again", self.root)
+        self.request_full_scan()  # what was written before the new watch began
+
     def _run(self) -> None:
         next_full = -math.inf
         while not self._stop.is_set():
+            try:
+                self._keep_watching()
+            except Exception:  # the full walks still find the files
+                log.exception("cannot watch the drop folder again; its files are found by the full walks")
             full = self.clock() >= next_full
             started = self.clock()
             try:
@@ -332,7 +421,9 @@ class DropFolder:
                 dirnames[:] = [d for d in dirnames if d not in (PROCESSED, QUARANTINE)]
             dirnames[:] = [d for d in dirnames if not d.startswith((".", "~"))]
             out.extend(here / f for f in filenames)
-            out.extend(here / d for d in os.listdir(here) if (here / d).is_symlink() and (here / d).is_dir())
+            # links to folders are in dirnames (walk does not follow them); a listdir of ``here``
+            # raised when a capture tool removed the folder meanwhile, and ended the whole walk
+            out.extend(here / d for d in dirnames if os.path.islink(here / d))
         return out
 
     def scan_once(self, full: bool = True) -> int:
@@ -423,7 +514,7 @@ class DropFolder:
             return 0
         if stat.S_ISDIR(st.st_mode):
             return 0
-        if self._kept.get(path) == (st.st_size, st.st_mtime_ns):
+        if self._kept.get(path) == (st.st_size, st.st_mtime_ns, st.st_ino):
             return 0
         now = self.clock()
         stuck = self._stuck.get(path)
@@ -477,9 +568,14 @@ class DropFolder:
             return 0
         data = b""
         if reason is None:
-            try:
-                with open(path, "rb") as f:
-                    data = f.read(self.max_bytes + 1)
+            try:  # O_NONBLOCK: a pipe renamed over the file since the lstat must not hang the thread
+                with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+                    if stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                        data = f.read(self.max_bytes + 1)
+                    else:
+                        reason = "not a regular file (device, socket or pipe)"
+            except FileNotFoundError:  # deleted (or renamed away) since the lstat: nothing to take
+                return 0
             except OSError as exc:
                 reason = f"cannot read the file: {exc.strerror or exc}"
         if reason is None and self.known is not None:
@@ -489,7 +585,7 @@ class DropFolder:
                 log.error("cannot tell whether %s is stored already (%s); it will be retried", text_name(rel), exc)
                 return 0
             if stored:  # a restart in keep mode, a crash before the move, the same bytes dropped again
-                self._dispose(path, rel, st)
+                self._dispose(path, rel, st, data)
                 self.stored_already += 1
                 return 0
         decoded: DecodedImage | None = None
@@ -502,7 +598,7 @@ class DropFolder:
                 log.error("decoding %s failed", text_name(rel), exc_info=exc)
                 reason = f"cannot decode the image ({type(exc).__name__}: {exc})"
         if reason is not None:
-            self._quarantine(path, rel, reason)
+            self._quarantine(path, rel, st, reason)
             return 0
         assert decoded is not None
         name = text_name(rel.as_posix())
@@ -517,7 +613,7 @@ class DropFolder:
             log.error("cannot ingest %s now (%s); it will be retried", name, exc)
             return 0
         except AnnotatorError as exc:  # ImageError and the like: this file's own fault
-            self._quarantine(path, rel, str(exc))
+            self._quarantine(path, rel, st, str(exc))
             return 0
         except Exception as exc:
             if is_disk_full(exc):
@@ -527,25 +623,49 @@ class DropFolder:
                 log.error("cannot ingest %s now (%s); it will be retried", name, exc)
                 return 0
             log.error("ingesting %s failed", name, exc_info=exc)
-            self._quarantine(path, rel, f"ingest failed ({type(exc).__name__}: {exc}); details are in the daemon log")
+            self._quarantine(path, rel, st,
+                             f"ingest failed ({type(exc).__name__}: {exc}); details are in the daemon log")
             return 0
-        self._dispose(path, rel, st)
+        self._dispose(path, rel, st, data)
         self.taken += 1
         return 1
 
-    def _quarantine(self, path: Path, rel: Path, reason: str) -> None:
+    def _replaced(self, path: Path, rel: Path, st: os.stat_result) -> bool:
+        """Whether ``path`` is no longer the file taken (``st``): deleted, or another file renamed
+        over it while it was read and ingested. Moving, deleting or quarantining ``path`` then
+        handled the new file, never ingested, as the old one. The new file is looked at next."""
+        try:
+            now = os.lstat(path)
+        except FileNotFoundError:
+            return True
+        if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+            return False
+        log.info("%s was replaced while it was taken; the new file is taken next", text_name(rel))
+        with self._lock:
+            self._dirty.add(path)
+        self._wake.set()
+        return True
+
+    def _quarantine(self, path: Path, rel: Path, st: os.stat_result, reason: str) -> None:
+        if self._replaced(path, rel, st):
+            return
         self.quarantined += 1
         write_quarantine(self.root / QUARANTINE, rel, reason, source=path)
         if self.on_quarantine is not None:
             self.on_quarantine()
 
-    def _dispose(self, path: Path, rel: Path, st: os.stat_result) -> None:
+    def _dispose(self, path: Path, rel: Path, st: os.stat_result, data: bytes) -> None:
+        if self._replaced(path, rel, st):
+            return
         if self.processed_mode == "keep":
-            self._kept[path] = (st.st_size, st.st_mtime_ns)
+            self._kept[path] = (st.st_size, st.st_mtime_ns, st.st_ino)
         elif self.processed_mode == "delete":
             path.unlink(missing_ok=True)
         else:
-            dest = unique_path(self.root / PROCESSED / rel)
+            dest = fit_name(self.root / PROCESSED / rel)
             dest.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(path, dest)
+            # across file systems a kill after the copy and before the unlink leaves both: the
+            # copy holding these bytes is then reused, not doubled as name-1
+            dest = unique_path(dest, None if _same_fs(path, dest.parent) else _holds(data))
+            move_file(path, dest)
         log.debug("took %s (%s)", text_name(rel), self.processed_mode)

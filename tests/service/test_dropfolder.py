@@ -251,10 +251,10 @@ def test_one_files_surprise_never_aborts_the_scan(tmp_path: Path, monkeypatch: p
     drop = _folder(tmp_path, sink)
     real = drop._dispose
 
-    def dispose(path: Path, rel: Path, st: os.stat_result) -> None:
+    def dispose(path: Path, rel: Path, st: os.stat_result, data: bytes) -> None:
         if rel.name == "a.jpg":
             raise KeyError("a bug of our own, after the ingest")
-        real(path, rel, st)
+        real(path, rel, st, data)
 
     monkeypatch.setattr(drop, "_dispose", dispose)
     for i, n in enumerate(["a.jpg", "b.jpg", "c.jpg"]):
@@ -356,11 +356,11 @@ def _cannot_move(monkeypatch: pytest.MonkeyPatch, name: str) -> list[str]:
     asked: list[str] = []
     real = DropFolder._dispose
 
-    def dispose(self: DropFolder, path: Path, rel: Path, st: os.stat_result) -> None:
+    def dispose(self: DropFolder, path: Path, rel: Path, st: os.stat_result, data: bytes) -> None:
         asked.append(path.name)
         if path.name == name:
             raise PermissionError(13, "Permission denied", str(path))
-        real(self, path, rel, st)
+        real(self, path, rel, st, data)
 
     monkeypatch.setattr(DropFolder, "_dispose", dispose)
     return asked

@@ -341,7 +341,8 @@ def test_the_same_bytes_through_the_daemon_restore_a_pruned_image(make_config: C
         again = daemon.annotate_now(photos[0], "test:again")  # gRPC's path
         assert again.image_id == rows[0].image_id and again.pruned_at is None
         assert daemon.store.image_bytes(rows[0].image_id) == photos[0]
-        (drop / "b.jpg").write_bytes(photos[1])  # the drop folder's path, in delete mode
+        (drop / ".b.jpg.tmp").write_bytes(photos[1])  # the drop folder's path, in delete mode, written as
+        os.replace(drop / ".b.jpg.tmp", drop / "b.jpg")  # capture tools do (stable_seconds = 0: no waiting)
         deadline = time.monotonic() + 30
         while (drop / "b.jpg").exists() or not daemon.store.image_path(rows[1].image_id).exists():
             assert time.monotonic() < deadline, "the dropped bytes were not kept again"
