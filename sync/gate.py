@@ -21,11 +21,15 @@ after that, on the same images and engine (onnxruntime cannot load or run it, it
 not fit), is a failed gate whose reason names the exception, so the candidate is refused like
 any other. ``OSError`` and ``MemoryError`` stay retryable even from the candidate: a full disk
 or a short memory says nothing about the bundle.
+
+Each check evaluates in a temporary ``gate-*`` folder under ``work``; ``tidy`` removes those a
+killed process left (the puller calls it before each pass).
 """
 from __future__ import annotations
 
 import importlib.util
 import logging
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,6 +137,17 @@ class ValidationGate:
         self.image_path = image_path
         self.config = config
         self.work = Path(work)
+
+    def tidy(self) -> None:
+        """Remove the evaluation folders (``gate-*``) that a check killed with its process left in
+        ``work``: a kill -9 skips the temporary folder's clean-up, and its images would stay for
+        good. Only while no check runs in ``work`` (the puller calls it holding the models root,
+        ``sync.models``)."""
+        left = sorted(p for p in self.work.glob("gate-*") if p.is_dir() and not p.is_symlink())
+        for path in left:
+            shutil.rmtree(path, ignore_errors=True)
+        if left:
+            log.info("removed %d evaluation folders a killed validation gate left under %s", len(left), self.work)
 
     def _holdout(self) -> list[DatasetEntry]:
         return [e for e in self.dataset.holdout() if self.image_path(e.image_id).is_file()]

@@ -8,6 +8,7 @@ Local layout under ``root`` (``<data root>/models`` by default)::
     previous -> bundles/<id>   symlink: the one before, for ``rollback``
     refused/<id>.reason.txt    a refused candidate and why; it is never tried again
     switching.json             only while a switch is in flight: the pointers before it
+    .lock                      held (flock) by the one process pulling, rolling back or adopting
     staging/.<id>.partial      a download in progress (``sync.registry``); cleared before each pass
     bundles/.<id>.replaced     only while a bundle is reinstalled under the same id: the old copy
 
@@ -39,18 +40,30 @@ the bundle is renamed into ``bundles/`` (``install``), so ``current`` never name
 files came back empty. Installing a bundle under an id already installed (``adopt`` run twice)
 keeps the copy in place when it is the same bundle; a different one replaces it through a
 rename aside, never a removal first, and a pass puts an old copy left aside back when the
-process died before the new one was in place.
+process died before the new one was in place. A pulled bundle never replaces an installed one
+under the same id with other contents: an id names one bundle (its records, its lineage), so
+such a candidate is refused and the installed copy stays.
+
+One writer at a time: ``pull_once``, ``rollback`` and ``adopt`` hold an exclusive ``flock`` on
+``.lock`` (released by the kernel when the process dies, kill -9 included); a second process
+(the agent's pass and an operator's ``annotator models pull`` at once) gets ``RetryableError``
+and changes nothing, instead of pulling the first one's staged copy from under it. Holding it,
+a pass first clears everything a killed process left under ``staging/`` (and the gate's work
+folder), and a switch or rollback cut between its two pointer moves never leaves ``previous``
+naming the bundle in use.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import fcntl
 import json
 import logging
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from service.bundle import Bundle, load_bundle
 from service.durable import fsync_dir, fsync_tree, write_bytes_atomic, write_json_atomic
@@ -66,6 +79,7 @@ log = logging.getLogger(__name__)
 ReloadFn = Callable[[str], Any]
 CURRENT, PREVIOUS = "current", "previous"
 SWITCHING = "switching.json"
+LOCK = ".lock"
 REPLACED = ".replaced"  # bundles/.<id>.replaced: the old copy while a bundle is reinstalled
 
 
@@ -166,11 +180,42 @@ class ModelSlots:
             shutil.rmtree(aside, ignore_errors=True)
         return dest
 
+    @contextlib.contextmanager
+    def exclusive(self, what: str) -> Iterator[None]:
+        """Hold the models root for ``what`` (module doc): ``RetryableError`` at once when another
+        process holds it. The kernel drops the lock when its holder dies."""
+        try:
+            fd, writable = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o666), True
+        except PermissionError:  # made by another user (root running `models pull`): flock needs no write
+            fd, writable = os.open(self.root / LOCK, os.O_RDONLY), False
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as exc:
+                holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "?"
+                raise RetryableError(f"another process (pid {holder}) is pulling, rolling back or adopting "
+                                     f"bundles under {self.root}; {what} waits for its turn") from exc
+            if writable:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+            yield
+        finally:
+            os.close(fd)
+
     def tidy(self) -> None:
-        """Clear what a killed process left: interrupted downloads under ``staging/``, and old
-        copies that ``install`` moved aside (back in place when the new copy never arrived,
-        removed otherwise). Single writer (class doc): never while a pull or install runs."""
-        remove_partials(self.root / "staging")
+        """Clear what a killed process left under ``staging/``: interrupted downloads and candidates
+        (``staging/<id>``) killed while checked, which a newer bundle taken since would leave for good;
+        and old copies that ``install`` moved aside (back in place when the new copy never
+        arrived, removed otherwise). Only under ``exclusive``: never while a pull or install runs."""
+        staging = self.root / "staging"
+        remove_partials(staging)
+        left = [p for p in sorted(staging.iterdir())
+                if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")]
+        for path in left:
+            shutil.rmtree(path, ignore_errors=True)
+        if left:
+            log.info("removed %d candidates a killed pass left under %s: %s", len(left), staging,
+                     ", ".join(p.name for p in left))
         bundles = self.root / "bundles"
         for aside in sorted(bundles.glob(f".*{REPLACED}")):
             if not aside.is_dir() or aside.is_symlink() or len(aside.name) <= 1 + len(REPLACED):
@@ -260,8 +305,13 @@ class ModelPuller:
         """One pass over the newer bundles (see module doc), after finishing a switch an earlier
         process left half done. Store outages (``RetryableError``) and credential or bucket
         errors (``PermanentError``) propagate and refuse nothing; the next pass tries again."""
-        result = PullResult()
+        with self.slots.exclusive("this model pull"):
+            return self._pull(PullResult())
+
+    def _pull(self, result: PullResult) -> PullResult:
         self.slots.tidy()
+        if self.gate is not None:
+            self.gate.tidy()
         self._resume_switch(result)
         entries = self.candidates()
         result.newer = [e.bundle_id for e in entries]
@@ -298,6 +348,9 @@ class ModelPuller:
             return f"verification: {exc}"
         if candidate.id != bid:
             return f"bundle.json says id {candidate.id!r} but it is published as {bid!r}"
+        reused = self._reused_id(staged, bid)
+        if reused is not None:
+            return reused
         current = self.slots.current()
         gate = (self.gate.check(current, candidate) if self.gate is not None
                 else GateResult(True, "no validation gate configured: checksums only", False, 0))
@@ -309,9 +362,22 @@ class ModelPuller:
         try:
             self._switch(path)
         except BundleError as exc:
-            shutil.rmtree(path, ignore_errors=True)
+            if path not in (self.slots.current_path(), self.slots.previous_path()):
+                shutil.rmtree(path, ignore_errors=True)
             return f"the daemon refused to load it: {exc}"
         return None
+
+    def _reused_id(self, staged: Path, bid: str) -> str | None:
+        """The refusal reason when ``bundles/<bid>`` is installed with another bundle.json (module
+        doc: an id names one bundle), else None."""
+        installed = self.slots.root / "bundles" / bid / MANIFEST
+        try:
+            if not installed.is_file() or installed.read_bytes() == (staged / MANIFEST).read_bytes():
+                return None
+        except OSError:
+            return None
+        return (f"bundle id {bid} is installed already with other contents (bundle.json differs); "
+                "a bundle id must name one bundle: publish it under a new id")
 
     def _switch(self, path: Path) -> None:
         """Point ``current`` at ``path`` and reload the daemon. When the reload fails the
@@ -359,10 +425,23 @@ class ModelPuller:
         refuse = pending.get("refuse_after")
         if refuse and refuse != cur.name:
             self.slots.refuse(str(refuse), "rolled back by the operator")
+        self._unshadow_previous(cur, old_prev)
         self.slots.end_switch()
         if old_cur is None or old_cur.resolve() != cur:
             result.switched_to = cur.name
         log.info("interrupted switch completed: the daemon runs bundle %s", cur.name)
+
+    def _unshadow_previous(self, cur: Path, old_prev: Path | None) -> None:
+        """A switch killed between its two pointer moves leaves ``previous`` naming ``current``
+        (``switch`` moves ``previous`` first, ``rollback`` clears it last): a later rollback would
+        then "go back" to the bundle in use and refuse it. ``previous`` goes back to where it was
+        before the switch, or away when that is the bundle in use too."""
+        if self.slots.previous_path() != cur:
+            return
+        back = old_prev if old_prev is not None and old_prev.is_dir() and old_prev.resolve() != cur else None
+        _point(self.slots.root / PREVIOUS, back)
+        log.warning("an interrupted switch left previous naming the bundle in use %s; previous is now %s",
+                    cur.name, back.name if back is not None else None)
 
     def _undo_switch(self, cur: Path, old_cur: Path | None, old_prev: Path | None, known: bool,
                      exc: BundleError, result: PullResult) -> None:
@@ -372,6 +451,7 @@ class ModelPuller:
             # The pointers never moved (or were put back already), or where they stood is not
             # known: there is nothing to go back to. The daemon keeps the engine it runs.
             log.error("after an interrupted switch the daemon refuses the bundle in use %s: %s", cur.name, exc)
+            self._unshadow_previous(cur, old_prev)
             self.slots.end_switch()
             return
         if old_cur is not None and not old_cur.is_dir():
@@ -394,9 +474,13 @@ class ModelPuller:
 
     def rollback(self) -> str:
         """Switch back to ``previous``; the bundle rolled back from is refused for good. Returns
-        the id now in use. ``SyncError`` when there is no previous bundle."""
+        the id now in use. ``SyncError`` when there is no previous bundle (or only the one in use)."""
+        with self.slots.exclusive("this rollback"):
+            return self._rollback()
+
+    def _rollback(self) -> str:
         cur, prev = self.slots.current_path(), self.slots.previous_path()
-        if prev is None:
+        if prev is None or prev == cur:
             raise SyncError(f"no previous bundle under {self.slots.root} to roll back to")
         old = self.slots.begin_switch(refuse_after=cur.name if cur is not None else None)
         _point(self.slots.root / CURRENT, prev)
@@ -416,6 +500,10 @@ class ModelPuller:
     def adopt(self, bundle_dir: Path) -> str:
         """Install a local, verified bundle as ``current`` without reloading (first start).
         Running it again with the bundle in use keeps that bundle where it is (``install``)."""
+        with self.slots.exclusive("this adopt"):
+            return self._adopt(Path(bundle_dir))
+
+    def _adopt(self, bundle_dir: Path) -> str:
         bundle = load_bundle(bundle_dir)
         self.slots.tidy()  # as each pull pass does first
         staged = self.slots.root / "staging" / bundle.id

@@ -7,7 +7,10 @@ pulled onto a box can be trained on again (``annotator train --init current``).
 
 Order matters because a bundle is listed as soon as its ``bundle.json`` exists: the model
 files, the checkpoints and ``bundle.sig`` go up first, ``bundle.json`` last. A reader never
-sees a manifest whose files are not there yet.
+sees a manifest whose files are not there yet. For the same reason an id published already with
+another ``bundle.json`` is refused (``PermanentError``) before anything is written: its new
+model files would sit beside the old manifest until the new one lands, and a reader then would
+refuse the bundle for failed checksums, for good; and an id names one bundle on every box.
 
 ``open_registry("/srv/registry")`` or ``open_registry("s3://bucket/prefix")`` gives the
 object store; S3 credentials come from boto3's standard chain, the endpoint from
@@ -23,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from service.bundle import load_bundle
 
-from .errors import PermanentError, SyncConfigError
+from .errors import ObjectNotFound, PermanentError, SyncConfigError
 from .objectstore import LocalFolderStore, ObjectStore, sha256_of
 from .registry import BUNDLES, MANIFEST, SIGNATURE
 
@@ -94,7 +97,7 @@ def publish_bundle(bundle_dir: Path, store: ObjectStore, sign_key: Path | None =
 
     With ``sign_key`` (ed25519 private key, PEM) the signature over bundle.json's bytes is
     written to ``bundle.sig`` in the folder and in the registry. Re-publishing the same bundle
-    rewrites the same objects.
+    rewrites the same objects; another bundle under a published id is refused (module doc).
     """
     from .signing import sign_manifest
 
@@ -103,6 +106,13 @@ def publish_bundle(bundle_dir: Path, store: ObjectStore, sign_key: Path | None =
     bundle_id = str(json.loads(manifest)["id"])
     files = bundle_files(bundle_dir)
     prefix = f"{BUNDLES}{bundle_id}/"
+    try:
+        published = store.get(prefix + MANIFEST)
+    except ObjectNotFound:
+        published = None
+    if published is not None and published != manifest:
+        raise PermanentError(f"bundle id {bundle_id} is published already with other contents (its bundle.json "
+                             f"differs); give the bundle a new id (the registry and the boxes keep the one they have)")
     keys = []
     for rel in files:
         store.put(prefix + rel, bundle_dir / rel, sha256=sha256_of(bundle_dir / rel))
