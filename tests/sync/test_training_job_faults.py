@@ -265,7 +265,7 @@ def test_rejected_credentials_on_the_artifact_stop_the_agent_and_keep_the_job(ma
                                "ResponseMetadata": {"HTTPStatusCode": 400}}, "GetObject")
 
     task.trainer.s3 = ExpiredS3()
-    with pytest.raises(PermanentError, match="credentials rejected: ExpiredToken"):
+    with pytest.raises(PermanentError, match=r"credentials rejected: the session token expired \(ExpiredToken"):
         Agent([Upload(), task], poll_interval=0.0).run(once=True)
     assert task.state()["status"] == "InProgress"  # nothing refused: followed again once fixed
 
