@@ -51,7 +51,7 @@ from .convert import annotation_to_proto, status_to_proto, timestamp_to_epoch
 from .errors import (AnnotatorError, BundleError, ConfigError, ImageError, ImageNotFound, ImageTooLarge, PathNotAllowed,
                      ShuttingDown, StoreFull, is_disk_full)
 from .interceptors import AccessLogInterceptor, LatencyStats, TokenInterceptor
-from .store import DECISIONS, STATES, image_id_of
+from .store import DECISIONS, STATES, image_id_of, is_image_id
 
 if TYPE_CHECKING:
     from .config import Config
@@ -66,7 +66,6 @@ SPARE_THREADS = 8  # pool threads beyond the bounded calls: health, status, relo
 MAX_PAGE_SIZE = 1000
 SHOWN_CHARS = 80  # of a client's value quoted back in an error message
 _PAGE_TOKEN = re.compile(r"^[0-9.eE+-]+\|[0-9a-f]{64}$")  # service.store.Store.list's cursor
-_IMAGE_ID = re.compile(r"[0-9a-f]{64}")  # service.store.image_id_of: a sha256 hex digest
 
 
 def _shown(value: str) -> str:
@@ -315,7 +314,7 @@ class AnnotatorServicer(pb_grpc.AnnotatorServicer):
         return pb.AnnotateStreamResponse(request_id=rid, annotation=annotation_to_proto(fut.result()))
 
     def GetAnnotation(self, request: pb.GetAnnotationRequest, context: grpc.ServicerContext) -> pb.Annotation:
-        if not _IMAGE_ID.fullmatch(request.image_id):
+        if not is_image_id(request.image_id):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"image_id: expected the 64 lower-case hex digits of the image's sha256 (an "
                           f"Annotation's image_id), got {_shown(request.image_id)}")

@@ -194,6 +194,11 @@ def image_file(root: Path, image_id: str) -> Path:
     return Path(root) / "images" / image_id[:2] / image_id
 
 
+def is_image_id(text: str) -> bool:
+    """Whether ``text`` is an image id as the store makes them (``image_id_of``: 64 lower-case hex digits)."""
+    return _ID.fullmatch(text) is not None
+
+
 def open_existing(root: Path, command: str, lease_seconds: float = 60.0) -> "Store":
     """The store under ``root`` for a command that reads what the daemon stored (``export``,
     ``show``, ``prune``): a root with no store (a mistyped ``store.root``, a forgotten
