@@ -497,14 +497,31 @@ class ModelPuller:
         log.info("rolled back from %s to %s", cur.name if cur else None, prev.name)
         return prev.name
 
-    def adopt(self, bundle_dir: Path) -> str:
+    def adopt(self, bundle_dir: Path, unsigned: bool = False) -> str:
         """Install a local, verified bundle as ``current`` without reloading (first start).
-        Running it again with the bundle in use keeps that bundle where it is (``install``)."""
-        with self.slots.exclusive("this adopt"):
-            return self._adopt(Path(bundle_dir))
+        Running it again with the bundle in use keeps that bundle where it is (``install``).
 
-    def _adopt(self, bundle_dir: Path) -> str:
+        With a ``public_key`` the bundle must carry a valid signature, as a pulled one must:
+        otherwise an unsigned folder would become the bundle in use on a box that accepts only
+        signed ones. ``unsigned`` installs it anyway (the operator's explicit choice, logged)."""
+        with self.slots.exclusive("this adopt"):
+            return self._adopt(Path(bundle_dir), unsigned)
+
+    def _adopt(self, bundle_dir: Path, unsigned: bool = False) -> str:
         bundle = load_bundle(bundle_dir)
+        if self.public_key is not None:
+            sig = bundle_dir / SIGNATURE
+            try:
+                verify_manifest((bundle_dir / MANIFEST).read_bytes(),
+                                sig.read_bytes() if sig.is_file() else None, self.public_key)
+            except SignatureError as exc:
+                if not unsigned:
+                    raise BundleError(
+                        f"{bundle_dir}: signature: {exc}; a public key is set ([sync.models] public_key), so "
+                        "an adopted bundle is checked as a pulled one is: sign it (annotator train "
+                        "--publish ... --sign-key KEY.pem signs what it publishes) or pass --unsigned "
+                        "to install it anyway") from exc
+                log.warning("adopting %s without a valid signature (--unsigned): %s", bundle_dir, exc)
         self.slots.tidy()  # as each pull pass does first
         staged = self.slots.root / "staging" / bundle.id
         shutil.rmtree(staged, ignore_errors=True)

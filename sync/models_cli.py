@@ -180,7 +180,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def cmd_adopt(args: argparse.Namespace) -> int:
     puller, closing = build_puller(_settings(args), with_gate=False)
     try:
-        bid = puller.adopt(Path(args.bundle))
+        bid = puller.adopt(Path(args.bundle), unsigned=args.unsigned)
     finally:
         _close(closing)
     sys.stdout.write(f"bundle {bid} installed as current under {puller.slots.root}\n")
@@ -215,4 +215,8 @@ def register(subparsers: Any) -> None:
     s = sub.add_parser("adopt", help="install a local bundle as the current one (first start)")
     common(s)
     s.add_argument("bundle", help="bundle directory")
+    s.add_argument("--public-key", type=Path, default=None,
+                   help="ed25519 public key; the bundle must be signed (default [sync.models] public_key)")
+    s.add_argument("--unsigned", action="store_true",
+                   help="install it even though a public key is set and the bundle carries no valid signature")
     s.set_defaults(func=cmd_adopt)

@@ -64,7 +64,7 @@ def appliance(tmp_path: Path, coco17_bundle: Bundle, coco_people_photos: list[Pa
     gate = ValidationGate(dataset, lambda i: daemon.store.image_path(i), GateConfig(margin=0.02, min_images=3),
                           slots.root / "work")
     puller = ModelPuller(slots, registry, gate, lambda p: None, public_key=tmp_path / "registry.pub")
-    puller.adopt(coco17_bundle.path)
+    puller.adopt(coco17_bundle.path, unsigned=True)  # the first bundle, a local one; pulls must be signed
     daemon = Daemon(config)
     daemon.start()
     server, port = create_server(daemon.config, daemon)

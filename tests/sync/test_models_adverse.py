@@ -158,3 +158,52 @@ def test_publishing_an_id_again_with_other_contents_is_refused(tmp_path: Path, b
     with pytest.raises(PermanentError, match="other contents"):
         publish_bundle(edited, store)
     assert {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "reg").rglob("*") if p.is_file()} == before
+
+
+# -- adopt with a public key set (bug: ``models adopt`` installed an unsigned folder as the
+#    bundle in use on a box whose pulls must be signed) --
+
+def test_adopt_checks_the_signature_when_a_public_key_is_set(tmp_path: Path, coco17_bundle: Any,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+    import shutil
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from sync.models import ModelPuller, ModelSlots
+    from sync.models_cli import register
+    from sync.registry import MANIFEST, SIGNATURE, BundleRegistry
+    from sync.signing import public_key_pem, sign_manifest
+
+    key, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    (tmp_path / "registry.pub").write_bytes(public_key_pem(key))
+    bundle = tmp_path / "bundle"
+    shutil.copytree(coco17_bundle.path, bundle)
+    slots = ModelSlots(tmp_path / "models")
+    puller = ModelPuller(slots, BundleRegistry(LocalFolderStore(tmp_path / "registry")), None, lambda p: None,
+                         public_key=tmp_path / "registry.pub")
+    with pytest.raises(BundleError, match="signature.*--unsigned"):
+        puller.adopt(bundle)
+    assert slots.current_path() is None  # nothing installed
+    (bundle / SIGNATURE).write_bytes(sign_manifest((bundle / MANIFEST).read_bytes(), other))
+    with pytest.raises(BundleError, match="signature"):
+        puller.adopt(bundle)  # signed by another key
+    assert slots.current_path() is None
+
+    parser = argparse.ArgumentParser(prog="annotator")
+    register(parser.add_subparsers(dest="command", required=True))
+    config = tmp_path / "annotator.toml"
+    config.write_text(f'[store]\nroot = "{tmp_path / "store"}"\n[sync.models]\nroot = "{tmp_path / "models"}"\n'
+                      f'public_key = "{tmp_path / "registry.pub"}"\n')
+
+    def adopt(*extra: str) -> int:
+        args = parser.parse_args(["models", "adopt", str(bundle), "--config", str(config), *extra])
+        return args.func(args)
+
+    with pytest.raises(BundleError, match="--unsigned"):
+        adopt()  # the key from the config
+    assert adopt("--unsigned") == 0 and slots.current_path().name == coco17_bundle.id
+    assert "installed as current" in capsys.readouterr().out
+
+    (bundle / SIGNATURE).write_bytes(sign_manifest((bundle / MANIFEST).read_bytes(), key))
+    assert puller.adopt(bundle) == coco17_bundle.id  # signed by the key: installed without --unsigned
