@@ -26,7 +26,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from service.keypoints import CABIN19_NAMES, OUTSIDE
 
-from .errors import ConflictError, PermanentError
+from .errors import ConflictError, ObjectNotFound, PermanentError
 from .groundtruth_lambdas import consolidate, post_annotation_handler, pre_annotation_handler, task_input
 from .objectstore import ObjectStore
 from .review import HEADS, PERSONS, ReviewedKeypoint, ReviewedLabel, ReviewedPerson, ReviewItem, labels_differ
@@ -237,11 +237,24 @@ def _label_attribute(line: Mapping[str, Any], kind: str | None = None) -> str | 
     return max(found)[1] if found else None
 
 
-def _persons(persons: Sequence[Mapping[str, Any]], names: Sequence[str]) -> tuple[ReviewedPerson, ...]:
-    """Persons of the custom format (points by label) in ``names`` order; missing points outside."""
+def _persons(persons: Sequence[Mapping[str, Any]], names: Sequence[str],
+             known: Sequence[str] | None = None) -> tuple[ReviewedPerson, ...]:
+    """Persons of the custom format (points by label) in ``names`` order; missing points outside.
+
+    With ``known`` (the names this review may carry), a point of another label, or a label given
+    twice in one person, is a ``ManifestError``: leaving it out turned a placed point into an
+    ``outside`` one (a label renamed on the cloud side lost every point of that name)."""
     out = []
     for p in persons:
         given = {k["label"]: k for k in p.get("keypoints", [])}
+        if known is not None:
+            labels = [k["label"] for k in p.get("keypoints", [])]
+            unknown = sorted({str(n) for n in labels} - set(known))
+            if unknown:
+                raise ManifestError(f"key point label {unknown[0]!r} is not one of the schema's names")
+            if len(given) != len(labels):
+                twice = next(n for n in labels if labels.count(n) > 1)
+                raise ManifestError(f"key point {twice!r} given twice in one person")
         kps = tuple(ReviewedKeypoint(float(given[n]["x"]), float(given[n]["y"]), str(given[n]["visibility"]))
                     if n in given else ReviewedKeypoint(0.0, 0.0, OUTSIDE) for n in names)
         out.append(ReviewedPerson(tuple(p["box"]), kps))  # type: ignore[arg-type]
@@ -272,13 +285,17 @@ def parse_output_line(line: Mapping[str, Any], names: Sequence[str] = CABIN19_NA
     """
     attribute = attribute or _label_attribute(line)
     if attribute is None:
+        failed = [str(meta["failure-reason"]) for key, meta in line.items() if key.endswith("-metadata")
+                  and isinstance(meta, Mapping) and meta.get("failure-reason") and key[:-9] not in line]
+        if failed:  # a data object Ground Truth gave up on (a Lambda error, an expired task)
+            raise ManifestError(f"output line for {_line_image_id(line)}: Ground Truth did not label it: {failed[0]}")
         return None
     value, meta = line[attribute], line[attribute + "-metadata"]
     job = str(meta.get("job-name") or meta.get("job_name") or "").removeprefix("labeling-job/")
     when = _epoch(meta.get("creation-date") or meta.get("creation_date"))
     status = meta.get("adjustment-status")
     adjusted = None if status is None else status == "adjusted"
-    image_id = str(line.get("image-id") or str(line["source-ref"]).rsplit("/", 1)[-1].split(".", 1)[0])
+    image_id = _line_image_id(line)
     kind = str(meta.get("type", "")).lower()
     if kind == "groundtruth/object-detection":
         size = value["image_size"][0]
@@ -300,7 +317,8 @@ def parse_output_line(line: Mapping[str, Any], names: Sequence[str] = CABIN19_NA
         raise ManifestError(f"output line for {image_id}: unknown label type {meta.get('type')!r}")
     for problem in value.get("problems", []):
         log.warning("review of %s in %s: %s", image_id, job, problem)
-    persons = _persons(value.get("persons", []), names)
+    known = set(names) | {str(n) for n in (line.get("auto-kpts") or {}).get("keypoint_names") or ()}
+    persons = _persons(value.get("persons", []), names, sorted(known))
     heads = tuple(tuple(h) for h in value.get("heads", []))
     size = value.get("image_size") or {}
     auto_size = (line.get("auto-kpts") or {}).get("image_size") or {}
@@ -314,6 +332,11 @@ def parse_output_line(line: Mapping[str, Any], names: Sequence[str] = CABIN19_NA
     label = ReviewedLabel(image_id, int(width), int(height), heads, persons, BACKEND, job, when,  # type: ignore[arg-type]
                           value.get("workerId"), adjusted, tuple(names), (HEADS, PERSONS))
     return _to_original(label, line)
+
+
+def _line_image_id(line: Mapping[str, Any]) -> str:
+    """The image id of an output line: ``image-id``, else the name of ``source-ref``'s object."""
+    return str(line.get("image-id") or str(line["source-ref"]).rsplit("/", 1)[-1].split(".", 1)[0])
 
 
 def _uploaded_size(line: Mapping[str, Any]) -> tuple[int, int] | None:
@@ -396,18 +419,43 @@ class GroundTruthBackend:
             create_labeling_job(self.client, job_name_for(self.job.job_prefix, batch_id), self.store.uri(key), self.job)
 
     def collect(self) -> Iterator[ReviewedLabel]:
-        """Parse every output manifest under the output prefix; bad lines go to ``rejected``."""
+        """Parse every output manifest under the output prefix; bad lines go to ``rejected``
+        (logged when first refused, or refused for another reason).
+
+        Each line stands alone: one that is not UTF-8, not JSON, not an object or not a label
+        of ours (a truncated write, a hand-edited file, another tool's job in the prefix) is
+        refused and the other lines of that manifest, and the other manifests, still come
+        back. A manifest deleted between the listing and the read is left for the next pass."""
         for key in self.store.list(self.output_prefix + "/"):
             if not key.endswith("/" + OUTPUT_MANIFEST):
                 continue
-            for number, text in enumerate(self.store.get(key).decode("utf-8").splitlines(), start=1):
-                if not text.strip():
+            try:
+                data = self.store.get(key)
+            except ObjectNotFound:  # was a PermanentError out of the merge task: the agent stopped
+                log.warning("output manifest %s went away before it was read; skipped", key)
+                continue
+            # JSON Lines: split on "\n" only (str.splitlines also cut at U+2028 inside a string)
+            for number, raw in enumerate(data.split(b"\n"), start=1):
+                if not raw.strip():
                     continue
+                line: Any = None
                 try:
-                    label = parse_output_line(json.loads(text), self.names)
-                except (ManifestError, ValueError, KeyError, TypeError) as exc:
-                    log.warning("%s line %d refused: %s", key, number, exc)
-                    self.rejected[f"{key}:{number}"] = str(exc)
+                    line = json.loads(raw.decode("utf-8"))
+                    if not isinstance(line, Mapping):
+                        raise ManifestError(f"expected a JSON object, got {type(line).__name__}")
+                    label = parse_output_line(line, self.names)
+                except (ManifestError, ValueError, KeyError, TypeError, AttributeError, IndexError,
+                        ArithmeticError) as exc:
+                    # ArithmeticError: float() of a huge integer; the others: a value of another shape
+                    why = str(exc) if isinstance(exc, (ManifestError, ValueError)) else f"{type(exc).__name__}: {exc}"
+                    if isinstance(line, Mapping) and line.get("image-id") and str(line["image-id"]) not in why:
+                        why = f"image {line['image-id']}: {why}"
+                    self._refuse(f"{key}:{number}", why)
                     continue
                 if label is not None:
                     yield label
+
+    def _refuse(self, where: str, why: str) -> None:
+        if self.rejected.get(where) != why:
+            log.warning("output line %s refused: %s", where, why)
+        self.rejected[where] = why

@@ -153,9 +153,14 @@ def _percent(value: Mapping[str, Any], keys: Sequence[str], rid: str) -> list[fl
     nums = []
     for k in keys:
         v = value.get(k)
-        if not isinstance(v, (int, float)) or not math.isfinite(v) or not -0.01 <= v <= 100.01:
-            raise InvalidAnnotation(f"region {rid}: expected {k} in 0..100 (percent), got {v!r}")
-        nums.append(float(v))
+        try:  # float() of an integer too large for a float raises OverflowError (was out of collect)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and -0.01 <= float(v) <= 100.01
+        except OverflowError:
+            ok = False
+        if not ok:
+            shown = repr(v) if len(repr(v)) <= 40 else repr(v)[:37] + "..."
+            raise InvalidAnnotation(f"region {rid}: expected {k} in 0..100 (percent), got {shown}")
+        nums.append(float(v))  # type: ignore[arg-type]
     return nums
 
 
@@ -171,6 +176,12 @@ def parse_result(result: Sequence[Mapping[str, Any]], width: int, height: int,
         rid, kind, value = str(item.get("id", "")), item.get("type"), item.get("value") or {}
         if item.get("to_name") != IMAGE:
             raise InvalidAnnotation(f"region {rid}: expected to_name {IMAGE!r}, got {item.get('to_name')!r}")
+        turned = item.get("image_rotation") or 0
+        if not isinstance(turned, (int, float)) or abs(float(turned)) % 360 > 1e-6:
+            # drawn on the image turned in the editor (an Image with rotateControl): the
+            # percentages are of the turned frame, not the image's
+            raise InvalidAnnotation(f"region {rid}: drawn on the image turned by {turned!r} degrees; "
+                                    "turn it back and submit again")
         if kind == "rectanglelabels" and item.get("from_name") == BOX:
             x, y, bw, bh = _percent(value, ("x", "y", "width", "height"), rid)
             if abs(float(value.get("rotation") or 0.0)) > 1e-6 or x + bw > 100.01 or y + bh > 100.01:
@@ -500,7 +511,8 @@ class LabelStudioBackend:
             image_id = str(task.get("data", {}).get("image_id"))
             try:
                 label = self.label(task)
-            except (InvalidAnnotation, ValueError, KeyError, TypeError) as exc:
+            except (InvalidAnnotation, ValueError, KeyError, TypeError, AttributeError, IndexError,
+                    ArithmeticError) as exc:  # a value of another shape: this task refused, not the collection
                 if self.rejected.get(image_id) != str(exc):
                     log.warning("review of %s (task %s) refused: %s", image_id, task.get("id"), exc)
                 self.rejected[image_id] = str(exc)

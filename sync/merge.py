@@ -99,6 +99,36 @@ def auto_label(record: Mapping[str, Any], target: Sequence[str]) -> dict[str, An
     return canonical_label(record["width"], record["height"], [_box(h) for h in record.get("heads", [])], persons)
 
 
+EDGE_TOLERANCE_PX = 1.0  # how far past the image's edge a reviewed box or point may lie (rounding)
+
+
+def _check_geometry(heads: Sequence[Sequence[float]],
+                    persons: Sequence[tuple[Sequence[float], Sequence[tuple[float, float, int]]]],
+                    width: int, height: int, names: Sequence[str]) -> None:
+    """ValueError unless every reviewed box and every placed (visible or occluded) point lies
+    in the ``width`` x ``height`` image, and every head box has an area: a point off the image
+    merged as visible, or a head box of no area, would be a wrong label in the training set.
+    Outside points claim no location and are not checked."""
+    tol = max(EDGE_TOLERANCE_PX, 0.001 * max(width, height))
+
+    def inside(x: float, y: float) -> bool:
+        return -tol <= x <= width + tol and -tol <= y <= height + tol
+
+    for h in heads:
+        if not (inside(h[0], h[1]) and inside(h[2], h[3])):
+            raise ValueError(f"head box {[round(v, 2) for v in h]} lies outside the {width}x{height} image")
+        if not (h[2] > h[0] and h[3] > h[1]):
+            raise ValueError(f"head box {[round(v, 2) for v in h]} has no area (or its corners are swapped)")
+    for n, (box, points) in enumerate(persons, start=1):
+        if not (inside(box[0], box[1]) and inside(box[2], box[3])) or box[2] < box[0] or box[3] < box[1]:
+            raise ValueError(f"person {n} box {[round(v, 2) for v in box]} lies outside the {width}x{height} image "
+                             "(or its corners are swapped)")
+        for name, (x, y, f) in zip(names, points):
+            if f and not inside(x, y):
+                raise ValueError(f"person {n} key point {name!r} at ({x:.1f}, {y:.1f}) is marked "
+                                 f"{FLAG_VISIBILITY[f]} but lies outside the {width}x{height} image")
+
+
 def reviewed_label(label: Any, target: Sequence[str], names: Sequence[str] | None,
                    auto: Mapping[str, Any]) -> dict[str, Any]:
     """The canonical label of a reviewed label; its key points are in ``names`` order (the
@@ -121,6 +151,8 @@ def reviewed_label(label: Any, target: Sequence[str], names: Sequence[str] | Non
         pts = [_flag(k) for k in (_get(p, "keypoints") or ())]
         persons.append((_box(_get(p, "box")), _remap(pts, names, target)))
     heads = [_box(h) for h in (_get(label, "heads") or ())]
+    _check_geometry(heads if "heads" in parts else [], persons if "persons" in parts else [],
+                    auto["width"], auto["height"], target)
     if "heads" not in parts:
         heads = [list(h) for h in auto["heads"]]
     if "persons" not in parts:
@@ -179,9 +211,15 @@ class Merger:
         self.auto_removed = 0  # auto labels taken out since the last merge report (retention)
 
     def merge(self, labels: Iterable[Any]) -> MergeReport:
-        """Merge reviewed labels (see module doc); records the dataset version when it is new."""
+        """Merge reviewed labels (see module doc); records the dataset version when it is new.
+
+        Several labels of one image in one call (the image twice in an output manifest, in two
+        jobs, in two tasks) merge once: the newest (``reviewed_at``). Newest ones of the same
+        time that differ are refused together (``skipped``): taking either would be a guess, and
+        taking each in turn changed the dataset on every pass."""
         report = MergeReport()
         target = self.dataset.schema.names
+        labels, report.skipped = _one_per_image(labels)
         for label in labels:
             image_id = str(_get(label, "image_id"))
             row = self.store.get(image_id)
@@ -274,6 +312,27 @@ class Merger:
                 continue
             added += self.dataset.put_auto(row.image_id, label, auto_provenance(row), row.decision)
         return added
+
+
+def _one_per_image(labels: Iterable[Any]) -> tuple[list[Any], dict[str, str]]:
+    """(labels with one per image id, in first-seen order; image id -> why refused) (see ``merge``)."""
+    groups: dict[str, list[Any]] = {}
+    for label in labels:
+        groups.setdefault(str(_get(label, "image_id")), []).append(label)
+    chosen, refused = [], {}
+    for image_id, group in groups.items():
+        if len(group) > 1:
+            when = [str(_iso(_get(g, "reviewed_at")) or "") for g in group]
+            group = [g for g, w in zip(group, when) if w == max(when)]
+            contents = {repr([_get(g, k) for k in ("width", "height", "heads", "persons", "keypoint_names", "parts")])
+                        for g in group}
+            if len(contents) > 1:
+                jobs = sorted({str(_first(g, ("job_id", "job", "project_id", "project"))) for g in group})
+                refused[image_id] = (f"{len(group)} different reviews of the same time ({max(when)}; "
+                                     f"{', '.join(jobs)}): not merged until one is newer")
+                continue
+        chosen.append(group[-1])
+    return chosen, refused
 
 
 class MergeTask:
