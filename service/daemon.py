@@ -36,6 +36,7 @@ import collections
 import logging
 import os
 import queue
+import shutil
 import socket
 import sqlite3
 import threading
@@ -52,7 +53,7 @@ from .bundle import Bundle, Thresholds, load_bundle
 from .dropfolder import DropFolder, quarantine_dir, write_quarantine
 from .engine import GPU_PROVIDERS, Engine
 from .errors import (AnnotatorError, BundleError, ImageError, ImageNotFound, ImageTooLarge, LeaseLost, ShuttingDown,
-                     StoreFull)
+                     StoreError, StoreFull, StoreUnavailable, is_disk_full, is_io_fault)
 from .imageio import DecodedImage, decode_image
 from .judge import MAX_CAMERAS, Judge, Judgement, NearDuplicate, ReviewShare, load_score_fn, rank_key
 from .outputs import write_sidecars
@@ -74,6 +75,9 @@ DECODED_CACHE_BYTES = 64 << 20  # decoded pixels kept between submit and the wor
 IDLE_POLL_SECONDS = 0.5
 FINISH_QUEUE = 1  # predicted batches waiting for the finisher (back-pressure on the workers)
 RECALL_MAX_FRAMES = 1024  # review frames decoded in all at start for the near-duplicate memory
+# After the disk failed a batch's writes (full, read-only, I/O errors): how long no image is
+# claimed, doubling while the fault lasts (``Daemon._io_failed``).
+IO_RETRY_SECONDS, IO_RETRY_MAX_SECONDS = 5.0, 60.0
 
 
 @dataclass(frozen=True)
@@ -110,10 +114,35 @@ def _refused(row: ImageRow) -> bool:
 def rejection_reason(exc: BaseException) -> str:
     """The ``reason`` label of an image refused at intake (subclasses before their bases)."""
     for kind, reason in ((ImageTooLarge, "too_large"), (ImageError, "invalid"), (StoreFull, "store_full"),
-                         (ShuttingDown, "shutting_down")):
+                         (StoreUnavailable, "store_unavailable"), (ShuttingDown, "shutting_down")):
         if isinstance(exc, kind):
             return reason
     return "other"
+
+
+def free_space(path: Path | str | None) -> str:
+    """``"N MB free on PATH"`` for a log line or an error (the nearest existing folder of ``path``)."""
+    if path is None:
+        return "no folder"
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return f"{shutil.disk_usage(p).free / 1e6:.0f} MB free on {path}"
+    except OSError as exc:
+        return f"free space on {path} unknown ({exc.strerror or exc})"
+
+
+def store_write_error(exc: BaseException, root: Path) -> StoreError:
+    """``StoreFull`` (disk full) or ``StoreUnavailable`` (I/O error, read-only...) for ``exc``, a
+    failed write of the store under ``root``, with what failed and the free space."""
+    what = f"{getattr(exc, 'strerror', None) or exc}"
+    if getattr(exc, "filename", None):
+        what += f": {exc.filename}"  # type: ignore[attr-defined]
+    if is_disk_full(exc):
+        return StoreFull(f"the store's disk is full ({what}; {free_space(root)}); ingest is paused until space "
+                         "is freed")
+    return StoreUnavailable(f"the store cannot write ({what}; {free_space(root)}); retry when the disk works again")
 
 
 def _decode(data: bytes, max_bytes: int, max_pixels: int, max_side_hint: int | None) -> DecodedImage:
@@ -225,6 +254,11 @@ class Daemon:
         self._busy: dict[str, float] = {}
         self.stall_seconds = float(getattr(config.engine, "stall_seconds", 1800.0))
         self._stalled: set[str] = set()
+        # A disk fault under a batch's writes (``_io_failed``): why, and until when no image is claimed.
+        self._io_fault: str | None = None
+        self._io_until = -float("inf")
+        self._io_delay = 0.0
+        self._give_back: list[tuple[str, list[str]]] = []  # (owner, ids) whose leases could not be given back yet
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._intake_closed = False
@@ -401,7 +435,12 @@ class Daemon:
         ``want_future=False`` (the drop folder, where nobody waits) registers no future and
         returns None: each one stayed in ``_futures`` until its image was annotated, so a backlog
         of 20k files held 20k futures (+92 MB)."""
-        image_id, created = self.store.ingest(data, source, meta)
+        try:
+            image_id, created = self.store.ingest(data, source, meta)
+        except (OSError, sqlite3.OperationalError) as exc:
+            if not is_io_fault(exc):
+                raise
+            raise store_write_error(exc, self.store.root) from exc
         fut: Future[ImageRow] | None = Future() if want_future else None
         with self._lock:
             if fut is not None:
@@ -484,9 +523,15 @@ class Daemon:
 
     def _work(self, owner: str) -> None:
         while not self._stop.is_set():
+            rows: list[ImageRow] = []
             try:
                 self._answer_lost()
+                if self._io_paused():
+                    self._stop.wait(min(IDLE_POLL_SECONDS * 4, max(0.0, self._io_until - time.monotonic())))
+                    continue
                 rows = self._claim(owner)
+                if not rows and self._io_fault is not None and not self._give_back and not self._busy:
+                    self._io_recovered()  # nothing waits nor is in flight any more: no fault to report
                 if rows:
                     self._busy[owner] = time.monotonic()
                     try:
@@ -496,7 +541,10 @@ class Daemon:
                     finally:
                         self._busy.pop(owner, None)
                     continue
-            except Exception:  # a worker must survive; the lease brings the rows back later
+            except Exception as exc:  # a worker must survive; the lease brings the rows back later
+                if is_io_fault(exc):  # the disk's fault: the images wait, not counted as a failed claim
+                    self._io_failed(f"worker {owner}", exc, owner, [r.image_id for r in rows])
+                    continue
                 log.exception("worker %s: batch failed; its images return to the queue when the lease expires", owner)
                 time.sleep(IDLE_POLL_SECONDS)
             self._wake.wait(IDLE_POLL_SECONDS)
@@ -556,7 +604,11 @@ class Daemon:
             self._busy["finisher"] = time.monotonic()
             try:
                 self._finish(item)
-            except Exception:  # the lease brings the rows back later; the finisher must survive
+            except Exception as exc:  # the lease brings the rows back later; the finisher must survive
+                if is_io_fault(exc) or isinstance(exc, OSError):  # e.g. the sidecar folder: not the images' fault
+                    self._io_failed(f"writing the annotations of {len(item.rows)} images", exc, item.owner,
+                                    [r.image_id for r in item.rows])
+                    continue
                 log.exception("finishing a batch of %d failed; its images return to the queue when the lease "
                               "expires", len(item.rows))
             finally:
@@ -598,6 +650,7 @@ class Daemon:
                 for row, record, v in mine])
             lost_ids = {exc.image_id for exc in lost}
             done = {row.image_id for row, _, _ in mine if row.image_id not in lost_ids}
+            self._io_recovered()
         finally:
             for row, verdict in zip(p.rows, verdicts):
                 p.judge.settle(verdict, committed=row.image_id in done)
@@ -611,6 +664,64 @@ class Daemon:
                     self._lost.add(row.image_id)
         if len(done) < len(p.rows):
             self._answer_lost()
+
+    # -- disk faults ----------------------------------------------------------------------
+    def _io_paused(self) -> bool:
+        """Whether workers wait before claiming (a recent disk fault); gives back the leases a
+        fault left held meanwhile (``_io_failed``)."""
+        if self._give_back:
+            self._return_leases()
+        return time.monotonic() < self._io_until
+
+    def _io_failed(self, what: str, exc: BaseException, owner: str, image_ids: list[str]) -> None:
+        """The disk failed a write of a batch (full, read-only, I/O errors, an unwritable sidecar
+        folder): not the images' fault. Their leases are given back without counting the claim,
+        so that a full disk never exhausts ``store.max_attempts`` and quarantines them as a crash
+        loop; no image is claimed for ``IO_RETRY_SECONDS`` (doubling up to
+        ``IO_RETRY_MAX_SECONDS`` while the fault lasts, so a full disk costs no CPU), and the
+        work resumes by itself once a batch gets through. Said once per kind of fault, with the
+        path and the free space, and in ``status`` (``paused_reason``)."""
+        where = getattr(exc, "filename", None)
+        text = f"{getattr(exc, 'strerror', None) or exc}" + (f": {where}" if where else "")
+        space = ", ".join(dict.fromkeys(free_space(p) for p in (self.store.root, self.sidecar_dir) if p is not None))
+        with self._lock:
+            self._io_delay = min(IO_RETRY_MAX_SECONDS, max(IO_RETRY_SECONDS, 2 * self._io_delay))
+            self._io_until = time.monotonic() + self._io_delay
+            first = self._io_fault is None or not self._io_fault.startswith(text)
+            self._io_fault = f"{text} ({space}); the images wait in the store and are retried"
+            if image_ids:
+                self._give_back.append((owner, list(image_ids)))
+        (log.error if first else log.debug)(
+            "disk fault %s: %s (%s); the images stay queued (not failed, not quarantined) and are retried in %.0f s",
+            what, text, space, self._io_delay)
+        self._return_leases()
+
+    def _return_leases(self) -> None:
+        """Give back the leases ``_io_failed`` noted, without counting their claims (as ``Store.release``
+        does at shutdown); those the disk refuses now are tried again at the next claim."""
+        with self._lock:
+            pending, self._give_back = self._give_back, []
+        left = []
+        for owner, ids in pending:
+            try:
+                with self.store.transaction() as db:
+                    db.executemany("UPDATE images SET lease_owner=NULL, lease_expires=NULL, "
+                                   "attempts=max(attempts-1, 0) WHERE image_id=? AND lease_owner=? AND state=?",
+                                   [(i, owner, RECEIVED) for i in ids])
+            except Exception as exc:  # the disk still refuses: the leases expire, or the next try gives them back
+                log.debug("cannot give back %d leases yet: %s", len(ids), exc)
+                left.append((owner, ids))
+        if left:
+            with self._lock:
+                self._give_back = left + self._give_back
+
+    def _io_recovered(self) -> None:
+        if self._io_fault is None:
+            return
+        with self._lock:
+            fault, self._io_fault, self._io_delay = self._io_fault, None, 0.0
+        if fault is not None:
+            log.warning("disk fault cleared: annotations are written again (was: %s)", fault)
 
     def _answer_lost(self) -> None:
         """Answer the waiters of lost rows that are settled by now (the worker that took one over
@@ -690,7 +801,8 @@ class Daemon:
             bundle_id=bundle.id, bundle_path=self._bundle_path, thresholds=bundle.thresholds,
             judgement={"score_threshold": judge.threshold, "audit_fraction": judge.audit_fraction},
             queue_depths=self.store.counts(), counters=counters,
-            uptime_seconds=time.monotonic() - self.started, paused_reason=self.store.paused_reason())
+            uptime_seconds=time.monotonic() - self.started,
+            paused_reason=self.store.paused_reason() or (f"disk fault: {self._io_fault}" if self._io_fault else None))
 
     def stop_intake(self) -> None:
         """Stop taking images: the drop folder watcher stops, ``submit`` raises ``ShuttingDown``."""

@@ -70,7 +70,8 @@ from watchdog.events import EVENT_TYPE_CLOSED_NO_WRITE, EVENT_TYPE_OPENED, FileS
 from watchdog.observers import Observer
 
 from .durable import write_bytes_atomic
-from .errors import AnnotatorError, ImageError, ShuttingDown, StoreError, StoreFull, is_disk_full
+from .errors import (AnnotatorError, ImageError, ShuttingDown, StoreError, StoreFull, StoreUnavailable, is_disk_full,
+                     is_io_fault)
 from .imageio import DecodedImage, decode_image
 from .store import image_id_of
 
@@ -109,6 +110,12 @@ def text_name(path: Path | str) -> str:
 def _store_full(exc: BaseException) -> StoreFull:
     return StoreFull(f"no space left on the disk ({getattr(exc, 'strerror', None) or exc}); "
                      "ingest is paused until space is freed")
+
+
+def _store_unavailable(exc: BaseException) -> StoreUnavailable:
+    where = getattr(exc, "filename", None)
+    return StoreUnavailable(f"the store cannot write ({getattr(exc, 'strerror', None) or exc}"
+                            f"{f': {where}' if where else ''}); ingest is paused until the disk works again")
 
 
 def rescan_interval(walk_seconds: float) -> float:
@@ -454,8 +461,10 @@ class DropFolder:
                 break
             try:
                 taken += self._consider(path)
-            except StoreFull as exc:
-                self._hold(str(exc), order[i:])
+            except (StoreFull, StoreUnavailable) as exc:  # the store's disk, not this file: hold every file
+                cause = exc.__cause__
+                self._hold(str(exc), order[i:], key=f"{type(exc).__name__}:"
+                           f"{getattr(cause, 'errno', None) or getattr(cause, 'sqlite_errorcode', None)}")
                 break
             except Exception:  # one file's surprise must not keep the files after it from being taken
                 log.exception("drop folder: %s failed; going on with the other files", text_name(path))
@@ -481,15 +490,18 @@ class DropFolder:
             self._pause_logged = reason
         return reason
 
-    def _hold(self, reason: str, pending: list[Path]) -> None:
-        """After a ``StoreFull``: look at no file for ``pause_retry_seconds``, then at ``pending``."""
+    def _hold(self, reason: str, pending: list[Path], key: str | None = None) -> None:
+        """After a ``StoreFull`` (or ``StoreUnavailable``): look at no file for
+        ``pause_retry_seconds``, then at ``pending``. Logged once per ``key`` (the kind of fault;
+        default the reason), not at each retry: the reason names a file and the free space."""
         self._held_until = self.clock() + self.pause_retry_seconds
         self._held_reason = reason
         with self._lock:
             self._dirty.update(pending)
-        if reason != self._pause_logged:
+        key = reason if key is None else key
+        if key != self._pause_logged:
             log.warning("drop folder paused, retrying in %.0f s: %s", self.pause_retry_seconds, reason)
-            self._pause_logged = reason
+            self._pause_logged = key
 
     def _relative(self, path: Path) -> Path | None:
         try:
@@ -607,7 +619,7 @@ class DropFolder:
             meta["camera"] = text_name(rel.parts[0])
         try:
             self.sink(data, f"drop:{name}", meta, decoded)
-        except StoreFull:
+        except (StoreFull, StoreUnavailable):
             raise
         except (StoreError, ShuttingDown) as exc:  # about the store (closed at shutdown...), not this file
             log.error("cannot ingest %s now (%s); it will be retried", name, exc)
@@ -618,6 +630,8 @@ class DropFolder:
         except Exception as exc:
             if is_disk_full(exc):
                 raise _store_full(exc) from exc
+            if is_io_fault(exc):  # read-only, I/O errors: the store's disk, as a full one
+                raise _store_unavailable(exc) from exc
             # the store, not this file: locked, or its connection closed under a take at shutdown
             if isinstance(exc, (OSError, sqlite3.OperationalError, sqlite3.ProgrammingError)):
                 log.error("cannot ingest %s now (%s); it will be retried", name, exc)

@@ -29,6 +29,12 @@ class StoreFull(StoreError):
     """Free disk space is below the configured floor; ingest is paused until space is freed."""
 
 
+class StoreUnavailable(StoreError):
+    """The store's disk fails under a write (an I/O error, a file system gone read-only, a file
+    size limit): not the image's fault, so nothing is quarantined for it; the work is retried
+    once the disk answers again (gRPC UNAVAILABLE)."""
+
+
 class LeaseLost(StoreError):
     """A worker tried to finish an image whose lease it no longer holds; nothing was changed.
     ``image_id``: which image (a batch's completion reports one per lost row)."""
@@ -62,4 +68,28 @@ def is_disk_full(exc: BaseException) -> bool:
         return exc.errno in (errno.ENOSPC, errno.EDQUOT)
     if isinstance(exc, sqlite3.OperationalError):
         return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    return False
+
+
+# errno values of a disk that cannot take the write now: full (ENOSPC, EDQUOT), a file size limit
+# (EFBIG), a failing or removed device (EIO, ENXIO, ENODEV, ESTALE on NFS, ENOTCONN on a FUSE
+# mount gone), a file system remounted read-only (EROFS).
+_IO_FAULT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.ENXIO, errno.ENODEV,
+                              errno.ESTALE, errno.ENOTCONN, errno.EROFS})
+_SQLITE_IO_FAULTS = frozenset({sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY,
+                               sqlite3.SQLITE_CANTOPEN})
+
+
+def is_io_fault(exc: BaseException) -> bool:
+    """True when ``exc`` says the disk cannot take a write right now (``is_disk_full``, or an
+    I/O error, a read-only file system, a file size limit; SQLite's ``SQLITE_FULL``,
+    ``SQLITE_IOERR*``, ``SQLITE_READONLY*``, ``SQLITE_CANTOPEN``): the disk's fault, not the
+    image's. ``StoreFull`` and ``StoreUnavailable`` count too."""
+    if isinstance(exc, (StoreFull, StoreUnavailable)):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno in _IO_FAULT_ERRNOS
+    if isinstance(exc, sqlite3.OperationalError):
+        code = getattr(exc, "sqlite_errorcode", None)
+        return code is not None and code & 0xFF in _SQLITE_IO_FAULTS
     return False

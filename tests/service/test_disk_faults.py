@@ -1,0 +1,215 @@
+"""The daemon when its disks fail under it: full (ENOSPC), read-only, I/O errors, a sidecar folder
+that cannot be written. A full disk is not the image's fault: nothing is quarantined for it, the
+work waits and resumes by itself once the disk takes writes again, each image annotated once."""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import cv2
+import numpy as np
+import pytest
+
+import service.daemon as daemon_mod
+from procs import command_env, free_port, start_serve, wait_for
+from service.cli_daemon import DEMO_BUNDLE
+from service.config import load_config
+from service.daemon import Daemon
+from service.dropfolder import PROCESSED, QUARANTINE, DropFolder
+import service.errors as errors
+from service.imageio import DecodedImage
+from service.store import Store
+
+
+def _jpeg(seed: int) -> bytes:
+    ok, buf = cv2.imencode(".jpg", np.random.default_rng(seed).integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    assert ok
+    return buf.tobytes()
+
+
+def _config(tmp_path: Path, **more: Any) -> Any:
+    values = {"store.root": str(tmp_path / "store"), "store.lease_seconds": 1.0, "store.min_free_mb": 0,
+              "engine.bundle": str(DEMO_BUNDLE), "engine.batch_size": 4, "engine.workers": 2,
+              "outputs.sidecar_dir": str(tmp_path / "sidecars"), **more}
+    return load_config(None, env={}, overrides=values)
+
+
+def _wait(cond: Callable[[], bool], seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not cond():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)
+
+
+def _sqlite_full() -> sqlite3.OperationalError:
+    exc = sqlite3.OperationalError("database or disk is full")
+    exc.sqlite_errorcode = sqlite3.SQLITE_FULL  # type: ignore[attr-defined]
+    return exc
+
+
+@pytest.mark.parametrize("fault", ["sidecar_enospc", "complete_sqlite_full"])
+def test_a_full_disk_under_the_finisher_quarantines_nothing_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                         fault: str) -> None:
+    """The sidecar write (ENOSPC) or the completion (SQLITE_FULL) fails for longer than
+    ``max_attempts`` leases: each failed batch's lease expired and counted as a claim, and the
+    images were failed and quarantined as a "crash loop on this image". Now their leases are
+    given back uncounted, claims wait, status says why, and once the disk takes writes again
+    every image is annotated exactly once."""
+    monkeypatch.setattr(daemon_mod, "IO_RETRY_SECONDS", 0.2, raising=False)
+    monkeypatch.setattr(daemon_mod, "IO_RETRY_MAX_SECONDS", 0.5, raising=False)
+    full = {"on": True, "tries": 0}
+    d = Daemon(_config(tmp_path))
+    d.store.max_attempts = 2
+    if fault == "sidecar_enospc":
+        real_write = daemon_mod.write_sidecars
+
+        def write(folder: Path, records: Any) -> Any:
+            if full["on"]:
+                full["tries"] += 1
+                raise OSError(errno.ENOSPC, "No space left on device", str(folder))
+            return real_write(folder, records)
+
+        monkeypatch.setattr(daemon_mod, "write_sidecars", write)
+    else:
+        real_complete = d.store.complete_many
+
+        def complete(owner: str, completions: Any) -> Any:
+            if full["on"]:
+                full["tries"] += 1
+                raise _sqlite_full()
+            return real_complete(owner, completions)
+
+        d.store.complete_many = complete  # type: ignore[method-assign]
+    ids = [d.store.ingest(_jpeg(i), "test:disk")[0] for i in range(3)]
+    d.start()
+    try:
+        _wait(lambda: full["tries"] >= 3)
+        time.sleep(2.5)  # more than max_attempts leases of 1 s
+        assert [d.store.get(i).state for i in ids] == ["received"] * 3
+        assert not d.quarantine_dir.exists() or not any(d.quarantine_dir.iterdir())
+        assert "disk fault" in (d.status().paused_reason or "")
+        full["on"] = False
+        _wait(lambda: all(d.store.get(i).state in ("auto_accepted", "review_pending") for i in ids))
+        assert d.store.counter("annotated") == 3 and d.store.counter("failed") == 0
+        assert sorted(p.name for p in d.sidecar_dir.iterdir()) == sorted(f"{i}.json" for i in ids)
+        _wait(lambda: d.status().paused_reason is None, 10)
+    finally:
+        d.close()
+
+
+@pytest.mark.parametrize("code,kind", [(errno.ENOSPC, "StoreFull"), (errno.EIO, "StoreUnavailable"),
+                                       (errno.EROFS, "StoreUnavailable")])
+def test_submit_when_the_store_cannot_write_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int,
+                                                    kind: str) -> None:
+    """A failed image write under ``submit`` raised the bare OSError (gRPC INTERNAL "internal
+    error"): now ``StoreFull`` for a full disk, ``StoreUnavailable`` for an I/O error or a read-only
+    file system, naming the file and the free space; nothing is stored."""
+    d = Daemon(_config(tmp_path))
+    try:
+        def fails(path: Any, data: bytes, **kw: Any) -> None:
+            raise OSError(code, os.strerror(code), str(path))
+
+        monkeypatch.setattr("service.store.write_bytes_atomic", fails)
+        with pytest.raises(errors.StoreError, match=r"MB free on .*store") as info:
+            d.submit(_jpeg(1), "test:grpc")
+        assert type(info.value).__name__ == kind
+        assert os.strerror(code) in str(info.value) and errors.is_io_fault(info.value)
+        assert d.store.counts()["received"] == 0
+    finally:
+        d.close()
+
+
+def test_drop_folder_holds_every_file_when_the_store_cannot_write(tmp_path: Path) -> None:
+    """An I/O error or a read-only store (not only a full one) ends the scan and holds the files:
+    each file was read, decoded and refused in turn, once per scan, with one error line each."""
+    calls: list[bytes] = []
+    broken = {"on": True}
+
+    def sink(data: bytes, source: str, meta: dict, decoded: DecodedImage) -> None:
+        calls.append(data)
+        if broken["on"]:
+            raise OSError(errno.EROFS, "Read-only file system", "/store/images/ab/x")
+
+    now = [0.0]
+    drop = DropFolder(tmp_path / "drop", sink, "move", stable_seconds=0.0, clock=lambda: now[0],
+                      pause_retry_seconds=5.0)
+    for i in range(3):
+        (tmp_path / "drop" / f"{i}.jpg").write_bytes(_jpeg(i))
+    assert drop.scan_once() == 0
+    assert len(calls) == 1  # held after the first refusal
+    assert drop.scan_once() == 0 and len(calls) == 1  # nothing read while held
+    assert sorted(p.name for p in (tmp_path / "drop").iterdir()) == ["0.jpg", "1.jpg", "2.jpg"]
+    broken["on"] = False
+    now[0] += 6.0
+    assert drop.scan_once() == 3  # the held files come back without waiting for a full walk
+    assert not (tmp_path / "drop" / QUARANTINE).exists()
+    assert len(list((tmp_path / "drop" / PROCESSED).iterdir())) == 3
+
+
+def test_real_daemon_with_an_unwritable_sidecar_folder_survives_kill_and_recovers(tmp_path: Path) -> None:
+    """``annotator serve`` whose sidecar folder cannot be written (a file stands where the folder
+    belongs: every sidecar write fails) quarantined each dropped image after ``max_attempts``
+    leases. Now the images wait in the store; a kill -9 meanwhile loses nothing, and the next
+    daemon, once the folder can be written, annotates each exactly once."""
+    drop, sidecars, store_root = tmp_path / "drop", tmp_path / "sidecars", tmp_path / "store"
+    sidecars.write_text("not a folder")
+    config = tmp_path / "annotator.toml"
+    config.write_text(f'''[server]
+listen = "127.0.0.1:{free_port()}"
+[store]
+root = "{store_root}"
+lease_seconds = 0.5
+min_free_mb = 0
+[engine]
+bundle = "{DEMO_BUNDLE}"
+workers = 1
+[drop]
+folder = "{drop}"
+stable_seconds = 0.0
+poll_interval = 0.1
+[outputs]
+sidecar_dir = "{sidecars}"
+''')
+    os.unlink(sidecars)  # serve refuses a file at start; it appears afterwards
+    log = tmp_path / "serve.log"
+    proc = start_serve(config, log, tmp_path, command_env())
+    try:
+        wait_for(lambda: "watching drop folder" in log.read_text(), proc, log, 60)
+        sidecars.write_text("not a folder")
+        drop.mkdir(exist_ok=True)
+        for i in range(3):
+            (drop / f"{i}.tmp").write_bytes(_jpeg(10 + i))
+            os.replace(drop / f"{i}.tmp", drop / f"{i}.jpg")
+        wait_for(lambda: (drop / PROCESSED).is_dir() and len(list((drop / PROCESSED).iterdir())) == 3, proc, log, 30)
+        deadline = time.monotonic() + 8  # more than max_attempts (5) leases of 0.5 s, each retry alone
+        while time.monotonic() < deadline and not (drop / QUARANTINE).exists():
+            time.sleep(0.2)
+        store = Store(store_root)
+        try:
+            assert store.counts()["received"] == 3 and store.counter("failed") == 0
+        finally:
+            store.close()
+        assert not (drop / QUARANTINE).exists(), log.read_text()[-2000:]
+        assert "disk fault" in log.read_text()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    sidecars.unlink()
+    proc = start_serve(config, log, tmp_path, command_env())
+    try:
+        store = Store(store_root)
+        try:
+            wait_for(lambda: store.counter("annotated") == 3, proc, log, 60)
+            assert store.counter("failed") == 0
+            assert sorted(p.stem for p in sidecars.iterdir()) == sorted(
+                r.image_id for r in store.list()[0] if r.state in ("auto_accepted", "review_pending"))
+        finally:
+            store.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
