@@ -33,6 +33,7 @@ import os
 import queue
 import re
 import signal
+import sqlite3
 import threading
 import time
 from concurrent import futures
@@ -49,9 +50,9 @@ from protos.annotator.v1 import annotator_pb2_grpc as pb_grpc
 from .client import BUSY_METADATA
 from .convert import annotation_to_proto, status_to_proto, timestamp_to_epoch
 from .errors import (AnnotatorError, BundleError, ConfigError, ImageError, ImageNotFound, ImageTooLarge, PathNotAllowed,
-                     ShuttingDown, StoreFull, is_disk_full)
+                     ShuttingDown, StoreFull, StoreUnavailable, is_disk_full, is_io_fault)
 from .interceptors import AccessLogInterceptor, LatencyStats, TokenInterceptor
-from .store import DECISIONS, STATES, image_id_of, is_image_id
+from .store import DECISIONS, STATES, image_id_of, is_image_id, list_cursor
 
 if TYPE_CHECKING:
     from .config import Config
@@ -64,6 +65,10 @@ STREAM_IN_FLIGHT = 32  # images of one stream submitted but not yet answered (a 
 MAX_WAITING_ANNOTATE = 32  # unary Annotate calls waiting for their annotation, on the whole server
 SPARE_THREADS = 8  # pool threads beyond the bounded calls: health, status, reload, get, list
 MAX_PAGE_SIZE = 1000
+# A ListAnnotations page ends before this many bytes of annotations (with a next_page_token),
+# under gRPC's default 4 MiB receive limit: 1,000 annotations of 10 persons each are 7 MiB, and
+# one of MAX_DET persons about 220 KB, so a raw client with default options was refused the page.
+MAX_PAGE_BYTES = 3 * 1024 * 1024
 SHOWN_CHARS = 80  # of a client's value quoted back in an error message
 _PAGE_TOKEN = re.compile(r"^[0-9.eE+-]+\|[0-9a-f]{64}$")  # service.store.Store.list's cursor
 
@@ -104,6 +109,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         (ImageTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
         (ImageError, grpc.StatusCode.INVALID_ARGUMENT),
         (StoreFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
         (ImageNotFound, grpc.StatusCode.NOT_FOUND),
         (PathNotAllowed, grpc.StatusCode.PERMISSION_DENIED),
         (BundleError, grpc.StatusCode.FAILED_PRECONDITION),
@@ -113,6 +119,9 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
         (AnnotatorError, grpc.StatusCode.INTERNAL),
     )
+    if isinstance(exc, (OSError, sqlite3.OperationalError)) and is_io_fault(exc):  # EIO, EROFS...: the disk's fault
+        return (grpc.StatusCode.UNAVAILABLE,
+                f"the store cannot write ({getattr(exc, 'strerror', None) or exc}); retry when the disk works again")
     for kind, code in table:
         if isinstance(exc, kind):
             text = str(exc) or kind.__name__
@@ -350,8 +359,15 @@ class AnnotatorServicer(pb_grpc.AnnotatorServicer):
         except Exception as exc:  # every failure becomes a status
             _abort(context, exc)
             raise AssertionError("unreachable: context.abort raises") from exc
-        return pb.ListAnnotationsResponse(annotations=[annotation_to_proto(r) for r in rows],
-                                          next_page_token=token or "")
+        answer, size = [], 0
+        for row in rows:
+            msg = annotation_to_proto(row)
+            size += msg.ByteSize() + 8  # the field's tag and length
+            if answer and size > MAX_PAGE_BYTES:  # the rest on the next page
+                token = list_cursor(answer[-1][0])
+                break
+            answer.append((row, msg))
+        return pb.ListAnnotationsResponse(annotations=[msg for _, msg in answer], next_page_token=token or "")
 
     def GetStatus(self, request: pb.GetStatusRequest, context: grpc.ServicerContext) -> pb.Status:
         try:

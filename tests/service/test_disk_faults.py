@@ -213,3 +213,21 @@ sidecar_dir = "{sidecars}"
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+
+
+@pytest.mark.parametrize("exc", [errors.StoreUnavailable("the store cannot write (Input/output error)"),
+                                 OSError(errno.EIO, "Input/output error"),
+                                 OSError(errno.EROFS, "Read-only file system"),
+                                 sqlite3.OperationalError("disk I/O error")])
+def test_grpc_status_of_a_failing_disk_is_unavailable_with_a_message(exc: BaseException) -> None:
+    """A disk that fails (not full) is UNAVAILABLE, worth a retry, with what failed; it was
+    INTERNAL "internal error (details are in the server log)" for a bare OSError."""
+    import grpc
+
+    from service.server import status_for
+
+    if isinstance(exc, sqlite3.OperationalError):
+        exc.sqlite_errorcode = sqlite3.SQLITE_IOERR_WRITE  # type: ignore[attr-defined]
+    code, text = status_for(exc)
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert "cannot write" in text and "internal error" not in text

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,6 +21,7 @@ from protos.annotator.v1 import annotator_pb2 as pb
 from protos.annotator.v1 import annotator_pb2_grpc as pb_grpc
 from service.cli_daemon import DEMO_BUNDLE
 from service.config import load_config
+from service.store import image_id_of
 
 C = grpc.StatusCode
 pytestmark = pytest.mark.skipif(not (DEMO_BUNDLE / "bundle.json").is_file(), reason="no demo bundle shipped")
@@ -83,6 +85,13 @@ def test_cancelled_annotate_calls_give_their_slot_back_and_their_images_are_anno
     monkeypatch.setattr(engine, "predict", held)
     try:
         calls = [stub.Annotate.future(_req(_jpeg(i))) for i in range(2)]  # no deadline
+        # Both hold their slots before the third comes (a slot is taken before the image is
+        # stored): a third call that came first took a slot, one of the two was told "busy",
+        # and the slots were never full again.
+        for _ in range(400):
+            if all(daemon.store.get(image_id_of(_jpeg(i))) is not None for i in range(2)):
+                break
+            time.sleep(0.025)
         for _ in range(100):  # until both wait on the server: a third is busy
             code, details = _code(stub.Annotate, _req(_jpeg(9)), timeout=2)
             if code == C.UNAVAILABLE:
