@@ -325,7 +325,11 @@ def _load_bundle(root: Path, verify: bool) -> Bundle:
         raise BundleError(f"{root}: no bundle.json (is this a bundle directory?)")
     try:
         data = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except OSError as exc:
+        if exc.errno not in _PATH_ERRNOS:  # an I/O error, too many open files: not the bundle's fault
+            raise
+        raise BundleError(f"{manifest}: cannot be read: {exc}") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{manifest}: cannot be read as JSON: {exc}") from exc
     bundle = parse_manifest(root, data)
     if verify:

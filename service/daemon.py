@@ -36,7 +36,6 @@ import collections
 import logging
 import os
 import queue
-import shutil
 import socket
 import sqlite3
 import threading
@@ -53,7 +52,7 @@ from .bundle import Bundle, Thresholds, load_bundle
 from .dropfolder import DropFolder, quarantine_dir, write_quarantine
 from .engine import GPU_PROVIDERS, Engine
 from .errors import (AnnotatorError, BundleError, ImageError, ImageNotFound, ImageTooLarge, LeaseLost, ShuttingDown,
-                     StoreError, StoreFull, StoreUnavailable, is_disk_full, is_io_fault)
+                     StoreError, StoreFull, StoreUnavailable, free_space, is_disk_full, is_io_fault)
 from .imageio import DecodedImage, decode_image
 from .judge import MAX_CAMERAS, Judge, Judgement, NearDuplicate, ReviewShare, load_score_fn, rank_key
 from .outputs import write_sidecars
@@ -118,19 +117,6 @@ def rejection_reason(exc: BaseException) -> str:
         if isinstance(exc, kind):
             return reason
     return "other"
-
-
-def free_space(path: Path | str | None) -> str:
-    """``"N MB free on PATH"`` for a log line or an error (the nearest existing folder of ``path``)."""
-    if path is None:
-        return "no folder"
-    p = Path(path)
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    try:
-        return f"{shutil.disk_usage(p).free / 1e6:.0f} MB free on {path}"
-    except OSError as exc:
-        return f"free space on {path} unknown ({exc.strerror or exc})"
 
 
 def store_write_error(exc: BaseException, root: Path) -> StoreError:

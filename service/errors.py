@@ -93,3 +93,20 @@ def is_io_fault(exc: BaseException) -> bool:
         code = getattr(exc, "sqlite_errorcode", None)
         return code is not None and code & 0xFF in _SQLITE_IO_FAULTS
     return False
+
+
+def free_space(path: object) -> str:
+    """``"N MB free on PATH"`` for a log line or an error (measured on the nearest existing
+    folder of ``path``)."""
+    import shutil
+    from pathlib import Path
+
+    if path is None:
+        return "free space unknown"
+    p = Path(str(path))
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return f"{shutil.disk_usage(p).free / 1e6:.0f} MB free on {path}"
+    except OSError as exc:
+        return f"free space on {path} unknown ({exc.strerror or exc})"

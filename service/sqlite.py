@@ -13,10 +13,13 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import sqlite3
 import threading
 from pathlib import Path
 from typing import Iterator
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BUSY_TIMEOUT_MS = 30_000
 
@@ -44,12 +47,21 @@ def connect(path: Path | str, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS) ->
 
 @contextlib.contextmanager
 def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on any exception). Not re-entrant."""
+    """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on any exception). Not re-entrant.
+
+    The exception that ended the transaction is the one raised: after a disk I/O error or a
+    full disk SQLite has often rolled back by itself, and a ``ROLLBACK`` then failed with
+    "cannot rollback - no transaction is active", which hid the disk's error from every caller
+    that tells a disk fault from a bug."""
     db.execute("BEGIN IMMEDIATE")
     try:
         yield db
     except BaseException:
-        db.execute("ROLLBACK")
+        if db.in_transaction:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error as exc:  # the disk again: the first error says what happened
+                log.debug("rollback failed after an error: %s", exc)
         raise
     db.execute("COMMIT")
 

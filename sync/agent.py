@@ -19,12 +19,13 @@ import dataclasses
 import logging
 import os
 import signal
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
-from .errors import PermanentError, RetryableError, Stopped, SyncConfigError
+from .errors import DiskFault, PermanentError, RetryableError, Stopped, SyncConfigError, free_space, io_fault_of
 
 if TYPE_CHECKING:
     from service.metrics import MetricsRecorder
@@ -67,6 +68,7 @@ class _Fault:
     count: int
     next_try: float
     error: RetryableError
+    disk: str | None = None  # a disk fault: what the disk said (``Agent._disk_fault``)
 
 
 @dataclass
@@ -77,7 +79,11 @@ class Agent:
     makes while it progresses; ``healthy()`` says whether it moved within ``stall_limit``
     seconds, for the systemd watchdog. ``on_pass(did_work)`` is called after each pass (e.g. to
     update the systemd status line). A task that raised an unexpected exception waits
-    ``fault_base * 2**(n-1)`` seconds (at most ``fault_cap``) after its n-th fault in a row.
+    ``fault_base * 2**(n-1)`` seconds (at most ``fault_cap``) after its n-th fault in a row; a
+    task the local disk failed (full, read-only, I/O errors: ``DiskFault`` or an error
+    ``service.errors.is_io_fault`` names) waits ``disk_base * 2**(n-1)`` seconds (at most
+    ``disk_cap``): the disk's fault is said once, with the path and the free space on
+    ``disk_paths``, and the work resumes by itself within ``disk_cap`` of the disk answering.
     """
 
     tasks: Sequence[Task]
@@ -90,6 +96,9 @@ class Agent:
     clock: Callable[[], float] = time.monotonic
     fault_base: float = 30.0
     fault_cap: float = 900.0
+    disk_base: float = 5.0
+    disk_cap: float = 60.0
+    disk_paths: list[Any] = field(default_factory=list)
     heartbeat: float = field(init=False)
     _faults: dict[int, _Fault] = field(init=False, default_factory=dict, repr=False)
 
@@ -137,15 +146,24 @@ class Agent:
                 log.info("%s: %s; the work resumes on the next run", task.name, exc)
                 self.stop.set()
                 break
+            except DiskFault as exc:
+                self._disk_fault(task, exc)
+                continue
             except RetryableError as exc:
                 log.warning("%s: %s; the work waits for the next pass", task.name, exc)
                 self.last_error = exc
             except (PermanentError, SyncConfigError):
                 raise
             except Exception as exc:
-                self._fault(task, exc)
+                fault = io_fault_of(exc)
+                if fault is not None:
+                    self._disk_fault(task, fault)
+                else:
+                    self._fault(task, exc)
                 continue
-            self._faults.pop(id(task), None)
+            old = self._faults.pop(id(task), None)
+            if old is not None and old.disk is not None:
+                log.warning("%s: the disk works again; the work goes on", task.name)
         self.beat()
         if self.on_pass is not None:
             self.on_pass(did)
@@ -166,6 +184,30 @@ class Agent:
         self.last_error = error
         log.error("%s: unexpected %s (fault %d in a row); this task is tried again in %.0f s, "
                   "the others go on", task.name, type(exc).__name__, count, delay, exc_info=exc)
+
+    def _disk_fault(self, task: Task, exc: BaseException) -> None:
+        """The local disk failed ``task`` (full, read-only, I/O errors): nothing it did was marked
+        done, so it is only tried again after a short wait, ``disk_base`` doubling up to
+        ``disk_cap`` while the fault lasts (no spinning, and no wait of ``fault_cap`` once space
+        is back). Logged once per distinct fault, without a traceback, with the path and the free
+        space; ``last_error`` (the systemd STATUS line, ``--once``'s message) says it meanwhile."""
+        if isinstance(exc, DiskFault):
+            text = str(exc)
+        else:
+            text = f"{getattr(exc, 'strerror', None) or exc}"
+            where = getattr(exc, "filename", None)
+            paths = [where] if where else list(self.disk_paths)
+            text += (f": {where}" if where else "") + (f" ({', '.join(free_space(p) for p in paths)})" if paths else "")
+        old = self._faults.get(id(task))
+        count = 1 if old is None or old.disk is None else old.count + 1
+        delay = min(self.disk_cap, self.disk_base * 2.0 ** min(count - 1, 62))
+        error = DiskFault(f"{task.name}: disk fault: {text}; nothing was marked done, retried in {delay:.0f} s")
+        key = text.split(" (", 1)[0]  # the free space in it changes from try to try
+        self._faults[id(task)] = _Fault(count, self.clock() + delay, error, key)
+        self.last_error = error
+        first = old is None or old.disk != key
+        (log.error if first else log.debug)("%s: disk fault (%d in a row): %s; its work waits, nothing is marked "
+                                            "done, and it is tried again in %.0f s", task.name, count, text, delay)
 
     def run(self, once: bool = False) -> None:
         """Loop until stopped; with ``once``, until a pass finds no work (or a retryable failure)."""
@@ -218,29 +260,104 @@ def build_agent(cfg: SyncConfig, extra_tasks: Sequence[Task] = (), env: Mapping[
 
     stop = threading.Event()
     agent = Agent([], cfg.poll_interval, stop)
-    try:
-        store = Store(cfg.store_root)
-        agent.closers.append(store.close)
+    local = [cfg.target.root] if cfg.target.kind == "local" and getattr(cfg.target, "root", None) else []
+    agent.disk_paths = list(dict.fromkeys(str(p) for p in (cfg.store_root, pull.dataset_root, pull.models_root, *local)))
+
+    def open_tasks() -> list[Task]:
+        """Open the store, journal, dataset and models folder and build the tasks; on any error
+        what this call opened is closed again."""
+        closers: list[Callable[[], Any]] = []
+        try:
+            store = Store(cfg.store_root)
+            closers.append(store.close)
+            target = open_target(cfg.target)
+            uploader = Uploader(store, target, settings, stop=stop, metrics=metrics, progress=agent.beat)
+            closers.append(uploader.close)
+            tasks: list[Task] = [uploader]
+            backend = open_review_backend(review, target, cfg)
+            if backend is not None:
+                tasks += [_submit_task(uploader, store, target, backend),
+                          Every(_merge_task(store, pull, backend, metrics, closers), review.collect_interval)]
+            if training is not None:  # before the model pull: a bundle published in a pass is pulled in it
+                tasks.append(_training_task(training, store, pull, closers))
+            if "models" in cfg.tables:
+                tasks += _model_tasks(pull, cfg, agent, closers)
+        except BaseException:
+            for close in reversed(closers):
+                try:
+                    close()
+                except Exception:  # the first error is the one to report
+                    log.debug("closing after a failed start", exc_info=True)
+            raise
         if metrics is not None:
             metrics.watch_store(store)
-        target = open_target(cfg.target)
-        uploader = Uploader(store, target, settings, stop=stop, metrics=metrics, progress=agent.beat)
-        agent.closers.append(uploader.close)
-        tasks: list[Task] = [uploader]
-        backend = open_review_backend(review, target, cfg)
-        if backend is not None:
-            tasks += [_submit_task(uploader, store, target, backend),
-                      Every(_merge_task(store, pull, backend, metrics, agent), review.collect_interval)]
-        if training is not None:  # before the model pull: a bundle published in a pass is pulled in it
-            tasks.append(_training_task(training, store, pull, agent))
-        if "models" in cfg.tables:
-            tasks += _model_tasks(pull, cfg, agent)
-        agent.tasks = [*tasks, *extra_tasks]
+        agent.closers += closers
+        return [*tasks, *extra_tasks]
+
+    try:
+        agent.tasks = open_tasks()
+    except Exception as exc:
+        if not _disk_fault_at_start(exc, agent.disk_paths):
+            raise
+        # A full or failing disk now is no reason to exit: systemd would restart the agent a few
+        # times and then give up for good. It waits, says why, and starts its tasks once the
+        # disk answers (``_Opening``).
+        log.error("sync: cannot open the store, journal or dataset yet: %s (%s); the agent waits for the disk "
+                  "and starts its tasks once it answers", getattr(exc, "strerror", None) or exc,
+                  ", ".join(free_space(p) for p in agent.disk_paths))
+        agent.tasks = [_Opening(agent, open_tasks)]
     except BaseException:
         agent.close()
         raise
     log.info("sync tasks: %s", ", ".join(t.name for t in agent.tasks))
     return agent
+
+
+def _disk_fault_at_start(exc: BaseException, paths: Sequence[str]) -> bool:
+    """Whether opening failed because the disk cannot take a write now (full, a file size limit,
+    I/O errors, a read-only file system): ``is_io_fault``, except SQLite's "cannot open" and
+    "read-only" unless a folder's file system is read-only (a disk remounted after errors),
+    which otherwise mean a file this user may not write: a setting to fix, said at once."""
+    fault = io_fault_of(exc)
+    if fault is None:
+        return False
+    exc = fault
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(exc, sqlite3.OperationalError) and code is not None and code & 0xFF in (
+            sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY):
+        return any(_read_only(p) for p in paths)
+    return True
+
+
+def _read_only(path: str) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+class _Opening:
+    """The agent's only task while the disk refused to open its databases at start: each call
+    tries again (a ``DiskFault`` meanwhile, so that the agent waits ``disk_base``..``disk_cap``)
+    and, once everything opened, puts the real tasks in its place."""
+
+    name = "open"
+
+    def __init__(self, agent: Agent, open_tasks: Callable[[], list[Task]]) -> None:
+        self.agent, self.open_tasks = agent, open_tasks
+
+    def run_once(self) -> bool:
+        from .errors import disk_fault
+
+        try:
+            tasks = self.open_tasks()
+        except Exception as exc:
+            if not _disk_fault_at_start(exc, self.agent.disk_paths):
+                raise
+            raise disk_fault("opening the store, journal or dataset", exc, self.agent.disk_paths[0]) from exc
+        self.agent.tasks = tasks
+        log.info("sync: the disk answers again; sync tasks: %s", ", ".join(t.name for t in tasks))
+        return True
 
 
 def _submit_task(uploader: Any, store: Any, target: Any, backend: Any) -> Task:
@@ -249,12 +366,13 @@ def _submit_task(uploader: Any, store: Any, target: Any, backend: Any) -> Task:
     return ReviewSubmitTask(uploader.journal, store, target, backend)
 
 
-def _merge_task(store: Any, pull: Any, backend: Any, metrics: MetricsRecorder | None, agent: Agent) -> Task:
+def _merge_task(store: Any, pull: Any, backend: Any, metrics: MetricsRecorder | None,
+                closers: list[Callable[[], Any]]) -> Task:
     from .dataset import Dataset
     from .merge import Merger, MergeTask
 
     dataset = Dataset(pull.dataset_root, holdout_fraction=pull.holdout_fraction)
-    agent.closers.append(dataset.close)
+    closers.append(dataset.close)
     return MergeTask(Merger(store, dataset), backend.collect, metrics.review_merged if metrics is not None else None,
                      getattr(backend, "merged", None))  # Label Studio removes the shown copies of merged reviews
 
@@ -272,7 +390,7 @@ def _training_settings(cfg: SyncConfig, pull: Any) -> Any:
     return settings
 
 
-def _training_task(settings: Any, store: Any, pull: Any, agent: Agent) -> Task:
+def _training_task(settings: Any, store: Any, pull: Any, closers: list[Callable[[], Any]]) -> Task:
     """The cloud training-job task (``sync.training_job``)."""
     from .config import open_target
     from .dataset import Dataset
@@ -280,13 +398,13 @@ def _training_task(settings: Any, store: Any, pull: Any, agent: Agent) -> Task:
     from .training_job import build_training_task, dataset_exporter
 
     dataset = Dataset(pull.dataset_root, holdout_fraction=pull.holdout_fraction)
-    agent.closers.append(dataset.close)
+    closers.append(dataset.close)
     slots = ModelSlots(pull.models_root)
     return build_training_task(settings, open_target(pull.registry), pull.store_root,
                                dataset_exporter(store, dataset, settings.propagate), current_bundle=slots.current_path)
 
 
-def _model_tasks(pull: Any, cfg: SyncConfig, agent: Agent) -> list[Task]:
+def _model_tasks(pull: Any, cfg: SyncConfig, agent: Agent, closers: list[Callable[[], Any]]) -> list[Task]:
     """The model-pull task, when ``[sync.models]`` names a registry; reloads via the daemon's gRPC."""
     from .models import ModelPullTask
     from .models_cli import build_puller
@@ -295,7 +413,7 @@ def _model_tasks(pull: Any, cfg: SyncConfig, agent: Agent) -> list[Task]:
         log.info("[sync.models] has no registry table: no model pull")
         return []
     puller, closing = build_puller(pull)
-    agent.closers += [c.close for c in closing]
+    closers += [c.close for c in closing]
     puller.registry.progress = agent.beat  # a long download feeds the watchdog per file
     if pull.daemon:  # build_puller's reload_fn carries the daemon's token and TLS (pull's)
         log.info("model pull from %s every %.0f s; reload via the daemon at %s", pull.registry.kind,

@@ -33,6 +33,7 @@ from service.keypoints import CABIN19, KeypointSchema
 from service.sqlite import apply_schema, connect
 from service.sqlite import transaction as sqlite_transaction
 
+from .errors import disk_fault, io_fault_of
 from .mistakenness import summarise
 
 log = logging.getLogger(__name__)
@@ -148,13 +149,17 @@ class Dataset:
         self.clock = clock
         self._lock = threading.RLock()
         self._db = connect(self.path)
-        with self.transaction() as db:
-            apply_schema(db, _SCHEMA)
-            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
-            if "schema" not in meta:
-                db.execute("INSERT INTO meta VALUES ('schema', ?)", (json.dumps((schema or CABIN19).to_json()),))
-                db.execute("INSERT INTO meta VALUES ('holdout_fraction', ?)", (repr(float(holdout_fraction)),))
+        try:
+            with self.transaction() as db:
+                apply_schema(db, _SCHEMA)
                 meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+                if "schema" not in meta:
+                    db.execute("INSERT INTO meta VALUES ('schema', ?)", (json.dumps((schema or CABIN19).to_json()),))
+                    db.execute("INSERT INTO meta VALUES ('holdout_fraction', ?)", (repr(float(holdout_fraction)),))
+                    meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+        except BaseException:  # a disk that refuses the first write: the agent opens it again later
+            self._db.close()
+            raise
         self.schema = KeypointSchema.from_json(json.loads(meta["schema"]))
         if schema is not None and self.schema.names != schema.names:
             raise ValueError(f"{self.path}: dataset key points are {list(self.schema.names)}, "
@@ -163,9 +168,17 @@ class Dataset:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on any exception)."""
-        with self._lock, sqlite_transaction(self._db) as db:
-            yield db
+        """``BEGIN IMMEDIATE`` ... ``COMMIT`` (``ROLLBACK`` on any exception). A disk that
+        refuses the write (full, read-only, I/O errors) is a ``DiskFault`` naming the file and
+        the free space; the transaction left nothing behind and is retried later."""
+        try:
+            with self._lock, sqlite_transaction(self._db) as db:
+                yield db
+        except sqlite3.OperationalError as exc:
+            fault = io_fault_of(exc)
+            if fault is None:
+                raise
+            raise disk_fault(f"the dataset {self.path}", fault, self.root) from exc
 
     def close(self) -> None:
         self._db.close()

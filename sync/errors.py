@@ -13,7 +13,7 @@ Messages never contain credentials.
 """
 from __future__ import annotations
 
-from service.errors import AnnotatorError
+from service.errors import AnnotatorError, free_space  # noqa: F401  (re-exported for the sync modules)
 
 
 class SyncError(AnnotatorError):
@@ -52,3 +52,35 @@ class SyncConfigError(SyncError):
 
 class Stopped(SyncError):
     """The agent was asked to stop while a task waited to retry; the work stays for the next run."""
+
+
+class DiskFault(RetryableError):
+    """This machine's disk refused a read or a write (full, over a quota or a file size limit,
+    read-only, failing): not the work's fault. Nothing was marked done; the agent waits a
+    little (``sync.agent``) and the work resumes by itself once the disk answers again. The
+    message names the file or folder and the free space."""
+
+
+def disk_fault(what: str, exc: BaseException, path: object = None) -> DiskFault:
+    """A ``DiskFault`` for ``exc`` (an I/O fault while doing ``what``): what failed, the file the
+    error names, and the free space on ``path`` (or on that file)."""
+    text = f"{getattr(exc, 'strerror', None) or exc}"
+    where = getattr(exc, "filename", None)
+    if where:
+        text += f": {where}"
+    return DiskFault(f"{what}: {text} ({free_space(path if path is not None else where)})")
+
+
+def io_fault_of(exc: BaseException | None) -> BaseException | None:
+    """The I/O fault (``service.errors.is_io_fault``) that ``exc`` is or was raised from or while
+    handling (a ``ROLLBACK`` that fails because SQLite already rolled back after a disk I/O
+    error hides that error in ``__context__``), or None."""
+    from service.errors import is_io_fault
+
+    seen = 0
+    while exc is not None and seen < 8:
+        if is_io_fault(exc):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None

@@ -33,6 +33,8 @@ from typing import Callable, Iterator, Sequence
 from service.sqlite import ThreadConnections, apply_schema
 from service.sqlite import transaction as sqlite_transaction
 
+from .errors import disk_fault, io_fault_of
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS batches (
     batch_id TEXT PRIMARY KEY, seq INTEGER NOT NULL UNIQUE, state TEXT NOT NULL,
@@ -78,16 +80,29 @@ class Journal:
         self.path = Path(path)
         self.clock = clock
         self._conns = ThreadConnections(self.path)
-        with self.transaction() as db:
-            apply_schema(db, _SCHEMA)
+        try:
+            with self.transaction() as db:
+                apply_schema(db, _SCHEMA)
+        except BaseException:  # a disk that refuses the first write: the agent opens it again later
+            self._conns.close()
+            raise
 
     def _conn(self) -> sqlite3.Connection:
         return self._conns.get()
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        with sqlite_transaction(self._conn()) as db:
-            yield db
+        """``BEGIN IMMEDIATE`` ... ``COMMIT``. A disk that refuses the write (full, read-only, I/O
+        errors) is a ``DiskFault`` naming the journal and the free space: the transaction left
+        nothing behind (SQLite rolled it back) and the step is repeated later."""
+        try:
+            with sqlite_transaction(self._conn()) as db:
+                yield db
+        except sqlite3.OperationalError as exc:
+            fault = io_fault_of(exc)
+            if fault is None:
+                raise
+            raise disk_fault(f"the sync journal {self.path}", fault, self.path.parent) from exc
 
     def close(self) -> None:
         self._conns.close()

@@ -49,6 +49,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -60,7 +61,8 @@ from service.errors import ImageError, ImageNotFound
 from service.store import FAILED, REVIEW_PENDING, UPLOADED, ImageRow, Store
 
 from .backoff import RetryPolicy, retry_call
-from .errors import ConflictError, RetryableError, Stopped
+from .errors import (ConflictError, DiskFault, PermanentError, RetryableError, Stopped, disk_fault, free_space,
+                     io_fault_of)
 from .groundtruth import ManifestError, manifest_line
 from .journal import Batch, Item, Journal
 from .objectstore import ObjectStore
@@ -98,6 +100,14 @@ class UploadSettings:
         # for good, and a setting must not fail every image that needs a re-encode.
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality: expected 1..100, got {self.jpeg_quality}")
+
+
+def _read_only(path: Any) -> bool:
+    """Whether the file system holding ``path`` is mounted read-only (e.g. remounted after errors)."""
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def _dumps(value: Any) -> bytes:
@@ -141,6 +151,17 @@ class Uploader:
             except Stopped:
                 log.info("stopping before the target %r was reached", self.target)
                 return False
+            except PermanentError as exc:
+                # A local folder on a full, failing or read-only disk: the disk's fault for now,
+                # not a setting to fix; stopping the agent for it would end it for good.
+                fault = io_fault_of(exc)
+                base = getattr(self.target, "base", None)
+                if fault is not None:
+                    raise disk_fault(f"the target folder {base}", fault, base) from exc
+                if base is not None and _read_only(base):
+                    raise DiskFault(f"the target folder {base} is on a read-only file system "
+                                    f"({free_space(base)})") from exc
+                raise
             self._checked = True
         batch = self.journal.unfinished_batch() or self._new_batch()
         if batch is None:
@@ -287,6 +308,11 @@ class Uploader:
             if self.metrics is not None:
                 self.metrics.upload(False)
             raise
+        except OSError as exc:  # a local folder target on a full or failing disk: not retried here (the agent waits)
+            fault = io_fault_of(exc)
+            if fault is None:
+                raise
+            raise disk_fault(f"writing {key} to {self.target!r}", fault, getattr(self.target, "base", None)) from exc
         if status == "sent" and self.metrics is not None:
             self.metrics.upload(True)
         self.journal.object_done(key, sha, len(data), status, batch_id)

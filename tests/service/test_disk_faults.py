@@ -231,3 +231,50 @@ def test_grpc_status_of_a_failing_disk_is_unavailable_with_a_message(exc: BaseEx
     code, text = status_for(exc)
     assert code == grpc.StatusCode.UNAVAILABLE
     assert "cannot write" in text and "internal error" not in text
+
+
+def test_a_transaction_raises_its_own_error_when_sqlite_already_rolled_back(tmp_path: Path) -> None:
+    """After a disk I/O error SQLite often rolls the transaction back by itself; the ROLLBACK
+    that followed failed with "cannot rollback - no transaction is active", and that error
+    replaced the disk's, so no caller could tell a disk fault from a bug."""
+    from service.sqlite import transaction
+
+    db = sqlite3.connect(tmp_path / "t.sqlite3", isolation_level=None)
+    db.execute("CREATE TABLE t (x)")
+    disk = OSError(errno.EIO, "Input/output error")
+    with pytest.raises(OSError) as caught:
+        with transaction(db):
+            db.execute("INSERT INTO t VALUES (1)")
+            db.execute("ROLLBACK")  # what SQLite does by itself after SQLITE_IOERR / SQLITE_FULL
+            raise disk
+    assert caught.value is disk and not db.in_transaction
+    with transaction(db):  # the connection goes on
+        db.execute("INSERT INTO t VALUES (2)")
+    assert db.execute("SELECT x FROM t").fetchall() == [(2,)]
+
+
+def test_an_io_error_reading_bundle_json_is_not_the_bundles_fault(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """An I/O error (or too many open files) reading bundle.json was a BundleError: the model
+    pull refused a good bundle for good on one failing read. Now the OSError goes up (retried)."""
+    import shutil
+
+    from service.bundle import load_bundle
+    from service.errors import BundleError
+
+    shutil.copytree(DEMO_BUNDLE, tmp_path / "b")
+    read_text = Path.read_text
+
+    def failing(self: Path, *a: Any, **kw: Any) -> str:
+        if self.name == "bundle.json":
+            raise OSError(errno.EIO, "Input/output error", str(self))
+        return read_text(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "read_text", failing)
+    with pytest.raises(OSError) as caught:
+        load_bundle(tmp_path / "b")
+    assert not isinstance(caught.value, BundleError) and caught.value.errno == errno.EIO
+    monkeypatch.setattr(Path, "read_text", read_text)
+    (tmp_path / "b" / "bundle.json").write_bytes(b"\xff not json")
+    with pytest.raises(BundleError, match="cannot be read as JSON"):
+        load_bundle(tmp_path / "b")
