@@ -222,7 +222,7 @@ class Daemon:
             self._recall_reviews(self._dedup)
         if metrics is not None:
             metrics.bundle(self._engine.bundle.id, self._engine.active_providers)
-            metrics.watch_store(self.store)
+            metrics.watch_store(self.store, faulted=lambda: self._io_fault is not None)
             if self.drop is not None:
                 self.drop.on_quarantine = lambda: metrics.rejected("quarantined")
         self.latency: "LatencyStats | None" = None

@@ -16,7 +16,7 @@ Exposed series (all prefixed ``annotator_``):
 - ``images{state}``: images per life-cycle state (``service.store.STATES``);
 - ``queue_depth{queue}``: work waiting per queue: ``annotate`` (received), ``upload``
   (review_pending), ``review`` (uploaded), plus any the sync agent sets with ``queue_depth``;
-- ``paused``: 1 while ingest is paused (disk below the floor), else 0;
+- ``paused``: 1 while ingest is paused (disk below the floor) or the daemon waits out a disk fault, else 0;
 - ``inference_seconds{role}``: histogram of one ``session.run`` per model role;
 - ``uploads_total{result}`` (ok | failed), ``upload_retries_total``, ``reviews_merged_total``;
 - ``bundle_info{bundle_id}``: the bundle in use (an Info metric; value 1);
@@ -30,7 +30,7 @@ import contextlib
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -60,6 +60,7 @@ class _StateCollector(Collector):
         self.queues: dict[str, int] = {}
         self.paused: bool | None = None
         self.store: "Store | None" = None
+        self.faulted: Callable[[], bool] | None = None  # the daemon's disk fault (``watch_store``)
 
     def _refresh(self) -> None:
         store = self.store
@@ -67,7 +68,7 @@ class _StateCollector(Collector):
             return
         try:
             counts = store.counts()
-            paused = store.paused_reason() is not None
+            paused = store.paused_reason() is not None or (self.faulted is not None and self.faulted())
         except Exception as exc:  # a closed or locked store must not break the scrape
             log.warning("metrics: cannot read the store: %s", exc)
             return
@@ -173,9 +174,10 @@ class MetricsRecorder:
         self._retention_files.labels(rule=rule).inc(max(0, int(files)))
         self._retention_bytes.labels(rule=rule).inc(max(0, int(size)))
 
-    def watch_store(self, store: "Store") -> None:
-        """Refresh images per state, queue depths and ``paused`` from ``store`` at every scrape."""
-        self._state.store = store
+    def watch_store(self, store: "Store", faulted: Callable[[], bool] | None = None) -> None:
+        """Refresh images per state, queue depths and ``paused`` from ``store`` at every scrape;
+        ``faulted()`` True (the daemon's disk fault: nothing is claimed) counts as paused too."""
+        self._state.store, self._state.faulted = store, faulted
 
     # -- the sync agent ------------------------------------------------------------------
     def upload(self, ok: bool) -> None:

@@ -63,7 +63,11 @@ def test_a_full_disk_under_the_finisher_quarantines_nothing_and_resumes(tmp_path
     monkeypatch.setattr(daemon_mod, "IO_RETRY_SECONDS", 0.2, raising=False)
     monkeypatch.setattr(daemon_mod, "IO_RETRY_MAX_SECONDS", 0.5, raising=False)
     full = {"on": True, "tries": 0}
-    d = Daemon(_config(tmp_path))
+    from service.metrics import MetricsRecorder
+
+    metrics = MetricsRecorder()
+    d = Daemon(_config(tmp_path), metrics=metrics)
+    paused = lambda: [m.samples[0].value for m in metrics.registry.collect() if m.name == "annotator_paused"]  # noqa: E731
     d.store.max_attempts = 2
     if fault == "sidecar_enospc":
         real_write = daemon_mod.write_sidecars
@@ -93,11 +97,13 @@ def test_a_full_disk_under_the_finisher_quarantines_nothing_and_resumes(tmp_path
         assert [d.store.get(i).state for i in ids] == ["received"] * 3
         assert not d.quarantine_dir.exists() or not any(d.quarantine_dir.iterdir())
         assert "disk fault" in (d.status().paused_reason or "")
+        assert paused() == [1]  # the Prometheus gauge too (it read only the store's floor)
         full["on"] = False
         _wait(lambda: all(d.store.get(i).state in ("auto_accepted", "review_pending") for i in ids))
         assert d.store.counter("annotated") == 3 and d.store.counter("failed") == 0
         assert sorted(p.name for p in d.sidecar_dir.iterdir()) == sorted(f"{i}.json" for i in ids)
         _wait(lambda: d.status().paused_reason is None, 10)
+        assert paused() == [0]
     finally:
         d.close()
 
