@@ -18,7 +18,8 @@ Exposed series (all prefixed ``annotator_``):
   (review_pending), ``review`` (uploaded), plus any the sync agent sets with ``queue_depth``;
 - ``paused``: 1 while ingest is paused (disk below the floor) or the daemon waits out a disk fault, else 0;
 - ``inference_seconds{role}``: histogram of one ``session.run`` per model role;
-- ``uploads_total{result}`` (ok | failed), ``upload_retries_total``, ``reviews_merged_total``;
+- ``uploads_total{result}`` (ok | failed), ``upload_retries_total``, ``reviews_merged_total``,
+  ``reviews_refused`` (the reviews the last merge pass refused);
 - ``bundle_info{bundle_id}``: the bundle in use (an Info metric; value 1);
 - ``intake_rejected_total{reason}``: images refused at intake (invalid, too_large, store_full,
   shutting_down, other);
@@ -107,6 +108,8 @@ class MetricsRecorder:
         self._retries = Counter(f"{PREFIX}_upload_retries", "Upload attempts retried after a retryable error",
                                 registry=r)
         self._merged = Counter(f"{PREFIX}_reviews_merged", "Reviewed labels merged into the dataset", registry=r)
+        self._refused = Gauge(f"{PREFIX}_reviews_refused", "Reviewed labels the merge refuses now (the sync log says why)",
+                              registry=r)
         self._bundle = Info(f"{PREFIX}_bundle", "The model bundle in use", registry=r)
         self._rejected = Counter(f"{PREFIX}_intake_rejected", "Images refused at intake", ["reason"], registry=r)
         self._streams = Counter(f"{PREFIX}_streams", "AnnotateStream calls opened", registry=r)
@@ -193,6 +196,11 @@ class MetricsRecorder:
         if n < 0:
             raise ValueError(f"n: expected >= 0, got {n}")
         self._merged.inc(n)
+
+    def reviews_refused(self, n: int) -> None:
+        """How many reviewed labels the last merge pass refused (a malformed answer, a point off
+        the image, two reviews of one image that differ): each stays out of the dataset."""
+        self._refused.set(max(0, int(n)))
 
 
 def start_metrics_server(recorder: MetricsRecorder, host: str = "127.0.0.1", port: int = 9464) -> int:

@@ -373,8 +373,16 @@ def _merge_task(store: Any, pull: Any, backend: Any, metrics: MetricsRecorder | 
 
     dataset = Dataset(pull.dataset_root, holdout_fraction=pull.holdout_fraction)
     closers.append(dataset.close)
+    merged = getattr(backend, "merged", None)  # Label Studio removes the shown copies of merged reviews
+
+    def on_report(report: Any) -> None:
+        if merged is not None:
+            merged(report)
+        if metrics is not None:  # refused by the backend's parser (``rejected``) or by the merge
+            metrics.reviews_refused(len(getattr(backend, "rejected", {})) + len(report.refused))
+
     return MergeTask(Merger(store, dataset), backend.collect, metrics.review_merged if metrics is not None else None,
-                     getattr(backend, "merged", None))  # Label Studio removes the shown copies of merged reviews
+                     on_report)
 
 
 def _training_settings(cfg: SyncConfig, pull: Any) -> Any:

@@ -187,6 +187,9 @@ def auto_provenance(row: ImageRow) -> dict[str, Any]:
             "reasons": list(row.reasons), "annotated_at": _iso((row.record or {}).get("annotated_at"))}
 
 
+_NOT_IN_STORE = "not in the store (or never annotated)"
+
+
 @dataclass
 class MergeReport:
     """What one ``merge`` call did: merged image ids, skipped ones with the reason, the version."""
@@ -197,6 +200,12 @@ class MergeReport:
     auto_added: int = 0
     auto_removed: int = 0  # auto labels of images whose bytes retention removed
     version: DatasetVersion | None = None
+
+    @property
+    def refused(self) -> dict[str, str]:
+        """The skipped reviews that were refused for what they say (malformed, off the image,
+        two that differ), not for where their image is (not in this store, not yet uploaded)."""
+        return {i: why for i, why in self.skipped.items() if not why.startswith((_NOT_IN_STORE, "state is "))}
 
 
 class Merger:
@@ -224,7 +233,7 @@ class Merger:
             image_id = str(_get(label, "image_id"))
             row = self.store.get(image_id)
             if row is None or row.record is None:
-                report.skipped[image_id] = "not in the store (or never annotated)"
+                report.skipped[image_id] = _NOT_IN_STORE
                 continue
             if row.state not in MERGEABLE_STATES:
                 report.skipped[image_id] = f"state is {row.state}; only {'/'.join(MERGEABLE_STATES)} images merge"

@@ -144,6 +144,7 @@ def test_points_and_boxes_off_the_image_or_without_area_are_refused_not_merged(w
     assert "'nose' at (500.0, 10.0) is marked visible but lies outside the 64x48 image" in skipped[off]
     assert "outside the 64x48 image" in skipped[negative] and "marked occluded" in skipped[far]
     assert "no area" in skipped[flat]
+    assert set(w.reports[-1].refused) == {off, negative, far, flat}
     # a point placed outside the image and marked outside claims no location: merged; a worker
     # who deleted every box and point: an empty label, merged as the reviewer's answer
     w.write("job-b", [w.out(off, persons=[person(x=10.0), person(x=1e30, visibility="outside")], job="job-b"),
@@ -190,6 +191,7 @@ def test_the_same_image_in_two_lines_or_jobs_merges_once(world: World) -> None:
     assert w.reports[-1].merged.count(twice) == 1 and tied in w.reports[-1].skipped
     assert "2 different reviews of the same time" in w.reports[-1].skipped[tied]
     assert foreign["image-id"] in w.reports[-1].skipped
+    assert set(w.reports[-1].refused) == {tied}  # another appliance's image is not refused, only not ours
     entry = w.dataset.get(twice)
     assert entry is not None and entry.provenance["job"] == "job-b"
     assert entry.label["persons"][0]["keypoints"][0][:2] == [40.0, 10.0]
@@ -210,3 +212,27 @@ def test_objects_a_failed_or_stopped_job_gave_up_on_are_reported(world: World) -
     assert w.agent.run_pass() and (w.state(failed), w.state(good)) == (UPLOADED, REVIEWED)
     assert list(w.backend.rejected) == [f"{key}:1"]
     assert "task expired" in w.backend.rejected[f"{key}:1"] and failed in w.backend.rejected[f"{key}:1"]
+
+
+def test_the_agents_metrics_count_the_refused_reviews(world: World, tmp_path: Path) -> None:
+    """Refusals were only in the log: ``annotator_reviews_refused`` counts those of the last pass
+    (the backend's unparsable lines and the merge's refusals), not another appliance's images."""
+    from types import SimpleNamespace
+
+    from service.metrics import MetricsRecorder
+    from sync.agent import _merge_task
+
+    w = world
+    bad, good, _, _ = w.ids
+    w.write("job-a", [w.out(bad, persons=[person(x=500.0)]), w.out(good), b"{truncated",
+                      dict(w.out(good, job="job-c"), **{"image-id": uuid.uuid4().hex * 2})])
+    metrics, closers = MetricsRecorder(), []
+    task = _merge_task(w.store, SimpleNamespace(dataset_root=tmp_path / "dataset2", holdout_fraction=0.1),
+                       w.backend, metrics, closers)
+    try:
+        assert task.run_once()
+        assert metrics.registry.get_sample_value("annotator_reviews_refused") == 2  # the point off, the truncated line
+        assert metrics.registry.get_sample_value("annotator_reviews_merged_total") == 1
+    finally:
+        for close in closers:
+            close()
