@@ -32,6 +32,15 @@ thread of its own; ``annotator prune`` runs one by hand, ``--dry-run`` only coun
 safe to kill at any point: rows are marked before their files go (``Store``), a half-done walk
 of ``processed/`` is redone by the next pass, and the pass's start is kept so that the next one
 removes what a kill left (``Store.sweep_pruned``).
+
+Clock steps. Ages are by the wall clock (mtimes, the store's times). The daemon's thread does
+not believe a wall clock that moved forward more than ``CLOCK_JUMP_SLACK`` beyond the monotonic
+time since its last pass: it logs the step and goes on by the monotonic time (so a clock set a
+year ahead removes nothing early), until the daemon restarts (then the wall clock is believed:
+a step taken while the daemon was down cannot be told from days it was off) or ``annotator
+prune`` is run by hand. A step from before ``PLAUSIBLE_EPOCH`` (a box that booted without an
+RTC) is the clock being set and is believed. A step back removes less, until the clock catches
+up. A processed/ file with an mtime more than a day in the future goes by its store row's age.
 """
 from __future__ import annotations
 
@@ -42,6 +51,7 @@ import stat
 import os
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -62,6 +72,22 @@ DAY = 86400.0
 # it (``SWEEP_MARGIN``: clock steps, slow commits).
 LAST_PASS = "retention_last_pass"
 SWEEP_MARGIN = 3600.0
+# The daemon's passes read the wall clock against the monotonic one (``RetentionTask``): a wall
+# clock that moved this much further than the monotonic one between two passes stepped forward
+# (NTP, an operator's ``date``), and the pass goes on by the monotonic time instead (module doc).
+CLOCK_JUMP_SLACK = 3600.0
+# Before this (2024-01-01 UTC) the wall clock was not set (a box without an RTC battery boots in
+# 1970 or 2000): a step forward from such a time is the clock being set, and is believed.
+PLAUSIBLE_EPOCH = 1_704_067_200.0
+# A processed/ file whose mtime is this far ahead of the clock (a camera with a wrong clock,
+# ``cp -p`` from such a box) has an age nobody knows: its store row's received_at decides alone.
+FUTURE_MTIME_SLACK = DAY
+
+
+def _boot_clock() -> float:
+    """Seconds of a clock that never steps and counts suspended time (CLOCK_BOOTTIME on Linux)."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    return time.clock_gettime(boottime) if boottime is not None else time.monotonic()
 
 
 @dataclass
@@ -97,10 +123,11 @@ class PassReport:
         return ", ".join(parts) or "nothing (no rule set)"
 
 
-def _old_files(root: Path, before: float, include: Callable[[str], bool] | None = None
-               ) -> Iterator[tuple[Path, os.stat_result]]:
-    """Regular files (not links) under ``root`` with an mtime before ``before``: those whose name
-    ``include`` takes, else those whose path is not a temporary one (``is_temporary``)."""
+def _old_files(root: Path, before: float, include: Callable[[str], bool] | None = None,
+               future: float = float("inf")) -> Iterator[tuple[Path, os.stat_result]]:
+    """Regular files (not links) under ``root`` with an mtime before ``before`` (or after
+    ``future``): those whose name ``include`` takes, else those whose path is not a temporary
+    one (``is_temporary``)."""
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in sorted(filenames):
@@ -111,20 +138,21 @@ def _old_files(root: Path, before: float, include: Callable[[str], bool] | None 
                 st = path.lstat()
             except FileNotFoundError:
                 continue
-            if st.st_mtime < before and stat.S_ISREG(st.st_mode):
+            if (st.st_mtime < before or st.st_mtime > future) and stat.S_ISREG(st.st_mode):
                 yield path, st
 
 
 def prune_processed(store: Store, processed: Path, before: float, dry_run: bool = False,
                     progress: Callable[[int, int], None] | None = None,
-                    stop: threading.Event | None = None) -> Removed:
-    """Remove the files under ``processed`` older than ``before`` whose bytes the store has a row
+                    stop: threading.Event | None = None, future: float = float("inf")) -> Removed:
+    """Remove the files under ``processed`` older than ``before`` (or with an mtime after
+    ``future``: a wrong clock wrote it, its age is unknown) whose bytes the store has a row
     for that arrived before ``before`` too (module doc). Each candidate is hashed: the name says
     nothing about the bytes (a capture tool reuses names; a person may put files there)."""
     out = Removed()
     if not processed.is_dir():
         return out
-    candidates = list(_old_files(processed, before))
+    candidates = list(_old_files(processed, before, future=future))
     for n, (path, st) in enumerate(candidates, start=1):
         if stop is not None and stop.is_set():
             break  # the daemon is stopping; the next pass goes on from here
@@ -204,7 +232,7 @@ def run_pass(store: Store, settings: "RetentionConfig", drop_folder: Path | None
     # commit it is what gives space back (the rest fails until then, and is retried next pass).
     if settings.processed_days is not None and drop_folder is not None:
         report.processed = prune_processed(store, Path(drop_folder) / PROCESSED, now - settings.processed_days * DAY,
-                                           dry_run, progress, stop)
+                                           dry_run, progress, stop, future=now + FUTURE_MTIME_SLACK)
     if settings.quarantine_days is not None:  # no database write either
         report.quarantine = prune_quarantine(quarantine_dir(drop_folder, store.root),
                                              now - settings.quarantine_days * DAY, dry_run, stop)
@@ -230,9 +258,15 @@ class RetentionTask:
     has the backlog of the drop folder to take first), then every ``interval_minutes``."""
 
     def __init__(self, store: Store, settings: "RetentionConfig", drop_folder: Path | None,
-                 first_delay: float = 60.0, metrics: Any = None) -> None:
+                 first_delay: float = 60.0, metrics: Any = None,
+                 monotonic: Callable[[], float] | None = None) -> None:
         """``metrics``: a ``service.metrics.MetricsRecorder`` (its ``retention_removed``), or None."""
         self.store = store
+        # Boot time, not plain monotonic time: it goes on while the box sleeps, so a night in
+        # suspend is not taken for a forward step of the clock.
+        self.monotonic = monotonic or _boot_clock
+        self._last: tuple[float, float] | None = None  # (wall, monotonic) clock of the last pass
+        self._behind = 0.0  # seconds of forward wall-clock steps not believed (module doc)
         self.metrics = metrics
         self.settings = settings
         self.drop_folder = drop_folder
@@ -255,11 +289,33 @@ class RetentionTask:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
+    def pass_time(self) -> float:
+        """The time a pass ages files by: the wall clock, less the forward steps it took since
+        the daemon started beyond what the monotonic clock saw (module doc), logged when seen."""
+        wall, mono = self.store.clock(), self.monotonic()
+        if self._last is not None:
+            last_wall, last_mono = self._last
+            step = (wall - last_wall) - (mono - last_mono)
+            if step > CLOCK_JUMP_SLACK and last_wall - self._behind >= PLAUSIBLE_EPOCH:
+                self._behind += step
+                log.warning("retention: the wall clock stepped %.1f h forward since the last pass (monotonic time "
+                            "moved %.0f s); removing by the clock from before the step (%.1f h behind it) so that "
+                            "nothing goes early. If the new time is right, restart the daemon or run "
+                            "`annotator prune` to remove by it", step / 3600, mono - last_mono, self._behind / 3600)
+            elif step < -CLOCK_JUMP_SLACK:
+                undone = min(self._behind, -step)  # a step forward not believed, taken back
+                self._behind -= undone
+                if -step - undone > CLOCK_JUMP_SLACK:
+                    log.warning("retention: the wall clock stepped %.1f h back since the last pass; files are "
+                                "removed that much later", (-step - undone) / 3600)
+        self._last = (wall, mono)
+        return wall - self._behind
+
     def _run(self) -> None:
         wait = self.first_delay
         while not self._stop.wait(wait):
             try:
-                report = run_pass(self.store, self.settings, self.drop_folder, stop=self._stop)
+                report = run_pass(self.store, self.settings, self.drop_folder, now=self.pass_time(), stop=self._stop)
                 self.passes += 1
                 for rule, _, r in report.rules():
                     if r is not None and self.metrics is not None:

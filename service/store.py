@@ -28,6 +28,14 @@ nobody else can have claimed it in between); once another worker has claimed the
 first worker's completion raises ``LeaseLost`` and changes nothing, so the same bytes are never
 annotated twice. A worker whose batch takes long keeps its leases with ``renew``.
 
+Leases are in wall-clock time (shared between processes). A lease that ends more than
+``lease_seconds + CLOCK_STEP_SLACK`` from now was written before the clock stepped back, and is
+claimable again: a step back of hours delays the images of a killed worker by at most that, not
+hours (processes that claim from one store must use the same ``lease_seconds``, or one with a
+shorter lease takes over the others' leases). A step forward expires every lease at once: images in flight may be claimed (and
+inferred) a second time, but only one completion is accepted (``LeaseLost``), as for any lease
+that ran out.
+
 ``attempts`` counts the claims of an image. An image claimed before (its worker died, or was too
 slow and lost the lease) is handed out alone, never in a batch: an image that crashes its worker
 then takes only itself down, and the images that shared its first batch finish on their next
@@ -74,6 +82,11 @@ _TEMP = re.compile(r"^\.[0-9a-f]{24}\.[a-z0-9_]+\.tmp$")
 # sharing the store (the sync agent, a CLI command) opens it while the daemon may be writing one
 # right now, and that copy must survive to be renamed.
 TEMP_MAX_AGE_SECONDS = 15 * 60
+# A lease expires ``lease_seconds`` after its claim or renewal; one that expires more than this
+# much further ahead was written before the wall clock stepped back (NTP, a box that booted
+# with its clock ahead, an operator's ``date``): claimable again (``claim``), so that the images
+# of a worker killed before the step wait at most this long, not the length of the step.
+CLOCK_STEP_SLACK = 300.0
 # Columns that set_state may change, and how their Python values are stored.
 _FIELDS: dict[str, Callable[[Any], Any]] = {
     "record": lambda v: None if v is None else json.dumps(v), "decision": lambda v: v,
@@ -434,10 +447,12 @@ class Store:
         file, answers its waiters and counts it, as for any other failed image).
         """
         now = self.clock()
+        stepped = now + self.lease_seconds + CLOCK_STEP_SLACK  # a lease ending after this: the clock went back
         with self.transaction() as db:
             rows = db.execute(
-                "SELECT * FROM images WHERE state = ? AND (lease_owner IS NULL OR lease_expires <= ?) "
-                "ORDER BY received_at, image_id LIMIT ?", (RECEIVED, now, limit)).fetchall()
+                "SELECT * FROM images WHERE state = ? AND (lease_owner IS NULL OR lease_expires <= ? "
+                "OR lease_expires > ?) ORDER BY received_at, image_id LIMIT ?",
+                (RECEIVED, now, stepped, limit)).fetchall()
             out: builtins.list[str] = []
             for r in rows:
                 if r["attempts"] >= self.max_attempts and fail_exhausted:
@@ -451,7 +466,11 @@ class Store:
                 retry = r["attempts"] > 0
                 if retry and out:
                     break  # a retry goes alone; it leads the next claim
-                if r["lease_owner"] is not None:
+                if r["lease_owner"] is not None and r["lease_expires"] is not None and r["lease_expires"] > stepped:
+                    log.warning("lease of %s held by %s ends %.0f s from now, more than the %g s a lease lasts: "
+                                "the wall clock stepped back; %s takes it over", r["image_id"][:12],
+                                r["lease_owner"], r["lease_expires"] - now, self.lease_seconds, owner)
+                elif r["lease_owner"] is not None:
                     log.info("lease of %s held by %s expired; %s takes it over",
                              r["image_id"][:12], r["lease_owner"], owner)
                 db.execute("UPDATE images SET lease_owner=?, lease_expires=?, attempts=attempts+1 WHERE image_id=?",

@@ -244,9 +244,15 @@ class TrainingJobTask:
             self._swept = True
             self.remove_stale_temp()
         now = self.clock()
-        if now < self._next_poll:
+        interval = self.trainer.settings.poll_interval
+        if now < self._next_poll - interval:
+            # The next poll is further off than an interval: the wall clock stepped back since
+            # the last one. Poll now rather than wait out the step (hours without a look).
+            log.warning("the clock stepped back %.0f s since the last training job poll; polling now",
+                        self._next_poll - interval - now)
+        elif now < self._next_poll:
             return False
-        self._next_poll = now + self.trainer.settings.poll_interval
+        self._next_poll = now + interval
         state = self.state()
         if state.get("job") and state.get("status") == IN_PROGRESS:
             return self.follow(state)
