@@ -389,6 +389,8 @@ class GroundTruthBackend:
         self.output_prefix = output_prefix.strip("/")
         self.names, self.appliance_id = tuple(names), appliance_id
         self.rejected: dict[str, str] = {}
+        self._pending: dict[str, set[str]] = {}  # output manifest -> image ids given but not settled yet
+        self._done: set[str] = set()  # output manifests with nothing left to merge (``collect``)
 
     def manifest_key(self, batch_id: str) -> str:
         return f"{self.manifests_prefix}/{batch_id}.manifest"
@@ -425,15 +427,24 @@ class GroundTruthBackend:
         Each line stands alone: one that is not UTF-8, not JSON, not an object or not a label
         of ours (a truncated write, a hand-edited file, another tool's job in the prefix) is
         refused and the other lines of that manifest, and the other manifests, still come
-        back. A manifest deleted between the listing and the read is left for the next pass."""
-        for key in self.store.list(self.output_prefix + "/"):
-            if not key.endswith("/" + OUTPUT_MANIFEST):
+        back. A manifest deleted between the listing and the read is left for the next pass.
+
+        A job's output manifest is written once, when the job ends (job names are never
+        reused): once every label it gave was merged, refused for what it says or found not to
+        be this store's (``merged``, told by the merge task), it is not read again by this
+        process. The jobs are found by a delimiter listing (one entry per job), not by listing
+        every worker response under them: after a year of jobs each pass read hundreds of
+        thousands of keys and every manifest ever written."""
+        for key in self._output_manifests():
+            if key in self._done:
                 continue
             try:
                 data = self.store.get(key)
-            except ObjectNotFound:  # was a PermanentError out of the merge task: the agent stopped
-                log.warning("output manifest %s went away before it was read; skipped", key)
+            except ObjectNotFound:  # a job still running; or deleted since the listing
+                log.debug("output manifest %s not there (yet); skipped", key)
                 continue
+            pending: set[str] = set()
+            self._pending[key] = pending
             # JSON Lines: split on "\n" only (str.splitlines also cut at U+2028 inside a string)
             for number, raw in enumerate(data.split(b"\n"), start=1):
                 if not raw.strip():
@@ -453,7 +464,34 @@ class GroundTruthBackend:
                     self._refuse(f"{key}:{number}", why)
                     continue
                 if label is not None:
+                    pending.add(label.image_id)
                     yield label
+            if not pending:
+                self._finish(key)
+
+    def _output_manifests(self) -> list[str]:
+        """The output manifests' keys: ``<output prefix>/<job>/manifests/output/output.manifest``
+        of each job folder when the store lists folders, else every key that ends so."""
+        folders = getattr(self.store, "folders", None)
+        if folders is None:
+            return [k for k in self.store.list(self.output_prefix + "/") if k.endswith("/" + OUTPUT_MANIFEST)]
+        return [f"{self.output_prefix}/{job}/{OUTPUT_MANIFEST}" for job in folders(self.output_prefix + "/")]
+
+    def merged(self, report: Any) -> None:
+        """The merge task's report of the labels ``collect`` gave (``sync.merge.MergeReport``):
+        a manifest whose every label was merged (or unchanged), refused for what it says, or
+        not this store's is done (not read again); one whose image was not ready (``state is
+        ...``) is read again next pass."""
+        settled = set(report.merged) | set(report.unchanged) | {
+            i for i, why in report.skipped.items() if not why.startswith("state is ")}
+        for key, pending in list(self._pending.items()):
+            pending -= settled
+            if not pending:
+                self._finish(key)
+
+    def _finish(self, key: str) -> None:
+        self._pending.pop(key, None)
+        self._done.add(key)
 
     def _refuse(self, where: str, why: str) -> None:
         if self.rejected.get(where) != why:

@@ -59,6 +59,10 @@ class ObjectStore(Protocol):
     def list(self, prefix: str = "") -> Iterator[str]:
         """Keys starting with ``prefix``, in lexical order."""
 
+    # Optional (``getattr``): ``folders(prefix) -> list[str]``, the names of the "folders" right
+    # under ``prefix`` (S3's delimiter listing), so that a reader of one file per folder does not
+    # list every object under them.
+
     def delete(self, key: str) -> None:
         """Remove ``key``; removing a missing key is not an error."""
 
@@ -163,10 +167,13 @@ class LocalFolderStore:
             raise ObjectNotFound(f"no object {key} in {self.base}") from exc
 
     def list(self, prefix: str = "") -> Iterator[str]:
-        if not self.base.is_dir():
+        # The walk starts at the prefix's folder: from the base it read the whole bucket (a
+        # year of uploads) for each listing of one manifest folder.
+        start = self.base / prefix.rsplit("/", 1)[0] if "/" in prefix else self.base
+        if not start.is_dir() or not start.resolve().is_relative_to(self.base.resolve()):
             return iter(())
         keys = []
-        for dirpath, dirnames, filenames in os.walk(self.base):
+        for dirpath, dirnames, filenames in os.walk(start):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             rel = Path(dirpath).relative_to(self.base).as_posix()
             for name in filenames:
@@ -176,6 +183,16 @@ class LocalFolderStore:
                 if key.startswith(prefix):
                     keys.append(key)
         return iter(sorted(keys))
+
+    def folders(self, prefix: str) -> list[str]:
+        """The names of the folders right under ``prefix`` (which ends with ``/``), sorted."""
+        start = self.base / prefix.strip("/") if prefix.strip("/") else self.base
+        if not start.resolve().is_relative_to(self.base.resolve()):
+            return []
+        try:
+            return sorted(e.name for e in os.scandir(start) if e.is_dir() and not e.name.startswith("."))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)

@@ -209,6 +209,18 @@ class S3Store:
             raise wrap_boto_error(exc, self.bucket, f"list {prefix or '/'}") from exc
         return iter(sorted(keys))
 
+    def folders(self, prefix: str) -> list[str]:
+        """The names of the "folders" right under ``prefix`` (a delimiter listing: one entry per
+        folder, not one per object in it), sorted."""
+        full = join_prefix(self.prefix, prefix.strip("/")) + "/" if prefix.strip("/") else \
+            (f"{self.prefix}/" if self.prefix else "")
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full, Delimiter="/")
+        try:
+            names = [p["Prefix"][len(full):].rstrip("/") for page in pages for p in page.get("CommonPrefixes", [])]
+        except (ClientError, BotoCoreError) as exc:
+            raise wrap_boto_error(exc, self.bucket, f"list {prefix or '/'}") from exc
+        return sorted(n for n in names if n)
+
     def delete(self, key: str) -> None:
         self._call(f"delete {key}", self.client.delete_object, Bucket=self.bucket, Key=self._key(key))
 

@@ -183,3 +183,28 @@ def _client_error(code: str, status: int) -> ClientError:
 def test_error_mapping(code: str, status: int, kind: type, words: str) -> None:
     err = wrap_boto_error(_client_error(code, status), "bkt", "put a")
     assert type(err) is kind and words in str(err) and ACCESS_KEY not in str(err)
+
+
+def test_local_folder_lists_from_the_prefixs_folder_and_lists_folders(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """``list`` walked the whole bucket folder (a year of uploaded images) to list one manifest
+    folder; it starts at the prefix's folder now. ``folders`` names the sub-folders (jobs)."""
+    import os
+
+    import sync.objectstore as objectstore
+
+    store = LocalFolderStore(tmp_path / "bucket")
+    for key in ("images/aa/1.jpg", "images/bb/2.jpg", "out/job-a/manifests/output/output.manifest",
+                "out/job-b/x.json", "out/top.json", "outer.json"):
+        store.put(key, b"x")
+    walked: list[str] = []
+    walk = os.walk
+    monkeypatch.setattr(objectstore.os, "walk", lambda top, *a, **k: walked.append(str(top)) or walk(top, *a, **k))
+    assert list(store.list("out/")) == ["out/job-a/manifests/output/output.manifest", "out/job-b/x.json",
+                                        "out/top.json"]
+    assert walked == [str(tmp_path / "bucket" / "out")]
+    assert list(store.list("out")) == ["out/job-a/manifests/output/output.manifest", "out/job-b/x.json",
+                                       "out/top.json", "outer.json"]  # a prefix, not a folder
+    assert list(store.list("nothing/")) == [] and list(store.list("../")) == []
+    assert store.folders("out/") == ["job-a", "job-b"] and store.folders("images") == ["aa", "bb"]
+    assert store.folders("missing/") == [] and store.folders("out/top.json") == []

@@ -54,8 +54,13 @@ class World:
         self.backend = GroundTruthBackend(self.bucket, appliance_id="box-1")
         self.dataset = Dataset(tmp_path / "dataset")
         self.reports: list[MergeReport] = []
-        self.task = MergeTask(Merger(self.store, self.dataset), self.backend.collect, on_report=self.reports.append)
+        self.task = MergeTask(Merger(self.store, self.dataset), self.backend.collect, on_report=self.report)
         self.agent = Agent([self.task], fault_base=0.0)
+
+    def report(self, report: MergeReport) -> None:
+        """As the agent wires it (``sync.agent._merge_task``): the backend hears what was merged."""
+        self.reports.append(report)
+        self.backend.merged(report)
 
     def out(self, image_id: str, heads: Sequence[Sequence[float]] = ((10.0, 5.0, 30.0, 25.0),),
             persons: Sequence[ReviewedPerson] | None = None, job: str = "job-a", when: str | None = None
@@ -117,14 +122,14 @@ def test_a_manifest_deleted_between_listing_and_reading_is_left_for_the_next_pas
     a, b, _, _ = w.ids
     gone = w.write("job-a", [w.out(a)])
     w.write("job-b", [w.out(b, job="job-b")])
-    listing = w.bucket.list
+    listing = w.bucket.folders
 
-    def list_then_delete(prefix: str = "") -> Iterator[str]:
-        keys = list(listing(prefix))
+    def list_then_delete(prefix: str) -> list[str]:
+        jobs = listing(prefix)
         w.bucket.client.delete_object(Bucket=w.bucket.bucket, Key=f"edge/{gone}")  # another hand cleans up
-        return iter(keys)
+        return jobs
 
-    w.bucket.list = list_then_delete  # type: ignore[method-assign]
+    w.bucket.folders = list_then_delete  # type: ignore[method-assign]
     assert w.agent.run_pass() and w.agent.last_error is None
     assert (w.state(a), w.state(b)) == (UPLOADED, REVIEWED)
 
@@ -236,3 +241,35 @@ def test_the_agents_metrics_count_the_refused_reviews(world: World, tmp_path: Pa
     finally:
         for close in closers:
             close()
+
+
+def test_a_pass_reads_only_the_job_folders_and_the_manifests_not_settled(world: World) -> None:
+    """Each pass listed every object under the output prefix (every worker response of every
+    job ever run) and read every output manifest ever written: after a year of jobs, minutes
+    of S3 calls a minute. Now one delimiter listing finds the jobs, and a manifest whose labels
+    were all settled is not read again (a restarted agent reads each once)."""
+    w = world
+    a, b, c, _ = w.ids
+    w.write("job-a", [w.out(a)])
+    w.write("job-b", [w.out(b, job="job-b"), b"{truncated"])
+    for job in ("job-a", "job-b"):  # what Ground Truth leaves beside the manifests
+        for n in range(5):
+            w.bucket.put(f"groundtruth/output/{job}/annotations/worker-response/iteration-1/{n}/r.json", b"{}")
+    gets: list[str] = []
+    get, listing = w.bucket.get, w.bucket.list
+    w.bucket.get = lambda key, *a, **k: gets.append(key) or get(key, *a, **k)  # type: ignore[method-assign]
+    w.bucket.list = lambda *a, **k: pytest.fail("the whole output prefix listed")  # type: ignore[method-assign]
+    assert w.agent.run_pass() and (w.state(a), w.state(b)) == (REVIEWED, REVIEWED)
+    assert len(gets) == 2
+    gets.clear()
+    assert not w.agent.run_pass() and gets == []  # settled: not read again
+    w.write("job-c", [w.out(c, job="job-c")])
+    assert w.agent.run_pass() and w.state(c) == REVIEWED
+    assert gets == [f"groundtruth/output/job-c/{OUTPUT_MANIFEST}"]
+    w.bucket.list = listing  # type: ignore[method-assign]
+    restarted = GroundTruthBackend(w.bucket, appliance_id="box-1")
+    again = MergeTask(Merger(w.store, w.dataset), restarted.collect, on_report=restarted.merged)
+    gets.clear()
+    assert not again.run_once() and len(gets) == 3  # each read once, nothing merged twice
+    gets.clear()
+    assert not again.run_once() and gets == []
