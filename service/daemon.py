@@ -160,7 +160,10 @@ class _BatchLease:
     def keep(self) -> list[str]:
         """Renew the leases when due; the ids of the batch whose lease this worker still holds."""
         now = self.store.clock()
-        if now < self.expires - self.store.lease_seconds * (1 - RENEW_AFTER):
+        # Not yet due, unless the clock stepped back (the lease then ends more than a lease from
+        # now: renewed now, else it stays in the old time until the clock catches up, and
+        # Store.claim lets another worker take it over after lease_seconds + CLOCK_STEP_SLACK).
+        if self.expires - self.store.lease_seconds <= now < self.expires - self.store.lease_seconds * (1 - RENEW_AFTER):
             return self.held
         held = self.store.renew_held(self.owner, self.held)
         self.expires = now + self.store.lease_seconds
@@ -366,18 +369,33 @@ class Daemon:
         e.g. the ``current`` link after ``annotator models adopt``, not the path last loaded).
 
         Raises ``BundleError`` when the new bundle fails to load or verify; the old one stays.
+        Raises ``ShuttingDown`` once the daemon stops taking images (``stop_intake``, ``close``):
+        a reload then loaded a bundle for nothing while the shutdown waited, and one that ended
+        after ``close`` met the closed store (INTERNAL "the store is closed", after swapping).
         """
         with self._reload_lock:
+            self._refuse_when_stopping()
             path = str(bundle_path or self.config.engine.bundle)
-            engine, judge = self._load(path)
+            try:
+                engine, judge = self._load(path)
+            except Exception as exc:  # e.g. the store closed under the review share's recall
+                if self._intake_closed:
+                    raise ShuttingDown(f"the annotator shut down while bundle {path} was loading") from exc
+                raise
+            self._refuse_when_stopping()  # the shutdown began while it loaded: nothing is swapped
             old, old_side = self._engine.bundle.id, self.max_side_hint
             self._loaded, self._bundle_path = (engine, judge), path
             self._follow_input_size(old_side)
-        self.store.counter("reloads", 1)
-        if self.metrics is not None:
-            self.metrics.bundle(engine.bundle.id, engine.active_providers)
+            self.store.counter("reloads", 1)
+            if self.metrics is not None:  # under the lock: two reloads never leave the older one's id
+                self.metrics.bundle(engine.bundle.id, engine.active_providers)
         log.info("reloaded models: bundle %s -> %s (%s)", old, engine.bundle.id, path)
         return engine.bundle
+
+    def _refuse_when_stopping(self) -> None:
+        if self._intake_closed:
+            raise ShuttingDown("the annotator is shutting down; no bundle is loaded now (it loads the configured "
+                               "engine.bundle at its next start)")
 
     def _follow_input_size(self, old_side: int) -> None:
         """After a swap, decode for the new bundle's input size: the drop folder was given the hint

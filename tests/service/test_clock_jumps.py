@@ -66,6 +66,26 @@ def test_a_killed_workers_leases_are_taken_over_soon_after_the_clock_steps_back(
         restarted.close()
 
 
+def test_a_live_batch_renews_its_lease_right_after_the_clock_steps_back(tmp_path: Path) -> None:
+    """A worker inside a long batch renewed only when the wall clock came back to the old
+    renewal time: after a step back of more than the slack, another worker took its batch over
+    (inferred twice, completed once)."""
+    from service.daemon import _BatchLease
+
+    clock = FakeClock(T0)
+    store = Store(tmp_path / "store", lease_seconds=60, clock=clock)
+    try:
+        store.ingest(b"frame", "test")
+        lease = _BatchLease(store, "worker", store.claim("worker"))
+        clock.t -= 2 * HOUR
+        assert lease.keep() == lease.image_ids  # renewed at once: ends a lease from the new now
+        assert store.get(lease.image_ids[0]).lease_expires == clock.t + 60
+        clock.t += 60 + CLOCK_STEP_SLACK - 1
+        assert lease.keep() == lease.image_ids and store.claim("other") == []
+    finally:
+        store.close()
+
+
 def test_a_lease_is_not_taken_over_for_a_small_step_back(tmp_path: Path) -> None:
     clock = FakeClock(T0)
     store = Store(tmp_path / "store", lease_seconds=60, clock=clock)
