@@ -33,6 +33,8 @@ on a blank image first; a batch in flight finishes with the engine it started wi
 from __future__ import annotations
 
 import collections
+import ctypes
+import gc
 import logging
 import os
 import queue
@@ -72,6 +74,7 @@ log = logging.getLogger(__name__)
 VERSION = "0.1.0"
 DECODED_CACHE_BYTES = 64 << 20  # decoded pixels kept between submit and the worker (memory bound)
 IDLE_POLL_SECONDS = 0.5
+TRIM_AFTER_RELOAD_SECONDS = 30.0  # ``trim_heap`` again after a swap, once the old sessions' batches are done
 FINISH_QUEUE = 1  # predicted batches waiting for the finisher (back-pressure on the workers)
 RECALL_MAX_FRAMES = 1024  # review frames decoded in all at start for the near-duplicate memory
 # After the disk failed a batch's writes (full, read-only, I/O errors): how long no image is
@@ -129,6 +132,18 @@ def store_write_error(exc: BaseException, root: Path) -> StoreError:
         return StoreFull(f"the store's disk is full ({what}; {free_space(root)}); ingest is paused until space "
                          "is freed")
     return StoreUnavailable(f"the store cannot write ({what}; {free_space(root)}); retry when the disk works again")
+
+
+def trim_heap() -> None:
+    """Collect garbage and give the C heap's free pages back to the system (glibc's
+    ``malloc_trim``; nothing elsewhere). The old bundle's onnxruntime sessions are freed at a
+    swap, but glibc kept their pages: the daemon's RSS grew about 5 MB a swap (16 reloads of the
+    demo bundle: 252 -> 337 MB; trimmed, 174 -> 188 MB)."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl, macOS)
+        pass
 
 
 def _decode(data: bytes, max_bytes: int, max_pixels: int, max_side_hint: int | None) -> DecodedImage:
@@ -390,6 +405,11 @@ class Daemon:
             if self.metrics is not None:  # under the lock: two reloads never leave the older one's id
                 self.metrics.bundle(engine.bundle.id, engine.active_providers)
         log.info("reloaded models: bundle %s -> %s (%s)", old, engine.bundle.id, path)
+        trim_heap()
+        # Again once the batches in flight, which hold the old sessions, are done.
+        timer = threading.Timer(TRIM_AFTER_RELOAD_SECONDS, trim_heap)
+        timer.daemon = True
+        timer.start()
         return engine.bundle
 
     def _refuse_when_stopping(self) -> None:
@@ -520,6 +540,7 @@ class Daemon:
         if self.retention is not None:
             self.retention.start()
         log.info("daemon %s started with bundle %s", self.owner, self.bundle.id)
+        trim_heap()  # what loading and checking the bundle freed (demo bundle: 184 -> 169 MB RSS)
 
     def _claim(self, owner: str) -> list[ImageRow]:
         """A batch for ``owner``; an image claimed too often comes back alone, for ``_predict`` to fail."""

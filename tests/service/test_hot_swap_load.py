@@ -51,3 +51,29 @@ def test_reload_during_shutdown_is_unavailable_and_swaps_nothing(tmp_path: Path)
     with pytest.raises(ShuttingDown):
         daemon.reload(str(models / "bundle-b"))
     assert daemon.bundle.id == "bundle-a"
+
+
+def test_a_swap_gives_the_old_sessions_pages_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """glibc kept the freed pages of the old bundle's sessions: RSS grew about 5 MB a swap
+    (16 reloads of the demo bundle through the daemon: 252 -> 337 MB; trimmed 174 -> 188 MB).
+    A reload trims the heap at once and again once the batches in flight are done."""
+    import service.daemon as daemon_mod
+
+    trims: list[str] = []
+    monkeypatch.setattr(daemon_mod, "TRIM_AFTER_RELOAD_SECONDS", 0.2)
+    real = daemon_mod.trim_heap
+    monkeypatch.setattr(daemon_mod, "trim_heap", lambda: trims.append("trim") or real())
+    shutil.copytree(DEMO_BUNDLE, tmp_path / "a")
+    d = daemon_mod.Daemon(load_config(None, env={}, overrides={
+        "store.root": str(tmp_path / "store"), "store.min_free_mb": 0, "engine.bundle": str(tmp_path / "a")}))
+    try:
+        d.reload(str(tmp_path / "a"))
+        assert trims == ["trim"]
+        import time
+
+        deadline = time.monotonic() + 10
+        while len(trims) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert trims == ["trim", "trim"]
+    finally:
+        d.close()
