@@ -287,10 +287,17 @@ class Daemon:
                         letterbox=str(getattr(e, "letterbox", "square")))
         if not int(e.run_batch) and engine.active_providers[0] in GPU_PROVIDERS:
             engine.batch_size = max(1, int(e.batch_size))  # a GPU wants whole batches (README, "GPU")
+        # The shapes the workers will run: a whole batch of blank images (a model exported for
+        # batch 1 only failed every batch of a GPU box after it passed a one-image check, and
+        # every image was then quarantined), and in "rect" mode a rectangular one too.
+        probe = [np.zeros((64, 64, 3), np.uint8)] * max(1, engine.batch_size)
+        if engine.letterbox == "rect":
+            probe.append(np.zeros((48, 64, 3), np.uint8))
         try:
-            engine.predict_arrays([np.zeros((64, 64, 3), np.uint8)])
+            engine.predict_arrays(probe)
         except Exception as exc:  # onnxruntime errors are of several unrelated types
-            raise BundleError(f"bundle {bundle.id} at {path} fails on a blank image: {exc}") from exc
+            raise BundleError(f"bundle {bundle.id} at {path} fails on blank images (a batch of {len(probe)}, "
+                              f"{engine.letterbox} letterbox): {exc}") from exc
         return engine, self._make_judge(bundle)
 
     def _make_judge(self, bundle: Bundle) -> Judge:

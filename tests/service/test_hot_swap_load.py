@@ -77,3 +77,35 @@ def test_a_swap_gives_the_old_sessions_pages_back(tmp_path: Path, monkeypatch: p
         assert trims == ["trim", "trim"]
     finally:
         d.close()
+
+
+@pytest.mark.parametrize("mode,run_batch,want", [("square", 0, [(64, 64)]),
+                                                  ("square", 3, [(64, 64)] * 3),
+                                                  ("rect", 2, [(64, 64), (64, 64), (48, 64)])])
+def test_a_bundle_is_checked_on_the_shapes_the_workers_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           mode: str, run_batch: int, want: list) -> None:
+    """The load check ran one 64x64 image: a model that fails only on a whole batch (a GPU box
+    runs batches) or on a rectangular input passed it, then failed every batch, and every image
+    was quarantined after max_attempts while the old bundle was gone."""
+    import service.daemon as daemon_mod
+    from service.engine import Engine
+
+    seen: list[list[tuple[int, int]]] = []
+    predict = Engine.predict_arrays
+
+    def spy(self: Engine, images: list) -> list:
+        seen.append([im.shape[:2] for im in images])
+        if len(images) > 1:
+            raise RuntimeError("this model was exported for batch 1")
+        return predict(self, images)
+
+    monkeypatch.setattr(Engine, "predict_arrays", spy)
+    config = load_config(None, env={}, overrides={
+        "store.root": str(tmp_path / "store"), "store.min_free_mb": 0, "engine.bundle": str(DEMO_BUNDLE),
+        "engine.letterbox": mode, "engine.run_batch": run_batch})
+    if len(want) > 1:
+        with pytest.raises(daemon_mod.BundleError, match="batch of"):
+            daemon_mod.Daemon(config)
+    else:
+        daemon_mod.Daemon(config).close()
+    assert seen[0] == want
