@@ -66,6 +66,7 @@ import logging
 import math
 import os
 import re
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 from urllib.parse import quote, unquote
@@ -78,7 +79,7 @@ from service.outputs import image_suffix
 from service.record import VISIBILITIES
 
 from .errors import PermanentError, RetryableError
-from .labelstudio_client import LabelStudioClient, NotFound
+from .labelstudio_client import AuthError, LabelStudioClient, NotFound
 from .reencode import prepare_upload
 from .review import Box, ReviewedKeypoint, ReviewedLabel, ReviewedPerson, ReviewItem, labels_differ
 
@@ -90,8 +91,18 @@ HEAD, PERSON = "head", "person"
 POINT_SIZE = 0.6  # marker size, percent of the image width
 COPY_DIR = "label-studio-jpeg"  # default copy_dir, under the document root
 _COPY_NAME = re.compile(r"^[0-9A-Za-z_-]{1,128}$")
+COLLECT_RETRY_BASE, COLLECT_RETRY_CAP = 60.0, 600.0  # seconds between exports after a failed one
 _KP_ID, _PERSON_ID = re.compile(r"^p(\d+)k(\d+)$"), re.compile(r"^p(\d+)$")
 T = TypeVar("T")
+
+
+class AccessRefused(RetryableError):
+    """The server refused the API token (HTTP 401/403: revoked, rotated, the user deactivated):
+    retryable here, not a ``PermanentError``, so that a review server's token never stops the
+    sync agent (and its uploads, in a systemd restart loop that ends in a dead unit): the
+    review tasks wait and try again with a backoff (``sync.submit``, the merge task's
+    ``collect_interval``), each try saying which setting to fix, and go on by themselves once
+    the server takes the token again."""
 
 
 class InvalidAnnotation(PermanentError):
@@ -303,6 +314,8 @@ class LabelStudioBackend:
         self.rejected: dict[str, str] = {}
         self._users: dict[int, str] = {}
         self._merged: set[str] = set()  # image ids whose review the merge took since the last sweep
+        self.clock = time.monotonic
+        self._collect_failures, self._collect_retry_at, self._collect_error = 0, 0.0, ""
 
     @property
     def job(self) -> str:
@@ -337,16 +350,20 @@ class LabelStudioBackend:
         is looked up (or created) again and ``step`` runs once more in it.
 
         Without this the id was kept for the life of the process: every request after a deletion
-        got a 404, a ``PermanentError`` that ended ``annotator sync``."""
-        pid = self.ensure_project()
+        got a 404, a ``PermanentError`` that ended ``annotator sync``. A refused token
+        (``AuthError``) is an ``AccessRefused``, retryable (see there)."""
         try:
-            return step(pid)
-        except NotFound:
-            if not self._project_gone(pid):
-                raise
-        log.warning("Label Studio project %s (%r) is gone; looking it up again", pid, self.title)
-        self.project_id = None
-        return step(self.ensure_project())
+            pid = self.ensure_project()
+            try:
+                return step(pid)
+            except NotFound:
+                if not self._project_gone(pid):
+                    raise
+            log.warning("Label Studio project %s (%r) is gone; looking it up again", pid, self.title)
+            self.project_id = None
+            return step(self.ensure_project())
+        except AuthError as exc:
+            raise AccessRefused(f"{exc}; the review tasks wait and try again, the uploads go on") from exc
 
     def _project_gone(self, pid: int) -> bool:
         try:
@@ -356,8 +373,36 @@ class LabelStudioBackend:
         return False
 
     def _image_ids(self, pid: int) -> set[str]:
-        """The image ids that have a task in project ``pid`` (every page of the task list)."""
-        return {str(t.get("data", {}).get("image_id")) for t in self.client.pages("/api/tasks/", "tasks", project=pid)}
+        """The image ids that have a task in project ``pid`` (every page of the task list).
+
+        An image with more than one task was imported twice: a retry after an import that the
+        server still carried out although its answer never came (a timeout, a proxy's 502 while
+        the server worked on). The extra tasks that nobody has touched (no annotation, cancelled
+        or not, no draft) are deleted, the oldest task kept, so that the image is reviewed once."""
+        tasks: dict[str, list[Mapping[str, Any]]] = {}
+        for t in self.client.pages("/api/tasks/", "tasks", project=pid):
+            tasks.setdefault(str((t.get("data") or {}).get("image_id")), []).append(t)
+        for image_id, group in tasks.items():
+            if len(group) > 1:
+                self._drop_duplicates(pid, image_id, group)
+        return set(tasks)
+
+    def _drop_duplicates(self, pid: int, image_id: str, group: Sequence[Mapping[str, Any]]) -> None:
+        def untouched(t: Mapping[str, Any]) -> bool:
+            return not (t.get("total_annotations") or t.get("cancelled_annotations") or t.get("drafts")
+                        or t.get("annotations_ids"))
+
+        keep = min(group, key=lambda t: (untouched(t), int(t.get("id") or 0)))
+        extra = [t for t in group if t is not keep and untouched(t)]
+        for t in extra:
+            try:
+                self.client.delete(f"/api/tasks/{t['id']}/")
+            except NotFound:  # deleted meanwhile
+                pass
+        if extra:
+            log.warning("image %s had %d tasks in project %s (an import repeated after its answer was lost); "
+                        "deleted the %d untouched extra ones, kept task %s", image_id[:12], len(group), pid,
+                        len(extra), keep.get("id"))
 
     def missing(self, image_ids: Iterable[str]) -> set[str]:
         """Which of these images have no task in the current project (deleted tasks, a deleted or
@@ -459,7 +504,14 @@ class LabelStudioBackend:
         self._ensure_storages(pid, {(self.document_root / unquote(t["data"]["image"].split("?d=", 1)[1])).parent
                                     for t in new})
         for start in range(0, len(new), self.import_chunk):
-            self.client.post(f"/api/projects/{pid}/import", new[start:start + self.import_chunk])
+            chunk = new[start:start + self.import_chunk]
+            answer = self.client.post(f"/api/projects/{pid}/import", chunk)
+            made = answer.get("task_count") if isinstance(answer, Mapping) else None
+            if isinstance(made, int) and made < len(chunk):
+                # Not the batch's fault and not for the reconcile 10 minutes later: the batch is not
+                # marked submitted, and the next pass imports what has no task (the list says).
+                raise RetryableError(f"Label Studio POST {self.client.base_url}/api/projects/{pid}/import: {made} tasks made of "
+                                     f"{len(chunk)} sent (batch {batch_id}); the rest is imported at the next pass")
         log.info("imported %d tasks into project %s (batch %s)", len(new), pid, batch_id)
 
     def _reviewer(self, completed_by: Any) -> str | None:
@@ -503,9 +555,25 @@ class LabelStudioBackend:
 
     def collect(self) -> Iterator[ReviewedLabel]:
         """Every submitted review in the project (from the JSON export); refused ones in
-        ``rejected``. Then the copies no longer needed are removed (module docstring)."""
-        pid, export = self._in_project(lambda pid: (pid, self.client.get(
-            f"/api/projects/{pid}/export", exportType="JSON", download_all_tasks="true") or []))
+        ``rejected``. Then the copies no longer needed are removed (module docstring).
+
+        After a failed export (``RetryableError``: the server down, hanging until the client's
+        timeout, a proxy's page, a refused token) the server is not asked again for
+        ``COLLECT_RETRY_BASE`` seconds, doubling to ``COLLECT_RETRY_CAP``: a call meanwhile
+        raises the same error again without a request, so that a hanging server does not hold
+        the agent's other tasks for its timeout at every collection."""
+        if self.clock() < self._collect_retry_at:
+            raise RetryableError(f"{self._collect_error} (not asked again for "
+                                 f"{self._collect_retry_at - self.clock():.0f} s)")
+        try:
+            pid, export = self._in_project(lambda pid: (pid, self.client.get(
+                f"/api/projects/{pid}/export", exportType="JSON", download_all_tasks="true") or []))
+        except RetryableError as exc:
+            self._collect_failures += 1
+            delay = min(COLLECT_RETRY_CAP, COLLECT_RETRY_BASE * 2.0 ** min(self._collect_failures - 1, 62))
+            self._collect_retry_at, self._collect_error = self.clock() + delay, str(exc)
+            raise
+        self._collect_failures, self._collect_retry_at = 0, 0.0
         labels = []
         for task in export:
             image_id = str(task.get("data", {}).get("image_id"))

@@ -6,8 +6,10 @@ requests and wraps failures: connection trouble, timeouts, an answer cut short
 (``http.client.IncompleteRead``), a body that is not JSON (the HTML page of a proxy or a
 restarting server, answered with 200) and HTTP 5xx/429 become ``RetryableError``; HTTP 404
 ``NotFound`` (a ``PermanentError``: the backend tells a deleted project from a page past the
-end by it); other HTTP errors ``PermanentError`` with the server's detail. The token never
-appears in messages or logs.
+end by it); HTTP 401/403 ``AuthError`` (a ``PermanentError`` naming the token's setting; the
+backend retries it, ``sync.labelstudio.AccessRefused``); other HTTP errors ``PermanentError``
+with the server's detail. Messages name the server's URL; the token never appears in messages
+or logs.
 
 ``WebhookReceiver`` is a tiny HTTP server on loopback that Label Studio posts
 ``ANNOTATION_CREATED``/``ANNOTATION_UPDATED`` events to. Label Studio delivers webhooks once,
@@ -34,6 +36,17 @@ log = logging.getLogger(__name__)
 
 class NotFound(PermanentError):
     """HTTP 404: the object (project, task, page of a list) does not exist (or no longer)."""
+
+
+class AuthError(PermanentError):
+    """HTTP 401/403: the server refused the API token (revoked, rotated, the user deactivated or
+    without access to the project); the message names the setting to fix."""
+
+
+TOKEN_HINT = ("check the API token: [sync.review.labelstudio] token, or ANNOTATOR_LABEL_STUDIO_TOKEN in the "
+              "environment, which wins (Label Studio's Account & Settings page shows the current one; legacy "
+              "tokens need LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN=true on the server)")
+PAGING_TRIES = 3  # listings restarted because the list changed while it was paged
 
 
 class LabelStudioClient:
@@ -64,24 +77,24 @@ class LabelStudioClient:
                 detail = exc.read()[:500].decode("utf-8", "replace")
             except (http.client.HTTPException, OSError):  # the error page itself cut short
                 detail = exc.reason if isinstance(exc.reason, str) else ""
-            what = f"Label Studio {method} {path}: HTTP {exc.code}: {detail}"
+            what = f"Label Studio {method} {self.base_url}{path}: HTTP {exc.code}: {detail}"
             if exc.code >= 500 or exc.code == 429:
                 raise RetryableError(what) from exc
             if exc.code == 404:
                 raise NotFound(what) from exc
-            if exc.code == 401:
-                what += " (check the API token; legacy tokens need LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN=true)"
+            if exc.code in (401, 403):
+                raise AuthError(f"{what} ({TOKEN_HINT})") from exc
             raise PermanentError(what) from exc
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             # refused, reset, timeout; or the answer cut short (IncompleteRead is no OSError)
-            raise RetryableError(f"Label Studio {method} {path}: {exc}") from exc
+            raise RetryableError(f"Label Studio {method} {self.base_url}{path}: {exc}") from exc
         if not text:
             return None
         try:
             return json.loads(text)
         except ValueError as exc:  # UnicodeDecodeError included; not the server's API answering
             start = text[:80].decode("utf-8", "replace")
-            raise RetryableError(f"Label Studio {method} {path}: the answer is not JSON "
+            raise RetryableError(f"Label Studio {method} {self.base_url}{path}: the answer is not JSON "
                                  f"(a proxy's or a starting server's page?): {start!r}") from exc
 
     def get(self, path: str, **query: Any) -> Any:
@@ -105,20 +118,41 @@ class LabelStudioClient:
         itself: a ``next`` link that is null (Django REST framework lists: projects), else a
         ``total``/``count`` reached (the task list has ``total`` and no ``next``), else an empty
         page or a 404 past the last page (Label Studio's answer to a page number beyond the end).
-        A plain JSON list is an unpaginated answer: all there is.
+        A plain JSON list is an unpaginated answer: all there is. A list that changed while it
+        was paged (``_paged``) is read again, ``PAGING_TRIES`` times at most, then
+        ``RetryableError``.
         """
+        for _ in range(PAGING_TRIES):
+            items = self._paged(path, key, page_size, query)
+            if items is not None:
+                return items
+        raise RetryableError(f"Label Studio GET {self.base_url}{path}: the list changed while it was read, {PAGING_TRIES} times "
+                             "in a row (tasks added or deleted meanwhile); read again at the next pass")
+
+    def _paged(self, path: str, key: str, page_size: int, query: dict[str, Any]) -> list[Any] | None:
+        """One read of every page; None when the list changed between pages (its ``total`` or
+        ``count`` moved, or a page went missing before the total was reached): items deleted
+        meanwhile shift the later pages back, and an item read neither time was taken for
+        missing (a task imported twice)."""
         items: list[Any] = []
-        page = 1
+        page, first_total = 1, None
         while True:
             try:
                 answer = self.get(path, page=page, page_size=page_size, **query)
             except NotFound:
-                if page > 1:  # past the last page
-                    break
-                raise
+                if page == 1:
+                    raise
+                if isinstance(first_total, int) and len(items) < first_total:
+                    return None  # fewer pages than the total said: items deleted meanwhile
+                break  # past the last page
             if not isinstance(answer, dict):
                 items.extend(answer or [])
                 break
+            total = answer.get("total", answer.get("count"))
+            if page == 1:
+                first_total = total
+            elif total != first_total:
+                return None
             chunk = answer.get(key, answer.get("results")) or []
             items.extend(chunk)
             if not chunk:
@@ -126,10 +160,8 @@ class LabelStudioClient:
             if "next" in answer:
                 if not answer["next"]:
                     break
-            else:
-                total = answer.get("total", answer.get("count"))
-                if isinstance(total, int) and len(items) >= total:
-                    break
+            elif isinstance(total, int) and len(items) >= total:
+                break
             page += 1
         return items
 

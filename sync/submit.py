@@ -22,6 +22,12 @@ tell which images it lost (``missing(image_ids)``) is reconciled at the first pa
 ``reconcile_interval`` seconds and whenever its ``project_id`` changes: the ``uploaded`` images
 of submitted batches that it reports missing are submitted again, under their own batch id.
 That stays exactly-once because ``submit`` skips the images that have a task.
+
+A backend that fails (``RetryableError``: the server down, a proxy's 502, a 429, a refused
+token) is not asked again at every pass of the agent (which comes at once while the uploader
+has work, and would hold each upload behind a hanging server's timeout): the task waits
+``retry_base`` seconds, doubling to ``retry_cap``, returning False meanwhile without a request;
+the first success ends the wait.
 """
 from __future__ import annotations
 
@@ -35,7 +41,7 @@ from service.errors import ImageNotFound
 from service.outputs import iter_rows
 from service.store import UPLOADED, Store
 
-from .errors import PermanentError, RetryableError
+from .errors import DiskFault, PermanentError, RetryableError
 from .journal import Batch, Item, Journal
 from .objectstore import ObjectStore
 from .review import ReviewBackend, ReviewItem
@@ -43,6 +49,7 @@ from .review import ReviewBackend, ReviewItem
 log = logging.getLogger(__name__)
 
 RECONCILE_INTERVAL = 600.0  # seconds: one task listing of the project each time
+RETRY_BASE, RETRY_CAP = 5.0, 300.0  # seconds: the wait after a failed try doubles up to the cap
 
 
 class ReviewSubmitTask:
@@ -51,9 +58,13 @@ class ReviewSubmitTask:
     name = "review-submit"
 
     def __init__(self, journal: Journal, store: Store, target: ObjectStore, backend: ReviewBackend,
-                 reconcile_interval: float = RECONCILE_INTERVAL, clock: Callable[[], float] = time.monotonic) -> None:
+                 reconcile_interval: float = RECONCILE_INTERVAL, clock: Callable[[], float] = time.monotonic,
+                 retry_base: float = RETRY_BASE, retry_cap: float = RETRY_CAP) -> None:
         self.journal, self.store, self.target, self.backend = journal, store, target, backend
         self.reconcile_interval, self.clock = float(reconcile_interval), clock
+        self.retry_base, self.retry_cap = float(retry_base), float(retry_cap)
+        self._failures = 0  # failed tries in a row
+        self._retry_at = 0.0  # no request before this (clock seconds)
         self._next_reconcile = 0.0  # due at the first pass: a restart may follow a deleted project
         self._reconciled_in: Any = None  # the backend's project_id at the last reconcile
 
@@ -80,7 +91,26 @@ class ReviewSubmitTask:
 
     def run_once(self) -> bool:
         """Submit the oldest unsubmitted batch, else reconcile when due; False when there was
-        nothing to do."""
+        nothing to do, or while it waits after a failure (module doc)."""
+        if self.clock() < self._retry_at:
+            return False
+        try:
+            did = self._run_once()
+        except DiskFault:  # this machine's disk, not the backend: the agent has its own wait for it
+            raise
+        except RetryableError:
+            self._failures += 1
+            delay = min(self.retry_cap, self.retry_base * 2.0 ** min(self._failures - 1, 62))
+            self._retry_at = self.clock() + delay
+            log.info("%s: %s failed %d times in a row; tried again in %.0f s", self.name, self.backend.name,
+                     self._failures, delay)
+            raise
+        if self._failures:
+            log.warning("%s: %s answers again after %d failed tries", self.name, self.backend.name, self._failures)
+        self._failures, self._retry_at = 0, 0.0
+        return did
+
+    def _run_once(self) -> bool:
         pending = self.journal.unsubmitted_batches(self.backend.name)
         if not pending:
             return self.reconcile() > 0 if self._reconcile_due() else False
