@@ -25,7 +25,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
-from .errors import DiskFault, PermanentError, RetryableError, Stopped, SyncConfigError, free_space, io_fault_of
+from .errors import (DiskFault, PermanentError, RetryableError, Stopped, SyncConfigError, free_space, io_fault_of,
+                     read_only_fs)
 
 if TYPE_CHECKING:
     from service.metrics import MetricsRecorder
@@ -325,15 +326,8 @@ def _disk_fault_at_start(exc: BaseException, paths: Sequence[str]) -> bool:
     code = getattr(exc, "sqlite_errorcode", None)
     if isinstance(exc, sqlite3.OperationalError) and code is not None and code & 0xFF in (
             sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY):
-        return any(_read_only(p) for p in paths)
+        return any(read_only_fs(p) for p in paths)
     return True
-
-
-def _read_only(path: str) -> bool:
-    try:
-        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
-    except OSError:
-        return False
 
 
 class _Opening:

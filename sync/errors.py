@@ -84,3 +84,13 @@ def io_fault_of(exc: BaseException | None) -> BaseException | None:
         exc = exc.__cause__ or exc.__context__
         seen += 1
     return None
+
+
+def read_only_fs(path: object) -> bool:
+    """Whether the file system holding ``path`` is mounted read-only (e.g. remounted after errors)."""
+    import os
+
+    try:
+        return bool(os.statvfs(str(path)).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False

@@ -292,14 +292,36 @@ class ModelPuller:
         self.gate = gate
         self.reload_fn = reload_fn
         self.public_key = load_public_key(public_key) if public_key is not None else None
+        self._warned_created: set[str] = set()  # bundles in use said to be stamped ahead of the clock
 
     def candidates(self) -> list[RegistryEntry]:
         """Registry bundles newer than the one in use and never refused, newest first."""
         current = self.slots.current()
         refused = self.slots.refused()
         order = (current.created, current.id) if current is not None else None
+        if current is not None:
+            self._check_created(current)
         return [e for e in reversed(self.registry.entries())
                 if e.bundle_id not in refused and (order is None or e.order > order)]
+
+    def _check_created(self, current: Bundle) -> None:
+        """Say (once per bundle) when the bundle in use was stamped ahead of this box's clock
+        (trained on a machine whose clock was ahead): every bundle stamped before that time
+        sorts as older and is never pulled, and nothing else would say why."""
+        try:
+            created = _dt.datetime.fromisoformat(str(current.created).replace("Z", "+00:00"))
+        except ValueError:
+            return
+        if created.tzinfo is None:
+            created = created.replace(tzinfo=_dt.timezone.utc)
+        now = _dt.datetime.now(_dt.timezone.utc)
+        if created - now > _dt.timedelta(days=1) and current.id not in self._warned_created:
+            self._warned_created.add(current.id)
+            log.warning("the bundle in use, %s, says it was created %s, %.1f days ahead of this box's clock "
+                        "(%s): registry bundles stamped before that are taken as older and not pulled. Check the "
+                        "clock of the machine that made it (and of this box); `annotator models adopt` installs "
+                        "a chosen bundle", current.id, current.created, (created - now).total_seconds() / 86400,
+                        now.isoformat(timespec="seconds"))
 
     def pull_once(self) -> PullResult:
         """One pass over the newer bundles (see module doc), after finishing a switch an earlier

@@ -49,7 +49,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 import threading
 import time
@@ -62,7 +61,7 @@ from service.store import FAILED, REVIEW_PENDING, UPLOADED, ImageRow, Store
 
 from .backoff import RetryPolicy, retry_call
 from .errors import (ConflictError, DiskFault, PermanentError, RetryableError, Stopped, disk_fault, free_space,
-                     io_fault_of)
+                     io_fault_of, read_only_fs)
 from .groundtruth import ManifestError, manifest_line
 from .journal import Batch, Item, Journal
 from .objectstore import ObjectStore
@@ -100,14 +99,6 @@ class UploadSettings:
         # for good, and a setting must not fail every image that needs a re-encode.
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality: expected 1..100, got {self.jpeg_quality}")
-
-
-def _read_only(path: Any) -> bool:
-    """Whether the file system holding ``path`` is mounted read-only (e.g. remounted after errors)."""
-    try:
-        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
-    except OSError:
-        return False
 
 
 def _dumps(value: Any) -> bytes:
@@ -158,7 +149,7 @@ class Uploader:
                 base = getattr(self.target, "base", None)
                 if fault is not None:
                     raise disk_fault(f"the target folder {base}", fault, base) from exc
-                if base is not None and _read_only(base):
+                if base is not None and read_only_fs(base):
                     raise DiskFault(f"the target folder {base} is on a read-only file system "
                                     f"({free_space(base)})") from exc
                 raise

@@ -207,3 +207,20 @@ def test_adopt_checks_the_signature_when_a_public_key_is_set(tmp_path: Path, coc
 
     (bundle / SIGNATURE).write_bytes(sign_manifest((bundle / MANIFEST).read_bytes(), key))
     assert puller.adopt(bundle) == coco17_bundle.id  # signed by the key: installed without --unsigned
+
+
+# -- a bundle stamped ahead of the clock (bug: every later bundle sorted as older, never pulled,
+#    and nothing said why) --
+
+def test_a_bundle_in_use_stamped_ahead_of_the_clock_is_said(box: dict[str, Any],
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    publish(box["registry"], box["base"], "b-future", "2999-01-01T00:00:00Z", None)  # a trainer's clock ahead
+    puller = box["restart"]()
+    assert puller.pull_once().switched_to == "b-future"
+    publish(box["registry"], box["base"], "b-today", "2026-12-31T00:00:00Z", None)
+    with caplog.at_level(logging.WARNING, logger="sync.models"):
+        assert puller.pull_once().switched_to is None and puller.pull_once().switched_to is None
+    said = [r.getMessage() for r in caplog.records if "ahead of this box's clock" in r.getMessage()]
+    assert len(said) == 1 and "b-future" in said[0] and "models adopt" in said[0]
