@@ -602,7 +602,7 @@ class Daemon:
             if exhausted is not None:
                 try:
                     self._fail(owner, row, exhausted, self.store.image_bytes(row.image_id))
-                except ImageNotFound:
+                except (ImageNotFound, OSError):  # gone, or its file cannot be read (below)
                     self._fail(owner, row, exhausted, None)
                 continue
             decoded = self._cached(row.image_id)
@@ -616,6 +616,15 @@ class Daemon:
                     continue
                 except ImageError as exc:
                     self._fail(owner, row, str(exc), data)
+                    continue
+                except OSError as exc:
+                    # This image's file cannot be read (a bad sector: EIO). Not a disk fault of
+                    # the batch: its claim counts (the lease runs out), it is retried alone and
+                    # failed with its reason after max_attempts, and the others go on now. Taken
+                    # for the disk's fault, the batch's leases were given back uncounted, the same
+                    # batch was formed again, and nothing was ever annotated.
+                    log.warning("image %s cannot be read (%s); retried alone when its lease ends, failed after "
+                                "%d tries", row.image_id[:12], exc, self.store.max_attempts)
                     continue
             batch.append((row, decoded))
         if not batch:

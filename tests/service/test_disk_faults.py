@@ -284,3 +284,32 @@ def test_an_io_error_reading_bundle_json_is_not_the_bundles_fault(tmp_path: Path
     (tmp_path / "b" / "bundle.json").write_bytes(b"\xff not json")
     with pytest.raises(BundleError, match="cannot be read as JSON"):
         load_bundle(tmp_path / "b")
+
+
+def test_one_unreadable_image_file_does_not_stall_the_others(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """EIO reading one image's file (a bad sector) was taken for a disk fault of its batch: the
+    leases were given back uncounted, the same batch formed again and failed again, every 5-60 s,
+    for ever: nothing annotated, the bad image never failed (review pass's finding). Now the
+    others are annotated and the unreadable one fails with its reason after max_attempts."""
+    from service.store import Store
+
+    monkeypatch.setattr(daemon_mod, "IO_RETRY_SECONDS", 0.2, raising=False)
+    d = Daemon(_config(tmp_path, **{"engine.workers": 1, "store.lease_seconds": 0.5}))
+    d.store.max_attempts = 2
+    ids = [d.store.ingest(_jpeg(i), "test:eio")[0] for i in range(6)]
+    bad = ids[0]
+    real = Store.image_bytes
+
+    def image_bytes(self: Store, image_id: str) -> bytes:
+        if image_id == bad:
+            raise OSError(errno.EIO, "Input/output error", str(self.image_path(image_id)))
+        return real(self, image_id)
+
+    monkeypatch.setattr(Store, "image_bytes", image_bytes)
+    d.start()
+    try:
+        _wait(lambda: all(d.store.get(i).state in ("auto_accepted", "review_pending") for i in ids[1:]), 60)
+        _wait(lambda: d.store.get(bad).state == "failed", 60)
+        assert d.store.counter("annotated") == 5
+    finally:
+        d.close()
