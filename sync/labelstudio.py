@@ -77,6 +77,7 @@ from service.errors import ImageError
 from service.keypoints import CABIN19_NAMES, OUTSIDE, VISIBLE
 from service.outputs import image_suffix
 from service.record import VISIBILITIES
+from service.store import is_image_id
 
 from .errors import PermanentError, RetryableError
 from .labelstudio_client import AuthError, LabelStudioClient, NotFound
@@ -383,7 +384,7 @@ class LabelStudioBackend:
         for t in self.client.pages("/api/tasks/", "tasks", project=pid):
             tasks.setdefault(str((t.get("data") or {}).get("image_id")), []).append(t)
         for image_id, group in tasks.items():
-            if len(group) > 1:
+            if len(group) > 1 and is_image_id(image_id):  # not tasks a person imported by hand (no image id)
                 self._drop_duplicates(pid, image_id, group)
         return set(tasks)
 
@@ -393,7 +394,9 @@ class LabelStudioBackend:
                         or t.get("annotations_ids"))
 
         keep = min(group, key=lambda t: (untouched(t), int(t.get("id") or 0)))
-        extra = [t for t in group if t is not keep and untouched(t)]
+        # The task list carries no other reviewer's drafts: each one's own list is asked (a
+        # draft saved on a duplicate is a reviewer's work, kept).
+        extra = [t for t in group if t is not keep and untouched(t) and not self._has_drafts(t)]
         for t in extra:
             try:
                 self.client.delete(f"/api/tasks/{t['id']}/")
@@ -403,6 +406,12 @@ class LabelStudioBackend:
             log.warning("image %s had %d tasks in project %s (an import repeated after its answer was lost); "
                         "deleted the %d untouched extra ones, kept task %s", image_id[:12], len(group), pid,
                         len(extra), keep.get("id"))
+
+    def _has_drafts(self, task: Mapping[str, Any]) -> bool:
+        try:
+            return bool(self.client.get(f"/api/tasks/{task['id']}/drafts"))
+        except NotFound:  # the task was deleted meanwhile
+            return False
 
     def missing(self, image_ids: Iterable[str]) -> set[str]:
         """Which of these images have no task in the current project (deleted tasks, a deleted or

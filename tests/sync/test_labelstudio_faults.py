@@ -340,3 +340,25 @@ def test_a_hanging_server_is_not_waited_for_at_every_collection(ls_server: lsser
         assert list(w.backend.collect()) == []  # answers again (nothing reviewed yet)
     finally:
         w.close()
+
+
+def test_duplicate_cleanup_keeps_drafts_and_tasks_without_an_image_id(world: World) -> None:
+    """The duplicate cleanup deleted every untouched extra task: a task with a reviewer's saved
+    draft (the task list carries no other reviewer's drafts), and tasks a person imported by hand
+    without an image id (all grouped as "None") (review pass's finding)."""
+    w = world
+    w.upload()
+    assert w.submit.run_once()
+    pid = w.backend.project_id
+    first = {str(t["data"]["image_id"]): t for t in w.tasks()}
+    drafted, plain = w.ids[0], w.ids[1]
+    for image_id in (drafted, plain):  # imported again: a retry after a lost answer
+        w.direct.post(f"/api/projects/{pid}/import", [{"data": dict(first[image_id]["data"])}])
+    w.direct.post(f"/api/projects/{pid}/import", [{"data": {"image": "/data/local-files/?d=x.jpg"}},
+                                                  {"data": {"image": "/data/local-files/?d=y.jpg"}}])
+    dup = max(t["id"] for t in w.tasks() if str(t["data"].get("image_id")) == drafted)
+    w.direct.post(f"/api/tasks/{dup}/drafts", {"result": [], "lead_time": 5.0})  # a reviewer saved a draft
+    w.backend.missing(w.ids)  # lists the project's tasks: the cleanup
+    counts = Counter(str(t["data"].get("image_id")) for t in w.tasks())
+    assert counts[drafted] == 2 and counts[plain] == 1  # the draft kept, the untouched extra deleted
+    assert counts["None"] == 2  # hand-imported tasks are not ours to delete
