@@ -19,7 +19,7 @@ Exposed series (all prefixed ``annotator_``):
 - ``paused``: 1 while ingest is paused (disk below the floor) or the daemon waits out a disk fault, else 0;
 - ``inference_seconds{role}``: histogram of one ``session.run`` per model role;
 - ``uploads_total{result}`` (ok | failed), ``upload_retries_total``, ``reviews_merged_total``,
-  ``reviews_refused`` (the reviews the last merge pass refused);
+  ``reviews_refused`` (unreadable answers since the start and the last merge pass's refusals);
 - ``bundle_info{bundle_id}``: the bundle in use (an Info metric; value 1);
 - ``intake_rejected_total{reason}``: images refused at intake (invalid, too_large, store_full,
   shutting_down, other);
@@ -108,7 +108,7 @@ class MetricsRecorder:
         self._retries = Counter(f"{PREFIX}_upload_retries", "Upload attempts retried after a retryable error",
                                 registry=r)
         self._merged = Counter(f"{PREFIX}_reviews_merged", "Reviewed labels merged into the dataset", registry=r)
-        self._refused = Gauge(f"{PREFIX}_reviews_refused", "Reviewed labels the merge refuses now (the sync log says why)",
+        self._refused = Gauge(f"{PREFIX}_reviews_refused", "Reviewed labels refused: answers the review backend could not read since the agent started, and the last merge pass's refusals (the sync log says why)",
                               registry=r)
         self._bundle = Info(f"{PREFIX}_bundle", "The model bundle in use", registry=r)
         self._rejected = Counter(f"{PREFIX}_intake_rejected", "Images refused at intake", ["reason"], registry=r)
@@ -198,8 +198,9 @@ class MetricsRecorder:
         self._merged.inc(n)
 
     def reviews_refused(self, n: int) -> None:
-        """How many reviewed labels the last merge pass refused (a malformed answer, a point off
-        the image, two reviews of one image that differ): each stays out of the dataset."""
+        """How many reviewed labels are refused: the answers the backend could not read since the
+        agent started, and those the last merge pass refused (a point off the image, two reviews
+        of one image that differ); each stays out of the dataset."""
         self._refused.set(max(0, int(n)))
 
 
