@@ -119,6 +119,10 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
         (AnnotatorError, grpc.StatusCode.INTERNAL),
     )
+    if isinstance(exc, PermissionError):  # a bundle or store file this service user may not read: a setting to fix
+        return (grpc.StatusCode.FAILED_PRECONDITION,
+                f"the annotator may not access {exc.filename or 'a file it needs'} ({exc.strerror or exc}); "
+                "give its service user access")
     if isinstance(exc, (OSError, sqlite3.OperationalError)) and is_io_fault(exc):  # EIO, EROFS...: the disk's fault
         return (grpc.StatusCode.UNAVAILABLE,
                 f"the store cannot write ({getattr(exc, 'strerror', None) or exc}); retry when the disk works again")
@@ -135,6 +139,8 @@ def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
     code, message = status_for(exc)
     if code == grpc.StatusCode.INTERNAL:
         log.error("internal error while serving a call", exc_info=exc)
+    elif isinstance(exc, PermissionError):  # the operator's to fix: said here too, not only to the client
+        log.warning("%s", message)
     context.abort(code, message)
 
 

@@ -313,3 +313,15 @@ def test_one_unreadable_image_file_does_not_stall_the_others(tmp_path: Path, mon
         assert d.store.counter("annotated") == 5
     finally:
         d.close()
+
+
+def test_a_file_the_service_user_may_not_read_is_failed_precondition_naming_it() -> None:
+    """A bundle.json (or store file) the service user may not read was INTERNAL "internal error
+    (details are in the server log)" for ReloadModels (review pass): it is a setting to fix."""
+    import grpc
+
+    from service.server import status_for
+
+    code, text = status_for(PermissionError(errno.EACCES, "Permission denied", "/srv/models/b1/bundle.json"))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "/srv/models/b1/bundle.json" in text and "Permission denied" in text and "service user" in text

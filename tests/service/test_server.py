@@ -43,7 +43,7 @@ def _req(data: bytes, rid: str = "", camera: str = "cam-a") -> pb.AnnotateReques
     (ValueError("bad cursor"), C.INVALID_ARGUMENT),
     (RuntimeError("secret internals"), C.INTERNAL),
     (OSError(errno.ENOSPC, "No space left on device"), C.RESOURCE_EXHAUSTED),
-    (OSError(errno.EACCES, "Permission denied"), C.INTERNAL),
+    (OSError(errno.EACCES, "Permission denied"), C.FAILED_PRECONDITION),  # a setting to fix (says which file)
 ])
 def test_status_for(exc: Exception, code: grpc.StatusCode) -> None:
     got, message = status_for(exc)
