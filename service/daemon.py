@@ -54,7 +54,7 @@ from .bundle import Bundle, Thresholds, load_bundle
 from .dropfolder import DropFolder, quarantine_dir, write_quarantine
 from .engine import GPU_PROVIDERS, Engine
 from .errors import (AnnotatorError, BundleError, ImageError, ImageNotFound, ImageTooLarge, LeaseLost, ShuttingDown,
-                     StoreError, StoreFull, StoreUnavailable, free_space, is_disk_full, is_io_fault)
+                     StoreFull, StoreUnavailable, describe_io_error, free_space, is_io_fault, store_write_error)
 from .imageio import DecodedImage, decode_image
 from .judge import MAX_CAMERAS, Judge, Judgement, NearDuplicate, ReviewShare, load_score_fn, rank_key
 from .outputs import write_sidecars
@@ -122,16 +122,20 @@ def rejection_reason(exc: BaseException) -> str:
     return "other"
 
 
-def store_write_error(exc: BaseException, root: Path) -> StoreError:
-    """``StoreFull`` (disk full) or ``StoreUnavailable`` (I/O error, read-only...) for ``exc``, a
-    failed write of the store under ``root``, with what failed and the free space."""
-    what = f"{getattr(exc, 'strerror', None) or exc}"
-    if getattr(exc, "filename", None):
-        what += f": {exc.filename}"  # type: ignore[attr-defined]
-    if is_disk_full(exc):
-        return StoreFull(f"the store's disk is full ({what}; {free_space(root)}); ingest is paused until space "
-                         "is freed")
-    return StoreUnavailable(f"the store cannot write ({what}; {free_space(root)}); retry when the disk works again")
+def write_fault(exc: BaseException) -> str | None:
+    """What stopped a batch's writes when it is not the images' fault, else None (a bug: the
+    batch's leases run out and count as claims, so a crash loop ends in quarantine).
+    ``"disk fault"``: full, read-only, failing (``is_io_fault``); ``"no write permission"``: the
+    sidecar folder or the store denies the service user (a setting to fix); ``"cannot write"``:
+    any other OSError of a write (a file where the sidecar folder belongs...). In each case the
+    images wait uncounted (``Daemon._io_failed``) instead of every one being quarantined."""
+    if is_io_fault(exc):
+        return "disk fault"
+    if isinstance(exc, PermissionError):
+        return "no write permission"
+    if isinstance(exc, OSError):
+        return "cannot write"
+    return None
 
 
 def trim_heap() -> None:
@@ -574,7 +578,7 @@ class Daemon:
                         self._busy.pop(owner, None)
                     continue
             except Exception as exc:  # a worker must survive; the lease brings the rows back later
-                if is_io_fault(exc):  # the disk's fault: the images wait, not counted as a failed claim
+                if write_fault(exc):  # the disk's fault: the images wait, not counted as a failed claim
                     self._io_failed(f"worker {owner}", exc, owner, [r.image_id for r in rows])
                     continue
                 log.exception("worker %s: batch failed; its images return to the queue when the lease expires", owner)
@@ -646,7 +650,7 @@ class Daemon:
             try:
                 self._finish(item)
             except Exception as exc:  # the lease brings the rows back later; the finisher must survive
-                if is_io_fault(exc) or isinstance(exc, OSError):  # e.g. the sidecar folder: not the images' fault
+                if write_fault(exc):  # the disk or the sidecar folder: not the images' fault
                     self._io_failed(f"writing the annotations of {len(item.rows)} images", exc, item.owner,
                                     [r.image_id for r in item.rows])
                     continue
@@ -722,9 +726,15 @@ class Daemon:
         ``IO_RETRY_MAX_SECONDS`` while the fault lasts, so a full disk costs no CPU), and the
         work resumes by itself once a batch gets through. Said once per kind of fault, with the
         path and the free space, and in ``status`` (``paused_reason``)."""
-        where = getattr(exc, "filename", None)
-        text = f"{getattr(exc, 'strerror', None) or exc}" + (f": {where}" if where else "")
-        space = ", ".join(dict.fromkeys(free_space(p) for p in (self.store.root, self.sidecar_dir) if p is not None))
+        kind = write_fault(exc) or "disk fault"
+        text = f"{kind}: {describe_io_error(exc)}"
+        if kind == "no write permission":
+            space = "the service user needs write permission there"
+        elif kind == "cannot write":
+            space = "a folder the service user may write belongs there"
+        else:
+            space = ", ".join(dict.fromkeys(free_space(p) for p in (self.store.root, self.sidecar_dir)
+                                            if p is not None))
         with self._lock:
             self._io_delay = min(IO_RETRY_MAX_SECONDS, max(IO_RETRY_SECONDS, 2 * self._io_delay))
             self._io_until = time.monotonic() + self._io_delay
@@ -733,8 +743,8 @@ class Daemon:
             if image_ids:
                 self._give_back.append((owner, list(image_ids)))
         (log.error if first else log.debug)(
-            "disk fault %s: %s (%s); the images stay queued (not failed, not quarantined) and are retried in %.0f s",
-            what, text, space, self._io_delay)
+            "%s %s (%s); the images stay queued (not failed, not quarantined) and are retried in %.0f s",
+            text, what, space, self._io_delay)
         self._return_leases()
 
     def _return_leases(self) -> None:
@@ -762,7 +772,7 @@ class Daemon:
         with self._lock:
             fault, self._io_fault, self._io_delay = self._io_fault, None, 0.0
         if fault is not None:
-            log.warning("disk fault cleared: annotations are written again (was: %s)", fault)
+            log.warning("annotations are written again (the fault was: %s)", fault)
 
     def _answer_lost(self) -> None:
         """Answer the waiters of lost rows that are settled by now (the worker that took one over
@@ -843,7 +853,7 @@ class Daemon:
             judgement={"score_threshold": judge.threshold, "audit_fraction": judge.audit_fraction},
             queue_depths=self.store.counts(), counters=counters,
             uptime_seconds=time.monotonic() - self.started,
-            paused_reason=self.store.paused_reason() or (f"disk fault: {self._io_fault}" if self._io_fault else None))
+            paused_reason=self.store.paused_reason() or self._io_fault)
 
     def stop_intake(self) -> None:
         """Stop taking images: the drop folder watcher stops, ``submit`` raises ``ShuttingDown``."""

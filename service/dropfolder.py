@@ -71,7 +71,7 @@ from watchdog.observers import Observer
 
 from .durable import write_bytes_atomic
 from .errors import (AnnotatorError, ImageError, ShuttingDown, StoreError, StoreFull, StoreUnavailable, is_disk_full,
-                     is_io_fault)
+                     is_io_fault, store_write_error)
 from .imageio import DecodedImage, decode_image
 from .store import image_id_of
 
@@ -105,17 +105,6 @@ def text_name(path: Path | str) -> str:
     JSON consumers and UTF-8 log files refuse; here each such byte becomes ``\\xNN`` instead.
     """
     return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
-def _store_full(exc: BaseException) -> StoreFull:
-    return StoreFull(f"no space left on the disk ({getattr(exc, 'strerror', None) or exc}); "
-                     "ingest is paused until space is freed")
-
-
-def _store_unavailable(exc: BaseException) -> StoreUnavailable:
-    where = getattr(exc, "filename", None)
-    return StoreUnavailable(f"the store cannot write ({getattr(exc, 'strerror', None) or exc}"
-                            f"{f': {where}' if where else ''}); ingest is paused until the disk works again")
 
 
 def rescan_interval(walk_seconds: float) -> float:
@@ -544,7 +533,7 @@ class DropFolder:
             taken = self._take(path, rel, st)
         except OSError as exc:  # StoreFull (not an OSError) goes to scan_once, which stops
             if is_disk_full(exc):
-                raise _store_full(exc) from exc
+                raise store_write_error(exc) from exc
             delay = min(max(2 * stuck[3], MOVE_RETRY_SECONDS) if stuck else MOVE_RETRY_SECONDS, MOVE_RETRY_MAX_SECONDS)
             self._stuck[path] = (st.st_size, st.st_mtime_ns, now + delay, delay)
             log.error("cannot move %s out of the drop folder (%s); it will be retried in %.0f s (the service user "
@@ -628,10 +617,8 @@ class DropFolder:
             self._quarantine(path, rel, st, str(exc))
             return 0
         except Exception as exc:
-            if is_disk_full(exc):
-                raise _store_full(exc) from exc
-            if is_io_fault(exc):  # read-only, I/O errors: the store's disk, as a full one
-                raise _store_unavailable(exc) from exc
+            if is_io_fault(exc):  # full, read-only, I/O errors: the store's disk (StoreFull or StoreUnavailable)
+                raise store_write_error(exc) from exc
             # the store, not this file: locked, or its connection closed under a take at shutdown
             if isinstance(exc, (OSError, sqlite3.OperationalError, sqlite3.ProgrammingError)):
                 log.error("cannot ingest %s now (%s); it will be retried", name, exc)

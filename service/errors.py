@@ -95,6 +95,25 @@ def is_io_fault(exc: BaseException) -> bool:
     return False
 
 
+def describe_io_error(exc: BaseException) -> str:
+    """``"strerror: filename"`` for a failed read or write (the error's text alone when it names
+    no file): the one wording of a disk's refusal in logs, ``status`` and errors."""
+    text = f"{getattr(exc, 'strerror', None) or exc}"
+    where = getattr(exc, "filename", None)
+    return f"{text}: {where}" if where else text
+
+
+def store_write_error(exc: BaseException, root: object = None) -> StoreError:
+    """``StoreFull`` (disk full) or ``StoreUnavailable`` (I/O error, read-only, a size limit...)
+    for ``exc``, a failed write of the store under ``root`` (else of the file the error names):
+    what failed and the free space there."""
+    where = root if root is not None else getattr(exc, "filename", None)
+    what = describe_io_error(exc) + (f"; {free_space(where)}" if where is not None else "")
+    if is_disk_full(exc):
+        return StoreFull(f"the disk is full ({what}); ingest is paused until space is freed")
+    return StoreUnavailable(f"the store cannot write ({what}); ingest is paused until the disk works again")
+
+
 def free_space(path: object) -> str:
     """``"N MB free on PATH"`` for a log line or an error (measured on the nearest existing
     folder of ``path``)."""

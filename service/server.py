@@ -50,7 +50,7 @@ from protos.annotator.v1 import annotator_pb2_grpc as pb_grpc
 from .client import BUSY_METADATA
 from .convert import annotation_to_proto, status_to_proto, timestamp_to_epoch
 from .errors import (AnnotatorError, BundleError, ConfigError, ImageError, ImageNotFound, ImageTooLarge, PathNotAllowed,
-                     ShuttingDown, StoreFull, StoreUnavailable, is_disk_full, is_io_fault)
+                     ShuttingDown, StoreFull, StoreUnavailable, is_io_fault, store_write_error)
 from .interceptors import AccessLogInterceptor, LatencyStats, TokenInterceptor
 from .store import DECISIONS, STATES, image_id_of, is_image_id, list_cursor
 
@@ -102,9 +102,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     writes the image, SQLite's ``SQLITE_FULL``) is the store being full, not a server fault: it
     is RESOURCE_EXHAUSTED like ``StoreFull``, so clients back off and retry later.
     """
-    if is_disk_full(exc):
-        return (grpc.StatusCode.RESOURCE_EXHAUSTED,
-                "the store's disk is full (no space left on device); ingest is paused until space is freed")
+    if isinstance(exc, (OSError, sqlite3.OperationalError)) and is_io_fault(exc):  # full, EIO, EROFS...: the disk's fault
+        exc = store_write_error(exc)
     table: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
         (ImageTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
         (ImageError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -123,9 +122,6 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return (grpc.StatusCode.FAILED_PRECONDITION,
                 f"the annotator may not access {exc.filename or 'a file it needs'} ({exc.strerror or exc}); "
                 "give its service user access")
-    if isinstance(exc, (OSError, sqlite3.OperationalError)) and is_io_fault(exc):  # EIO, EROFS...: the disk's fault
-        return (grpc.StatusCode.UNAVAILABLE,
-                f"the store cannot write ({getattr(exc, 'strerror', None) or exc}); retry when the disk works again")
     for kind, code in table:
         if isinstance(exc, kind):
             text = str(exc) or kind.__name__

@@ -25,8 +25,8 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol, Sequence
 
-from .errors import (DiskFault, PermanentError, RetryableError, Stopped, SyncConfigError, free_space, io_fault_of,
-                     read_only_fs)
+from .errors import (DiskFault, PermanentError, RetryableError, Stopped, SyncConfigError, describe_io_error,
+                     free_space, io_fault_of, read_only_fs)
 
 if TYPE_CHECKING:
     from service.metrics import MetricsRecorder
@@ -195,10 +195,9 @@ class Agent:
         if isinstance(exc, DiskFault):
             text = str(exc)
         else:
-            text = f"{getattr(exc, 'strerror', None) or exc}"
             where = getattr(exc, "filename", None)
             paths = [where] if where else list(self.disk_paths)
-            text += (f": {where}" if where else "") + (f" ({', '.join(free_space(p) for p in paths)})" if paths else "")
+            text = describe_io_error(exc) + (f" ({', '.join(free_space(p) for p in paths)})" if paths else "")
         old = self._faults.get(id(task))
         count = 1 if old is None or old.disk is None else old.count + 1
         delay = min(self.disk_cap, self.disk_base * 2.0 ** min(count - 1, 62))

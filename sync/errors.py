@@ -13,7 +13,7 @@ Messages never contain credentials.
 """
 from __future__ import annotations
 
-from service.errors import AnnotatorError, free_space  # noqa: F401  (re-exported for the sync modules)
+from service.errors import AnnotatorError, describe_io_error, free_space  # noqa: F401  (re-exported for the sync modules)
 
 
 class SyncError(AnnotatorError):
@@ -64,11 +64,8 @@ class DiskFault(RetryableError):
 def disk_fault(what: str, exc: BaseException, path: object = None) -> DiskFault:
     """A ``DiskFault`` for ``exc`` (an I/O fault while doing ``what``): what failed, the file the
     error names, and the free space on ``path`` (or on that file)."""
-    text = f"{getattr(exc, 'strerror', None) or exc}"
-    where = getattr(exc, "filename", None)
-    if where:
-        text += f": {where}"
-    return DiskFault(f"{what}: {text} ({free_space(path if path is not None else where)})")
+    where = path if path is not None else getattr(exc, "filename", None)
+    return DiskFault(f"{what}: {describe_io_error(exc)} ({free_space(where)})")
 
 
 def io_fault_of(exc: BaseException | None) -> BaseException | None:
