@@ -69,16 +69,21 @@ def disk_fault(what: str, exc: BaseException, path: object = None) -> DiskFault:
 
 
 def io_fault_of(exc: BaseException | None) -> BaseException | None:
-    """The I/O fault (``service.errors.is_io_fault``) that ``exc`` is or was raised from or while
-    handling (a ``ROLLBACK`` that fails because SQLite already rolled back after a disk I/O
-    error hides that error in ``__context__``), or None."""
+    """The I/O fault (``service.errors.is_io_fault``) that ``exc`` is or was raised from, or was
+    raised while handling when ``exc`` is itself an I/O or SQLite error or one of this package's
+    own (a failed ``ROLLBACK`` after SQLite's own rollback, a ``RetryableError`` raised in an
+    ``except OSError``), or None. A bug (a ``KeyError``, a ``TypeError``...) raised while
+    handling an I/O error is a bug, not a disk fault: it keeps its traceback."""
+    import sqlite3
+
     from service.errors import is_io_fault
 
     seen = 0
     while exc is not None and seen < 8:
         if is_io_fault(exc):
             return exc
-        exc = exc.__cause__ or exc.__context__
+        context = exc.__context__ if isinstance(exc, (OSError, sqlite3.Error, AnnotatorError)) else None
+        exc = exc.__cause__ or context
         seen += 1
     return None
 

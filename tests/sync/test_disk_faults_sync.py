@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -217,3 +218,40 @@ print("after", len(j.items(j.batches()[0].batch_id)))
     lines = out.stdout.splitlines()
     assert lines[0].startswith("DiskFault") and "sync.sqlite3" in lines[0] and "MB free on" in lines[0], out.stdout
     assert lines[1:] == ["batches 0 ok", "after 3"], out.stdout
+
+
+def test_a_bug_raised_while_handling_an_io_error_is_not_a_disk_fault() -> None:
+    """``io_fault_of`` walked every exception's ``__context__``: a bug (here a KeyError) raised
+    inside an ``except OSError`` was taken for the disk's fault and retried quietly without its
+    traceback. The context is followed only from I/O, SQLite and the package's own errors."""
+    import sqlite3
+
+    from sync.errors import RetryableError, io_fault_of
+
+    eio = OSError(errno.EIO, "Input/output error", "/srv/bucket/x.jpg")
+
+    def raised(make: "Callable[[], None]") -> BaseException:
+        try:
+            try:
+                raise eio
+            except OSError:
+                make()
+        except BaseException as exc:  # noqa: BLE001
+            return exc
+        raise AssertionError("nothing raised")
+
+    def bug() -> None:
+        raise KeyError("image_id")
+
+    def wrapped() -> None:
+        raise RetryableError("upload failed")
+
+    def rollback() -> None:
+        raise sqlite3.OperationalError("cannot rollback - no transaction is active")
+
+    assert io_fault_of(raised(bug)) is None
+    assert io_fault_of(raised(wrapped)) is eio and io_fault_of(raised(rollback)) is eio
+    try:
+        raise ValueError("bad value") from eio
+    except ValueError as exc:  # an explicit cause is followed whatever the error
+        assert io_fault_of(exc) is eio
