@@ -279,8 +279,14 @@ class Daemon:
         """Load, verify (signature when a public key is configured) and smoke-test a bundle.
 
         Raises ``BundleError`` and changes nothing.
+
+        ``path`` is resolved once, first: read through the models folder's ``current`` link file
+        by file, a switch or rollback moving the link mid-load gave one bundle's bundle.json (its
+        id on every record) with the other's ONNX files.
         """
         e = self.config.engine
+        if Path(path).exists():  # a missing one keeps its name in the error
+            path = str(Path(path).resolve())
         signed = verify_bundle_dir(Path(path), self._public_key) if self._public_key is not None else None
         bundle = load_bundle(path)
         if signed is not None and (Path(path) / "bundle.json").read_bytes() != signed:
@@ -422,6 +428,28 @@ class Daemon:
         timer.daemon = True
         timer.start()
         return engine.bundle
+
+    def follow_configured_bundle(self) -> bool:
+        """Reload when ``engine.bundle`` (the ``current`` link) names another folder than the one
+        loaded from it; True when it did. ``serve`` calls it once it listens: a switch or
+        rollback that moved the link while the daemon started, after it had read it, found no
+        one listening ("connection refused": the bundle "becomes active at the next start") and
+        was lost, the daemon serving the bundle rolled back from. A bundle that does not load
+        is logged and the loaded one kept."""
+        configured = Path(str(self.config.engine.bundle))
+        if self._bundle_path != str(configured) or not configured.exists():
+            return False
+        if configured.resolve() == Path(self._engine.bundle.path).resolve():
+            return False
+        log.warning("%s moved to %s while the daemon started (it loaded %s); loading it", configured,
+                    configured.resolve(), self._engine.bundle.path)
+        try:
+            self.reload()
+        except BundleError as exc:
+            log.error("%s names a bundle that does not load (%s); bundle %s stays in use", configured, exc,
+                      self._engine.bundle.id)
+            return False
+        return True
 
     def _refuse_when_stopping(self) -> None:
         if self._intake_closed:

@@ -540,6 +540,9 @@ def serve(config: "Config", ready: threading.Event | None = None, stop: threadin
         server, port = create_server(config, daemon, health_servicer)
         # Only once the port is ours: a second `serve` of the same config on a busy port ends
         # here without its drop folder or workers having touched the shared folders and store.
+        # Listening now, a later move of engine.bundle's link comes as a ReloadModels; one made
+        # since the daemon read it (a rollback told "no daemon answers") is taken here.
+        daemon.follow_configured_bundle()
         daemon.start()
         bundle_id = daemon.bundle.id
 
