@@ -58,6 +58,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # else "[Errno 17] File exists: ..." once the bundle had loaded, naming no key
         if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
             raise ConfigError(f"{key}: {folder} is a file, not a folder; point {key} at a folder")
+    cfg.require("engine.bundle", "store.root")  # as serve does first: a bad config makes no folder
+    held = _hold_store(Path(cfg.store.root))
     try:
         return serve(cfg)
     except RuntimeError as exc:
@@ -67,6 +69,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"server.listen: cannot listen on {cfg.server.listen}: the port is in use (another "
                           "daemon? annotator status --server ...) or the address is not this machine's; stop "
                           "that process or choose another server.listen") from exc
+    finally:
+        if held is not None:
+            os.close(held)
+
+
+SERVE_LOCK = "serve.lock"
+
+
+def _hold_store(root: Path) -> int | None:
+    """One daemon per store: hold ``<store root>/serve.lock`` (``service.lockfile``) while serving.
+
+    A second ``annotator serve`` of the same store (started by hand beside the systemd unit, on
+    another port) annotated beside the first, but the judge's near-duplicate memory, review
+    budgets and review share live in each daemon (``service.judge``): a capture sequence went
+    to review once per daemon. It is refused at once, naming the first one's pid, before it
+    loads a bundle or touches the store. A store root this user cannot create or lock (read-only,
+    permissions) is left to the daemon's own start-up to report, as before: None."""
+    from .lockfile import Held, hold
+
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        return hold(root / SERVE_LOCK)
+    except Held as exc:
+        raise ConfigError(f"store.root: another annotator serve (pid {exc.pid}) is running on the store {root} "
+                          f"(it holds {exc.path}); one daemon per store: stop it first (e.g. systemctl stop "
+                          f"annotator) or give this one its own [store] root") from None
+    except OSError:
+        log.debug("cannot lock %s; the daemon's start-up says what is wrong with it", root / SERVE_LOCK, exc_info=True)
+        return None
 
 
 def cmd_annotate(args: argparse.Namespace) -> int:

@@ -270,6 +270,7 @@ def build_agent(cfg: SyncConfig, extra_tasks: Sequence[Task] = (), env: Mapping[
         try:
             store = Store(cfg.store_root)
             closers.append(store.close)
+            closers.append(hold_store(cfg.store_root))  # one agent per store: before the journal opens
             target = open_target(cfg.target)
             uploader = Uploader(store, target, settings, stop=stop, metrics=metrics, progress=agent.beat)
             closers.append(uploader.close)
@@ -311,6 +312,31 @@ def build_agent(cfg: SyncConfig, extra_tasks: Sequence[Task] = (), env: Mapping[
         raise
     log.info("sync tasks: %s", ", ".join(t.name for t in agent.tasks))
     return agent
+
+
+SYNC_LOCK = "sync.lock"
+
+
+def hold_store(store_root: Any) -> Callable[[], None]:
+    """Hold ``<store root>/sync.lock`` (``service.lockfile``) for as long as the agent runs;
+    returns what releases it.
+
+    One agent per store: two agents (the systemd unit and an ``annotator sync --once`` started by
+    hand) both formed batches from one journal and sent the same objects, and the second failed
+    with a traceback ("images are in a batch already"). The second is refused at once with a
+    ``SyncConfigError`` naming the holder's pid; it changed nothing in the store or journal."""
+    from pathlib import Path
+
+    from service.lockfile import Held, hold
+
+    path = Path(store_root) / SYNC_LOCK
+    try:
+        fd = hold(path)
+    except Held as exc:
+        raise SyncConfigError(f"another sync agent (pid {exc.pid}) is running on the store {store_root} "
+                              f"(it holds {path}); one agent per store: stop it first (e.g. systemctl stop "
+                              f"annotator-sync) or let it do the work") from None
+    return lambda: os.close(fd)
 
 
 def _disk_fault_at_start(exc: BaseException, paths: Sequence[str]) -> bool:

@@ -1,0 +1,49 @@
+"""One process per role on a store: an exclusive ``flock`` on a file in the store root.
+
+``hold(path)`` takes the lock without waiting and writes this process's pid into the file (for
+the message a second process gives); it returns the file descriptor, whose ``os.close`` releases
+it. The kernel drops the lock when its holder dies, kill -9 included, so a file left behind
+(with a dead pid in it) never blocks anyone. ``Held`` says another process holds it, with that
+process's pid as written in the file ("?" when unknown).
+
+Used by ``annotator serve`` (``serve.lock``: one daemon per store, which the judge's budgets and
+near-duplicate memory need) and the sync agent (``sync.lock``: one agent per store and journal),
+as ``sync.models`` does for the models folder (``models/.lock``).
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+
+class Held(Exception):
+    """Another process holds the lock file ``path``; ``pid`` is what it wrote there."""
+
+    def __init__(self, path: Path, pid: str) -> None:
+        super().__init__(f"{path} is held by pid {pid}")
+        self.path, self.pid = path, pid
+
+
+def hold(path: Path) -> int:
+    """Lock ``path`` (created when missing) for this process; ``Held`` at once when another has it."""
+    try:
+        fd, writable = os.open(path, os.O_RDWR | os.O_CREAT, 0o666), True
+    except PermissionError:  # made by another user (root ran the command once): flock needs no write
+        fd, writable = os.open(path, os.O_RDONLY), False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "?"
+        os.close(fd)
+        raise Held(Path(path), pid) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    if writable:
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        except OSError:  # the pid is only for the message; the lock is held
+            pass
+    return fd
