@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import fcntl
 import json
 import logging
 import os
@@ -184,20 +183,14 @@ class ModelSlots:
     def exclusive(self, what: str) -> Iterator[None]:
         """Hold the models root for ``what`` (module doc): ``RetryableError`` at once when another
         process holds it. The kernel drops the lock when its holder dies."""
+        from service.lockfile import Held, hold
+
         try:
-            fd, writable = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o666), True
-        except PermissionError:  # made by another user (root running `models pull`): flock needs no write
-            fd, writable = os.open(self.root / LOCK, os.O_RDONLY), False
+            fd = hold(self.root / LOCK)
+        except Held as exc:
+            raise RetryableError(f"another process (pid {exc.pid}) is pulling, rolling back or adopting "
+                                 f"bundles under {self.root}; {what} waits for its turn") from exc
         try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError as exc:
-                holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "?"
-                raise RetryableError(f"another process (pid {holder}) is pulling, rolling back or adopting "
-                                     f"bundles under {self.root}; {what} waits for its turn") from exc
-            if writable:
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
             yield
         finally:
             os.close(fd)
