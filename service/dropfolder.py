@@ -534,6 +534,11 @@ class DropFolder:
         except OSError as exc:  # StoreFull (not an OSError) goes to scan_once, which stops
             if is_disk_full(exc):
                 raise store_write_error(exc) from exc
+            if isinstance(exc, FileNotFoundError) and not os.path.lexists(path):
+                # gone between the last look and the move (another process took it, a writer took
+                # it back): nothing to move, and no permission to fix
+                log.info("%s was gone when it was to be moved (%s); nothing left to do", text_name(rel), exc)
+                return 0
             delay = min(max(2 * stuck[3], MOVE_RETRY_SECONDS) if stuck else MOVE_RETRY_SECONDS, MOVE_RETRY_MAX_SECONDS)
             self._stuck[path] = (st.st_size, st.st_mtime_ns, now + delay, delay)
             log.error("cannot move %s out of the drop folder (%s); it will be retried in %.0f s (the service user "

@@ -233,3 +233,24 @@ def test_a_drop_folder_removed_and_made_again_is_watched_again(tmp_path: Path) -
         assert len(sink.got) == 2
     finally:
         drop.stop()
+
+
+def test_a_file_gone_at_the_move_is_not_a_permission_problem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Taken by another process (or by its writer) between the last look and the move: the move's
+    ENOENT was logged as an error telling the user to grant write permission, and the path was
+    held for a retry in 30 s. It is nothing to fix: logged as what happened, nothing held."""
+    sink = Sink()
+    drop = _folder(tmp_path / "drop", sink)
+    (drop.root / "a.jpg").write_bytes(_jpeg(3))
+    real_move = dropfolder.move_file
+
+    def move(src: Path, dest: Path) -> None:
+        os.unlink(src)  # another process's rename got there first
+        real_move(src, dest)
+
+    monkeypatch.setattr(dropfolder, "move_file", move)
+    with caplog.at_level("INFO", logger="service.dropfolder"):
+        drop.scan_once()
+    assert len(sink.got) == 1 and not drop._stuck
+    assert "permission" not in caplog.text and "was gone when it was to be moved" in caplog.text
