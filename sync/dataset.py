@@ -277,9 +277,12 @@ class Dataset:
 
     def record_version(self, note: str = "") -> DatasetVersion | None:
         """Append the current version to ``versions`` when it differs from the last one; an
-        empty dataset that has recorded none records nothing (a merge calls this every time)."""
-        version = self.version()
+        empty dataset that has recorded none records nothing (a merge calls this every time).
+        The version is worked out inside the write transaction: worked out before it, another
+        process's merge in between (an ``annotator dataset export`` beside the agent) recorded a
+        version that named other labels than the counts and the content."""
         with self.transaction() as db:
+            version = self.version()
             last = db.execute("SELECT version FROM versions ORDER BY seq DESC LIMIT 1").fetchone()
             if last is not None and last[0] == version:
                 return None

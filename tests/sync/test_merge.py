@@ -393,3 +393,31 @@ def test_images_whose_bytes_retention_removed_leave_the_dataset(world, tmp_path:
         assert fresh.get(gone) is None and fresh.get(kept) is not None
     finally:
         fresh.close()
+
+
+def test_a_version_is_recorded_for_the_labels_it_names(world, monkeypatch) -> None:
+    """Another process (``annotator dataset export`` beside the agent) writing between the version's
+    reading and the record's transaction made the record name labels the dataset did not hold."""
+    store, dataset, merger = world
+    first = _annotated(store, b"first", "auto_accepted")
+    assert dataset.put_auto(first, auto_label(_record(first), dataset.schema.names), {"origin": "auto"})
+    other = Dataset(dataset.root)
+    other._db.execute("PRAGMA busy_timeout=200")
+    second = _annotated(store, b"second", "auto_accepted")
+    real = Dataset.version
+
+    def version(self: Dataset) -> str:
+        value = real(self)
+        if self is dataset:
+            try:  # another process's write once the version was read; refused while recording holds the write lock
+                other.put_auto(second, auto_label(_record(second), dataset.schema.names), {"origin": "auto"})
+            except Exception:  # noqa: BLE001  "database is locked"
+                pass
+        return value
+
+    monkeypatch.setattr(Dataset, "version", version)
+    recorded = dataset.record_version("test")
+    monkeypatch.setattr(Dataset, "version", real)
+    assert recorded is not None
+    assert (recorded.version, recorded.images) == (dataset.version(), len(dataset.entries()))
+    other.close()
