@@ -287,8 +287,9 @@ class Uploader:
             if info is not None and info.sha256 == sha:
                 return "present"
             if info is not None and once:
-                raise ConflictError(f"{key} exists with sha256 {info.sha256}, expected {sha}; "
-                                    "refusing to overwrite a manifest")
+                raise ConflictError(f"{key} exists with sha256 {info.sha256}, expected {sha}; refusing to overwrite "
+                                    f"a manifest: is another box writing under the appliance id "
+                                    f"{self.settings.appliance_id!r}? Give each box its own [sync] appliance_id")
             self.target.put(key, data, content_type, sha256=sha)
             return "sent"
 

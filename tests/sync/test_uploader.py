@@ -432,3 +432,18 @@ def test_an_image_failed_for_good_counts_in_the_failed_counter(tmp_path: Path) -
         assert store.counter("failed") == 1
     finally:
         store.close()
+
+
+def test_two_boxes_under_one_appliance_id_are_told_to_name_themselves(tmp_path: Path) -> None:
+    """Two boxes left with one appliance id (a cloned config) on one bucket: the second's first
+    batch in the same second has the first's manifest name, and the refusal named only the key
+    and two checksums. It names the setting that was left shared."""
+    from sync.errors import ConflictError
+
+    target = LocalFolderStore(tmp_path / "bucket", "edge")
+    store_a, _, _ = fill_store(tmp_path / "a", review=2)
+    store_b, _, _ = fill_store(tmp_path / "b", review=3)
+    clock = lambda: 1_800_000_000.0  # noqa: E731  both in one second
+    drain(Uploader(store_a, target, UploadSettings("box-1", retry=FAST), clock=clock))
+    with pytest.raises(ConflictError, match=r"another box writing under the appliance id 'box-1'.*appliance_id"):
+        drain(Uploader(store_b, target, UploadSettings("box-1", retry=FAST), clock=clock))
