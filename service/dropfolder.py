@@ -89,6 +89,9 @@ RESCAN_SECONDS = 30.0
 # RESCAN_MAX_SECONDS, spaced so that its own cost (this thread's CPU time outside taking files)
 # stays within 1 / WALK_SPACING of the time (``rescan_interval``).
 RESCAN_MAX_SECONDS, WALK_SPACING = 600.0, 50.0
+# An empty sub-folder (a camera's or recording's, its files taken) untouched this long is removed
+# by the full walk (``DropFolder._remove_if_stale``).
+EMPTY_FOLDER_SECONDS = 3600.0
 PAUSE_RETRY_SECONDS = 5.0  # after a StoreFull, how long no file is read or decoded
 MOVE_RETRY_SECONDS, MOVE_RETRY_MAX_SECONDS = 30.0, 1800.0  # a file that cannot be moved out: back-off
 NAME_MAX = 255  # bytes in one name (ext4, XFS, btrfs, tmpfs...)
@@ -413,6 +416,8 @@ class DropFolder:
         out = []
         for dirpath, dirnames, filenames in os.walk(self.root, followlinks=False):
             here = Path(dirpath)
+            if not dirnames and not filenames and len(here.relative_to(self.root).parts) >= 2:
+                self._remove_if_stale(here)  # a recording's (a camera's own folder stays)
             if here == self.root:
                 dirnames[:] = [d for d in dirnames if d not in (PROCESSED, QUARANTINE)]
             dirnames[:] = [d for d in dirnames if not d.startswith((".", "~"))]
@@ -421,6 +426,25 @@ class DropFolder:
             # raised when a capture tool removed the folder meanwhile, and ended the whole walk
             out.extend(here / d for d in dirnames if os.path.islink(here / d))
         return out
+
+    @staticmethod
+    def _remove_if_stale(folder: Path) -> None:
+        """Remove an empty recording folder (``<camera>/<session>/`` and deeper; a camera's own
+        folder stays, a capture tool may expect it) nothing was written into for
+        ``EMPTY_FOLDER_SECONDS``.
+
+        Capture tools make a folder per camera and recording (``<camera>/<session>/``), and once
+        their files were taken the empty folders stayed for ever: over months thousands of them,
+        each one an inotify watch of the recursive watcher (``fs.inotify.max_user_watches`` is
+        8192 on older kernels; beyond it the watcher fails) and a step of every full walk. Its
+        mtime is the last time an entry was made or removed in it, so a folder a writer still
+        uses is not this old; ``rmdir`` never removes a folder that is not empty."""
+        try:
+            if folder.lstat().st_mtime < time.time() - EMPTY_FOLDER_SECONDS:
+                folder.rmdir()
+                log.debug("drop folder: removed the empty folder %s", text_name(folder))
+        except OSError:  # written into meanwhile, removed by someone else, not ours to remove
+            pass
 
     def scan_once(self, full: bool = True) -> int:
         """Look at changed files (every file when ``full``); take the stable ones. Returns how many.

@@ -142,6 +142,25 @@ def _old_files(root: Path, before: float, include: Callable[[str], bool] | None 
                 yield path, st
 
 
+def _remove_empty_folders(root: Path, before: float) -> None:
+    """Remove the empty folders under ``root`` (not ``root``) last changed before ``before``.
+
+    Removing files left their folders (``processed/<camera>/<session>/``, the same under
+    ``quarantine/``): one empty folder more per recording for ever, each an inotify watch of the
+    drop folder's recursive watcher when ``processed/`` lies inside it. A folder's mtime is when
+    an entry was last made or removed in it, so one the drop folder moves files into now is not
+    this old; ``rmdir`` never removes a folder that is not empty."""
+    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+        folder = Path(dirpath)
+        if folder == root or filenames:
+            continue
+        try:
+            if folder.lstat().st_mtime < before:
+                folder.rmdir()
+        except OSError:  # not empty, gone meanwhile, not ours to remove
+            pass
+
+
 def prune_processed(store: Store, processed: Path, before: float, dry_run: bool = False,
                     progress: Callable[[int, int], None] | None = None,
                     stop: threading.Event | None = None, future: float = float("inf")) -> Removed:
@@ -171,6 +190,8 @@ def prune_processed(store: Store, processed: Path, before: float, dry_run: bool 
             out.errors.append(f"{path}: {exc.strerror or exc}")
         if progress is not None:
             progress(n, len(candidates))
+    if not dry_run and not (stop is not None and stop.is_set()):
+        _remove_empty_folders(processed, before)
     return out
 
 
@@ -205,6 +226,8 @@ def prune_quarantine(qdir: Path, before: float, dry_run: bool = False,
             out.errors.append(f"{path}: {exc.strerror or exc}")
     for path, _ in _old_files(qdir, before):  # what is left (in a dry run, what would be)
         out.kept_no_reason += not path.with_name(path.name + REASON_SUFFIX).exists()
+    if not dry_run:
+        _remove_empty_folders(qdir, before)
     return out
 
 
