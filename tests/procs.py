@@ -8,7 +8,11 @@ Importable by every test module (``tests/`` is on ``sys.path`` through the root 
   a loopback S3 server (with every other AWS source switched off);
 - ``start_serve``: ``annotator serve --config F`` with its output appended to a log file;
 - ``wait_for``: poll a condition while the process lives, failing with the log's tail;
-- ``FakeClock``: a clock (store, drop folder, agent) that moves only when the test moves it.
+- ``FakeClock``: a clock (store, drop folder, agent) that moves only when the test moves it;
+- ``demo_bundle_copy``: the shipped demo bundle copied under another id (a second bundle to swap);
+- ``serve_toml``: the daemon's sections of an appliance's TOML file (drop folder, bundle, store);
+- ``sample_images``: distinct images made from the shipped samples;
+- ``annotated_once``: every image annotated once, row, record and sidecar naming one bundle.
 """
 from __future__ import annotations
 
@@ -21,6 +25,78 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def demo_bundle_copy(folder: Path, bid: str, created: str | None = None) -> Path:
+    """The demo bundle copied to ``folder`` as bundle ``bid`` (unsigned; ``created`` when given)."""
+    import dataclasses
+    import shutil
+
+    from service.bundle import load_bundle, write_bundle
+    from service.cli_daemon import DEMO_BUNDLE
+
+    base = load_bundle(DEMO_BUNDLE)
+    shutil.copytree(DEMO_BUNDLE, folder)
+    (folder / "bundle.sig").unlink(missing_ok=True)
+    changes: dict[str, Any] = {"path": folder, "id": bid}
+    if created is not None:
+        changes["created"] = created
+    write_bundle(dataclasses.replace(base, **changes))
+    return folder
+
+
+def serve_toml(tmp_path: Path, bundle: Path, listen: str = "127.0.0.1:0", lease_seconds: float = 2.0,
+               sidecars: bool = True) -> str:
+    """``[server]``, ``[store]``, ``[drop]``, ``[engine]`` (and ``[outputs]``) of a small appliance
+    under ``tmp_path``: drop folder ``drop/``, store ``store/``, batches of 2 on one thread."""
+    outputs = f"[outputs]\nsidecar_dir = \"{tmp_path / 'sidecars'}\"\n" if sidecars else ""
+    return f"""
+[server]
+listen = "{listen}"
+[store]
+root = "{tmp_path / 'store'}"
+lease_seconds = {lease_seconds}
+min_free_mb = 0
+[drop]
+folder = "{tmp_path / 'drop'}"
+stable_seconds = 0.0
+poll_interval = 0.1
+[engine]
+bundle = "{bundle}"
+batch_size = 2
+threads = 1
+{outputs}"""
+
+
+def sample_images(n: int, tag: str) -> list[bytes]:
+    """``n`` distinct JPEGs: the shipped samples with ``tag-i`` after the JPEG's end."""
+    raw = [p.read_bytes() for p in sorted((REPO / "service" / "assets" / "samples").glob("*.jpg"))]
+    return [raw[i % len(raw)] + f"{tag}-{i}".encode() for i in range(n)]
+
+
+def annotated_once(root: Path, images: list[bytes], done: tuple[str, ...]) -> dict[str, int]:
+    """Each of ``images`` is in a state of ``done`` under ``root / "store"``, annotated once in
+    its history, its sidecar (``root / "sidecars"``), row and record naming one bundle; returns
+    the number of images per bundle."""
+    import hashlib
+    import json
+
+    from service.store import Store
+
+    store = Store(root / "store")
+    try:
+        per: dict[str, int] = {}
+        for data in images:
+            iid = hashlib.sha256(data).hexdigest()
+            row = store.get(iid)
+            assert row.state in done, (iid, row.state, row.error)
+            assert [h[1] for h in store.history(iid)].count("annotated") == 1, iid
+            sidecar = json.loads((root / "sidecars" / f"{iid}.json").read_text())
+            assert sidecar["bundle_id"] == row.bundle_id == row.record["bundle_id"], iid
+            per[row.bundle_id] = per.get(row.bundle_id, 0) + 1
+        return per
+    finally:
+        store.close()
 
 
 def free_port() -> int:

@@ -1,26 +1,21 @@
 """Hot swap at the edges of the daemon's life: a reload asked for while the daemon shuts down."""
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from pathlib import Path
 
 import grpc
 import pytest
 
-from service.bundle import load_bundle, write_bundle
 from service.cli_daemon import DEMO_BUNDLE
+from procs import demo_bundle_copy
 from service.config import load_config
 from service.errors import ShuttingDown
 
 
 def _bundles(root: Path) -> Path:
-    base = load_bundle(DEMO_BUNDLE)
     for bid in ("bundle-a", "bundle-b"):
-        folder = root / "models" / bid
-        shutil.copytree(DEMO_BUNDLE, folder)
-        (folder / "bundle.sig").unlink(missing_ok=True)
-        write_bundle(dataclasses.replace(base, path=folder, id=bid))
+        demo_bundle_copy(root / "models" / bid, bid)
     return root / "models"
 
 

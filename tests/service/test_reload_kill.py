@@ -18,11 +18,7 @@ recorded under the bundle that made it, the restarted daemon runs what ``current
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -33,22 +29,11 @@ from typing import Any
 import grpc
 import pytest
 
-from procs import REPO, command_env, free_port, wait_for
-from service.bundle import load_bundle, write_bundle
-from service.cli_daemon import DEMO_BUNDLE
+from procs import annotated_once, command_env, demo_bundle_copy, free_port, sample_images, serve_toml, wait_for
 from service.config import load_config
 from sync.models import ModelPuller, ModelSlots
 
-SAMPLES = sorted((REPO / "service" / "assets" / "samples").glob("*.jpg"))
 DONE = ("auto_accepted", "review_pending")
-
-
-def _bundle(folder: Path, bid: str, created: str) -> Path:
-    base = load_bundle(DEMO_BUNDLE)
-    shutil.copytree(DEMO_BUNDLE, folder)
-    (folder / "bundle.sig").unlink(missing_ok=True)
-    write_bundle(dataclasses.replace(base, path=folder, id=bid, created=created))
-    return folder
 
 
 def _models(tmp_path: Path) -> ModelSlots:
@@ -56,7 +41,7 @@ def _models(tmp_path: Path) -> ModelSlots:
     slots = ModelSlots(tmp_path / "models")
     puller = ModelPuller(slots, None, None, lambda p: None)  # type: ignore[arg-type]
     for bid, created in (("bundle-a", "2026-01-01T00:00:00Z"), ("bundle-b", "2026-02-01T00:00:00Z")):
-        puller.adopt(_bundle(tmp_path / "src" / bid, bid, created))
+        puller.adopt(demo_bundle_copy(tmp_path / "src" / bid, bid, created))
     return slots
 
 
@@ -130,7 +115,7 @@ def test_a_rollback_that_meets_the_starting_daemon_is_not_lost(tmp_path: Path, m
         assert rolled == ["bundle-a"] and slots.current_path().name == "bundle-a"
         with AnnotatorClient(target, timeout=30) as client:
             assert client.status().bundle_id == "bundle-a"
-            ann = client.annotate(SAMPLES[0].read_bytes())
+            ann = client.annotate(sample_images(1, "rollback")[0])
             assert ann.bundle_id == "bundle-a"
     finally:
         stop.set()
@@ -171,29 +156,12 @@ sys.exit(main(sys.argv[1:]))
 def _appliance(tmp_path: Path, port: int) -> tuple[Path, ModelSlots]:
     slots = ModelSlots(tmp_path / "models")
     ModelPuller(slots, None, None, lambda p: None).adopt(  # type: ignore[arg-type]
-        _bundle(tmp_path / "src" / "bundle-a", "bundle-a", "2026-01-01T00:00:00Z"))
-    _bundle(tmp_path / "models" / "bundles" / "bundle-b", "bundle-b", "2026-02-01T00:00:00Z")
+        demo_bundle_copy(tmp_path / "src" / "bundle-a", "bundle-a", "2026-01-01T00:00:00Z"))
+    demo_bundle_copy(tmp_path / "models" / "bundles" / "bundle-b", "bundle-b", "2026-02-01T00:00:00Z")
     for sub in ("drop", "sidecars"):
         (tmp_path / sub).mkdir()
     config = tmp_path / "annotator.toml"
-    config.write_text(f"""
-[server]
-listen = "127.0.0.1:{port}"
-[store]
-root = "{tmp_path / 'store'}"
-lease_seconds = 2.0
-min_free_mb = 0
-[drop]
-folder = "{tmp_path / 'drop'}"
-stable_seconds = 0.0
-poll_interval = 0.1
-[engine]
-bundle = "{slots.root / 'current'}"
-batch_size = 2
-threads = 1
-[outputs]
-sidecar_dir = "{tmp_path / 'sidecars'}"
-""")
+    config.write_text(serve_toml(tmp_path, slots.root / "current", f"127.0.0.1:{port}"))
     (tmp_path / "hook.py").write_text(HOOK)
     return config, slots
 
@@ -208,30 +176,8 @@ def _serve(config: Path, log: Path, point: str | None = None, sleep: float = 60.
         return subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, cwd=config.parent, env=env)
 
 
-def _images(n: int, tag: str) -> list[bytes]:
-    raw = [p.read_bytes() for p in SAMPLES]
-    return [raw[i % len(raw)] + f"{tag}-{i}".encode() for i in range(n)]  # bytes after the JPEG's end
-
-
 def _check_each_once(root: Path, images: list[bytes]) -> dict[str, int]:
-    """Every image annotated once, its sidecar and its record naming the bundle of its row;
-    returns the number of images per bundle."""
-    from service.store import Store
-
-    store = Store(root / "store")
-    try:
-        per: dict[str, int] = {}
-        for data in images:
-            iid = hashlib.sha256(data).hexdigest()
-            row = store.get(iid)
-            assert row.state in DONE, (iid, row.state, row.error)
-            assert [h[1] for h in store.history(iid)].count("annotated") == 1, iid
-            sidecar = json.loads((root / "sidecars" / f"{iid}.json").read_text())
-            assert sidecar["bundle_id"] == row.bundle_id == row.record["bundle_id"], iid
-            per[row.bundle_id] = per.get(row.bundle_id, 0) + 1
-        return per
-    finally:
-        store.close()
+    return annotated_once(root, images, DONE)
 
 
 def _annotated(root: Path) -> int:
@@ -243,6 +189,25 @@ def _annotated(root: Path) -> int:
         return sum(counts[s] for s in DONE)
     finally:
         store.close()
+
+
+def _reload_in_background(port: int, bundle: Path) -> tuple[threading.Thread, dict[str, Any]]:
+    """A ReloadModels of ``bundle`` on a thread (started); its answer lands in the dict
+    (``ok``: the reply, ``code``: the gRPC status code of a failure)."""
+    from service.client import AnnotatorClient
+
+    answer: dict[str, Any] = {}
+
+    def reload() -> None:
+        try:
+            with AnnotatorClient(f"127.0.0.1:{port}", retries=0) as client:
+                answer["ok"] = client.reload(str(bundle), timeout=60)
+        except grpc.RpcError as exc:
+            answer["code"] = exc.code()
+
+    caller = threading.Thread(target=reload)
+    caller.start()
+    return caller, answer
 
 
 @pytest.mark.slow
@@ -259,21 +224,11 @@ def test_serve_killed_in_the_middle_of_a_reload(tmp_path: Path, point: str) -> N
     proc = _serve(config, log, point)
     try:
         wait_for(lambda: "serving on port" in log.read_text(), proc, log)
-        drop = _images(12, "drop")
+        drop = sample_images(12, "drop")
         for i, data in enumerate(drop):
             (tmp_path / "drop" / f".f{i}").write_bytes(data)
             os.replace(tmp_path / "drop" / f".f{i}", tmp_path / "drop" / f"f{i:02d}.jpg")
-        answer: dict[str, Any] = {}
-
-        def reload() -> None:
-            try:
-                with AnnotatorClient(f"127.0.0.1:{port}", retries=0) as client:
-                    answer["ok"] = client.reload(str(slots.root / "bundles" / "bundle-b"), timeout=60)
-            except grpc.RpcError as exc:
-                answer["code"] = exc.code()
-
-        caller = threading.Thread(target=reload)
-        caller.start()
+        caller, answer = _reload_in_background(port, slots.root / "bundles" / "bundle-b")
         wait_for(lambda: (tmp_path / "mark").exists(), proc, log)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
@@ -282,7 +237,7 @@ def test_serve_killed_in_the_middle_of_a_reload(tmp_path: Path, point: str) -> N
 
         proc = _serve(config, log)
         wait_for(lambda: log.read_text().count("annotator serving on port") == 2, proc, log)
-        late = _images(4, "late")
+        late = sample_images(4, "late")
         with AnnotatorClient(f"127.0.0.1:{port}", timeout=60) as client:
             assert all(client.annotate(data).bundle_id == "bundle-a" for data in late)
             wait_for(lambda: _annotated(tmp_path) == len(drop) + len(late), proc, log)
@@ -309,20 +264,10 @@ def test_serve_stopped_with_sigterm_in_the_middle_of_a_reload(tmp_path: Path) ->
     proc = _serve(config, log, "load", sleep=3.0)
     try:
         wait_for(lambda: "serving on port" in log.read_text(), proc, log)
-        images = _images(8, "term")
+        images = sample_images(8, "term")
         with AnnotatorClient(f"127.0.0.1:{port}", timeout=60) as client:
             assert all(client.annotate(data).bundle_id == "bundle-a" for data in images[:4])
-        answer: dict[str, Any] = {}
-
-        def reload() -> None:
-            try:
-                with AnnotatorClient(f"127.0.0.1:{port}", retries=0) as client:
-                    answer["ok"] = client.reload(str(slots.root / "bundles" / "bundle-b"), timeout=60)
-            except grpc.RpcError as exc:
-                answer["code"] = exc.code()
-
-        caller = threading.Thread(target=reload)
-        caller.start()
+        caller, answer = _reload_in_background(port, slots.root / "bundles" / "bundle-b")
         wait_for(lambda: (tmp_path / "mark").exists(), proc, log)
         for i, data in enumerate(images[4:]):
             (tmp_path / "drop" / f".f{i}").write_bytes(data)

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import cv2
 import pytest
 
-from procs import command_env, start_serve, wait_for
+from procs import command_env, serve_toml, start_serve, wait_for
 from service.store import Store
 
 pytestmark = pytest.mark.slow
@@ -26,22 +25,7 @@ DONE = ("auto_accepted", "review_pending")
 
 def _config(tmp_path: Path, bundle: Path) -> Path:
     config = tmp_path / "annotator.toml"
-    config.write_text(f"""
-[server]
-listen = "127.0.0.1:0"
-[store]
-root = "{tmp_path / 'store'}"
-lease_seconds = 2.0
-min_free_mb = 0
-[drop]
-folder = "{tmp_path / 'drop'}"
-stable_seconds = 0.0
-poll_interval = 0.1
-[engine]
-bundle = "{bundle}"
-batch_size = 2
-threads = 1
-""")
+    config.write_text(serve_toml(tmp_path, bundle, sidecars=False))
     return config
 
 

@@ -10,11 +10,7 @@ good, so the agent does not pull it again.
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,14 +21,11 @@ from typing import Any
 
 import pytest
 
-from procs import REPO, command_env, free_port, wait_for
-from service.bundle import load_bundle, write_bundle
-from service.cli_daemon import DEMO_BUNDLE
+from procs import annotated_once, command_env, demo_bundle_copy, free_port, sample_images, serve_toml, wait_for
 from sync.models import ModelPuller, ModelSlots
 
 pytestmark = pytest.mark.slow
 
-SAMPLES = sorted((REPO / "service" / "assets" / "samples").glob("*.jpg"))
 DONE = ("auto_accepted", "review_pending", "uploaded")  # the agent uploads review images
 
 HOOK = '''
@@ -51,41 +44,17 @@ sys.exit(main(sys.argv[1:]))
 '''
 
 
-def _bundle(folder: Path, bid: str, created: str) -> Path:
-    base = load_bundle(DEMO_BUNDLE)
-    shutil.copytree(DEMO_BUNDLE, folder)
-    (folder / "bundle.sig").unlink(missing_ok=True)
-    write_bundle(dataclasses.replace(base, path=folder, id=bid, created=created))
-    return folder
-
-
 def _box(tmp_path: Path) -> tuple[Path, ModelSlots, int]:
     """bundle-a adopted, bundle-b (newer) in the registry; the appliance's TOML file."""
     port = free_port()
     slots = ModelSlots(tmp_path / "models")
     ModelPuller(slots, None, None, lambda p: None).adopt(  # type: ignore[arg-type]
-        _bundle(tmp_path / "src" / "bundle-a", "bundle-a", "2026-01-01T00:00:00Z"))
-    _bundle(tmp_path / "registry" / "bundles" / "bundle-b", "bundle-b", "2026-02-01T00:00:00Z")
+        demo_bundle_copy(tmp_path / "src" / "bundle-a", "bundle-a", "2026-01-01T00:00:00Z"))
+    demo_bundle_copy(tmp_path / "registry" / "bundles" / "bundle-b", "bundle-b", "2026-02-01T00:00:00Z")
     for sub in ("drop", "sidecars"):
         (tmp_path / sub).mkdir()
     config = tmp_path / "annotator.toml"
-    config.write_text(f"""
-[server]
-listen = "127.0.0.1:{port}"
-[store]
-root = "{tmp_path / 'store'}"
-lease_seconds = 3.0
-min_free_mb = 0
-[drop]
-folder = "{tmp_path / 'drop'}"
-stable_seconds = 0.0
-poll_interval = 0.1
-[engine]
-bundle = "{slots.root / 'current'}"
-batch_size = 2
-threads = 1
-[outputs]
-sidecar_dir = "{tmp_path / 'sidecars'}"
+    config.write_text(serve_toml(tmp_path, slots.root / "current", f"127.0.0.1:{port}", lease_seconds=3.0) + f"""
 [sync]
 poll_interval = 0.5
 [sync.target]
@@ -113,17 +82,12 @@ def _run(config: Path, log: Path, *argv: str, hook_sleep: float | None = None) -
         return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=config.parent, env=env)
 
 
-def _images(n: int, tag: str) -> list[bytes]:
-    raw = [p.read_bytes() for p in SAMPLES]
-    return [raw[i % len(raw)] + f"{tag}-{i}".encode() for i in range(n)]  # bytes after the JPEG's end
-
-
 class _Load:
     """Images through the drop folder and one gRPC stream, one every ``interval`` seconds each."""
 
     def __init__(self, root: Path, port: int, n: int, interval: float = 0.15) -> None:
         self.root, self.port, self.interval = root, port, interval
-        self.dropped, self.streamed = _images(n, "drop"), _images(n, "stream")
+        self.dropped, self.streamed = sample_images(n, "drop"), sample_images(n, "stream")
         self.answers: dict[str, Any] = {}
         self.errors: list[str] = []
         self.threads = [threading.Thread(target=self._drop), threading.Thread(target=self._stream)]
@@ -170,18 +134,9 @@ def _check(root: Path, load: _Load) -> dict[str, int]:
         for resp in load.answers.values():
             assert resp.WhichOneof("result") == "annotation", resp
             assert store.get(resp.annotation.image_id).bundle_id == resp.annotation.bundle_id
-        per: dict[str, int] = {}
-        for data in load.images():
-            iid = hashlib.sha256(data).hexdigest()
-            row = store.get(iid)
-            assert row.state in DONE, (iid, row.state, row.error)
-            assert [h[1] for h in store.history(iid)].count("annotated") == 1, iid
-            sidecar = json.loads((root / "sidecars" / f"{iid}.json").read_text())
-            assert sidecar["bundle_id"] == row.bundle_id == row.record["bundle_id"], iid
-            per[row.bundle_id] = per.get(row.bundle_id, 0) + 1
-        return per
     finally:
         store.close()
+    return annotated_once(root, load.images(), DONE)
 
 
 def _all_done(root: Path, n: int) -> bool:
