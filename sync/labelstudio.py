@@ -5,9 +5,9 @@ key points (``KeyPointLabels`` ``kp``, one label per schema name) and a per-poin
 (``Choices`` ``visibility``, ``perRegion``), as measured in ``shared/LABEL_STUDIO.md``.
 
 Tasks: an image under the server's local-files document root (a local-files storage is
-registered for its folder), ``data`` with the image id and provenance, and one prediction
-(``model_version`` = bundle id, ``score`` = judge score) whose regions are in percent of the
-image. Region ids carry the grouping: ``h<i>`` a head, ``p<i>`` person i's box, ``p<i>k<j>``
+registered for its folder), ``data`` with the image id and provenance (the bundle id too), and
+one prediction (``model_version`` = the project's, ``score`` = judge score) whose regions are in
+percent of the image. Region ids carry the grouping: ``h<i>`` a head, ``p<i>`` person i's box, ``p<i>k<j>``
 its point j; the visibility ``choices`` item shares its key point's id. Outside points are
 not placed (they claim no location); a reviewer adds a point that is in view.
 
@@ -90,6 +90,7 @@ BACKEND = "labelstudio"
 IMAGE, BOX, KP, VIS = "img", "box", "kp", "visibility"
 HEAD, PERSON = "head", "person"
 POINT_SIZE = 0.6  # marker size, percent of the image width
+MODEL_VERSION = "edge-annotator"  # every prediction's model_version in a project made here (see ``task``)
 COPY_DIR = "label-studio-jpeg"  # default copy_dir, under the document root
 _COPY_NAME = re.compile(r"^[0-9A-Za-z_-]{1,128}$")
 COLLECT_RETRY_BASE, COLLECT_RETRY_CAP = 60.0, 600.0  # seconds between exports after a failed one
@@ -104,6 +105,11 @@ class AccessRefused(RetryableError):
     review tasks wait and try again with a backoff (``sync.submit``, the merge task's
     ``collect_interval``), each try saying which setting to fix, and go on by themselves once
     the server takes the token again."""
+
+
+class ConfigEdited(RetryableError):
+    """The project's labelling config was edited in Label Studio and annotations use the edit:
+    the server refuses ours back (see ``LabelStudioBackend._put_config``)."""
 
 
 class InvalidAnnotation(PermanentError):
@@ -280,6 +286,13 @@ def _copy_file(name: str) -> bool:
                 or (name.startswith(".") and name.endswith(".tmp")))
 
 
+def _result_key(annotation: Mapping[str, Any]) -> list[Any]:
+    """What an annotation says, for comparing two (its regions, by id, without their order)."""
+    result = annotation.get("result") or []
+    return sorted((repr(item.get("id")), repr(item.get("type")), repr(item.get("value"))) for item in result
+                  if isinstance(item, Mapping))
+
+
 def _epoch(text: str | None) -> float:
     if not text:
         return 0.0
@@ -312,7 +325,10 @@ class LabelStudioBackend:
                              f"{self.document_root} (the server serves only from there), got {self.copy_dir}")
         self.names, self.webhook_url, self.import_chunk = tuple(names), webhook_url, import_chunk
         self.project_id: int | None = None
+        self.model_version: str | None = None  # the project's, which every prediction must carry
         self.rejected: dict[str, str] = {}
+        self.conflicts: dict[str, str] = {}  # image id -> the disagreeing annotations of its task (said once)
+        self.skipped: dict[str, list[str]] = {}  # image id -> who skipped its task (nothing submitted)
         self._users: dict[int, str] = {}
         self._merged: set[str] = set()  # image ids whose review the merge took since the last sweep
         self.clock = time.monotonic
@@ -331,12 +347,11 @@ class LabelStudioBackend:
                  if p.get("title") == self.title]
         if found:
             project = found[0]
-            if str(project.get("label_config", "")).strip() != config:
-                self.client.patch(f"/api/projects/{project['id']}/", {"label_config": config})
-                log.info("updated the labelling config of project %s", project["id"])
+            self._put_config(project, "updated the labelling config of project %s")
         else:
             project = self.client.post("/api/projects/", {"title": self.title, "label_config": config})
             log.info("created Label Studio project %s (%r)", project["id"], self.title)
+        self.model_version = str(project.get("model_version") or "") or None
         self.project_id = int(project["id"])
         if self.webhook_url:
             hooks = self.client.get("/api/webhooks/", project=self.project_id) or []
@@ -345,6 +360,27 @@ class LabelStudioBackend:
                     "project": self.project_id, "url": self.webhook_url, "send_payload": True,
                     "send_for_all_actions": False, "actions": ["ANNOTATION_CREATED", "ANNOTATION_UPDATED"]})
         return self.project_id
+
+    def _put_config(self, project: Mapping[str, Any], said: str, level: int = logging.INFO) -> None:
+        """Give ``project`` our labelling config when it has another one (``said`` logged).
+
+        Label Studio refuses it (HTTP 400) once annotations use what an admin edited there (a
+        renamed control, a removed label): a ``ConfigEdited``, retryable, so that the review
+        tasks wait and say it, and the uploads and model pulls go on (was a ``PermanentError``
+        that ended ``annotator sync``)."""
+        config = label_config(self.names)
+        if str(project.get("label_config", "")).strip() == config:
+            return
+        try:
+            self.client.patch(f"/api/projects/{project['id']}/", {"label_config": config})
+        except (NotFound, AuthError):
+            raise
+        except PermanentError as exc:
+            raise ConfigEdited(
+                f"the labelling config of Label Studio project {project['id']} ({self.title!r}) was edited there and "
+                f"annotations use the edit, so the server refuses ours back ({exc}); restore the config in the "
+                "project's settings (or delete those annotations): the review tasks wait, the uploads go on") from exc
+        log.log(level, said, project["id"])
 
     def _in_project(self, step: Callable[[int], T]) -> T:
         """``step(project id)``; when it meets a 404 because the project was deleted, the project
@@ -365,6 +401,14 @@ class LabelStudioBackend:
             return step(self.ensure_project())
         except AuthError as exc:
             raise AccessRefused(f"{exc}; the review tasks wait and try again, the uploads go on") from exc
+
+    def _check_config(self, pid: int) -> None:
+        """At each collection: the labelling config an admin edited while the agent runs is put
+        back, or said (``ConfigEdited``); it was checked at the start only, and reviews drawn with
+        the edit were refused one by one as "unexpected" regions."""
+        self._put_config(self.client.get(f"/api/projects/{pid}/"),
+                         "the labelling config of Label Studio project %s was edited there; put ours back "
+                         "(the reviews need its names)", logging.WARNING)
 
     def _project_gone(self, pid: int) -> bool:
         try:
@@ -491,7 +535,11 @@ class LabelStudioBackend:
         data = {"image": f"/data/local-files/?d={quote(relative, safe='/')}", "image_id": item.image_id,
                 "width": item.width, "height": item.height, "batch": batch_id, "bundle_id": item.bundle_id,
                 "score": item.score, "reasons": list(item.reasons), "audit": item.audit}
-        prediction: dict[str, Any] = {"model_version": item.bundle_id, "result": prediction_result(item.record, self.names)}
+        # The project's model_version, not the bundle's (that is in data["bundle_id"]): Label
+        # Studio sets the project's from the first import and its label stream shows only the
+        # predictions of that version; a new bundle's tasks opened with an empty image.
+        prediction: dict[str, Any] = {"model_version": self.model_version or MODEL_VERSION,
+                                      "result": prediction_result(item.record, self.names)}
         if item.score is not None:
             prediction["score"] = float(item.score)
         return {"data": data, "predictions": [prediction]}
@@ -538,12 +586,28 @@ class LabelStudioBackend:
 
     def label(self, task: Mapping[str, Any]) -> ReviewedLabel | None:
         """The ReviewedLabel of one exported task (None when nothing was submitted)."""
-        done = [a for a in task.get("annotations", []) if not a.get("was_cancelled")]
+        annotations = [a for a in task.get("annotations", []) if isinstance(a, Mapping)]
+        done = [a for a in annotations if not a.get("was_cancelled")]
+        image_id = str((task.get("data") or {}).get("image_id"))
         if not done:
+            self.conflicts.pop(image_id, None)
+            skips = sorted(str(self._reviewer(a.get("completed_by"))) for a in annotations)
+            if skips and self.skipped.get(image_id) != skips:  # said once per new skip
+                log.info("image %s (task %s): skipped in Label Studio by %s; it waits for another reviewer",
+                         image_id[:12], task.get("id"), ", ".join(skips))
+            if skips:
+                self.skipped[image_id] = skips
+            else:
+                self.skipped.pop(image_id, None)
             return None
-        ann = max(done, key=lambda a: (a.get("updated_at") or "", a.get("id", 0)))
+        self.skipped.pop(image_id, None)
+        # One rule for several annotations of a task (several annotators, or one submitting
+        # twice): the one marked ground truth in Label Studio (a manager's pick), else the latest.
+        marked = [a for a in done if a.get("ground_truth")]
+        ann = max(marked or done, key=lambda a: (a.get("updated_at") or "", a.get("id", 0)))
         data = task["data"]
         width, height = int(data["width"]), int(data["height"])
+        self._note_conflict(task, ann, done, bool(marked))
         other = sorted(seen_sizes(ann.get("result", [])) - {(width, height)})
         if other:
             raise InvalidAnnotation(f"the regions were drawn on a {other[0][0]}x{other[0][1]} image, the task's is "
@@ -562,6 +626,23 @@ class LabelStudioBackend:
                              _epoch(ann.get("updated_at") or ann.get("created_at")),
                              self._reviewer(ann.get("completed_by")), adjusted, self.names)
 
+    def _note_conflict(self, task: Mapping[str, Any], ann: Mapping[str, Any], done: Sequence[Mapping[str, Any]],
+                       marked: bool) -> None:
+        """Say once (a warning, kept in ``conflicts``) when a task's other submitted annotations
+        disagree with the one taken and none is marked ground truth."""
+        image_id = str(task["data"].get("image_id"))
+        others = [a for a in done if a is not ann and _result_key(a) != _result_key(ann)]
+        if marked or not others:
+            self.conflicts.pop(image_id, None)
+            return
+        who = [f"{a.get('id')} by {self._reviewer(a.get('completed_by'))} at {a.get('updated_at')}"
+               for a in [ann, *others]]
+        note = (f"task {task.get('id')} has {len(others) + 1} annotations that differ ({'; '.join(who)}): "
+                f"the latest is taken, annotation {who[0]}; mark one as ground truth in Label Studio to choose another")
+        if self.conflicts.get(image_id) != note:
+            log.warning("image %s: %s", image_id[:12], note)
+        self.conflicts[image_id] = note
+
     def collect(self) -> Iterator[ReviewedLabel]:
         """Every submitted review in the project (from the JSON export); refused ones in
         ``rejected``. Then the copies no longer needed are removed (module docstring).
@@ -575,8 +656,11 @@ class LabelStudioBackend:
             raise RetryableError(f"{self._collect_error} (not asked again for "
                                  f"{self._collect_retry_at - self.clock():.0f} s)")
         try:
-            pid, export = self._in_project(lambda pid: (pid, self.client.get(
-                f"/api/projects/{pid}/export", exportType="JSON", download_all_tasks="true") or []))
+            def export_of(pid: int) -> tuple[int, list[Any]]:
+                self._check_config(pid)
+                return pid, self.client.get(f"/api/projects/{pid}/export", exportType="JSON",
+                                            download_all_tasks="true") or []
+            pid, export = self._in_project(export_of)
         except RetryableError as exc:
             self._collect_failures += 1
             delay = min(COLLECT_RETRY_CAP, COLLECT_RETRY_BASE * 2.0 ** min(self._collect_failures - 1, 62))

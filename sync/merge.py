@@ -257,8 +257,15 @@ class Merger:
             changed = self.dataset.put_reviewed(image_id, rev, prov, auto, mist.to_json(), row.decision, row.audit)
             self.store.set_state(image_id, (UPLOADED,), REVIEWED)
             (report.merged if changed else report.unchanged).append(image_id)
-            log.info("image %s: reviewed label merged (%s job %s, mistakenness %.3f)",
-                     image_id[:12], prov["backend"], prov["job"], mist.score)
+            # Said when it changed the dataset only: a backend yields every review it holds at
+            # each collection, and every one ever merged was said again at every pass.
+            if changed and prev is not None and prev.origin == HUMAN:  # a reviewer's correction
+                log.info("image %s: corrected review merged: the review of %s (%s) replaces the one of %s (%s), "
+                         "mistakenness %.3f", image_id[:12], prov["reviewed_at"], prov["reviewer"],
+                         prev.provenance.get("reviewed_at"), prev.provenance.get("reviewer"), mist.score)
+            elif changed:
+                log.info("image %s: reviewed label merged (%s job %s, mistakenness %.3f)",
+                         image_id[:12], prov["backend"], prov["job"], mist.score)
         report.auto_added = self.add_auto_accepted()
         report.auto_removed, self.auto_removed = self.auto_removed, 0
         # Also once after a start when nothing changed: a crash after the writes above and before

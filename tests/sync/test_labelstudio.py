@@ -93,7 +93,8 @@ def test_project_tasks_and_predictions_as_imported(ls_server: lsserver.LabelStud
     with urllib.request.urlopen(req) as resp:
         assert resp.read() == item.local_path.read_bytes()  # type: ignore[union-attr]
     (pred,) = task["predictions"]
-    assert (pred["model_version"], pred["score"]) == ("bundle-7", 0.41)
+    # the project's model_version (its label stream shows only that version's), the bundle in data
+    assert (pred["model_version"], pred["score"], task["data"]["bundle_id"]) == ("edge-annotator", 0.41, "bundle-7")
     by_id: dict[str, list[dict[str, Any]]] = {}
     for r in pred["result"]:
         by_id.setdefault(r["id"], []).append(r)
