@@ -64,7 +64,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from watchdog.events import EVENT_TYPE_CLOSED_NO_WRITE, EVENT_TYPE_OPENED, FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
@@ -266,6 +266,10 @@ class _Handler(FileSystemEventHandler):
         if event.event_type == EVENT_TYPE_EVENTS_LOST:  # the kernel's queue overflowed: look at everything
             self.folder.request_full_scan()
             return
+        if event.is_directory and event.event_type in ("created", "moved"):  # a new camera folder: watch it
+            made = Path(os.fsdecode(getattr(event, "dest_path", "") or event.src_path))
+            if made.parent == self.folder.root:
+                self.folder.folder_appeared(made)
         if event.event_type in _IGNORED_EVENTS or (event.is_directory and event.event_type != "moved"):
             return
         for p in (event.src_path, getattr(event, "dest_path", "")):
@@ -312,11 +316,17 @@ class DropFolder:
         # tried again after a delay that doubles up to MOVE_RETRY_MAX_SECONDS, or when it changes.
         self._stuck: dict[Path, tuple[int, int, float, float]] = {}
         self._dirty: set[Path] = set()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entered: _keep_watching holds it while _watch runs
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._observer: Observer | None = None  # type: ignore[valid-type]
+        # The root is watched alone and each top-level folder (a camera's) with all below it, so
+        # that processed/ and quarantine/ hold no inotify watch (``_watch``): their folders, one
+        # per recording kept, were each a watch for ever.
+        self._handler = _Handler(self)
+        self._folders: dict[str, Any] = {}  # top-level folder -> its ObservedWatch
+        self._appeared: set[Path] = set()  # top-level folders made since, to watch (worker thread)
         self._rewatch_at = -math.inf  # clock time of the next try to watch again (see _keep_watching)
         self.taken = self.quarantined = 0
         self.walk_seconds = 0.0  # the last full scan's own cost: its time less the time taking files
@@ -367,11 +377,64 @@ class DropFolder:
         self._wake.set()
 
     def _watch(self) -> None:
+        """Watch the root alone, and each top-level folder with everything below it, but not
+        ``processed/`` nor ``quarantine/``: a recursive watch of the root held one inotify watch
+        per folder kept there (a recording's, for ever with retention off), and
+        ``fs.inotify.max_user_watches`` is 8192 on older kernels (the watcher then ended and
+        files were found by the full walks only). A top-level folder made later is watched once
+        its creation is seen (``folder_appeared``) or the full walk meets it."""
         observer = Observer()
-        observer.schedule(_Handler(self), str(self.root), recursive=True)
+        observer.schedule(self._handler, str(self.root), recursive=False)
         observer.daemon = True
         observer.start()
-        self._observer = observer
+        self._observer, self._folders = observer, {}
+        with self._lock:
+            self._appeared.update(self._top_folders())
+        self._watch_folders()
+
+    def _top_folders(self) -> list[Path]:
+        """The top-level folders to watch: not processed/, quarantine/, hidden ones or links."""
+        try:
+            with os.scandir(self.root) as entries:
+                return [Path(e.path) for e in entries if e.is_dir(follow_symlinks=False)
+                        and e.name not in (PROCESSED, QUARANTINE) and not e.name.startswith((".", "~"))]
+        except OSError:  # removed meanwhile: _keep_watching watches it again once it is back
+            return []
+
+    def folder_appeared(self, folder: Path) -> None:
+        """A folder was made (or moved) in the root: watched by the worker thread next."""
+        with self._lock:
+            self._appeared.add(folder)
+        self._wake.set()
+
+    def _watch_folders(self) -> None:
+        """Watch the top-level folders that appeared; forget those whose watch ended (removed)."""
+        observer = self._observer
+        if observer is None:
+            return
+        for key, watch in list(self._folders.items()):
+            emitter = next((e for e in list(observer.emitters) if e.watch == watch), None)
+            if emitter is None or not emitter.is_alive():
+                self._folders.pop(key, None)
+                try:
+                    observer.unschedule(watch)
+                except (KeyError, OSError):
+                    pass
+        with self._lock:
+            appeared, self._appeared = self._appeared, set()
+        made = False
+        for folder in sorted(appeared):
+            name = folder.name
+            if (str(folder) in self._folders or name in (PROCESSED, QUARANTINE) or name.startswith((".", "~"))
+                    or folder.is_symlink() or not folder.is_dir()):
+                continue
+            try:
+                self._folders[str(folder)] = observer.schedule(self._handler, str(folder), recursive=True)
+                made = True
+            except OSError as exc:  # gone again, or no inotify watch left: the full walks find its files
+                log.warning("cannot watch %s (%s); its files are found by the full walks", text_name(folder), exc)
+        if made:
+            self.request_full_scan()  # what was written into it before its watch began
 
     def _keep_watching(self) -> None:
         """Watch again when the watcher has ended: the drop folder was removed (a clean-up
@@ -380,7 +443,10 @@ class DropFolder:
         While the folder is missing nothing is tried; a watcher that ends for another reason is
         tried again at most every RESCAN_SECONDS."""
         observer = self._observer
-        if observer is None or all(e.is_alive() for e in observer.emitters) and observer.emitters:
+        if observer is None:
+            return
+        if any(e.watch.path == str(self.root) and e.is_alive() for e in list(observer.emitters)):
+            self._watch_folders()  # the root's watcher lives: new camera folders, removed ones
             return
         if self.clock() < self._rewatch_at or not self.root.is_dir():
             return
@@ -421,6 +487,11 @@ class DropFolder:
             if here == self.root:
                 dirnames[:] = [d for d in dirnames if d not in (PROCESSED, QUARANTINE)]
             dirnames[:] = [d for d in dirnames if not d.startswith((".", "~"))]
+            if here == self.root:  # a camera folder whose creation the watcher missed is watched too
+                unwatched = {here / d for d in dirnames if str(here / d) not in self._folders}
+                if unwatched:
+                    with self._lock:
+                        self._appeared.update(unwatched)
             out.extend(here / f for f in filenames)
             # links to folders are in dirnames (walk does not follow them); a listdir of ``here``
             # raised when a capture tool removed the folder meanwhile, and ended the whole walk

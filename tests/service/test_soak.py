@@ -130,3 +130,42 @@ def test_retention_leaves_no_empty_recording_folders(tmp_path: Path) -> None:
         assert left == ["cam0", "cam0/session-new", "cam1"], "empty recording folders were left under quarantine/"
     finally:
         store.close()
+
+
+def test_processed_and_quarantine_folders_hold_no_inotify_watch(tmp_path: Path) -> None:
+    """The watcher was recursive from the root, so every folder kept under ``processed/`` (one per
+    recording, for ever with retention off, the default) and ``quarantine/`` was an inotify watch
+    of the daemon: 8192 of them ended the watcher on older kernels. The root is watched alone and
+    each camera folder with what is below it; a camera folder made later is watched too (its
+    files are taken from their events, without waiting for a full walk)."""
+    got: list[str] = []
+
+    def sink(data: bytes, source: str, meta: dict, decoded: DecodedImage) -> None:
+        got.append(source)
+
+    root = tmp_path / "drop"
+    for k in range(30):  # a month of recordings taken already
+        (root / "processed" / f"cam{k % 2}" / f"session{k:03d}").mkdir(parents=True)
+        (root / "quarantine" / f"cam{k % 2}" / f"session{k:03d}").mkdir(parents=True)
+    (root / "cam0").mkdir()
+    drop = DropFolder(root, sink, "move", stable_seconds=0.0)
+    before = _inotify_watches()
+    drop.start()
+    try:
+        deadline = time.monotonic() + 10
+        while _inotify_watches() < before + 2 and time.monotonic() < deadline:  # root and cam0
+            time.sleep(0.05)
+        time.sleep(0.3)
+        assert _inotify_watches() - before == 2, "processed/ and quarantine/ folders are watched"
+        drop.scan_once(full=True)  # the start-up walk is over: from here files come by their events
+        (root / "cam9" / "session-late").mkdir(parents=True)
+        tmp = root / "cam9" / "session-late" / ".f.tmp"
+        tmp.write_bytes(_jpeg(7))
+        tmp.rename(tmp.with_name("f.jpg"))
+        deadline = time.monotonic() + 20
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert got == ["drop:cam9/session-late/f.jpg"]
+        assert _inotify_watches() - before <= 4  # root, cam0, cam9 and its session
+    finally:
+        drop.stop()
