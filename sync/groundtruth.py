@@ -26,7 +26,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 from service.keypoints import CABIN19_NAMES, OUTSIDE
 
-from .errors import ConflictError, ObjectNotFound, PermanentError
+from .errors import ConflictError, ObjectNotFound, PermanentError, RetryableError
 from .groundtruth_lambdas import consolidate, post_annotation_handler, pre_annotation_handler, task_input
 from .objectstore import ObjectStore
 from .review import HEADS, PERSONS, ReviewedKeypoint, ReviewedLabel, ReviewedPerson, ReviewItem, labels_differ
@@ -373,6 +373,18 @@ def _to_original(label: ReviewedLabel, line: Mapping[str, Any]) -> ReviewedLabel
                                heads=tuple(box(h) for h in label.heads), persons=persons)
 
 
+RETRY_SUFFIX = "-retry"  # the batch id of the images a batch's job ended without labelling
+
+
+@dataclass(frozen=True)
+class _JobOutcome:
+    status: str  # Completed, Failed, Stopped, NotFound
+    labeled: set[str]
+    reasons: dict[str, str]  # image id -> failure-reason of its output line
+    failure: str | None  # DescribeLabelingJob's FailureReason
+    output: bool  # whether the output manifest exists
+
+
 class GroundTruthBackend:
     """``ReviewBackend`` over an object store laid out like the S3 bucket (see the module docstring)."""
 
@@ -391,6 +403,9 @@ class GroundTruthBackend:
         self.rejected: dict[str, str] = {}
         self._pending: dict[str, set[str]] = {}  # output manifest -> image ids given but not settled yet
         self._done: set[str] = set()  # output manifests with nothing left to merge (``collect``)
+        self.stuck: dict[str, str] = {}  # image id -> why no job will review it (``missing_items``)
+        self._outcomes: dict[str, _JobOutcome] = {}  # ended labeling jobs (``_job_outcome``)
+        self._describe_said: str | None = None
 
     def manifest_key(self, batch_id: str) -> str:
         return f"{self.manifests_prefix}/{batch_id}.manifest"
@@ -419,6 +434,130 @@ class GroundTruthBackend:
                                     f"(first {missing[0][:12]}); a batch id must not be reused")
         if self.job is not None and self.client is not None:
             create_labeling_job(self.client, job_name_for(self.job.job_prefix, batch_id), self.store.uri(key), self.job)
+
+    # -- images a labeling job ended without labelling -------------------------------------
+    def resubmit(self, batch_id: str, items: Sequence[ReviewItem]) -> None:
+        """Submit again, in a job of their own (``<batch>-retry``), images that the batch's job
+        ended without labelling (``missing_items``). The same name at each try: a killed try is
+        finished (manifest there, CreateLabelingJob answers ResourceInUse), never repeated."""
+        self.submit(batch_id + RETRY_SUFFIX, items)
+
+    def missing_items(self, items: Sequence[Any]) -> set[str]:
+        """The image ids among ``items`` (journal items: ``image_id``, ``batch_id``) that the
+        batch's labeling job ended (Completed, Failed, Stopped) without labelling (absent from
+        its output manifest, or there with a ``failure-reason``: an expired task, a Lambda
+        error) and that were not submitted again yet: ``sync.submit`` hands them to
+        ``resubmit``. An image that its retry job did not label either is not sent a third
+        time: it stays ``uploaded`` and is said (``stuck``, a warning naming the reason).
+        Only for jobs this backend starts (a spec and a SageMaker client); a job still running,
+        or one DescribeLabelingJob cannot tell about, leaves its images waiting, said."""
+        if self.job is None or self.client is None:
+            return set()
+        by_batch: dict[str, set[str]] = {}
+        for item in items:
+            by_batch.setdefault(str(item.batch_id), set()).add(str(item.image_id))
+        lost: set[str] = set()
+        asked = {job_name_for(self.job.job_prefix, b + s) for b in by_batch for s in ("", RETRY_SUFFIX)}
+        self._outcomes = {k: v for k, v in self._outcomes.items() if k in asked}  # only jobs with images waiting
+        for batch_id, ids in sorted(by_batch.items()):
+            job = job_name_for(self.job.job_prefix, batch_id)
+            first = self._job_outcome(job)
+            if first is None:
+                continue
+            left = ids - first.labeled
+            if not left:
+                continue
+            retry_job = job_name_for(self.job.job_prefix, batch_id + RETRY_SUFFIX)
+            if first.status == "NotFound" or (first.status == "Completed" and not first.output):
+                why = ("DescribeLabelingJob does not know it (another account or region? deleted?)"
+                       if first.status == "NotFound" else
+                       f"it is Completed but its output manifest {self._output_key(job)} is gone (deleted?)")
+                self._say_stuck(left, f"labeling job {job}: {why}; not sent for review again")
+                continue
+            retry = self._job_outcome(retry_job)
+            if retry is None:
+                continue  # the retry job runs
+            if retry.status == "NotFound":
+                lost |= left
+                reasons = sorted({first.reasons.get(i, "never labelled") for i in left})
+                log.warning("labeling job %s ended %s%s without labelling %d of its images (%s); they go to "
+                            "review again in job %s", job, first.status,
+                            f" ({first.failure})" if first.failure else "", len(left), "; ".join(reasons)[:300],
+                            retry_job)
+                continue
+            still = left - retry.labeled
+            for image_id in still:
+                why = retry.reasons.get(image_id) or first.reasons.get(image_id) or "never labelled"
+                self._say_stuck({image_id}, f"not labelled by labeling job {job} ({first.status}) nor by its "
+                                            f"retry {retry_job} ({retry.status}): {why}; left uploaded, not sent "
+                                            "a third time")
+        return lost
+
+    def _say_stuck(self, image_ids: set[str], why: str) -> None:
+        new = sorted(i for i in image_ids if self.stuck.get(i) != why)
+        for image_id in image_ids:
+            self.stuck[image_id] = why
+        if new:
+            log.warning("%d images wait for review for good (first %s): %s", len(new), new[0][:12], why)
+
+    def _output_key(self, job: str) -> str:
+        return f"{self.output_prefix}/{job}/{OUTPUT_MANIFEST}"
+
+    def _job_outcome(self, job: str) -> "_JobOutcome | None":
+        """How ``job`` ended: its status and the images its output manifest labelled or gave up
+        on; status ``NotFound`` when DescribeLabelingJob does not know it; None while it runs or
+        when DescribeLabelingJob fails (throttled, refused: said, and asked again later)."""
+        if job in self._outcomes:
+            return self._outcomes[job]
+        from botocore.exceptions import ClientError
+
+        failure = None
+        try:
+            answer = self.client.describe_labeling_job(LabelingJobName=job)
+            status = str(answer.get("LabelingJobStatus", ""))
+            failure = answer.get("FailureReason")
+        except Exception as exc:
+            code = exc.response.get("Error", {}).get("Code", "") if isinstance(exc, ClientError) else ""
+            if code in ("ResourceNotFound", "ResourceNotFoundException"):
+                status = "NotFound"
+            else:
+                from .s3store import wrap_boto_error
+
+                err = wrap_boto_error(exc, "sagemaker", f"DescribeLabelingJob {job}")
+                hint = "" if isinstance(err, RetryableError) else (
+                    "; the agent's identity needs sagemaker:DescribeLabelingJob to send again the images a "
+                    "failed, stopped or expired job did not label")
+                if self._describe_said != str(err):
+                    log.warning("%s%s; its images wait (asked again at the next check)", err, hint)
+                    self._describe_said = str(err)
+                return None
+        if status not in ("Completed", "Failed", "Stopped", "NotFound"):
+            return None  # Initializing, InProgress, Stopping
+        labeled: set[str] = set()
+        reasons: dict[str, str] = {}
+        output = True
+        try:
+            data = self.store.get(self._output_key(job))
+        except ObjectNotFound:
+            data, output = b"", False
+        for raw in data.split(b"\n"):
+            try:
+                line = json.loads(raw.decode("utf-8"))
+                image_id = _line_image_id(line)
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue
+            if _label_attribute(line) is not None:
+                labeled.add(image_id)
+                continue
+            for key, meta in line.items():
+                if key.endswith("-metadata") and isinstance(meta, Mapping) and meta.get("failure-reason"):
+                    reasons[image_id] = str(meta["failure-reason"])
+        if status == "NotFound" and output:
+            status = "Completed"  # its output tells how it ended
+        outcome = _JobOutcome(status, labeled, reasons, failure, output)
+        if status != "NotFound":
+            self._outcomes[job] = outcome  # an ended job and its output manifest do not change
+        return outcome
 
     def collect(self) -> Iterator[ReviewedLabel]:
         """Parse every output manifest under the output prefix; bad lines go to ``rejected``

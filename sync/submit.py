@@ -21,7 +21,11 @@ images that were waiting there would then stay ``uploaded`` for ever. So a backe
 tell which images it lost (``missing(image_ids)``) is reconciled at the first pass, every
 ``reconcile_interval`` seconds and whenever its ``project_id`` changes: the ``uploaded`` images
 of submitted batches that it reports missing are submitted again, under their own batch id.
-That stays exactly-once because ``submit`` skips the images that have a task.
+That stays exactly-once because ``submit`` skips the images that have a task. Ground Truth
+tells by job (``missing_items(items)``): the images a Completed, Failed or Stopped labeling job
+did not label (absent from its output manifest, or an expired task's failure line) go through
+``backend.resubmit`` to one job of their own, once; what that job does not label either is said
+and waits (``GroundTruthBackend.stuck``).
 
 A backend that fails (``RetryableError``: the server down, a proxy's 502, a 429, a refused
 token) is not asked again at every pass of the agent (which comes at once while the uploader
@@ -122,9 +126,12 @@ class ReviewSubmitTask:
         log.info("batch %s submitted to %s (%d images)", batch.batch_id, self.backend.name, len(items))
         return True
 
-    def _submit(self, batch_id: str, items: Sequence[ReviewItem]) -> None:
+    def _submit(self, batch_id: str, items: Sequence[ReviewItem], again: bool = False) -> None:
+        # a backend whose submit of the same batch is a no-op (Ground Truth: the job of that
+        # name exists) sends the images it lost through ``resubmit``
+        resubmit = getattr(self.backend, "resubmit", None) if again else None
         try:
-            self.backend.submit(batch_id, items)
+            (resubmit if callable(resubmit) else self.backend.submit)(batch_id, items)
         except json.JSONDecodeError as exc:  # an answer that is not JSON (a proxy's page): not the batch's fault
             raise RetryableError(f"review backend {self.backend.name}, batch {batch_id}: an answer was not JSON: "
                                  f"{exc}") from exc
@@ -132,8 +139,9 @@ class ReviewSubmitTask:
             raise PermanentError(f"review backend {self.backend.name} refused batch {batch_id}: {exc}") from exc
 
     def _reconcile_due(self) -> bool:
-        if not callable(getattr(self.backend, "missing", None)):
-            return False  # the backend cannot tell (Ground Truth)
+        if not callable(getattr(self.backend, "missing", None)) and not callable(
+                getattr(self.backend, "missing_items", None)):
+            return False  # the backend cannot tell
         where = getattr(self.backend, "project_id", None)
         return self.clock() >= self._next_reconcile or (where is not None and where != self._reconciled_in)
 
@@ -142,7 +150,13 @@ class ReviewSubmitTask:
         missing (see the module doc); how many were submitted."""
         waiting = [r.image_id for r in iter_rows(self.store, (UPLOADED,), 1000)]
         sent = self.journal.submitted_items(self.backend.name, waiting)
-        lost = self.backend.missing([i.image_id for i in sent]) if sent else set()  # type: ignore[attr-defined]
+        by_items = getattr(self.backend, "missing_items", None)  # Ground Truth: which job's images
+        if not sent:
+            lost: set[str] = set()
+        elif callable(by_items):
+            lost = by_items(sent)
+        else:
+            lost = self.backend.missing([i.image_id for i in sent])  # type: ignore[attr-defined]
         by_batch: dict[str, list[Item]] = defaultdict(list)
         for item in sent:
             if item.image_id in lost:
@@ -151,7 +165,7 @@ class ReviewSubmitTask:
         for batch_id, group in by_batch.items():
             items = self._review_items(group)
             if items:
-                self._submit(batch_id, items)
+                self._submit(batch_id, items, again=True)
                 count += len(items)
         if count:
             log.warning("%d images of submitted batches had no task in %s; submitted again", count, self.backend.name)
