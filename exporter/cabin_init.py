@@ -19,6 +19,7 @@ backbone as usual. torch and ultralytics are imported inside the function.
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 from service.keypoints import CABIN19_NAMES, COCO17_NAMES
@@ -110,6 +111,10 @@ def write_cabin_init(out: Path) -> Path | None:
     tmp = target.with_suffix(".tmp")
     torch.save(ckpt, str(tmp))
     tmp.replace(target)
-    (out / "weights" / "pose_visible.pt").write_bytes(target.read_bytes())
+    # The same bytes for the visible-only model, through a temporary name too: a kill half-way
+    # through an in-place write left a truncated file that the check above then took as done.
+    vis = out / "weights" / "pose_visible.pt"
+    shutil.copyfile(target, vis.with_suffix(".tmp"))
+    vis.with_suffix(".tmp").replace(vis)
     log.info("cabin-19 start weights (COCO key-point head mapped) written to %s", out / "weights")
     return out

@@ -27,6 +27,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tarfile
@@ -80,6 +81,8 @@ class JobPaths:
 
 def parse_hyperparameters(raw: Mapping[str, Any]) -> dict[str, Any]:
     """Typed values from SageMaker's string map; ``ValueError`` naming the key when one is bad."""
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"hyperparameters.json: expected a JSON object of names and values, got {type(raw).__name__}")
     out: dict[str, Any] = {}
     for key, value in raw.items():
         if key.startswith("sagemaker_") or key.startswith("_"):
@@ -87,9 +90,9 @@ def parse_hyperparameters(raw: Mapping[str, Any]) -> dict[str, Any]:
         if key not in HYPERPARAMETERS:
             raise ValueError(f"hyperparameter {key!r}: unknown; known: {', '.join(sorted(HYPERPARAMETERS))}")
         text = str(value)
-        if len(text) >= 2 and text[0] == text[-1] == '"':
-            text = json.loads(text)  # the SageMaker Python SDK JSON-encodes every value
         try:
+            if len(text) >= 2 and text[0] == text[-1] == '"':
+                text = json.loads(text)  # the SageMaker Python SDK JSON-encodes every value
             out[key] = HYPERPARAMETERS[key](text)
         except ValueError as exc:
             raise ValueError(f"hyperparameter {key!r}: {exc}") from exc
@@ -120,6 +123,9 @@ def run_job(paths: JobPaths) -> str:
     ann = paths.training / "annotations.json"
     if not ann.is_file():
         raise ValueError(f"training channel {paths.training}: no annotations.json (upload `annotator dataset export` output)")
+    if not (paths.training / "images").is_dir():
+        raise ValueError(f"training channel {paths.training}: no images/ folder beside annotations.json (upload the "
+                         "whole `annotator dataset export` output)")
     init = hp.pop("init", None)
     if init is None:
         init = str(find_bundle(paths.init, paths.work / "init")) if paths.init is not None else "pretrained"
@@ -150,7 +156,8 @@ def run_job(paths: JobPaths) -> str:
 def write_failure(path: Path, exc: BaseException) -> None:
     """SageMaker shows the first 1024 characters of ``output/failure`` as the FailureReason."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"{type(exc).__name__}: {exc}"[:1024] + "\n", encoding="utf-8")
+    text = re.sub(r"\x1b\[[0-9;]*m", "", f"{type(exc).__name__}: {exc}")  # ultralytics' colours
+    path.write_text(text[:1024] + "\n", encoding="utf-8")
 
 
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] = os.environ) -> int:
@@ -164,7 +171,10 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] = os.environ)
         bundle_id = run_job(paths)
     except Exception as exc:  # the job's boundary: every failure becomes output/failure and exit 1
         log.exception("training failed")
-        write_failure(paths.failure, exc)
+        try:
+            write_failure(paths.failure, exc)
+        except OSError as err:  # the job still fails (exit 1); the log keeps the reason
+            log.error("cannot write the failure reason to %s: %s", paths.failure, err)
         return 1
     print(f"bundle {bundle_id} written to {paths.model_dir}")
     return 0

@@ -10,6 +10,7 @@ imported inside functions only.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -182,9 +183,17 @@ def train_role(cfg: TrainConfig, role: str, data_yaml: Path, kpt_names: Sequence
         log.info("%s: already trained (%s)", role, best)
         return best
     if last.exists():
+        try:
+            resumed = _yolo(str(last), threads)
+        except Exception as exc:  # noqa: BLE001 - ultralytics' TypeError, torch's RuntimeError, ...
+            # ultralytics writes last.pt in place: a run killed (or out of disk) while saving it
+            # left it truncated, and resuming it would fail the same way at every re-run.
+            log.warning("%s: cannot load %s (%s); training afresh", role, last, exc)
+            shutil.rmtree(run_dir)
+    if last.exists():
         log.info("%s: resuming %s", role, last)
         try:
-            _yolo(str(last), threads).train(resume=True)
+            _train_into(run_dir, resumed, resume=True)
             done.write_text("ok\n")
             return best
         except (AssertionError, FileNotFoundError) as exc:  # finished or foreign checkpoint
@@ -193,9 +202,29 @@ def train_role(cfg: TrainConfig, role: str, data_yaml: Path, kpt_names: Sequence
     run_dir.mkdir(parents=True, exist_ok=True)  # ultralytics (exist_ok) trains into it and keeps the marker
     marker.write_text(json.dumps(fingerprint, indent=1, sort_keys=True) + "\n")
     log.info("%s: training with %d torch threads", role, threads)
-    _yolo(model_arg, threads).train(**args)
+    _train_into(run_dir, _yolo(model_arg, threads), **args)
     done.write_text("ok\n")
     return best
+
+
+LOW_DISK = 256 << 20  # bytes free under a run folder below which a failed training is put down to the disk
+
+
+def _train_into(run_dir: Path, model: Any, **args: Any) -> None:
+    """``model.train(**args)``; a failure while the disk under ``run_dir`` is (nearly) full, where
+    torch says only "iostream error" or "unexpected pos", becomes an ``AnnotatorError`` naming the
+    folder (the CLI's one line, exit 2). The re-run resumes; a checkpoint cut short is not resumed."""
+    try:
+        model.train(**args)
+    except (RuntimeError, OSError) as exc:
+        try:
+            free = shutil.disk_usage(run_dir).free
+        except OSError:
+            raise exc from None
+        if free >= LOW_DISK and getattr(exc, "errno", None) != errno.ENOSPC:
+            raise
+        raise AnnotatorError(f"training into {run_dir} failed with {free >> 20} MiB free there ({exc}); free space "
+                             "or give --work on another disk, then run the same command again") from exc
 
 
 FINGERPRINT = "FINGERPRINT"  # in a role's run folder: what its weights were trained from
@@ -353,6 +382,40 @@ def check_holdout(coco: dict[str, Any], annotations: Path, allow: bool) -> bool 
     return None if included is None else bool(included)
 
 
+def check_trainable(coco: dict[str, Any], annotations: Path, repeats: dict[int, int], roles: Sequence[str]) -> None:
+    """Refuse (``AnnotatorError``, before any training) a dataset no bundle can be trained on:
+    no image (every one in the hold-out, or left out by the mix), a single image (nothing to
+    validate on), no person, or no labelled key point for a pose role (all ``outside``). Such a
+    run otherwise trains, calibrates on 0 points and publishes a bundle that finds nothing."""
+    info = coco.get("info") if isinstance(coco.get("info"), dict) else {}
+    kept = {int(im["id"]) for im in coco.get("images", []) if repeats.get(int(im["id"]), 1) > 0}
+    if not coco.get("images"):
+        held = int(info.get("holdout_left_out") or 0)
+        raise AnnotatorError(f"dataset: {annotations} has no images" + (
+            f": all {held} labelled images are in the hold-out (the model-pull gate's validation set); label more "
+            "images and export again" if held else "; export a dataset with labelled images (annotator dataset export)"))
+    if len(kept) < 2:
+        left = len(coco["images"]) - len(kept)
+        raise AnnotatorError(f"dataset: {annotations} has {len(kept)} image(s) to train on" + (
+            f" ({left} left out by --reviewed-only or a weight of 0)" if left else "") +
+            "; training needs at least 2 (one validates): label more images" +
+            (", or train with the auto labels" if left else ""))
+    _, person_cat, _ = coco_schema(coco)
+    anns = [a for a in coco.get("annotations", []) if int(a.get("image_id", -1)) in kept and not a.get("iscrowd", 0)]
+    persons = [a for a in anns if a.get("category_id") == person_cat]
+    flags = [np.asarray(a.get("keypoints") or [], float).reshape(-1, 3)[:, 2] for a in persons]
+    wanted = {"pose_main": "a labelled key point (every one is outside)",
+              "pose_visible": "a visible key point (every one is occluded or outside)"}
+    counts = {"pose_main": int(sum((f > 0).sum() for f in flags)), "pose_visible": int(sum((f == 2).sum() for f in flags))}
+    if not persons and any(r != "head" for r in roles):
+        raise AnnotatorError(f"dataset: {annotations}: none of its {len(kept)} images has a person annotated; the "
+                             "pose models cannot learn from it: review images with people in them, then export again")
+    empty = [r for r in roles if counts.get(r) == 0]
+    if empty:
+        raise AnnotatorError(f"dataset: {annotations}: no image has {wanted[empty[0]]}, which the {empty[0]} model "
+                             "learns from; label them, or leave that role out (--roles)")
+
+
 def bundle_lineage(cfg: TrainConfig, coco: dict[str, Any], sets: LabelSets, mix_summary: dict[str, Any],
                    holdout_included: bool | None) -> dict[str, Any]:
     """``lineage`` of the bundle: the dataset (``version``: the export's dataset version, which
@@ -377,14 +440,37 @@ def bundle_lineage(cfg: TrainConfig, coco: dict[str, Any], sets: LabelSets, mix_
     }
 
 
+def finished_bundle(cfg: TrainConfig, lineage: dict[str, Any], ckpts: dict[str, Path]) -> Bundle | None:
+    """The bundle at ``cfg.out`` when an earlier run finished it from these very inputs (the same
+    lineage, its ``lineage.weights`` the checkpoints' sha256), else None. A re-run after a kill
+    (during ``--publish``, say, or just after it) returns it instead of building a new bundle
+    under a new id: the publication then completes that id rather than putting a second bundle
+    of the same training into the registry, and leaving the first one's files there for good."""
+    if not (cfg.out / "bundle.json").is_file():
+        return None
+    try:
+        done = load_bundle(cfg.out)
+        stored = {k: done.lineage.get(k) for k in lineage}  # build_bundle adds notes and sources
+        weights = dict(done.lineage.get("weights") or {})
+        if json.dumps(stored, sort_keys=True, default=str) != json.dumps(lineage, sort_keys=True, default=str):
+            return None
+        if {r: str(w.get("sha256")) for r, w in weights.items()} != {r: sha256_file(p) for r, p in ckpts.items()}:
+            return None
+    except (AnnotatorError, OSError, ValueError, TypeError, AttributeError):
+        return None
+    log.info("%s: bundle %s was built from these checkpoints already; kept", cfg.out, done.id)
+    return done
+
+
 def train_bundle(cfg: TrainConfig) -> Bundle:
     """Run the whole pipeline of this module and return the verified bundle."""
     from .bundle_build import build_bundle
 
     coco = load_coco(cfg.annotations)
     holdout_included = check_holdout(coco, cfg.annotations, cfg.allow_holdout)
-    cfg.work.mkdir(parents=True, exist_ok=True)
     repeats, mix_summary = training_repeats(coco, cfg.mix, cfg.seed)
+    check_trainable(coco, cfg.annotations, repeats, cfg.roles)
+    cfg.work.mkdir(parents=True, exist_ok=True)
     # Validation (checkpoint choice, threshold calibration) on human labels only, when the dataset has them.
     origins = image_origins(coco)
     reviewed = {i for i, o in origins.items() if o == REVIEWED and repeats.get(i, 1) > 0}
@@ -403,6 +489,9 @@ def train_bundle(cfg: TrainConfig) -> Bundle:
         if role in sets.data_yaml:
             ckpts[role] = train_role(cfg, role, sets.data_yaml[role], names)
     lineage = bundle_lineage(cfg, coco, sets, mix_summary, holdout_included)
+    done = finished_bundle(cfg, lineage, ckpts)
+    if done is not None:
+        return done
     tmp_out = cfg.out.with_name(cfg.out.name + ".partial")
     if tmp_out.exists():
         shutil.rmtree(tmp_out)
@@ -427,5 +516,5 @@ def train_bundle(cfg: TrainConfig) -> Bundle:
     return load_bundle(cfg.out)
 
 
-__all__ = ["FINETUNE_ARGS", "TrainConfig", "TrainingMix", "bundle_lineage", "check_holdout", "train_args", "train_bundle",
-           "train_role", "training_fingerprint", "dataset_version", "Thresholds"]
+__all__ = ["FINETUNE_ARGS", "TrainConfig", "TrainingMix", "bundle_lineage", "check_holdout", "check_trainable",
+           "finished_bundle", "train_args", "train_bundle", "train_role", "training_fingerprint", "Thresholds"]

@@ -109,6 +109,19 @@ def resolve_init(init: str, config: Path | None, models_root: Path | None) -> st
                          "; give --config, --models-root or a bundle directory")
 
 
+def _int8_copy_of(path: Path, bundle_id: str) -> Any:
+    """The int8 bundle at ``path`` when it is the copy of ``bundle_id`` (a re-run after a kill kept
+    that bundle: ``exporter.train.finished_bundle``), so that it is published again, not a new copy."""
+    from service.bundle import load_bundle
+    from service.errors import AnnotatorError
+
+    try:
+        b = load_bundle(path) if (path / "bundle.json").is_file() else None
+    except (AnnotatorError, OSError, ValueError):
+        return None
+    return b if b is not None and b.lineage.get("parent_bundle") == bundle_id else None
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train (and publish) a bundle; prints its id and where it went."""
     from service.cli import dataset_paths
@@ -118,6 +131,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train_bundle
 
     ann, images = dataset_paths(args.dataset, args.images)
+    if not images.is_dir():  # else the label sets link to nothing and ultralytics fails on them
+        raise AnnotatorError(f"dataset: images folder {images} does not exist; give --images DIR "
+                             "(default: images/ beside the json)")
     if args.sign_key is not None and not args.publish:
         raise AnnotatorError("--sign-key: only with --publish REGISTRY")
     init = resolve_init(args.init, args.config, args.models_root)
@@ -126,6 +142,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         from sync.publish import open_registry
 
         publish_to = open_registry(args.publish, endpoint_url=args.registry_endpoint)
+        try:  # a folder that cannot be written, a missing bucket: said now, not after the training
+            publish_to.check()
+        except AnnotatorError as exc:
+            raise AnnotatorError(f"--publish {args.publish}: {exc}") from exc
     cfg = TrainConfig(annotations=ann, images=images, out=Path(args.out), work=Path(args.work or f"{args.out}.work"),
                       epochs=args.epochs, imgsz=args.imgsz, batch=args.batch, device=args.device, init=init,
                       workers=args.workers, allow_holdout=args.allow_holdout,
@@ -141,7 +161,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from .quantize import quantize_bundle
 
         published = Path(f"{args.out}.int8")
-        int8 = quantize_bundle(cfg.out, published, images)
+        int8 = _int8_copy_of(published, bundle.id) or quantize_bundle(cfg.out, published, images)
         print(f"int8 bundle {int8.id} written to {published}")
     if publish_to is not None:
         from sync.publish import publish_bundle

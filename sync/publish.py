@@ -113,19 +113,26 @@ def publish_bundle(bundle_dir: Path, store: ObjectStore, sign_key: Path | None =
     if published is not None and published != manifest:
         raise PermanentError(f"bundle id {bundle_id} is published already with other contents (its bundle.json "
                              f"differs); give the bundle a new id (the registry and the boxes keep the one they have)")
-    keys = []
-    for rel in files:
-        store.put(prefix + rel, bundle_dir / rel, sha256=sha256_of(bundle_dir / rel))
+    keys: list[str] = []
+
+    def put(rel: str, data: bytes | Path, **kw: str) -> None:
+        try:
+            store.put(prefix + rel, data, **kw)
+        except OSError as exc:  # a full or read-only registry folder: errno 28 alone names no path
+            raise PermanentError(f"publish bundle {bundle_id}: writing {prefix + rel} in {store!r} failed: {exc}; "
+                                 f"not listed ({MANIFEST} goes last): free space or fix the registry, then publish "
+                                 "again") from exc
         keys.append(prefix + rel)
+
+    for rel in files:
+        put(rel, bundle_dir / rel, sha256=sha256_of(bundle_dir / rel))
     signed = sign_key is not None
     if sign_key is not None:
         signature = sign_manifest(manifest, load_private_key(sign_key))
         (bundle_dir / SIGNATURE).write_bytes(signature)
-        store.put(prefix + SIGNATURE, signature)
-        keys.append(prefix + SIGNATURE)
+        put(SIGNATURE, signature)
     elif store.head(prefix + SIGNATURE) is not None:
         store.delete(prefix + SIGNATURE)  # a stale signature of an earlier publication would be refused
-    store.put(prefix + MANIFEST, manifest, content_type="application/json")
-    keys.append(prefix + MANIFEST)
+    put(MANIFEST, manifest, content_type="application/json")
     log.info("published bundle %s to %r (%d objects%s)", bundle_id, store, len(keys), ", signed" if signed else "")
     return PublishResult(bundle_id, tuple(keys), signed, repr(store))
