@@ -76,6 +76,7 @@ class DropConfig:
     max_bytes: int = 64 * MiB
     max_pixels: int = 50_000_000
     poll_interval: float = 1.0  # seconds
+    remove_empty_hours: float = 0.0  # > 0: empty recording folders (<camera>/<session>/) untouched this long go
 
 
 @dataclass(frozen=True)
@@ -255,6 +256,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "drop.max_bytes": (_in(1), "an integer of bytes >= 1"),
     "drop.max_pixels": (_in(1), "an integer of pixels >= 1"),
     "drop.poll_interval": (lambda v: v > 0, "a number of seconds > 0"),
+    "drop.remove_empty_hours": (_in(0), "a number of hours >= 0 (0: never)"),
     "engine.batch_size": (_in(1, 1024), "an integer in [1, 1024]"),
     "engine.threads": (_in(0, 1024), "an integer in [0, 1024]"),
     "engine.run_batch": (_in(0, 1024), "an integer in [0, 1024] (0: batch_size on a GPU, 1 on the CPU)"),

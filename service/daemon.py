@@ -56,7 +56,7 @@ from .engine import GPU_PROVIDERS, Engine
 from .errors import (AnnotatorError, BundleError, ImageError, ImageNotFound, ImageTooLarge, LeaseLost, ShuttingDown,
                      StoreFull, StoreUnavailable, describe_io_error, free_space, is_io_fault, store_write_error)
 from .imageio import DecodedImage, decode_image
-from .judge import MAX_CAMERAS, Judge, Judgement, NearDuplicate, ReviewShare, load_score_fn, rank_key
+from .judge import Judge, Judgement, NearDuplicate, ReviewShare, load_score_fn, rank_key
 from .outputs import write_sidecars
 from .record import Prediction
 from .retention import RetentionTask
@@ -236,7 +236,8 @@ class Daemon:
         self.drop = DropFolder(Path(d.folder), self._from_drop, d.processed_mode, float(d.stable_seconds),
                                self.max_bytes, self.max_pixels, float(d.poll_interval),
                                self.max_side_hint, paused=self.store.paused_reason,
-                               known=self._stored) if d.folder else None
+                               known=self._stored, remove_empty_seconds=3600.0 * float(d.remove_empty_hours)) \
+            if d.folder else None
         keep = getattr(config, "retention", None)
         self.retention = RetentionTask(self.store, keep, Path(d.folder) if d.folder else None, metrics=metrics) \
             if keep is not None and retention_enabled(keep) else None

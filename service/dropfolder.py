@@ -64,7 +64,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from watchdog.events import EVENT_TYPE_CLOSED_NO_WRITE, EVENT_TYPE_OPENED, FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
@@ -89,9 +89,6 @@ RESCAN_SECONDS = 30.0
 # RESCAN_MAX_SECONDS, spaced so that its own cost (this thread's CPU time outside taking files)
 # stays within 1 / WALK_SPACING of the time (``rescan_interval``).
 RESCAN_MAX_SECONDS, WALK_SPACING = 600.0, 50.0
-# An empty sub-folder (a camera's or recording's, its files taken) untouched this long is removed
-# by the full walk (``DropFolder._remove_if_stale``).
-EMPTY_FOLDER_SECONDS = 3600.0
 PAUSE_RETRY_SECONDS = 5.0  # after a StoreFull, how long no file is read or decoded
 MOVE_RETRY_SECONDS, MOVE_RETRY_MAX_SECONDS = 30.0, 1800.0  # a file that cannot be moved out: back-off
 NAME_MAX = 255  # bytes in one name (ext4, XFS, btrfs, tmpfs...)
@@ -266,10 +263,6 @@ class _Handler(FileSystemEventHandler):
         if event.event_type == EVENT_TYPE_EVENTS_LOST:  # the kernel's queue overflowed: look at everything
             self.folder.request_full_scan()
             return
-        if event.is_directory and event.event_type in ("created", "moved"):  # a new camera folder: watch it
-            made = Path(os.fsdecode(getattr(event, "dest_path", "") or event.src_path))
-            if made.parent == self.folder.root:
-                self.folder.folder_appeared(made)
         if event.event_type in _IGNORED_EVENTS or (event.is_directory and event.event_type != "moved"):
             return
         for p in (event.src_path, getattr(event, "dest_path", "")):
@@ -284,11 +277,14 @@ class DropFolder:
                  max_bytes: int = 50_000_000, max_pixels: int = 50_000_000, poll_interval: float = 0.5,
                  max_side_hint: int | None = None, clock: Callable[[], float] = time.monotonic,
                  paused: Callable[[], str | None] | None = None,
-                 pause_retry_seconds: float = PAUSE_RETRY_SECONDS, known: Callable[[str], bool] | None = None) -> None:
+                 pause_retry_seconds: float = PAUSE_RETRY_SECONDS, known: Callable[[str], bool] | None = None,
+                 remove_empty_seconds: float = 0.0) -> None:
         """``paused``: why the store refuses ingest right now, or None (``Store.paused_reason``);
         asked once per scan so that nothing is decoded for a sink that would refuse it.
         ``known``: whether the store holds the image with this id (sha256 of the bytes) already;
-        such a file is disposed of without decoding or ingesting it (see the module docstring)."""
+        such a file is disposed of without decoding or ingesting it (see the module docstring).
+        ``remove_empty_seconds``: when > 0, an empty recording folder untouched that long is
+        removed by the full walk (``_remove_if_stale``); 0 (the default) removes none."""
         if processed_mode not in PROCESSED_MODES:
             raise ValueError(f"drop.processed_mode: expected one of {PROCESSED_MODES}, got {processed_mode!r}")
         self.root = Path(root)
@@ -302,6 +298,7 @@ class DropFolder:
         self.max_side_hint = max_side_hint
         self.clock = clock
         self.paused = paused
+        self.remove_empty_seconds = float(remove_empty_seconds)
         self.pause_retry_seconds = float(pause_retry_seconds)
         self.known = known
         self._held_until = -math.inf  # clock time before which no file is looked at (StoreFull)
@@ -316,17 +313,11 @@ class DropFolder:
         # tried again after a delay that doubles up to MOVE_RETRY_MAX_SECONDS, or when it changes.
         self._stuck: dict[Path, tuple[int, int, float, float]] = {}
         self._dirty: set[Path] = set()
-        self._lock = threading.RLock()  # re-entered: _keep_watching holds it while _watch runs
+        self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._observer: Observer | None = None  # type: ignore[valid-type]
-        # The root is watched alone and each top-level folder (a camera's) with all below it, so
-        # that processed/ and quarantine/ hold no inotify watch (``_watch``): their folders, one
-        # per recording kept, were each a watch for ever.
-        self._handler = _Handler(self)
-        self._folders: dict[str, Any] = {}  # top-level folder -> its ObservedWatch
-        self._appeared: set[Path] = set()  # top-level folders made since, to watch (worker thread)
         self._rewatch_at = -math.inf  # clock time of the next try to watch again (see _keep_watching)
         self.taken = self.quarantined = 0
         self.walk_seconds = 0.0  # the last full scan's own cost: its time less the time taking files
@@ -377,64 +368,11 @@ class DropFolder:
         self._wake.set()
 
     def _watch(self) -> None:
-        """Watch the root alone, and each top-level folder with everything below it, but not
-        ``processed/`` nor ``quarantine/``: a recursive watch of the root held one inotify watch
-        per folder kept there (a recording's, for ever with retention off), and
-        ``fs.inotify.max_user_watches`` is 8192 on older kernels (the watcher then ended and
-        files were found by the full walks only). A top-level folder made later is watched once
-        its creation is seen (``folder_appeared``) or the full walk meets it."""
         observer = Observer()
-        observer.schedule(self._handler, str(self.root), recursive=False)
+        observer.schedule(_Handler(self), str(self.root), recursive=True)
         observer.daemon = True
         observer.start()
-        self._observer, self._folders = observer, {}
-        with self._lock:
-            self._appeared.update(self._top_folders())
-        self._watch_folders()
-
-    def _top_folders(self) -> list[Path]:
-        """The top-level folders to watch: not processed/, quarantine/, hidden ones or links."""
-        try:
-            with os.scandir(self.root) as entries:
-                return [Path(e.path) for e in entries if e.is_dir(follow_symlinks=False)
-                        and e.name not in (PROCESSED, QUARANTINE) and not e.name.startswith((".", "~"))]
-        except OSError:  # removed meanwhile: _keep_watching watches it again once it is back
-            return []
-
-    def folder_appeared(self, folder: Path) -> None:
-        """A folder was made (or moved) in the root: watched by the worker thread next."""
-        with self._lock:
-            self._appeared.add(folder)
-        self._wake.set()
-
-    def _watch_folders(self) -> None:
-        """Watch the top-level folders that appeared; forget those whose watch ended (removed)."""
-        observer = self._observer
-        if observer is None:
-            return
-        for key, watch in list(self._folders.items()):
-            emitter = next((e for e in list(observer.emitters) if e.watch == watch), None)
-            if emitter is None or not emitter.is_alive():
-                self._folders.pop(key, None)
-                try:
-                    observer.unschedule(watch)
-                except (KeyError, OSError):
-                    pass
-        with self._lock:
-            appeared, self._appeared = self._appeared, set()
-        made = False
-        for folder in sorted(appeared):
-            name = folder.name
-            if (str(folder) in self._folders or name in (PROCESSED, QUARANTINE) or name.startswith((".", "~"))
-                    or folder.is_symlink() or not folder.is_dir()):
-                continue
-            try:
-                self._folders[str(folder)] = observer.schedule(self._handler, str(folder), recursive=True)
-                made = True
-            except OSError as exc:  # gone again, or no inotify watch left: the full walks find its files
-                log.warning("cannot watch %s (%s); its files are found by the full walks", text_name(folder), exc)
-        if made:
-            self.request_full_scan()  # what was written into it before its watch began
+        self._observer = observer
 
     def _keep_watching(self) -> None:
         """Watch again when the watcher has ended: the drop folder was removed (a clean-up
@@ -443,10 +381,7 @@ class DropFolder:
         While the folder is missing nothing is tried; a watcher that ends for another reason is
         tried again at most every RESCAN_SECONDS."""
         observer = self._observer
-        if observer is None:
-            return
-        if any(e.watch.path == str(self.root) and e.is_alive() for e in list(observer.emitters)):
-            self._watch_folders()  # the root's watcher lives: new camera folders, removed ones
+        if observer is None or all(e.is_alive() for e in observer.emitters) and observer.emitters:
             return
         if self.clock() < self._rewatch_at or not self.root.is_dir():
             return
@@ -482,27 +417,24 @@ class DropFolder:
         out = []
         for dirpath, dirnames, filenames in os.walk(self.root, followlinks=False):
             here = Path(dirpath)
-            if not dirnames and not filenames and len(here.relative_to(self.root).parts) >= 2:
+            if self.remove_empty_seconds > 0 and not dirnames and not filenames \
+                    and len(here.relative_to(self.root).parts) >= 2:
                 self._remove_if_stale(here)  # a recording's (a camera's own folder stays)
             if here == self.root:
                 dirnames[:] = [d for d in dirnames if d not in (PROCESSED, QUARANTINE)]
             dirnames[:] = [d for d in dirnames if not d.startswith((".", "~"))]
-            if here == self.root:  # a camera folder whose creation the watcher missed is watched too
-                unwatched = {here / d for d in dirnames if str(here / d) not in self._folders}
-                if unwatched:
-                    with self._lock:
-                        self._appeared.update(unwatched)
             out.extend(here / f for f in filenames)
             # links to folders are in dirnames (walk does not follow them); a listdir of ``here``
             # raised when a capture tool removed the folder meanwhile, and ended the whole walk
             out.extend(here / d for d in dirnames if os.path.islink(here / d))
         return out
 
-    @staticmethod
-    def _remove_if_stale(folder: Path) -> None:
+    def _remove_if_stale(self, folder: Path) -> None:
         """Remove an empty recording folder (``<camera>/<session>/`` and deeper; a camera's own
-        folder stays, a capture tool may expect it) nothing was written into for
-        ``EMPTY_FOLDER_SECONDS``.
+        folder stays) nothing was made or removed in for ``remove_empty_seconds`` (the setting
+        ``drop.remove_empty_hours``; off by default: a capture tool that writes into fixed
+        sub-folders it does not make again, ``<camera>/rgb/`` made once at install, would lose
+        its frames once the folder went).
 
         Capture tools make a folder per camera and recording (``<camera>/<session>/``), and once
         their files were taken the empty folders stayed for ever: over months thousands of them,
@@ -511,7 +443,7 @@ class DropFolder:
         mtime is the last time an entry was made or removed in it, so a folder a writer still
         uses is not this old; ``rmdir`` never removes a folder that is not empty."""
         try:
-            if folder.lstat().st_mtime < time.time() - EMPTY_FOLDER_SECONDS:
+            if folder.lstat().st_mtime < time.time() - self.remove_empty_seconds:
                 folder.rmdir()
                 log.debug("drop folder: removed the empty folder %s", text_name(folder))
         except OSError:  # written into meanwhile, removed by someone else, not ours to remove

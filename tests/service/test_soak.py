@@ -9,12 +9,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-import service.dropfolder as dropfolder
 from service.dropfolder import DropFolder
 from service.imageio import DecodedImage
 
-# HEAD had no such setting (folders were never removed): the test then fails on what is left.
-EMPTY_FOLDER_SECONDS = getattr(dropfolder, "EMPTY_FOLDER_SECONDS", 3600.0)
+EMPTY_FOLDER_SECONDS = 3600.0  # drop.remove_empty_hours = 1
 
 
 def _jpeg(seed: int) -> bytes:
@@ -46,14 +44,15 @@ def test_recording_folders_do_not_pile_up_as_folders_and_inotify_watches(tmp_pat
     """A capture tool writes each recording into ``<camera>/<session>/``. Once the files are taken
     the folder is empty; it stayed for ever, and the recursive watcher held one inotify watch per
     folder: one watch and one folder more per recording, without bound (8192 watches is the
-    limit on older kernels). An empty folder untouched for ``EMPTY_FOLDER_SECONDS`` goes at the
+    limit on older kernels). With ``drop.remove_empty_hours`` set, an empty folder untouched that long goes at the
     next full walk; one a writer just made stays."""
     got: list[str] = []
 
     def sink(data: bytes, source: str, meta: dict, decoded: DecodedImage) -> None:
         got.append(source)
 
-    drop = DropFolder(tmp_path / "drop", sink, "delete", stable_seconds=0.0)
+    drop = DropFolder(tmp_path / "drop", sink, "delete", stable_seconds=0.0,
+                      remove_empty_seconds=EMPTY_FOLDER_SECONDS)
     before = _inotify_watches()
     drop.start()
     try:
@@ -132,40 +131,13 @@ def test_retention_leaves_no_empty_recording_folders(tmp_path: Path) -> None:
         store.close()
 
 
-def test_processed_and_quarantine_folders_hold_no_inotify_watch(tmp_path: Path) -> None:
-    """The watcher was recursive from the root, so every folder kept under ``processed/`` (one per
-    recording, for ever with retention off, the default) and ``quarantine/`` was an inotify watch
-    of the daemon: 8192 of them ended the watcher on older kernels. The root is watched alone and
-    each camera folder with what is below it; a camera folder made later is watched too (its
-    files are taken from their events, without waiting for a full walk)."""
-    got: list[str] = []
-
-    def sink(data: bytes, source: str, meta: dict, decoded: DecodedImage) -> None:
-        got.append(source)
-
-    root = tmp_path / "drop"
-    for k in range(30):  # a month of recordings taken already
-        (root / "processed" / f"cam{k % 2}" / f"session{k:03d}").mkdir(parents=True)
-        (root / "quarantine" / f"cam{k % 2}" / f"session{k:03d}").mkdir(parents=True)
-    (root / "cam0").mkdir()
-    drop = DropFolder(root, sink, "move", stable_seconds=0.0)
-    before = _inotify_watches()
-    drop.start()
-    try:
-        deadline = time.monotonic() + 10
-        while _inotify_watches() < before + 2 and time.monotonic() < deadline:  # root and cam0
-            time.sleep(0.05)
-        time.sleep(0.3)
-        assert _inotify_watches() - before == 2, "processed/ and quarantine/ folders are watched"
-        drop.scan_once(full=True)  # the start-up walk is over: from here files come by their events
-        (root / "cam9" / "session-late").mkdir(parents=True)
-        tmp = root / "cam9" / "session-late" / ".f.tmp"
-        tmp.write_bytes(_jpeg(7))
-        tmp.rename(tmp.with_name("f.jpg"))
-        deadline = time.monotonic() + 20
-        while not got and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert got == ["drop:cam9/session-late/f.jpg"]
-        assert _inotify_watches() - before <= 4  # root, cam0, cam9 and its session
-    finally:
-        drop.stop()
+def test_empty_folders_stay_unless_asked(tmp_path: Path) -> None:
+    """Off by default: a capture tool writing into fixed sub-folders made once (``<camera>/rgb/``)
+    and never made again would lose its frames once an idle hour removed them."""
+    drop = DropFolder(tmp_path / "drop", lambda *a: None, "delete", stable_seconds=0.0)
+    fixed = drop.root / "cabin-front" / "rgb"
+    fixed.mkdir(parents=True)
+    old = time.time() - 10 * 24 * 3600
+    os.utime(fixed, (old, old))
+    drop.scan_once(full=True)
+    assert fixed.is_dir()
