@@ -182,18 +182,20 @@ def train_role(cfg: TrainConfig, role: str, data_yaml: Path, kpt_names: Sequence
     if done.exists() and best.exists():
         log.info("%s: already trained (%s)", role, best)
         return best
-    if last.exists():
-        try:
-            resumed = _yolo(str(last), threads)
-        except Exception as exc:  # noqa: BLE001 - ultralytics' TypeError, torch's RuntimeError, ...
-            # ultralytics writes last.pt in place: a run killed (or out of disk) while saving it
-            # left it truncated, and resuming it would fail the same way at every re-run.
-            log.warning("%s: cannot load %s (%s); training afresh", role, last, exc)
-            shutil.rmtree(run_dir)
+    if last.exists() and not _whole_checkpoint(last):
+        # ultralytics writes last.pt in place: a run killed (or out of disk) while saving it left
+        # it cut short, and resuming it failed the same way at every re-run. Only such a file is
+        # given up (the folder kept aside as <run>.broken); any other error loading it (an
+        # ultralytics without the train extra, an I/O error) is raised and nothing is removed.
+        broken = run_dir.with_name(run_dir.name + ".broken")
+        log.warning("%s: %s is cut short (a run killed while saving it?); training afresh, the old folder "
+                    "kept as %s", role, last, broken)
+        shutil.rmtree(broken, ignore_errors=True)
+        run_dir.rename(broken)
     if last.exists():
         log.info("%s: resuming %s", role, last)
         try:
-            _train_into(run_dir, resumed, resume=True)
+            _train_into(run_dir, _yolo(str(last), threads), resume=True)
             done.write_text("ok\n")
             return best
         except (AssertionError, FileNotFoundError) as exc:  # finished or foreign checkpoint
@@ -205,6 +207,18 @@ def train_role(cfg: TrainConfig, role: str, data_yaml: Path, kpt_names: Sequence
     _train_into(run_dir, _yolo(model_arg, threads), **args)
     done.write_text("ok\n")
     return best
+
+
+def _whole_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a whole torch checkpoint (a zip whose central directory, written
+    last, is there and whose members read back), not one cut short while it was saved."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.testzip() is None
+    except (zipfile.BadZipFile, EOFError, ValueError):
+        return False
 
 
 LOW_DISK = 256 << 20  # bytes free under a run folder below which a failed training is put down to the disk

@@ -103,16 +103,21 @@ class _FakeYOLO:
     calls: list[tuple[str, dict]] = []
 
     def __init__(self, weights: str) -> None:
-        if weights.endswith(".pt") and Path(weights).is_file() and not Path(weights).read_bytes().startswith(b"PK"):
+        import zipfile
+
+        if weights.endswith(".pt") and Path(weights).is_file() and not zipfile.is_zipfile(weights):
             raise TypeError(f"ERROR {weights} is not a loadable checkpoint (truncated)")
         self.weights = weights
 
     def train(self, **kw: Any) -> None:
+        import zipfile
+
         _FakeYOLO.calls.append((self.weights, kw))
         run = Path(self.weights).parents[1] if kw.get("resume") else Path(str(kw["project"])) / str(kw["name"])
         (run / "weights").mkdir(parents=True, exist_ok=True)
-        for name in ("best.pt", "last.pt"):
-            (run / "weights" / name).write_bytes(b"PK whole checkpoint")
+        for name in ("best.pt", "last.pt"):  # a torch checkpoint is a zip
+            with zipfile.ZipFile(run / "weights" / name, "w") as z:
+                z.writestr("archive/data.pkl", b"whole checkpoint" * 64)
 
 
 def test_a_checkpoint_cut_short_by_a_kill_is_trained_afresh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -132,10 +137,23 @@ def test_a_checkpoint_cut_short_by_a_kill_is_trained_afresh(tmp_path: Path, monk
     run = work / "runs" / "pose_main"
     best = train_role(cfg, "pose_main", sets.data_yaml["pose_main"])
     (run / "DONE").unlink()  # killed while saving an epoch's checkpoint: no DONE, last.pt cut short
-    (run / "weights" / "last.pt").write_bytes(b"PK"[:1] + b"\0" * 100)
+    whole = (run / "weights" / "last.pt").read_bytes()
+    (run / "weights" / "last.pt").write_bytes(whole[: len(whole) // 2])  # the central directory not written yet
     assert train_role(cfg, "pose_main", sets.data_yaml["pose_main"]) == best
     assert len(_FakeYOLO.calls) == 2 and not _FakeYOLO.calls[1][1].get("resume")  # afresh, not resumed
     assert (run / "DONE").is_file() and (run / "FINGERPRINT").is_file()
+    assert (run.with_name("pose_main.broken") / "weights" / "last.pt").is_file()  # kept aside, not deleted
+
+    # Any other failure to load a whole checkpoint (no train extra, an I/O error) removes nothing.
+    (run / "DONE").unlink()
+
+    def missing(weights: str, threads: int) -> Any:
+        raise ModuleNotFoundError("No module named 'ultralytics'")
+
+    monkeypatch.setattr("exporter.train._yolo", missing)
+    with pytest.raises(ModuleNotFoundError):
+        train_role(cfg, "pose_main", sets.data_yaml["pose_main"])
+    assert (run / "weights" / "last.pt").is_file() and (run / "weights" / "best.pt").is_file()
 
 
 def test_ultralytics_refuses_a_truncated_checkpoint(tmp_path: Path, ultralytics_offline: Path) -> None:
