@@ -261,6 +261,7 @@ class Daemon:
         # When each busy thread (worker owner or "finisher") began its current batch step
         # (monotonic); ``healthy`` reads it to tell a wedged thread from a working one.
         self._busy: dict[str, float] = {}
+        self._in_flight = 0  # predicted batches handed to the finisher and not finished yet
         self.stall_seconds = float(getattr(config.engine, "stall_seconds", 1800.0))
         self._stalled: set[str] = set()
         # A disk fault under a batch's writes (``_io_failed``): why, and until when no image is claimed.
@@ -595,13 +596,16 @@ class Daemon:
                     self._stop.wait(min(IDLE_POLL_SECONDS * 4, max(0.0, self._io_until - time.monotonic())))
                     continue
                 rows = self._claim(owner)
-                if not rows and self._io_fault is not None and not self._give_back and not self._busy:
+                if not rows and self._io_fault is not None and not self._give_back and not self._busy \
+                        and not self._in_flight:  # a batch queued for the finisher is in flight too
                     self._io_recovered()  # nothing waits nor is in flight any more: no fault to report
                 if rows:
                     self._busy[owner] = time.monotonic()
                     try:
                         predicted = self._predict(owner, rows)
                         if predicted is not None:
+                            with self._lock:
+                                self._in_flight += 1
                             self._finish_q.put(predicted)  # waits while the finisher has a batch queued
                     finally:
                         self._busy.pop(owner, None)
@@ -687,6 +691,8 @@ class Daemon:
                               "expires", len(item.rows))
             finally:
                 self._busy.pop("finisher", None)
+                with self._lock:
+                    self._in_flight -= 1
 
     def _finish(self, p: "_Predicted") -> None:
         """Judge, write the sidecars, complete the whole batch in one transaction, resolve waiters.
@@ -772,7 +778,7 @@ class Daemon:
             if image_ids:
                 self._give_back.append((owner, list(image_ids)))
         (log.error if first else log.debug)(
-            "%s %s (%s); the images stay queued (not failed, not quarantined) and are retried in %.0f s",
+            "%s (%s; %s); the images stay queued (not failed, not quarantined) and are retried in %.0f s",
             text, what, space, self._io_delay)
         self._return_leases()
 

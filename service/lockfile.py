@@ -29,8 +29,11 @@ def hold(path: Path) -> int:
     """Lock ``path`` (created when missing) for this process; ``Held`` at once when another has it."""
     try:
         fd, writable = os.open(path, os.O_RDWR | os.O_CREAT, 0o666), True
-    except PermissionError:  # made by another user (root ran the command once): flock needs no write
-        fd, writable = os.open(path, os.O_RDONLY), False
+    except PermissionError as denied:  # made by another user (root ran the command once): flock needs no write
+        try:
+            fd, writable = os.open(path, os.O_RDONLY), False
+        except FileNotFoundError:  # a folder this user may not write, and no lock file in it yet
+            raise denied from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -336,6 +336,9 @@ def hold_store(store_root: Any) -> Callable[[], None]:
         raise SyncConfigError(f"another sync agent (pid {exc.pid}) is running on the store {store_root} "
                               f"(it holds {path}); one agent per store: stop it first (e.g. systemctl stop "
                               f"annotator-sync) or let it do the work") from None
+    except PermissionError as exc:
+        raise SyncConfigError(f"the store {store_root}: this user may not create {path} ({exc.strerror}); run the "
+                              "agent as the daemon's user, or give it write permission on the store") from exc
     return lambda: os.close(fd)
 
 

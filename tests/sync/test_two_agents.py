@@ -114,3 +114,29 @@ def test_the_lock_dies_with_an_agent_killed_with_sigkill(tmp_path: Path) -> None
     second = _start(config, b_log, "--once")  # the lock file is left with a dead pid in it: no matter
     assert second.wait(60) == 0, b_log.read_text()[-3000:]
     _check_bucket(tmp_path, review, a_log, b_log)
+
+
+def test_a_store_this_user_may_not_write_is_said_not_a_traceback(tmp_path, monkeypatch) -> None:
+    """No lock file yet in a store root this user may not write: the read-only fallback's
+    FileNotFoundError escaped ``annotator sync`` as a traceback."""
+    import errno
+    import os as os_mod
+
+    import pytest
+
+    import service.lockfile as lockfile
+    from sync.agent import hold_store
+    from sync.errors import SyncConfigError
+
+    real_open = os_mod.open
+
+    def denied(path, flags, *a):  # noqa: ANN001, ANN202 - what a folder without write permission answers
+        if str(path).endswith("sync.lock"):
+            if flags & os_mod.O_CREAT:
+                raise PermissionError(errno.EACCES, "Permission denied", str(path))
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(lockfile.os, "open", denied)
+    with pytest.raises(SyncConfigError, match=r"may not create .*sync.lock \(Permission denied\); run the agent"):
+        hold_store(tmp_path)
