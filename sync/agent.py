@@ -430,7 +430,7 @@ def _training_task(settings: Any, store: Any, pull: Any, closers: list[Callable[
     dataset = Dataset(pull.dataset_root, holdout_fraction=pull.holdout_fraction)
     closers.append(dataset.close)
     slots = ModelSlots(pull.models_root)
-    return build_training_task(settings, open_target(pull.registry), pull.store_root,
+    return build_training_task(settings, open_target(pull.registry, "sync.models.registry"), pull.store_root,
                                dataset_exporter(store, dataset, settings.propagate), current_bundle=slots.current_path)
 
 

@@ -251,11 +251,13 @@ def load_sync_config(path: Path | None = None, env: Mapping[str, str] = os.envir
     return cfg
 
 
-def open_target(cfg: TargetConfig) -> ObjectStore:
-    """The configured object store (boto3 is imported only for ``kind = "s3"``)."""
+def open_target(cfg: TargetConfig, section: str = "sync.target") -> ObjectStore:
+    """The configured object store (boto3 is imported only for ``kind = "s3"``); ``section``: the
+    table it was given in, named when its bucket does not exist."""
     if cfg.kind == "local":
         return LocalFolderStore(cfg.root or Path("outbox"), cfg.prefix)
     from .s3store import S3Store
 
     return S3Store(cfg.bucket or "", cfg.prefix, endpoint_url=cfg.endpoint_url, region=cfg.region, sse=cfg.sse,
-                   kms_key_id=cfg.kms_key_id, multipart_threshold=cfg.multipart_threshold_mb << 20)
+                   kms_key_id=cfg.kms_key_id, multipart_threshold=cfg.multipart_threshold_mb << 20,
+                   setting=f"[{section}] bucket")

@@ -75,7 +75,8 @@ def build_puller(s: PullSettings, with_gate: bool = True, daemon_optional: bool 
     from .objectstore import LocalFolderStore
     from .registry import BundleRegistry
 
-    registry = BundleRegistry(open_target(s.registry) if s.registry else LocalFolderStore(s.models_root / "none"))
+    registry = BundleRegistry(open_target(s.registry, "sync.models.registry") if s.registry
+                              else LocalFolderStore(s.models_root / "none"))
     slots = ModelSlots(s.models_root)
     reload_fn = grpc_reload_fn(s.daemon, token=s.daemon_token, tls=s.daemon_tls) if s.daemon else _no_daemon
     if s.daemon and daemon_optional:
@@ -117,7 +118,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
         current = slots.current()
         order = (current.created, current.id) if current else None
-        for e in BundleRegistry(open_target(s.registry)).entries():
+        for e in BundleRegistry(open_target(s.registry, "sync.models.registry")).entries():
             mark = "refused" if e.bundle_id in refused else "in use" if current and e.bundle_id == current.id \
                 else "newer" if order is None or e.order > order else "older"
             out.append(f"registry  {e.bundle_id}  created {e.created or '?'}  [{mark}]"

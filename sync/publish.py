@@ -55,7 +55,8 @@ def open_registry(spec: str | Path, endpoint_url: str | None = None, region: str
             raise SyncConfigError(f"registry: expected s3://bucket[/prefix], got {text!r}")
         from .s3store import S3Store
 
-        return S3Store(bucket, prefix.strip("/"), endpoint_url=endpoint_url, region=region)
+        return S3Store(bucket, prefix.strip("/"), endpoint_url=endpoint_url, region=region,
+                       setting=f"the registry address {text}")
     if "://" in text:
         raise SyncConfigError(f"registry: expected a folder or s3://bucket/prefix, got {text!r}")
     return LocalFolderStore(Path(text))

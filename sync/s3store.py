@@ -54,7 +54,7 @@ def clock_skew(exc: ClientError, now: float) -> float | None:
     return skew if abs(skew) > MAX_SKEW else None
 
 
-def wrap_boto_error(exc: Exception, bucket: str, what: str) -> SyncError:
+def wrap_boto_error(exc: Exception, bucket: str, what: str, setting: str = "[sync.target] bucket") -> SyncError:
     """Sort a botocore/boto3 error into ``RetryableError`` or ``PermanentError`` with a clear message.
 
     ``what`` names the operation and key (e.g. "put images/ab.jpg"); no credentials are quoted.
@@ -82,8 +82,7 @@ def wrap_boto_error(exc: Exception, bucket: str, what: str) -> SyncError:
             return PermanentError(f"credentials rejected: access denied on {what} in bucket {bucket} "
                                   "(wrong keys, or the identity lacks permission)")
         if code == "NoSuchBucket":
-            return PermanentError(f"bucket {bucket} does not exist (on {what}); create it or fix "
-                                  "[sync.target] bucket")
+            return PermanentError(f"bucket {bucket} does not exist (on {what}); create it or fix {setting}")
         if code in _RETRY_CODES or status >= 500 or status == 429:
             return RetryableError(f"{what}: server said {code or status}: {message}")
         return PermanentError(f"{what} in bucket {bucket}: {code or status}: {message}")
@@ -112,12 +111,13 @@ class S3Store:
                  region: str | None = None, sse: str | None = None, kms_key_id: str | None = None,
                  multipart_threshold: int = 16 * 1024 * 1024, multipart_chunksize: int | None = None,
                  max_concurrency: int = 4, connect_timeout: float = 5.0, read_timeout: float = 30.0,
-                 client: Any = None) -> None:
+                 client: Any = None, setting: str = "[sync.target] bucket") -> None:
+        """``setting``: where the user gave this bucket, for the message when it does not exist."""
         if sse not in (None, *SSE_MODES):
             raise ValueError(f"sse: expected one of {SSE_MODES} or None, got {sse!r}")
         if kms_key_id and sse != "aws:kms":
             raise ValueError("kms_key_id is only meaningful with sse = 'aws:kms'")
-        self.bucket = bucket
+        self.bucket, self.setting = bucket, setting
         self.prefix = prefix.strip("/")
         self.sse, self.kms_key_id = sse, kms_key_id
         self.transfer = TransferConfig(multipart_threshold=multipart_threshold,
@@ -141,7 +141,7 @@ class S3Store:
         try:
             return fn(**kwargs)
         except (ClientError, BotoCoreError) as exc:
-            raise wrap_boto_error(exc, self.bucket, what) from exc
+            raise wrap_boto_error(exc, self.bucket, what, self.setting) from exc
 
     def _reason(self, exc: ClientError, full_key: str) -> ClientError:
         """The error a HEAD's refusal stands for. A HEAD answer has no body, so botocore knows
@@ -182,9 +182,9 @@ class S3Store:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if code in ("404", "NoSuchKey", "NotFound"):
                 return None
-            raise wrap_boto_error(self._reason(exc, self._key(key)), self.bucket, f"head {key}") from exc
+            raise wrap_boto_error(self._reason(exc, self._key(key)), self.bucket, f"head {key}", self.setting) from exc
         except BotoCoreError as exc:
-            raise wrap_boto_error(exc, self.bucket, f"head {key}") from exc
+            raise wrap_boto_error(exc, self.bucket, f"head {key}", self.setting) from exc
         meta = {str(k).lower(): str(v) for k, v in (r.get("Metadata") or {}).items()}
         return ObjectInfo(key, int(r.get("ContentLength", 0)), meta.get("sha256"), meta)
 
@@ -195,9 +195,9 @@ class S3Store:
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 raise ObjectNotFound(f"no object {key} in s3://{self.bucket}/{self.prefix}") from exc
-            raise wrap_boto_error(exc, self.bucket, f"get {key}") from exc
+            raise wrap_boto_error(exc, self.bucket, f"get {key}", self.setting) from exc
         except BotoCoreError as exc:
-            raise wrap_boto_error(exc, self.bucket, f"get {key}") from exc
+            raise wrap_boto_error(exc, self.bucket, f"get {key}", self.setting) from exc
 
     def list(self, prefix: str = "") -> Iterator[str]:
         full = join_prefix(self.prefix, prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
@@ -206,7 +206,7 @@ class S3Store:
         try:
             keys = [obj["Key"][strip:] for page in pages for obj in page.get("Contents", [])]
         except (ClientError, BotoCoreError) as exc:
-            raise wrap_boto_error(exc, self.bucket, f"list {prefix or '/'}") from exc
+            raise wrap_boto_error(exc, self.bucket, f"list {prefix or '/'}", self.setting) from exc
         return iter(sorted(keys))
 
     def folders(self, prefix: str) -> list[str]:
@@ -218,7 +218,7 @@ class S3Store:
         try:
             names = [p["Prefix"][len(full):].rstrip("/") for page in pages for p in page.get("CommonPrefixes", [])]
         except (ClientError, BotoCoreError) as exc:
-            raise wrap_boto_error(exc, self.bucket, f"list {prefix or '/'}") from exc
+            raise wrap_boto_error(exc, self.bucket, f"list {prefix or '/'}", self.setting) from exc
         return sorted(n for n in names if n)
 
     def delete(self, key: str) -> None:
@@ -230,12 +230,11 @@ class S3Store:
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if code in ("404", "NoSuchBucket", "NotFound"):
-                raise PermanentError(f"bucket {self.bucket} does not exist; create it or fix "
-                                     "[sync.target] bucket") from exc
+                raise PermanentError(f"bucket {self.bucket} does not exist; create it or fix {self.setting}") from exc
             raise wrap_boto_error(self._reason(exc, join_prefix(self.prefix, "images/")), self.bucket,
-                                  "head bucket") from exc
+                                  "head bucket", self.setting) from exc
         except BotoCoreError as exc:
-            raise wrap_boto_error(exc, self.bucket, "head bucket") from exc
+            raise wrap_boto_error(exc, self.bucket, "head bucket", self.setting) from exc
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"

@@ -151,6 +151,12 @@ def test_missing_bucket_is_a_clear_permanent_error(moto_server: S3Server, s3_env
         store.check()
     with pytest.raises(PermanentError, match="bucket edge-no-such-bucket does not exist"):
         store.put("a", b"x")
+    from sync.config import TargetConfig, open_target  # the table it was given in is named
+
+    registry = open_target(TargetConfig(kind="s3", bucket="edge-no-such-bucket", endpoint_url=moto_server.endpoint_url,
+                                        region="us-east-1"), "sync.models.registry")
+    with pytest.raises(PermanentError, match=r"fix \[sync.models.registry\] bucket"):
+        registry.check()
 
 
 def test_unreachable_endpoint_is_retryable(s3_env: None) -> None:

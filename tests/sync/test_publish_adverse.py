@@ -157,4 +157,5 @@ def test_a_missing_bucket_is_said_before_training(tmp_path: Path, fake_pipeline:
     rc = _train(tmp_path, ["s3://no-such-bucket-here/registry", "--registry-endpoint", moto_server.endpoint_url])
     err = capsys.readouterr().err
     assert rc == 2 and "no-such-bucket-here" in err and "Traceback" not in err
+    assert "fix the registry address s3://no-such-bucket-here/registry" in err and "[sync.target]" not in err
     assert fake_pipeline["trained"] == 0  # not hours of training first
