@@ -191,7 +191,11 @@ def train_role(cfg: TrainConfig, role: str, data_yaml: Path, kpt_names: Sequence
         log.warning("%s: %s is cut short (a run killed while saving it?); training afresh, the old folder "
                     "kept as %s", role, last, broken)
         shutil.rmtree(broken, ignore_errors=True)
-        run_dir.rename(broken)
+        try:
+            run_dir.rename(broken)
+            (broken / "weights" / "last.pt").unlink(missing_ok=True)  # worthless, and a full disk may be why
+        except OSError:  # a file stands at <run>.broken: no copy kept
+            shutil.rmtree(run_dir)
     if last.exists():
         log.info("%s: resuming %s", role, last)
         try:
@@ -210,14 +214,21 @@ def train_role(cfg: TrainConfig, role: str, data_yaml: Path, kpt_names: Sequence
 
 
 def _whole_checkpoint(path: Path) -> bool:
-    """Whether ``path`` is a whole torch checkpoint (a zip whose central directory, written
-    last, is there and whose members read back), not one cut short while it was saved."""
+    """False for a torch checkpoint cut short while it was saved: a zip (torch's format since
+    1.6, what ultralytics writes) without its end record, which is written last. Anything else
+    (a whole zip, the legacy format) is left to the loader to judge."""
     import zipfile
 
     try:
-        with zipfile.ZipFile(path) as z:
-            return z.testzip() is None
-    except (zipfile.BadZipFile, EOFError, ValueError):
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if len(head) < 4:
+            return False  # cut short before its first record
+        if head != b"PK\x03\x04":
+            return True  # not a zip (torch's legacy format): the loader says
+        with zipfile.ZipFile(path):
+            return True
+    except (zipfile.BadZipFile, EOFError):
         return False
 
 

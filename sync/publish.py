@@ -46,8 +46,10 @@ class PublishResult:
     registry: str
 
 
-def open_registry(spec: str | Path, endpoint_url: str | None = None, region: str | None = None) -> ObjectStore:
-    """The registry's object store for a folder path or an ``s3://bucket[/prefix]`` address."""
+def open_registry(spec: str | Path, endpoint_url: str | None = None, region: str | None = None,
+                  setting: str | None = None) -> ObjectStore:
+    """The registry's object store for a folder path or an ``s3://bucket[/prefix]`` address;
+    ``setting``: where the address was given, named when its bucket does not exist."""
     text = str(spec)
     if text.startswith("s3://"):
         bucket, _, prefix = text[len("s3://"):].partition("/")
@@ -56,7 +58,7 @@ def open_registry(spec: str | Path, endpoint_url: str | None = None, region: str
         from .s3store import S3Store
 
         return S3Store(bucket, prefix.strip("/"), endpoint_url=endpoint_url, region=region,
-                       setting=f"the registry address {text}")
+                       setting=setting or f"the registry address {text}")
     if "://" in text:
         raise SyncConfigError(f"registry: expected a folder or s3://bucket/prefix, got {text!r}")
     return LocalFolderStore(Path(text))

@@ -170,7 +170,7 @@ class CloudTrainer:
             code = str(getattr(exc, "response", {}).get("Error", {}).get("Code", ""))
             if code in ("404", "NoSuchKey", "NotFound"):
                 raise RetryableError(f"model artifact {artifact_uri} is not there (yet)") from exc
-            raise wrap_boto_error(exc, bucket, f"get {key}") from exc
+            raise wrap_boto_error(exc, bucket, f"get {key}", "[sync.training] output_s3") from exc
         unpacked = dest / "bundle"
         try:
             with tarfile.open(tar_path) as t:
@@ -346,7 +346,8 @@ def build_training_task(settings: TrainingSettings, registry: ObjectStore, state
                         config=Config(s3={"addressing_style": "path"}) if settings.endpoint_url else None)
 
     def open_store(uri: str) -> ObjectStore:
-        return open_registry(uri, endpoint_url=settings.endpoint_url, region=settings.region)
+        return open_registry(uri, endpoint_url=settings.endpoint_url, region=settings.region,
+                             setting="[sync.training] input_s3")  # only the dataset and start bundle go up
 
     trainer = CloudTrainer(settings, sagemaker, s3, open_store)
     return TrainingJobTask(trainer, registry, state_dir, export_dataset, sign_key=settings.sign_key,

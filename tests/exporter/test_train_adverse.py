@@ -142,7 +142,8 @@ def test_a_checkpoint_cut_short_by_a_kill_is_trained_afresh(tmp_path: Path, monk
     assert train_role(cfg, "pose_main", sets.data_yaml["pose_main"]) == best
     assert len(_FakeYOLO.calls) == 2 and not _FakeYOLO.calls[1][1].get("resume")  # afresh, not resumed
     assert (run / "DONE").is_file() and (run / "FINGERPRINT").is_file()
-    assert (run.with_name("pose_main.broken") / "weights" / "last.pt").is_file()  # kept aside, not deleted
+    kept = run.with_name("pose_main.broken") / "weights"
+    assert (kept / "best.pt").is_file() and not (kept / "last.pt").exists()  # kept aside but the cut-short file
 
     # Any other failure to load a whole checkpoint (no train extra, an I/O error) removes nothing.
     (run / "DONE").unlink()
@@ -154,6 +155,25 @@ def test_a_checkpoint_cut_short_by_a_kill_is_trained_afresh(tmp_path: Path, monk
     with pytest.raises(ModuleNotFoundError):
         train_role(cfg, "pose_main", sets.data_yaml["pose_main"])
     assert (run / "weights" / "last.pt").is_file() and (run / "weights" / "best.pt").is_file()
+
+
+def test_a_real_torch_checkpoint_is_whole_and_cut_short_is_not(tmp_path: Path) -> None:
+    """What ``train_role`` tells a cut-short last.pt by, on what torch writes (a zip, its end
+    record last); the legacy format is left to the loader."""
+    torch = pytest.importorskip("torch")
+    from exporter.train import _whole_checkpoint
+
+    path = tmp_path / "last.pt"
+    torch.save({"model": torch.zeros(1000), "epoch": 3}, path)
+    assert _whole_checkpoint(path)
+    whole = path.read_bytes()
+    for cut in (1, 100, len(whole) // 2, len(whole) - 1):
+        path.write_bytes(whole[:cut])
+        assert not _whole_checkpoint(path), cut
+    path.write_bytes(b"")
+    assert not _whole_checkpoint(path)
+    torch.save({"epoch": 3}, path, _use_new_zipfile_serialization=False)
+    assert _whole_checkpoint(path)
 
 
 def test_ultralytics_refuses_a_truncated_checkpoint(tmp_path: Path, ultralytics_offline: Path) -> None:
