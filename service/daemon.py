@@ -408,21 +408,29 @@ class Daemon:
         after ``close`` met the closed store (INTERNAL "the store is closed", after swapping).
         """
         with self._reload_lock:
-            self._refuse_when_stopping()
-            path = str(bundle_path or self.config.engine.bundle)
-            try:
-                engine, judge = self._load(path)
-            except Exception as exc:  # e.g. the store closed under the review share's recall
-                if self._intake_closed:
-                    raise ShuttingDown(f"the annotator shut down while bundle {path} was loading") from exc
-                raise
-            self._refuse_when_stopping()  # the shutdown began while it loaded: nothing is swapped
-            old, old_side = self._engine.bundle.id, self.max_side_hint
-            self._loaded, self._bundle_path = (engine, judge), path
-            self._follow_input_size(old_side)
-            self.store.counter("reloads", 1)
-            if self.metrics is not None:  # under the lock: two reloads never leave the older one's id
-                self.metrics.bundle(engine.bundle.id, engine.active_providers)
+            old, engine, path = self._swap(bundle_path)
+        return self._reloaded(old, engine, path)
+
+    def _swap(self, bundle_path: str | None) -> tuple[str, Engine, str]:
+        """Load and swap in a bundle, under ``_reload_lock``; (old id, new engine, path)."""
+        self._refuse_when_stopping()
+        path = str(bundle_path or self.config.engine.bundle)
+        try:
+            engine, judge = self._load(path)
+        except Exception as exc:  # e.g. the store closed under the review share's recall
+            if self._intake_closed:
+                raise ShuttingDown(f"the annotator shut down while bundle {path} was loading") from exc
+            raise
+        self._refuse_when_stopping()  # the shutdown began while it loaded: nothing is swapped
+        old, old_side = self._engine.bundle.id, self.max_side_hint
+        self._loaded, self._bundle_path = (engine, judge), path
+        self._follow_input_size(old_side)
+        self.store.counter("reloads", 1)
+        if self.metrics is not None:  # under the lock: two reloads never leave the older one's id
+            self.metrics.bundle(engine.bundle.id, engine.active_providers)
+        return old, engine, path
+
+    def _reloaded(self, old: str, engine: Engine, path: str) -> Bundle:
         log.info("reloaded models: bundle %s -> %s (%s)", old, engine.bundle.id, path)
         trim_heap()
         # Again once the batches in flight, which hold the old sessions, are done.
@@ -439,18 +447,23 @@ class Daemon:
         was lost, the daemon serving the bundle rolled back from. A bundle that does not load
         is logged and the loaded one kept."""
         configured = Path(str(self.config.engine.bundle))
-        if self._bundle_path != str(configured) or not configured.exists():
-            return False
-        if configured.resolve() == Path(self._engine.bundle.path).resolve():
-            return False
-        log.warning("%s moved to %s while the daemon started (it loaded %s); loading it", configured,
-                    configured.resolve(), self._engine.bundle.path)
-        try:
-            self.reload()
-        except BundleError as exc:
-            log.error("%s names a bundle that does not load (%s); bundle %s stays in use", configured, exc,
-                      self._engine.bundle.id)
-            return False
+        # The check and the load under one hold of the reload lock: a ReloadModels naming a
+        # bundle that was answered between them (the server listens already) was undone by
+        # this load of ``current``; now it waits, and comes after.
+        with self._reload_lock:
+            if self._bundle_path != str(configured) or not configured.exists():
+                return False
+            if configured.resolve() == Path(self._engine.bundle.path).resolve():
+                return False
+            log.warning("%s moved to %s while the daemon started (it loaded %s); loading it", configured,
+                        configured.resolve(), self._engine.bundle.path)
+            try:
+                old, engine, path = self._swap(None)
+            except BundleError as exc:
+                log.error("%s names a bundle that does not load (%s); bundle %s stays in use", configured, exc,
+                          self._engine.bundle.id)
+                return False
+        self._reloaded(old, engine, path)
         return True
 
     def _refuse_when_stopping(self) -> None:

@@ -53,9 +53,11 @@ looked at again for ``pause_retry_seconds``; the files wait where they are.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
+import re
 import shutil
 import sqlite3
 import stat
@@ -68,6 +70,12 @@ from typing import Callable
 
 from watchdog.events import EVENT_TYPE_CLOSED_NO_WRITE, EVENT_TYPE_OPENED, FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
+
+try:  # Linux; see _DropWatchGroup
+    from watchdog.observers.inotify import InotifyEmitter, InotifyObserver, InotifyWatchGroup
+    from watchdog.version import VERSION_INFO as WATCHDOG_VERSION
+except ImportError:  # pragma: no cover - another platform's watchdog observer
+    InotifyWatchGroup = None  # type: ignore[assignment,misc]
 
 from .durable import write_bytes_atomic
 from .errors import (AnnotatorError, ImageError, ShuttingDown, StoreError, StoreFull, StoreUnavailable, is_disk_full,
@@ -89,6 +97,7 @@ RESCAN_SECONDS = 30.0
 # RESCAN_MAX_SECONDS, spaced so that its own cost (this thread's CPU time outside taking files)
 # stays within 1 / WALK_SPACING of the time (``rescan_interval``).
 RESCAN_MAX_SECONDS, WALK_SPACING = 600.0, 50.0
+WATCH_RETRY_SECONDS = 3600.0  # inotify's watch limit reached: how often watching is tried again
 PAUSE_RETRY_SECONDS = 5.0  # after a StoreFull, how long no file is read or decoded
 MOVE_RETRY_SECONDS, MOVE_RETRY_MAX_SECONDS = 30.0, 1800.0  # a file that cannot be moved out: back-off
 NAME_MAX = 255  # bytes in one name (ext4, XFS, btrfs, tmpfs...)
@@ -270,6 +279,85 @@ class _Handler(FileSystemEventHandler):
                 self.folder.notify(Path(os.fsdecode(p)))
 
 
+_NOT_WATCHED = (os.fsencode(PROCESSED), os.fsencode(QUARANTINE))
+
+if InotifyWatchGroup is not None:
+    class _DropWatchGroup(InotifyWatchGroup):
+        """watchdog's recursive inotify watch, less ``processed/`` and ``quarantine/``.
+
+        Each folder watched costs one of the user's inotify watches (``fs.inotify.max_user_watches``:
+        8192 on kernels before 5.11), and ``processed/`` mirrors every recording folder ever
+        taken (``<camera>/<session>/``) and keeps it: 2000 recordings held 4013 watches, their
+        empty folders in the drop area plus the mirrors nobody needs events from (the walk and
+        ``_relative`` skip both folders). watchdog has no setting that leaves a subtree out;
+        every watch it adds for a folder goes through ``_add_all_callbacks`` (at start, for a
+        folder made or moved in, after a queue overflow), so that is where both are left out.
+        A watch per top-level folder instead (tried before) meant a thread per camera, and a
+        camera folder renamed was never watched again."""
+
+        def _left_out(self, path: bytes) -> bool:
+            root, here = os.path.normpath(self.path), os.path.normpath(path)
+            rel = here[len(root):].lstrip(os.sep.encode()) if here.startswith(root + os.sep.encode()) else b""
+            return rel.split(os.sep.encode(), 1)[0] in _NOT_WATCHED
+
+        def _add_all_callbacks(self, path: bytes) -> None:
+            if self._left_out(path):
+                return
+            if os.path.normpath(path) != os.path.normpath(self.path):
+                super()._add_all_callbacks(path)
+                return
+            self._add_callback(path)  # the drop folder itself: raises when it cannot be watched
+            try:
+                with os.scandir(path) as entries:
+                    below = [e.path for e in entries if e.name not in _NOT_WATCHED and e.is_dir(follow_symlinks=False)]
+            except OSError:  # removed meanwhile: its IN_DELETE_SELF ends the watcher, _keep_watching follows
+                below = []
+            for folder in below:
+                super()._add_all_callbacks(folder)
+
+    class _DropEmitter(InotifyEmitter):
+        def on_thread_start(self) -> None:  # watchdog 7.1's, with the watch group above
+            try:
+                group = _DropWatchGroup(self._inotify_fd, os.fsencode(self.watch.path),
+                                        is_recursive=self.watch.is_recursive,
+                                        event_mask=self.get_event_mask_from_filter(),
+                                        follow_symlink=self.watch.follow_symlink)
+            except (TypeError, AttributeError):  # a 7.x whose internals moved: its own watch, every folder
+                log.debug("watchdog's inotify internals differ; processed/ and quarantine/ are watched too",
+                          exc_info=True)
+                super().on_thread_start()
+                return
+            self._inotify = group
+
+    class _DropObserver(InotifyObserver):
+        def __init__(self) -> None:
+            super().__init__()
+            self._emitter_class = _DropEmitter
+
+
+def _observer() -> Observer:  # type: ignore[valid-type]
+    """The watcher for a drop folder: inotify less ``processed/`` and ``quarantine/`` where the
+    watchdog is one whose internals ``_DropWatchGroup`` was written for (7.x), else watchdog's own
+    (every folder watched, as before)."""
+    if InotifyWatchGroup is not None and WATCHDOG_VERSION[0] == 7 \
+            and hasattr(InotifyWatchGroup, "_add_all_callbacks") and hasattr(InotifyWatchGroup, "_add_callback") \
+            and Observer is InotifyObserver:
+        return _DropObserver()
+    return Observer()
+
+
+def _watch_limit() -> str:
+    """The user's inotify watch limit: ``fs.inotify.max_user_watches``, or in a container (a user
+    namespace, Linux 5.11+) ``user.max_inotify_watches`` where that is lower."""
+    limits = []
+    for name in ("/proc/sys/fs/inotify/max_user_watches", "/proc/sys/user/max_inotify_watches"):
+        try:
+            limits.append(int(Path(name).read_text()))
+        except (OSError, ValueError):
+            pass
+    return str(min(limits)) if limits else "?"
+
+
 class DropFolder:
     """Watches ``root`` and feeds stable image files to ``sink``; see the module docstring."""
 
@@ -319,6 +407,7 @@ class DropFolder:
         self._thread: threading.Thread | None = None
         self._observer: Observer | None = None  # type: ignore[valid-type]
         self._rewatch_at = -math.inf  # clock time of the next try to watch again (see _keep_watching)
+        self.watch_lost: str | None = None  # why the folder is not watched (found by the full walks only)
         self.taken = self.quarantined = 0
         self.walk_seconds = 0.0  # the last full scan's own cost: its time less the time taking files
         self._take_seconds = 0.0
@@ -331,8 +420,9 @@ class DropFolder:
         self._watch()
         self._thread = threading.Thread(target=self._run, name="dropfolder", daemon=True)
         self._thread.start()
-        log.info("watching drop folder %s (processed: %s, stable after %.1f s)",
-                 self.root, self.processed_mode, self.stable_seconds)
+        log.info("%s drop folder %s (processed: %s, stable after %.1f s)",
+                 "watching" if self.watch_lost is None else "walking", self.root, self.processed_mode,
+                 self.stable_seconds)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the watcher and the worker thread (the file in hand is finished first)."""
@@ -342,7 +432,8 @@ class DropFolder:
         self._wake.set()
         if observer is not None:
             observer.stop()
-            observer.join(timeout)
+            if observer.ident is not None:  # not one that never started (no watch to spare, _watch_failed)
+                observer.join(timeout)
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -368,11 +459,44 @@ class DropFolder:
         self._wake.set()
 
     def _watch(self) -> None:
-        observer = Observer()
+        observer = _observer()
         observer.schedule(_Handler(self), str(self.root), recursive=True)
         observer.daemon = True
-        observer.start()
+        try:
+            observer.start()
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EMFILE):
+                raise
+            observer.stop()  # its reader thread; no emitter runs, so _keep_watching tries again
+            self._observer = observer
+            self._watch_failed(exc)
+            return
         self._observer = observer
+        if self.watch_lost is not None:
+            log.warning("drop folder %s is watched for new files again", self.root)
+            self.watch_lost = None
+
+    def _watch_failed(self, exc: OSError) -> None:
+        """The user's inotify watches (or instances) are used up: one folder each, and a drop
+        folder with more folders than ``fs.inotify.max_user_watches`` (8192 before Linux 5.11)
+        could not be watched. ``start`` raised then, so the daemon did not start at all (and
+        systemd restarted it for ever), and a watcher lost later was tried again with a
+        traceback every RESCAN_SECONDS. Now the files are found by the full walks, which run
+        anyway; it is said once, with what to do, and tried again every WATCH_RETRY_SECONDS."""
+        self._rewatch_at = self.clock() + WATCH_RETRY_SECONDS
+        folders = sum(1 for _ in self._walk_dirs())
+        first = self.watch_lost is None
+        self.watch_lost = (f"cannot watch the drop folder {self.root} for new files ({exc.strerror or exc}; "
+                           f"{folders} folders to watch, fs.inotify.max_user_watches is {_watch_limit()}); "
+                           f"new files are found by the full walk instead, every {RESCAN_SECONDS:.0f}-"
+                           f"{RESCAN_MAX_SECONDS:.0f} s: raise the limit (sysctl fs.inotify.max_user_watches="
+                           f"524288, kept in /etc/sysctl.d/) or remove the empty recording folders "
+                           f"(drop.remove_empty_hours)")
+        if first:
+            log.warning("%s; watching is tried again every %.0f s", self.watch_lost, WATCH_RETRY_SECONDS)
+        else:
+            log.info("drop folder %s: still no inotify watch to spare; tried again in %.0f s", self.root,
+                     WATCH_RETRY_SECONDS)
 
     def _keep_watching(self) -> None:
         """Watch again when the watcher has ended: the drop folder was removed (a clean-up
@@ -390,8 +514,10 @@ class DropFolder:
             if self._stop.is_set():
                 return
             observer.stop()
+            lost = self.watch_lost is not None
             self._watch()
-        log.warning("drop folder %s was removed or its watcher ended; watching it again", self.root)
+        if not lost:
+            log.warning("drop folder %s was removed or its watcher ended; watching it again", self.root)
         self.request_full_scan()  # what was written before the new watch began
 
     def _run(self) -> None:
@@ -413,16 +539,21 @@ class DropFolder:
             self._wake.clear()
 
     # -- scanning ------------------------------------------------------------------------
+    def _walk_dirs(self):  # type: ignore[no-untyped-def]
+        """``os.walk`` of the folders ingested from (not processed/, quarantine/ nor hidden ones)."""
+        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=False):
+            if Path(dirpath) == self.root:
+                dirnames[:] = [d for d in dirnames if d not in (PROCESSED, QUARANTINE)]
+            dirnames[:] = [d for d in dirnames if not d.startswith((".", "~"))]
+            yield dirpath, dirnames, filenames
+
     def _walk(self) -> list[Path]:
         out = []
-        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=False):
+        for dirpath, dirnames, filenames in self._walk_dirs():
             here = Path(dirpath)
             if self.remove_empty_seconds > 0 and not dirnames and not filenames \
                     and len(here.relative_to(self.root).parts) >= 2:
                 self._remove_if_stale(here)  # a recording's (a camera's own folder stays)
-            if here == self.root:
-                dirnames[:] = [d for d in dirnames if d not in (PROCESSED, QUARANTINE)]
-            dirnames[:] = [d for d in dirnames if not d.startswith((".", "~"))]
             out.extend(here / f for f in filenames)
             # links to folders are in dirnames (walk does not follow them); a listdir of ``here``
             # raised when a capture tool removed the folder meanwhile, and ended the whole walk
@@ -501,9 +632,13 @@ class DropFolder:
                 reason = self.paused()
             except Exception:  # the sink still refuses with StoreFull if the disk is really full
                 log.exception("cannot tell whether the store accepts images; trying anyway")
-        if reason is not None and reason != self._pause_logged:
+        # Logged once per kind of reason: the store's names the free space, which changes on a
+        # disk others write to, and every scan (each poll_interval) logged the pause again
+        # (79 warnings in 35 s, on the disk that was short of space).
+        key = None if reason is None else re.sub(r"\d+", "#", reason)
+        if key is not None and key != self._pause_logged:
             log.warning("drop folder paused, no file is read until ingest resumes: %s", reason)
-            self._pause_logged = reason
+            self._pause_logged = key
         return reason
 
     def _hold(self, reason: str, pending: list[Path], key: str | None = None) -> None:

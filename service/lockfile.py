@@ -4,7 +4,10 @@
 the message a second process gives); it returns the file descriptor, whose ``os.close`` releases
 it. The kernel drops the lock when its holder dies, kill -9 included, so a file left behind
 (with a dead pid in it) never blocks anyone. ``Held`` says another process holds it, with that
-process's pid as written in the file ("?" when unknown).
+process's pid ("?" when unknown): the kernel's own record of the lock (``/proc/locks``) where it
+has one, else what the file says. A lock file made by root (``annotator serve`` run once with
+sudo) cannot be written by the service user, who holds it all the same (flock needs no write)
+but could not put its pid there: the message named root's long-gone process.
 
 Used by ``annotator serve`` (``serve.lock``: one daemon per store, which the judge's budgets and
 near-duplicate memory need) and the sync agent (``sync.lock``: one agent per store and journal),
@@ -37,7 +40,7 @@ def hold(path: Path) -> int:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        pid = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "?"
+        pid = _holder(fd) or os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "?"
         os.close(fd)
         raise Held(Path(path), pid) from None
     except BaseException:
@@ -50,3 +53,20 @@ def hold(path: Path) -> int:
         except OSError:  # the pid is only for the message; the lock is held
             pass
     return fd
+
+
+def _holder(fd: int) -> str | None:
+    """The pid of the process holding a ``flock`` on ``fd``'s file, from ``/proc/locks`` (Linux;
+    lines like ``1: FLOCK  ADVISORY  WRITE 1234 fe:00:5678 0 EOF``), or None where it does not
+    say (another system, a holder in another pid namespace: pid 0)."""
+    st = os.fstat(fd)
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks", "rb") as f:
+            for raw in f:
+                fields = raw.decode("ascii", "replace").split()
+                if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == where and fields[4] != "0":
+                    return fields[4]  # a waiter's line ("-> FLOCK ...") has its fields one further on
+    except OSError:
+        pass
+    return None
