@@ -139,14 +139,21 @@ def _place(src: Path, dst: Path, link: bool) -> None:
 
 
 def iter_rows(store: Store, states: Sequence[str] = EXPORT_STATES, page: int = 500) -> Iterator[ImageRow]:
-    """Every annotated row in ``states``, oldest first within each state."""
-    for state in states:
-        cursor: str | None = None
-        while True:
-            rows, cursor = store.list(state=state, limit=page, after=cursor)
-            yield from (r for r in rows if r.record is not None)
-            if cursor is None:
-                break
+    """Every annotated row in ``states``, oldest first (by arrival), each once.
+
+    Several states are read in one pass over the arrival order, not state after state: while
+    the daemon and the sync agent run, an image moves on (review_pending -> uploaded ->
+    reviewed) between the pages, and a pass per state met it twice (once in each state) or,
+    moved back, not at all. One pass meets every row once, at its place in the arrival order,
+    so export ids stay put when images arrive or change state between two exports."""
+    wanted = set(states)
+    single = next(iter(wanted)) if len(wanted) == 1 else None
+    cursor: str | None = None
+    while True:
+        rows, cursor = store.list(state=single, limit=page, after=cursor)
+        yield from (r for r in rows if r.record is not None and r.state in wanted)
+        if cursor is None:
+            break
 
 
 def _with_bytes(rows: Iterator[ImageRow], pruned: list[int]) -> Iterator[ImageRow]:
@@ -265,7 +272,10 @@ def export_coco(store: Store, out_path: Path, states: Sequence[str] = EXPORT_STA
                 reviewed: ReviewedLabels | None = None) -> Path:
     """Write a COCO key-points dataset to ``out_path`` and the images to ``out_path.parent/images``.
 
-    Categories: 1 "person" (key-point names and 1-based skeleton of the records' schema), 2
+    Image ids are 1.. in arrival order (``iter_rows``): a later export of a store that got more
+    images or moved some along keeps the ids of the images that arrived before the new ones.
+    Categories: 1 "person"
+    (key-point names and 1-based skeleton of the records' schema), 2
     "head" (boxes only). Each image entry also carries ``sha256``, ``state``, ``bundle_id`` and
     ``provenance``: "human" for an image written with its label from ``reviewed``, else "auto"
     (the model's output; a ``reviewed`` image too when ``reviewed`` lacks it). Persons carry
@@ -319,7 +329,9 @@ def export_yolo(store: Store, out_dir: Path, states: Sequence[str] = EXPORT_STAT
     """Write two YOLO datasets under ``out_dir``: ``pose/`` (person, key points) and ``head/``.
 
     Each has ``images/``, ``labels/`` (one ``<image_id>.txt`` per image, values normalised to
-    [0, 1]) and ``data.yaml`` (written as JSON, which YAML parsers read). Pose lines:
+    [0, 1]) and ``data.yaml`` (written as JSON, which YAML parsers read; no ``path``, so
+    ultralytics takes the folder of ``data.yaml`` and the export trains where it is copied, not
+    only at this machine's absolute path). Pose lines:
     ``0 cx cy w h`` then ``x y v`` per point, v = 2/1/0, outside as ``0 0 0``; head lines:
     ``0 cx cy w h``. An image with a label in ``reviewed`` gets that label, every other one the
     model's output (as ``export_coco``).
@@ -350,10 +362,10 @@ def export_yolo(store: Store, out_dir: Path, states: Sequence[str] = EXPORT_STAT
         count += 1
     schema = schema or COCO17
     write_json_atomic(out_dir / "pose" / "data.yaml", {
-        "path": str((out_dir / "pose").resolve()), "train": "images", "val": "images", "names": {"0": "person"},
+        "train": "images", "val": "images", "names": {"0": "person"},
         "kpt_shape": [schema.count, 3], "flip_idx": schema.flip_idx, "kpt_names": {"0": list(schema.names)}})
     write_json_atomic(out_dir / "head" / "data.yaml", {
-        "path": str((out_dir / "head").resolve()), "train": "images", "val": "images", "names": {"0": "head"}})
+        "train": "images", "val": "images", "names": {"0": "head"}})
     _warn_unreviewed(unreviewed, reviewed)
     _warn_pruned(pruned[0])
     log.info("YOLO export: %d images -> %s", count, out_dir)

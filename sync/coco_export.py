@@ -23,7 +23,7 @@ from typing import Any, Callable, Sequence
 from service.durable import write_json_atomic
 from service.keypoints import KeypointSchema
 
-from .dataset import Dataset, DatasetEntry
+from .dataset import Dataset, DatasetEntry, manifest_version
 
 log = logging.getLogger(__name__)
 
@@ -121,12 +121,16 @@ def export_dataset(dataset: Dataset, image_path: Callable[[str], Path], out: Pat
     out = Path(out)
     images_dir = out / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
-    version = dataset.version()
+    # One read of the labels, and the version worked out from it: read apart (``dataset.version()``
+    # then ``entries()``), a merge by the sync agent in between gave ``info.dataset_version`` (which
+    # ``annotator train`` writes into the bundle's provenance) of other labels than the ones written.
+    entries = dataset.entries()
+    version = manifest_version((e.image_id, e.label_hash) for e in entries)
     chosen: list[DatasetEntry] = []
     names: dict[str, str] = {}
     missing: list[str] = []
     left_out = 0
-    for e in dataset.entries():
+    for e in entries:
         if e.holdout and not include_holdout:
             left_out += 1
             continue

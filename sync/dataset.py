@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from service.keypoints import CABIN19, KeypointSchema
 from service.sqlite import apply_schema, connect
@@ -82,6 +82,12 @@ def canonical_label(width: int, height: int, heads: Sequence[Sequence[float]],
 
 def label_hash(label: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(label).encode()).hexdigest()
+
+
+def manifest_version(manifest: Iterable[tuple[str, str]]) -> str:
+    """The dataset version of ``(image_id, label_hash)`` pairs: sha256 of the canonical JSON list
+    ``[[image_id, label_hash], ...]`` sorted by image id (``Dataset.version``)."""
+    return hashlib.sha256(canonical_json(sorted([i, h] for i, h in manifest)).encode()).hexdigest()
 
 
 def _adjusted(entry: "DatasetEntry") -> bool:
@@ -273,7 +279,7 @@ class Dataset:
         """sha256 of the manifest ``[[image_id, label_hash], ...]`` (sorted by image id)."""
         with self._lock:
             rows = self._db.execute("SELECT image_id, label_hash FROM labels ORDER BY image_id").fetchall()
-        return hashlib.sha256(canonical_json([[r[0], r[1]] for r in rows]).encode()).hexdigest()
+        return manifest_version((r[0], r[1]) for r in rows)
 
     def record_version(self, note: str = "") -> DatasetVersion | None:
         """Append the current version to ``versions`` when it differs from the last one; an
