@@ -425,20 +425,30 @@ def check_trainable(coco: dict[str, Any], annotations: Path, repeats: dict[int, 
             f" ({left} left out by --reviewed-only or a weight of 0)" if left else "") +
             "; training needs at least 2 (one validates): label more images" +
             (", or train with the auto labels" if left else ""))
-    _, person_cat, _ = coco_schema(coco)
+    _, person_cat, head_cat = coco_schema(coco)
     anns = [a for a in coco.get("annotations", []) if int(a.get("image_id", -1)) in kept and not a.get("iscrowd", 0)]
     persons = [a for a in anns if a.get("category_id") == person_cat]
+    heads = [a for a in anns if head_cat is not None and a.get("category_id") == head_cat]
     flags = [np.asarray(a.get("keypoints") or [], float).reshape(-1, 3)[:, 2] for a in persons]
-    wanted = {"pose_main": "a labelled key point (every one is outside)",
+    wanted = {"head": "a head box",
+              "pose_main": "a labelled key point (every one is outside)",
               "pose_visible": "a visible key point (every one is occluded or outside)"}
     counts = {"pose_main": int(sum((f > 0).sum() for f in flags)), "pose_visible": int(sum((f == 2).sum() for f in flags))}
+    if head_cat is not None:  # a dataset without the category trains no head model (nothing to refuse)
+        counts["head"] = len(heads)
+
+    def without(*gone: str) -> str:
+        rest = [r for r in roles if r not in gone]
+        return f", or train the other roles alone (--roles {','.join(rest)})" if rest else ""
+
     if not persons and any(r != "head" for r in roles):
         raise AnnotatorError(f"dataset: {annotations}: none of its {len(kept)} images has a person annotated; the "
-                             "pose models cannot learn from it: review images with people in them, then export again")
+                             "pose models cannot learn from it: review images with people in them, then export again"
+                             + (without("pose_main", "pose_visible") if heads and "head" in roles else ""))
     empty = [r for r in roles if counts.get(r) == 0]
     if empty:
         raise AnnotatorError(f"dataset: {annotations}: no image has {wanted[empty[0]]}, which the {empty[0]} model "
-                             "learns from; label them, or leave that role out (--roles)")
+                             f"learns from: label them{without(*empty)}")
 
 
 def bundle_lineage(cfg: TrainConfig, coco: dict[str, Any], sets: LabelSets, mix_summary: dict[str, Any],

@@ -100,6 +100,7 @@ def _dataset(root: Path, names: list[str] | None = None, info: dict | None = Non
         (images / f"im{i}.jpg").write_bytes(b"\xff\xd8fake")
         anns.append({"id": i, "image_id": i, "category_id": 1, "bbox": [4 + tag, 4, 20, 30], "iscrowd": 0,
                      "keypoints": [10, 10, 2] * len(names), "num_keypoints": len(names)})
+        anns.append({"id": 100 + i, "image_id": i, "category_id": 2, "bbox": [8 + tag, 4, 8, 8], "iscrowd": 0})
     coco = {"images": ims, "annotations": anns,
             "categories": [{"id": 1, "name": "person", "keypoints": names, "skeleton": []}, {"id": 2, "name": "head"}]}
     if info is not None:

@@ -20,8 +20,9 @@ class _Trained(Exception):
 
 
 def _dataset(root: Path, n: int = 6, flag: int = 2, persons: bool = True, origin: str | None = None,
-             info: dict | None = None, images: bool = True) -> Path:
-    """A COCO key-points export folder (annotations.json + images/) with ``n`` images."""
+             info: dict | None = None, images: bool = True, heads: bool | None = None) -> Path:
+    """A COCO key-points export folder (annotations.json + images/) with ``n`` images; ``heads``:
+    None, no head category; False, the category without a box; True, a head box per image."""
     (root / "images").mkdir(parents=True, exist_ok=True)
     ims, anns = [], []
     for i in range(1, n + 1):
@@ -35,10 +36,13 @@ def _dataset(root: Path, n: int = 6, flag: int = 2, persons: bool = True, origin
             anns.append({"id": i, "image_id": i, "category_id": 1, "bbox": [4, 4, 20, 30], "iscrowd": 0,
                          "keypoints": [10, 10, flag] * len(CABIN19_NAMES),
                          "num_keypoints": len(CABIN19_NAMES) if flag else 0})
+        if heads:
+            anns.append({"id": 1000 + i, "image_id": i, "category_id": 2, "bbox": [8, 4, 8, 8], "iscrowd": 0})
     if not images:
         shutil.rmtree(root / "images")
     coco = {"images": ims, "annotations": anns,
-            "categories": [{"id": 1, "name": "person", "keypoints": list(CABIN19_NAMES), "skeleton": []}]}
+            "categories": [{"id": 1, "name": "person", "keypoints": list(CABIN19_NAMES), "skeleton": []}]
+            + ([{"id": 2, "name": "head"}] if heads is not None else [])}
     if info is not None:
         coco["info"] = info
     (root / "annotations.json").write_text(json.dumps(coco))
@@ -58,6 +62,12 @@ DEGENERATE = {
     "one image": (dict(n=1), [], "needs at least 2"),
     "reviewed, no person": (dict(persons=False, origin="reviewed"), [], "has a person annotated"),
     "every point outside": (dict(flag=0), [], "labelled key point (every one is outside)"),
+    # heads but no person: the head detector alone is what this dataset can train
+    "heads only": (dict(persons=False, heads=True), [], "people in them, then export again, or train the other "
+                   "roles alone (--roles head)"),
+    # persons but no head box: a head detector trained on it finds nothing
+    "no head box": (dict(heads=False), [], "no image has a head box, which the head model learns from: label "
+                    "them, or train the other roles alone (--roles pose_main,pose_visible)"),
     "reviewed-only, none reviewed": (dict(origin="auto"), ["--reviewed-only"], "6 left out by --reviewed-only"),
     "every image in the hold-out": (dict(n=0, info={"dataset_version": "v1", "holdout_included": False,
                                                     "holdout_left_out": 40, "holdout_fraction": 1.0}), [],
