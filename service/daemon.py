@@ -150,6 +150,22 @@ def trim_heap() -> None:
         pass
 
 
+def _within_file_size_limit(max_bytes: int) -> int:
+    """``drop.max_bytes``, or less where this process may not write a file that large (``ulimit
+    -f``, systemd's ``LimitFSIZE``): the store's copy of a larger image failed with EFBIG, which
+    is a disk fault (the store cannot write), so one such image paused all intake for good, the
+    images behind it included. Now it is refused as too large (quarantined with its reason), and
+    the limit is said once at start."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if soft == resource.RLIM_INFINITY or soft >= max_bytes:
+        return max_bytes
+    log.warning("this process may not write files over %d bytes (ulimit -f, or systemd's LimitFSIZE): images "
+                "larger than that are refused as too large (drop.max_bytes is %d)", soft, max_bytes)
+    return int(soft)
+
+
 def _decode(data: bytes, max_bytes: int, max_pixels: int, max_side_hint: int | None) -> DecodedImage:
     """``decode_image`` with both limits (``ImageTooLarge`` for either, ``ImageError`` otherwise)."""
     return decode_image(data, max_pixels=max_pixels, max_side_hint=max_side_hint, max_bytes=max_bytes)
@@ -228,7 +244,7 @@ class Daemon:
         # reader (a batch, ``status``) never sees the new bundle with the old judge's thresholds.
         self._loaded: tuple[Engine, Judge] = self._load(self._bundle_path)
         d = config.drop
-        self.max_bytes, self.max_pixels = int(d.max_bytes), int(d.max_pixels)
+        self.max_bytes, self.max_pixels = _within_file_size_limit(int(d.max_bytes)), int(d.max_pixels)
         self.batch_size = int(config.engine.batch_size)
         sidecar_dir = getattr(config.outputs, "sidecar_dir", None)
         self.sidecar_dir = Path(sidecar_dir) if sidecar_dir else None

@@ -346,6 +346,17 @@ def _observer() -> Observer:  # type: ignore[valid-type]
     return Observer()
 
 
+def _max_bytes_setting(max_bytes: int) -> str:
+    """Where a file-size limit comes from: ``drop.max_bytes``, or the process's own limit on the
+    files it may write (``ulimit -f``; the daemon lowers ``max_bytes`` to it)."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if soft != resource.RLIM_INFINITY and soft == max_bytes:
+        return "this process may not write larger files: ulimit -f, or systemd's LimitFSIZE"
+    return "drop.max_bytes"
+
+
 def _watch_limit() -> str:
     """The user's inotify watch limit: ``fs.inotify.max_user_watches``, or in a container (a user
     namespace, Linux 5.11+) ``user.max_inotify_watches`` where that is lower."""
@@ -727,7 +738,7 @@ class DropFolder:
         if st.st_size == 0:
             return "empty file (0 bytes)"
         if st.st_size > self.max_bytes:
-            return f"file is {st.st_size} bytes, more than the limit of {self.max_bytes} (drop.max_bytes)"
+            return f"file is {st.st_size} bytes, more than the limit of {self.max_bytes} ({_max_bytes_setting(self.max_bytes)})"
         return None
 
     def _take(self, path: Path, rel: Path, st: os.stat_result) -> int:
