@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import re
+import time
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -374,6 +375,10 @@ def _to_original(label: ReviewedLabel, line: Mapping[str, Any]) -> ReviewedLabel
 
 
 RETRY_SUFFIX = "-retry"  # the batch id of the images a batch's job ended without labelling
+# Jobs started on the cloud side: a batch's images with no label this long after the batch
+# (the longest a private workforce's task stays available, TaskAvailabilityLifetimeInSeconds)
+# are said: the job ended without them, or none was started.
+UNLABELLED_AFTER_S = 30 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -393,8 +398,13 @@ class GroundTruthBackend:
     def __init__(self, store: ObjectStore, manifests_prefix: str | None = None,
                  output_prefix: str = "groundtruth/output", job: LabelingJobSpec | None = None,
                  sagemaker_client: Any = None, names: Sequence[str] = CABIN19_NAMES,
-                 appliance_id: str | None = None) -> None:
+                 appliance_id: str | None = None, resubmit_stopped: bool = False,
+                 clock: Any = time.time) -> None:
         self.store, self.job, self.client = store, job, sagemaker_client
+        # a job a user stopped (StopLabelingJob) was meant to end: its unlabelled images are
+        # said, and sent again (``<batch>-retry``) only with this ([sync.review.groundtruth])
+        self.resubmit_stopped = resubmit_stopped
+        self.clock = clock
         # The uploader (sync.uploader) writes manifests/<appliance>/<batch>.manifest: same place.
         default = f"manifests/{appliance_id}" if appliance_id else "manifests"
         self.manifests_prefix = (manifests_prefix or default).strip("/")
@@ -449,9 +459,20 @@ class GroundTruthBackend:
         error) and that were not submitted again yet: ``sync.submit`` hands them to
         ``resubmit``. An image that its retry job did not label either is not sent a third
         time: it stays ``uploaded`` and is said (``stuck``, a warning naming the reason).
+        A job that ended Stopped was stopped by someone (StopLabelingJob, the console), who
+        meant its review to end: its images are said with the setting that sends them again
+        (``resubmit_stopped``), not sent again (a paid job) on their own.
         Only for jobs this backend starts (a spec and a SageMaker client); a job still running,
-        or one DescribeLabelingJob cannot tell about, leaves its images waiting, said."""
+        or one DescribeLabelingJob cannot tell about, leaves its images waiting, said.
+
+        Without a SageMaker client (jobs started on the cloud side) nothing is sent again (the
+        agent cannot tell a job's end, and what a cloud side does with a new manifest is its
+        own): images still without a label ``UNLABELLED_AFTER_S`` after their batch was made
+        are said, once a batch, naming its manifest (``stuck``)."""
+        waiting = {str(item.image_id) for item in items}
+        self.stuck = {k: v for k, v in self.stuck.items() if k in waiting}  # labelled since: no longer
         if self.job is None or self.client is None:
+            self._say_unlabelled(items)
             return set()
         by_batch: dict[str, set[str]] = {}
         for item in items:
@@ -477,6 +498,12 @@ class GroundTruthBackend:
             retry = self._job_outcome(retry_job)
             if retry is None:
                 continue  # the retry job runs
+            if retry.status == "NotFound" and first.status == "Stopped" and not self.resubmit_stopped:
+                self._say_stuck(left, f"labeling job {job} was Stopped (StopLabelingJob, the console) before "
+                                      "labelling them; not sent for review again on their own: set "
+                                      "[sync.review.groundtruth] resubmit_stopped = true and restart the agent to "
+                                      f"send them once, in job {retry_job}")
+                continue
             if retry.status == "NotFound":
                 lost |= left
                 reasons = sorted({first.reasons.get(i, "never labelled") for i in left})
@@ -492,6 +519,26 @@ class GroundTruthBackend:
                                             f"retry {retry_job} ({retry.status}): {why}; left uploaded, not sent "
                                             "a third time")
         return lost
+
+    def _say_unlabelled(self, items: Sequence[Any]) -> None:
+        """Say the images of batches older than ``UNLABELLED_AFTER_S`` (the batch id starts with
+        its UTC time, ``%Y%m%dT%H%M%SZ``) that no output manifest labelled (jobs started on the
+        cloud side; see ``missing_items``)."""
+        by_batch: dict[str, set[str]] = {}
+        for item in items:
+            by_batch.setdefault(str(item.batch_id), set()).add(str(item.image_id))
+        now = self.clock()
+        for batch_id, ids in sorted(by_batch.items()):
+            try:
+                made = _dt.datetime.strptime(batch_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=_dt.timezone.utc)
+            except ValueError:
+                continue  # not the uploader's name: its age is unknown
+            if now - made.timestamp() >= UNLABELLED_AFTER_S:
+                self._say_stuck(ids, f"handed to Ground Truth in manifest {self.manifest_key(batch_id)} over "
+                                     f"{UNLABELLED_AFTER_S / 86400:.0f} days ago and labelled in no output "
+                                     f"manifest under {self.output_prefix}/ (its labeling job ended without them, "
+                                     "or none was started); they wait uploaded: start a labeling job on them on "
+                                     "the cloud side")
 
     def _say_stuck(self, image_ids: set[str], why: str) -> None:
         new = sorted(i for i in image_ids if self.stuck.get(i) != why)
@@ -573,8 +620,19 @@ class GroundTruthBackend:
         be this store's (``merged``, told by the merge task), it is not read again by this
         process. The jobs are found by a delimiter listing (one entry per job), not by listing
         every worker response under them: after a year of jobs each pass read hundreds of
-        thousands of keys and every manifest ever written."""
-        for key in self._output_manifests():
+        thousands of keys and every manifest ever written.
+
+        What is kept of a manifest (done, pending, refused lines) goes with it when it leaves the
+        listing (a lifecycle rule, a clean-up): this process's memory follows the bucket, not
+        every job it ever read."""
+        keys = self._output_manifests()
+        listed = set(keys)
+        self._done &= listed
+        for gone in [k for k in self._pending if k not in listed]:
+            del self._pending[gone]
+        if self.rejected:
+            self.rejected = {w: why for w, why in self.rejected.items() if w.rsplit(":", 1)[0] in listed}
+        for key in keys:
             if key in self._done:
                 continue
             try:

@@ -48,6 +48,10 @@ current project, so that it submits them again (a deleted task, a new ``project_
 Label Studio deletes a project's (or a task's) annotations at once, with it: a review finished
 there but not yet collected is lost and its image is reviewed again in the new project. A
 review already collected was merged (the image is ``reviewed``) and is not submitted again.
+An annotation deleted in Label Studio after the merge took its review is said, once (by the
+process that merged it: a deletion while the agent was stopped is not seen); the dataset keeps
+the review (a deletion is no review), and the task, without annotations now, is to do in Label
+Studio again: a review submitted there replaces the kept one.
 
 Collecting: the full JSON export of every task (``download_all_tasks``: the tasks still to do
 tell which copies are shown) is polled (the webhook only wakes the collector early); the
@@ -331,6 +335,9 @@ class LabelStudioBackend:
         self.skipped: dict[str, list[str]] = {}  # image id -> who skipped its task (nothing submitted)
         self._users: dict[int, str] = {}
         self._merged: set[str] = set()  # image ids whose review the merge took since the last sweep
+        # image ids of the project's tasks whose review the merge took (``collect`` says it when
+        # the task's annotations are deleted afterwards); only the tasks of the last export
+        self._in_dataset: set[str] = set()
         self.clock = time.monotonic
         self._collect_failures, self._collect_retry_at, self._collect_error = 0, 0.0, ""
 
@@ -668,6 +675,7 @@ class LabelStudioBackend:
             raise
         self._collect_failures, self._collect_retry_at = 0, 0.0
         labels = []
+        self._in_dataset &= {str((t.get("data") or {}).get("image_id")) for t in export if isinstance(t, Mapping)}
         for task in export:
             image_id = str(task.get("data", {}).get("image_id"))
             try:
@@ -681,6 +689,11 @@ class LabelStudioBackend:
             if label is not None:
                 self.rejected.pop(image_id, None)
                 labels.append(label)
+            elif image_id in self._in_dataset:
+                self._in_dataset.discard(image_id)  # said once
+                log.warning("image %s (task %s): its review was deleted in Label Studio after the merge took it; "
+                            "the dataset keeps that review (a review submitted in the task again replaces it)",
+                            image_id[:12], task.get("id"))
         try:
             self._sweep(pid, export, self._merged)
             self._merged.clear()
@@ -692,6 +705,7 @@ class LabelStudioBackend:
         """The merge task's report (``sync.merge.MergeReport``): the copies of the images whose
         reviews went into the dataset (merged, or the same again) go at the next collection."""
         self._merged.update(report.merged, report.unchanged)
+        self._in_dataset.update(report.merged, report.unchanged)
 
     def _linked(self, task: Mapping[str, Any]) -> Path | None:
         """The file under ``copy_dir`` that a task's image link names (None: another file)."""

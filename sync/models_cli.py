@@ -1,4 +1,4 @@
-"""``annotator models list | pull [--once] | rollback | adopt BUNDLE_DIR``.
+"""``annotator models list | pull [--once] | rollback | adopt BUNDLE_DIR | clean-registry [--apply]``.
 
 ``register(subparsers)`` adds the ``models`` command to the ``annotator`` parser. The daemon
 is asked to reload through its ReloadModels RPC at ``--daemon`` / ``[sync.models] daemon``, else
@@ -188,8 +188,47 @@ def cmd_adopt(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_clean_registry(args: argparse.Namespace) -> int:
+    """List (and with ``--apply`` delete) the registry's bundle folders that no bundle.json names
+    and whose newest object is older than ``--min-age-hours`` (``BundleRegistry.orphans``)."""
+    from .config import open_target
+    from .registry import BundleRegistry
+
+    s = settings(args, registry=args.registry)
+    if s.registry is None:
+        raise SyncConfigError("no model registry: give --registry DIR or [sync.models.registry]")
+    missing = _missing_registry(s)
+    if missing:
+        raise SyncConfigError(missing)
+    if args.min_age_hours < 1:
+        raise SyncConfigError(f"--min-age-hours: expected at least 1 (a publication may be running), "
+                              f"got {args.min_age_hours}")
+    min_age = args.min_age_hours * 3600.0
+    registry = BundleRegistry(open_target(s.registry, "sync.models.registry"))
+    found = registry.orphans(0.0)
+    orphans = [o for o in found if o.newest_age_s >= min_age]
+    for o in found:
+        if o.newest_age_s < min_age:
+            sys.stdout.write(f"left  bundles/{o.bundle_id}/  {len(o.keys)} objects, no bundle.json yet, newest "
+                             f"{o.newest_age_s / 3600:.1f} h old (a publication may be running)\n")
+    for o in orphans:
+        what = (f"bundles/{o.bundle_id}/  {len(o.keys)} objects, {o.size / 1e6:.1f} MB, no bundle.json, "
+                f"newest {o.newest_age_s / 3600:.0f} h old")
+        if args.apply:
+            done = registry.remove_orphan(o, min_age)
+            sys.stdout.write(f"{'removed' if done else 'left (changed since)'}  {what}\n")
+        else:
+            sys.stdout.write(f"would remove  {what}\n")
+    if not orphans:
+        sys.stdout.write("nothing to remove\n" if found else "no interrupted publication in the registry\n")
+    elif not args.apply:
+        sys.stdout.write(f"{len(orphans)} folder(s) of interrupted publications; run again with --apply to remove "
+                         "them (not while one of these bundles is being published again)\n")
+    return 0
+
+
 def register(subparsers: Any) -> None:
-    """Add ``models list|pull|rollback|adopt`` to an argparse subparsers object."""
+    """Add ``models list|pull|rollback|adopt|clean-registry`` to an argparse subparsers object."""
     p = subparsers.add_parser("models", help="model bundles: list, pull from the registry, roll back")
     sub = p.add_subparsers(dest="models_command", required=True)
 
@@ -221,3 +260,11 @@ def register(subparsers: Any) -> None:
     s.add_argument("--unsigned", action="store_true",
                    help="install it even though a public key is set and the bundle carries no valid signature")
     s.set_defaults(func=cmd_adopt)
+    s = sub.add_parser("clean-registry", help="remove what publications killed before bundle.json left in the "
+                       "registry (a dry run unless --apply)")
+    add_common_options(s)
+    s.add_argument("--registry", type=Path, default=None, help="a registry folder (overrides the config)")
+    s.add_argument("--min-age-hours", type=float, default=24.0,
+                   help="only folders whose newest object is at least this old (default 24)")
+    s.add_argument("--apply", action="store_true", help="delete them (default: only list them)")
+    s.set_defaults(func=cmd_clean_registry)

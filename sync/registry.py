@@ -16,6 +16,12 @@ temporary folder behind: ``remove_partials`` clears them before a pull. Checksum
 by the caller (``sync.models``), not here. Problems of the bundle itself raise
 ``BundleContentError`` (the caller refuses that bundle); the store's own errors (credentials,
 bucket, outages) pass through unchanged, so that they never refuse a good bundle.
+
+A publication killed before its ``bundle.json`` (``sync.publish`` writes it last) leaves a
+folder of model files that nothing lists or pulls, for good, unless the same bundle is
+published again (which completes it). ``orphans`` finds such folders whose newest object is a
+day old (younger: maybe a publication running now) and ``remove_orphan`` deletes one, after
+listing it again (``annotator models clean-registry``: a dry run unless ``--apply``).
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import hashlib
 import json
 import logging
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -35,6 +42,13 @@ log = logging.getLogger(__name__)
 BUNDLES = "bundles/"
 MANIFEST, SIGNATURE = "bundle.json", "bundle.sig"
 PARTIAL = ".partial"  # suffix of a download in progress: .<bundle id>.partial next to its destination
+
+
+def _rmdir(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass  # not empty (a write since), or gone
 
 
 def _partial(dest: Path) -> Path:
@@ -54,6 +68,52 @@ def remove_partials(folder: Path) -> list[str]:
     if removed:
         log.info("removed %d interrupted downloads under %s: %s", len(removed), folder, ", ".join(removed))
     return removed
+
+
+ORPHAN_MIN_AGE_S = 86400.0  # a publication runs minutes: a day-old folder without bundle.json was cut short
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """A folder under ``bundles/`` that no ``bundle.json`` names: what a publication killed
+    before its manifest left (``sync.publish`` writes ``bundle.json`` last)."""
+
+    bundle_id: str
+    keys: tuple[str, ...]
+    size: int
+    newest_age_s: float  # seconds since its newest object was written
+
+
+def _timed_listing(store: ObjectStore, prefix: str) -> dict[str, tuple[float, int]]:
+    """key -> (last-modified epoch seconds, size) of every object under ``prefix``, for the
+    stores whose objects have a time: a folder (``LocalFolderStore``) or a bucket (``S3Store``)."""
+    from .objectstore import LocalFolderStore
+
+    if isinstance(store, LocalFolderStore):
+        out = {}
+        for key in store.list(prefix):
+            try:
+                st = (store.base / key).stat()
+            except FileNotFoundError:
+                continue  # removed since the listing
+            out[key] = (st.st_mtime, st.st_size)
+        return out
+    client, bucket = getattr(store, "client", None), getattr(store, "bucket", None)
+    if client is None or bucket is None:
+        raise BundleContentError(f"{store!r}: cannot tell the age of its objects; clean it by hand")
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from .objectstore import join_prefix
+    from .s3store import wrap_boto_error
+
+    base = str(getattr(store, "prefix", "") or "")
+    strip = len(base) + 1 if base else 0
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=join_prefix(base, prefix))
+    try:
+        return {o["Key"][strip:]: (o["LastModified"].timestamp(), int(o.get("Size", 0)))
+                for page in pages for o in page.get("Contents", [])}
+    except (ClientError, BotoCoreError) as exc:
+        raise wrap_boto_error(exc, bucket, f"list {prefix}", getattr(store, "setting", "the registry")) from exc
 
 
 def _plain_name(name: str) -> bool:
@@ -121,6 +181,54 @@ class BundleRegistry:
             except (ValueError, UnicodeDecodeError) as exc:
                 out.append(RegistryEntry(bid, "", None, f"bundle.json is not valid JSON: {exc}"))
         return sorted(out, key=lambda e: e.order)
+
+    def orphans(self, min_age_s: float = ORPHAN_MIN_AGE_S, now: float | None = None) -> list[Orphan]:
+        """The folders under ``bundles/`` without a ``bundle.json`` whose newest object is at
+        least ``min_age_s`` old: a publication killed midway (nothing lists them, nothing pulls
+        them, nothing removed them). A younger one may be a publication running now: left."""
+        now = time.time() if now is None else now
+        folders: dict[str, dict[str, tuple[float, int]]] = {}
+        for key, stamp in _timed_listing(self.store, BUNDLES).items():
+            bid, _, rest = key[len(BUNDLES):].partition("/")
+            if bid and rest:
+                folders.setdefault(bid, {})[key] = stamp
+        out = []
+        for bid, objects in sorted(folders.items()):
+            if f"{BUNDLES}{bid}/{MANIFEST}" in objects:
+                continue  # a bundle: its files are its own (another bundle under its id is refused)
+            age = now - max(t for t, _ in objects.values())
+            if age >= min_age_s:
+                out.append(Orphan(bid, tuple(sorted(objects)), sum(n for _, n in objects.values()), age))
+        return out
+
+    def remove_orphan(self, orphan: Orphan, min_age_s: float = ORPHAN_MIN_AGE_S) -> bool:
+        """Delete an orphan's objects, unless its folder changed since it was found (a
+        ``bundle.json``, or an object written within ``min_age_s``: a publication of that id
+        again); False then, nothing deleted."""
+        now = time.time()
+        again = _timed_listing(self.store, f"{BUNDLES}{orphan.bundle_id}/")
+        if f"{BUNDLES}{orphan.bundle_id}/{MANIFEST}" in again or any(
+                now - t < min_age_s for t, _ in again.values()):
+            log.warning("bundle folder %s changed since it was found (published again?); left", orphan.bundle_id)
+            return False
+        for key in sorted(again):
+            self.store.delete(key)
+        from .objectstore import LocalFolderStore
+
+        if isinstance(self.store, LocalFolderStore):  # a folder store keeps the emptied folders
+            folder = self.store.base / BUNDLES / orphan.bundle_id
+            for tmp in folder.rglob(".*.tmp"):  # a write the kill cut short: not listed as an object
+                try:
+                    if now - tmp.stat().st_mtime >= min_age_s:
+                        tmp.unlink()
+                except OSError:
+                    pass
+            for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True):
+                _rmdir(sub)
+            _rmdir(folder)
+        log.info("removed bundle folder %s of %r (%d objects, %d bytes, no bundle.json)", orphan.bundle_id,
+                 self.store, len(again), sum(n for _, n in again.values()))
+        return True
 
     def manifest_bytes(self, bundle_id: str) -> bytes:
         return self.store.get(f"{BUNDLES}{bundle_id}/{MANIFEST}")

@@ -9,6 +9,7 @@
     [sync.review.groundtruth]        # reads and writes the [sync.target] store (an S3 bucket)
     output_prefix = "groundtruth/output/<appliance_id>"   # where jobs write their output
     region = "eu-central-1"          # SageMaker's region (default: [sync.target] region)
+    resubmit_stopped = false         # true: images a Stopped job did not label go to <job>-retry
 
     [sync.review.groundtruth.job]    # optional: start one labeling job per batch
     role_arn = "arn:aws:iam::123456789012:role/GroundTruth"
@@ -64,6 +65,7 @@ class GroundTruthSettings:
     output_prefix: str
     region: str | None = None
     job: Mapping[str, Any] | None = None  # LabelingJobSpec fields; output_s3_path filled in at open
+    resubmit_stopped: bool = False  # see GroundTruthBackend.missing_items
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,15 @@ def review_settings_from(cfg: SyncConfig, env: Mapping[str, str]) -> ReviewSetti
     if interval < 0:
         raise SyncConfigError(f"sync.review.collect_interval: expected >= 0, got {interval}")
     # Both backends' tables are checked for unknown keys and types, whichever is chosen.
-    gt_table = _checked(table.get("groundtruth", {}), _GT_KEYS, "sync.review.groundtruth")
+    gt_table = table.get("groundtruth", {})
+    resubmit_stopped = False  # checked_table refuses every bool (a 1 for a 1.0): this one is checked here
+    if isinstance(gt_table, dict) and "resubmit_stopped" in gt_table:
+        gt_table = dict(gt_table)
+        resubmit_stopped = gt_table.pop("resubmit_stopped")
+        if not isinstance(resubmit_stopped, bool):
+            raise SyncConfigError(f"sync.review.groundtruth.resubmit_stopped: expected true or false, "
+                                  f"got {resubmit_stopped!r}")
+    gt_table = _checked(gt_table, _GT_KEYS, "sync.review.groundtruth")
     job = _checked(gt_table["job"], _JOB_TYPES, "sync.review.groundtruth.job") if "job" in gt_table else None
     ls_table = _checked(table.get("labelstudio", {}), _LS_KEYS, "sync.review.labelstudio")
     gt = ls = None
@@ -124,7 +134,7 @@ def review_settings_from(cfg: SyncConfig, env: Mapping[str, str]) -> ReviewSetti
             raise SyncConfigError(f"sync.review.groundtruth.job.output_s3_path: {given!r} is not where the agent "
                                   f"collects the jobs' output ({collected}, the target bucket and "
                                   "[sync.review.groundtruth] output_prefix); leave it out or set it to that")
-        gt = GroundTruthSettings(output, gt_table.get("region") or cfg.target.region, job)
+        gt = GroundTruthSettings(output, gt_table.get("region") or cfg.target.region, job, resubmit_stopped)
     elif kind == "labelstudio":
         t = ls_table
         if not t.get("url", "").startswith(("http://", "https://")):
@@ -163,7 +173,7 @@ def open_review_backend(settings: ReviewSettings, target: ObjectStore, cfg: Sync
         log.info("review backend: Ground Truth, output %s, %s", gt.output_prefix,
                  "starting labeling jobs" if spec else "jobs started on the cloud side")
         return GroundTruthBackend(target, output_prefix=gt.output_prefix, job=spec, sagemaker_client=client,
-                                  appliance_id=cfg.appliance_id)
+                                  appliance_id=cfg.appliance_id, resubmit_stopped=gt.resubmit_stopped)
     if settings.labelstudio is not None:
         from .labelstudio import LabelStudioBackend
         from .labelstudio_client import LabelStudioClient

@@ -22,10 +22,11 @@ tell which images it lost (``missing(image_ids)``) is reconciled at the first pa
 ``reconcile_interval`` seconds and whenever its ``project_id`` changes: the ``uploaded`` images
 of submitted batches that it reports missing are submitted again, under their own batch id.
 That stays exactly-once because ``submit`` skips the images that have a task. Ground Truth
-tells by job (``missing_items(items)``): the images a Completed, Failed or Stopped labeling job
-did not label (absent from its output manifest, or an expired task's failure line) go through
+tells by job (``missing_items(items)``): the images a Completed or Failed labeling job did not
+label (absent from its output manifest, or an expired task's failure line) go through
 ``backend.resubmit`` to one job of their own, once; what that job does not label either is said
-and waits (``GroundTruthBackend.stuck``).
+and waits (``GroundTruthBackend.stuck``). A Stopped job's images are said and wait, unless
+``resubmit_stopped`` is set (then they go to the retry job as a Failed job's do).
 
 A backend that fails (``RetryableError``: the server down, a proxy's 502, a 429, a refused
 token) is not asked again at every pass of the agent (which comes at once while the uploader

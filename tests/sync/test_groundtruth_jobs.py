@@ -113,7 +113,10 @@ class World:
 
     def start(self) -> None:
         """A fresh agent process on the same store, journal, bucket and account (a restart)."""
-        self.backend = GroundTruthBackend(self.bucket, appliance_id="box-1", job=SPEC, sagemaker_client=self.sagemaker)
+        # resubmit_stopped: these tests follow a Stopped job's retry (without the setting a Stopped
+        # job's images are said, not sent again: test_reviewlife_groundtruth)
+        self.backend = GroundTruthBackend(self.bucket, appliance_id="box-1", job=SPEC, sagemaker_client=self.sagemaker,
+                                          resubmit_stopped=True)
         self.submit = ReviewSubmitTask(self.uploader.journal, self.store, self.bucket, self.backend,
                                        reconcile_interval=0.0)
         merge = MergeTask(Merger(self.store, self.dataset), self.backend.collect, on_report=self.report)
