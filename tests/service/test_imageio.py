@@ -293,6 +293,8 @@ _OTHER_FORMATS = [".pgm", ".ppm", ".pbm", ".pam", ".pfm", ".sr", ".hdr", ".jp2",
 def test_every_other_format_opencv_reads_is_sized_from_its_header(ext: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """PNM, PFM, Sun raster, HDR, JPEG 2000, GIF and AVIF were decoded in full before the pixel
     limit was checked: a small PGM that declares a huge image reached the decoder."""
+    if not cv2.haveImageWriter("x" + ext):
+        pytest.skip(f"this OpenCV has no {ext} codec (GIF and AVIF from 4.12, which needs numpy 2)")
     photo = _photo()  # 200 x 120
     image = photo[..., 0] if ext in (".pgm", ".pbm") else photo
     data = cv2.imencode(ext, image.astype(np.float32) / 255 if ext in (".pfm", ".hdr") else image)[1].tobytes()
