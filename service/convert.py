@@ -108,4 +108,5 @@ def status_to_proto(status: "DaemonStatus") -> pb.Status:
         counters={k: int(v) for k, v in status.counters.items()},
         uptime_seconds=status.uptime_seconds, paused_reason=status.paused_reason or "",
         version=status.version, providers=list(status.providers), run_batch=int(status.run_batch),
+        notices=list(status.notices),
     )

@@ -97,6 +97,7 @@ class DaemonStatus:
     version: str = VERSION
     providers: tuple[str, ...] = ()  # what the sessions really run on
     run_batch: int = 0  # images per session.run
+    notices: tuple[str, ...] = ()  # what an operator should act on that stops nothing (a lost watch)
 
 
 def record_for(image_id: str, source: str, prediction: Prediction, judgement: Judgement, bundle: Bundle) -> dict:
@@ -917,7 +918,8 @@ class Daemon:
             judgement={"score_threshold": judge.threshold, "audit_fraction": judge.audit_fraction},
             queue_depths=self.store.counts(), counters=counters,
             uptime_seconds=time.monotonic() - self.started,
-            paused_reason=self.store.paused_reason() or self._io_fault)
+            paused_reason=self.store.paused_reason() or self._io_fault,
+            notices=tuple(n for n in (self.drop.watch_lost if self.drop is not None else None,) if n))
 
     def stop_intake(self) -> None:
         """Stop taking images: the drop folder watcher stops, ``submit`` raises ``ShuttingDown``."""

@@ -58,6 +58,7 @@ def format_status(status: "pb.Status", target: str = "") -> str:
              f"main {_points(t.main)}, visible {_points(t.visible)}",
              f"judge       review below score {t.score_threshold:.2f}, audit {t.audit_fraction * 100:.1f} %",
              f"ingest      {'PAUSED: ' + status.paused_reason if status.paused_reason else 'accepting'}"]
+    lines += [f"notice      {n}" for n in status.notices]
     depths = dict(status.queue_depths)
     states = [s for s in STATE_ORDER if s in depths] + sorted(set(depths) - set(STATE_ORDER))
     if states:

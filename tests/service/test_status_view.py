@@ -65,3 +65,26 @@ def test_unreachable_daemon(capsys: pytest.CaptureFixture[str]) -> None:
         assert "UNAVAILABLE" in capsys.readouterr().err
         assert run(["healthcheck", "--server", target, "--timeout", "2"]) == 1
         assert "UNAVAILABLE" in capsys.readouterr().err
+
+
+def test_a_drop_folder_found_by_walks_only_is_a_notice_in_status(make_config: Any, tmp_path: Any,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """The inotify watch lost (no watch to spare): the daemon works on, by the full walks, and
+    ``annotator status`` says it with what to do (it was only in the log, once)."""
+    from service.daemon import Daemon
+    from service.server import create_server
+
+    daemon = Daemon(make_config(drop__folder=str(tmp_path / "drop")))
+    daemon.start()
+    server, port = create_server(daemon.config, daemon)
+    try:
+        assert daemon.drop is not None
+        assert run(["status", "--server", f"127.0.0.1:{port}"]) == 0
+        assert "notice" not in capsys.readouterr().out
+        daemon.drop.watch_lost = "cannot watch the drop folder (No space left on device): raise the limit"
+        assert run(["status", "--server", f"127.0.0.1:{port}"]) == 0
+        out = capsys.readouterr().out
+        assert "notice      cannot watch the drop folder (No space left on device): raise the limit" in out
+    finally:
+        server.stop(grace=1.0).wait(5)
+        daemon.close()

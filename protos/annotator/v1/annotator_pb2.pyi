@@ -215,7 +215,7 @@ class Thresholds(_message.Message):
     def __init__(self, det_conf: _Optional[float] = ..., person_conf: _Optional[float] = ..., nms_iou: _Optional[float] = ..., main: _Optional[_Iterable[float]] = ..., visible: _Optional[_Iterable[float]] = ..., score_threshold: _Optional[float] = ..., audit_fraction: _Optional[float] = ...) -> None: ...
 
 class Status(_message.Message):
-    __slots__ = ("bundle_id", "bundle_path", "thresholds", "queue_depths", "counters", "uptime_seconds", "paused_reason", "version", "providers", "run_batch")
+    __slots__ = ("bundle_id", "bundle_path", "thresholds", "queue_depths", "counters", "uptime_seconds", "paused_reason", "version", "providers", "run_batch", "notices")
     class QueueDepthsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -240,6 +240,7 @@ class Status(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PROVIDERS_FIELD_NUMBER: _ClassVar[int]
     RUN_BATCH_FIELD_NUMBER: _ClassVar[int]
+    NOTICES_FIELD_NUMBER: _ClassVar[int]
     bundle_id: str
     bundle_path: str
     thresholds: Thresholds
@@ -250,4 +251,5 @@ class Status(_message.Message):
     version: str
     providers: _containers.RepeatedScalarFieldContainer[str]
     run_batch: int
-    def __init__(self, bundle_id: _Optional[str] = ..., bundle_path: _Optional[str] = ..., thresholds: _Optional[_Union[Thresholds, _Mapping]] = ..., queue_depths: _Optional[_Mapping[str, int]] = ..., counters: _Optional[_Mapping[str, int]] = ..., uptime_seconds: _Optional[float] = ..., paused_reason: _Optional[str] = ..., version: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., run_batch: _Optional[int] = ...) -> None: ...
+    notices: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, bundle_id: _Optional[str] = ..., bundle_path: _Optional[str] = ..., thresholds: _Optional[_Union[Thresholds, _Mapping]] = ..., queue_depths: _Optional[_Mapping[str, int]] = ..., counters: _Optional[_Mapping[str, int]] = ..., uptime_seconds: _Optional[float] = ..., paused_reason: _Optional[str] = ..., version: _Optional[str] = ..., providers: _Optional[_Iterable[str]] = ..., run_batch: _Optional[int] = ..., notices: _Optional[_Iterable[str]] = ...) -> None: ...
