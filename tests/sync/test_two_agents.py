@@ -140,3 +140,31 @@ def test_a_store_this_user_may_not_write_is_said_not_a_traceback(tmp_path, monke
     monkeypatch.setattr(lockfile.os, "open", denied)
     with pytest.raises(SyncConfigError, match=r"may not create .*sync.lock \(Permission denied\); run the agent"):
         hold_store(tmp_path)
+
+
+def test_a_lock_file_another_user_made_unreadable_is_named_with_its_owner(tmp_path, monkeypatch) -> None:
+    """``sync.lock`` left mode 600 by a command run as root: the agent was told it "may not
+    create" a file that exists; now the owner, the mode and what to do are said."""
+    import errno
+    import os as os_mod
+
+    import pytest
+
+    import service.lockfile as lockfile
+    from sync.agent import hold_store
+    from sync.errors import SyncConfigError
+
+    lock = tmp_path / "sync.lock"
+    lock.write_text("123\n")
+    lock.chmod(0o600)
+    real_open = os_mod.open
+
+    def denied(path, flags, *a):  # noqa: ANN001, ANN202 - what another user's 0600 file answers
+        if str(path).endswith("sync.lock"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(lockfile.os, "open", denied)
+    with pytest.raises(SyncConfigError, match=r"may not open .*sync.lock \(Permission denied; it belongs to \w+, "
+                                              r"mode 600.*remove it \(sudo rm "):
+        hold_store(tmp_path)
