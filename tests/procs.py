@@ -10,6 +10,7 @@ Importable by every test module (``tests/`` is on ``sys.path`` through the root 
 - ``wait_for``: poll a condition while the process lives, failing with the log's tail;
 - ``FakeClock``: a clock (store, drop folder, agent) that moves only when the test moves it;
 - ``demo_bundle_copy``: the shipped demo bundle copied under another id (a second bundle to swap);
+- ``two_bundles_adopted``: a models folder with two such copies adopted (current, previous);
 - ``serve_toml``: the daemon's sections of an appliance's TOML file (drop folder, bundle, store);
 - ``sample_images``: distinct images made from the shipped samples;
 - ``annotated_once``: every image annotated once, row, record and sidecar naming one bundle.
@@ -43,6 +44,18 @@ def demo_bundle_copy(folder: Path, bid: str, created: str | None = None) -> Path
         changes["created"] = created
     write_bundle(dataclasses.replace(base, **changes))
     return folder
+
+
+def two_bundles_adopted(tmp_path: Path) -> Any:
+    """``tmp_path / "models"`` (``sync.models.ModelSlots``) with copies of the demo bundle
+    adopted as bundle-a then bundle-b: current -> bundle-b, previous -> bundle-a."""
+    from sync.models import ModelPuller, ModelSlots
+
+    slots = ModelSlots(tmp_path / "models")
+    puller = ModelPuller(slots, None, None, lambda p: None)  # type: ignore[arg-type]
+    for bid, created in (("bundle-a", "2026-01-01T00:00:00Z"), ("bundle-b", "2026-02-01T00:00:00Z")):
+        puller.adopt(demo_bundle_copy(tmp_path / "src" / bid, bid, created))
+    return slots
 
 
 def serve_toml(tmp_path: Path, bundle: Path, listen: str = "127.0.0.1:0", lease_seconds: float = 2.0,

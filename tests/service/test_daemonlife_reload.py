@@ -14,18 +14,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from procs import demo_bundle_copy
+from procs import two_bundles_adopted
 from service.config import load_config
-from sync.models import ModelPuller, ModelSlots
 
 
-def _models(tmp_path: Path) -> ModelSlots:
-    """``models/`` with bundle-a then bundle-b adopted: current -> bundle-b."""
-    slots = ModelSlots(tmp_path / "models")
-    puller = ModelPuller(slots, None, None, lambda p: None)  # type: ignore[arg-type]
-    for bid, created in (("bundle-a", "2026-01-01T00:00:00Z"), ("bundle-b", "2026-02-01T00:00:00Z")):
-        puller.adopt(demo_bundle_copy(tmp_path / "src" / bid, bid, created))
-    return slots
+_models = two_bundles_adopted
 
 
 def test_an_explicit_reload_during_the_follow_of_current_is_not_undone(tmp_path: Path) -> None:

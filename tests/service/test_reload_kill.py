@@ -29,20 +29,15 @@ from typing import Any
 import grpc
 import pytest
 
-from procs import annotated_once, command_env, demo_bundle_copy, free_port, sample_images, serve_toml, wait_for
+from procs import (annotated_once, command_env, demo_bundle_copy, free_port, sample_images, serve_toml,
+                   two_bundles_adopted, wait_for)
 from service.config import load_config
 from sync.models import ModelPuller, ModelSlots
 
 DONE = ("auto_accepted", "review_pending")
 
 
-def _models(tmp_path: Path) -> ModelSlots:
-    """``models/`` with bundle-a then bundle-b adopted: current -> bundle-b, previous -> bundle-a."""
-    slots = ModelSlots(tmp_path / "models")
-    puller = ModelPuller(slots, None, None, lambda p: None)  # type: ignore[arg-type]
-    for bid, created in (("bundle-a", "2026-01-01T00:00:00Z"), ("bundle-b", "2026-02-01T00:00:00Z")):
-        puller.adopt(demo_bundle_copy(tmp_path / "src" / bid, bid, created))
-    return slots
+_models = two_bundles_adopted
 
 
 def _config(tmp_path: Path, slots: ModelSlots, **more: Any) -> Any:
