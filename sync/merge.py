@@ -218,6 +218,7 @@ class Merger:
         # between its writes and its record), and after each call that wrote.
         self._unrecorded = True
         self.auto_removed = 0  # auto labels taken out since the last merge report (retention)
+        self._skipped_said: dict[str, str] = {}  # the last call's refusals (said once while they last)
 
     def merge(self, labels: Iterable[Any]) -> MergeReport:
         """Merge reviewed labels (see module doc); records the dataset version when it is new.
@@ -280,8 +281,13 @@ class Merger:
         if self._unrecorded:
             report.version = self.dataset.record_version(note if wrote else note + " (earlier writes not recorded before)")
             self._unrecorded = False
+        # Said once while it lasts: a backend yields the reviews it holds at every collection, so a
+        # review that cannot merge (another appliance's image, one that failed meanwhile) was
+        # warned about again at every pass, for as long as the review server kept it.
         for image_id, why in report.skipped.items():
-            log.warning("image %s: not merged: %s", image_id[:12], why)
+            log.log(logging.DEBUG if self._skipped_said.get(image_id) == why else logging.WARNING,
+                    "image %s: not merged: %s", image_id[:12], why)
+        self._skipped_said = dict(report.skipped)
         return report
 
     def add_auto_accepted(self, page: int = 500) -> int:

@@ -421,3 +421,19 @@ def test_a_version_is_recorded_for_the_labels_it_names(world, monkeypatch) -> No
     assert recorded is not None
     assert (recorded.version, recorded.images) == (dataset.version(), len(dataset.entries()))
     other.close()
+
+
+def test_a_review_that_cannot_merge_is_said_once_while_the_backend_keeps_it(world, caplog) -> None:
+    """A review server holds a review of an image this store does not have (another appliance's)
+    and yields it at every collection: it was warned about at every pass, for good. Now once;
+    said again if it comes back after it was gone."""
+    import logging
+
+    store, dataset, merger = world
+    foreign = _reviewed("f" * 64)
+    caplog.set_level(logging.WARNING, logger="sync.merge")
+    for labels in ([foreign], [foreign], [foreign], [], [foreign]):
+        report = merger.merge(labels)
+        assert list(report.skipped) == [foreign.image_id] * bool(labels)
+    said = [r for r in caplog.records if "not merged" in r.getMessage()]
+    assert len(said) == 2, [r.getMessage() for r in said]
