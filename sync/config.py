@@ -117,7 +117,8 @@ def default_appliance_id() -> str:
     return (name or "appliance")[:64]
 
 
-_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", dict: "a table", list: "a list"}
+_TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", dict: "a table", list: "a list",
+               bool: "true or false"}
 
 
 def expected_type(allowed: Any) -> str:
@@ -136,7 +137,7 @@ def checked_table(table: Any, allowed: Mapping[str, Any], where: str) -> dict[st
     for key, value in table.items():
         if key not in allowed:
             raise SyncConfigError(f"{where}.{key}: unknown key; known: {', '.join(sorted(allowed))}")
-        if isinstance(value, bool) or not isinstance(value, allowed[key]):
+        if (isinstance(value, bool) and allowed[key] is not bool) or not isinstance(value, allowed[key]):
             raise SyncConfigError(f"{where}.{key}: expected {expected_type(allowed[key])}, got {value!r}")
     return dict(table)
 

@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 TOKEN_ENV = "ANNOTATOR_LABEL_STUDIO_TOKEN"
 KINDS = ("groundtruth", "labelstudio", "none")
 _REVIEW_KEYS = {"kind": str, "collect_interval": (int, float), "groundtruth": dict, "labelstudio": dict}
-_GT_KEYS = {"output_prefix": str, "region": str, "job": dict}
+_GT_KEYS = {"output_prefix": str, "region": str, "job": dict, "resubmit_stopped": bool}
 _LS_KEYS = {"url": str, "token": str, "project_title": str, "document_root": str, "timeout": (int, float)}
 _JOB_INTS = ("workers_per_object", "task_time_limit_s")
 _JOB_TYPES = {f.name: int if f.name in _JOB_INTS else str for f in dataclasses.fields(LabelingJobSpec)}
@@ -95,15 +95,8 @@ def review_settings_from(cfg: SyncConfig, env: Mapping[str, str]) -> ReviewSetti
     if interval < 0:
         raise SyncConfigError(f"sync.review.collect_interval: expected >= 0, got {interval}")
     # Both backends' tables are checked for unknown keys and types, whichever is chosen.
-    gt_table = table.get("groundtruth", {})
-    resubmit_stopped = False  # checked_table refuses every bool (a 1 for a 1.0): this one is checked here
-    if isinstance(gt_table, dict) and "resubmit_stopped" in gt_table:
-        gt_table = dict(gt_table)
-        resubmit_stopped = gt_table.pop("resubmit_stopped")
-        if not isinstance(resubmit_stopped, bool):
-            raise SyncConfigError(f"sync.review.groundtruth.resubmit_stopped: expected true or false, "
-                                  f"got {resubmit_stopped!r}")
-    gt_table = _checked(gt_table, _GT_KEYS, "sync.review.groundtruth")
+    gt_table = _checked(table.get("groundtruth", {}), _GT_KEYS, "sync.review.groundtruth")
+    resubmit_stopped = bool(gt_table.pop("resubmit_stopped", False))
     job = _checked(gt_table["job"], _JOB_TYPES, "sync.review.groundtruth.job") if "job" in gt_table else None
     ls_table = _checked(table.get("labelstudio", {}), _LS_KEYS, "sync.review.labelstudio")
     gt = ls = None
