@@ -9,6 +9,7 @@ advice when it is not OK). ``run_checks(path, env)`` runs them in order:
     folders    drop folder, store root, sidecar folder exist (or can be created) and are writable
     disk       free space on the store's file system against store.min_free_mb, the days it
                lasts at the last 24 hours' intake, and whether retention is on
+    inotify watches  the drop folder's folders (one watch each) against the user's inotify limit
     bundle     engine.bundle loads and verifies (checksums, ONNX layouts)
     providers  onnxruntime version, execution providers available / requested, CUDA / TensorRT
     s3         [sync.target] kind = "s3": HeadBucket with a short timeout (boto3's credential chain)
@@ -168,6 +169,32 @@ def check_folders(cfg: Any) -> list[Check]:
             out.append(Check(name, FAIL, f"{folder} does not exist and {parent} is not writable",
                              f"create it: install -d -o annotator {folder}, or point {key} elsewhere"))
     return out
+
+
+WATCH_SHARE_WARN = 0.5  # of the user's inotify watches, for the drop folder's folders alone
+
+
+def check_watches(cfg: Any) -> Check:
+    """The drop folder's folders against the user's inotify watch limit: each is one watch of
+    the daemon's (``processed/`` and ``quarantine/`` are not watched). Past the limit the daemon
+    finds new files by its full walks only (every 30-600 s), and other programs of the user
+    (editors, IDEs, other watchers) share the same limit."""
+    from .dropfolder import inotify_watch_limit, walk_ingested
+
+    folder = getattr(getattr(cfg, "drop", None), "folder", None)
+    if folder is None or not Path(folder).is_dir():
+        return Check("inotify watches", SKIP, "no drop folder")
+    limit = inotify_watch_limit()
+    if limit is None:
+        return Check("inotify watches", SKIP, "no inotify limit to read (not Linux)")
+    folders = sum(1 for _ in walk_ingested(Path(folder)))
+    detail = f"{folders} folders to watch in {folder}, fs.inotify.max_user_watches {limit}"
+    if folders <= WATCH_SHARE_WARN * limit:
+        return Check("inotify watches", OK, detail)
+    return Check("inotify watches", WARN if folders < limit else FAIL, detail,
+                 "raise the limit (sysctl fs.inotify.max_user_watches=524288, kept in /etc/sysctl.d/), or remove the "
+                 "empty recording folders (drop.remove_empty_hours); past it new files are found by the full walks "
+                 "only, every 30-600 s")
 
 
 RUNWAY_WARN_DAYS = 7.0
@@ -409,7 +436,8 @@ def run_checks(path: Path | None, env: Mapping[str, str] = os.environ) -> list[C
         checks.append(check_sync(path, env))
     if cfg is not None:
         checks += check_folders(cfg)
-        checks += [_guarded("disk", check_disk, cfg), _guarded("bundle", check_bundle, cfg),
+        checks += [_guarded("disk", check_disk, cfg), _guarded("inotify watches", check_watches, cfg),
+                   _guarded("bundle", check_bundle, cfg),
                    _guarded("providers", check_providers, cfg)]
     checks += [check_s3(sync), check_review(sync)]
     clock_folder = Path(cfg.store.root) if cfg is not None else Path(tempfile.gettempdir())

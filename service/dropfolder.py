@@ -357,16 +357,27 @@ def _max_bytes_setting(max_bytes: int) -> str:
     return "drop.max_bytes"
 
 
-def _watch_limit() -> str:
+def inotify_watch_limit() -> int | None:
     """The user's inotify watch limit: ``fs.inotify.max_user_watches``, or in a container (a user
-    namespace, Linux 5.11+) ``user.max_inotify_watches`` where that is lower."""
+    namespace, Linux 5.11+) ``user.max_inotify_watches`` where that is lower; None where neither
+    can be read (not Linux)."""
     limits = []
     for name in ("/proc/sys/fs/inotify/max_user_watches", "/proc/sys/user/max_inotify_watches"):
         try:
             limits.append(int(Path(name).read_text()))
         except (OSError, ValueError):
             pass
-    return str(min(limits)) if limits else "?"
+    return min(limits) if limits else None
+
+
+def walk_ingested(root: Path):  # type: ignore[no-untyped-def]
+    """``os.walk`` of the folders a drop folder takes files from (not processed/, quarantine/
+    nor hidden ones): the folders its watch and its full walks cover."""
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        if Path(dirpath) == root:
+            dirnames[:] = [d for d in dirnames if d not in (PROCESSED, QUARANTINE)]
+        dirnames[:] = [d for d in dirnames if not d.startswith((".", "~"))]
+        yield dirpath, dirnames, filenames
 
 
 class DropFolder:
@@ -498,7 +509,7 @@ class DropFolder:
         folders = sum(1 for _ in self._walk_dirs())
         first = self.watch_lost is None
         self.watch_lost = (f"cannot watch the drop folder {self.root} for new files ({exc.strerror or exc}; "
-                           f"{folders} folders to watch, fs.inotify.max_user_watches is {_watch_limit()}); "
+                           f"{folders} folders to watch, fs.inotify.max_user_watches is {inotify_watch_limit() or '?'}); "
                            f"new files are found by the full walk instead, every {RESCAN_SECONDS:.0f}-"
                            f"{RESCAN_MAX_SECONDS:.0f} s: raise the limit (sysctl fs.inotify.max_user_watches="
                            f"524288, kept in /etc/sysctl.d/) or remove the empty recording folders "
@@ -551,12 +562,7 @@ class DropFolder:
 
     # -- scanning ------------------------------------------------------------------------
     def _walk_dirs(self):  # type: ignore[no-untyped-def]
-        """``os.walk`` of the folders ingested from (not processed/, quarantine/ nor hidden ones)."""
-        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=False):
-            if Path(dirpath) == self.root:
-                dirnames[:] = [d for d in dirnames if d not in (PROCESSED, QUARANTINE)]
-            dirnames[:] = [d for d in dirnames if not d.startswith((".", "~"))]
-            yield dirpath, dirnames, filenames
+        return walk_ingested(self.root)
 
     def _walk(self) -> list[Path]:
         out = []

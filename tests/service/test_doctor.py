@@ -46,7 +46,8 @@ def test_good_config_passes(tmp_path: Path, coco17_bundle: Any, capsys: pytest.C
     path = write_config(tmp_path, coco17_bundle.path)
     checks = run_checks(path, env={})
     assert [c.name for c in checks] == ["config", "folder drop.folder", "folder store.root",
-                                        "folder outputs.sidecar_dir", "disk", "bundle", "providers", "s3",
+                                        "folder outputs.sidecar_dir", "disk", "inotify watches", "bundle",
+                                        "providers", "s3",
                                         "review", "clock"]
     assert {c.name: c.level for c in checks if c.level != OK} == {"s3": SKIP, "review": SKIP}
     assert coco17_bundle.id in by_name(checks)["bundle"].detail

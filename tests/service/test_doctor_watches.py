@@ -1,0 +1,39 @@
+"""``annotator doctor``'s inotify line: the drop folder's folders (one watch each for the
+daemon; ``processed/`` and ``quarantine/`` not watched) against the user's limit, which the
+daemon otherwise meets only at run time (then it finds files by its full walks only)."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from service.doctor import FAIL, OK, SKIP, WARN, check_watches
+
+
+def _drop(tmp_path: Path, recordings: int) -> SimpleNamespace:
+    drop = tmp_path / "drop"
+    for i in range(recordings):
+        (drop / "cam0" / f"s{i}").mkdir(parents=True)
+    for i in range(50):  # mirrored recordings: no watch
+        (drop / "processed" / "cam0" / f"old{i}").mkdir(parents=True)
+    (drop / "quarantine").mkdir()
+    return SimpleNamespace(drop=SimpleNamespace(folder=drop))
+
+
+@pytest.mark.parametrize("recordings, limit, level", [(8, 100, OK), (60, 100, WARN), (120, 100, FAIL)])
+def test_the_drop_folders_folders_are_counted_against_the_watch_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                      recordings: int, limit: int, level: str) -> None:
+    monkeypatch.setattr("service.dropfolder.inotify_watch_limit", lambda: limit)
+    check = check_watches(_drop(tmp_path, recordings))
+    folders = recordings + 2  # the drop folder and cam0 too
+    assert check.level == level, check
+    assert f"{folders} folders to watch" in check.detail and f"max_user_watches {limit}" in check.detail
+    if level != OK:
+        assert "sysctl fs.inotify.max_user_watches" in check.advice and "remove_empty_hours" in check.advice
+
+
+def test_no_drop_folder_or_no_limit_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert check_watches(SimpleNamespace(drop=SimpleNamespace(folder=None))).level == SKIP
+    monkeypatch.setattr("service.dropfolder.inotify_watch_limit", lambda: None)
+    assert check_watches(_drop(tmp_path, 1)).level == SKIP
