@@ -49,25 +49,50 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return exit_code(checks)
 
 
+def _daemon_of(args: argparse.Namespace) -> tuple[str, str | None]:
+    """The daemon to ask (--server, else the ``[server] listen`` of --config / $ANNOTATOR_CONFIG
+    with a wildcard host as loopback, else 127.0.0.1:50051) and the config's ``[server] token``.
+    Only --server was read before: a daemon on the port its config names was "not running"."""
+    if args.server or not args.config:
+        return args.server or DEFAULT_SERVER, None
+    from .config import load_config
+
+    s = load_config(Path(args.config), env=os.environ).server
+    host, _, port = s.listen.rpartition(":")
+    if port in ("", "0"):
+        raise ConfigError(f"{args.config}: [server] listen = {s.listen!r} picks its port at start: "
+                          "give --server 127.0.0.1:PORT with the port the daemon logged")
+    if host in ("0.0.0.0", "", "[::]", "::"):
+        host = "127.0.0.1"
+    return f"{host}:{port}", s.token
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     import grpc
 
     from .client import AnnotatorClient
     from .status_view import format_status
 
-    token = args.token or os.environ.get("ANNOTATOR_TOKEN")
-    with AnnotatorClient(args.server, timeout=args.timeout, retries=0, tls=_tls(args), token=token) as client:
+    server, config_token = _daemon_of(args)
+    token = args.token or os.environ.get("ANNOTATOR_TOKEN") or config_token
+    tls = _tls(args)
+    if tls is None and args.config:
+        tls = _tls_from_config(args.config, args.server_name)
+    with AnnotatorClient(server, timeout=args.timeout, retries=0, tls=tls, token=token) as client:
         try:
             status = client.status()
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else None
             details = exc.details() if hasattr(exc, "details") else str(exc)
-            hint = {"UNAVAILABLE": "is the daemon running? (systemctl status annotator)",
+            running = ("is the daemon running? (systemctl status annotator)" if args.server or args.config else
+                       "is the daemon running? (systemctl status annotator); a daemon on another port: "
+                       "give --config F (its [server] listen) or --server HOST:PORT")
+            hint = {"UNAVAILABLE": running,
                     "UNAUTHENTICATED": "give --token or set ANNOTATOR_TOKEN"}.get(getattr(code, "name", ""), "")
-            print(f"annotator status: {args.server}: {getattr(code, 'name', code)}: {details}"
+            print(f"annotator status: {server}: {getattr(code, 'name', code)}: {details}"
                   + (f"; {hint}" if hint else ""), file=sys.stderr)
             return 1
-    print(format_status(status, args.server))
+    print(format_status(status, server))
     return 0
 
 
@@ -89,10 +114,11 @@ def _tls_from_config(path: str, server_name: str | None) -> "TlsOptions | None":
 def cmd_healthcheck(args: argparse.Namespace) -> int:
     from .status_view import health_check
 
+    server, _ = _daemon_of(args)
     tls = _tls(args)
     if tls is None and args.config:
         tls = _tls_from_config(args.config, args.server_name)
-    ok, line = health_check(args.server, args.service, args.timeout, tls=tls)
+    ok, line = health_check(server, args.service, args.timeout, tls=tls)
     print(line, file=sys.stdout if ok else sys.stderr)
     return 0 if ok else 1
 
@@ -114,13 +140,19 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
     s = sub.add_parser("status", help="show a running daemon's bundle, queues, counters and uptime")
     _connection_args(s, 5.0)
-    s.add_argument("--token", help="bearer token (default: $ANNOTATOR_TOKEN)")
+    s.set_defaults(server=None)  # None: from --config, else the default
+    s.add_argument("--config", default=os.environ.get("ANNOTATOR_CONFIG"),
+                   help="the daemon's TOML (default: $ANNOTATOR_CONFIG): ask the daemon at its [server] listen "
+                        "(with its token and TLS) when no --server is given")
+    s.add_argument("--token", help="bearer token (default: $ANNOTATOR_TOKEN, else the config's [server] token)")
     s.set_defaults(func=cmd_status)
 
     s = sub.add_parser("healthcheck", help="exit 0 when the daemon's gRPC health says SERVING, else 1")
     _connection_args(s, 3.0)
+    s.set_defaults(server=None)  # None: the [server] listen of --config, else the default
     s.add_argument("--service", default="", help="service name to ask about (default: the whole server)")
     s.add_argument("--config", default=os.environ.get("ANNOTATOR_CONFIG"),
-                   help="the daemon's TOML (default: $ANNOTATOR_CONFIG): when it serves TLS and no --ca is "
-                        "given, check over TLS with its own certificate (the container's HEALTHCHECK)")
+                   help="the daemon's TOML (default: $ANNOTATOR_CONFIG): check its [server] listen when no "
+                        "--server is given, and when it serves TLS and no --ca is given, over TLS with its own "
+                        "certificate (the container's HEALTHCHECK)")
     s.set_defaults(func=cmd_healthcheck)
