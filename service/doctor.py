@@ -297,6 +297,11 @@ def check_bundle(cfg: Any) -> Check:
     if cfg.engine.bundle is None:
         return Check("bundle", FAIL, "engine.bundle is not set", "set engine.bundle to a bundle directory")
     key_path = cfg.engine.bundle_public_key
+    where = Path(cfg.engine.bundle)
+    if where.name == "current" and not where.exists():  # a models folder's link, before its first bundle
+        return Check("bundle", FAIL, f"{where} does not exist: no bundle was installed in {where.parent} yet",
+                     "install the first bundle: annotator models adopt BUNDLE_DIR --config F (the shipped demo "
+                     "bundle, or one from annotator train / the registry); the sync agent pulls later ones")
     try:
         if key_path is not None:
             verify_bundle_dir(Path(cfg.engine.bundle), load_public_key(Path(key_path)))

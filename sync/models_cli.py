@@ -145,6 +145,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
         raise SyncConfigError(missing)
     puller, closing = build_puller(s, daemon_optional=args.daemon_optional)
     stop = threading.Event()
+    idle_said = False  # "no newer bundle" once while nothing changes (it was every poll_interval)
     try:
         while True:
             try:
@@ -159,8 +160,14 @@ def cmd_pull(args: argparse.Namespace) -> int:
                 for bid, gate in result.gate.items():
                     if gate.passed:
                         sys.stdout.write(f"gate {bid}: {gate.reason}\n")
-                sys.stdout.write(f"switched to {result.switched_to}\n" if result.switched_to
-                                 else "no newer bundle accepted; the bundle in use stays\n")
+                idle = not (result.switched_to or result.refused or result.gate)
+                if not (idle and idle_said):
+                    sys.stdout.write(f"switched to {result.switched_to}\n" if result.switched_to
+                                     else "no newer bundle accepted; the bundle in use stays" + (
+                                         "" if args.once else f" (polling every {s.poll_interval:.0f} s; --once: "
+                                         "one pass)") + "\n")
+                    sys.stdout.flush()
+                idle_said = idle
             if args.once or stop.wait(s.poll_interval):
                 return 0
     finally:

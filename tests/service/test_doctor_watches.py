@@ -1,6 +1,8 @@
-"""``annotator doctor``'s inotify line: the drop folder's folders (one watch each for the
-daemon; ``processed/`` and ``quarantine/`` not watched) against the user's limit, which the
-daemon otherwise meets only at run time (then it finds files by its full walks only)."""
+"""``annotator doctor``: its inotify line and a first start's bundle.
+
+The inotify line: the drop folder's folders (one watch each for the daemon; ``processed/`` and
+``quarantine/`` not watched) against the user's limit, which the daemon otherwise meets only at
+run time (then it finds files by its full walks only)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,3 +39,16 @@ def test_no_drop_folder_or_no_limit_is_skipped(tmp_path: Path, monkeypatch: pyte
     assert check_watches(SimpleNamespace(drop=SimpleNamespace(folder=None))).level == SKIP
     monkeypatch.setattr("service.dropfolder.inotify_watch_limit", lambda: None)
     assert check_watches(_drop(tmp_path, 1)).level == SKIP
+
+
+def test_a_models_current_link_not_made_yet_says_models_adopt(tmp_path: Path) -> None:
+    """``engine.bundle = ".../models/current"`` (the example config's) before any bundle was
+    installed: the advice was "point engine.bundle at a complete bundle directory"; the step a
+    first start misses is ``annotator models adopt``."""
+    from service.doctor import check_bundle
+
+    cfg = SimpleNamespace(engine=SimpleNamespace(bundle=tmp_path / "store" / "models" / "current",
+                                                 bundle_public_key=None))
+    check = check_bundle(cfg)
+    assert check.level == FAIL and "no bundle was installed" in check.detail
+    assert "annotator models adopt BUNDLE_DIR" in check.advice

@@ -89,3 +89,37 @@ def test_only_a_refused_connection_counts_as_no_daemon(capsys: pytest.CaptureFix
                     "server busy: 32 Annotate calls are already waiting"):
         with pytest.raises(RetryableError):
             _unless_down(failing(details), "127.0.0.1:9")("models/current")
+
+
+def test_a_polling_pull_says_nothing_new_once(tmp_path: Path, coco17_bundle: Bundle, monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """`annotator models pull` (no --once) polls like the agent: it printed "no newer bundle
+    accepted" at every poll, for good; now once while nothing changes, naming --once."""
+    import threading
+
+    from service.store import Store
+
+    config = tmp_path / "annotator.toml"
+    config.write_text(f'[server]\nlisten = "127.0.0.1:{free_port()}"\n[store]\nroot = "store"\n'
+                      f'[engine]\nbundle = "store/models/current"\n')
+    Store(tmp_path / "store").close()
+    parser = argparse.ArgumentParser(prog="annotator")
+    register(parser.add_subparsers(dest="command", required=True))
+    (tmp_path / "registry").mkdir()
+    args = parser.parse_args(["models", "adopt", str(coco17_bundle.path), "--config", str(config)])
+    assert args.func(args) == 0
+    capsys.readouterr()
+
+    class FourPolls(threading.Event):
+        polls = 0
+
+        def wait(self, timeout: float | None = None) -> bool:
+            FourPolls.polls += 1
+            return FourPolls.polls >= 4
+
+    monkeypatch.setattr("sync.models_cli.threading.Event", FourPolls)
+    args = parser.parse_args(["models", "pull", "--config", str(config), "--registry", str(tmp_path / "registry")])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert FourPolls.polls == 4 and out.count("no newer bundle accepted") == 1, out
+    assert "--once: one pass" in out
