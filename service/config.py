@@ -28,10 +28,7 @@ import difflib
 import ipaddress
 import os
 import copy
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10: the same parser, as a package (pyproject pulls it in)
-    import tomli as tomllib  # type: ignore[no-redef]
+import tomllib
 import types
 import typing
 from dataclasses import dataclass, field

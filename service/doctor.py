@@ -28,10 +28,7 @@ import os
 import shutil
 import tempfile
 import time
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10: the same parser, as a package (pyproject pulls it in)
-    import tomli as tomllib  # type: ignore[no-redef]
+import tomllib
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -179,7 +176,7 @@ def check_watches(cfg: Any) -> Check:
     the daemon's (``processed/`` and ``quarantine/`` are not watched). Past the limit the daemon
     finds new files by its full walks only (every 30-600 s), and other programs of the user
     (editors, IDEs, other watchers) share the same limit."""
-    from .dropfolder import inotify_watch_limit, walk_ingested
+    from .dropfolder import inotify_watch_limit, watched_folders
 
     folder = getattr(getattr(cfg, "drop", None), "folder", None)
     if folder is None or not Path(folder).is_dir():
@@ -187,7 +184,7 @@ def check_watches(cfg: Any) -> Check:
     limit = inotify_watch_limit()
     if limit is None:
         return Check("inotify watches", SKIP, "no inotify limit to read (not Linux)")
-    folders = sum(1 for _ in walk_ingested(Path(folder)))
+    folders = watched_folders(Path(folder))
     detail = f"{folders} folders to watch in {folder}, fs.inotify.max_user_watches {limit}"
     if folders <= WATCH_SHARE_WARN * limit:
         return Check("inotify watches", OK, detail)

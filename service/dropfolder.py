@@ -357,17 +357,32 @@ def _max_bytes_setting(max_bytes: int) -> str:
     return "drop.max_bytes"
 
 
-def inotify_watch_limit() -> int | None:
-    """The user's inotify watch limit: ``fs.inotify.max_user_watches``, or in a container (a user
-    namespace, Linux 5.11+) ``user.max_inotify_watches`` where that is lower; None where neither
-    can be read (not Linux)."""
+def inotify_watch_limit(what: str = "watches") -> int | None:
+    """The user's inotify limit of ``what`` ("watches" or "instances"):
+    ``fs.inotify.max_user_<what>``, or in a container (a user namespace, Linux 5.11+)
+    ``user.max_inotify_<what>`` where that is lower; None where neither can be read (not Linux)."""
     limits = []
-    for name in ("/proc/sys/fs/inotify/max_user_watches", "/proc/sys/user/max_inotify_watches"):
+    for name in (f"/proc/sys/fs/inotify/max_user_{what}", f"/proc/sys/user/max_inotify_{what}"):
         try:
             limits.append(int(Path(name).read_text()))
         except (OSError, ValueError):
             pass
     return min(limits) if limits else None
+
+
+def _said(limit: int | None) -> str:
+    return "?" if limit is None else str(limit)
+
+
+def watched_folders(root: Path) -> int:
+    """How many inotify watches the drop folder's watch takes: every folder under ``root`` (hidden
+    ones too) but ``processed/`` and ``quarantine/`` (``_DropWatchGroup``), ``root`` included."""
+    count = 0
+    for dirpath, dirnames, _ in os.walk(root, followlinks=False):
+        if Path(dirpath) == root:
+            dirnames[:] = [d for d in dirnames if d not in (PROCESSED, QUARANTINE)]
+        count += 1
+    return count
 
 
 def walk_ingested(root: Path):  # type: ignore[no-untyped-def]
@@ -482,14 +497,19 @@ class DropFolder:
 
     def _watch(self) -> None:
         observer = _observer()
-        observer.schedule(_Handler(self), str(self.root), recursive=True)
         observer.daemon = True
         try:
+            observer.schedule(_Handler(self), str(self.root), recursive=True)  # 7.1.1: EMFILE here
             observer.start()
         except OSError as exc:
             if exc.errno not in (errno.ENOSPC, errno.EMFILE):
                 raise
             observer.stop()  # its reader thread; no emitter runs, so _keep_watching tries again
+            reader = getattr(observer, "_inotify_fd", None)
+            if reader is not None:  # watchdog 7.1.1: stopped before its thread first read, it never closes its fd
+                reader.join(5)
+                if not reader.is_alive() and getattr(reader, "_is_reading", False):
+                    reader._close_resources()
             self._observer = observer
             self._watch_failed(exc)
             return
@@ -506,14 +526,20 @@ class DropFolder:
         traceback every RESCAN_SECONDS. Now the files are found by the full walks, which run
         anyway; it is said once, with what to do, and tried again every WATCH_RETRY_SECONDS."""
         self._rewatch_at = self.clock() + WATCH_RETRY_SECONDS
-        folders = sum(1 for _ in self._walk_dirs())
         first = self.watch_lost is None
-        self.watch_lost = (f"cannot watch the drop folder {self.root} for new files ({exc.strerror or exc}; "
-                           f"{folders} folders to watch, fs.inotify.max_user_watches is {inotify_watch_limit() or '?'}); "
-                           f"new files are found by the full walk instead, every {RESCAN_SECONDS:.0f}-"
-                           f"{RESCAN_MAX_SECONDS:.0f} s: raise the limit (sysctl fs.inotify.max_user_watches="
-                           f"524288, kept in /etc/sysctl.d/) or remove the empty recording folders "
-                           f"(drop.remove_empty_hours)")
+        if exc.errno == errno.EMFILE:  # no inotify instance to spare (other programs of this user hold them)
+            self.watch_lost = (f"cannot watch the drop folder {self.root} for new files ({exc.strerror or exc}; "
+                               f"fs.inotify.max_user_instances is {_said(inotify_watch_limit('instances'))}); new "
+                               f"files are found by the full walk instead, every {RESCAN_SECONDS:.0f}-"
+                               f"{RESCAN_MAX_SECONDS:.0f} s: raise the limit (sysctl fs.inotify.max_user_instances="
+                               f"1024, kept in /etc/sysctl.d/) or stop what holds this user's instances")
+        else:
+            self.watch_lost = (f"cannot watch the drop folder {self.root} for new files ({exc.strerror or exc}; "
+                               f"{watched_folders(self.root)} folders to watch, fs.inotify.max_user_watches is "
+                               f"{_said(inotify_watch_limit())}); new files are found by the full walk instead, every "
+                               f"{RESCAN_SECONDS:.0f}-{RESCAN_MAX_SECONDS:.0f} s: raise the limit (sysctl "
+                               f"fs.inotify.max_user_watches=524288, kept in /etc/sysctl.d/) or remove the empty "
+                               f"recording folders (drop.remove_empty_hours)")
         if first:
             log.warning("%s; watching is tried again every %.0f s", self.watch_lost, WATCH_RETRY_SECONDS)
         else:

@@ -273,9 +273,9 @@ def export_coco(store: Store, out_path: Path, states: Sequence[str] = EXPORT_STA
     """Write a COCO key-points dataset to ``out_path`` and the images to ``out_path.parent/images``.
 
     Image ids are 1.. in arrival order (``iter_rows``): a later export of a store that got more
-    images or moved some along keeps the ids of the images that arrived before the new ones.
-    Categories: 1 "person"
-    (key-point names and 1-based skeleton of the records' schema), 2
+    images or moved some along keeps the ids of the images that arrived before the new ones (an
+    image pruned, or annotated after later ones, shifts the ids after it). Categories: 1
+    "person" (key-point names and 1-based skeleton of the records' schema), 2
     "head" (boxes only). Each image entry also carries ``sha256``, ``state``, ``bundle_id`` and
     ``provenance``: "human" for an image written with its label from ``reviewed``, else "auto"
     (the model's output; a ``reviewed`` image too when ``reviewed`` lacks it). Persons carry

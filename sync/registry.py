@@ -194,8 +194,8 @@ class BundleRegistry:
                 folders.setdefault(bid, {})[key] = stamp
         out = []
         for bid, objects in sorted(folders.items()):
-            if f"{BUNDLES}{bid}/{MANIFEST}" in objects:
-                continue  # a bundle: its files are its own (another bundle under its id is refused)
+            if any(k.endswith(f"/{MANIFEST}") for k in objects):
+                continue  # a bundle (or a registry nested here, the store opened a level too high): never an orphan
             age = now - max(t for t, _ in objects.values())
             if age >= min_age_s:
                 out.append(Orphan(bid, tuple(sorted(objects)), sum(n for _, n in objects.values()), age))
@@ -207,7 +207,7 @@ class BundleRegistry:
         again); False then, nothing deleted."""
         now = time.time()
         again = _timed_listing(self.store, f"{BUNDLES}{orphan.bundle_id}/")
-        if f"{BUNDLES}{orphan.bundle_id}/{MANIFEST}" in again or any(
+        if any(k.endswith(f"/{MANIFEST}") for k in again) or any(
                 now - t < min_age_s for t, _ in again.values()):
             log.warning("bundle folder %s changed since it was found (published again?); left", orphan.bundle_id)
             return False

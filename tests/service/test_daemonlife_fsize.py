@@ -21,6 +21,13 @@ from procs import REPO, command_env, sample_images, serve_toml, wait_for
 LIMIT = 1536 * 1024  # bytes a file of the daemon may reach
 
 
+def _drop(path: Path, data: bytes) -> None:
+    """Written beside and renamed in (stable_seconds is 0: a file written in place is taken empty)."""
+    tmp = path.with_name("." + path.name)
+    tmp.write_bytes(data)
+    tmp.rename(path)
+
+
 def _limited() -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (LIMIT, LIMIT))
 
@@ -44,10 +51,10 @@ def test_an_image_over_the_file_size_limit_is_quarantined_and_the_others_annotat
     try:
         wait_for(lambda: "annotator serving" in log.read_text(), proc, log)
         for i, data in enumerate(small[:2]):
-            (tmp_path / "drop" / f"a{i}.jpg").write_bytes(data)
-        (tmp_path / "drop" / "big.png").write_bytes(big)
+            _drop(tmp_path / "drop" / f"a{i}.jpg", data)
+        _drop(tmp_path / "drop" / "big.png", big)
         for i, data in enumerate(small[2:]):
-            (tmp_path / "drop" / f"b{i}.jpg").write_bytes(data)
+            _drop(tmp_path / "drop" / f"b{i}.jpg", data)
 
         def settled() -> bool:
             store = Store(tmp_path / "store")

@@ -52,3 +52,13 @@ def test_a_models_current_link_not_made_yet_says_models_adopt(tmp_path: Path) ->
     check = check_bundle(cfg)
     assert check.level == FAIL and "no bundle was installed" in check.detail
     assert "annotator models adopt BUNDLE_DIR" in check.advice
+
+
+def test_hidden_folders_are_counted_they_are_watched_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The watch covers every folder but processed/ and quarantine/, hidden ones (a desktop's
+    ``.Trash-1000``) included: the count left them out (3 folders said, 34 watches held)."""
+    cfg = _drop(tmp_path, 1)
+    for i in range(30):
+        (cfg.drop.folder / ".Trash-1000" / "files" / f"f{i}").mkdir(parents=True)
+    monkeypatch.setattr("service.dropfolder.inotify_watch_limit", lambda: 1000)
+    assert "35 folders to watch" in check_watches(cfg).detail

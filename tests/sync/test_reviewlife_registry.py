@@ -96,3 +96,21 @@ def test_an_orphan_in_a_bucket_is_found_by_its_objects_times_and_left_when_publi
     store.delete("bundles/b-2/bundle.json")
     assert registry.remove_orphan(orphan, 0.0)
     assert list(store.list("bundles/")) == ["bundles/b-1/bundle.json", "bundles/b-1/head.onnx"]
+
+
+def test_a_registry_opened_one_folder_too_high_is_never_an_orphan(tmp_path: Path) -> None:
+    """Bundles published under the prefix ``bundles`` (the example config's) and
+    ``clean-registry --registry`` given the folder above it: every bundle lay under
+    ``bundles/bundles/<id>/``, which had no ``bundle.json`` at its own level, and ``--apply``
+    removed all of them. A folder with a ``bundle.json`` at any depth is never an orphan."""
+    registry = tmp_path / "registry"
+    from procs import demo_bundle_copy
+
+    for bid in ("bundle-a", "bundle-b"):
+        publish_bundle(demo_bundle_copy(tmp_path / "src" / bid, bid), LocalFolderStore(registry, "bundles"))
+    old = time.time() - 3 * 86400
+    for p in registry.rglob("*"):
+        os.utime(p, (old, old))
+    assert "no interrupted publication" in clean(registry)
+    assert "no interrupted publication" in clean(registry, "--apply")
+    assert BundleRegistry(LocalFolderStore(registry, "bundles")).bundle_ids() == ["bundle-a", "bundle-b"]
