@@ -61,6 +61,10 @@ def test_show_draws_the_newest_images_and_a_review_beside_the_model(
     model = cv2.imread(str(out / f"{with_people.image_id[:12]}.png"))
     assert reviewed is not None and not np.array_equal(reviewed, model)
     assert (out / "contact_sheet.png").is_file() and "+ reviewed" in res.stdout
+    assert "more images match" not in res.stdout
+    two = _show(config, "--latest", "2", "--out", str(tmp_path / "two"))  # 2 of 3: said, not silently cut
+    assert two.returncode == 0 and "the newest 2 shown; more images match: --latest N" in two.stdout, two.stdout
+    assert len(list((tmp_path / "two").glob("*.png"))) >= 3  # 2 pictures (+ a reviewed one) and the sheet
 
     one = _show(config, with_people.image_id[:8], "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
