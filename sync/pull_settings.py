@@ -11,7 +11,7 @@ tables of the daemon's TOML file (kept in ``SyncConfig.tables`` by ``sync.config
     root = "models"                  # default <store root>/models; point engine.bundle at <root>/current
     public_key = "registry.pub"      # ed25519 key; set: every bundle must carry a valid bundle.sig
     margin = 0.02                    # the gate: how much worse a candidate may score (absolute)
-    min_holdout = 20                 # fewer reviewed hold-out images: checksums only
+    min_holdout = 20                 # fewer reviewed hold-out images: a gross regression only
     daemon = "127.0.0.1:50051"       # where to send ReloadModels (absent: no reload call)
     poll_interval = 300.0            # seconds between pulls of the long-running loop
 

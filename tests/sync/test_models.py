@@ -82,7 +82,8 @@ def appliance(tmp_path: Path, coco17_bundle: Bundle, coco_people_photos: list[Pa
         report = Merger(daemon.store, dataset).merge(labels)
         assert len(report.merged) == len(coco_people_photos) and len(dataset.holdout()) == len(labels)
         yield {"slots": slots, "puller": puller, "client": client, "key": key, "base": coco17_bundle,
-               "registry": tmp_path / "registry", "photos": coco_people_photos, "daemon": daemon}
+               "registry": tmp_path / "registry", "photos": coco_people_photos, "daemon": daemon,
+               "dataset": dataset}
     finally:
         client.close()
         server.stop(grace=1.0).wait(5)
@@ -141,6 +142,26 @@ def test_corrupt_tampered_unsigned_and_worse_candidates_are_refused(appliance: d
     assert client.status().bundle_id == base.id and slots.current_path().name == base.id
     assert client.annotate(appliance["photos"][1].read_bytes() + b"\0").bundle_id == base.id
     assert puller.pull_once().newer == []
+
+
+def test_a_gross_regression_is_refused_with_fewer_hold_out_images_than_min_holdout(
+        appliance: dict[str, Any], tmp_path: Path) -> None:
+    """Five reviewed hold-out images, min_holdout 20: the gate passed on checksums alone, so a
+    box's first retraining (one epoch: OKS AP50 0.02 against 1.00) went into service. Now a gross
+    regression is refused (margin 0.5 / sqrt(5) = 0.22); the same bundle again passes, said as a
+    coarse check."""
+    base, daemon = appliance["base"], appliance["daemon"]
+    gate = ValidationGate(appliance["dataset"], daemon.store.image_path, GateConfig(margin=0.02, min_images=20),
+                          tmp_path / "work20")
+    absurd = dataclasses.replace(base.thresholds, main=(0.995,) * base.keypoints.count)
+    worse = load_bundle(publish(tmp_path / "reg20", base, "b-worse", "2030-01-01T00:00:00Z", None, thresholds=absurd))
+    same = load_bundle(publish(tmp_path / "reg20", base, "b-same", "2030-01-02T00:00:00Z", None))
+    refused = gate.check(base, worse)
+    assert not refused.passed and not refused.quality_checked and refused.images == len(appliance["photos"])
+    assert "fewer than 20: a gross regression only, margin 0.22" in refused.reason
+    assert "visibility_accuracy" in refused.reason, refused.reason
+    passed = gate.check(base, same)
+    assert passed.passed and not passed.quality_checked and "a gross regression only" in passed.reason
 
 
 def test_checksums_only_gate_engine_swap_and_daemon_refusal(tmp_path: Path, coco17_bundle: Bundle) -> None:
