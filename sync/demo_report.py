@@ -40,9 +40,17 @@ class ImageLine:
 
 
 def progress_bar(label: str, done: int, total: int, width: int = 30) -> None:
-    """Redraw a one-line progress bar on stderr (the caller ends the line)."""
+    """Redraw a one-line progress bar on stderr (the caller ends the line). Where stderr is not a
+    terminal (a log file, journald) it is written at each quarter only, one line each: every
+    redraw went into one line of the log (200 frames)."""
     filled = int(width * done / max(total, 1))
-    sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+    bar = f"{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
+    if sys.stderr.isatty():
+        sys.stderr.write("\r" + bar)
+    elif done == total or (done * 4) // max(total, 1) != ((done - 1) * 4) // max(total, 1):
+        sys.stderr.write(bar + ("" if done == total else "\n"))
+    else:
+        return
     sys.stderr.flush()
 
 

@@ -122,3 +122,31 @@ def test_demo_without_a_bundle_says_what_to_pass(tmp_path: Path) -> None:
                            "--bundle", str(tmp_path / "missing")], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "--bundle" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_progress_bar_is_redrawn_on_a_terminal_and_written_by_quarters_to_a_file(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Written to a log file (make demo > log, journald) every redraw ended up in one line
+    (``\\r`` frames); there it is now a line a quarter."""
+    import io
+
+    from sync.demo_report import progress_bar
+
+    class Stream(io.StringIO):
+        def __init__(self, tty: bool) -> None:
+            super().__init__()
+            self.tty = tty
+
+        def isatty(self) -> bool:
+            return self.tty
+
+    for tty in (True, False):
+        stream = Stream(tty)
+        monkeypatch.setattr("sys.stderr", stream)
+        for done in range(1, 201):
+            progress_bar("annotating", done, 200)
+        text = stream.getvalue()
+        if tty:
+            assert text.count("\r") == 200
+        else:
+            assert "\r" not in text and text.count("annotating") == 4 and text.endswith("200/200")
