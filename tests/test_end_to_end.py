@@ -48,7 +48,7 @@ def _leased(store: Store) -> int:
     return sum(r.lease_owner is not None for r in store.list(state="received", limit=1000)[0])
 
 
-def test_kill_mid_batch_and_restart_annotates_everything_once(tmp_path: Path, coco17_bundle: Any,
+def test_kill_mid_batch_and_restart_annotates_everything_once(tmp_path: Path, pose_bundle: Any,
                                                               coco_people_photos: list[Path]) -> None:
     drop, sidecars, store_root = tmp_path / "drop", tmp_path / "sidecars", tmp_path / "store"
     drop.mkdir()
@@ -65,7 +65,7 @@ folder = "{drop}"
 stable_seconds = 0.0
 poll_interval = 0.1
 [engine]
-bundle = "{coco17_bundle.path}"
+bundle = "{pose_bundle.path}"
 batch_size = 2
 threads = 1
 [outputs]

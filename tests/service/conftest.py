@@ -43,7 +43,7 @@ def small_jpeg() -> Callable[[int], bytes]:
 
 
 @pytest.fixture
-def make_config(tmp_path: Path, coco17_bundle: Any) -> Callable[..., Config]:
+def make_config(tmp_path: Path, pose_bundle: Any) -> Callable[..., Config]:
     """``make(**dotted_overrides)``: a daemon Config with everything under tmp_path."""
 
     def make(**overrides: Any) -> Config:
@@ -51,7 +51,7 @@ def make_config(tmp_path: Path, coco17_bundle: Any) -> Callable[..., Config]:
             "server.listen": "127.0.0.1:0", "server.max_message_bytes": 4_000_000,
             "store.root": str(tmp_path / "store"), "store.lease_seconds": 5.0, "store.min_free_mb": 0,
             "drop.max_pixels": 4_000_000, "drop.max_bytes": 3_000_000,
-            "engine.bundle": str(coco17_bundle.path), "engine.batch_size": 4,
+            "engine.bundle": str(pose_bundle.path), "engine.batch_size": 4,
             "outputs.sidecar_dir": str(tmp_path / "sidecars"),
         }
         values.update({k.replace("__", "."): v for k, v in overrides.items()})

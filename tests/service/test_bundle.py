@@ -9,13 +9,13 @@ import pytest
 
 from service.bundle import load_bundle
 from service.errors import BundleError
-from service.keypoints import CABIN19
+from service.keypoints import CABIN19, COCO17, KeypointSchema
 
 
 @pytest.fixture
-def bundle_copy(coco17_bundle, tmp_path: Path) -> Path:
+def bundle_copy(pose_bundle, tmp_path: Path) -> Path:
     target = tmp_path / "bundle"
-    shutil.copytree(coco17_bundle.path, target)
+    shutil.copytree(pose_bundle.path, target)
     return target
 
 
@@ -26,10 +26,12 @@ def _edit_manifest(path: Path, change) -> None:
     manifest.write_text(json.dumps(data))
 
 
-def test_good_bundle_loads(bundle_copy: Path) -> None:
+def test_good_bundle_loads(bundle_copy: Path, pose_keypoints: KeypointSchema) -> None:
     b = load_bundle(bundle_copy)
+    n = pose_keypoints.count  # 17 (COCO-17) or 19 (the demo's cabin-19 network)
     assert set(b.models) == {"pose_main"} and b.visibility_mode == "main_only"
-    assert b.models["pose_main"].kpt_shape == (17, 3) and b.keypoints.count == 17
+    assert b.models["pose_main"].kpt_shape == (n, 3) and b.keypoints.count == n
+    assert b.keypoints.names == pose_keypoints.names
 
 
 def test_tampered_onnx_is_refused(bundle_copy: Path) -> None:
@@ -41,19 +43,23 @@ def test_tampered_onnx_is_refused(bundle_copy: Path) -> None:
         load_bundle(bundle_copy)
 
 
-def test_output_layout_mismatch_is_refused(bundle_copy: Path) -> None:
-    # Declare 19 key points (cabin schema) for a 17-point network: checksums still match.
-    def to_19(d: dict) -> None:
-        d["models"]["pose_main"]["kpt_shape"] = [19, 3]
-        d["keypoints"] = CABIN19.to_json()
+def test_output_layout_mismatch_is_refused(bundle_copy: Path, pose_keypoints: KeypointSchema) -> None:
+    # Declare the other schema (19 cabin points for a 17-point network, or 17 COCO points for a
+    # 19-point one): checksums still match, the output's channels do not.
+    other = CABIN19 if pose_keypoints.count == 17 else COCO17
 
-    _edit_manifest(bundle_copy, to_19)
-    with pytest.raises(BundleError, match=r"output shape .* does not match the declared layout \[N, 62, A\]"):
+    def declare_other(d: dict) -> None:
+        d["models"]["pose_main"]["kpt_shape"] = [other.count, 3]
+        d["keypoints"] = other.to_json()
+
+    _edit_manifest(bundle_copy, declare_other)
+    channels = 5 + 3 * other.count  # 62 for cabin-19, 56 for COCO-17
+    with pytest.raises(BundleError, match=rf"output shape .* does not match the declared layout \[N, {channels}, A\]"):
         load_bundle(bundle_copy)
 
 
 def test_task_mismatch_is_refused(bundle_copy: Path) -> None:
-    # A pose network declared as a one-class detector: [N, 5, A] expected, [N, 56, A] found.
+    # A pose network declared as a one-class detector: [N, 5, A] expected, [N, 56, A] (or 62) found.
     _edit_manifest(bundle_copy, lambda d: d["models"]["pose_main"].update(task="detect", kpt_shape=None))
     with pytest.raises(BundleError, match=r"does not match the declared layout \[N, 5, A\]"):
         load_bundle(bundle_copy)

@@ -12,12 +12,12 @@ from service.cli_daemon import parse_sets
 from service.errors import ConfigError
 
 
-def test_annotate_files_writes_sidecars(tmp_path: Path, coco17_bundle: Any, coco_people_photos: list[Path],
+def test_annotate_files_writes_sidecars(tmp_path: Path, pose_bundle: Any, coco_people_photos: list[Path],
                                         capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8 nothing")
     out = tmp_path / "out"
-    rc = main(["annotate", str(coco_people_photos[0]), str(bad), "--bundle", str(coco17_bundle.path), "--out", str(out)])
+    rc = main(["annotate", str(coco_people_photos[0]), str(bad), "--bundle", str(pose_bundle.path), "--out", str(out)])
     assert rc == 0
     (sidecar,) = out.glob("*.json")
     record = json.loads(sidecar.read_text())

@@ -40,17 +40,17 @@ def by_name(checks: list[Any]) -> dict[str, Any]:
     return {c.name: c for c in checks}
 
 
-def test_good_config_passes(tmp_path: Path, coco17_bundle: Any, capsys: pytest.CaptureFixture[str]) -> None:
+def test_good_config_passes(tmp_path: Path, pose_bundle: Any, capsys: pytest.CaptureFixture[str]) -> None:
     import argparse
 
-    path = write_config(tmp_path, coco17_bundle.path)
+    path = write_config(tmp_path, pose_bundle.path)
     checks = run_checks(path, env={})
     assert [c.name for c in checks] == ["config", "folder drop.folder", "folder store.root",
                                         "folder outputs.sidecar_dir", "disk", "inotify watches", "bundle",
                                         "providers", "s3",
                                         "review", "clock"]
     assert {c.name: c.level for c in checks if c.level != OK} == {"s3": SKIP, "review": SKIP}
-    assert coco17_bundle.id in by_name(checks)["bundle"].detail
+    assert pose_bundle.id in by_name(checks)["bundle"].detail
     assert "onnxruntime" in by_name(checks)["providers"].detail
     assert exit_code(checks) == 0
 
@@ -62,9 +62,9 @@ def test_good_config_passes(tmp_path: Path, coco17_bundle: Any, capsys: pytest.C
     assert "all checks passed" in out and "FAIL" not in out
 
 
-def test_broken_config_fails_with_advice(tmp_path: Path, coco17_bundle: Any) -> None:
+def test_broken_config_fails_with_advice(tmp_path: Path, pose_bundle: Any) -> None:
     bundle = tmp_path / "bundle"
-    shutil.copytree(coco17_bundle.path, bundle)
+    shutil.copytree(pose_bundle.path, bundle)
     model = next(bundle.glob("*.onnx"))
     data = bytearray(model.read_bytes())
     data[-1] ^= 0xFF  # one flipped byte: the checksum no longer matches
@@ -179,7 +179,7 @@ def test_clock(tmp_path: Path) -> None:
     assert stale.level == FAIL and "timedatectl" in stale.advice
 
 
-def test_gpu_provider_offered_but_not_loading_is_a_warning(tmp_path: Path, coco17_bundle: Any,
+def test_gpu_provider_offered_but_not_loading_is_a_warning(tmp_path: Path, pose_bundle: Any,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """onnxruntime-gpu offers CUDA whenever its provider library ships; without the CUDA
     libraries a session falls back to the CPU. Doctor makes a session and says so. Simulated
@@ -188,7 +188,7 @@ def test_gpu_provider_offered_but_not_loading_is_a_warning(tmp_path: Path, coco1
 
     offered = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     monkeypatch.setattr(ort, "get_available_providers", lambda: offered)
-    checks = by_name(run_checks(write_config(tmp_path, coco17_bundle.path), env={}))
+    checks = by_name(run_checks(write_config(tmp_path, pose_bundle.path), env={}))
     c = checks["providers"]
     assert c.level == WARN, c
     assert "CUDAExecutionProvider is offered but a session of the bundle runs on CPUExecutionProvider" in c.detail
@@ -206,14 +206,14 @@ def test_gpu_provider_offered_but_not_loading_is_a_warning(tmp_path: Path, coco1
     ({"appliance_id": "lab"}, '[sync.training]\nrole_arn = "arn:aws:iam::1:role/x"\nimage_uri = "i"\n'
      'input_s3 = "s3://b/in"\noutput_s3 = "s3://b/out"\n', {}, "needs [sync.models.registry]"),  # sync.agent's rule
 ], ids=["unknown-key", "no-label-studio-token", "short-label-studio-token", "dataset", "training-without-registry"])
-def test_the_sync_tables_are_checked_by_the_agents_own_rules(tmp_path: Path, coco17_bundle: Any, sync: dict,
+def test_the_sync_tables_are_checked_by_the_agents_own_rules(tmp_path: Path, pose_bundle: Any, sync: dict,
                                                              extra: str, env: dict, words: str,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     """``annotator sync`` refuses these at start (exit 2; under systemd a restart loop): doctor
     must not say "all checks passed" for them."""
     import argparse
 
-    path = write_config(tmp_path, coco17_bundle.path, sync=sync)
+    path = write_config(tmp_path, pose_bundle.path, sync=sync)
     path.write_text(path.read_text() + extra)
     checks = run_checks(path, env=env)
     check = by_name(checks)["sync"]
@@ -227,14 +227,14 @@ def test_the_sync_tables_are_checked_by_the_agents_own_rules(tmp_path: Path, coc
     assert "all checks passed" not in capsys.readouterr().out
 
 
-def test_a_valid_sync_table_passes_with_the_token_from_the_environment(tmp_path: Path, coco17_bundle: Any) -> None:
-    path = write_config(tmp_path, coco17_bundle.path, sync={"appliance_id": "lab"})
+def test_a_valid_sync_table_passes_with_the_token_from_the_environment(tmp_path: Path, pose_bundle: Any) -> None:
+    path = write_config(tmp_path, pose_bundle.path, sync={"appliance_id": "lab"})
     path.write_text(path.read_text() + '[sync.review]\nkind = "labelstudio"\n[sync.review.labelstudio]\n'
                     'url = "http://127.0.0.1:1"\n')
     check = by_name(run_checks(path, env={"ANNOTATOR_LABEL_STUDIO_TOKEN": "a-long-token"}))["sync"]
     assert check.level == OK and "labelstudio" in check.detail, check
     assert "a-long-token" not in check.detail
-    assert "sync" not in by_name(run_checks(write_config(tmp_path, coco17_bundle.path), env={}))  # no [sync]: no line
+    assert "sync" not in by_name(run_checks(write_config(tmp_path, pose_bundle.path), env={}))  # no [sync]: no line
 
 
 def test_disk_says_how_long_the_space_lasts_at_the_last_days_intake(tmp_path: Path,

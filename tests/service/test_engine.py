@@ -15,8 +15,8 @@ from service.record import Prediction
 
 
 @pytest.fixture(scope="module")
-def engine(coco17_bundle) -> Engine:
-    return Engine(coco17_bundle, batch_size=2)
+def engine(pose_bundle) -> Engine:
+    return Engine(pose_bundle, batch_size=2)
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +32,12 @@ def _xy(pred: Prediction) -> np.ndarray:
     return np.array([[(k.x, k.y) for k in p.keypoints] for p in pred.persons], np.float32)
 
 
-def test_agrees_with_ultralytics_within_one_pixel(coco17_bundle, coco_people_photos, photo_predictions) -> None:
+def test_agrees_with_ultralytics_within_one_pixel(pose_bundle, coco_people_photos, photo_predictions) -> None:
+    pytest.importorskip("ultralytics", reason="compares with ultralytics' own predictions (train extra)")
     from ultralytics import YOLO
 
-    model = YOLO(str(coco17_bundle.model_path("pose_main")), task="pose")
-    thr = coco17_bundle.thresholds
+    model = YOLO(str(pose_bundle.model_path("pose_main")), task="pose")
+    thr = pose_bundle.thresholds
     total = 0
     for path, ours in zip(coco_people_photos, photo_predictions):
         image = cv2.imread(str(path))
@@ -58,8 +59,8 @@ def test_agrees_with_ultralytics_within_one_pixel(coco17_bundle, coco_people_pho
     assert total >= 3, "the photos should show several people"
 
 
-def test_main_only_bundle_flags_and_heads(coco17_bundle, photo_predictions) -> None:
-    thr = coco17_bundle.thresholds.main
+def test_main_only_bundle_flags_and_heads(pose_bundle, photo_predictions) -> None:
+    thr = pose_bundle.thresholds.main
     for pred in photo_predictions:
         for person in pred.persons:
             for k, kp in enumerate(person.keypoints):
@@ -72,10 +73,10 @@ def test_main_only_bundle_flags_and_heads(coco17_bundle, photo_predictions) -> N
     assert sum(len(p.heads) for p in photo_predictions) >= 2
 
 
-def test_two_model_bundle_visibility(coco17_two_model_bundle, coco_people_photos) -> None:
+def test_two_model_bundle_visibility(pose_two_model_bundle, coco_people_photos) -> None:
     # pose_visible is the same network, so every person matches itself: a point is visible
     # when its confidence > 0.9, occluded when in (0.5, 0.9], outside when <= 0.5.
-    engine = Engine(coco17_two_model_bundle)
+    engine = Engine(pose_two_model_bundle)
     preds = engine.predict([read_image(p) for p in coco_people_photos[:3]])
     states = set()
     for pred in preds:
@@ -97,10 +98,10 @@ def test_batching_does_not_change_results(engine, coco_people_photos, photo_pred
         np.testing.assert_allclose(_boxes(a), _boxes(b), atol=0.05)
 
 
-def test_padded_batches_give_the_same_results(coco17_bundle, coco_people_photos, photo_predictions) -> None:
+def test_padded_batches_give_the_same_results(pose_bundle, coco_people_photos, photo_predictions) -> None:
     """On a GPU provider every run is padded to the run batch (one input shape per model); the
     padding rows must not leak into the results. Forced on here, on the CPU."""
-    padded = Engine(coco17_bundle, batch_size=4)
+    padded = Engine(pose_bundle, batch_size=4)
     assert not padded.pad_batches  # the CPU provider runs each batch as it comes
     padded.pad_batches = True
     seen = []
@@ -187,7 +188,7 @@ def test_one_engine_serves_several_threads(engine, coco_people_photos, photo_pre
         np.testing.assert_allclose(_boxes(pred), _boxes(photo_predictions[i % 2]), atol=0.05)
 
 
-def test_a_gpu_provider_that_does_not_load_falls_back_with_a_warning(coco17_bundle, monkeypatch, caplog) -> None:
+def test_a_gpu_provider_that_does_not_load_falls_back_with_a_warning(pose_bundle, monkeypatch, caplog) -> None:
     """What a box with onnxruntime-gpu but no CUDA libraries gets (simulated: the CPU build
     made to offer CUDA): the engine says which provider really runs, pads no batches, works."""
     import logging
@@ -197,7 +198,7 @@ def test_a_gpu_provider_that_does_not_load_falls_back_with_a_warning(coco17_bund
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert select_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
     with caplog.at_level(logging.WARNING, logger="service.engine"):
-        eng = Engine(coco17_bundle)
+        eng = Engine(pose_bundle)
     assert eng.active_providers == ["CPUExecutionProvider"] and not eng.pad_batches
     assert "CUDAExecutionProvider was asked for but onnxruntime runs it on CPUExecutionProvider" in caplog.text
     assert len(eng.predict_arrays([np.zeros((64, 64, 3), np.uint8)])) == 1

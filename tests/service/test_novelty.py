@@ -109,13 +109,13 @@ def test_training_profile_samples_a_large_dataset(tmp_path, monkeypatch) -> None
     assert train.appearance_profile([paths[0], tmp_path / "bad.jpg"]) is None
 
 
-def test_bundle_carries_the_profile(coco17_bundle, profile, tmp_path) -> None:
+def test_bundle_carries_the_profile(pose_bundle, profile, tmp_path) -> None:
     import shutil
 
     rng = np.random.default_rng(5)
     frames = [_daylight(rng, 160), _ir(rng, 160)]
     dst = tmp_path / "b"
-    shutil.copytree(coco17_bundle.path, dst)
+    shutil.copytree(pose_bundle.path, dst)
     b = dataclasses.replace(load_bundle(dst), appearance=profile)
     write_bundle(b)
     loaded = load_bundle(dst)
@@ -124,7 +124,7 @@ def test_bundle_carries_the_profile(coco17_bundle, profile, tmp_path) -> None:
     assert all(p.novelty is not None and p.novelty > 0 for p in preds)
     assert preds[0].novelty < 1.0 < 1.4 < preds[1].novelty  # the daylight frame is familiar, the IR one not
     assert Prediction.from_json(json.loads(json.dumps(preds[1].to_json()))).novelty == pytest.approx(preds[1].novelty, abs=1e-4)
-    assert Engine(coco17_bundle).predict_arrays(frames[:1])[0].novelty is None
+    assert Engine(pose_bundle).predict_arrays(frames[:1])[0].novelty is None
     data = json.loads((dst / "bundle.json").read_text())
     data["appearance"]["scale"] = [0.0] * DIM
     (dst / "bundle.json").write_text(json.dumps(data))
@@ -132,18 +132,18 @@ def test_bundle_carries_the_profile(coco17_bundle, profile, tmp_path) -> None:
         load_bundle(dst)
 
 
-def test_novelty_in_the_score(coco17_bundle) -> None:
+def test_novelty_in_the_score(pose_bundle) -> None:
     head = Head((10.0, 10.0, 30.0, 30.0), 0.95)
     familiar = Prediction(100, 100, heads=(head,), novelty=0.8)
     novel = Prediction(100, 100, heads=(head,), novelty=1.6)
     plain = Prediction(100, 100, heads=(head,))
-    assert "novel_appearance" not in score_components(plain, coco17_bundle)
-    assert score_components(familiar, coco17_bundle)["novel_appearance"] == 1.0
-    score, reasons = default_score(novel, coco17_bundle)
+    assert "novel_appearance" not in score_components(plain, pose_bundle)
+    assert score_components(familiar, pose_bundle)["novel_appearance"] == 1.0
+    score, reasons = default_score(novel, pose_bundle)
     assert score == 0.0 and reasons[0] == "novel_appearance"
-    assert default_score(familiar, coco17_bundle)[0] == default_score(plain, coco17_bundle)[0]
-    assert review_priority(novel, coco17_bundle) > review_priority(familiar, coco17_bundle)
-    assert image_doubt(novel, coco17_bundle) > image_doubt(familiar, coco17_bundle)
+    assert default_score(familiar, pose_bundle)[0] == default_score(plain, pose_bundle)[0]
+    assert review_priority(novel, pose_bundle) > review_priority(familiar, pose_bundle)
+    assert image_doubt(novel, pose_bundle) > image_doubt(familiar, pose_bundle)
     empty_novel = Prediction(100, 100, novelty=2.0)
-    assert set(score_components(empty_novel, coco17_bundle)) == {"empty", "novel_appearance"}
-    assert review_priority(empty_novel, coco17_bundle) == 1.0
+    assert set(score_components(empty_novel, pose_bundle)) == {"empty", "novel_appearance"}
+    assert review_priority(empty_novel, pose_bundle) == 1.0

@@ -37,7 +37,7 @@ def _receive(sock: socket.socket, got: list[str], until: Callable[[], bool], pro
             continue
 
 
-def test_serve_notifies_systemd_and_serves_metrics(tmp_path: Path, coco17_bundle: Any,
+def test_serve_notifies_systemd_and_serves_metrics(tmp_path: Path, pose_bundle: Any,
                                                    small_jpeg: Callable[[int], bytes]) -> None:
     config = tmp_path / "annotator.toml"
     config.write_text(f"""
@@ -47,7 +47,7 @@ listen = "127.0.0.1:0"
 root = "{tmp_path / 'store'}"
 min_free_mb = 0
 [engine]
-bundle = "{coco17_bundle.path}"
+bundle = "{pose_bundle.path}"
 workers = 1
 threads = 1
 [metrics]
@@ -75,7 +75,7 @@ appliance_id = "passed-through"
         status = next(m for m in got if m.startswith("STATUS="))
         assert got.index(ready[0]) < got.index(status)  # READY once listening, then the status line
         found = re.search(r"port (\d+) with bundle (\S+), metrics on port (\d+)", status)
-        assert found and found.group(2) == coco17_bundle.id, status
+        assert found and found.group(2) == pose_bundle.id, status
         grpc_port, metrics_port = int(found.group(1)), int(found.group(3))
 
         with AnnotatorClient(f"127.0.0.1:{grpc_port}", timeout=60) as client:
@@ -85,7 +85,7 @@ appliance_id = "passed-through"
         count = re.search(r'^annotator_inference_seconds_count\{role="pose_main"\} (\S+)$', text, re.M)
         assert count and float(count.group(1)) >= 2, text  # the start-up smoke test + the image
         assert re.search(r'^annotator_inference_seconds_bucket\{le="0\.5",role="pose_main"\} ', text, re.M)
-        assert f'annotator_bundle_info{{bundle_id="{coco17_bundle.id}",providers="CPUExecutionProvider"}} 1.0' in text
+        assert f'annotator_bundle_info{{bundle_id="{pose_bundle.id}",providers="CPUExecutionProvider"}} 1.0' in text
         assert re.search(r'^annotator_images\{state="received"\} 0\.0$', text, re.M)
         assert re.search(r'^annotator_queue_depth\{queue="annotate"\} 0\.0$', text, re.M)
 

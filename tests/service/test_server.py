@@ -186,7 +186,8 @@ def test_streams_are_bounded_on_the_whole_server_and_health_still_answers(
         daemon.close()
 
 
-def test_list_get_status_reload(served: tuple[Any, int], stub: Any, small_jpeg: Callable[[int], bytes]) -> None:
+def test_list_get_status_reload(served: tuple[Any, int], stub: Any, small_jpeg: Callable[[int], bytes],
+                                pose_keypoints: Any) -> None:
     daemon, _ = served
     ids = {stub.Annotate(_req(small_jpeg(200 + i)), timeout=60).image_id for i in range(5)}
     seen: set[str] = set()
@@ -212,7 +213,7 @@ def test_list_get_status_reload(served: tuple[Any, int], stub: Any, small_jpeg: 
 
     status = stub.GetStatus(pb.GetStatusRequest())
     assert status.bundle_id == daemon.bundle.id and status.queue_depths["received"] == 0
-    assert sum(status.queue_depths.values()) == 5 and len(status.thresholds.main) == 17
+    assert sum(status.queue_depths.values()) == 5 and len(status.thresholds.main) == pose_keypoints.count
     assert list(status.providers) == ["CPUExecutionProvider"] and status.run_batch == 1  # run_batch 0 on a CPU
     with pytest.raises(grpc.RpcError) as err:  # inside the bundles folder, but no bundle there
         stub.ReloadModels(pb.ReloadModelsRequest(bundle_path="no-such-bundle"))

@@ -279,16 +279,16 @@ def test_reloads_at_once_take_one_thread_and_health_still_answers(make_config: C
 
 
 @pytest.fixture
-def bundles(tmp_path: Path, coco17_bundle: Any, coco17_two_model_bundle: Any) -> Path:
+def bundles(tmp_path: Path, pose_bundle: Any, pose_two_model_bundle: Any) -> Path:
     """A bundles folder as the model pull keeps one: ``a`` (engine.bundle) and ``b``, another bundle."""
     root = tmp_path / "models"
-    shutil.copytree(coco17_bundle.path, root / "a")
-    shutil.copytree(coco17_two_model_bundle.path, root / "b")
+    shutil.copytree(pose_bundle.path, root / "a")
+    shutil.copytree(pose_two_model_bundle.path, root / "b")
     return root
 
 
 def test_a_reload_while_one_runs_is_busy_and_the_pulls_reload_waits_for_its_turn(
-        make_config: Callable[..., Any], bundles: Path, coco17_bundle: Any, coco17_two_model_bundle: Any,
+        make_config: Callable[..., Any], bundles: Path, pose_bundle: Any, pose_two_model_bundle: Any,
         caplog: pytest.LogCaptureFixture) -> None:
     """A reload asked for while another loads waited on the server, holding a thread, until its
     deadline (and loaded its bundle even after its caller had given up). Now it is answered at
@@ -341,14 +341,14 @@ def test_a_reload_while_one_runs_is_busy_and_the_pulls_reload_waits_for_its_turn
         release.set()
         first.join(120)
         pull.join(120)
-        assert answers["a"].bundle_id == coco17_bundle.id, answers["a"]
-        assert answers["b"].bundle_id == coco17_two_model_bundle.id, answers["b"]
-        assert daemon.bundle.id == coco17_two_model_bundle.id and counts[1] == 1
+        assert answers["a"].bundle_id == pose_bundle.id, answers["a"]
+        assert answers["b"].bundle_id == pose_two_model_bundle.id, answers["b"]
+        assert daemon.bundle.id == pose_two_model_bundle.id and counts[1] == 1
         assert daemon.store.counter("reloads") == 2  # the calls answered busy loaded nothing
         with pytest.raises(grpc.RpcError) as err:  # a failed reload frees the server for the next one
             stub.ReloadModels(pb.ReloadModelsRequest(bundle_path="no-such-bundle"), timeout=60)
         assert err.value.code() == C.FAILED_PRECONDITION
-        assert stub.ReloadModels(pb.ReloadModelsRequest(), timeout=60).bundle_id == coco17_bundle.id
+        assert stub.ReloadModels(pb.ReloadModelsRequest(), timeout=60).bundle_id == pose_bundle.id
     finally:
         release.set()
         channel.close()

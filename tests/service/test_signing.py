@@ -43,20 +43,20 @@ def test_sync_signing_reexports_the_service_functions() -> None:
     assert sync.signing.verify_manifest is service.signing.verify_manifest
 
 
-def test_daemon_loads_and_reloads_only_signed_bundles(tmp_path: Path, coco17_bundle: Any,
+def test_daemon_loads_and_reloads_only_signed_bundles(tmp_path: Path, pose_bundle: Any,
                                                       make_config: Callable[..., Any]) -> None:
     from service.daemon import Daemon
 
     key = Ed25519PrivateKey.generate()
     pub = tmp_path / "registry.pub"
     pub.write_bytes(public_key_pem(key))
-    good = signed_copy(coco17_bundle.path, tmp_path / "bundles" / "good", key)
+    good = signed_copy(pose_bundle.path, tmp_path / "bundles" / "good", key)
     daemon = Daemon(make_config(engine__bundle=str(good), engine__bundle_public_key=str(pub)), workers=1)
     try:
-        assert daemon.reload().id == coco17_bundle.id  # re-read and re-verified
-        unsigned = signed_copy(coco17_bundle.path, tmp_path / "bundles" / "unsigned", None)
-        other = signed_copy(coco17_bundle.path, tmp_path / "bundles" / "other-key", Ed25519PrivateKey.generate())
-        tampered = signed_copy(coco17_bundle.path, tmp_path / "bundles" / "tampered", key)
+        assert daemon.reload().id == pose_bundle.id  # re-read and re-verified
+        unsigned = signed_copy(pose_bundle.path, tmp_path / "bundles" / "unsigned", None)
+        other = signed_copy(pose_bundle.path, tmp_path / "bundles" / "other-key", Ed25519PrivateKey.generate())
+        tampered = signed_copy(pose_bundle.path, tmp_path / "bundles" / "tampered", key)
         (tampered / "bundle.json").write_bytes((tampered / "bundle.json").read_bytes() + b"\n")
         for bundle, match in ((unsigned, "missing"), (other, "does not match"), (tampered, "does not match")):
             with pytest.raises(BundleError, match=match):

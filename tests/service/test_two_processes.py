@@ -47,9 +47,9 @@ def _done(root: Path) -> int:
 
 
 def test_a_second_serve_on_the_same_store_is_refused_at_once_naming_the_first(
-        tmp_path: Path, coco17_bundle: Any, coco_people_photos: list[Path]) -> None:
+        tmp_path: Path, pose_bundle: Any, coco_people_photos: list[Path]) -> None:
     (tmp_path / "drop").mkdir()
-    config = _config(tmp_path, coco17_bundle.path)
+    config = _config(tmp_path, pose_bundle.path)
     log1, log2, log3 = tmp_path / "serve1.log", tmp_path / "serve2.log", tmp_path / "serve3.log"
     first = start_serve(config, log1, cwd=tmp_path, env=command_env())
     procs = [first]
@@ -88,9 +88,9 @@ def test_a_second_serve_on_the_same_store_is_refused_at_once_naming_the_first(
         store.close()
 
 
-def test_a_store_root_that_does_not_exist_yet_is_made_and_served(tmp_path: Path, coco17_bundle: Any) -> None:
+def test_a_store_root_that_does_not_exist_yet_is_made_and_served(tmp_path: Path, pose_bundle: Any) -> None:
     """The lock file is made in a store root that the daemon creates at its first start."""
-    config = _config(tmp_path, coco17_bundle.path)
+    config = _config(tmp_path, pose_bundle.path)
     log = tmp_path / "serve.log"
     proc = start_serve(config, log, cwd=tmp_path, env=command_env())
     try:

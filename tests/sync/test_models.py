@@ -44,7 +44,7 @@ def publish(registry: Path, base: Bundle, bundle_id: str, created: str, key: Ed2
 
 
 @pytest.fixture
-def appliance(tmp_path: Path, coco17_bundle: Bundle, coco_people_photos: list[Path]) -> Iterator[dict[str, Any]]:
+def appliance(tmp_path: Path, pose_bundle: Bundle, coco_people_photos: list[Path]) -> Iterator[dict[str, Any]]:
     """A running daemon serving ``<models>/current`` (the adopted coco17 bundle), five reviewed
     hold-out photos in the dataset, a signing key and an empty folder registry."""
     from service.client import AnnotatorClient
@@ -64,7 +64,7 @@ def appliance(tmp_path: Path, coco17_bundle: Bundle, coco_people_photos: list[Pa
     gate = ValidationGate(dataset, lambda i: daemon.store.image_path(i), GateConfig(margin=0.02, min_images=3),
                           slots.root / "work")
     puller = ModelPuller(slots, registry, gate, lambda p: None, public_key=tmp_path / "registry.pub")
-    puller.adopt(coco17_bundle.path, unsigned=True)  # the first bundle, a local one; pulls must be signed
+    puller.adopt(pose_bundle.path, unsigned=True)  # the first bundle, a local one; pulls must be signed
     daemon = Daemon(config)
     daemon.start()
     server, port = create_server(daemon.config, daemon)
@@ -81,7 +81,7 @@ def appliance(tmp_path: Path, coco17_bundle: Bundle, coco_people_photos: list[Pa
                                         1_790_000_000.0, "ann", False, tuple(record["keypoint_names"])))
         report = Merger(daemon.store, dataset).merge(labels)
         assert len(report.merged) == len(coco_people_photos) and len(dataset.holdout()) == len(labels)
-        yield {"slots": slots, "puller": puller, "client": client, "key": key, "base": coco17_bundle,
+        yield {"slots": slots, "puller": puller, "client": client, "key": key, "base": pose_bundle,
                "registry": tmp_path / "registry", "photos": coco_people_photos, "daemon": daemon,
                "dataset": dataset}
     finally:
@@ -164,14 +164,14 @@ def test_a_gross_regression_is_refused_with_fewer_hold_out_images_than_min_holdo
     assert passed.passed and not passed.quality_checked and "a gross regression only" in passed.reason
 
 
-def test_checksums_only_gate_engine_swap_and_daemon_refusal(tmp_path: Path, coco17_bundle: Bundle) -> None:
+def test_checksums_only_gate_engine_swap_and_daemon_refusal(tmp_path: Path, pose_bundle: Bundle) -> None:
     """No hold-out images: the gate passes on checksums alone and says so; the reload swaps a
     real Engine; a reload the daemon refuses restores the pointers and refuses the bundle."""
     import numpy as np
 
     from service.engine import Engine
 
-    serving = {"engine": Engine(coco17_bundle)}
+    serving = {"engine": Engine(pose_bundle)}
 
     def swap(path: str) -> None:
         serving["engine"] = Engine(load_bundle(path))
@@ -180,8 +180,8 @@ def test_checksums_only_gate_engine_swap_and_daemon_refusal(tmp_path: Path, coco
     slots = ModelSlots(tmp_path / "models")
     gate = ValidationGate(dataset, lambda i: tmp_path / "none" / i, GateConfig(min_images=3), tmp_path / "work")
     puller = ModelPuller(slots, BundleRegistry(LocalFolderStore(tmp_path / "registry")), gate, swap)
-    puller.adopt(coco17_bundle.path)
-    publish(tmp_path / "registry", coco17_bundle, "b-new", "2030-01-01T00:00:00Z", None)
+    puller.adopt(pose_bundle.path)
+    publish(tmp_path / "registry", pose_bundle, "b-new", "2030-01-01T00:00:00Z", None)
     result = puller.pull_once()
     assert result.switched_to == "b-new" and serving["engine"].bundle.id == "b-new"
     assert not result.gate["b-new"].quality_checked and "checksums only" in result.gate["b-new"].reason
@@ -193,15 +193,15 @@ def test_checksums_only_gate_engine_swap_and_daemon_refusal(tmp_path: Path, coco
         raise BundleError(f"{path}: fails on a blank image")
 
     puller.reload_fn = refuse
-    publish(tmp_path / "registry", coco17_bundle, "b-newer", "2030-02-01T00:00:00Z", None)
+    publish(tmp_path / "registry", pose_bundle, "b-newer", "2030-02-01T00:00:00Z", None)
     result = puller.pull_once()
     assert result.switched_to is None and "daemon refused" in result.refused["b-newer"]
-    assert slots.current_path().name == "b-new" and slots.previous_path().name == coco17_bundle.id
+    assert slots.current_path().name == "b-new" and slots.previous_path().name == pose_bundle.id
     assert serving["engine"].bundle.id == "b-new"
     dataset.close()
 
 
-def test_models_cli_adopt_pull_list_rollback(tmp_path: Path, coco17_bundle: Bundle,
+def test_models_cli_adopt_pull_list_rollback(tmp_path: Path, pose_bundle: Bundle,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     import argparse
 
@@ -218,14 +218,14 @@ def test_models_cli_adopt_pull_list_rollback(tmp_path: Path, coco17_bundle: Bund
         return capsys.readouterr().out
 
     Store(tmp_path / "store").close()
-    run("models", "adopt", str(coco17_bundle.path))
-    publish(tmp_path / "registry", coco17_bundle, "b-cli", "2030-01-01T00:00:00Z", None)
+    run("models", "adopt", str(pose_bundle.path))
+    publish(tmp_path / "registry", pose_bundle, "b-cli", "2030-01-01T00:00:00Z", None)
     assert "[newer]" in run("models", "list")
     out = run("models", "pull", "--once")
     assert "switched to b-cli" in out and "checksums only" in out
     listing = run("models", "list")
-    assert "current   b-cli" in listing and f"previous  {coco17_bundle.id}" in listing
-    assert f"rolled back to {coco17_bundle.id}" in run("models", "rollback")
+    assert "current   b-cli" in listing and f"previous  {pose_bundle.id}" in listing
+    assert f"rolled back to {pose_bundle.id}" in run("models", "rollback")
     assert "refused   b-cli: " in run("models", "list")
 
 

@@ -163,7 +163,7 @@ def test_publishing_an_id_again_with_other_contents_is_refused(tmp_path: Path, b
 # -- adopt with a public key set (bug: ``models adopt`` installed an unsigned folder as the
 #    bundle in use on a box whose pulls must be signed) --
 
-def test_adopt_checks_the_signature_when_a_public_key_is_set(tmp_path: Path, coco17_bundle: Any,
+def test_adopt_checks_the_signature_when_a_public_key_is_set(tmp_path: Path, pose_bundle: Any,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     import argparse
     import shutil
@@ -178,7 +178,7 @@ def test_adopt_checks_the_signature_when_a_public_key_is_set(tmp_path: Path, coc
     key, other = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
     (tmp_path / "registry.pub").write_bytes(public_key_pem(key))
     bundle = tmp_path / "bundle"
-    shutil.copytree(coco17_bundle.path, bundle)
+    shutil.copytree(pose_bundle.path, bundle)
     slots = ModelSlots(tmp_path / "models")
     puller = ModelPuller(slots, BundleRegistry(LocalFolderStore(tmp_path / "registry")), None, lambda p: None,
                          public_key=tmp_path / "registry.pub")
@@ -202,11 +202,11 @@ def test_adopt_checks_the_signature_when_a_public_key_is_set(tmp_path: Path, coc
 
     with pytest.raises(BundleError, match="--unsigned"):
         adopt()  # the key from the config
-    assert adopt("--unsigned") == 0 and slots.current_path().name == coco17_bundle.id
+    assert adopt("--unsigned") == 0 and slots.current_path().name == pose_bundle.id
     assert "installed as current" in capsys.readouterr().out
 
     (bundle / SIGNATURE).write_bytes(sign_manifest((bundle / MANIFEST).read_bytes(), key))
-    assert puller.adopt(bundle) == coco17_bundle.id  # signed by the key: installed without --unsigned
+    assert puller.adopt(bundle) == pose_bundle.id  # signed by the key: installed without --unsigned
 
 
 # -- a bundle stamped ahead of the clock (bug: every later bundle sorted as older, never pulled,

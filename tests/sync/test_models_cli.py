@@ -18,7 +18,7 @@ from test_models import publish
 pytestmark = pytest.mark.slow
 
 
-def test_pull_and_rollback_reload_the_daemon_at_server_listen(tmp_path: Path, coco17_bundle: Bundle,
+def test_pull_and_rollback_reload_the_daemon_at_server_listen(tmp_path: Path, pose_bundle: Bundle,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     """[sync.models] daemon defaults to [server] listen, as the example config says, but only the
     agent applied it: `models pull` and `models rollback` moved `current` and left the daemon on
@@ -39,8 +39,8 @@ def test_pull_and_rollback_reload_the_daemon_at_server_listen(tmp_path: Path, co
     from service.store import Store
 
     Store(tmp_path / "store").close()
-    assert f"{coco17_bundle.id} installed as current" in run("models", "adopt", str(coco17_bundle.path))
-    publish(tmp_path / "registry", coco17_bundle, "b-next", "2030-01-01T00:00:00Z", None)
+    assert f"{pose_bundle.id} installed as current" in run("models", "adopt", str(pose_bundle.path))
+    publish(tmp_path / "registry", pose_bundle, "b-next", "2030-01-01T00:00:00Z", None)
     out = run("models", "pull", "--once")  # no daemon runs yet
     assert f"no daemon answers at 127.0.0.1:{port}" in out and "switched to b-next" in out
     daemon = Daemon(load_config(config, env={}))
@@ -48,9 +48,9 @@ def test_pull_and_rollback_reload_the_daemon_at_server_listen(tmp_path: Path, co
     server, bound = create_server(daemon.config, daemon)
     try:
         assert bound == port and daemon.bundle.id == "b-next"
-        assert f"rolled back to {coco17_bundle.id}" in run("models", "rollback")
-        assert daemon.bundle.id == coco17_bundle.id
-        publish(tmp_path / "registry", coco17_bundle, "b-third", "2030-02-01T00:00:00Z", None)
+        assert f"rolled back to {pose_bundle.id}" in run("models", "rollback")
+        assert daemon.bundle.id == pose_bundle.id
+        publish(tmp_path / "registry", pose_bundle, "b-third", "2030-02-01T00:00:00Z", None)
         assert "switched to b-third" in run("models", "pull", "--once")
         assert daemon.bundle.id == "b-third"
     finally:
@@ -91,7 +91,7 @@ def test_only_a_refused_connection_counts_as_no_daemon(capsys: pytest.CaptureFix
             _unless_down(failing(details), "127.0.0.1:9")("models/current")
 
 
-def test_a_polling_pull_says_nothing_new_once(tmp_path: Path, coco17_bundle: Bundle, monkeypatch: pytest.MonkeyPatch,
+def test_a_polling_pull_says_nothing_new_once(tmp_path: Path, pose_bundle: Bundle, monkeypatch: pytest.MonkeyPatch,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     """`annotator models pull` (no --once) polls like the agent: it printed "no newer bundle
     accepted" at every poll, for good; now once while nothing changes, naming --once."""
@@ -106,7 +106,7 @@ def test_a_polling_pull_says_nothing_new_once(tmp_path: Path, coco17_bundle: Bun
     parser = argparse.ArgumentParser(prog="annotator")
     register(parser.add_subparsers(dest="command", required=True))
     (tmp_path / "registry").mkdir()
-    args = parser.parse_args(["models", "adopt", str(coco17_bundle.path), "--config", str(config)])
+    args = parser.parse_args(["models", "adopt", str(pose_bundle.path), "--config", str(config)])
     assert args.func(args) == 0
     capsys.readouterr()
 

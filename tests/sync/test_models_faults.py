@@ -64,22 +64,22 @@ class Daemon:
 
 
 @pytest.fixture
-def box(tmp_path: Path, coco17_bundle: Bundle) -> dict[str, Any]:
+def box(tmp_path: Path, pose_bundle: Bundle) -> dict[str, Any]:
     """The adopted coco17 bundle in use, no hold-out images (checksums-only gate), an empty registry."""
     dataset = Dataset(tmp_path / "dataset")
     slots = ModelSlots(tmp_path / "models")
-    daemon = Daemon(coco17_bundle)
+    daemon = Daemon(pose_bundle)
     gate = ValidationGate(dataset, lambda i: tmp_path / "none" / i, GateConfig(min_images=3), tmp_path / "work")
     registry = BundleRegistry(LocalFolderStore(tmp_path / "registry"))
     puller = ModelPuller(slots, registry, gate, daemon.reload)
-    puller.adopt(coco17_bundle.path)
+    puller.adopt(pose_bundle.path)
 
     def restart(reload_fn: Callable[[str], Any] | None = None) -> ModelPuller:
         """A new agent process on the same folders."""
         return ModelPuller(ModelSlots(tmp_path / "models"), registry, gate, reload_fn or daemon.reload)
 
     yield {"slots": slots, "puller": puller, "daemon": daemon, "registry": tmp_path / "registry",
-           "base": coco17_bundle, "restart": restart, "gate": gate}
+           "base": pose_bundle, "restart": restart, "gate": gate}
     dataset.close()
 
 

@@ -40,8 +40,8 @@ def write_key(path: Path) -> Ed25519PrivateKey:
     return key
 
 
-def test_signed_publication_is_pulled_with_its_weights(tmp_path: Path, coco17_bundle: Bundle) -> None:
-    bundle_dir = with_weights(coco17_bundle, tmp_path / "bundle")
+def test_signed_publication_is_pulled_with_its_weights(tmp_path: Path, pose_bundle: Bundle) -> None:
+    bundle_dir = with_weights(pose_bundle, tmp_path / "bundle")
     key = write_key(tmp_path / "registry.key")
     (tmp_path / "registry.pub").write_bytes(public_key_pem(key))
     store = open_registry(tmp_path / "registry")
@@ -63,30 +63,30 @@ def test_signed_publication_is_pulled_with_its_weights(tmp_path: Path, coco17_bu
     assert not (tmp_path / "registry" / "bundles" / bid / "bundle.sig").exists()
 
 
-def test_publish_to_s3_and_bad_registry_addresses(tmp_path: Path, coco17_bundle: Bundle, moto_server: S3Server,
+def test_publish_to_s3_and_bad_registry_addresses(tmp_path: Path, pose_bundle: Bundle, moto_server: S3Server,
                                                   s3_env: None) -> None:
     bucket = moto_server.new_bucket()
     store = open_registry(f"s3://{bucket}/models/registry", endpoint_url=moto_server.endpoint_url)
-    publish_bundle(coco17_bundle.path, store)
+    publish_bundle(pose_bundle.path, store)
     registry = BundleRegistry(store)
-    assert registry.bundle_ids() == [coco17_bundle.id]
-    assert load_bundle(registry.download(coco17_bundle.id, tmp_path / "pulled")).id == coco17_bundle.id
+    assert registry.bundle_ids() == [pose_bundle.id]
+    assert load_bundle(registry.download(pose_bundle.id, tmp_path / "pulled")).id == pose_bundle.id
     for bad in ("s3://", "http://host/registry"):
         with pytest.raises(SyncConfigError, match="registry"):
             open_registry(bad)
     (tmp_path / "not-ed25519.pem").write_text("not a key")
     with pytest.raises(SyncConfigError, match="sign key"):
-        publish_bundle(coco17_bundle.path, LocalFolderStore(tmp_path / "r2"), sign_key=tmp_path / "not-ed25519.pem")
+        publish_bundle(pose_bundle.path, LocalFolderStore(tmp_path / "r2"), sign_key=tmp_path / "not-ed25519.pem")
 
 
-def test_init_current_from_the_config(tmp_path: Path, coco17_bundle: Bundle) -> None:
+def test_init_current_from_the_config(tmp_path: Path, pose_bundle: Bundle) -> None:
     config = tmp_path / "annotator.toml"
     config.write_text('[store]\nroot = "store"\n[sync.models]\nroot = "slots"\n')
     with pytest.raises(AnnotatorError, match="no bundle in use"):
         resolve_init("current", config, None)
     ModelPuller(ModelSlots(tmp_path / "slots"), BundleRegistry(LocalFolderStore(tmp_path / "none")), None,
-                lambda p: None).adopt(coco17_bundle.path)
-    assert resolve_init("current", config, None) == str((tmp_path / "slots" / "bundles" / coco17_bundle.id).resolve())
+                lambda p: None).adopt(pose_bundle.path)
+    assert resolve_init("current", config, None) == str((tmp_path / "slots" / "bundles" / pose_bundle.id).resolve())
     assert resolve_init("pretrained", config, None) == "pretrained"
     with pytest.raises(AnnotatorError, match="not a bundle directory"):
         resolve_init(str(tmp_path / "nowhere"), config, None)

@@ -189,7 +189,7 @@ def _tar(members: dict[str, bytes]) -> bytes:
 
 def _corrupt_bundle_tar(request: pytest.FixtureRequest, tmp_path: Path) -> bytes:
     """A real bundle whose ONNX file no longer matches its sha256 in bundle.json."""
-    bundle = request.getfixturevalue("coco17_bundle")
+    bundle = request.getfixturevalue("pose_bundle")
     folder = tmp_path / "corrupt"
     shutil.copytree(bundle.path, folder)
     onnx = folder / bundle.models["pose_main"].file
