@@ -76,7 +76,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     server, config_token = _daemon_of(args)
     token = args.token or os.environ.get("ANNOTATOR_TOKEN") or config_token
     tls = _tls(args)
-    if tls is None and args.config:
+    if tls is None and args.config and not args.server:  # --server: another daemon, maybe plain gRPC
         tls = _tls_from_config(args.config, args.server_name)
     with AnnotatorClient(server, timeout=args.timeout, retries=0, tls=tls, token=token) as client:
         try:

@@ -13,7 +13,8 @@ key points the dataset and both bundles share (matched by name):
 With fewer than ``min_images`` hold-out images the gate cannot judge fine differences, but it
 still refuses a gross regression: both bundles are scored on the images there are and the
 candidate may be worse by a wide margin, ``COARSE_MARGIN / sqrt(images)`` (0.25 on 4 images, 0.11
-on 19), no less than ``margin``. Passing on checksums alone, as this did, put a bundle trained a
+on 19), no less than ``margin`` nor than ``1.05 / images`` (one image's whole share of a metric:
+a single missed person on 1-3 images is not a regression; on one image nothing is refused). Passing on checksums alone, as this did, put a bundle trained a
 single epoch (OKS AP50 0.02 against 1.00, visibility 0.18 against 0.91 on the same images) into
 service at a box's first retraining, where 4 reviewed hold-out images existed. With none the
 gate passes on checksums alone and its reason says so. Without pycocotools (the ``eval`` extra)
@@ -172,7 +173,7 @@ class ValidationGate:
             return GateResult(True, "no reviewed hold-out images: checksums only, quality not checked", False, 0)
         margin, few = self.config.margin, len(entries) < self.config.min_images
         if few:  # a gross regression only: the few images' noise is wide
-            margin = max(margin, COARSE_MARGIN / math.sqrt(len(entries)))
+            margin = max(margin, COARSE_MARGIN / math.sqrt(len(entries)), 1.05 / len(entries))
         what = (f"{len(entries)} reviewed hold-out images" + (
             f" (fewer than {self.config.min_images}: a gross regression only, margin {margin:.2f})" if few else ""))
         names = [n for n in self.dataset.schema.names

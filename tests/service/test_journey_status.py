@@ -63,3 +63,14 @@ def test_healthcheck_with_config_asks_the_configured_port(served: tuple[Any, int
     config.write_text(f'[server]\nlisten = "127.0.0.1:{port}"\n', encoding="utf-8")
     assert run(["healthcheck", "--config", str(config)]) == 0
     assert capsys.readouterr().out.strip() == f"127.0.0.1:{port}: SERVING"
+
+
+def test_status_with_server_does_not_read_the_config(served: tuple[Any, int], tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--server`` names the daemon: an ``$ANNOTATOR_CONFIG`` this user cannot read (install.sh
+    makes it 0640 root:annotator) must not stop ``status``, and its TLS is not for another daemon."""
+    daemon, port = served
+    monkeypatch.setenv("ANNOTATOR_CONFIG", str(tmp_path / "unreadable.toml"))  # no such file
+    assert run(["status", "--server", f"127.0.0.1:{port}"]) == 0
+    assert daemon.bundle.id in capsys.readouterr().out

@@ -162,6 +162,11 @@ def test_a_gross_regression_is_refused_with_fewer_hold_out_images_than_min_holdo
     assert "visibility_accuracy" in refused.reason, refused.reason
     passed = gate.check(base, same)
     assert passed.passed and not passed.quality_checked and "a gross regression only" in passed.reason
+    # One image: a single missed person is the whole metric; nothing is refused on one image.
+    one = gate._holdout()[:1]
+    gate._holdout = lambda: one  # type: ignore[method-assign]
+    alone = gate.check(base, worse)
+    assert alone.passed and "margin 1.05" in alone.reason, alone.reason
 
 
 def test_checksums_only_gate_engine_swap_and_daemon_refusal(tmp_path: Path, pose_bundle: Bundle) -> None:
