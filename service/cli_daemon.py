@@ -11,7 +11,6 @@ import contextlib
 import logging
 import os
 import sqlite3
-import stat
 import sys
 from pathlib import Path
 from typing import Any, Iterator
@@ -87,7 +86,7 @@ def _hold_store(root: Path) -> int | None:
     to review once per daemon. It is refused at once, naming the first one's pid, before it
     loads a bundle or touches the store. A store root this user cannot create or lock (read-only,
     permissions) is left to the daemon's own start-up to report, as before: None."""
-    from .lockfile import Held, hold
+    from .lockfile import Held, Unopenable, hold
 
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -96,30 +95,13 @@ def _hold_store(root: Path) -> int | None:
         raise ConfigError(f"store.root: another annotator serve (pid {exc.pid}) is running on the store {root} "
                           f"(it holds {exc.path}); one daemon per store: stop it first (e.g. systemctl stop "
                           f"annotator) or give this one its own [store] root") from None
-    except PermissionError as exc:
-        lock = root / SERVE_LOCK
-        try:
-            st = lock.stat()
-        except OSError:  # no lock file: the folder itself, which the daemon's start-up reports
-            log.debug("cannot lock %s; the daemon's start-up says what is wrong with it", lock, exc_info=True)
-            return None
+    except Unopenable as exc:
         # A lock file another user made unreadable (sudo annotator serve with umask 077): the
         # daemon went on without the lock, and a second daemon on the store was not refused.
-        raise ConfigError(f"store.root: cannot lock {lock} ({exc.strerror}; it belongs to {_user(st.st_uid)}, mode "
-                          f"{stat.S_IMODE(st.st_mode):o}, made by a command run as that user): with no daemon "
-                          f"running, remove it (sudo rm {lock}) or give it to {_user(os.getuid())} (sudo chown "
-                          f"{_user(os.getuid())} {lock})") from None
+        raise ConfigError(f"store.root: {exc.advice('daemon')}") from None
     except OSError:
         log.debug("cannot lock %s; the daemon's start-up says what is wrong with it", root / SERVE_LOCK, exc_info=True)
         return None
-
-
-def _user(uid: int) -> str:
-    try:
-        import pwd
-        return pwd.getpwuid(uid).pw_name
-    except (ImportError, KeyError):
-        return str(uid)
 
 
 def cmd_annotate(args: argparse.Namespace) -> int:

@@ -7,7 +7,9 @@ it. The kernel drops the lock when its holder dies, kill -9 included, so a file 
 process's pid ("?" when unknown): the kernel's own record of the lock (``/proc/locks``) where it
 has one, else what the file says. A lock file made by root (``annotator serve`` run once with
 sudo) cannot be written by the service user, who holds it all the same (flock needs no write)
-but could not put its pid there: the message named root's long-gone process.
+but could not put its pid there: the message named root's long-gone process. One made
+unreadable too (``sudo`` with umask 077) cannot be opened at all: ``Unopenable`` names its owner
+and mode and says how to fix it, for both roles alike.
 
 Used by ``annotator serve`` (``serve.lock``: one daemon per store, which the judge's budgets and
 near-duplicate memory need) and the sync agent (``sync.lock``: one agent per store and journal),
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 from pathlib import Path
 
 
@@ -28,8 +31,33 @@ class Held(Exception):
         self.path, self.pid = path, pid
 
 
+class Unopenable(PermissionError):
+    """This user may not open the lock file ``path``, which another user made (owner, mode)."""
+
+    def __init__(self, path: Path, reason: str, uid: int, mode: int) -> None:
+        self.path, self.reason, self.owner, self.mode = path, reason, _user(uid), mode
+        super().__init__(f"this user may not open {path} ({reason}; it belongs to {self.owner}, mode {mode:o}, "
+                         "made by a command run as that user)")
+
+    def advice(self, role: str) -> str:
+        """The message and its fix, with ``role`` the process the lock is for ("daemon", "agent")."""
+        me = _user(os.getuid())
+        return (f"{self}: with no {role} running, remove it (sudo rm {self.path}) or give it to {me} "
+                f"(sudo chown {me} {self.path})")
+
+
+def _user(uid: int) -> str:
+    try:
+        import pwd
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        return str(uid)
+
+
 def hold(path: Path) -> int:
-    """Lock ``path`` (created when missing) for this process; ``Held`` at once when another has it."""
+    """Lock ``path`` (created when missing) for this process; ``Held`` at once when another has it,
+    ``Unopenable`` when another user's lock file is unreadable to this one, ``PermissionError`` when
+    there is none and this user may not create it."""
     try:
         fd, writable = os.open(path, os.O_RDWR | os.O_CREAT, 0o666), True
     except PermissionError as denied:  # made by another user (root ran the command once): flock needs no write
@@ -37,6 +65,12 @@ def hold(path: Path) -> int:
             fd, writable = os.open(path, os.O_RDONLY), False
         except FileNotFoundError:  # a folder this user may not write, and no lock file in it yet
             raise denied from None
+        except PermissionError as unreadable:
+            try:
+                st = os.stat(path)
+            except OSError:
+                raise unreadable from None
+            raise Unopenable(Path(path), unreadable.strerror, st.st_uid, stat.S_IMODE(st.st_mode)) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

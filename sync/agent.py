@@ -327,7 +327,7 @@ def hold_store(store_root: Any) -> Callable[[], None]:
     ``SyncConfigError`` naming the holder's pid; it changed nothing in the store or journal."""
     from pathlib import Path
 
-    from service.lockfile import Held, hold
+    from service.lockfile import Held, Unopenable, hold
 
     path = Path(store_root) / SYNC_LOCK
     try:
@@ -336,21 +336,11 @@ def hold_store(store_root: Any) -> Callable[[], None]:
         raise SyncConfigError(f"another sync agent (pid {exc.pid}) is running on the store {store_root} "
                               f"(it holds {path}); one agent per store: stop it first (e.g. systemctl stop "
                               f"annotator-sync) or let it do the work") from None
-    except PermissionError as exc:
-        try:  # a lock file another user made unreadable (sudo with umask 077), or none and a folder it may not write
-            st = path.stat()
-        except OSError:
-            raise SyncConfigError(f"the store {store_root}: this user may not create {path} ({exc.strerror}); run "
-                                  "the agent as the daemon's user, or give it write permission on the store") from exc
-        import pwd
-
-        try:
-            owner = pwd.getpwuid(st.st_uid).pw_name
-        except KeyError:
-            owner = str(st.st_uid)
-        raise SyncConfigError(f"the store {store_root}: this user may not open {path} ({exc.strerror}; it belongs to "
-                              f"{owner}, mode {st.st_mode & 0o777:o}, made by a command run as that user): with no "
-                              f"agent running, remove it (sudo rm {path}) or give it to this user") from exc
+    except Unopenable as exc:  # a lock file another user made unreadable (sudo with umask 077)
+        raise SyncConfigError(f"the store {store_root}: {exc.advice('agent')}") from None
+    except PermissionError as exc:  # no lock file, and a folder this user may not write
+        raise SyncConfigError(f"the store {store_root}: this user may not create {path} ({exc.strerror}); run "
+                              "the agent as the daemon's user, or give it write permission on the store") from exc
     return lambda: os.close(fd)
 
 

@@ -112,7 +112,7 @@ def test_serve_refuses_a_lock_file_it_cannot_open_instead_of_running_unlocked(tm
     os.chmod(lock, 0o600)  # root's `annotator serve` with umask 077
     out = _run(tmp_path, "nobody", "serve", store)
     # HEAD: "LOCKED False": serve went on without the lock, and a second daemon was not refused
-    assert out.startswith("REFUSED store.root: cannot lock"), out
+    assert out.startswith(f"REFUSED store.root: this user may not open {lock}"), out
     assert f"sudo chown nobody {lock}" in out and f"sudo rm {lock}" in out and "belongs to root" in out
     os.chown(lock, NOBODY, -1)  # what it says to do
     assert _run(tmp_path, "nobody", "serve", store) == "LOCKED True"
