@@ -151,20 +151,20 @@ def trim_heap() -> None:
         pass
 
 
-def _within_file_size_limit(max_bytes: int) -> int:
-    """``drop.max_bytes``, or less where this process may not write a file that large (``ulimit
+def _within_file_size_limit(max_bytes: int) -> tuple[int, str]:
+    """``drop.max_bytes`` and that setting's name, or less where this process may not write a file that large (``ulimit
     -f``, systemd's ``LimitFSIZE``): the store's copy of a larger image failed with EFBIG, which
     is a disk fault (the store cannot write), so one such image paused all intake for good, the
     images behind it included. Now it is refused as too large (quarantined with its reason), and
-    the limit is said once at start."""
+    the limit is said once at start, and the refusal names it."""
     import resource
 
     soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
     if soft == resource.RLIM_INFINITY or soft >= max_bytes:
-        return max_bytes
+        return max_bytes, "drop.max_bytes"
     log.warning("this process may not write files over %d bytes (ulimit -f, or systemd's LimitFSIZE): images "
                 "larger than that are refused as too large (drop.max_bytes is %d)", soft, max_bytes)
-    return int(soft)
+    return int(soft), "this process may not write larger files: ulimit -f, or systemd's LimitFSIZE"
 
 
 def _decode(data: bytes, max_bytes: int, max_pixels: int, max_side_hint: int | None) -> DecodedImage:
@@ -245,7 +245,8 @@ class Daemon:
         # reader (a batch, ``status``) never sees the new bundle with the old judge's thresholds.
         self._loaded: tuple[Engine, Judge] = self._load(self._bundle_path)
         d = config.drop
-        self.max_bytes, self.max_pixels = _within_file_size_limit(int(d.max_bytes)), int(d.max_pixels)
+        self.max_bytes, max_bytes_setting = _within_file_size_limit(int(d.max_bytes))
+        self.max_pixels = int(d.max_pixels)
         self.batch_size = int(config.engine.batch_size)
         sidecar_dir = getattr(config.outputs, "sidecar_dir", None)
         self.sidecar_dir = Path(sidecar_dir) if sidecar_dir else None
@@ -253,8 +254,8 @@ class Daemon:
         self.drop = DropFolder(Path(d.folder), self._from_drop, d.processed_mode, float(d.stable_seconds),
                                self.max_bytes, self.max_pixels, float(d.poll_interval),
                                self.max_side_hint, paused=self.store.paused_reason,
-                               known=self._stored, remove_empty_seconds=3600.0 * float(d.remove_empty_hours)) \
-            if d.folder else None
+                               known=self._stored, remove_empty_seconds=3600.0 * float(d.remove_empty_hours),
+                               max_bytes_setting=max_bytes_setting) if d.folder else None
         keep = getattr(config, "retention", None)
         self.retention = RetentionTask(self.store, keep, Path(d.folder) if d.folder else None, metrics=metrics) \
             if keep is not None and retention_enabled(keep) else None

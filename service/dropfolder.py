@@ -346,17 +346,6 @@ def _observer() -> Observer:  # type: ignore[valid-type]
     return Observer()
 
 
-def _max_bytes_setting(max_bytes: int) -> str:
-    """Where a file-size limit comes from: ``drop.max_bytes``, or the process's own limit on the
-    files it may write (``ulimit -f``; the daemon lowers ``max_bytes`` to it)."""
-    import resource
-
-    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    if soft != resource.RLIM_INFINITY and soft == max_bytes:
-        return "this process may not write larger files: ulimit -f, or systemd's LimitFSIZE"
-    return "drop.max_bytes"
-
-
 def inotify_watch_limit(what: str = "watches") -> int | None:
     """The user's inotify limit of ``what`` ("watches" or "instances"):
     ``fs.inotify.max_user_<what>``, or in a container (a user namespace, Linux 5.11+)
@@ -403,8 +392,9 @@ class DropFolder:
                  max_side_hint: int | None = None, clock: Callable[[], float] = time.monotonic,
                  paused: Callable[[], str | None] | None = None,
                  pause_retry_seconds: float = PAUSE_RETRY_SECONDS, known: Callable[[str], bool] | None = None,
-                 remove_empty_seconds: float = 0.0) -> None:
-        """``paused``: why the store refuses ingest right now, or None (``Store.paused_reason``);
+                 remove_empty_seconds: float = 0.0, max_bytes_setting: str = "drop.max_bytes") -> None:
+        """``max_bytes_setting``: what set ``max_bytes``, for the reason a larger file is refused
+        with (the daemon lowers it to what ``ulimit -f`` lets it write). ``paused``: why the store refuses ingest right now, or None (``Store.paused_reason``);
         asked once per scan so that nothing is decoded for a sink that would refuse it.
         ``known``: whether the store holds the image with this id (sha256 of the bytes) already;
         such a file is disposed of without decoding or ingesting it (see the module docstring).
@@ -419,6 +409,7 @@ class DropFolder:
         self.processed_mode = processed_mode
         self.stable_seconds = float(stable_seconds)
         self.max_bytes, self.max_pixels = int(max_bytes), int(max_pixels)
+        self.max_bytes_setting = max_bytes_setting
         self.poll_interval = float(poll_interval)
         self.max_side_hint = max_side_hint
         self.clock = clock
@@ -587,12 +578,9 @@ class DropFolder:
             self._wake.clear()
 
     # -- scanning ------------------------------------------------------------------------
-    def _walk_dirs(self):  # type: ignore[no-untyped-def]
-        return walk_ingested(self.root)
-
     def _walk(self) -> list[Path]:
         out = []
-        for dirpath, dirnames, filenames in self._walk_dirs():
+        for dirpath, dirnames, filenames in walk_ingested(self.root):
             here = Path(dirpath)
             if self.remove_empty_seconds > 0 and not dirnames and not filenames \
                     and len(here.relative_to(self.root).parts) >= 2:
@@ -770,7 +758,7 @@ class DropFolder:
         if st.st_size == 0:
             return "empty file (0 bytes)"
         if st.st_size > self.max_bytes:
-            return f"file is {st.st_size} bytes, more than the limit of {self.max_bytes} ({_max_bytes_setting(self.max_bytes)})"
+            return f"file is {st.st_size} bytes, more than the limit of {self.max_bytes} ({self.max_bytes_setting})"
         return None
 
     def _take(self, path: Path, rel: Path, st: os.stat_result) -> int:
