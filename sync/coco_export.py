@@ -155,12 +155,13 @@ def export_dataset(dataset: Dataset, image_path: Callable[[str], Path], out: Pat
         frames = store_frames(chosen, row_of, lambda iid: file_dhash(image_path(iid)))
         chosen, propagated = propagate(chosen, frames, propagate_distance)
         info["propagation"] = {"max_distance": propagate_distance, "images": propagated}
-        log.info("propagation: %d auto images take the label of a reviewed frame of their session", propagated)
+        log.debug("propagation: %d auto images take the label of a reviewed frame of their session", propagated)
     coco = coco_dict(chosen, dataset.schema, info, names)
     ann = out / "annotations.json"
     write_json_atomic(ann, coco)
     reviewed = sum(1 for e in chosen if e.origin == "reviewed")
-    log.info("exported dataset %s to %s: %d images (%d reviewed), %d hold-out left out",
+    # debug: ``dataset export`` prints it, and the training job's pass exports at each check
+    log.debug("exported dataset %s to %s: %d images (%d reviewed), %d hold-out left out",
              version[:12], out, len(chosen), reviewed, left_out)
     return ExportResult(out, ann, version, len(chosen), reviewed, len(chosen) - reviewed, left_out, tuple(missing),
                         propagated)

@@ -70,19 +70,24 @@ def line_for(name: str, row: "ImageRow | None") -> ImageLine:
 
 
 def format_table(lines: list[ImageLine]) -> str:
-    """The per-image table as text (fixed-width columns)."""
-    head = (f"{'image':<24}{'decision':<21}{'score':>6}  {'main reasons':<40}{'heads':>6}{'persons':>8}"
-            f"{'visible':>8}{'occl.':>6}{'outside':>8}")
-    out = [head, "-" * len(head)]
+    """The per-image table as text (fixed-width columns, as wide as their longest entry: an
+    audit pick sent for review, "review (audit) -> bucket", ran into the score)."""
+    rows = []
     for ln in lines:
         decision = {"auto_accepted": "auto-accepted"}.get(ln.decision, ln.decision)
         decision += " (audit)" if ln.audit else ""
         decision += " -> bucket" if ln.state in SENT else ""
-        score = f"{ln.score:.2f}" if ln.score is not None else "-"
         reasons = ", ".join(ln.reasons[:3]) or "-"
         if len(reasons) > 39:
             reasons = reasons[:36] + "..."
-        out.append(f"{ln.name:<24}{decision:<21}{score:>6}  {reasons:<40}{ln.heads:>6}{ln.persons:>8}"
+        rows.append((ln, decision, f"{ln.score:.2f}" if ln.score is not None else "-", reasons))
+    wn = max([len("image"), *(len(ln.name) for ln, *_ in rows)]) + 2
+    wd = max([len("decision"), *(len(d) for _, d, *_ in rows)]) + 2
+    head = (f"{'image':<{wn}}{'decision':<{wd}}{'score':>6}  {'main reasons':<40}{'heads':>6}{'persons':>8}"
+            f"{'visible':>8}{'occl.':>6}{'outside':>8}")
+    out = [head, "-" * len(head)]
+    for ln, decision, score, reasons in rows:
+        out.append(f"{ln.name:<{wn}}{decision:<{wd}}{score:>6}  {reasons:<40}{ln.heads:>6}{ln.persons:>8}"
                    f"{ln.visible:>8}{ln.occluded:>6}{ln.outside:>8}")
     out.append("-" * len(head))
     return "\n".join(out)

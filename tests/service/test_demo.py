@@ -150,3 +150,16 @@ def test_the_progress_bar_is_redrawn_on_a_terminal_and_written_by_quarters_to_a_
             assert text.count("\r") == 200
         else:
             assert "\r" not in text and text.count("annotating") == 4 and text.endswith("200/200")
+
+
+def test_the_demo_table_keeps_its_columns_for_long_names_and_audit_picks_sent() -> None:
+    from sync.demo_report import ImageLine, format_table
+
+    lines = [ImageLine("cabin_front_0001.jpg", "annotated", "auto_accepted", False, 0.12, ("ok",), 1, 1, 17, 0, 0),
+             ImageLine("a_long_recording_name_cam2_0042.png", "uploaded", "review", True, 0.87,
+                       ("low head confidence",), 2, 2, 20, 10, 4)]
+    head, _, *rows, _ = format_table(lines).splitlines()
+    # HEAD: "review (audit) -> bucket" (24 characters) ran into the score's 21-character column
+    at = head.index("score") + len("score")
+    assert [r[at - 4:at] for r in rows] == ["0.12", "0.87"]
+    assert all(len(r) == len(head) for r in rows)
