@@ -15,6 +15,7 @@ import hashlib
 import io
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator, Protocol, runtime_checkable
@@ -41,6 +42,21 @@ class ObjectInfo:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class TimedListing:
+    """What ``list_with_times`` says: ``objects`` maps every key under the prefix to (its last
+    modification in epoch seconds, its size in bytes), and ``now`` is the store's own clock as it
+    listed them: the clock that stamped those times. An object's age is ``now - time``, never
+    this box's clock minus the server's stamp (a box clock an hour ahead of the bucket's took a
+    publication running now for an hour-old one). ``writing``: key -> start time of a write in
+    progress there, not an object yet (S3: an unfinished multipart upload; a folder: a hidden
+    ``.tmp`` file); a big file going up over a slow link is one for a long while."""
+
+    objects: dict[str, tuple[float, int]]
+    now: float
+    writing: dict[str, float] = field(default_factory=dict)
+
+
 @runtime_checkable
 class ObjectStore(Protocol):
     """A flat key -> bytes store under one prefix. Every method may raise ``SyncError``s."""
@@ -62,6 +78,9 @@ class ObjectStore(Protocol):
     # Optional (``getattr``): ``folders(prefix) -> list[str]``, the names of the "folders" right
     # under ``prefix`` (S3's delimiter listing), so that a reader of one file per folder does not
     # list every object under them.
+    # Optional (``getattr``): ``list_with_times(prefix) -> TimedListing``, the keys with their
+    # modification times and sizes, and the store's clock to judge those times by (what a
+    # store without object times lacks: ``sync.registry`` then refuses to guess ages).
 
     def delete(self, key: str) -> None:
         """Remove ``key``; removing a missing key is not an error."""
@@ -166,23 +185,41 @@ class LocalFolderStore:
         except FileNotFoundError as exc:
             raise ObjectNotFound(f"no object {key} in {self.base}") from exc
 
-    def list(self, prefix: str = "") -> Iterator[str]:
+    def _files(self, prefix: str) -> Iterator[tuple[str, bool]]:
+        """(key, whether it is a write in progress: a hidden ``.tmp`` file) of every file under ``prefix``."""
         # The walk starts at the prefix's folder: from the base it read the whole bucket (a
         # year of uploads) for each listing of one manifest folder.
         start = self.base / prefix.rsplit("/", 1)[0] if "/" in prefix else self.base
         if not start.is_dir() or not start.resolve().is_relative_to(self.base.resolve()):
-            return iter(())
-        keys = []
+            return
         for dirpath, dirnames, filenames in os.walk(start):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             rel = Path(dirpath).relative_to(self.base).as_posix()
             for name in filenames:
-                if name.startswith(".") and name.endswith(".tmp"):
-                    continue  # a write in progress (or left by a crash): not an object
                 key = name if rel == "." else f"{rel}/{name}"
                 if key.startswith(prefix):
-                    keys.append(key)
-        return iter(sorted(keys))
+                    yield key, name.startswith(".") and name.endswith(".tmp")
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        # a hidden .tmp file is a write in progress (or left by a crash): not an object
+        return iter(sorted(key for key, writing in self._files(prefix) if not writing))
+
+    def list_with_times(self, prefix: str = "") -> TimedListing:
+        """``list`` with each file's mtime and size, and the writes in progress (hidden ``.tmp``
+        files) with theirs. The times were stamped by this box's clock (the kernel's), so
+        ``now`` is this box's clock too."""
+        now = time.time()
+        objects, writing = {}, {}
+        for key, partial in sorted(self._files(prefix)):
+            try:
+                st = (self.base / key).stat()
+            except FileNotFoundError:
+                continue  # removed (or renamed into place) since the listing
+            if partial:
+                writing[key] = st.st_mtime
+            else:
+                objects[key] = (st.st_mtime, st.st_size)
+        return TimedListing(objects, now, writing)
 
     def folders(self, prefix: str) -> list[str]:
         """The names of the folders right under ``prefix`` (which ends with ``/``), sorted."""

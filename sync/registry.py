@@ -29,13 +29,12 @@ import hashlib
 import json
 import logging
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from .errors import BundleContentError, ObjectNotFound, RetryableError
-from .objectstore import ObjectStore
+from .objectstore import ObjectStore, TimedListing
 
 log = logging.getLogger(__name__)
 
@@ -81,39 +80,16 @@ class Orphan:
     bundle_id: str
     keys: tuple[str, ...]
     size: int
-    newest_age_s: float  # seconds since its newest object was written
+    newest_age_s: float  # seconds since its newest object was written (or a write in progress there began)
 
 
-def _timed_listing(store: ObjectStore, prefix: str) -> dict[str, tuple[float, int]]:
-    """key -> (last-modified epoch seconds, size) of every object under ``prefix``, for the
-    stores whose objects have a time: a folder (``LocalFolderStore``) or a bucket (``S3Store``)."""
-    from .objectstore import LocalFolderStore
-
-    if isinstance(store, LocalFolderStore):
-        out = {}
-        for key in store.list(prefix):
-            try:
-                st = (store.base / key).stat()
-            except FileNotFoundError:
-                continue  # removed since the listing
-            out[key] = (st.st_mtime, st.st_size)
-        return out
-    client, bucket = getattr(store, "client", None), getattr(store, "bucket", None)
-    if client is None or bucket is None:
+def _timed_listing(store: ObjectStore, prefix: str) -> TimedListing:
+    """The store's ``list_with_times``: the objects under ``prefix`` with their times, and the
+    store's clock to judge them by. A store whose objects have no time is cleaned by hand."""
+    listing = getattr(store, "list_with_times", None)
+    if listing is None:
         raise BundleContentError(f"{store!r}: cannot tell the age of its objects; clean it by hand")
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    from .objectstore import join_prefix
-    from .s3store import wrap_boto_error
-
-    base = str(getattr(store, "prefix", "") or "")
-    strip = len(base) + 1 if base else 0
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=join_prefix(base, prefix))
-    try:
-        return {o["Key"][strip:]: (o["LastModified"].timestamp(), int(o.get("Size", 0)))
-                for page in pages for o in page.get("Contents", [])}
-    except (ClientError, BotoCoreError) as exc:
-        raise wrap_boto_error(exc, bucket, f"list {prefix}", getattr(store, "setting", "the registry")) from exc
+    return listing(prefix)
 
 
 def _plain_name(name: str) -> bool:
@@ -185,30 +161,39 @@ class BundleRegistry:
     def orphans(self, min_age_s: float = ORPHAN_MIN_AGE_S, now: float | None = None) -> list[Orphan]:
         """The folders under ``bundles/`` without a ``bundle.json`` whose newest object is at
         least ``min_age_s`` old: a publication killed midway (nothing lists them, nothing pulls
-        them, nothing removed them). A younger one may be a publication running now: left."""
-        now = time.time() if now is None else now
+        them, nothing removed them). A younger one may be a publication running now: left.
+        Ages are judged by the store's clock (the one that stamped the objects: a bucket's
+        ``Date``), not this box's; ``now`` overrides it. A write in progress in the folder (a
+        model file still going up: not listed as an object) counts from when it began."""
+        listing = _timed_listing(self.store, BUNDLES)
+        now = listing.now if now is None else now
         folders: dict[str, dict[str, tuple[float, int]]] = {}
-        for key, stamp in _timed_listing(self.store, BUNDLES).items():
+        for key, stamp in listing.objects.items():
             bid, _, rest = key[len(BUNDLES):].partition("/")
             if bid and rest:
                 folders.setdefault(bid, {})[key] = stamp
+        writing: dict[str, float] = {}
+        for key, began in listing.writing.items():
+            bid = key[len(BUNDLES):].partition("/")[0]
+            writing[bid] = max(began, writing.get(bid, began))
         out = []
         for bid, objects in sorted(folders.items()):
             if any(k.endswith(f"/{MANIFEST}") for k in objects):
                 continue  # a bundle (or a registry nested here, the store opened a level too high): never an orphan
-            age = now - max(t for t, _ in objects.values())
+            age = now - max([t for t, _ in objects.values()] + [writing.get(bid, -float("inf"))])
             if age >= min_age_s:
                 out.append(Orphan(bid, tuple(sorted(objects)), sum(n for _, n in objects.values()), age))
         return out
 
     def remove_orphan(self, orphan: Orphan, min_age_s: float = ORPHAN_MIN_AGE_S) -> bool:
         """Delete an orphan's objects, unless its folder changed since it was found (a
-        ``bundle.json``, or an object written within ``min_age_s``: a publication of that id
-        again); False then, nothing deleted."""
-        now = time.time()
-        again = _timed_listing(self.store, f"{BUNDLES}{orphan.bundle_id}/")
+        ``bundle.json``, or an object written, or a write begun, within ``min_age_s``: a publication
+        of that id again, or one still running); False then, nothing deleted. Ages by the store's
+        clock, as in ``orphans``."""
+        listing = _timed_listing(self.store, f"{BUNDLES}{orphan.bundle_id}/")
+        now, again = listing.now, listing.objects
         if any(k.endswith(f"/{MANIFEST}") for k in again) or any(
-                now - t < min_age_s for t, _ in again.values()):
+                now - t < min_age_s for t in [*(t for t, _ in again.values()), *listing.writing.values()]):
             log.warning("bundle folder %s changed since it was found (published again?); left", orphan.bundle_id)
             return False
         for key in sorted(again):

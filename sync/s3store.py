@@ -25,7 +25,8 @@ from botocore.exceptions import (BotoCoreError, ClientError, ConnectionError as 
                                  PartialCredentialsError)
 
 from .errors import ObjectNotFound, PermanentError, RetryableError, SyncError
-from .objectstore import CHUNK, ObjectInfo, check_key, join_prefix, open_source, read_chunks, sha256_of
+from .objectstore import (CHUNK, ObjectInfo, TimedListing, check_key, join_prefix, open_source, read_chunks,
+                          sha256_of)
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +43,21 @@ _RETRY_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitEx
 MAX_SKEW = 900.0  # seconds: S3 refuses a request signed more than 15 minutes off its own clock
 
 
+def server_time(response: dict[str, Any]) -> float | None:
+    """The server's clock (epoch seconds) from the ``Date`` header of a boto3 answer (or of an
+    error's ``response``); None when it has none."""
+    headers = response.get("ResponseMetadata", {}).get("HTTPHeaders") or {}
+    try:
+        return email.utils.parsedate_to_datetime(str(headers.get("date", ""))).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
 def clock_skew(exc: ClientError, now: float) -> float | None:
     """How many seconds this box's clock ``now`` is ahead of the server's (behind: negative),
     from the ``Date`` of a refused answer, when that is more than S3 allows; else None."""
-    headers = exc.response.get("ResponseMetadata", {}).get("HTTPHeaders") or {}
-    try:
-        server = email.utils.parsedate_to_datetime(str(headers.get("date", ""))).timestamp()
-    except (TypeError, ValueError, IndexError):
+    server = server_time(exc.response)
+    if server is None:
         return None
     skew = now - server
     return skew if abs(skew) > MAX_SKEW else None
@@ -208,6 +217,44 @@ class S3Store:
         except (ClientError, BotoCoreError) as exc:
             raise wrap_boto_error(exc, self.bucket, f"list {prefix or '/'}", self.setting) from exc
         return iter(sorted(keys))
+
+    def list_with_times(self, prefix: str = "") -> TimedListing:
+        """``list`` with each object's LastModified and size, and ``now`` from the ``Date`` of the
+        listing's first answer: LastModified is the server's clock, and this box's may be off
+        from it by up to the 15 minutes S3 signs with (more on a server that does not check).
+        The box's own clock only when the server sends no Date (said). ``writing``: the
+        multipart uploads in progress under ``prefix`` (their Initiated), which no object
+        listing shows: a model file going up for an hour over a slow link is one. An identity
+        not allowed to list them (s3:ListBucketMultipartUploads) gets none, said."""
+        full = join_prefix(self.prefix, prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        objects: dict[str, tuple[float, int]] = {}
+        writing: dict[str, float] = {}
+        now = None
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+                now = server_time(page) if now is None else now
+                for obj in page.get("Contents", []):
+                    objects[obj["Key"][strip:]] = (obj["LastModified"].timestamp(), int(obj.get("Size", 0)))
+            try:
+                for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket,
+                                                                                         Prefix=full):
+                    for up in page.get("Uploads", []):
+                        key, started = up["Key"][strip:], up["Initiated"].timestamp()
+                        writing[key] = max(started, writing.get(key, started))
+            except ClientError as exc:
+                code = str(exc.response.get("Error", {}).get("Code", ""))
+                if code not in ("AccessDenied", "NotImplemented"):  # not allowed; a server without them
+                    raise
+                log.warning("s3://%s/%s: cannot list multipart uploads in progress (%s; s3:ListBucketMultipart"
+                            "Uploads); a file going up now is not seen", self.bucket, full, code)
+        except (ClientError, BotoCoreError) as exc:
+            raise wrap_boto_error(exc, self.bucket, f"list {prefix or '/'}", self.setting) from exc
+        if now is None:
+            log.warning("s3://%s/%s: the listing's answer has no Date; ages judged by this box's clock",
+                        self.bucket, full)
+            now = time.time()
+        return TimedListing(objects, now, writing)
 
     def folders(self, prefix: str) -> list[str]:
         """The names of the "folders" right under ``prefix`` (a delimiter listing: one entry per
