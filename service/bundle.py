@@ -66,6 +66,23 @@ def new_bundle_id(seed_text: str = "") -> str:
     return f"{now}-{tail}"
 
 
+MAX_ID_LENGTH = 200
+
+
+def check_bundle_id(value: Any, where: Any = "bundle.json") -> str:
+    """``value`` when it can be a bundle id, else ``BundleError``. The id names folders
+    (``staging/<id>``, ``bundles/<id>``, ``refused/<id>.reason.txt``) and registry keys: an id
+    ``../../data`` made ``annotator models adopt`` remove and replace a folder outside the models
+    root, a hidden name (``.x.partial``) is what the pull clears as left-overs."""
+    text = str(value)  # as ``Bundle.id`` reads it
+    if (not text or len(text) > MAX_ID_LENGTH or text.startswith(".") or "/" in text or "\\" in text
+            or any(ord(ch) < 32 or ord(ch) == 127 for ch in text)):
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:80] + "..."
+        raise BundleError(f"{where}: bundle id {shown} is not a plain folder name (1 to {MAX_ID_LENGTH} "
+                          "characters, no '/', '\\' or control characters, not starting with '.')")
+    return text
+
+
 def _per_point(value: Any, count: int, key: str) -> tuple[float, ...]:
     if isinstance(value, (int, float)):
         return tuple([float(value)] * count)
@@ -227,6 +244,7 @@ def _parse_manifest(path: Path, data: Mapping[str, Any]) -> Bundle:
     for key in ("id", "models", "keypoints"):
         if key not in data:
             raise BundleError(f"{path}: bundle.json has no {key!r}")
+    check_bundle_id(data["id"], path)
     try:
         schema = KeypointSchema.from_json(data["keypoints"])
     except (KeyError, TypeError, ValueError) as exc:
@@ -272,10 +290,80 @@ def _parse_manifest(path: Path, data: Mapping[str, Any]) -> Bundle:
     )
 
 
+# Where ONNX messages hold tensors (onnx.proto field numbers): message -> {field: message}.
+_ONNX_FIELDS = {
+    "model": {7: "graph", 20: "training", 25: "function"},
+    "training": {1: "graph", 2: "graph"},
+    "graph": {1: "node", 5: "tensor", 15: "sparse"},
+    "node": {5: "attribute"},
+    "function": {7: "node", 11: "attribute"},
+    "attribute": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"},
+    "sparse": {1: "tensor", 2: "tensor"},
+}
+_TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION, _EXTERNAL = 13, 14, 1
+
+
+def _varint(buf: memoryview, i: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, i
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint longer than 10 bytes")
+
+
+def onnx_external_data(data: bytes, kind: str = "model", depth: int = 0) -> bool:
+    """Whether an ONNX model (its protobuf bytes) keeps a tensor's data in another file
+    (``data_location: EXTERNAL``), walked without the ``onnx`` package (the runtime lacks it).
+    ``ValueError`` for bytes that are not a well-formed protobuf."""
+    if depth > 64:
+        raise ValueError("messages nested more than 64 deep")
+    buf, i = memoryview(data), 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _varint(buf, i)
+            if kind == "tensor" and field == _TENSOR_DATA_LOCATION and value == _EXTERNAL:
+                return True
+        elif wire == 2:
+            size, i = _varint(buf, i)
+            if i + size > len(buf):
+                raise ValueError("a field runs past the end of the file")
+            if kind == "tensor" and field == _TENSOR_EXTERNAL_DATA:
+                return True
+            sub = _ONNX_FIELDS.get(kind, {}).get(field)
+            if sub is not None and onnx_external_data(buf[i:i + size], sub, depth + 1):
+                return True
+            i += size
+        elif wire in (1, 5):
+            i += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+    if i != len(buf):
+        raise ValueError("a field runs past the end of the file")
+    return False
+
+
 def verify_onnx_layout(entry: ModelEntry, model_path: Path) -> None:
-    """Check the ONNX file's input and output shapes against the entry, without running it."""
+    """Check the ONNX file's input and output shapes against the entry, without running it.
+
+    A model whose weights live in another file (ONNX external data) is refused: that file is
+    covered by no checksum in ``bundle.json``, so a bundle whose signature and checksums hold
+    could still run changed weights (and the registry does not carry it)."""
     import onnxruntime as ort  # runtime dependency; imported here to keep `bundle` light
 
+    try:
+        external = onnx_external_data(model_path.read_bytes())
+    except (ValueError, IndexError) as exc:
+        raise BundleError(f"models.{entry.role}: {model_path.name} is not a loadable ONNX model: {exc}") from exc
+    if external:
+        raise BundleError(f"models.{entry.role}: {model_path.name} keeps weights in another file (ONNX external "
+                          "data), which no checksum in bundle.json covers; export it as one file")
     try:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -329,7 +417,9 @@ def _load_bundle(root: Path, verify: bool) -> Bundle:
         if exc.errno not in _PATH_ERRNOS:  # an I/O error, too many open files: not the bundle's fault
             raise
         raise BundleError(f"{manifest}: cannot be read: {exc}") from exc
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        # RecursionError: arrays nested thousands deep ("[[[[..."); it escaped every caller
+        # (each model pull stopped on such a bundle, a reload answered INTERNAL)
         raise BundleError(f"{manifest}: cannot be read as JSON: {exc}") from exc
     bundle = parse_manifest(root, data)
     if verify:

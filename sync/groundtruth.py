@@ -29,7 +29,7 @@ from service.keypoints import CABIN19_NAMES, OUTSIDE
 
 from .errors import ConflictError, ObjectNotFound, PermanentError, RetryableError
 from .groundtruth_lambdas import consolidate, post_annotation_handler, pre_annotation_handler, task_input
-from .objectstore import ObjectStore
+from .objectstore import ObjectStore, check_key
 from .review import HEADS, PERSONS, ReviewedKeypoint, ReviewedLabel, ReviewedPerson, ReviewItem, labels_differ
 
 __all__ = ["GroundTruthBackend", "LabelingJobSpec", "ManifestError", "OUTPUT_MANIFEST", "consolidate",
@@ -591,7 +591,7 @@ class GroundTruthBackend:
             try:
                 line = json.loads(raw.decode("utf-8"))
                 image_id = _line_image_id(line)
-            except (ValueError, KeyError, TypeError, AttributeError):
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
                 continue
             if _label_attribute(line) is not None:
                 labeled.add(image_id)
@@ -636,6 +636,11 @@ class GroundTruthBackend:
             if key in self._done:
                 continue
             try:
+                check_key(key)
+            except ValueError as exc:  # a folder named ".." in the bucket: every read of it raised, each pass
+                self._refuse(f"{key}:0", f"not read: {exc}")
+                continue
+            try:
                 data = self.store.get(key)
             except ObjectNotFound:  # a job still running; or deleted since the listing
                 log.debug("output manifest %s not there (yet); skipped", key)
@@ -653,8 +658,9 @@ class GroundTruthBackend:
                         raise ManifestError(f"expected a JSON object, got {type(line).__name__}")
                     label = parse_output_line(line, self.names)
                 except (ManifestError, ValueError, KeyError, TypeError, AttributeError, IndexError,
-                        ArithmeticError) as exc:
-                    # ArithmeticError: float() of a huge integer; the others: a value of another shape
+                        ArithmeticError, RecursionError) as exc:
+                    # ArithmeticError: float() of a huge integer; RecursionError: arrays nested
+                    # thousands deep (it stopped every collect); the others: a value of another shape
                     why = str(exc) if isinstance(exc, (ManifestError, ValueError)) else f"{type(exc).__name__}: {exc}"
                     if isinstance(line, Mapping) and line.get("image-id") and str(line["image-id"]) not in why:
                         why = f"image {line['image-id']}: {why}"

@@ -64,7 +64,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from service.bundle import Bundle, load_bundle
+from service.bundle import Bundle, check_bundle_id, load_bundle
 from service.durable import fsync_dir, fsync_tree, write_bytes_atomic, write_json_atomic
 from service.errors import BundleError
 
@@ -147,6 +147,7 @@ class ModelSlots:
                 for p in sorted((self.root / "refused").glob("*.reason.txt"))}
 
     def refuse(self, bundle_id: str, reason: str) -> None:
+        check_bundle_id(bundle_id, "refuse")  # ".." removed staging/.., the models root itself
         path = self.root / "refused" / f"{bundle_id}.reason.txt"
         write_bytes_atomic(path, f"{_now()} {reason}\n".encode("utf-8"))
         shutil.rmtree(self.root / "staging" / bundle_id, ignore_errors=True)
@@ -331,6 +332,11 @@ class ModelPuller:
         entries = self.candidates()
         result.newer = [e.bundle_id for e in entries]
         for entry in entries:
+            try:
+                check_bundle_id(entry.bundle_id, "registry")
+            except BundleError as exc:  # a bucket key bundles/../bundle.json: no folder may be named so
+                log.warning("%s; skipped (remove it from the registry)", exc)
+                continue
             reason = self._try(entry, result)
             if reason is None:
                 result.switched_to = entry.bundle_id
@@ -367,6 +373,13 @@ class ModelPuller:
         if reused is not None:
             return reused
         current = self.slots.current()
+        if current is not None and (candidate.created, candidate.id) <= (current.created, current.id):
+            # The listing read bundle.json once, the download again: one that changed in between
+            # (a registry someone else can write) put an old signed bundle in place of the newer
+            # one listed, and the box went back to it although the signature was required.
+            return (f"bundle.json as downloaded says created {candidate.created!r}, not after the bundle in use "
+                    f"{current.id} ({current.created!r}; the listing said {entry.created!r}): an older "
+                    "bundle is never pulled (it changed in the registry between the listing and the download)")
         gate = (self.gate.check(current, candidate) if self.gate is not None
                 else GateResult(True, "no validation gate configured: checksums only", False, 0))
         result.gate[bid] = gate
