@@ -40,6 +40,10 @@ log = logging.getLogger(__name__)
 
 BUNDLES = "bundles/"
 MANIFEST, SIGNATURE = "bundle.json", "bundle.sig"
+# An ONNX model in one file (external data is refused) cannot pass protobuf's 2 GiB; a larger
+# object is not a model, and its download held it in memory twice (a sparse 512 MiB file took
+# the agent from 29 MB to 1 GB): refused from its size before it is fetched.
+MAX_MODEL_BYTES = 2 << 30
 PARTIAL = ".partial"  # suffix of a download in progress: .<bundle id>.partial next to its destination
 
 
@@ -132,11 +136,17 @@ class BundleRegistry:
 
     def bundle_ids(self) -> list[str]:
         """Ids of every folder under ``bundles/`` that holds a ``bundle.json``."""
+        from service.bundle import check_bundle_id
+        from service.errors import BundleError
+
         ids = set()
         for key in self.store.list(BUNDLES):
             parts = key[len(BUNDLES):].split("/")
             if len(parts) == 2 and parts[1] == MANIFEST:
-                ids.add(parts[0])
+                try:
+                    ids.add(check_bundle_id(parts[0], key))
+                except BundleError as exc:  # bundles/../bundle.json: reading it raised at every pull
+                    log.warning("%s; left out (remove it from %r)", exc, self.store)
         return sorted(ids)
 
     def entries(self) -> list[RegistryEntry]:
@@ -154,8 +164,8 @@ class BundleRegistry:
                 if not isinstance(data, dict):
                     raise ValueError(f"expected a JSON object, got {type(data).__name__}")
                 out.append(RegistryEntry(bid, str(data.get("created", "")), data))
-            except (ValueError, UnicodeDecodeError) as exc:
-                out.append(RegistryEntry(bid, "", None, f"bundle.json is not valid JSON: {exc}"))
+            except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # Recursion: "[[[[..." 100k deep
+                out.append(RegistryEntry(bid, "", None, f"bundle.json is not valid JSON: {str(exc)[:200]}"))
         return sorted(out, key=lambda e: e.order)
 
     def orphans(self, min_age_s: float = ORPHAN_MIN_AGE_S, now: float | None = None) -> list[Orphan]:
@@ -280,11 +290,15 @@ class BundleRegistry:
             try:
                 data = json.loads(manifest)
                 files = sorted({str(m["file"]) for m in dict(data.get("models") or {}).values() if m})
-            except (ValueError, TypeError, KeyError, AttributeError) as exc:
-                raise BundleContentError(f"bundle {bundle_id}: bundle.json is malformed: {exc}") from exc
+            except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+                raise BundleContentError(f"bundle {bundle_id}: bundle.json is malformed: {str(exc)[:200]}") from exc
             for name in files:
                 if not _plain_name(name) or name in (MANIFEST, SIGNATURE):
                     raise BundleContentError(f"bundle {bundle_id}: model file name {name!r} is not a plain file name")
+                info = self.store.head(f"{BUNDLES}{bundle_id}/{name}")
+                if info is not None and info.size > MAX_MODEL_BYTES:
+                    raise BundleContentError(f"bundle {bundle_id}: {name} is {info.size} bytes, more than an ONNX "
+                                             f"model in one file can be ({MAX_MODEL_BYTES})")
                 try:
                     (tmp / name).write_bytes(self.store.get(f"{BUNDLES}{bundle_id}/{name}", progress=self.progress))
                 except ObjectNotFound as exc:

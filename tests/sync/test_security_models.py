@@ -134,3 +134,51 @@ def test_a_registry_entry_named_dotdot_never_removes_the_models_root(tmp_path: P
     assert result.switched_to is None and result.refused == {}
     assert slots.current_path() is not None and slots.current_path().name == adopted
     assert slots.installed() == [adopted]
+
+
+def test_hostile_registry_objects_on_s3_do_not_stop_every_pull(tmp_path: Path, moto_server) -> None:
+    """A key ``bundles/../bundle.json`` (listed as the id ``..``: reading it raised ValueError at
+    every pull) and a bundle.json of 200k ``[`` (RecursionError at every pull): nothing was ever
+    pulled again. Now the first is left out and the second refused; the good bundle still comes."""
+    import dataclasses
+
+    from service.bundle import write_bundle
+    from sync.s3store import S3Store
+
+    bucket = moto_server.new_bucket()
+    client = moto_server.client()
+    client.put_object(Bucket=bucket, Key="registry/bundles/../bundle.json", Body=b"{}")
+    store = S3Store(bucket, "registry", client=client)
+    store.put("bundles/b-deep/bundle.json", b"[" * 200_000)
+    good = tmp_path / "good"
+    shutil.copytree(DEMO_BUNDLE, good)
+    write_bundle(dataclasses.replace(load_bundle(good, verify=False), id="b-good", created="2099-01-01T00:00:00Z"))
+    for f in sorted(good.iterdir()):
+        if f.is_file():
+            store.put(f"bundles/b-good/{f.name}", f)
+    slots = ModelSlots(tmp_path / "data" / "models")
+    puller = ModelPuller(slots, BundleRegistry(store), None, lambda path: None)
+    result = puller.pull_once()
+    assert result.switched_to == "b-good", result  # HEAD: ValueError (a key with '..') out of pull_once
+    assert [e.problem[:25] for e in BundleRegistry(store).entries() if e.bundle_id == "b-deep"] == \
+        ["bundle.json is not valid "]
+
+
+def test_a_model_file_larger_than_onnx_allows_is_refused_before_it_is_fetched(tmp_path: Path) -> None:
+    """A 512 MiB object took the agent from 29 MB to 1 GB (held twice); one over protobuf's 2 GiB
+    is not a model: refused from its size (a sparse file here: no disk, no memory)."""
+    import dataclasses
+
+    from service.bundle import write_bundle
+    from sync.errors import BundleContentError
+    from sync.registry import MAX_MODEL_BYTES
+
+    folder = tmp_path / "registry" / "bundles" / "b-huge"
+    shutil.copytree(DEMO_BUNDLE, folder)
+    write_bundle(dataclasses.replace(load_bundle(folder, verify=False), id="b-huge"))
+    with open(folder / "head.onnx", "r+b") as f:
+        f.truncate(MAX_MODEL_BYTES + 1)
+    registry = BundleRegistry(LocalFolderStore(tmp_path / "registry"))
+    with pytest.raises(BundleContentError, match="more than an ONNX model in one file can be"):
+        registry.download("b-huge", tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()
