@@ -56,11 +56,28 @@ Studio again: a review submitted there replaces the kept one.
 Collecting: the full JSON export of every task (``download_all_tasks``: the tasks still to do
 tell which copies are shown) is polled (the webhook only wakes the collector early); the
 latest submitted, not cancelled annotation of each task is validated and converted back to
-pixels. A key point with a new id joins the person whose box contains it (the smallest such
-box), else the nearest box; without a visibility choice it is ``visible``. An annotation whose
-regions were drawn on an image of another size than the task's (their ``original_width`` and
-``original_height``: the image the browser showed, e.g. a JPEG whose EXIF orientation the
-browser read otherwise than OpenCV) is refused: its percentages are of another frame.
+pixels. A key point without a visibility choice is ``visible``.
+
+Whose point (``_group``), in this order: a relation the reviewer drew (Alt+R in the editor;
+either way round) or a ``parentID`` between the point and a person box puts it in that person,
+also a prediction's point (a correction of the model's grouping); a ``p<i>k<j>`` id, person i
+while its box ``p<i>`` is there; a relation or ``parentID`` to a point of a person, that person.
+The points left of a person whose box was deleted (or relabelled ``head``) go together into
+the new person box that holds more than half of them (deleted and drawn again), else the
+review is refused: deleting a box in the editor leaves its points, which went to the neighbour
+(or refused the review as the neighbour's "two 'nose' points"). A new point (an id the editor
+made up) with no link joins, of the persons that have no point of its name, the one whose box
+holds it, else the nearest box within ``NEAR_BOX`` of that box's larger side. With no person
+box at all, the new points make one person. Anything else (a point in the boxes of two persons
+that both lack it, far from every box, linked to two persons, a person's name twice) refuses
+the review with what to do in the editor: a guess merged a seat neighbour's wrist into the
+wrong person, and a relation refused the whole review. Other relations (between boxes, to a
+head) mean nothing here.
+
+An annotation whose regions were drawn on an image of another size than the task's (their
+``original_width`` and ``original_height``: the image the browser showed, e.g. a JPEG whose
+EXIF orientation the browser read otherwise than OpenCV) is refused: its percentages are of
+another frame.
 """
 from __future__ import annotations
 
@@ -194,8 +211,19 @@ def parse_result(result: Sequence[Mapping[str, Any]], width: int, height: int,
     boxes: dict[str, Box] = {}
     points: dict[str, tuple[str, float, float]] = {}
     states: dict[str, str] = {}
+    links: dict[str, set[str]] = {}  # region id -> the regions a relation or a parentID ties it to
     for item in result:
         rid, kind, value = str(item.get("id", "")), item.get("type"), item.get("value") or {}
+        if kind == "relation":  # drawn in the editor (Alt+R): {from_id, to_id, direction}, no id nor names
+            ends = [str(item.get(k) or "") for k in ("from_id", "to_id")]
+            if all(ends) and ends[0] != ends[1]:
+                links.setdefault(ends[0], set()).add(ends[1])
+                links.setdefault(ends[1], set()).add(ends[0])
+            continue
+        parent = item.get("parentID")
+        if isinstance(parent, str) and parent and parent != rid:
+            links.setdefault(rid, set()).add(parent)
+            links.setdefault(parent, set()).add(rid)
         if item.get("to_name") != IMAGE:
             raise InvalidAnnotation(f"region {rid}: expected to_name {IMAGE!r}, got {item.get('to_name')!r}")
         turned = item.get("image_rotation") or 0
@@ -222,53 +250,132 @@ def parse_result(result: Sequence[Mapping[str, Any]], width: int, height: int,
             raise InvalidAnnotation(f"region {rid}: unexpected {kind!r} from {item.get('from_name')!r}")
     for rid in set(states) - set(points):
         log.warning("visibility choice on region %s, which is not a key point: ignored", rid)
-    return tuple(heads), _group(boxes, points, states, names)
+    return tuple(heads), _group(boxes, points, states, names, links)
 
 
 def _group(boxes: Mapping[str, Box], points: Mapping[str, tuple[str, float, float]],
-           states: Mapping[str, str], names: Sequence[str]) -> tuple[ReviewedPerson, ...]:
-    """Key points -> persons: by region id (``p<i>k<j>`` -> box ``p<i>``), else by box geometry."""
+           states: Mapping[str, str], names: Sequence[str],
+           links: Mapping[str, set[str]] | None = None) -> tuple[ReviewedPerson, ...]:
+    """Key points -> persons (module docstring, "Whose point"); ``links`` are the relations and
+    ``parentID`` values of the result. A point no rule gives one person raises ``InvalidAnnotation``
+    saying what to do in the editor: a guess put a seat neighbour's wrist on the wrong person."""
+    links = links or {}
     person_box: dict[str, Box] = dict(boxes)
-    members: dict[str, dict[str, ReviewedKeypoint]] = {rid: {} for rid in person_box}
-    orphans = []
-    for rid, (name, x, y) in sorted(points.items()):
-        kp = ReviewedKeypoint(x, y, states.get(rid, VISIBLE))
+    members: dict[str, dict[str, tuple[str, ReviewedKeypoint]]] = {rid: {} for rid in person_box}
+    owner_of: dict[str, str] = {}
+
+    def add(owner: str, rid: str, name: str, kp: ReviewedKeypoint) -> None:
+        if name in members[owner]:
+            other = members[owner][name][0]
+            raise InvalidAnnotation(f"person {owner}: two {name!r} points ({_where(other, kp_of[other])} and "
+                                    f"{_where(rid, kp)}); delete one or link it to its own person")
+        members[owner][name] = (rid, kp)
+        owner_of[rid] = owner
+
+    kp_of = {rid: ReviewedKeypoint(x, y, states.get(rid, VISIBLE)) for rid, (_, x, y) in points.items()}
+    loose, bereft = [], {}
+    for rid, (name, _, _) in sorted(points.items()):
+        kp = kp_of[rid]
+        to_box = sorted(r for r in links.get(rid, ()) if r in person_box)
+        if len(to_box) > 1:
+            raise InvalidAnnotation(f"key point {name!r} {_where(rid, kp)} is linked to {len(to_box)} person boxes "
+                                    f"({', '.join(to_box)}); keep the link to its own person only")
         m = _KP_ID.match(rid)
-        owner = f"p{m.group(1)}" if m and f"p{m.group(1)}" in person_box else None
-        if owner is None:
-            orphans.append((rid, name, kp))
-            continue
-        _add(members[owner], name, kp, owner)
-    for rid, name, kp in orphans:
-        if not person_box:
-            person_box["p-new"] = (kp.x, kp.y, kp.x, kp.y)
-            members["p-new"] = {}
-        inside = [(b[2] - b[0]) * (b[3] - b[1]) for b in person_box.values()]
-        keys = list(person_box)
-        containing = [k for k, b in zip(keys, person_box.values()) if b[0] <= kp.x <= b[2] and b[1] <= kp.y <= b[3]]
-        if containing:
-            owner = min(containing, key=lambda k: inside[keys.index(k)])
+        if to_box:  # a relation (or parentID) the reviewer drew wins over the id
+            add(to_box[0], rid, name, kp)
+        elif m and f"p{m.group(1)}" in person_box:
+            add(f"p{m.group(1)}", rid, name, kp)
+        elif m:  # its person's box was deleted (or relabelled head)
+            bereft.setdefault(f"p{m.group(1)}", []).append((rid, name, kp))
         else:
-            owner = min(keys, key=lambda k: math.dist(((person_box[k][0] + person_box[k][2]) / 2,
-                                                       (person_box[k][1] + person_box[k][3]) / 2), (kp.x, kp.y)))
-        _add(members[owner], name, kp, owner)
-    if "p-new" in members:  # no person boxes at all: the extent of the points
-        located = [(k.x, k.y) for k in members["p-new"].values()]
-        xs, ys = [p[0] for p in located], [p[1] for p in located]
-        person_box["p-new"] = (min(xs), min(ys), max(xs), max(ys))
+            loose.append((rid, name, kp))
+    # A point linked to another point joins that point's person.
+    for group in [loose, *bereft.values()]:
+        for entry in list(group):
+            rid, name, kp = entry
+            via = sorted({owner_of[r] for r in links.get(rid, ()) if r in owner_of})
+            if len(via) > 1:
+                raise InvalidAnnotation(f"key point {name!r} {_where(rid, kp)} is linked to points of {len(via)} "
+                                        f"persons ({', '.join(via)}); keep the link to its own person only")
+            if via:
+                add(via[0], rid, name, kp)
+                group.remove(entry)
+    # The points left of a person whose box is gone go together into the new box that holds more
+    # than half of them (the box deleted and drawn again), else they are refused: the reviewer
+    # who deletes a person's box alone leaves its points, which went to a neighbour.
+    drawn = [r for r in person_box if not _PERSON_ID.match(r)]
+    for pid, group in sorted(bereft.items()):
+        if not group:
+            continue
+        held = {r: sum(_inside(person_box[r], kp) for _, _, kp in group) for r in drawn}
+        best = max(held, key=lambda r: held[r], default=None)
+        if best is None or 2 * held[best] <= len(group) or list(held.values()).count(held[best]) > 1:
+            group.sort(key=lambda e: int(_KP_ID.match(e[0]).group(2)))  # type: ignore[union-attr]
+            listed = ", ".join(repr(name) for _, name, _ in group[:4]) + (", ..." if len(group) > 4 else "")
+            raise InvalidAnnotation(f"person {pid}'s box was deleted (or relabelled) but {len(group)} of its key "
+                                    f"points remain ({listed}): delete them too to remove the person, or draw its "
+                                    "box again")
+        for rid, name, kp in group:
+            add(best, rid, name, kp)
+    if loose and not person_box:  # no person boxes at all: one person, the extent of the points
+        person_box["p-new"] = (min(k.x for _, _, k in loose), min(k.y for _, _, k in loose),
+                               max(k.x for _, _, k in loose), max(k.y for _, _, k in loose))
+        members["p-new"] = {}
+        for rid, name, kp in loose:
+            add("p-new", rid, name, kp)
+        loose = []
+    for rid, name, kp in loose:
+        add(_geometric_owner(person_box, members, rid, name, kp), rid, name, kp)
 
     def order(rid: str) -> tuple[int, str]:
         m = _PERSON_ID.match(rid)
         return (int(m.group(1)), "") if m else (1 << 30, rid)
 
-    return tuple(ReviewedPerson(person_box[rid], tuple(members[rid].get(n, ReviewedKeypoint(0.0, 0.0, OUTSIDE))
-                                                      for n in names)) for rid in sorted(person_box, key=order))
+    return tuple(ReviewedPerson(person_box[rid], tuple(members[rid][n][1] if n in members[rid]
+                                                      else ReviewedKeypoint(0.0, 0.0, OUTSIDE) for n in names))
+                 for rid in sorted(person_box, key=order))
 
 
-def _add(points: dict[str, ReviewedKeypoint], name: str, kp: ReviewedKeypoint, owner: str) -> None:
-    if name in points:
-        raise InvalidAnnotation(f"person {owner}: two {name!r} points; delete one")
-    points[name] = kp
+NEAR_BOX = 0.25  # how far outside a person's box (of its larger side) an unlinked new point may join it
+
+
+def _geometric_owner(person_box: Mapping[str, Box], members: Mapping[str, Mapping[str, Any]], rid: str, name: str,
+                     kp: ReviewedKeypoint) -> str:
+    """The person an unlinked new point joins: of the persons without a ``name`` point, the one
+    whose box holds it, else the one whose box is nearest, within ``NEAR_BOX``; anything else
+    (two such boxes hold it, none is near, or those that hold it have that point already) is
+    ``InvalidAnnotation``: a reviewer who adds a point must be understood, not guessed."""
+    link = "link it to its person (a relation to the person's box or one of its points)"
+    holding = [r for r in person_box if _inside(person_box[r], kp)]
+    free = [r for r in holding if name not in members[r]]
+    if len(free) == 1:
+        return free[0]
+    if len(free) > 1:
+        raise InvalidAnnotation(f"new key point {name!r} {_where(rid, kp)} lies in the boxes of {len(free)} persons "
+                                f"({', '.join(sorted(free))}) that have none: {link}")
+    if holding:
+        raise InvalidAnnotation(f"new key point {name!r} {_where(rid, kp)}: the person whose box holds it "
+                                f"({', '.join(sorted(holding))}) has one already: delete one, or draw the box of "
+                                f"the person it belongs to, or {link}")
+    near = [(_box_distance(b, kp), r) for r, b in person_box.items()
+            if name not in members[r] and _box_distance(b, kp) <= NEAR_BOX * max(b[2] - b[0], b[3] - b[1])]
+    if not near:
+        raise InvalidAnnotation(f"new key point {name!r} {_where(rid, kp)} lies in no person's box nor near one "
+                                f"that lacks it: draw the box of the person it belongs to, or {link}")
+    return min(near)[1]
+
+
+def _inside(box: Box, kp: ReviewedKeypoint) -> bool:
+    return box[0] <= kp.x <= box[2] and box[1] <= kp.y <= box[3]
+
+
+def _box_distance(box: Box, kp: ReviewedKeypoint) -> float:
+    return math.hypot(max(box[0] - kp.x, 0.0, kp.x - box[2]), max(box[1] - kp.y, 0.0, kp.y - box[3]))
+
+
+def _where(rid: str, kp: ReviewedKeypoint) -> str:
+    """A point as the reviewer can find it: where it is (pixels) and its region id."""
+    return f"at ({kp.x:.0f}, {kp.y:.0f}) px, region {rid}"
 
 
 def seen_sizes(result: Sequence[Mapping[str, Any]]) -> set[tuple[int, int]]:
