@@ -122,6 +122,8 @@ CREATE INDEX IF NOT EXISTS images_by_pruned ON images (pruned_at) WHERE pruned_a
 CREATE INDEX IF NOT EXISTS images_by_bundle ON images (bundle_id, received_at, image_id);
 CREATE INDEX IF NOT EXISTS images_by_camera ON images (camera, decision, received_at, image_id);
 """
+_LATE_INDEX_DDL = [t.strip() for t in _LATE_SCHEMA.split(";") if t.strip()]
+_LATE_INDEXES = [re.search(r"EXISTS (\w+) ON", t).group(1) for t in _LATE_INDEX_DDL]  # type: ignore[union-attr]
 # Images per state, kept by triggers in every transaction that inserts, moves or deletes a row
 # (``counts``): counting them at each scrape and ``annotator status`` read the whole state index
 # (a million-row store: 130 ms a call). Triggers live in the database, so every writer keeps the
@@ -137,6 +139,7 @@ _STATE_TRIGGERS = (
     "UPDATE state_counts SET n = n - 1 WHERE state = old.state; "
     "INSERT INTO state_counts (state, n) VALUES (new.state, 1) ON CONFLICT(state) DO UPDATE SET n = n + 1; END",
 )
+_TRIGGER_NAMES = [re.search(r"EXISTS (\w+) AFTER", t).group(1) for t in _STATE_TRIGGERS]  # type: ignore[union-attr]
 # The rows whose bytes ``prune_auto_images(before)`` removes (and ``pruned_bytes`` counts).
 _PRUNABLE = f"state = '{AUTO_ACCEPTED}' AND pruned_at IS NULL AND updated_at < ?"
 PRUNED_NOTE = "image bytes removed by retention"
@@ -276,24 +279,76 @@ class Store:
         (self.root / "images").mkdir(parents=True, exist_ok=True)
         self.db_path = self.root / "store.sqlite3"
         self._conns = ThreadConnections(self.db_path, busy_timeout_ms)
-        with self.transaction() as db:
+        self._upgrade()
+
+    def _missing_layout(self) -> list[str]:
+        """What of this release's layout (``_COLUMNS``, ``_LATE_SCHEMA``, ``state_counts`` and
+        its triggers) the database lacks; read without a lock (WAL: never blocked by a writer)."""
+        db = self._conn()
+        names = {r["name"] for r in db.execute("SELECT name FROM sqlite_master")}
+        if "images" not in names:
+            return ["tables"]
+        have = {r["name"] for r in db.execute("PRAGMA table_info(images)")}
+        return [c for c in _COLUMNS if c not in have] + \
+            [n for n in (*_LATE_INDEXES, "state_counts", *_TRIGGER_NAMES) if n not in names]
+
+    def _upgrade(self) -> None:
+        """Create the tables, or bring a store an earlier release wrote up to this release's
+        layout, one committed step at a time (each idempotent, re-checked under the write lock).
+
+        On a large store this takes a while once after an upgrade (800,000 images: a minute on a
+        2-core box with an SSD, the indexes most of it), so it is said in the log, and each step is
+        its own transaction: a kill (systemd's start timeout included) keeps the steps that were
+        done. Every program that opens the store runs it, and the daemon and the sync agent start
+        together: one that waits longer than the busy timeout for another's step waits on while
+        the layout is still missing (it said "database is locked ... a running daemon never holds
+        it this long" and exited, and a CLI command refused), and says what it waits for."""
+        missing = self._missing_layout()
+
+        def base(db: sqlite3.Connection) -> None:
             apply_schema(db, _SCHEMA)
-            have = {r["name"] for r in db.execute("PRAGMA table_info(images)")}
-            for column, ddl in _COLUMNS.items():
-                if column not in have:
-                    db.execute(ddl)
-            apply_schema(db, _LATE_SCHEMA)
-            if db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='state_counts'").fetchone() is None:
-                db.execute(_STATE_COUNTS)
-                db.execute("INSERT INTO state_counts (state, n) SELECT state, count(*) FROM images GROUP BY state")
-            for trigger in _STATE_TRIGGERS:
-                db.execute(trigger)
             row = db.execute("SELECT max(version) FROM schema_version").fetchone()
             if row[0] is None:
                 db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
             elif row[0] > SCHEMA_VERSION:
                 raise StoreError(f"{self.db_path}: schema version {row[0]} is newer than this "
                                  f"program's {SCHEMA_VERSION}; upgrade the program")
+
+        def columns(db: sqlite3.Connection) -> None:
+            have = {r["name"] for r in db.execute("PRAGMA table_info(images)")}
+            for column, ddl in _COLUMNS.items():
+                if column not in have:
+                    db.execute(ddl)
+
+        def state_counts(db: sqlite3.Connection) -> None:  # the count and its triggers together
+            if db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='state_counts'").fetchone() is None:
+                db.execute(_STATE_COUNTS)
+                db.execute("INSERT INTO state_counts (state, n) SELECT state, count(*) FROM images GROUP BY state")
+            for trigger in _STATE_TRIGGERS:
+                db.execute(trigger)
+
+        steps = [base, columns, *(lambda db, ddl=ddl: db.execute(ddl) for ddl in _LATE_INDEX_DDL), state_counts] \
+            if missing else [base]  # a store of this release: only the version is checked
+        told = False
+        for n, step in enumerate(steps):
+            if n == 1 and missing != ["tables"]:  # the version is not newer than this program's
+                rows = self._conn().execute("SELECT max(rowid) FROM images").fetchone()[0] or 0
+                log.warning("store %s: bringing a store of an earlier release up to this release's layout "
+                            "(about %d images; %s); once, a large store takes minutes, and other programs "
+                            "that open it wait", self.db_path, rows, ", ".join(missing))
+            while True:
+                try:
+                    with self.transaction() as db:
+                        step(db)
+                    break
+                except sqlite3.OperationalError as exc:
+                    text = str(exc)
+                    if ("locked" not in text and "busy" not in text) or not self._missing_layout():
+                        raise
+                    if not told:
+                        log.warning("store %s: another program is bringing it up to this release's layout "
+                                    "(once after an upgrade); waiting for it", self.db_path)
+                        told = True
 
     def remove_stale_temps(self) -> None:
         """Remove the temporary image copies a killed ingest left under ``images/`` (see ``_TEMP``).
