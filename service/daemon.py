@@ -264,6 +264,7 @@ class Daemon:
         if metrics is not None:
             metrics.bundle(self._engine.bundle.id, self._engine.active_providers)
             metrics.watch_store(self.store, faulted=lambda: self._io_fault is not None)
+            metrics.watch_daemon(self)  # the drop folder's files taken, its watch, the bundle's age
             if self.drop is not None:
                 self.drop.on_quarantine = lambda: metrics.rejected("quarantined")
         self.latency: "LatencyStats | None" = None
@@ -312,8 +313,9 @@ class Daemon:
         if signed is not None and (Path(path) / "bundle.json").read_bytes() != signed:
             raise BundleError(f"{path}: bundle.json changed while it was being loaded; its signature no longer applies")
         threads = int(e.threads) or max(1, (os.cpu_count() or 1) // max(1, int(e.workers)))
+        # metrics after the blank-image probe below: its cold runs are no image's inference time
         engine = Engine(bundle, providers=list(e.providers) if e.providers else None,
-                        intra_op_threads=threads, batch_size=int(e.run_batch) or 1, metrics=self.metrics,
+                        intra_op_threads=threads, batch_size=int(e.run_batch) or 1, metrics=None,
                         letterbox=str(getattr(e, "letterbox", "square")))
         if not int(e.run_batch) and engine.active_providers[0] in GPU_PROVIDERS:
             engine.batch_size = max(1, int(e.batch_size))  # a GPU wants whole batches (README, "GPU")
@@ -328,6 +330,7 @@ class Daemon:
         except Exception as exc:  # onnxruntime errors are of several unrelated types
             raise BundleError(f"bundle {bundle.id} at {path} fails on blank images (a batch of {len(probe)}, "
                               f"{engine.letterbox} letterbox): {exc}") from exc
+        engine.metrics = self.metrics
         return engine, self._make_judge(bundle)
 
     def _make_judge(self, bundle: Bundle) -> Judge:
@@ -770,6 +773,11 @@ class Daemon:
             lost_ids = {exc.image_id for exc in lost}
             done = {row.image_id for row, _, _ in mine if row.image_id not in lost_ids}
             self._io_recovered()
+            if self.metrics is not None and done:  # arrival to annotation, per intake path
+                now = self.store.clock()
+                for row in p.rows:
+                    if row.image_id in done:
+                        self.metrics.annotated(row.source, now - row.received_at)
         finally:
             for row, verdict in zip(p.rows, verdicts):
                 p.judge.settle(verdict, committed=row.image_id in done)

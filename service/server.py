@@ -420,6 +420,18 @@ class AnnotatorServicer(pb_grpc.AnnotatorServicer):
             self._reload.release()
 
 
+def served_methods() -> frozenset[str]:
+    """The full names of the methods this server answers (``/annotator.v1.Annotator/Annotate``...):
+    the only ones the access log keeps latencies of or labels a metric with. With a token set,
+    a call to any name is answered UNAUTHENTICATED, and each made-up name became a label."""
+    from grpc_health.v1 import health_pb2 as h
+    from grpc_reflection.v1alpha import reflection_pb2 as r
+
+    services = (pb.DESCRIPTOR.services_by_name["Annotator"], h.DESCRIPTOR.services_by_name["Health"],
+                r.DESCRIPTOR.services_by_name["ServerReflection"])
+    return frozenset(f"/{svc.full_name}/{m.name}" for svc in services for m in svc.methods)
+
+
 def _read(path: "str | Path", what: str) -> bytes:
     try:
         return Path(path).read_bytes()
@@ -436,7 +448,8 @@ def create_server(config: "Config", daemon: "Daemon",
     """
     s = config.server
     stats = LatencyStats()
-    interceptors: list[grpc.ServerInterceptor] = [AccessLogInterceptor(stats)]
+    interceptors: list[grpc.ServerInterceptor] = [AccessLogInterceptor(stats, metrics=daemon.metrics,
+                                                                       known_methods=served_methods())]
     if s.token:
         interceptors.append(TokenInterceptor(s.token))
     streams = int(s.max_concurrent_streams or 16)
@@ -487,12 +500,20 @@ def _start_metrics(config: "Config") -> "tuple[Any, int | None]":
         return None, None
     from .metrics import MetricsRecorder, start_metrics_server  # prometheus_client only when used
 
-    recorder = MetricsRecorder()
+    recorder = MetricsRecorder(process="daemon")  # the sync agent's series are on its own endpoint
     host, port = _split_listen(config.metrics.listen)
     try:
         return recorder, start_metrics_server(recorder, host, port)
     except OSError as exc:
         raise ConfigError(f"metrics.listen: cannot serve metrics on {config.metrics.listen!r}: {exc}") from exc
+
+
+def _stop_metrics(recorder: Any) -> None:
+    """Free the metrics port of ``_start_metrics`` (None: there is none)."""
+    if recorder is not None:
+        from .metrics import stop_metrics_server
+
+        stop_metrics_server(recorder)
 
 
 def _mirror_health(daemon: Any, health_servicer: health.HealthServicer, stop: threading.Event) -> None:
@@ -532,7 +553,11 @@ def serve(config: "Config", ready: threading.Event | None = None, stop: threadin
             signal.signal(sig, lambda signum, frame: stop.set())
     notifier = Notifier.from_environ(os.environ)
     metrics, metrics_port = _start_metrics(config)
-    daemon = Daemon(config, metrics=metrics)
+    try:
+        daemon = Daemon(config, metrics=metrics)
+    except BaseException:
+        _stop_metrics(metrics)
+        raise
     server: grpc.Server | None = None
     watchdog: Watchdog | None = None
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
@@ -573,5 +598,6 @@ def serve(config: "Config", ready: threading.Event | None = None, stop: threadin
             health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if server is not None:
             server.stop(grace=5.0).wait(10.0)
+        _stop_metrics(metrics)
         daemon.close()
     return 0

@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 
 # Life-cycle order (service.store); unknown states reported by a newer daemon follow, sorted.
 STATE_ORDER = ("received", "annotated", "auto_accepted", "review_pending", "uploaded", "reviewed", "failed")
+# Counters the daemon counts since its start (the others are the store's, kept across restarts).
+SINCE_START = ("drop_taken", "drop_quarantined")
+LATENCY = ("annotate_p50_us", "annotate_p99_us")  # unary gRPC Annotate calls answered OK (service.interceptors)
 
 
 def format_duration(seconds: float) -> str:
@@ -68,10 +71,28 @@ def format_status(status: "pb.Status", target: str = "") -> str:
         lines += [f"{s:<{width}}  {depths[s]:>8}" for s in states]
         lines.append(f"{'total':<{width}}  {sum(depths.values()):>8}")
     counters = dict(status.counters)
-    if counters:
+    latency = [counters.pop(k) for k in LATENCY if k in counters]
+    since_start = {k: counters.pop(k) for k in SINCE_START if k in counters}
+    if counters or since_start or latency:
         lines.append("")
+    if counters:
         lines.append("counters    " + ", ".join(f"{k} {v}" for k, v in sorted(counters.items())))
+    if since_start:
+        lines.append("this start  " + ", ".join(f"{k} {v}" for k, v in sorted(since_start.items())))
+    if len(latency) == 2:
+        # Only unary Annotate calls: a dropped or streamed image's time is the annotator_annotate_seconds
+        # histogram of /metrics. 0 is no call at all (a real one takes at least a model run).
+        lines.append("gRPC call   " + (f"Annotate p50 {_ms(latency[0])}, p99 {_ms(latency[1])} (unary calls answered OK, "
+                                       "the last 1024; drop folder and streams not included)"
+                                       if any(latency) else "no unary Annotate call answered yet (the drop folder "
+                                       "and streams are not timed here)"))
     return "\n".join(lines)
+
+
+def _ms(us: int) -> str:
+    """Microseconds as milliseconds for a person: ``140121`` -> ``"140 ms"``, ``489`` -> ``"0.5 ms"``."""
+    ms = us / 1000.0
+    return f"{ms:.0f} ms" if ms >= 10 else f"{ms:.1f} ms"
 
 
 def health_check(target: str, service: str = "", timeout: float = 3.0, tls: "TlsOptions | None" = None) -> tuple[bool, str]:

@@ -100,6 +100,7 @@ class Agent:
     disk_base: float = 5.0
     disk_cap: float = 60.0
     disk_paths: list[Any] = field(default_factory=list)
+    metrics: Any = None  # a ``service.metrics.MetricsRecorder``: each task's last success and errors
     heartbeat: float = field(init=False)
     _faults: dict[int, _Fault] = field(init=False, default_factory=dict, repr=False)
 
@@ -141,8 +142,10 @@ class Agent:
                 self.last_error = fault.error  # its work is still left for later
                 continue
             self.beat()
+            ok = False
             try:
                 did = task.run_once() or did
+                ok = True
             except Stopped as exc:
                 log.info("%s: %s; the work resumes on the next run", task.name, exc)
                 self.stop.set()
@@ -162,6 +165,9 @@ class Agent:
                 else:
                     self._fault(task, exc)
                 continue
+            finally:
+                if self.metrics is not None and not self.stop.is_set():
+                    self.metrics.task_pass(task.name, ok)
             old = self._faults.pop(id(task), None)
             if old is not None and old.disk is not None:
                 log.warning("%s: the disk works again; the work goes on", task.name)
@@ -259,7 +265,7 @@ def build_agent(cfg: SyncConfig, extra_tasks: Sequence[Task] = (), env: Mapping[
                               RetryPolicy(cfg.retry_base, cfg.retry_cap, cfg.retry_attempts))
 
     stop = threading.Event()
-    agent = Agent([], cfg.poll_interval, stop)
+    agent = Agent([], cfg.poll_interval, stop, metrics=metrics)
     local = [cfg.target.root] if cfg.target.kind == "local" and getattr(cfg.target, "root", None) else []
     agent.disk_paths = list(dict.fromkeys(str(p) for p in (cfg.store_root, pull.dataset_root, pull.models_root, *local)))
 

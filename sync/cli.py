@@ -46,7 +46,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
         if cfg.metrics_listen is not None:
             from service.metrics import MetricsRecorder
 
-            metrics = MetricsRecorder()
+            metrics = MetricsRecorder(process="sync")  # the daemon's series are on its own endpoint
         try:
             agent = build_agent(cfg, metrics=metrics)
         except sqlite3.OperationalError as exc:  # the store (or the agent's journal) this user may not write

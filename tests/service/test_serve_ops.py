@@ -83,7 +83,7 @@ appliance_id = "passed-through"
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
             text = resp.read().decode()
         count = re.search(r'^annotator_inference_seconds_count\{role="pose_main"\} (\S+)$', text, re.M)
-        assert count and float(count.group(1)) >= 2, text  # the start-up smoke test + the image
+        assert count and float(count.group(1)) >= 1, text  # the image (the start-up probe is not counted)
         assert re.search(r'^annotator_inference_seconds_bucket\{le="0\.5",role="pose_main"\} ', text, re.M)
         assert f'annotator_bundle_info{{bundle_id="{pose_bundle.id}",providers="CPUExecutionProvider"}} 1.0' in text
         assert re.search(r'^annotator_images\{state="received"\} 0\.0$', text, re.M)
@@ -126,7 +126,7 @@ def test_daemon_health_and_metrics_in_process(make_config: Callable[..., Any],
             assert answers[0].WhichOneof("result") == "annotation"
         assert value("annotator_intake_rejected_total", {"reason": "invalid"}) == 2
         assert value("annotator_streams_total") == 1 and value("annotator_streams_active") == 0
-        assert (value("annotator_inference_seconds_count", {"role": "pose_main"}) or 0) >= 2
+        assert (value("annotator_inference_seconds_count", {"role": "pose_main"}) or 0) >= 1  # the streamed image (the start-up probe is not counted)
         assert value("annotator_images", {"state": "failed"}) == 0  # read from the store at collect
     finally:
         server.stop(grace=0.5).wait(5)
