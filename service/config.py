@@ -19,7 +19,8 @@ whatever it does with relative paths; an absolute path is never rebased.
 Tables owned by other programs that read the same file (``PASSTHROUGH``: ``[sync]`` and its
 subtables, read by ``sync.config``) are not validated here; they are kept raw, as parsed, in
 ``Config.extra`` (e.g. ``cfg.extra["sync"]["target"]["bucket"]``). Every other unknown table
-is still refused with a did-you-mean hint.
+is still refused with a did-you-mean hint. They have no environment overrides: an
+``ANNOTATOR_SYNC__<KEY>`` is refused with a message saying so (by the daemon and the agent alike).
 """
 from __future__ import annotations
 
@@ -237,13 +238,28 @@ def _in(lo: float, hi: float | None = None) -> Callable[[Any], bool]:
 
 
 def _listen_ok(v: str) -> bool:
+    """``host:port``; an IPv6 host in brackets, a dotted-quad host a valid IPv4 address. gRPC
+    read ``::1:5000`` as the address ``::1:5000`` on port 443, and ``127.0.0.256`` was called
+    "reachable from other machines" (it is no address); both failed with a bind error at best."""
     host, sep, port = v.rpartition(":")
-    return bool(sep and host and port.isdigit() and 0 <= int(port) <= 65535)
+    if not (sep and host and port.isdigit() and 0 <= int(port) <= 65535):
+        return False
+    try:
+        if host.startswith("[") and host.endswith("]"):
+            return ipaddress.ip_address(host[1:-1]).version == 6
+        if ":" in host:
+            return False
+        if all(part.isdigit() for part in host.split(".")):
+            ipaddress.IPv4Address(host)
+    except ValueError:
+        return False
+    return True
 
 
 # Range checks: key -> (test, what is expected).
 CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "server.listen": (_listen_ok, "host:port with a port in 0..65535, e.g. '127.0.0.1:50051'"),
+    "server.listen": (_listen_ok, "host:port with a port in 0..65535, e.g. '127.0.0.1:50051' "
+                                  "(an IPv6 address in brackets: '[::1]:50051')"),
     "server.max_message_bytes": (_in(1024, 2**31 - 1), "an integer of bytes in [1024, 2^31 - 1]"),
     "server.max_concurrent_streams": (_in(1), "an integer >= 1 (or unset)"),
     "store.lease_seconds": (lambda v: v > 0, "a number of seconds > 0"),
@@ -275,7 +291,8 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "retention.auto_image_days": (lambda v: v is None or v > 0, "a number of days > 0 (or unset: kept for ever)"),
     "retention.quarantine_days": (lambda v: v is None or v > 0, "a number of days > 0 (or unset: kept for ever)"),
     "retention.interval_minutes": (lambda v: v >= 1, "a number of minutes >= 1"),
-    "metrics.listen": (lambda v: v == "" or _listen_ok(v), "empty (off) or host:port, e.g. '127.0.0.1:9464'"),
+    "metrics.listen": (lambda v: v == "" or _listen_ok(v),
+                       "empty (off) or host:port, e.g. '127.0.0.1:9464' (an IPv6 address in brackets)"),
 }
 
 
@@ -370,6 +387,14 @@ def load_config(path: Path | None = None, env: Mapping[str, str] = os.environ,
             continue
         key = name[len(ENV_PREFIX):].lower().replace("__", ".", 1)
         source = f"from environment {name}"
+        if key.partition(".")[0] in PASSTHROUGH:
+            # Not a did-you-mean to a daemon key (ANNOTATOR_SYNC__BATCH_SIZE was offered
+            # engine.batch_size): the tables another program reads have no overrides.
+            section, _, rest = key.partition(".")
+            *tables, leaf = rest.split("__")
+            raise ConfigError(f"{name}: the [{section}] tables are read from the file only (no environment "
+                              f"overrides); set {leaf} in [{'.'.join([section, *tables])}] of the config file "
+                              "and unset the variable")
         if key not in KEYS:
             raise _unknown(key, source)
         values[key] = (_absolute(_convert(key, text, source, from_text=True)), source)

@@ -400,6 +400,8 @@ def check_s3(sync: Mapping[str, Any], timeout: float = NETWORK_TIMEOUT) -> Check
     except BotoCoreError as exc:
         return Check("s3", FAIL, f"{where}: unreachable: {exc}",
                      "check sync.target.endpoint_url / region and the network path to S3")
+    except ValueError as exc:  # boto3's "Invalid endpoint: 127.0.0.1:8333" (no scheme) ended the whole report
+        return Check("s3", FAIL, f"{where}: {exc}", "fix sync.target.endpoint_url: http(s)://host:port")
     return Check("s3", OK, f"{where} reachable")
 
 

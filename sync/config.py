@@ -45,9 +45,11 @@ directory); the default ``annotator-data`` is the working directory's, as for th
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 import socket
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -130,13 +132,94 @@ def expected_type(allowed: Any) -> str:
     return " or ".join(_TYPE_NAMES.get(k, getattr(k, "__name__", str(k))) for k in kinds)
 
 
+def suggest(name: str, known: Any, shown: str = "{}") -> str:
+    """``"; did you mean 'batch_size'?"`` for the closest of ``known``, else ``"; known: ..."``
+    (each formatted with ``shown``): a typo's message names the key meant, as
+    ``service.config`` does for the daemon's tables."""
+    close = difflib.get_close_matches(name, [str(k) for k in known], n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {shown.format(close[0])!r}?"
+    return f"; known: {', '.join(shown.format(k) for k in known)}"
+
+
+def host_port_problem(value: str) -> str | None:
+    """None when ``value`` is ``host:port`` (port 0..65535, an IPv6 host in brackets), else what
+    to write instead. A port-less ``127.0.0.1`` in ``[sync.models] daemon`` was taken and failed
+    only when first used: the reload after a pull, hours after the start."""
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        return "expected host:port with a port in 0..65535, e.g. '127.0.0.1:50051'"
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        return "expected an IPv6 address in brackets, e.g. '[::1]:50051'"
+    return None
+
+
+def endpoint_problem(url: str) -> str | None:
+    """None when ``url`` is an http(s) URL with a host (an S3-compatible server's endpoint),
+    else what is expected. boto3 refuses a scheme-less ``127.0.0.1:8333`` only when its client
+    is made (a traceback-free ``error: Invalid endpoint`` naming no key), and an ``htp://``
+    one at every request, retried for ever in the background."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError for a port out of range or not a number)
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        return "expected http(s)://host[:port], e.g. 'http://127.0.0.1:8333'"
+    return None
+
+
+# botocore's own rule for a bucket name (S3-compatible servers allow more than AWS's 3-63
+# lower-case letters): a stricter one would refuse a bucket that works.
+_BUCKET = re.compile(r"[A-Za-z0-9.\-_]{1,255}")
+
+
+def bucket_problem(bucket: str) -> str | None:
+    """None for a plain bucket name, else what to write instead (``s3://edge-review`` went to
+    S3 as the bucket name and stopped the agent with botocore's parameter message)."""
+    if bucket.startswith("arn:"):  # an access point's or an Outposts bucket's ARN, which boto3 takes as Bucket
+        return None
+    if "://" in bucket:
+        name, _, key = bucket.partition("://")[2].partition("/")
+        hint = f"bucket = {name!r}" + (f" and prefix = {key.strip('/')!r}" if key.strip("/") else "")
+        return f"expected a bucket name, not a URL: {hint}"
+    if "/" in bucket:
+        name, _, key = bucket.partition("/")
+        return f"expected a bucket name without '/': bucket = {name!r} and prefix = {key.strip('/')!r}"
+    if not _BUCKET.fullmatch(bucket):
+        return "expected a bucket name (letters, digits, '.', '-', '_')"
+    return None
+
+
+def check_target(target: Mapping[str, Any], where: str, source: str = "") -> None:
+    """The value checks of a ``[sync.target]``-like table (``kind``, ``bucket``, ``endpoint_url``,
+    ``sse``, ``kms_key_id``, ``multipart_threshold_mb``), types already checked; ``where``
+    names the table (``sync.target``, ``sync.models.registry``) in the error."""
+    at = f" ({source})" if source else ""
+    kind = target.get("kind", "local")
+    if kind not in ("local", "s3"):
+        raise SyncConfigError(f"{where}.kind: expected 'local' or 's3', got {kind!r}{at}")
+    if kind == "s3" and not target.get("bucket"):
+        raise SyncConfigError(f"{where}.bucket: required when kind = 's3'{at}")
+    if target.get("bucket") and (problem := bucket_problem(target["bucket"])):
+        raise SyncConfigError(f"{where}.bucket: {problem}, got {target['bucket']!r}{at}")
+    if target.get("endpoint_url") and (problem := endpoint_problem(target["endpoint_url"])):
+        raise SyncConfigError(f"{where}.endpoint_url: {problem}, got {target['endpoint_url']!r}{at}")
+    if target.get("sse") not in (None, "AES256", "aws:kms"):
+        raise SyncConfigError(f"{where}.sse: expected 'AES256' or 'aws:kms', got {target['sse']!r}{at}")
+    if target.get("kms_key_id") and target.get("sse") != "aws:kms":
+        raise SyncConfigError(f"{where}.kms_key_id: needs sse = 'aws:kms'{at}")
+    if target.get("multipart_threshold_mb", 16) < 5:
+        raise SyncConfigError(f"{where}.multipart_threshold_mb: expected >= 5 (S3's part minimum){at}")
+
+
 def checked_table(table: Any, allowed: Mapping[str, Any], where: str) -> dict[str, Any]:
     """``table`` as a dict when it is a table of known keys with values of the allowed types."""
     if not isinstance(table, dict):
         raise SyncConfigError(f"{where}: expected a table, got {table!r}")
     for key, value in table.items():
         if key not in allowed:
-            raise SyncConfigError(f"{where}.{key}: unknown key; known: {', '.join(sorted(allowed))}")
+            raise SyncConfigError(f"{where}.{key}: unknown key{suggest(key, sorted(allowed))}")
         if (isinstance(value, bool) and allowed[key] is not bool) or not isinstance(value, allowed[key]):
             raise SyncConfigError(f"{where}.{key}: expected {expected_type(allowed[key])}, got {value!r}")
     return dict(table)
@@ -148,7 +231,7 @@ def _check(table: Mapping[str, Any], allowed: Mapping[str, Any], where: str, sou
         if isinstance(value, dict) and where == "sync":
             continue  # a subtable for another task
         if key not in allowed:
-            raise SyncConfigError(f"{where}.{key}: unknown key ({source}); known: {', '.join(sorted(allowed))}")
+            raise SyncConfigError(f"{where}.{key}: unknown key ({source}){suggest(key, sorted(allowed))}")
         if isinstance(value, bool) or not isinstance(value, allowed[key]):
             raise SyncConfigError(f"{where}.{key}: expected {expected_type(allowed[key])}, got {value!r} ({source})")
         out[key] = value
@@ -163,23 +246,12 @@ def sync_config_from_dict(doc: Mapping[str, Any], base: Path, source: str = "con
     values = _check(sync_table, _SYNC_KEYS, "sync", source)
     for key, value in sync_table.items():
         if isinstance(value, dict) and key not in SYNC_TABLES:
-            raise SyncConfigError(f"[sync.{key}]: unknown table ({source}); known: "
-                                  f"{', '.join(f'[sync.{t}]' for t in SYNC_TABLES)}")
+            raise SyncConfigError(f"[sync.{key}]: unknown table ({source}){suggest(key, SYNC_TABLES, '[sync.{}]')}")
     target_table = sync_table.get("target", {})
     target = _check(target_table, _TARGET_KEYS, "sync.target", source)
     store_root = values.pop("store_root", None) or doc.get("store", {}).get("root", "annotator-data")
     store_root = base / Path(store_root)
-    kind = target.get("kind", "local")
-    if kind not in ("local", "s3"):
-        raise SyncConfigError(f"sync.target.kind: expected 'local' or 's3', got {kind!r} ({source})")
-    if kind == "s3" and not target.get("bucket"):
-        raise SyncConfigError(f"sync.target.bucket: required when kind = 's3' ({source})")
-    if target.get("sse") not in (None, "AES256", "aws:kms"):
-        raise SyncConfigError(f"sync.target.sse: expected 'AES256' or 'aws:kms', got {target['sse']!r} ({source})")
-    if target.get("kms_key_id") and target.get("sse") != "aws:kms":
-        raise SyncConfigError(f"sync.target.kms_key_id: needs sse = 'aws:kms' ({source})")
-    if target.get("multipart_threshold_mb", 16) < 5:
-        raise SyncConfigError(f"sync.target.multipart_threshold_mb: expected >= 5 (S3's part minimum) ({source})")
+    check_target(target, "sync.target", source)
     root = base / target["root"] if "root" in target else store_root / "outbox"
     tcfg = TargetConfig(**{**target, "root": root})
     for key, low in (("batch_size", 1), ("max_side", 16), ("jpeg_quality", 1), ("retry_attempts", 1)):
@@ -197,9 +269,9 @@ def sync_config_from_dict(doc: Mapping[str, Any], base: Path, source: str = "con
     metrics = values.pop("metrics_listen", None)
     metrics_listen = None
     if metrics is not None:
+        if problem := host_port_problem(metrics):
+            raise SyncConfigError(f"sync.metrics_listen: {problem}, got {metrics!r} ({source})")
         host, _, port = metrics.rpartition(":")
-        if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise SyncConfigError(f"sync.metrics_listen: expected host:port, got {metrics!r} ({source})")
         metrics_listen = (host.strip("[]"), int(port))
     server = doc.get("server", {}) if isinstance(doc.get("server", {}), dict) else {}
     tables = {k: v for k, v in sync_table.items() if isinstance(v, dict) and k != "target"}

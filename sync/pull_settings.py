@@ -30,14 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from .config import TargetConfig
+from .config import _TARGET_KEYS, TargetConfig, check_target, host_port_problem
 from .config import checked_table as _checked
 from .errors import SyncConfigError
 
 _DATASET_KEYS = {"root": str, "holdout_fraction": (int, float)}
 _MODELS_KEYS = {"root": str, "public_key": str, "margin": (int, float), "min_holdout": int, "daemon": str,
                 "poll_interval": (int, float), "registry": dict}
-_REGISTRY_KEYS = {f.name for f in dataclasses.fields(TargetConfig)}
+_REGISTRY_KEYS = {f.name for f in dataclasses.fields(TargetConfig)}  # == _TARGET_KEYS
 
 
 @dataclass(frozen=True)
@@ -74,14 +74,12 @@ def settings_from(store_root: Path, tables: Mapping[str, Any], base: Path,
     if "registry" in over:
         registry = TargetConfig(kind="local", root=Path(over["registry"]))
     elif "registry" in md:
-        reg = _checked(md["registry"], {k: object for k in _REGISTRY_KEYS}, "sync.models.registry")
-        kind = reg.get("kind", "local")
-        if kind not in ("local", "s3"):
-            raise SyncConfigError(f"sync.models.registry.kind: expected 'local' or 's3', got {kind!r}")
-        if kind == "local" and not reg.get("root"):
+        # The types and values [sync.target] is held to: any type was taken here, and a
+        # multipart_threshold_mb = "16" or a bucket = "s3://..." failed only at the first pull.
+        reg = _checked(md["registry"], _TARGET_KEYS, "sync.models.registry")
+        check_target(reg, "sync.models.registry")
+        if reg.get("kind", "local") == "local" and not reg.get("root"):
             raise SyncConfigError("sync.models.registry.root: required for a local registry folder")
-        if kind == "s3" and not reg.get("bucket"):
-            raise SyncConfigError("sync.models.registry.bucket: required when kind = 's3'")
         registry = TargetConfig(**{**reg, "root": path(reg.get("root"), Path("registry"))})
     fraction = float(over.get("holdout_fraction", ds.get("holdout_fraction", 0.2)))
     margin = float(over.get("margin", md.get("margin", 0.02)))
@@ -95,12 +93,25 @@ def settings_from(store_root: Path, tables: Mapping[str, Any], base: Path,
         raise SyncConfigError(f"sync.models.min_holdout: expected >= 1, got {min_holdout}")
     if poll < 0:
         raise SyncConfigError(f"sync.models.poll_interval: expected >= 0, got {poll}")
+    daemon = over.get("daemon", md.get("daemon"))
+    if daemon is not None and (problem := host_port_problem(daemon)):
+        raise SyncConfigError(f"sync.models.daemon: {problem}, got {daemon!r}")
     key = Path(over["public_key"]) if "public_key" in over else path(md.get("public_key"), Path()) \
         if md.get("public_key") else None
+    if key is not None:
+        # Read now, as the daemon reads engine.bundle_public_key: the puller read it only when
+        # built, so `annotator doctor` passed a missing key that `annotator sync` then refused.
+        from service.errors import ConfigError
+        from service.signing import load_public_key
+
+        try:
+            load_public_key(key, key_name="sync.models.public_key")
+        except ConfigError as exc:
+            raise SyncConfigError(str(exc)) from exc
     return PullSettings(
         store_root=store_root,
         dataset_root=Path(over["dataset_root"]) if "dataset_root" in over else path(ds.get("root"), store_root / "dataset"),
         holdout_fraction=fraction,
         models_root=Path(over["models_root"]) if "models_root" in over else path(md.get("root"), store_root / "models"),
         registry=registry, public_key=key,
-        margin=margin, min_holdout=min_holdout, daemon=over.get("daemon", md.get("daemon")), poll_interval=poll)
+        margin=margin, min_holdout=min_holdout, daemon=daemon, poll_interval=poll)

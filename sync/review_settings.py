@@ -58,6 +58,8 @@ _LS_KEYS = {"url": str, "token": str, "project_title": str, "document_root": str
 _JOB_INTS = ("workers_per_object", "task_time_limit_s")
 _JOB_TYPES = {f.name: int if f.name in _JOB_INTS else str for f in dataclasses.fields(LabelingJobSpec)}
 _JOB_REQUIRED = ("role_arn", "workteam_arn", "ui_template_s3_uri")
+_JOB_S3_URIS = ("ui_template_s3_uri", "label_category_config_s3_uri", "output_s3_path")
+_JOB_ARNS = ("role_arn", "workteam_arn", "pre_lambda_arn", "consolidation_lambda_arn")
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,19 @@ def review_settings_from(cfg: SyncConfig, env: Mapping[str, str]) -> ReviewSetti
                                       "(or leave out [sync.review.groundtruth.job] and start jobs on the cloud side)")
             if cfg.target.kind != "s3":
                 raise SyncConfigError("sync.review.groundtruth.job: labeling jobs read S3; needs [sync.target] kind = 's3'")
+            # Checked here, not by CreateLabelingJob: a typo there ("s3:/edge/...") stopped the
+            # agent at the first batch's job, an upload pass after its start.
+            for key in _JOB_S3_URIS:
+                if job.get(key) and not (job[key].startswith("s3://") and job[key][5:].partition("/")[0]):
+                    raise SyncConfigError(f"sync.review.groundtruth.job.{key}: expected s3://bucket/key, "
+                                          f"got {job[key]!r}")
+            for key in _JOB_ARNS:
+                if job.get(key) and not job[key].startswith("arn:"):
+                    raise SyncConfigError(f"sync.review.groundtruth.job.{key}: expected an ARN (arn:aws:...), "
+                                          f"got {job[key]!r}")
+            for key, low in (("workers_per_object", 1), ("task_time_limit_s", 30)):
+                if key in job and job[key] < low:
+                    raise SyncConfigError(f"sync.review.groundtruth.job.{key}: expected >= {low}, got {job[key]}")
             prefix = job.get("job_prefix")
             if prefix is not None and not 0 < len(_name_part(prefix)) <= MAX_JOB_PREFIX:
                 # A longer prefix would be cut (sync.groundtruth.job_name_for) and the jobs no
@@ -140,12 +155,15 @@ def review_settings_from(cfg: SyncConfig, env: Mapping[str, str]) -> ReviewSetti
             raise SyncConfigError(f"sync.review.labelstudio.token: too short ({len(token)} characters, from "
                                   f"{TOKEN_ENV if env.get(TOKEN_ENV) else 'the file'}); paste the whole token of "
                                   "Label Studio's Account & Settings page")
+        timeout = float(t.get("timeout", 30.0))
+        if not timeout > 0:  # 0: every request failed "Operation now in progress"; < 0: a ValueError, each pass
+            raise SyncConfigError(f"sync.review.labelstudio.timeout: expected a number of seconds > 0, got {timeout}")
         root = (cfg.base / t["document_root"]).resolve() if "document_root" in t else cfg.store_root.resolve()
         if not cfg.store_root.resolve().is_relative_to(root):
             raise SyncConfigError(f"sync.review.labelstudio.document_root: the store {cfg.store_root} must lie under "
                                   f"it (Label Studio serves the images from there), got {root}")
         ls = LabelStudioSettings(t["url"], token, t.get("project_title", f"edge review {cfg.appliance_id}"), root,
-                                 float(t.get("timeout", 30.0)))
+                                 timeout)
     return ReviewSettings(kind, interval, gt, ls)
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .config import checked_table
+from .config import checked_table, endpoint_problem
 from .errors import SyncConfigError
 
 _KEYS: dict[str, Any] = {
@@ -69,6 +69,18 @@ def training_settings_from(table: Mapping[str, Any], appliance_id: str, base: Pa
         raise SyncConfigError(f"sync.training.propagate: expected dHash bits in 0..64, got {table['propagate']}")
     if table.get("poll_interval", 0) < 0:
         raise SyncConfigError(f"sync.training.poll_interval: expected >= 0, got {table['poll_interval']}")
+    if table.get("endpoint_url") and (problem := endpoint_problem(table["endpoint_url"])):
+        raise SyncConfigError(f"sync.training.endpoint_url: {problem}, got {table['endpoint_url']!r}")
+    sign_key = base / table["sign_key"] if table.get("sign_key") else None
+    if sign_key is not None:
+        # Read now: it was read only to sign the first bundle trained, after a paid job had run
+        # for hours; a missing or wrong key then stopped the agent with nothing published.
+        from .publish import load_private_key
+
+        try:
+            load_private_key(sign_key)
+        except SyncConfigError as exc:
+            raise SyncConfigError(f"sync.training.sign_key: {exc}") from exc
     hp = {}
     for k, v in dict(table.get("hyperparameters", {})).items():
         if isinstance(v, dict) or isinstance(v, list):
@@ -87,4 +99,4 @@ def training_settings_from(table: Mapping[str, Any], appliance_id: str, base: Pa
         values["poll_interval"] = float(values["poll_interval"])
     values.setdefault("job_prefix", f"annotator-{appliance_id}"[:40])
     return TrainingSettings(appliance_id=appliance_id, hyperparameters=hp,
-                            sign_key=base / table["sign_key"] if table.get("sign_key") else None, **values)
+                            sign_key=sign_key, **values)

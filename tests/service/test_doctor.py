@@ -141,6 +141,9 @@ def test_s3_probe(moto_s3: str, monkeypatch: pytest.MonkeyPatch) -> None:
     down = check_s3({"target": {**target, "bucket": "edge-doctor", "endpoint_url": f"http://127.0.0.1:{port}"}},
                     timeout=1.0)
     assert down.level == FAIL and "unreachable" in down.detail and down.advice
+    # a scheme-less endpoint: boto3's ValueError ended the whole report (exit 2, no table)
+    bare = check_s3({"target": {**target, "bucket": "edge-doctor", "endpoint_url": f"127.0.0.1:{port}"}})
+    assert bare.level == FAIL and "Invalid endpoint" in bare.detail and "http(s)://host:port" in bare.advice
     assert check_s3({}).level == SKIP
 
 
