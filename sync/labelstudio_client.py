@@ -92,7 +92,7 @@ class LabelStudioClient:
             return None
         try:
             return json.loads(text)
-        except ValueError as exc:  # UnicodeDecodeError included; not the server's API answering
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError included; not the server's API answering
             start = text[:80].decode("utf-8", "replace")
             raise RetryableError(f"Label Studio {method} {self.base_url}{path}: the answer is not JSON "
                                  f"(a proxy's or a starting server's page?): {start!r}") from exc
@@ -166,14 +166,21 @@ class LabelStudioClient:
         return items
 
 
+WEBHOOK_MAX_BYTES = 1 << 20
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: "_Server"
 
     def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-        length = int(self.headers.get("Content-Length") or 0)
         try:
+            length = int(self.headers.get("Content-Length") or 0)
+            if not 0 <= length <= WEBHOOK_MAX_BYTES:  # an event is a few kB; it only wakes the collector
+                raise ValueError(f"Content-Length {length}")
             event = json.loads(self.rfile.read(length) or b"{}")
-        except ValueError:
+            if not isinstance(event, dict):
+                raise ValueError(f"expected a JSON object, got {type(event).__name__}")
+        except (ValueError, RecursionError):
             self.send_response(400)
             self.end_headers()
             return
@@ -224,12 +231,12 @@ class WebhookReceiver:
 
     def record(self, event: dict[str, Any]) -> None:
         action = event.get("action")
-        task = event.get("task") or {}
+        task = event.get("task") if isinstance(event.get("task"), dict) else {}
         log.debug("webhook %s for task %s", action, task.get("id"))
         if action in ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED"):
             with self._lock:
-                if isinstance(task, dict) and task.get("id") is not None:
-                    self.task_ids.add(int(task["id"]))
+                if isinstance(task.get("id"), int):
+                    self.task_ids.add(task["id"])
             self._event.set()
 
     def wait(self, timeout: float) -> bool:
