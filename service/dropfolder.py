@@ -54,6 +54,7 @@ looked at again for ``pause_retry_seconds``; the files wait where they are.
 from __future__ import annotations
 
 import errno
+import filecmp
 import logging
 import math
 import os
@@ -221,6 +222,16 @@ def _holds(data: bytes) -> Callable[[Path], bool]:
     return lambda p: p.is_file() and not p.is_symlink() and p.stat().st_size == len(data) and p.read_bytes() == data
 
 
+def _holds_file(source: Path) -> Callable[[Path], bool]:
+    """``_holds`` for the bytes of the file ``source`` (a link: the same target), read only for a
+    candidate of its size."""
+    def same(p: Path) -> bool:
+        if os.path.islink(source) or p.is_symlink():
+            return os.path.islink(source) and p.is_symlink() and os.readlink(source) == os.readlink(p)
+        return p.is_file() and filecmp.cmp(p, source, shallow=False)
+    return same
+
+
 def quarantine_dir(drop_folder: Path | str | None, store_root: Path | str) -> Path:
     """Where failed and refused images go: ``<drop folder>/quarantine``, else ``<store root>/quarantine``."""
     return Path(drop_folder) / QUARANTINE if drop_folder else Path(store_root) / QUARANTINE
@@ -234,12 +245,19 @@ def write_quarantine(qdir: Path, rel: Path, reason: str, source: Path | None = N
     comes again); both writes are atomic, so nothing half-written is left; and ``data`` that is
     already quarantined byte for byte under the name (the daemon died after writing the copy and
     before the store marked the image failed, so the image is tried again) reuses that copy
-    instead of adding ``name-1``.
+    instead of adding ``name-1``. So does a ``source`` moved to another file system (a copy, then
+    the original removed): a kill between the two left both, and the restart quarantined the
+    original again as ``name-1`` (one file dropped, two in quarantine).
     """
     target = fit_name(qdir / rel)
     if target.name != (qdir / rel).name:
         reason = f"{reason.rstrip()}\n(dropped as {text_name(rel.name)})"
-    dest = unique_path(target, _holds(data) if data is not None else None)
+    reuse = _holds(data) if data is not None else None
+    if source is not None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not _same_fs(source, target.parent):
+            reuse = _holds_file(source)
+    dest = unique_path(target, reuse)
     reason_file = dest.with_name(dest.name + REASON_SUFFIX)
     write_bytes_atomic(reason_file, (reason.rstrip() + "\n").encode("utf-8", "backslashreplace"))
     if source is not None:
@@ -435,6 +453,7 @@ class DropFolder:
         self._thread: threading.Thread | None = None
         self._observer: Observer | None = None  # type: ignore[valid-type]
         self._rewatch_at = -math.inf  # clock time of the next try to watch again (see _keep_watching)
+        self._watched: tuple[int, int] | None = None  # (device, inode) of the folder the watch began on
         self.watch_lost: str | None = None  # why the folder is not watched (found by the full walks only)
         self.taken = self.quarantined = 0
         self.walk_seconds = 0.0  # the last full scan's own cost: its time less the time taking files
@@ -486,9 +505,17 @@ class DropFolder:
             self._full_owed = True
         self._wake.set()
 
+    def _folder_id(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.root)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
     def _watch(self) -> None:
         observer = _observer()
         observer.daemon = True
+        self._watched = self._folder_id()
         try:
             observer.schedule(_Handler(self), str(self.root), recursive=True)  # 7.1.1: EMFILE here
             observer.start()
@@ -542,11 +569,19 @@ class DropFolder:
         script, a card taken out) and made again. Watchdog's watcher ends with its folder, and
         files in the new one were found only by the full walks, up to RESCAN_MAX_SECONDS later.
         While the folder is missing nothing is tried; a watcher that ends for another reason is
-        tried again at most every RESCAN_SECONDS."""
+        tried again at most every RESCAN_SECONDS. A folder moved away (``mv drop drop.old; mkdir
+        drop``) does not end the watcher, which follows the inode where it went: the folder under
+        the name was never watched again. So a watcher whose folder is no longer the one under the
+        name (another inode) is replaced too, at once: the wait between tries is for a watcher
+        that ends on the same folder (a folder made again may get the removed one's inode number,
+        and then waits for it)."""
         observer = self._observer
-        if observer is None or all(e.is_alive() for e in observer.emitters) and observer.emitters:
+        if observer is None:
             return
-        if self.clock() < self._rewatch_at or not self.root.is_dir():
+        here = self._folder_id()
+        if observer.emitters and all(e.is_alive() for e in observer.emitters) and here in (None, self._watched):
+            return
+        if here is None or not self.root.is_dir() or here == self._watched and self.clock() < self._rewatch_at:
             return
         self._rewatch_at = self.clock() + RESCAN_SECONDS
         with self._lock:
@@ -556,7 +591,7 @@ class DropFolder:
             lost = self.watch_lost is not None
             self._watch()
         if not lost:
-            log.warning("drop folder %s was removed or its watcher ended; watching it again", self.root)
+            log.warning("drop folder %s was removed or moved away, or its watcher ended; watching it again", self.root)
         self.request_full_scan()  # what was written before the new watch began
 
     def _run(self) -> None:

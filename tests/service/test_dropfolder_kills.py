@@ -1,0 +1,106 @@
+"""The drop folder under a real ``kill -9`` at a chosen moment (found by the chaos soak: a daemon
+and a sync agent killed at random, dozens of times, while a writer drops images).
+
+A child process takes the drop folder's files and SIGKILLs itself at the chosen system call; the
+test then takes the folder again, as the restarted daemon does, and counts the copies: every file
+dropped must end once in ``processed/`` or ``quarantine/`` (with its reason), never twice.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from service.dropfolder import PROCESSED, QUARANTINE, REASON_SUFFIX, DropFolder
+
+REPO = Path(__file__).resolve().parents[2]
+
+_CHILD = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    from service.dropfolder import DropFolder
+
+    root, victim = Path(sys.argv[1]), sys.argv[2]
+    real = os.unlink
+
+    def unlink(path, *a, **k):  # the original's removal, after its copy was renamed into place
+        if os.fspath(path) == victim:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(path, *a, **k)
+
+    os.unlink = unlink
+    DropFolder(root, lambda *a: None, "move", stable_seconds=0.0).scan_once()
+    sys.exit(3)  # not killed: the test's premise is wrong
+""")
+
+
+def _other_fs(tmp_path: Path) -> Path:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev or not os.access(shm, os.W_OK):
+        pytest.skip("needs /dev/shm on a file system of its own")
+    return Path(os.path.realpath(shm))
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if not p.is_dir())
+
+
+def test_a_kill_during_a_move_to_quarantine_on_another_file_system_leaves_one_copy(tmp_path: Path) -> None:
+    """quarantine/ on a mount of its own (a copy, renamed into place, then the original removed):
+    a daemon killed between the rename and the removal found the original again at its restart
+    and quarantined it a second time, as ``bad-1.jpg`` with a second reason file, so one bad file
+    dropped was two in quarantine (processed/ reused its copy already)."""
+    other = _other_fs(tmp_path) / f"dropfolder-kill-{os.getpid()}-{time.monotonic_ns()}"
+    other.mkdir()
+    try:
+        root = tmp_path / "drop"
+        (root / "cam").mkdir(parents=True)
+        for name in (PROCESSED, QUARANTINE):
+            (other / name).mkdir()
+            (root / name).symlink_to(other / name)
+        bad = root / "cam" / "bad.jpg"
+        bad.write_bytes(b"not an image")
+        child = subprocess.run([sys.executable, "-c", _CHILD, str(root), str(bad)], cwd=REPO,
+                               env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=60)
+        assert child.returncode == -signal.SIGKILL, child.stderr
+        assert bad.exists() and _files(other / QUARANTINE) == ["cam/bad.jpg", f"cam/bad.jpg{REASON_SUFFIX}"]
+
+        restarted = DropFolder(root, lambda *a: None, "move", stable_seconds=0.0)
+        restarted.scan_once()
+        assert not bad.exists()
+        # HEAD: [cam/bad-1.jpg, cam/bad-1.jpg.reason.txt, cam/bad.jpg, cam/bad.jpg.reason.txt]
+        assert _files(other / QUARANTINE) == ["cam/bad.jpg", f"cam/bad.jpg{REASON_SUFFIX}"]
+        assert (other / QUARANTINE / "cam" / "bad.jpg").read_bytes() == b"not an image"
+        assert [p.name for p in other.rglob(".*")] == []  # no temporary copy left
+    finally:
+        shutil.rmtree(other)
+
+
+def test_another_file_of_the_same_name_in_quarantine_is_not_taken_for_the_copy(tmp_path: Path) -> None:
+    """The copy is reused only when it holds the same bytes: a second bad file under a name
+    quarantined before still gets a name of its own."""
+    other = _other_fs(tmp_path) / f"dropfolder-kill-{os.getpid()}-{time.monotonic_ns()}"
+    other.mkdir()
+    try:
+        root = tmp_path / "drop"
+        root.mkdir()
+        for name in (PROCESSED, QUARANTINE):
+            (other / name).mkdir()
+            (root / name).symlink_to(other / name)
+        drop = DropFolder(root, lambda *a: None, "move", stable_seconds=0.0)
+        (root / "bad.jpg").write_bytes(b"not an image")
+        drop.scan_once()
+        (root / "bad.jpg").write_bytes(b"not an image either")
+        drop.scan_once()
+        assert _files(other / QUARANTINE) == ["bad-1.jpg", f"bad-1.jpg{REASON_SUFFIX}", "bad.jpg",
+                                              f"bad.jpg{REASON_SUFFIX}"]
+        assert (other / QUARANTINE / "bad-1.jpg").read_bytes() == b"not an image either"
+    finally:
+        shutil.rmtree(other)
