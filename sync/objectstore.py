@@ -138,6 +138,9 @@ def join_prefix(prefix: str, key: str) -> str:
     return f"{prefix}/{key}" if prefix else key
 
 
+STALE_TEMP_S = 86400.0  # a hidden .tmp file this old in a local folder is a write a kill cut short
+
+
 class LocalFolderStore:
     """A folder laid out like the bucket: the object ``key`` is the file ``<root>/<prefix>/<key>``.
 
@@ -241,6 +244,27 @@ class LocalFolderStore:
             raise PermanentError(f"target folder {self.base} cannot be created: {exc}") from exc
         if not os.access(self.base, os.W_OK):
             raise PermanentError(f"target folder {self.base} is not writable by this user")
+        self.remove_stale_temps()
+
+    def remove_stale_temps(self, older_than_s: float = STALE_TEMP_S) -> int:
+        """Remove the hidden ``.tmp`` files of writes a kill cut short (``atomic_file``) that are
+        older than ``older_than_s``; returns how many. They are no objects (``list`` skips them)
+        and the write was done again, but they stayed for good, and a copy of the folder to real
+        storage carried them (1 in 39 agent kills of a soak). Younger ones may be another
+        appliance's write in progress in a shared folder: left. Called by ``check`` (once per
+        agent start)."""
+        now, removed = time.time(), 0
+        for key, partial in list(self._files("")):
+            path = self.base / key
+            try:
+                if partial and now - path.stat().st_mtime > older_than_s:
+                    path.unlink()
+                    removed += 1
+            except OSError:  # gone meanwhile, or not ours to remove: left
+                continue
+        if removed:
+            log.info("removed %d temporary files that interrupted writes left in %s", removed, self.base)
+        return removed
 
     def uri(self, key: str) -> str:
         return self._path(key).resolve().as_uri()

@@ -214,3 +214,26 @@ def test_local_folder_lists_from_the_prefixs_folder_and_lists_folders(tmp_path: 
     assert list(store.list("nothing/")) == [] and list(store.list("../")) == []
     assert store.folders("out/") == ["job-a", "job-b"] and store.folders("images") == ["aa", "bb"]
     assert store.folders("missing/") == [] and store.folders("out/top.json") == []
+
+
+def test_check_removes_the_temporary_files_a_killed_write_left_once_they_are_old(tmp_path: Path) -> None:
+    """A kill inside ``put`` (before the rename) left ``.<name>.<random>.tmp`` in the bucket
+    folder for good (the chaos soak: 1 in 39 agent kills); the agent's start (``check``) removes
+    those older than a day and leaves younger ones (another appliance's write in a shared folder)."""
+    import os
+    import time
+
+    from sync.objectstore import STALE_TEMP_S, LocalFolderStore
+
+    store = LocalFolderStore(tmp_path / "bucket")
+    store.put("images/abc.jpg", b"jpeg")
+    old = tmp_path / "bucket" / "images" / ".def.jpg.x1y2.tmp"
+    young = tmp_path / "bucket" / "manifests" / "box-1" / ".b1.manifest.z9.tmp"
+    for path in (old, young):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half")
+    stale = time.time() - STALE_TEMP_S - 60
+    os.utime(old, (stale, stale))
+    store.check()
+    assert not old.exists() and young.exists()  # HEAD: both stayed
+    assert list(store.list("")) == ["images/abc.jpg"]
