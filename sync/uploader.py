@@ -214,6 +214,14 @@ class Uploader:
             # the item stays pending and the batch resumes with it on the next run.
             self._give_up(batch, item, f"the stored image file is missing ({exc})")
             return
+        if hashlib.sha256(data).hexdigest() != item.image_id:
+            # Content-addressed: the bytes the daemon annotated hash to the id. A file damaged on
+            # disk (or edited in the store) went up as what it decoded to now (a truncated JPEG:
+            # a grey lower half) under another sha256, and the review merged onto the image.
+            self._give_up(batch, item, "the stored image file is damaged: its bytes no longer hash to the image id "
+                                       f"({len(data)} bytes at {self.store.image_path(item.image_id)}; disk "
+                                       "corruption, or a file changed in the store)")
+            return
         try:
             upload = prepare_upload(data, row.record or {}, self.settings.max_side, self.settings.jpeg_quality)
         except (ImageError, ValueError, KeyError) as exc:

@@ -270,13 +270,13 @@ def _writable(store: Store, image_id: str) -> Path:
 
 def _garbage(store: Store, image_id: str) -> tuple[int | None, str]:
     _writable(store, image_id).write_bytes(b"no image any more " * 16)
-    return None, "not a decodable image"
+    return None, "damaged"
 
 
 def _truncated(store: Store, image_id: str) -> tuple[int | None, str]:
     path = _writable(store, image_id)
-    path.write_bytes(path.read_bytes()[:300])  # a JPEG goes up unchanged unless downscaled: decode it
-    return 32, "JPEG"
+    path.write_bytes(path.read_bytes()[:300])  # HEAD: uploaded as it is, a grey lower half for the reviewer
+    return None, "damaged"
 
 
 def _too_many_pixels(store: Store, image_id: str) -> tuple[int | None, str]:
@@ -285,7 +285,7 @@ def _too_many_pixels(store: Store, image_id: str) -> tuple[int | None, str]:
     data = bytearray(png.tobytes())
     data[16:24] = (10_000).to_bytes(4, "big") * 2  # IHDR: 10000 x 10000, over the decoder's limit
     _writable(store, image_id).write_bytes(bytes(data))
-    return 32, "more than the limit"
+    return 32, "damaged"
 
 
 def _missing(store: Store, image_id: str) -> tuple[int | None, str]:
@@ -359,7 +359,7 @@ def test_read_errors_and_outages_are_retried_while_a_corrupt_image_fails(tmp_pat
     down[0] = False
     drain(Uploader(store, rec, settings))
     assert_exactly_once(rec.inner, store, review[1:])
-    assert store.get(corrupt).state == "failed" and "not a decodable image" in store.get(corrupt).error
+    assert store.get(corrupt).state == "failed" and "damaged" in store.get(corrupt).error
 
 
 class DropCrashes(Journal):
@@ -406,7 +406,7 @@ def test_images_an_earlier_version_dropped_and_left_review_pending_are_taken_up_
     target = LocalFolderStore(tmp_path / "bucket", "edge")
     drain(Uploader(store, target, UploadSettings("box-1", retry=FAST), journal=journal))
     assert_exactly_once(target, store, [restored, review[2]])
-    assert store.get(corrupt).state == "failed" and "not a decodable image" in store.get(corrupt).error
+    assert store.get(corrupt).state == "failed" and "damaged" in store.get(corrupt).error
     assert journal.items(old.batch_id) == []  # both moved to the batch that took them up
     assert store.counts()["review_pending"] == 0
 
