@@ -61,7 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg.require("engine.bundle", "store.root")  # as serve does first: a bad config makes no folder
     held = _hold_store(Path(cfg.store.root))
     try:
-        return serve(cfg)
+        return serve(cfg, sole=held is not None)  # the only daemon: a killed one's leases are taken at once
     except RuntimeError as exc:
         # grpcio raises RuntimeError for a port it cannot bind (create_server's `if not port` never sees 0)
         if "Failed to bind" not in str(exc):

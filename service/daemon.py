@@ -226,9 +226,13 @@ class _Predicted:
 class Daemon:
     """The appliance's core; ``service.server`` puts gRPC in front of it. See the module docstring."""
 
-    def __init__(self, config: "Config", workers: int | None = None, metrics: "MetricsRecorder | None" = None) -> None:
+    def __init__(self, config: "Config", workers: int | None = None, metrics: "MetricsRecorder | None" = None,
+                 sole: bool = False) -> None:
         """``metrics``: a recorder for inference latency, intake refusals, the bundle id and the
-        store's state counts (``service.metrics``); None records nothing."""
+        store's state counts (``service.metrics``); None records nothing. ``sole``: this is the
+        only daemon on the store (``annotator serve`` holds ``serve.lock``), so every lease
+        another owner holds at ``start`` is a dead daemon's, taken over at once."""
+        self.sole = sole
         config.require("engine.bundle", "store.root")
         self.config = config
         self.metrics = metrics
@@ -607,6 +611,10 @@ class Daemon:
         """Start the finisher, the workers and the drop folder watcher (after clearing what a
         killed ingest left in the store: ``Store.remove_stale_temps``)."""
         self.store.remove_stale_temps()
+        if self.sole:
+            taken = self.store.expire_leases(but=self.owner)
+            if taken:
+                log.info("%d images leased by a daemon that is gone (killed?) are taken over now", taken)
         # numpy's BLAS on one thread for the daemon's life (``confcal.single_threaded_blas``:
         # the calibration's small products spun OpenBLAS's pool beside onnxruntime, 1.3-1.4x the
         # images/s on 2 cores). Held here, not only around each product, so that the thread

@@ -532,7 +532,8 @@ def _mirror_health(daemon: Any, health_servicer: health.HealthServicer, stop: th
                                     else health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
-def serve(config: "Config", ready: threading.Event | None = None, stop: threading.Event | None = None) -> int:
+def serve(config: "Config", ready: threading.Event | None = None, stop: threading.Event | None = None,
+          sole: bool = False) -> int:
     """Run the appliance in the foreground until SIGTERM/SIGINT (or ``stop`` is set).
 
     Start-up: metrics endpoint, daemon (bundle loaded and smoke-tested), gRPC server listening,
@@ -554,7 +555,7 @@ def serve(config: "Config", ready: threading.Event | None = None, stop: threadin
     notifier = Notifier.from_environ(os.environ)
     metrics, metrics_port = _start_metrics(config)
     try:
-        daemon = Daemon(config, metrics=metrics)
+        daemon = Daemon(config, metrics=metrics, sole=sole)  # sole: serve.lock held (``Daemon``)
     except BaseException:
         _stop_metrics(metrics)
         raise

@@ -643,6 +643,18 @@ class Store:
                 self._bump(db, "failed", 1)
         log.warning("image %s failed: %s", image_id[:12], reason)
 
+    def expire_leases(self, but: str) -> int:
+        """End every lease held by another owner than ``but`` now (their claims stay counted:
+        ``max_attempts`` still catches an image that kills its daemon); returns how many. For a
+        daemon that knows it is the only one on the store (``serve.lock``): the leases a killed
+        daemon left were taken over only when they expired, up to ``lease_seconds`` after the
+        restart (a minute by default, the images waiting)."""
+        now = self.clock()
+        with self.transaction() as db:
+            return db.execute("UPDATE images SET lease_expires=? WHERE state=? AND lease_owner IS NOT NULL "
+                              "AND lease_owner != ? AND (lease_expires IS NULL OR lease_expires > ?)",
+                              (now, RECEIVED, but, now)).rowcount
+
     def release(self, owner: str) -> int:
         """Give back every lease ``owner`` holds (at shutdown); returns how many."""
         with self.transaction() as db:
