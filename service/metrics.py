@@ -45,9 +45,12 @@ Exposed series (all prefixed ``annotator_``):
   agent's tasks (``task_pass``).
 
 ``MetricsRecorder(process="daemon")`` leaves out the sync agent's series (uploads, retries,
-reviews merged and refused), ``process="sync"`` the daemon's: each endpoint shows only what its
-process counts (an ``annotator_uploads_total 0`` for ever on the daemon's endpoint read as "no
-upload ever worked"). The default, ``"all"``, registers both.
+reviews merged and refused, its tasks), ``process="sync"`` the daemon's (inference, intake,
+gRPC, the drop folder, the store's counters, free space, floor and pause): each endpoint shows
+only what its process counts (an ``annotator_uploads_total 0`` for ever on the daemon's endpoint
+read as "no upload ever worked"; the agent's said "not paused" while the daemon was). Images
+per state and the queues are read from the one store by both. The default, ``"all"``, registers
+everything.
 
 Label values are bounded: a path, an image id or a client's camera never becomes a label
 (``annotated`` maps an image's source to its intake path).
@@ -124,7 +127,8 @@ class _StateCollector(Collector):
         self.now = 0.0  # the store's clock at the last refresh (queue ages are measured against it)
         self.store: "Store | None" = None
         self.faulted: Callable[[], bool] | None = None  # the daemon's disk fault (``watch_store``)
-        self.with_counters = counters  # the store's counters: the daemon's (not the sync agent's) to show
+        # the store's counters, free space against the floor and the pause: the daemon's to show
+        self.with_counters = counters
 
     def _refresh(self) -> None:
         store = self.store
@@ -139,8 +143,11 @@ class _StateCollector(Collector):
                     if rows:
                         oldest[queue] = rows[0].received_at
             counters = {name: store.counter(name) for name in STORE_COUNTERS} if self.with_counters else {}
-            free = (int(store.free_bytes()), int(store.min_free_bytes))
-            paused = store.paused_reason() is not None or (self.faulted is not None and self.faulted())
+            # The floor and the pause are the daemon's: the sync agent's Store has no floor (0),
+            # and its endpoint said "not paused" while the daemon was.
+            free = (int(store.free_bytes()), int(store.min_free_bytes)) if self.with_counters else None
+            paused = (store.paused_reason() is not None or (self.faulted is not None and self.faulted())) \
+                if self.with_counters else None
             now = float(store.clock())  # the clock received_at was read from
         except Exception as exc:  # a closed or locked store must not break the scrape
             log.warning("metrics: cannot read the store: %s", exc)

@@ -46,16 +46,20 @@ class Task(Protocol):
 
 class Every:
     """A task run at most once per ``interval`` seconds (the agent calls every task each pass;
-    collecting reviews from a server at that pace would be wasteful)."""
+    collecting reviews from a server at that pace would be wasteful). ``ran``: whether the last
+    ``run_once`` ran the task (a pass where it was not due is no success of it: the agent's
+    last-success metric read "now" 5 passes in 6 of a merge failing each time it ran)."""
 
     def __init__(self, task: Task, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.task, self.interval, self.clock = task, float(interval), clock
         self.name = task.name
         self._next = 0.0
+        self.ran = False
 
     def run_once(self) -> bool:
         now = self.clock()
-        if now < self._next:
+        self.ran = now >= self._next
+        if not self.ran:
             return False
         self._next = now + self.interval
         return self.task.run_once()
@@ -166,7 +170,7 @@ class Agent:
                     self._fault(task, exc)
                 continue
             finally:
-                if self.metrics is not None and not self.stop.is_set():
+                if self.metrics is not None and not self.stop.is_set() and getattr(task, "ran", True):
                     self.metrics.task_pass(task.name, ok)
             old = self._faults.pop(id(task), None)
             if old is not None and old.disk is not None:

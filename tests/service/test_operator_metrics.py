@@ -300,9 +300,31 @@ def test_the_sync_agent_says_when_each_task_last_worked() -> None:
                 raise RetryableError("the bucket does not answer")
             return False
 
+    from sync.agent import Every
+
     metrics = MetricsRecorder(process="sync")
-    Agent([Task("upload", True), Task("merge", False)], metrics=metrics).run_pass()
+    agent = Agent([Task("upload", True), Task("merge", False), Every(Task("collect", True), 3600.0)], metrics=metrics)
+    for _ in range(4):
+        agent.run_pass()
     value = metrics.registry.get_sample_value
-    assert value("annotator_sync_task_errors_total", {"task": "upload"}) == 1
+    assert value("annotator_sync_task_errors_total", {"task": "upload"}) == 4
     assert value("annotator_sync_last_success_timestamp_seconds", {"task": "upload"}) is None
     assert value("annotator_sync_last_success_timestamp_seconds", {"task": "merge"}) > 0
+    # a task run once an hour failed its one run: the passes it was not due are no success of it
+    assert value("annotator_sync_task_errors_total", {"task": "collect"}) == 1
+    assert value("annotator_sync_last_success_timestamp_seconds", {"task": "collect"}) is None
+
+
+def test_the_sync_endpoint_leaves_the_daemons_floor_and_pause_out(tmp_path: Path) -> None:
+    """The agent's Store has no floor: its endpoint said min_free_bytes 0 and paused 0 while the
+    daemon (floor 10^15 bytes) was paused."""
+    from service.metrics import MetricsRecorder
+    from service.store import Store
+
+    daemon_side, sync_side = MetricsRecorder(process="daemon"), MetricsRecorder(process="sync")
+    daemon_side.watch_store(Store(tmp_path / "store", min_free_bytes=10**15))
+    sync_side.watch_store(Store(tmp_path / "store"))
+    d, s = daemon_side.registry.get_sample_value, sync_side.registry.get_sample_value
+    assert d("annotator_paused") == 1 and d("annotator_store_min_free_bytes") == 10**15
+    assert s("annotator_paused") is None and s("annotator_store_min_free_bytes") is None
+    assert s("annotator_images", {"state": "received"}) == d("annotator_images", {"state": "received"}) == 0
