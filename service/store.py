@@ -122,6 +122,9 @@ CREATE INDEX IF NOT EXISTS images_by_pruned ON images (pruned_at) WHERE pruned_a
 CREATE INDEX IF NOT EXISTS images_by_bundle ON images (bundle_id, received_at, image_id);
 CREATE INDEX IF NOT EXISTS images_by_camera ON images (camera, decision, received_at, image_id);
 """
+# Waiting on another program's upgrade ends when no step of it was done for this long (one
+# index of 800,000 images takes ~15 s on a 2-core box): the lock is then someone else's.
+UPGRADE_STALL_S = 300.0
 _LATE_INDEX_DDL = [t.strip() for t in _LATE_SCHEMA.split(";") if t.strip()]
 _LATE_INDEXES = [re.search(r"EXISTS (\w+) ON", t).group(1) for t in _LATE_INDEX_DDL]  # type: ignore[union-attr]
 # Images per state, kept by triggers in every transaction that inserts, moves or deletes a row
@@ -330,6 +333,7 @@ class Store:
         steps = [base, columns, *(lambda db, ddl=ddl: db.execute(ddl) for ddl in _LATE_INDEX_DDL), state_counts] \
             if missing else [base]  # a store of this release: only the version is checked
         told = False
+        progress_at, left = time.monotonic(), len(missing)
         for n, step in enumerate(steps):
             if n == 1 and missing != ["tables"]:  # the version is not newer than this program's
                 rows = self._conn().execute("SELECT max(rowid) FROM images").fetchone()[0] or 0
@@ -343,7 +347,14 @@ class Store:
                     break
                 except sqlite3.OperationalError as exc:
                     text = str(exc)
-                    if ("locked" not in text and "busy" not in text) or not self._missing_layout():
+                    still = self._missing_layout()
+                    if ("locked" not in text and "busy" not in text) or not still:
+                        raise
+                    if len(still) < left:
+                        progress_at, left = time.monotonic(), len(still)
+                    elif time.monotonic() - progress_at > UPGRADE_STALL_S:
+                        # No step done for that long: not an upgrade but a program holding the
+                        # write lock (an sqlite3 shell, a hung process): said as a lock, as before.
                         raise
                     if not told:
                         log.warning("store %s: another program is bringing it up to this release's layout "

@@ -145,3 +145,30 @@ def test_kill_during_the_upgrade_keeps_the_steps_done_and_loses_nothing(old_stor
                 "state_counts_insert", "state_counts_delete", "state_counts_update"} <= names
     finally:
         store.close()
+
+
+def test_a_lock_no_upgrade_step_follows_ends_the_wait(old_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An sqlite3 shell (or a hung program) holding the write lock of an old store is no
+    upgrade: the open waited for ever, saying another program was upgrading it. With no step
+    done for ``UPGRADE_STALL_S`` it fails as a lock, as before the stepwise upgrade."""
+    import service.store as store_module
+
+    monkeypatch.setattr(store_module, "UPGRADE_STALL_S", 1.0)
+    shell = sqlite3.connect(old_store / "store.sqlite3", isolation_level=None)
+    shell.execute("BEGIN IMMEDIATE")
+    failed: list[BaseException] = []
+
+    def open_it() -> None:
+        try:
+            Store(old_store, busy_timeout_ms=200).close()
+        except BaseException as exc:  # noqa: BLE001
+            failed.append(exc)
+
+    opener = threading.Thread(target=open_it, daemon=True)
+    opener.start()
+    opener.join(60)
+    alive = opener.is_alive()
+    shell.execute("ROLLBACK")
+    shell.close()
+    assert not alive, "the open still waits on a lock no upgrade step follows"
+    assert failed and "locked" in str(failed[0]), failed
