@@ -242,12 +242,13 @@ def validated_settings(cfg: SyncConfig, env: Mapping[str, str] = os.environ) -> 
     from ``env`` first), ``[sync.dataset]`` / ``[sync.models]`` with the daemon's token and TLS,
     and ``[sync.training]`` (None when absent), validated in that order before anything is
     opened. ``build_agent`` starts from them; ``annotator doctor`` runs them as its sync check."""
-    from .pull_settings import settings_from
+    from .pull_settings import check_public_key, settings_from
     from .review_settings import review_settings_from
 
     review = review_settings_from(cfg, env)
     pull = dataclasses.replace(settings_from(cfg.store_root, cfg.tables, cfg.base),
                                daemon_token=cfg.daemon_token, daemon_tls=cfg.daemon_tls)
+    check_public_key(pull)
     return review, pull, _training_settings(cfg, pull)
 
 

@@ -98,16 +98,6 @@ def settings_from(store_root: Path, tables: Mapping[str, Any], base: Path,
         raise SyncConfigError(f"sync.models.daemon: {problem}, got {daemon!r}")
     key = Path(over["public_key"]) if "public_key" in over else path(md.get("public_key"), Path()) \
         if md.get("public_key") else None
-    if key is not None:
-        # Read now, as the daemon reads engine.bundle_public_key: the puller read it only when
-        # built, so `annotator doctor` passed a missing key that `annotator sync` then refused.
-        from service.errors import ConfigError
-        from service.signing import load_public_key
-
-        try:
-            load_public_key(key, key_name="sync.models.public_key")
-        except ConfigError as exc:
-            raise SyncConfigError(str(exc)) from exc
     return PullSettings(
         store_root=store_root,
         dataset_root=Path(over["dataset_root"]) if "dataset_root" in over else path(ds.get("root"), store_root / "dataset"),
@@ -115,3 +105,19 @@ def settings_from(store_root: Path, tables: Mapping[str, Any], base: Path,
         models_root=Path(over["models_root"]) if "models_root" in over else path(md.get("root"), store_root / "models"),
         registry=registry, public_key=key,
         margin=margin, min_holdout=min_holdout, daemon=daemon, poll_interval=poll)
+
+
+def check_public_key(settings: PullSettings) -> None:
+    """Read ``[sync.models] public_key`` now (``SyncConfigError`` naming it), for the agent's start
+    and ``annotator doctor``: the puller read it only when built, so doctor passed a missing key
+    that ``annotator sync`` then refused. Not in ``settings_from``: ``dataset`` and ``models
+    list`` commands use no key and ran where it cannot be read (a copy of the config)."""
+    if settings.public_key is None:
+        return
+    from service.errors import ConfigError
+    from service.signing import load_public_key
+
+    try:
+        load_public_key(settings.public_key, key_name="sync.models.public_key")
+    except ConfigError as exc:
+        raise SyncConfigError(str(exc)) from exc

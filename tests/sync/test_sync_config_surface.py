@@ -111,6 +111,23 @@ def test_a_missing_public_key_fails_doctor_as_it_fails_the_agent(tmp_path: Path)
     assert check_sync(config, {}).level == OK
 
 
+
+def test_dataset_commands_run_where_the_public_key_cannot_be_read(tmp_path: Path) -> None:
+    """`annotator dataset status` uses no key: it ran with a copy of the config where the key is
+    not (review of the change: reading the key with the settings refused it, exit 2)."""
+    import subprocess
+    import sys
+
+    from service.store import Store
+
+    config = _write(tmp_path, '[sync.models]\npublic_key = "registry.pub"\n')
+    Store(tmp_path / "store").close()
+    done = subprocess.run([sys.executable, "-m", "service.cli", "dataset", "status", "--config", str(config)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "images 0" in done.stdout
+
+
 def test_the_training_sign_key_is_read_at_start(tmp_path: Path) -> None:
     # HEAD: read only to sign the first trained bundle, after a paid job had run for hours.
     body = TRAINING + 'sign_key = "registry.key"\n'
