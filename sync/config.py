@@ -185,7 +185,8 @@ def bucket_problem(bucket: str) -> str | None:
         return f"expected a bucket name, not a URL: {hint}"
     if "/" in bucket:
         name, _, key = bucket.partition("/")
-        return f"expected a bucket name without '/': bucket = {name!r} and prefix = {key.strip('/')!r}"
+        return f"expected a bucket name without '/': bucket = {name!r}" + \
+            (f" and prefix = {key.strip('/')!r}" if key.strip("/") else "")
     if not _BUCKET.fullmatch(bucket):
         return "expected a bucket name (letters, digits, '.', '-', '_')"
     return None

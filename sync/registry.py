@@ -130,24 +130,35 @@ class BundleRegistry:
     def __init__(self, store: ObjectStore, progress: Callable[[], None] | None = None) -> None:
         self.store = store
         self.progress = progress
+        self._said: set[str] = set()  # keys of objects under a folder no bundle id can name, said once
 
     def __repr__(self) -> str:
         return f"BundleRegistry({self.store!r})"
 
     def bundle_ids(self) -> list[str]:
         """Ids of every folder under ``bundles/`` that holds a ``bundle.json``."""
-        from service.bundle import check_bundle_id
-        from service.errors import BundleError
-
         ids = set()
         for key in self.store.list(BUNDLES):
             parts = key[len(BUNDLES):].split("/")
-            if len(parts) == 2 and parts[1] == MANIFEST:
-                try:
-                    ids.add(check_bundle_id(parts[0], key))
-                except BundleError as exc:  # bundles/../bundle.json: reading it raised at every pull
-                    log.warning("%s; left out (remove it from %r)", exc, self.store)
+            if len(parts) == 2 and parts[1] == MANIFEST and self._plain_id(parts[0], key):
+                ids.add(parts[0])
         return sorted(ids)
+
+    def _plain_id(self, bundle_id: str, key: str) -> bool:
+        """Whether ``bundle_id`` can name a folder (``check_bundle_id``); else said once per key
+        and left out: reading ``bundles/../bundle.json`` raised at every pull, and deleting
+        under it ended ``clean-registry``."""
+        from service.bundle import check_bundle_id
+        from service.errors import BundleError
+
+        try:
+            check_bundle_id(bundle_id, key)
+        except BundleError as exc:
+            if key not in self._said:
+                self._said.add(key)
+                log.warning("%s; left out (remove it from %r)", exc, self.store)
+            return False
+        return True
 
     def entries(self) -> list[RegistryEntry]:
         """Every published bundle, oldest first. An unreadable manifest is listed with its problem
@@ -188,6 +199,8 @@ class BundleRegistry:
             writing[bid] = max(began, writing.get(bid, began))
         out = []
         for bid, objects in sorted(folders.items()):
+            if not self._plain_id(bid, min(objects)):
+                continue
             if any(k.endswith(f"/{MANIFEST}") for k in objects):
                 continue  # a bundle (or a registry nested here, the store opened a level too high): never an orphan
             age = now - max([t for t, _ in objects.values()] + [writing.get(bid, -float("inf"))])

@@ -223,7 +223,7 @@ class S3Store:
         listing's first answer: LastModified is the server's clock, and this box's may be off
         from it by up to the 15 minutes S3 signs with (more on a server that does not check).
         The box's own clock only when the server sends no Date (said). ``writing``: the
-        multipart uploads in progress under ``prefix`` (their Initiated), which no object
+        multipart uploads in progress under ``prefix`` (their newest part, else Initiated), which no object
         listing shows: a model file going up for an hour over a slow link is one. An identity
         not allowed to list them (s3:ListBucketMultipartUploads) gets none, said."""
         full = join_prefix(self.prefix, prefix) if prefix else (f"{self.prefix}/" if self.prefix else "")
@@ -232,22 +232,24 @@ class S3Store:
         writing: dict[str, float] = {}
         now = None
         try:
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
-                now = server_time(page) if now is None else now
-                for obj in page.get("Contents", []):
-                    objects[obj["Key"][strip:]] = (obj["LastModified"].timestamp(), int(obj.get("Size", 0)))
+            # The uploads in progress first: one that completes between the two listings is then
+            # an object in the second (listed the other way round, it was in neither).
             try:
                 for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket,
                                                                                          Prefix=full):
                     for up in page.get("Uploads", []):
-                        key, started = up["Key"][strip:], up["Initiated"].timestamp()
-                        writing[key] = max(started, writing.get(key, started))
+                        key, last = up["Key"][strip:], self._last_part(up)
+                        writing[key] = max(last, writing.get(key, last))
             except ClientError as exc:
                 code = str(exc.response.get("Error", {}).get("Code", ""))
                 if code not in ("AccessDenied", "NotImplemented"):  # not allowed; a server without them
                     raise
                 log.warning("s3://%s/%s: cannot list multipart uploads in progress (%s; s3:ListBucketMultipart"
                             "Uploads); a file going up now is not seen", self.bucket, full, code)
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full):
+                now = server_time(page) if now is None else now
+                for obj in page.get("Contents", []):
+                    objects[obj["Key"][strip:]] = (obj["LastModified"].timestamp(), int(obj.get("Size", 0)))
         except (ClientError, BotoCoreError) as exc:
             raise wrap_boto_error(exc, self.bucket, f"list {prefix or '/'}", self.setting) from exc
         if now is None:
@@ -255,6 +257,20 @@ class S3Store:
                         self.bucket, full)
             now = time.time()
         return TimedListing(objects, now, writing)
+
+    def _last_part(self, upload: dict[str, Any]) -> float:
+        """When a multipart upload last made progress: its newest part's LastModified, else its
+        Initiated (a model file going up for two hours over a slow link is as young as its last
+        part, not two hours old)."""
+        last = upload["Initiated"].timestamp()
+        try:
+            for page in self.client.get_paginator("list_parts").paginate(Bucket=self.bucket, Key=upload["Key"],
+                                                                        UploadId=upload["UploadId"]):
+                for part in page.get("Parts", []):
+                    last = max(last, part["LastModified"].timestamp())
+        except ClientError as exc:  # finished or aborted since the listing, or not allowed: its start
+            log.debug("s3://%s/%s: parts of upload not listed: %s", self.bucket, upload["Key"], exc)
+        return last
 
     def folders(self, prefix: str) -> list[str]:
         """The names of the "folders" right under ``prefix`` (a delimiter listing: one entry per

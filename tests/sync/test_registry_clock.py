@@ -185,3 +185,48 @@ def test_a_file_being_written_into_a_folder_registry_keeps_its_publication_young
         assert not registry.remove_orphan(Orphan("slow", ("bundles/slow/head.onnx",), 8, 2 * 86400.0), 3600)
     assert list(store.list("bundles/")) == ["bundles/slow/head.onnx", "bundles/slow/pose_main.onnx"]
     assert [o.bundle_id for o in registry.orphans(0.0)] == ["slow"]  # nothing running now: found
+
+
+def test_an_upload_going_up_for_hours_is_as_young_as_its_last_part(moto_server: S3Server,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A publication over a slow link: head.onnx done and pose_main.onnx's multipart upload begun
+    2 h ago, a part landing now. Judged by the upload's start it was 2 h old, an orphan for a
+    1-hour limit, and its finished file deleted before its bundle.json came (review)."""
+    import moto.s3.models
+
+    from sync.s3store import S3Store
+
+    bucket = moto_server.new_bucket()
+    client = moto_server.client()
+    store = S3Store(bucket, "registry", client=client)
+    two_hours_ago = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None) - dt.timedelta(hours=2)
+    with monkeypatch.context() as m:
+        m.setattr(moto.s3.models, "utcnow", lambda: two_hours_ago)
+        store.put("bundles/slow/head.onnx", b"finished")
+        up = client.create_multipart_upload(Bucket=bucket, Key="registry/bundles/slow/pose_main.onnx")
+    client.upload_part(Bucket=bucket, Key="registry/bundles/slow/pose_main.onnx", UploadId=up["UploadId"],
+                       PartNumber=1, Body=b"x" * (5 << 20))
+    registry = BundleRegistry(store)
+    assert registry.orphans(3600) == []
+
+
+def test_a_folder_no_bundle_id_can_name_is_left_by_clean_registry(tmp_path: Path) -> None:
+    """An object bundles/../x made orphans() list '..', and deleting under it raised out of
+    clean-registry (no other orphan was cleaned); now it is said and left."""
+    registry_root = tmp_path / "registry"
+    (registry_root / "bundles" / "killed").mkdir(parents=True)
+    (registry_root / "bundles" / "killed" / "head.onnx").write_bytes(b"cut short")
+    old = time.time() - 2 * 86400
+    os.utime(registry_root / "bundles" / "killed" / "head.onnx", (old, old))
+
+    class Listing(LocalFolderStore):
+        def list_with_times(self, prefix: str = ""):  # a bucket can hold a key a folder cannot
+            got = super().list_with_times(prefix)
+            if "bundles/../x".startswith(prefix):
+                return type(got)({**got.objects, "bundles/../x": (old, 3)}, got.now, got.writing)
+            return got
+
+    registry = BundleRegistry(Listing(registry_root))
+    found = registry.orphans(3600)
+    assert [o.bundle_id for o in found] == ["killed"]
+    assert registry.remove_orphan(found[0], 3600) and not (registry_root / "bundles" / "killed").exists()
