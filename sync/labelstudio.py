@@ -324,8 +324,22 @@ def _group(boxes: Mapping[str, Box], points: Mapping[str, tuple[str, float, floa
         for rid, name, kp in loose:
             add("p-new", rid, name, kp)
         loose = []
-    for rid, name, kp in loose:
-        add(_geometric_owner(person_box, members, rid, name, kp), rid, name, kp)
+    # New points by geometry, in rounds: a point two free boxes hold is placed once the other
+    # boxes' points took their places (in the order of the editor's random ids, the same review
+    # was merged or refused); what no round places is refused with its own reason.
+    while loose:
+        left = []
+        for rid, name, kp in loose:
+            try:
+                owner = _geometric_owner(person_box, members, rid, name, kp)
+            except InvalidAnnotation:
+                left.append((rid, name, kp))
+                continue
+            add(owner, rid, name, kp)
+        if len(left) == len(loose):
+            rid, name, kp = left[0]
+            _geometric_owner(person_box, members, rid, name, kp)  # raises its reason
+        loose = left
 
     def order(rid: str) -> tuple[int, str]:
         m = _PERSON_ID.match(rid)

@@ -203,3 +203,16 @@ def test_a_relation_moves_a_predicted_point_to_another_person_and_two_links_are_
         _parse([relation("p0k0", "p1")])
     with pytest.raises(InvalidAnnotation, match="has one already"):
         _parse(point("n", "nose", 100, 200))  # inside person 0's box only, who has a nose
+
+
+@pytest.mark.parametrize("ids", [("Ab3dE5gH7j", "zQ9_xY8wV7"), ("zQ9_xY8wV7", "Ab3dE5gH7j")])
+def test_added_points_land_the_same_whatever_ids_the_editor_gave_them(ids: tuple[str, str]) -> None:
+    """p0's left wrist added at x=100 (p0's box only), p1's at x=315 (both boxes): merged or
+    refused by the order of the editor's random ids (review of the change). Placed in rounds,
+    the one point only p0 holds first, both land."""
+    a, b = ids
+    result = prediction_result(record(), COCO17_NAMES) + point(a, "left_wrist", 100, 300) + \
+        point(b, "left_wrist", 315, 300)
+    _, persons = parse_result(result, W, H, COCO17_NAMES)
+    wrist = COCO17_NAMES.index("left_wrist")
+    assert round(persons[0].keypoints[wrist].x) == 100 and round(persons[1].keypoints[wrist].x) == 315
