@@ -20,6 +20,7 @@ import datetime as _dt
 import hashlib
 import json
 import logging
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -415,6 +416,7 @@ class GroundTruthBackend:
         self._done: set[str] = set()  # output manifests with nothing left to merge (``collect``)
         self.stuck: dict[str, str] = {}  # image id -> why no job will review it (``missing_items``)
         self._outcomes: dict[str, _JobOutcome] = {}  # ended labeling jobs (``_job_outcome``)
+        self._made: dict[str, float] = {}  # batch id -> when its manifest was written, by this box's clock
         self._describe_said: str | None = None
 
     def manifest_key(self, batch_id: str) -> str:
@@ -528,17 +530,39 @@ class GroundTruthBackend:
         for item in items:
             by_batch.setdefault(str(item.batch_id), set()).add(str(item.image_id))
         now = self.clock()
+        self._made = {b: t for b, t in self._made.items() if b in by_batch}  # batches with images waiting
         for batch_id, ids in sorted(by_batch.items()):
             try:
                 made = _dt.datetime.strptime(batch_id[:16], "%Y%m%dT%H%M%SZ").replace(tzinfo=_dt.timezone.utc)
             except ValueError:
                 continue  # not the uploader's name: its age is unknown
-            if now - made.timestamp() >= UNLABELLED_AFTER_S:
+            if now - made.timestamp() >= UNLABELLED_AFTER_S and now - self._written(batch_id) >= UNLABELLED_AFTER_S:
                 self._say_stuck(ids, f"handed to Ground Truth in manifest {self.manifest_key(batch_id)} over "
                                      f"{UNLABELLED_AFTER_S / 86400:.0f} days ago and labelled in no output "
                                      f"manifest under {self.output_prefix}/ (its labeling job ended without them, "
                                      "or none was started); they wait uploaded: start a labeling job on them on "
                                      "the cloud side")
+
+    def _written(self, batch_id: str) -> float:
+        """When the batch's manifest was written, by this box's clock now: the bucket's
+        LastModified moved by the bucket's clock's offset from this one (read once a batch). The
+        batch id's time is this box's clock when the batch was made: a box whose clock was 40
+        days behind at boot (no battery clock, before NTP) named a batch made now 40 days old,
+        and its images were said to wait for good at once. Minus infinity (the id decides) for
+        a store without times or a manifest not found."""
+        if batch_id not in self._made:
+            listing = getattr(self.store, "list_with_times", None)
+            key = self.manifest_key(batch_id)
+            made = -math.inf
+            if listing is not None:
+                try:
+                    found = listing(key)
+                except RetryableError:
+                    return -math.inf  # asked again at the next pass
+                if key in found.objects:
+                    made = found.objects[key][0] + (time.time() - found.now)
+            self._made[batch_id] = made
+        return self._made[batch_id]
 
     def _say_stuck(self, image_ids: set[str], why: str) -> None:
         new = sorted(i for i in image_ids if self.stuck.get(i) != why)

@@ -179,3 +179,23 @@ def test_the_collector_forgets_the_manifests_that_left_the_bucket(tmp_path: Path
     reads.clear()
     assert list(gt.collect()) == [] and reads == []  # settled: not read again
     assert len(gt._done) <= 6
+
+
+def test_a_batch_named_by_a_clock_40_days_behind_is_not_said_old_at_once(moto_server: S3Server) -> None:
+    """A box without a battery clock boots 40 days behind and makes a batch before NTP sets the
+    time: the batch id (this box's clock) says 40 days, and its images were said to "wait for
+    review for good" at once (helper clock audit). The manifest's time in the bucket decides."""
+    import datetime as dt
+    from types import SimpleNamespace
+
+    from sync.s3store import S3Store
+
+    bucket = S3Store(moto_server.new_bucket(), "edge", client=moto_server.client())
+    backend = GroundTruthBackend(bucket, appliance_id="box-1")
+    batch = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=40)).strftime("%Y%m%dT%H%M%SZ") + "-0001"
+    bucket.put(backend.manifest_key(batch), b'{"source-ref": "s3://x/y.jpg", "image-id": "aa"}\n')
+    items = [SimpleNamespace(image_id="aa" * 32, batch_id=batch)]
+    assert backend.missing_items(items) == set() and backend.stuck == {}  # HEAD: said at once
+    backend.clock = lambda: time.time() + 31 * 86400  # a month on, with the clock right
+    backend.missing_items(items)
+    assert set(backend.stuck) == {"aa" * 32}
