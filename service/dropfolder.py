@@ -54,7 +54,6 @@ looked at again for ``pause_retry_seconds``; the files wait where they are.
 from __future__ import annotations
 
 import errno
-import filecmp
 import logging
 import math
 import os
@@ -224,11 +223,24 @@ def _holds(data: bytes) -> Callable[[Path], bool]:
 
 def _holds_file(source: Path) -> Callable[[Path], bool]:
     """``_holds`` for the bytes of the file ``source`` (a link: the same target), read only for a
-    candidate of its size."""
+    candidate of its size. Byte for byte every time: ``filecmp.cmp`` answers from a cache keyed on
+    (size, mtime), and a second raw frame of the same size and a 2-second FAT mtime took the
+    quarantined copy of the first for its own and replaced it."""
     def same(p: Path) -> bool:
         if os.path.islink(source) or p.is_symlink():
             return os.path.islink(source) and p.is_symlink() and os.readlink(source) == os.readlink(p)
-        return p.is_file() and filecmp.cmp(p, source, shallow=False)
+        try:
+            if not p.is_file() or p.stat().st_size != source.stat().st_size:
+                return False
+            with open(p, "rb") as a, open(source, "rb") as b:
+                while True:
+                    x, y = a.read(1 << 20), b.read(1 << 20)
+                    if x != y:
+                        return False
+                    if not x:
+                        return True
+        except OSError:
+            return False
     return same
 
 

@@ -104,3 +104,27 @@ def test_another_file_of_the_same_name_in_quarantine_is_not_taken_for_the_copy(t
         assert (other / QUARANTINE / "bad-1.jpg").read_bytes() == b"not an image either"
     finally:
         shutil.rmtree(other)
+
+
+def test_a_second_frame_of_the_same_size_and_time_never_replaces_a_quarantined_one(tmp_path: Path) -> None:
+    """Review of the reuse: ``filecmp.cmp`` answered the second comparison from its cache (same
+    paths, size and mtime: fixed-size raw frames, a FAT card's 2-second times), and frame B,
+    unlike A byte for byte, replaced A's quarantined copy and its reason."""
+    from service.dropfolder import write_quarantine
+
+    q = _other_fs(tmp_path) / f"dropfolder-cache-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        src = tmp_path / "drop" / "cam" / "frame.raw"
+        src.parent.mkdir(parents=True)
+        src.write_bytes(b"A" * 4096)
+        os.utime(src, (1_700_000_000, 1_700_000_000))
+        (q / "cam").mkdir(parents=True)
+        shutil.copy2(src, q / "cam" / "frame.raw")  # a kill after the copy, before the unlink
+        assert write_quarantine(q, Path("cam/frame.raw"), "bad A", source=src) == q / "cam" / "frame.raw"
+        src.write_bytes(b"B" * 4096)
+        os.utime(src, (1_700_000_000, 1_700_000_000))
+        assert write_quarantine(q, Path("cam/frame.raw"), "bad B", source=src) == q / "cam" / "frame-1.raw"
+        assert (q / "cam" / "frame.raw").read_bytes() == b"A" * 4096  # HEAD: B's bytes, A gone
+        assert (q / "cam" / "frame-1.raw").read_bytes() == b"B" * 4096
+    finally:
+        shutil.rmtree(q, ignore_errors=True)
