@@ -78,6 +78,17 @@ An annotation whose regions were drawn on an image of another size than the task
 ``original_width`` and ``original_height``: the image the browser showed, e.g. a JPEG whose
 EXIF orientation the browser read otherwise than OpenCV) is refused: its percentages are of
 another frame.
+
+A refused review is said to the reviewer in the task itself (``_set_note``): the reason, and
+that pressing Update after the fix merges it, goes into the task's ``data["review_note"]``,
+which the labelling config's ``Header`` shows above the image (and the Data Manager as a
+column to filter on). Label Studio Community has no comments API; a task's ``meta`` is shown
+nowhere in the editor; a prediction's text would need a control whose region the reviewer
+submits back. The note is written when the export shows another one (once per refusal, also
+across restarts) and removed (the key with it) once the merge takes a review of the task, or
+when the task holds no submitted annotation any more. Only our checks' refusals
+(``InvalidAnnotation``) are noted: a value of another shape is no reviewer's doing, and a
+refusal by the merge itself is logged only (an earlier note stays until a review merges).
 """
 from __future__ import annotations
 
@@ -115,6 +126,9 @@ MODEL_VERSION = "edge-annotator"  # every prediction's model_version in a projec
 COPY_DIR = "label-studio-jpeg"  # default copy_dir, under the document root
 _COPY_NAME = re.compile(r"^[0-9A-Za-z_-]{1,128}$")
 COLLECT_RETRY_BASE, COLLECT_RETRY_CAP = 60.0, 600.0  # seconds between exports after a failed one
+NOTE = "review_note"  # the task data key that the labelling config's Header shows
+NOTE_STYLE = "color: #b3261e; white-space: pre-wrap"
+NOTE_MAX = 2000  # characters of a refusal reason put into the note
 _KP_ID, _PERSON_ID = re.compile(r"^p(\d+)k(\d+)$"), re.compile(r"^p(\d+)$")
 T = TypeVar("T")
 
@@ -138,10 +152,16 @@ class InvalidAnnotation(PermanentError):
 
 
 def label_config(names: Sequence[str] = CABIN19_NAMES) -> str:
-    """The project's labelling config (XML) for these key-point names."""
+    """The project's labelling config (XML) for these key-point names.
+
+    Its ``Header`` shows the task's ``data["review_note"]`` above the image (why the review
+    was not merged, ``LabelStudioBackend._set_note``): a Header has no name, so it is neither
+    a control (no region, nothing in the annotation) nor an object tag (Label Studio requires
+    no such key in the tasks: those without one, imported before, show an empty line)."""
     labels = "".join(f"<Label value={quoteattr(n)}/>" for n in names)
     choices = "".join(f'<Choice value="{v}"/>' for v in VISIBILITIES)
-    return (f'<View>\n  <Image name="{IMAGE}" value="$image" zoom="true"/>\n'
+    return (f'<View>\n  <Header value="${NOTE}" size="5" style="{NOTE_STYLE}"/>\n'
+            f'  <Image name="{IMAGE}" value="$image" zoom="true"/>\n'
             f'  <RectangleLabels name="{BOX}" toName="{IMAGE}"><Label value="{HEAD}"/><Label value="{PERSON}"/>'
             f'</RectangleLabels>\n'
             f'  <KeyPointLabels name="{KP}" toName="{IMAGE}">{labels}</KeyPointLabels>\n'
@@ -411,6 +431,14 @@ def _copy_file(name: str) -> bool:
                 or (name.startswith(".") and name.endswith(".tmp")))
 
 
+def _note_text(reason: str) -> str:
+    """The note a reviewer reads in the task for a refused review: why, and what to do there."""
+    if len(reason) > NOTE_MAX:
+        reason = reason[:NOTE_MAX - 3] + "..."
+    return (f"Not merged into the dataset: {reason}. Fix this in the annotation and press Update; "
+            "this note goes once the review is merged.")
+
+
 def _result_key(annotation: Mapping[str, Any]) -> list[Any]:
     """What an annotation says, for comparing two (its regions, by id, without their order)."""
     result = annotation.get("result") or []
@@ -459,6 +487,9 @@ class LabelStudioBackend:
         # image ids of the project's tasks whose review the merge took (``collect`` says it when
         # the task's annotations are deleted afterwards); only the tasks of the last export
         self._in_dataset: set[str] = set()
+        # image id -> its task (of the last export) that shows a note and whose review parses:
+        # the note is cleared once the merge takes the review (``merged``)
+        self._noted: dict[str, Mapping[str, Any]] = {}
         self.clock = time.monotonic
         self._collect_failures, self._collect_retry_at, self._collect_error = 0, 0.0, ""
 
@@ -796,6 +827,7 @@ class LabelStudioBackend:
             raise
         self._collect_failures, self._collect_retry_at = 0, 0.0
         labels = []
+        self._noted.clear()
         self._in_dataset &= {str((t.get("data") or {}).get("image_id")) for t in export if isinstance(t, Mapping)}
         for task in export:
             image_id = str(task.get("data", {}).get("image_id"))
@@ -806,7 +838,14 @@ class LabelStudioBackend:
                 if self.rejected.get(image_id) != str(exc):
                     log.warning("review of %s (task %s) refused: %s", image_id, task.get("id"), exc)
                 self.rejected[image_id] = str(exc)
+                if isinstance(exc, InvalidAnnotation):  # what the reviewer can fix in the editor
+                    self._set_note(task, _note_text(str(exc)))
                 continue
+            if (task.get("data") or {}).get(NOTE):
+                if label is not None:
+                    self._noted[image_id] = task  # cleared when the merge takes the review
+                else:
+                    self._set_note(task, None)  # nothing submitted now (the refused review deleted)
             if label is not None:
                 self.rejected.pop(image_id, None)
                 labels.append(label)
@@ -827,6 +866,37 @@ class LabelStudioBackend:
         reviews went into the dataset (merged, or the same again) go at the next collection."""
         self._merged.update(report.merged, report.unchanged)
         self._in_dataset.update(report.merged, report.unchanged)
+        for image_id in [*report.merged, *report.unchanged]:
+            task = self._noted.pop(image_id, None)
+            if task is not None:
+                self._set_note(task, None)
+
+    def _set_note(self, task: Mapping[str, Any], note: str | None) -> None:
+        """Show ``note`` (None: none) in the task in Label Studio: its ``data["review_note"]``,
+        which the labelling config's Header shows above the image. The reviewer saw nothing of a
+        refusal (only the agent's log said it), so the image could wait for ever.
+
+        Written only when the exported task shows another note (once per refusal, also across
+        restarts: the export says what is there); a note is removed with its key, so the task's
+        data is again as imported. ``PATCH /api/tasks/<id>/`` replaces the whole ``data``, so the
+        exported data goes back with it. A failure is logged and tried again at the next
+        collection (the export still shows the old note); reviews and collecting go on."""
+        data = dict(task.get("data") or {})
+        if (data.get(NOTE) or None) == note or not isinstance(task.get("id"), int):
+            return
+        data.pop(NOTE, None)
+        if note is not None:
+            data[NOTE] = note
+        try:
+            self.client.patch(f"/api/tasks/{task['id']}/", {"data": data})
+        except NotFound:  # the task was deleted meanwhile
+            return
+        except (PermanentError, RetryableError) as exc:
+            log.warning("task %s: its review note was not %s in Label Studio (tried again at the next "
+                        "collection): %s", task["id"], "written" if note else "removed", exc)
+            return
+        log.info("task %s (image %s): review note %s", task["id"], str(data.get("image_id"))[:12],
+                 "written in Label Studio" if note else "removed in Label Studio")
 
     def _linked(self, task: Mapping[str, Any]) -> Path | None:
         """The file under ``copy_dir`` that a task's image link names (None: another file)."""
