@@ -490,6 +490,7 @@ class LabelStudioBackend:
         # image id -> its task (of the last export) that shows a note and whose review parses:
         # the note is cleared once the merge takes the review (``merged``)
         self._noted: dict[str, Mapping[str, Any]] = {}
+        self._notes_failed = False  # a note's write failed in this collection: the rest wait for the next
         self.clock = time.monotonic
         self._collect_failures, self._collect_retry_at, self._collect_error = 0, 0.0, ""
 
@@ -828,6 +829,7 @@ class LabelStudioBackend:
         self._collect_failures, self._collect_retry_at = 0, 0.0
         labels = []
         self._noted.clear()
+        self._notes_failed = False
         self._in_dataset &= {str((t.get("data") or {}).get("image_id")) for t in export if isinstance(t, Mapping)}
         for task in export:
             image_id = str(task.get("data", {}).get("image_id"))
@@ -882,7 +884,7 @@ class LabelStudioBackend:
         exported data goes back with it. A failure is logged and tried again at the next
         collection (the export still shows the old note); reviews and collecting go on."""
         data = dict(task.get("data") or {})
-        if (data.get(NOTE) or None) == note or not isinstance(task.get("id"), int):
+        if (data.get(NOTE) or None) == note or not isinstance(task.get("id"), int) or self._notes_failed:
             return
         data.pop(NOTE, None)
         if note is not None:
@@ -892,8 +894,11 @@ class LabelStudioBackend:
         except NotFound:  # the task was deleted meanwhile
             return
         except (PermanentError, RetryableError) as exc:
-            log.warning("task %s: its review note was not %s in Label Studio (tried again at the next "
-                        "collection): %s", task["id"], "written" if note else "removed", exc)
+            # The others wait for the next collection too: a server that answers reads but hangs
+            # on writes held the merge task for a timeout per refused task, at every pass.
+            self._notes_failed = True
+            log.warning("task %s: its review note was not %s in Label Studio; the notes are tried again at the "
+                        "next collection: %s", task["id"], "written" if note else "removed", exc)
             return
         log.info("task %s (image %s): review note %s", task["id"], str(data.get("image_id"))[:12],
                  "written in Label Studio" if note else "removed in Label Studio")

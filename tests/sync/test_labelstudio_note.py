@@ -133,3 +133,28 @@ def test_a_note_goes_when_the_refused_review_is_deleted(cabin: Cabin) -> None:
     cabin.client.delete(f"/api/annotations/{task['annotations'][0]['id']}/")
     one_pass(cabin)
     assert cabin.task(refused)["data"] == imported
+
+
+def test_a_server_refusing_writes_costs_one_try_a_collection(cabin: Cabin) -> None:
+    """A server that answers reads but hangs on writes (a locked database): each refused task's
+    note waited out a timeout, at every pass (30 s x 20 tasks = 10 minutes of the merge task;
+    review). The first failure leaves the others for the next collection."""
+    from sync.errors import RetryableError
+
+    class Hanging(Counting):
+        def patch(self, path: str, body: Any) -> Any:
+            if path.startswith("/api/tasks/"):
+                self.patches.append(path)
+                raise RetryableError("timed out")
+            return self.client.patch(path, body)
+
+    for image_id in cabin.ids:
+        cabin.submit(image_id, unlinked_wrist)
+    hanging = Hanging(cabin.counting.client)
+    cabin.backend.client = hanging  # type: ignore[assignment]
+    one_pass(cabin)
+    one_pass(cabin)
+    assert len(cabin.backend.rejected) == 3 and len(hanging.patches) == 2  # HEAD: 6, one per task each pass
+    cabin.backend.client = cabin.counting  # type: ignore[assignment]
+    one_pass(cabin)
+    assert len(cabin.counting.patches) == 3  # the server writes again: every note goes in
