@@ -57,11 +57,6 @@ class LatencyStats:
         with self._lock:
             self._samples.setdefault(method, collections.deque(maxlen=_SAMPLES)).append(ms)
 
-    def count(self, method: str) -> int:
-        """How many samples of ``method`` are kept (0: none yet, and ``percentiles`` says 0)."""
-        with self._lock:
-            return len(self._samples.get(method, ()))
-
     def percentiles(self, method: str, qs: tuple[float, ...] = (50.0, 99.0)) -> tuple[float, ...]:
         """Nearest-rank percentiles of the kept samples; zeros when there are none."""
         with self._lock:

@@ -116,7 +116,7 @@ class _StateCollector(Collector):
     ``paused``: the last pushed values, or read from the watched store at scrape time (so they
     are never staler than the scrape)."""
 
-    def __init__(self, counters: bool = True) -> None:
+    def __init__(self, daemon_side: bool = True) -> None:
         self.lock = threading.Lock()
         self.counts: dict[str, int] = {}
         self.queues: dict[str, int] = {}
@@ -128,7 +128,7 @@ class _StateCollector(Collector):
         self.store: "Store | None" = None
         self.faulted: Callable[[], bool] | None = None  # the daemon's disk fault (``watch_store``)
         # the store's counters, free space against the floor and the pause: the daemon's to show
-        self.with_counters = counters
+        self.daemon_side = daemon_side
 
     def _refresh(self) -> None:
         store = self.store
@@ -142,12 +142,12 @@ class _StateCollector(Collector):
                     rows, _ = store.list(state=state, limit=1)
                     if rows:
                         oldest[queue] = rows[0].received_at
-            counters = {name: store.counter(name) for name in STORE_COUNTERS} if self.with_counters else {}
+            counters = {name: store.counter(name) for name in STORE_COUNTERS} if self.daemon_side else {}
             # The floor and the pause are the daemon's: the sync agent's Store has no floor (0),
             # and its endpoint said "not paused" while the daemon was.
-            free = (int(store.free_bytes()), int(store.min_free_bytes)) if self.with_counters else None
+            free = (int(store.free_bytes()), int(store.min_free_bytes)) if self.daemon_side else None
             paused = (store.paused_reason() is not None or (self.faulted is not None and self.faulted())) \
-                if self.with_counters else None
+                if self.daemon_side else None
             now = float(store.clock())  # the clock received_at was read from
         except Exception as exc:  # a closed or locked store must not break the scrape
             log.warning("metrics: cannot read the store: %s", exc)
@@ -233,7 +233,7 @@ class MetricsRecorder:
         daemon, sync = process in ("all", "daemon"), process in ("all", "sync")
         # A registry of None keeps a series out of the endpoint; its method still works.
         r, rd, rs = self.registry, self.registry if daemon else None, self.registry if sync else None
-        self._state = _StateCollector(counters=daemon)
+        self._state = _StateCollector(daemon_side=daemon)
         r.register(self._state)
         self._daemon = _DaemonCollector()
         r.register(self._daemon)

@@ -16,9 +16,8 @@ import textwrap
 import time
 from pathlib import Path
 
-import pytest
-
 from service.dropfolder import PROCESSED, QUARANTINE, REASON_SUFFIX, DropFolder
+from test_dropfolder_adverse import _other_fs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -39,13 +38,6 @@ _CHILD = textwrap.dedent("""
     DropFolder(root, lambda *a: None, "move", stable_seconds=0.0).scan_once()
     sys.exit(3)  # not killed: the test's premise is wrong
 """)
-
-
-def _other_fs(tmp_path: Path) -> Path:
-    shm = Path("/dev/shm")
-    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev or not os.access(shm, os.W_OK):
-        pytest.skip("needs /dev/shm on a file system of its own")
-    return Path(os.path.realpath(shm))
 
 
 def _files(root: Path) -> list[str]:
