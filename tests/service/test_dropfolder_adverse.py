@@ -3,10 +3,12 @@ taken, names at the length limit, processed/ on another file system, a folder re
 walk, the drop folder itself removed and made again."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
 from pathlib import Path
+from typing import Iterator
 
 import cv2
 import numpy as np
@@ -151,9 +153,10 @@ def _other_fs(tmp_path: Path) -> Path:
     return Path(os.path.realpath(shm))
 
 
-def test_processed_and_quarantine_on_another_file_system(tmp_path: Path) -> None:
-    """processed/ on a mount of its own: every os.replace failed with EXDEV, and every file was
-    retried for ever, ingested but never moved out."""
+@contextlib.contextmanager
+def split_drop(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """A drop folder ``tmp_path/drop`` whose processed/ and quarantine/ lie on another file system
+    (links into a folder there, removed after the test): yields (drop folder, that folder)."""
     other = _other_fs(tmp_path) / f"dropfolder-test-{os.getpid()}-{time.monotonic_ns()}"
     other.mkdir()
     try:
@@ -162,6 +165,27 @@ def test_processed_and_quarantine_on_another_file_system(tmp_path: Path) -> None
         for name in (PROCESSED, QUARANTINE):
             (other / name).mkdir()
             (root / name).symlink_to(other / name)
+        yield root, other
+    finally:
+        shutil.rmtree(other)
+
+
+def arrives(root: Path, name: str, seed: int) -> None:
+    """Write a JPEG into the drop folder as capture tools do (a hidden name, then a rename) and wait
+    until it is in processed/."""
+    tmp = root / f".{name}"
+    tmp.write_bytes(_jpeg(seed))
+    os.replace(tmp, root / name)
+    deadline = time.monotonic() + 20
+    while not (root / PROCESSED / name).exists():
+        assert time.monotonic() < deadline, f"{name} was not taken"
+        time.sleep(0.02)
+
+
+def test_processed_and_quarantine_on_another_file_system(tmp_path: Path) -> None:
+    """processed/ on a mount of its own: every os.replace failed with EXDEV, and every file was
+    retried for ever, ingested but never moved out."""
+    with split_drop(tmp_path) as (root, other):
         sink = Sink()
         drop = _folder(root, sink)
         (root / "cam").mkdir()
@@ -179,8 +203,6 @@ def test_processed_and_quarantine_on_another_file_system(tmp_path: Path) -> None
         again = _folder(root, sink, known=lambda image_id: True)
         assert again.scan_once() == 0 and again.stored_already == 1
         assert _files(other / PROCESSED) == ["cam/a.jpg"] and _files(root / "cam") == []
-    finally:
-        shutil.rmtree(other)
 
 
 def test_a_folder_removed_during_the_walk_does_not_end_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -210,26 +232,16 @@ def test_a_drop_folder_removed_and_made_again_is_watched_again(tmp_path: Path) -
     sink = Sink()
     root = tmp_path / "drop"
     drop = _folder(root, sink, poll_interval=0.02, clock=FakeClock())
-
-    def arrives(name: str, seed: int) -> None:
-        tmp = root / f".{name}"
-        tmp.write_bytes(_jpeg(seed))
-        os.replace(tmp, root / name)
-        deadline = time.monotonic() + 20
-        while not (root / PROCESSED / name).exists():
-            assert time.monotonic() < deadline, f"{name} was not taken"
-            time.sleep(0.02)
-
     drop.start()
     try:
-        arrives("before.jpg", 9)
+        arrives(root, "before.jpg", 9)
         shutil.rmtree(root)
         deadline = time.monotonic() + 20
         while all(e.is_alive() for e in drop._observer.emitters):  # type: ignore[union-attr]
             assert time.monotonic() < deadline
             time.sleep(0.02)
         root.mkdir()
-        arrives("after.jpg", 10)
+        arrives(root, "after.jpg", 10)
         assert len(sink.got) == 2
     finally:
         drop.stop()

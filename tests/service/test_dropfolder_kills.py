@@ -16,8 +16,8 @@ import textwrap
 import time
 from pathlib import Path
 
-from service.dropfolder import PROCESSED, QUARANTINE, REASON_SUFFIX, DropFolder
-from test_dropfolder_adverse import _other_fs
+from service.dropfolder import QUARANTINE, REASON_SUFFIX, DropFolder
+from test_dropfolder_adverse import _other_fs, split_drop
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,14 +49,8 @@ def test_a_kill_during_a_move_to_quarantine_on_another_file_system_leaves_one_co
     a daemon killed between the rename and the removal found the original again at its restart
     and quarantined it a second time, as ``bad-1.jpg`` with a second reason file, so one bad file
     dropped was two in quarantine (processed/ reused its copy already)."""
-    other = _other_fs(tmp_path) / f"dropfolder-kill-{os.getpid()}-{time.monotonic_ns()}"
-    other.mkdir()
-    try:
-        root = tmp_path / "drop"
-        (root / "cam").mkdir(parents=True)
-        for name in (PROCESSED, QUARANTINE):
-            (other / name).mkdir()
-            (root / name).symlink_to(other / name)
+    with split_drop(tmp_path) as (root, other):
+        (root / "cam").mkdir()
         bad = root / "cam" / "bad.jpg"
         bad.write_bytes(b"not an image")
         child = subprocess.run([sys.executable, "-c", _CHILD, str(root), str(bad)], cwd=REPO,
@@ -71,21 +65,12 @@ def test_a_kill_during_a_move_to_quarantine_on_another_file_system_leaves_one_co
         assert _files(other / QUARANTINE) == ["cam/bad.jpg", f"cam/bad.jpg{REASON_SUFFIX}"]
         assert (other / QUARANTINE / "cam" / "bad.jpg").read_bytes() == b"not an image"
         assert [p.name for p in other.rglob(".*")] == []  # no temporary copy left
-    finally:
-        shutil.rmtree(other)
 
 
 def test_another_file_of_the_same_name_in_quarantine_is_not_taken_for_the_copy(tmp_path: Path) -> None:
     """The copy is reused only when it holds the same bytes: a second bad file under a name
     quarantined before still gets a name of its own."""
-    other = _other_fs(tmp_path) / f"dropfolder-kill-{os.getpid()}-{time.monotonic_ns()}"
-    other.mkdir()
-    try:
-        root = tmp_path / "drop"
-        root.mkdir()
-        for name in (PROCESSED, QUARANTINE):
-            (other / name).mkdir()
-            (root / name).symlink_to(other / name)
+    with split_drop(tmp_path) as (root, other):
         drop = DropFolder(root, lambda *a: None, "move", stable_seconds=0.0)
         (root / "bad.jpg").write_bytes(b"not an image")
         drop.scan_once()
@@ -94,8 +79,6 @@ def test_another_file_of_the_same_name_in_quarantine_is_not_taken_for_the_copy(t
         assert _files(other / QUARANTINE) == ["bad-1.jpg", f"bad-1.jpg{REASON_SUFFIX}", "bad.jpg",
                                               f"bad.jpg{REASON_SUFFIX}"]
         assert (other / QUARANTINE / "bad-1.jpg").read_bytes() == b"not an image either"
-    finally:
-        shutil.rmtree(other)
 
 
 def test_a_second_frame_of_the_same_size_and_time_never_replaces_a_quarantined_one(tmp_path: Path) -> None:
