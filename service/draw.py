@@ -14,6 +14,7 @@ Conventions:
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -78,15 +79,22 @@ def draw_prediction(
     font_scale = max(0.35, 0.5 * max(w, h) / 640.0)
 
     def pt(x: float, y: float) -> tuple[int, int]:
-        return int(round(x * sx)), int(round(y * sy))
+        # The pixel that holds the point: coordinates are continuous (pixel i spans [i, i + 1),
+        # the frame the engine's letterbox maps back to), so floor, not round, which drew every
+        # mark half a pixel right of and below its point (a whole pixel of a 1/2 decode).
+        return (min(max(math.floor(x * sx), 0), w - 1), min(max(math.floor(y * sy), 0), h - 1))
+
+    def far(x: float, y: float) -> tuple[int, int]:
+        # A box's right / bottom edge: the last pixel inside it (x2 is where the box ends).
+        return (min(max(math.ceil(x * sx) - 1, 0), w - 1), min(max(math.ceil(y * sy) - 1, 0), h - 1))
 
     if draw_boxes:
         for head in prediction.heads:
             x1, y1, x2, y2 = head.box
-            cv2.rectangle(out, pt(x1, y1), pt(x2, y2), HEAD_COLOUR, thick, cv2.LINE_8)
+            cv2.rectangle(out, pt(x1, y1), far(x2, y2), HEAD_COLOUR, thick, cv2.LINE_8)
         for person in prediction.persons:
             x1, y1, x2, y2 = person.box
-            cv2.rectangle(out, pt(x1, y1), pt(x2, y2), PERSON_COLOUR, thick, cv2.LINE_8)
+            cv2.rectangle(out, pt(x1, y1), far(x2, y2), PERSON_COLOUR, thick, cv2.LINE_8)
             if show_conf:
                 org = pt(x1, y1)
                 cv2.putText(out, f"{person.conf:.2f}", (org[0], max(org[1] - 3, 10)),

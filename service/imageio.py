@@ -114,6 +114,39 @@ def jpeg_orientation(data: bytes) -> int:
     return _jpeg_info(data)[2]
 
 
+def exif_orientation(data: bytes) -> int:
+    """The EXIF orientation (1..8; 1 without one) of a JPEG, PNG (``eXIf`` chunk), WebP (``EXIF``
+    chunk) or TIFF (its own Orientation tag): the formats whose orientation OpenCV applies, so
+    the record's frame. ``jpeg_orientation`` reads JPEGs only, and a PNG or WebP stored mirrored
+    or turned 180 degrees has its record's size: only its tag says that the stored pixels are
+    not the frame a record's coordinates are in (``sync.reencode`` must then upload it upright)."""
+    try:
+        if data[:2] == b"\xff\xd8":
+            return _jpeg_info(data)[2]
+        if data[:4] in (b"II*\x00", b"MM\x00*"):
+            return _exif_orientation(data)
+        if data[:8] == b"\x89PNG\r\n\x1a\n":
+            at = 8
+            while at + 8 <= len(data):
+                size, kind = struct.unpack(">I4s", data[at:at + 8])
+                if kind == b"eXIf":
+                    return _exif_orientation(data[at + 8:at + 8 + size])
+                if kind in (b"IDAT", b"IEND"):
+                    break
+                at += 12 + size
+        elif data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+            at = 12
+            while at + 8 <= len(data):
+                kind, size = struct.unpack("<4sI", data[at:at + 8])
+                if kind == b"EXIF":
+                    block = data[at + 8:at + 8 + size]
+                    return _exif_orientation(block[6:] if block[:6] == b"Exif\x00\x00" else block)
+                at += 8 + size + (size & 1)
+    except (ImageError, struct.error):
+        pass
+    return 1
+
+
 def _exif_orientation(tiff: bytes) -> int:
     """The Orientation tag (0x0112) of IFD0 in a TIFF-structured EXIF block; 1 if absent."""
     try:

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 import cv2
 
 from service.errors import ImageError
-from service.imageio import MAX_PIXELS, decode_image, header_size, jpeg_orientation
+from service.imageio import MAX_PIXELS, decode_image, exif_orientation, header_size
 from service.outputs import image_suffix
 
 _TYPES = {".jpg": "image/jpeg", ".png": "image/png", ".bmp": "image/bmp", ".tif": "image/tiff",
@@ -68,11 +68,13 @@ def scale_record(record: Mapping[str, Any], sx: float, sy: float, width: int, he
 
 
 def _stored_turned(data: bytes, width: int, height: int) -> bool:
-    """Whether the stored pixels are not the record's upright frame: a JPEG's EXIF orientation
-    is not 1, or the header's size is the record's turned. False for a header that cannot be
-    read (only decodable images have records)."""
+    """Whether the stored pixels are not the record's upright frame: the EXIF orientation (of a
+    JPEG, or a PNG's or WebP's, which OpenCV applies too) is not 1, or the header's size is the
+    record's turned. False for a header that cannot be read (only decodable images have records).
+    (A PNG mirrored or turned 180 degrees, or a square one turned, has its record's size: only its
+    tag tells.)"""
     try:
-        if data[:2] == b"\xff\xd8" and jpeg_orientation(data) != 1:
+        if exif_orientation(data) != 1:
             return True
         size = header_size(data)
     except ImageError:
