@@ -13,7 +13,9 @@ and mode and says how to fix it, for both roles alike.
 
 Used by ``annotator serve`` (``serve.lock``: one daemon per store, which the judge's budgets and
 near-duplicate memory need) and the sync agent (``sync.lock``: one agent per store and journal),
-as ``sync.models`` does for the models folder (``models/.lock``).
+as ``sync.models`` does for the models folder (``models/.lock``), and by the store while it
+brings an old layout up to date (``upgrade.lock``, ``service.store``), whose holder says there
+which step it is on (``note``) for the programs that wait for it.
 """
 from __future__ import annotations
 
@@ -24,11 +26,12 @@ from pathlib import Path
 
 
 class Held(Exception):
-    """Another process holds the lock file ``path``; ``pid`` is what it wrote there."""
+    """Another process holds the lock file ``path``; ``pid`` is what it wrote there, ``note`` the
+    line it wrote after the pid (``note``: what it is doing; "" when none)."""
 
-    def __init__(self, path: Path, pid: str) -> None:
+    def __init__(self, path: Path, pid: str, note: str = "") -> None:
         super().__init__(f"{path} is held by pid {pid}")
-        self.path, self.pid = path, pid
+        self.path, self.pid, self.note = path, pid, note
 
 
 class Unopenable(PermissionError):
@@ -74,9 +77,11 @@ def hold(path: Path) -> int:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        pid = _holder(fd) or os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "?"
+        first, _, rest = os.pread(fd, 512, 0).decode("utf-8", "replace").partition("\n")
+        pid = _holder(fd) or first.strip() or "?"
         os.close(fd)
-        raise Held(Path(path), pid) from None
+        # The note only when it is the holder's: one who may not write the file left another's there.
+        raise Held(Path(path), pid, rest.partition("\n")[0].strip() if pid == first.strip() else "") from None
     except BaseException:
         os.close(fd)
         raise
@@ -87,6 +92,18 @@ def hold(path: Path) -> int:
         except OSError:  # the pid is only for the message; the lock is held
             pass
     return fd
+
+
+def note(fd: int, text: str) -> None:
+    """Write ``text`` (one line) after the pid in the lock file this process holds on ``fd``: what
+    it is doing, which ``Held.note`` gives the processes that find it held. Written before the
+    old text is cut off, so that a reader never finds the file empty; best effort, as the pid."""
+    data = f"{os.getpid()}\n{' '.join(text.splitlines())}\n".encode()
+    try:
+        os.pwrite(fd, data, 0)
+        os.ftruncate(fd, len(data))
+    except OSError:  # a lock file this user may not write (``hold``): the lock is held all the same
+        pass
 
 
 def _holder(fd: int) -> str | None:

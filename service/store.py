@@ -7,6 +7,7 @@ Layout under ``root``::
     images/<id[:2]>/.<id[:24]>.*.tmp
                                   an ingest's copy before its rename; one that a kill left
                                   behind is removed at the daemon's next start (``remove_stale_temps``)
+    upgrade.lock                  held while a program brings an old layout up to date (``UPGRADE_LOCK``)
 
 Retention (``prune_auto_images``, run by ``service.retention``) may remove the bytes of old
 auto-accepted images: the row, its record and its history stay, ``pruned_at`` says when, and a
@@ -63,8 +64,10 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from .durable import fsync_dir, write_bytes_atomic
 from .errors import AnnotatorError, ConfigError, ImageNotFound, LeaseLost, StoreError, StoreFull
+from .lockfile import Held, hold, note
 from .sqlite import ThreadConnections, apply_schema, open_failure
 from .sqlite import transaction as sqlite_transaction
+from .systemd import Extender, Notifier
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +125,15 @@ CREATE INDEX IF NOT EXISTS images_by_pruned ON images (pruned_at) WHERE pruned_a
 CREATE INDEX IF NOT EXISTS images_by_bundle ON images (bundle_id, received_at, image_id);
 CREATE INDEX IF NOT EXISTS images_by_camera ON images (camera, decision, received_at, image_id);
 """
-# Waiting on another program's upgrade ends when no step of it was done for this long (one
-# index of 800,000 images takes ~15 s on a 2-core box): the lock is then someone else's.
-UPGRADE_STALL_S = 300.0
+# Held (``service.lockfile``) by the program that brings an old store up to date, for the whole
+# upgrade, with its pid and the step it is on written in it. Another program that opens the store
+# meanwhile waits as long as the lock is held, which the kernel ends when its holder dies (kill -9
+# included), however long one step takes (an index of millions of images on an SD card, over
+# NFS); a write lock with no upgrade behind it (an sqlite3 shell, a hung program) ends the wait
+# at the busy timeout, as before the upgrade was stepwise.
+UPGRADE_LOCK = "upgrade.lock"
+# How often a program waiting for another's upgrade looks whether it still holds ``UPGRADE_LOCK``.
+UPGRADE_POLL_S = 0.5
 _LATE_INDEX_DDL = [t.strip() for t in _LATE_SCHEMA.split(";") if t.strip()]
 _LATE_INDEXES = [re.search(r"EXISTS (\w+) ON", t).group(1) for t in _LATE_INDEX_DDL]  # type: ignore[union-attr]
 # Images per state, kept by triggers in every transaction that inserts, moves or deletes a row
@@ -303,10 +312,54 @@ class Store:
         2-core box with an SSD, the indexes most of it), so it is said in the log, and each step is
         its own transaction: a kill (systemd's start timeout included) keeps the steps that were
         done. Every program that opens the store runs it, and the daemon and the sync agent start
-        together: one that waits longer than the busy timeout for another's step waits on while
-        the layout is still missing (it said "database is locked ... a running daemon never holds
-        it this long" and exited, and a CLI command refused), and says what it waits for."""
+        together: the first holds ``UPGRADE_LOCK`` while it works, and the others wait for it as
+        long as it runs (they said "database is locked ... a running daemon never holds it this
+        long" and exited after the busy timeout, and later after five minutes without a step
+        done, which one index on a slow card or a loaded box outlasts), saying for whom, and then
+        take up the steps left (none, or those of a killed one). Under systemd both ask for more
+        start time while it lasts (``systemd.Extender``)."""
         missing = self._missing_layout()
+        if missing in ([], ["tables"]):  # this release's (only its version is checked), a new one (no time)
+            self._upgrade_steps(missing, None, None)
+            return
+        said = ["bringing the store up to this release's layout"]
+        with Extender(Notifier.from_environ(os.environ), lambda: said[0]) as extender:
+            fd = self._upgrade_lock(said, extender)
+            extender.start()  # waited for another's (started then), or begins its own
+            try:
+                self._upgrade_steps(self._missing_layout(), fd, said)  # the one waited for may have done them
+            finally:
+                if fd is not None:
+                    os.close(fd)
+
+    def _upgrade_lock(self, said: builtins.list[str], extender: Extender) -> int | None:
+        """Hold ``UPGRADE_LOCK``, waiting while another program holds it (saying which, and the
+        step it is on: the log, ``said[0]`` for systemd's status); its descriptor, whose close
+        releases it, or None where this user may not open it (the steps then run under the busy
+        timeout alone, as before the lock)."""
+        told = ""
+        while True:
+            try:
+                return hold(self.root / UPGRADE_LOCK)
+            except Held as held:
+                now = held.note or "starting"
+                if now != told:
+                    (log.warning if not told else log.info)(
+                        "store %s: pid %s is bringing it up to this release's layout (once after an upgrade; "
+                        "now %s); waiting for it as long as it runs", self.db_path, held.pid, now)
+                    said[0] = f"waiting for pid {held.pid}, which brings the store up to this release's layout ({now})"
+                    extender.start()
+                    told = now
+                time.sleep(UPGRADE_POLL_S)
+            except OSError as exc:  # Unopenable included: another user's lock file
+                log.debug("store %s: cannot hold %s (%s); upgrading without it", self.db_path, UPGRADE_LOCK, exc)
+                return None
+
+    def _upgrade_steps(self, missing: builtins.list[str], fd: int | None, said: builtins.list[str] | None) -> None:
+        """Run the steps that bring in ``missing`` (only the version check when nothing is), each
+        in its own transaction, saying in ``fd`` (``UPGRADE_LOCK``) and ``said[0]`` which one runs.
+        A write lock held past the busy timeout raises: with the upgrade lock held it is no
+        upgrade of this program's but another program's (an sqlite3 shell), said as a lock."""
 
         def base(db: sqlite3.Connection) -> None:
             apply_schema(db, _SCHEMA)
@@ -330,36 +383,26 @@ class Store:
             for trigger in _STATE_TRIGGERS:
                 db.execute(trigger)
 
-        steps = [base, columns, *(lambda db, ddl=ddl: db.execute(ddl) for ddl in _LATE_INDEX_DDL), state_counts] \
-            if missing else [base]  # a store of this release: only the version is checked
-        told = False
-        progress_at, left = time.monotonic(), len(missing)
-        for n, step in enumerate(steps):
+        steps: builtins.list[tuple[str, Callable[[sqlite3.Connection], Any]]] = [("tables", base)]
+        if missing:
+            steps += [("columns", columns),
+                      *((f"index {name}", lambda db, ddl=ddl: db.execute(ddl))
+                        for name, ddl in zip(_LATE_INDEXES, _LATE_INDEX_DDL)),
+                      ("per-state counts", state_counts)]
+        for n, (name, step) in enumerate(steps):
             if n == 1 and missing != ["tables"]:  # the version is not newer than this program's
                 rows = self._conn().execute("SELECT max(rowid) FROM images").fetchone()[0] or 0
                 log.warning("store %s: bringing a store of an earlier release up to this release's layout "
                             "(about %d images; %s); once, a large store takes minutes, and other programs "
                             "that open it wait", self.db_path, rows, ", ".join(missing))
-            while True:
-                try:
-                    with self.transaction() as db:
-                        step(db)
-                    break
-                except sqlite3.OperationalError as exc:
-                    text = str(exc)
-                    still = self._missing_layout()
-                    if ("locked" not in text and "busy" not in text) or not still:
-                        raise
-                    if len(still) < left:
-                        progress_at, left = time.monotonic(), len(still)
-                    elif time.monotonic() - progress_at > UPGRADE_STALL_S:
-                        # No step done for that long: not an upgrade but a program holding the
-                        # write lock (an sqlite3 shell, a hung process): said as a lock, as before.
-                        raise
-                    if not told:
-                        log.warning("store %s: another program is bringing it up to this release's layout "
-                                    "(once after an upgrade); waiting for it", self.db_path)
-                        told = True
+            if said is not None:
+                said[0] = f"bringing the store up to this release's layout: step {n + 1} of {len(steps)}, {name}"
+            if fd is not None:
+                note(fd, f"step {n + 1} of {len(steps)}: {name}")
+            with self.transaction() as db:
+                step(db)
+        if said is not None:
+            said[0] = "store brought up to this release's layout"
 
     def remove_stale_temps(self) -> None:
         """Remove the temporary image copies a killed ingest left under ``images/`` (see ``_TEMP``).

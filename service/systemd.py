@@ -14,6 +14,9 @@ Use from a main loop::
     ...
     notifier.stopping(); watchdog.stop()
 
+A long piece of start-up (the store's upgrade of an old layout) asks for more time than
+``TimeoutStartSec`` while it runs: ``with Extender(notifier, status=...)``.
+
 The watchdog pings only while ``healthy()`` returns True: a wedged daemon stops pinging and
 systemd restarts it, which is the point of a watchdog (a thread that pings regardless would
 hide the hang).
@@ -29,6 +32,8 @@ from typing import Callable, Mapping
 log = logging.getLogger(__name__)
 
 NOTIFY_SOCKET = "NOTIFY_SOCKET"
+# ``Extender``: how often it asks systemd for more time; each request is for three of these.
+EXTEND_EVERY_S = 20.0
 WATCHDOG_USEC = "WATCHDOG_USEC"
 WATCHDOG_PID = "WATCHDOG_PID"
 
@@ -198,3 +203,51 @@ class Watchdog:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+
+
+class Extender:
+    """Asks systemd for more time while a long piece of start-up runs: ``EXTEND_TIMEOUT_USEC``
+    (three periods of ``EXTEND_EVERY_S``) with a ``STATUS`` line from ``status()``, at ``start``
+    and then every period from a thread, until ``stop`` (``with`` stops it at the end; ``start``
+    again is a no-op). A ``Type=notify`` unit that has not sent READY=1 by ``TimeoutStartSec`` is
+    killed: the upgrade of a large old store on a slow card took longer, and as one of its steps
+    (an index) took longer by itself the restarted unit never got further. From a thread, not
+    from the work: one SQLite statement may take minutes. Past ``TimeoutStartSec`` the unit
+    then fails only when the requests stop (the process died, or hangs as a whole). Without
+    ``$NOTIFY_SOCKET`` a no-op; once the unit runs (READY=1 sent) systemd reads it against
+    ``RuntimeMaxSec``, which is unset (no limit) in the shipped units."""
+
+    def __init__(self, notifier: Notifier, status: Callable[[], str]) -> None:
+        self.notifier, self.status = notifier, status
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _send(self) -> None:
+        self.notifier.notify(f"EXTEND_TIMEOUT_USEC={int(EXTEND_EVERY_S * 3e6)}\nSTATUS=" +
+                             " ".join(self.status().splitlines()))
+
+    def _run(self) -> None:
+        while not self._stop.wait(EXTEND_EVERY_S):
+            self._send()
+
+    def start(self) -> None:
+        if not self.notifier.enabled or self._thread is not None:
+            return
+        self._send()
+        self._thread = threading.Thread(target=self._run, name="sd-extend", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop asking; a last ``STATUS`` says where it ended (``status()``)."""
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join(5.0)
+        self._thread = None
+        self.notifier.status(self.status())
+
+    def __enter__(self) -> "Extender":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from service.store import Store
+from service import lockfile
+from service.store import UPGRADE_LOCK, Store
 
 FIXTURE = Path(__file__).parent / "fixtures" / "release-31c2004"
 REPO = Path(__file__).resolve().parents[2]
@@ -55,7 +56,8 @@ def _states(db_path: Path) -> Counter:
 
 def test_an_open_waits_for_another_programs_upgrade_past_the_busy_timeout(old_store: Path) -> None:
     """Another program holds the write lock for one of its upgrade steps longer than this
-    open's busy timeout: the open waits on (saying why) and then opens, instead of failing."""
+    open's busy timeout, and the upgrade lock (``UPGRADE_LOCK``, as ``Store._upgrade`` does):
+    the open waits on (saying why) and then opens, instead of failing."""
     waiting = threading.Event()
 
     class Said(logging.Handler):
@@ -63,6 +65,8 @@ def test_an_open_waits_for_another_programs_upgrade_past_the_busy_timeout(old_st
             if "waiting for it" in record.getMessage():
                 waiting.set()
 
+    upgrading = lockfile.hold(old_store / UPGRADE_LOCK)
+    lockfile.note(upgrading, "step 5 of 7: index images_by_bundle")
     holder = sqlite3.connect(old_store / "store.sqlite3", isolation_level=None, check_same_thread=False)
     holder.execute("PRAGMA journal_mode=WAL")
     holder.execute("BEGIN IMMEDIATE")  # the other program's step, e.g. building an index
@@ -71,6 +75,7 @@ def test_an_open_waits_for_another_programs_upgrade_past_the_busy_timeout(old_st
     def release() -> None:
         waiting.wait(30)  # released only once the open said it waits (so never within its timeout)
         holder.execute("COMMIT")
+        os.close(upgrading)
 
     handler = Said()
     logging.getLogger("service.store").addHandler(handler)
@@ -118,7 +123,8 @@ def connect(*args, **kwargs):
     conn.set_trace_callback(trace)
     return conn
 service.sqlite.connect = connect
-from service.store import Store
+from service import lockfile
+from service.store import UPGRADE_LOCK, Store
 Store(sys.argv[1])
 """
 
@@ -147,13 +153,12 @@ def test_kill_during_the_upgrade_keeps_the_steps_done_and_loses_nothing(old_stor
         store.close()
 
 
-def test_a_lock_no_upgrade_step_follows_ends_the_wait(old_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_lock_no_upgrade_step_follows_ends_the_wait(old_store: Path) -> None:
     """An sqlite3 shell (or a hung program) holding the write lock of an old store is no
-    upgrade: the open waited for ever, saying another program was upgrading it. With no step
-    done for ``UPGRADE_STALL_S`` it fails as a lock, as before the stepwise upgrade."""
-    import service.store as store_module
-
-    monkeypatch.setattr(store_module, "UPGRADE_STALL_S", 1.0)
+    upgrade: the open waited for ever, saying another program was upgrading it (then five
+    minutes). With nobody holding the upgrade lock (``UPGRADE_LOCK``) it fails as a lock at the
+    busy timeout, as before the stepwise upgrade (tests/service/test_store_upgrade_liveness.py:
+    the same with a real sqlite3 shell, and a real upgrader waited for)."""
     shell = sqlite3.connect(old_store / "store.sqlite3", isolation_level=None)
     shell.execute("BEGIN IMMEDIATE")
     failed: list[BaseException] = []
