@@ -86,9 +86,16 @@ column to filter on). Label Studio Community has no comments API; a task's ``met
 nowhere in the editor; a prediction's text would need a control whose region the reviewer
 submits back. The note is written when the export shows another one (once per refusal, also
 across restarts) and removed (the key with it) once the merge takes a review of the task, or
-when the task holds no submitted annotation any more. Only our checks' refusals
-(``InvalidAnnotation``) are noted: a value of another shape is no reviewer's doing, and a
-refusal by the merge itself is logged only (an earlier note stays until a review merges).
+when the task holds no submitted annotation any more. Every refusal after the collection is
+noted: our checks' (``InvalidAnnotation``), an annotation of another shape (on a task of ours),
+and the merge's own (``LabelStudioBackend.merged``: a head box of no area, two tasks of the
+image whose reviews differ); a refusal by the merge was only logged, so the reviewer never knew.
+The first note makes the project's Data Manager tab "Refused reviews" (the tasks with a note):
+the label stream never serves a task to the reviewer who annotated it again, so that tab is
+where a reviewer who submitted and moved on finds what to fix (``_ensure_views``).
+
+A box turned in the editor (``rotation``) by more than ``ROTATION_JITTER`` degrees is refused
+with what to do; the labelling config hides the rotation handle (``canRotate="false"``).
 """
 from __future__ import annotations
 
@@ -129,6 +136,7 @@ COLLECT_RETRY_BASE, COLLECT_RETRY_CAP = 60.0, 600.0  # seconds between exports a
 NOTE = "review_note"  # the task data key that the labelling config's Header shows
 NOTE_STYLE = "color: #b3261e; white-space: pre-wrap"
 NOTE_MAX = 2000  # characters of a refusal reason put into the note
+REFUSED_VIEW = "Refused reviews"  # the Data Manager tab of the tasks with a note (``_ensure_views``)
 _KP_ID, _PERSON_ID = re.compile(r"^p(\d+)k(\d+)$"), re.compile(r"^p(\d+)$")
 T = TypeVar("T")
 
@@ -157,12 +165,19 @@ def label_config(names: Sequence[str] = CABIN19_NAMES) -> str:
     Its ``Header`` shows the task's ``data["review_note"]`` above the image (why the review
     was not merged, ``LabelStudioBackend._set_note``): a Header has no name, so it is neither
     a control (no region, nothing in the annotation) nor an object tag (Label Studio requires
-    no such key in the tasks: those without one, imported before, show an empty line)."""
+    no such key in the tasks: those without one, imported before, show an empty line).
+
+    ``canRotate="false"`` hides the rotation handle of a selected box (the editor's
+    ``KonvaRegion.canRotate``, Label Studio 1.23): the dataset's boxes are upright, and a
+    reviewer who turned a person box by a slip had the whole review refused. The editor's
+    3-point rectangle tool still draws turned boxes: ``parse_result`` refuses those with what
+    to do (``_upright``)."""
     labels = "".join(f"<Label value={quoteattr(n)}/>" for n in names)
     choices = "".join(f'<Choice value="{v}"/>' for v in VISIBILITIES)
     return (f'<View>\n  <Header value="${NOTE}" size="5" style="{NOTE_STYLE}"/>\n'
             f'  <Image name="{IMAGE}" value="$image" zoom="true"/>\n'
-            f'  <RectangleLabels name="{BOX}" toName="{IMAGE}"><Label value="{HEAD}"/><Label value="{PERSON}"/>'
+            f'  <RectangleLabels name="{BOX}" toName="{IMAGE}" canRotate="false">'
+            f'<Label value="{HEAD}"/><Label value="{PERSON}"/>'
             f'</RectangleLabels>\n'
             f'  <KeyPointLabels name="{KP}" toName="{IMAGE}">{labels}</KeyPointLabels>\n'
             f'  <View visibleWhen="region-selected" whenTagName="{KP}">\n'
@@ -254,8 +269,10 @@ def parse_result(result: Sequence[Mapping[str, Any]], width: int, height: int,
                                     "turn it back and submit again")
         if kind == "rectanglelabels" and item.get("from_name") == BOX:
             x, y, bw, bh = _percent(value, ("x", "y", "width", "height"), rid)
-            if abs(float(value.get("rotation") or 0.0)) > 1e-6 or x + bw > 100.01 or y + bh > 100.01:
-                raise InvalidAnnotation(f"region {rid}: box must be unrotated and inside the image, got {value!r}")
+            _upright(value.get("rotation"), rid)
+            if x + bw > 100.01 or y + bh > 100.01:
+                raise InvalidAnnotation(f"region {rid}: the box reaches past the image's edge (x {x:.2f} + width "
+                                        f"{bw:.2f}, y {y:.2f} + height {bh:.2f} percent); move it inside the image")
             box = (x * width / 100, y * height / 100, (x + bw) * width / 100, (y + bh) * height / 100)
             if _single(value, "rectanglelabels", (HEAD, PERSON), rid) == HEAD:
                 heads.append(box)
@@ -271,6 +288,31 @@ def parse_result(result: Sequence[Mapping[str, Any]], width: int, height: int,
     for rid in set(states) - set(points):
         log.warning("visibility choice on region %s, which is not a key point: ignored", rid)
     return tuple(heads), _group(boxes, points, states, names, links)
+
+
+ROTATION_JITTER = 0.5  # degrees: a box turned less than this either way is taken as drawn upright
+
+
+def _upright(rotation: Any, rid: str) -> None:
+    """Refuse a box turned in the editor (``value.rotation``, degrees, which the editor keeps in
+    0..360: a slip of -0.2 is 359.8) by more than ``ROTATION_JITTER``, saying what to do there.
+
+    Under it the box is taken as drawn: its x, y, width and height are those of the upright box,
+    whose far corner moves by under 1 % of the box's diagonal. A turned box has no upright
+    equivalent (its enclosing box holds more than the person): any rotation, 359.8 too, refused
+    the whole review with the region's value as the only reason."""
+    shown = repr(rotation) if len(repr(rotation)) <= 40 else repr(rotation)[:37] + "..."
+    try:
+        angle = float(rotation or 0) if not isinstance(rotation, (bool, str)) else math.nan
+    except (TypeError, ValueError, OverflowError):
+        angle = math.nan
+    if not math.isfinite(angle):
+        raise InvalidAnnotation(f"region {rid}: expected the box's rotation in degrees, got {shown}")
+    angle %= 360.0
+    if min(angle, 360.0 - angle) > ROTATION_JITTER:
+        raise InvalidAnnotation(f"region {rid}: the box is rotated by {angle:.1f} degrees, boxes must be unrotated: "
+                                "set its angle to 0 in the region's details, or delete it and draw it again with "
+                                "the rectangle tool (not the 3-point one)")
 
 
 def _group(boxes: Mapping[str, Box], points: Mapping[str, tuple[str, float, float]],
@@ -487,9 +529,10 @@ class LabelStudioBackend:
         # image ids of the project's tasks whose review the merge took (``collect`` says it when
         # the task's annotations are deleted afterwards); only the tasks of the last export
         self._in_dataset: set[str] = set()
-        # image id -> its task (of the last export) that shows a note and whose review parses:
-        # the note is cleared once the merge takes the review (``merged``)
-        self._noted: dict[str, Mapping[str, Any]] = {}
+        # image id -> its tasks (of the last export) whose reviews went to the merge: the merge's
+        # report (``merged``) writes their note when it refuses the review, clears it when it takes it
+        self._collected: dict[str, list[Mapping[str, Any]]] = {}
+        self._views_in: int | None = None  # the project whose "Refused reviews" tab is there (``_ensure_views``)
         self._notes_failed = False  # a note's write failed in this collection: the rest wait for the next
         self.clock = time.monotonic
         self._collect_failures, self._collect_retry_at, self._collect_error = 0, 0.0, ""
@@ -828,7 +871,7 @@ class LabelStudioBackend:
             raise
         self._collect_failures, self._collect_retry_at = 0, 0.0
         labels = []
-        self._noted.clear()
+        self._collected.clear()
         self._notes_failed = False
         self._in_dataset &= {str((t.get("data") or {}).get("image_id")) for t in export if isinstance(t, Mapping)}
         for task in export:
@@ -840,17 +883,16 @@ class LabelStudioBackend:
                 if self.rejected.get(image_id) != str(exc):
                     log.warning("review of %s (task %s) refused: %s", image_id, task.get("id"), exc)
                 self.rejected[image_id] = str(exc)
-                if isinstance(exc, InvalidAnnotation):  # what the reviewer can fix in the editor
-                    self._set_note(task, _note_text(str(exc)))
+                if is_image_id(image_id):  # not a task a person imported by hand
+                    self._set_note(task, _note_text(str(exc) if isinstance(exc, InvalidAnnotation) else
+                                                     f"the task could not be read ({type(exc).__name__}: {exc})"))
                 continue
-            if (task.get("data") or {}).get(NOTE):
-                if label is not None:
-                    self._noted[image_id] = task  # cleared when the merge takes the review
-                else:
-                    self._set_note(task, None)  # nothing submitted now (the refused review deleted)
             if label is not None:
+                self._collected.setdefault(image_id, []).append(task)  # the merge's report notes it
                 self.rejected.pop(image_id, None)
                 labels.append(label)
+            elif (task.get("data") or {}).get(NOTE):
+                self._set_note(task, None)  # nothing submitted now (the refused review deleted)
             elif image_id in self._in_dataset:
                 self._in_dataset.discard(image_id)  # said once
                 log.warning("image %s (task %s): its review was deleted in Label Studio after the merge took it; "
@@ -865,13 +907,18 @@ class LabelStudioBackend:
 
     def merged(self, report: Any) -> None:
         """The merge task's report (``sync.merge.MergeReport``): the copies of the images whose
-        reviews went into the dataset (merged, or the same again) go at the next collection."""
+        reviews went into the dataset (merged, or the same again) go at the next collection, and
+        so do their tasks' notes; a review the merge refuses (``report.refused``: a head box of
+        no area, two tasks of the image whose reviews differ, ...) gets its note in each of the
+        image's tasks, as a refusal of ours does (it was only logged: the reviewer never knew)."""
         self._merged.update(report.merged, report.unchanged)
         self._in_dataset.update(report.merged, report.unchanged)
         for image_id in [*report.merged, *report.unchanged]:
-            task = self._noted.pop(image_id, None)
-            if task is not None:
+            for task in self._collected.pop(image_id, ()):
                 self._set_note(task, None)
+        for image_id, why in getattr(report, "refused", {}).items():
+            for task in self._collected.get(image_id, ()):
+                self._set_note(task, _note_text(why))
 
     def _set_note(self, task: Mapping[str, Any], note: str | None) -> None:
         """Show ``note`` (None: none) in the task in Label Studio: its ``data["review_note"]``,
@@ -889,6 +936,18 @@ class LabelStudioBackend:
         data.pop(NOTE, None)
         if note is not None:
             data[NOTE] = note
+        if note is not None and self.project_id is not None and self._views_in != self.project_id:
+            try:
+                self._ensure_views(self.project_id)
+            except RetryableError as exc:  # down or hanging: this collection's one failed write
+                self._notes_failed = True
+                log.warning("Label Studio project %s: the %r tab was not made; it and the review notes are tried "
+                            "again at the next collection: %s", self.project_id, REFUSED_VIEW, exc)
+                return
+            except PermanentError as exc:  # refused: the notes go on without the tab
+                self._views_in = self.project_id
+                log.warning("Label Studio project %s: the %r tab was not made (%s); the review notes are written "
+                            "without it", self.project_id, REFUSED_VIEW, exc)
         try:
             self.client.patch(f"/api/tasks/{task['id']}/", {"data": data})
         except NotFound:  # the task was deleted meanwhile
@@ -902,6 +961,30 @@ class LabelStudioBackend:
             return
         log.info("task %s (image %s): review note %s", task["id"], str(data.get("image_id"))[:12],
                  "written in Label Studio" if note else "removed in Label Studio")
+
+    def _ensure_views(self, pid: int) -> None:
+        """Give project ``pid``'s Data Manager a "Refused reviews" tab (a saved view, shared by
+        the organization's users): the tasks whose ``review_note`` is not empty, where a reviewer
+        finds the reviews to fix. Made at the first note (a write, counted with the notes'), once
+        per process; an admin's edit of the tab is kept, a deleted one comes back after a restart.
+
+        Label Studio 1.23 Community has no other way back to a reviewer: its label stream never
+        serves a task the user annotated again (``projects/functions/next_task.py``; whatever
+        its ``is_labeled`` or ``overlap``), and its requeue is for skipped tasks only. The editor
+        opens the first tab and makes a "Default" one only when the project has none: a project
+        without tabs gets that first, else every reviewer's label stream would show the refused
+        tasks only (the stream takes the selected tab's filter: ``data_manager.functions.get_prepare_params``)."""
+        views = self.client.get("/api/dm/views/", project=pid) or []
+        titles = [str((v.get("data") or {}).get("title")) for v in views if isinstance(v, Mapping)]
+        if not titles:
+            self.client.post("/api/dm/views/", {"project": pid, "data": {"title": "Default"}})
+        if REFUSED_VIEW not in titles:
+            self.client.post("/api/dm/views/", {"project": pid, "data": {"title": REFUSED_VIEW, "filters": {
+                "conjunction": "and", "items": [{"filter": f"filter:tasks:data.{NOTE}", "operator": "empty",
+                                                 "type": "String", "value": False}]}}})
+            log.info("Label Studio project %s: Data Manager tab %r made (the tasks whose review was refused)",
+                     pid, REFUSED_VIEW)
+        self._views_in = pid
 
     def _linked(self, task: Mapping[str, Any]) -> Path | None:
         """The file under ``copy_dir`` that a task's image link names (None: another file)."""

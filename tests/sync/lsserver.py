@@ -16,10 +16,48 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator, Protocol, TypeVar
 
 REPO = Path(__file__).resolve().parents[2]
 LS_BIN = REPO / ".venv-ls" / "bin" / "label-studio"
 USER, PASSWORD, TOKEN = "reviewer@example.com", "review-pass-1", "edge-test-token-1234"
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+W = TypeVar("W", bound=_Closable)
+
+
+def submit_all(store: Any, backend: Any, outbox: Path) -> Any:
+    """Upload ``store``'s review images (into a local folder ``outbox``) and submit them to the
+    review ``backend`` until nothing is left, as the sync agent's two tasks do; the uploader,
+    for the test's world to close (the set-up the Label Studio test worlds shared)."""
+    from sync.objectstore import LocalFolderStore
+    from sync.submit import ReviewSubmitTask
+    from sync.uploader import Uploader, UploadSettings
+
+    uploader = Uploader(store, LocalFolderStore(outbox), UploadSettings("box-1"))
+    submit = ReviewSubmitTask(uploader.journal, store, uploader.target, backend)
+    while uploader.run_once() | submit.run_once():
+        pass
+    return uploader
+
+
+def close_all(*things: Any) -> None:
+    """Close a world's dataset, uploader, store (...) in this order; None (never opened) skipped."""
+    for thing in things:
+        if thing is not None:
+            thing.close()
+
+
+def opened(world: W) -> Iterator[W]:
+    """A fixture's body (``yield from opened(World(...))``): the world, closed after the test."""
+    try:
+        yield world
+    finally:
+        world.close()
 
 
 def free_port() -> int:

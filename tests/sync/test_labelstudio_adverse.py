@@ -20,9 +20,6 @@ from sync.dataset import Dataset
 from sync.labelstudio import LabelStudioBackend, label_config
 from sync.labelstudio_client import LabelStudioClient
 from sync.merge import Merger, MergeTask
-from sync.objectstore import LocalFolderStore
-from sync.submit import ReviewSubmitTask
-from sync.uploader import Uploader, UploadSettings
 
 WIDTH, HEIGHT = 64, 48  # reviewdata's images
 
@@ -34,12 +31,9 @@ class World:
         self.client = LabelStudioClient(server.url, server.token)
         self.server = server
         self.store, self.ids, _ = fill_store(server.document_root / f"store-{uuid.uuid4().hex[:8]}", review=images)
-        self.uploader = Uploader(self.store, LocalFolderStore(tmp_path / "outbox"), UploadSettings("box-1"))
         self.title = f"adverse {uuid.uuid4().hex[:8]}"
         self.backend = LabelStudioBackend(self.client, self.title, server.document_root)
-        submit = ReviewSubmitTask(self.uploader.journal, self.store, self.uploader.target, self.backend)
-        while self.uploader.run_once() | submit.run_once():
-            pass
+        self.uploader = lsserver.submit_all(self.store, self.backend, tmp_path / "outbox")
         self.dataset = Dataset(tmp_path / "dataset")
         self.task = MergeTask(Merger(self.store, self.dataset), self.backend.collect,
                               on_report=self.backend.merged)
@@ -67,16 +61,12 @@ class World:
         return row.state
 
     def close(self) -> None:
-        self.dataset.close()
-        self.uploader.close()
-        self.store.close()
+        lsserver.close_all(self.dataset, self.uploader, self.store)
 
 
 @pytest.fixture
 def world(ls_server: lsserver.LabelStudioServer, tmp_path: Path) -> Iterator[World]:
-    w = World(ls_server, tmp_path, images=4)
-    yield w
-    w.close()
+    yield from lsserver.opened(World(ls_server, tmp_path, images=4))
 
 
 def _moved(result: list[dict[str, Any]], rid: str, **value: Any) -> list[dict[str, Any]]:

@@ -26,7 +26,7 @@ import pytest
 import lsserver
 from reviewdata import fill_store
 from sync.agent import Agent
-from sync.errors import PermanentError, RetryableError
+from sync.errors import RetryableError
 from sync.labelstudio import LabelStudioBackend
 from sync.labelstudio_client import LabelStudioClient
 from sync.objectstore import LocalFolderStore
@@ -177,15 +177,12 @@ class World:
 
     def close(self) -> None:
         self.proxy.stop()
-        self.uploader.close()
-        self.store.close()
+        lsserver.close_all(self.uploader, self.store)
 
 
 @pytest.fixture
 def world(ls_server: lsserver.LabelStudioServer, tmp_path: Path) -> Iterator[World]:
-    w = World(ls_server, tmp_path)
-    yield w
-    w.close()
+    yield from lsserver.opened(World(ls_server, tmp_path))
 
 
 def wait_for(check: Callable[[], bool], timeout: float = 60.0) -> None:

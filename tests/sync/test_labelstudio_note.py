@@ -43,13 +43,16 @@ class Counting:
         return self.client.patch(path, body)
 
 
+def counted(cabin: Cabin) -> Cabin:
+    """``cabin`` whose backend's task PATCHes are counted (``cabin.counting.patches``)."""
+    cabin.counting = Counting(cabin.backend.client)  # type: ignore[attr-defined]
+    cabin.backend.client = cabin.counting  # type: ignore[assignment]
+    return cabin
+
+
 @pytest.fixture
 def cabin(ls_server: lsserver.LabelStudioServer, tmp_path: Path) -> Iterator[Cabin]:
-    c = Cabin(ls_server, tmp_path, images=3)
-    c.counting = Counting(c.backend.client)  # type: ignore[attr-defined]
-    c.backend.client = c.counting  # type: ignore[assignment]
-    yield c
-    c.close()
+    yield from lsserver.opened(counted(Cabin(ls_server, tmp_path, images=3)))
 
 
 def one_pass(cabin: Cabin, backend: LabelStudioBackend | None = None) -> Any:

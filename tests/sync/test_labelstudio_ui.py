@@ -32,9 +32,6 @@ from sync.dataset import Dataset
 from sync.labelstudio import InvalidAnnotation, LabelStudioBackend, parse_result, prediction_result
 from sync.labelstudio_client import LabelStudioClient
 from sync.merge import Merger
-from sync.objectstore import LocalFolderStore
-from sync.submit import ReviewSubmitTask
-from sync.uploader import Uploader, UploadSettings
 
 W, H = 640, 480
 BOXES = [(40.0, 60.0, 330.0, 470.0), (300.0, 50.0, 620.0, 470.0)]  # seat neighbours: x 300..330 is both
@@ -97,11 +94,8 @@ class Cabin:
             self.store.complete(row.image_id, "w", record(), "bundle-1", "review", 0.4, ["kpt_near_threshold"],
                                 audit=False)
             self.ids.append(image_id)
-        self.uploader = Uploader(self.store, LocalFolderStore(tmp_path / "outbox"), UploadSettings("box-1"))
         self.backend = LabelStudioBackend(self.client, f"editor {uuid.uuid4().hex[:8]}", server.document_root)
-        submit = ReviewSubmitTask(self.uploader.journal, self.store, self.uploader.target, self.backend)
-        while self.uploader.run_once() | submit.run_once():
-            pass
+        self.uploader = lsserver.submit_all(self.store, self.backend, tmp_path / "outbox")
         self.dataset = Dataset(tmp_path / "dataset", holdout_fraction=0.0)
         self.merger = Merger(self.store, self.dataset)
 
@@ -126,16 +120,12 @@ class Cabin:
         return list(entry.label["persons"])
 
     def close(self) -> None:
-        self.dataset.close()
-        self.uploader.close()
-        self.store.close()
+        lsserver.close_all(self.dataset, self.uploader, self.store)
 
 
 @pytest.fixture
 def cabin(ls_server: lsserver.LabelStudioServer, tmp_path: Path) -> Iterator[Cabin]:
-    c = Cabin(ls_server, tmp_path, images=9)
-    yield c
-    c.close()
+    yield from lsserver.opened(Cabin(ls_server, tmp_path, images=9))
 
 
 def without(*prefixes: str, exact: bool = False) -> Any:
