@@ -66,21 +66,57 @@ def new_bundle_id(seed_text: str = "") -> str:
     return f"{now}-{tail}"
 
 
-MAX_ID_LENGTH = 200
+MAX_ID_LENGTH = 200  # bytes of UTF-8 (a file system's name holds 255; ".<id>.replaced" adds 10)
+PLAIN_NAME_RULE = (f"1 to {MAX_ID_LENGTH} bytes of UTF-8, no '/', '\\' or control characters, "
+                   "not starting with '.'")
+
+
+def plain_name_problem(text: str) -> str | None:
+    """None when ``text`` can name a file or folder in every place a bundle goes, else why not.
+
+    The one rule for bundle ids (``check_bundle_id``) and the file names a bundle lists (its
+    models, ``lineage.weights``), which the registry, the pull and the publication apply too:
+    they each had their own. What it keeps out: '/' and '\\' (a folder part, which a bucket
+    key refuses: ``sync.objectstore.check_key``), '.', '..' and hidden names (the pull clears
+    ``.<id>.partial`` as left-overs; a folder store takes ``.*.tmp`` for a write a kill cut
+    short and removes it), control characters, and more than ``MAX_ID_LENGTH`` bytes: a
+    100-character CJK id (300 bytes) was published to a bucket and then stopped every pull
+    with ENAMETOOLONG on ``staging/.<id>.partial``, refusing nothing (no ``refused/<id>.reason.txt``
+    fits either); text that is not UTF-8 (a lone surrogate from a JSON escape) is no key."""
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        return "not valid UTF-8"
+    if not text or size > MAX_ID_LENGTH:
+        return f"{size} bytes of UTF-8"
+    if text.startswith("."):
+        return "starts with '.'"
+    if "/" in text or "\\" in text:
+        return "has a '/' or '\\'"
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
+        return "has a control character"
+    return None
+
+
+def check_plain_name(value: Any, what: str, where: Any, kind: str = "file") -> str:
+    """``value`` as text when ``plain_name_problem`` finds nothing, else ``BundleError``
+    (one message for every place: ``where``, ``what`` and the rule)."""
+    text = str(value)
+    problem = plain_name_problem(text)
+    if problem is not None:
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:80] + "..."
+        raise BundleError(f"{where}: {what} {shown} is not a plain {kind} name ({problem}; expected "
+                          f"{PLAIN_NAME_RULE})")
+    return text
 
 
 def check_bundle_id(value: Any, where: Any = "bundle.json") -> str:
     """``value`` when it can be a bundle id, else ``BundleError``. The id names folders
     (``staging/<id>``, ``bundles/<id>``, ``refused/<id>.reason.txt``) and registry keys: an id
     ``../../data`` made ``annotator models adopt`` remove and replace a folder outside the models
-    root, a hidden name (``.x.partial``) is what the pull clears as left-overs."""
-    text = str(value)  # as ``Bundle.id`` reads it
-    if (not text or len(text) > MAX_ID_LENGTH or text.startswith(".") or "/" in text or "\\" in text
-            or any(ord(ch) < 32 or ord(ch) == 127 for ch in text)):
-        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:80] + "..."
-        raise BundleError(f"{where}: bundle id {shown} is not a plain folder name (1 to {MAX_ID_LENGTH} "
-                          "characters, no '/', '\\' or control characters, not starting with '.')")
-    return text
+    root, a hidden name (``.x.partial``) is what the pull clears as left-overs
+    (``plain_name_problem``: the rule)."""
+    return check_plain_name(value, "bundle id", where, kind="folder")
 
 
 def _per_point(value: Any, count: int, key: str) -> tuple[float, ...]:
@@ -113,8 +149,7 @@ class ModelEntry:
         if self.kpt_shape is not None and len(self.kpt_shape) != 2:
             raise BundleError(f"models.{self.role}.kpt_shape: expected [points, values per point], got "
                               f"{list(self.kpt_shape)}")
-        if Path(self.file).name != self.file:
-            raise BundleError(f"models.{self.role}.file: must be a plain file name, got {self.file!r}")
+        check_plain_name(self.file, "file name", f"models.{self.role}.file")
 
     @property
     def output_channels(self) -> int:

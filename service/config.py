@@ -154,6 +154,16 @@ class Config:
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     # PASSTHROUGH tables as parsed from the file (read-only at the top level), e.g. extra["sync"].
     extra: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}), compare=False)
+    # Where each value not left at its default came from ("from /etc/annotator.toml", "from
+    # environment ANNOTATOR_STORE__ROOT", "from the command line"): ``source_of``.
+    sources: Mapping[str, str] = field(default_factory=lambda: types.MappingProxyType({}), compare=False, repr=False)
+
+    def source_of(self, key: str) -> str:
+        """Where the dotted ``key``'s value came from, as ``load_config``'s errors say it
+        (``from /etc/annotator.toml``, ``from environment ANNOTATOR_DROP__FOLDER``...), or
+        ``the default``: for a message about a value found wrong after loading (a folder
+        that does not exist, a store another program reads) that names the file or variable to fix."""
+        return self.sources.get(key, "the default")
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain values by section (paths as strings, tuples as lists), e.g. to show the config."""
@@ -172,7 +182,7 @@ class Config:
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Config)  # type: ignore[misc]
-                             if f.name != "extra"}
+                             if f.name not in ("extra", "sources")}
 KEYS: dict[str, Any] = {f"{s}.{k}": t for s, cls in SECTIONS.items() for k, t in typing.get_type_hints(cls).items()}
 
 
@@ -409,6 +419,7 @@ def load_config(path: Path | None = None, env: Mapping[str, str] = os.environ,
             raise ConfigError(f"{key}: expected {expected}, got {value!r} ({source})")
     sections = {s: cls(**{k.partition(".")[2]: v for k, (v, _) in values.items() if k.partition(".")[0] == s})
                 for s, cls in SECTIONS.items()}
-    cfg = Config(**sections, extra=types.MappingProxyType(extra))
+    cfg = Config(**sections, extra=types.MappingProxyType(extra),
+                 sources=types.MappingProxyType({k: source for k, (_, source) in values.items()}))
     _cross_checks(cfg)
     return cfg

@@ -51,10 +51,11 @@ from typing import TYPE_CHECKING, Any, Mapping
 import numpy as np
 
 from .bundle import Bundle, Thresholds, load_bundle
-from .dropfolder import DropFolder, quarantine_dir, write_quarantine
+from .dropfolder import DropFolder, missing_drop_folder, quarantine_dir, text_name, write_quarantine
 from .engine import GPU_PROVIDERS, Engine
-from .errors import (AnnotatorError, BundleError, ImageError, ImageNotFound, ImageTooLarge, LeaseLost, ShuttingDown,
-                     StoreFull, StoreUnavailable, describe_io_error, free_space, is_io_fault, store_write_error)
+from .errors import (AnnotatorError, BundleError, ConfigError, ImageError, ImageNotFound, ImageTooLarge, LeaseLost,
+                     ShuttingDown, StoreFull, StoreUnavailable, describe_io_error, free_space, is_io_fault,
+                     store_write_error)
 from .imageio import DecodedImage, decode_image
 from .judge import Judge, Judgement, NearDuplicate, ReviewShare, load_score_fn, rank_key
 from .outputs import write_sidecars
@@ -167,6 +168,33 @@ def _within_file_size_limit(max_bytes: int) -> tuple[int, str]:
     return int(soft), "this process may not write larger files: ulimit -f, or systemd's LimitFSIZE"
 
 
+def make_drop_folder(folder: Path, store_root: Path, source: str) -> str | None:
+    """Make the drop folder at start where it is missing and a first start wants it made
+    (``dropfolder.missing_drop_folder``, which ``annotator doctor`` asks too); return the status
+    notice that says so, None when it was there. ``ConfigError`` naming ``drop.folder`` and where
+    it was set (``source``) where it must not be made: the daemon made any missing path (and the
+    folders above it) without a word, so a typo'd path became a new folder nothing writes into,
+    while doctor called the same folder a failure."""
+    if os.path.isdir(folder):
+        return None
+    advice = f"install -d -m 2770 -o annotator -g annotator {text_name(folder)}"
+    if os.path.lexists(folder):
+        raise ConfigError(f"drop.folder: {text_name(folder)} is not a folder ({source}); point drop.folder at a folder")
+    refusal = missing_drop_folder(folder, store_root)
+    if refusal is not None:
+        raise ConfigError(f"drop.folder: {refusal} ({source}); fix drop.folder, or if the folder is meant to be new, "
+                          f"create it: {advice}")
+    try:
+        folder.mkdir()
+    except OSError as exc:
+        raise ConfigError(f"drop.folder: cannot create {text_name(folder)}: {exc.strerror or exc} ({source}); create "
+                          f"it: {advice}") from exc
+    notice = (f"the drop folder {text_name(folder)} did not exist and was made at this start ({source}) and no file "
+              f"has come into it yet: if the capture tools write elsewhere, drop.folder is wrong")
+    log.warning("%s", notice)
+    return notice
+
+
 def _decode(data: bytes, max_bytes: int, max_pixels: int, max_side_hint: int | None) -> DecodedImage:
     """``decode_image`` with both limits (``ImageTooLarge`` for either, ``ImageError`` otherwise)."""
     return decode_image(data, max_pixels=max_pixels, max_side_hint=max_side_hint, max_bytes=max_bytes)
@@ -235,6 +263,9 @@ class Daemon:
         self.sole = sole
         config.require("engine.bundle", "store.root")
         self.config = config
+        # before the bundle loads: a drop folder that must not be made stops the start at once
+        self._drop_made = make_drop_folder(Path(config.drop.folder), Path(config.store.root),
+                                           config.source_of("drop.folder")) if config.drop.folder else None
         self.metrics = metrics
         key_path = config.engine.bundle_public_key
         self._public_key = load_public_key(Path(key_path)) if key_path is not None else None
@@ -931,7 +962,9 @@ class Daemon:
     def status(self) -> DaemonStatus:
         counters = {name: self.store.counter(name) for name in ("annotated", "failed", "reloads")}  # reads only
         if self.drop is not None:
-            counters.update(drop_taken=self.drop.taken, drop_quarantined=self.drop.quarantined)
+            waiting, oldest = self.drop.backlog()  # not counters: status_view shows them on a line of their own
+            counters.update(drop_taken=self.drop.taken, drop_quarantined=self.drop.quarantined,
+                            drop_backlog=waiting, drop_backlog_oldest_s=int(oldest))
         if self.latency is not None:
             p50, p99 = self.latency.percentiles("/annotator.v1.Annotator/Annotate")
             counters.update(annotate_p50_us=int(p50 * 1000), annotate_p99_us=int(p99 * 1000))
@@ -944,7 +977,14 @@ class Daemon:
             queue_depths=self.store.counts(), counters=counters,
             uptime_seconds=time.monotonic() - self.started,
             paused_reason=self.store.paused_reason() or self._io_fault,
-            notices=tuple(n for n in (self.drop.watch_lost if self.drop is not None else None,) if n))
+            notices=tuple(n for n in (self.drop.watch_lost if self.drop is not None else None, self._made_notice()) if n))
+
+    def _made_notice(self) -> str | None:
+        """The notice of a drop folder made at this start, until a first file came into it."""
+        d = self.drop
+        if self._drop_made is None or d is None or d.taken or d.quarantined or d.stored_already or d.backlog()[0]:
+            return None
+        return self._drop_made
 
     def stop_intake(self) -> None:
         """Stop taking images: the drop folder watcher stops, ``submit`` raises ``ShuttingDown``."""

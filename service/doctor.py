@@ -105,7 +105,7 @@ def check_sync(path: Path | None, env: Mapping[str, str]) -> Check:
     ``sync.agent.validated_settings``. Service only checks that ``[sync]`` is a table; without this, a typo or
     a missing token passed here and ``annotator sync`` exited 2 at every start under systemd."""
     try:
-        from sync.agent import validated_settings
+        from sync.agent import registry_warning, validated_settings
         from sync.config import load_sync_config
         from sync.errors import SyncError
     except ModuleNotFoundError as exc:
@@ -115,18 +115,24 @@ def check_sync(path: Path | None, env: Mapping[str, str]) -> Check:
                      "install the whole edge-annotator package, or remove [sync] from the file")
     try:
         cfg = load_sync_config(path, env)
-        review = validated_settings(cfg, env)[0]
+        review, pull, training = validated_settings(cfg, env)
     except SyncError as exc:
         advice = ("set ANNOTATOR_LABEL_STUDIO_TOKEN in /etc/annotator/annotator.env (the units read it; run doctor "
                   "with it set too)" if ".token" in str(exc) else "fix that key in the file")
         return Check("sync", FAIL, str(exc), advice + ": until then annotator sync refuses to start")
+    warning = registry_warning(cfg, pull, training)
+    if warning is not None:
+        return Check("sync", WARN, warning, "fix [sync.models.registry] root (and prefix) if it is mistyped; else it "
+                                            "is made by the first publication (annotator train --publish)")
     return Check("sync", OK, f"appliance {cfg.appliance_id}: target {cfg.target.kind}, review {review.kind}, "
                              f"store {cfg.store_root}")
 
 
 # -- file system ----------------------------------------------------------------------------
 def check_folders(cfg: Any) -> list[Check]:
-    """The drop folder must exist (capture tools write there); store and sidecars may be created."""
+    """The drop folder must exist (capture tools write there) unless the daemon makes it at a first
+    start (``dropfolder.missing_drop_folder``: a WARN, as the daemon starts; a FAIL where the
+    daemon refuses to start); store and sidecars may be created."""
     out = []
     folders: list[tuple[str, Path | None, bool]] = [
         ("drop.folder", cfg.drop.folder, True), ("store.root", cfg.store.root, False),
@@ -157,8 +163,7 @@ def check_folders(cfg: Any) -> list[Check]:
             continue
         parent = _existing_ancestor(folder)
         if must_exist:
-            out.append(Check(name, FAIL, f"{folder} does not exist",
-                             f"create it: install -d -m 2770 -o annotator -g annotator {folder}"))
+            out.append(_missing_drop_folder(cfg, name, folder, parent))
         elif parent.is_dir() and _writable(parent) is None:
             out.append(Check(name, WARN, f"{folder} does not exist; will be created in {parent}",
                              f"create it now to be sure of its owner: install -d -o annotator {folder}"))
@@ -166,6 +171,25 @@ def check_folders(cfg: Any) -> list[Check]:
             out.append(Check(name, FAIL, f"{folder} does not exist and {parent} is not writable",
                              f"create it: install -d -o annotator {folder}, or point {key} elsewhere"))
     return out
+
+
+def _missing_drop_folder(cfg: Any, name: str, folder: Path, parent: Path) -> Check:
+    """What ``annotator serve`` will do with the missing drop folder ``folder`` (``parent``: the
+    nearest folder above it that exists): make it (WARN: check the path) or refuse to start (FAIL)."""
+    from .dropfolder import missing_drop_folder
+
+    source = cfg.source_of("drop.folder") if hasattr(cfg, "source_of") else "the config"
+    create = f"install -d -m 2770 -o annotator -g annotator {folder}"
+    refusal = missing_drop_folder(folder, Path(cfg.store.root))
+    if refusal is not None:
+        return Check(name, FAIL, f"{refusal}: annotator serve refuses to start",
+                     f"fix drop.folder ({source}), or if the folder is meant to be new, create it: {create}")
+    if _writable(parent) is not None:
+        return Check(name, FAIL, f"{folder} does not exist and {parent} is not writable: annotator serve cannot make it",
+                     f"create it: {create}")
+    return Check(name, WARN, f"{folder} does not exist; annotator serve makes it (empty) at its first start",
+                 f"check that the capture tools write there ({source}; a typo makes a folder nothing writes into), "
+                 f"then create it with the owner they need: {create}")
 
 
 WATCH_SHARE_WARN = 0.5  # of the user's inotify watches, for the drop folder's folders alone

@@ -77,7 +77,7 @@ try:  # Linux; see _DropWatchGroup
 except ImportError:  # pragma: no cover - another platform's watchdog observer
     InotifyWatchGroup = None  # type: ignore[assignment,misc]
 
-from .durable import write_bytes_atomic
+from .durable import fsync_dir, make_dirs, write_bytes_atomic
 from .errors import (AnnotatorError, ImageError, ShuttingDown, StoreError, StoreFull, StoreUnavailable, is_disk_full,
                      is_io_fault, store_write_error)
 from .imageio import DecodedImage, decode_image
@@ -193,7 +193,10 @@ def move_file(source: Path, dest: Path) -> None:
 
     On one file system a rename. Across file systems (``processed/`` a mount of its own) a copy
     under a temporary name beside ``dest``, fsynced and renamed into place, then ``source``
-    removed: a kill at any point leaves ``source``, or both, never part of ``dest``."""
+    removed: a kill at any point leaves ``source``, or both, never part of ``dest``. The folder
+    of ``dest`` is fsynced before ``source`` goes: the two file systems commit on their own, and a
+    power cut kept the removal of the original but lost the rename, so the file was left only as
+    the hidden temporary copy (found with a real cut, ``tests/service/test_power_order.py``)."""
     if _same_fs(source, dest.parent):
         os.replace(source, dest)
         return
@@ -211,6 +214,7 @@ def move_file(source: Path, dest: Path) -> None:
             finally:
                 os.close(fd)
         os.replace(tmp, dest)
+        fsync_dir(dest.parent)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -259,16 +263,18 @@ def write_quarantine(qdir: Path, rel: Path, reason: str, source: Path | None = N
     before the store marked the image failed, so the image is tried again) reuses that copy
     instead of adding ``name-1``. So does a ``source`` moved to another file system (a copy, then
     the original removed): a kill between the two left both, and the restart quarantined the
-    original again as ``name-1`` (one file dropped, two in quarantine).
+    original again as ``name-1`` (one file dropped, two in quarantine). Safe against a power cut
+    too: the folders made, the reason file and the copy are on disk (fsynced, their folder
+    too) before this returns, and across file systems before the original is removed
+    (``move_file``).
     """
     target = fit_name(qdir / rel)
     if target.name != (qdir / rel).name:
         reason = f"{reason.rstrip()}\n(dropped as {text_name(rel.name)})"
     reuse = _holds(data) if data is not None else None
-    if source is not None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if not _same_fs(source, target.parent):
-            reuse = _holds_file(source)
+    make_dirs(target.parent)
+    if source is not None and not _same_fs(source, target.parent):
+        reuse = _holds_file(source)
     dest = unique_path(target, reuse)
     reason_file = dest.with_name(dest.name + REASON_SUFFIX)
     write_bytes_atomic(reason_file, (reason.rstrip() + "\n").encode("utf-8", "backslashreplace"))
@@ -276,6 +282,7 @@ def write_quarantine(qdir: Path, rel: Path, reason: str, source: Path | None = N
         move_file(source, dest)
     elif data is not None and not dest.is_file():
         write_bytes_atomic(dest, data)
+    fsync_dir(dest.parent)  # the renames of the reason file and of the copy
     log.warning("quarantined %s: %s", text_name(rel), text_name(reason))
     return dest
 
@@ -404,6 +411,49 @@ def watched_folders(root: Path) -> int:
     return count
 
 
+def took_from_a_drop_folder(store_root: Path) -> bool:
+    """Whether the store under ``store_root`` holds an image taken from a drop folder (a
+    ``drop:`` source): read-only (``mode=ro``, a running daemon is not disturbed); False without
+    a store, or one that cannot be read now (the store's own checks say why)."""
+    db_path = Path(store_root) / "store.sqlite3"
+    if not os.path.isfile(db_path):
+        return False
+    try:
+        db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=5.0)
+        try:
+            return bool(db.execute("SELECT EXISTS (SELECT 1 FROM images WHERE source LIKE 'drop:%')").fetchone()[0])
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        log.debug("cannot tell whether %s took files from a drop folder: %s", db_path, exc)
+        return False
+
+
+def missing_drop_folder(folder: Path, store_root: Path) -> str | None:
+    """Why the missing drop folder ``folder`` must not be made (None: it is there, or making it is
+    what a first start wants). ``annotator serve`` makes it when it may (``service.daemon``) and
+    ``annotator doctor`` says the same (``service.doctor``).
+
+    A fresh install wants it made; a wrong path must not be: a typo'd ``drop.folder`` made a new,
+    empty folder that no capture tool writes into, and the daemon ran on, taking nothing, while
+    the files piled up in the real one. So it is made only where the folder above it exists (a
+    typo in a folder above, or a disk or share not mounted, names none) and the store has never
+    taken a file from a drop folder (a store that has was fed by one: this folder is missing
+    because its path changed or its disk is not there, not because this is a first start)."""
+    folder = Path(folder)
+    if os.path.isdir(folder):
+        return None
+    parent = folder.absolute().parent
+    if not os.path.isdir(parent):
+        return (f"{text_name(folder)} does not exist, nor does {text_name(parent)} (a typo in the path, or the disk "
+                f"or share it is on not mounted?)")
+    if took_from_a_drop_folder(store_root):
+        return (f"{text_name(folder)} does not exist, and the store {text_name(store_root)} has taken files from a "
+                f"drop folder before, so this is not a first start (a typo in the path, or the disk or share it is "
+                f"on not mounted?)")
+    return None
+
+
 def walk_ingested(root: Path):  # type: ignore[no-untyped-def]
     """``os.walk`` of the folders a drop folder takes files from (not processed/, quarantine/
     nor hidden ones): the folders its watch and its full walks cover."""
@@ -459,6 +509,11 @@ class DropFolder:
         # tried again after a delay that doubles up to MOVE_RETRY_MAX_SECONDS, or when it changes.
         self._stuck: dict[Path, tuple[int, int, float, float]] = {}
         self._dirty: set[Path] = set()
+        # The backlog: every file seen and not taken yet (announced, found by a walk, settling,
+        # held by a pause, waiting for a retry) -> clock time it was first seen, in that order
+        # (so the oldest is the first); a file leaves it when taken, quarantined or gone.
+        # ``backlog`` reads it for the metrics and the status, with no walk of its own.
+        self._waiting: dict[Path, float] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -507,9 +562,37 @@ class DropFolder:
 
     def notify(self, path: Path) -> None:
         """A file changed (from watchdog, or a test): look at it soon."""
+        waits = self._relative(path) is not None
         with self._lock:
             self._dirty.add(path)
+            if waits:
+                self._waiting.setdefault(path, self.clock())
         self._wake.set()
+
+    def backlog(self) -> tuple[int, float]:
+        """(files waiting, seconds the oldest of them has waited): files seen in the folder and
+        not taken yet (being written or settling for ``stable_seconds``, announced and not
+        looked at yet, found by a walk and queued behind others, held while ingest is paused, or
+        waiting for a retry after their move out failed); (0, 0.0) when none. Waiting is
+        counted from when this process first saw the file (a file there at the start: from the
+        first walk), not from its mtime, which a copy (``rsync -t``, a card) keeps from the
+        camera. Files found by the full walks only (an unwatched folder, a network share) count
+        from the walk that found them (no walk runs while ingest is paused). Temporary names, ``processed/`` and ``quarantine/`` never
+        count. Cheap: the watcher's own bookkeeping is read, the folder is not walked."""
+        with self._lock:
+            n = len(self._waiting)
+            first = next(iter(self._waiting.values()), None)
+        return n, 0.0 if first is None else max(0.0, self.clock() - first)
+
+    def _waits(self, path: Path) -> None:
+        with self._lock:
+            self._waiting.setdefault(path, self.clock())
+
+    def _done(self, path: Path) -> None:
+        """``path`` is no longer waiting: taken, quarantined, gone, or nothing to take."""
+        if path in self._waiting:  # most calls (a kept file, at every walk) find nothing: no lock
+            with self._lock:
+                self._waiting.pop(path, None)
 
     def request_full_scan(self) -> None:
         """Events were lost (inotify's queue overflowed): walk the whole folder on the next scan."""
@@ -678,7 +761,18 @@ class DropFolder:
         # network costs no CPU and must not push the next walk (its very purpose there) away.
         t0, take0 = time.thread_time(), self._take_seconds
         if full:
-            candidates.update(self._walk())
+            walked = self._walk()
+            candidates.update(walked)
+            with self._lock:
+                # files found by the walk wait too (kept ones and temporary names do not); what
+                # waited and is neither found nor announced again has gone without an event
+                now = self.clock()
+                for path in walked:
+                    if path not in self._waiting and path not in self._kept \
+                            and not path.name.startswith((".", "~")) and not path.name.endswith(TEMP_SUFFIXES):
+                        self._waiting[path] = now
+                for path in [p for p in self._waiting if p not in candidates and p not in self._dirty]:
+                    del self._waiting[path]
         order = sorted(candidates)
         taken = 0
         for i, path in enumerate(order):
@@ -745,6 +839,7 @@ class DropFolder:
         rel = self._relative(path)
         if rel is None:
             self._seen.pop(path, None)
+            self._done(path)
             return 0
         try:
             st = os.lstat(path)
@@ -752,11 +847,15 @@ class DropFolder:
             self._seen.pop(path, None)
             self._kept.pop(path, None)
             self._stuck.pop(path, None)
+            self._done(path)
             return 0
         if stat.S_ISDIR(st.st_mode):
+            self._done(path)
             return 0
         if self._kept.get(path) == (st.st_size, st.st_mtime_ns, st.st_ino):
+            self._done(path)
             return 0
+        self._waits(path)  # until taken, quarantined or gone (a kept file changed: again)
         now = self.clock()
         stuck = self._stuck.get(path)
         if stuck is not None and stuck[:2] == (st.st_size, st.st_mtime_ns) and now < stuck[2]:
@@ -778,6 +877,7 @@ class DropFolder:
                 # gone between the last look and the move (another process took it, a writer took
                 # it back): nothing to move, and no permission to fix
                 log.info("%s was gone when it was to be moved (%s); nothing left to do", text_name(rel), exc)
+                self._done(path)
                 return 0
             delay = min(max(2 * stuck[3], MOVE_RETRY_SECONDS) if stuck else MOVE_RETRY_SECONDS, MOVE_RETRY_MAX_SECONDS)
             self._stuck[path] = (st.st_size, st.st_mtime_ns, now + delay, delay)
@@ -811,6 +911,7 @@ class DropFolder:
     def _take(self, path: Path, rel: Path, st: os.stat_result) -> int:
         reason = self._problem(path, st)
         if reason is None and stat.S_ISLNK(st.st_mode) and path.is_dir():
+            self._done(path)  # a link to a folder inside: its files are walked where they are
             return 0
         data = b""
         if reason is None:
@@ -821,6 +922,7 @@ class DropFolder:
                     else:
                         reason = "not a regular file (device, socket or pipe)"
             except FileNotFoundError:  # deleted (or renamed away) since the lstat: nothing to take
+                self._done(path)
                 return 0
             except OSError as exc:
                 reason = f"cannot read the file: {exc.strerror or exc}"
@@ -883,6 +985,7 @@ class DropFolder:
         try:
             now = os.lstat(path)
         except FileNotFoundError:
+            self._done(path)
             return True
         if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
             return False
@@ -897,6 +1000,7 @@ class DropFolder:
             return
         self.quarantined += 1
         write_quarantine(self.root / QUARANTINE, rel, reason, source=path)
+        self._done(path)
         if self.on_quarantine is not None:
             self.on_quarantine()
 
@@ -909,9 +1013,10 @@ class DropFolder:
             path.unlink(missing_ok=True)
         else:
             dest = fit_name(self.root / PROCESSED / rel)
-            dest.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(dest.parent)  # durably: the copy's folder must outlive the original (move_file)
             # across file systems a kill after the copy and before the unlink leaves both: the
             # copy holding these bytes is then reused, not doubled as name-1
             dest = unique_path(dest, None if _same_fs(path, dest.parent) else _holds(data))
             move_file(path, dest)
+        self._done(path)
         log.debug("took %s (%s)", text_name(rel), self.processed_mode)

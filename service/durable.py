@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-__all__ = ["atomic_file", "fsync_dir", "fsync_tree", "write_bytes_atomic", "write_json_atomic"]
+__all__ = ["atomic_file", "fsync_dir", "fsync_tree", "make_dirs", "write_bytes_atomic", "write_json_atomic"]
 
 # Temporary names keep only the start of the target's name: a long name plus the random part
 # and the suffix must stay under the file system's limit on name length.
@@ -42,6 +42,23 @@ def fsync_dir(folder: Path | str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def make_dirs(folder: Path | str) -> None:
+    """Create ``folder`` and its missing parents (``mkdir -p``), each new folder's name made
+    durable: the parent of every folder created here is fsynced. A file fsynced, renamed into a
+    new folder and the folder fsynced is otherwise not on disk for POSIX until the new folder's
+    own entry is (ext4 commits both in one journal transaction; other file systems need not).
+    Costs nothing where the folder exists already (one stat)."""
+    folder = Path(folder)
+    missing: list[Path] = []
+    p = folder
+    while not p.is_dir() and p.parent != p:
+        missing.append(p)
+        p = p.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    for parent in dict.fromkeys(m.parent for m in reversed(missing)):
+        fsync_dir(parent)
 
 
 def fsync_tree(path: Path | str) -> None:
@@ -70,11 +87,15 @@ def fsync_tree(path: Path | str) -> None:
 def atomic_file(path: Path | str, *, sync_dir: bool = False) -> Iterator[IO[bytes]]:
     """A binary file object whose content replaces ``path`` when the block ends without error.
 
-    The parent folder is created when missing. An exception inside the block (e.g. a checksum
-    that does not match what was streamed) removes the temporary file and leaves ``path`` alone.
+    The parent folder is created when missing (with ``sync_dir``, durably: ``make_dirs``). An
+    exception inside the block (e.g. a checksum that does not match what was streamed) removes
+    the temporary file and leaves ``path`` alone.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if sync_dir:  # durable down to the folder: a folder made for it too (``make_dirs``)
+        make_dirs(path.parent)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:_NAME_KEPT]}.", suffix=".tmp", dir=path.parent)
     try:
         # mkstemp creates 0600; the finished file gets the usual mode (0666 less the umask),

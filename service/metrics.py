@@ -40,6 +40,15 @@ Exposed series (all prefixed ``annotator_``):
 - ``drop_taken_total``, ``drop_watch_lost`` (1 while the drop folder is found by its full walks
   only, e.g. past the inotify watch limit: new files wait up to a walk) and
   ``drop_walk_seconds`` (the last full walk's cost), once ``watch_daemon`` is called;
+- ``drop_backlog_files`` and ``drop_backlog_oldest_age_seconds``: files seen in the drop folder
+  and not taken yet (being written, settling, queued behind others, held by a pause, a move
+  out retried) and how long the oldest has waited since the daemon first saw it
+  (``DropFolder.backlog``: the watcher's own bookkeeping, no walk per scrape): a backlog that
+  grows says the capture tools write faster than the daemon takes, an age that grows with a
+  flat count says files are stuck. Files taken wait on in ``queue_depth{queue="annotate"}``.
+  (The folder's refusals keep their own reason, ``intake_rejected_total{reason="quarantined"}``:
+  what happened to the file, where to look; gRPC's ``invalid``/``too_large`` are what the
+  caller was answered. Not renamed: a dashboard's series would end);
 - ``bundle_created_timestamp_seconds``: when the bundle in use was built (its ``created``);
 - ``sync_last_success_timestamp_seconds{task}`` and ``sync_task_errors_total{task}``: the sync
   agent's tasks (``task_pass``).
@@ -210,6 +219,11 @@ class _DaemonCollector(Collector):
                                     value=1 if drop.watch_lost else 0)
             yield GaugeMetricFamily(f"{PREFIX}_drop_walk_seconds", "CPU seconds of the drop folder's last full walk",
                                     value=float(drop.walk_seconds))
+            waiting, oldest = drop.backlog()
+            yield GaugeMetricFamily(f"{PREFIX}_drop_backlog_files", "Files seen in the drop folder and not taken yet "
+                                    "(being written, settling, queued, held by a pause, retried)", value=waiting)
+            yield GaugeMetricFamily(f"{PREFIX}_drop_backlog_oldest_age_seconds", "Seconds since the daemon first saw "
+                                    "the oldest file still waiting in the drop folder (0: none waits)", value=oldest)
         try:
             created = _epoch(daemon.bundle.created)
         except Exception:  # noqa: BLE001 (a daemon closing: the scrape goes on without it)
@@ -349,7 +363,7 @@ class MetricsRecorder:
         self._state.store, self._state.faulted = store, faulted
 
     def watch_daemon(self, daemon: Any) -> None:
-        """Read the daemon's drop folder (files taken, whether it is watched, its last walk) and
+        """Read the daemon's drop folder (files taken and waiting, whether it is watched, its last walk) and
         the ``created`` time of its bundle at every scrape (a reload is followed)."""
         self._daemon.daemon = daemon
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from .durable import fsync_dir, write_json_atomic
+from .durable import fsync_dir, make_dirs, write_json_atomic
 from .keypoints import CABIN19, COCO17, FLAG_VISIBILITY, VISIBILITY_FLAG, KeypointSchema
 from .store import REVIEWED, ImageRow, Store
 
@@ -87,7 +87,7 @@ def write_sidecars(out_dir: Path, records: Sequence[Mapping[str, Any]]) -> list[
     renamed stay (they are complete).
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(out_dir)  # durably: the sidecars' folder itself must survive a power cut
     paths: list[Path] = []
     for record in records:
         image_id = str(record.get("image_id") or "")

@@ -24,6 +24,9 @@ STATE_ORDER = ("received", "annotated", "auto_accepted", "review_pending", "uplo
 # Counters the daemon counts since its start (the others are the store's, kept across restarts).
 SINCE_START = ("drop_taken", "drop_quarantined")
 LATENCY = ("annotate_p50_us", "annotate_p99_us")  # unary gRPC Annotate calls answered OK (service.interceptors)
+# The drop folder's files not taken yet and the oldest one's wait (``DropFolder.backlog``): a
+# gauge, not a counter, so a line of its own.
+BACKLOG = ("drop_backlog", "drop_backlog_oldest_s")
 
 
 def format_duration(seconds: float) -> str:
@@ -73,8 +76,12 @@ def format_status(status: "pb.Status", target: str = "") -> str:
     counters = dict(status.counters)
     latency = [counters.pop(k) for k in LATENCY if k in counters]
     since_start = {k: counters.pop(k) for k in SINCE_START if k in counters}
-    if counters or since_start or latency:
+    backlog = [counters.pop(k) for k in BACKLOG if k in counters]
+    if counters or since_start or latency or backlog:
         lines.append("")
+    if len(backlog) == 2:
+        lines.append("drop folder " + (f"{backlog[0]} file(s) waiting to be taken, the oldest seen "
+                                       f"{format_duration(backlog[1])} ago" if backlog[0] else "no file waiting"))
     if counters:
         lines.append("counters    " + ", ".join(f"{k} {v}" for k, v in sorted(counters.items())))
     if since_start:

@@ -246,10 +246,27 @@ def validated_settings(cfg: SyncConfig, env: Mapping[str, str] = os.environ) -> 
     from .review_settings import review_settings_from
 
     review = review_settings_from(cfg, env)
-    pull = dataclasses.replace(settings_from(cfg.store_root, cfg.tables, cfg.base),
+    pull = dataclasses.replace(settings_from(cfg.store_root, cfg.tables, cfg.base, source=cfg.source),
                                daemon_token=cfg.daemon_token, daemon_tls=cfg.daemon_tls)
     check_public_key(pull)
     return review, pull, _training_settings(cfg, pull)
+
+
+def registry_warning(cfg: SyncConfig, pull: Any, training: Any) -> str | None:
+    """A warning when ``[sync.models.registry]`` is a local folder that does not exist (and this
+    agent does not publish into it, which makes it): it read as an empty registry, so a typo'd
+    path meant "no newer bundle" for good, said nowhere. Not a refusal: a registry that the first
+    training publication (on this box or another) makes later is a normal first set-up, and the
+    uploads and reviews must not wait for it. Said at the agent's start and by ``annotator
+    doctor`` (WARN), and by ``annotator models list`` / ``pull``."""
+    from .config import at
+    from .models_cli import registry_problem
+
+    problem = registry_problem(pull.registry, publishing=training is not None)
+    if problem is None:
+        return None
+    return (f"sync.models.registry: {problem}{at(cfg.source)}; the model pull finds no bundle until one is "
+            "published there")
 
 
 def build_agent(cfg: SyncConfig, extra_tasks: Sequence[Task] = (), env: Mapping[str, str] = os.environ,
@@ -264,6 +281,9 @@ def build_agent(cfg: SyncConfig, extra_tasks: Sequence[Task] = (), env: Mapping[
     from .uploader import Uploader, UploadSettings
 
     review, pull, training = validated_settings(cfg, env)
+    warning = registry_warning(cfg, pull, training)
+    if warning is not None:
+        log.warning("%s", warning)
     if pull.daemon is None:
         pull = dataclasses.replace(pull, daemon=cfg.daemon_address)
     settings = UploadSettings(cfg.appliance_id, cfg.batch_size, cfg.max_side, cfg.jpeg_quality,
@@ -424,12 +444,14 @@ def _training_settings(cfg: SyncConfig, pull: Any) -> Any:
     """``[sync.training]`` validated (None when absent); it publishes to ``[sync.models.registry]``."""
     if "training" not in cfg.tables:
         return None
+    from .config import at
     from .errors import SyncConfigError
     from .training_settings import training_settings_from
 
-    settings = training_settings_from(cfg.tables["training"], cfg.appliance_id, cfg.base)
+    settings = training_settings_from(cfg.tables["training"], cfg.appliance_id, cfg.base, cfg.source)
     if pull.registry is None:
-        raise SyncConfigError("sync.training: needs [sync.models.registry] to publish the bundles it trains")
+        raise SyncConfigError(f"sync.training: needs [sync.models.registry] to publish the bundles it trains"
+                              f"{at(cfg.source)}")
     return settings
 
 

@@ -36,7 +36,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     from service.systemd import Notifier, Watchdog
 
     from .agent import build_agent
-    from .config import load_sync_config
+    from .config import at, load_sync_config
 
     notifier = Notifier.from_environ(os.environ)
     watchdog: Watchdog | None = None
@@ -60,7 +60,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
                 start_metrics_server(metrics, *cfg.metrics_listen)
             except OSError as exc:
                 agent.close()
-                raise SyncConfigError(f"sync.metrics_listen: cannot listen on {cfg.metrics_listen[0]}:"
+                raise SyncConfigError(f"sync.metrics_listen{at(cfg.source)}: cannot listen on {cfg.metrics_listen[0]}:"
                                       f"{cfg.metrics_listen[1]}: {exc}") from exc
         agent.install_signal_handlers()
         agent.on_pass = _status_reporter(notifier, agent)

@@ -95,6 +95,11 @@ class SyncConfig:
     daemon_listen: str = "127.0.0.1:50051"  # the daemon's [server] listen (ReloadModels)
     daemon_token: str | None = field(default=None, repr=False)  # its [server] token; never logged
     daemon_tls: Any = field(default=None, repr=False)  # service.client.TlsOptions when it serves TLS
+    # Where the [sync] tables were read ("from /etc/annotator/annotator.toml"; "defaults" without a file)
+    # and where store_root came from ([sync] store_root, [store] root, ANNOTATOR_STORE__ROOT...):
+    # every error about a [sync.*] value names them (``at``), as the daemon's do.
+    source: str = ""
+    store_root_source: str = ""
 
     @property
     def daemon_address(self) -> str | None:
@@ -117,6 +122,14 @@ def default_appliance_id() -> str:
     """The host name, reduced to the characters allowed in an appliance id."""
     name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()).strip("-._")
     return (name or "appliance")[:64]
+
+
+def at(source: str) -> str:
+    """`` (from /etc/annotator.toml)`` for the end of an error message; "" for no source.
+    ``[sync.*]`` errors named the key but not the file (nor the environment variable a token
+    came from): on a box with several configs, or one given by ``ANNOTATOR_CONFIG`` in a unit
+    file, the operator had to find which file the agent had read."""
+    return f" ({source})" if source else ""
 
 
 _TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", dict: "a table", list: "a list",
@@ -214,15 +227,16 @@ def check_target(target: Mapping[str, Any], where: str, source: str = "") -> Non
         raise SyncConfigError(f"{where}.multipart_threshold_mb: expected >= 5 (S3's part minimum){at}")
 
 
-def checked_table(table: Any, allowed: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """``table`` as a dict when it is a table of known keys with values of the allowed types."""
+def checked_table(table: Any, allowed: Mapping[str, Any], where: str, source: str = "") -> dict[str, Any]:
+    """``table`` as a dict when it is a table of known keys with values of the allowed types;
+    ``source`` (``SyncConfig.source``) ends each error."""
     if not isinstance(table, dict):
-        raise SyncConfigError(f"{where}: expected a table, got {table!r}")
+        raise SyncConfigError(f"{where}: expected a table, got {table!r}{at(source)}")
     for key, value in table.items():
         if key not in allowed:
-            raise SyncConfigError(f"{where}.{key}: unknown key{suggest(key, sorted(allowed))}")
+            raise SyncConfigError(f"{where}.{key}: unknown key{at(source)}{suggest(key, sorted(allowed))}")
         if (isinstance(value, bool) and allowed[key] is not bool) or not isinstance(value, allowed[key]):
-            raise SyncConfigError(f"{where}.{key}: expected {expected_type(allowed[key])}, got {value!r}")
+            raise SyncConfigError(f"{where}.{key}: expected {expected_type(allowed[key])}, got {value!r}{at(source)}")
     return dict(table)
 
 
@@ -239,8 +253,11 @@ def _check(table: Mapping[str, Any], allowed: Mapping[str, Any], where: str, sou
     return out
 
 
-def sync_config_from_dict(doc: Mapping[str, Any], base: Path, source: str = "config") -> SyncConfig:
-    """Build and validate a ``SyncConfig`` from a parsed TOML document; ``base`` resolves relative paths."""
+def sync_config_from_dict(doc: Mapping[str, Any], base: Path, source: str = "config",
+                          store_root_source: str = "") -> SyncConfig:
+    """Build and validate a ``SyncConfig`` from a parsed TOML document; ``base`` resolves relative
+    paths; ``source`` says where the document came from and ``store_root_source`` where its
+    ``[store] root`` did (kept in the ``SyncConfig`` for the errors of the ``[sync.*]`` tables)."""
     sync_table = doc.get("sync", {})
     if not isinstance(sync_table, dict):
         raise SyncConfigError(f"sync: expected a [sync] table ({source})")
@@ -250,6 +267,8 @@ def sync_config_from_dict(doc: Mapping[str, Any], base: Path, source: str = "con
             raise SyncConfigError(f"[sync.{key}]: unknown table ({source}){suggest(key, SYNC_TABLES, '[sync.{}]')}")
     target_table = sync_table.get("target", {})
     target = _check(target_table, _TARGET_KEYS, "sync.target", source)
+    if values.get("store_root"):
+        store_root_source = f"sync.store_root, {source}"
     store_root = values.pop("store_root", None) or doc.get("store", {}).get("root", "annotator-data")
     store_root = base / Path(store_root)
     check_target(target, "sync.target", source)
@@ -282,7 +301,7 @@ def sync_config_from_dict(doc: Mapping[str, Any], base: Path, source: str = "con
     fields: dict[str, Any] = values
     return SyncConfig(store_root=store_root, target=tcfg, tables=tables, base=base, metrics_listen=metrics_listen,
                       daemon_listen=str(server.get("listen", "127.0.0.1:50051")),
-                      daemon_token=server.get("token"), **fields)
+                      daemon_token=server.get("token"), source=source, store_root_source=store_root_source, **fields)
 
 
 def load_sync_config(path: Path | None = None, env: Mapping[str, str] = os.environ) -> SyncConfig:
@@ -309,9 +328,10 @@ def load_sync_config(path: Path | None = None, env: Mapping[str, str] = os.envir
     # default is still relative, and the daemon reads that from its working directory.
     doc = {"sync": dict(shared.extra.get("sync", {})), "store": {"root": str(Path(shared.store.root).absolute())},
            "server": {"listen": shared.server.listen, "token": shared.server.token}}
+    root_source = f"store.root, {shared.source_of('store.root')}"
     if path is None:
-        return sync_config_from_dict(doc, Path.cwd(), "defaults")
-    cfg = sync_config_from_dict(doc, path.parent, f"from {path}")
+        return sync_config_from_dict(doc, Path.cwd(), "defaults", root_source)
+    cfg = sync_config_from_dict(doc, path.parent, f"from {path}", root_source)
     s = shared.server
     if s.tls_cert and s.tls_key:  # the daemon serves TLS only: reloads must speak it too
         from service.client import TlsOptions
@@ -320,7 +340,7 @@ def load_sync_config(path: Path | None = None, env: Mapping[str, str] = os.envir
             tls = TlsOptions.for_own_server(s.tls_cert, s.tls_key, s.tls_client_ca)
         except OSError as exc:
             raise SyncConfigError(f"server.tls_cert: cannot read the daemon's TLS files ({exc}) "
-                                  f"to reach it for reloads ({path})") from exc
+                                  f"to reach it for reloads ({shared.source_of('server.tls_cert')})") from exc
         cfg = dataclasses.replace(cfg, daemon_tls=tls)
     return cfg
 

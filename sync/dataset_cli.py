@@ -35,7 +35,8 @@ def settings(args: argparse.Namespace, **overrides: Any) -> PullSettings:
     cfg = load_sync_config(args.config)
     # cfg.base: the folder of --config or $ANNOTATOR_CONFIG, as the agent joins [sync.*] paths to.
     out = settings_from(cfg.store_root, cfg.tables, cfg.base, {
-        "store_root": args.store_root, "dataset_root": getattr(args, "dataset_root", None), **overrides})
+        "store_root": args.store_root, "dataset_root": getattr(args, "dataset_root", None), **overrides},
+        source=cfg.source)
     # reloads go to a daemon that may want its token and speak TLS only
     return dataclasses.replace(out, daemon_token=cfg.daemon_token, daemon_tls=cfg.daemon_tls)
 

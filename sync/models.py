@@ -71,7 +71,7 @@ from service.errors import BundleError
 from .errors import BundleContentError, RetryableError, SyncError
 from .gate import GateResult, ValidationGate
 from .registry import MANIFEST, SIGNATURE, BundleRegistry, RegistryEntry, remove_partials
-from .signing import SignatureError, load_public_key, verify_manifest
+from .signing import SignatureError, check_weights_vouched, load_public_key, verify_manifest
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,26 @@ def _same_bundle(a: Path, b: Path) -> bool:
     except (OSError, BundleError, ValueError, TypeError, KeyError, AttributeError):
         return False
     return True
+
+
+def _drop_unvouched_weights(staged: Path, bundle: Bundle) -> None:
+    """Remove from an adopted copy the checkpoints under ``weights/`` that the signature does
+    not vouch for: none named in ``lineage.weights`` with a matching sha256 (changed since it
+    was signed, or never named). A pull installs only those (``sync.registry``); adopt copied
+    the whole folder, and ``annotator train --init current`` unpickles ``weights/<role>.pt``."""
+    from service.bundle import sha256_file
+
+    weights = bundle.lineage.get("weights")
+    named = {str(e.get("file")): e.get("sha256") for e in (weights.values() if isinstance(weights, dict) else ())
+             if isinstance(e, dict)}
+    folder = staged / "weights"
+    for path in sorted(folder.rglob("*")) if folder.is_dir() else ():
+        rel = path.relative_to(staged).as_posix()
+        if path.is_file() and not (rel in named and sha256_file(path) == named[rel]):
+            path.unlink()
+            log.warning("bundle %s: %s is %s; adopted without it", bundle.id, rel,
+                        "not named in lineage.weights" if rel not in named else
+                        "changed since it was signed (its sha256 in lineage.weights does not match)")
 
 
 class ModelSlots:
@@ -231,8 +251,12 @@ class ModelSlots:
         return old
 
     def restore(self, old: tuple[Path | None, Path | None]) -> None:
+        """Point ``current`` and ``previous`` back at ``old``, durably: an undone switch removes
+        the bundle it had switched to right after, and a power cut between that removal and the
+        pointers reaching the disk left ``current`` naming a deleted bundle (power-cut audit)."""
         _point(self.root / CURRENT, old[0])
         _point(self.root / PREVIOUS, old[1])
+        fsync_dir(self.root)
 
     def begin_switch(self, refuse_after: str | None = None) -> tuple[Path | None, Path | None]:
         """Write ``switching.json`` (the pointers now, and a bundle to refuse once the daemon
@@ -361,6 +385,12 @@ class ModelPuller:
                                 self.public_key)
             except SignatureError as exc:
                 return f"signature: {exc}"
+            try:
+                check_weights_vouched(json.loads((staged / MANIFEST).read_bytes()))
+            except SignatureError as exc:
+                return f"signature: {exc}; then publish it under a new id"
+            except ValueError:
+                pass  # not JSON: load_bundle says so below
         try:
             candidate = load_bundle(staged)
         except (BundleError, ValueError, TypeError, KeyError, AttributeError) as exc:
@@ -550,10 +580,20 @@ class ModelPuller:
                         "--publish ... --sign-key KEY.pem signs what it publishes) or pass --unsigned "
                         "to install it anyway") from exc
                 log.warning("adopting %s without a valid signature (--unsigned): %s", bundle_dir, exc)
+            else:
+                try:
+                    check_weights_vouched(json.loads((bundle_dir / MANIFEST).read_bytes()))
+                except SignatureError as exc:
+                    if not unsigned:
+                        raise BundleError(f"{bundle_dir}: signature: {exc}; or pass --unsigned to install it "
+                                          "anyway") from exc
+                    log.warning("adopting %s with checkpoints no signature covers (--unsigned): %s", bundle_dir, exc)
         self.slots.tidy()  # as each pull pass does first
         staged = self.slots.root / "staging" / bundle.id
         shutil.rmtree(staged, ignore_errors=True)
         shutil.copytree(bundle_dir, staged)
+        if self.public_key is not None and not unsigned:
+            _drop_unvouched_weights(staged, bundle)
         self.slots.switch(self.slots.install(staged, bundle.id))
         fsync_dir(self.slots.root)  # the pointers too: the daemon starts from ``current``
         return bundle.id

@@ -127,13 +127,26 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _missing_registry(s: PullSettings) -> str | None:
-    """Why a local registry folder cannot be read (it does not exist), else None: a mistyped
-    ``--registry`` listed nothing and pulled nothing, and said only that no newer bundle came."""
-    if s.registry is None or s.registry.kind != "local" or s.registry.root is None or s.registry.root.is_dir():
+def registry_problem(registry: Any, publishing: bool = False) -> str | None:
+    """Why a local registry folder (``[sync.models.registry]`` / ``--registry``, its ``prefix``
+    under ``root`` included) cannot be read: it does not exist; else None. It read as an empty
+    registry: a mistyped path meant "no newer bundle" for good, said nowhere. ``publishing``:
+    this process publishes into it (the agent's ``[sync.training]``), which creates it
+    (``sync.publish``; ``annotator train --publish`` too): not a problem then. The agent's start
+    and ``annotator doctor`` (``sync.agent.validated_settings``), ``models list``, ``pull`` and
+    ``clean-registry`` ask it."""
+    if registry is None or publishing or registry.kind != "local" or registry.root is None:
         return None
-    return (f"model registry {s.registry.root} is not a folder; give --registry the folder bundles are "
-            "published to, or fix [sync.models.registry] root")
+    folder = Path(registry.root) / registry.prefix.strip("/") if registry.prefix.strip("/") else Path(registry.root)
+    if folder.is_dir():
+        return None
+    return (f"model registry {folder} is not a folder; give --registry the folder bundles are published to, "
+            "or fix [sync.models.registry] root" + (" and prefix" if registry.prefix.strip("/") else "")
+            + " (annotator train --publish creates it)")
+
+
+def _missing_registry(s: PullSettings) -> str | None:
+    return registry_problem(s.registry)
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -197,7 +210,9 @@ def cmd_adopt(args: argparse.Namespace) -> int:
 
 def cmd_clean_registry(args: argparse.Namespace) -> int:
     """List (and with ``--apply`` delete) the registry's bundle folders that no bundle.json names
-    and whose newest object is older than ``--min-age-hours`` (``BundleRegistry.orphans``)."""
+    and whose newest object is older than ``--min-age-hours`` (``BundleRegistry.orphans``), and
+    abort the multipart uploads killed publications left in folders as old
+    (``BundleRegistry.abandoned_uploads``: S3 bills their parts for ever otherwise)."""
     from .config import open_target
     from .registry import BundleRegistry
 
@@ -226,11 +241,24 @@ def cmd_clean_registry(args: argparse.Namespace) -> int:
             sys.stdout.write(f"{'removed' if done else 'left (changed since)'}  {what}\n")
         else:
             sys.stdout.write(f"would remove  {what}\n")
-    if not orphans:
-        sys.stdout.write("nothing to remove\n" if found else "no interrupted publication in the registry\n")
+    pending = registry.abandoned_uploads(0.0)
+    uploads = [u for u in pending if u.age_s >= min_age]
+    for u in pending:
+        if u.age_s < min_age:
+            sys.stdout.write(f"left  {u.key}  multipart upload, its folder written {u.age_s / 3600:.1f} h ago "
+                             "(a publication may be running)\n")
+    for u in uploads:
+        what = f"{u.key}  multipart upload, {u.size / 1e6:.1f} MB in parts, its folder written {u.age_s / 3600:.0f} h ago"
+        if args.apply:
+            sys.stdout.write(f"{'aborted' if registry.abort_upload(u, min_age) else 'left (changed since)'}  {what}\n")
+        else:
+            sys.stdout.write(f"would abort  {what}\n")
+    if not orphans and not uploads:
+        sys.stdout.write("nothing to remove\n" if found or pending else "no interrupted publication in the registry\n")
     elif not args.apply:
-        sys.stdout.write(f"{len(orphans)} folder(s) of interrupted publications; run again with --apply to remove "
-                         "them (not while one of these bundles is being published again)\n")
+        sys.stdout.write(f"{len(orphans)} folder(s) and {len(uploads)} unfinished upload(s) of interrupted "
+                         "publications; run again with --apply to remove them (not while one of these bundles is "
+                         "being published again)\n")
     return 0
 
 
@@ -268,7 +296,7 @@ def register(subparsers: Any) -> None:
                    help="install it even though a public key is set and the bundle carries no valid signature")
     s.set_defaults(func=cmd_adopt)
     s = sub.add_parser("clean-registry", help="remove what publications killed before bundle.json left in the "
-                       "registry (a dry run unless --apply)")
+                       "registry: folders, unfinished multipart uploads (a dry run unless --apply)")
     add_common_options(s)
     s.add_argument("--registry", type=Path, default=None, help="a registry folder (overrides the config)")
     s.add_argument("--min-age-hours", type=float, default=24.0,

@@ -43,6 +43,18 @@ class ObjectInfo:
 
 
 @dataclass(frozen=True)
+class PendingUpload:
+    """A write in progress that a store can abort (S3: a multipart upload, ``upload_id`` its
+    UploadId): ``last`` is when it last made progress (its newest part, else its start) by the
+    store's clock, ``size`` the bytes of its parts so far (what it costs while it stays)."""
+
+    key: str
+    upload_id: str
+    last: float
+    size: int = 0
+
+
+@dataclass(frozen=True)
 class TimedListing:
     """What ``list_with_times`` says: ``objects`` maps every key under the prefix to (its last
     modification in epoch seconds, its size in bytes), and ``now`` is the store's own clock as it
@@ -50,11 +62,14 @@ class TimedListing:
     this box's clock minus the server's stamp (a box clock an hour ahead of the bucket's took a
     publication running now for an hour-old one). ``writing``: key -> start time of a write in
     progress there, not an object yet (S3: an unfinished multipart upload; a folder: a hidden
-    ``.tmp`` file); a big file going up over a slow link is one for a long while."""
+    ``.tmp`` file); a big file going up over a slow link is one for a long while. ``uploads``:
+    the same writes one by one where the store can abort them (S3's multipart uploads, several
+    per key when a killed publication left one and another runs now; ``abort_upload``)."""
 
     objects: dict[str, tuple[float, int]]
     now: float
     writing: dict[str, float] = field(default_factory=dict)
+    uploads: tuple[PendingUpload, ...] = ()
 
 
 @runtime_checkable
@@ -81,6 +96,8 @@ class ObjectStore(Protocol):
     # Optional (``getattr``): ``list_with_times(prefix) -> TimedListing``, the keys with their
     # modification times and sizes, and the store's clock to judge those times by (what a
     # store without object times lacks: ``sync.registry`` then refuses to guess ages).
+    # Optional (``getattr``): ``abort_upload(key, upload_id)``, abort a write in progress that
+    # ``list_with_times`` listed in ``uploads`` (S3: AbortMultipartUpload; its parts are freed).
 
     def delete(self, key: str) -> None:
         """Remove ``key``; removing a missing key is not an error."""

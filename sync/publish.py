@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from service.bundle import load_bundle
+from service.bundle import load_bundle, plain_name_problem
 
 from .errors import ObjectNotFound, PermanentError, SyncConfigError
 from .objectstore import LocalFolderStore, ObjectStore, sha256_of
@@ -80,13 +80,15 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
 
 def bundle_files(bundle_dir: Path) -> list[str]:
     """Relative paths to publish besides bundle.json and bundle.sig: the model files, then the
-    checkpoints of ``lineage.weights`` that exist (each checked against its sha256)."""
+    checkpoints of ``lineage.weights`` that exist (each checked against its sha256). A
+    checkpoint's name is held to the pull's rule (``weights/`` and a plain file name): a
+    ``weights/a\\b.pt`` stopped the publication halfway with the object store's ValueError."""
     bundle = load_bundle(bundle_dir)  # verifies checksums and ONNX layouts: never publish a broken bundle
     files = sorted(m.file for m in bundle.models.values())
     for role, entry in sorted(dict(bundle.lineage.get("weights") or {}).items()):
         rel = str(entry.get("file", ""))
         path = Path(bundle_dir) / rel
-        if not rel.startswith("weights/") or "/" in rel[len("weights/"):] or not path.is_file():
+        if not rel.startswith("weights/") or plain_name_problem(rel[len("weights/"):]) or not path.is_file():
             log.warning("bundle %s: weights of %s (%r) missing; published without them", bundle.id, role, rel)
             continue
         if entry.get("sha256") and sha256_of(path) != entry["sha256"]:
@@ -102,12 +104,17 @@ def publish_bundle(bundle_dir: Path, store: ObjectStore, sign_key: Path | None =
     written to ``bundle.sig`` in the folder and in the registry. Re-publishing the same bundle
     rewrites the same objects; another bundle under a published id is refused (module doc).
     """
-    from .signing import sign_manifest
+    from .signing import SignatureError, check_weights_vouched, sign_manifest
 
     bundle_dir = Path(bundle_dir)
     manifest = (bundle_dir / MANIFEST).read_bytes()
     bundle_id = str(json.loads(manifest)["id"])
     files = bundle_files(bundle_dir)
+    if sign_key is not None:  # a signature must vouch for all it carries: every box would refuse it
+        try:
+            check_weights_vouched(json.loads(manifest))
+        except SignatureError as exc:
+            raise PermanentError(f"publish bundle {bundle_id} signed: {exc}") from exc
     prefix = f"{BUNDLES}{bundle_id}/"
     try:
         published = store.get(prefix + MANIFEST)

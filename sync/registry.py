@@ -21,7 +21,10 @@ A publication killed before its ``bundle.json`` (``sync.publish`` writes it last
 folder of model files that nothing lists or pulls, for good, unless the same bundle is
 published again (which completes it). ``orphans`` finds such folders whose newest object is a
 day old (younger: maybe a publication running now) and ``remove_orphan`` deletes one, after
-listing it again (``annotator models clean-registry``: a dry run unless ``--apply``).
+listing it again (``annotator models clean-registry``: a dry run unless ``--apply``). A
+publication killed while a file went up in parts (S3) also leaves a multipart upload, which
+no listing of objects shows and the bucket bills for ever: ``abandoned_uploads`` finds those
+in folders where nothing was written for as long, ``abort_upload`` aborts one.
 """
 from __future__ import annotations
 
@@ -87,6 +90,20 @@ class Orphan:
     newest_age_s: float  # seconds since its newest object was written (or a write in progress there began)
 
 
+@dataclass(frozen=True)
+class AbandonedUpload:
+    """A multipart upload under ``bundles/<bundle_id>/`` that a killed publication left: S3
+    keeps (and bills) its parts for ever unless it is aborted or a lifecycle rule does it.
+    ``age_s``: seconds since anything was written in its folder (the upload's last part, the
+    folder's objects, its other uploads)."""
+
+    bundle_id: str
+    key: str
+    upload_id: str
+    size: int
+    age_s: float
+
+
 def _timed_listing(store: ObjectStore, prefix: str) -> TimedListing:
     """The store's ``list_with_times``: the objects under ``prefix`` with their times, and the
     store's clock to judge them by. A store whose objects have no time is cleaned by hand."""
@@ -97,9 +114,11 @@ def _timed_listing(store: ObjectStore, prefix: str) -> TimedListing:
 
 
 def _plain_name(name: str) -> bool:
-    """A file name that stays inside the bundle's folder in every store (no folder part, no
-    backslash, which ``check_key`` refuses, not ``.`` / ``..``)."""
-    return bool(name) and Path(name).name == name and "\\" not in name and name not in (".", "..")
+    """A file name that stays inside the bundle's folder in every store: the one rule of bundle
+    ids and file names (``service.bundle.plain_name_problem``)."""
+    from service.bundle import plain_name_problem
+
+    return plain_name_problem(name) is None
 
 
 @dataclass(frozen=True)
@@ -207,6 +226,48 @@ class BundleRegistry:
             if age >= min_age_s:
                 out.append(Orphan(bid, tuple(sorted(objects)), sum(n for _, n in objects.values()), age))
         return out
+
+    def abandoned_uploads(self, min_age_s: float = ORPHAN_MIN_AGE_S, now: float | None = None) -> list[AbandonedUpload]:
+        """The multipart uploads under ``bundles/`` (never elsewhere under the store's prefix: an
+        uploader may share it) in folders where nothing was written for ``min_age_s``: the
+        upload's own last part, and every object and upload in its folder, that old (a
+        publication running now writes there; a killed one's upload beside it waits for its
+        end). Aged by the store's clock, as ``orphans``; a store that cannot abort uploads (a
+        folder: its ``.tmp`` left-overs are removed by ``check``) lists none."""
+        if getattr(self.store, "abort_upload", None) is None:
+            return []
+        listing = _timed_listing(self.store, BUNDLES)
+        now = listing.now if now is None else now
+        newest: dict[str, float] = {}
+        for key, when in [*((k, t) for k, (t, _) in listing.objects.items()),
+                          *((u.key, u.last) for u in listing.uploads)]:
+            bid = key[len(BUNDLES):].partition("/")[0]
+            newest[bid] = max(when, newest.get(bid, when))
+        out = []
+        for up in sorted(listing.uploads, key=lambda u: (u.key, u.upload_id)):
+            bid, _, rest = up.key[len(BUNDLES):].partition("/")
+            if not rest or not self._plain_id(bid, up.key):
+                continue
+            age = now - newest[bid]
+            if age >= min_age_s:
+                out.append(AbandonedUpload(bid, up.key, up.upload_id, up.size, age))
+        return out
+
+    def abort_upload(self, upload: AbandonedUpload, min_age_s: float = ORPHAN_MIN_AGE_S) -> bool:
+        """Abort ``upload`` unless its folder changed since it was found (an object written, or an
+        upload begun or added to, within ``min_age_s``: a publication of that id running now),
+        or it is gone; False then, nothing aborted. Ages by the store's clock."""
+        listing = _timed_listing(self.store, f"{BUNDLES}{upload.bundle_id}/")
+        times = [*(t for t, _ in listing.objects.values()), *(u.last for u in listing.uploads)]
+        if not any(u.upload_id == upload.upload_id for u in listing.uploads) or any(
+                listing.now - t < min_age_s for t in times):
+            log.warning("upload of %s changed or ended since it was found (a publication running?); left",
+                        upload.key)
+            return False
+        self.store.abort_upload(upload.key, upload.upload_id)  # type: ignore[attr-defined]
+        log.info("aborted the multipart upload of %s in %r that a killed publication left (%d bytes in parts)",
+                 upload.key, self.store, upload.size)
+        return True
 
     def remove_orphan(self, orphan: Orphan, min_age_s: float = ORPHAN_MIN_AGE_S) -> bool:
         """Delete an orphan's objects, unless its folder changed since it was found (a

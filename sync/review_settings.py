@@ -27,7 +27,8 @@
     document_root = "/var/lib/annotator/store"   # the server's LOCAL_FILES_DOCUMENT_ROOT
     timeout = 30.0
 
-Validation happens in ``review_settings_from`` before anything is opened; errors name the key.
+Validation happens in ``review_settings_from`` before anything is opened; errors name the key
+and where its value came from (the file, or ``ANNOTATOR_LABEL_STUDIO_TOKEN`` for the token).
 The Label Studio token is kept out of ``repr`` and never logged.
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from .config import SyncConfig
+from .config import SyncConfig, at
 from .config import checked_table as _checked
 from .errors import SyncConfigError
 from .groundtruth import BATCH_ID_LENGTH, MAX_JOB_PREFIX, LabelingJobSpec, _name_part
@@ -88,41 +89,43 @@ class ReviewSettings:
 
 
 def review_settings_from(cfg: SyncConfig, env: Mapping[str, str]) -> ReviewSettings:
-    """Validate ``[sync.review]`` of ``cfg``; the Label Studio token comes from ``env`` first."""
-    table = _checked(cfg.tables.get("review", {}), _REVIEW_KEYS, "sync.review")
+    """Validate ``[sync.review]`` of ``cfg``; the Label Studio token comes from ``env`` first.
+    Each error ends with where the value came from (``cfg.source``, or the token's variable)."""
+    w = at(cfg.source)
+    table = _checked(cfg.tables.get("review", {}), _REVIEW_KEYS, "sync.review", cfg.source)
     kind = table.get("kind", "none")
     if kind not in KINDS:
-        raise SyncConfigError(f"sync.review.kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+        raise SyncConfigError(f"sync.review.kind: expected one of {', '.join(KINDS)}, got {kind!r}{w}")
     interval = float(table.get("collect_interval", 60.0))
     if interval < 0:
-        raise SyncConfigError(f"sync.review.collect_interval: expected >= 0, got {interval}")
+        raise SyncConfigError(f"sync.review.collect_interval: expected >= 0, got {interval}{w}")
     # Both backends' tables are checked for unknown keys and types, whichever is chosen.
-    gt_table = _checked(table.get("groundtruth", {}), _GT_KEYS, "sync.review.groundtruth")
+    gt_table = _checked(table.get("groundtruth", {}), _GT_KEYS, "sync.review.groundtruth", cfg.source)
     resubmit_stopped = bool(gt_table.pop("resubmit_stopped", False))
-    job = _checked(gt_table["job"], _JOB_TYPES, "sync.review.groundtruth.job") if "job" in gt_table else None
-    ls_table = _checked(table.get("labelstudio", {}), _LS_KEYS, "sync.review.labelstudio")
+    job = _checked(gt_table["job"], _JOB_TYPES, "sync.review.groundtruth.job", cfg.source) if "job" in gt_table else None
+    ls_table = _checked(table.get("labelstudio", {}), _LS_KEYS, "sync.review.labelstudio", cfg.source)
     gt = ls = None
     if kind == "groundtruth":
         if job is not None:
             missing = [k for k in _JOB_REQUIRED if not job.get(k)]
             if missing:
                 raise SyncConfigError(f"sync.review.groundtruth.job.{missing[0]}: required to start labeling jobs "
-                                      "(or leave out [sync.review.groundtruth.job] and start jobs on the cloud side)")
+                                      f"(or leave out [sync.review.groundtruth.job] and start jobs on the cloud side){w}")
             if cfg.target.kind != "s3":
-                raise SyncConfigError("sync.review.groundtruth.job: labeling jobs read S3; needs [sync.target] kind = 's3'")
+                raise SyncConfigError(f"sync.review.groundtruth.job: labeling jobs read S3; needs [sync.target] kind = 's3'{w}")
             # Checked here, not by CreateLabelingJob: a typo there ("s3:/edge/...") stopped the
             # agent at the first batch's job, an upload pass after its start.
             for key in _JOB_S3_URIS:
                 if job.get(key) and not (job[key].startswith("s3://") and job[key][5:].partition("/")[0]):
                     raise SyncConfigError(f"sync.review.groundtruth.job.{key}: expected s3://bucket/key, "
-                                          f"got {job[key]!r}")
+                                          f"got {job[key]!r}{w}")
             for key in _JOB_ARNS:
                 if job.get(key) and not job[key].startswith("arn:"):
                     raise SyncConfigError(f"sync.review.groundtruth.job.{key}: expected an ARN (arn:aws:...), "
-                                          f"got {job[key]!r}")
+                                          f"got {job[key]!r}{w}")
             for key, low in (("workers_per_object", 1), ("task_time_limit_s", 30)):
                 if key in job and job[key] < low:
-                    raise SyncConfigError(f"sync.review.groundtruth.job.{key}: expected >= {low}, got {job[key]}")
+                    raise SyncConfigError(f"sync.review.groundtruth.job.{key}: expected >= {low}, got {job[key]}{w}")
             prefix = job.get("job_prefix")
             if prefix is not None and not 0 < len(_name_part(prefix)) <= MAX_JOB_PREFIX:
                 # A longer prefix would be cut (sync.groundtruth.job_name_for) and the jobs no
@@ -130,10 +133,10 @@ def review_settings_from(cfg: SyncConfig, env: Mapping[str, str]) -> ReviewSetti
                 raise SyncConfigError(
                     f"sync.review.groundtruth.job.job_prefix: expected 1 to {MAX_JOB_PREFIX} letters, digits or "
                     f"hyphens (a labeling-job name is <job_prefix>-<batch id>, at most 63 characters, and a batch "
-                    f"id takes {BATCH_ID_LENGTH}), got {prefix!r}")
+                    f"id takes {BATCH_ID_LENGTH}), got {prefix!r}{w}")
         output = gt_table.get("output_prefix", f"groundtruth/output/{cfg.appliance_id}").strip("/")
         if not output:
-            raise SyncConfigError("sync.review.groundtruth.output_prefix: expected a key prefix, got ''")
+            raise SyncConfigError(f"sync.review.groundtruth.output_prefix: expected a key prefix, got ''{w}")
         given = (job or {}).get("output_s3_path")
         collected = f"s3://{cfg.target.bucket}/{join_prefix(cfg.target.prefix, output)}"
         if given and given.rstrip("/") != collected:
@@ -141,27 +144,28 @@ def review_settings_from(cfg: SyncConfig, env: Mapping[str, str]) -> ReviewSetti
             # writing anywhere else would never be collected, silently.
             raise SyncConfigError(f"sync.review.groundtruth.job.output_s3_path: {given!r} is not where the agent "
                                   f"collects the jobs' output ({collected}, the target bucket and "
-                                  "[sync.review.groundtruth] output_prefix); leave it out or set it to that")
+                                  f"[sync.review.groundtruth] output_prefix); leave it out or set it to that{w}")
         gt = GroundTruthSettings(output, gt_table.get("region") or cfg.target.region, job, resubmit_stopped)
     elif kind == "labelstudio":
         t = ls_table
         if not t.get("url", "").startswith(("http://", "https://")):
-            raise SyncConfigError(f"sync.review.labelstudio.url: expected http(s)://host:port, got {t.get('url')!r}")
+            raise SyncConfigError(f"sync.review.labelstudio.url: expected http(s)://host:port, got {t.get('url')!r}{w}")
         token = env.get(TOKEN_ENV) or t.get("token") or ""
         if not token:
             raise SyncConfigError(f"sync.review.labelstudio.token: required (set {TOKEN_ENV} in the environment, "
-                                  "or token in the file)")
+                                  f"or token in [sync.review.labelstudio] of the file){w}")
         if len(token) < 6:  # what Label Studio's tokens never are: a placeholder or a cut paste
-            raise SyncConfigError(f"sync.review.labelstudio.token: too short ({len(token)} characters, from "
-                                  f"{TOKEN_ENV if env.get(TOKEN_ENV) else 'the file'}); paste the whole token of "
-                                  "Label Studio's Account & Settings page")
+            came = f"from {TOKEN_ENV}" if env.get(TOKEN_ENV) else cfg.source or "from the file"
+            raise SyncConfigError(f"sync.review.labelstudio.token: too short ({len(token)} characters, {came}); paste "
+                                  "the whole token of Label Studio's Account & Settings page")
         timeout = float(t.get("timeout", 30.0))
         if not timeout > 0:  # 0: every request failed "Operation now in progress"; < 0: a ValueError, each pass
-            raise SyncConfigError(f"sync.review.labelstudio.timeout: expected a number of seconds > 0, got {timeout}")
+            raise SyncConfigError(f"sync.review.labelstudio.timeout: expected a number of seconds > 0, got {timeout}{w}")
         root = (cfg.base / t["document_root"]).resolve() if "document_root" in t else cfg.store_root.resolve()
         if not cfg.store_root.resolve().is_relative_to(root):
-            raise SyncConfigError(f"sync.review.labelstudio.document_root: the store {cfg.store_root} must lie under "
-                                  f"it (Label Studio serves the images from there), got {root}")
+            held = f" ({cfg.store_root_source})" if cfg.store_root_source else ""
+            raise SyncConfigError(f"sync.review.labelstudio.document_root: the store {cfg.store_root}{held} must lie "
+                                  f"under it (Label Studio serves the images from there), got {root}{w}")
         ls = LabelStudioSettings(t["url"], token, t.get("project_title", f"edge review {cfg.appliance_id}"), root,
                                  timeout)
     return ReviewSettings(kind, interval, gt, ls)

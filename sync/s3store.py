@@ -25,7 +25,7 @@ from botocore.exceptions import (BotoCoreError, ClientError, ConnectionError as 
                                  PartialCredentialsError)
 
 from .errors import ObjectNotFound, PermanentError, RetryableError, SyncError
-from .objectstore import (CHUNK, ObjectInfo, TimedListing, check_key, join_prefix, open_source, read_chunks,
+from .objectstore import (CHUNK, ObjectInfo, PendingUpload, TimedListing, check_key, join_prefix, open_source, read_chunks,
                           sha256_of)
 
 log = logging.getLogger(__name__)
@@ -230,6 +230,7 @@ class S3Store:
         strip = len(self.prefix) + 1 if self.prefix else 0
         objects: dict[str, tuple[float, int]] = {}
         writing: dict[str, float] = {}
+        uploads: list[PendingUpload] = []
         now = None
         try:
             # The uploads in progress first: one that completes between the two listings is then
@@ -238,8 +239,9 @@ class S3Store:
                 for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket,
                                                                                          Prefix=full):
                     for up in page.get("Uploads", []):
-                        key, last = up["Key"][strip:], self._last_part(up)
+                        key, (last, size) = up["Key"][strip:], self._last_part(up)
                         writing[key] = max(last, writing.get(key, last))
+                        uploads.append(PendingUpload(key, str(up["UploadId"]), last, size))
             except ClientError as exc:
                 code = str(exc.response.get("Error", {}).get("Code", ""))
                 if code not in ("AccessDenied", "NotImplemented"):  # not allowed; a server without them
@@ -256,21 +258,34 @@ class S3Store:
             log.warning("s3://%s/%s: the listing's answer has no Date; ages judged by this box's clock",
                         self.bucket, full)
             now = time.time()
-        return TimedListing(objects, now, writing)
+        return TimedListing(objects, now, writing, tuple(uploads))
 
-    def _last_part(self, upload: dict[str, Any]) -> float:
+    def _last_part(self, upload: dict[str, Any]) -> tuple[float, int]:
         """When a multipart upload last made progress: its newest part's LastModified, else its
         Initiated (a model file going up for two hours over a slow link is as young as its last
-        part, not two hours old)."""
-        last = upload["Initiated"].timestamp()
+        part, not two hours old); and the bytes of its parts."""
+        last, size = upload["Initiated"].timestamp(), 0
         try:
             for page in self.client.get_paginator("list_parts").paginate(Bucket=self.bucket, Key=upload["Key"],
                                                                         UploadId=upload["UploadId"]):
                 for part in page.get("Parts", []):
                     last = max(last, part["LastModified"].timestamp())
+                    size += int(part.get("Size", 0))
         except ClientError as exc:  # finished or aborted since the listing, or not allowed: its start
             log.debug("s3://%s/%s: parts of upload not listed: %s", self.bucket, upload["Key"], exc)
-        return last
+        return last, size
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        """Abort the multipart upload ``upload_id`` of ``key`` (listed by ``list_with_times``):
+        its parts, kept and billed until then, are freed. One gone already is no error."""
+        try:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=self._key(key), UploadId=upload_id)
+        except ClientError as exc:
+            if str(exc.response.get("Error", {}).get("Code", "")) in ("NoSuchUpload", "404"):
+                return
+            raise wrap_boto_error(exc, self.bucket, f"abort upload of {key}", self.setting) from exc
+        except BotoCoreError as exc:
+            raise wrap_boto_error(exc, self.bucket, f"abort upload of {key}", self.setting) from exc
 
     def folders(self, prefix: str) -> list[str]:
         """The names of the "folders" right under ``prefix`` (a delimiter listing: one entry per

@@ -1,6 +1,6 @@
 """Settings of the cloud training job: the ``[sync.training]`` table (``sync.training_job``).
 
-Validated before anything is opened; errors name the key (``SyncConfigError``). Every
+Validated before anything is opened; errors name the key and the file (``SyncConfigError``). Every
 hyperparameter is passed to SageMaker as a string (the training-job API's rule); the entry
 point (``exporter.sagemaker_entry``) parses them back.
 """
@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from .config import checked_table, endpoint_problem
+from .config import at, checked_table, endpoint_problem
 from .errors import SyncConfigError
 
 _KEYS: dict[str, Any] = {
@@ -51,26 +51,29 @@ class TrainingSettings:
     propagate: int | None = None  # dHash bits of ``sync.propagate`` in the job's export; None: off
 
 
-def training_settings_from(table: Mapping[str, Any], appliance_id: str, base: Path) -> TrainingSettings:
-    """Build ``TrainingSettings`` from ``[sync.training]``; relative ``sign_key`` from ``base``."""
-    checked_table(table, _KEYS, "sync.training")
+def training_settings_from(table: Mapping[str, Any], appliance_id: str, base: Path,
+                           source: str = "") -> TrainingSettings:
+    """Build ``TrainingSettings`` from ``[sync.training]``; relative ``sign_key`` from ``base``;
+    ``source`` (``SyncConfig.source``: where the table was read) ends every error."""
+    w = at(source)
+    checked_table(table, _KEYS, "sync.training", source)
     for key in ("role_arn", "image_uri", "input_s3", "output_s3"):
         if not table.get(key):
-            raise SyncConfigError(f"sync.training.{key}: required")
+            raise SyncConfigError(f"sync.training.{key}: required{w}")
     for key in ("input_s3", "output_s3"):
         try:
             split_s3(table[key])
         except ValueError as exc:
-            raise SyncConfigError(f"sync.training.{key}: {exc}") from exc
+            raise SyncConfigError(f"sync.training.{key}: {exc}{w}") from exc
     for key, low in (("min_new_reviewed", 1), ("max_runtime_s", 60), ("volume_gb", 1)):
         if key in table and table[key] < low:
-            raise SyncConfigError(f"sync.training.{key}: expected >= {low}, got {table[key]}")
+            raise SyncConfigError(f"sync.training.{key}: expected >= {low}, got {table[key]}{w}")
     if "propagate" in table and not 0 <= table["propagate"] <= 64:
-        raise SyncConfigError(f"sync.training.propagate: expected dHash bits in 0..64, got {table['propagate']}")
+        raise SyncConfigError(f"sync.training.propagate: expected dHash bits in 0..64, got {table['propagate']}{w}")
     if table.get("poll_interval", 0) < 0:
-        raise SyncConfigError(f"sync.training.poll_interval: expected >= 0, got {table['poll_interval']}")
+        raise SyncConfigError(f"sync.training.poll_interval: expected >= 0, got {table['poll_interval']}{w}")
     if table.get("endpoint_url") and (problem := endpoint_problem(table["endpoint_url"])):
-        raise SyncConfigError(f"sync.training.endpoint_url: {problem}, got {table['endpoint_url']!r}")
+        raise SyncConfigError(f"sync.training.endpoint_url: {problem}, got {table['endpoint_url']!r}{w}")
     sign_key = base / table["sign_key"] if table.get("sign_key") else None
     if sign_key is not None:
         # Read now: it was read only to sign the first bundle trained, after a paid job had run
@@ -80,11 +83,11 @@ def training_settings_from(table: Mapping[str, Any], appliance_id: str, base: Pa
         try:
             load_private_key(sign_key)
         except SyncConfigError as exc:
-            raise SyncConfigError(f"sync.training.sign_key: {exc}") from exc
+            raise SyncConfigError(f"sync.training.sign_key: {exc}{w}") from exc
     hp = {}
     for k, v in dict(table.get("hyperparameters", {})).items():
         if isinstance(v, dict) or isinstance(v, list):
-            raise SyncConfigError(f"sync.training.hyperparameters.{k}: expected a plain value, got {v!r}")
+            raise SyncConfigError(f"sync.training.hyperparameters.{k}: expected a plain value, got {v!r}{w}")
         hp[k] = ("true" if v else "false") if isinstance(v, bool) else str(v)
     # Checked as the job will check them (it fails on an unknown key or a bad value): here, a
     # typo stops the agent at start instead of failing a paid job after its instance started.
@@ -93,7 +96,7 @@ def training_settings_from(table: Mapping[str, Any], appliance_id: str, base: Pa
     try:
         parse_hyperparameters(hp)
     except ValueError as exc:
-        raise SyncConfigError(f"sync.training.hyperparameters: {exc}") from exc
+        raise SyncConfigError(f"sync.training.hyperparameters: {exc}{w}") from exc
     values = {k: v for k, v in table.items() if k not in ("hyperparameters", "sign_key")}
     if "poll_interval" in values:
         values["poll_interval"] = float(values["poll_interval"])

@@ -74,6 +74,7 @@ def test_a_drop_folder_found_by_walks_only_is_a_notice_in_status(make_config: An
     from service.daemon import Daemon
     from service.server import create_server
 
+    (tmp_path / "drop").mkdir()  # not made at this start: no notice of that
     daemon = Daemon(make_config(drop__folder=str(tmp_path / "drop")))
     daemon.start()
     server, port = create_server(daemon.config, daemon)

@@ -54,8 +54,8 @@ def _refused(tmp_path: Path, body: str) -> str:
     ("batch_sise = 5\n", r"sync.batch_sise: unknown key \(from .*annotator.toml\); did you mean 'batch_size'\?"),
     ("[sync.modles]\nmargin = 0.1\n", r"\[sync.modles\]: unknown table .*did you mean '\[sync.models\]'\?"),
     ("[sync.target]\nbuckett = 'b'\n", r"sync.target.buckett: unknown key .*did you mean 'bucket'\?"),
-    ("[sync.review]\nkindd = 'none'\n", r"sync.review.kindd: unknown key; did you mean 'kind'\?"),
-    ("[sync.models]\npublic_kye = 'k.pub'\n", r"sync.models.public_kye: unknown key; did you mean 'public_key'\?"),
+    ("[sync.review]\nkindd = 'none'\n", r"sync.review.kindd: unknown key \(from .*annotator.toml\); did you mean 'kind'\?"),
+    ("[sync.models]\npublic_kye = 'k.pub'\n", r"sync.models.public_kye: unknown key \(from .*annotator.toml\); did you mean 'public_key'\?"),
 ])
 def test_a_misspelt_key_or_table_gets_a_did_you_mean(tmp_path: Path, body: str, words: str) -> None:
     with pytest.raises(SyncConfigError, match=words):
@@ -108,6 +108,8 @@ def test_a_missing_public_key_fails_doctor_as_it_fails_the_agent(tmp_path: Path)
     key = Ed25519PrivateKey.generate().public_key()
     (tmp_path / "registry.pub").write_bytes(key.public_bytes(serialization.Encoding.PEM,
                                                              serialization.PublicFormat.SubjectPublicKeyInfo))
+    assert check_sync(config, {}).detail.startswith("sync.models.registry: model registry ")  # not made yet
+    (tmp_path / "r").mkdir()
     assert check_sync(config, {}).level == OK
 
 
