@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -25,15 +24,7 @@ import pytest
 from service import lockfile
 from service.store import UPGRADE_LOCK, Store
 
-FIXTURE = Path(__file__).parent / "fixtures" / "release-31c2004"
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def old_store(tmp_path: Path) -> Path:
-    root = tmp_path / "store"
-    shutil.copytree(FIXTURE / "store", root)
-    return root
 
 
 def _layout(db_path: Path) -> tuple[set[str], set[str]]:

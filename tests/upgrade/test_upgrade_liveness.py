@@ -32,8 +32,9 @@ from typing import Iterator
 
 import pytest
 
+from test_upgrade_store_layout import _states
+
 REPO = Path(__file__).resolve().parents[2]
-FIXTURE = REPO / "tests" / "upgrade" / "fixtures" / "release-31c2004" / "store"
 STEP = "CREATE INDEX IF NOT EXISTS images_by_bundle"
 LIMIT = 60.0  # the most any wait below takes on a loaded box (a guard, not a measure)
 
@@ -75,24 +76,9 @@ print("opened", json.dumps({k: v for k, v in store.counts().items() if v}), flus
 """
 
 
-@pytest.fixture
-def old_store(tmp_path: Path) -> Path:
-    root = tmp_path / "store"
-    shutil.copytree(FIXTURE, root)
-    return root
-
-
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
     return {**env, "PYTHONPATH": str(REPO), **extra}
-
-
-def _states(db_path: Path) -> Counter:
-    db = sqlite3.connect(db_path)
-    try:
-        return Counter(dict(db.execute("SELECT state, count(*) FROM images GROUP BY state").fetchall()))
-    finally:
-        db.close()
 
 
 def _names(db_path: Path) -> set[str]:
@@ -171,18 +157,24 @@ def reap() -> Iterator[list[subprocess.Popen]]:
             proc.wait(LIMIT)
 
 
-def test_a_waiter_waits_while_the_upgrader_runs_however_long_its_step(old_store: Path, reap: list) -> None:
-    """One step longer than the stall bound: the waiter (a second program) waits on, naming the
-    upgrader's pid and its step, and opens the upgraded store once the upgrader is done (it said
-    "database is locked ... a running daemon never holds it this long" and exited)."""
-    db_path = old_store / "store.sqlite3"
-    states = _states(db_path)
+def _upgrader_and_waiter(old_store: Path, reap: list) -> tuple[Counter, subprocess.Popen, "Waiter", str, bool]:
+    """An upgrader stopped inside a step and a waiter that said it waits and has outlived HEAD's
+    bound three times: (the rows per state before, the upgrader, the waiter, its line, alive)."""
+    states = _states(old_store / "store.sqlite3")
     upgrader = _upgrader(old_store)
     reap.append(upgrader)
     waiter = Waiter(old_store)
     reap.append(waiter.proc)
     line = waiter.said("waiting for it")
-    alive = waiter.outlives(3.0)
+    return states, upgrader, waiter, line, waiter.outlives(3.0)
+
+
+def test_a_waiter_waits_while_the_upgrader_runs_however_long_its_step(old_store: Path, reap: list) -> None:
+    """One step longer than the stall bound: the waiter (a second program) waits on, naming the
+    upgrader's pid and its step, and opens the upgraded store once the upgrader is done (it said
+    "database is locked ... a running daemon never holds it this long" and exited)."""
+    db_path = old_store / "store.sqlite3"
+    states, upgrader, waiter, line, alive = _upgrader_and_waiter(old_store, reap)
     (old_store / "go").touch()
     rc, out = waiter.result()
     assert alive, f"the waiter gave up while the upgrader ran: rc={rc} {out!r} {waiter.lines}"
@@ -197,13 +189,7 @@ def test_kill_9_of_the_upgrader_mid_step_hands_the_steps_to_the_waiter(old_store
     """``kill -9`` of the upgrader inside a step: the kernel drops its locks, the waiter, which
     waited as long as it ran, takes up the steps left and opens the store with every row."""
     db_path = old_store / "store.sqlite3"
-    states = _states(db_path)
-    upgrader = _upgrader(old_store)
-    reap.append(upgrader)
-    waiter = Waiter(old_store)
-    reap.append(waiter.proc)
-    waiter.said("waiting for it")
-    alive = waiter.outlives(3.0)
+    states, upgrader, waiter, _, alive = _upgrader_and_waiter(old_store, reap)
     upgrader.send_signal(signal.SIGKILL)
     assert upgrader.wait(LIMIT) == -signal.SIGKILL
     rc, out = waiter.result()
