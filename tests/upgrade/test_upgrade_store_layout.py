@@ -148,7 +148,7 @@ def test_a_lock_no_upgrade_step_follows_ends_the_wait(old_store: Path) -> None:
     """An sqlite3 shell (or a hung program) holding the write lock of an old store is no
     upgrade: the open waited for ever, saying another program was upgrading it (then five
     minutes). With nobody holding the upgrade lock (``UPGRADE_LOCK``) it fails as a lock at the
-    busy timeout, as before the stepwise upgrade (tests/service/test_store_upgrade_liveness.py:
+    busy timeout, as before the stepwise upgrade (test_upgrade_liveness.py:
     the same with a real sqlite3 shell, and a real upgrader waited for)."""
     shell = sqlite3.connect(old_store / "store.sqlite3", isolation_level=None)
     shell.execute("BEGIN IMMEDIATE")
