@@ -66,9 +66,13 @@ def new_bundle_id(seed_text: str = "") -> str:
     return f"{now}-{tail}"
 
 
-MAX_ID_LENGTH = 200  # bytes of UTF-8 (a file system's name holds 255; ".<id>.replaced" adds 10)
-PLAIN_NAME_RULE = (f"1 to {MAX_ID_LENGTH} bytes of UTF-8, no '/', '\\' or control characters, "
-                   "not starting with '.'")
+MAX_ID_LENGTH = 200  # characters, as before the byte bound
+# Bytes of UTF-8: a file system's name holds 255, and the longest name made from an id,
+# ``<id>.reason.txt`` under refused/, adds 11 (".<id>.replaced" 10, ".<id>.partial" 9). Not 200
+# bytes: a 70-character CJK id (210 bytes) installed by an earlier release must still load.
+MAX_ID_BYTES = 244
+PLAIN_NAME_RULE = (f"1 to {MAX_ID_LENGTH} characters and at most {MAX_ID_BYTES} bytes of UTF-8, no '/', '\\' or "
+                   "control characters, not starting with '.'")
 
 
 def plain_name_problem(text: str) -> str | None:
@@ -79,7 +83,7 @@ def plain_name_problem(text: str) -> str | None:
     they each had their own. What it keeps out: '/' and '\\' (a folder part, which a bucket
     key refuses: ``sync.objectstore.check_key``), '.', '..' and hidden names (the pull clears
     ``.<id>.partial`` as left-overs; a folder store takes ``.*.tmp`` for a write a kill cut
-    short and removes it), control characters, and more than ``MAX_ID_LENGTH`` bytes: a
+    short and removes it), control characters, and more than ``MAX_ID_BYTES`` bytes: a
     100-character CJK id (300 bytes) was published to a bucket and then stopped every pull
     with ENAMETOOLONG on ``staging/.<id>.partial``, refusing nothing (no ``refused/<id>.reason.txt``
     fits either); text that is not UTF-8 (a lone surrogate from a JSON escape) is no key."""
@@ -87,8 +91,8 @@ def plain_name_problem(text: str) -> str | None:
         size = len(text.encode("utf-8"))
     except UnicodeEncodeError:
         return "not valid UTF-8"
-    if not text or size > MAX_ID_LENGTH:
-        return f"{size} bytes of UTF-8"
+    if not text or len(text) > MAX_ID_LENGTH or size > MAX_ID_BYTES:
+        return f"{len(text)} characters, {size} bytes of UTF-8"
     if text.startswith("."):
         return "starts with '.'"
     if "/" in text or "\\" in text:

@@ -979,9 +979,16 @@ class LabelStudioBackend:
         if not titles:
             self.client.post("/api/dm/views/", {"project": pid, "data": {"title": "Default"}})
         if REFUSED_VIEW not in titles:
-            self.client.post("/api/dm/views/", {"project": pid, "data": {"title": REFUSED_VIEW, "filters": {
+            made = self.client.post("/api/dm/views/", {"project": pid, "data": {"title": REFUSED_VIEW, "filters": {
                 "conjunction": "and", "items": [{"filter": f"filter:tasks:data.{NOTE}", "operator": "empty",
                                                  "type": "String", "value": False}]}}})
+            # Last, by hand: Label Studio orders a new tab by the project's count of tabs, so after
+            # tabs were deleted it sorted before the remaining ones (orders 1 and 2) and became the
+            # first tab, whose filter every reviewer's label stream then took (review of the change).
+            ids = [v["id"] for v in sorted((v for v in views if isinstance(v, Mapping) and "id" in v),
+                                           key=lambda v: (v.get("order") or 0, v["id"]))]
+            if ids and isinstance(made, Mapping) and "id" in made:
+                self.client.post("/api/dm/views/order/", {"project": pid, "ids": [*ids, made["id"]]})
             log.info("Label Studio project %s: Data Manager tab %r made (the tasks whose review was refused)",
                      pid, REFUSED_VIEW)
         self._views_in = pid

@@ -88,6 +88,23 @@ def test_a_project_with_tabs_gets_only_the_refused_tab(cabin: Cabin) -> None:
     assert _tab(cabin) == [cabin.ids[0]]
 
 
+def test_the_refused_tab_comes_after_the_tabs_left_when_some_were_deleted(cabin: Cabin) -> None:
+    """Review: Label Studio orders a new tab by the project's count of tabs; with tabs 0 and 1
+    deleted, "Refused reviews" got order 1 before the remaining tab's 2 and became the first tab,
+    whose filter every reviewer's label stream takes (1 task of 3 served)."""
+    pid = cabin.backend.project_id
+    made = [cabin.client.post("/api/dm/views/", {"project": pid, "data": {
+        "title": title, "filters": {"conjunction": "and", "items": []}}})["id"] for title in ("Default", "B", "C")]
+    for vid in made[:2]:
+        cabin.client.delete(f"/api/dm/views/{vid}/")
+    cabin.submit(cabin.ids[0], _value("h0", height=0.0))
+    one_pass(cabin)
+    views = cabin.client.get("/api/dm/views/", project=pid)
+    assert [v["data"]["title"] for v in views] == ["C", REFUSED_VIEW]  # HEAD: [REFUSED_VIEW, "C"]
+    first = cabin.client.get("/api/tasks/", project=pid, view=views[0]["id"])["tasks"]
+    assert len(first) == len(cabin.ids)
+
+
 def test_a_box_turned_by_a_slip_merges_a_turned_one_is_noted_with_what_to_do(cabin: Cabin) -> None:
     slip, turned, back = cabin.ids
     cabin.submit(slip, _value("p0", rotation=359.8))  # turned by -0.2 degrees, as the editor stores it

@@ -58,7 +58,7 @@ def test_an_id_too_long_for_a_folder_is_refused_before_it_is_published(moto_serv
     shutil.copytree(pose_bundle.path, folder)
     data = json.loads((folder / "bundle.json").read_text())
     (folder / "bundle.json").write_text(json.dumps({**data, "id": long_id, "created": "2099-01-01T00:00:00Z"}))
-    with pytest.raises(BundleError, match=r"bundle id .* is not a plain folder name \(300 bytes of UTF-8"):
+    with pytest.raises(BundleError, match=r"bundle id .* is not a plain folder name \(100 characters, 300 bytes of UTF-8"):
         publish_bundle(folder, store)
     assert list(store.list("bundles/")) == []
     for name in ("bundle.json", pose_bundle.models["pose_main"].file):  # as an older version published it
@@ -69,7 +69,19 @@ def test_an_id_too_long_for_a_folder_is_refused_before_it_is_published(moto_serv
     assert puller.pull_once().switched_to == "b-good"
 
 
-@pytest.mark.parametrize("name", ["pose\\main.onnx", ".pose_main.onnx", "é" * 101 + ".onnx"])
+def test_an_id_an_earlier_release_installed_still_loads(tmp_path: Path, pose_bundle: Bundle) -> None:
+    """Review: the rule in bytes was 200, and a 70-character CJK id (210 bytes, every name made
+    from it under 255) that the previous release installed as current stopped the daemon's start."""
+    from service.bundle import load_bundle
+
+    ok = variant(pose_bundle, tmp_path / "ok", id="相机" * 35)
+    assert load_bundle(ok).id == "相机" * 35
+    too_long = variant(pose_bundle, tmp_path / "long", id="相机" * 41)  # 82 characters, 246 bytes
+    with pytest.raises(BundleError, match="82 characters, 246 bytes"):
+        load_bundle(too_long)
+
+
+@pytest.mark.parametrize("name", ["pose\\main.onnx", ".pose_main.onnx", "é" * 125 + ".onnx"])
 def test_a_model_file_name_the_registry_would_refuse_is_refused_at_load(tmp_path: Path, pose_bundle: Bundle,
                                                                         name: str) -> None:
     """A bundle naming ``pose\\main.onnx`` loaded (and was adopted) but its publication stopped
