@@ -429,6 +429,28 @@ def took_from_a_drop_folder(store_root: Path) -> bool:
         return False
 
 
+def on_tmpfs(path: Path) -> bool:
+    """Whether ``path`` lies on a file system in memory (tmpfs, ramfs: /run, /dev/shm), from the
+    longest mount point above it in ``/proc/self/mounts``; False where that cannot be read. A
+    drop folder there is gone after every boot: made again at each start (review: the daemon
+    refused to start after a reboot, and the unit gave up after its restart burst)."""
+    try:
+        real = os.path.realpath(path)
+        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
+            mounts = [line.split() for line in f]
+    except OSError:
+        return False
+    best, kind = "", ""
+    for fields in mounts:
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind in ("tmpfs", "ramfs")
+
+
 def missing_drop_folder(folder: Path, store_root: Path) -> str | None:
     """Why the missing drop folder ``folder`` must not be made (None: it is there, or making it is
     what a first start wants). ``annotator serve`` makes it when it may (``service.daemon``) and
@@ -439,7 +461,8 @@ def missing_drop_folder(folder: Path, store_root: Path) -> str | None:
     the files piled up in the real one. So it is made only where the folder above it exists (a
     typo in a folder above, or a disk or share not mounted, names none) and the store has never
     taken a file from a drop folder (a store that has was fed by one: this folder is missing
-    because its path changed or its disk is not there, not because this is a first start)."""
+    because its path changed or its disk is not there, not because this is a first start), or
+    the folder above it is in memory (``on_tmpfs``: every boot empties it)."""
     folder = Path(folder)
     if os.path.isdir(folder):
         return None
@@ -447,7 +470,7 @@ def missing_drop_folder(folder: Path, store_root: Path) -> str | None:
     if not os.path.isdir(parent):
         return (f"{text_name(folder)} does not exist, nor does {text_name(parent)} (a typo in the path, or the disk "
                 f"or share it is on not mounted?)")
-    if took_from_a_drop_folder(store_root):
+    if took_from_a_drop_folder(store_root) and not on_tmpfs(parent):
         return (f"{text_name(folder)} does not exist, and the store {text_name(store_root)} has taken files from a "
                 f"drop folder before, so this is not a first start (a typo in the path, or the disk or share it is "
                 f"on not mounted?)")

@@ -131,7 +131,7 @@ def exif_orientation(data: bytes) -> int:
                 size, kind = struct.unpack(">I4s", data[at:at + 8])
                 if kind == b"eXIf":
                     return _exif_orientation(data[at + 8:at + 8 + size])
-                if kind in (b"IDAT", b"IEND"):
+                if kind == b"IEND":  # not IDAT: OpenCV (libpng) applies an eXIf written after the image data too
                     break
                 at += 12 + size
         elif data[:4] == b"RIFF" and data[8:12] == b"WEBP":

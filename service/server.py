@@ -532,6 +532,15 @@ def _mirror_health(daemon: Any, health_servicer: health.HealthServicer, stop: th
                                     else health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
+class _StoppedWhileStarting(BaseException):
+    """SIGTERM or SIGINT while ``Daemon()`` is being made: it ends there. The signal only set an
+    Event, read once the daemon served, and the start could wait on for long: a store upgrade by
+    another program is waited for as long as it runs (``service.store``), while its
+    ``EXTEND_TIMEOUT_USEC`` extended systemd's stop timeout as well, so ``systemctl stop`` hung
+    behind it. A step of an upgrade this daemon runs is rolled back, as a kill would (each step
+    is its own transaction); a signal inside one SQLite statement takes effect when it returns."""
+
+
 def serve(config: "Config", ready: threading.Event | None = None, stop: threading.Event | None = None,
           sole: bool = False) -> int:
     """Run the appliance in the foreground until SIGTERM/SIGINT (or ``stop`` is set).
@@ -549,16 +558,29 @@ def serve(config: "Config", ready: threading.Event | None = None, stop: threadin
 
     config.require("engine.bundle", "store.root")  # before any signal handler, thread or port
     stop = stop or threading.Event()
+    starting = [True]
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.set()
+        if starting[0]:  # ``Daemon()`` may wait for another program's store upgrade as long as it runs
+            raise _StoppedWhileStarting(signum)
+
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda signum, frame: stop.set())
+            signal.signal(sig, on_signal)
     notifier = Notifier.from_environ(os.environ)
     metrics, metrics_port = _start_metrics(config)
     try:
         daemon = Daemon(config, metrics=metrics, sole=sole)  # sole: serve.lock held (``Daemon``)
+    except _StoppedWhileStarting as exc:
+        _stop_metrics(metrics)
+        log.info("stopped by signal %d while starting (nothing was serving yet)", exc.args[0])
+        return 0
     except BaseException:
         _stop_metrics(metrics)
         raise
+    finally:
+        starting[0] = False
     server: grpc.Server | None = None
     watchdog: Watchdog | None = None
     health_servicer = health.HealthServicer(experimental_non_blocking=True)

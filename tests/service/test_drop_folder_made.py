@@ -104,3 +104,31 @@ def test_a_folder_from_the_environment_is_named_so(tmp_path: Path) -> None:
     assert cfg.source_of("drop.folder") == "from environment ANNOTATOR_DROP__FOLDER"
     assert cfg.source_of("store.root") == f"from {config}"
     assert cfg.source_of("judge.threshold") == "the default"
+
+
+def test_a_drop_folder_in_memory_is_made_again_after_a_reboot(tmp_path: Path, small_jpeg: Callable[[int], bytes]) -> None:
+    """Review: a drop folder under /dev/shm or /run (tmpfs) is gone after every boot; with a store
+    fed by it before, the daemon refused to start after each reboot (and systemd gave up after
+    its restart burst). A folder in memory is made again, as at a first start."""
+    from service.dropfolder import missing_drop_folder, on_tmpfs
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or not on_tmpfs(shm) or not os.access(shm, os.W_OK):
+        pytest.skip("needs a writable tmpfs at /dev/shm")
+    assert not on_tmpfs(tmp_path) or str(tmp_path).startswith(("/dev/shm", "/run"))
+    store = Store(tmp_path / "store")
+    store.ingest(small_jpeg(1), "drop:cam1/a.jpg")
+    store.close()
+    parent = shm / f"drop-made-{os.getpid()}-{os.urandom(4).hex()}"
+    parent.mkdir()
+    try:
+        assert missing_drop_folder(parent / "drop", tmp_path / "store") is None  # HEAD: "not a first start"
+        daemon = Daemon(load_config(_config_file(tmp_path, parent / "drop"), env={}))
+        try:
+            assert (parent / "drop").is_dir()
+        finally:
+            daemon.close()
+    finally:
+        import shutil
+
+        shutil.rmtree(parent, ignore_errors=True)

@@ -185,3 +185,39 @@ def test_a_tagged_png_or_webp_goes_up_upright(fmt: str, width: int, height: int,
     assert shown.shape[:2] == (height, width)
     # HEAD: the stored bytes as they are (mean difference 40 to 110 against the record's frame)
     assert np.abs(shown.astype(int) - decoded.pixels.astype(int)).mean() < 8
+
+
+def test_a_png_whose_exif_comes_after_its_image_data_goes_up_upright() -> None:
+    """Review: the PNG walk stopped at the first IDAT, but libpng (so OpenCV, so the record)
+    applies an eXIf chunk written after the image data too, as some metadata tools write it."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    from service.imageio import decode_image, exif_orientation
+
+    ys, xs = np.mgrid[0:48, 0:64]
+    upright = np.stack([xs * 4, ys * 5, (xs + ys) * 2], -1).astype(np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 3
+    buf = io.BytesIO()
+    Image.fromarray(upright).transpose(Image.Transpose.ROTATE_180).save(buf, "PNG", exif=exif.tobytes())
+    data, chunks, at = buf.getvalue(), [], 8
+    while at < len(buf.getvalue()):
+        size, kind = struct.unpack(">I4s", data[at:at + 8])
+        chunks.append((kind, data[at:at + 12 + size]))
+        at += 12 + size
+    order = [k for k, _ in chunks]
+    assert order.index(b"eXIf") < order.index(b"IDAT")
+    moved = [c for k, c in chunks if k not in (b"eXIf", b"IEND")] + [c for k, c in chunks if k == b"eXIf"] + \
+        [c for k, c in chunks if k == b"IEND"]
+    after = data[:8] + b"".join(moved)
+    assert zlib.crc32(after[8:]) != zlib.crc32(data[8:])  # the chunk really moved
+    decoded = decode_image(after)
+    assert np.abs(decoded.pixels[..., ::-1].astype(int) - upright.astype(int)).mean() < 1  # OpenCV turned it
+    assert exif_orientation(after) == 3  # HEAD: 1
+    up = prepare_upload(after, {"width": 64, "height": 48, "heads": [], "persons": []})
+    shown = cv2.imdecode(np.frombuffer(up.data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    assert np.abs(shown.astype(int) - decoded.pixels.astype(int)).mean() < 8

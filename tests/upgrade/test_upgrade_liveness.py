@@ -28,7 +28,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -271,3 +271,34 @@ def test_under_systemd_the_upgrader_and_its_waiter_ask_for_more_start_time(old_s
         assert m.splitlines()[0] == "EXTEND_TIMEOUT_USEC=600000", m
         assert f"waiting for pid {upgrader.pid}" in m and "images_by_bundle" in m, m
     assert last[-1] == "STATUS=store brought up to this release's layout"
+
+
+def test_serve_stops_at_sigterm_while_it_waits_for_another_programs_upgrade(old_store: Path, tmp_path: Path,
+                                                                              reap: list, pose_bundle: Any) -> None:
+    """Review: SIGTERM only set an Event read once the daemon served, so ``annotator serve``
+    waiting for another program's upgrade went on waiting (and extending systemd's stop timeout
+    with EXTEND_TIMEOUT_USEC), then started fully and only then stopped. It ends at once now,
+    with 0, having served nothing."""
+    upgrader = _upgrader(old_store)
+    reap.append(upgrader)
+    config = tmp_path / "annotator.toml"
+    config.write_text(f'[engine]\nbundle = "{pose_bundle.path}"\n[store]\nroot = "{old_store}"\n'
+                      '[server]\nlisten = "127.0.0.1:0"\n')
+    serve = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--config", str(config)], env=_env(),
+                             stderr=subprocess.PIPE, text=True)
+    reap.append(serve)
+    lines: list[str] = []
+    assert serve.stderr is not None
+    for line in serve.stderr:  # until it says it waits for the upgrader
+        lines.append(line)
+        if "waiting for it" in line:
+            break
+    assert any(f"pid {upgrader.pid} " in line for line in lines), lines
+    serve.send_signal(signal.SIGTERM)
+    try:
+        rc = serve.wait(LIMIT)  # HEAD: still waiting (the upgrader holds its step until "go")
+    finally:
+        (old_store / "go").touch()
+    assert rc == 0, serve.stderr.read()
+    assert "annotator serving on port" not in "".join(lines) + serve.stderr.read()
+    assert upgrader.wait(LIMIT) == 0
