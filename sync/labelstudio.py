@@ -310,7 +310,8 @@ def _upright(rotation: Any, rid: str) -> None:
         raise InvalidAnnotation(f"region {rid}: expected the box's rotation in degrees, got {shown}")
     angle %= 360.0
     if min(angle, 360.0 - angle) > ROTATION_JITTER:
-        raise InvalidAnnotation(f"region {rid}: the box is rotated by {angle:.1f} degrees, boxes must be unrotated: "
+        signed = angle - 360.0 if angle > 180.0 else angle  # the editor's 358 is a turn of -2
+        raise InvalidAnnotation(f"region {rid}: the box is rotated by {signed:.1f} degrees, boxes must be unrotated: "
                                 "set its angle to 0 in the region's details, or delete it and draw it again with "
                                 "the rectangle tool (not the 3-point one)")
 

@@ -133,3 +133,13 @@ def test_the_rotation_handle_is_hidden_and_an_old_project_with_reviews_takes_tha
     assert cabin.client.get(f"/api/projects/{pid}/")["label_config"] == label_config()
     report = one_pass(cabin, upgraded)
     assert report.merged == [cabin.ids[0]] and "rotated by 20.0" in cabin.task(cabin.ids[1])["data"][NOTE]
+
+
+@pytest.mark.parametrize("rotation, said", [(358.0, "-2.0"), (15.0, "15.0"), (180.0, "180.0"), (-30.0, "-30.0")])
+def test_a_turned_box_is_said_by_its_signed_angle(rotation: float, said: str) -> None:
+    """The editor keeps angles in 0..360: a turn of -2 degrees read "rotated by 358.0 degrees"."""
+    from sync.labelstudio import InvalidAnnotation, _upright
+
+    with pytest.raises(InvalidAnnotation, match=f"rotated by {said} degrees"):
+        _upright(rotation, "p0")
+    _upright(359.7, "p0")  # a slip: upright
