@@ -59,6 +59,6 @@ def check_weights_vouched(manifest: Any) -> None:
     """``SignatureError`` when ``unvouched_weights`` finds any, saying what to do."""
     bad = unvouched_weights(manifest)
     if bad:
-        raise SignatureError(f"lineage.weights names checkpoints without a sha256, which the signature over "
-                             f"bundle.json cannot vouch for: {', '.join(bad)}; give each its sha256 (annotator "
-                             "train writes them) or leave the entry out")
+        raise SignatureError(f"lineage.weights names checkpoints without a sha256 (64 lower-case hex digits), which "
+                             f"the signature over bundle.json cannot vouch for: {', '.join(bad)}; give each its "
+                             "sha256 (annotator train writes them) or leave the entry out")
