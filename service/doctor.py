@@ -178,7 +178,7 @@ def _missing_drop_folder(cfg: Any, name: str, folder: Path, parent: Path) -> Che
     nearest folder above it that exists): make it (WARN: check the path) or refuse to start (FAIL)."""
     from .dropfolder import missing_drop_folder
 
-    source = cfg.source_of("drop.folder") if hasattr(cfg, "source_of") else "the config"
+    source = cfg.source_of("drop.folder")
     create = f"install -d -m 2770 -o annotator -g annotator {folder}"
     refusal = missing_drop_folder(folder, Path(cfg.store.root))
     if refusal is not None:

@@ -110,7 +110,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     refused = slots.refused()
     for bid, reason in refused.items():
         out.append(f"refused   {bid}: {reason}")
-    missing = _missing_registry(s)
+    missing = registry_problem(s.registry)
     if missing:
         out.append(f"registry  {missing}")
     elif s.registry is not None:
@@ -145,15 +145,11 @@ def registry_problem(registry: Any, publishing: bool = False) -> str | None:
             + " (annotator train --publish creates it)")
 
 
-def _missing_registry(s: PullSettings) -> str | None:
-    return registry_problem(s.registry)
-
-
 def cmd_pull(args: argparse.Namespace) -> int:
     s = _settings(args)
     if s.registry is None:
         raise SyncConfigError("no model registry: give --registry DIR or [sync.models.registry]")
-    missing = _missing_registry(s)
+    missing = registry_problem(s.registry)
     if missing:
         raise SyncConfigError(missing)
     puller, closing = build_puller(s, daemon_optional=args.daemon_optional)
@@ -219,7 +215,7 @@ def cmd_clean_registry(args: argparse.Namespace) -> int:
     s = settings(args, registry=args.registry)
     if s.registry is None:
         raise SyncConfigError("no model registry: give --registry DIR or [sync.models.registry]")
-    missing = _missing_registry(s)
+    missing = registry_problem(s.registry)
     if missing:
         raise SyncConfigError(missing)
     if args.min_age_hours < 1:
