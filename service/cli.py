@@ -7,6 +7,7 @@ end with exit code 2 and one line saying what to fix.
 from __future__ import annotations
 
 import argparse
+import codecs
 import logging
 import sys
 from pathlib import Path
@@ -18,15 +19,48 @@ log = logging.getLogger("annotator")
 
 
 def _progress(label: str) -> Callable[[int, int], None]:
-    """A plain terminal progress bar (stderr), no dependency."""
+    """A plain progress bar on stderr, no dependency: redrawn on a terminal; where stderr is not
+    one (a log file, journald, ``| tee``) a line at each quarter only (``annotator synth 2>log``
+    wrote every redraw into one line of the log, 100,000 of them for as many images)."""
     def show(done: int, total: int) -> None:
         width = 30
         filled = int(width * done / max(total, 1))
-        sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
-        if done >= total:
-            sys.stderr.write("\n")
+        bar = f"{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}"
+        if sys.stderr.isatty():
+            sys.stderr.write("\r" + bar + ("\n" if done >= total else ""))
+        elif done >= total or (done * 4) // max(total, 1) != ((done - 1) * 4) // max(total, 1):
+            sys.stderr.write(bar + "\n")
+        else:
+            return
         sys.stderr.flush()
     return show
+
+
+def _escape_unencodable(exc: UnicodeError) -> tuple[str, int]:
+    """What a stream writes for text its encoding cannot hold: a byte of a name that is not UTF-8
+    (a lone surrogate) as ``\\xNN``, as the store and the logs write it (``dropfolder.text_name``),
+    any other character as ``backslashreplace`` writes it."""
+    if not isinstance(exc, UnicodeEncodeError):
+        raise exc
+    text = exc.object[exc.start:exc.end]
+    return "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else c.encode("ascii", "backslashreplace")
+                   .decode("ascii") for c in text), exc.end
+
+
+codecs.register_error("annotator.escape", _escape_unencodable)
+
+
+def _tolerant_output() -> None:
+    """Print whatever a name holds, in any locale: stdout's ``strict`` errors ended a command at
+    the first name its encoding could not hold (``annotate`` and ``submit`` of a folder under
+    en_US.UTF-8 at a Latin-1 name from an SMB share, the files after it left undone; ``show``'s
+    table under a Latin-1 locale at a camera folder named with an emoji), after the work was
+    done, exit 2 with a codec's message."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="annotator.escape")  # type: ignore[union-attr]
+        except (AttributeError, ValueError, OSError):  # not a text stream of io's (None, a test's)
+            pass
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -243,6 +277,7 @@ def _extra_error(command: str, module: str, why: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    _tolerant_output()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

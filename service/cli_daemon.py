@@ -145,12 +145,13 @@ def cmd_submit(args: argparse.Namespace) -> int:
     import grpc
 
     from .client import AnnotatorClient
+    from .dropfolder import text_name
 
     failures = 0
     with AnnotatorClient(args.server, timeout=args.timeout, token=args.token or os.environ.get("ANNOTATOR_TOKEN")) as c:
         for path in expand_files(args.files):
             try:
-                ann = c.annotate(path.read_bytes(), camera_id=args.camera, request_id=path.name)
+                ann = c.annotate(path.read_bytes(), camera_id=args.camera, request_id=text_name(path.name))
             except OSError as exc:
                 print(f"{path}: cannot read: {exc}", file=sys.stderr)
                 failures += 1

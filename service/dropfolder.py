@@ -1,10 +1,11 @@
 """The drop folder: images written into a directory are ingested, then moved out of the way.
 
 Writers should use the **rename-into-place convention**: write to a temporary name in the same
-folder (``.name.jpg``, ``name.jpg.tmp``, ``name.jpg.part`` or ``~name.jpg``, all ignored),
-then rename to the final name, which is atomic on one file system. Writers that cannot rename
-are handled by a stability check: a file is taken only when its size and mtime have not
-changed for ``stable_seconds`` (or its mtime is already that old).
+folder (``.name.jpg``, ``name.jpg.tmp``, ``name.jpg.part`` or ``~name.jpg``, all ignored, as are
+the other ``TEMP_SUFFIXES`` of common transfer tools, in any case), then rename to the final
+name, which is atomic on one file system. Writers that cannot rename are handled by a
+stability check: a file is taken only when its size and mtime have not changed for
+``stable_seconds`` (or its mtime is already that old).
 
 Layout under the folder ``root``::
 
@@ -88,7 +89,11 @@ log = logging.getLogger(__name__)
 PROCESSED, QUARANTINE = "processed", "quarantine"
 PROCESSED_MODES = ("move", "keep", "delete")
 REASON_SUFFIX = ".reason.txt"  # beside each quarantined file
-TEMP_SUFFIXES = (".tmp", ".part", REASON_SUFFIX)
+# Names a writer is still working on, compared in lower case: Windows' GetTempFileName makes
+# NAME.TMP, and WinSCP (.filepart), Chromium (.crdownload), rclone (.partial) and Safari
+# (.download) write under names of their own; a transfer stalled past stable_seconds on a slow
+# link had its first half taken and quarantined as an image, the rest then arriving alone.
+TEMP_SUFFIXES = (".tmp", ".part", ".filepart", ".crdownload", ".partial", ".download", REASON_SUFFIX)
 RESCAN_SECONDS = 30.0
 # The full walk is the safety net for files no event announced (a share written by another host
 # raises no inotify event here). In keep mode the drop folder is also the archive, and the walk
@@ -122,9 +127,15 @@ def rescan_interval(walk_seconds: float) -> float:
     return min(max(RESCAN_SECONDS, WALK_SPACING * walk_seconds), RESCAN_MAX_SECONDS)
 
 
+def temporary_name(name: str) -> bool:
+    """True for a name a writer is still working on: hidden, ``~``, or ending in a
+    ``TEMP_SUFFIXES`` in any case (``F1.TMP``, ``frame.JPG.PART``)."""
+    return name.startswith((".", "~")) or name.lower().endswith(TEMP_SUFFIXES)
+
+
 def is_temporary(rel: Path) -> bool:
-    """True for names a writer is still working on (any component hidden, ``~`` or .tmp/.part)."""
-    return any(p.startswith((".", "~")) or p.endswith(TEMP_SUFFIXES) for p in rel.parts)
+    """True for paths a writer is still working on (any component a ``temporary_name``)."""
+    return any(temporary_name(p) for p in rel.parts)
 
 
 def _same_fs(a: Path, b: Path) -> bool:
@@ -479,11 +490,11 @@ def missing_drop_folder(folder: Path, store_root: Path) -> str | None:
 
 def walk_ingested(root: Path):  # type: ignore[no-untyped-def]
     """``os.walk`` of the folders a drop folder takes files from (not processed/, quarantine/
-    nor hidden ones): the folders its watch and its full walks cover."""
+    nor hidden or temporary ones): the folders its watch and its full walks cover."""
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
         if Path(dirpath) == root:
             dirnames[:] = [d for d in dirnames if d not in (PROCESSED, QUARANTINE)]
-        dirnames[:] = [d for d in dirnames if not d.startswith((".", "~"))]
+        dirnames[:] = [d for d in dirnames if not temporary_name(d)]
         yield dirpath, dirnames, filenames
 
 
@@ -791,8 +802,7 @@ class DropFolder:
                 # waited and is neither found nor announced again has gone without an event
                 now = self.clock()
                 for path in walked:
-                    if path not in self._waiting and path not in self._kept \
-                            and not path.name.startswith((".", "~")) and not path.name.endswith(TEMP_SUFFIXES):
+                    if path not in self._waiting and path not in self._kept and not temporary_name(path.name):
                         self._waiting[path] = now
                 for path in [p for p in self._waiting if p not in candidates and p not in self._dirty]:
                     del self._waiting[path]

@@ -114,12 +114,19 @@ def draw_rows(store: Store, rows: Sequence[ImageRow], out: Path, reviewed: "Revi
     return shown
 
 
+def _printable(text: str) -> str:
+    """``text`` with control and format characters written as escapes: a camera is a folder name a
+    capture tool chose, and a newline, tab or escape sequence in it broke the table's rows (or
+    recoloured, cleared or retitled the terminal)."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def table(shown: Sequence[Shown]) -> str:
     head = ("image", "camera", "state", "decision", "score", "reasons", "picture")
     rows = [head]
     for s in shown:
         r = s.row
-        rows.append((r.image_id[:12], r.camera or "-", r.state, r.decision or "-",
+        rows.append((r.image_id[:12], _printable(r.camera or "-"), r.state, r.decision or "-",
                      "-" if r.score is None else f"{r.score:.2f}", ",".join(r.reasons) or "-",
                      str(s.picture) + (" + reviewed" if s.reviewed_picture else "") if s.picture else s.note))
     widths = [max(len(x[i]) for x in rows) for i in range(len(head) - 1)]
