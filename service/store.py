@@ -7,7 +7,8 @@ Layout under ``root``::
     images/<id[:2]>/.<id[:24]>.*.tmp
                                   an ingest's copy before its rename; one that a kill left
                                   behind is removed at the daemon's next start (``remove_stale_temps``)
-    upgrade.lock                  held while a program brings an old layout up to date (``UPGRADE_LOCK``)
+    upgrade.lock                  held while a program brings an old layout up to date (``UPGRADE_LOCK``);
+                                  removed when it is done (one a kill left goes with the next open)
 
 Retention (``prune_auto_images``, run by ``service.retention``) may remove the bytes of old
 auto-accepted images: the row, its record and its history stay, ``pruned_at`` says when, and a
@@ -64,7 +65,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from .durable import fsync_dir, write_bytes_atomic
 from .errors import AnnotatorError, ConfigError, ImageNotFound, LeaseLost, StoreError, StoreFull
-from .lockfile import Held, hold, note
+from .lockfile import STOPPED, Held, Unopenable, hold, note, process, release
 from .sqlite import ThreadConnections, apply_schema, open_failure
 from .sqlite import transaction as sqlite_transaction
 from .systemd import Extender, Notifier
@@ -130,10 +131,15 @@ CREATE INDEX IF NOT EXISTS images_by_camera ON images (camera, decision, receive
 # meanwhile waits as long as the lock is held, which the kernel ends when its holder dies (kill -9
 # included), however long one step takes (an index of millions of images on an SD card, over
 # NFS); a write lock with no upgrade behind it (an sqlite3 shell, a hung program) ends the wait
-# at the busy timeout, as before the upgrade was stepwise.
+# at the busy timeout, as before the upgrade was stepwise. The upgrader removes it when done
+# (``lockfile.release``): left behind, with a dead pid and its last step, it read as an upgrade
+# still running. A waiter says when the upgrader is stopped (Ctrl-Z) and, every
+# ``UPGRADE_REMIND_S`` on one step, what it is doing (a hung one named).
 UPGRADE_LOCK = "upgrade.lock"
 # How often a program waiting for another's upgrade looks whether it still holds ``UPGRADE_LOCK``.
 UPGRADE_POLL_S = 0.5
+UPGRADE_REMIND_S = 300.0
+
 _LATE_INDEX_DDL = [t.strip() for t in _LATE_SCHEMA.split(";") if t.strip()]
 _LATE_INDEXES = [re.search(r"EXISTS (\w+) ON", t).group(1) for t in _LATE_INDEX_DDL]  # type: ignore[union-attr]
 # Images per state, kept by triggers in every transaction that inserts, moves or deletes a row
@@ -268,6 +274,63 @@ def image_id_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+class _UpgradeWait:
+    """What a program waiting for another's upgrade says (the log; ``said[0]``, systemd's status),
+    once per change: the upgrader's pid, command line and step; that it is stopped (it waited for
+    ever without a word, and under systemd asked for more start time for ever: ``paused``, while
+    stopped, lets systemd's own timeout apply) and resumed; and every ``UPGRADE_REMIND_S`` on one
+    step, its state and the CPU it used meanwhile, so that a hung one (no CPU, waiting on its
+    storage) is named. The command line, state and CPU only for a pid the kernel gave
+    (``Held.known``)."""
+
+    def __init__(self, db_path: Path, said: builtins.list[str]) -> None:
+        self.db_path, self.said = db_path, said
+        self.told: tuple[str, str, bool] | None = None
+        self.paused = False
+        self.remind, self.cpu = 0.0, 0.0
+
+    def seen(self, held: Held, now: float) -> None:
+        proc = process(held.pid) if held.known else None
+        step = held.note or "step not known"  # just started, or a lock file the holder may not write
+        stopped = proc is not None and proc.state in STOPPED
+        who = f"pid {held.pid}" + (f" ({proc.command})" if proc is not None and proc.command else "")
+        key = (held.pid, step, stopped)
+        if key != self.told:
+            if stopped:
+                log.warning("store %s: %s, which brings it up to this release's layout (now %s), is %s: "
+                            "waiting for it; resume it (fg in its terminal, or kill -CONT %s) or end it (kill %s: "
+                            "the steps it did are kept and the rest are handed on)",
+                            self.db_path, who, step, STOPPED[proc.state], held.pid, held.pid)  # type: ignore[union-attr]
+                self.said[0] = (f"waiting for pid {held.pid}, which brings the store up to this release's layout "
+                                f"({step}) and is {STOPPED[proc.state]}: resume or end it")  # type: ignore[union-attr]
+            else:
+                if self.told is None or self.told[0] != held.pid:
+                    log.warning("store %s: %s is bringing it up to this release's layout (once after an upgrade; "
+                                "now %s); waiting for it as long as it runs", self.db_path, who, step)
+                elif self.told[2]:
+                    log.warning("store %s: pid %s resumed (now %s); waiting for it", self.db_path, held.pid, step)
+                else:
+                    log.info("store %s: pid %s is bringing it up to this release's layout (once after an upgrade; "
+                             "now %s); waiting for it as long as it runs", self.db_path, held.pid, step)
+                self.said[0] = f"waiting for pid {held.pid}, which brings the store up to this release's layout ({step})"
+            self.told, self.paused = key, stopped
+            self.remind, self.cpu = now + UPGRADE_REMIND_S, proc.cpu_s if proc is not None else 0.0
+        elif not stopped and now >= self.remind:
+            span = f"{UPGRADE_REMIND_S / 60:.0f} min" if UPGRADE_REMIND_S >= 120 else f"{UPGRADE_REMIND_S:.0f} s"
+            if proc is None:
+                doing = "a large store takes minutes"
+            elif proc.cpu_s - self.cpu >= 1.0:
+                doing = f"it used {proc.cpu_s - self.cpu:.0f} s of CPU in the last {span}: working"
+            elif proc.state == "D":
+                doing = (f"it used no CPU in the last {span}, waiting on its storage (state D): "
+                         "a hung disk or network mount?")
+            else:
+                doing = (f"it used no CPU in the last {span} (state {proc.state}): if that goes on, "
+                         f"end it (kill {held.pid}: the steps it did are kept and the rest are handed on)")
+            log.warning("store %s: still waiting for %s, on %s; %s", self.db_path, who, step, doing)
+            self.remind, self.cpu = now + UPGRADE_REMIND_S, proc.cpu_s if proc is not None else 0.0
+
+
 class Store:
     """Images, their life cycle, leases and persistent counters. Thread- and process-safe.
 
@@ -321,37 +384,48 @@ class Store:
         missing = self._missing_layout()
         if missing in ([], ["tables"]):  # this release's (only its version is checked), a new one (no time)
             self._upgrade_steps(missing, None, None)
+            self._upgrade_leftover()
             return
         said = ["bringing the store up to this release's layout"]
-        with Extender(Notifier.from_environ(os.environ), lambda: said[0]) as extender:
-            fd = self._upgrade_lock(said, extender)
+        waiting = _UpgradeWait(self.db_path, said)
+        with Extender(Notifier.from_environ(os.environ), lambda: said[0], lambda: not waiting.paused) as extender:
+            fd = self._upgrade_lock(waiting, extender)
+            waiting.paused = False
             extender.start()  # waited for another's (started then), or begins its own
             try:
                 self._upgrade_steps(self._missing_layout(), fd, said)  # the one waited for may have done them
             finally:
                 if fd is not None:
-                    os.close(fd)
+                    release(fd, self.root / UPGRADE_LOCK)
 
-    def _upgrade_lock(self, said: builtins.list[str], extender: Extender) -> int | None:
-        """Hold ``UPGRADE_LOCK``, waiting while another program holds it (saying which, and the
-        step it is on: the log, ``said[0]`` for systemd's status); its descriptor, whose close
-        releases it, or None where this user may not open it (the steps then run under the busy
-        timeout alone, as before the lock)."""
-        told = ""
+    def _upgrade_leftover(self) -> None:
+        """Remove the ``UPGRADE_LOCK`` a killed upgrader left (nobody holds it), when there is one."""
+        path = self.root / UPGRADE_LOCK
+        if os.path.lexists(path):
+            try:
+                release(hold(path), path)
+            except (Held, OSError):  # held: an upgrader finishing its last step removes it itself
+                pass
+
+    def _upgrade_lock(self, waiting: _UpgradeWait, extender: Extender) -> int | None:
+        """Hold ``UPGRADE_LOCK``, waiting while another program holds it (``waiting`` says which,
+        its step, and whether it is stopped); its descriptor, whose ``release`` removes the file
+        and lets it go, or None where this user may not make it (a store root of another user's:
+        the steps then run under the busy timeout alone, as before the lock). Another user's lock
+        file that this user may not read is waited on while that user's program holds it
+        (``lockfile.hold``), and refused, naming it, its owner and the fix, when nobody does (the
+        steps ran without the lock, beside a second program of this user's doing the same)."""
         while True:
             try:
                 return hold(self.root / UPGRADE_LOCK)
             except Held as held:
-                now = held.note or "starting"
-                if now != told:
-                    (log.warning if not told else log.info)(
-                        "store %s: pid %s is bringing it up to this release's layout (once after an upgrade; "
-                        "now %s); waiting for it as long as it runs", self.db_path, held.pid, now)
-                    said[0] = f"waiting for pid {held.pid}, which brings the store up to this release's layout ({now})"
-                    extender.start()
-                    told = now
+                waiting.seen(held, time.monotonic())
+                extender.start()
                 time.sleep(UPGRADE_POLL_S)
-            except OSError as exc:  # Unopenable included: another user's lock file
+            except Unopenable as exc:
+                raise StoreError(f"store {self.root}: cannot bring it up to this release's layout: "
+                                 f"{exc.advice('store upgrade')}") from None
+            except OSError as exc:
                 log.debug("store %s: cannot hold %s (%s); upgrading without it", self.db_path, UPGRADE_LOCK, exc)
                 return None
 

@@ -215,16 +215,21 @@ class Extender:
     from the work: one SQLite statement may take minutes. Past ``TimeoutStartSec`` the unit
     then fails only when the requests stop (the process died, or hangs as a whole). Without
     ``$NOTIFY_SOCKET`` a no-op; once the unit runs (READY=1 sent) systemd reads it against
-    ``RuntimeMaxSec``, which is unset (no limit) in the shipped units."""
+    ``RuntimeMaxSec``, which is unset (no limit) in the shipped units.
 
-    def __init__(self, notifier: Notifier, status: Callable[[], str]) -> None:
-        self.notifier, self.status = notifier, status
+    ``extend()`` False sends the ``STATUS`` alone, so that systemd's own timeout applies: a unit
+    waiting for another program's upgrade while that program is stopped (Ctrl-Z in a terminal)
+    was given more time for as long as it stayed stopped, for ever."""
+
+    def __init__(self, notifier: Notifier, status: Callable[[], str],
+                 extend: Callable[[], bool] = lambda: True) -> None:
+        self.notifier, self.status, self.extend = notifier, status, extend
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _send(self) -> None:
-        self.notifier.notify(f"EXTEND_TIMEOUT_USEC={int(EXTEND_EVERY_S * 3e6)}\nSTATUS=" +
-                             " ".join(self.status().splitlines()))
+        more = f"EXTEND_TIMEOUT_USEC={int(EXTEND_EVERY_S * 3e6)}\n" if self.extend() else ""
+        self.notifier.notify(f"{more}STATUS=" + " ".join(self.status().splitlines()))
 
     def _run(self) -> None:
         while not self._stop.wait(EXTEND_EVERY_S):

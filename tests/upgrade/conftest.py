@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -15,3 +17,14 @@ def old_store(tmp_path: Path) -> Path:
     root = tmp_path / "store"
     shutil.copytree(FIXTURE / "store", root)
     return root
+
+
+@pytest.fixture
+def reap() -> Iterator[list[subprocess.Popen]]:
+    """Processes a test started, killed at its end if they still run (a stopped one too)."""
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(60)

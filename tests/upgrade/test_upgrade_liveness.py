@@ -28,7 +28,7 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -60,13 +60,14 @@ print("upgraded", flush=True)
 """
 
 WAITER = """
-import json, logging, sqlite3, sys
+import json, logging, os, sqlite3, sys
 import service.store, service.systemd
 from service.sqlite import open_failure
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 if len(sys.argv) > 2:  # HEAD's bound of five minutes, shrunk: the step outlasts it
     service.store.UPGRADE_STALL_S = float(sys.argv[2])
 service.systemd.EXTEND_EVERY_S = 0.2
+service.store.UPGRADE_REMIND_S = float(os.environ.get("UPGRADE_REMIND_S", "300"))
 try:
     store = service.store.Store(sys.argv[1], busy_timeout_ms=200)
 except sqlite3.OperationalError as exc:  # what ``open_existing`` says (annotator export, show, prune)
@@ -89,10 +90,10 @@ def _names(db_path: Path) -> set[str]:
         db.close()
 
 
-def _upgrader(root: Path, **env: str) -> subprocess.Popen:
+def _upgrader(root: Path, umask: int = -1, **env: str) -> subprocess.Popen:
     """An upgrader stopped inside its ``images_by_bundle`` step (write lock held), until ``go``."""
     proc = subprocess.Popen([sys.executable, "-c", UPGRADER, str(root), STEP], env=_env(**env),
-                            stdout=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, text=True, umask=umask)
     deadline = time.monotonic() + LIMIT
     while not (root / "in-step").exists():
         assert proc.poll() is None, "the upgrader ended before its step"
@@ -104,9 +105,11 @@ def _upgrader(root: Path, **env: str) -> subprocess.Popen:
 class Waiter:
     """A second program opening the store (as ``annotator export`` does), its stderr read as it comes."""
 
-    def __init__(self, root: Path, stall: str = "1.0", **env: str) -> None:
-        """``stall``: HEAD's bound on a wait without a step done ("": its five minutes)."""
-        self.proc = subprocess.Popen([sys.executable, "-c", WAITER, str(root), *([stall] if stall else [])],
+    def __init__(self, root: Path, stall: str = "1.0", user: str | None = None, **env: str) -> None:
+        """``stall``: HEAD's bound on a wait without a step done ("": its five minutes); ``user``:
+        run as that user (root only)."""
+        self.proc = subprocess.Popen([*as_user(user), sys.executable, "-c", WAITER, str(root),
+                                      *([stall] if stall else [])],
                                      env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.lines: list[str] = []
         self._eof = False
@@ -147,14 +150,13 @@ class Waiter:
         return self.proc.returncode, self.proc.stdout.read()
 
 
-@pytest.fixture
-def reap() -> Iterator[list[subprocess.Popen]]:
-    procs: list[subprocess.Popen] = []
-    yield procs
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(LIMIT)
+def as_user(user: str | None) -> list[str]:
+    """The command prefix that runs a command as ``user`` (root only; None: as this one). setpriv,
+    as Popen's own ``user=`` may not run the interpreter (a venv linking into root's home)."""
+    if user is None:
+        return []
+    import pwd
+    return ["setpriv", f"--reuid={user}", f"--regid={pwd.getpwnam(user).pw_gid}", "--clear-groups"]
 
 
 def _upgrader_and_waiter(old_store: Path, reap: list) -> tuple[Counter, subprocess.Popen, "Waiter", str, bool]:
