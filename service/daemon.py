@@ -920,8 +920,9 @@ class Daemon:
         two leaves the image leased, it is tried again when the lease expires, and the retry
         reuses the copy (``write_quarantine`` does not add ``name-1`` for the same bytes).
         """
-        if data is not None:
-            write_quarantine(self.quarantine_dir, Path(row.image_id), reason, data=data)
+        if data is not None:  # named by its id: the reason file says where it came from (the dropped file's name)
+            write_quarantine(self.quarantine_dir, Path(row.image_id), f"{reason.rstrip()}\n(source: {row.source})",
+                             data=data)
         try:
             self.store.fail(row.image_id, owner, reason)
         except LeaseLost as exc:

@@ -37,6 +37,7 @@ def test_stored_image_that_fails_to_decode_is_failed_and_quarantined(make_config
         assert daemon.store.counter("failed") == 1  # counted once, by the failing transaction
         reason = daemon.quarantine_dir / f"{image_id}.reason.txt"
         assert "truncated" in reason.read_text() and (daemon.quarantine_dir / image_id).read_bytes() == bad
+        assert "(source: test:direct)" in reason.read_text()  # which file it was, for a copy named by its id
         with pytest.raises(ImageError, match="truncated"):
             daemon.submit(bad, "test:again").result(5)  # a failed image answers with its reason
         row = daemon.annotate_now(small_jpeg(2), "test:good", {"camera": "c1"}, timeout=60)
