@@ -28,6 +28,7 @@ import dataclasses
 import difflib
 import ipaddress
 import os
+import socket
 import copy
 import tomllib
 import types
@@ -306,14 +307,41 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
+def _listen_spelling(key: str, value: Any, source: str) -> Any:
+    """The address a listen key names, in the one spelling both servers bind. ``127.1:9464``
+    (the shorthand of 127.0.0.1) was refused as no host:port, though it names this machine
+    only; gRPC cannot bind it, so it is written out. Only loopback is expanded: ``10.0.0:5``
+    is likelier an octet left out than 10.0.0.0, and stays refused. ``:9464`` (no host) means
+    every address to Prometheus and Go, this machine to others: refused naming both."""
+    if not isinstance(value, str):
+        return value
+    host, sep, port = value.rpartition(":")
+    if sep and not host and port.isdigit():
+        raise ConfigError(f"{key}: {value!r} names no host; write '127.0.0.1{value}' for this machine only, "
+                          f"or '0.0.0.0{value}' for every address ({source})")
+    parts = host.split(".")
+    if (sep and 2 <= len(parts) <= 3 and parts[0] == "127"
+            and all(p.isdecimal() and p.isascii() and (p == "0" or not p.startswith("0")) for p in parts)):
+        try:
+            return f"{socket.inet_ntoa(socket.inet_aton(host))}:{port}"
+        except OSError:  # a part too large for its bytes: refused by the check as before
+            return value
+    return value
+
+
 def _is_loopback(listen: str) -> bool:
+    """``localhost`` in any case (a host name is case-blind: ``LOCALHOST`` binds 127.0.0.1 but was
+    called reachable from other machines), and an IPv4 loopback written as IPv6
+    (``[::ffff:127.0.0.1]``, which Python 3.11's is_loopback does not know)."""
     host = listen.rpartition(":")[0].strip("[]")
-    if host == "localhost":
+    if host.lower() == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        address = ipaddress.ip_address(host)
     except ValueError:
         return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def _cross_checks(cfg: Config) -> None:
@@ -413,6 +441,10 @@ def load_config(path: Path | None = None, env: Mapping[str, str] = os.environ,
         if key not in KEYS:
             raise _unknown(key, source)
         values[key] = (_absolute(_convert(key, value, source, from_text=isinstance(value, str))), source)
+    for key in ("server.listen", "metrics.listen"):
+        if key in values:
+            value, source = values[key]
+            values[key] = (_listen_spelling(key, value, source), source)
     for key, (value, source) in values.items():
         test, expected = CHECKS.get(key, (lambda v: True, ""))
         if value is not None and not test(value):

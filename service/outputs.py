@@ -18,6 +18,7 @@ with provenance "auto". This module does not open the dataset (``sync`` is above
 """
 from __future__ import annotations
 
+import ctypes
 import datetime as _dt
 import json
 import logging
@@ -123,9 +124,16 @@ def image_suffix(data: bytes) -> str:
 
 
 def _place(src: Path, dst: Path, link: bool) -> None:
-    """Hard-link (cheap, same file system) or copy ``src`` to ``dst``; leaves an existing ``dst``."""
-    if dst.exists():
-        return
+    """Hard-link (cheap, same file system) or copy ``src`` to ``dst``; leaves an existing ``dst``
+    of ``src``'s size. One of another size is replaced: a copy (an export to another disk) a
+    power cut emptied stayed empty under its name through every later export. The caller makes
+    the copies durable at once (``_sync_files``)."""
+    try:
+        if dst.stat().st_size == src.stat().st_size:
+            return
+        dst.unlink()
+    except FileNotFoundError:
+        pass
     dst.parent.mkdir(parents=True, exist_ok=True)
     if link:
         try:
@@ -136,6 +144,24 @@ def _place(src: Path, dst: Path, link: bool) -> None:
     tmp = dst.with_name(f".{dst.name}.tmp")
     shutil.copyfile(src, tmp)
     os.replace(tmp, dst)
+
+
+def _sync_files(folder: Path) -> None:
+    """Make every file and name written under ``folder`` durable with one ``syncfs`` of its file
+    system (``os.sync`` where the C library has none). An fsync per file cost 5 ms each on a
+    virtual disk (a 1,000-image YOLO export, 2,000 labels: 5.4-9.4 s -> 16-20 s); one
+    ``syncfs`` after the writes costs what writing back the new files costs."""
+    syncfs = getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None)
+    if syncfs is None:
+        os.sync()
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        if syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs: {os.strerror(err)}", str(folder))
+    finally:
+        os.close(fd)
 
 
 def iter_rows(store: Store, states: Sequence[str] = EXPORT_STATES, page: int = 500) -> Iterator[ImageRow]:
@@ -306,7 +332,10 @@ def export_coco(store: Store, out_path: Path, states: Sequence[str] = EXPORT_STA
         {"id": HEAD_CATEGORY, "name": "head", "supercategory": "person"},
     ]
     info = {"description": "edge-annotator export", "date_created": _iso(store.clock()), "states": list(states)}
-    write_json_atomic(out_path, {"info": info, "images": images, "annotations": annotations, "categories": categories})
+    if image_dir.is_dir():
+        _sync_files(image_dir)  # the copies and their names on disk before the file that lists them
+    write_json_atomic(out_path, {"info": info, "images": images, "annotations": annotations, "categories": categories},
+                      sync_dir=True)
     _warn_unreviewed(unreviewed, reviewed)
     _warn_pruned(pruned[0])
     log.info("COCO export: %d images, %d annotations -> %s", len(images), len(annotations), out_path)
@@ -319,6 +348,8 @@ def _yolo_box(box: Sequence[float], w: int, h: int) -> list[float]:
 
 
 def _write_text(path: Path, text: str) -> None:
+    """Replace ``path`` by a rename (a reader never sees half a file); durable only once the
+    export's ``_sync_files`` ran."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
@@ -340,7 +371,12 @@ def export_yolo(store: Store, out_dir: Path, states: Sequence[str] = EXPORT_STAT
     schema: KeypointSchema | None = None
     count = unreviewed = 0
     for task in ("pose", "head"):
-        (out_dir / task / "labels").mkdir(parents=True, exist_ok=True)
+        make_dirs(out_dir / task / "labels")
+        # data.yaml, written last, says the folder is complete: a power cut during an export
+        # over an earlier one left its data.yaml beside label files the cut emptied.
+        if (out_dir / task / "data.yaml").exists():
+            (out_dir / task / "data.yaml").unlink()
+            fsync_dir(out_dir / task)
     for row in _with_bytes(iter_rows(store, states), pruned := [0]):
         rec, schema, provenance = _labels_of(row, schema, reviewed)
         unreviewed += row.state == REVIEWED and provenance != "human"
@@ -360,12 +396,16 @@ def export_yolo(store: Store, out_dir: Path, states: Sequence[str] = EXPORT_STAT
             _place(src, out_dir / task / "images" / name, link)
             _write_text(out_dir / task / "labels" / f"{row.image_id}.txt", "".join(line + "\n" for line in lines))
         count += 1
+    # On disk before data.yaml: a power cut kept unsynced labels' names but not their bytes,
+    # and an empty label file reads as an image with no one in it.
+    _sync_files(out_dir)
     schema = schema or COCO17
     write_json_atomic(out_dir / "pose" / "data.yaml", {
         "train": "images", "val": "images", "names": {"0": "person"},
-        "kpt_shape": [schema.count, 3], "flip_idx": schema.flip_idx, "kpt_names": {"0": list(schema.names)}})
+        "kpt_shape": [schema.count, 3], "flip_idx": schema.flip_idx, "kpt_names": {"0": list(schema.names)}},
+        sync_dir=True)
     write_json_atomic(out_dir / "head" / "data.yaml", {
-        "train": "images", "val": "images", "names": {"0": "head"}})
+        "train": "images", "val": "images", "names": {"0": "head"}}, sync_dir=True)
     _warn_unreviewed(unreviewed, reviewed)
     _warn_pruned(pruned[0])
     log.info("YOLO export: %d images -> %s", count, out_dir)

@@ -139,6 +139,7 @@ class S3Store:
             client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, region_name=region,
                                                      config=config)
         self.client = client
+        self._no_date_said = False  # list_with_times: a server that sends no Date, said once
 
     def __repr__(self) -> str:
         return f"S3Store(s3://{self.bucket}/{self.prefix})"
@@ -255,8 +256,14 @@ class S3Store:
         except (ClientError, BotoCoreError) as exc:
             raise wrap_boto_error(exc, self.bucket, f"list {prefix or '/'}", self.setting) from exc
         if now is None:
-            log.warning("s3://%s/%s: the listing's answer has no Date; ages judged by this box's clock",
-                        self.bucket, full)
+            # Said once a store: clean-registry listed again for each folder it removed, and said
+            # it each time (5 lines for 3 folders). What it risks is said with it: a box clock
+            # ahead makes objects older, and where the server checks no signature's time (only
+            # there: S3 refuses one 15 minutes off), 2 h ahead removed publications running now.
+            (log.warning if not self._no_date_said else log.debug)(
+                "s3://%s/%s: the server's answers have no Date; objects are aged by this box's clock "
+                "(one ahead of the server's makes them older: keep it set by NTP)", self.bucket, full)
+            self._no_date_said = True
             now = time.time()
         return TimedListing(objects, now, writing, tuple(uploads))
 
