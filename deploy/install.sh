@@ -51,6 +51,43 @@ run() {
     fi
 }
 
+# The interpreter the virtual environment links to: Python 3.11+ (an older one failed only at
+# pip's resolver, "No matching distribution found for watchdog>=7.1.1"), and one the services can
+# run: ProtectHome=yes hides /home, /root and /run/user from them (a pyenv Python there made an
+# install whose units, and doctor as the service user, got "Permission denied"). Under sudo,
+# python3 is the one on sudo's own PATH. --dry-run says the problem and goes on listing the steps.
+PY_EXE="" PY_PROBLEM=""
+check_python() {
+    local info ok version prefix p
+    if ! info=$("$PYTHON" -c 'import os, sys
+print(int(sys.version_info >= (3, 11)), "%d.%d" % sys.version_info[:2])
+print(os.path.realpath(getattr(sys, "_base_executable", sys.executable)))
+print(os.path.realpath(sys.base_prefix))' 2>/dev/null); then
+        PY_PROBLEM="$PYTHON does not run: give --python a Python 3.11 or newer, e.g. --python /usr/bin/python3.11"
+        return
+    fi
+    { read -r ok version; read -r PY_EXE; read -r prefix; } <<<"$info"
+    if [[ $ok != 1 ]]; then
+        PY_PROBLEM="$PYTHON ($PY_EXE) is Python $version; the annotator needs 3.11 or newer: give --python, e.g. --python /usr/bin/python3.11"
+        return
+    fi
+    for p in "$PY_EXE" "$prefix"; do
+        case "$p/" in
+            /home/*|/root/*|/run/user/*)
+                PY_PROBLEM="$PYTHON lives in $p, which the services cannot see (ProtectHome=yes hides /home, /root and /run/user): give --python a Python 3.11+ installed elsewhere, e.g. --python /usr/bin/python3.11"
+                return ;;
+        esac
+    done
+}
+check_python
+if [[ -n $PY_PROBLEM ]]; then
+    if [[ $DRY_RUN -eq 0 ]]; then
+        echo "install.sh: $PY_PROBLEM" >&2
+        exit 1
+    fi
+    echo "install.sh: $PY_PROBLEM (a real run stops here)" >&2
+fi
+
 if [[ $DRY_RUN -eq 0 && $EUID -ne 0 ]]; then
     echo "install.sh: run as root (sudo), or with --dry-run to see the steps" >&2
     exit 1
@@ -67,6 +104,12 @@ if ! getent passwd "$USER_NAME" >/dev/null; then
 fi
 
 echo "== virtual environment $PREFIX"
+# `venv` over an environment of another Python keeps its python3 link to that one (a re-run with a
+# corrected --python failed in ensurepip, the old interpreter still linked): made afresh instead.
+if [[ -n $PY_EXE && ( -e "$PREFIX/bin/python3" || -L "$PREFIX/bin/python3" ) ]] \
+        && [[ "$(readlink -f "$PREFIX/bin/python3")" != "$PY_EXE" ]]; then
+    run rm -rf "$PREFIX"
+fi
 run "$PYTHON" -m venv "$PREFIX"
 # pip builds in the checkout's build/, which keeps the files of an earlier build: without this an
 # upgrade would ship modules deleted since.

@@ -321,7 +321,7 @@ def train_args(cfg: TrainConfig, role: str, data_yaml: Path,
     model_arg, pretrained = _init_weights(cfg, role, kpt_names)
     args: dict[str, Any] = dict(
         data=str(data_yaml), epochs=cfg.epochs, imgsz=cfg.imgsz, batch=cfg.batch, device=cfg.device,
-        project=str(cfg.work / "runs"), name=role, exist_ok=True, workers=cfg.workers, seed=cfg.seed,
+        project=str((cfg.work / "runs").absolute()), name=role, exist_ok=True, workers=cfg.workers, seed=cfg.seed,
         patience=cfg.patience, plots=True, verbose=False, amp=False, cache=False,
         fliplr=0.5, mosaic=1.0, close_mosaic=max(1, cfg.epochs // 5), deterministic=False,
     )
