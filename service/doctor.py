@@ -105,7 +105,7 @@ def check_sync(path: Path | None, env: Mapping[str, str]) -> Check:
     ``sync.agent.validated_settings``. Service only checks that ``[sync]`` is a table; without this, a typo or
     a missing token passed here and ``annotator sync`` exited 2 at every start under systemd."""
     try:
-        from sync.agent import registry_warning, validated_settings
+        from sync.agent import bundle_warning, registry_warning, validated_settings
         from sync.config import load_sync_config
         from sync.errors import SyncError
     except ModuleNotFoundError as exc:
@@ -124,6 +124,10 @@ def check_sync(path: Path | None, env: Mapping[str, str]) -> Check:
     if warning is not None:
         return Check("sync", WARN, warning, "fix [sync.models.registry] root (and prefix) if it is mistyped; else it "
                                             "is made by the first publication (annotator train --publish)")
+    warning = bundle_warning(cfg, pull)
+    if warning is not None:
+        return Check("sync", WARN, warning, "point engine.bundle at <models root>/current (annotator models adopt "
+                                            "installs the bundle in use there first)")
     return Check("sync", OK, f"appliance {cfg.appliance_id}: target {cfg.target.kind}, review {review.kind}, "
                              f"store {cfg.store_root}")
 

@@ -269,6 +269,18 @@ def registry_warning(cfg: SyncConfig, pull: Any, training: Any) -> str | None:
             "published there")
 
 
+def bundle_warning(cfg: SyncConfig, pull: Any) -> str | None:
+    """A warning when this agent pulls bundles (``[sync.models] registry``) into a models folder
+    whose ``current`` the daemon does not load (``models_cli.bundle_elsewhere``). Said at the
+    agent's start and by ``annotator doctor`` (WARN)."""
+    from .models_cli import bundle_elsewhere
+
+    if pull.registry is None:
+        return None
+    problem = bundle_elsewhere(cfg, pull.models_root)
+    return None if problem is None else f"[sync.models]: {problem}"
+
+
 def build_agent(cfg: SyncConfig, extra_tasks: Sequence[Task] = (), env: Mapping[str, str] = os.environ,
                 metrics: MetricsRecorder | None = None) -> Agent:
     """The agent for a ``SyncConfig``: upload, review-submit, merge, models (see the module
@@ -284,6 +296,9 @@ def build_agent(cfg: SyncConfig, extra_tasks: Sequence[Task] = (), env: Mapping[
     warning = registry_warning(cfg, pull, training)
     if warning is not None:
         log.warning("%s", warning)
+    elsewhere = bundle_warning(cfg, pull)
+    if elsewhere is not None:
+        log.warning("%s", elsewhere)
     if pull.daemon is None:
         pull = dataclasses.replace(pull, daemon=cfg.daemon_address)
     settings = UploadSettings(cfg.appliance_id, cfg.batch_size, cfg.max_side, cfg.jpeg_quality,

@@ -100,6 +100,11 @@ class SyncConfig:
     # every error about a [sync.*] value names them (``at``), as the daemon's do.
     source: str = ""
     store_root_source: str = ""
+    # The daemon's [engine] bundle and where it was set: the bundles the agent and ``annotator
+    # models`` install under <models root>/current are the daemon's only when it names that link
+    # (``models_cli.bundle_elsewhere``).
+    daemon_bundle: Path | None = None
+    daemon_bundle_source: str = ""
 
     @property
     def daemon_address(self) -> str | None:
@@ -329,9 +334,11 @@ def load_sync_config(path: Path | None = None, env: Mapping[str, str] = os.envir
     doc = {"sync": dict(shared.extra.get("sync", {})), "store": {"root": str(Path(shared.store.root).absolute())},
            "server": {"listen": shared.server.listen, "token": shared.server.token}}
     root_source = f"store.root, {shared.source_of('store.root')}"
+    bundle = {"daemon_bundle": None if shared.engine.bundle is None else Path(shared.engine.bundle),
+              "daemon_bundle_source": shared.source_of("engine.bundle")}
     if path is None:
-        return sync_config_from_dict(doc, Path.cwd(), "defaults", root_source)
-    cfg = sync_config_from_dict(doc, path.parent, f"from {path}", root_source)
+        return dataclasses.replace(sync_config_from_dict(doc, Path.cwd(), "defaults", root_source), **bundle)
+    cfg = dataclasses.replace(sync_config_from_dict(doc, path.parent, f"from {path}", root_source), **bundle)
     s = shared.server
     if s.tls_cert and s.tls_key:  # the daemon serves TLS only: reloads must speak it too
         from service.client import TlsOptions

@@ -45,6 +45,29 @@ def _no_daemon(path: str) -> None:
     log.info("no daemon configured: %s becomes active at the daemon's next start", path)
 
 
+def bundle_elsewhere(cfg: Any, models_root: Path) -> str | None:
+    """Why the bundles installed under ``models_root`` are not the daemon's (``cfg``: a
+    ``SyncConfig``): its ``engine.bundle`` names another folder than ``<models root>/current``
+    (the demo's config names the shipped bundle); else None. A pull said the new bundle "becomes
+    active at the daemon's next start", and the daemon loaded ``engine.bundle`` at every start:
+    a retrained bundle was never used (or, reloaded by a running daemon, only until its restart).
+    Said by ``models pull``, ``rollback`` and ``adopt``, the agent's start and doctor (WARN)."""
+    bundle, current = cfg.daemon_bundle, models_root / "current"
+    if bundle is None or Path(bundle).parent.resolve() / Path(bundle).name == current.parent.resolve() / current.name:
+        return None
+    return (f"engine.bundle is {bundle} ({cfg.daemon_bundle_source}), not {current}: the daemon loads that one "
+            f"at each start, so the bundles installed under {models_root} are not used after a restart; set "
+            f"engine.bundle = \"{current}\" to run them")
+
+
+def _say_bundle_elsewhere(args: argparse.Namespace, models_root: Path) -> None:
+    from .config import load_sync_config
+
+    problem = bundle_elsewhere(load_sync_config(args.config), models_root)
+    if problem:
+        sys.stdout.write(f"note: {problem}\n")
+
+
 def _unless_down(reload_fn: Any, target: str) -> Any:
     """``reload_fn`` where a daemon that is not running (the connection refused) is no error: the
     pointer moves and the daemon loads the bundle at its next start. Any other failure (a TLS
@@ -153,6 +176,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     if missing:
         raise SyncConfigError(missing)
     puller, closing = build_puller(s, daemon_optional=args.daemon_optional)
+    _say_bundle_elsewhere(args, s.models_root)
     stop = threading.Event()
     idle_said = False  # "no newer bundle" once while nothing changes (it was every poll_interval)
     try:
@@ -191,16 +215,19 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     finally:
         _close(closing)
     sys.stdout.write(f"rolled back to {bid}\n")
+    _say_bundle_elsewhere(args, s.models_root)
     return 0
 
 
 def cmd_adopt(args: argparse.Namespace) -> int:
-    puller, closing = build_puller(_settings(args), with_gate=False)
+    s = _settings(args)
+    puller, closing = build_puller(s, with_gate=False)
     try:
         bid = puller.adopt(Path(args.bundle), unsigned=args.unsigned)
     finally:
         _close(closing)
     sys.stdout.write(f"bundle {bid} installed as current under {puller.slots.root}\n")
+    _say_bundle_elsewhere(args, s.models_root)
     return 0
 
 

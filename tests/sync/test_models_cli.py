@@ -123,3 +123,47 @@ def test_a_polling_pull_says_nothing_new_once(tmp_path: Path, pose_bundle: Bundl
     out = capsys.readouterr().out
     assert FourPolls.polls == 4 and out.count("no newer bundle accepted") == 1, out
     assert "--once: one pass" in out
+
+
+def test_models_say_when_the_daemon_loads_another_bundle_than_current(tmp_path: Path, pose_bundle: Bundle,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A config whose engine.bundle names a bundle folder (the demo's: the shipped bundle), not
+    <models root>/current: `models pull` said the pulled bundle "becomes active at the daemon's
+    next start", and the daemon loaded engine.bundle at every start, the retrained bundle never
+    used. adopt, pull and rollback say so now, naming the key, where it was set and the fix; the
+    agent's check (doctor's WARN) too. A config naming current (through a symlinked folder
+    above it too) hears nothing."""
+    from sync.agent import bundle_warning, validated_settings
+    from sync.config import load_sync_config
+
+    from service.store import Store
+
+    Store(tmp_path / "store").close()
+    config = tmp_path / "annotator.toml"
+    parser = argparse.ArgumentParser(prog="annotator")
+    register(parser.add_subparsers(dest="command", required=True))
+
+    def run(*argv: str) -> str:
+        args = parser.parse_args([*argv, "--config", str(config), "--registry", str(tmp_path / "registry")])
+        assert args.func(args) == 0
+        return capsys.readouterr().out
+
+    config.write_text(f'[server]\nlisten = "127.0.0.1:{free_port()}"\n[store]\nroot = "store"\n'
+                      f'[engine]\nbundle = "{pose_bundle.path}"\n[sync.models.registry]\nkind = "local"\n'
+                      f'root = "registry"\n')
+    (tmp_path / "registry").mkdir()
+    out = run("models", "adopt", str(pose_bundle.path))
+    current = tmp_path / "store" / "models" / "current"
+    assert f"note: engine.bundle is {pose_bundle.path} (from {config}), not {current}" in out
+    assert f'engine.bundle = "{current}"' in out
+    publish(tmp_path / "registry", pose_bundle, "b-next", "2030-01-01T00:00:00Z", None)
+    assert "switched to b-next" in (out := run("models", "pull", "--once")) and "note: engine.bundle is" in out
+    assert "note: engine.bundle is" in run("models", "rollback")
+    cfg = load_sync_config(config, env={})
+    assert "engine.bundle is" in (bundle_warning(cfg, validated_settings(cfg, {})[1]) or "")
+
+    (tmp_path / "link").symlink_to(tmp_path)  # the same current through another path
+    config.write_text(config.read_text().replace(str(pose_bundle.path), str(tmp_path / "link/store/models/current")))
+    assert "note:" not in run("models", "pull", "--once")
+    cfg = load_sync_config(config, env={})
+    assert bundle_warning(cfg, validated_settings(cfg, {})[1]) is None
