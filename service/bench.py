@@ -167,6 +167,7 @@ def bench_daemon(bundle_path: Path, files: list[Path], report: BenchReport, prov
     with tempfile.TemporaryDirectory(prefix="annotator-bench-") as tmp:
         root = Path(tmp)
         drop = root / "drop"
+        drop.mkdir()  # the bench's own: not the daemon's first-start making it, with its warning
         daemon = Daemon(_config(root / "a", bundle_path, drop, providers, sets))  # type: ignore[arg-type]
         daemon.start()
         engine = daemon._engine
@@ -262,7 +263,8 @@ def run_bench(bundle_path: Path, files: list[Path], repeat: int = 1, skip_ultral
         report.notes.append("ultralytics comparison (c) skipped (--no-ultralytics)")
     else:
         bench_ultralytics(bundle_path, files, report)
-        report.rss_mib["bench process after ultralytics"] = _peak_rss_mib()
+        if "ultralytics predict" in report.rates:  # it ran: not where it is not installed (the runtime-only venv)
+            report.rss_mib["bench process after ultralytics"] = _peak_rss_mib()
     report.notes.append("the daemon decodes JPEGs, judges, writes a sidecar (fsync) per image and one SQLite "
                         "transaction per batch; (a) and (c) do not write anything")
     report.notes.append("drop folder: files arrive by atomic rename, drop.stable_seconds = 0 (no stability wait)")

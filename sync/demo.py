@@ -129,6 +129,9 @@ def prepare_folder(opts: DemoOptions) -> Path:
                 path.unlink()
         print(f"--fresh: removed the earlier demo's files from {out}")
     out.mkdir(parents=True, exist_ok=True)
+    # Made here, before the daemon starts: the daemon's first-start rule made it too, but with a
+    # warning that drop.folder may be wrong, at every fresh demo.
+    (out / "drop").mkdir(exist_ok=True)
     write_bytes_atomic(config, config_text(out, opts.bundle.resolve()).encode("utf-8"))
     return config
 

@@ -57,6 +57,9 @@ def test_annotator_demo_labels_the_samples_sensibly(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     proc = run_demo(out)
     assert "auto-accepted" in proc.stdout and "Ground Truth input manifest" in proc.stdout
+    # its own drop folder, made before the daemon starts: not the first-start warning that
+    # drop.folder may be wrong
+    assert "did not exist and was made" not in proc.stdout + proc.stderr
     records = sorted((out / "annotations").glob("*.json"))
     assert len(records) == 12 and (out / "contact_sheet.png").stat().st_size > 10_000
     truth = json.loads((SAMPLES / "annotations.json").read_text())
