@@ -321,7 +321,7 @@ def build_agent(cfg: SyncConfig, extra_tasks: Sequence[Task] = (), env: Mapping[
             uploader = Uploader(store, target, settings, stop=stop, metrics=metrics, progress=agent.beat)
             closers.append(uploader.close)
             tasks: list[Task] = [uploader]
-            backend = open_review_backend(review, target, cfg)
+            backend = open_review_backend(review, target, cfg, store)
             if backend is not None:
                 tasks += [_submit_task(uploader, store, target, backend),
                           Every(_merge_task(store, pull, backend, metrics, closers), review.collect_interval)]

@@ -37,8 +37,15 @@ A folder whose project the server still has (an old ``project_title``'s) keeps t
 tasks show. A copy removed while its image still waits for review (a deleted task or project)
 is written again when the image is submitted again. A kill at any point leaves at worst a file
 that the next collection removes; the reviews themselves are in Label Studio, never in a copy.
-This assumes one sync process per project, as the import does (two would import twice): a
-second one could remove a copy the first wrote and has not imported yet.
+Several appliances may share one project, and so one ``copy_dir`` (under the server's one
+document root): a box writes a batch's copies first and then imports them, and another box's
+collection in between found copies no task linked yet and removed them (measured: each of 400
+PGM frames a second box imported linked a removed copy; the reviewers were shown no image, for
+good). So a copy or temporary file that no task links goes at once only when it is of an image
+this appliance's store holds (``holds``, which the agent gives from its store); another
+appliance's goes once it is ``FOREIGN_COPY_AGE_S`` old (a box that left the team, or one killed
+before its import). Without ``holds`` every copy is taken for this process's (one appliance
+per project). Two processes of one appliance on one project import twice (one agent per store).
 
 The project is found by title (created when missing) and its id kept, but a 404 on a project
 request means it was deleted: the id is forgotten, the project looked up (or created) again and
@@ -137,6 +144,8 @@ NOTE = "review_note"  # the task data key that the labelling config's Header sho
 NOTE_STYLE = "color: #b3261e; white-space: pre-wrap"
 NOTE_MAX = 2000  # characters of a refusal reason put into the note
 REFUSED_VIEW = "Refused reviews"  # the Data Manager tab of the tasks with a note (``_ensure_views``)
+FOREIGN_COPY_AGE_S = 86400.0  # an unlinked copy of another appliance's image goes this old (module doc)
+_ID_START = re.compile(r"^[0-9a-f]{8,64}$")  # an image id, or the start a temporary file's name keeps
 _KP_ID, _PERSON_ID = re.compile(r"^p(\d+)k(\d+)$"), re.compile(r"^p(\d+)$")
 T = TypeVar("T")
 
@@ -503,14 +512,16 @@ class LabelStudioBackend:
     label-studio-jpeg``, also under it) holds the JPEGs shown instead of stored images a
     browser cannot show, one folder per project, removed when no longer needed (module
     docstring). ``webhook_url``, when given, is registered for annotation events (e.g. a
-    ``WebhookReceiver``'s url).
+    ``WebhookReceiver``'s url). ``holds(id or the id's start)``: whether this appliance's store
+    has the image; with several appliances on one project only its own unlinked copies go at once.
     """
 
     name = BACKEND
 
     def __init__(self, client: LabelStudioClient, project_title: str, document_root: Path | str,
                  names: Sequence[str] = CABIN19_NAMES, webhook_url: str | None = None,
-                 import_chunk: int = 200, copy_dir: Path | str | None = None) -> None:
+                 import_chunk: int = 200, copy_dir: Path | str | None = None,
+                 holds: Callable[[str], bool] | None = None) -> None:
         if len(project_title) < 3:
             raise ValueError(f"Label Studio project title: expected at least 3 characters, got {project_title!r}")
         self.client, self.title = client, project_title
@@ -520,6 +531,7 @@ class LabelStudioBackend:
             raise ValueError(f"Label Studio copy_dir: expected a folder under the document root "
                              f"{self.document_root} (the server serves only from there), got {self.copy_dir}")
         self.names, self.webhook_url, self.import_chunk = tuple(names), webhook_url, import_chunk
+        self.holds = holds  # whether this appliance's store has an image (id or its start): module doc
         self.project_id: int | None = None
         self.model_version: str | None = None  # the project's, which every prediction must carry
         self.rejected: dict[str, str] = {}
@@ -530,6 +542,8 @@ class LabelStudioBackend:
         # image ids of the project's tasks whose review the merge took (``collect`` says it when
         # the task's annotations are deleted afterwards); only the tasks of the last export
         self._in_dataset: set[str] = set()
+        # image ids whose task links a copy that is not there (the last task listing): written again
+        self._unshown: set[str] = set()
         # image id -> its tasks (of the last export) whose reviews went to the merge: the merge's
         # report (``merged``) writes their note when it refuses the review, clears it when it takes it
         self._collected: dict[str, list[Mapping[str, Any]]] = {}
@@ -543,18 +557,35 @@ class LabelStudioBackend:
         return f"{self.client.base_url}/projects/{self.project_id}"
 
     def ensure_project(self) -> int:
-        """Create the project, or bring an existing one's labelling config up to date; its id."""
+        """Create the project, or bring an existing one's labelling config up to date; its id.
+
+        Of several projects with the title, the oldest (lowest id) is the one. Appliances that
+        share a ``project_title`` and start at once (a roll-out, a power cut ending) each found no
+        project and each made one: 3 boxes started together made 3 or 4 projects of one title,
+        each box imported into its own, and after a restart they took whichever the list gave
+        first, the reviews done in the others left behind. So a box that made one looks again,
+        and when an older one of the title is there it deletes its own (new and empty: nothing
+        was imported into it) and takes the older one."""
         if self.project_id is not None:
             return self.project_id
         config = label_config(self.names)
-        found = [p for p in self.client.pages("/api/projects/", "results", title=self.title)
-                 if p.get("title") == self.title]
+        found = self._titled()
         if found:
             project = found[0]
             self._put_config(project, "updated the labelling config of project %s")
         else:
             project = self.client.post("/api/projects/", {"title": self.title, "label_config": config})
             log.info("created Label Studio project %s (%r)", project["id"], self.title)
+            older = [p for p in self._titled() if int(p["id"]) < int(project["id"])]
+            if older:
+                try:
+                    self.client.delete(f"/api/projects/{project['id']}/")
+                except NotFound:
+                    pass
+                log.info("Label Studio project %s (%r) was made at the same time by another appliance; deleted "
+                         "the one made here, %s, and use %s", older[0]["id"], self.title, project["id"], older[0]["id"])
+                project = older[0]
+                self._put_config(project, "updated the labelling config of project %s")
         self.model_version = str(project.get("model_version") or "") or None
         self.project_id = int(project["id"])
         if self.webhook_url:
@@ -564,6 +595,11 @@ class LabelStudioBackend:
                     "project": self.project_id, "url": self.webhook_url, "send_payload": True,
                     "send_for_all_actions": False, "actions": ["ANNOTATION_CREATED", "ANNOTATION_UPDATED"]})
         return self.project_id
+
+    def _titled(self) -> list[Mapping[str, Any]]:
+        """The projects titled ``self.title``, oldest (lowest id) first."""
+        return sorted((p for p in self.client.pages("/api/projects/", "results", title=self.title)
+                       if isinstance(p, Mapping) and p.get("title") == self.title), key=lambda p: int(p["id"]))
 
     def _put_config(self, project: Mapping[str, Any], said: str, level: int = logging.INFO) -> None:
         """Give ``project`` our labelling config when it has another one (``said`` logged).
@@ -627,10 +663,16 @@ class LabelStudioBackend:
         An image with more than one task was imported twice: a retry after an import that the
         server still carried out although its answer never came (a timeout, a proxy's 502 while
         the server worked on). The extra tasks that nobody has touched (no annotation, cancelled
-        or not, no draft) are deleted, the oldest task kept, so that the image is reviewed once."""
+        or not, no draft) are deleted, the oldest task kept, so that the image is reviewed once.
+        The images whose task links a copy that is not there go to ``_unshown`` (``missing``)."""
         tasks: dict[str, list[Mapping[str, Any]]] = {}
+        self._unshown = set()
         for t in self.client.pages("/api/tasks/", "tasks", project=pid):
-            tasks.setdefault(str((t.get("data") or {}).get("image_id")), []).append(t)
+            image_id = str((t.get("data") or {}).get("image_id"))
+            tasks.setdefault(image_id, []).append(t)
+            copy = self._linked(t)
+            if copy is not None and copy == self._copy_path(pid, image_id) and not copy.exists():
+                self._unshown.add(image_id)
         for image_id, group in tasks.items():
             if len(group) > 1 and is_image_id(image_id):  # not tasks a person imported by hand (no image id)
                 self._drop_duplicates(pid, image_id, group)
@@ -663,11 +705,15 @@ class LabelStudioBackend:
 
     def missing(self, image_ids: Iterable[str]) -> set[str]:
         """Which of these images have no task in the current project (deleted tasks, a deleted or
-        recreated project, another ``project_title``): the submit task sends them again."""
+        recreated project, another ``project_title``), or a task whose copy is not there (removed
+        by another appliance's collection before this version, or by hand: the reviewers were
+        shown no image, for good): the submit task sends them again, and ``_import`` writes
+        the copy again where the task links it."""
         wanted = {str(i) for i in image_ids}
         if not wanted:
             return set()
-        return wanted - self._in_project(self._image_ids)
+        present = self._in_project(self._image_ids)
+        return (wanted - present) | (wanted & self._unshown)
 
     def _stored(self, item: ReviewItem) -> Path:
         """The item's stored file, which must lie under the document root."""
@@ -758,6 +804,11 @@ class LabelStudioBackend:
 
     def _import(self, pid: int, batch_id: str, items: Sequence[ReviewItem]) -> None:
         present = self._image_ids(pid)
+        again = [item.image_id for item in items if item.image_id in present and item.image_id in self._unshown
+                 and self.shown(item, pid) == self._copy_path(pid, item.image_id)]  # written again (``missing``)
+        if again:
+            log.warning("%d tasks in project %s linked a copy that was not there (the reviewers saw no image; first "
+                        "image %s); written again", len(again), pid, again[0][:12])
         fresh = {item.image_id: item for item in items if item.image_id not in present}
         if not fresh:
             return
@@ -1020,7 +1071,7 @@ class LabelStudioBackend:
             gone = folder not in (self.copy_dir, own) and self._project_gone_for_copies(int(folder.name))
             for path in self._files(folder):
                 killed = folder == self.copy_dir and path.suffix == ".tmp"  # the flat layout's
-                if gone or killed or (folder == own and path not in live):
+                if gone or ((killed or (folder == own and path not in live)) and self._unused(path)):
                     removed += self._remove(path)
             if gone:
                 try:
@@ -1029,6 +1080,18 @@ class LabelStudioBackend:
                     log.warning("Label Studio copies: %s not removed: %s", folder, exc)
         if removed:
             log.info("removed %d Label Studio JPEG copies no longer needed (project %s)", removed, pid)
+
+    def _unused(self, path: Path) -> bool:
+        """Whether a copy or temporary file that no task links may go now: one of this appliance's
+        images (a killed run's, a deleted task's) at once, another appliance's once it is
+        ``FOREIGN_COPY_AGE_S`` old: younger, it may be that box's import in progress (module doc)."""
+        start = path.name[1:].split(".", 1)[0] if path.name.startswith(".") else path.name[:-len(".jpg")]
+        if self.holds is None or (_ID_START.match(start) is not None and self.holds(start)):
+            return True
+        try:
+            return time.time() - path.stat().st_mtime >= FOREIGN_COPY_AGE_S
+        except OSError:  # gone meanwhile, or unreadable: left
+            return False
 
     def _project_gone_for_copies(self, pid: int) -> bool:
         """Whether project ``pid`` is deleted; any other answer keeps its copies (a server that

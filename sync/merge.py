@@ -284,9 +284,17 @@ class Merger:
         # Said once while it lasts: a backend yields the reviews it holds at every collection, so a
         # review that cannot merge (another appliance's image, one that failed meanwhile) was
         # warned about again at every pass, for as long as the review server kept it.
+        # Reviews of images this store does not have are one line, not a warning each: appliances
+        # sharing a review project (one Label Studio project, one Ground Truth output prefix) each
+        # see all the others' reviews, and every start of an agent warned once per review there.
+        foreign = sorted(i for i, why in report.skipped.items() if why == _NOT_IN_STORE
+                         and self._skipped_said.get(i) != why)
+        if foreign:
+            log.info("%d reviews not merged: their images are not in this store (another appliance's, on a review "
+                     "project appliances share; first %s)", len(foreign), foreign[0][:12])
         for image_id, why in report.skipped.items():
-            log.log(logging.DEBUG if self._skipped_said.get(image_id) == why else logging.WARNING,
-                    "image %s: not merged: %s", image_id[:12], why)
+            log.log(logging.DEBUG if self._skipped_said.get(image_id) == why or why == _NOT_IN_STORE
+                    else logging.WARNING, "image %s: not merged: %s", image_id[:12], why)
         self._skipped_said = dict(report.skipped)
         return report
 

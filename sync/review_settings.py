@@ -46,6 +46,8 @@ from .groundtruth import BATCH_ID_LENGTH, MAX_JOB_PREFIX, LabelingJobSpec, _name
 from .objectstore import join_prefix
 
 if TYPE_CHECKING:
+    from service.store import Store
+
     from .objectstore import ObjectStore
     from .review import ReviewBackend
 
@@ -171,8 +173,11 @@ def review_settings_from(cfg: SyncConfig, env: Mapping[str, str]) -> ReviewSetti
     return ReviewSettings(kind, interval, gt, ls)
 
 
-def open_review_backend(settings: ReviewSettings, target: ObjectStore, cfg: SyncConfig) -> ReviewBackend | None:
-    """The configured backend (None for ``kind = "none"``); boto3 only for a labeling-job spec."""
+def open_review_backend(settings: ReviewSettings, target: ObjectStore, cfg: SyncConfig,
+                        store: Store | None = None) -> ReviewBackend | None:
+    """The configured backend (None for ``kind = "none"``); boto3 only for a labeling-job spec.
+    ``store``: the appliance's, which tells a Label Studio project's copies of its own images from
+    those of other appliances on the same project (``LabelStudioBackend.holds``)."""
     if settings.groundtruth is not None:
         from .groundtruth import GroundTruthBackend
 
@@ -195,5 +200,7 @@ def open_review_backend(settings: ReviewSettings, target: ObjectStore, cfg: Sync
 
         ls = settings.labelstudio
         log.info("review backend: Label Studio at %s, project %r", ls.url, ls.project_title)
-        return LabelStudioBackend(LabelStudioClient(ls.url, ls.token, ls.timeout), ls.project_title, ls.document_root)
+        holds = None if store is None else (lambda start: bool(store.find(start, 1)))
+        return LabelStudioBackend(LabelStudioClient(ls.url, ls.token, ls.timeout), ls.project_title, ls.document_root,
+                                  holds=holds)
     return None

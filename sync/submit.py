@@ -169,8 +169,8 @@ class ReviewSubmitTask:
                 self._submit(batch_id, items, again=True)
                 count += len(items)
         if count:
-            log.warning("%d images of submitted batches were lost by %s (no task for them, or their job ended "
-                        "without labelling them); submitted again", count, self.backend.name)
+            log.warning("%d images of submitted batches were lost by %s (no task for them, a task showing no image, "
+                        "or their job ended without labelling them); submitted again", count, self.backend.name)
         self._next_reconcile = self.clock() + self.reconcile_interval
         self._reconciled_in = getattr(self.backend, "project_id", None)
         return count

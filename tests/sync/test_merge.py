@@ -431,7 +431,7 @@ def test_a_review_that_cannot_merge_is_said_once_while_the_backend_keeps_it(worl
 
     store, dataset, merger = world
     foreign = _reviewed("f" * 64)
-    caplog.set_level(logging.WARNING, logger="sync.merge")
+    caplog.set_level(logging.INFO, logger="sync.merge")
     for labels in ([foreign], [foreign], [foreign], [], [foreign]):
         report = merger.merge(labels)
         assert list(report.skipped) == [foreign.image_id] * bool(labels)
