@@ -266,7 +266,8 @@ class Engine:
         if m.task == "pose":
             assert m.kpt_shape is not None
             return decode_poses(out, m.kpt_shape, lb, im.scale_xy, im.width, im.height,
-                                conf=t.person_conf, iou=t.nms_iou, num_classes=m.num_classes)
+                                conf=t.person_conf, iou=t.nms_iou, num_classes=m.num_classes,
+                                sigmas=self.bundle.keypoints.sigmas)
         return decode_detections(out, lb, im.scale_xy, im.width, im.height, m.num_classes,
                                  conf=t.det_conf, iou=t.nms_iou)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -89,7 +90,42 @@ def decode_detections(
     return Detections(boxes, scores, cls)
 
 
-OFF_IMAGE_PX = 2.0  # a key point further than this beyond the image's edge is outside it
+# A key point further than this many *network* pixels beyond the image's edge is outside it (2
+# original pixels for a 640 x 480 camera at 320). In network pixels because that is where the
+# model's precision lies: 2 original pixels were 0.16 of a network pixel on a 4000 px frame,
+# so the same picture at a higher resolution made more of a cut person's points outside.
+OFF_IMAGE_NET_PX = 1.0
+# Two instances of one person (pose twins): box NMS at nms_iou keeps both when their boxes
+# overlap less (one box around the body, one around body and a neighbour: 3-8 % of the persons
+# in rendered 5-9 seat cabins went to review doubled). The lower-scored one goes when the two
+# put at least TWIN_MIN_POINTS points both are sure of (raw confidence > TWIN_POINT_CONF) in
+# the same places, their OKS over those points (the smaller box's area as the scale) above
+# TWIN_OKS: two people's points lie a body part apart (OKS near 0), twins' a few pixels.
+TWIN_OKS = 0.8
+TWIN_POINT_CONF = 0.5
+TWIN_MIN_POINTS = 3
+
+
+def suppress_twins(boxes: np.ndarray, kpts: np.ndarray, sigmas: Sequence[float]) -> np.ndarray:
+    """Indices to keep (in order) of instances ordered by descending score: each instance
+    whose key points repeat a kept one's (see ``TWIN_OKS``) is dropped. ``boxes`` [D, 4] xyxy,
+    ``kpts`` [D, K, 3] (x, y, conf), both in one frame; ``sigmas`` the K OKS sigmas."""
+    n = len(boxes)
+    if n < 2:
+        return np.arange(n)
+    sure = kpts[..., 2] > TWIN_POINT_CONF  # [D, K]
+    both = sure[:, None, :] & sure[None, :, :]  # [D, D, K]
+    d2 = ((kpts[:, None, :, :2] - kpts[None, :, :, :2]) ** 2).sum(-1)
+    area = np.prod((boxes[:, 2:] - boxes[:, :2]).clip(min=1.0), axis=1)
+    scale = 2.0 * np.minimum(area[:, None], area[None, :])[..., None] * (2.0 * np.asarray(sigmas, np.float32)) ** 2
+    count = both.sum(-1)
+    oks = (np.exp(-d2 / scale) * both).sum(-1) / np.maximum(count, 1)
+    twin = (count >= TWIN_MIN_POINTS) & (oks > TWIN_OKS)
+    keep: list[int] = []
+    for i in range(n):
+        if not any(twin[i, j] for j in keep):
+            keep.append(i)
+    return np.array(keep, dtype=np.int64)
 
 
 def decode_poses(
@@ -103,14 +139,16 @@ def decode_poses(
     iou: float,
     max_det: int = MAX_DET,
     num_classes: int = 1,
+    sigmas: Sequence[float] | None = None,
 ) -> Detections:
     """One image's pose output ``[4 + C + K * D, A]`` -> ``Detections`` with key points.
 
     Key points come back as [D, K, 3]: x, y in original pixels (clipped to the image) and the
     model's confidence (1.0 when the model has D = 2, i.e. no confidences); ``off_image`` marks
-    the points the model placed more than ``OFF_IMAGE_PX`` beyond the image's edge, whatever
+    the points the model placed more than ``OFF_IMAGE_NET_PX`` network pixels beyond the image's edge, whatever
     their confidence (a person cut by the frame: the model is sure where the point lies, and it
-    lies outside the picture).
+    lies outside the picture). With ``sigmas`` (the schema's K OKS sigmas) an instance that
+    repeats a better one's key points is dropped too (``suppress_twins``).
     """
     output = np.asarray(output, dtype=np.float32)
     k, d = int(kpt_shape[0]), int(kpt_shape[1])
@@ -124,7 +162,12 @@ def decode_poses(
     kpts[..., :d] = raw[..., :3]
     kpts = points_to_original(kpts, lb, pixel_scale)
     x, y = kpts[..., 0], kpts[..., 1]
-    off = (x < -OFF_IMAGE_PX) | (x > width + OFF_IMAGE_PX) | (y < -OFF_IMAGE_PX) | (y > height + OFF_IMAGE_PX)
+    sx, sy = pixel_scale if isinstance(pixel_scale, tuple) else (pixel_scale, pixel_scale)
+    mx, my = OFF_IMAGE_NET_PX / (lb.gain_x * sx), OFF_IMAGE_NET_PX / (lb.gain_y * sy)  # type: ignore[operator]
+    off = (x < -mx) | (x > width + mx) | (y < -my) | (y > height + my)
     kpts = clip_points(kpts, width, height)
     boxes = clip_boxes(boxes_to_original(boxes, lb, pixel_scale), width, height)
+    if sigmas is not None and len(sigmas) == k:
+        keep = suppress_twins(boxes, kpts, sigmas)
+        boxes, scores, cls, kpts, off = boxes[keep], scores[keep], cls[keep], kpts[keep], off[keep]
     return Detections(boxes, scores, cls, kpts, off)
