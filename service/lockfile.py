@@ -128,7 +128,11 @@ def _open(path: Path) -> tuple[int, bool]:
         try:  # PermissionError: a folder this user may not write, and no lock file in it yet
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
-            continue
+            if not os.path.islink(path):
+                continue  # made by another meanwhile: open that one
+            # A link to a lock file not made yet (into /run, which a boot empties): O_EXCL never
+            # follows a link, and this looped for ever at full CPU; made through it, as before.
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:  # readable by every user whatever the umask (077 under sudo), so that theirs can wait on it
             os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) | 0o444)
         except OSError:

@@ -559,24 +559,29 @@ class LabelStudioBackend:
     def ensure_project(self) -> int:
         """Create the project, or bring an existing one's labelling config up to date; its id.
 
-        Of several projects with the title, the oldest (lowest id) is the one. Appliances that
+        Of several projects with the title, the server's first (pinned, else the newest: what
+        every earlier release took, so that an upgrade keeps a box on the project whose tasks it
+        has), with a warning naming the others, whose reviews are not collected. Appliances that
         share a ``project_title`` and start at once (a roll-out, a power cut ending) each found no
         project and each made one: 3 boxes started together made 3 or 4 projects of one title,
-        each box imported into its own, and after a restart they took whichever the list gave
-        first, the reviews done in the others left behind. So a box that made one looks again,
-        and when an older one of the title is there it deletes its own (new and empty: nothing
-        was imported into it) and takes the older one."""
+        each box imported into its own. So a box that made one looks again, and when an older one
+        of the title is there it deletes its own (new and empty: nothing was imported into it)
+        and takes the oldest, which every box of the race agrees on."""
         if self.project_id is not None:
             return self.project_id
         config = label_config(self.names)
         found = self._titled()
         if found:
             project = found[0]
+            if len(found) > 1:
+                log.warning("Label Studio projects %s are all titled %r; using %s (the server lists it first): the "
+                            "reviews in the others are not collected (move their tasks there, or delete them)",
+                            ", ".join(str(p["id"]) for p in found), self.title, project["id"])
             self._put_config(project, "updated the labelling config of project %s")
         else:
             project = self.client.post("/api/projects/", {"title": self.title, "label_config": config})
             log.info("created Label Studio project %s (%r)", project["id"], self.title)
-            older = [p for p in self._titled() if int(p["id"]) < int(project["id"])]
+            older = sorted((p for p in self._titled() if int(p["id"]) < int(project["id"])), key=lambda p: int(p["id"]))
             if older:
                 try:
                     self.client.delete(f"/api/projects/{project['id']}/")
@@ -597,9 +602,9 @@ class LabelStudioBackend:
         return self.project_id
 
     def _titled(self) -> list[Mapping[str, Any]]:
-        """The projects titled ``self.title``, oldest (lowest id) first."""
-        return sorted((p for p in self.client.pages("/api/projects/", "results", title=self.title)
-                       if isinstance(p, Mapping) and p.get("title") == self.title), key=lambda p: int(p["id"]))
+        """The projects titled ``self.title``, in the server's order (pinned, then newest first)."""
+        return [p for p in self.client.pages("/api/projects/", "results", title=self.title)
+                if isinstance(p, Mapping) and p.get("title") == self.title]
 
     def _put_config(self, project: Mapping[str, Any], said: str, level: int = logging.INFO) -> None:
         """Give ``project`` our labelling config when it has another one (``said`` logged).

@@ -290,8 +290,8 @@ class Merger:
         foreign = sorted(i for i, why in report.skipped.items() if why == _NOT_IN_STORE
                          and self._skipped_said.get(i) != why)
         if foreign:
-            log.info("%d reviews not merged: their images are not in this store (another appliance's, on a review "
-                     "project appliances share; first %s)", len(foreign), foreign[0][:12])
+            log.info("%d reviews not merged: their images are not in this store or were never annotated (another "
+                     "appliance's, on a review project appliances share; first %s)", len(foreign), foreign[0][:12])
         for image_id, why in report.skipped.items():
             log.log(logging.DEBUG if self._skipped_said.get(image_id) == why or why == _NOT_IN_STORE
                     else logging.WARNING, "image %s: not merged: %s", image_id[:12], why)

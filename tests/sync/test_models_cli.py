@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -18,6 +19,20 @@ from test_models import publish
 pytestmark = pytest.mark.slow
 
 
+def models_cli(config: Path, registry: Path, capsys: pytest.CaptureFixture[str]) -> Callable[..., str]:
+    """``run("models", "pull", ...)``: an ``annotator models`` command with this config and registry,
+    which must exit 0; its stdout."""
+    parser = argparse.ArgumentParser(prog="annotator")
+    register(parser.add_subparsers(dest="command", required=True))
+
+    def run(*argv: str) -> str:
+        args = parser.parse_args([*argv, "--config", str(config), "--registry", str(registry)])
+        assert args.func(args) == 0
+        return capsys.readouterr().out
+
+    return run
+
+
 def test_pull_and_rollback_reload_the_daemon_at_server_listen(tmp_path: Path, pose_bundle: Bundle,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     """[sync.models] daemon defaults to [server] listen, as the example config says, but only the
@@ -28,13 +43,7 @@ def test_pull_and_rollback_reload_the_daemon_at_server_listen(tmp_path: Path, po
     config = tmp_path / "annotator.toml"
     config.write_text(f'[server]\nlisten = "127.0.0.1:{port}"\n[store]\nroot = "store"\n'
                       f'[engine]\nbundle = "store/models/current"\n')
-    parser = argparse.ArgumentParser(prog="annotator")
-    register(parser.add_subparsers(dest="command", required=True))
-
-    def run(*argv: str) -> str:
-        args = parser.parse_args([*argv, "--config", str(config), "--registry", str(tmp_path / "registry")])
-        assert args.func(args) == 0
-        return capsys.readouterr().out
+    run = models_cli(config, tmp_path / "registry", capsys)
 
     from service.store import Store
 
@@ -140,13 +149,7 @@ def test_models_say_when_the_daemon_loads_another_bundle_than_current(tmp_path: 
 
     Store(tmp_path / "store").close()
     config = tmp_path / "annotator.toml"
-    parser = argparse.ArgumentParser(prog="annotator")
-    register(parser.add_subparsers(dest="command", required=True))
-
-    def run(*argv: str) -> str:
-        args = parser.parse_args([*argv, "--config", str(config), "--registry", str(tmp_path / "registry")])
-        assert args.func(args) == 0
-        return capsys.readouterr().out
+    run = models_cli(config, tmp_path / "registry", capsys)
 
     config.write_text(f'[server]\nlisten = "127.0.0.1:{free_port()}"\n[store]\nroot = "store"\n'
                       f'[engine]\nbundle = "{pose_bundle.path}"\n[sync.models.registry]\nkind = "local"\n'

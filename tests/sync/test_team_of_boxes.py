@@ -167,8 +167,9 @@ def test_the_other_boxes_reviews_are_one_line_at_a_start_not_a_warning_each(tmp_
     try:
         others = [_reviewed(f"{n:064x}") for n in range(300)]
         caplog.set_level(logging.DEBUG, logger="sync.merge")
-        for _ in range(2):  # a start, then the next collection
-            report = Merger(store, dataset).merge(others)
+        running = Merger(store, dataset)
+        for merger in (running, running, Merger(store, dataset)):  # a start, its next collection, a restart
+            report = merger.merge(others)
             assert not report.merged and not report.refused and len(report.skipped) == 300
         said = [r for r in caplog.records if r.levelno >= logging.INFO and "not merged" in r.getMessage()]
         assert [r.levelno for r in said] == [logging.INFO] * 2, [r.getMessage() for r in said][:3]
@@ -225,3 +226,20 @@ def test_a_task_whose_copy_is_gone_gets_it_again(ls_server: lsserver.LabelStudio
         assert len(box.backend.client.pages("/api/tasks/", "tasks", project=box.backend.project_id)) == 2
     finally:
         box.close()
+
+
+def test_an_upgraded_box_stays_on_the_project_it_used(ls_server: lsserver.LabelStudioServer,
+                                                      caplog: Any) -> None:
+    """Where several projects carry the title (boxes started together before this release),
+    every earlier release took the server's first (pinned, else the newest), and imported its
+    tasks there. Taking the oldest instead moved an upgraded box to another project: its
+    pending images imported again there, the reviews in the one it used never collected. It
+    stays on the server's first, and the others are named in a warning."""
+    title = f"team review {uuid.uuid4().hex[:8]}"
+    client = LabelStudioClient(ls_server.url, ls_server.token)
+    older = client.post("/api/projects/", {"title": title})["id"]
+    newer = client.post("/api/projects/", {"title": title})["id"]
+    caplog.set_level(logging.WARNING, logger="sync.labelstudio")
+    backend = LabelStudioBackend(LabelStudioClient(ls_server.url, ls_server.token), title, ls_server.document_root)
+    assert backend.ensure_project() == newer
+    assert any(f"projects {newer}, {older} are all titled" in r.getMessage() for r in caplog.records)
