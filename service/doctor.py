@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import shutil
+import sqlite3
 import tempfile
 import time
 import tomllib
@@ -106,7 +107,7 @@ def check_sync(path: Path | None, env: Mapping[str, str]) -> Check:
     a missing token passed here and ``annotator sync`` exited 2 at every start under systemd."""
     try:
         from sync.agent import bundle_warning, registry_warning, validated_settings
-        from sync.config import load_sync_config
+        from sync.config import journal_appliance_id, load_sync_config
         from sync.errors import SyncError
     except ModuleNotFoundError as exc:
         if not (exc.name or "").startswith("sync"):
@@ -128,6 +129,15 @@ def check_sync(path: Path | None, env: Mapping[str, str]) -> Check:
     if warning is not None:
         return Check("sync", WARN, warning, "point engine.bundle at <models root>/current (annotator models adopt "
                                             "installs the bundle in use there first)")
+    # A store restored under another id (a config from another box or a template): the reviews
+    # of what the journal sent under the old id are collected under that id only, so they would
+    # never merge. The warning ends with the first batch sent under the new id (a choice made).
+    before = journal_appliance_id(cfg.store_root)
+    if before not in (None, cfg.appliance_id):
+        return Check("sync", WARN, f"appliance_id {cfg.appliance_id!r}, but this store's sync journal uploaded under "
+                                   f"{before!r}: the reviews of what it sent under {before!r} are not collected",
+                     f"set appliance_id = \"{before}\" in [sync] to collect them; if {cfg.appliance_id!r} is meant, "
+                     f"this warning ends with its first upload")
     return Check("sync", OK, f"appliance {cfg.appliance_id}: target {cfg.target.kind}, review {review.kind}, "
                              f"store {cfg.store_root}")
 
@@ -459,6 +469,40 @@ def check_review(sync: Mapping[str, Any], timeout: float = NETWORK_TIMEOUT) -> C
     return Check("review", OK, f"Label Studio at {url} is up")
 
 
+# The store's SQLite files (the daemon's, the sync journal, the dataset in its default place).
+DATABASES = ("store.sqlite3", "sync.sqlite3", "dataset/dataset.sqlite3")
+
+
+def check_databases(cfg: Any) -> Check:
+    """``PRAGMA quick_check`` of the store's databases, read-only. A store copied with ``cp`` or
+    ``rsync`` while the units ran (the database torn from its -wal) or restored from a failing
+    disk made the daemon and the agent exit with a traceback at start, and every other check
+    here said OK."""
+    root = Path(cfg.store.root)
+    found, bad = [], []
+    for name in DATABASES:
+        path = root / name
+        if not path.is_file():
+            continue
+        found.append(name)
+        try:
+            db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10.0)
+            try:
+                result = [r[0] for r in db.execute("PRAGMA quick_check(3)")]
+            finally:
+                db.close()
+        except sqlite3.Error as exc:
+            result = [str(exc)]
+        if result != ["ok"]:
+            bad.append(f"{path}: {' '.join(' '.join(result).split())[:160]}")
+    if bad:
+        return Check("databases", FAIL, f"damaged: {', '.join(bad)}",
+                     "stop the units and restore the store root from a backup made with sqlite3 FILE \".backup "
+                     "COPY\" or with the units stopped (a cp of a running store can tear a database from its "
+                     "-wal); else sqlite3 FILE \".recover\" | sqlite3 NEW keeps what can be read")
+    return Check("databases", OK, f"{', '.join(found)} intact")
+
+
 # -- the report -----------------------------------------------------------------------------
 def run_checks(path: Path | None, env: Mapping[str, str] = os.environ) -> list[Check]:
     """Every check in order; checks that need a valid config are left out when it is invalid."""
@@ -471,6 +515,8 @@ def run_checks(path: Path | None, env: Mapping[str, str] = os.environ) -> list[C
         checks += [_guarded("disk", check_disk, cfg), _guarded("inotify watches", check_watches, cfg),
                    _guarded("bundle", check_bundle, cfg),
                    _guarded("providers", check_providers, cfg)]
+        if any((Path(cfg.store.root) / name).is_file() for name in DATABASES):  # none before the first start
+            checks.append(_guarded("databases", check_databases, cfg))
     checks += [check_s3(sync), check_review(sync)]
     clock_folder = Path(cfg.store.root) if cfg is not None else Path(tempfile.gettempdir())
     checks.append(_guarded("clock", check_clock, clock_folder))

@@ -46,9 +46,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import os
 import re
 import socket
+import sqlite3
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,6 +64,9 @@ _SYNC_KEYS = {"appliance_id": str, "batch_size": int, "max_side": int, "jpeg_qua
               "retry_attempts": int, "store_root": str, "metrics_listen": str}
 _TARGET_KEYS = {"kind": str, "root": str, "bucket": str, "prefix": str, "endpoint_url": str, "region": str,
                 "sse": str, "kms_key_id": str, "multipart_threshold_mb": int}
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -127,6 +132,40 @@ def default_appliance_id() -> str:
     """The host name, reduced to the characters allowed in an appliance id."""
     name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()).strip("-._")
     return (name or "appliance")[:64]
+
+
+def journal_appliance_id(store_root: Path) -> str | None:
+    """The appliance id this store's sync journal last uploaded under (the ``<id>`` of its newest
+    ``manifests/<id>/`` key, else of its newest ``preannotations/<id>/`` key); None without a
+    journal or such a key, or when it cannot be read (the journal's own open says why)."""
+    path = Path(store_root) / "sync.sqlite3"  # sync.uploader.JOURNAL_NAME (not imported: boto3-free)
+    if not path.is_file():
+        return None
+    try:
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5.0)
+        try:
+            row = (db.execute("SELECT manifest_key FROM batches WHERE manifest_key IS NOT NULL "
+                              "ORDER BY seq DESC LIMIT 1").fetchone()
+                   or db.execute("SELECT pre_key FROM items WHERE pre_key IS NOT NULL "
+                                 "ORDER BY rowid DESC LIMIT 1").fetchone())
+        finally:
+            db.close()
+    except sqlite3.Error:
+        return None
+    parts = str(row[0]).split("/") if row else []
+    return parts[-2] if len(parts) >= 3 else None
+
+
+def kept_appliance_id(before: str, now: str, store_root: Path, source: str) -> str:
+    """What the agent says when ``appliance_id`` is not set and the host name (its default) is not
+    the id the store's journal uploaded under (a new or renamed host, a restored store, a container
+    made again: its host name is the new container's id). It goes on under the journal's id: the
+    reviews of what it sent are collected under that id only (``groundtruth/output/<id>``, ``edge
+    review <id>``), and under the host name none of them was ever merged, without a word."""
+    return (f"sync.appliance_id: not set, and this store's sync journal ({Path(store_root) / 'sync.sqlite3'}) "
+            f"uploaded under {before!r}, not under the host name {now!r}: going on as {before!r}, so that the "
+            f"reviews of what it sent are collected; set appliance_id in [sync]{at(source)} to choose "
+            f"(appliance_id = \"{now}\" starts anew under the new name, leaving those reviews)")
 
 
 def at(source: str) -> str:
@@ -287,7 +326,11 @@ def sync_config_from_dict(doc: Mapping[str, Any], base: Path, source: str = "con
             raise SyncConfigError(f"sync.{key}: expected >= 0, got {values[key]} ({source})")
     if values.get("jpeg_quality", 90) > 100:
         raise SyncConfigError(f"sync.jpeg_quality: expected <= 100, got {values['jpeg_quality']} ({source})")
-    values.setdefault("appliance_id", default_appliance_id())
+    if "appliance_id" not in values:
+        values["appliance_id"] = default_appliance_id()
+        if (before := journal_appliance_id(store_root)) not in (None, values["appliance_id"]):
+            log.warning("%s", kept_appliance_id(before, values["appliance_id"], store_root, source))
+            values["appliance_id"] = before
     if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", values["appliance_id"]):
         raise SyncConfigError(f"sync.appliance_id: expected 1-64 of A-Z a-z 0-9 . _ -, got "
                               f"{values['appliance_id']!r} ({source})")

@@ -37,6 +37,7 @@ NOT_LITERAL = {
     "--with-sync": "deploy/install.sh's flag",
     "--purge": "deploy/uninstall.sh's flag",
     "--build-arg": "docker build's flag",
+    "--exclude": "rsync's flag (backups)",
     # dotted names that start like a config section but are something else
     "sync.lock": "a lock file in the store root",
 }

@@ -1,0 +1,119 @@
+"""Backups, restores and moving the appliance to another box.
+
+``appliance_id`` defaults to the host name, and the reviews of what a box sent are collected
+under that id (Ground Truth's ``groundtruth/output/<id>``, Label Studio's ``edge review <id>``).
+A store restored on a new workstation (or a renamed host) with no ``appliance_id`` in its file
+went on under the new name: new uploads went to ``manifests/<new>/``, and no review of the jobs
+it had sent before was ever merged (a real agent: the output of a job of ``oldbox`` answered,
+the agent running for minutes on host ``vm``, the image stayed ``uploaded``, without a word).
+Without ``appliance_id`` in the file the store's journal now names the id (the store keeps its
+identity; a container made again has a new host name too), with a warning saying how to choose.
+"""
+from __future__ import annotations
+
+import logging
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from reviewdata import fill_store
+from service.store import UPLOADED
+from sync.config import default_appliance_id, load_sync_config
+from sync.objectstore import LocalFolderStore
+from sync.uploader import JOURNAL_NAME, Uploader, UploadSettings
+from test_uploader import FAST, drain
+
+
+def _config(tmp_path: Path, appliance_id: str | None) -> Path:
+    line = f'appliance_id = "{appliance_id}"\n' if appliance_id else ""
+    path = tmp_path / f"annotator-{appliance_id or 'default'}.toml"
+    path.write_text(f'[store]\nroot = "{tmp_path / "store"}"\n[sync]\n{line}[sync.target]\nkind = "local"\n'
+                    f'root = "{tmp_path / "bucket"}"\n')
+    return path
+
+
+def _uploaded_as(tmp_path: Path, appliance_id: str) -> list[str]:
+    store, review, _ = fill_store(tmp_path / "store", review=3)
+    try:
+        drain(Uploader(store, LocalFolderStore(tmp_path / "bucket"),
+                       UploadSettings(appliance_id, batch_size=2, retry=FAST)))
+        assert {store.get(i).state for i in review} == {UPLOADED}
+    finally:
+        store.close()
+    return review
+
+
+def test_a_moved_store_with_the_default_id_goes_on_under_its_journals_id(tmp_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    assert default_appliance_id() != "oldbox"
+    _uploaded_as(tmp_path, "oldbox")
+    config = _config(tmp_path, None)
+    caplog.set_level(logging.WARNING, logger="sync.config")
+    assert load_sync_config(config, env={}).appliance_id == "oldbox"
+    (said,) = [r.getMessage() for r in caplog.records]
+    assert "going on as 'oldbox'" in said and str(config) in said
+    assert f'appliance_id = "{default_appliance_id()}"' in said  # how to start anew instead
+
+
+def test_an_id_set_in_the_file_is_taken(tmp_path: Path) -> None:
+    _uploaded_as(tmp_path, "oldbox")
+    assert load_sync_config(_config(tmp_path, "oldbox"), env={}).appliance_id == "oldbox"
+    # starting anew under another name is the operator's choice, said in the file
+    assert load_sync_config(_config(tmp_path, "newbox"), env={}).appliance_id == "newbox"
+
+
+def test_the_same_host_and_a_fresh_store_take_the_default(tmp_path: Path) -> None:
+    assert load_sync_config(_config(tmp_path, None), env={}).appliance_id == default_appliance_id()
+    _uploaded_as(tmp_path, default_appliance_id())
+    assert load_sync_config(_config(tmp_path, None), env={}).appliance_id == default_appliance_id()
+
+
+def test_a_journal_that_cannot_be_read_is_left_to_the_agent(tmp_path: Path) -> None:
+    from sync.config import journal_appliance_id
+
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / JOURNAL_NAME).write_bytes(b"not a database" * 100)
+    assert journal_appliance_id(tmp_path / "store") is None
+    assert load_sync_config(_config(tmp_path, None), env={}).appliance_id == default_appliance_id()
+
+
+def test_a_batch_open_before_its_manifest_names_its_id_by_the_preannotations(tmp_path: Path) -> None:
+    from sync.config import journal_appliance_id
+
+    assert journal_appliance_id(tmp_path / "store") is None
+    _uploaded_as(tmp_path, "oldbox")
+    db = sqlite3.connect(tmp_path / "store" / JOURNAL_NAME)
+    with db:
+        db.execute("UPDATE batches SET manifest_key = NULL")
+    db.close()
+    assert journal_appliance_id(tmp_path / "store") == "oldbox"
+
+
+def test_doctor_warns_where_the_file_names_another_id_than_the_journal(tmp_path: Path) -> None:
+    from service.doctor import WARN, check_sync
+
+    _uploaded_as(tmp_path, "oldbox")
+    check = check_sync(_config(tmp_path, "cabin-02"), env={})
+    assert check.level == WARN and "'oldbox'" in check.detail and 'appliance_id = "oldbox"' in check.advice
+    assert check_sync(_config(tmp_path, "oldbox"), env={}).level != WARN
+
+
+def test_doctor_fails_a_torn_database_naming_it_and_the_safe_copy(tmp_path: Path) -> None:
+    """A store copied torn (or off a failing disk): the daemon and the agent exited with a
+    traceback at start ('database disk image is malformed') while doctor said OK throughout."""
+    from types import SimpleNamespace
+
+    from service.doctor import FAIL, OK, check_databases
+
+    cfg = SimpleNamespace(store=SimpleNamespace(root=tmp_path / "store"))
+    _uploaded_as(tmp_path, "oldbox")
+    assert check_databases(cfg).level == OK
+    journal = tmp_path / "store" / JOURNAL_NAME
+    for extra in (Path(f"{journal}-wal"), Path(f"{journal}-shm")):
+        extra.unlink(missing_ok=True)
+    with open(journal, "r+b") as f:
+        f.truncate(journal.stat().st_size // 2)
+    check = check_databases(cfg)
+    assert check.level == FAIL and str(journal) in check.detail and ".backup" in check.advice
+    assert "store.sqlite3:" not in check.detail  # the daemon's database is intact
