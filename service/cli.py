@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import logging
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -301,6 +302,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if module not in _EXTRA_OF:
             raise
         print(_extra_error(args.command, module, str(exc)), file=sys.stderr)
+        return 2
+    except sqlite3.DatabaseError as exc:
+        # A damaged database (a store copied while it ran and restored, a failing disk) ended
+        # serve, sync, export, show and dataset with a traceback; doctor's ``databases`` check
+        # names the damaged file and how to restore it.
+        print(f"annotator {args.command}: error: a database of the store: {exc}; run annotator doctor "
+              "(its databases check names a damaged file and how to restore it)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

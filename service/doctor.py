@@ -482,7 +482,7 @@ def check_databases(cfg: Any) -> Check:
     found, bad = [], []
     for name in DATABASES:
         path = root / name
-        if not path.is_file():
+        if not os.path.isfile(path):  # False too in a folder this user may not search (a Check of its own says so)
             continue
         found.append(name)
         try:
@@ -515,7 +515,7 @@ def run_checks(path: Path | None, env: Mapping[str, str] = os.environ) -> list[C
         checks += [_guarded("disk", check_disk, cfg), _guarded("inotify watches", check_watches, cfg),
                    _guarded("bundle", check_bundle, cfg),
                    _guarded("providers", check_providers, cfg)]
-        if any((Path(cfg.store.root) / name).is_file() for name in DATABASES):  # none before the first start
+        if any(os.path.isfile(Path(cfg.store.root) / name) for name in DATABASES):  # none before the first start
             checks.append(_guarded("databases", check_databases, cfg))
     checks += [check_s3(sync), check_review(sync)]
     clock_folder = Path(cfg.store.root) if cfg is not None else Path(tempfile.gettempdir())

@@ -117,3 +117,21 @@ def test_doctor_fails_a_torn_database_naming_it_and_the_safe_copy(tmp_path: Path
     check = check_databases(cfg)
     assert check.level == FAIL and str(journal) in check.detail and ".backup" in check.advice
     assert "store.sqlite3:" not in check.detail  # the daemon's database is intact
+
+
+def test_a_damaged_store_is_one_line_naming_doctor_not_a_traceback(tmp_path: Path) -> None:
+    """serve, sync, export (every command through ``annotator``'s main) ended with an sqlite3
+    traceback on a damaged database (a copy restored, a failing disk): one line, exit 2, naming
+    doctor, whose databases check names the file."""
+    import subprocess
+    import sys
+
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "store.sqlite3").write_bytes(b"not a database at all" * 1000)
+    config = _config(tmp_path, "box")
+    repo = Path(__file__).resolve().parents[2]
+    for argv in (["export", "--coco", str(tmp_path / "o.json")], ["sync", "--once"]):
+        got = subprocess.run([sys.executable, "-m", "service.cli", *argv, "--config", str(config)], cwd=repo,
+                             capture_output=True, text=True, timeout=120)
+        assert got.returncode == 2 and "Traceback" not in got.stderr, got.stderr
+        assert "a database of the store: file is not a database; run annotator doctor" in got.stderr
