@@ -139,7 +139,7 @@ def journal_appliance_id(store_root: Path) -> str | None:
     ``manifests/<id>/`` key, else of its newest ``preannotations/<id>/`` key); None without a
     journal or such a key, or when it cannot be read (the journal's own open says why)."""
     path = Path(store_root) / "sync.sqlite3"  # sync.uploader.JOURNAL_NAME (not imported: boto3-free)
-    if not path.is_file():
+    if not os.path.isfile(path):  # not Path.is_file: it raises in a store folder this user may not search
         return None
     try:
         db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5.0)

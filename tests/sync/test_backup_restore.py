@@ -12,6 +12,7 @@ identity; a container made again has a new host name too), with a warning saying
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 from pathlib import Path
 
@@ -135,3 +136,29 @@ def test_a_damaged_store_is_one_line_naming_doctor_not_a_traceback(tmp_path: Pat
                              capture_output=True, text=True, timeout=120)
         assert got.returncode == 2 and "Traceback" not in got.stderr, got.stderr
         assert "a database of the store: file is not a database; run annotator doctor" in got.stderr
+
+
+def test_the_journal_is_not_read_where_the_store_folder_may_not_be_searched(tmp_path: Path) -> None:
+    """Looking up the journal's id used ``Path.is_file``, which raises for a store root in a folder
+    this user may not search (``annotator doctor`` or ``models list`` run by an operator, not the
+    service user, on a 0750 /var/lib/annotator): the whole [sync] config then failed to load with
+    "Permission denied". Without CAP_DAC_OVERRIDE (root) the config loads, on the host name."""
+    import shutil
+    import subprocess
+    import sys
+
+    setpriv = shutil.which("setpriv")
+    prefix = [setpriv or "setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    if prefix and (setpriv is None or subprocess.run([*prefix, "true"], capture_output=True).returncode != 0):
+        pytest.skip("root without a way to drop CAP_DAC_OVERRIDE: file permissions cannot be tested")
+    _uploaded_as(tmp_path, "oldbox")
+    config = _config(tmp_path, None)
+    os.chmod(tmp_path / "store", 0o000)
+    try:
+        code = ("import sys; from pathlib import Path; from sync.config import load_sync_config; "
+                "print(load_sync_config(Path(sys.argv[1]), env={}).appliance_id)")
+        got = subprocess.run([*prefix, sys.executable, "-c", code, str(config)], cwd=Path(__file__).resolve().parents[2],
+                             capture_output=True, text=True, timeout=120)
+    finally:
+        os.chmod(tmp_path / "store", 0o755)
+    assert got.returncode == 0 and got.stdout.strip() == default_appliance_id(), got.stderr[-500:]
